@@ -1,0 +1,3 @@
+"""Commands: profiles_cmd (filled by its owner)."""
+
+from edge.cli.app import app  # noqa: F401

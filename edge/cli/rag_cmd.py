@@ -1,0 +1,3 @@
+"""Commands: rag_cmd (filled by its owner)."""
+
+from edge.cli.app import app  # noqa: F401

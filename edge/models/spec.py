@@ -1,0 +1,232 @@
+"""ModelSpec: the architecture of a decoder checkpoint, read from an HF folder's config.json or
+a GGUF file's metadata without loading weights. The planner, the builders and every backend
+use it; derived values are computed once here.
+
+Architectures register in ARCHITECTURES (HF model_type / GGUF general.architecture -> family);
+features (q/k/v bias, tied embeddings, RoPE scaling) come from config and weight keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge.errors import ModelError
+
+# model_type (HF) or general.architecture (GGUF) -> decoder family we build.
+ARCHITECTURES: dict[str, str] = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A Llama-family decoder. Shapes: hidden [H], heads n_heads x head_dim, GQA n_kv_heads."""
+
+    arch: str  # source model_type, e.g. "llama", "qwen2", "mistral"
+    n_layers: int
+    hidden_size: int
+    intermediate_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position: int
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # HF form, e.g. {"rope_type": "llama3", ...}
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v bias (Qwen2)
+    sliding_window: int | None = None  # Mistral; informational, engines use full attention
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---- derived values -------------------------------------------------------------
+    @property
+    def q_size(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """Per-layer linear weights as (out_features, in_features), HF names."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "self_attn.q_proj": (self.q_size, h),
+            "self_attn.k_proj": (self.kv_size, h),
+            "self_attn.v_proj": (self.kv_size, h),
+            "self_attn.o_proj": (h, self.q_size),
+            "mlp.gate_proj": (i, h),
+            "mlp.up_proj": (i, h),
+            "mlp.down_proj": (h, i),
+        }
+
+    @property
+    def layer_linear_params(self) -> int:
+        return sum(o * k for o, k in self.linear_shapes.values())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def n_params(self) -> int:
+        """All parameters, counting a tied LM head once."""
+        norms = (2 * self.n_layers + 1) * self.hidden_size
+        bias = self.n_layers * (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
+        head = 0 if self.tie_embeddings else self.embedding_params
+        return self.n_layers * self.layer_linear_params + self.embedding_params + head + norms + bias
+
+    def kv_bytes_per_token(self, bytes_per_elem: float = 2.0) -> float:
+        """K and V for every layer, one token."""
+        return 2 * self.n_layers * self.kv_size * bytes_per_elem
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        d = dict(d)
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+
+def _family(arch: str, where: str) -> str:
+    if arch not in ARCHITECTURES:
+        raise ModelError(
+            f"{where}: unsupported architecture '{arch}'",
+            fix=f"supported: {', '.join(sorted(ARCHITECTURES))}",
+        )
+    return ARCHITECTURES[arch]
+
+
+def spec_from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> ModelSpec:
+    """ModelSpec from a transformers config dict."""
+    arch = cfg.get("model_type", "")
+    _family(arch, where)
+    try:
+        n_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return ModelSpec(
+            arch=arch,
+            n_layers=int(cfg["num_hidden_layers"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            n_heads=n_heads,
+            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+            head_dim=int(cfg.get("head_dim") or hidden // n_heads),
+            vocab_size=int(cfg["vocab_size"]),
+            max_position=int(cfg.get("max_position_embeddings", 2048)),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_scaling=cfg.get("rope_scaling"),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            name=str(cfg.get("_name_or_path", "")),
+        )
+    except KeyError as e:
+        raise ModelError(f"{where}: missing field {e.args[0]!r}") from None
+
+
+def read_hf_spec(folder: Path) -> ModelSpec:
+    """ModelSpec from an HF checkpoint folder (config.json only)."""
+    cfg_path = Path(folder) / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{folder}: no config.json", fix="point --model at a Hugging Face checkpoint folder or a .gguf file")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{cfg_path}: not valid JSON ({e})") from None
+    spec = spec_from_hf_config(cfg, str(cfg_path))
+    return spec if spec.name else ModelSpec.from_dict({**spec.to_dict(), "name": Path(folder).name})
+
+
+def _gguf_reader(path: Path):
+    import gguf  # build-time dependency
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # truncated / not a GGUF: gguf raises ValueError, struct errors...
+        raise ModelError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})", fix="re-download the file") from None
+
+
+def gguf_field(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def read_gguf_spec(path: Path, reader=None) -> ModelSpec:
+    """ModelSpec from a GGUF file's metadata."""
+    r = reader or _gguf_reader(path)
+    arch = gguf_field(r, "general.architecture", "")
+    _family(arch, str(path))
+    p = f"{arch}."
+
+    def need(key: str) -> Any:
+        v = gguf_field(r, p + key)
+        if v is None:
+            raise ModelError(f"{path}: GGUF metadata lacks '{p + key}'")
+        return v
+
+    n_heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    vocab = gguf_field(r, p + "vocab_size")
+    if vocab is None:
+        toks = r.fields.get("tokenizer.ggml.tokens")
+        vocab = len(toks.data) if toks is not None else None
+    if vocab is None:
+        raise ModelError(f"{path}: GGUF metadata gives no vocabulary size")
+    names = {t.name for t in r.tensors}
+    eos = gguf_field(r, "tokenizer.ggml.eos_token_id")
+    scaling = None
+    if gguf_field(r, p + "rope.scaling.type") not in (None, "none"):
+        scaling = {"rope_type": gguf_field(r, p + "rope.scaling.type"), "factor": gguf_field(r, p + "rope.scaling.factor")}
+    return ModelSpec(
+        arch=arch,
+        n_layers=int(need("block_count")),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        n_heads=n_heads,
+        n_kv_heads=int(gguf_field(r, p + "attention.head_count_kv", n_heads)),
+        head_dim=int(gguf_field(r, p + "attention.key_length", hidden // n_heads)),
+        vocab_size=int(vocab),
+        max_position=int(gguf_field(r, p + "context_length", 2048)),
+        rms_eps=float(gguf_field(r, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(gguf_field(r, p + "rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        tie_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        bos_token_id=gguf_field(r, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=(int(eos),) if eos is not None else (),
+        name=str(gguf_field(r, "general.name", Path(path).stem)),
+    )
+
+
+def read_spec(model: str | Path) -> ModelSpec:
+    """ModelSpec from an HF folder or a .gguf file (or 'default', the bundled SmolLM2)."""
+    from edge.models.defaults import resolve_model
+
+    path = resolve_model(model)
+    if path.is_dir():
+        return read_hf_spec(path)
+    if path.suffix.lower() == ".gguf":
+        return read_gguf_spec(path)
+    raise ModelError(f"{path}: not a checkpoint folder or a .gguf file")

@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation over local documents: ingest, chunk, store, index, retrieve, ask."""
