@@ -1,0 +1,59 @@
+"""The pure parts of the TensorRT path: profile shapes and builder settings from the manifest."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from edge.build.trt_plan import derive_build_config, derive_profile, graph_inputs
+from edge.errors import BundleError
+
+
+def _graph(tmp_path, dims_by_input):
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64 if n == "input_ids" else TensorProto.FLOAT16, d) for n, d in dims_by_input.items()]
+    out = helper.make_tensor_value_info("y", TensorProto.INT64, ["batch_size", "sequence_length"])
+    node = helper.make_node("Identity", ["input_ids"], ["y"])
+    model = helper.make_model(helper.make_graph([node], "g", inputs, [out]))
+    path = tmp_path / "model.trt.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_profiles_split_prefill_and_decode(tmp_path):
+    path = _graph(tmp_path, {
+        "input_ids": ["batch_size", "sequence_length"],
+        "past_key_values.0.key": ["batch_size", 2, "past_sequence_length", 16],
+        "attention_mask": ["batch_size", "total_sequence_length"],
+    })
+    inputs = graph_inputs(path)
+    assert inputs["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 16]
+    prefill, decode = derive_profile(inputs, max_batch=4, max_context=2048)
+    assert prefill["input_ids"].max == (4, 2048)
+    assert prefill["past_key_values.0.key"].max == (4, 2, 0, 16)
+    assert decode["input_ids"].min == (1, 1) and decode["input_ids"].max == (4, 1)
+    assert decode["past_key_values.0.key"].max == (4, 2, 2047, 16)
+    # total = past + seq never exceeds the context
+    assert decode["attention_mask"].max == (4, 2048)
+    assert prefill["attention_mask"].max == (4, 2048)
+    for prof in (prefill, decode):
+        for s in prof.values():
+            assert all(a <= b <= c for a, b, c in zip(s.min, s.opt, s.max))
+
+
+def test_unknown_symbolic_dim_is_refused(tmp_path):
+    path = _graph(tmp_path, {"input_ids": ["batch_size", "mystery"]})
+    with pytest.raises(BundleError, match="mystery"):
+        derive_profile(graph_inputs(path), max_batch=1, max_context=128)
+
+
+def test_build_config_from_manifest(tmp_path):
+    path = _graph(tmp_path, {"input_ids": ["batch_size", "sequence_length"]})
+    manifest = {"model": {"max_position": 8192}, "quant": {"recipe": "int4", "group_size": 64},
+                "limits": {"max_context": 1024, "max_batch": 2}, "plan": {"workspace_bytes": 256 << 20}}
+    cfg = derive_build_config(manifest, graph_inputs(path))
+    assert cfg.strongly_typed and cfg.workspace_bytes == 256 << 20
+    assert cfg.profiles[0]["input_ids"].max == (2, 1024)
+    fp = derive_build_config({**manifest, "quant": {"recipe": "fp16"}}, graph_inputs(path))
+    assert fp.fp16 and not fp.strongly_typed
+    assert cfg.to_dict()["profiles"][1]["input_ids"]["max"] == (2, 1)
