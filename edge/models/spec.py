@@ -120,6 +120,12 @@ def spec_from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> Mode
         hidden = int(cfg["hidden_size"])
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        # transformers >= 5 writes `rope_parameters` {rope_type, rope_theta, factor...} instead of
+        # rope_theta + rope_scaling; read both forms.
+        rope = cfg.get("rope_parameters") or {}
+        rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_scaling = cfg.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} if rope_type != "default" else None)
         return ModelSpec(
             arch=arch,
             n_layers=int(cfg["num_hidden_layers"]),
@@ -131,8 +137,8 @@ def spec_from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> Mode
             vocab_size=int(cfg["vocab_size"]),
             max_position=int(cfg.get("max_position_embeddings", 2048)),
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
             sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None,

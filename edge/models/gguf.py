@@ -1,0 +1,134 @@
+"""GGUF checkpoints (llama.cpp): metadata -> ModelSpec, tensors dequantized to float32 HF names.
+
+Tensors of type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K (and the other types the `gguf`
+package's numpy dequantizer knows) are dequantized with `gguf.quants.dequantize`.
+
+NOTE llama.cpp's converter permutes the rows of attn_q / attn_k for the `llama` architecture
+(its RoPE rotates interleaved pairs (0,1),(2,3)... while HF rotates halves (i, i + d/2)); we
+undo that permutation so the weights equal the HF checkpoint's. `qwen2` GGUFs use NeoX RoPE and
+are stored unpermuted.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import ModelError
+from edge.models.spec import ModelSpec, _gguf_reader, gguf_field, read_gguf_spec
+
+# GGUF tensor name (after `blk.N.`) -> HF name (after `model.layers.N.`)
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+# Architectures whose q/k rows llama.cpp's converter permutes.
+_PERMUTED_ARCHS = {"llama"}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """HF tensor name for a GGUF tensor name, None for tensors we do not use."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLK.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's `permute(w, n_head)`: rows [n_heads * d] (any trailing dims).
+
+    llama.cpp: w.reshape(n, 2, d/2, ...).swapaxes(1, 2)  (HF halves -> interleaved pairs).
+    Inverse:   w.reshape(n, d/2, 2, ...).swapaxes(1, 2)
+    """
+    d = w.shape[0] // n_heads
+    return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _dequantize(t, path: Path) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    try:
+        out = dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise ModelError(
+            f"{path}: tensor {t.name} has GGUF type {t.tensor_type.name}, which cannot be dequantized here",
+            fix="convert the model with an F16, Q8_0, Q4_0, Q4_1, Q4_K or Q6_K type",
+        ) from None
+    except (ValueError, IndexError) as e:
+        raise ModelError(f"{path}: tensor {t.name} is corrupt or truncated ({e})", fix="re-download the file") from None
+    # F32/F16 come back in the file's order; scalars / 1-D stay 1-D. GGUF ne = [K, N] -> [N, K].
+    shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+    return np.ascontiguousarray(out, dtype=np.float32).reshape(shape)
+
+
+def load_gguf(path: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    """(spec, float32 weights in HF names and orientation) from a GGUF file."""
+    from edge.models.hf import check_weights
+
+    path = Path(path)
+    reader = _gguf_reader(path)
+    spec = read_gguf_spec(path, reader)
+    arch = gguf_field(reader, "general.architecture", "")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ModelError(
+            f"{path}: llama3-style RoPE frequency scaling stored as a GGUF tensor is not supported",
+            fix="build from the Hugging Face folder, whose config.json carries rope_scaling",
+        )
+    weights: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        w = _dequantize(t, path)
+        if arch in _PERMUTED_ARCHS and (".attn_q." in t.name or ".attn_k." in t.name):
+            heads = spec.n_heads if ".attn_q." in t.name else spec.n_kv_heads
+            w = unpermute_rope_rows(w, heads)
+        weights[name] = w
+    if spec.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+    check_weights(spec, weights, str(path))
+    return spec, weights
+
+
+def gguf_tokenizer_metadata(path: str | Path) -> dict:
+    """bos/eos/chat template straight from the GGUF metadata (no transformers needed)."""
+    r = _gguf_reader(Path(path))
+    toks = r.fields.get("tokenizer.ggml.tokens")
+
+    def token(i):
+        if i is None or toks is None:
+            return None
+        return toks.contents(int(i))
+
+    bos = gguf_field(r, "tokenizer.ggml.bos_token_id")
+    eos = gguf_field(r, "tokenizer.ggml.eos_token_id")
+    return {
+        "model": gguf_field(r, "tokenizer.ggml.model"),
+        "chat_template": gguf_field(r, "tokenizer.chat_template"),
+        "bos_token_id": None if bos is None else int(bos),
+        "eos_token_id": None if eos is None else int(eos),
+        "bos_token": token(bos),
+        "eos_token": token(eos),
+        "add_bos_token": bool(gguf_field(r, "tokenizer.ggml.add_bos_token", False)),
+    }
