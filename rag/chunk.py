@@ -1,0 +1,173 @@
+"""Chunking: blocks -> `Chunk`s of at most `max_tokens` embedder tokens with `overlap` tokens
+carried over, cut at headings first, then paragraphs, then sentences, then words.
+
+A heading always starts a new chunk (a section never bleeds into the next); each chunk keeps its
+heading path ("Install > Network > Proxy"), its source location (lines or pages) and char offsets
+into the loaded text. Token counts come from the embedder's tokenizer (special tokens excluded).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from rag.loaders import Block, LoadedDoc
+
+CountTokens = Callable[[str], int]
+
+
+@dataclass(frozen=True)
+class ChunkParams:
+    max_tokens: int = 200
+    overlap: int = 40
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 8 or not 0 <= self.overlap < self.max_tokens // 2 + 1:
+            raise ValueError(f"bad chunk params {self}: need max_tokens >= 8 and 0 <= overlap <= max_tokens/2")
+
+
+@dataclass
+class Chunk:
+    """One retrievable passage."""
+
+    text: str
+    heading: str  # heading path, " > "-joined; "" before the first heading
+    loc_start: int  # 1-based line (or page), inclusive
+    loc_end: int
+    char_start: int  # offsets into LoadedDoc.text
+    char_end: int
+    n_tokens: int
+    ordinal: int = 0  # position within its document
+
+    def embed_text(self, title: str = "") -> str:
+        """What gets embedded: the heading path gives a short passage its context."""
+        head = " > ".join(x for x in (title, self.heading) if x)
+        return f"{head}\n{self.text}" if head else self.text
+
+
+@dataclass
+class _Piece:
+    """A span of a block: the unit the packer works with."""
+
+    start: int
+    end: int
+    block: Block
+    tokens: int
+
+
+_SENT = re.compile(r"(?<=[.!?:;])\s+|\n+")
+_WORD = re.compile(r"\s+")
+
+
+def _split_spans(text: str, base: int, pattern: re.Pattern) -> list[tuple[int, int]]:
+    """Cut text[..] at `pattern`, returning absolute (start, end) spans without the separators."""
+    spans, pos = [], 0
+    for m in pattern.finditer(text):
+        if m.start() > pos:
+            spans.append((base + pos, base + m.start()))
+        pos = m.end()
+    if pos < len(text):
+        spans.append((base + pos, base + len(text)))
+    return spans
+
+
+class Chunker:
+    """Cut a LoadedDoc into chunks. `count_tokens(text)` may include special tokens; the count of
+    an empty string is subtracted so that sums of pieces approximate the whole."""
+
+    def __init__(self, count_tokens: CountTokens, params: ChunkParams = ChunkParams()):
+        self.params = params
+        self._count_raw = count_tokens
+        self._special = count_tokens("")
+
+    def count(self, text: str) -> int:
+        return max(0, self._count_raw(text) - self._special)
+
+    # -- splitting a block into pieces that each fit max_tokens
+    def _pieces(self, doc: LoadedDoc, block: Block) -> list[_Piece]:
+        n = self.count(block.text)
+        if n <= self.params.max_tokens:
+            return [_Piece(block.char_start, block.char_end, block, n)]
+        out: list[_Piece] = []
+        for s, e in _split_spans(block.text, block.char_start, _SENT):
+            t = self.count(doc.text[s:e])
+            if t <= self.params.max_tokens:
+                out.append(_Piece(s, e, block, t))
+                continue
+            # A sentence longer than a chunk (tables, logs): cut at words into max-sized windows.
+            words = _split_spans(doc.text[s:e], s, _WORD)
+            cur_s, cur_t, last_e = None, 0, s
+            for ws, we in words:
+                wt = max(1, self.count(doc.text[ws:we]))
+                if cur_s is not None and cur_t + wt > self.params.max_tokens:
+                    out.append(_Piece(cur_s, last_e, block, cur_t))
+                    cur_s, cur_t = None, 0
+                if cur_s is None:
+                    cur_s = ws
+                cur_t += wt
+                last_e = we
+            if cur_s is not None:
+                out.append(_Piece(cur_s, last_e, block, cur_t))
+        return out
+
+    def chunk(self, doc: LoadedDoc) -> list[Chunk]:
+        """All chunks of a document, in reading order."""
+        chunks: list[Chunk] = []
+        path: list[tuple[int, str]] = []  # heading stack: (level, title)
+        section: list[_Piece] = []
+
+        def flush_section() -> None:
+            if section:
+                chunks.extend(self._pack(doc, section, " > ".join(t for _, t in path)))
+                section.clear()
+
+        for block in doc.blocks:
+            if block.heading_level:
+                flush_section()
+                while path and path[-1][0] >= block.heading_level:
+                    path.pop()
+                path.append((block.heading_level, " ".join(block.text.split())))
+                continue
+            section.extend(self._pieces(doc, block))
+        flush_section()
+        for i, c in enumerate(chunks):
+            c.ordinal = i
+        return chunks
+
+    def _pack(self, doc: LoadedDoc, pieces: list[_Piece], heading: str) -> list[Chunk]:
+        """Greedy packing of consecutive pieces up to max_tokens; the next chunk starts with the
+        trailing pieces of the previous one that fit in `overlap` tokens."""
+        P = self.params
+        out: list[Chunk] = []
+        i = 0
+        while i < len(pieces):
+            j, tot = i, 0
+            while j < len(pieces) and (j == i or tot + pieces[j].tokens <= P.max_tokens):
+                tot += pieces[j].tokens
+                j += 1
+            out.append(self._make(doc, pieces[i:j], heading))
+            if j >= len(pieces):
+                break
+            # overlap: walk back from j-1 while the carried tokens fit, but always advance
+            k, carried = j, 0
+            while k - 1 > i and carried + pieces[k - 1].tokens <= P.overlap:
+                carried += pieces[k - 1].tokens
+                k -= 1
+            i = k
+        return out
+
+    def _make(self, doc: LoadedDoc, pieces: list[_Piece], heading: str) -> Chunk:
+        s, e = pieces[0].start, pieces[-1].end
+        # Text of the span; where pieces come from different blocks keep the source's text
+        # (paragraph breaks included) so char offsets stay exact.
+        text = doc.text[s:e]
+        a, _ = doc.loc_of(pieces[0].start, pieces[0].end, pieces[0].block)
+        _, b = doc.loc_of(pieces[-1].start, pieces[-1].end, pieces[-1].block)
+        return Chunk(text=text, heading=heading, loc_start=a, loc_end=max(a, b), char_start=s,
+                     char_end=e, n_tokens=sum(p.tokens for p in pieces))
+
+
+def chunk_doc(doc: LoadedDoc, count_tokens: CountTokens, params: ChunkParams = ChunkParams()) -> list[Chunk]:
+    """Convenience: `Chunker(count_tokens, params).chunk(doc)`."""
+    return Chunker(count_tokens, params).chunk(doc)

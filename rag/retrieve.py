@@ -1,0 +1,207 @@
+"""Retrieval: vector top-k (FAISS) and keyword top-k (SQLite FTS5 BM25), fused by reciprocal rank
+fusion, plus the relevance gate that lets `ask` refuse questions the documents do not cover.
+
+    hybrid   RRF over both lists: score = sum 1 / (RRF_K + rank), rank 1-based
+    vector   cosine of the query and chunk embeddings
+    keyword  BM25 (negated so higher is better)
+
+Manuals are full of codes (E-214, PN 40-118-2) that embeddings blur and BM25 nails; paraphrased
+questions are the opposite. User text never reaches FTS5 unescaped: every term is quoted.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import IndexError_, UsageError
+from rag.index import VectorIndex, open_index
+from rag.store import ChunkRow, Store
+
+MODES = ("hybrid", "vector", "keyword")
+RRF_K = 60
+MIN_COSINE = 0.30  # below this the best passage is taken as unrelated (all-MiniLM-L6-v2 scale)
+MIN_KEYWORD_COVERAGE = 0.5  # share of the question's content words found in the best keyword hit
+
+# Words that carry no retrieval signal; dropped from the FTS query so that "what does X mean"
+# does not match every chunk containing "what".
+STOPWORDS = frozenset("""
+a an and are as at be been but by can could did do does doing for from had has have how i if in
+into is it its me my no not of on or our should so than that the their them then there these they
+this those to too up us was we were what when where which while who whom why will with would you
+your yours about after again against all am any because before being below between both during
+each few further here just more most other out over own same some such only once under until very
+tell explain mean means meaning please s t
+""".split())
+
+_TERM = re.compile(r"[^\W_]+(?:[-_./:][^\W_]+)*", re.UNICODE)
+
+
+def query_terms(text: str) -> list[str]:
+    """Content words and codes of a question, lower-cased, in order, deduplicated.
+    'What does error E-214 mean?' -> ['error', 'e-214']."""
+    out, seen = [], set()
+    for t in _TERM.findall(text):
+        t = t.lower()
+        if t in STOPWORDS or (len(t) == 1 and not t.isdigit()) or t in seen:
+            continue
+        seen.add(t)
+        out.append(t)
+    return out
+
+
+def fts_query(text: str) -> str:
+    """An FTS5 MATCH expression from free text: each term quoted (so '-', ':', '*', 'NEAR',
+    'AND' are data, not syntax) and OR-ed; BM25 ranks chunks matching more and rarer terms."""
+    return " OR ".join('"' + t.replace('"', '""') + '"' for t in query_terms(text))
+
+
+def _stem(t: str) -> str:
+    for suf in ("ing", "ed", "es", "s"):
+        if len(t) > len(suf) + 3 and t.endswith(suf):
+            return t[: -len(suf)]
+    return t
+
+
+def keyword_coverage(question: str, passage: str) -> float:
+    """Share of the question's terms found in the passage (crude stemming, codes as substrings)."""
+    terms = query_terms(question)
+    if not terms:
+        return 0.0
+    low = passage.lower()
+    return sum(1 for t in terms if _stem(t) in low) / len(terms)
+
+
+@dataclass
+class Hit:
+    """One retrieved chunk. `score` is what the mode ranks by; the per-list scores and ranks
+    (1-based, None when absent from that list) explain it."""
+
+    chunk: ChunkRow
+    score: float
+    vector_score: float | None = None
+    keyword_score: float | None = None
+    vector_rank: int | None = None
+    keyword_rank: int | None = None
+
+    def to_dict(self) -> dict:
+        c = self.chunk
+        return {"id": c.id, "source": c.path, "location": c.location(), "unit": c.unit,
+                "loc_start": c.loc_start, "loc_end": c.loc_end, "char_start": c.char_start,
+                "char_end": c.char_end, "heading": c.heading, "text": c.text, "score": self.score,
+                "vector_score": self.vector_score, "keyword_score": self.keyword_score,
+                "vector_rank": self.vector_rank, "keyword_rank": self.keyword_rank}
+
+
+@dataclass
+class Retrieval:
+    """The result of one search, with what the relevance gate decided."""
+
+    query: str
+    mode: str
+    hits: list[Hit]
+    top_cosine: float  # best vector score seen (-1 when the vector side did not run)
+    keyword_hits: int
+    keyword_coverage: float  # of the best keyword hit
+    relevant: bool
+    ms: dict = field(default_factory=dict)  # embed, vector, keyword, total
+
+
+def rrf(lists: list[list[int]], k: int = RRF_K) -> dict[int, float]:
+    """Reciprocal rank fusion of ranked id lists -> {id: fused score}."""
+    out: dict[int, float] = {}
+    for ranked in lists:
+        for r, i in enumerate(ranked, start=1):
+            out[i] = out.get(i, 0.0) + 1.0 / (k + r)
+    return out
+
+
+class Retriever:
+    """Search one collection. Holds the store connection, the index and the embedder."""
+
+    def __init__(self, embedder, collection: str = "default", *, directory: Path | None = None,
+                 repair: bool = True, min_cosine: float = MIN_COSINE):
+        from rag.ingest import collection_dir
+
+        self.embedder = embedder
+        self.collection = collection
+        self.dir = Path(directory) if directory else collection_dir(collection)
+        self.min_cosine = min_cosine
+        self.store = Store(self.dir, readonly=True)
+        emb = self.store.get_meta("embedder_id")
+        if emb is None or self.store.count_chunks() == 0:
+            raise IndexError_(f"collection '{collection}' is empty", fix="run `edge-rag ingest PATH` first")
+        if embedder is not None and emb != embedder.embedder_id:
+            raise IndexError_(
+                f"collection '{collection}' was built with embedder {emb}, not {embedder.embedder_id}",
+                fix="re-ingest with --rebuild, pass the same --embedder, or use another --collection")
+        self.index: VectorIndex = open_index(self.store, self.dir, repair=repair)
+
+    def refresh(self) -> None:
+        """Pick up a newer generation written by an ingest since this retriever opened."""
+        if self.store.generation != self.index.generation:
+            self.index = open_index(self.store, self.dir, repair=True)
+
+    def _fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.store.vectors(ids, dim=self.index.dim)
+
+    def search(self, query: str, k: int = 5, mode: str = "hybrid", fetch_k: int | None = None) -> Retrieval:
+        """Top-k chunks for `query`. `fetch_k` candidates are taken from each list before fusion."""
+        if mode not in MODES:
+            raise UsageError(f"unknown search mode {mode!r}", fix=f"use one of {', '.join(MODES)}")
+        if k < 1:
+            raise UsageError(f"k must be >= 1, got {k}")
+        if not query.strip():
+            raise UsageError("empty query", fix="ask a question")
+        t0 = time.perf_counter()
+        self.refresh()
+        fetch_k = fetch_k or max(4 * k, 20)
+        ms: dict = {}
+        vec: list[tuple[int, float]] = []
+        top_cos = -1.0
+        if mode in ("hybrid", "vector"):
+            te = time.perf_counter()
+            q = np.asarray(self.embedder.embed_query(query), dtype=np.float32).reshape(1, -1)
+            ms["embed"] = (time.perf_counter() - te) * 1e3
+            tv = time.perf_counter()
+            S, I = self.index.search(q, fetch_k, fetch=self._fetch)
+            ms["vector"] = (time.perf_counter() - tv) * 1e3
+            vec = [(int(i), float(s)) for s, i in zip(S[0], I[0]) if i >= 0]
+            top_cos = vec[0][1] if vec else -1.0
+        kw: list[tuple[int, float]] = []
+        tk = time.perf_counter()
+        # The keyword side always runs: the relevance gate needs it even in vector mode.
+        kw = self.store.keyword_search(fts_query(query), fetch_k)
+        ms["keyword"] = (time.perf_counter() - tk) * 1e3
+
+        vrank = {i: r for r, (i, _) in enumerate(vec, start=1)}
+        vscore = dict(vec)
+        krank = {i: r for r, (i, _) in enumerate(kw, start=1)}
+        kscore = dict(kw)
+        if mode == "hybrid":
+            fused = rrf([[i for i, _ in vec], [i for i, _ in kw]])
+            ranked = sorted(fused.items(), key=lambda x: (-x[1], vrank.get(x[0], 1 << 30)))[:k]
+        elif mode == "vector":
+            ranked = vec[:k]
+        else:
+            ranked = kw[:k]
+        rows = self.store.get_chunks([i for i, _ in ranked] + [i for i, _ in kw[:1]])
+        hits = [Hit(rows[i], s, vscore.get(i), kscore.get(i), vrank.get(i), krank.get(i))
+                for i, s in ranked if i in rows]
+        cov = keyword_coverage(query, rows[kw[0][0]].heading + "\n" + rows[kw[0][0]].text) if kw and kw[0][0] in rows else 0.0
+        relevant = top_cos >= self.min_cosine or (bool(kw) and cov >= MIN_KEYWORD_COVERAGE)
+        ms["total"] = (time.perf_counter() - t0) * 1e3
+        return Retrieval(query, mode, hits, top_cos, len(kw), cov, relevant, ms)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "Retriever":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
