@@ -14,7 +14,8 @@ is stored as one of:
 The int4 layout is exactly ONNX Runtime MatMulNBits' B ([N, K/g, g/2] bytes, default zero
 point 8) and, after subtracting 8, ONNX INT4 packing (first element in the low nibble).
 Non-linear tensors (norms, biases, embeddings unless the policy says otherwise) are float16
-under their HF names. The group size and recipe live in manifest.json, never in names.
+under their HF names. Reference builds (recipe "fp32", correctness tests) store every
+tensor, linear weights included, as float32 under its HF name (`L.weight` float32 [N, K]). The group size and recipe live in manifest.json, never in names.
 """
 
 from __future__ import annotations

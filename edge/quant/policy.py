@@ -20,15 +20,20 @@ from dataclasses import dataclass
 from edge.models.spec import ModelSpec
 
 RECIPES = ("fp16", "int8", "int4")
+# Unquantized float32 weights: a reference build for correctness tests (engine logits vs the
+# checkpoint's), never a deployment option, so it is kept out of RECIPES (what the planner offers).
+REFERENCE_RECIPE = "fp32"
 
 
 @dataclass(frozen=True)
 class Precision:
-    kind: str  # "fp16" | "int8" | "int4"
+    kind: str  # "fp16" | "int8" | "int4" | "fp32" (reference builds)
     group_size: int = 0  # int4 only
 
     def weight_bytes(self, n: int, k: int) -> int:
         """Stored bytes of an [N, K] weight in the edge.quant.format layout (scales fp16)."""
+        if self.kind == "fp32":
+            return 4 * n * k
         if self.kind == "fp16":
             return 2 * n * k
         if self.kind == "int8":
@@ -38,6 +43,8 @@ class Precision:
 
 def module_precision(module: str, recipe: str, group_size: int, k: int) -> Precision:
     """Precision of linear `module` (HF name without `.weight`) with `k` input features."""
+    if recipe == REFERENCE_RECIPE:
+        return Precision("fp32")
     if recipe not in RECIPES:
         raise ValueError(f"recipe {recipe!r} not in {RECIPES}")
     if recipe == "fp16":
