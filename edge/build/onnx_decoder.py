@@ -1,0 +1,458 @@
+"""Decoder ONNX graphs built straight from bundle-form weights (no torch.onnx export), two forms:
+
+form "ort" -> model.ort.onnx, ONNX Runtime contrib ops, for CPU speed:
+    inputs   input_ids int64 [batch, sequence]
+             seqlens_k int32 [batch]              cached + new tokens - 1, per sequence
+             total_sequence_length int32 []       max over the batch of cached + new tokens
+             past_key_values.{i}.key|value f32 [batch, kv_heads, max_context, head_dim]
+    outputs  logits f32 [batch, vocab]            last position only
+             present.{i}.key|value                the SAME buffers (bound in place, IOBinding)
+  MatMulNBits (int4: bits 4; int8: bits 8 with the per-channel scale repeated over blocks),
+  GroupQueryAttention with packed QKV, do_rotary (cos/sin caches precomputed, llama3 scaling
+  included) and a max_context-sized KV buffer shared between past and present,
+  SkipSimplifiedLayerNormalization carrying the residual stream.
+
+form "trt" -> model.trt.onnx, standard ops only (opset 21), what TensorRT 10.3 parses:
+    inputs   input_ids int64 [batch, sequence], position_ids int64 [batch, sequence],
+             attention_mask int64 [batch, total_sequence]  (left padding: 0 = pad)
+             past_key_values.{i}.key|value f32 [batch, kv_heads, past_sequence, head_dim]
+    outputs  logits f32 [batch, vocab] (last position), present.{i}.key|value (Concat of past + new)
+  INT4 weights as block-wise DequantizeLinear (int4 initializer [K, N], axis 0, block_size g,
+  zero point 0), INT8 as DequantizeLinear per output channel, explicit RoPE, RMSNorm and
+  softmax attention with a mask built once from attention_mask.
+
+Both forms compute in float32 (ORT CPU's fast kernels are fp32/int8; TensorRT lowers precision
+itself when its FP16 flag is set). Weight layouts are edge.quant.format's: a linear `L` is
+`L.weight` (float, [N, K]) or `L.qweight` + `L.scales`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.build.onnx_graph import Graph, TensorProto, save_model
+from edge.errors import ModelError
+from edge.models.spec import ModelSpec
+from edge.quant.format import unpack_int4
+
+FORMS = {"ort": "model.ort.onnx", "trt": "model.trt.onnx"}
+
+# MatMulNBits accuracy_level 4: activations quantized to int8 per block, int8 dot products
+# (AVX512-VNNI / AVX-VNNI / NEON dot). Measured fastest for both decode and prefill on x86 and
+# the logits stay within the int4 error budget (tests/test_onnx_decoder.py checks the int4
+# engine against the dequantized numpy reference with a tolerance that covers it).
+DEFAULT_ACCURACY_LEVEL = 4
+MAX_ROPE_CACHE = 32768  # positions in the cos/sin caches unless max_context says otherwise
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Linear:
+    """One linear in bundle form. kind "fp": weight f32 [N, K]; "int4"/"int8": qweight + scales."""
+
+    kind: str
+    n: int
+    k: int
+    weight: np.ndarray | None = None
+    qweight: np.ndarray | None = None
+    scales: np.ndarray | None = None
+    group_size: int = 0
+
+
+def get_linear(weights: dict[str, np.ndarray], prefix: str, group_size: int) -> Linear:
+    """The linear `prefix` (HF module name) from bundle-form weights."""
+    if prefix + ".weight" in weights:
+        w = np.asarray(weights[prefix + ".weight"], dtype=np.float32)
+        return Linear("fp", w.shape[0], w.shape[1], weight=w)
+    if prefix + ".qweight" not in weights:
+        raise ModelError(f"weights lack {prefix}.weight / {prefix}.qweight", fix="rebuild the bundle")
+    q, s = weights[prefix + ".qweight"], weights[prefix + ".scales"]
+    if q.dtype == np.int8:  # per-channel int8: q [N, K], s [N]
+        return Linear("int8", q.shape[0], q.shape[1], qweight=q, scales=s.astype(np.float32))
+    n, k = q.shape[0], q.shape[1] * 2  # int4: q uint8 [N, K/2], s [N, K/g]
+    g = k // s.shape[1]
+    if group_size and g != group_size:
+        raise ModelError(f"{prefix}: scales imply group size {g}, manifest says {group_size}")
+    return Linear("int4", n, k, qweight=q, scales=s.astype(np.float32), group_size=g)
+
+
+def fuse_linears(parts: list[Linear]) -> Linear | None:
+    """Concatenate linears along N (q|k|v, gate|up) when they share kind, K and group size."""
+    a = parts[0]
+    if any(p.kind != a.kind or p.k != a.k or p.group_size != a.group_size for p in parts):
+        return None
+    n = sum(p.n for p in parts)
+    if a.kind == "fp":
+        return Linear("fp", n, a.k, weight=np.concatenate([p.weight for p in parts]))
+    return Linear(a.kind, n, a.k, qweight=np.concatenate([p.qweight for p in parts]), scales=np.concatenate([p.scales for p in parts]), group_size=a.group_size)
+
+
+def rope_caches(spec: ModelSpec, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float32 [n_pos, head_dim / 2] (HF rotate_half convention), scaling applied."""
+    d = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    sc = spec.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / float(sc["factor"])
+    elif kind == "llama3":
+        factor, lo, hi = float(sc["factor"]), float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+        old = float(sc.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = np.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        inv_freq = np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind not in ("default", None):
+        raise ModelError(f"RoPE scaling '{kind}' is not supported", fix="supported: default, linear, llama3")
+    ang = np.arange(n_pos, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def _f32(weights: dict[str, np.ndarray], name: str) -> np.ndarray:
+    return np.asarray(weights[name], dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared subgraphs
+# ---------------------------------------------------------------------------------------------
+def linear_ort(g: Graph, x: str, lin: Linear, name: str, accuracy_level: int, bias: np.ndarray | None = None) -> str:
+    """y = x @ W.T (+ b) with ORT's kernels.
+
+        fp:   x ─ MatMul(W.T f32 [K, N])
+        int4: x ─ MatMulNBits(B uint8 [N, K/g, g/2], scales f32 [N, K/g], bits 4, zero point 8)
+        int8: x ─ MatMulNBits(B uint8 [N, K/b, b] = q + 128, scales [N, K/b] = s[n] per block, bits 8)
+    """
+    with g.scope(name):
+        if lin.kind == "fp":
+            y = g.op("MatMul", [x, g.weight(g.param("weight"), lin.weight.T)], name="MatMul")
+        else:
+            if lin.kind == "int4":
+                bs, bits = lin.group_size, 4
+                b = lin.qweight.reshape(lin.n, lin.k // bs, bs // 2)
+                s = lin.scales.reshape(lin.n, lin.k // bs)
+            else:
+                bs = next((b for b in (128, 64, 32, 16) if lin.k % b == 0), None)
+                if bs is None:
+                    raise ModelError(f"{name}: in_features {lin.k} is not a multiple of 16, MatMulNBits cannot take it")
+                bits = 8
+                b = (lin.qweight.astype(np.int16) + 128).astype(np.uint8).reshape(lin.n, lin.k // bs, bs)
+                s = np.repeat(lin.scales[:, None], lin.k // bs, axis=1)
+            y = g.ms("MatMulNBits", [x, g.weight(g.param("qweight"), b), g.weight(g.param("scales"), s.astype(np.float32))],
+                     name="MatMulNBits", K=lin.k, N=lin.n, bits=bits, block_size=bs, accuracy_level=accuracy_level)
+        if bias is not None:
+            y = g.op("Add", [y, g.weight(g.param("bias"), bias.astype(np.float32))], name="BiasAdd")
+    return y
+
+
+def linear_trt(g: Graph, x: str, lin: Linear, name: str, bias: np.ndarray | None = None) -> str:
+    """y = x @ W.T (+ b) with standard ops; quantized weights stay quantized in the file.
+
+        fp:   x ─ MatMul(W.T f32 [K, N])
+        int4: DequantizeLinear(int4 [K, N], scale f32 [K/g, N], axis 0, block_size g) ─ MatMul
+        int8: DequantizeLinear(int8 [K, N], scale f32 [N], axis 1) ─ MatMul
+    """
+    with g.scope(name):
+        if lin.kind == "fp":
+            w = g.weight(g.param("weight"), lin.weight.T)
+        elif lin.kind == "int4":
+            q = g.weight_int4(g.param("qweight"), unpack_int4(lin.qweight).T)  # [K, N] in [-8, 7]
+            s = g.weight(g.param("scales"), np.ascontiguousarray(lin.scales.reshape(lin.n, -1).T))
+            w = g.op("DequantizeLinear", [q, s], name="DequantizeLinear", axis=0, block_size=lin.group_size)
+        else:
+            q = g.weight(g.param("qweight"), np.ascontiguousarray(lin.qweight.T))
+            w = g.op("DequantizeLinear", [q, g.weight(g.param("scales"), lin.scales)], name="DequantizeLinear", axis=1)
+        y = g.op("MatMul", [x, w], name="MatMul")
+        if bias is not None:
+            y = g.op("Add", [y, g.weight(g.param("bias"), bias.astype(np.float32))], name="BiasAdd")
+    return y
+
+
+def embedding(g: Graph, ids: str, table: np.ndarray) -> str:
+    """ids [B, S] ─ Gather(table [V, H]) ─ (Cast f32 if the table is fp16) -> [B, S, H]."""
+    with g.scope("model/embed_tokens"):
+        x = g.op("Gather", [g.weight("model.embed_tokens.weight", table), ids], name="Gather", axis=0)
+        if table.dtype != np.float32:
+            x = g.op("Cast", [x], name="Cast", to=TensorProto.FLOAT)
+    return x
+
+
+def last_position(g: Graph, x: str, hidden: int) -> str:
+    """[B, S, H] -> [B, H]: only the last position's logits are ever needed."""
+    with g.scope("model/last_position"):
+        y = g.op("Slice", [x, g.const([-1], np.int64), g.const([np.iinfo(np.int64).max], np.int64), g.const([1], np.int64)], name="Slice")
+        return g.op("Reshape", [y, g.const([-1, hidden], np.int64)], name="Reshape")
+
+
+def lm_head(g: Graph, x: str, head: Linear | None, tied_table: str | None, emit_linear) -> str:
+    """[B, H] -> logits [B, V]. Tied float heads reuse the embedding initializer via Gemm(transB)."""
+    if head is None:
+        with g.scope("lm_head"):
+            return g.op("Gemm", [x, tied_table], name="Gemm", transB=1)
+    return emit_linear(x, head, "lm_head")
+
+
+def _head(weights: dict[str, np.ndarray], spec: ModelSpec, group_size: int) -> Linear | None:
+    """The LM head, or None for a tied float head (Gemm on the embedding table)."""
+    if "lm_head.weight" in weights or "lm_head.qweight" in weights:
+        return get_linear(weights, "lm_head", group_size)
+    if not spec.tie_embeddings:
+        raise ModelError("weights lack lm_head and the model does not tie embeddings", fix="rebuild the bundle")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# ORT form
+# ---------------------------------------------------------------------------------------------
+def attention_ort(g: Graph, x: str, i: int, spec: ModelSpec, w: dict, gs: int, acc: int, io: dict, rope: tuple[str, str]) -> str:
+    """One attention block, KV cache updated in place.
+
+        x [B,S,H] ─ qkv_proj (MatMulNBits, N = q + 2 kv) (+ bias)
+                  ─ GroupQueryAttention(packed qkv, past k/v [B,kv,C,D], seqlens_k, total, cos, sin; do_rotary)
+                        ├─ present k/v (same buffers as past)
+                  ─ o_proj -> [B,S,H]
+    """
+    p = f"model.layers.{i}.self_attn"
+    lq, lk, lv = (get_linear(w, f"{p}.{n}_proj", gs) for n in "qkv")
+    bias = np.concatenate([_f32(w, f"{p}.{n}_proj.bias") for n in "qkv"]) if f"{p}.q_proj.bias" in w else None
+    fused = fuse_linears([lq, lk, lv])
+    with g.scope(f"model/layers.{i}/attn"):
+        if fused is not None:
+            qkv = linear_ort(g, x, fused, "qkv_proj", acc, bias)
+        else:
+            parts = [linear_ort(g, x, l, f"{n}_proj", acc) for l, n in zip((lq, lk, lv), "qkv")]
+            qkv = g.op("Concat", parts, name="qkv_concat", axis=-1)
+            if bias is not None:
+                qkv = g.op("Add", [qkv, g.weight(f"{p}.qkv_proj.bias", bias)], name="qkv_bias")
+        out, pk, pv = g.ms("GroupQueryAttention",
+                           [qkv, "", "", io[f"past_key_values.{i}.key"], io[f"past_key_values.{i}.value"], "seqlens_k", "total_sequence_length", rope[0], rope[1]],
+                           name="GroupQueryAttention", n_out=3, num_heads=spec.n_heads, kv_num_heads=spec.n_kv_heads,
+                           do_rotary=1, rotary_interleaved=0, local_window_size=-1)
+        g.output(pk, f"present.{i}.key", TensorProto.FLOAT, ["batch", spec.n_kv_heads, "max_context", spec.head_dim])
+        g.output(pv, f"present.{i}.value", TensorProto.FLOAT, ["batch", spec.n_kv_heads, "max_context", spec.head_dim])
+        return linear_ort(g, out, get_linear(w, f"{p}.o_proj", gs), "o_proj", acc)
+
+
+def mlp(g: Graph, x: str, i: int, w: dict, gs: int, emit_linear) -> str:
+    """SwiGLU.
+
+        x ─ gate_up_proj (N = 2I) ─ Split ─ gate ─ Sigmoid ─ Mul(gate) ─ Mul(up) ─ down_proj
+    """
+    p = f"model.layers.{i}.mlp"
+    lg, lu = get_linear(w, f"{p}.gate_proj", gs), get_linear(w, f"{p}.up_proj", gs)
+    fused = fuse_linears([lg, lu])
+    with g.scope(f"model/layers.{i}/mlp"):
+        if fused is not None:
+            gu = emit_linear(x, fused, "gate_up_proj")
+            gate, up = g.op("Split", [gu, g.const([lg.n, lu.n], np.int64)], name="Split", n_out=2, axis=-1)
+        else:
+            gate, up = emit_linear(x, lg, "gate_proj"), emit_linear(x, lu, "up_proj")
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name="act/Sigmoid")], name="act/Mul")
+        h = g.op("Mul", [act, up], name="Mul")
+        return emit_linear(h, get_linear(w, f"{p}.down_proj", gs), "down_proj")
+
+
+def build_ort(spec: ModelSpec, w: dict[str, np.ndarray], gs: int, acc: int, n_pos: int) -> Graph:
+    """The contrib-op graph; the residual stream rides SkipSimplifiedLayerNormalization's sum output.
+
+        embed ─ RMSNorm ─ attn ─ SkipRMSNorm(+res) ─ mlp ─ SkipRMSNorm(+res, next ln1) ─ attn ... ─ last ─ head
+    """
+    g = Graph("edge_rag_decoder_ort", opset=21, ms_opset=1)
+    emit = lambda x, lin, name: linear_ort(g, x, lin, name, acc)  # noqa: E731
+    ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    g.input("seqlens_k", TensorProto.INT32, ["batch"])
+    g.input("total_sequence_length", TensorProto.INT32, [])
+    io = {}
+    for i in range(spec.n_layers):
+        for kv in ("key", "value"):
+            io[f"past_key_values.{i}.{kv}"] = g.input(f"past_key_values.{i}.{kv}", TensorProto.FLOAT, ["batch", spec.n_kv_heads, "max_context", spec.head_dim])
+    cos, sin = rope_caches(spec, n_pos)
+    rope = (g.weight("model.rotary.cos_cache", cos), g.weight("model.rotary.sin_cache", sin))
+
+    head = _head(w, spec, gs)
+    table = w["model.embed_tokens.weight"]
+    # A tied float head shares the table with Gemm, which needs f32; otherwise keep fp16 (half the RAM).
+    table = table.astype(np.float32) if head is None or table.dtype not in (np.float16, np.float32) else table
+    x = embedding(g, ids, table)
+    eps = float(spec.rms_eps)
+    # Standard ops (onnx.checker does not know ORT's SimplifiedLayerNormalization); ORT fuses them.
+    h = rms_norm_trt(g, x, _f32(w, "model.layers.0.input_layernorm.weight"), "model/layers.0/input_layernorm", eps)
+    residual = x
+    for i in range(spec.n_layers):
+        a = attention_ort(g, h, i, spec, w, gs, acc, io, rope)
+        with g.scope(f"model/layers.{i}/post_attention_layernorm"):
+            h, residual = g.ms("SkipSimplifiedLayerNormalization", [a, residual, g.weight(f"model.layers.{i}.post_attention_layernorm.weight", _f32(w, f"model.layers.{i}.post_attention_layernorm.weight"))],
+                               name="SkipSimplifiedLayerNormalization", n_out=4, unused=(1, 2), epsilon=eps)[0::3]
+        m = mlp(g, h, i, w, gs, emit)
+        nxt = f"model.layers.{i + 1}.input_layernorm" if i + 1 < spec.n_layers else "model.norm"
+        with g.scope(f"model/layers.{i + 1}/input_layernorm" if i + 1 < spec.n_layers else "model/norm"):
+            h, residual = g.ms("SkipSimplifiedLayerNormalization", [m, residual, g.weight(f"{nxt}.weight", _f32(w, f"{nxt}.weight"))],
+                               name="SkipSimplifiedLayerNormalization", n_out=4, unused=(1, 2), epsilon=eps)[0::3]
+    last = last_position(g, h, spec.hidden_size)
+    logits = lm_head(g, last, head, "model.embed_tokens.weight", emit)
+    g.output(logits, "logits", TensorProto.FLOAT, ["batch", spec.vocab_size])
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# TRT form
+# ---------------------------------------------------------------------------------------------
+def rms_norm_trt(g: Graph, x: str, weight: np.ndarray, name: str, eps: float) -> str:
+    """x * 1/sqrt(mean(x^2) + eps) * w, standard ops (TensorRT fuses the pattern)."""
+    with g.scope(name):
+        ms = g.op("ReduceMean", [g.op("Mul", [x, x], name="Square"), g.const([-1], np.int64)], name="ReduceMean", keepdims=1)
+        inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [ms, g.const(np.float32(eps))], name="AddEps")], name="Sqrt")], name="Reciprocal")
+        return g.op("Mul", [g.op("Mul", [x, inv], name="Normalize"), g.weight(name.replace("/", ".") + ".weight", weight.astype(np.float32))], name="Scale")
+
+
+def rotary_trt(g: Graph, x: str, cos: str, sin: str, half: int) -> str:
+    """x [B,h,S,D] * cos + rotate_half(x) * sin; cos/sin [B,1,S,D]."""
+    x1 = g.op("Slice", [x, g.const([0], np.int64), g.const([half], np.int64), g.const([-1], np.int64)], name="rope/x1")
+    x2 = g.op("Slice", [x, g.const([half], np.int64), g.const([2 * half], np.int64), g.const([-1], np.int64)], name="rope/x2")
+    rot = g.op("Concat", [g.op("Neg", [x2], name="rope/Neg"), x1], name="rope/Concat", axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos], name="rope/MulCos"), g.op("Mul", [rot, sin], name="rope/MulSin")], name="rope/Add")
+
+
+def attention_trt(g: Graph, x: str, i: int, spec: ModelSpec, w: dict, gs: int, ctx: dict) -> str:
+    """Softmax attention with a Concat KV cache.
+
+        x ─ qkv_proj ─ Split ─ q,k,v ─ Reshape [B,S,h,D] ─ Transpose [B,h,S,D] ─ RoPE(q, k)
+        past_k ─┐
+              k ─ Concat(axis 2) = present_k [B,kv,T,D] ─ repeat kv->h ─ q·kᵀ·scale + mask ─ Softmax ─ ·v
+        ─ Transpose [B,S,h,D] ─ Reshape [B,S,h*D] ─ o_proj
+    """
+    p = f"model.layers.{i}.self_attn"
+    nh, nkv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    lq, lk, lv = (get_linear(w, f"{p}.{n}_proj", gs) for n in "qkv")
+    bias = np.concatenate([_f32(w, f"{p}.{n}_proj.bias") for n in "qkv"]) if f"{p}.q_proj.bias" in w else None
+    fused = fuse_linears([lq, lk, lv])
+    with g.scope(f"model/layers.{i}/attn"):
+        if fused is not None:
+            qkv = linear_trt(g, x, fused, "qkv_proj", bias)
+        else:
+            qkv = g.op("Concat", [linear_trt(g, x, l, f"{n}_proj") for l, n in zip((lq, lk, lv), "qkv")], name="qkv_concat", axis=-1)
+            if bias is not None:
+                qkv = g.op("Add", [qkv, g.weight(f"{p}.qkv_proj.bias", bias)], name="qkv_bias")
+        q, k, v = g.op("Split", [qkv, g.const([nh * d, nkv * d, nkv * d], np.int64)], name="Split", n_out=3, axis=-1)
+
+        def heads(t: str, n: int, tag: str) -> str:  # [B,S,n*D] -> [B,n,S,D]
+            r = g.op("Reshape", [t, g.const([0, 0, n, d], np.int64)], name=f"{tag}/Reshape")
+            return g.op("Transpose", [r], name=f"{tag}/Transpose", perm=[0, 2, 1, 3])
+
+        with g.scope("q"):
+            q = rotary_trt(g, heads(q, nh, "heads"), ctx["cos"], ctx["sin"], d // 2)
+        with g.scope("k"):
+            k = rotary_trt(g, heads(k, nkv, "heads"), ctx["cos"], ctx["sin"], d // 2)
+        v = heads(v, nkv, "v/heads")
+        pk = g.op("Concat", [f"past_key_values.{i}.key", k], name="k/Concat", axis=2)
+        pv = g.op("Concat", [f"past_key_values.{i}.value", v], name="v/Concat", axis=2)
+        shape = ["batch", nkv, "total_sequence", d]
+        g.output(pk, f"present.{i}.key", TensorProto.FLOAT, shape)
+        g.output(pv, f"present.{i}.value", TensorProto.FLOAT, shape)
+        if nh != nkv:  # [B,kv,T,D] -> [B,kv,1,T,D] -> Expand [B,kv,r,T,D] -> [B,h,T,D]
+            def repeat(t: str, tag: str) -> str:
+                u = g.op("Unsqueeze", [t, g.const([2], np.int64)], name=f"{tag}/Unsqueeze")
+                shp = g.op("Shape", [u], name=f"{tag}/Shape")
+                tgt = g.op("Mul", [shp, g.const([1, 1, nh // nkv, 1, 1], np.int64)], name=f"{tag}/RepShape")
+                e = g.op("Expand", [u, tgt], name=f"{tag}/Expand")
+                return g.op("Reshape", [e, g.const([0, nh, -1, d], np.int64)], name=f"{tag}/Reshape")
+
+            pk_r, pv_r = repeat(pk, "k/repeat"), repeat(pv, "v/repeat")
+        else:
+            pk_r, pv_r = pk, pv
+        kt = g.op("Transpose", [pk_r], name="k/TransposeT", perm=[0, 1, 3, 2])
+        s = g.op("Mul", [g.op("MatMul", [q, kt], name="QK/MatMul"), g.const(np.float32(1.0 / np.sqrt(d)))], name="QK/Scale")
+        pr = g.op("Softmax", [g.op("Add", [s, ctx["mask"]], name="QK/AddMask")], name="Softmax", axis=-1)
+        o = g.op("MatMul", [pr, pv_r], name="PV/MatMul")
+        o = g.op("Reshape", [g.op("Transpose", [o], name="out/Transpose", perm=[0, 2, 1, 3]), g.const([0, 0, nh * d], np.int64)], name="out/Reshape")
+        return linear_trt(g, o, get_linear(w, f"{p}.o_proj", gs), "o_proj")
+
+
+def trt_context(g: Graph, spec: ModelSpec, n_pos: int) -> dict[str, str]:
+    """Once per graph: cos/sin for the positions [B,1,S,D] and the additive mask [B,1,S,T].
+
+        allowed[b,i,j] = (j < T - S + i + 1) and attention_mask[b, j];  mask = allowed ? 0 : -1e9
+    """
+    cos, sin = rope_caches(spec, n_pos)
+    with g.scope("model/rotary"):
+        full_cos = g.weight("model.rotary.cos_cache", np.concatenate([cos, cos], axis=1))  # [P, D]
+        full_sin = g.weight("model.rotary.sin_cache", np.concatenate([sin, sin], axis=1))
+        c = g.op("Unsqueeze", [g.op("Gather", [full_cos, "position_ids"], name="cos/Gather", axis=0), g.const([1], np.int64)], name="cos/Unsqueeze")
+        s = g.op("Unsqueeze", [g.op("Gather", [full_sin, "position_ids"], name="sin/Gather", axis=0), g.const([1], np.int64)], name="sin/Unsqueeze")
+    with g.scope("model/mask"):
+        seq = g.op("Shape", ["input_ids"], name="seq/Shape", start=1, end=2)  # [1] = S
+        tot = g.op("Shape", ["attention_mask"], name="total/Shape", start=1, end=2)  # [1] = T
+        zero, one = g.const(0, np.int64), g.const(1, np.int64)
+        s0 = g.op("Squeeze", [seq], name="seq/Squeeze")
+        t0 = g.op("Squeeze", [tot], name="total/Squeeze")
+        rows = g.op("Range", [zero, s0, one], name="rows/Range")  # [S]
+        cols = g.op("Range", [zero, t0, one], name="cols/Range")  # [T]
+        limit = g.op("Add", [rows, g.op("Add", [g.op("Sub", [t0, s0], name="past/Sub"), one], name="limit/Add1")], name="limit/Add")  # [S]
+        causal = g.op("Less", [g.op("Unsqueeze", [cols, g.const([0], np.int64)], name="cols/Unsqueeze"),
+                               g.op("Unsqueeze", [limit, g.const([1], np.int64)], name="limit/Unsqueeze")], name="causal/Less")  # [S,T]
+        pad = g.op("Cast", [g.op("Unsqueeze", ["attention_mask", g.const([1, 2], np.int64)], name="pad/Unsqueeze")], name="pad/Cast", to=TensorProto.BOOL)
+        allowed = g.op("And", [causal, pad], name="And")  # [B,1,S,T]
+        mask = g.op("Where", [allowed, g.const(np.float32(0.0)), g.const(np.float32(-1e9))], name="Where")
+    return {"cos": c, "sin": s, "mask": mask}
+
+
+def build_trt(spec: ModelSpec, w: dict[str, np.ndarray], gs: int, n_pos: int) -> Graph:
+    """The standard-op graph: embed ─ (RMSNorm ─ attn ─ +res ─ RMSNorm ─ mlp ─ +res) x L ─ RMSNorm ─ last ─ head."""
+    g = Graph("edge_rag_decoder_trt", opset=21)
+    emit = lambda x, lin, name: linear_trt(g, x, lin, name)  # noqa: E731
+    ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    g.input("position_ids", TensorProto.INT64, ["batch", "sequence"])
+    g.input("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])
+    for i in range(spec.n_layers):
+        for kv in ("key", "value"):
+            g.input(f"past_key_values.{i}.{kv}", TensorProto.FLOAT, ["batch", spec.n_kv_heads, "past_sequence", spec.head_dim])
+    ctx = trt_context(g, spec, n_pos)
+    head = _head(w, spec, gs)
+    table = w["model.embed_tokens.weight"]
+    table = table.astype(np.float32) if head is None or table.dtype not in (np.float16, np.float32) else table
+    x = embedding(g, ids, table)
+    eps = float(spec.rms_eps)
+    for i in range(spec.n_layers):
+        h = rms_norm_trt(g, x, _f32(w, f"model.layers.{i}.input_layernorm.weight"), f"model/layers.{i}/input_layernorm", eps)
+        x = g.op("Add", [x, attention_trt(g, h, i, spec, w, gs, ctx)], name=f"model/layers.{i}/attn_residual/Add")
+        h = rms_norm_trt(g, x, _f32(w, f"model.layers.{i}.post_attention_layernorm.weight"), f"model/layers.{i}/post_attention_layernorm", eps)
+        x = g.op("Add", [x, mlp(g, h, i, w, gs, emit)], name=f"model/layers.{i}/mlp_residual/Add")
+    last = last_position(g, x, spec.hidden_size)
+    h = rms_norm_trt(g, last, _f32(w, "model.norm.weight"), "model/norm", eps)
+    logits = lm_head(g, h, head, "model.embed_tokens.weight", emit)
+    g.output(logits, "logits", TensorProto.FLOAT, ["batch", spec.vocab_size])
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+def build_decoder_onnx(spec: ModelSpec, weights: dict[str, np.ndarray], quant: dict, out_dir: Path, form: str, *,
+                       max_context: int | None = None, accuracy_level: int | None = None) -> Path:
+    """Write `model.ort.onnx` (form "ort") or `model.trt.onnx` (form "trt") into `out_dir`.
+
+    weights: bundle form (edge.quant.format); quant: {"recipe": ..., "group_size": g}.
+    max_context bounds the RoPE caches (default: the model's max_position, at most 32768).
+    accuracy_level: MatMulNBits' (ORT form), default DEFAULT_ACCURACY_LEVEL.
+    """
+    if form not in FORMS:
+        raise ValueError(f"form {form!r} not in {tuple(FORMS)}")
+    gs = int(quant.get("group_size") or 0)
+    acc = int(accuracy_level if accuracy_level is not None else quant.get("accuracy_level", DEFAULT_ACCURACY_LEVEL))
+    n_pos = int(max_context or min(spec.max_position, MAX_ROPE_CACHE))
+    g = build_ort(spec, weights, gs, acc, n_pos) if form == "ort" else build_trt(spec, weights, gs, n_pos)
+    model = g.to_model()
+    meta = {"max_context": str(n_pos), "form": form, "recipe": str(quant.get("recipe", "")), "group_size": str(gs)}
+    if form == "ort":
+        meta["accuracy_level"] = str(acc)
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    out = Path(out_dir) / FORMS[form]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, out, initializer_bytes=g.initializer_bytes)
+    return out

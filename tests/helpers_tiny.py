@@ -1,0 +1,183 @@
+"""Tiny seeded random decoders (Llama, Qwen2, Mistral) turned into engine bundles, with
+`transformers` as the oracle. Reusable by any test:
+
+    hf = tiny_hf_model("qwen2")                              # torch model, eval mode
+    bundle = make_tiny_bundle(tmp_path / "b", hf, "int4")    # engine bundle directory
+    ref = reference_model(hf, "int4")                        # HF model holding the dequantized weights
+
+The tokenizer is byte-level BPE over 252 byte symbols plus 4 specials (vocab 256) with a
+ChatML chat template, built with the `tokenizers` library.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+VOCAB = 256
+EOS_ID = 2  # <|im_end|>
+
+
+def tiny_hf_model(arch: str = "llama", *, seed: int = 0, tie: bool | None = None, rope_scaling: dict | None = None, max_position: int = 256):
+    """A 2-layer, hidden-64, vocab-256 random model of `arch` ("llama" | "qwen2" | "mistral")."""
+    import torch
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=max_position, rms_norm_eps=1e-5, initializer_range=0.1,
+                  bos_token_id=0, eos_token_id=EOS_ID, pad_token_id=0)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=True if tie is None else tie, rope_scaling=rope_scaling, attention_bias=False)
+        cls = tf.LlamaForCausalLM
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=False if tie is None else tie)
+        cls = tf.Qwen2ForCausalLM
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(**common, rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False if tie is None else tie)
+        cls = tf.MistralForCausalLM
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # norms and biases away from their trivial init so that they matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def hf_spec(model):
+    from edge.models.spec import spec_from_hf_config
+
+    return spec_from_hf_config(model.config.to_dict())
+
+
+def bundle_weights(model, recipe: str, group_size: int = 32) -> dict[str, np.ndarray]:
+    """state_dict -> bundle-form numpy weights (edge.quant.format), precision per edge.quant.policy."""
+    from edge.quant.format import quantize_int4_rtn, quantize_int8_rtn
+    from edge.quant.policy import module_precision
+
+    spec = hf_spec(model)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    if spec.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    fdt = np.float32 if recipe == "fp32" else np.float16
+    out: dict[str, np.ndarray] = {}
+    linears = {k[: -len(".weight")] for k in sd if k.endswith("_proj.weight")}
+    if recipe in ("int4", "int8"):
+        linears.add("lm_head")  # the head is quantized (a copy of the table when tied)
+        if spec.tie_embeddings:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    for k, v in sd.items():
+        mod = k[: -len(".weight")] if k.endswith(".weight") else None
+        if mod in linears and recipe in ("int4", "int8"):
+            prec = module_precision(mod, recipe, group_size, v.shape[1])
+            qt = quantize_int4_rtn(v, group_size) if prec.kind == "int4" else quantize_int8_rtn(v)
+            out[mod + ".qweight"], out[mod + ".scales"] = qt.qweight, qt.scales
+        else:
+            out[k] = v.astype(fdt)
+    return out
+
+
+def dequantized_state(weights: dict[str, np.ndarray], group_size: int = 32) -> dict[str, np.ndarray]:
+    """Bundle-form weights -> float32 HF state dict (the numpy dequantized reference)."""
+    from edge.quant.format import dequantize_int4, dequantize_int8
+
+    out = {}
+    for k, v in weights.items():
+        if k.endswith(".qweight"):
+            mod = k[: -len(".qweight")]
+            s = weights[mod + ".scales"]
+            out[mod + ".weight"] = dequantize_int8(v, s) if v.dtype == np.int8 else dequantize_int4(v, s, group_size)
+        elif not k.endswith(".scales"):
+            out[k] = v.astype(np.float32)
+    return out
+
+
+def reference_model(model, recipe: str, group_size: int = 32):
+    """A copy of `model` holding exactly the weights the engine holds (dequantized, fp16-rounded)."""
+    import copy
+
+    import torch
+
+    ref = copy.deepcopy(model)
+    state = dequantized_state(bundle_weights(model, recipe, group_size), group_size)
+    if "lm_head.weight" in state and ref.config.tie_word_embeddings:
+        ref.config.tie_word_embeddings = False  # the quantized head differs from the table
+        ref.lm_head.weight = torch.nn.Parameter(torch.from_numpy(state["lm_head.weight"]).clone())
+    sd = ref.state_dict()
+    with torch.no_grad():
+        for k, v in state.items():
+            if k in sd:
+                sd[k].copy_(torch.from_numpy(v))
+    if "lm_head.weight" in state:
+        ref.lm_head.weight.data = torch.from_numpy(state["lm_head.weight"]).clone()
+    return ref.eval()
+
+
+def make_tokenizer_files(folder: Path) -> None:
+    """tokenizer.json + tokenizer_config.json: byte-level BPE, vocab 256, ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda c: ord(c))
+    # keep bytes 0..251 of the GPT-2 byte->unicode table (ASCII and Latin-1 letters stay in)
+    from tokenizers.pre_tokenizers import ByteLevel  # noqa: F401
+
+    byte_chars = _bytes_to_unicode()
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for b in range(VOCAB - len(SPECIALS)):
+        vocab[byte_chars[b]] = len(vocab)
+    assert len(alphabet) == 256 and len(vocab) == VOCAB
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = {"chat_template": CHAT_TEMPLATE, "bos_token": None, "eos_token": "<|im_end|>", "unk_token": "<unk>",
+           "pad_token": "<|endoftext|>", "add_bos_token": False, "model_max_length": 256}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (what ByteLevel uses)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def make_tiny_bundle(out: Path, model, recipe: str = "fp32", *, group_size: int = 32, max_context: int = 128,
+                     max_batch: int = 4, forms: tuple[str, ...] = ("ort", "trt"), accuracy_level: int | None = None) -> Path:
+    """Write a generator bundle for `model` with the ONNX forms requested."""
+    import tempfile
+
+    from edge.build.bundle import BundleWriter
+    from edge.build.onnx_decoder import build_decoder_onnx
+
+    spec = hf_spec(model)
+    weights = bundle_weights(model, recipe, group_size)
+    quant = {"recipe": recipe, "group_size": group_size if recipe == "int4" else 0}
+    w = BundleWriter(Path(out), "generator")
+    for form in forms:
+        build_decoder_onnx(spec, weights, quant, w.tmp, form, accuracy_level=accuracy_level)
+    w.write_weights(weights)
+    with tempfile.TemporaryDirectory() as td:
+        make_tokenizer_files(Path(td))
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            w.add_file(f, Path(td) / f)
+    return w.commit({"model": spec.to_dict(), "quant": quant, "limits": {"max_context": max_context, "max_batch": max_batch}})
