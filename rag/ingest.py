@@ -121,7 +121,7 @@ def _progress(enabled: bool):
 
 def ingest(path: str | Path, *, embedder: EmbedderLike, collection: str = "default", rebuild: bool = False,
            params: ChunkParams = ChunkParams(), progress: bool = True, memory_budget: int | None = None,
-           batch_size: int = 32, directory: Path | None = None) -> IngestReport:
+           batch_size: int = 32, directory: Path | None = None, embedder_path: str | None = None) -> IngestReport:
     """Bring `collection` in line with the documents under `path`. See the module docstring."""
     t0 = time.perf_counter()
     root = Path(path).expanduser().resolve()
@@ -138,12 +138,12 @@ def ingest(path: str | Path, *, embedder: EmbedderLike, collection: str = "defau
     d.mkdir(parents=True, exist_ok=True)
     with _ingest_lock(d), Store(d) as store:
         return _ingest_locked(root, files, unsupported, store, d, embedder, collection, rebuild, params,
-                              progress, memory_budget, batch_size, t0)
+                              progress, memory_budget, batch_size, t0, embedder_path)
 
 
 def _ingest_locked(root, files, unsupported, store: Store, d: Path, embedder: EmbedderLike, collection: str,
                    rebuild: bool, params: ChunkParams, progress: bool, memory_budget, batch_size: int,
-                   t0: float) -> IngestReport:
+                   t0: float, embedder_path: str | None = None) -> IngestReport:
     old_emb = store.get_meta("embedder_id")
     if old_emb is not None and old_emb != embedder.embedder_id and store.count_chunks() and not rebuild:
         raise IndexError_(
@@ -196,7 +196,7 @@ def _ingest_locked(root, files, unsupported, store: Store, d: Path, embedder: Em
         seen.add(p.as_posix())
 
     # 1. embed (the slow part; nothing is written before it ends)
-    texts = [c.embed_text() for *_, chunks in loaded for c in chunks]
+    texts = [c.embed_text(_title(p)) for p, *_, chunks in loaded for c in chunks]
     te = time.perf_counter()
     vecs = _embed_all(embedder, texts, batch_size, progress)
     report.embed_seconds = time.perf_counter() - te
@@ -230,7 +230,8 @@ def _ingest_locked(root, files, unsupported, store: Store, d: Path, embedder: Em
             added_ids += store.add_document(p.as_posix(), disp, sha, st.st_mtime, st.st_size, unit, rows)
             (report.updated if p.as_posix() in known and not rebuild else report.added).append(disp)
         store.set_meta({"generation": gen, "embedder_id": embedder.embedder_id, "dim": int(embedder.dim),
-                        "chunk_params": asdict(params), "updated": time.time()})
+                        "chunk_params": asdict(params), "updated": time.time(),
+                        **({"embedder_path": embedder_path} if embedder_path else {})})
         _crash_if("before_commit")
     _crash_if("after_commit")
     report.generation = gen
@@ -253,6 +254,11 @@ def _ingest_locked(root, files, unsupported, store: Store, d: Path, embedder: Em
     report.total_documents = len(store.documents())
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _title(p: Path) -> str:
+    """A file's name as words ('error_codes.md' -> 'error codes'): context for short chunks."""
+    return p.stem.replace("_", " ").replace("-", " ")
 
 
 def _is_under(p: Path, root: Path) -> bool:

@@ -159,11 +159,13 @@ def text_blocks(path: Path, text: str, *, markdown: bool = False, rst: bool = Fa
 
 
 def load_text(path: Path) -> LoadedDoc:
-    return text_blocks(path, decode_text(path.read_bytes(), path))
+    # plain text manuals often underline their titles (Title / -----): read those as headings
+    return text_blocks(path, decode_text(path.read_bytes(), path), rst=True)
 
 
 def load_markdown(path: Path) -> LoadedDoc:
-    return text_blocks(path, decode_text(path.read_bytes(), path), markdown=True)
+    # `#` headings and setext (underlined) headings
+    return text_blocks(path, decode_text(path.read_bytes(), path), markdown=True, rst=True)
 
 
 def load_rst(path: Path) -> LoadedDoc:

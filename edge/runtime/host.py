@@ -1,0 +1,176 @@
+"""EdgeRuntime: the embedder, the generator and a collection's index side by side in one process.
+
+    rt = EdgeRuntime("default")            # default engines, built on first use
+    rt.search("E-214")                     # -> rag.retrieve.Retrieval
+    rt.ask("What does E-214 mean?", on_token=print)   # -> rag.ask.Answer
+    rt.memory_report()                     # what each part costs, against the plan
+
+Memory is measured as the growth of this process's RSS while each part loads (what it really
+costs on a unified-memory Jetson), next to the size of its files and, where the engine's
+manifest carries a memory plan, the planned bytes. The generator loads lazily on the first
+`ask` unless `load_generator=True`, so `search` never pays for it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _rss() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except Exception:  # pragma: no cover - psutil is a runtime dependency
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _dir_bytes(path: Path | None) -> int:
+    if path is None:
+        return 0
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+@dataclass
+class PartMemory:
+    """One loaded part. `rss_delta_bytes` is the RSS growth while it loaded; `planned_bytes`
+    is what the engine's manifest planned for it (None when it says nothing)."""
+
+    name: str
+    path: str
+    file_bytes: int
+    rss_delta_bytes: int
+    load_s: float
+    planned_bytes: int | None = None
+
+    @property
+    def over_plan(self) -> bool:
+        return self.planned_bytes is not None and self.rss_delta_bytes > self.planned_bytes
+
+
+def _planned(manifest: dict, *keys: str) -> int | None:
+    """The first integer found under manifest['plan'] / ['limits'] for any of `keys`."""
+    for section in ("plan", "limits", "memory"):
+        d = manifest.get(section)
+        if isinstance(d, dict):
+            for k in keys:
+                v = d.get(k)
+                if isinstance(v, (int, float)) and v > 0:
+                    return int(v)
+    return None
+
+
+class EdgeRuntime:
+    """Hosts both engines and one collection. Thread-unsafe; one question at a time."""
+
+    def __init__(self, collection: str = "default", *, embedder_path: str | Path | None = None,
+                 generator_path: str | Path | None = None, backend: str = "auto", load_generator: bool = False,
+                 progress: bool = True, embedder=None, generator=None):
+        self.collection = collection
+        self.backend = backend
+        self.progress = progress
+        self.parts: dict[str, PartMemory] = {}
+        self.rss_start = _rss()
+        self._generator_path = generator_path
+        self._generator = generator
+        t = time.perf_counter()
+        r0 = _rss()
+        if embedder is None:
+            from edge.runtime.embedder import Embedder
+
+            path = Path(embedder_path) if embedder_path else self._default_embedder()
+            embedder = Embedder.from_bundle(path)
+            self._add_part("embedder", path, r0, t, getattr(embedder, "manifest", None) or _manifest(path))
+        self.embedder = embedder
+        t, r0 = time.perf_counter(), _rss()
+        from rag.retrieve import Retriever
+
+        self.retriever = Retriever(self.embedder, collection)
+        self._add_part("index", self.retriever.dir, r0, t, {})
+        if load_generator:
+            _ = self.generator
+
+    def _default_embedder(self) -> Path:
+        from edge.engines import default_embedder_bundle
+
+        return default_embedder_bundle(progress=self.progress)
+
+    def _add_part(self, name: str, path: Path, r0: int, t0: float, manifest: dict | None) -> None:
+        planned = _planned(manifest or {}, f"{name}_bytes", "weights_bytes" if name == "generator" else "",
+                           "total_bytes" if name != "index" else "")
+        self.parts[name] = PartMemory(name, str(path), _dir_bytes(path), max(0, _rss() - r0),
+                                      time.perf_counter() - t0, planned)
+
+    @property
+    def generator(self):
+        """The generator engine, loaded on first use."""
+        if self._generator is None:
+            from edge.runtime.generator import Generator
+
+            t, r0 = time.perf_counter(), _rss()
+            path = Path(self._generator_path) if self._generator_path else self._default_generator()
+            self._generator = Generator.from_bundle(path, backend=self.backend)
+            self._add_part("generator", path, r0, t, getattr(self._generator, "manifest", None) or _manifest(path))
+        return self._generator
+
+    def _default_generator(self) -> Path:
+        from edge.engines import default_generator_bundle
+
+        return default_generator_bundle(progress=self.progress)
+
+    # -- the two operations
+    def search(self, query: str, k: int = 5, mode: str = "hybrid"):
+        return self.retriever.search(query, k=k, mode=mode)
+
+    def ask(self, question: str, *, k: int = 5, mode: str = "hybrid", max_tokens: int = 256,
+            on_token: Callable[[str], None] | None = None, gate: bool = True):
+        from rag.ask import ask
+
+        # the generator is loaded only when the relevance gate lets the question through
+        return ask(question, self.retriever, lambda: self.generator, k=k, mode=mode, max_tokens=max_tokens,
+                   on_token=on_token, gate=gate)
+
+    # -- memory
+    def memory_report(self) -> dict[str, Any]:
+        """Per part: RSS growth at load, file bytes, planned bytes; plus the process total and
+        the device profile's usable memory when a profile can be detected."""
+        rep: dict[str, Any] = {"parts": [asdict(p) | {"over_plan": p.over_plan} for p in self.parts.values()],
+                               "rss_bytes": _rss(), "rss_at_start_bytes": self.rss_start}
+        rep["loaded_bytes"] = sum(p.rss_delta_bytes for p in self.parts.values())
+        try:
+            from edge.profiles import detect_profile, load_profile
+
+            prof = load_profile(detect_profile())
+            rep["profile"] = prof.name
+            rep["usable_bytes"] = prof.usable_bytes
+            rep["fits"] = rep["rss_bytes"] <= prof.usable_bytes
+        except Exception as e:  # no profile matches this machine: report without one
+            rep["profile"] = None
+            rep["profile_error"] = str(e)
+        return rep
+
+    def close(self) -> None:
+        self.retriever.close()
+
+    def __enter__(self) -> "EdgeRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _manifest(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
