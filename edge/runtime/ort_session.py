@@ -1,0 +1,200 @@
+"""ONNX Runtime decoder session (CPU, or CUDA EP where onnxruntime-gpu is installed).
+
+Runs the bundle's `model.ort.onnx` (see edge.build.onnx_decoder). The KV cache is one float32
+buffer per layer and K/V, [max_batch, kv_heads, max_context, head_dim], allocated once (calloc:
+pages a sequence never reaches are never touched, so they cost no RSS). GroupQueryAttention
+updates it in place: past_key_values.{i}.* and present.{i}.* are bound through IOBinding to
+the same OrtValue over the same numpy memory, so no step copies the cache.
+
+A sequence owns one batch slot (row of the buffers). A decode step over several sequences runs
+one ORT call per run of consecutive slots (one call in the usual case, where a scheduler
+admits sequences into the lowest free slots); each row carries its own length in seqlens_k.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from edge.errors import BackendError, ContextLengthError, UsageError
+
+PREFILL_CHUNK = 1024  # prompt tokens per ORT call: bounds attention scratch [heads, chunk, context]
+
+
+@dataclass
+class _Binding:
+    """An IOBinding with the KV slices of slots [start, start + count) bound in place."""
+
+    io: object
+    logits: np.ndarray  # [count, vocab] output buffer
+    keep: list = field(default_factory=list)  # OrtValues / arrays that must outlive the binding
+
+
+def session_options(threads: int | None):
+    """intra-op threads (default: all cores), one inter-op thread, every graph optimization."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = int(threads or 0)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+class OrtDecoderSession:
+    """DecoderSession over ONNX Runtime. See edge.runtime.session.DecoderSession."""
+
+    def __init__(self, bundle, *, max_batch: int = 1, max_context: int | None = None, threads: int | None = None,
+                 providers: Sequence[str] | None = None):
+        import onnxruntime as ort
+
+        if not bundle.has("model.ort.onnx"):
+            raise BackendError(f"{bundle.path}: bundle has no model.ort.onnx", fix="rebuild it with `edge-rag build`")
+        self.bundle = bundle
+        self.spec = spec = bundle.spec
+        path = bundle.file("model.ort.onnx")
+        try:
+            self.sess = ort.InferenceSession(str(path), session_options(threads), providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            raise BackendError(f"{path}: onnxruntime could not load the graph ({e})", fix="rebuild the bundle with this edge-rag / onnxruntime") from None
+        meta = self.sess.get_modelmeta().custom_metadata_map
+        graph_ctx = int(meta.get("max_context", spec.max_position))
+        limits = bundle.manifest.get("limits") or {}
+        want = int(max_context or limits.get("max_context") or min(spec.max_position, 4096))
+        if want < 2:
+            raise UsageError(f"max_context {want} is too small", fix="use at least 2")
+        self.max_context = min(want, graph_ctx, spec.max_position)
+        self.max_batch = int(max_batch)
+        if self.max_batch < 1:
+            raise UsageError(f"max_batch {max_batch} must be >= 1")
+        self.vocab_size = spec.vocab_size
+        self.threads = threads
+        shape = (self.max_batch, spec.n_kv_heads, self.max_context, spec.head_dim)
+        # np.zeros -> calloc: untouched pages stay virtual.
+        self.k = [np.zeros(shape, np.float32) for _ in range(spec.n_layers)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(spec.n_layers)]
+        self._logits = np.zeros((self.max_batch, self.vocab_size), np.float32)
+        self._slot: dict[int, int] = {}  # seq_id -> slot
+        self._len = np.zeros(self.max_batch, np.int64)  # tokens cached per slot
+        self._bindings: dict[tuple[int, int], _Binding] = {}
+
+    # ---- sequences --------------------------------------------------------------------
+    def add_sequence(self, seq_id: int) -> None:
+        if seq_id in self._slot:
+            raise UsageError(f"sequence {seq_id} is already live")
+        free = sorted(set(range(self.max_batch)) - set(self._slot.values()))
+        if not free:
+            raise UsageError(f"all {self.max_batch} batch slots are in use", fix="release a finished sequence first or raise max_batch")
+        self._slot[seq_id] = free[0]
+        self._len[free[0]] = 0
+
+    def release(self, seq_id: int) -> None:
+        slot = self._slot.pop(seq_id, None)
+        if slot is not None:
+            self._len[slot] = 0
+
+    def length(self, seq_id: int) -> int:
+        return int(self._len[self._slot_of(seq_id)])
+
+    def _slot_of(self, seq_id: int) -> int:
+        try:
+            return self._slot[seq_id]
+        except KeyError:
+            raise UsageError(f"sequence {seq_id} is not live", fix="call add_sequence first") from None
+
+    # ---- running ---------------------------------------------------------------------
+    def _binding(self, start: int, count: int) -> _Binding:
+        """Cached IOBinding for slots [start, start+count): past and present share memory."""
+        key = (start, count)
+        b = self._bindings.get(key)
+        if b is not None:
+            return b
+        import onnxruntime as ort
+
+        io = self.sess.io_binding()
+        keep = []
+        for i in range(self.spec.n_layers):
+            for kind, buf in (("key", self.k[i]), ("value", self.v[i])):
+                view = buf[start:start + count]  # contiguous rows of the [B, kv, C, D] buffer
+                ov = ort.OrtValue.ortvalue_from_numpy(view)
+                io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", ov)
+                io.bind_ortvalue_output(f"present.{i}.{kind}", ov)
+                keep += [view, ov]
+        logits = self._logits[start:start + count]
+        lov = ort.OrtValue.ortvalue_from_numpy(logits)
+        io.bind_ortvalue_output("logits", lov)
+        keep.append(lov)
+        b = _Binding(io, logits, keep)
+        self._bindings[key] = b
+        return b
+
+    def _run(self, start: int, ids: np.ndarray, new_lens: np.ndarray) -> np.ndarray:
+        """ids int64 [count, S]; new_lens [count] = cached + S per row. Returns logits [count, V] (a view)."""
+        count = ids.shape[0]
+        b = self._binding(start, count)
+        b.io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        b.io.bind_cpu_input("seqlens_k", (new_lens - 1).astype(np.int32))
+        b.io.bind_cpu_input("total_sequence_length", np.array(int(new_lens.max()), dtype=np.int32))
+        self.sess.run_with_iobinding(b.io)
+        return b.logits
+
+    def _check_ids(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise UsageError(f"token id out of range [0, {self.vocab_size})")
+        return ids.astype(np.int64)
+
+    def prefill(self, seq_id: int, token_ids: np.ndarray) -> np.ndarray:
+        slot = self._slot_of(seq_id)
+        ids = self._check_ids(token_ids).reshape(-1)
+        if ids.size == 0:
+            raise UsageError("prefill needs at least one token")
+        have = int(self._len[slot])
+        if have + ids.size > self.max_context:
+            raise ContextLengthError(
+                f"{have} cached + {ids.size} new tokens exceed the engine's context of {self.max_context}",
+                fix="shorten the prompt, ask for truncation, or build the engine with a larger context")
+        logits = None
+        for s in range(0, ids.size, PREFILL_CHUNK):
+            chunk = ids[s:s + PREFILL_CHUNK]
+            new_len = np.array([self._len[slot] + chunk.size])
+            logits = self._run(slot, chunk[None, :], new_len)
+            self._len[slot] = new_len[0]
+        return logits[0].copy()
+
+    def decode(self, seq_ids: Sequence[int], token_ids: np.ndarray) -> np.ndarray:
+        ids = self._check_ids(token_ids).reshape(-1)
+        if len(seq_ids) != ids.size:
+            raise UsageError(f"{len(seq_ids)} sequences but {ids.size} tokens")
+        slots = np.array([self._slot_of(s) for s in seq_ids], dtype=np.int64)
+        if len(set(slots.tolist())) != len(slots):
+            raise UsageError("a sequence appears twice in one decode step")
+        full = [s for s, sl in zip(seq_ids, slots) if self._len[sl] + 1 > self.max_context]
+        if full:
+            raise ContextLengthError(f"sequence {full[0]} is at the engine's context of {self.max_context} tokens",
+                                     fix="stop generating or build the engine with a larger context")
+        out = np.empty((len(seq_ids), self.vocab_size), np.float32)
+        order = np.argsort(slots, kind="stable")
+        # runs of consecutive slots -> one call each
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and slots[order[j + 1]] == slots[order[j]] + 1:
+                j += 1
+            idx = order[i:j + 1]
+            start = int(slots[idx[0]])
+            new_lens = self._len[slots[idx]] + 1
+            out[idx] = self._run(start, ids[idx][:, None], new_lens)
+            self._len[slots[idx]] = new_lens
+            i = j + 1
+        return out
+
+
+def default_threads() -> int:
+    """Physical-ish core count for intra-op parallelism (ORT's own default when 0)."""
+    return max(1, (os.cpu_count() or 1))
