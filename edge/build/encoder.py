@@ -1,0 +1,246 @@
+"""Build an embedder bundle: BERT-family sentence-transformers folder -> ONNX graph -> bundle.
+
+The graph is written straight from the safetensors weights with onnx.helper (no torch export),
+using ONNX Runtime's fused transformer contrib ops, which its CPU and CUDA providers implement:
+
+    input_ids [B,S] int32, attention_mask [B,S] int32
+      -> EmbedLayerNormalization (word + position(+token-type 0) embeddings, LayerNorm)
+         -> x [B,S,H], mask_index [B] (valid lengths; padding is on the right)
+      -> per layer:  Attention(x, Wqkv [H,3H], bqkv) -> MatMul Wo -> SkipLayerNorm(+x, +bo)
+                     -> MatMul W1 -> BiasGelu(b1) -> MatMul W2 -> SkipLayerNorm(+x1, +b2)
+      -> pooling (mean / cls / max, masked) -> [B,H]
+      -> L2 normalisation when 2_Normalize is in modules.json
+      -> sentence_embedding [B,H] float32
+
+quant "int8": onnxruntime.quantization.quantize_dynamic on that graph (MatMul -> dynamic INT8
+MatMulInteger / DynamicQuantizeMatMul, Attention -> QAttention); weights int8 per tensor,
+activations quantized per call. Embedding tables stay fp32 (they are gathers, not matmuls).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.build.bundle import BundleWriter
+from edge.errors import UsageError
+from edge.models.bert import BertFolder, EncoderSpec, load_bert_weights, read_bert_folder
+
+QUANTS = ("fp32", "int8")
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+INPUTS = ("input_ids", "attention_mask")  # both int32 [batch, seq], right-padded
+OUTPUT = "sentence_embedding"  # float32 [batch, dim]
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+class _Graph:
+    """Nodes and deduplicated named initializers of the graph under construction."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+        self.inits: dict[str, Any] = {}
+
+    def const(self, name: str, arr: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        if name not in self.inits:
+            self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        return name
+
+    def node(self, op: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs: Any) -> list[str]:
+        from onnx import helper
+
+        outs = [f"{name}/output_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
+        return outs
+
+
+def _embeddings(g: _Graph, w: dict[str, np.ndarray], s: EncoderSpec) -> tuple[str, str]:
+    """word + position (+ token-type row 0, folded into positions: single-segment inputs) -> LayerNorm.
+    Returns (x [B,S,H], mask_index [B])."""
+    pos = w["embeddings.position_embeddings.weight"]
+    if "embeddings.token_type_embeddings.weight" in w:
+        pos = pos + w["embeddings.token_type_embeddings.weight"][0][None, :]
+    x, mask_index = g.node(
+        "EmbedLayerNormalization",
+        [INPUTS[0], "", g.const("embeddings.word", w["embeddings.word_embeddings.weight"]),
+         g.const("embeddings.position", pos.astype(np.float32)), "",
+         g.const("embeddings.ln.weight", w["embeddings.LayerNorm.weight"]),
+         g.const("embeddings.ln.bias", w["embeddings.LayerNorm.bias"]), INPUTS[1]],
+        "/model/embeddings/EmbedLayerNorm", n_out=2, domain=MS_DOMAIN, epsilon=s.layer_norm_eps,
+    )
+    return x, mask_index
+
+
+def _layer(g: _Graph, i: int, w: dict[str, np.ndarray], s: EncoderSpec, x: str, mask_index: str) -> str:
+    """One post-LN BERT layer.
+
+        x --Attention(qkv packed)--> a --MatMul Wo--> SkipLN(+x, +bo) = x1
+        x1 --MatMul W1--> BiasGelu(+b1) --MatMul W2--> SkipLN(+x1, +b2) = out
+    """
+    p, n = f"encoder.layer.{i}.", f"/model/layers.{i}"
+    att = p + "attention.self."
+    # torch Linear weights are [out, in]; ONNX MatMul wants [in, out]. q|k|v packed along out.
+    wqkv = np.concatenate([w[att + k + ".weight"].T for k in ("query", "key", "value")], axis=1)  # [H, 3H]
+    bqkv = np.concatenate([w[att + k + ".bias"] for k in ("query", "key", "value")])  # [3H]
+    (a,) = g.node("Attention", [x, g.const(f"{n}/attn/qkv.weight", wqkv), g.const(f"{n}/attn/qkv.bias", bqkv), mask_index],
+                  f"{n}/attn/Attention", domain=MS_DOMAIN, num_heads=s.n_heads)
+    (o,) = g.node("MatMul", [a, g.const(f"{n}/attn/o_proj.weight", w[p + "attention.output.dense.weight"].T)], f"{n}/attn/o_proj/MatMul")
+    x1 = g.node("SkipLayerNormalization",
+                [o, x, g.const(f"{n}/attn_ln.weight", w[p + "attention.output.LayerNorm.weight"]),
+                 g.const(f"{n}/attn_ln.bias", w[p + "attention.output.LayerNorm.bias"]),
+                 g.const(f"{n}/attn/o_proj.bias", w[p + "attention.output.dense.bias"])],
+                f"{n}/attn_ln/SkipLayerNorm", domain=MS_DOMAIN, epsilon=s.layer_norm_eps)[0]
+    (h,) = g.node("MatMul", [x1, g.const(f"{n}/mlp/up.weight", w[p + "intermediate.dense.weight"].T)], f"{n}/mlp/up/MatMul")
+    (h,) = g.node("BiasGelu", [h, g.const(f"{n}/mlp/up.bias", w[p + "intermediate.dense.bias"])], f"{n}/mlp/BiasGelu", domain=MS_DOMAIN)
+    (d,) = g.node("MatMul", [h, g.const(f"{n}/mlp/down.weight", w[p + "output.dense.weight"].T)], f"{n}/mlp/down/MatMul")
+    return g.node("SkipLayerNormalization",
+                  [d, x1, g.const(f"{n}/mlp_ln.weight", w[p + "output.LayerNorm.weight"]),
+                   g.const(f"{n}/mlp_ln.bias", w[p + "output.LayerNorm.bias"]),
+                   g.const(f"{n}/mlp/down.bias", w[p + "output.dense.bias"])],
+                  f"{n}/mlp_ln/SkipLayerNorm", domain=MS_DOMAIN, epsilon=s.layer_norm_eps)[0]
+
+
+def _pool(g: _Graph, s: EncoderSpec, x: str) -> str:
+    """[B,S,H] -> [B,H] by the folder's pooling mode; padded positions never count."""
+    n = "/model/pool"
+    if s.pooling == "cls":
+        return g.node("Gather", [x, g.const("const/zero_i64", np.array(0, np.int64))], f"{n}/cls/Gather", axis=1)[0]
+    (m,) = g.node("Cast", [INPUTS[1]], f"{n}/mask/Cast", to=1)  # float mask [B,S]
+    (m3,) = g.node("Unsqueeze", [m, g.const("const/axes_m1", np.array([-1], np.int64))], f"{n}/mask/Unsqueeze")  # [B,S,1]
+    if s.pooling == "mean":
+        # sentence-transformers: sum(x * m) / clamp(sum(m), 1e-9)
+        (xm,) = g.node("Mul", [x, m3], f"{n}/mean/Mul")
+        (num,) = g.node("ReduceSum", [xm, g.const("const/axes_1", np.array([1], np.int64))], f"{n}/mean/ReduceSum", keepdims=0)
+        (den,) = g.node("ReduceSum", [m3, g.const("const/axes_1", np.array([1], np.int64))], f"{n}/mean/Count", keepdims=0)
+        (den,) = g.node("Max", [den, g.const("const/eps_count", np.array(1e-9, np.float32))], f"{n}/mean/Clamp")
+        return g.node("Div", [num, den], f"{n}/mean/Div")[0]
+    # max: padded positions are set to -1e9 before the max (sentence-transformers does the same)
+    (neg,) = g.node("Sub", [m3, g.const("const/one", np.array(1.0, np.float32))], f"{n}/max/Sub")  # 0 valid, -1 pad
+    (neg,) = g.node("Mul", [neg, g.const("const/big", np.array(1e9, np.float32))], f"{n}/max/Scale")
+    (xm,) = g.node("Add", [x, neg], f"{n}/max/Add")
+    return g.node("ReduceMax", [xm], f"{n}/max/ReduceMax", axes=[1], keepdims=0)[0]
+
+
+def _l2_normalize(g: _Graph, v: str) -> str:
+    """v / max(||v||_2, 1e-12), as torch.nn.functional.normalize."""
+    n = "/model/normalize"
+    (norm,) = g.node("ReduceL2", [v], f"{n}/ReduceL2", axes=[-1], keepdims=1)
+    (norm,) = g.node("Max", [norm, g.const("const/eps_norm", np.array(1e-12, np.float32))], f"{n}/Clamp")
+    return g.node("Div", [v, norm], f"{n}/Div")[0]
+
+
+def build_encoder_graph(spec: EncoderSpec, weights: dict[str, np.ndarray]) -> Any:
+    """The fp32 onnx.ModelProto for `spec` (see the module docstring for its shape)."""
+    from onnx import TensorProto, helper
+
+    g = _Graph()
+    x, mask_index = _embeddings(g, weights, spec)
+    for i in range(spec.n_layers):
+        x = _layer(g, i, weights, spec, x, mask_index)
+    v = _pool(g, spec, x)
+    if spec.normalize:
+        v = _l2_normalize(g, v)
+    (out,) = g.node("Identity", [v], "/model/output/Identity")
+    g.nodes[-1].output[0] = OUTPUT
+    graph = helper.make_graph(
+        g.nodes, f"{spec.name}-encoder",
+        [helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", "seq"]) for n in INPUTS],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", spec.dim])],
+        initializer=list(g.inits.values()),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+                              producer_name="edge-rag")
+    model.ir_version = 9
+    return model
+
+
+def _quantize_int8(src: Path, dst: Path) -> dict[str, Any]:
+    """Dynamic INT8: int8 weights (per tensor), activations quantized at run time."""
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
+                     op_types_to_quantize=["MatMul", "Attention"], extra_options={"MatMulConstBOnly": True,
+                                    # contrib-op outputs have no inferred type; they are all float32
+                                    "DefaultTensorType": TensorProto.FLOAT})
+    return {"recipe": "int8", "method": "onnxruntime.quantize_dynamic", "weights": "int8 per-tensor symmetric",
+            "activations": "uint8 dynamic per call", "ops": ["MatMul", "Attention"]}
+
+
+def embedder_id(spec: EncoderSpec, weights_sha256: str, quant: str) -> str:
+    """Stable identity of the vectors an embedder produces; the index stores it to refuse mixing."""
+    return f"{spec.name}@{weights_sha256[:16]}:{spec.pooling}{'+l2' if spec.normalize else ''}:{quant}"
+
+
+def build_embedder_bundle(model_dir: Path, out: Path, *, quant: str = "fp32", progress: bool = True) -> Path:
+    """sentence-transformers BERT folder -> embedder bundle at `out` (model.onnx, tokenizer, manifest)."""
+    import onnx
+
+    if quant not in QUANTS:
+        raise UsageError(f"unknown embedder quant {quant!r}", fix=f"use one of {', '.join(QUANTS)}")
+    folder: BertFolder = read_bert_folder(model_dir)
+    spec = folder.spec
+    steps = ["read weights", "build graph", "write", *(["quantize int8"] if quant == "int8" else []), "checksum"]
+    ctx = _progress(progress, f"building embedder {spec.name} ({quant})", len(steps))
+    writer = BundleWriter(Path(out), kind="embedder")
+    try:
+        with ctx as advance:
+            sha = folder.weights_sha256()
+            weights = load_bert_weights(folder)
+            advance()
+            model = build_encoder_graph(spec, weights)
+            del weights
+            advance()
+            fp32_path = writer.path("model.onnx") if quant == "fp32" else writer.tmp.parent / f".{writer.out.name}.fp32-{id(writer)}.onnx"
+            onnx.save_model(model, str(fp32_path))
+            del model
+            advance()
+            qinfo: dict[str, Any] = {"recipe": "fp32", "method": "none"}
+            if quant == "int8":
+                try:
+                    qinfo = _quantize_int8(fp32_path, writer.path("model.onnx"))
+                finally:
+                    fp32_path.unlink(missing_ok=True)
+                advance()
+            for name in _TOKENIZER_FILES:
+                if (folder.transformer_dir / name).is_file():
+                    writer.add_file(name, folder.transformer_dir / name)
+            manifest = {
+                "model": spec.to_dict(),
+                "quant": qinfo,
+                "embedder_id": embedder_id(spec, sha, quant),
+                "source": {"path": str(folder.root.resolve()), "weights_sha256": sha},
+                "graph": {"inputs": {n: "int32 [batch, seq] right-padded" for n in INPUTS},
+                          "output": f"{OUTPUT} float32 [batch, {spec.dim}]", "opset": OPSET, "contrib_ops": MS_DOMAIN},
+            }
+            path = writer.commit(manifest)
+            advance()
+    except BaseException:
+        writer.abort()
+        raise
+    return path
+
+
+def _progress(enabled: bool, label: str, total: int):
+    """A context manager yielding `advance()`: a rich progress bar when enabled, a no-op otherwise."""
+    if not enabled:
+        return nullcontext(lambda: None)
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar():
+        from rich.progress import Progress
+
+        with Progress(transient=True) as p:
+            task = p.add_task(label, total=total)
+            yield lambda: p.advance(task)
+
+    return bar()
+
+
+__all__ = ["build_embedder_bundle", "build_encoder_graph", "embedder_id", "QUANTS", "INPUTS", "OUTPUT"]
