@@ -32,7 +32,7 @@ MAGIC = b"EDGERAG-FAISS\x01"
 FLAT_MAX = 20_000  # exact search up to here: ~8 ms/query at dim 384 on one Orin core
 HNSW_M = 32
 HNSW_EF_SEARCH = 128
-HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_CONSTRUCTION = 200  # 80 gave recall@10 0.946 on the clustered test set, 200 gives 0.976
 PQ_RERANK = 4  # ivfpq: fetch k*PQ_RERANK candidates, re-rank them exactly
 
 FetchVectors = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # ids -> (ids, vecs)
@@ -87,7 +87,7 @@ def choose_index(n: int, dim: int, budget_bytes: int | None = None) -> IndexPlan
         # too few points to train PQ codebooks (256 centroids each): flat is small anyway
         return IndexPlan("flat", flat)
     pq = estimate_bytes("ivfpq", n, dim)
-    return IndexPlan("ivfpq", pq, {"nlist": _nlist(n), "m": _pq_m(dim), "nprobe": max(1, _nlist(n) // 8)})
+    return IndexPlan("ivfpq", pq, {"nlist": _nlist(n), "m": _pq_m(dim), "nprobe": max(1, _nlist(n) // 4)})
 
 
 def _faiss():

@@ -1,0 +1,88 @@
+"""FAISS index: choice by size and budget, approximate recall against the exact index, files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rag.index import (FLAT_MAX, HNSW_EF_SEARCH, HNSW_M, INDEX_NAME, IndexPlan, VectorIndex, choose_index, estimate_bytes,
+                       rebuild_from)
+
+
+def clustered(n: int, dim: int, seed: int = 0, clusters: int = 50) -> np.ndarray:
+    """Normalized vectors around random centres (embeddings of a corpus cluster by topic)."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = c[rng.integers(0, clusters, n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_choose_index_by_size_and_budget():
+    dim = 384
+    assert choose_index(1000, dim).kind == "flat"
+    assert choose_index(FLAT_MAX + 1, dim).kind == "hnsw"
+    n = 200_000
+    hnsw = estimate_bytes("hnsw", n, dim)
+    assert choose_index(n, dim, budget_bytes=hnsw + 1).kind == "hnsw"
+    p = choose_index(n, dim, budget_bytes=hnsw // 4)
+    assert p.kind == "ivfpq" and p.est_bytes < hnsw // 4
+    # a small corpus stays flat even under a tight budget (PQ cannot be trained on it)
+    assert choose_index(500, dim, budget_bytes=1).kind == "flat"
+
+
+def _recall(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx_ids, exact_ids)]))
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_approximate_recall_against_exact(kind):
+    dim, n, k = 64, 6000, 10
+    x = clustered(n, dim)
+    q = clustered(200, dim, seed=1)
+    ids = np.arange(100, 100 + n, dtype=np.int64)  # ids are not row numbers
+    exact = VectorIndex.build(IndexPlan("flat", 0), dim, "e", 1, [(ids, x)])
+    _, E = exact.search(q, k)
+    # brute force in numpy agrees with the flat index
+    np.testing.assert_array_equal(ids[np.argsort(-(q @ x.T), axis=1)[:, :k]][:, 0], E[:, 0])
+    if kind == "hnsw":
+        plan = IndexPlan("hnsw", 0, {"M": HNSW_M, "efSearch": HNSW_EF_SEARCH})  # the shipped settings
+        approx = VectorIndex.build(plan, dim, "e", 1, [(ids, x)])
+        _, A = approx.search(q, k)
+    else:
+        plan = IndexPlan("ivfpq", 0, {"nlist": 64, "m": 16, "nprobe": 64 // 4})  # nprobe = nlist/4 as shipped
+        approx = VectorIndex.build(plan, dim, "e", 1, [(ids, x)])
+        lookup = {int(i): r for r, i in enumerate(ids)}
+
+        def fetch(c):
+            return c, x[[lookup[int(i)] for i in c]]
+
+        _, A_raw = approx.search(q, k)  # PQ codes only
+        _, A = approx.search(q, k, fetch=fetch)  # + exact re-rank of k*4 candidates
+        assert _recall(A, E) >= _recall(A_raw, E)
+    r = _recall(A, E)
+    print(f"{kind} recall@{k} = {r:.3f}")
+    assert r >= 0.95, f"{kind} recall@{k} {r:.3f} < 0.95"
+
+
+def test_save_load_header_and_incremental(tmp_path):
+    dim = 32
+    x = clustered(300, dim)
+    ids = np.arange(1, 301, dtype=np.int64)
+    vi = VectorIndex.build(IndexPlan("flat", 0), dim, "emb-a", 7, [(ids, x)])
+    assert vi.remove([1, 2, 3]) == 3
+    vi.add(np.array([1000], np.int64), x[:1])
+    vi.save(tmp_path)
+    assert VectorIndex.read_header(tmp_path / INDEX_NAME)["generation"] == 7
+    back = VectorIndex.load(tmp_path / INDEX_NAME)
+    assert (back.kind, back.generation, back.embedder_id, back.ntotal) == ("flat", 7, "emb-a", 298)
+    S, I = back.search(x[:1], 1)
+    assert I[0, 0] == 1000 and S[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert not list(tmp_path.glob(".*tmp*"))  # the temp file was renamed into place
+
+
+def test_rebuild_from_batches_uses_plan():
+    dim, n = 16, 50
+    x = clustered(n, dim)
+    ids = np.arange(n, dtype=np.int64)
+    vi = rebuild_from(lambda: iter([(ids[:25], x[:25]), (ids[25:], x[25:])]), n, dim, "e", 3)
+    assert vi.kind == "flat" and vi.ntotal == n and vi.generation == 3
