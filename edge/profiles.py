@@ -200,10 +200,10 @@ def _kind(v: Any) -> str:
 def _cc(v: Any) -> str | None:
     if v is None:
         return None
-    s = str(v)
-    if not re.fullmatch(r"\d+\.\d+", s):
+    # A string, not a YAML float: an unquoted 8.10 would read as 8.1.
+    if not isinstance(v, str) or not re.fullmatch(r"\d+\.\d+", v):
         raise ValueError
-    return s
+    return v
 
 
 def _precisions(v: Any) -> tuple[str, ...]:
