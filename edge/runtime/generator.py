@@ -1,0 +1,211 @@
+"""Generator: prompt -> streamed text, over any DecoderSession (onnxruntime, cuda).
+
+    gen = Generator.from_bundle("engines/gen")
+    for delta in gen.stream([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=64)):
+        print(delta, end="", flush=True)
+    gen.stats  # ttft_s, prefill / decode tokens per second, n_prompt, n_generated
+
+A str prompt is raw text (no template); a list of messages goes through the model's chat
+template. Generation ends at an EOS token, a stop string (not included in the output),
+max_tokens, or the engine's context.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edge.errors import BackendError, ContextLengthError
+from edge.runtime.sampler import Sampler, SamplingParams
+from edge.runtime.tokenizer import Tokenizer
+
+BACKENDS = ("auto", "onnxruntime", "cuda")
+
+
+@dataclass
+class GenerationStats:
+    """Timings of the last call. decode_tok_s counts the tokens after the first."""
+
+    n_prompt: int = 0
+    n_generated: int = 0
+    ttft_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: str = ""  # "stop" (EOS or stop string), "length" (max_tokens), "context"
+    truncated: int = 0  # prompt tokens dropped from the front
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.n_prompt / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.n_generated - 1) / self.decode_s if self.decode_s > 0 and self.n_generated > 1 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+
+
+def open_session(bundle, backend: str = "auto", *, max_batch: int = 1, max_context: int | None = None, threads: int | None = None):
+    """The DecoderSession for `backend` ("auto": cuda when edge.runtime.cuda says a GPU is usable)."""
+    from edge.errors import UsageError
+
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}", fix=f"choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "cuda" if _cuda_available() else "onnxruntime"
+    if backend == "cuda":
+        try:
+            from edge.runtime.cuda.session import CudaDecoderSession
+        except ImportError as e:
+            raise BackendError(f"the cuda backend is not available ({e})", fix="pip install 'edge-rag[cuda]' on a machine with an NVIDIA GPU, or use --backend onnxruntime") from None
+        return CudaDecoderSession(bundle, max_batch=max_batch, max_context=max_context)
+    from edge.runtime.ort_session import OrtDecoderSession
+
+    return OrtDecoderSession(bundle, max_batch=max_batch, max_context=max_context, threads=threads)
+
+
+def _cuda_available() -> bool:
+    try:
+        from edge.runtime import cuda
+    except ImportError:
+        return False
+    try:
+        return bool(cuda.available())
+    except Exception:  # noqa: BLE001 - a broken driver means "not available", not a crash
+        return False
+
+
+class Generator:
+    """Tokenizer + DecoderSession + sampler. One sequence at a time (the scheduler batches)."""
+
+    def __init__(self, session, tokenizer: Tokenizer, bundle=None):
+        self.session = session
+        self.tokenizer = tokenizer
+        self.bundle = bundle
+        self.stats = GenerationStats()
+        self._seq = 0
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, *, backend: str = "auto", threads: int | None = None, max_context: int | None = None) -> "Generator":
+        from edge.build.bundle import Bundle
+
+        bundle = Bundle.open(path, kind="generator")
+        session = open_session(bundle, backend, max_batch=1, max_context=max_context, threads=threads)
+        return cls(session, Tokenizer.from_bundle(bundle), bundle)
+
+    @property
+    def max_context(self) -> int:
+        return int(self.session.max_context)
+
+    # ---- prompt ------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | list[dict], params: SamplingParams, *, truncate: bool = False) -> tuple[list[int], int]:
+        """Token ids of the prompt (chat template for messages) and how many were truncated."""
+        ids = self.tokenizer.encode_chat(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+        if not ids:
+            from edge.errors import UsageError
+
+            raise UsageError("the prompt is empty", fix="give some text")
+        limit = self.max_context - 1  # room for at least one new token
+        if len(ids) <= limit:
+            return ids, 0
+        if not truncate:
+            raise ContextLengthError(
+                f"the prompt is {len(ids)} tokens but the engine's context is {self.max_context} tokens (prompt + output)",
+                fix="shorten the prompt, pass --truncate (truncate=True) to keep its end, or build the engine with a larger context")
+        keep = max(1, self.max_context - min(params.max_tokens, self.max_context // 2))
+        return ids[-keep:], len(ids) - keep
+
+    # ---- generation -----------------------------------------------------------------------------
+    def stream(self, prompt: str | list[dict], params: SamplingParams | None = None, *, truncate: bool = False) -> Iterator[str]:
+        """Text deltas as tokens are generated; stats in `self.stats` when the iterator ends."""
+        params = params or SamplingParams()
+        ids, dropped = self.prompt_ids(prompt, params, truncate=truncate)
+        st = self.stats = GenerationStats(n_prompt=len(ids), truncated=dropped)
+        sampler = Sampler(params)
+        detok = self.tokenizer.detokenizer()
+        stops = StopMatcher(params.stop)
+        eos = set(self.tokenizer.eos_token_ids)
+        seen = list(ids)
+        seq = self._seq = self._seq + 1
+        self.session.add_sequence(seq)
+        try:
+            t0 = time.perf_counter()
+            logits = self.session.prefill(seq, np.asarray(ids, dtype=np.int64))
+            st.prefill_s = time.perf_counter() - t0
+            t_first = None
+            while True:
+                tok = sampler(logits, np.asarray(seen) if params.repetition_penalty != 1.0 else None)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    st.ttft_s = t_first - t0
+                if tok in eos:
+                    st.finish_reason = "stop"
+                    break
+                st.n_generated += 1
+                seen.append(tok)
+                text, hit = stops.feed(detok.push(tok))
+                if text:
+                    yield text
+                if hit:
+                    st.finish_reason = "stop"
+                    break
+                if st.n_generated >= params.max_tokens:
+                    st.finish_reason = "length"
+                    break
+                if self.session.length(seq) >= self.max_context:
+                    st.finish_reason = "context"
+                    break
+                logits = self.session.decode([seq], np.array([tok], dtype=np.int64))[0]
+            st.decode_s = time.perf_counter() - t_first
+            if st.finish_reason != "stop" or not stops.hit:
+                tail, _ = stops.feed(detok.flush())
+                tail += stops.flush()
+                if tail:
+                    yield tail
+        finally:
+            self.session.release(seq)
+
+    def generate(self, prompt: str | list[dict], params: SamplingParams | None = None, *, truncate: bool = False) -> str:
+        """The whole completion as one string."""
+        return "".join(self.stream(prompt, params, truncate=truncate))
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None, *, truncate: bool = False) -> str:
+        """The assistant's reply to `messages` (rendered with the model's chat template)."""
+        return self.generate(list(messages), params, truncate=truncate)
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string; cuts at the first stop."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.hit = False
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was reached)."""
+        if not self.stops:
+            return delta, False
+        self.pending += delta
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending, self.hit = self.pending[:cut], "", True
+            return out, True
+        hold = 0
+        for s in self.stops:  # longest suffix of pending that is a proper prefix of a stop
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
