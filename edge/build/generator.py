@@ -1,0 +1,275 @@
+"""`edge-rag build` for decoders: checkpoint -> plan -> quantized weights -> ONNX -> bundle.
+
+    read checkpoint (HF folder | GGUF)     edge.models.checkpoint.load_checkpoint
+    plan for the profile                   edge.plan.plan_model (limits, `auto` recipe)
+    tokenizer files                        edge.models.tokenizer_export
+    calibration + quantization (+AWQ)      edge.quant.calib / edge.quant.quantize
+    weights.safetensors                    edge.build.bundle.BundleWriter
+    model.ort.onnx, model.trt.onnx         edge.build.onnx_decoder.build_decoder_onnx
+    manifest.json (commit: checksums, atomic rename)
+
+The quantized weights are the source of truth; the ONNX graphs are derived from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+from edge.errors import PlanError, UsageError
+from edge.quant.format import INT4_GROUP_SIZES
+
+QUANTS = ("auto", "int4", "int8", "fp16", "fp32")
+ONNX_FORMS = ("ort", "trt")
+DEFAULT_CONTEXT = 4096
+DEFAULT_MAX_BATCH_CAP = 8  # the plan's max_batch is an upper bound; sessions preallocate this many
+
+
+def validate_options(quant: str, group_size: int | None) -> None:
+    """One-line UsageErrors for values the CLI cannot check by type alone."""
+    if quant not in QUANTS:
+        raise UsageError(f"unsupported quant {quant!r}", fix=f"use one of {', '.join(QUANTS)}")
+    if group_size is not None and group_size not in INT4_GROUP_SIZES:
+        raise UsageError(f"unsupported group size {group_size}", fix=f"use one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+    if group_size is not None and quant in ("int8", "fp16", "fp32"):
+        raise UsageError(f"--group-size applies to int4 builds, not {quant}", fix="drop --group-size or use --quant int4")
+
+
+def default_group_size(hidden_size: int) -> int:
+    """The largest int4 group that tiles the hidden size (so q/k/v/o/gate/up stay int4)."""
+    for g in sorted(INT4_GROUP_SIZES, reverse=True):
+        if hidden_size % g == 0:
+            return g
+    return min(INT4_GROUP_SIZES)
+
+
+def source_info(path: Path) -> dict[str, Any]:
+    """Where the weights came from: GGUF file sha256, or the HF folder's config sha256 + files."""
+    path = Path(path)
+    if path.is_file():
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while b := f.read(1 << 22):
+                h.update(b)
+        return {"path": str(path.resolve()), "format": "gguf", "sha256": h.hexdigest(), "bytes": path.stat().st_size}
+    cfg = path / "config.json"
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    return {
+        "path": str(path.resolve()),
+        "format": "hf",
+        "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest(),
+        "weight_files": {f: (path / f).stat().st_size for f in files},
+    }
+
+
+class _Stages:
+    """A rich progress bar over build stages (and the layers of the quantization stage)."""
+
+    def __init__(self, enabled: bool, n_layers: int):
+        self.enabled = enabled
+        self.n_layers = n_layers
+        self.progress = None
+        self.task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self.progress.__enter__()
+            # stages: read, plan, tokenizer, calibrate, layers (+ head), weights, 2 x onnx, commit
+            self.task = self.progress.add_task("build", total=8 + self.n_layers + 1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def step(self, description: str | None = None, advance: int = 1) -> None:
+        if self.progress is not None:
+            kw = {"description": description} if description else {}
+            self.progress.update(self.task, advance=advance, **kw)
+
+    def describe(self, description: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=description)
+
+
+def _plan(spec, profile: str, context: int):
+    """The planner's MemoryPlan, or None with a note when edge.plan is not available."""
+    try:
+        from edge.plan import plan_model
+    except ImportError:
+        return None
+    return plan_model(spec, profile, context=context)
+
+
+def _limits(plan, recipe: str, group_size: int, context: int, explicit_context: bool, spec) -> dict[str, int]:
+    """max_context / max_batch for the chosen build from the plan's row of that option."""
+    if plan is None:
+        return {"max_context": context, "max_batch": 1}
+    quant = "fp16" if recipe == "fp32" else recipe  # fp32 reference builds are sized like fp16 (lower bound)
+    row = plan.row(quant, group_size if quant == "int4" else 0)
+    kv = next((d for d in ("fp16", "int8") if row.fits.get(d)), None)
+    if kv is None:
+        raise PlanError(
+            f"{spec.name or spec.arch} at {quant}{f'-g{group_size}' if quant == 'int4' else ''} does not fit {plan.profile} with a {context}-token context",
+            fix=plan.advice.splitlines()[0] if plan.advice else "use a smaller --context, --quant int4 or a larger profile",
+        )
+    max_ctx = context if explicit_context else row.max_context[kv]
+    return {
+        "max_context": int(max_ctx),
+        "max_batch": int(max(1, min(row.max_batch[kv], DEFAULT_MAX_BATCH_CAP))),
+        "plan_max_batch": int(row.max_batch[kv]),
+        "kv_dtype": kv,
+    }
+
+
+def build_generator_bundle(
+    model: str | Path,
+    out: str | Path,
+    *,
+    profile: str | None = None,
+    quant: str = "auto",
+    group_size: int | None = None,
+    calib: Path | None = None,
+    awq: bool = True,
+    context: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build a generator engine bundle at `out` from an HF folder, a .gguf file or 'default'.
+
+    quant: auto (the planner's recommendation) | int4 (AWQ unless awq=False) | int8 | fp16 |
+    fp32 (unquantized reference). Returns the bundle path (written atomically)."""
+    import numpy as np
+
+    from edge.build.bundle import BundleWriter
+    from edge.models.defaults import resolve_model
+    from edge.models.spec import read_spec
+
+    validate_options(quant, group_size)
+    t0 = time.time()
+    src = resolve_model(model)
+    spec = read_spec(src)
+    if profile is None:
+        from edge.profiles import detect_profile
+
+        profile = detect_profile()
+    else:
+        from edge.profiles import load_profile
+
+        profile = load_profile(profile).name
+    explicit_context = context is not None
+    ctx = int(context) if context is not None else min(DEFAULT_CONTEXT, spec.max_position)
+    if ctx < 1 or ctx > spec.max_position:
+        raise UsageError(f"context {ctx} is outside 1..{spec.max_position} (the model's maximum)", fix=f"use --context {min(DEFAULT_CONTEXT, spec.max_position)}")
+    if calib is not None and not Path(calib).is_file():
+        raise UsageError(f"--calib {calib}: no such file", fix="give a UTF-8 text file")
+
+    plan = _plan(spec, profile, ctx)
+    notes: list[str] = []
+    if plan is None:
+        notes.append("edge.plan unavailable: limits not planned")
+    recipe = quant
+    if quant == "auto":
+        if plan is None or plan.recommendation is None:
+            if plan is not None:
+                raise PlanError(f"{spec.name or spec.arch} does not fit {profile} at any precision", fix=plan.advice.splitlines()[0] if plan.advice else None)
+            recipe = "int4"
+        else:
+            recipe = plan.recommendation.quant
+            if recipe == "int4" and group_size is None:
+                group_size = plan.recommendation.group_size
+    g = int(group_size or default_group_size(spec.hidden_size)) if recipe == "int4" else 0
+    use_awq = bool(awq and recipe == "int4")
+    limits = _limits(plan, recipe, g, ctx, explicit_context, spec)
+
+    writer = BundleWriter(Path(out), "generator")
+    try:
+        with _Stages(progress, spec.n_layers) as bar:
+            bar.describe(f"reading {src.name}")
+            from edge.models.checkpoint import load_checkpoint
+
+            spec, weights = load_checkpoint(src)
+            bar.step("planned")
+            bar.step("tokenizer")
+            from edge.models.tokenizer_export import export_tokenizer
+
+            tok_cfg = export_tokenizer(src, writer.tmp, spec)
+            bar.step("calibrating")
+            cal = None
+            if recipe in ("int8", "int4"):
+                from edge.quant.calib import make_calibration_set
+
+                cal = make_calibration_set(writer.path("tokenizer.json"), Path(calib) if calib else None)
+            bar.step(f"quantizing ({recipe}{f' g{g}' if g else ''}{' AWQ' if use_awq else ''})")
+            from edge.quant.quantize import quantize_model
+
+            res = quantize_model(spec, weights, recipe, g or 128, calib=cal, awq=use_awq, on_layer=lambda i: bar.step())
+            del weights
+            bar.step("writing weights")
+            writer.write_weights({k: np.ascontiguousarray(v) for k, v in res.tensors.items()})
+            quant_info: dict[str, Any] = {
+                "recipe": recipe,
+                "group_size": g,
+                "awq": use_awq,
+                "method": "awq" if use_awq else ("rtn" if recipe in ("int8", "int4") else "none"),
+                "requested": quant,
+                "policy": {
+                    "linears": recipe,
+                    "int4_fallback": "int8 where in_features is not a multiple of the group size",
+                    "lm_head": "int8" if recipe in ("int8", "int4") else recipe,
+                    "embeddings": "fp32" if recipe == "fp32" else "fp16",
+                    "norms_biases": "fp32" if recipe == "fp32" else "fp16",
+                    "tied_lm_head_copy": bool(spec.tie_embeddings and recipe in ("int8", "int4")),
+                },
+                "report": res.report.to_dict(),
+            }
+            if use_awq:
+                quant_info["awq_alphas"] = res.awq_alphas
+            onnx_files: dict[str, str] = {}
+            try:
+                from edge.build.onnx_decoder import build_decoder_onnx
+            except ImportError:
+                build_decoder_onnx = None
+                notes.append("edge.build.onnx_decoder unavailable: no ONNX graphs in this bundle")
+            for form in ONNX_FORMS:
+                bar.step(f"ONNX ({form})")
+                if build_decoder_onnx is not None:
+                    p = build_decoder_onnx(spec, res.tensors, quant_info, writer.tmp, form, max_context=limits["max_context"])
+                    onnx_files[form] = Path(p).name
+            bar.step("commit")
+            manifest = {
+                "model": spec.to_dict(),
+                "quant": quant_info,
+                "profile": profile,
+                "plan": plan.to_dict() if plan is not None else None,
+                "limits": limits,
+                "source": source_info(src),
+                "calibration": cal.to_dict() if cal is not None else None,
+                "tokenizer": {"files": ["tokenizer.json", "tokenizer_config.json"], "source": tok_cfg.source,
+                              "eos_token_ids": tok_cfg.eos_token_ids, "bos_token_id": tok_cfg.bos_token_id},
+                "onnx": onnx_files,
+                "build_seconds": round(time.time() - t0, 1),
+                "notes": notes,
+            }
+            path = writer.commit(manifest)
+            bar.step("done", advance=0)
+    except BaseException:
+        writer.abort()
+        raise
+    if progress:
+        from rich.console import Console
+
+        con = Console(stderr=True)
+        if recipe in ("int8", "int4"):
+            res.report.print(con)
+        con.print(f"[green]built[/green] {path} ({recipe}{f' g{g}' if g else ''}{', AWQ' if use_awq else ''}; "
+                  f"max_context {limits['max_context']}, max_batch {limits['max_batch']}; {time.time() - t0:.0f}s)")
+    return path
