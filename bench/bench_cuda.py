@@ -1,0 +1,265 @@
+"""edge-rag's CUDA backend vs Hugging Face transformers (bf16, eager) on random-weight models of
+real configs, in one process on one GPU. One JSON line per figure.
+
+    PYTHONPATH=. python3 bench/bench_cuda.py --out /tmp/bench [--configs smollm2-135m,...] [--no-hf]
+
+Per config (prompt 128, 128 new tokens, greedy): decode tok/s and TTFT for both, and for
+edge-rag the achieved bandwidth = bytes read per token x tok/s as a fraction of the measured
+device-to-device copy bandwidth. Llama-3.2-1B also: batch-16 aggregate decode (both) and a
+2048-token prefill. Before timing, every linear shape of each model is checked against
+dequantize + fp32 matmul, and small models' logits against the numpy reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.random_bundle import CONFIGS, make_random_bundle  # noqa: E402
+from edge.build.bundle import Bundle  # noqa: E402
+from edge.quant.policy import bytes_read_per_token  # noqa: E402
+
+PROMPT, NEW = 128, 128
+LOG = None
+
+
+def emit(**fig) -> None:
+    line = json.dumps(fig)
+    print(line, flush=True)
+    if LOG:
+        with open(LOG, "a") as f:
+            f.write(line + "\n")
+
+
+def copy_bandwidth(cp) -> float:
+    """Device-to-device copy bandwidth, bytes/s (bytes read + bytes written), median of 20."""
+    n = 1 << 30
+    a = cp.random.randint(0, 255, size=n, dtype=cp.uint8)
+    b = cp.empty_like(a)
+    s, e = cp.cuda.Event(), cp.cuda.Event()
+    ts = []
+    for i in range(25):
+        s.record()
+        b.data.copy_from_device_async(a.data, n)
+        e.record()
+        e.synchronize()
+        if i >= 5:
+            ts.append(cp.cuda.get_elapsed_time(s, e) / 1e3)
+    del a, b
+    return 2 * n / statistics.median(ts)
+
+
+def validate_linears(sess) -> float:
+    """Max rel error of each distinct linear (GEMV m=1, m=16 and the cuBLAS path) vs fp32."""
+    cp = sess.cp
+    worst = 0.0
+    seen = set()
+    for lin in [*sess.layers[0].values(), sess.lm_head]:
+        if not hasattr(lin, "kind") or (lin.kind, lin.n, lin.k) in seen:
+            continue
+        seen.add((lin.kind, lin.n, lin.k))
+        wf = sess.dequantize(lin).astype(cp.float32)
+        for m in (1, 16, 48):
+            x = (cp.random.standard_normal((m, lin.k), dtype=cp.float32)).astype(cp.float16)
+            want = x.astype(cp.float32) @ wf.T
+            if lin.bias is not None:
+                want += lin.bias.astype(cp.float32)
+            y = cp.full((m, lin.n), cp.nan, dtype=cp.float16)
+            sess.linear(lin, x, m, y)
+            err = float(cp.linalg.norm(y.astype(cp.float32) - want) / cp.linalg.norm(want))
+            if not err < 5e-3:
+                raise AssertionError(f"linear {lin.kind} [{lin.n}, {lin.k}] m={m}: rel err {err:.2e}")
+            worst = max(worst, err)
+        del wf
+    return worst
+
+
+def validate_logits(sess, bundle) -> float:
+    from edge.runtime.cuda.reference import reference_logits
+
+    ids = np.random.default_rng(0).integers(0, sess.vocab_size, size=12)
+    ref = reference_logits(sess.spec, bundle.load_weights(), ids)
+    sess.add_sequence(999)
+    got = [sess.prefill(999, ids[:8])]
+    for t in range(8, 12):
+        got.append(sess.decode([999], ids[t : t + 1])[0])
+    sess.release(999)
+    got = np.stack(got)
+    want = ref[7:12]
+    err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    if not err < 1e-2:
+        raise AssertionError(f"logits rel err {err:.2e}")
+    return err
+
+
+def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict:
+    import cupy as cp
+
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    b = Bundle.open(path, kind="generator", verify=False)
+    spec = b.spec
+    recipe, group = b.manifest["quant"]["recipe"], b.manifest["quant"]["group_size"] or 128
+    is_1b = name == "llama-3.2-1b"
+    t0 = time.perf_counter()
+    sess = CudaDecoderSession(b, max_batch=16 if is_1b else 1, max_context=2304 if is_1b else 512)
+    load_s = time.perf_counter() - t0
+    lin_err = validate_linears(sess)
+    logit_err = validate_logits(sess, b) if spec.n_params < 1e9 else None
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(0, spec.vocab_size, size=PROMPT)
+    sess.generate_greedy(prompt, 8)  # warm-up: graphs captured, cuBLAS handles made
+    ttfts, decs = [], []
+    for rep in range(3):
+        sess.add_sequence(rep)
+        t0 = time.perf_counter()
+        tok = sess.prefill_greedy(rep, prompt)
+        t1 = time.perf_counter()
+        for _ in range(NEW - 1):
+            tok = int(sess.decode_greedy([rep], np.array([tok]))[0])
+        t2 = time.perf_counter()
+        sess.release(rep)
+        ttfts.append(t1 - t0)
+        decs.append((NEW - 1) / (t2 - t1))
+    tps = statistics.median(decs)
+    kv_read = (PROMPT + NEW / 2) * spec.kv_bytes_per_token(2)
+    bpt = bytes_read_per_token(spec, recipe, group) + kv_read
+    res = {"config": name, "tok_s": tps, "ttft_ms": 1e3 * statistics.median(ttfts)}
+    emit(figure="decode_b1", backend="edge-cuda", device=device, model=name, recipe=recipe, group=group, batch=1,
+         prompt=PROMPT, new_tokens=NEW, decode_tok_s=round(tps, 1), ttft_ms=round(res["ttft_ms"], 2),
+         bytes_per_token=int(bpt), achieved_gb_s=round(bpt * tps / 1e9, 1), copy_gb_s=round(copy_bw / 1e9, 1),
+         roofline_frac=round(bpt * tps / copy_bw, 3), weight_gib=round(sess.weight_bytes / 2**30, 3),
+         load_s=round(load_s, 1), linear_rel_err=lin_err, logits_rel_err=logit_err,
+         peak_gib=round(cp.get_default_memory_pool().total_bytes() / 2**30, 2))
+    if is_1b:
+        prompts = [rng.integers(0, spec.vocab_size, size=PROMPT) for _ in range(16)]
+        for rep in range(2):  # first pass warms the batch-16 graph
+            toks = []
+            for i, p in enumerate(prompts):
+                sess.add_sequence(i)
+                toks.append(sess.prefill_greedy(i, p))
+            ids = list(range(16))
+            t0 = time.perf_counter()
+            for _ in range(NEW - 1):
+                toks = sess.decode_greedy(ids, np.array(toks))
+            dt = time.perf_counter() - t0
+            for i in ids:
+                sess.release(i)
+        agg = 16 * (NEW - 1) / dt
+        res["b16_tok_s"] = agg
+        bpt16 = bytes_read_per_token(spec, recipe, group) + 16 * kv_read
+        emit(figure="decode_b16", backend="edge-cuda", device=device, model=name, recipe=recipe, batch=16, prompt=PROMPT,
+             new_tokens=NEW, aggregate_tok_s=round(agg, 1), step_ms=round(1e3 * dt / (NEW - 1), 3),
+             roofline_frac=round(bpt16 * agg / 16 / copy_bw, 3))
+        long = rng.integers(0, spec.vocab_size, size=2048)
+        ts = []
+        for rep in range(4):
+            sess.add_sequence(50)
+            cp.cuda.Device().synchronize()
+            t0 = time.perf_counter()
+            sess.prefill_greedy(50, long)
+            ts.append(time.perf_counter() - t0)
+            sess.release(50)
+        res["prefill2048_ms"] = 1e3 * statistics.median(ts[1:])
+        flops = 2 * 2048 * (spec.n_layers * spec.layer_linear_params) + 2 * spec.n_layers * spec.n_heads * spec.head_dim * 2048 * 2048
+        emit(figure="prefill_2048", backend="edge-cuda", device=device, model=name, recipe=recipe, tokens=2048,
+             prefill_ms=round(res["prefill2048_ms"], 2), prefill_tok_s=round(2048 / res["prefill2048_ms"] * 1e3, 0),
+             tflops=round(flops / (res["prefill2048_ms"] / 1e3) / 1e12, 1))
+    del sess
+    gc.collect()
+    cp.get_default_memory_pool().free_all_blocks()
+    return res
+
+
+def bench_hf(name: str, device: str) -> dict:
+    import torch
+    import transformers as tf
+
+    cfg_d = dict(CONFIGS[name])
+    cfg_d.pop("_name_or_path", None)
+    cfg = tf.AutoConfig.for_model(cfg_d.pop("model_type"), **cfg_d)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        try:
+            model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="eager")
+        except TypeError:
+            model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16, attn_implementation="eager")
+    model.eval()
+    res = {"config": name}
+
+    def gen(batch: int, n: int) -> float:
+        ids = torch.randint(0, cfg.vocab_size, (batch, PROMPT), device="cuda")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    gen(1, 4)  # warm-up
+    batches = (1, 16) if name == "llama-3.2-1b" else (1,)
+    for batch in batches:
+        ttft = statistics.median(gen(batch, 1) for _ in range(3))
+        total = gen(batch, NEW)
+        tps = batch * (NEW - 1) / (total - ttft)
+        fig = "decode_b1" if batch == 1 else "decode_b16"
+        res[f"b{batch}_tok_s"] = tps
+        emit(figure=fig, backend="transformers-bf16-eager", device=device, model=name, batch=batch, prompt=PROMPT,
+             new_tokens=NEW, decode_tok_s=round(tps, 1) if batch == 1 else None,
+             aggregate_tok_s=round(tps, 1) if batch > 1 else None, ttft_ms=round(1e3 * ttft, 2),
+             torch=torch.__version__, transformers=tf.__version__)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    global LOG
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", type=Path, default=Path("/tmp/edge-bench"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edge-bench-bundles"))
+    ap.add_argument("--recipe", default="int4")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--no-hf", action="store_true")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    LOG = args.out / "figures.jsonl"
+    import cupy as cp
+
+    from edge.runtime.cuda import probe
+
+    p = probe()
+    device = p.get("gpu")
+    emit(figure="probe", **p)
+    bw = copy_bandwidth(cp)
+    emit(figure="copy_bandwidth", device=device, gb_s=round(bw / 1e9, 1))
+    edge, hf = {}, {}
+    for name in args.configs.split(","):
+        path = args.work / f"{name}-{args.recipe}"
+        if not (path / "manifest.json").exists():
+            t0 = time.perf_counter()
+            make_random_bundle(name, path, recipe=args.recipe, group_size=args.group, max_context=4096)
+            emit(figure="bundle_built", model=name, seconds=round(time.perf_counter() - t0, 1))
+        edge[name] = bench_edge(name, path, args, bw, device)
+        if not args.no_hf:
+            hf[name] = bench_hf(name, device)
+    for name in edge:
+        if name in hf:
+            emit(figure="ratio_b1", model=name, edge_over_hf=round(edge[name]["tok_s"] / hf[name]["b1_tok_s"], 2))
+            if "b16_tok_s" in edge[name]:
+                emit(figure="ratio_b16", model=name, edge_over_hf=round(edge[name]["b16_tok_s"] / hf[name]["b16_tok_s"], 2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The cuda backend: our own kernels (NVRTC via CuPy), cuBLAS for prefill GEMMs, a paged KV
+cache and CUDA graphs for decode steps. No PyTorch.
+
+    available() -> bool     a GPU of compute capability >= 8.0 and cupy are present
+    probe() -> dict         GPU name, compute capability, kernels compiled?, compile time
+    CudaDecoderSession      edge.runtime.session.DecoderSession over an engine bundle
+
+Importing this package imports neither cupy nor numpy-heavy modules; `available()` does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+
+def _cupy_present() -> bool:
+    return importlib.util.find_spec("cupy") is not None
+
+
+def available() -> bool:
+    """True when cupy imports and device 0 is an NVIDIA GPU of compute capability >= 8.0."""
+    if os.environ.get("EDGE_RAG_NO_GPU") or not _cupy_present():
+        return False
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return False
+        return int(cupy.cuda.Device(0).compute_capability) >= 80
+    except Exception:
+        return False
+
+
+def probe(compile: bool = True) -> dict[str, Any]:
+    """What `edge-rag doctor` prints about the GPU path. Never raises."""
+    out: dict[str, Any] = {"binding": None, "gpu": None, "compute_capability": None, "kernels": "not compiled"}
+    if not _cupy_present():
+        out["reason"] = "cupy is not installed (pip install 'edge-rag[cuda]')"
+        return out
+    try:
+        import cupy
+
+        out["binding"] = f"cupy {cupy.__version__}"
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            out["reason"] = "no CUDA device visible"
+            return out
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        name = props["name"]
+        out["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
+        cc = int(cupy.cuda.Device(0).compute_capability)
+        out["compute_capability"] = f"{cc // 10}.{cc % 10}"
+        out["memory_gib"] = round(props["totalGlobalMem"] / 2**30, 1)
+        if cc < 80:
+            out["reason"] = "compute capability < 8.0: the cuda backend needs Ampere or newer"
+            return out
+        if compile:
+            from edge.runtime.cuda.kernels import load
+
+            k = load(0)
+            out["kernels"] = "compiled"
+            out["compile_s"] = round(k.compile_s, 3)
+            out["kernel_cache"] = k.cache_dir
+    except Exception as e:  # report, never crash doctor
+        out["reason"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def __getattr__(name: str):
+    if name == "CudaDecoderSession":
+        from edge.runtime.cuda.session import CudaDecoderSession
+
+        return CudaDecoderSession
+    raise AttributeError(name)
+
+
+__all__ = ["available", "probe", "CudaDecoderSession"]

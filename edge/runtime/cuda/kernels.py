@@ -1,0 +1,85 @@
+"""Compile the CUDA backend's kernels once (NVRTC through cupy.RawModule) and cache them on disk.
+
+The cubins land under $EDGE_RAG_HOME/kernels (CuPy's kernel cache, keyed by source, options,
+NVRTC version and arch), so a second process loads them in milliseconds. The target is the
+running device's own compute capability (sm_80, sm_87, sm_90, ...); the source uses nothing
+newer than sm_80.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge.errors import BackendError
+from edge.runtime.cuda.kernels_src import KERNEL_NAMES, SOURCE
+
+MIN_COMPUTE_CAPABILITY = 80
+GEMV_TILES = (1, 2, 4, 8, 16)  # rows of X per GEMV launch-y (compile-time MT)
+
+
+def kernel_cache_dir() -> str:
+    from edge.paths import home
+
+    d = home() / "kernels"
+    d.mkdir(parents=True, exist_ok=True)
+    return str(d)
+
+
+def compile_options(cc: int) -> tuple[str, ...]:
+    """NVRTC options for compute capability `cc` (e.g. 87 -> sm_87)."""
+    return ("-std=c++17", f"--gpu-architecture=sm_{cc}", "--use_fast_math")
+
+
+@dataclass
+class Kernels:
+    """The compiled module: `k["gemv_int4_m1"](grid, block, args, shared_mem=...)`."""
+
+    module: Any
+    functions: dict[str, Any]
+    compile_s: float
+    cc: int
+    cache_dir: str
+    options: tuple[str, ...] = field(default=())
+
+    def __getitem__(self, name: str):
+        return self.functions[name]
+
+    def gemv_tile(self, m: int) -> int:
+        """Smallest compiled MT >= m (16 for larger m: launch-y tiles the rest)."""
+        for t in GEMV_TILES:
+            if m <= t:
+                return t
+        return GEMV_TILES[-1]
+
+
+_CACHE: dict[int, Kernels] = {}
+
+
+def load(device_id: int = 0) -> Kernels:
+    """Compile (or load from the disk cache) every kernel for device `device_id`."""
+    if device_id in _CACHE:
+        return _CACHE[device_id]
+    import cupy
+
+    os.environ.setdefault("CUPY_CACHE_DIR", kernel_cache_dir())
+    with cupy.cuda.Device(device_id) as dev:
+        cc = int(dev.compute_capability)
+        if cc < MIN_COMPUTE_CAPABILITY:
+            raise BackendError(
+                f"GPU {device_id} has compute capability {cc / 10:.1f}; the cuda backend needs 8.0 or newer",
+                fix="use --backend onnxruntime",
+            )
+        opts = compile_options(cc)
+        t0 = time.perf_counter()
+        try:
+            mod = cupy.RawModule(code=SOURCE, options=opts)
+            funcs = {name: mod.get_function(name) for name in KERNEL_NAMES}
+        except Exception as e:  # CompileException, CUDADriverError
+            raise BackendError(f"the cuda backend's kernels failed to compile: {e}", fix="report this with `edge-rag doctor` output") from e
+        dt = time.perf_counter() - t0
+    k = Kernels(mod, funcs, dt, cc, os.environ["CUPY_CACHE_DIR"], opts)
+    _CACHE[device_id] = k
+    return k

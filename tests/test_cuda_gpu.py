@@ -1,0 +1,204 @@
+"""The cuda backend on a GPU: every kernel against numpy, the decoder step against the fp32
+numpy reference, batched == alone, graphs == eager, chunked prefill == whole prefill."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.random_bundle import random_weights, tiny_config, write_bundle  # noqa: E402
+from edge.models.spec import spec_from_hf_config  # noqa: E402
+from edge.quant.format import dequantize_int4, dequantize_int8, quantize_int4_rtn, quantize_int8_rtn  # noqa: E402
+from edge.runtime.cuda.reference import reference_logits  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def rel(got, want) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def check(got, want, tol, what=""):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.isfinite(got).all(), f"{what}: non-finite output"
+    e = rel(got, want)
+    assert e < tol, f"{what}: rel err {e:.2e} max-abs {np.abs(got - want).max():.3e}; got {got.ravel()[:4]} want {want.ravel()[:4]}"
+
+
+@pytest.fixture(scope="module")
+def cp():
+    import cupy
+
+    return cupy
+
+
+def _session_for_linear(cp):
+    from edge.runtime.cuda.kernels import load
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    s = CudaDecoderSession.__new__(CudaDecoderSession)  # only the kernel launchers are used
+    s.cp, s.k = cp, load(0)
+    return s
+
+
+@pytest.mark.parametrize("kind,g", [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 0), ("fp16", 0)])
+@pytest.mark.parametrize("m", [1, 3, 16, 40])
+def test_linear_kernels_match_numpy(cp, kind, g, m):
+    from edge.runtime.cuda.session import Linear
+
+    rng = np.random.default_rng(m * 7 + g)
+    n, k = 200, 512
+    w = rng.standard_normal((n, k), dtype=np.float32) * 0.05
+    x = rng.standard_normal((m, k), dtype=np.float32).astype(np.float16)
+    bias = rng.standard_normal(n).astype(np.float16)
+    s = _session_for_linear(cp)
+    if kind == "int4":
+        qt = quantize_int4_rtn(w, g)
+        wd = dequantize_int4(qt.qweight, qt.scales, g)
+        raw = cp.asarray(qt.qweight).view(cp.uint32)
+        q = cp.empty_like(raw)
+        s.k["repack_int4"](((raw.size + 255) // 256,), (256,), (raw, q, np.int64(raw.size)))
+        lin = Linear("int4", n, k, q, cp.asarray(qt.scales), int(np.log2(g)), cp.asarray(bias))
+    elif kind == "int8":
+        qt = quantize_int8_rtn(w)
+        wd = dequantize_int8(qt.qweight, qt.scales)
+        lin = Linear("int8", n, k, cp.asarray(qt.qweight), cp.asarray(qt.scales), 0, cp.asarray(bias))
+    else:
+        wd = w.astype(np.float16).astype(np.float32)
+        lin = Linear("fp16", n, k, cp.asarray(w.astype(np.float16)), None, 0, cp.asarray(bias))
+    want = x.astype(np.float32) @ wd.T + bias.astype(np.float32)
+    y = cp.full((m, n), np.nan, dtype=cp.float16)  # poisoned: every element must be written
+    s.linear(lin, cp.asarray(x), m, y)
+    check(y.get(), want, 3e-3, f"{kind} g{g} m{m}")
+    y32 = cp.full((m, n), np.nan, dtype=cp.float32)
+    if m <= 16:
+        s.linear(lin, cp.asarray(x), m, y32, out_f32=True)
+        check(y32.get(), want, 3e-3, f"{kind} f32 out m{m}")
+    if kind != "fp16":  # dequant kernel == format dequant
+        check(s.dequantize(lin).get(), wd, 2e-3, f"dequant {kind}")
+
+
+def test_argmax_and_top_p_sampling(cp):
+    from edge.runtime.cuda.kernels import load
+    from edge.runtime.cuda.session import sample_top_p
+
+    k = load(0)
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((5, 3001), dtype=np.float32)
+    logits[2, 17] = logits[2, 900] = 50.0  # tie -> lowest index
+    out = cp.full(5, -1, dtype=cp.int32)
+    k["argmax_rows"]((5,), (1024,), (cp.asarray(logits), out, np.int32(3001)))
+    want = logits.argmax(1)
+    assert out.get().tolist() == want.tolist()
+    # top-p: numpy oracle of the same inverse-CDF rule
+    u = rng.random(5).astype(np.float32)
+    got = sample_top_p(cp, cp.asarray(logits), 0.7, 0.8, cp.asarray(u)).get()
+    for b in range(5):
+        p = np.exp((logits[b] - logits[b].max()) / 0.7)
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        ps = p[order]
+        keep = (np.cumsum(ps) - ps) < 0.8
+        ps = np.where(keep, ps, 0)
+        cdf = np.cumsum(ps) / ps.sum()
+        assert got[b] == order[min(int((cdf < u[b]).sum()), len(cdf) - 1)]
+        assert keep[list(order).index(got[b])]
+    assert sample_top_p(cp, cp.asarray(logits), 0.0, 1.0, cp.asarray(u)).get().tolist() == want.tolist()
+
+
+def _bundle(tmp_path, arch="llama", recipe="int4", g=32, tie=False, rope=None, seed=0, **kw):
+    spec = spec_from_hf_config(tiny_config(arch, tie=tie, rope_scaling=rope, **kw))
+    w = random_weights(spec, recipe, g, seed=seed, std=0.15)
+    return write_bundle(tmp_path / f"{arch}-{recipe}-{seed}", spec, w, recipe, g, max_context=256, max_batch=4), spec, w
+
+
+@pytest.mark.parametrize(
+    "arch,recipe,tie,rope,kw",
+    [
+        ("llama", "int4", False, None, {}),
+        ("llama", "int8", True, LLAMA3, {}),
+        ("qwen2", "int4", True, None, {}),
+        ("llama", "fp16", True, None, {}),
+        ("llama", "int4", False, None, {"hidden": 256, "heads": 2, "kv_heads": 1}),  # head_dim 128
+    ],
+)
+def test_decoder_matches_reference(tmp_path, arch, recipe, tie, rope, kw):
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    path, spec, w = _bundle(tmp_path, arch, recipe, 32, tie, rope, **kw)
+    ids = np.random.default_rng(1).integers(0, 256, size=30)
+    ref = reference_logits(spec, w, ids)
+    sess = CudaDecoderSession(path, max_batch=4, max_context=256, block_size=8)
+    for graphs in (True, False):
+        sess.use_graphs = graphs
+        sess.add_sequence(0)
+        check(sess.prefill(0, ids[:20]), ref[19], 1e-2, f"prefill {arch} {recipe}")
+        for t in range(20, 30):
+            check(sess.decode([0], ids[t : t + 1])[0], ref[t], 1e-2, f"decode t={t} graphs={graphs}")
+        assert sess.length(0) == 30
+        sess.release(0)
+    # short prompts (M <= 16) use the GEMV path in prefill; chunked prefill over a cached prefix
+    sess.add_sequence(1)
+    check(sess.prefill(1, ids[:5]), ref[4], 1e-2, "prefill m=5")
+    check(sess.prefill(1, ids[5:25]), ref[24], 1e-2, "chunked prefill")
+    sess.release(1)
+    assert sess.blocks.num_free == sess.blocks.num_blocks
+
+
+def test_batched_decode_equals_alone(tmp_path):
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    path, spec, w = _bundle(tmp_path, "qwen2", "int4", 32, False, None, seed=2)
+    sess = CudaDecoderSession(path, max_batch=4, max_context=128, block_size=8)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 256, size=n) for n in (3, 17, 40)]
+    # alone
+    alone = []
+    for i, p in enumerate(prompts):
+        alone.append(sess.generate_greedy(p, 12, seq_id=100 + i))
+    # together: sequences of different lengths, one joins late and one leaves early
+    toks = {}
+    for i, p in enumerate(prompts[:2]):
+        sess.add_sequence(i)
+        toks[i] = [sess.prefill_greedy(i, p)]
+    for step in range(11):
+        if step == 3:
+            sess.add_sequence(2)
+            toks[2] = [sess.prefill_greedy(2, prompts[2])]
+        live = [i for i in toks if len(toks[i]) < 12]
+        nxt = sess.decode_greedy(live, np.array([toks[i][-1] for i in live]))
+        for i, t in zip(live, nxt):
+            toks[i].append(int(t))
+    for i in range(2, -1, -1):
+        while len(toks[i]) < 12:
+            toks[i].append(int(sess.decode_greedy([i], np.array([toks[i][-1]]))[0]))
+    for i in range(3):
+        assert toks[i] == alone[i], f"sequence {i}: batched {toks[i]} vs alone {alone[i]}"
+    # logits of a batched step equal the logits of the same step alone
+    for i in range(3):
+        sess.release(i)
+    sess.add_sequence(7)
+    sess.add_sequence(8)
+    sess.prefill(7, prompts[0])
+    sess.prefill(8, prompts[1])
+    both = sess.decode([7, 8], np.array([5, 6]))
+    sess.release(7)
+    sess.add_sequence(9)
+    sess.prefill(9, prompts[0])
+    one = sess.decode([9], np.array([5]))
+    assert np.abs(both[0] - one[0]).max() <= 1e-3 * np.abs(one[0]).max()
+
+
+def test_probe_reports_compiled():
+    from edge.runtime import cuda
+
+    assert cuda.available()
+    p = cuda.probe()
+    assert p["kernels"] == "compiled" and p["compile_s"] >= 0 and float(p["compute_capability"]) >= 8.0, p

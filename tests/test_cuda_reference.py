@@ -1,0 +1,63 @@
+"""CPU parts of the cuda backend: its numpy reference forward (vs transformers), the random
+bundle helper, and available()/probe() on a machine without a GPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.random_bundle import random_weights, tiny_config, write_bundle  # noqa: E402
+from edge.build.bundle import Bundle  # noqa: E402
+from edge.models.spec import spec_from_hf_config  # noqa: E402
+from edge.runtime.cuda.reference import reference_logits  # noqa: E402
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize(
+    "arch,kw,recipe",
+    [("llama", {"rope_scaling": LLAMA3}, "fp32"), ("qwen2", {}, "fp32"), ("llama", {}, "int4"), ("qwen2", {}, "int8")],
+)
+def test_reference_matches_transformers(arch, kw, recipe):
+    torch = pytest.importorskip("torch")
+    from helpers_tiny import bundle_weights, hf_spec, reference_model, tiny_hf_model
+
+    hf = tiny_hf_model(arch, seed=3, **kw)
+    weights = bundle_weights(hf, recipe, 32)
+    oracle = reference_model(hf, recipe, 32)
+    ids = np.random.default_rng(0).integers(0, 256, size=40)
+    with torch.no_grad():
+        want = oracle(torch.from_numpy(ids)[None]).logits[0].float().numpy()
+    got = reference_logits(hf_spec(hf), weights, ids)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < 2e-4, f"max rel diff {err:.2e}; first values {got[0, :4]} vs {want[0, :4]}"
+
+
+def test_random_bundle_follows_policy(tmp_path):
+    spec = spec_from_hf_config(tiny_config("qwen2", tie=True, hidden=64, inter=96))
+    w = random_weights(spec, "int4", 32, seed=1)
+    # int4 layers, int8 head (a quantized copy of the tied table), fp16 norms / biases / embedding
+    assert w["model.layers.0.mlp.down_proj.qweight"].dtype == np.uint8
+    assert w["model.layers.0.mlp.down_proj.qweight"].shape == (64, 48)
+    assert w["lm_head.qweight"].dtype == np.int8
+    assert w["model.layers.1.self_attn.k_proj.bias"].dtype == np.float16
+    out = write_bundle(tmp_path / "b", spec, w, "int4", 32, max_context=64)
+    b = Bundle.open(out, kind="generator")
+    assert b.spec == spec and b.manifest["quant"] == {"recipe": "int4", "group_size": 32}
+    assert set(b.load_weights()) == set(w)
+    logits = reference_logits(spec, b.load_weights(), np.arange(5))
+    assert logits.shape == (5, spec.vocab_size) and np.isfinite(logits).all()
+
+
+def test_available_and_probe_without_gpu(monkeypatch):
+    from edge.runtime import cuda
+
+    monkeypatch.setenv("EDGE_RAG_NO_GPU", "1")
+    assert cuda.available() is False
+    p = cuda.probe(compile=False)
+    assert set(p) >= {"binding", "gpu", "compute_capability", "kernels"}
