@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge.profiles import DEVICE_TREE_COMPATIBLE, cuda_device_names, detect_profile, match_compatible, list_profiles, read_compatible
+from edge import profiles as _profiles
+from edge.profiles import detect_profile, list_profiles, match_compatible, read_compatible
 
 
 def _read_text(path: Path) -> str | None:
@@ -24,7 +25,7 @@ def _read_text(path: Path) -> str | None:
 
 def _jetson() -> dict[str, Any] | None:
     """Module model and compatible strings from the device tree, L4T release, power mode."""
-    compatible = read_compatible(DEVICE_TREE_COMPATIBLE)
+    compatible = read_compatible()
     if not any(c.startswith("nvidia,") for c in compatible):
         return None
     info: dict[str, Any] = {
@@ -63,7 +64,7 @@ def _cuda() -> dict[str, Any]:
     except Exception as e:  # no driver / no device
         out["error"] = f"{type(e).__name__}: {e}"
     if not out["devices"]:
-        names = cuda_device_names()  # nvidia-smi fallback: names only
+        names = _profiles.cuda_device_names()  # nvidia-smi fallback: names only
         out["devices"] = [{"index": i, "name": n} for i, n in enumerate(names)]
     return out
 

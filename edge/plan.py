@@ -392,11 +392,17 @@ def _advice(
     if smallest.weight_bytes + _blocks(min(ctx, 512)) * per > avail:
         need = smallest.weight_bytes + _blocks(ctx) * conc * per
         short = need - avail
+        taken = (
+            f"the OS ({format_size(prof.os_reserve_bytes)}), your reserve ({format_size(plan.reserve_bytes)}), "
+            f"the embedder, index and workspace"
+        )
+        left = (
+            f"only {format_size(avail)} is left after {taken}" if avail > 0
+            else f"{taken} already take {format_size(-avail)} more than the device's {format_size(prof.memory_bytes)}"
+        )
         text = (
             f"Nothing fits on {prof.name}: the smallest build ({smallest.label}, {format_size(smallest.weight_bytes)} "
-            f"of weights) with {conc} x {ctx} tokens of {kvd} KV needs {format_size(need)}, but only "
-            f"{format_size(max(0, avail))} is left after the OS ({format_size(prof.os_reserve_bytes)}), "
-            f"your reserve ({format_size(plan.reserve_bytes)}), the embedder, index and workspace: "
+            f"of weights) with {conc} x {ctx} tokens of {kvd} KV needs {format_size(need)}, but {left}: "
             f"{short / GIB:.2f} GiB short."
         )
     else:

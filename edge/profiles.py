@@ -405,10 +405,10 @@ def list_profiles() -> list[DeviceProfile]:
 DEVICE_TREE_COMPATIBLE = Path("/proc/device-tree/compatible")
 
 
-def read_compatible(path: Path = DEVICE_TREE_COMPATIBLE) -> list[str]:
+def read_compatible(path: Path | None = None) -> list[str]:
     """The device-tree compatible strings of this machine (NUL-separated in the file)."""
     try:
-        raw = Path(path).read_bytes()
+        raw = Path(path or DEVICE_TREE_COMPATIBLE).read_bytes()
     except OSError:
         return []
     return [s for s in raw.decode("ascii", "replace").split("\0") if s]
@@ -462,14 +462,14 @@ def match_gpu(names: list[str], profiles: list[DeviceProfile]) -> str | None:
     return best[1] if best else None
 
 
-def detect_profile(*, compatible_path: Path = DEVICE_TREE_COMPATIBLE, gpu_names: list[str] | None = None) -> str:
+def detect_profile(*, compatible_path: Path | None = None, gpu_names: list[str] | None = None) -> str:
     """The profile that applies to this machine: $EDGE_RAG_PROFILE if set, else the Jetson module
     from the device tree, else a CUDA GPU profile if one matches, else "cpu"."""
     forced = os.environ.get("EDGE_RAG_PROFILE")
     if forced:
         return load_profile(forced).name
     profiles = list_profiles()
-    name = match_compatible(read_compatible(compatible_path), profiles)
+    name = match_compatible(read_compatible(compatible_path or DEVICE_TREE_COMPATIBLE), profiles)
     if name:
         return name
     name = match_gpu(cuda_device_names() if gpu_names is None else gpu_names, profiles)
