@@ -189,21 +189,24 @@ def _print_plan(plan) -> None:
         c.print(f"  {name:<26}{format_size(v):>12}   {note}")
     c.print()
     t = Table(title=f"build options for {plan.concurrency} x {plan.context} tokens", title_justify="left")
-    for col in ("option", "weights", "KV/token fp16 | int8", "max context fp16 | int8", "max batch fp16 | int8", "fits"):
-        t.add_column(col)
+    # Each KV-dependent cell shows "fp16 KV / int8 KV".
+    for col in ("option", "weights", "KV/token KiB", "max context", "max batch", "fits with KV"):
+        t.add_column(col, justify="left" if col in ("option", "fits with KV") else "right")
     for mm in prof.power_modes:
         t.add_column(f"tok/s {mm.name}", justify="right")
     for r in plan.options:
-        fits = ", ".join(f"{d} KV" for d in ("fp16", "int8") if r.fits[d]) or ("unsupported" if not r.supported else "no")
+        fits = " ".join(d for d in ("fp16", "int8") if r.fits[d]) or ("unsupported" if not r.supported else "no")
         t.add_row(
             r.label, format_size(r.weight_bytes),
-            f"{format_size(r.kv_bytes_per_token['fp16'])} | {format_size(r.kv_bytes_per_token['int8'])}",
-            f"{r.max_context['fp16']} | {r.max_context['int8']}",
-            f"{r.max_batch['fp16']} | {r.max_batch['int8']}",
+            f"{r.kv_bytes_per_token['fp16'] / 1024:.1f} / {r.kv_bytes_per_token['int8'] / 1024:.1f}",
+            f"{r.max_context['fp16']} / {r.max_context['int8']}",
+            f"{r.max_batch['fp16']} / {r.max_batch['int8']}",
             fits, *[f"{r.decode_tok_s[mm.name]:.0f}" for mm in prof.power_modes],
         )
     c.print(t)
-    c.print("  tok/s: decode upper bound for one sequence = bandwidth / weight bytes read per token (empty cache).")
+    c.print("  KV columns: fp16 KV / int8 KV. max context: per sequence at the requested concurrency;")
+    c.print("  max batch: sequences at the requested context. tok/s: decode upper bound for one sequence")
+    c.print("  = bandwidth / weight bytes read per token (empty cache).")
     c.print()
     if plan.recommendation:
         c.print(_head("recommendation", f"  {plan.recommendation.label}   limits: {plan.limits}", "bold green", 0))
