@@ -90,7 +90,7 @@ class Tokenizer:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise UsageError(f"bad chat message {m!r}", fix='use {"role": "user", "content": "..."}')
         if self._compiled is None:
-            import jinja2
+            import jinja2.ext
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             def raise_exception(msg):
