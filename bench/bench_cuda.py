@@ -101,6 +101,41 @@ def validate_logits(sess, bundle) -> float:
     return err
 
 
+def _event_ms(cp, fn, reps: int = 3) -> float:
+    s, e = cp.cuda.Event(), cp.cuda.Event()
+    fn()
+    ts = []
+    for _ in range(reps):
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(cp.cuda.get_elapsed_time(s, e))
+    return statistics.median(ts)
+
+
+def prefill_breakdown(sess, name: str, device: str, tokens: int = 2048) -> None:
+    """Where a long prefill's time goes: dequantization, cuBLAS GEMMs, attention (all layers)."""
+    cp = sess.cp
+    lins = [L[k] for L in sess.layers for k in ("qkv", "o", "gu", "down")]
+    t_deq = _event_ms(cp, lambda: [sess.dequantize(lin) for lin in lins])
+    w0 = {k: sess.dequantize(sess.layers[0][k]) for k in ("qkv", "o", "gu", "down")}
+    xs = {k: cp.random.standard_normal((tokens, w.shape[1]), dtype=cp.float32).astype(cp.float16) for k, w in w0.items()}
+    ys = {k: cp.empty((tokens, w.shape[0]), dtype=cp.float16) for k, w in w0.items()}
+    t_gemm = _event_ms(cp, lambda: [cp.matmul(xs[k], w0[k].T, out=ys[k]) for _ in lins[::4] for k in w0])
+    flops = 2 * tokens * sum(w.size for w in w0.values()) * len(sess.layers)
+    ids = np.random.default_rng(3).integers(0, sess.vocab_size, size=tokens)
+    sess.add_sequence(77)
+    sess.prefill(77, ids)
+    slots = cp.asarray(np.asarray(sess.blocks.slots(77), dtype=np.int32))
+    q = cp.random.standard_normal((tokens, sess.spec.q_size), dtype=cp.float32).astype(cp.float16)
+    a = cp.empty_like(q)
+    t_attn = _event_ms(cp, lambda: [sess._prefill_attention(q, sess.kv[i, 0], sess.kv[i, 1], slots, tokens, 0, a) for i in range(len(sess.layers))])
+    sess.release(77)
+    emit(figure="prefill_breakdown", device=device, model=name, tokens=tokens, dequant_ms=round(t_deq, 2),
+         gemm_ms=round(t_gemm, 2), gemm_tflops=round(flops / t_gemm / 1e9, 1), attention_ms=round(t_attn, 2))
+
+
 def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict:
     import cupy as cp
 
@@ -170,6 +205,7 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
             ts.append(time.perf_counter() - t0)
             sess.release(50)
         res["prefill2048_ms"] = 1e3 * statistics.median(ts[1:])
+        prefill_breakdown(sess, name, device)
         flops = 2 * 2048 * (spec.n_layers * spec.layer_linear_params) + 2 * spec.n_layers * spec.n_heads * spec.head_dim * 2048 * 2048
         emit(figure="prefill_2048", backend="edge-cuda", device=device, model=name, recipe=recipe, tokens=2048,
              prefill_ms=round(res["prefill2048_ms"], 2), prefill_tok_s=round(2048 / res["prefill2048_ms"] * 1e3, 0),

@@ -155,7 +155,7 @@ __device__ __forceinline__ void gemv_int4(const uint4* __restrict__ W, const hal
     float acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] = 0.f;
-#pragma unroll 2
+#pragma unroll (MT <= 4 ? 4 : 2)
     for (int c = lane; c < chunks; c += 32) {
         uint4 q = __ldg(wrow + c);
         float s = __half2float(srow[(c << 5) >> gshift]);
@@ -199,7 +199,7 @@ __device__ __forceinline__ void gemv_int8(const uint4* __restrict__ W, const hal
     float acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] = 0.f;
-#pragma unroll 2
+#pragma unroll (MT <= 4 ? 4 : 2)
     for (int c = lane; c < chunks; c += 32) {
         uint4 q = __ldg(wrow + c);
         half2 w[8];
@@ -242,7 +242,7 @@ __device__ __forceinline__ void gemv_fp16(const uint4* __restrict__ W, const hal
     float acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] = 0.f;
-#pragma unroll 2
+#pragma unroll (MT <= 4 ? 4 : 2)
     for (int c = lane; c < chunks; c += 32) {
         uint4 q = __ldg(wrow + c);
         const half2* w = reinterpret_cast<const half2*>(&q);
@@ -355,18 +355,22 @@ extern "C" __global__ void silu_mul(const half* __restrict__ gu, half* __restric
 }
 
 // ---------------------------------------------------------------------------------------
-// Decode attention over the paged KV cache. Grid (Hq, B), 128 threads; GQA: query head h
+// Decode attention over the paged KV cache. Grid (Hq, B), blockDim threads; GQA: query head h
 // reads kv head h / (Hq / Hkv). Three passes over the sequence's L tokens:
-//   1. scores[t] = q . k_t * scale (one token per thread, 16-byte loads of its K row)
+//   1. scores[t] = q . k_t * scale (one token per thread; its K row in D/8 16-byte loads,
+//      all issued before use when D is a compile-time constant)
 //   2. softmax in shared memory
-//   3. out = sum_t p_t v_t (threads = (token group, half2 column), coalesced V rows)
+//   3. out = sum_t p_t v_t (threads = (token group, half2 column), coalesced V rows,
+//      UNROLL tokens' loads in flight per thread)
 // Dynamic shared memory: (max_ctx + D + 32 + 2 * blockDim) floats.
 // ---------------------------------------------------------------------------------------
-extern "C" __global__ void paged_attn_decode(const half* __restrict__ q, const half* __restrict__ kc,
-                                             const half* __restrict__ vc, const int* __restrict__ block_tables,
-                                             const int* __restrict__ ctx_lens, half* __restrict__ out,
-                                             int Hq, int Hkv, int D, int BS, int max_blocks, int max_ctx,
-                                             float scale) {
+template <int DT>
+__device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, const half* __restrict__ kc,
+                                                const half* __restrict__ vc, const int* __restrict__ block_tables,
+                                                const int* __restrict__ ctx_lens, half* __restrict__ out,
+                                                int Hq, int Hkv, int Drt, int BS, int max_blocks, int max_ctx,
+                                                float scale) {
+    const int D = DT > 0 ? DT : Drt;
     extern __shared__ float sm[];
     float* scores = sm;                 // [max_ctx]
     float* qs = sm + max_ctx;           // [D]
@@ -389,13 +393,28 @@ extern "C" __global__ void paged_attn_decode(const half* __restrict__ q, const h
         const long long slot = (long long)bt[t / BS] * BS + (t % BS);
         const uint4* kp = reinterpret_cast<const uint4*>(kc + (slot * Hkv + kvh) * D);
         float s = 0.f;
-        for (int c = 0; c < (D >> 3); ++c) {
-            uint4 kv = __ldg(kp + c);
-            const half2* kh = reinterpret_cast<const half2*>(&kv);
+        if (DT > 0) {
+            uint4 kv[DT > 0 ? DT / 8 : 1];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                float2 f = __half22float2(kh[j]);
-                s += f.x * qs[c * 8 + 2 * j] + f.y * qs[c * 8 + 2 * j + 1];
+            for (int c = 0; c < DT / 8; ++c) kv[c] = __ldg(kp + c);
+#pragma unroll
+            for (int c = 0; c < DT / 8; ++c) {
+                const half2* kh = reinterpret_cast<const half2*>(&kv[c]);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    float2 f = __half22float2(kh[j]);
+                    s += f.x * qs[c * 8 + 2 * j] + f.y * qs[c * 8 + 2 * j + 1];
+                }
+            }
+        } else {
+            for (int c = 0; c < (D >> 3); ++c) {
+                uint4 kv = __ldg(kp + c);
+                const half2* kh = reinterpret_cast<const half2*>(&kv);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    float2 f = __half22float2(kh[j]);
+                    s += f.x * qs[c * 8 + 2 * j] + f.y * qs[c * 8 + 2 * j + 1];
+                }
             }
         }
         scores[t] = s;
@@ -412,13 +431,28 @@ extern "C" __global__ void paged_attn_decode(const half* __restrict__ q, const h
     const int ncol = D >> 1, groups = blockDim.x / ncol;
     const int col = tid % ncol, grp = tid / ncol;
     float2 acc = make_float2(0.f, 0.f);
+    const int UNROLL = 8;
     if (grp < groups) {
-        for (int t = grp; t < L; t += groups) {
-            const long long slot = (long long)bt[t / BS] * BS + (t % BS);
-            float2 v = __half22float2(reinterpret_cast<const half2*>(vc + (slot * Hkv + kvh) * D)[col]);
-            const float p = scores[t];
-            acc.x += p * v.x;
-            acc.y += p * v.y;
+        for (int t0 = grp; t0 < L; t0 += groups * UNROLL) {
+            float2 v[UNROLL];
+            float p[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const int t = t0 + u * groups;
+                if (t < L) {
+                    const long long slot = (long long)bt[t / BS] * BS + (t % BS);
+                    v[u] = __half22float2(reinterpret_cast<const half2*>(vc + (slot * Hkv + kvh) * D)[col]);
+                    p[u] = scores[t];
+                } else {
+                    v[u] = make_float2(0.f, 0.f);
+                    p[u] = 0.f;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                acc.x += p[u] * v[u].x;
+                acc.y += p[u] * v[u].y;
+            }
         }
     }
     accbuf[2 * tid] = acc.x;
@@ -431,6 +465,16 @@ extern "C" __global__ void paged_attn_decode(const half* __restrict__ q, const h
         reinterpret_cast<half2*>(o)[tid] = __floats2half2_rn(ax * inv, ay * inv);
     }
 }
+
+#define ATTN_INSTANCE(NAME, DT)                                                                   \
+    extern "C" __global__ void NAME(const half* q, const half* kc, const half* vc, const int* bt,  \
+        const int* ctx, half* out, int Hq, int Hkv, int D, int BS, int max_blocks, int max_ctx,    \
+        float scale) {                                                                             \
+        paged_attn_impl<DT>(q, kc, vc, bt, ctx, out, Hq, Hkv, D, BS, max_blocks, max_ctx, scale); }
+
+ATTN_INSTANCE(paged_attn_decode, 0)
+ATTN_INSTANCE(paged_attn_decode_d64, 64)
+ATTN_INSTANCE(paged_attn_decode_d128, 128)
 
 // Causal softmax over prefill attention scores S half [rows, L] in place; row r is query
 // t = r % T at absolute position P + t, which sees keys [0, P + t].
@@ -488,6 +532,8 @@ KERNEL_NAMES = (
     "rope_cache",
     "silu_mul",
     "paged_attn_decode",
+    "paged_attn_decode_d64",
+    "paged_attn_decode_d128",
     "causal_softmax",
     "argmax_rows",
 )

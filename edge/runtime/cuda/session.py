@@ -30,7 +30,8 @@ from edge.runtime.cuda.reference import rope_tables
 
 GEMV_ROWS_PER_BLOCK = 8  # warps per 256-thread GEMV block, one output row each
 MAX_GEMV_M = 16  # above this, prefill linears go through dequant + cuBLAS
-ATTN_THREADS = 128
+ATTN_THREADS = 256
+PREFILL_Q_CHUNK = 512  # prefill attention in query chunks: chunk c skips keys after its last query
 
 
 def _i32(v: int) -> np.int32:
@@ -115,8 +116,8 @@ class CudaDecoderSession:
         self.load_s = time.perf_counter() - t0
         smem = 4 * (self.max_context + spec.head_dim + 32 + 2 * ATTN_THREADS)
         if smem > 48 * 1024:  # opt in to more than 48 KB of dynamic shared memory
-            fn = self.k["paged_attn_decode"]
-            cp.cuda.driver.funcSetAttribute(fn.ptr, 8, smem)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            for name in ("paged_attn_decode", "paged_attn_decode_d64", "paged_attn_decode_d128"):
+                cp.cuda.driver.funcSetAttribute(self.k[name].ptr, 8, smem)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         self._attn_smem = smem
         self._graphs: dict[int, Any] = {}
 
@@ -245,10 +246,9 @@ class CudaDecoderSession:
     def _linear_cublas(self, lin: Linear, x: Any, m: int, y: Any) -> None:
         cp = self.cp
         w = self.dequantize(lin)
-        r = cp.matmul(x[:m], w.T)
+        cp.matmul(x[:m], w.T, out=y[:m])  # y rows are contiguous: cuBLAS writes in place
         if lin.bias is not None:
-            r += lin.bias
-        y[:m] = r
+            y[:m] += lin.bias
 
     def _add_rmsnorm(self, res: Any, x: Any, w: Any, out: Any, m: int) -> None:
         self.k["add_rmsnorm"]((m,), (256,), (res, x if x is not None else NULL, w, out, _i32(self.spec.hidden_size), np.float32(self.spec.rms_eps)))
@@ -278,8 +278,10 @@ class CudaDecoderSession:
         s, bufs = self.spec, self._bufs
         ids, pos, slots, ctx, bt = self._inputs()
 
+        attn = {64: "paged_attn_decode_d64", 128: "paged_attn_decode_d128"}.get(s.head_dim, "paged_attn_decode")
+
         def attend(i, q, kc, vc, out):
-            self.k["paged_attn_decode"](
+            self.k[attn](
                 (s.n_heads, bsz), (ATTN_THREADS,),
                 (q, kc, vc, bt, ctx, out, _i32(s.n_heads), _i32(s.n_kv_heads), _i32(s.head_dim), _i32(self.block_size),
                  _i32(self.max_blocks), _i32(self.max_context), np.float32(1.0 / math.sqrt(s.head_dim))),
@@ -392,18 +394,28 @@ class CudaDecoderSession:
         return logits
 
     def _prefill_attention(self, q: Any, kc: Any, vc: Any, all_slots: Any, t: int, p0: int, out: Any) -> None:
-        """Causal attention of t new queries over the sequence's p0 + t cached keys (cuBLAS)."""
+        """Causal attention of t new queries over the sequence's p0 + t cached keys (cuBLAS).
+
+        Queries go in chunks of PREFILL_Q_CHUNK: chunk [t0, t1) only multiplies keys
+        [0, p0 + t1), so a long prompt does about half the work of a full square."""
         cp, s = self.cp, self.spec
         hkv, g, d = s.n_kv_heads, s.n_heads // s.n_kv_heads, s.head_dim
-        length = p0 + t
-        # queries grouped by kv head: [T, Hkv, G, D] -> [Hkv, G*T, D], pre-scaled by 1/sqrt(D)
-        qh = q[:t].reshape(t, hkv, g, d).transpose(1, 2, 0, 3).reshape(hkv, g * t, d) * np.float16(1.0 / math.sqrt(d))
+        # queries grouped by kv head: [T, Hkv, G, D] -> [Hkv, G, T, D], pre-scaled by 1/sqrt(D)
+        qh = q[:t].reshape(t, hkv, g, d).transpose(1, 2, 0, 3) * np.float16(1.0 / math.sqrt(d))
         k = kc[all_slots].transpose(1, 2, 0)  # [Hkv, D, L]
         v = vc[all_slots].transpose(1, 0, 2)  # [Hkv, L, D]
-        sc = cp.ascontiguousarray(cp.matmul(qh, k))  # [Hkv, G*T, L] half
-        self.k["causal_softmax"]((hkv * g * t,), (256,), (sc, _i32(length), _i32(t), _i32(p0)))
-        o = cp.matmul(sc, v)  # [Hkv, G*T, D]
-        out[:t] = o.reshape(hkv, g, t, d).transpose(2, 0, 1, 3).reshape(t, s.q_size)
+        k, v = cp.ascontiguousarray(k), cp.ascontiguousarray(v)
+        o = cp.empty((t, hkv, g, d), dtype=cp.float16)
+        for t0 in range(0, t, PREFILL_Q_CHUNK):
+            t1 = min(t, t0 + PREFILL_Q_CHUNK)
+            tc, lc = t1 - t0, p0 + t1
+            qc = qh[:, :, t0:t1].reshape(hkv, g * tc, d)
+            sc = cp.matmul(qc, k[:, :, :lc])  # [Hkv, G*Tc, Lc] half
+            sc = cp.ascontiguousarray(sc)
+            self.k["causal_softmax"]((hkv * g * tc,), (256,), (sc, _i32(lc), _i32(tc), _i32(p0 + t0)))
+            oc = cp.matmul(sc, v[:, :lc])  # [Hkv, G*Tc, D]
+            o[t0:t1] = oc.reshape(hkv, g, tc, d).transpose(2, 0, 1, 3)
+        out[:t] = o.reshape(t, s.q_size)
 
     def prefill(self, seq_id: int, token_ids: np.ndarray) -> np.ndarray:
         """Append token_ids to the sequence; float32 logits [vocab] of the last position."""
