@@ -1,0 +1,244 @@
+"""Generation speed: edge-rag (onnxruntime, int4 bundle) vs llama.cpp vs transformers, one run.
+
+    python bench/bench_generate.py [--engine BUNDLE] [--threads 2] [--peers edge,llama.cpp,transformers]
+
+All three run SmolLM2-135M-Instruct from the same GGUF (edge.models.defaults.default_generator_path):
+edge-rag from its int4 bundle built from it (default: edge.engines.default_generator_bundle()),
+llama.cpp through llama-cpp-python on the GGUF itself (Q4_1), transformers (torch CPU, fp32)
+loading the GGUF with gguf_file=. Each peer runs in its own subprocess so that peak RSS is its
+own. Figures, each one JSON line:
+  decode_tok_s   batch 1, 128 new tokens after a 16-token prompt (greedy; EOS ignored)
+  prefill_tok_s  a 512-token prompt (text from pydoc_data.topics), best of 2
+  ttft_s         that prompt's prefill + the first token's choice
+  peak_rss_mib   the worker's peak resident set (model load included)
+then ratios: decode vs llama.cpp, prefill vs the faster peer, RSS vs llama.cpp.
+Warm-up (a 16-token prefill + 4 steps) is excluded from every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPT_TOKENS = 512
+DECODE_PROMPT = 16
+NEW_TOKENS = 128
+CONTEXT = 2048
+
+
+def prompt_text() -> str:
+    """Plenty of English text every Python ships (the same for every peer)."""
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[k] for k in sorted(topics))[:20000]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ---- workers: each returns {"decode_tok_s", "prefill_tok_s", "ttft_s", "peak_rss_mib", ...} -------------
+def worker_edge(args) -> dict:
+    from edge.build.bundle import Bundle
+    from edge.runtime.ort_session import OrtDecoderSession
+    from edge.runtime.tokenizer import Tokenizer
+
+    bundle = Bundle.open(args.engine, kind="generator")
+    tok = Tokenizer.from_bundle(bundle)
+    sess = OrtDecoderSession(bundle, max_batch=1, max_context=CONTEXT, threads=args.threads)
+    ids = np.array(tok.encode(prompt_text())[:PROMPT_TOKENS], dtype=np.int64)
+
+    def prefill(n):
+        sess.add_sequence(0)
+        t = time.perf_counter()
+        logits = sess.prefill(0, ids[:n])
+        nxt = int(np.argmax(logits))
+        return time.perf_counter() - t, nxt
+
+    def decode(first, n):
+        tokid = first
+        t = time.perf_counter()
+        for _ in range(n):
+            tokid = int(np.argmax(sess.decode([0], np.array([tokid]))[0]))
+        return time.perf_counter() - t
+
+    _, f = prefill(DECODE_PROMPT)  # warm-up
+    decode(f, 4)
+    sess.release(0)
+    ttfts = []
+    for _ in range(2):
+        ttft, _ = prefill(PROMPT_TOKENS)
+        sess.release(0)
+        ttfts.append(ttft)
+    _, f = prefill(DECODE_PROMPT)
+    dt = decode(f, NEW_TOKENS)
+    sess.release(0)
+    q = bundle.manifest.get("quant", {})
+    return {"decode_tok_s": NEW_TOKENS / dt, "prefill_tok_s": PROMPT_TOKENS / min(ttfts), "ttft_s": min(ttfts),
+            "peak_rss_mib": peak_rss_mib(), "quant": f"{q.get('recipe')}-g{q.get('group_size')}-{q.get('method', '')}", "backend": "onnxruntime"}
+
+
+def worker_llamacpp(args) -> dict:
+    from llama_cpp import Llama
+
+    from edge.models.defaults import default_generator_path
+
+    llm = Llama(model_path=str(default_generator_path()), n_ctx=CONTEXT, n_threads=args.threads, n_threads_batch=args.threads,
+                n_batch=512, logits_all=False, verbose=False)
+    ids = llm.tokenize(prompt_text().encode(), add_bos=False)[:PROMPT_TOKENS]
+
+    def prefill(n):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids[:n])
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return time.perf_counter() - t, nxt
+
+    def decode(first, n):
+        tokid = first
+        t = time.perf_counter()
+        for _ in range(n):
+            llm.eval([tokid])
+            tokid = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return time.perf_counter() - t
+
+    _, f = prefill(DECODE_PROMPT)
+    decode(f, 4)
+    ttft = min(prefill(PROMPT_TOKENS)[0] for _ in range(2))
+    _, f = prefill(DECODE_PROMPT)
+    dt = decode(f, NEW_TOKENS)
+    return {"decode_tok_s": NEW_TOKENS / dt, "prefill_tok_s": PROMPT_TOKENS / ttft, "ttft_s": ttft, "peak_rss_mib": peak_rss_mib(),
+            "quant": "gguf-Q4_1", "backend": "llama.cpp"}
+
+
+def worker_transformers(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edge.models.defaults import default_generator_path
+
+    torch.set_num_threads(args.threads)
+    g = default_generator_path()
+    tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+    model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, torch_dtype=torch.float32).eval()
+    ids = tok(prompt_text(), add_special_tokens=False, return_tensors="pt").input_ids[:, :PROMPT_TOKENS]
+
+    @torch.inference_mode()
+    def prefill(n):
+        t = time.perf_counter()
+        out = model(ids[:, :n], use_cache=True)
+        nxt = int(out.logits[0, -1].argmax())
+        return time.perf_counter() - t, nxt, out.past_key_values
+
+    @torch.inference_mode()
+    def decode(first, pkv, n):
+        tokid = first
+        t = time.perf_counter()
+        for _ in range(n):
+            out = model(torch.tensor([[tokid]]), past_key_values=pkv, use_cache=True)
+            pkv = out.past_key_values
+            tokid = int(out.logits[0, -1].argmax())
+        return time.perf_counter() - t
+
+    _, f, pkv = prefill(DECODE_PROMPT)
+    decode(f, pkv, 4)
+    ttft = min(prefill(PROMPT_TOKENS)[0] for _ in range(2))
+    _, f, pkv = prefill(DECODE_PROMPT)
+    dt = decode(f, pkv, NEW_TOKENS)
+    return {"decode_tok_s": NEW_TOKENS / dt, "prefill_tok_s": PROMPT_TOKENS / ttft, "ttft_s": ttft, "peak_rss_mib": peak_rss_mib(),
+            "quant": "fp32", "backend": "torch"}
+
+
+WORKERS = {"edge-rag": worker_edge, "llama.cpp": worker_llamacpp, "transformers": worker_transformers}
+
+
+# ---- parent -------------------------------------------------------------------------------------------
+def run_peer(name: str, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--threads", str(args.threads)]
+    if args.engine:
+        cmd += ["--engine", str(args.engine)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engine", type=Path, default=None, help="edge-rag generator bundle (default: the default int4 engine)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peers", default="edge-rag,llama.cpp,transformers")
+    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        if args.worker == "edge-rag" and args.engine is None:
+            from edge.engines import default_generator_bundle
+
+            args.engine = default_generator_bundle(progress=False)
+        print(json.dumps(WORKERS[args.worker](args)))
+        return
+    if args.engine is None and "edge-rag" in args.peers:
+        from edge.engines import default_generator_bundle
+
+        args.engine = default_generator_bundle(progress=True)  # build once, outside the timed worker
+    cond = {"device": cpu_name(), "threads": args.threads, "batch": 1, "context": CONTEXT}
+    results = {}
+    for name in args.peers.split(","):
+        res = results[name] = run_peer(name, args)
+        if "error" in res:
+            print(json.dumps({"peer": name, **cond, "error": res["error"]}))
+            continue
+        base = {"peer": name, "backend": res["backend"], "quant": res["quant"], **cond}
+        print(json.dumps({**base, "figure": "decode_tok_s", "prompt_tokens": DECODE_PROMPT, "new_tokens": NEW_TOKENS, "value": round(res["decode_tok_s"], 1)}))
+        print(json.dumps({**base, "figure": "prefill_tok_s", "prompt_tokens": PROMPT_TOKENS, "value": round(res["prefill_tok_s"], 1)}))
+        print(json.dumps({**base, "figure": "ttft_s", "prompt_tokens": PROMPT_TOKENS, "value": round(res["ttft_s"], 4)}))
+        print(json.dumps({**base, "figure": "peak_rss_mib", "value": round(res["peak_rss_mib"], 1)}))
+        if name == "edge-rag":
+            try:
+                from edge.build.bundle import Bundle
+                from edge.quant.policy import bytes_read_per_token
+
+                m = Bundle.open(args.engine, verify=False)
+                q = m.manifest.get("quant", {})
+                bpt = bytes_read_per_token(m.spec, q.get("recipe", "int4"), q.get("group_size") or 128)
+                print(json.dumps({**base, "figure": "weight_bytes_per_token_x_tok_s_gb_s", "value": round(bpt * res["decode_tok_s"] / 1e9, 2)}))
+            except Exception:  # noqa: BLE001 - informational only
+                pass
+    e, l, t = (results.get(k, {}) for k in ("edge-rag", "llama.cpp", "transformers"))
+    ok = lambda r: r and "error" not in r  # noqa: E731
+    if ok(e) and ok(l):
+        print(json.dumps({"figure": "decode_ratio_vs_llama.cpp", "value": round(e["decode_tok_s"] / l["decode_tok_s"], 2), "target": 1.5, **cond}))
+        print(json.dumps({"figure": "rss_ratio_vs_llama.cpp", "value": round(e["peak_rss_mib"] / l["peak_rss_mib"], 2), "target": 1.25, **cond}))
+    peers = [r for r in (l, t) if ok(r)]
+    if ok(e) and peers:
+        best = max(peers, key=lambda r: r["prefill_tok_s"])
+        print(json.dumps({"figure": "prefill_ratio_vs_faster_peer", "faster_peer": best["backend"], "value": round(e["prefill_tok_s"] / best["prefill_tok_s"], 2), "target": 1.0, **cond}))
+        bestd = max(peers, key=lambda r: r["decode_tok_s"])
+        print(json.dumps({"figure": "decode_ratio_vs_faster_peer", "faster_peer": bestd["backend"], "value": round(e["decode_tok_s"] / bestd["decode_tok_s"], 2), **cond}))
+
+
+if __name__ == "__main__":
+    main()
