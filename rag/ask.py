@@ -84,9 +84,9 @@ def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str
     text = "".join(parts).strip()
     t_first = t_first or t_end
     timings.update(ttft_ms=(t_first - t0) * 1e3, generate_ms=(t_end - t_first) * 1e3, total_ms=(t_end - t0) * 1e3)
-    stats = getattr(generator, "last_stats", None)
-    if isinstance(stats, dict):
-        timings["generator"] = dict(stats)
+    stats = getattr(generator, "stats", None) or getattr(generator, "last_stats", None)
+    if stats is not None:
+        timings["generator"] = stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
     n_ans = len(generator.tokenizer.encode(text)) if text else 0
     return Answer(question, text, True, sources(prompt, text), cited_numbers(text, len(prompt.passages)), timings,
                   prompt.n_tokens, n_ans, prompt.notes)

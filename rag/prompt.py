@@ -68,7 +68,10 @@ def messages_for(question: str, passages: list[Passage], system: str = SYSTEM_PR
 
 
 def count_prompt_tokens(tokenizer, messages: list[dict]) -> int:
-    """Tokens of the templated prompt. Accepts a template that returns text or token ids."""
+    """Tokens of the templated prompt, counted the way the generator will encode it."""
+    encode_chat = getattr(tokenizer, "encode_chat", None)
+    if encode_chat is not None:
+        return len(encode_chat(messages, add_generation_prompt=True))
     apply = getattr(tokenizer, "apply_chat_template", None)
     if apply is not None:
         out = apply(messages, add_generation_prompt=True)

@@ -1,0 +1,110 @@
+"""Retrieval: FTS5 escaping, reciprocal rank fusion, modes, the relevance gate."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_rag_fakes import HashEmbedder  # noqa: E402
+
+from edge.errors import UsageError  # noqa: E402
+from rag.ingest import ingest  # noqa: E402
+from rag.retrieve import RRF_K, Retriever, fts_query, keyword_coverage, query_terms, rrf  # noqa: E402
+
+MANUAL = """# Controller manual
+
+## Error E-214
+
+E-214 means the coolant pressure sensor reads below 0.8 bar. Check hose PN 40-118-2 for leaks.
+
+## Error E-2140
+
+E-2140 is a different code: firmware checksum failure. Reflash the controller.
+
+## Cleaning
+
+Wipe the touch screen with a dry cloth. Never use solvents on the housing.
+
+## Network
+
+The controller gets its address by DHCP; a static address is set in the web page under Settings.
+"""
+
+
+@pytest.fixture
+def retriever(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "controller.md").write_text(MANUAL)
+    (d / "other.txt").write_text("Unrelated text about gardening tools and watering plants in summer.\n")
+    emb = HashEmbedder()
+    ingest(d, embedder=emb, progress=False)
+    with Retriever(emb) as r:
+        yield r
+
+
+def test_query_terms_and_escaping():
+    assert query_terms("What does error E-214 mean?") == ["error", "e-214"]
+    q = fts_query('E-214 "quoted" NEAR(a b) AND col:x * -minus (paren')
+    assert q.count('"') % 2 == 0 and " OR " in q
+    assert '"e-214"' in q and '"near"' in q and '"col:x"' in q
+    assert fts_query("what is the") == ""  # only stopwords
+
+
+def test_hostile_queries_do_not_break_fts(retriever):
+    for q in ['E-214', '"', 'NEAR(', 'a AND OR NOT', 'x*', '^start', 'col:val', "it's", '((()))', '-', 'E-214 -leaks']:
+        res = retriever.search(q, k=3, mode="keyword")
+        assert isinstance(res.hits, list)
+    res = retriever.search("E-214", k=3, mode="keyword")
+    assert "0.8 bar" in res.hits[0].chunk.text  # the phrase e+214, not E-2140
+    assert all("checksum" not in h.chunk.text for h in res.hits[:1])
+
+
+def test_rrf_math():
+    fused = rrf([[1, 2, 3], [3, 1]])
+    assert fused[1] == pytest.approx(1 / (RRF_K + 1) + 1 / (RRF_K + 2))
+    assert fused[3] == pytest.approx(1 / (RRF_K + 3) + 1 / (RRF_K + 1))
+    assert fused[2] == pytest.approx(1 / (RRF_K + 2))
+    assert max(fused, key=fused.get) == 1
+
+
+def test_modes_and_hybrid_fusion(retriever):
+    q = "coolant pressure sensor E-214"
+    v = retriever.search(q, k=4, mode="vector")
+    kw = retriever.search(q, k=4, mode="keyword")
+    h = retriever.search(q, k=4, mode="hybrid")
+    assert all(x.keyword_score is None or x.vector_score is None or True for x in h.hits)
+    assert [x.score for x in v.hits] == sorted((x.score for x in v.hits), reverse=True)
+    assert all(-1.0001 <= x.score <= 1.0001 for x in v.hits)
+    # hybrid scores are exactly the RRF of the two lists it was built from
+    vr = {x.chunk.id: x.vector_rank for x in h.hits}
+    for x in h.hits:
+        want = sum(1 / (RRF_K + r) for r in (x.vector_rank, x.keyword_rank) if r is not None)
+        assert x.score == pytest.approx(want)
+    assert h.hits[0].chunk.heading.endswith("Error E-214")
+    assert kw.hits[0].chunk.heading.endswith("Error E-214")
+    assert h.hits[0].vector_rank is not None and h.hits[0].keyword_rank == 1 and vr
+
+
+def test_relevance_gate(retriever):
+    # thresholds for the hashing embedder (its unrelated texts reach cosine ~0.4 through collisions)
+    retriever.min_cosine, retriever.min_cosine_with_keywords = 0.8, 0.5
+    yes = retriever.search("What does error E-214 mean?", k=3)
+    assert yes.relevant and yes.keyword_coverage == 1.0
+    no = retriever.search("Who won the football world cup in 1954?", k=3)
+    assert not no.relevant and no.keyword_hits == 0
+    assert keyword_coverage("static address DHCP", MANUAL) == 1.0
+    # a code alone is enough, even where the vector side is far off
+    retriever.min_cosine = retriever.min_cosine_with_keywords = 1.01
+    assert retriever.search("PN 40-118-2", k=3).relevant
+    assert not retriever.search("coolant gardening", k=3).relevant
+
+
+def test_bad_arguments(retriever):
+    with pytest.raises(UsageError, match="mode"):
+        retriever.search("x", mode="fuzzy")
+    with pytest.raises(UsageError):
+        retriever.search("   ")
