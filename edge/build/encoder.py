@@ -49,7 +49,8 @@ class _Graph:
         from onnx import numpy_helper
 
         if name not in self.inits:
-            self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+            # np.ascontiguousarray would turn a 0-d scalar into shape [1]
+            self.inits[name] = numpy_helper.from_array(np.asarray(arr, order="C"), name)
         return name
 
     def node(self, op: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "", **attrs: Any) -> list[str]:

@@ -5,7 +5,8 @@
     <folder>/tokenizer.json              fast tokenizer (the runtime uses `tokenizers`)
     <folder>/modules.json                the module pipeline: Transformer -> Pooling [-> Normalize]
     <folder>/1_Pooling/config.json       pooling mode (mean / cls / max)
-    <folder>/sentence_bert_config.json   max_seq_length
+    <folder>/sentence_bert_config.json   max_seq_length (sentence-transformers >= 6: tokenizer_config's
+                                     model_max_length)
 
 Older sentence-transformers releases put the transformer in a sub-folder (modules.json path
 "0_Transformer"); the Transformer module's path is followed. Nothing here imports torch.
@@ -117,8 +118,30 @@ def _model_name(root: Path) -> str:
     return root.resolve().name
 
 
+def _module_class(module: dict[str, Any]) -> str:
+    """'sentence_transformers.models.Pooling' (v2-5) or '...modules.pooling.Pooling' (v6) -> 'Pooling'."""
+    return str(module.get("type", "")).rsplit(".", 1)[-1]
+
+
+def _max_seq_length(tdir: Path, root: Path, max_pos: int) -> int:
+    """sentence_bert_config.json's max_seq_length (v2-5); v6 stores it as the tokenizer's
+    model_max_length; else the position table's size."""
+    for d in (tdir, root):
+        cfg_path = d / "sentence_bert_config.json"
+        if cfg_path.is_file():
+            value = _read_json(cfg_path, "sentence_bert_config.json").get("max_seq_length")
+            if value:
+                return min(int(value), max_pos)
+    tok_cfg = tdir / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        value = _read_json(tok_cfg, "tokenizer_config.json").get("model_max_length")
+        if isinstance(value, (int, float)) and 0 < value < 1_000_000:
+            return min(int(value), max_pos)
+    return max_pos
+
+
 def _pooling_mode(root: Path, modules: list[dict[str, Any]]) -> str:
-    pool_mod = next((m for m in modules if m.get("type", "").endswith("models.Pooling")), None)
+    pool_mod = next((m for m in modules if _module_class(m) == "Pooling"), None)
     if pool_mod is None:
         raise ModelError(f"{root}: modules.json has no Pooling module", fix="only sentence-embedding folders are supported")
     cfg = _read_json(root / pool_mod.get("path", "1_Pooling") / "config.json", "pooling config")
@@ -150,7 +173,7 @@ def read_bert_folder(model_dir: str | Path) -> BertFolder:
     modules = _read_json(modules_path, "modules.json")
     if not isinstance(modules, list):
         raise ModelError(f"{modules_path}: expected a list of modules", fix="re-save the model folder")
-    tr = next((m for m in modules if m.get("type", "").endswith("models.Transformer")), None)
+    tr = next((m for m in modules if _module_class(m) == "Transformer"), None)
     if tr is None:
         raise ModelError(f"{root}: modules.json has no Transformer module", fix="only transformer sentence encoders are supported")
     tdir = root / tr.get("path", "")
@@ -173,12 +196,7 @@ def read_bert_folder(model_dir: str | Path) -> BertFolder:
     act = config.get("hidden_act", "gelu")
     if act not in ("gelu", "gelu_new", "gelu_python"):
         raise ModelError(f"{root}: hidden_act {act!r} is not supported", fix="supported: gelu")
-    st_cfg_path = tdir / "sentence_bert_config.json"
-    if not st_cfg_path.is_file():
-        st_cfg_path = root / "sentence_bert_config.json"
-    st_cfg = _read_json(st_cfg_path, "sentence_bert_config.json") if st_cfg_path.is_file() else {}
     max_pos = int(config.get("max_position_embeddings", 512))
-    max_seq = int(st_cfg.get("max_seq_length") or max_pos)
     hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     if hidden % heads:
         raise ModelError(f"{root}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
@@ -194,9 +212,9 @@ def read_bert_folder(model_dir: str | Path) -> BertFolder:
         type_vocab_size=int(config.get("type_vocab_size", 2)),
         layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
         hidden_act=act,
-        max_seq_length=min(max_seq, max_pos),
+        max_seq_length=_max_seq_length(tdir, root, max_pos),
         pooling=_pooling_mode(root, modules),
-        normalize=any(m.get("type", "").endswith("models.Normalize") for m in modules),
+        normalize=any(_module_class(m) == "Normalize" for m in modules),
         pad_token_id=int(config.get("pad_token_id") or 0),
     )
     return BertFolder(root=root, transformer_dir=tdir, spec=spec)

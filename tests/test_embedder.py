@@ -1,0 +1,315 @@
+"""Embedding engine: ONNX encoder bundles against sentence-transformers (the oracle).
+
+Fast tests build tiny seeded BERT models (2 layers, hidden 64, vocab 256) in sentence-transformers
+layout, BGE-style (CLS + Normalize), E5-style (mean + Normalize) and max pooling without
+normalisation; the slow tests check the real default all-MiniLM-L6-v2 on 200 varied texts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge.build.bundle import Bundle
+from edge.build.encoder import build_embedder_bundle
+from edge.errors import BundleError, EdgeRagError, ModelError, UsageError
+from edge.models.bert import read_bert_folder
+from edge.runtime.embedder import Embedder, length_buckets
+
+# ---- helpers --------------------------------------------------------------------------
+
+_WORDS = ("the robot battery error code charge dock lidar safety network firmware update map zone "
+          "speed stop field part number wheel belt motor sensor fleet server port value check "
+          "replace clean calibrate warning fault critical and or of to in is on at for with").split()
+
+
+def _tiny_vocab() -> list[str]:
+    """256 WordPiece entries: specials, characters, ## continuations, a few words."""
+    v = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + ".,;:!?-_()[]{}=+*/'\"#@%&<>")
+    v += chars + ["##" + c for c in string.ascii_lowercase + string.digits]
+    v += [w for w in _WORDS if w not in v]
+    i = 0
+    while len(v) < 256:  # pad with deterministic pseudo-words
+        v.append(f"w{i}")
+        i += 1
+    return v[:256]
+
+
+def make_tiny_st(root: Path, pooling: str, normalize: bool, max_seq_length: int = 48, seed: int = 0) -> Path:
+    """A seeded random BertModel (2 layers, hidden 64, vocab 256) saved as a sentence-transformers folder."""
+    import warnings
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    torch.manual_seed(seed)
+    hf = root / "hf"
+    hf.mkdir(parents=True)
+    (hf / "vocab.txt").write_text("\n".join(_tiny_vocab()) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(hf / "vocab.txt"), do_lower_case=True)
+    cfg = BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64, type_vocab_size=2)
+    model = BertModel(cfg)
+    with torch.no_grad():  # larger than the 0.02 init so that layers matter and texts differ
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(-0.1, 0.1)
+    model.save_pretrained(hf)
+    tok.save_pretrained(hf)
+    with warnings.catch_warnings():  # sentence-transformers 6 moved the module classes
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from sentence_transformers import models
+    mods = [models.Transformer(str(hf), max_seq_length=max_seq_length), models.Pooling(64, pooling_mode=pooling)]
+    if normalize:
+        mods.append(models.Normalize())
+    out = root / "st"
+    SentenceTransformer(modules=mods, device="cpu").save(str(out))
+    return out
+
+
+def varied_texts(n: int = 200, seed: int = 0) -> list[str]:
+    """Short and long prose, code, numbers / part numbers, unicode, edge cases; deterministic."""
+    import pydoc_data.topics as topics
+
+    rng = random.Random(seed)
+    paras = [p.strip() for k in sorted(topics.topics) for p in topics.topics[k].split("\n\n") if len(p.strip()) > 30]
+    code = ["def f(x):\n    return x ** 2 + 1", "for (int i = 0; i < n; ++i) { sum += a[i]; }",
+            "SELECT id, name FROM chunks WHERE hash = ?;", "kestrel-cli logs bundle --since 24h --out x.tar.gz",
+            "{\"question\": \"E-214?\", \"k\": 5}", "x = np.zeros((32, 384), dtype=np.float32)"]
+    numbers = ["E-214", "KS-LDR-360-R2", "57.6 V at 60 A", "3.14159 2.71828 1.41421", "192.168.77.1/24",
+               "Part KS-BAT-48105, 105 Ah, 5.0 kWh", "0x7fff_ffff", "1,050 x 650 x 320 mm", "+1-555-0142"]
+    uni = ["Ünïcödé façade naïve café", "日本語のテキストです", "中文文本测试", "Привет, мир", "مرحبا بالعالم",
+           "emoji 🚀🔋⚠️ done", "Ελληνικά γράμματα", "tab\tand\nnewline", "  leading and trailing spaces  "]
+    short = ["What does error E-214 mean?", "battery life", "how do I calibrate the lidar", "a", "OK", "",
+             "reset", "Why is the robot slow?", "firmware rollback steps"]
+    out: list[str] = []
+    while len(out) < n:
+        kind = rng.randrange(6)
+        if kind == 0:
+            out.append(rng.choice(paras))
+        elif kind == 1:  # long: several paragraphs, longer than max_seq_length (truncation)
+            out.append(" ".join(rng.sample(paras, 4)))
+        elif kind == 2:
+            out.append(rng.choice(code))
+        elif kind == 3:
+            out.append(rng.choice(numbers) + " " + str(rng.randint(0, 10**6)))
+        elif kind == 4:
+            out.append(rng.choice(uni))
+        else:
+            out.append(rng.choice(short))
+    return out
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return (a * b).sum(1)
+
+
+def _assert_close_to_oracle(ours: np.ndarray, ref: np.ndarray, texts: list[str], min_cos: float) -> None:
+    cos = _cosines(ours, ref)
+    worst = int(np.argmin(cos))
+    assert cos.min() >= min_cos, (
+        f"min cosine {cos.min():.5f} < {min_cos} (mean {cos.mean():.5f}) at text {worst} {texts[worst][:60]!r}; "
+        f"max-abs-diff {np.abs(ours - ref).max():.2e}; first values ours {ours[worst, :4]} ref {ref[worst, :4]}")
+
+
+# ---- tiny models: BGE / E5 / max pooling ------------------------------------------------
+
+TINY_CASES = {  # name: (pooling, normalize)
+    "bge_cls_norm": ("cls", True),
+    "e5_mean_norm": ("mean", True),
+    "max_nonorm": ("max", False),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_st")
+    return {name: make_tiny_st(root / name, pool, norm, seed=i) for i, (name, (pool, norm)) in enumerate(TINY_CASES.items())}
+
+
+@pytest.mark.parametrize("case", list(TINY_CASES))
+def test_tiny_matches_sentence_transformers(case, tiny_folders, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    folder = tiny_folders[case]
+    pooling, normalize = TINY_CASES[case]
+    spec = read_bert_folder(folder).spec
+    assert (spec.pooling, spec.normalize, spec.dim, spec.max_seq_length) == (pooling, normalize, 64, 48)
+    emb = Embedder.from_bundle(build_embedder_bundle(folder, tmp_path / "b", progress=False), threads=1)
+    texts = varied_texts(40, seed=1)
+    ours = emb.embed(texts, batch_size=8)
+    ref = SentenceTransformer(str(folder), device="cpu").encode(texts, batch_size=8, convert_to_numpy=True)
+    assert ours.shape == ref.shape == (40, 64) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-3)
+    _assert_close_to_oracle(ours, ref, texts, 0.9999)
+    norms = np.linalg.norm(ours, axis=1)
+    if normalize:
+        np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    else:
+        assert np.abs(norms - 1.0).max() > 1e-2  # really left unnormalised
+
+
+def test_tiny_int8_close(tiny_folders, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    folder = tiny_folders["e5_mean_norm"]
+    emb = Embedder.from_bundle(build_embedder_bundle(folder, tmp_path / "q", quant="int8", progress=False), threads=1)
+    assert emb.bundle.manifest["quant"]["recipe"] == "int8"
+    texts = varied_texts(30, seed=2)
+    ref = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
+    _assert_close_to_oracle(emb.embed(texts), ref, texts, 0.98)  # random tiny weights: looser than the real model
+
+
+def test_manifest_and_embedder_id(tiny_folders, tmp_path):
+    folder = tiny_folders["bge_cls_norm"]
+    a = build_embedder_bundle(folder, tmp_path / "a", progress=False)
+    b = build_embedder_bundle(folder, tmp_path / "b", progress=False)
+    q = build_embedder_bundle(folder, tmp_path / "q", quant="int8", progress=False)
+    ma, mb, mq = (Bundle.open(p, kind="embedder").manifest for p in (a, b, q))
+    assert {"name", "arch", "dim", "max_seq_length", "pooling", "normalize", "vocab_size"} <= set(ma["model"])
+    assert ma["model"]["arch"] == "bert" and ma["model"]["vocab_size"] == 256 and ma["model"]["pooling"] == "cls"
+    assert ma["embedder_id"] == mb["embedder_id"]  # stable across rebuilds
+    assert ma["embedder_id"] != mq["embedder_id"]  # quant is part of the identity
+    other = make_tiny_st(tmp_path / "other", "cls", True, seed=99)  # same config, other weights
+    mo = Bundle.open(build_embedder_bundle(other, tmp_path / "o", progress=False)).manifest
+    assert mo["embedder_id"] != ma["embedder_id"]
+    for name in ("model.onnx", "tokenizer.json"):
+        assert name in ma["artifacts"]
+    emb = Embedder.from_bundle(a)
+    assert (emb.dim, emb.max_seq_length, emb.embedder_id) == (64, 48, ma["embedder_id"])
+
+
+def test_corrupted_bundle_refused(tiny_folders, tmp_path):
+    p = build_embedder_bundle(tiny_folders["bge_cls_norm"], tmp_path / "a", progress=False)
+    with open(p / "model.onnx", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BundleError, match="checksum"):
+        Embedder.from_bundle(p)
+
+
+# ---- bucketing, truncation, tokens ------------------------------------------------------
+
+def test_length_buckets_is_a_permutation_sorted_by_length():
+    lengths = [5, 1, 9, 3, 9, 2, 7]
+    batches = length_buckets(lengths, 3)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    seen = [lengths[i] for i in flat]
+    assert seen == sorted(lengths, reverse=True)
+    with pytest.raises(UsageError):
+        length_buckets(lengths, 0)
+
+
+def test_bucketing_preserves_order(tiny_folders, tmp_path):
+    emb = Embedder.from_bundle(build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "b", progress=False))
+    rng = random.Random(3)
+    texts = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 40))) for _ in range(23)]
+    one_by_one = np.stack([emb.embed_query(t) for t in texts])
+    batched = emb.embed(texts, batch_size=5)
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    assert emb.embed([]).shape == (0, 64)
+    with pytest.raises(UsageError):
+        emb.embed("not a list")  # type: ignore[arg-type]
+
+
+def test_truncation_and_count_tokens(tiny_folders, tmp_path):
+    emb = Embedder.from_bundle(build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "b", progress=False))
+    long = " ".join(["battery"] * 200)
+    assert emb.count_tokens(long) == 202  # untruncated, [CLS] and [SEP] included
+    assert emb.count_tokens("battery") == 3
+    ids = emb.tokenizer.encode(long).ids
+    assert len(ids) == emb.max_seq_length == 48
+    head = " ".join(["battery"] * 46)  # exactly what survives truncation
+    np.testing.assert_allclose(emb.embed_query(long), emb.embed_query(head), atol=1e-5)
+
+
+# ---- bad folders --------------------------------------------------------------------------
+
+def test_bad_folders_raise_clear_errors(tiny_folders, tmp_path):
+    import shutil
+
+    with pytest.raises(ModelError, match="no such folder"):
+        read_bert_folder(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelError, match="modules.json"):
+        build_embedder_bundle(empty, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+    src = tiny_folders["bge_cls_norm"]
+    binonly = tmp_path / "binonly"
+    shutil.copytree(src, binonly)
+    (binonly / "model.safetensors").rename(binonly / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="safetensors") as e:
+        read_bert_folder(binonly)
+    assert "safe_serialization" in str(e.value)
+
+    other = tmp_path / "gpt"
+    shutil.copytree(src, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(cfg | {"model_type": "gpt2"}))
+    with pytest.raises(ModelError, match="gpt2"):
+        read_bert_folder(other)
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(src, corrupt)
+    (corrupt / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="corrupt"):
+        read_bert_folder(corrupt)
+
+    trunc = tmp_path / "trunc"
+    shutil.copytree(src, trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="cannot read weights"):
+        build_embedder_bundle(trunc, tmp_path / "out2", progress=False)
+
+    with pytest.raises(UsageError, match="int8"):
+        build_embedder_bundle(src, tmp_path / "out3", quant="int3", progress=False)
+    assert all(issubclass(c, EdgeRagError) for c in (ModelError, UsageError, BundleError))
+
+
+def test_runtime_imports_no_torch():
+    code = ("import sys, edge.runtime.embedder; "
+            "bad = [m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+# ---- the real default model -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def default_parity(tmp_path_factory):
+    from sentence_transformers import SentenceTransformer
+
+    from edge.models.defaults import default_embedder_path
+
+    folder = default_embedder_path()
+    root = tmp_path_factory.mktemp("default_embedder")
+    texts = varied_texts(200)
+    ref = SentenceTransformer(str(folder), device="cpu").encode(texts, batch_size=32, convert_to_numpy=True)
+    return folder, root, texts, ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant,min_cos", [("fp32", 0.999), ("int8", 0.99)])
+def test_default_minilm_parity(default_parity, quant, min_cos):
+    folder, root, texts, ref = default_parity
+    emb = Embedder.from_bundle(build_embedder_bundle(folder, root / quant, quant=quant, progress=False))
+    assert emb.embedder_id.startswith("all-MiniLM-L6-v2@") and emb.embedder_id.endswith(quant)
+    assert (emb.dim, emb.max_seq_length, emb.normalize) == (384, 256, True)
+    ours = emb.embed(texts, batch_size=32)
+    _assert_close_to_oracle(ours, ref, texts, min_cos)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-4)
