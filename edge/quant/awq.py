@@ -31,9 +31,8 @@ from edge.quant.policy import Precision
 from edge.quant.rtn import fake_quant
 
 N_GRID = 20
-MAX_SEARCH_TOKENS = 512  # rows of X used in the loss (statistics use all rows)
+MAX_SEARCH_TOKENS = 256  # rows of X used in the loss (statistics use all rows)
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
-CLIP_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -116,33 +115,28 @@ def search_scale(
     return best[0], best[1], loss_rtn, best[2]
 
 
-def search_clip(x: np.ndarray, w: np.ndarray, group_size: int, *, grid=CLIP_GRID, max_tokens: int = CLIP_TOKENS) -> np.ndarray:
+def search_clip(x: np.ndarray, w: np.ndarray, group_size: int, *, grid=CLIP_GRID) -> np.ndarray:
     """Per-group clip ratio [N, K // g] minimizing each group's partial-output error on x [T, K].
 
-    For group j of output n: err(c) = sum_t (x_t,j . (w_n,j - q_c(w_n,j)))^2."""
+    For group j of output n: err(c) = sum_t (x_t,j . dw_n,j)^2 = dw_n,j^T C_j dw_n,j with the
+    per-group Gram matrix C_j = X_j^T X_j [g, g] (computed once, over all tokens)."""
     from edge.quant.rtn import quantize_int4_clipped
 
     n, k = w.shape
     ng = k // group_size
-    xs = _subsample(x, max_tokens, seed=1).reshape(-1, ng, group_size)  # [T, G, g]
+    xg = x.astype(np.float32).reshape(-1, ng, group_size).transpose(1, 0, 2)  # [G, T, g]
+    gram = np.matmul(xg.transpose(0, 2, 1), xg)  # [G, g, g]
     wg = w.reshape(n, ng, group_size)
     best_err = np.full((n, ng), np.inf)
     best = np.ones((n, ng), np.float32)
     for c in grid:
         clip = np.full((n, ng), c, np.float32)
-        wq = quantize_int4_clipped(w, group_size, clip).dequantize().reshape(n, ng, group_size)
-        err = _group_err(xs, wg - wq)  # [N, G]
+        dw = (wg - quantize_int4_clipped(w, group_size, clip).dequantize().reshape(n, ng, group_size)).transpose(1, 0, 2)  # [G, N, g]
+        err = np.sum(np.matmul(dw, gram) * dw, axis=2).T  # [N, G]
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best = np.where(better, c, best)
     return best
-
-
-def _group_err(xs: np.ndarray, dw: np.ndarray) -> np.ndarray:
-    """sum_t (xs[t, g] . dw[n, g])^2 -> [N, G], one batched matmul per group."""
-    # [G, T, g] @ [G, g, N] -> [G, T, N]
-    p = np.matmul(xs.transpose(1, 0, 2), dw.transpose(1, 2, 0))
-    return np.sum(p * p, axis=1).T
 
 
 def awq_layer(

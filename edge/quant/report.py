@@ -31,8 +31,13 @@ def rel_fro(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b)) / den if den > 0 else 0.0
 
 
+REPORT_TOKENS = 256  # rows of X the output error is measured on (evenly spaced)
+
+
 def linear_error(module: str, kind: str, w: np.ndarray, wq: np.ndarray, x: np.ndarray | None, awq: bool = False) -> LayerError:
     """Errors of effective weight wq [N, K] against w on inputs x [T, K] (or None)."""
+    if x is not None and x.shape[0] > REPORT_TOKENS:
+        x = x[np.linspace(0, x.shape[0] - 1, REPORT_TOKENS).astype(int)]
     out = rel_fro(x @ wq.T, x @ w.T) if x is not None else None
     return LayerError(module, kind, rel_fro(wq, w), out, awq)
 

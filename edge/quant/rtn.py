@@ -38,7 +38,15 @@ def fake_quant(w: np.ndarray, prec: Precision, clip: np.ndarray | None = None) -
         return w.astype(np.float16).astype(np.float32)
     if prec.kind == "int8":
         return quantize_int8_rtn(w).dequantize()
-    return quantize_int4_clipped(w, prec.group_size, clip).dequantize()
+    # int4 without packing (the search loops call this often); same arithmetic as the format's.
+    n, k = w.shape
+    g = w.astype(np.float32).reshape(n, k // prec.group_size, prec.group_size)
+    amax = np.abs(g).max(axis=2)
+    if clip is not None:
+        amax = amax * clip
+    scale = (amax / 7.0).astype(np.float16)
+    scale = np.where(scale == 0, np.float16(1.0), scale).astype(np.float32)[..., None]
+    return (np.clip(np.rint(g / scale), -8, 7) * scale).reshape(n, k)
 
 
 def quantize_linear(module: str, w: np.ndarray, prec: Precision, clip: np.ndarray | None = None) -> dict[str, np.ndarray]:
