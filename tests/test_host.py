@@ -1,0 +1,56 @@
+"""EdgeRuntime: embedder + generator + index in one process, memory accounting, search/ask."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_rag_fakes import HashEmbedder  # noqa: E402
+from test_rag_prompt import FakeGenerator  # noqa: E402
+
+from edge.runtime.host import EdgeRuntime  # noqa: E402
+from rag.ask import NOT_COVERED  # noqa: E402
+from rag.ingest import ingest  # noqa: E402
+
+
+def test_runtime_hosts_all_three_and_reports_memory(tmp_path, monkeypatch):
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "codes.md").write_text("# Codes\n\n## E-214\n\nE-214: coolant pressure low. Check the hose.\n")
+    ingest(d, embedder=HashEmbedder(), progress=False)
+
+    bundle = tmp_path / "gen-bundle"
+    bundle.mkdir()
+    (bundle / "weights.bin").write_bytes(b"\0" * 123_456)
+    keep = []
+
+    class FakeGeneratorClass:
+        @staticmethod
+        def from_bundle(path, backend="auto"):
+            assert Path(path) == bundle and backend == "onnxruntime"
+            keep.append(np.ones(64 << 20, np.uint8))  # 64 MiB resident "weights"
+            return FakeGenerator()
+
+    import edge.runtime.generator as genmod
+
+    monkeypatch.setattr(genmod, "Generator", FakeGeneratorClass)
+    rt = EdgeRuntime(embedder=HashEmbedder(), generator_path=bundle, backend="onnxruntime", progress=False)
+    rt.retriever.min_cosine, rt.retriever.min_cosine_with_keywords = 0.8, 0.5
+    assert "generator" not in rt.parts  # lazy: search never loads it
+    assert rt.search("E-214", k=1).hits[0].chunk.path == "docs/codes.md"
+    # an off-topic question is refused without loading the generator
+    assert rt.ask("Who painted the Mona Lisa?").text == NOT_COVERED and "generator" not in rt.parts
+    a = rt.ask("What does E-214 mean?", k=1, max_tokens=20)
+    assert a.covered and a.cited == [1]
+    rep = rt.memory_report()
+    parts = {p["name"]: p for p in rep["parts"]}
+    assert set(parts) == {"index", "generator"}
+    g = parts["generator"]
+    assert g["file_bytes"] == 123_456
+    assert g["rss_delta_bytes"] >= 60 << 20  # the 64 MiB allocated while loading
+    assert rep["rss_bytes"] >= rep["loaded_bytes"] > 0
+    assert parts["index"]["file_bytes"] > 0
+    rt.close()

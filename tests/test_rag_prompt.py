@@ -1,0 +1,115 @@
+"""Prompt assembly within the context budget, citations, ask() with a fake generator."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_rag_fakes import HashEmbedder  # noqa: E402
+
+from edge.errors import ContextLengthError  # noqa: E402
+from rag.ask import NOT_COVERED, ask, format_sources  # noqa: E402
+from rag.ingest import ingest  # noqa: E402
+from rag.prompt import build_prompt, cited_numbers, count_prompt_tokens  # noqa: E402
+from rag.retrieve import Hit, Retriever  # noqa: E402
+from rag.store import ChunkRow  # noqa: E402
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word; the 'template' adds 3 tokens per message + 2."""
+
+    def encode(self, text: str) -> list[int]:
+        return [hash(w) % 1000 for w in text.split()]
+
+    def apply_chat_template(self, messages, add_generation_prompt=True) -> str:
+        return " ".join(f"<{m['role']}> {m['content']} </s>" for m in messages) + (" <assistant>" if add_generation_prompt else "")
+
+
+class FakeGenerator:
+    def __init__(self, max_context: int = 400, answer: str = "E-214 means low coolant pressure [1]. See also [3, 9]."):
+        self.tokenizer = WordTokenizer()
+        self.max_context = max_context
+        self.answer = answer
+        self.calls: list = []
+
+    def stream(self, messages, params):
+        self.calls.append((messages, params))
+        for w in self.answer.split(" "):
+            yield w + " "
+
+
+def hit(i: int, words: int, path: str = "m.md") -> Hit:
+    text = " ".join(f"w{i}_{j}" for j in range(words))
+    return Hit(ChunkRow(i, 1, path, "line", i, text, f"H{i}", 10 * i, 10 * i + 4, 0, len(text), words), 1.0 / i)
+
+
+def test_passages_fill_the_budget_in_rank_order():
+    tok = WordTokenizer()
+    hits = [hit(i, 60) for i in range(1, 8)]
+    p = build_prompt("What is w?", hits, tok, max_context=400, answer_tokens=100)
+    assert p.n_tokens == count_prompt_tokens(tok, p.messages) and p.n_tokens + 100 <= 400
+    assert [x.hit.chunk.id for x in p.passages] == list(range(1, len(p.passages) + 1))
+    assert 2 <= len(p.passages) < 7 and p.dropped == 7 - len(p.passages)
+    user = p.messages[1]["content"]
+    assert "[1] (m.md, lines 10-14) H1" in user and user.rstrip().endswith("citing them like [1].")
+    # with a bigger context everything fits, untruncated
+    p2 = build_prompt("What is w?", hits, tok, max_context=4000, answer_tokens=100)
+    assert len(p2.passages) == 7 and not any(x.truncated for x in p2.passages)
+
+
+def test_a_passage_is_cut_to_fit():
+    tok = WordTokenizer()
+    p = build_prompt("q?", [hit(1, 30), hit(2, 500)], tok, max_context=300, answer_tokens=50)
+    assert len(p.passages) == 2 and p.passages[1].truncated and p.passages[1].text.endswith("...")
+    assert p.n_tokens + 50 <= 300
+
+
+def test_question_longer_than_context_is_a_clear_error():
+    with pytest.raises(ContextLengthError, match="exceed the generator's context of 100 tokens"):
+        build_prompt("word " * 200, [hit(1, 10)], WordTokenizer(), max_context=100, answer_tokens=20)
+
+
+def test_citations():
+    assert cited_numbers("See [2] and [1, 3]; not [9] or [x]. Again [2].", 3) == [2, 1, 3]
+    assert cited_numbers("no citations", 3) == []
+
+
+@pytest.fixture
+def retriever(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "codes.md").write_text("# Codes\n\n## E-214\n\nE-214: coolant pressure low. Check the hose.\n\n"
+                                "## E-300\n\nE-300: fan stall.\n")
+    ingest(d, embedder=HashEmbedder(), progress=False)
+    with Retriever(HashEmbedder()) as r:
+        r.min_cosine, r.min_cosine_with_keywords = 0.8, 0.5
+        yield r
+
+
+def test_ask_streams_and_maps_citations(retriever):
+    gen = FakeGenerator()
+    streamed: list[str] = []
+    a = ask("What does E-214 mean?", retriever, gen, k=2, max_tokens=50, on_token=streamed.append)
+    assert a.covered and "".join(streamed).strip() == a.text
+    assert a.cited == [1] and a.sources[0]["cited"] and a.sources[0]["source"] == "docs/codes.md"
+    assert a.sources[0]["heading"] == "Codes > E-214"
+    assert {"retrieval_ms", "ttft_ms", "total_ms"} <= set(a.timings)
+    assert 0 <= a.timings["retrieval_ms"] <= a.timings["ttft_ms"] <= a.timings["total_ms"]
+    msgs, params = gen.calls[0]
+    assert params.max_tokens == 50 and params.temperature == 0.0
+    assert "E-214: coolant pressure low" in msgs[1]["content"]
+    out = format_sources(a)
+    assert "[1] * docs/codes.md, line" in out and "Codes > E-214" in out
+
+
+def test_ask_refuses_when_nothing_is_relevant(retriever):
+    gen = FakeGenerator()
+    a = ask("Who painted the Mona Lisa?", retriever, gen)
+    assert not a.covered and a.text == NOT_COVERED and a.sources == [] and gen.calls == []
+    # a lazily loaded generator is not even loaded
+    loads = []
+    ask("Who painted the Mona Lisa?", retriever, lambda: loads.append(1) or gen)
+    assert loads == []
