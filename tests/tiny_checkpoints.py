@@ -80,3 +80,111 @@ def load_torch(folder: Path):
     import transformers
 
     return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
+
+
+def llama_cpp_permute(w, n_heads: int):
+    """llama.cpp convert_hf_to_gguf's q/k row permutation (HF halves -> interleaved pairs)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# GGUF tensor types per tensor in write_gguf (K-quants need in_features % 256 == 0)
+GGUF_TYPES = {
+    "token_embd": "Q8_0",
+    "attn_q": "F16",
+    "attn_k": "Q4_0",
+    "attn_v": "Q4_1",
+    "attn_output": "F32",
+    "ffn_gate": "Q4_K",
+    "ffn_up": "Q6_K",
+    "ffn_down": "Q8_0",
+    "output": "Q8_0",
+}
+
+
+def _kquant_blocks(rows: int, cols: int, qtype, rng):
+    """Valid random K-quant blocks (gguf's numpy cannot quantize to K types): random payload,
+    finite fp16 super-block scales."""
+    import numpy as np
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    nb = cols // block
+    raw = rng.integers(0, 256, size=(rows, nb, nbytes), dtype=np.uint8)
+    d = (rng.uniform(0.001, 0.01, size=(rows, nb, 1))).astype(np.float16).view(np.uint8)  # [.., 2]
+    if qtype.name == "Q4_K":  # d, dmin first
+        raw[..., 0:2] = d
+        raw[..., 2:4] = d
+    else:  # Q6_K: d last
+        raw[..., nbytes - 2 :] = d
+    return raw.reshape(rows, nb * nbytes)
+
+
+def write_gguf(path: Path, *, seed: int = 0, hidden: int = 256, inter: int = 512, n_layers: int = 1, heads: int = 4, kv_heads: int = 2, tied: bool = False) -> Path:
+    """A tiny llama GGUF written with gguf.GGUFWriter the way llama.cpp's converter lays it out
+    (q/k rows permuted), tensor types from GGUF_TYPES, and a byte-level gpt2 tokenizer."""
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+    from tokenizers import pre_tokenizers
+
+    rng = np.random.default_rng(seed)
+    hd = hidden // heads
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_block_count(n_layers)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hd)
+    w.add_vocab_size(VOCAB)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + SPECIALS
+    w.add_token_list(tokens)
+    w.add_token_types([1] * 256 + [3] * len(SPECIALS))
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_merges([])
+    w.add_bos_token_id(256)
+    w.add_eos_token_id(259)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+    def add(name: str, arr):
+        kind = next((v for k, v in GGUF_TYPES.items() if f".{k}." in f".{name}"), "F32")
+        qt = getattr(T, kind)
+        if arr.ndim == 1 or qt == T.F32:
+            w.add_tensor(name, arr.astype(np.float32))
+        elif qt == T.F16:
+            w.add_tensor(name, arr.astype(np.float16))
+        elif qt in (T.Q4_K, T.Q6_K):
+            w.add_tensor(name, _kquant_blocks(arr.shape[0], arr.shape[1], qt, rng), raw_dtype=qt)
+        else:
+            w.add_tensor(name, quantize(arr.astype(np.float32), qt), raw_dtype=qt)
+
+    def randn(*shape, scale=0.05):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    add("token_embd.weight", randn(VOCAB, hidden))
+    for i in range(n_layers):
+        add(f"blk.{i}.attn_norm.weight", 1 + randn(hidden, scale=0.1))
+        add(f"blk.{i}.ffn_norm.weight", 1 + randn(hidden, scale=0.1))
+        add(f"blk.{i}.attn_q.weight", llama_cpp_permute(randn(hidden, hidden), heads))
+        add(f"blk.{i}.attn_k.weight", llama_cpp_permute(randn(kv_heads * hd, hidden), kv_heads))
+        add(f"blk.{i}.attn_v.weight", randn(kv_heads * hd, hidden))
+        add(f"blk.{i}.attn_output.weight", randn(hidden, hidden))
+        add(f"blk.{i}.ffn_gate.weight", randn(inter, hidden))
+        add(f"blk.{i}.ffn_up.weight", randn(inter, hidden))
+        add(f"blk.{i}.ffn_down.weight", randn(hidden, inter))
+    add("output_norm.weight", 1 + randn(hidden, scale=0.1))
+    if not tied:
+        add("output.weight", randn(VOCAB, hidden))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
