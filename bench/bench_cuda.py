@@ -136,6 +136,31 @@ def prefill_breakdown(sess, name: str, device: str, tokens: int = 2048) -> None:
          gemm_ms=round(t_gemm, 2), gemm_tflops=round(flops / t_gemm / 1e9, 1), attention_ms=round(t_attn, 2))
 
 
+def decode_breakdown(sess, name: str, device: str, m: int = 1) -> None:
+    """Per-kernel times of one decode step's linears (event-timed, median) and graph replay alone."""
+    cp = sess.cp
+    out = {}
+    for key, lin in [*((k, sess.layers[0][k]) for k in ("qkv", "o", "gu", "down")), ("lm_head", sess.lm_head)]:
+        x = cp.random.standard_normal((m, lin.k), dtype=cp.float32).astype(cp.float16)
+        y = cp.empty((m, lin.n), dtype=cp.float32 if key == "lm_head" else cp.float16)
+        with sess.stream:
+            ms = _event_ms(cp, lambda: [sess.linear(lin, x, m, y, out_f32=key == "lm_head") for _ in range(10)]) / 10
+        out[key] = {"us": round(1e3 * ms, 1), "gb_s": round(lin.nbytes / ms / 1e6, 0), "kind": lin.kind, "n": lin.n, "k": lin.k}
+    g = sess._graphs.get(sess._bucket(m))
+    if g is not None:
+        st = sess.stream
+        s0, e0 = cp.cuda.Event(), cp.cuda.Event()
+        ts = []
+        for _ in range(10):
+            s0.record(st)
+            g.launch(st)
+            e0.record(st)
+            e0.synchronize()
+            ts.append(cp.cuda.get_elapsed_time(s0, e0))
+        out["graph_replay_ms"] = round(statistics.median(ts), 3)
+    emit(figure="decode_breakdown", device=device, model=name, batch=m, **out)
+
+
 def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict:
     import cupy as cp
 
@@ -175,6 +200,7 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
          roofline_frac=round(bpt * tps / copy_bw, 3), weight_gib=round(sess.weight_bytes / 2**30, 3),
          load_s=round(load_s, 1), linear_rel_err=lin_err, logits_rel_err=logit_err,
          peak_gib=round(cp.get_default_memory_pool().total_bytes() / 2**30, 2))
+    decode_breakdown(sess, name, device, 1)
     if is_1b:
         prompts = [rng.integers(0, spec.vocab_size, size=PROMPT) for _ in range(16)]
         for rep in range(2):  # first pass warms the batch-16 graph
@@ -191,6 +217,7 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
                 sess.release(i)
         agg = 16 * (NEW - 1) / dt
         res["b16_tok_s"] = agg
+        decode_breakdown(sess, name, device, 16)
         bpt16 = bytes_read_per_token(spec, recipe, group) + 16 * kv_read
         emit(figure="decode_b16", backend="edge-cuda", device=device, model=name, recipe=recipe, batch=16, prompt=PROMPT,
              new_tokens=NEW, aggregate_tok_s=round(agg, 1), step_ms=round(1e3 * dt / (NEW - 1), 3),

@@ -18,6 +18,7 @@ from edge.runtime.cuda.kernels_src import KERNEL_NAMES, SOURCE
 
 MIN_COMPUTE_CAPABILITY = 80
 GEMV_TILES = (1, 2, 4, 8, 16)  # rows of X per GEMV launch-y (compile-time MT)
+GEMV_ROWS_PER_WARP = {1: 1, 2: 1, 4: 2, 8: 4, 16: 4}  # int4/int8 kernels: weight rows per warp (R)
 
 
 def kernel_cache_dir() -> str:

@@ -139,93 +139,137 @@ extern "C" __global__ void dequant_int8(const u32* __restrict__ W, const half* _
         }                                                                                    \
     }
 
-template <int MT>
+// Weights stream through once: load them without allocating in L1 so that X (read by every
+// warp) stays resident there instead of being evicted to L2 by gigabytes of weights.
+__device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+// R output rows per warp: each X chunk loaded from L1 serves R rows (R x less X traffic, which
+// dominates at MT = 8, 16). Rows past N are clamped for loading and never written.
+#define GEMV_EPILOGUE_R                                                                      \
+    _Pragma("unroll") for (int r = 0; r < R; ++r) {                                          \
+        _Pragma("unroll") for (int m = 0; m < MT; ++m) {                                     \
+            float v = warp_sum(acc[r][m]);                                                   \
+            const int mm = m0 + m, n = n0 + r;                                               \
+            if (lane == 0 && mm < M && n < N) {                                              \
+                v *= post[r];                                                                \
+                if (bias) v += __half2float(bias[n]);                                        \
+                if (out_f32) reinterpret_cast<float*>(Y)[(long long)mm * ldy + n] = v;       \
+                else reinterpret_cast<half*>(Y)[(long long)mm * ldy + n] = __float2half(v);  \
+            }                                                                                \
+        }                                                                                    \
+    }
+
+template <int MT, int R>
 __device__ __forceinline__ void gemv_int4(const uint4* __restrict__ W, const half* __restrict__ S,
                                           const half* __restrict__ X, const half* __restrict__ bias,
                                           void* __restrict__ Y, int M, int N, int K, int gshift,
                                           int ldy, int out_f32) {
     const int lane = threadIdx.x & 31;
-    const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int n0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
     const int m0 = blockIdx.y * MT;
-    if (n >= N) return;
+    if (n0 >= N) return;
     const int chunks = K >> 5;  // 32 elements per 16-byte chunk
-    const uint4* wrow = W + (long long)n * chunks;
-    const half* srow = S + (long long)n * (K >> gshift);
-    const float post_scale = 1.f;
-    float acc[MT];
+    const int groups = K >> gshift;
+    float acc[R][MT], post[R];
 #pragma unroll
-    for (int m = 0; m < MT; ++m) acc[m] = 0.f;
-#pragma unroll (MT <= 4 ? 4 : 2)
+    for (int r = 0; r < R; ++r) {
+        post[r] = 1.f;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+    }
+#pragma unroll (MT * R <= 4 ? 4 : (MT * R <= 16 ? 2 : 1))
     for (int c = lane; c < chunks; c += 32) {
-        uint4 q = __ldg(wrow + c);
-        float s = __half2float(srow[(c << 5) >> gshift]);
-        half2 w[16];
-        deq_int4_word(q.x, w);
-        deq_int4_word(q.y, w + 4);
-        deq_int4_word(q.z, w + 8);
-        deq_int4_word(q.w, w + 12);
+        half2 w[R][16];
+        float s[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const long long nr = min(n0 + r, N - 1);
+            uint4 q = ldg_stream(W + nr * chunks + c);
+            s[r] = __half2float(S[nr * groups + ((c << 5) >> gshift)]);
+            deq_int4_word(q.x, w[r]);
+            deq_int4_word(q.y, w[r] + 4);
+            deq_int4_word(q.z, w[r] + 8);
+            deq_int4_word(q.w, w[r] + 12);
+        }
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
             if (m0 + m < M) {
                 const uint4* xp = reinterpret_cast<const uint4*>(X + (long long)(m0 + m) * K + (c << 5));
-                half2 a0 = __float2half2_rn(0.f), a1 = a0;
+                uint4 xv[4];
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    uint4 xv = __ldg(xp + j);
-                    const half2* xh = reinterpret_cast<const half2*>(&xv);
-                    a0 = __hfma2(w[4 * j + 0], xh[0], a0);
-                    a1 = __hfma2(w[4 * j + 1], xh[1], a1);
-                    a0 = __hfma2(w[4 * j + 2], xh[2], a0);
-                    a1 = __hfma2(w[4 * j + 3], xh[3], a1);
+                for (int j = 0; j < 4; ++j) xv[j] = __ldg(xp + j);
+                const half2* xh = reinterpret_cast<const half2*>(xv);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    half2 a0 = __float2half2_rn(0.f), a1 = a0;
+#pragma unroll
+                    for (int j = 0; j < 16; j += 2) {
+                        a0 = __hfma2(w[r][j], xh[j], a0);
+                        a1 = __hfma2(w[r][j + 1], xh[j + 1], a1);
+                    }
+                    acc[r][m] += (h2sum(a0) + h2sum(a1)) * s[r];
                 }
-                acc[m] += (h2sum(a0) + h2sum(a1)) * s;
             }
         }
     }
-    GEMV_EPILOGUE
+    GEMV_EPILOGUE_R
 }
 
-template <int MT>
+template <int MT, int R>
 __device__ __forceinline__ void gemv_int8(const uint4* __restrict__ W, const half* __restrict__ S,
                                           const half* __restrict__ X, const half* __restrict__ bias,
                                           void* __restrict__ Y, int M, int N, int K, int ldy, int out_f32) {
     const int lane = threadIdx.x & 31;
-    const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int n0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
     const int m0 = blockIdx.y * MT;
-    if (n >= N) return;
+    if (n0 >= N) return;
     const int chunks = K >> 4;  // 16 elements per 16-byte chunk
-    const uint4* wrow = W + (long long)n * chunks;
-    const float post_scale = __half2float(S[n]);
-    float acc[MT];
+    float acc[R][MT], post[R];
 #pragma unroll
-    for (int m = 0; m < MT; ++m) acc[m] = 0.f;
-#pragma unroll (MT <= 4 ? 4 : 2)
+    for (int r = 0; r < R; ++r) {
+        post[r] = __half2float(S[min(n0 + r, N - 1)]);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+    }
+#pragma unroll (MT * R <= 4 ? 4 : (MT * R <= 16 ? 2 : 1))
     for (int c = lane; c < chunks; c += 32) {
-        uint4 q = __ldg(wrow + c);
-        half2 w[8];
-        deq_int8_word(q.x, w);
-        deq_int8_word(q.y, w + 2);
-        deq_int8_word(q.z, w + 4);
-        deq_int8_word(q.w, w + 6);
+        half2 w[R][8];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const long long nr = min(n0 + r, N - 1);
+            uint4 q = ldg_stream(W + nr * chunks + c);
+            deq_int8_word(q.x, w[r]);
+            deq_int8_word(q.y, w[r] + 2);
+            deq_int8_word(q.z, w[r] + 4);
+            deq_int8_word(q.w, w[r] + 6);
+        }
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
             if (m0 + m < M) {
                 const uint4* xp = reinterpret_cast<const uint4*>(X + (long long)(m0 + m) * K + (c << 4));
-                half2 a0 = __float2half2_rn(0.f), a1 = a0;
+                uint4 xv[2];
+                xv[0] = __ldg(xp);
+                xv[1] = __ldg(xp + 1);
+                const half2* xh = reinterpret_cast<const half2*>(xv);
 #pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    uint4 xv = __ldg(xp + j);
-                    const half2* xh = reinterpret_cast<const half2*>(&xv);
-                    a0 = __hfma2(w[4 * j + 0], xh[0], a0);
-                    a1 = __hfma2(w[4 * j + 1], xh[1], a1);
-                    a0 = __hfma2(w[4 * j + 2], xh[2], a0);
-                    a1 = __hfma2(w[4 * j + 3], xh[3], a1);
+                for (int r = 0; r < R; ++r) {
+                    half2 a0 = __float2half2_rn(0.f), a1 = a0;
+#pragma unroll
+                    for (int j = 0; j < 8; j += 2) {
+                        a0 = __hfma2(w[r][j], xh[j], a0);
+                        a1 = __hfma2(w[r][j + 1], xh[j + 1], a1);
+                    }
+                    acc[r][m] += h2sum(a0) + h2sum(a1);
                 }
-                acc[m] += h2sum(a0) + h2sum(a1);
             }
         }
     }
-    GEMV_EPILOGUE
+    GEMV_EPILOGUE_R
 }
 
 template <int MT>
@@ -244,7 +288,7 @@ __device__ __forceinline__ void gemv_fp16(const uint4* __restrict__ W, const hal
     for (int m = 0; m < MT; ++m) acc[m] = 0.f;
 #pragma unroll (MT <= 4 ? 4 : 2)
     for (int c = lane; c < chunks; c += 32) {
-        uint4 q = __ldg(wrow + c);
+        uint4 q = ldg_stream(wrow + c);
         const half2* w = reinterpret_cast<const half2*>(&q);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
@@ -262,22 +306,23 @@ __device__ __forceinline__ void gemv_fp16(const uint4* __restrict__ W, const hal
     GEMV_EPILOGUE
 }
 
-#define GEMV_INSTANCES(MT)                                                                      \
+#define GEMV_INSTANCES(MT, R)                                                                   \
     extern "C" __global__ void gemv_int4_m##MT(const uint4* W, const half* S, const half* X,     \
         const half* bias, void* Y, int M, int N, int K, int gshift, int ldy, int out_f32) {     \
-        gemv_int4<MT>(W, S, X, bias, Y, M, N, K, gshift, ldy, out_f32); }                       \
+        gemv_int4<MT, R>(W, S, X, bias, Y, M, N, K, gshift, ldy, out_f32); }                    \
     extern "C" __global__ void gemv_int8_m##MT(const uint4* W, const half* S, const half* X,     \
         const half* bias, void* Y, int M, int N, int K, int ldy, int out_f32) {                 \
-        gemv_int8<MT>(W, S, X, bias, Y, M, N, K, ldy, out_f32); }                               \
+        gemv_int8<MT, R>(W, S, X, bias, Y, M, N, K, ldy, out_f32); }                            \
     extern "C" __global__ void gemv_fp16_m##MT(const uint4* W, const half* X, const half* bias, \
         void* Y, int M, int N, int K, int ldy, int out_f32) {                                   \
         gemv_fp16<MT>(W, X, bias, Y, M, N, K, ldy, out_f32); }
 
-GEMV_INSTANCES(1)
-GEMV_INSTANCES(2)
-GEMV_INSTANCES(4)
-GEMV_INSTANCES(8)
-GEMV_INSTANCES(16)
+// (MT, rows per warp R): keep in step with kernels.GEMV_ROWS_PER_WARP
+GEMV_INSTANCES(1, 1)
+GEMV_INSTANCES(2, 1)
+GEMV_INSTANCES(4, 2)
+GEMV_INSTANCES(8, 4)
+GEMV_INSTANCES(16, 4)
 
 // ---------------------------------------------------------------------------------------
 // Embedding gather into the float residual stream: res[m, :] = emb[ids[m], :].

@@ -28,7 +28,7 @@ from edge.runtime.cuda import kernels as kmod
 from edge.runtime.cuda.paged_kv import BlockManager, pool_blocks
 from edge.runtime.cuda.reference import rope_tables
 
-GEMV_ROWS_PER_BLOCK = 8  # warps per 256-thread GEMV block, one output row each
+GEMV_ROWS_PER_BLOCK = 8  # warps per 256-thread GEMV block (each takes R rows, kernels.GEMV_ROWS_PER_WARP)
 MAX_GEMV_M = 16  # above this, prefill linears go through dequant + cuBLAS
 ATTN_THREADS = 256
 PREFILL_Q_CHUNK = 512  # prefill attention in query chunks: chunk c skips keys after its last query
@@ -218,7 +218,8 @@ class CudaDecoderSession:
         if m > MAX_GEMV_M:
             return self._linear_cublas(lin, x, m, y)
         t = self.k.gemv_tile(m)
-        grid = ((lin.n + GEMV_ROWS_PER_BLOCK - 1) // GEMV_ROWS_PER_BLOCK, (m + t - 1) // t)
+        rows = GEMV_ROWS_PER_BLOCK * (kmod.GEMV_ROWS_PER_WARP[t] if lin.kind != "fp16" else 1)
+        grid = ((lin.n + rows - 1) // rows, (m + t - 1) // t)
         bias = lin.bias if lin.bias is not None else NULL
         common = (_i32(m), _i32(lin.n), _i32(lin.k))
         if lin.kind == "int4":
