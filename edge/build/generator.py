@@ -239,6 +239,11 @@ def build_generator_bundle(
             except ImportError:
                 build_decoder_onnx = None
                 notes.append("edge.build.onnx_decoder unavailable: no ONNX graphs in this bundle")
+            if build_decoder_onnx is not None and recipe in ("int8", "int4"):
+                from edge.build import onnx_decoder
+
+                # MatMulNBits accuracy level of the ORT graph (recorded so that results can be compared)
+                quant_info["accuracy_level"] = getattr(onnx_decoder, "DEFAULT_ACCURACY_LEVEL", None)
             for form in ONNX_FORMS:
                 bar.step(f"ONNX ({form})")
                 if build_decoder_onnx is not None:
