@@ -313,3 +313,18 @@ def test_default_minilm_parity(default_parity, quant, min_cos):
     ours = emb.embed(texts, batch_size=32)
     _assert_close_to_oracle(ours, ref, texts, min_cos)
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_default_embedder_bundle_built_once_and_cached(edge_home):
+    from edge.engines import default_embedder_bundle
+
+    path = default_embedder_bundle(progress=False)
+    assert path.parent == edge_home / "engines"
+    stamp = (path / "manifest.json").stat().st_mtime_ns
+    assert default_embedder_bundle(progress=False) == path
+    assert (path / "manifest.json").stat().st_mtime_ns == stamp  # cached, not rebuilt
+    emb = Embedder.from_bundle(path)
+    v = emb.embed(["What does error E-214 mean?", "LiDAR point cloud degraded", "battery charging time"])
+    assert v.shape == (3, 384)
+    assert v[0] @ v[1] > v[0] @ v[2]  # the real model ranks the related passage higher
