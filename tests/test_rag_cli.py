@@ -1,0 +1,103 @@
+"""edge-rag ingest / search / ask / eval through the CLI entry point (fake engines)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_rag_fakes import HashEmbedder  # noqa: E402
+from test_rag_prompt import FakeGenerator  # noqa: E402
+
+from edge.cli import main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def fake_engines(monkeypatch, tmp_path):
+    import edge.cli.rag_cmd as cmd
+    import edge.runtime.generator as genmod
+    import rag.retrieve as ret
+
+    emb_dir = tmp_path / "emb"
+    emb_dir.mkdir()
+    monkeypatch.setattr(cmd, "_embedder", lambda path, collection=None: (HashEmbedder(), emb_dir))
+
+    class G:
+        @staticmethod
+        def from_bundle(path, backend="auto"):
+            return FakeGenerator(answer="The hose leaks [1].")
+
+    monkeypatch.setattr(genmod, "Generator", G)
+    import edge.engines
+
+    # never build the real default generator in a test
+    monkeypatch.setattr(edge.engines, "default_generator_bundle", lambda progress=True: tmp_path / "gen")
+    # thresholds for the hashing embedder
+    monkeypatch.setattr(ret, "MIN_COSINE_WITH_KEYWORDS", 0.5)
+    orig = ret.Retriever.__init__
+
+    def init(self, *a, **kw):
+        orig(self, *a, **kw)
+        self.min_cosine, self.min_cosine_with_keywords = 0.8, 0.5
+
+    monkeypatch.setattr(ret.Retriever, "__init__", init)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "codes.md").write_text("# Codes\n\n## E-214\n\nE-214: coolant pressure low. Check the hose.\n\n"
+                                   "## E-300\n\nE-300: fan stall, replace the fan.\n")
+    (docs / "junk.txt").write_bytes(b"\xff\xfe\xfa not utf8")
+    return docs
+
+
+def test_help_does_not_import_heavy_modules():
+    code = ("import sys; from edge.cli import main; rc = main(['ask', '--help']); "
+            "bad = [m for m in ('torch', 'transformers', 'onnxruntime', 'faiss') if m in sys.modules]; "
+            "print('BAD', bad); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "BAD []" in out.stdout
+    for opt in ("--json", "--engine", "--embedder", "--max-tokens", "--backend", "-k"):
+        assert opt in out.stdout
+
+
+def test_ingest_search_ask_eval(fake_engines, capsys, tmp_path):
+    assert main(["ingest", str(fake_engines), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "2 documents" not in out and "1 documents" in out and "skipped 1 file" in out and "UTF-8" in out
+    assert main(["search", "E-214", "-k", "2", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["hits"][0]["source"] == "docs/codes.md" and d["hits"][0]["location"].startswith("line")
+    assert main(["search", "E-214", "--mode", "keyword"]) == 0
+    assert "[1] docs/codes.md" in capsys.readouterr().out
+    assert main(["ask", "What does E-214 mean?", "--json", "-k", "1"]) == 0
+    a = json.loads(capsys.readouterr().out)
+    assert a["text"] == "The hose leaks [1]." and a["sources"][0]["cited"] and a["covered"]
+    assert {"retrieval_ms", "ttft_ms", "total_ms"} <= set(a["timings"])
+    assert main(["ask", "What does E-214 mean?", "-k", "1"]) == 0
+    res = capsys.readouterr()
+    assert res.out.startswith("The hose leaks [1].") and "Sources:" in res.out and "first token" in res.err
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question": "E-300 fan stall", "expected_source": "codes.md",
+                             "expected_keywords": ["hose"]}) + "\n")
+    assert main(["eval", str(q), "--mode", "all", "-k", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "recall@1=1.000" in out and "keyword-hit=1.000" in out and out.count("n=1") == 3
+
+
+def test_cli_errors_are_one_line(fake_engines, capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert main(["ingest", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "no documents" in err and err.count("\n") == 1
+    assert main(["search", "x"]) == 1
+    assert "ingest" in capsys.readouterr().err
+    assert main(["ingest", str(fake_engines), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["search", "x", "--mode", "fuzzy"]) == 2
+    assert "hybrid" in capsys.readouterr().err
