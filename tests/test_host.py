@@ -25,6 +25,13 @@ def test_runtime_hosts_all_three_and_reports_memory(tmp_path, monkeypatch):
     bundle = tmp_path / "gen-bundle"
     bundle.mkdir()
     (bundle / "weights.bin").write_bytes(b"\0" * 123_456)
+    import json
+
+    manifest = {"quant": {"recipe": "int4"}, "limits": {"max_context": 1000, "kv_dtype": "fp16"},
+                "plan": {"budget": {"embedder": 1000, "embedder_workspace": 500, "index": 4000, "workspace": 7},
+                         "options": [{"quant": "int8", "weight_bytes": 1}, {"quant": "int4", "weight_bytes": 100_000_000,
+                                                                            "kv_bytes_per_token": {"fp16": 100}}]}}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
     keep = []
 
     class FakeGeneratorClass:
@@ -49,7 +56,9 @@ def test_runtime_hosts_all_three_and_reports_memory(tmp_path, monkeypatch):
     parts = {p["name"]: p for p in rep["parts"]}
     assert set(parts) == {"index", "generator"}
     g = parts["generator"]
-    assert g["file_bytes"] == 123_456
+    assert g["file_bytes"] == 123_456 + len((bundle / "manifest.json").read_bytes())
+    assert g["planned_bytes"] == 100_000_000 + 100 * 1000 + 7 and not g["over_plan"]
+    assert parts["index"]["planned_bytes"] == 4000 and rep["planned_bytes"] == 100_000_000 + 100_007 + 4000
     assert g["rss_delta_bytes"] >= 60 << 20  # the 64 MiB allocated while loading
     assert rep["rss_bytes"] >= rep["loaded_bytes"] > 0
     assert parts["index"]["file_bytes"] > 0

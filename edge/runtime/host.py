@@ -42,7 +42,7 @@ def _dir_bytes(path: Path | None) -> int:
 @dataclass
 class PartMemory:
     """One loaded part. `rss_delta_bytes` is the RSS growth while it loaded; `planned_bytes`
-    is what the engine's manifest planned for it (None when it says nothing)."""
+    is what the generator's memory plan set aside for it (None without a plan)."""
 
     name: str
     path: str
@@ -56,16 +56,25 @@ class PartMemory:
         return self.planned_bytes is not None and self.rss_delta_bytes > self.planned_bytes
 
 
-def _planned(manifest: dict, *keys: str) -> int | None:
-    """The first integer found under manifest['plan'] / ['limits'] for any of `keys`."""
-    for section in ("plan", "limits", "memory"):
-        d = manifest.get(section)
-        if isinstance(d, dict):
-            for k in keys:
-                v = d.get(k)
-                if isinstance(v, (int, float)) and v > 0:
-                    return int(v)
-    return None
+def planned_bytes(gen_manifest: dict) -> dict[str, int]:
+    """What the generator's memory plan (edge.plan, stored in its manifest) set aside for each
+    part: generator = weights of the built quant + KV for one sequence at max_context + workspace;
+    embedder = weights + workspace; index = the plan's index budget. Empty when there is no plan."""
+    plan = gen_manifest.get("plan") or {}
+    budget = plan.get("budget") or {}
+    out: dict[str, int] = {}
+    recipe = (gen_manifest.get("quant") or {}).get("recipe")
+    limits = gen_manifest.get("limits") or {}
+    for opt in plan.get("options") or []:
+        if opt.get("quant") == recipe and "weight_bytes" in opt:
+            kv = (opt.get("kv_bytes_per_token") or {}).get(limits.get("kv_dtype", "fp16"), 0)
+            out["generator"] = int(opt["weight_bytes"] + kv * int(limits.get("max_context", 0))
+                                   + budget.get("workspace", 0))
+    if "embedder" in budget:
+        out["embedder"] = int(budget["embedder"] + budget.get("embedder_workspace", 0))
+    if "index" in budget:
+        out["index"] = int(budget["index"])
+    return out
 
 
 class EdgeRuntime:
@@ -81,6 +90,7 @@ class EdgeRuntime:
         self.rss_start = _rss()
         self._generator_path = generator_path
         self._generator = generator
+        self._gen_manifest: dict = {}
         t = time.perf_counter()
         r0 = _rss()
         if embedder is None:
@@ -88,13 +98,13 @@ class EdgeRuntime:
 
             path = Path(embedder_path) if embedder_path else self._default_embedder()
             embedder = Embedder.from_bundle(path)
-            self._add_part("embedder", path, r0, t, getattr(embedder, "manifest", None) or _manifest(path))
+            self._add_part("embedder", path, r0, t)
         self.embedder = embedder
         t, r0 = time.perf_counter(), _rss()
         from rag.retrieve import Retriever
 
         self.retriever = Retriever(self.embedder, collection)
-        self._add_part("index", self.retriever.dir, r0, t, {})
+        self._add_part("index", self.retriever.dir, r0, t)
         if load_generator:
             _ = self.generator
 
@@ -103,11 +113,8 @@ class EdgeRuntime:
 
         return default_embedder_bundle(progress=self.progress)
 
-    def _add_part(self, name: str, path: Path, r0: int, t0: float, manifest: dict | None) -> None:
-        planned = _planned(manifest or {}, f"{name}_bytes", "weights_bytes" if name == "generator" else "",
-                           "total_bytes" if name != "index" else "")
-        self.parts[name] = PartMemory(name, str(path), _dir_bytes(path), max(0, _rss() - r0),
-                                      time.perf_counter() - t0, planned)
+    def _add_part(self, name: str, path: Path, r0: int, t0: float) -> None:
+        self.parts[name] = PartMemory(name, str(path), _dir_bytes(path), max(0, _rss() - r0), time.perf_counter() - t0)
 
     @property
     def generator(self):
@@ -118,7 +125,8 @@ class EdgeRuntime:
             t, r0 = time.perf_counter(), _rss()
             path = Path(self._generator_path) if self._generator_path else self._default_generator()
             self._generator = Generator.from_bundle(path, backend=self.backend)
-            self._add_part("generator", path, r0, t, getattr(self._generator, "manifest", None) or _manifest(path))
+            self._add_part("generator", path, r0, t)
+            self._gen_manifest = _manifest(path)
         return self._generator
 
     def _default_generator(self) -> Path:
@@ -142,9 +150,15 @@ class EdgeRuntime:
     def memory_report(self) -> dict[str, Any]:
         """Per part: RSS growth at load, file bytes, planned bytes; plus the process total and
         the device profile's usable memory when a profile can be detected."""
+        planned = planned_bytes(self._gen_manifest)
+        for p in self.parts.values():
+            p.planned_bytes = planned.get(p.name)
         rep: dict[str, Any] = {"parts": [asdict(p) | {"over_plan": p.over_plan} for p in self.parts.values()],
                                "rss_bytes": _rss(), "rss_at_start_bytes": self.rss_start}
         rep["loaded_bytes"] = sum(p.rss_delta_bytes for p in self.parts.values())
+        if planned:
+            rep["planned_bytes"] = sum(planned.get(p.name, 0) for p in self.parts.values())
+            rep["within_plan"] = rep["loaded_bytes"] <= rep["planned_bytes"]
         try:
             from edge.profiles import detect_profile, load_profile
 
