@@ -141,9 +141,11 @@ extern "C" __global__ void dequant_int8(const u32* __restrict__ W, const half* _
 
 // Weights stream through once: load them without allocating in L1 so that X (read by every
 // warp) stays resident there instead of being evicted to L2 by gigabytes of weights.
+// Not `volatile`: the compiler must stay free to hoist the unrolled iterations' loads so that
+// several 16-byte loads per thread are in flight.
 __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
     uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
 }
@@ -368,7 +370,9 @@ extern "C" __global__ void rope_cache(const half* __restrict__ qkv, const int* _
     const int p = pos[m];
     const int slot = slots[m];
     const int pairs = (Hq + Hkv) * half_d;
-    for (int t = threadIdx.x; t < pairs + Hkv * D; t += blockDim.x) {
+    // gridDim.y blocks share one token's work: one item per thread, not a serial loop of
+    // dependent global loads in a single block (decode has only M = batch tokens)
+    for (int t = blockIdx.y * blockDim.x + threadIdx.x; t < pairs + Hkv * D; t += blockDim.x * gridDim.y) {
         if (t < pairs) {
             const int h = t / half_d, i = t % half_d;
             const half* src = row + h * D;

@@ -120,6 +120,8 @@ class CudaDecoderSession:
                 cp.cuda.driver.funcSetAttribute(self.k[name].ptr, 8, smem)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         self._attn_smem = smem
         self._graphs: dict[int, Any] = {}
+        # one block per row: enough threads that each does a few elements (latency, not bandwidth)
+        self._norm_threads = max(128, min(1024, spec.hidden_size // 4 // 32 * 32))
 
     # ---- weights ----------------------------------------------------------------------
     def _load_weights(self, w: dict[str, np.ndarray]) -> None:
@@ -252,18 +254,19 @@ class CudaDecoderSession:
             y[:m] += lin.bias
 
     def _add_rmsnorm(self, res: Any, x: Any, w: Any, out: Any, m: int) -> None:
-        self.k["add_rmsnorm"]((m,), (256,), (res, x if x is not None else NULL, w, out, _i32(self.spec.hidden_size), np.float32(self.spec.rms_eps)))
+        self.k["add_rmsnorm"]((m,), (self._norm_threads,), (res, x if x is not None else NULL, w, out, _i32(self.spec.hidden_size), np.float32(self.spec.rms_eps)))
 
     def _layers(self, m: int, bufs: dict[str, Any], ids: Any, pos: Any, slots: Any, attend) -> None:
         """Embedding -> all layers -> final norm into bufs['h'] (rows [0, m))."""
         k, s = self.k, self.spec
         self.k["embed"]((m,), (256,), (ids, self.embed, bufs["res"], _i32(s.hidden_size)))
         self._add_rmsnorm(bufs["res"], None, self.layers[0]["ln1"], bufs["h"], m)
-        rope_threads = 256
+        rope_threads = 128
+        rope_blocks = -(-((s.n_heads + s.n_kv_heads) * s.head_dim // 2 + s.kv_size) // rope_threads)
         for i, L in enumerate(self.layers):
             kc, vc = self.kv[i, 0], self.kv[i, 1]
             self.linear(L["qkv"], bufs["h"], m, bufs["qkv"])
-            k["rope_cache"]((m,), (rope_threads,), (bufs["qkv"], pos, slots, self.cos, self.sin, bufs["q"], kc, vc, _i32(s.n_heads), _i32(s.n_kv_heads), _i32(s.head_dim)))
+            k["rope_cache"]((m, rope_blocks), (rope_threads,), (bufs["qkv"], pos, slots, self.cos, self.sin, bufs["q"], kc, vc, _i32(s.n_heads), _i32(s.n_kv_heads), _i32(s.head_dim)))
             attend(i, bufs["q"], kc, vc, bufs["a"])
             self.linear(L["o"], bufs["a"], m, bufs["o"])
             self._add_rmsnorm(bufs["res"], bufs["o"], L["ln2"], bufs["h"], m)
