@@ -103,8 +103,8 @@ def dequantized_state(weights: dict[str, np.ndarray], group_size: int = 32) -> d
     return out
 
 
-def reference_model(model, recipe: str, group_size: int = 32):
-    """A copy of `model` holding exactly the weights the engine holds (dequantized, fp16-rounded)."""
+def reference_model(model, recipe: str, group_size: int = 32, form: str = "ort"):
+    """A copy of `model` holding exactly the weights the engine's `form` holds (dequantized, fp16-rounded)."""
     import copy
 
     import torch
@@ -121,6 +121,9 @@ def reference_model(model, recipe: str, group_size: int = 32):
                 sd[k].copy_(torch.from_numpy(v))
     if "lm_head.weight" in state:
         ref.lm_head.weight.data = torch.from_numpy(state["lm_head.weight"]).clone()
+        if model.config.tie_word_embeddings and form == "ort":
+            # the ORT form gathers embeddings from the tied head's quantized data (GatherBlockQuantized)
+            ref.model.embed_tokens.weight.data = torch.from_numpy(state["lm_head.weight"]).clone()
     return ref.eval()
 
 
@@ -128,15 +131,12 @@ def make_tokenizer_files(folder: Path) -> None:
     """tokenizer.json + tokenizer_config.json: byte-level BPE, vocab 256, ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda c: ord(c))
     # keep bytes 0..251 of the GPT-2 byte->unicode table (ASCII and Latin-1 letters stay in)
-    from tokenizers.pre_tokenizers import ByteLevel  # noqa: F401
-
     byte_chars = _bytes_to_unicode()
     vocab = {t: i for i, t in enumerate(SPECIALS)}
     for b in range(VOCAB - len(SPECIALS)):
         vocab[byte_chars[b]] = len(vocab)
-    assert len(alphabet) == 256 and len(vocab) == VOCAB
+    assert len(vocab) == VOCAB
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()

@@ -79,8 +79,9 @@ def test_fp32_matches_transformers(tmp_path, arch, kw, form):
 
 @pytest.mark.parametrize("recipe", ["int4", "int8", "fp16"])
 @pytest.mark.parametrize("form", ["ort", "trt"])
-def test_quantized_matches_dequantized_reference(tmp_path, recipe, form):
-    model = tiny_hf_model("qwen2")  # bias + untied head: every weight kind appears
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_quantized_matches_dequantized_reference(tmp_path, recipe, form, arch):
+    model = tiny_hf_model(arch)  # qwen2: bias + untied head; llama: tied head (shared quantized embedding in the ORT form)
     spec = hf_spec(model)
     w = bundle_weights(model, recipe, group_size=32)
     quant = {"recipe": recipe, "group_size": 32 if recipe == "int4" else 0}
@@ -89,7 +90,7 @@ def test_quantized_matches_dequantized_reference(tmp_path, recipe, form):
     onnx.checker.check_model(str(path))
     ids = np.random.default_rng(2).integers(0, spec.vocab_size, 20)
     got = (run_ort_form if form == "ort" else run_trt_form)(path, spec, ids, 12)
-    want = reference_logits(reference_model(model, recipe, 32), ids, 12)
+    want = reference_logits(reference_model(model, recipe, 32, form), ids, 12)
     assert_close(got, want, 1e-3, f"{recipe} {form}")
     # and the quantization really happened: the fp32 model differs from the reference
     if recipe != "fp16":

@@ -53,6 +53,17 @@ def test_session_prefill_decode_and_continuation_match_transformers(llama, fp32_
     assert rel_err(np.stack(got), want[[8, 19, *range(20, 30)]]) < 1e-3
 
 
+def test_chunked_prefill_equals_one_shot(fp32_bundle):
+    ids = np.random.default_rng(3).integers(0, 256, 40)
+    out = []
+    for chunk in (5, 128):
+        s = OrtDecoderSession(Bundle.open(fp32_bundle, verify=False), prefill_chunk=chunk)
+        s.add_sequence(0)
+        out.append((s.prefill(0, ids), s.decode([0], np.array([3]))[0]))
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-4, atol=1e-5)
+
+
 def test_kv_cache_is_updated_in_place(fp32_bundle):
     s = OrtDecoderSession(Bundle.open(fp32_bundle), max_batch=2)
     bufs = [id(b) for b in s.k]
