@@ -46,6 +46,16 @@ def _stored_embedder_path(collection: str) -> Path | None:
     return Path(p) if p and Path(p).exists() else None
 
 
+def _require_collection(collection: str) -> None:
+    """Fail fast (before loading any engine) when the collection was never ingested."""
+    from edge.errors import IndexError_
+    from edge.paths import home
+
+    if not (home() / "collections" / collection / "store.sqlite").exists():
+        raise IndexError_(f"collection '{collection}' does not exist",
+                          fix=f"run `edge-rag ingest PATH{'' if collection == 'default' else ' --collection ' + collection}` first")
+
+
 def _echo_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
@@ -58,6 +68,8 @@ def ingest(
     rebuild: bool = typer.Option(False, "--rebuild", help="Re-embed everything (e.g. after changing the embedder)"),
     max_tokens: int = typer.Option(200, "--chunk-tokens", help="Chunk size in embedder tokens"),
     overlap: int = typer.Option(40, "--overlap", help="Tokens carried over between chunks"),
+    index_memory: Optional[str] = typer.Option(None, "--index-memory",
+                                                help="Memory budget for the vector index (e.g. 64MB): picks flat/HNSW/IVF-PQ"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
 ) -> None:
@@ -68,9 +80,15 @@ def ingest(
     from rag.ingest import ingest as run_ingest
 
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    budget = None
+    if index_memory:
+        from edge.profiles import parse_size
+
+        budget = parse_size(index_memory)
     emb, emb_path = _embedder(embedder)
     rep = run_ingest(path, embedder=emb, collection=collection, rebuild=rebuild, progress=not quiet and not as_json,
-                     params=ChunkParams(max_tokens, overlap), embedder_path=str(emb_path.resolve()))
+                     params=ChunkParams(max_tokens, overlap), embedder_path=str(emb_path.resolve()),
+                     memory_budget=budget)
     if as_json:
         _echo_json(rep.to_dict())
         return
@@ -101,6 +119,7 @@ def search(
     """Show the ranked passages for a query, with scores (no generation)."""
     from rag.retrieve import Retriever
 
+    _require_collection(collection)
     emb = None if mode == "keyword" and embedder is None else _embedder(embedder, collection)[0]
     with Retriever(emb, collection) as r:
         res = r.search(query, k=k, mode=mode)
@@ -149,6 +168,7 @@ def ask(
     t0 = time.perf_counter()
     from edge.runtime.host import EdgeRuntime
 
+    _require_collection(collection)
     emb, _ = _embedder(embedder, collection)
     rt = EdgeRuntime(collection, embedder=emb, generator_path=engine, backend=backend, progress=not as_json)
     t_loaded = time.perf_counter()
@@ -197,6 +217,7 @@ def eval_(
     from rag.retrieve import MODES, Retriever
 
     items = load_questions(questions)
+    _require_collection(collection)
     modes = list(MODES) if mode == "all" else [mode]
     emb, _ = _embedder(embedder, collection)
     gen = None

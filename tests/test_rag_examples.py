@@ -1,0 +1,34 @@
+"""The shipped example corpus with the real default embedder (slow: builds the embedder bundle)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_examples_recall_at_5_with_the_default_embedder():
+    from edge.engines import default_embedder_bundle
+    from edge.runtime.embedder import Embedder
+    from rag.eval import evaluate, load_questions
+    from rag.ingest import check_collection, ingest
+    from rag.retrieve import Retriever
+
+    emb = Embedder.from_bundle(default_embedder_bundle(progress=False))
+    rep = ingest(ROOT / "examples" / "manuals", embedder=emb, progress=False)
+    assert rep.skipped == [] and rep.total_documents == len(list((ROOT / "examples" / "manuals").iterdir()))
+    from edge.paths import index_dir
+
+    assert check_collection(index_dir()) == []
+    items = load_questions(ROOT / "examples" / "questions.jsonl")
+    with Retriever(emb) as r:
+        res = {m: evaluate(items, r, k=5, mode=m) for m in ("hybrid", "vector", "keyword")}
+        assert res["hybrid"].recall_at_k >= 0.95, res["hybrid"].per_question
+        assert res["hybrid"].mrr >= res["vector"].mrr - 0.02
+        # every in-domain question passes the relevance gate; off-topic ones do not
+        assert all(r.search(it.question).relevant for it in items)
+        for q in ("Who won the football world cup in 1954?", "How do I bake sourdough bread?"):
+            assert not r.search(q).relevant
