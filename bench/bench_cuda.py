@@ -198,7 +198,8 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
          prompt=PROMPT, new_tokens=NEW, decode_tok_s=round(tps, 1), ttft_ms=round(res["ttft_ms"], 2),
          bytes_per_token=int(bpt), achieved_gb_s=round(bpt * tps / 1e9, 1), copy_gb_s=round(copy_bw / 1e9, 1),
          roofline_frac=round(bpt * tps / copy_bw, 3), weight_gib=round(sess.weight_bytes / 2**30, 3),
-         load_s=round(load_s, 1), linear_rel_err=lin_err, logits_rel_err=logit_err,
+         load_s=round(load_s, 1), int4_m1_kernel=sess._int4_m1[0],
+         int4_m1_us={k: round(v, 1) for k, v in sess.int4_m1_us.items()}, linear_rel_err=lin_err, logits_rel_err=logit_err,
          peak_gib=round(cp.get_default_memory_pool().total_bytes() / 2**30, 2))
     decode_breakdown(sess, name, device, 1)
     if is_1b:

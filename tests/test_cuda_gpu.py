@@ -54,7 +54,7 @@ def test_linear_kernels_match_numpy(cp, kind, g, m):
     from edge.runtime.cuda.session import Linear
 
     rng = np.random.default_rng(m * 7 + g)
-    n, k = 200, 512
+    n, k = 203, 512  # N not a multiple of the rows per block
     w = rng.standard_normal((n, k), dtype=np.float32) * 0.05
     x = rng.standard_normal((m, k), dtype=np.float32).astype(np.float16)
     bias = rng.standard_normal(n).astype(np.float16)
@@ -74,9 +74,12 @@ def test_linear_kernels_match_numpy(cp, kind, g, m):
         wd = w.astype(np.float16).astype(np.float32)
         lin = Linear("fp16", n, k, cp.asarray(w.astype(np.float16)), None, 0, cp.asarray(bias))
     want = x.astype(np.float32) @ wd.T + bias.astype(np.float32)
-    y = cp.full((m, n), np.nan, dtype=cp.float16)  # poisoned: every element must be written
-    s.linear(lin, cp.asarray(x), m, y)
-    check(y.get(), want, 3e-3, f"{kind} g{g} m{m}")
+    variants = s.INT4_M1_VARIANTS if (kind == "int4" and m == 1) else [s._int4_m1]
+    for v in variants:  # every M = 1 int4 variant the autotuner may pick
+        s._int4_m1 = v
+        y = cp.full((m, n), np.nan, dtype=cp.float16)  # poisoned: every element must be written
+        s.linear(lin, cp.asarray(x), m, y)
+        check(y.get(), want, 3e-3, f"{kind} g{g} m{m} {v}")
     y32 = cp.full((m, n), np.nan, dtype=cp.float32)
     if m <= 16:
         s.linear(lin, cp.asarray(x), m, y32, out_f32=True)

@@ -184,7 +184,7 @@ __device__ __forceinline__ void gemv_int4(const uint4* __restrict__ W, const hal
 #pragma unroll
         for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
     }
-#pragma unroll (MT * R <= 4 ? 4 : (MT * R <= 16 ? 2 : 1))
+#pragma unroll (MT * R <= 1 ? 4 : (MT * R <= 4 ? 2 : 1))
     for (int c = lane; c < chunks; c += 32) {
         half2 w[R][16];
         float s[R];
@@ -318,6 +318,15 @@ __device__ __forceinline__ void gemv_fp16(const uint4* __restrict__ W, const hal
     extern "C" __global__ void gemv_fp16_m##MT(const uint4* W, const half* X, const half* bias, \
         void* Y, int M, int N, int K, int ldy, int out_f32) {                                   \
         gemv_fp16<MT>(W, X, bias, Y, M, N, K, ldy, out_f32); }
+
+// M = 1 variants with more rows per warp (longer-lived warps, more loads in flight); the
+// session times them on the model's largest int4 layer at load and keeps the fastest.
+extern "C" __global__ void gemv_int4_m1_r2(const uint4* W, const half* S, const half* X, const half* bias,
+    void* Y, int M, int N, int K, int gshift, int ldy, int out_f32) {
+    gemv_int4<1, 2>(W, S, X, bias, Y, M, N, K, gshift, ldy, out_f32); }
+extern "C" __global__ void gemv_int4_m1_r4(const uint4* W, const half* S, const half* X, const half* bias,
+    void* Y, int M, int N, int K, int gshift, int ldy, int out_f32) {
+    gemv_int4<1, 4>(W, S, X, bias, Y, M, N, K, gshift, ldy, out_f32); }
 
 // (MT, rows per warp R): keep in step with kernels.GEMV_ROWS_PER_WARP
 GEMV_INSTANCES(1, 1)
@@ -576,6 +585,8 @@ KERNEL_NAMES = (
     "dequant_int4",
     "dequant_int8",
     *(f"gemv_{k}_m{m}" for k in ("int4", "int8", "fp16") for m in (1, 2, 4, 8, 16)),
+    "gemv_int4_m1_r2",
+    "gemv_int4_m1_r4",
     "embed",
     "add_rmsnorm",
     "rope_cache",

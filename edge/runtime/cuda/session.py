@@ -70,6 +70,10 @@ def _buckets(max_batch: int) -> list[int]:
 class CudaDecoderSession:
     """A generator bundle loaded on the GPU with a paged KV cache for `max_batch` x `max_context`."""
 
+    # int4 GEMV at M = 1: (kernel, rows per warp); autotuned at load (see _autotune_int4_m1)
+    _int4_m1: tuple[str, int] = ("gemv_int4_m1", 1)
+    INT4_M1_VARIANTS = (("gemv_int4_m1", 1), ("gemv_int4_m1_r2", 2), ("gemv_int4_m1_r4", 4))
+
     def __init__(
         self,
         bundle: Bundle | str | Path,
@@ -122,6 +126,34 @@ class CudaDecoderSession:
         self._graphs: dict[int, Any] = {}
         # one block per row: enough threads that each does a few elements (latency, not bandwidth)
         self._norm_threads = max(128, min(1024, spec.hidden_size // 4 // 32 * 32))
+        self.int4_m1_us = self._autotune_int4_m1()
+
+    def _autotune_int4_m1(self) -> dict[str, float]:
+        """Time the M = 1 int4 GEMV variants on the largest int4 layer; keep the fastest."""
+        cp = self.cp
+        lins = [L[k] for L in self.layers[:1] for k in ("qkv", "o", "gu", "down") if L[k].kind == "int4"]
+        if not lins:
+            return {}
+        lin = max(lins, key=lambda l: l.nbytes)
+        x = cp.ones((1, lin.k), dtype=cp.float16)
+        y = cp.empty((1, lin.n), dtype=cp.float16)
+        s0, e0 = cp.cuda.Event(), cp.cuda.Event()
+        times = {}
+        with self.stream:
+            for variant in self.INT4_M1_VARIANTS:
+                self._int4_m1 = variant
+                self.linear(lin, x, 1, y)
+                ts = []
+                for _ in range(5):
+                    s0.record(self.stream)
+                    for _ in range(10):
+                        self.linear(lin, x, 1, y)
+                    e0.record(self.stream)
+                    e0.synchronize()
+                    ts.append(cp.cuda.get_elapsed_time(s0, e0) * 100)  # us per launch
+                times[variant[0]] = sorted(ts)[len(ts) // 2]
+        self._int4_m1 = min(self.INT4_M1_VARIANTS, key=lambda v: times[v[0]])
+        return times
 
     # ---- weights ----------------------------------------------------------------------
     def _load_weights(self, w: dict[str, np.ndarray]) -> None:
@@ -220,7 +252,11 @@ class CudaDecoderSession:
         if m > MAX_GEMV_M:
             return self._linear_cublas(lin, x, m, y)
         t = self.k.gemv_tile(m)
-        rows = GEMV_ROWS_PER_BLOCK * (kmod.GEMV_ROWS_PER_WARP[t] if lin.kind != "fp16" else 1)
+        if t == 1 and lin.kind == "int4":
+            name, r = self._int4_m1
+        else:
+            name, r = f"gemv_{lin.kind}_m{t}", (kmod.GEMV_ROWS_PER_WARP[t] if lin.kind != "fp16" else 1)
+        rows = GEMV_ROWS_PER_BLOCK * r
         grid = ((lin.n + rows - 1) // rows, (m + t - 1) // t)
         bias = lin.bias if lin.bias is not None else NULL
         common = (_i32(m), _i32(lin.n), _i32(lin.k))
@@ -230,7 +266,7 @@ class CudaDecoderSession:
             args = (lin.q, lin.s, x, bias, y, *common, _i32(lin.n), _i32(out_f32))
         else:
             args = (lin.q, x, bias, y, *common, _i32(lin.n), _i32(out_f32))
-        self.k[f"gemv_{lin.kind}_m{t}"](grid, (32 * GEMV_ROWS_PER_BLOCK,), args)
+        self.k[name](grid, (32 * GEMV_ROWS_PER_BLOCK,), args)
 
     def dequantize(self, lin: Linear) -> Any:
         """half [N, K] copy of the layer's weight (prefill path)."""
