@@ -47,6 +47,11 @@ class _Binding:
     io: object
     logits: np.ndarray  # [count, vocab] output buffer
     keep: list = field(default_factory=list)  # OrtValues / arrays that must outlive the binding
+    # decode inputs, updated in place each step (no per-step OrtValue creation)
+    step_ids: np.ndarray | None = None  # int64 [count, 1]
+    step_seqlens: np.ndarray | None = None  # int32 [count]
+    step_total: np.ndarray | None = None  # int32 []
+    step_values: tuple = ()
 
 
 def session_options(threads: int | None):
@@ -150,6 +155,10 @@ class OrtDecoderSession:
         io.bind_ortvalue_output("logits", lov)
         keep.append(lov)
         b = _Binding(io, logits, keep)
+        b.step_ids = np.zeros((count, 1), np.int64)
+        b.step_seqlens = np.zeros(count, np.int32)
+        b.step_total = np.zeros((), np.int32)
+        b.step_values = tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in (b.step_ids, b.step_seqlens, b.step_total))
         self._bindings[key] = b
         return b
 
@@ -157,9 +166,16 @@ class OrtDecoderSession:
         """ids int64 [count, S]; new_lens [count] = cached + S per row. Returns logits [count, V] (a view)."""
         count = ids.shape[0]
         b = self._binding(start, count)
-        b.io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        b.io.bind_cpu_input("seqlens_k", (new_lens - 1).astype(np.int32))
-        b.io.bind_cpu_input("total_sequence_length", np.array(int(new_lens.max()), dtype=np.int32))
+        if ids.shape[1] == 1:  # decode: write into the bound buffers
+            b.step_ids[:, 0] = ids[:, 0]
+            b.step_seqlens[:] = new_lens - 1
+            b.step_total[()] = new_lens.max()
+            for name, v in zip(("input_ids", "seqlens_k", "total_sequence_length"), b.step_values):
+                b.io.bind_ortvalue_input(name, v)
+        else:
+            b.io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+            b.io.bind_cpu_input("seqlens_k", (new_lens - 1).astype(np.int32))
+            b.io.bind_cpu_input("total_sequence_length", np.array(int(new_lens.max()), dtype=np.int32))
         self.sess.run_with_iobinding(b.io)
         return b.logits
 
