@@ -159,6 +159,22 @@ def test_tiny_matches_sentence_transformers(case, tiny_folders, tmp_path):
         assert np.abs(norms - 1.0).max() > 1e-2  # really left unnormalised
 
 
+def test_tiny_unfused_attention_matches(tiny_folders, tmp_path, monkeypatch):
+    """The standard-ops attention (no ORT contrib Attention) gives the same vectors, padding included."""
+    import edge.build.encoder as enc
+
+    folder = tiny_folders["e5_mean_norm"]
+    fused = Embedder.from_bundle(build_embedder_bundle(folder, tmp_path / "f", progress=False))
+    monkeypatch.setattr(enc, "ATTENTION_IMPL", "unfused")
+    unfused = Embedder.from_bundle(build_embedder_bundle(folder, tmp_path / "u", progress=False))
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(unfused.bundle.path / "model.onnx")).graph.node}
+    assert "Attention" not in ops and "Softmax" in ops
+    texts = varied_texts(24, seed=4)
+    np.testing.assert_allclose(unfused.embed(texts, batch_size=6), fused.embed(texts, batch_size=6), atol=2e-5)
+
+
 def test_tiny_int8_close(tiny_folders, tmp_path):
     from sentence_transformers import SentenceTransformer
 

@@ -79,9 +79,10 @@ class Embedder:
     # ---- construction ----------------------------------------------------------------
     @classmethod
     def from_bundle(cls, path: str | Path, *, threads: int | None = None, verify: bool = True,
-                    providers: list[str] | None = None) -> "Embedder":
+                    providers: list[str] | None = None, spin: bool = False) -> "Embedder":
         """Open an embedder bundle (checksums verified) and start an onnxruntime session.
-        `threads`: intra-op threads (default: the cores this process may use)."""
+        `threads`: intra-op threads (default: the cores this process may use). `spin`: let idle
+        worker threads spin-wait (lower latency on a machine with cores to spare)."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -98,6 +99,9 @@ class Embedder:
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        # NOTE: no spin-waiting between ops. The embedder shares a few cores with the generator
+        # (EdgeRuntime hosts both); spinning threads of an idle session steal those cores.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
             sess = ort.InferenceSession(str(bundle.file("model.onnx")), so, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
