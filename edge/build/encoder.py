@@ -296,11 +296,19 @@ def _quantize_int8(src: Path, dst: Path) -> dict[str, Any]:
     consts = {i.name for i in model.graph.initializer}
     nodes = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Attention") and n.input[1] in consts]
     keep_fp32 = [n for n in nodes if not any(k in n for k in INT8_LINEARS)]
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=keep_fp32,
-                     extra_options={"MatMulConstBOnly": True,
-                                    # contrib-op outputs have no inferred type; they are all float32
-                                    "DefaultTensorType": TensorProto.FLOAT})
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs advice (pre-processing) meant for CNNs
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=keep_fp32,
+                         extra_options={"MatMulConstBOnly": True,
+                                        # contrib-op outputs have no inferred type; they are all float32
+                                        "DefaultTensorType": TensorProto.FLOAT})
+    finally:
+        root.setLevel(level)
     return {"recipe": "int8", "method": "SmoothQuant + onnxruntime.quantize_dynamic", "weights": "int8 per-channel symmetric",
             "activations": "uint8 dynamic per call", "int8_linears": list(INT8_LINEARS),
             "smoothed": list(INT8_SMOOTHED), "smooth_alpha": INT8_SMOOTH_ALPHA}
