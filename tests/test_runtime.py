@@ -296,3 +296,15 @@ def test_smollm2_greedy_64_tokens_match_transformers(smol_fp32, smol_hf, prompt)
     while len(got) < 64:
         got.append(int(np.argmax(s.decode([0], np.array([got[-1]]))[0])))
     assert got == want, f"first difference at {next(i for i, (a, c) in enumerate(zip(got, want)) if a != c)}"
+
+
+def test_spinning_only_when_cores_are_free(monkeypatch):
+    import os
+
+    from edge.runtime import ort_session
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert ort_session.should_spin(2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    assert not ort_session.should_spin(2) and not ort_session.should_spin(1)

@@ -54,11 +54,28 @@ class _Binding:
     step_values: tuple = ()
 
 
-def session_options(threads: int | None):
+def should_spin(threads: int | None) -> bool:
+    """Whether ORT's intra-op workers should busy-wait between ops. Spinning saves the wake-up
+    latency of ~300 small ops per decode step on an idle machine, but when other processes
+    compete for the cores a spinning worker steals the CPU the op needs: measured here under
+    load 6 on 2 cores, decode ran at 45 tok/s spinning vs 72 tok/s sleeping. Spin only when
+    the 1-minute load leaves our threads a core each."""
+    cores = os.cpu_count() or 1
+    want = threads or cores
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return True
+    return load + want <= cores + 0.5
+
+
+def session_options(threads: int | None, spin: bool | None = None):
     """intra-op threads (default: all cores), one inter-op thread, every graph optimization."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    spin = should_spin(threads) if spin is None else spin
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = int(threads or 0)
@@ -73,7 +90,7 @@ class OrtDecoderSession:
     """DecoderSession over ONNX Runtime. See edge.runtime.session.DecoderSession."""
 
     def __init__(self, bundle, *, max_batch: int = 1, max_context: int | None = None, threads: int | None = None,
-                 providers: Sequence[str] | None = None, prefill_chunk: int = PREFILL_CHUNK):
+                 providers: Sequence[str] | None = None, prefill_chunk: int = PREFILL_CHUNK, spin: bool | None = None):
         import onnxruntime as ort
 
         limit_malloc_caching()
@@ -84,7 +101,7 @@ class OrtDecoderSession:
         self.spec = spec = bundle.spec
         path = bundle.file("model.ort.onnx")
         try:
-            self.sess = ort.InferenceSession(str(path), session_options(threads), providers=list(providers or ["CPUExecutionProvider"]))
+            self.sess = ort.InferenceSession(str(path), session_options(threads, spin), providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise BackendError(f"{path}: onnxruntime could not load the graph ({e})", fix="rebuild the bundle with this edge-rag / onnxruntime") from None
         meta = self.sess.get_modelmeta().custom_metadata_map
