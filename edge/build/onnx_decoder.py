@@ -41,9 +41,11 @@ from edge.quant.format import unpack_int4
 FORMS = {"ort": "model.ort.onnx", "trt": "model.trt.onnx"}
 
 # MatMulNBits accuracy_level 4: activations quantized to int8 per block, int8 dot products
-# (AVX512-VNNI / AVX-VNNI / NEON dot). Measured fastest for both decode and prefill on x86 and
-# the logits stay within the int4 error budget (tests/test_onnx_decoder.py checks the int4
-# engine against the dequantized numpy reference with a tolerance that covers it).
+# (AVX512-VNNI / AVX-VNNI / NEON dot). Measured on SmolLM2-135M int4-g64 (2-core EPYC, 1 thread):
+# decode 162 tok/s at level 4 vs 6.8 tok/s at level 0 (fp32 activations; the 8-bit head has no
+# fast fp32 path), prefill 745 vs 462 tok/s. Quality: tests check level 4 against the exact
+# dequantized reference (same top token at >= 80% of positions, logits within 10%); level 1
+# (fp32 activations) is exact and stays available for comparisons (the tests use it).
 DEFAULT_ACCURACY_LEVEL = 4
 MAX_ROPE_CACHE = 32768  # positions in the cos/sin caches unless max_context says otherwise
 
