@@ -86,3 +86,49 @@ def test_rebuild_from_batches_uses_plan():
     ids = np.arange(n, dtype=np.int64)
     vi = rebuild_from(lambda: iter([(ids[:25], x[:25]), (ids[25:], x[25:])]), n, dim, "e", 3)
     assert vi.kind == "flat" and vi.ntotal == n and vi.generation == 3
+
+
+def test_ivfpq_collection_end_to_end(tmp_path, monkeypatch):
+    """A collection whose budget forces IVF-PQ: the retriever re-ranks PQ candidates with the exact
+    vectors read back from SQLite and agrees with brute force; incremental updates keep working."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_rag_fakes import HashEmbedder
+
+    import rag.index as ri
+    import rag.ingest as ing
+    from edge.paths import index_dir
+    from rag.ingest import check_collection, ingest
+    from rag.retrieve import Retriever
+    from rag.store import Store
+
+    plan = IndexPlan("ivfpq", 0, {"nlist": 4, "m": 8, "nprobe": 4})
+    monkeypatch.setattr(ri, "choose_index", lambda n, dim, budget=None: plan)
+    monkeypatch.setattr(ing, "choose_index", lambda n, dim, budget=None: plan)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    rng = np.random.default_rng(0)
+    vocab = [f"term{i}" for i in range(400)]
+    for f in range(30):
+        paras = [" ".join(rng.choice(vocab, 12)) + "." for _ in range(12)]
+        (docs / f"f{f}.txt").write_text("\n\n".join(paras) + "\n")
+    emb = HashEmbedder(32)
+    rep = ingest(docs, embedder=emb, progress=False, params=ing.ChunkParams(max_tokens=14, overlap=0))
+    assert rep.index_kind == "ivfpq" and rep.total_chunks >= 300
+    (docs / "f0.txt").unlink()
+    rep = ingest(docs, embedder=emb, progress=False, params=ing.ChunkParams(max_tokens=14, overlap=0))
+    assert rep.index_kind == "ivfpq" and rep.removed == ["docs/f0.txt"]
+    assert check_collection(index_dir()) == []
+    with Store(index_dir(), readonly=True) as s:
+        ids, vecs = s.vectors()
+    agree = 0
+    with Retriever(emb) as r:
+        assert r.index.kind == "ivfpq"
+        for qi in range(20):
+            q = " ".join(rng.choice(vocab, 6))
+            got = [h.chunk.id for h in r.search(q, k=5, mode="vector").hits]
+            want = ids[np.argsort(-(vecs @ emb.embed_query(q)))[:5]]
+            agree += len(set(got) & set(want.tolist()))
+    assert agree / 100 >= 0.95, agree
