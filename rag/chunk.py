@@ -154,6 +154,11 @@ class Chunker:
             while k - 1 > i and carried + pieces[k - 1].tokens <= P.overlap:
                 carried += pieces[k - 1].tokens
                 k -= 1
+            # NOTE: carry only what fits together with the next piece; otherwise the overlap
+            # would become a chunk of its own ("Most common causes, in order:" alone).
+            while k < j and carried + pieces[j].tokens > P.max_tokens:
+                carried -= pieces[k].tokens
+                k += 1
             i = k
         return out
 

@@ -168,3 +168,19 @@ def test_chunks_respect_token_limit_and_overlap():
     # every paragraph appears in some chunk
     for p in paras:
         assert any(p in c.text for c in chunks)
+
+
+def test_overlap_never_becomes_a_chunk_of_its_own():
+    emb = HashEmbedder()
+    intro = "Intro sentence one two three four five six seven eight nine ten."
+    lead = "Causes in order:"
+    big = " ".join(f"x{i}" for i in range(99)) + "."  # 99 tokens: no room for the 3-token lead
+    text = f"{intro}\n\n{lead}\n\n{big}\n"
+    doc = text_blocks(Path("t.txt"), text)
+    chunks = Chunker(emb.count_tokens, ChunkParams(max_tokens=100, overlap=20)).chunk(doc)
+    assert [c.text for c in chunks] == [f"{intro}\n\n{lead}", big]
+    # where it fits, the overlap is carried
+    small = " ".join(f"y{i}" for i in range(90)) + "."
+    doc = text_blocks(Path("t.txt"), f"{intro}\n\n{lead}\n\n{small}\n")
+    chunks = Chunker(emb.count_tokens, ChunkParams(max_tokens=100, overlap=20)).chunk(doc)
+    assert [c.text for c in chunks] == [f"{intro}\n\n{lead}", f"{lead}\n\n{small}"]
