@@ -104,7 +104,7 @@ def _crash_if(stage: str) -> None:
 
 
 def _display_path(p: Path, root: Path) -> str:
-    base = root.parent if root.is_dir() else root.parent
+    base = root.parent  # "manuals/x.md" for an ingest of ./manuals
     try:
         return p.relative_to(base).as_posix()
     except ValueError:

@@ -85,7 +85,8 @@ def ingest(
         from edge.profiles import parse_size
 
         budget = parse_size(index_memory)
-    emb, emb_path = _embedder(embedder)
+    # re-ingesting keeps the collection's embedder; --rebuild without --embedder goes back to the default
+    emb, emb_path = _embedder(embedder, None if rebuild else collection)
     rep = run_ingest(path, embedder=emb, collection=collection, rebuild=rebuild, progress=not quiet and not as_json,
                      params=ChunkParams(max_tokens, overlap), embedder_path=str(emb_path.resolve()),
                      memory_budget=budget)
