@@ -24,6 +24,7 @@ from rag.store import ChunkRow, Store
 
 MODES = ("hybrid", "vector", "keyword")
 RRF_K = 60
+MAX_FTS_TERMS = 64
 # The relevance gate (all-MiniLM-L6-v2 scale; measured on examples/: the 36 in-domain questions
 # have a top cosine of 0.32-0.75, ten off-topic ones 0.09-0.24). A question is covered when
 #   top cosine >= MIN_COSINE, or
@@ -63,7 +64,8 @@ def query_terms(text: str) -> list[str]:
 def fts_query(text: str) -> str:
     """An FTS5 MATCH expression from free text: each term quoted (so '-', ':', '*', 'NEAR',
     'AND' are data, not syntax) and OR-ed; BM25 ranks chunks matching more and rarer terms."""
-    return " OR ".join('"' + t.replace('"', '""') + '"' for t in query_terms(text))
+    # NOTE: capped: a pasted page of text would otherwise build an expression SQLite refuses
+    return " OR ".join('"' + t.replace('"', '""') + '"' for t in query_terms(text)[:MAX_FTS_TERMS])
 
 
 def _stem(t: str) -> str:

@@ -113,3 +113,11 @@ def test_ask_refuses_when_nothing_is_relevant(retriever):
     loads = []
     ask("Who painted the Mona Lisa?", retriever, lambda: loads.append(1) or gen)
     assert loads == []
+
+
+def test_ask_with_a_question_longer_than_the_context(retriever):
+    gen = FakeGenerator(max_context=300)
+    q = "What does E-214 mean? " + " ".join(f"pad{i}" for i in range(5000))
+    with pytest.raises(ContextLengthError, match="exceed the generator's context of 300 tokens"):
+        ask(q, retriever, gen, max_tokens=50)
+    assert gen.calls == []
