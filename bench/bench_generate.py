@@ -11,6 +11,7 @@ own. Figures, each one JSON line:
   prefill_tok_s  a 512-token prompt (text from pydoc_data.topics), best of 2
   ttft_s         that prompt's prefill + the first token's choice
   peak_rss_mib   the worker's peak resident set (model load included)
+  decode_cpu_ms_per_tok  process CPU time per decoded token (load-robust with --threads 1)
 then ratios: decode vs llama.cpp, prefill vs the faster peer, RSS vs llama.cpp.
 Warm-up (a 16-token prefill + 4 steps) is excluded from every figure.
 """
@@ -45,6 +46,9 @@ def prompt_text() -> str:
     return "\n".join(topics[k] for k in sorted(topics))[:20000]
 
 
+CPU: dict[str, float] = {}  # process CPU seconds of the timed decode loop
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -69,9 +73,10 @@ def worker_edge(args) -> dict:
 
     def decode(first, n):
         tokid = first
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(n):
             tokid = int(np.argmax(sess.decode([0], np.array([tokid]))[0]))
+        CPU["decode"] = time.process_time() - c
         return time.perf_counter() - t
 
     _, f = prefill(DECODE_PROMPT)  # warm-up
@@ -87,7 +92,7 @@ def worker_edge(args) -> dict:
     sess.release(0)
     q = bundle.manifest.get("quant", {})
     return {"decode_tok_s": NEW_TOKENS / dt, "prefill_tok_s": PROMPT_TOKENS / min(ttfts), "ttft_s": min(ttfts),
-            "peak_rss_mib": peak_rss_mib(), "quant": f"{q.get('recipe')}-g{q.get('group_size')}-{q.get('method', '')}", "backend": "onnxruntime"}
+            "peak_rss_mib": peak_rss_mib(), "decode_cpu_ms_per_tok": 1e3 * CPU["decode"] / NEW_TOKENS, "quant": f"{q.get('recipe')}-g{q.get('group_size')}-{q.get('method', '')}", "backend": "onnxruntime"}
 
 
 def worker_llamacpp(args) -> dict:
@@ -108,10 +113,11 @@ def worker_llamacpp(args) -> dict:
 
     def decode(first, n):
         tokid = first
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(n):
             llm.eval([tokid])
             tokid = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        CPU["decode"] = time.process_time() - c
         return time.perf_counter() - t
 
     _, f = prefill(DECODE_PROMPT)
@@ -120,7 +126,7 @@ def worker_llamacpp(args) -> dict:
     _, f = prefill(DECODE_PROMPT)
     dt = decode(f, NEW_TOKENS)
     return {"decode_tok_s": NEW_TOKENS / dt, "prefill_tok_s": PROMPT_TOKENS / ttft, "ttft_s": ttft, "peak_rss_mib": peak_rss_mib(),
-            "quant": "gguf-Q4_1", "backend": "llama.cpp"}
+            "decode_cpu_ms_per_tok": 1e3 * CPU["decode"] / NEW_TOKENS, "quant": "gguf-Q4_1", "backend": "llama.cpp"}
 
 
 def worker_transformers(args) -> dict:
@@ -145,11 +151,12 @@ def worker_transformers(args) -> dict:
     @torch.inference_mode()
     def decode(first, pkv, n):
         tokid = first
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(n):
             out = model(torch.tensor([[tokid]]), past_key_values=pkv, use_cache=True)
             pkv = out.past_key_values
             tokid = int(out.logits[0, -1].argmax())
+        CPU["decode"] = time.process_time() - c
         return time.perf_counter() - t
 
     _, f, pkv = prefill(DECODE_PROMPT)
@@ -158,7 +165,7 @@ def worker_transformers(args) -> dict:
     _, f, pkv = prefill(DECODE_PROMPT)
     dt = decode(f, pkv, NEW_TOKENS)
     return {"decode_tok_s": NEW_TOKENS / dt, "prefill_tok_s": PROMPT_TOKENS / ttft, "ttft_s": ttft, "peak_rss_mib": peak_rss_mib(),
-            "quant": "fp32", "backend": "torch"}
+            "decode_cpu_ms_per_tok": 1e3 * CPU["decode"] / NEW_TOKENS, "quant": "fp32", "backend": "torch"}
 
 
 WORKERS = {"edge-rag": worker_edge, "llama.cpp": worker_llamacpp, "transformers": worker_transformers}
@@ -204,7 +211,7 @@ def main() -> None:
         from edge.engines import default_generator_bundle
 
         args.engine = default_generator_bundle(progress=True)  # build once, outside the timed worker
-    cond = {"device": cpu_name(), "threads": args.threads, "batch": 1, "context": CONTEXT}
+    cond = {"device": cpu_name(), "threads": args.threads, "batch": 1, "context": CONTEXT, "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
     results = {}
     for name in args.peers.split(","):
         res = results[name] = run_peer(name, args)
@@ -216,6 +223,9 @@ def main() -> None:
         print(json.dumps({**base, "figure": "prefill_tok_s", "prompt_tokens": PROMPT_TOKENS, "value": round(res["prefill_tok_s"], 1)}))
         print(json.dumps({**base, "figure": "ttft_s", "prompt_tokens": PROMPT_TOKENS, "value": round(res["ttft_s"], 4)}))
         print(json.dumps({**base, "figure": "peak_rss_mib", "value": round(res["peak_rss_mib"], 1)}))
+        # CPU time per decoded token: robust to other load when threads == 1 (with 2 threads it
+        # also counts spin-waiting, so compare wall figures there)
+        print(json.dumps({**base, "figure": "decode_cpu_ms_per_tok", "value": round(res["decode_cpu_ms_per_tok"], 2)}))
         if name == "edge-rag":
             try:
                 from edge.build.bundle import Bundle
@@ -231,6 +241,7 @@ def main() -> None:
     ok = lambda r: r and "error" not in r  # noqa: E731
     if ok(e) and ok(l):
         print(json.dumps({"figure": "decode_ratio_vs_llama.cpp", "value": round(e["decode_tok_s"] / l["decode_tok_s"], 2), "target": 1.5, **cond}))
+        print(json.dumps({"figure": "decode_cpu_time_ratio_llama.cpp_over_edge", "value": round(l["decode_cpu_ms_per_tok"] / e["decode_cpu_ms_per_tok"], 2), **cond}))
         print(json.dumps({"figure": "rss_ratio_vs_llama.cpp", "value": round(e["peak_rss_mib"] / l["peak_rss_mib"], 2), "target": 1.25, **cond}))
     peers = [r for r in (l, t) if ok(r)]
     if ok(e) and peers:
