@@ -136,6 +136,76 @@ def prefill_breakdown(sess, name: str, device: str, tokens: int = 2048) -> None:
          gemm_ms=round(t_gemm, 2), gemm_tflops=round(flops / t_gemm / 1e9, 1), attention_ms=round(t_attn, 2))
 
 
+class _Recorder:
+    """Stands in for session.k: records every launch (name, function, grid, block, args, kwargs)."""
+
+    def __init__(self, k):
+        self.k, self.calls = k, []
+
+    def __getitem__(self, name):
+        f = self.k[name]
+
+        def call(grid, block, args, **kw):
+            self.calls.append((name, f, grid, block, args, kw))
+            f(grid, block, args, **kw)
+
+        return call
+
+    def __getattr__(self, attr):
+        return getattr(self.k, attr)
+
+
+def _launch_label(name: str, args) -> str:
+    if name.startswith("gemv_"):  # args: (W, [S,] X, bias, Y, M, N, K, ...)
+        n = int(args[5] if name.startswith("gemv_fp16") else args[6])
+        return f"{name}[n={n}]"
+    return name
+
+
+def step_kernel_breakdown(sess, name: str, device: str, m: int = 1) -> None:
+    """In-graph cost of each kernel type of one decode step: the step's launches of that type,
+    recorded from the real step body, captured alone into a graph and replayed (median of 7).
+    Sums over types ~ the whole step's graph (launch gaps included in each type's share).
+    Inputs are the last step's (context ~ PROMPT + NEW)."""
+    cp = sess.cp
+    bsz = sess._bucket(m)
+    real, rec = sess.k, _Recorder(sess.k)
+    sess.k = rec
+    try:
+        with sess.stream:
+            sess._decode_graph_body(bsz)
+        sess.stream.synchronize()
+    finally:
+        sess.k = real
+    groups: dict[str, list] = {}
+    for call in rec.calls:
+        groups.setdefault(_launch_label(call[0], call[4]), []).append(call)
+    out, total = {}, 0.0
+    s0, e0 = cp.cuda.Event(), cp.cuda.Event()
+    for label, calls in groups.items():
+        st = sess.stream
+        with st:
+            st.begin_capture()
+            try:
+                for _, f, grid, block, args, kw in calls:
+                    f(grid, block, args, **kw)
+            finally:
+                g = st.end_capture()
+            g.launch(st)
+            ts = []
+            for _ in range(7):
+                s0.record(st)
+                g.launch(st)
+                e0.record(st)
+                e0.synchronize()
+                ts.append(cp.cuda.get_elapsed_time(s0, e0) * 1e3)
+        us = statistics.median(ts)
+        total += us
+        out[label] = {"count": len(calls), "us_per_step": round(us, 1), "us_each": round(us / len(calls), 2)}
+    emit(figure="step_kernels", device=device, model=name, batch=m, launches=len(rec.calls),
+         sum_us=round(total, 1), kernels=out)
+
+
 def decode_breakdown(sess, name: str, device: str, m: int = 1) -> None:
     """Per-kernel times of one decode step's linears (event-timed, median) and graph replay alone."""
     cp = sess.cp
@@ -159,6 +229,15 @@ def decode_breakdown(sess, name: str, device: str, m: int = 1) -> None:
             ts.append(cp.cuda.get_elapsed_time(s0, e0))
         out["graph_replay_ms"] = round(statistics.median(ts), 3)
     emit(figure="decode_breakdown", device=device, model=name, batch=m, **out)
+
+
+def _int4_shapes(sess) -> dict:
+    """int4 Linears grouped by shape (the autotuner's unit)."""
+    out: dict = {}
+    for lin in [L[k] for L in sess.layers for k in ("qkv", "o", "gu", "down")] + [sess.lm_head]:
+        if lin.kind == "int4":
+            out.setdefault(lin.shape_key, []).append(lin)
+    return out
 
 
 def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict:
@@ -198,10 +277,12 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
          prompt=PROMPT, new_tokens=NEW, decode_tok_s=round(tps, 1), ttft_ms=round(res["ttft_ms"], 2),
          bytes_per_token=int(bpt), achieved_gb_s=round(bpt * tps / 1e9, 1), copy_gb_s=round(copy_bw / 1e9, 1),
          roofline_frac=round(bpt * tps / copy_bw, 3), weight_gib=round(sess.weight_bytes / 2**30, 3),
-         load_s=round(load_s, 1), int4_m1_kernel=sess._int4_m1[0],
-         int4_m1_us={k: round(v, 1) for k, v in sess.int4_m1_us.items()}, linear_rel_err=lin_err, logits_rel_err=logit_err,
+         load_s=round(load_s, 1),
+         int4_m1_pick={k: sess.variant_name(v[0].m1) for k, v in _int4_shapes(sess).items()},
+         int4_m1_us={k: {n: round(t, 1) for n, t in d.items()} for k, d in sess.int4_m1_us.items()}, linear_rel_err=lin_err, logits_rel_err=logit_err,
          peak_gib=round(cp.get_default_memory_pool().total_bytes() / 2**30, 2))
     decode_breakdown(sess, name, device, 1)
+    step_kernel_breakdown(sess, name, device, 1)
     if is_1b:
         prompts = [rng.integers(0, spec.vocab_size, size=PROMPT) for _ in range(16)]
         for rep in range(2):  # first pass warms the batch-16 graph

@@ -75,11 +75,15 @@ def test_linear_kernels_match_numpy(cp, kind, g, m):
         lin = Linear("fp16", n, k, cp.asarray(w.astype(np.float16)), None, 0, cp.asarray(bias))
     want = x.astype(np.float32) @ wd.T + bias.astype(np.float32)
     variants = s.INT4_M1_VARIANTS if (kind == "int4" and m == 1) else [s._int4_m1]
+    outs = []
     for v in variants:  # every M = 1 int4 variant the autotuner may pick
         s._int4_m1 = v
         y = cp.full((m, n), np.nan, dtype=cp.float16)  # poisoned: every element must be written
         s.linear(lin, cp.asarray(x), m, y)
         check(y.get(), want, 3e-3, f"{kind} g{g} m{m} {v}")
+        outs.append(y.get())
+    for v, o in zip(variants, outs):  # the autotuner's pick must not change the numbers
+        assert np.array_equal(o, outs[0]), f"{v} differs from {variants[0]}"
     y32 = cp.full((m, n), np.nan, dtype=cp.float32)
     if m <= 16:
         s.linear(lin, cp.asarray(x), m, y32, out_f32=True)

@@ -52,6 +52,11 @@ class Linear:
     s: Any  # scales half [N, K/g] or [N]; None for fp16
     gshift: int = 0  # log2(group) for int4
     bias: Any = None  # half [N]
+    m1: tuple[str, int, int] | None = None  # int4 M = 1 GEMV variant picked for this shape at load
+
+    @property
+    def shape_key(self) -> str:
+        return f"{self.kind}[{self.n}x{self.k}]g{1 << self.gshift if self.kind == 'int4' else 0}"
 
     @property
     def nbytes(self) -> int:
@@ -70,9 +75,14 @@ def _buckets(max_batch: int) -> list[int]:
 class CudaDecoderSession:
     """A generator bundle loaded on the GPU with a paged KV cache for `max_batch` x `max_context`."""
 
-    # int4 GEMV at M = 1: (kernel, rows per warp); autotuned at load (see _autotune_int4_m1)
-    _int4_m1: tuple[str, int] = ("gemv_int4_m1", 1)
-    INT4_M1_VARIANTS = (("gemv_int4_m1", 1), ("gemv_int4_m1_r2", 2), ("gemv_int4_m1_r4", 4))
+    # int4 GEMV at M = 1: (kernel, rows per warp R, warps per block); autotuned per weight shape
+    # at load (see _autotune_int4_m1). The default is what a Linear without a pick uses.
+    _int4_m1: tuple[str, int, int] = ("gemv_int4_m1", 1, GEMV_ROWS_PER_BLOCK)
+    INT4_M1_VARIANTS = (
+        ("gemv_int4_m1", 1, 8), ("gemv_int4_m1_r2", 2, 8), ("gemv_int4_m1_r4", 4, 8),
+        ("gemv_int4_m1", 1, 4), ("gemv_int4_m1_r2", 2, 4), ("gemv_int4_m1_r4", 4, 4),
+        ("gemv_int4_m1_r2", 2, 16),
+    )
 
     def __init__(
         self,
@@ -128,31 +138,52 @@ class CudaDecoderSession:
         self._norm_threads = max(128, min(1024, spec.hidden_size // 4 // 32 * 32))
         self.int4_m1_us = self._autotune_int4_m1()
 
-    def _autotune_int4_m1(self) -> dict[str, float]:
-        """Time the M = 1 int4 GEMV variants on the largest int4 layer; keep the fastest."""
+    @staticmethod
+    def variant_name(v: tuple[str, int, int]) -> str:
+        return f"{v[0]}_w{v[2]}"
+
+    def _autotune_int4_m1(self) -> dict[str, dict[str, float]]:
+        """Time the M = 1 int4 GEMV variants on each distinct int4 weight shape; keep the fastest per shape.
+
+        The best variant depends on the shape: a short-K layer (o, qkv) wants many small blocks,
+        a long-K one (down, K = 14336) few long-lived warps. Every variant computes a row with the
+        same per-lane order and warp reduction (tests/test_cuda_gpu.py checks they agree bit for bit)."""
         cp = self.cp
-        lins = [L[k] for L in self.layers[:1] for k in ("qkv", "o", "gu", "down") if L[k].kind == "int4"]
-        if not lins:
+        lins = [L[k] for L in self.layers for k in ("qkv", "o", "gu", "down")] + [self.lm_head]
+        by_shape: dict[str, list[Linear]] = {}
+        for lin in lins:
+            if lin.kind == "int4":
+                by_shape.setdefault(lin.shape_key, []).append(lin)
+        if not by_shape:
             return {}
-        lin = max(lins, key=lambda l: l.nbytes)
-        x = cp.ones((1, lin.k), dtype=cp.float16)
-        y = cp.empty((1, lin.n), dtype=cp.float16)
         s0, e0 = cp.cuda.Event(), cp.cuda.Event()
-        times = {}
+        times: dict[str, dict[str, float]] = {}
+        largest, largest_bytes = None, -1
         with self.stream:
-            for variant in self.INT4_M1_VARIANTS:
-                self._int4_m1 = variant
-                self.linear(lin, x, 1, y)
-                ts = []
-                for _ in range(5):
-                    s0.record(self.stream)
-                    for _ in range(10):
-                        self.linear(lin, x, 1, y)
-                    e0.record(self.stream)
-                    e0.synchronize()
-                    ts.append(cp.cuda.get_elapsed_time(s0, e0) * 100)  # us per launch
-                times[variant[0]] = sorted(ts)[len(ts) // 2]
-        self._int4_m1 = min(self.INT4_M1_VARIANTS, key=lambda v: times[v[0]])
+            for key, group in by_shape.items():
+                lin = group[0]
+                x = cp.ones((1, lin.k), dtype=cp.float16)
+                y = cp.empty((1, lin.n), dtype=cp.float16)
+                t: dict[tuple[str, int, int], float] = {}
+                for variant in self.INT4_M1_VARIANTS:
+                    lin.m1 = variant
+                    self.linear(lin, x, 1, y)
+                    ts = []
+                    for _ in range(5):
+                        s0.record(self.stream)
+                        for _ in range(10):
+                            self.linear(lin, x, 1, y)
+                        e0.record(self.stream)
+                        e0.synchronize()
+                        ts.append(cp.cuda.get_elapsed_time(s0, e0) * 100)  # us per launch
+                    t[variant] = sorted(ts)[len(ts) // 2]
+                best = min(self.INT4_M1_VARIANTS, key=lambda v: t[v])
+                for other in group:
+                    other.m1 = best
+                times[key] = {self.variant_name(v): us for v, us in t.items()}
+                if lin.nbytes > largest_bytes:
+                    largest, largest_bytes = best, lin.nbytes
+        self._int4_m1 = largest  # the default for int4 Linears made later (none in a loaded model)
         return times
 
     # ---- weights ----------------------------------------------------------------------
@@ -252,11 +283,12 @@ class CudaDecoderSession:
         if m > MAX_GEMV_M:
             return self._linear_cublas(lin, x, m, y)
         t = self.k.gemv_tile(m)
+        warps = GEMV_ROWS_PER_BLOCK
         if t == 1 and lin.kind == "int4":
-            name, r = self._int4_m1
+            name, r, warps = lin.m1 or self._int4_m1
         else:
             name, r = f"gemv_{lin.kind}_m{t}", (kmod.GEMV_ROWS_PER_WARP[t] if lin.kind != "fp16" else 1)
-        rows = GEMV_ROWS_PER_BLOCK * r
+        rows = warps * r
         grid = ((lin.n + rows - 1) // rows, (m + t - 1) // t)
         bias = lin.bias if lin.bias is not None else NULL
         common = (_i32(m), _i32(lin.n), _i32(lin.k))
@@ -266,7 +298,7 @@ class CudaDecoderSession:
             args = (lin.q, lin.s, x, bias, y, *common, _i32(lin.n), _i32(out_f32))
         else:
             args = (lin.q, x, bias, y, *common, _i32(lin.n), _i32(out_f32))
-        self.k[name](grid, (32 * GEMV_ROWS_PER_BLOCK,), args)
+        self.k[name](grid, (32 * warps,), args)
 
     def dequantize(self, lin: Linear) -> Any:
         """half [N, K] copy of the layer's weight (prefill path)."""
