@@ -299,12 +299,19 @@ def test_smollm2_greedy_64_tokens_match_transformers(smol_fp32, smol_hf, prompt)
 
 
 def test_spinning_only_when_cores_are_free(monkeypatch):
+    from edge.runtime import ort_session
+
+    monkeypatch.setattr(ort_session, "idle_cores", lambda: 1.9)
+    assert ort_session.should_spin(2) and ort_session.should_spin(1)
+    monkeypatch.setattr(ort_session, "idle_cores", lambda: 0.6)
+    assert not ort_session.should_spin(2) and not ort_session.should_spin(1)
+
+
+def test_idle_cores_reads_proc_stat():
     import os
 
     from edge.runtime import ort_session
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
-    assert ort_session.should_spin(2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
-    assert not ort_session.should_spin(2) and not ort_session.should_spin(1)
+    idle = ort_session.idle_cores(0.05)
+    if os.path.exists("/proc/stat"):
+        assert idle is not None and 0.0 <= idle <= (os.cpu_count() or 1) + 1e-6

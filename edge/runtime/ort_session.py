@@ -54,19 +54,41 @@ class _Binding:
     step_values: tuple = ()
 
 
-def should_spin(threads: int | None) -> bool:
-    """Whether ORT's intra-op workers should busy-wait between ops. Spinning saves the wake-up
-    latency of ~300 small ops per decode step on an idle machine, but when other processes
-    compete for the cores a spinning worker steals the CPU the op needs: measured here under
-    load 6 on 2 cores, decode ran at 45 tok/s spinning vs 72 tok/s sleeping. Spin only when
-    the 1-minute load leaves our threads a core each."""
-    cores = os.cpu_count() or 1
-    want = threads or cores
+def idle_cores(window_s: float = 0.15) -> float | None:
+    """CPUs idle right now, from two /proc/stat samples `window_s` apart (None off Linux)."""
+    import time
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])  # idle + iowait, total (guest time is inside user)
+
     try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return True
-    return load + want <= cores + 0.5
+        i0, t0 = sample()
+        time.sleep(window_s)
+        i1, t1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (i1 - i0) / max(1, t1 - t0)
+
+
+def should_spin(threads: int | None) -> bool:
+    """Whether ORT's intra-op workers should busy-wait between ops.
+
+    Spinning saves the wake-up latency of ~300 small ops per decode step: SmolLM2-135M int4 at
+    2 threads on an idle 2-core machine decodes at ~295 tok/s spinning vs ~215 sleeping. But when
+    other processes compete for the cores a spinning worker steals the CPU the op needs: under
+    load ~6 it was 45 tok/s spinning vs 72 sleeping. So spin only when, right now, there is an
+    idle core for each of our threads (measured over 150 ms at load; the 1-minute load average
+    lags and counts our own recent work)."""
+    want = threads or os.cpu_count() or 1
+    idle = idle_cores()
+    if idle is None:
+        try:
+            idle = (os.cpu_count() or 1) - os.getloadavg()[0]
+        except OSError:
+            return True
+    return idle >= want - 0.3
 
 
 def session_options(threads: int | None, spin: bool | None = None):
