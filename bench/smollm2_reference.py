@@ -56,42 +56,92 @@ def tensor_hashes(tensors: dict[str, np.ndarray]) -> dict[str, str]:
     return out
 
 
-def greedy_cpu(bundle_dir: Path) -> dict:
-    """Greedy NEW_TOKENS tokens of each prompt on the onnxruntime engine (no stop tokens)."""
+def _greedy_session(sess, tok, ids: list[int], sid: int) -> tuple[list[int], list[float]]:
+    """NEW_TOKENS greedy tokens (no stop tokens) and the top-1 minus top-2 logit gap at each."""
+    sess.add_sequence(sid)
+    logits = sess.prefill(sid, np.asarray(ids, dtype=np.int64))
+    out, gaps = [], []
+    for _ in range(NEW_TOKENS):
+        top2 = np.argsort(-logits)[:2]
+        gaps.append(round(float(logits[top2[0]] - logits[top2[1]]), 5))
+        out.append(int(top2[0]))
+        if len(out) < NEW_TOKENS:
+            logits = sess.decode([sid], np.array([out[-1]], dtype=np.int64))[0]
+    sess.release(sid)
+    return out, gaps
+
+
+def _greedy_fp32(spec, weights, ids: list[int]) -> tuple[list[int], list[float]]:
+    """The same with the float32 numpy reference forward (edge.runtime.cuda.reference; no cache)."""
+    from edge.runtime.cuda.reference import reference_logits
+
+    seq, out, gaps = list(ids), [], []
+    for _ in range(NEW_TOKENS):
+        logits = reference_logits(spec, weights, np.asarray(seq))[-1]
+        top2 = np.argsort(-logits)[:2]
+        gaps.append(round(float(logits[top2[0]] - logits[top2[1]]), 5))
+        out.append(int(top2[0]))
+        seq.append(out[-1])
+    return out, gaps
+
+
+def _acc0_bundle(bundle_dir: Path, work: Path):
+    """A copy of the bundle whose ORT graph runs MatMulNBits at accuracy_level 0 (fp32 activations)."""
+    from edge.build.bundle import Bundle
+    from edge.build.onnx_decoder import build_decoder_onnx
+    from safetensors.numpy import load_file
+
+    b = Bundle.open(bundle_dir, kind="generator")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    for p in bundle_dir.iterdir():
+        if p.is_file() and p.name != "model.ort.onnx" and not p.name.endswith(SKIP_SUFFIXES):
+            (work / p.name).symlink_to(p.resolve())
+    w = load_file(str(b.file("weights.safetensors")))
+    build_decoder_onnx(b.spec, w, b.manifest["quant"], work, "ort", max_context=b.manifest["limits"]["max_context"], accuracy_level=0)
+    return Bundle.open(work, kind="generator", verify=False)
+
+
+def greedy_cpu(bundle_dir: Path, work: Path) -> dict:
+    """Greedy NEW_TOKENS tokens of each prompt on the onnxruntime engine as built (MatMulNBits
+    accuracy_level 4: int8-quantized activations), on the same engine at accuracy_level 0 (fp32
+    activations) and with the float32 numpy reference forward."""
     from edge.build.bundle import Bundle
     from edge.runtime.generator import Generator
+    from edge.runtime.ort_session import OrtDecoderSession
     from safetensors.numpy import load_file
 
     gen = Generator.from_bundle(bundle_dir, backend="onnxruntime")
     sess, tok = gen.session, gen.tokenizer
     b = Bundle.open(bundle_dir, kind="generator")
+    sess0 = OrtDecoderSession(_acc0_bundle(bundle_dir, work), max_batch=1)
+    weights = load_file(str(b.file("weights.safetensors")))
     runs = []
     for i, text in enumerate(PROMPTS):
         ids = tok.encode_chat([{"role": "user", "content": text}])
-        sess.add_sequence(i)
-        logits = sess.prefill(i, np.asarray(ids, dtype=np.int64))
-        out, gaps = [], []
-        for _ in range(NEW_TOKENS):
-            top2 = np.argsort(-logits)[:2]
-            gaps.append(round(float(logits[top2[0]] - logits[top2[1]]), 5))
-            t = int(top2[0])
-            out.append(t)
-            if len(out) < NEW_TOKENS:
-                logits = sess.decode([i], np.array([t], dtype=np.int64))[0]
-        sess.release(i)
-        runs.append({"prompt": text, "prompt_ids": [int(x) for x in ids], "tokens": out, "top2_gap": gaps, "text": tok.decode(out)})
-        print(f"{i}: {len(ids)} prompt tokens -> {tok.decode(out)[:70]!r}  min gap {min(gaps):.4f}", flush=True)
+        out, gaps = _greedy_session(sess, tok, ids, i)
+        out0, gaps0 = _greedy_session(sess0, tok, ids, i)
+        out32, gaps32 = _greedy_fp32(b.spec, weights, ids)
+        runs.append({"prompt": text, "prompt_ids": [int(x) for x in ids], "tokens": out, "top2_gap": gaps,
+                     "tokens_acc0": out0, "top2_gap_acc0": gaps0, "tokens_fp32": out32, "top2_gap_fp32": gaps32,
+                     "text": tok.decode(out)})
+        agree = [sum(a == c for a, c in zip(x, out32)) for x in (out, out0)]
+        print(f"{i}: {len(ids)} prompt tokens -> {tok.decode(out)[:60]!r}; tokens equal to fp32 greedy: acc4 {agree[0]}, acc0 {agree[1]}", flush=True)
     q = b.manifest.get("quant", {})
     return {
         "what": "greedy tokens of the CPU (onnxruntime) engine; reference for tests/test_cuda_smollm2.py",
         "build": BUILD_CMD,
         "engine": "onnxruntime " + __import__("onnxruntime").__version__,
+        "tokens": "the engine as built (MatMulNBits accuracy_level %s: int8 activations)" % q.get("accuracy_level"),
+        "tokens_acc0": "the same ORT graph rebuilt with accuracy_level 0 (fp32 activations)",
+        "tokens_fp32": "float32 numpy reference forward (edge.runtime.cuda.reference), no KV cache",
         "quant": {k: q.get(k) for k in ("recipe", "group_size", "method")},
         "prompt_format": "chat template: Tokenizer.encode_chat([{'role': 'user', 'content': prompt}]), generation prompt added",
         "new_tokens": NEW_TOKENS,
         "stop_tokens": "ignored (always NEW_TOKENS tokens)",
         "weights_file_sha256": b.manifest["artifacts"]["weights.safetensors"]["sha256"],
-        "tensor_sha256": tensor_hashes(load_file(str(b.file("weights.safetensors")))),
+        "tensor_sha256": tensor_hashes(weights),
         "runs": runs,
     }
 
@@ -142,6 +192,7 @@ def main() -> None:
     c = sub.add_parser("cpu")
     c.add_argument("bundle", type=Path)
     c.add_argument("--out", type=Path, default=Path("bench/smollm2_cpu_greedy.json"))
+    c.add_argument("--work", type=Path, default=Path("/tmp/smol-acc0"))
     s = sub.add_parser("skeleton")
     s.add_argument("bundle", type=Path)
     s.add_argument("dst", type=Path)
@@ -152,7 +203,7 @@ def main() -> None:
     r.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     if a.cmd == "cpu":
-        a.out.write_text(json.dumps(greedy_cpu(a.bundle), indent=1) + "\n")
+        a.out.write_text(json.dumps(greedy_cpu(a.bundle, a.work), indent=1) + "\n")
     elif a.cmd == "skeleton":
         skeleton(a.bundle, a.dst)
     else:
