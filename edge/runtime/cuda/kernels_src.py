@@ -414,13 +414,16 @@ extern "C" __global__ void silu_mul(const half* __restrict__ gu, half* __restric
 
 // ---------------------------------------------------------------------------------------
 // Decode attention over the paged KV cache. Grid (Hq, B), blockDim threads; GQA: query head h
-// reads kv head h / (Hq / Hkv). Three passes over the sequence's L tokens:
+// reads kv head h / (Hq / Hkv). The sequence's block table is first copied to shared memory
+// (no dependent global load per token for the slot). Three passes over its L tokens:
 //   1. scores[t] = q . k_t * scale (one token per thread; its K row in D/8 16-byte loads,
 //      all issued before use when D is a compile-time constant)
 //   2. softmax in shared memory
-//   3. out = sum_t p_t v_t (threads = (token group, half2 column), coalesced V rows,
-//      UNROLL tokens' loads in flight per thread)
-// Dynamic shared memory: (max_ctx + D + 32 + 2 * blockDim) floats.
+//   3. out = sum_t p_t v_t. Compile-time D: threads = (token group, 16-byte column chunk), so a
+//      V row is read by D/8 threads with one 16-byte load each and each group walks only
+//      L / (blockDim / (D/8)) tokens, UNROLL of them in flight (for D = 128, L = 256: 2 rounds
+//      instead of 8 with the half2 layout). Runtime D: (token group, half2 column).
+// Dynamic shared memory: (max_ctx + D + 32 + 8 * blockDim + max_blocks) 4-byte words.
 // ---------------------------------------------------------------------------------------
 template <int DT>
 __device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, const half* __restrict__ kc,
@@ -433,7 +436,8 @@ __device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, cons
     float* scores = sm;                 // [max_ctx]
     float* qs = sm + max_ctx;           // [D]
     float* red = qs + D;                // [32]
-    float* accbuf = red + 32;           // [2 * blockDim]
+    float* accbuf = red + 32;           // [8 * blockDim]
+    int* bts = reinterpret_cast<int*>(accbuf + 8 * blockDim.x);  // [max_blocks] block table copy
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
     const int L = ctx_lens[b];
     const int kvh = h / (Hq / Hkv);
@@ -444,11 +448,13 @@ __device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, cons
     }
     const half* qh = q + ((long long)b * Hq + h) * D;
     for (int d = tid; d < D; d += blockDim.x) qs[d] = __half2float(qh[d]) * scale;
-    __syncthreads();
     const int* bt = block_tables + (long long)b * max_blocks;
+    const int nblk = min((L + BS - 1) / BS, max_blocks);
+    for (int i = tid; i < nblk; i += blockDim.x) bts[i] = bt[i];
+    __syncthreads();
     float mx = -INFINITY;
     for (int t = tid; t < L; t += blockDim.x) {
-        const long long slot = (long long)bt[t / BS] * BS + (t % BS);
+        const long long slot = (long long)bts[t / BS] * BS + (t % BS);
         const uint4* kp = reinterpret_cast<const uint4*>(kc + (slot * Hkv + kvh) * D);
         float s = 0.f;
         if (DT > 0) {
@@ -486,6 +492,53 @@ __device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, cons
         sum += e;
     }
     sum = block_reduce(sum, red, false);  // also a barrier: scores visible to all
+    const float inv = 1.f / sum;
+    if (DT > 0) {
+        constexpr int NCH = DT > 0 ? DT / 8 : 1;  // 16-byte chunks per V row
+        const int groups = blockDim.x / NCH;
+        const int ch = tid % NCH, grp = tid / NCH;
+        float a[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) a[j] = 0.f;
+        const int UNROLL = 8;
+        if (grp < groups) {
+            for (int t0 = grp; t0 < L; t0 += groups * UNROLL) {
+                uint4 v[UNROLL];
+                float p[UNROLL];
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+                    const int t = t0 + u * groups;
+                    if (t < L) {
+                        const long long slot = (long long)bts[t / BS] * BS + (t % BS);
+                        v[u] = __ldg(reinterpret_cast<const uint4*>(vc + (slot * Hkv + kvh) * D) + ch);
+                        p[u] = scores[t];
+                    } else {
+                        v[u] = make_uint4(0u, 0u, 0u, 0u);
+                        p[u] = 0.f;
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+                    const half2* vh = reinterpret_cast<const half2*>(&v[u]);
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const float2 f = __half22float2(vh[j]);
+                        a[2 * j] += p[u] * f.x;
+                        a[2 * j + 1] += p[u] * f.y;
+                    }
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) accbuf[grp * D + ch * 8 + j] = a[j];
+        }
+        __syncthreads();
+        for (int d = tid; d < D; d += blockDim.x) {
+            float acc = 0.f;
+            for (int g = 0; g < groups; ++g) acc += accbuf[g * D + d];
+            o[d] = __float2half(acc * inv);
+        }
+        return;
+    }
     const int ncol = D >> 1, groups = blockDim.x / ncol;
     const int col = tid % ncol, grp = tid / ncol;
     float2 acc = make_float2(0.f, 0.f);
@@ -498,7 +551,7 @@ __device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, cons
             for (int u = 0; u < UNROLL; ++u) {
                 const int t = t0 + u * groups;
                 if (t < L) {
-                    const long long slot = (long long)bt[t / BS] * BS + (t % BS);
+                    const long long slot = (long long)bts[t / BS] * BS + (t % BS);
                     v[u] = __half22float2(reinterpret_cast<const half2*>(vc + (slot * Hkv + kvh) * D)[col]);
                     p[u] = scores[t];
                 } else {
@@ -519,7 +572,6 @@ __device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, cons
     if (tid < ncol) {
         float ax = 0.f, ay = 0.f;
         for (int g = 0; g < groups; ++g) { ax += accbuf[2 * (g * ncol + tid)]; ay += accbuf[2 * (g * ncol + tid) + 1]; }
-        const float inv = 1.f / sum;
         reinterpret_cast<half2*>(o)[tid] = __floats2half2_rn(ax * inv, ay * inv);
     }
 }

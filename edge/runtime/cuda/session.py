@@ -128,7 +128,9 @@ class CudaDecoderSession:
             self._alloc_decode_buffers()
         self.stream.synchronize()
         self.load_s = time.perf_counter() - t0
-        smem = 4 * (self.max_context + spec.head_dim + 32 + 2 * ATTN_THREADS)
+        # paged_attn_decode's dynamic shared memory (4-byte words): scores, q, reduction,
+        # per-thread V accumulators (8 each), block-table copy
+        smem = 4 * (self.max_context + spec.head_dim + 32 + 8 * ATTN_THREADS + self.max_blocks)
         if smem > 48 * 1024:  # opt in to more than 48 KB of dynamic shared memory
             for name in ("paged_attn_decode", "paged_attn_decode_d64", "paged_attn_decode_d128"):
                 cp.cuda.driver.funcSetAttribute(self.k[name].ptr, 8, smem)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
