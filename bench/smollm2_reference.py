@@ -4,10 +4,15 @@ The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF, 98 MB) is too big to t
 device machine with its bundle (int4 weights.safetensors ~141 MB, the tree limit is 64 MiB a
 call), so the comparison goes in two steps:
 
-    # here (CPU): build the bundle, record the CPU engine's greedy tokens + per-tensor hashes
+    # here (CPU): build the bundle, record greedy tokens (CPU engine at accuracy_level 4 and 0,
+    # fp32 numpy reference) + per-tensor hashes
     edge-rag build --model default --quant int4 --rtn --group-size 64 --out /tmp/smol-int4-rtn
     python bench/smollm2_reference.py cpu /tmp/smol-int4-rtn --out bench/smollm2_cpu_greedy.json
     python bench/smollm2_reference.py skeleton /tmp/smol-int4-rtn .carry2/bundle   # bundle minus weights/ONNX
+    split -n 2 -d $GGUF /tmp/p && mv /tmp/p00 .carry1/part1 && mv /tmp/p01 .carry2/part2   # 49 MB each
+    pip download --no-deps --only-binary=:all: --python-version 3.12 -d .carry2/whl gguf==0.19.0
+    # (.carry1/ and .carry2/ listed in .git/info/exclude; one device call carries .carry1 and
+    #  copies part1 to /tmp, the next, while the machine is warm, carries .carry2)
 
     # device: GGUF (carried in two halves) -> the same RTN quantizer -> weights.safetensors,
     # every tensor checked bit-for-bit against the CPU build's hashes, then the GPU test
