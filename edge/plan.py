@@ -39,7 +39,8 @@ __all__ = ["BuildOption", "MemoryPlan", "OptionRow", "parse_size", "plan_model",
 
 # ---- stated constants (each one is a modelling choice; change here, nowhere else) ----------
 
-# all-MiniLM-L6-v2: 22.7M parameters, built as an fp32 engine (edge.engines.DEFAULT_EMBEDDER_QUANT).
+# all-MiniLM-L6-v2: 22.7M parameters. Counted at fp32 (4 B/param), an upper bound: the default
+# engine is int8 with fp32 FFN-down layers (edge.engines.DEFAULT_EMBEDDER_QUANT), 65 MiB on disk.
 EMBEDDER_PARAMS = 22_713_216
 EMBEDDER_BYTES_PER_PARAM = 4
 EMBEDDER_SHAPE = {"hidden": 384, "intermediate": 1536, "heads": 12}  # used when its config is absent
