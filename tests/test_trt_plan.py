@@ -30,7 +30,8 @@ def test_profiles_split_prefill_and_decode(tmp_path):
     assert inputs["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 16]
     prefill, decode = derive_profile(inputs, max_batch=4, max_context=2048)
     assert prefill["input_ids"].max == (4, 2048)
-    assert prefill["past_key_values.0.key"].max == (4, 2, 0, 16)
+    assert prefill["past_key_values.0.key"].min == (1, 2, 0, 16)
+    assert prefill["past_key_values.0.key"].max == (4, 2, 2047, 16)
     assert decode["input_ids"].min == (1, 1) and decode["input_ids"].max == (4, 1)
     assert decode["past_key_values.0.key"].max == (4, 2, 2047, 16)
     # total = past + seq never exceeds the context
@@ -52,8 +53,24 @@ def test_build_config_from_manifest(tmp_path):
     manifest = {"model": {"max_position": 8192}, "quant": {"recipe": "int4", "group_size": 64},
                 "limits": {"max_context": 1024, "max_batch": 2}, "plan": {"workspace_bytes": 256 << 20}}
     cfg = derive_build_config(manifest, graph_inputs(path))
-    assert cfg.strongly_typed and cfg.workspace_bytes == 256 << 20
+    assert cfg.fp16 and not cfg.strongly_typed and cfg.workspace_bytes == 256 << 20
     assert cfg.profiles[0]["input_ids"].max == (2, 1024)
-    fp = derive_build_config({**manifest, "quant": {"recipe": "fp16"}}, graph_inputs(path))
-    assert fp.fp16 and not fp.strongly_typed
+    fp32 = derive_build_config({**manifest, "quant": {"recipe": "fp32"}}, graph_inputs(path))
+    assert not fp32.fp16
     assert cfg.to_dict()["profiles"][1]["input_ids"]["max"] == (2, 1)
+
+
+def test_tensorrt_backend_without_tensorrt_is_a_one_line_error(tmp_path, capsys):
+    """Where TensorRT is absent, --backend tensorrt says how to get it instead of a traceback."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: the error path does not apply")
+    from edge.cli import main
+    from helpers_tiny import make_tiny_bundle, tiny_hf_model
+
+    bundle = make_tiny_bundle(tmp_path / "gen", tiny_hf_model("llama", seed=3), "int4", forms=("ort", "trt"), max_context=64)
+    rc = main(["generate", "hi", "--engine", str(bundle), "--backend", "tensorrt", "--max-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1 and "tensorrt backend needs TensorRT" in err[0]

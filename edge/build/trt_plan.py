@@ -77,9 +77,10 @@ def graph_inputs(onnx_path: Path) -> dict[str, list[int | str]]:
 
 
 def derive_profile(inputs: dict[str, list[int | str]], *, max_batch: int, max_context: int, opt_batch: int = 1, opt_prefill: int = 512) -> list[dict[str, Shapes]]:
-    """Two optimization profiles: prefill (seq up to max_context, no past) and decode (seq 1,
-    past up to max_context - 1). Splitting them lets TensorRT pick GEMM tactics for prefill
-    and GEMV-like tactics for decode instead of one compromise.
+    """Two optimization profiles: prefill (profile 0: seq up to max_context, past 0 up to
+    max_context - 1, so chunked prefill and multi-turn continuation fit) and decode (profile 1:
+    seq 1, past 1 up to max_context - 1). Splitting them lets TensorRT pick GEMM tactics for
+    prefill and GEMV-like tactics for decode instead of one compromise.
 
     NOTE: the decode profile's past starts at 1, so a first step with an empty cache must
     use the prefill profile.
@@ -89,7 +90,7 @@ def derive_profile(inputs: dict[str, list[int | str]], *, max_batch: int, max_co
     opt_prefill = min(opt_prefill, max_context)
     b = (1, min(opt_batch, max_batch), max_batch)
     phases = {
-        "prefill": dict(batch=b, seq=(1, opt_prefill, max_context), past=(0, 0, 0)),
+        "prefill": dict(batch=b, seq=(1, opt_prefill, max_context), past=(0, 0, max_context - 1)),
         "decode": dict(batch=b, seq=(1, 1, 1), past=(1, max_context // 2, max_context - 1)),
     }
     profiles = []
@@ -124,9 +125,11 @@ def derive_build_config(manifest: dict[str, Any], inputs: dict[str, list[int | s
     ws = workspace_bytes or int(plan.get("workspace_bytes", 512 << 20))
     return BuildConfig(
         workspace_bytes=ws,
-        # Weight-only INT4/INT8 graphs carry explicit DequantizeLinear nodes: a strongly typed
-        # network keeps TensorRT from re-choosing precisions the quantizer decided.
-        strongly_typed=recipe in ("int4", "int8"),
+        # NOTE: model.trt.onnx computes in float32 and carries the weight-only quantization as
+        # explicit DequantizeLinear nodes. A strongly typed network would pin every op to those
+        # fp32 types, so the network is weakly typed and the FP16 flag lets TensorRT lower the
+        # GEMMs and attention; the DQ nodes keep the weights INT4/INT8 either way.
+        strongly_typed=False,
         fp16=recipe != "fp32",
         int8=False,  # explicit Q/DQ only; implicit INT8 calibration is deprecated in TRT 10
         profiles=derive_profile(inputs, max_batch=max_batch, max_context=max_context),

@@ -15,7 +15,7 @@ import typer
 
 from edge.cli.app import app
 
-BACKEND_HELP = "auto (cuda when a usable GPU is present, else onnxruntime) | onnxruntime | cuda"
+BACKEND_HELP = "auto (cuda when a usable GPU is present, else onnxruntime) | onnxruntime | cuda | tensorrt (untested: Jetson only)"
 
 
 def _params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop):

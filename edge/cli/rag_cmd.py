@@ -159,7 +159,7 @@ def ask(
     engine: Optional[Path] = typer.Option(None, "--engine", help="Generator bundle (default: SmolLM2-135M INT4)"),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="Embedder bundle (default: the collection's)"),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Answer budget in tokens"),
-    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, cuda or tensorrt"),
+    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, cuda or tensorrt (untested)"),
     as_json: bool = typer.Option(False, "--json", help="Print answer, sources and timings as JSON"),
     memory: bool = typer.Option(False, "--memory", help="Also print the memory each engine uses"),
 ) -> None:
