@@ -1,4 +1,4 @@
-"""Perplexity of SmolLM2-135M-Instruct engines on held-out text: fp16, int8, int4-RTN, int4-AWQ.
+"""Perplexity of SmolLM2-135M-Instruct engines on held-out text: fp16, int8, int4-RTN, int4-AWQ, int4-AWQ+GPTQ.
 
 Held-out text: the last 20% of pydoc_data.topics by sorted key (edge.quant.calib.heldout_text),
 never seen by calibration (which uses the first 80%). The first `--tokens` tokens are cut into
@@ -17,7 +17,8 @@ Default: onnxruntime when the bundle has model.ort.onnx and the runtime imports,
                                [--backend auto|onnxruntime|reference|both] [--workdir DIR] [--rebuild]
 
 Prints a markdown table, then one JSON line per figure. Targets: int8 within 2% of fp16,
-int4-AWQ within 10%, AWQ better than RTN at the same group size.
+int4-AWQ within 10%, AWQ better than RTN at the same group size. int4-awq-gptq is the default
+`edge-rag build` int4 method (AWQ scales, then GPTQ rounding, 64 x 128 calibration tokens).
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edge.build.bundle import Bundle  # noqa: E402
 from edge.quant.calib import CALIB_FRACTION, heldout_text  # noqa: E402
 
-VARIANTS = (  # label, quant, awq
-    ("fp16", "fp16", False),
-    ("int8", "int8", False),
-    ("int4-rtn", "int4", False),
-    ("int4-awq", "int4", True),
+VARIANTS = (  # label, quant, method
+    ("fp16", "fp16", "none"),
+    ("int8", "int8", "rtn"),
+    ("int4-rtn", "int4", "rtn"),
+    ("int4-awq", "int4", "awq"),
+    ("int4-awq-gptq", "int4", "awq+gptq"),
 )
 
 
@@ -48,19 +50,19 @@ def build_variants(model: str, workdir: Path, group_size: int, rebuild: bool) ->
     from edge.build.generator import build_generator_bundle
 
     out = {}
-    for label, quant, awq in VARIANTS:
+    for label, quant, method in VARIANTS:
         path = workdir / label
         ok = False
         if path.is_dir() and not rebuild:
             try:
                 q = Bundle.open(path, verify=False).manifest["quant"]
-                ok = q["recipe"] == quant and q["awq"] == awq and (quant != "int4" or q["group_size"] == group_size)
+                ok = q["recipe"] == quant and q.get("method") == method and (quant != "int4" or q["group_size"] == group_size)
             except Exception:  # noqa: BLE001 - rebuild anything unreadable
                 ok = False
         if not ok:
             t = time.time()
             build_generator_bundle(model, path, profile="orin-nano-8gb", quant=quant, group_size=group_size if quant == "int4" else None,
-                                   awq=awq, context=2048, progress=False)
+                                   awq=method.startswith("awq"), gptq=method == "awq+gptq", context=2048, progress=False)
             print(f"built {label} in {time.time() - t:.0f}s", file=sys.stderr)
         out[label] = path
     return out
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for backend in backends:
-        for label, quant, awq in VARIANTS:
+        for label, quant, _ in VARIANTS:
             t = time.time()
             nll = nll_onnxruntime(bundles[label], windows, args.threads) if backend == "onnxruntime" else nll_reference(bundles[label], windows)
             m = Bundle.open(bundles[label], verify=False).manifest
@@ -188,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             "int8_within_2pct": by["int8"]["ratio_vs_fp16"] <= 1.02,
             "int4_awq_within_10pct": by["int4-awq"]["ratio_vs_fp16"] <= 1.10,
             "awq_better_than_rtn": by["int4-awq"]["ppl"] < by["int4-rtn"]["ppl"],
+            "int4_awq_gptq_within_10pct": by["int4-awq-gptq"]["ratio_vs_fp16"] <= 1.10,
+            "awq_gptq_better_than_awq": by["int4-awq-gptq"]["ppl"] < by["int4-awq"]["ppl"],
         }
         print(json.dumps({"bench": "perplexity_targets", "backend": backend, **checks}))
     return 0

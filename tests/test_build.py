@@ -27,7 +27,7 @@ def test_build_int4_awq_bundle_verifies_and_refuses_a_flipped_byte(tiny_llama, t
     assert {"weights.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(m["artifacts"])
     assert b.spec.n_layers == 2 and b.spec.tie_embeddings
     q = m["quant"]
-    assert (q["recipe"], q["group_size"], q["awq"], q["method"]) == ("int4", 32, True, "awq")
+    assert (q["recipe"], q["group_size"], q["awq"], q["method"]) == ("int4", 32, True, "awq+gptq")
     assert q["policy"]["lm_head"] == "int8" and q["policy"]["tied_lm_head_copy"]
     assert len(q["report"]["layers"]) == 2 * 7 + 1
     assert m["profile"] == "orin-nano-8gb" and m["plan"]["profile"] == "orin-nano-8gb"

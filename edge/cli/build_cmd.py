@@ -40,7 +40,8 @@ def build(
     quant: str = typer.Option("auto", "--quant", "-q", help="auto (the planner's pick) | int4 | int8 | fp16 | fp32 (unquantized reference). Embedders: fp32 | int8."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="INT4 block size: 32, 64 or 128 (default: the planner's, else the largest that tiles the hidden size)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text file (default: the calibration split of pydoc_data.topics)."),
-    rtn: bool = typer.Option(False, "--rtn", help="INT4 by plain round-to-nearest instead of AWQ."),
+    rtn: bool = typer.Option(False, "--rtn", help="INT4 by plain round-to-nearest instead of AWQ+GPTQ."),
+    no_gptq: bool = typer.Option(False, "--no-gptq", help="INT4 by AWQ with round-to-nearest (no GPTQ rounding): faster build, lower quality."),
     context: Optional[int] = typer.Option(None, "--context", help="Context length the engine is planned and built for (default: what the plan allows)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory (default engines/gen, or engines/embed for an embedder)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or error table."),
@@ -52,8 +53,8 @@ def build(
 
     path = resolve_model(model)
     if is_encoder_folder(path):
-        if group_size is not None or calib is not None or rtn or context is not None:
-            raise UsageError("--group-size, --calib, --rtn and --context apply to generator builds only", fix="drop them for an embedding model")
+        if group_size is not None or calib is not None or rtn or no_gptq or context is not None:
+            raise UsageError("--group-size, --calib, --rtn, --no-gptq and --context apply to generator builds only", fix="drop them for an embedding model")
         from edge.build.encoder import build_embedder_bundle
 
         equant = "fp32" if quant == "auto" else quant
@@ -69,6 +70,7 @@ def build(
             group_size=group_size,
             calib=calib,
             awq=not rtn,
+            gptq=not no_gptq,
             context=context,
             progress=not quiet,
         )
@@ -78,7 +80,7 @@ def build(
     summary = {
         "bundle": str(result),
         "kind": m.get("kind"),
-        "quant": {k: v for k, v in (m.get("quant") or {}).items() if k in ("recipe", "group_size", "awq", "method")},
+        "quant": {k: v for k, v in (m.get("quant") or {}).items() if k in ("recipe", "group_size", "awq", "gptq", "method")},
         "profile": m.get("profile"),
         "limits": m.get("limits"),
         "artifacts": sorted(m.get("artifacts", {})),
