@@ -2,6 +2,7 @@
 
     float weights (HF names) --[calibration forward, one layer at a time]--> linear inputs
       --[AWQ scale search + fold (int4, optional)]--> scaled float weights
+      --[GPTQ rounding (int4, optional; edge.quant.gptq) or RTN]--> same int4 layout
       --[policy: int4 / int8 / fp16 / fp32 per module]--> bundle tensors (edge.quant.format)
       --[effective weight vs float weight, on the calibration inputs]--> QuantReport
 
