@@ -144,6 +144,7 @@ def build_generator_bundle(
     gptq: bool = True,
     context: int | None = None,
     progress: bool = True,
+    report: bool = True,
 ) -> Path:
     """Build a generator engine bundle at `out` from an HF folder, a .gguf file or 'default'.
 
@@ -281,7 +282,7 @@ def build_generator_bundle(
         from rich.console import Console
 
         con = Console(stderr=True)
-        if recipe in ("int8", "int4"):
+        if report and recipe in ("int8", "int4"):
             res.report.print(con)
         con.print(f"[green]built[/green] {path} ({recipe}{f' g{g}' if g else ''}{', ' + method.upper() if use_awq else ''}; "
                   f"max_context {limits['max_context']}, max_batch {limits['max_batch']}; {time.time() - t0:.0f}s)")
