@@ -20,7 +20,7 @@ import numpy as np
 
 from edge.errors import IndexError_, UsageError
 from rag.index import VectorIndex, open_index
-from rag.store import ChunkRow, Store
+from rag.store import ChunkRow, Closing, Store
 
 MODES = ("hybrid", "vector", "keyword")
 RRF_K = 60
@@ -133,7 +133,7 @@ def rrf(lists: list[list[int]], k: int = RRF_K) -> dict[int, float]:
     return out
 
 
-class Retriever:
+class Retriever(Closing):
     """Search one collection. Holds the store connection, the index and the embedder."""
 
     def __init__(self, embedder, collection: str = "default", *, directory: Path | None = None,
@@ -217,9 +217,3 @@ class Retriever:
 
     def close(self) -> None:
         self.store.close()
-
-    def __enter__(self) -> "Retriever":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -114,7 +114,20 @@ class NewChunk:
     vec: np.ndarray  # float32 [dim]
 
 
-class Store:
+class Closing:
+    """`with obj:` closes obj on exit; subclasses define close()."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Store(Closing):
     """The SQLite side of a collection. Use as a context manager or call close()."""
 
     def __init__(self, directory: Path, *, readonly: bool = False):
@@ -283,12 +296,6 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
-
-    def __enter__(self) -> "Store":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class _Txn:

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from rag.store import Closing
+
 
 def _rss() -> int:
     try:
@@ -77,7 +79,7 @@ def planned_bytes(gen_manifest: dict) -> dict[str, int]:
     return out
 
 
-class EdgeRuntime:
+class EdgeRuntime(Closing):
     """Hosts both engines and one collection. Thread-unsafe; one question at a time."""
 
     def __init__(self, collection: str = "default", *, embedder_path: str | Path | None = None,
@@ -173,12 +175,6 @@ class EdgeRuntime:
 
     def close(self) -> None:
         self.retriever.close()
-
-    def __enter__(self) -> "EdgeRuntime":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _manifest(path: Path) -> dict:
