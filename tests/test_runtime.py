@@ -320,3 +320,23 @@ def test_idle_cores_reads_proc_stat():
     idle = ort_session.idle_cores(0.05)
     if os.path.exists("/proc/stat"):
         assert idle is not None and 0.0 <= idle <= (os.cpu_count() or 1) + 1e-6
+
+
+def test_generator_verifies_what_its_backend_loads(tmp_path):
+    """A corrupted ORT graph is refused; a corrupted TensorRT graph does not stop the ORT backend
+    (only the artifacts a backend reads are hashed at load)."""
+    from edge.errors import BundleError
+
+    path = make_tiny_bundle(tmp_path / "b", tiny_hf_model("llama", seed=5), "int4", forms=("ort", "trt"), max_context=64)
+
+    def flip(name):
+        p = path / name
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        p.write_bytes(bytes(data))
+
+    flip("model.trt.onnx")
+    assert Generator.from_bundle(path, backend="onnxruntime").max_context == 64
+    flip("model.ort.onnx")
+    with pytest.raises(BundleError, match="model.ort.onnx"):
+        Generator.from_bundle(path, backend="onnxruntime")

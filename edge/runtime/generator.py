@@ -52,12 +52,7 @@ class GenerationStats:
 
 def open_session(bundle, backend: str = "auto", *, max_batch: int = 1, max_context: int | None = None, threads: int | None = None):
     """The DecoderSession for `backend` ("auto": cuda when edge.runtime.cuda says a GPU is usable)."""
-    from edge.errors import UsageError
-
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown backend {backend!r}", fix=f"choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "cuda" if _cuda_available() else "onnxruntime"
+    backend = resolve_backend(backend)
     if backend == "cuda":
         try:
             from edge.runtime.cuda.session import CudaDecoderSession
@@ -71,6 +66,26 @@ def open_session(bundle, backend: str = "auto", *, max_batch: int = 1, max_conte
     from edge.runtime.ort_session import OrtDecoderSession
 
     return OrtDecoderSession(bundle, max_batch=max_batch, max_context=max_context, threads=threads)
+
+
+# What each backend reads from a bundle (besides the tokenizer files): all it needs to verify.
+BACKEND_ARTIFACTS = {
+    "onnxruntime": ("model.ort.onnx",),
+    "cuda": ("weights.safetensors",),
+    "tensorrt": ("model.trt.onnx",),
+}
+TOKENIZER_ARTIFACTS = ("tokenizer.json", "tokenizer_config.json")
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' -> cuda when edge.runtime.cuda says a GPU is usable, else onnxruntime."""
+    from edge.errors import UsageError
+
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}", fix=f"choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "cuda" if _cuda_available() else "onnxruntime"
+    return backend
 
 
 def _cuda_available() -> bool:
@@ -98,7 +113,9 @@ class Generator:
     def from_bundle(cls, path: str | Path, *, backend: str = "auto", threads: int | None = None, max_context: int | None = None) -> "Generator":
         from edge.build.bundle import Bundle
 
-        bundle = Bundle.open(path, kind="generator")
+        backend = resolve_backend(backend)
+        bundle = Bundle.open(path, kind="generator", verify=False)
+        bundle.verify(BACKEND_ARTIFACTS[backend] + TOKENIZER_ARTIFACTS)
         session = open_session(bundle, backend, max_batch=1, max_context=max_context, threads=threads)
         return cls(session, Tokenizer.from_bundle(bundle), bundle)
 
