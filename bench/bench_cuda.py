@@ -155,7 +155,12 @@ class _Recorder:
         return getattr(self.k, attr)
 
 
+BK_N_ARG = {"st": 5, "glu": 5, "res": 8, "rope": 11}  # where N sits in each block-K epilogue's args
+
+
 def _launch_label(name: str, args) -> str:
+    if name.startswith("gemv_int4_bk_"):
+        return f"{name}[n={int(args[BK_N_ARG[name.rsplit('_', 1)[1]]])}]"
     if name.startswith("gemv_"):  # args: (W, [S,] X, bias, Y, M, N, K, ...)
         n = int(args[5] if name.startswith("gemv_fp16") else args[6])
         return f"{name}[n={n}]"
@@ -232,11 +237,11 @@ def decode_breakdown(sess, name: str, device: str, m: int = 1) -> None:
 
 
 def _int4_shapes(sess) -> dict:
-    """int4 Linears grouped by shape (the autotuner's unit)."""
+    """int4 Linears grouped by shape and role (the autotuner's unit)."""
     out: dict = {}
     for lin in [L[k] for L in sess.layers for k in ("qkv", "o", "gu", "down")] + [sess.lm_head]:
         if lin.kind == "int4":
-            out.setdefault(lin.shape_key, []).append(lin)
+            out.setdefault(f"{lin.shape_key}|{lin.role}", []).append(lin)
     return out
 
 
@@ -257,28 +262,38 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
     rng = np.random.default_rng(1)
     prompt = rng.integers(0, spec.vocab_size, size=PROMPT)
     sess.generate_greedy(prompt, 8)  # warm-up: graphs captured, cuBLAS handles made
-    ttfts, decs = [], []
+    ttfts, decs, syncs = [], [], []
     for rep in range(3):
+        # what Generator does for greedy: prefill + argmax on the GPU, then the pipelined stream
         sess.add_sequence(rep)
         t0 = time.perf_counter()
         tok = sess.prefill_greedy(rep, prompt)
         t1 = time.perf_counter()
-        for _ in range(NEW - 1):
-            tok = int(sess.decode_greedy([rep], np.array([tok]))[0])
+        toks = list(sess.greedy_stream(rep, tok, NEW - 1))
         t2 = time.perf_counter()
         sess.release(rep)
+        assert len(toks) == NEW - 1
         ttfts.append(t1 - t0)
         decs.append((NEW - 1) / (t2 - t1))
+        # one synchronous step at a time (decode_greedy): the host's per-step cost not hidden
+        sess.add_sequence(rep)
+        tok = sess.prefill_greedy(rep, prompt)
+        t1 = time.perf_counter()
+        for _ in range(NEW - 1):
+            tok = int(sess.decode_greedy([rep], np.array([tok]))[0])
+        syncs.append((NEW - 1) / (time.perf_counter() - t1))
+        sess.release(rep)
     tps = statistics.median(decs)
     kv_read = (PROMPT + NEW / 2) * spec.kv_bytes_per_token(2)
     bpt = bytes_read_per_token(spec, recipe, group) + kv_read
     res = {"config": name, "tok_s": tps, "ttft_ms": 1e3 * statistics.median(ttfts)}
     emit(figure="decode_b1", backend="edge-cuda", device=device, model=name, recipe=recipe, group=group, batch=1,
-         prompt=PROMPT, new_tokens=NEW, decode_tok_s=round(tps, 1), ttft_ms=round(res["ttft_ms"], 2),
+         prompt=PROMPT, new_tokens=NEW, decode_tok_s=round(tps, 1), decode_tok_s_sync=round(statistics.median(syncs), 1),
+         ttft_ms=round(res["ttft_ms"], 2),
          bytes_per_token=int(bpt), achieved_gb_s=round(bpt * tps / 1e9, 1), copy_gb_s=round(copy_bw / 1e9, 1),
          roofline_frac=round(bpt * tps / copy_bw, 3), weight_gib=round(sess.weight_bytes / 2**30, 3),
          load_s=round(load_s, 1),
-         int4_m1_pick={k: sess.variant_name(v[0].m1) for k, v in _int4_shapes(sess).items()},
+         int4_m1_pick={k: sess._cand_name((v[0].m1, v[0].fused)) for k, v in _int4_shapes(sess).items()},
          int4_m1_us={k: {n: round(t, 1) for n, t in d.items()} for k, d in sess.int4_m1_us.items()}, linear_rel_err=lin_err, logits_rel_err=logit_err,
          peak_gib=round(cp.get_default_memory_pool().total_bytes() / 2**30, 2))
     decode_breakdown(sess, name, device, 1)

@@ -82,8 +82,11 @@ def test_linear_kernels_match_numpy(cp, kind, g, m):
         s.linear(lin, cp.asarray(x), m, y)
         check(y.get(), want, 3e-3, f"{kind} g{g} m{m} {v}")
         outs.append(y.get())
-    for v, o in zip(variants, outs):  # the autotuner's pick must not change the numbers
-        assert np.array_equal(o, outs[0]), f"{v} differs from {variants[0]}"
+    # the warp-per-row variants sum in one order: the autotuner's pick among them changes no bit
+    # (block-K variants split K differently; they are held to the numpy tolerance above)
+    warp = [(v, o) for v, o in zip(variants, outs) if not s.is_bk(v)]
+    for v, o in warp:
+        assert np.array_equal(o, warp[0][1]), f"{v} differs from {warp[0][0]}"
     y32 = cp.full((m, n), np.nan, dtype=cp.float32)
     if m <= 16:
         s.linear(lin, cp.asarray(x), m, y32, out_f32=True)
@@ -118,6 +121,119 @@ def test_argmax_and_top_p_sampling(cp):
         assert got[b] == order[min(int((cdf < u[b]).sum()), len(cdf) - 1)]
         assert keep[list(order).index(got[b])]
     assert sample_top_p(cp, cp.asarray(logits), 0.0, 1.0, cp.asarray(u)).get().tolist() == want.tolist()
+
+
+def test_multi_block_argmax(cp):
+    from edge.runtime.cuda.kernels import load
+
+    k = load(0)
+    rng = np.random.default_rng(3)
+    v, parts = 50_000, 64
+    logits = rng.standard_normal((4, v), dtype=np.float32)
+    logits[1, 123] = logits[1, 40_000] = 9.0  # tie across blocks -> lowest index
+    logits[2, v - 1] = 9.0  # last element of the last block
+    logits[3, :] = -1.0  # all equal -> 0
+    out = cp.full(4, -1, dtype=cp.int32)
+    pv, pi = cp.zeros((4, parts), dtype=cp.float32), cp.zeros((4, parts), dtype=cp.int32)
+    tickets = cp.zeros(4, dtype=cp.uint32)
+    for _ in range(3):  # tickets are reset by each row's last block: the kernel can run again
+        out[:] = -1
+        ids = cp.full(4, -1, dtype=cp.int32)
+        k["argmax_rows_mb"]((parts, 4), (256,), (cp.asarray(logits), out, ids, pv, pi, tickets, np.int32(v)))
+        assert out.get().tolist() == ids.get().tolist() == logits.argmax(1).tolist() == [int(logits[0].argmax()), 123, v - 1, 0]
+        assert tickets.get().tolist() == [0, 0, 0, 0]
+
+
+def test_fused_block_k_decode_matches_reference(tmp_path):
+    """Every block-K variant through its fused epilogues (RoPE + KV write, SiLU.mul, residual +
+    RMSNorm) against the numpy reference, and against the same session's unfused path."""
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    # head_dim 16 (generic attention kernel), 128 and 64 (split-sequence kernels); qwen2: qkv bias
+    for kw in ({}, {"hidden": 256, "heads": 2, "kv_heads": 1}, {"hidden": 128, "heads": 2, "kv_heads": 1}, {"arch": "qwen2"}):
+        arch = kw.pop("arch", "llama")
+        path, spec, w = _bundle(tmp_path, arch, "int4", 32, False, None, seed=4, **kw)
+        ids = np.random.default_rng(2).integers(0, 256, size=24)
+        ref = reference_logits(spec, w, ids)
+        sess = CudaDecoderSession(path, max_batch=2, max_context=64, block_size=8)
+        sess.attn_min_split = 4  # several attention splits even at these short contexts
+        for v in [v for v in sess.INT4_M1_VARIANTS if sess.is_bk(v)]:
+            sess.set_int4_m1(v)
+            got = {}
+            for fuse in (True, False):
+                sess.fuse = fuse
+                sess._graphs.clear()
+                sess.add_sequence(0)
+                sess.prefill(0, ids[:16])
+                got[fuse] = np.stack([sess.decode([0], ids[t : t + 1])[0] for t in range(16, 24)])
+                sess.release(0)
+            check(got[True], ref[16:24], 1e-2, f"fused {v} {arch} {kw}")
+            check(got[True], got[False], 2e-3, f"fused vs unfused {v}")
+        assert int(sess._counter.get()[0]) == 0
+
+
+def test_split_attention_long_context(tmp_path):
+    """Contexts where each of the P splits holds more tokens than one V round (and a prefix
+    cached by chunked prefill), against the numpy reference."""
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    cfg = tiny_config("llama", hidden=256, heads=2, kv_heads=1)
+    cfg["max_position_embeddings"] = 4096
+    spec = spec_from_hf_config(cfg)
+    w = random_weights(spec, "int4", 32, seed=8, std=0.15)
+    path = write_bundle(tmp_path / "long", spec, w, "int4", 32, max_context=2048, max_batch=2)
+    ids = np.random.default_rng(4).integers(0, 256, size=1503)
+    ref = reference_logits(spec, w, ids)
+    sess = CudaDecoderSession(path, max_batch=2, max_context=2048, block_size=16)
+    assert sess._attn_splits > 1
+    # the context built by decode steps alone (1500 tokens: 6 splits of 250, two V rounds each)
+    sess.add_sequence(0)
+    sess.prefill(0, ids[:1])
+    got = [sess.decode([0], ids[t : t + 1])[0] for t in range(1, 1503)]
+    # the split merge itself: the same step with 1 split and with several, on the same cache
+    outs = []
+    for min_split in (1 << 30, 256, 40):
+        sess.attn_min_split = min_split
+        sess._graphs.clear()
+        outs.append(sess.decode([0], ids[1502:1503])[0])
+        sess.blocks.truncate(0, 1503)
+    assert rel(outs[1], outs[0]) < 1e-4 and rel(outs[2], outs[0]) < 1e-4, (rel(outs[1], outs[0]), rel(outs[2], outs[0]))
+    # against the fp32 reference: fp16 KV cache and activations on a random model whose scores
+    # reach ~20, so the error grows with the context (0.3-1.1e-2 measured past 100 tokens)
+    errs = {t + 1: round(rel(got[t - 1], ref[t]), 5) for t in (100, 255, 256, 257, 1000, 1500, 1501, 1502)}
+    assert max(errs.values()) < 2e-2, errs
+    sess.release(0)
+    # a long prefill (cuBLAS attention, scores and probabilities stored in half): looser bound,
+    # 1.4e-2 measured on this random model whose scores reach ~20 (half's step there is 0.016)
+    sess.add_sequence(1)
+    sess.prefill(1, ids[:700])
+    check(sess.prefill(1, ids[700:1500]), ref[1499], 3e-2, "prefill 1500")
+
+
+def test_greedy_stream_equals_step_by_step_and_rolls_back(tmp_path):
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    path, spec, w = _bundle(tmp_path, "llama", "int4", 32, False, None, seed=6)
+    sess = CudaDecoderSession(path, max_batch=2, max_context=64, block_size=8)
+    prompt = np.random.default_rng(9).integers(0, 256, size=11)
+    want = sess.generate_greedy(prompt, 30, pipelined=False)
+    assert sess.generate_greedy(prompt, 30) == want
+    # stopping early leaves the sequence as if only the returned tokens had been decoded
+    sess.add_sequence(3)
+    first = sess.prefill_greedy(3, prompt)
+    it = sess.greedy_stream(3, first, 29)
+    got = [next(it) for _ in range(7)]
+    it.close()
+    assert [first, *got] == want[:8] and sess.length(3) == len(prompt) + 7
+    tok = got[-1]
+    for t in want[8:12]:  # continuing step by step picks up exactly there
+        tok = int(sess.decode_greedy([3], np.array([tok]))[0])
+        assert tok == t
+    # the context's room bounds the stream
+    room = 64 - sess.length(3)
+    assert len(list(sess.greedy_stream(3, tok, 500))) == room and sess.length(3) == 64
+    sess.release(3)
+    assert sess.blocks.num_free == sess.blocks.num_blocks
 
 
 def _bundle(tmp_path, arch="llama", recipe="int4", g=32, tie=False, rope=None, seed=0, **kw):

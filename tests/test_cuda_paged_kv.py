@@ -65,3 +65,19 @@ def test_errors_exhaustion_context_and_max_seqs():
         bm.add(0)
     with pytest.raises(BackendError, match="unknown sequence"):
         bm.length(99)
+
+
+def test_truncate_forgets_tokens_and_returns_unneeded_blocks():
+    bm = BlockManager(num_blocks=5, block_size=4)
+    bm.add(1)
+    bm.append(1, 9)  # 3 blocks
+    first_two = bm.table(1)[:2]
+    bm.truncate(1, 8)  # the 9th token's block goes back
+    assert bm.length(1) == 8 and bm.table(1) == first_two and bm.num_free == 3
+    bm.truncate(1, 5)  # still inside block 2: nothing freed
+    assert bm.length(1) == 5 and bm.num_free == 3
+    assert bm.append(1, 1) == [first_two[1] * 4 + 1]  # appending continues at position 5
+    with pytest.raises(BackendError):
+        bm.truncate(1, 7)  # cannot grow
+    bm.truncate(1, 0)
+    assert bm.table(1) == [] and bm.num_free == 5

@@ -61,3 +61,31 @@ def test_available_and_probe_without_gpu(monkeypatch):
     assert cuda.available() is False
     p = cuda.probe(compile=False)
     assert set(p) >= {"binding", "gpu", "compute_capability", "kernels"}
+
+
+def test_gpu_row_orders_pair_rope_halves_and_gate_up():
+    """The session's row orders: what the fused epilogues (and rope_cache / silu_mul) rely on."""
+    from edge.runtime.cuda.session import gu_row_order, qkv_row_order
+
+    hq, hkv, d = 4, 2, 16
+    order = qkv_row_order(hq, hkv, d)
+    assert sorted(order.tolist()) == list(range((hq + 2 * hkv) * d))  # a permutation
+    rows = np.arange((hq + 2 * hkv) * d)[order]  # original row stored at each GPU row
+    for h in range(hq + hkv):  # q and k heads: GPU rows 2i, 2i+1 = the pair RoPE rotates together
+        for i in range(d // 2):
+            assert (rows[h * d + 2 * i], rows[h * d + 2 * i + 1]) == (h * d + i, h * d + i + d // 2)
+    assert rows[(hq + hkv) * d :].tolist() == list(range((hq + hkv) * d, (hq + 2 * hkv) * d))  # v untouched
+    gu = gu_row_order(5)
+    assert gu.tolist() == [0, 5, 1, 6, 2, 7, 3, 8, 4, 9]
+
+
+def test_gemv_picks_file_roundtrip_and_corruption(tmp_path, monkeypatch):
+    from edge.runtime.cuda import kernels
+
+    monkeypatch.setenv("EDGE_RAG_HOME", str(tmp_path))
+    assert kernels.load_picks() == {}
+    kernels.save_picks({"gpu|sm_87|abc|int4[4096x4096]g128": "gemv_int4_bk_r4_t128"})
+    assert kernels.load_picks() == {"gpu|sm_87|abc|int4[4096x4096]g128": "gemv_int4_bk_r4_t128"}
+    (tmp_path / "kernels" / kernels.PICKS_FILE).write_text("{not json")
+    assert kernels.load_picks() == {}  # a damaged file means re-tuning, not a crash
+    assert not list((tmp_path / "kernels").glob("*.tmp"))

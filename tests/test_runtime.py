@@ -340,3 +340,44 @@ def test_generator_verifies_what_its_backend_loads(tmp_path):
     flip("model.ort.onnx")
     with pytest.raises(BundleError, match="model.ort.onnx"):
         Generator.from_bundle(path, backend="onnxruntime")
+
+
+class _DeviceGreedySession(OrtDecoderSession):
+    """The ORT session plus the device-greedy API of the cuda session (prefill_greedy,
+    greedy_stream) done with numpy argmax: what Generator's fast path calls, checkable on CPU."""
+
+    streams = 0
+
+    def prefill_greedy(self, seq, ids):
+        return int(np.argmax(self.prefill(seq, ids)))
+
+    def greedy_stream(self, seq, tok, max_new):
+        type(self).streams += 1
+        start, done = self.length(seq), 0
+        try:
+            for _ in range(max(0, min(max_new, self.max_context - self.length(seq)))):
+                tok = int(np.argmax(self.decode([seq], np.array([tok]))[0]))
+                done += 1
+                yield tok
+        finally:  # the cuda session rolls back its queued step; here nothing is ahead
+            assert self.length(seq) == start + done
+
+
+def test_generator_greedy_fast_path_gives_the_same_text(fp32_bundle):
+    slow = Generator.from_bundle(fp32_bundle, backend="onnxruntime")
+    fast = Generator(_DeviceGreedySession(Bundle.open(fp32_bundle, verify=False), max_batch=1), slow.tokenizer)
+    for params in (SamplingParams(max_tokens=25, temperature=0), SamplingParams(max_tokens=3, temperature=0, stop=["e"])):
+        _DeviceGreedySession.streams = 0
+        assert fast.generate("Once upon", params) == slow.generate("Once upon", params)
+        assert fast.stats.n_generated == slow.stats.n_generated and fast.stats.finish_reason == slow.stats.finish_reason
+        assert _DeviceGreedySession.streams == 1  # greedy went through the device stream
+    # a repetition penalty needs the logits on the host: the fast path is not taken
+    _DeviceGreedySession.streams = 0
+    p = SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.3)
+    assert fast.generate("Once upon", p) == slow.generate("Once upon", p)
+    assert _DeviceGreedySession.streams == 0
+    # the context bound: a prompt near the context's end stops with finish_reason "context"
+    long = " ".join(["upon"] * 200)
+    a = fast.generate(long, SamplingParams(max_tokens=500, temperature=0), truncate=True)
+    b = slow.generate(long, SamplingParams(max_tokens=500, temperature=0), truncate=True)
+    assert a == b and fast.stats.finish_reason == slow.stats.finish_reason

@@ -156,11 +156,10 @@ class Generator:
         self.session.add_sequence(seq)
         try:
             t0 = time.perf_counter()
-            logits = self.session.prefill(seq, np.asarray(ids, dtype=np.int64))
-            st.prefill_s = time.perf_counter() - t0
             t_first = None
-            while True:
-                tok = sampler(logits, np.asarray(seen) if params.repetition_penalty != 1.0 else None)
+            st.finish_reason = "context"  # unless a stop, eos or max_tokens ends it first
+            tokens = self._tokens(seq, ids, params, sampler, seen)
+            for tok in tokens:
                 if t_first is None:
                     t_first = time.perf_counter()
                     st.ttft_s = t_first - t0
@@ -178,10 +177,7 @@ class Generator:
                 if st.n_generated >= params.max_tokens:
                     st.finish_reason = "length"
                     break
-                if self.session.length(seq) >= self.max_context:
-                    st.finish_reason = "context"
-                    break
-                logits = self.session.decode([seq], np.array([tok], dtype=np.int64))[0]
+            tokens.close()  # a pipelined stream rolls back the step it had queued ahead
             st.decode_s = time.perf_counter() - t_first
             if st.finish_reason != "stop" or not stops.hit:
                 tail, _ = stops.feed(detok.flush())
@@ -190,6 +186,31 @@ class Generator:
                     yield tail
         finally:
             self.session.release(seq)
+
+    def _tokens(self, seq: int, ids: list[int], params: SamplingParams, sampler: Sampler, seen: list[int]) -> Iterator[int]:
+        """Sampled token ids until the context is full (the caller stops on eos / stop / length).
+
+        Greedy without a repetition penalty on a session that can do it on the device (cuda):
+        argmax on the GPU and a pipelined stream (session.greedy_stream), so only token ids
+        cross to the host. Otherwise: float32 logits to the host sampler after every step."""
+        prompt = np.asarray(ids, dtype=np.int64)
+        if params.greedy and params.repetition_penalty == 1.0 and hasattr(self.session, "greedy_stream"):
+            t0 = time.perf_counter()
+            tok = int(self.session.prefill_greedy(seq, prompt))
+            self.stats.prefill_s = time.perf_counter() - t0
+            yield tok
+            room = self.max_context - self.session.length(seq)
+            yield from self.session.greedy_stream(seq, tok, min(params.max_tokens - 1, room))
+            return
+        t0 = time.perf_counter()
+        logits = self.session.prefill(seq, prompt)
+        self.stats.prefill_s = time.perf_counter() - t0
+        while True:
+            tok = sampler(logits, np.asarray(seen) if params.repetition_penalty != 1.0 else None)
+            yield tok
+            if self.session.length(seq) >= self.max_context:
+                return
+            logits = self.session.decode([seq], np.array([tok], dtype=np.int64))[0]
 
     def generate(self, prompt: str | list[dict], params: SamplingParams | None = None, *, truncate: bool = False) -> str:
         """The whole completion as one string."""

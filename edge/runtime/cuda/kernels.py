@@ -8,17 +8,21 @@ newer than sm_80.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from edge.errors import BackendError
-from edge.runtime.cuda.kernels_src import KERNEL_NAMES, SOURCE
+from edge.runtime.cuda.kernels_src import BK_VARIANTS, KERNEL_NAMES, SOURCE
 
 MIN_COMPUTE_CAPABILITY = 80
 GEMV_TILES = (1, 2, 4, 8, 16)  # rows of X per GEMV launch-y (compile-time MT)
 GEMV_ROWS_PER_WARP = {1: 1, 2: 1, 4: 2, 8: 4, 16: 4}  # int4/int8 kernels: weight rows per warp (R)
+SOURCE_HASH = hashlib.sha256(SOURCE.encode()).hexdigest()[:12]
+PICKS_FILE = "gemv_picks.json"
 
 
 def kernel_cache_dir() -> str:
@@ -27,6 +31,35 @@ def kernel_cache_dir() -> str:
     d = home() / "kernels"
     d.mkdir(parents=True, exist_ok=True)
     return str(d)
+
+
+def load_picks() -> dict[str, str]:
+    """Autotuned GEMV picks ("gpu|sm_xx|source|shape" -> kernel variant); {} when absent or unreadable."""
+    try:
+        with open(os.path.join(kernel_cache_dir(), PICKS_FILE)) as f:
+            d = json.load(f)
+        return {str(k): str(v) for k, v in d.items()} if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_picks(picks: dict[str, str]) -> None:
+    """Write the picks atomically (a killed process leaves the old file or the new one)."""
+    path = os.path.join(kernel_cache_dir(), PICKS_FILE)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(picks, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home only costs re-tuning at the next load
+        pass
+
+
+def gpu_name(device_id: int = 0) -> str:
+    import cupy
+
+    name = cupy.cuda.runtime.getDeviceProperties(device_id)["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def compile_options(cc: int) -> tuple[str, ...]:

@@ -95,6 +95,17 @@ class BlockManager:
         s.length += n
         return slots
 
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Forget the sequence's tokens from `length` on (their KV is overwritten later); blocks no
+        longer needed go back to the pool."""
+        s = self._seqs[self._check(seq_id)]
+        if not 0 <= length <= s.length:
+            raise BackendError(f"sequence {seq_id}: cannot truncate {s.length} tokens to {length}")
+        keep = blocks_for(length, self.block_size)
+        self._free.extend(reversed(s.blocks[keep:]))
+        del s.blocks[keep:]
+        s.length = length
+
     def slots(self, seq_id: int, start: int = 0, stop: int | None = None) -> list[int]:
         """Slots of cached positions [start, stop)."""
         s = self._seqs[self._check(seq_id)]

@@ -14,11 +14,12 @@ tables) to the device, replays the graph and reads back logits or sampled ids.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -32,6 +33,10 @@ GEMV_ROWS_PER_BLOCK = 8  # warps per 256-thread GEMV block (each takes R rows, k
 MAX_GEMV_M = 16  # above this, prefill linears go through dequant + cuBLAS
 ATTN_THREADS = 256
 PREFILL_Q_CHUNK = 512  # prefill attention in query chunks: chunk c skips keys after its last query
+ARGMAX_BLOCKS = 64  # blocks per row of the decode step's argmax
+EMBED_THREADS = 256  # embed_rmsnorm: rows up to 32 x this
+ATTN_MAX_SPLITS = 8  # decode attention: at most this many blocks per (head, sequence)
+ATTN_MIN_SPLIT = 128  # ... and at least this many tokens per block (bench/bench_attention.py)
 
 
 def _i32(v: int) -> np.int32:
@@ -53,6 +58,8 @@ class Linear:
     gshift: int = 0  # log2(group) for int4
     bias: Any = None  # half [N]
     m1: tuple[str, int, int] | None = None  # int4 M = 1 GEMV variant picked for this shape at load
+    role: str = "st"  # what follows it in a layer: rope (qkv), res (o, down), glu (gate|up), st
+    fused: bool = False  # at M = 1, run m1 with the role's fused epilogue (the autotuner decides)
 
     @property
     def shape_key(self) -> str:
@@ -75,13 +82,16 @@ def _buckets(max_batch: int) -> list[int]:
 class CudaDecoderSession:
     """A generator bundle loaded on the GPU with a paged KV cache for `max_batch` x `max_context`."""
 
-    # int4 GEMV at M = 1: (kernel, rows per warp R, warps per block); autotuned per weight shape
-    # at load (see _autotune_int4_m1). The default is what a Linear without a pick uses.
+    # int4 GEMV at M = 1: (kernel, rows per warp or block R, warps per block | threads per block);
+    # autotuned per weight shape at load (see _autotune_int4_m1). "gemv_int4_bk_*" are the block-K
+    # kernels whose fused epilogues (RoPE + KV write, SiLU.mul, residual + RMSNorm) the decode step
+    # uses; the warp-per-row kernels stay candidates and then run with the separate small kernels.
     _int4_m1: tuple[str, int, int] = ("gemv_int4_m1", 1, GEMV_ROWS_PER_BLOCK)
     INT4_M1_VARIANTS = (
         ("gemv_int4_m1", 1, 8), ("gemv_int4_m1_r2", 2, 8), ("gemv_int4_m1_r4", 4, 8),
         ("gemv_int4_m1", 1, 4), ("gemv_int4_m1_r2", 2, 4), ("gemv_int4_m1_r4", 4, 4),
         ("gemv_int4_m1_r2", 2, 16),
+        *((f"gemv_int4_bk_r{r}_t{nt}_u{u}", r, nt) for r, nt, u in kmod.BK_VARIANTS),
     )
 
     def __init__(
@@ -95,6 +105,7 @@ class CudaDecoderSession:
         use_graphs: bool = True,
         device: int = 0,
         verify: bool = True,
+        fuse: bool = True,
     ):
         try:
             import cupy as cp
@@ -110,6 +121,7 @@ class CudaDecoderSession:
         self.vocab_size = spec.vocab_size
         self.block_size = block_size
         self.use_graphs = use_graphs
+        self.fuse = fuse
         self.device = cp.cuda.Device(device)
         self.device.use()
         self.k = kmod.load(device)
@@ -132,61 +144,115 @@ class CudaDecoderSession:
         # per-thread V accumulators (8 each), block-table copy
         smem = 4 * (self.max_context + spec.head_dim + 32 + 8 * ATTN_THREADS + self.max_blocks)
         if smem > 48 * 1024:  # opt in to more than 48 KB of dynamic shared memory
-            for name in ("paged_attn_decode", "paged_attn_decode_d64", "paged_attn_decode_d128"):
+            for name in ("paged_attn_decode", "paged_attn_decode_d64", "paged_attn_decode_d128", "paged_attn_split_d64", "paged_attn_split_d128", "paged_attn_split_tk_d64", "paged_attn_split_tk_d128"):
                 cp.cuda.driver.funcSetAttribute(self.k[name].ptr, 8, smem)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         self._attn_smem = smem
         self._graphs: dict[int, Any] = {}
+        self._pipe: list | None = None  # greedy_stream's pinned host buffers and events
         # one block per row: enough threads that each does a few elements (latency, not bandwidth)
         self._norm_threads = max(128, min(1024, spec.hidden_size // 4 // 32 * 32))
         self.int4_m1_us = self._autotune_int4_m1()
 
     @staticmethod
     def variant_name(v: tuple[str, int, int]) -> str:
-        return f"{v[0]}_w{v[2]}"
+        return v[0] if v[0].startswith("gemv_int4_bk_") else f"{v[0]}_w{v[2]}"
+
+    @staticmethod
+    def is_bk(v: tuple[str, int, int] | None) -> bool:
+        return v is not None and v[0].startswith("gemv_int4_bk_")
 
     def _autotune_int4_m1(self) -> dict[str, dict[str, float]]:
-        """Time the M = 1 int4 GEMV variants on each distinct int4 weight shape; keep the fastest per shape.
+        """Pick, per distinct (int4 weight shape, role), how M = 1 runs: which GEMV variant and
+        whether its fused epilogue replaces the small kernel that follows. Returns the times.
 
-        The best variant depends on the shape: a short-K layer (o, qkv) wants many small blocks,
-        a long-K one (down, K = 14336) few long-lived warps. Every variant computes a row with the
-        same per-lane order and warp reduction (tests/test_cuda_gpu.py checks they agree bit for bit)."""
-        cp = self.cp
+        The best variant depends on the shape (short-K qkv/o want many small blocks, long-K down
+        long-lived ones), and a fused epilogue is not free (the residual + RMSNorm one ends in a
+        last-block reduction), so every candidate is timed as the whole sequence it stands for
+        (e.g. "gemv + add_rmsnorm" against "fused kernel"), inside a CUDA graph of 20 repeats:
+        what a decode step sees (eager launches from Python are launch-bound at ~10-20 us).
+        Picks are stored per GPU, kernel source and shape under $EDGE_RAG_HOME/kernels, so later
+        loads reuse them and a machine always runs the same kernels (variants split K in
+        different orders: the same numbers to ~1e-7, not bit for bit)."""
+        cp, spec = self.cp, self.spec
         lins = [L[k] for L in self.layers for k in ("qkv", "o", "gu", "down")] + [self.lm_head]
-        by_shape: dict[str, list[Linear]] = {}
+        by_key: dict[str, list[Linear]] = {}
         for lin in lins:
             if lin.kind == "int4":
-                by_shape.setdefault(lin.shape_key, []).append(lin)
-        if not by_shape:
+                by_key.setdefault(f"{lin.shape_key}|{lin.role}", []).append(lin)
+        if not by_key:
             return {}
+        picks = kmod.load_picks()
+        gpu = f"{kmod.gpu_name(self.device.id)}|sm_{self.k.cc}|{kmod.SOURCE_HASH}"
         s0, e0 = cp.cuda.Event(), cp.cuda.Event()
         times: dict[str, dict[str, float]] = {}
         largest, largest_bytes = None, -1
+        reps = 20
+        f16 = cp.float16
         with self.stream:
-            for key, group in by_shape.items():
+            for key, group in by_key.items():
                 lin = group[0]
-                x = cp.ones((1, lin.k), dtype=cp.float16)
-                y = cp.empty((1, lin.n), dtype=cp.float16)
-                t: dict[tuple[str, int, int], float] = {}
-                for variant in self.INT4_M1_VARIANTS:
-                    lin.m1 = variant
-                    self.linear(lin, x, 1, y)
-                    ts = []
-                    for _ in range(5):
-                        s0.record(self.stream)
-                        for _ in range(10):
-                            self.linear(lin, x, 1, y)
-                        e0.record(self.stream)
-                        e0.synchronize()
-                        ts.append(cp.cuda.get_elapsed_time(s0, e0) * 100)  # us per launch
-                    t[variant] = sorted(ts)[len(ts) // 2]
-                best = min(self.INT4_M1_VARIANTS, key=lambda v: t[v])
+                cands = [(v, True) for v in self.INT4_M1_VARIANTS if lin.role != "st" and self._fusable(v, lin.role, lin)]
+                cands += [(v, False) for v in self.INT4_M1_VARIANTS]
+                names = {self._cand_name(c): c for c in cands}
+                best = names.get(picks.get(f"{gpu}|{key}", ""))
+                if best is None:
+                    x = cp.ones((1, lin.k), dtype=f16)
+                    y = cp.empty((1, lin.n), dtype=f16)
+                    if lin.role == "rope":
+                        ints = cp.zeros(2, dtype=cp.int32)  # pos 0, slot 0
+                        q = cp.empty(spec.q_size, dtype=f16)
+                        kvs = cp.empty((2, 1, spec.n_kv_heads, spec.head_dim), dtype=f16)
+                        run = lambda: self._qkv_rope(lin, x, 1, ints[:1], ints[1:], q, kvs[0], kvs[1], y)  # noqa: E731
+                    elif lin.role == "res":
+                        res, h, w = cp.zeros((1, lin.n), dtype=cp.float32), cp.empty((1, lin.n), dtype=f16), cp.ones(lin.n, dtype=f16)
+                        counter = cp.zeros(1, dtype=cp.uint32)
+                        run = lambda: self._linear_residual_norm(lin, x, 1, res, y, w, h, np.float32(spec.rms_eps), counter)  # noqa: E731
+                    elif lin.role == "glu":
+                        act = cp.empty((1, lin.n // 2), dtype=f16)
+                        run = lambda: self._gate_up(lin, x, 1, y, act)  # noqa: E731
+                    else:
+                        run = lambda: self.linear(lin, x, 1, y)  # noqa: E731
+                    t: dict[tuple, float] = {}
+                    for cand in cands:
+                        lin.m1, lin.fused = cand
+                        self.stream.begin_capture()
+                        try:
+                            for _ in range(reps):
+                                run()
+                        finally:
+                            g = self.stream.end_capture()
+                        g.launch(self.stream)
+                        ts = []
+                        for _ in range(5):
+                            s0.record(self.stream)
+                            g.launch(self.stream)
+                            e0.record(self.stream)
+                            e0.synchronize()
+                            ts.append(cp.cuda.get_elapsed_time(s0, e0) * 1e3 / reps)  # us per launch sequence
+                        t[cand] = sorted(ts)[len(ts) // 2]
+                    best = min(cands, key=lambda c: t[c])
+                    times[key] = {self._cand_name(c): us for c, us in t.items()}
+                    picks[f"{gpu}|{key}"] = self._cand_name(best)
                 for other in group:
-                    other.m1 = best
-                times[key] = {self.variant_name(v): us for v, us in t.items()}
+                    other.m1, other.fused = best
                 if lin.nbytes > largest_bytes:
-                    largest, largest_bytes = best, lin.nbytes
+                    largest, largest_bytes = best[0], lin.nbytes
+        if times:
+            kmod.save_picks(picks)
         self._int4_m1 = largest  # the default for int4 Linears made later (none in a loaded model)
         return times
+
+    @classmethod
+    def _cand_name(cls, cand: tuple[tuple[str, int, int], bool]) -> str:
+        return cls.variant_name(cand[0]) + ("+fused" if cand[1] else "")
+
+    def set_int4_m1(self, variant: tuple[str, int, int], fused: bool = True) -> None:
+        """Run every int4 linear's M = 1 GEMV with `variant`, with the fused epilogue where it
+        can (tests; drops captured graphs)."""
+        for lin in [L[k] for L in self.layers for k in ("qkv", "o", "gu", "down")] + [self.lm_head]:
+            if lin.kind == "int4":
+                lin.m1, lin.fused = variant, fused and self._fusable(variant, lin.role, lin)
+        self._graphs.clear()
 
     # ---- weights ----------------------------------------------------------------------
     def _load_weights(self, w: dict[str, np.ndarray]) -> None:
@@ -196,7 +262,7 @@ class CudaDecoderSession:
         def h(name: str) -> Any:
             return cp.asarray(w[name].astype(np.float16, copy=False))
 
-        def linear(names: list[str], bias_names: list[str] | None = None) -> Linear:
+        def linear(names: list[str], bias_names: list[str] | None = None, perm: np.ndarray | None = None) -> Linear:
             parts = [_host_linear(w, n) for n in names]
             kinds = {(p[0], p[3]) for p in parts}
             if len(kinds) != 1:
@@ -204,6 +270,9 @@ class CudaDecoderSession:
             kind, k, g = parts[0][0], parts[0][4], parts[0][3]
             q = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
             s = (np.concatenate([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]) if kind != "fp16" else None
+            if perm is not None:  # output rows reordered (see qkv_row_order / gu_row_order)
+                q = q[perm]
+                s = s[perm] if s is not None else None
             n = q.shape[0]
             if kind == "int4":
                 if k % 32:
@@ -223,12 +292,16 @@ class CudaDecoderSession:
                     raise BackendError(f"{names[0]}: in_features {k} not a multiple of 8")
                 lin = Linear("fp16", n, k, cp.asarray(q.astype(np.float16, copy=False)), None)
             if bias_names and all(bn in w for bn in bias_names):
-                lin.bias = cp.asarray(np.concatenate([w[bn] for bn in bias_names]).astype(np.float16))
+                bias = np.concatenate([w[bn] for bn in bias_names]).astype(np.float16)
+                lin.bias = cp.asarray(bias[perm] if perm is not None else bias)
             self.weight_bytes += lin.nbytes
             return lin
 
         self.embed = h("model.embed_tokens.weight")
+        qkv_perm = qkv_row_order(spec.n_heads, spec.n_kv_heads, spec.head_dim)
+        gu_perm = gu_row_order(spec.intermediate_size)
         self.layers = []
+        roles = {"qkv": "rope", "o": "res", "gu": "glu", "down": "res"}
         for i in range(spec.n_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
@@ -236,12 +309,15 @@ class CudaDecoderSession:
                 {
                     "ln1": h(p + "input_layernorm.weight"),
                     "ln2": h(p + "post_attention_layernorm.weight"),
-                    "qkv": linear([a + "q_proj", a + "k_proj", a + "v_proj"], [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"]),
+                    "qkv": linear([a + "q_proj", a + "k_proj", a + "v_proj"], [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"], qkv_perm),
                     "o": linear([a + "o_proj"]),
-                    "gu": linear([p + "mlp.gate_proj", p + "mlp.up_proj"]),
+                    "gu": linear([p + "mlp.gate_proj", p + "mlp.up_proj"], perm=gu_perm),
                     "down": linear([p + "mlp.down_proj"]),
                 }
             )
+        for L in self.layers:
+            for key, role in roles.items():
+                L[key].role = role
         self.norm = h("model.norm.weight")
         if "lm_head.qweight" in w or "lm_head.weight" in w:
             self.lm_head = linear(["lm_head"])
@@ -260,6 +336,21 @@ class CudaDecoderSession:
         self._inp = cp.zeros(self._inp_host.size, dtype=cp.int32)
         self._logits = cp.zeros((mb, s.vocab_size), dtype=cp.float32)
         self._next = cp.zeros(mb, dtype=cp.int32)
+        # fused residual + RMSNorm: a ticket counter the finishing block resets to 0
+        self._counter = cp.zeros(1, dtype=cp.uint32)
+        # multi-block argmax: per-row partials and ticket counters
+        self._argmax_parts = max(1, min(ARGMAX_BLOCKS, -(-s.vocab_size // 1024)))
+        self._amax_v = cp.zeros((mb, self._argmax_parts), dtype=cp.float32)
+        self._amax_i = cp.zeros((mb, self._argmax_parts), dtype=cp.int32)
+        self._amax_t = cp.zeros(mb, dtype=cp.uint32)
+        # split-sequence decode attention: enough blocks per (head, sequence) to cover the SMs
+        # (independent of the batch, so a sequence's numbers do not depend on its batch)
+        sms = int(cp.cuda.runtime.getDeviceProperties(self.device.id)["multiProcessorCount"])
+        self._attn_splits = max(1, min(ATTN_MAX_SPLITS, -(-2 * sms // s.n_heads)))
+        self.attn_min_split = ATTN_MIN_SPLIT
+        self._attn_part_o = cp.zeros(mb * s.n_heads * self._attn_splits * s.head_dim, dtype=cp.float32)
+        self._attn_part_ml = cp.zeros(mb * s.n_heads * self._attn_splits * 2, dtype=cp.float32)
+        self._attn_tickets = cp.zeros(mb * s.n_heads, dtype=cp.uint32)
 
     def _make_bufs(self, m: int) -> dict[str, Any]:
         cp, s = self.cp, self.spec
@@ -288,6 +379,10 @@ class CudaDecoderSession:
         warps = GEMV_ROWS_PER_BLOCK
         if t == 1 and lin.kind == "int4":
             name, r, warps = lin.m1 or self._int4_m1
+            if self.is_bk(lin.m1 or self._int4_m1):
+                bias = lin.bias if lin.bias is not None else NULL
+                self.k[name + "_st"](((lin.n + r - 1) // r,), (warps,), (lin.q, lin.s, x, bias, y, _i32(lin.n), _i32(lin.k), _i32(lin.gshift), _i32(out_f32)))
+                return
         else:
             name, r = f"gemv_{lin.kind}_m{t}", (kmod.GEMV_ROWS_PER_WARP[t] if lin.kind != "fp16" else 1)
         rows = warps * r
@@ -323,48 +418,109 @@ class CudaDecoderSession:
         if lin.bias is not None:
             y[:m] += lin.bias
 
+    def _fused(self, lin: Linear, m: int) -> bool:
+        """Does this linear run through a block-K kernel with a fused epilogue at this M?"""
+        return self.fuse and m == 1 and lin.fused and self.is_bk(lin.m1)
+
+    def _fusable(self, variant: tuple[str, int, int], role: str, lin: Linear) -> bool:
+        """Can `variant` run `role`'s fused epilogue for this linear? (pairs must stay in a block / head)"""
+        if not self.is_bk(variant) or lin.kind != "int4":
+            return False
+        r = variant[1]
+        if role == "rope":
+            return r % 2 == 0 and self.spec.head_dim % r == 0
+        if role == "glu":
+            return r % 2 == 0
+        return role == "res" and lin.n % 4 == 0
+
+    def _bk(self, lin: Linear, epi: str, *args: Any) -> None:
+        name, r, nt = lin.m1
+        bias = lin.bias if lin.bias is not None else NULL
+        self.k[f"{name}_{epi}"](((lin.n + r - 1) // r,), (nt,), (lin.q, lin.s, *args[:1], bias, *args[1:]))
+
     def _add_rmsnorm(self, res: Any, x: Any, w: Any, out: Any, m: int) -> None:
         self.k["add_rmsnorm"]((m,), (self._norm_threads,), (res, x if x is not None else NULL, w, out, _i32(self.spec.hidden_size), np.float32(self.spec.rms_eps)))
 
     def _layers(self, m: int, bufs: dict[str, Any], ids: Any, pos: Any, slots: Any, attend) -> None:
         """Embedding -> all layers -> final norm into bufs['h'] (rows [0, m))."""
         k, s = self.k, self.spec
-        self.k["embed"]((m,), (256,), (ids, self.embed, bufs["res"], _i32(s.hidden_size)))
-        self._add_rmsnorm(bufs["res"], None, self.layers[0]["ln1"], bufs["h"], m)
-        rope_threads = 128
-        rope_blocks = -(-((s.n_heads + s.n_kv_heads) * s.head_dim // 2 + s.kv_size) // rope_threads)
+        if s.hidden_size % 4 == 0 and s.hidden_size <= 32 * EMBED_THREADS:
+            self.k["embed_rmsnorm"]((m,), (EMBED_THREADS,), (ids, self.embed, self.layers[0]["ln1"], bufs["res"], bufs["h"], _i32(s.hidden_size), np.float32(s.rms_eps)))
+        else:
+            self.k["embed"]((m,), (256,), (ids, self.embed, bufs["res"], _i32(s.hidden_size)))
+            self._add_rmsnorm(bufs["res"], None, self.layers[0]["ln1"], bufs["h"], m)
+        eps = np.float32(s.rms_eps)
         for i, L in enumerate(self.layers):
             kc, vc = self.kv[i, 0], self.kv[i, 1]
-            self.linear(L["qkv"], bufs["h"], m, bufs["qkv"])
-            k["rope_cache"]((m, rope_blocks), (rope_threads,), (bufs["qkv"], pos, slots, self.cos, self.sin, bufs["q"], kc, vc, _i32(s.n_heads), _i32(s.n_kv_heads), _i32(s.head_dim)))
+            self._qkv_rope(L["qkv"], bufs["h"], m, pos, slots, bufs["q"], kc, vc, bufs["qkv"])
             attend(i, bufs["q"], kc, vc, bufs["a"])
-            self.linear(L["o"], bufs["a"], m, bufs["o"])
-            self._add_rmsnorm(bufs["res"], bufs["o"], L["ln2"], bufs["h"], m)
-            self.linear(L["gu"], bufs["h"], m, bufs["gu"])
-            n = m * s.intermediate_size
-            k["silu_mul"](((n + 255) // 256,), (256,), (bufs["gu"], bufs["act"], _i32(m), _i32(s.intermediate_size)))
-            self.linear(L["down"], bufs["act"], m, bufs["o"])
+            self._linear_residual_norm(L["o"], bufs["a"], m, bufs["res"], bufs["o"], L["ln2"], bufs["h"], eps)
+            self._gate_up(L["gu"], bufs["h"], m, bufs["gu"], bufs["act"])
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.norm
-            self._add_rmsnorm(bufs["res"], bufs["o"], nxt, bufs["h"], m)
+            self._linear_residual_norm(L["down"], bufs["act"], m, bufs["res"], bufs["o"], nxt, bufs["h"], eps)
+
+    # Each linear of a layer with what follows it: one block-K kernel with the fused epilogue
+    # when the linear's autotuned pick says so (M = 1), else the GEMV / cuBLAS and the small kernel.
+    def _qkv_rope(self, lin: Linear, x: Any, m: int, pos: Any, slots: Any, q: Any, kc: Any, vc: Any, qkv_buf: Any) -> None:
+        """qkv = x @ W.T; RoPE on q -> q, on k -> KV cache at slots; v -> KV cache."""
+        s = self.spec
+        heads = (_i32(s.n_heads), _i32(s.n_kv_heads), _i32(s.head_dim))
+        if self._fused(lin, m):
+            self._bk(lin, "rope", x, pos, slots, self.cos, self.sin, q, kc, vc, _i32(lin.n), _i32(lin.k), _i32(lin.gshift), *heads)
+            return
+        self.linear(lin, x, m, qkv_buf)
+        threads = 128
+        blocks = -(-((s.n_heads + s.n_kv_heads) * s.head_dim // 2 + s.kv_size) // threads)
+        self.k["rope_cache"]((m, blocks), (threads,), (qkv_buf, pos, slots, self.cos, self.sin, q, kc, vc, *heads))
+
+    def _gate_up(self, lin: Linear, x: Any, m: int, gu_buf: Any, act: Any) -> None:
+        """act = SiLU(x @ Wg.T) * (x @ Wu.T) (gate / up rows interleaved in W)."""
+        if self._fused(lin, m):
+            self._bk(lin, "glu", x, act, _i32(lin.n), _i32(lin.k), _i32(lin.gshift))
+            return
+        self.linear(lin, x, m, gu_buf)
+        n = m * (lin.n // 2)
+        self.k["silu_mul"](((n + 255) // 256,), (256,), (gu_buf, act, _i32(m), _i32(lin.n // 2)))
+
+    def _linear_residual_norm(self, lin: Linear, x: Any, m: int, res: Any, o_buf: Any, norm_w: Any, h: Any, eps: np.float32, counter: Any = None) -> None:
+        """res += x @ W.T; h = RMSNorm(res) * norm_w."""
+        if self._fused(lin, m):
+            counter = self._counter if counter is None else counter
+            self._bk(lin, "res", x, res, norm_w, h, counter, _i32(lin.n), _i32(lin.k), _i32(lin.gshift), eps)
+            return
+        self.linear(lin, x, m, o_buf)
+        self._add_rmsnorm(res, o_buf, norm_w, h, m)
 
     # ---- decode -----------------------------------------------------------------------
     def _decode_graph_body(self, bsz: int) -> None:
         s, bufs = self.spec, self._bufs
         ids, pos, slots, ctx, bt = self._inputs()
 
-        attn = {64: "paged_attn_decode_d64", 128: "paged_attn_decode_d128"}.get(s.head_dim, "paged_attn_decode")
+        scale = np.float32(1.0 / math.sqrt(s.head_dim))
+        if s.head_dim in (64, 128):  # split-sequence kernel, P blocks per (head, sequence)
 
-        def attend(i, q, kc, vc, out):
-            self.k[attn](
-                (s.n_heads, bsz), (ATTN_THREADS,),
-                (q, kc, vc, bt, ctx, out, _i32(s.n_heads), _i32(s.n_kv_heads), _i32(s.head_dim), _i32(self.block_size),
-                 _i32(self.max_blocks), _i32(self.max_context), np.float32(1.0 / math.sqrt(s.head_dim))),
-                shared_mem=self._attn_smem,
-            )
+            def attend(i, q, kc, vc, out):
+                self.k[f"paged_attn_split_tk_d{s.head_dim}"](
+                    (s.n_heads, bsz, self._attn_splits), (ATTN_THREADS,),
+                    (q, kc, vc, bt, ctx, out, self._attn_part_o, self._attn_part_ml, self._attn_tickets, _i32(s.n_heads),
+                     _i32(s.n_kv_heads), _i32(self.block_size), _i32(self.max_blocks), _i32(self.max_context), scale,
+                     _i32(self.attn_min_split)),
+                    shared_mem=self._attn_smem,
+                )
+        else:
+
+            def attend(i, q, kc, vc, out):
+                self.k["paged_attn_decode"](
+                    (s.n_heads, bsz), (ATTN_THREADS,),
+                    (q, kc, vc, bt, ctx, out, _i32(s.n_heads), _i32(s.n_kv_heads), _i32(s.head_dim), _i32(self.block_size),
+                     _i32(self.max_blocks), _i32(self.max_context), scale),
+                    shared_mem=self._attn_smem,
+                )
 
         self._layers(bsz, bufs, ids, pos, slots, attend)
         self.linear(self.lm_head, bufs["h"], bsz, self._logits, out_f32=True)
-        self.k["argmax_rows"]((bsz,), (1024,), (self._logits, self._next, _i32(s.vocab_size)))
+        # the sampled ids also land in the ids input: greedy_stream's next step reads them there
+        self.k["argmax_rows_mb"]((self._argmax_parts, bsz), (256,), (self._logits, self._next, ids, self._amax_v, self._amax_i, self._amax_t, _i32(s.vocab_size)))
 
     def _bucket(self, n: int) -> int:
         for b in _buckets(self.max_batch):
@@ -383,29 +539,86 @@ class CudaDecoderSession:
         for sid in seq_ids:  # check all before changing any (no half-applied step)
             if not self.blocks.can_append(sid, 1):
                 self.blocks.append(sid, 1)  # raises the precise error
-        mb, host = self.max_batch, self._inp_host
-        host[:] = 0
+        host = self._inp_host
+        self._fill_inputs(host, seq_ids, token_ids)
+        with self.stream:
+            self._inp.set(host, stream=self.stream)
+            self._run_step(bsz)
+        return bsz
+
+    def _fill_inputs(self, host: np.ndarray, seq_ids: Sequence[int], token_ids: Sequence[int] | None) -> None:
+        """Append one token to each sequence and write the step's int32 inputs into `host`
+        (token_ids None: leave the ids to the device, see greedy_stream)."""
+        mb = self.max_batch
+        host[mb:] = 0
+        if token_ids is not None:
+            host[:mb] = 0
         host[2 * mb : 3 * mb] = -1  # padding rows write no KV
-        for r, (sid, tok) in enumerate(zip(seq_ids, token_ids)):
+        for r, sid in enumerate(seq_ids):
             slot = self.blocks.append(sid, 1)[0]
             length = self.blocks.length(sid)
             table = self.blocks.table(sid)
-            host[r] = int(tok)
+            if token_ids is not None:
+                host[r] = int(token_ids[r])
             host[mb + r] = length - 1
             host[2 * mb + r] = slot
             host[3 * mb + r] = length
             off = 4 * mb + r * self.max_blocks
             host[off : off + len(table)] = table
-        with self.stream:
-            self._inp.set(host, stream=self.stream)
-            if self.use_graphs:
-                g = self._graphs.get(bsz)
-                if g is None:
-                    g = self._capture(bsz)
-                g.launch(self.stream)
-            else:
-                self._decode_graph_body(bsz)
-        return bsz
+
+    def _run_step(self, bsz: int) -> None:
+        if self.use_graphs:
+            g = self._graphs.get(bsz)
+            if g is None:
+                g = self._capture(bsz)
+            g.launch(self.stream)
+        else:
+            self._decode_graph_body(bsz)
+
+    def greedy_stream(self, seq_id: int, token: int, max_new: int) -> Iterator[int]:
+        """Greedy tokens after `token` (the last one sampled, not yet cached), up to `max_new`
+        and the context's room, with the host one step ahead of the GPU.
+
+        Step i+1 is queued before step i's token is read back: its input id comes from step
+        i's argmax on the device (argmax_rows_mb writes it into the ids input) and its
+        positions / slots / block table are known in advance, so the host's per-step work
+        (Python, the input copy, the read-back) overlaps the GPU's instead of adding to it.
+        Tokens are identical to decode_greedy's. Stopping early (closing the iterator) rolls
+        the sequence back to the tokens actually returned, as if each had been decoded alone."""
+        cp, mb = self.cp, self.max_batch
+        n = min(int(max_new), self.max_context - self.blocks.length(seq_id))
+        if n <= 0:
+            return
+        if not self.blocks.can_append(seq_id, n):
+            self.blocks.append(seq_id, n)  # raises the precise error (pool exhausted)
+        start = self.blocks.length(seq_id)
+        if self._pipe is None:
+            import cupyx
+
+            self._pipe = [(cupyx.empty_pinned(self._inp_host.shape, np.int32), cupyx.empty_pinned((1,), np.int32), cp.cuda.Event(block=False, disable_timing=True)) for _ in range(2)]
+        done = 0  # tokens handed to the caller
+        try:
+            for i in range(n + 1):
+                if i < n:
+                    h_in, h_out, ev = self._pipe[i % 2]
+                    ev.synchronize()  # step i - 2 is finished with this slot's host buffers
+                    self._fill_inputs(h_in, [seq_id], [token] if i == 0 else None)
+                    lo = 0 if i == 0 else mb  # after the first step the ids come from the device
+                    with self.stream:
+                        self._inp[lo:].data.copy_from_host_async(ctypes.c_void_p(h_in[lo:].ctypes.data), (h_in.size - lo) * 4, self.stream)
+                        self._run_step(1)
+                        self._next[:1].get(stream=self.stream, out=h_out, blocking=False)
+                        ev.record(self.stream)
+                if i > 0:
+                    _, h_prev, ev_prev = self._pipe[(i - 1) % 2]
+                    ev_prev.synchronize()
+                    tok = int(h_prev[0])
+                    done += 1
+                    yield tok
+        finally:
+            self.stream.synchronize()
+            if seq_id in self.blocks and self.blocks.length(seq_id) > start + done:
+                self.blocks.truncate(seq_id, start + done)
 
     def _capture(self, bsz: int) -> Any:
         self.stream.begin_capture()
@@ -520,12 +733,15 @@ class CudaDecoderSession:
     def synchronize(self) -> None:
         self.stream.synchronize()
 
-    def generate_greedy(self, prompt: np.ndarray, max_new_tokens: int, seq_id: int = -1) -> list[int]:
+    def generate_greedy(self, prompt: np.ndarray, max_new_tokens: int, seq_id: int = -1, *, pipelined: bool = True) -> list[int]:
         """Greedy tokens for one prompt (a convenience for tests and benchmarks; no stop tokens)."""
         self.add_sequence(seq_id)
         try:
             tok = self.prefill_greedy(seq_id, prompt)
             out = [tok]
+            if pipelined:
+                out.extend(self.greedy_stream(seq_id, tok, max_new_tokens - 1))
+                return out
             for _ in range(max_new_tokens - 1):
                 tok = int(self.decode_greedy([seq_id], np.array([tok]))[0])
                 out.append(tok)
@@ -554,6 +770,26 @@ def sample_top_p(cp: Any, logits: Any, temperature: float, top_p: float, u: Any)
     idx = (cdf < u[:, None]).sum(axis=1)
     idx = cp.minimum(idx, logits.shape[1] - 1)
     return cp.take_along_axis(order, idx[:, None], axis=1)[:, 0].astype(cp.int32)
+
+
+def qkv_row_order(hq: int, hkv: int, d: int) -> np.ndarray:
+    """Row order of the fused qkv weight on the GPU: within each q and k head, row 2i holds
+    original row i and row 2i + 1 row i + D/2 (the two halves RoPE rotates together sit next
+    to each other, so one GEMV block can rotate them); v rows keep their order."""
+    half = d // 2
+    head = np.empty(d, dtype=np.int64)
+    head[0::2] = np.arange(half)
+    head[1::2] = np.arange(half) + half
+    qk = (np.arange(hq + hkv)[:, None] * d + head[None, :]).ravel()
+    return np.concatenate([qk, np.arange((hq + hkv) * d, (hq + 2 * hkv) * d)])
+
+
+def gu_row_order(inter: int) -> np.ndarray:
+    """Row order of the fused gate|up weight on the GPU: row 2j = gate_j, 2j + 1 = up_j."""
+    out = np.empty(2 * inter, dtype=np.int64)
+    out[0::2] = np.arange(inter)
+    out[1::2] = np.arange(inter) + inter
+    return out
 
 
 def _host_linear(w: dict[str, np.ndarray], name: str) -> tuple[str, np.ndarray, np.ndarray | None, int, int]:
