@@ -3,6 +3,10 @@ real configs, in one process on one GPU. One JSON line per figure.
 
     PYTHONPATH=. python3 bench/bench_cuda.py --out /tmp/bench [--configs smollm2-135m,...] [--no-hf]
 
+Each (config, peer) runs in its own subprocess, one after the other in the same call (a fresh CUDA
+context each, as a user's process serving one model has); this process builds the bundles,
+measures the copy bandwidth and prints the ratios.
+
 Per config (prompt 128, 128 new tokens, greedy): decode tok/s and TTFT for both, and for
 edge-rag the achieved bandwidth = bytes read per token x tok/s as a fraction of the measured
 device-to-device copy bandwidth. Llama-3.2-1B also: batch-16 aggregate decode (both) and a
@@ -16,6 +20,7 @@ import argparse
 import gc
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -284,11 +289,24 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
         syncs.append((NEW - 1) / (time.perf_counter() - t1))
         sess.release(rep)
     tps = statistics.median(decs)
+    # how far the host runs ahead of the GPU (greedy_stream's depth; 3 is the default)
+    by_depth = {}
+    for depth in (1, 3, 8, 16):
+        ts = []
+        for rep in range(3):
+            sess.add_sequence(rep)
+            tok = sess.prefill_greedy(rep, prompt)
+            t1 = time.perf_counter()
+            toks = list(sess.greedy_stream(rep, tok, NEW - 1, depth=depth))
+            ts.append((NEW - 1) / (time.perf_counter() - t1))
+            sess.release(rep)
+        by_depth[depth] = round(statistics.median(ts), 1)
     kv_read = (PROMPT + NEW / 2) * spec.kv_bytes_per_token(2)
     bpt = bytes_read_per_token(spec, recipe, group) + kv_read
     res = {"config": name, "tok_s": tps, "ttft_ms": 1e3 * statistics.median(ttfts)}
     emit(figure="decode_b1", backend="edge-cuda", device=device, model=name, recipe=recipe, group=group, batch=1,
          prompt=PROMPT, new_tokens=NEW, decode_tok_s=round(tps, 1), decode_tok_s_sync=round(statistics.median(syncs), 1),
+         decode_tok_s_by_depth=by_depth,
          ttft_ms=round(res["ttft_ms"], 2),
          bytes_per_token=int(bpt), achieved_gb_s=round(bpt * tps / 1e9, 1), copy_gb_s=round(copy_bw / 1e9, 1),
          roofline_frac=round(bpt * tps / copy_bw, 3), weight_gib=round(sess.weight_bytes / 2**30, 3),
@@ -383,6 +401,28 @@ def bench_hf(name: str, device: str) -> dict:
     return res
 
 
+def _worker(kind: str, name: str, out: Path, copy_bw: float) -> dict:
+    """One config, one peer, in a fresh process (its own CUDA context and memory pools): a user's
+    process serves one model, and a model measured after others in the same process ran a few %
+    slower here (same kernel times, slower back-to-back graph replays)."""
+    cmd = [sys.executable, __file__, "--worker", kind, "--configs", name, "--out", str(out), "--copy-bw", str(copy_bw)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    result = None
+    for line in proc.stdout.splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:
+            print(line, flush=True)
+            continue
+        if d.get("figure") == "_result":
+            result = d["result"]
+        else:
+            print(line, flush=True)  # the worker already logged it
+    if proc.returncode != 0 or result is None:
+        raise SystemExit(f"{kind} worker for {name} failed (exit {proc.returncode})")
+    return result
+
+
 def main() -> None:
     global LOG
     ap = argparse.ArgumentParser()
@@ -392,9 +432,22 @@ def main() -> None:
     ap.add_argument("--recipe", default="int4")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--worker", choices=("edge", "hf"), help=argparse.SUPPRESS)
+    ap.add_argument("--copy-bw", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     LOG = args.out / "figures.jsonl"
+    if args.worker:  # one config, one peer (see _worker)
+        from edge.runtime.cuda import probe
+
+        name = args.configs
+        device = probe(compile=args.worker == "edge").get("gpu")
+        if args.worker == "edge":
+            res = bench_edge(name, args.work / f"{name}-{args.recipe}", args, args.copy_bw, device)
+        else:
+            res = bench_hf(name, device)
+        print(json.dumps({"figure": "_result", "result": res}), flush=True)
+        return
     import cupy as cp
 
     from edge.runtime.cuda import probe
@@ -411,9 +464,10 @@ def main() -> None:
             t0 = time.perf_counter()
             make_random_bundle(name, path, recipe=args.recipe, group_size=args.group, max_context=4096)
             emit(figure="bundle_built", model=name, seconds=round(time.perf_counter() - t0, 1))
-        edge[name] = bench_edge(name, path, args, bw, device)
+        gc.collect()
+        edge[name] = _worker("edge", name, args.out, bw)
         if not args.no_hf:
-            hf[name] = bench_hf(name, device)
+            hf[name] = _worker("hf", name, args.out, bw)
     for name in edge:
         if name in hf:
             emit(figure="ratio_b1", model=name, edge_over_hf=round(edge[name]["tok_s"] / hf[name]["b1_tok_s"], 2))

@@ -139,8 +139,11 @@ def test_multi_block_argmax(cp):
     for _ in range(3):  # tickets are reset by each row's last block: the kernel can run again
         out[:] = -1
         ids = cp.full(4, -1, dtype=cp.int32)
-        k["argmax_rows_mb"]((parts, 4), (256,), (cp.asarray(logits), out, ids, pv, pi, tickets, np.int32(v)))
+        hist, pos = cp.full((4, 10), -1, dtype=cp.int32), cp.asarray(np.array([0, 3, 8, 9], dtype=np.int32))
+        k["argmax_rows_mb"]((parts, 4), (256,), (cp.asarray(logits), out, ids, hist, pos, np.int32(10), pv, pi, tickets, np.int32(v)))
         assert out.get().tolist() == ids.get().tolist() == logits.argmax(1).tolist() == [int(logits[0].argmax()), 123, v - 1, 0]
+        h = hist.get()  # each id at its position + 1; position 10 is past the end: not written
+        assert [h[0, 1], h[1, 4], h[2, 9]] == out.get().tolist()[:3] and (h[3] == -1).all() and (h >= 0).sum() == 3
         assert tickets.get().tolist() == [0, 0, 0, 0]
 
 

@@ -1205,8 +1205,12 @@ __device__ __forceinline__ void block_argmax(float& v, int& i, float* sv, int* s
 // a 128k vocabulary (one block of 1024 threads was ~29 us of an 8B decode step).
 // ids_out (may be null) also receives the ids: the next decode step's input slot, so a greedy
 // stream can run steps back to back without the host in the loop (CudaDecoderSession.greedy_stream).
+// hist (may be null) records the id at its position: hist[b, pos[b] + 1], so a stream's tokens
+// can be read back without racing the steps queued behind it.
 extern "C" __global__ void argmax_rows_mb(const float* __restrict__ logits, int* __restrict__ out,
-                                          int* __restrict__ ids_out, float* pv, int* pi, unsigned* tickets, int V) {
+                                          int* __restrict__ ids_out, int* __restrict__ hist,
+                                          const int* __restrict__ pos, int hist_stride,
+                                          float* pv, int* pi, unsigned* tickets, int V) {
     __shared__ float sv[32];
     __shared__ int si[32];
     __shared__ bool last;
@@ -1234,8 +1238,31 @@ extern "C" __global__ void argmax_rows_mb(const float* __restrict__ logits, int*
     if (tid == 0) {
         out[b] = bi;
         if (ids_out) ids_out[b] = bi;
+        if (hist) {
+            const int p = pos[b] + 1;
+            if (p >= 0 && p < hist_stride) hist[(long long)b * hist_stride + p] = bi;
+        }
         tickets[b] = 0u;
     }
+}
+
+// End of a decode step: move each live row's inputs to the next position (pos + 1, its slot
+// from the block table, length + 1), so the next step can run with no host copy when its
+// blocks are reserved ahead (CudaDecoderSession.greedy_stream). inp: ids[mb] pos[mb] slots[mb]
+// ctx[mb] tables[mb, max_blocks]; rows with length 0 (padding) are left alone. A host-fed step
+// overwrites all of it, so this is harmless there.
+extern "C" __global__ void advance_inputs(int* inp, int mb, int max_blocks, int BS, int rows) {
+    const int r = threadIdx.x;
+    if (r >= rows) return;
+    int* pos = inp + mb;
+    int* slots = inp + 2 * mb;
+    int* ctx = inp + 3 * mb;
+    const int* table = inp + 4 * mb + (long long)r * max_blocks;
+    if (ctx[r] <= 0) return;
+    const int p = pos[r] + 1;
+    pos[r] = p;
+    ctx[r] = p + 1;
+    slots[r] = p / BS < max_blocks ? table[p / BS] * BS + p % BS : -1;
 }
 """
 
@@ -1267,4 +1294,5 @@ KERNEL_NAMES = (
     "causal_softmax",
     "argmax_rows",
     "argmax_rows_mb",
+    "advance_inputs",
 )

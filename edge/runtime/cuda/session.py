@@ -14,7 +14,6 @@ tables) to the device, replays the graph and reads back logits or sampled ids.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ PREFILL_Q_CHUNK = 512  # prefill attention in query chunks: chunk c skips keys a
 ARGMAX_BLOCKS = 64  # blocks per row of the decode step's argmax
 EMBED_THREADS = 256  # embed_rmsnorm: rows up to 32 x this
 ATTN_MAX_SPLITS = 8  # decode attention: at most this many blocks per (head, sequence)
+MAX_STREAM_DEPTH = 16  # greedy_stream: most steps queued ahead of the host
 ATTN_MIN_SPLIT = 128  # ... and at least this many tokens per block (bench/bench_attention.py)
 
 
@@ -148,7 +148,8 @@ class CudaDecoderSession:
                 cp.cuda.driver.funcSetAttribute(self.k[name].ptr, 8, smem)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         self._attn_smem = smem
         self._graphs: dict[int, Any] = {}
-        self._pipe: list | None = None  # greedy_stream's pinned host buffers and events
+        self._pipe: list | None = None  # greedy_stream's pinned read-back buffers and events
+        self._side = None  # greedy_stream's read-back stream
         # one block per row: enough threads that each does a few elements (latency, not bandwidth)
         self._norm_threads = max(128, min(1024, spec.hidden_size // 4 // 32 * 32))
         self.int4_m1_us = self._autotune_int4_m1()
@@ -336,6 +337,7 @@ class CudaDecoderSession:
         self._inp = cp.zeros(self._inp_host.size, dtype=cp.int32)
         self._logits = cp.zeros((mb, s.vocab_size), dtype=cp.float32)
         self._next = cp.zeros(mb, dtype=cp.int32)
+        self._hist = cp.zeros((mb, self.max_context + 1), dtype=cp.int32)  # sampled id by position
         # fused residual + RMSNorm: a ticket counter the finishing block resets to 0
         self._counter = cp.zeros(1, dtype=cp.uint32)
         # multi-block argmax: per-row partials and ticket counters
@@ -520,7 +522,9 @@ class CudaDecoderSession:
         self._layers(bsz, bufs, ids, pos, slots, attend)
         self.linear(self.lm_head, bufs["h"], bsz, self._logits, out_f32=True)
         # the sampled ids also land in the ids input: greedy_stream's next step reads them there
-        self.k["argmax_rows_mb"]((self._argmax_parts, bsz), (256,), (self._logits, self._next, ids, self._amax_v, self._amax_i, self._amax_t, _i32(s.vocab_size)))
+        self.k["argmax_rows_mb"]((self._argmax_parts, bsz), (256,), (self._logits, self._next, ids, self._hist, pos, _i32(self._hist.shape[1]), self._amax_v, self._amax_i, self._amax_t, _i32(s.vocab_size)))
+        # inputs of the next step, for a stream that runs without the host (greedy_stream)
+        self.k["advance_inputs"]((1,), (max(32, -(-bsz // 32) * 32),), (self._inp, _i32(self.max_batch), _i32(self.max_blocks), _i32(self.block_size), _i32(bsz)))
 
     def _bucket(self, n: int) -> int:
         for b in _buckets(self.max_batch):
@@ -546,20 +550,16 @@ class CudaDecoderSession:
             self._run_step(bsz)
         return bsz
 
-    def _fill_inputs(self, host: np.ndarray, seq_ids: Sequence[int], token_ids: Sequence[int] | None) -> None:
-        """Append one token to each sequence and write the step's int32 inputs into `host`
-        (token_ids None: leave the ids to the device, see greedy_stream)."""
+    def _fill_inputs(self, host: np.ndarray, seq_ids: Sequence[int], token_ids: Sequence[int]) -> None:
+        """Append one token to each sequence and write the step's int32 inputs into `host`."""
         mb = self.max_batch
-        host[mb:] = 0
-        if token_ids is not None:
-            host[:mb] = 0
+        host[:] = 0
         host[2 * mb : 3 * mb] = -1  # padding rows write no KV
         for r, sid in enumerate(seq_ids):
             slot = self.blocks.append(sid, 1)[0]
             length = self.blocks.length(sid)
             table = self.blocks.table(sid)
-            if token_ids is not None:
-                host[r] = int(token_ids[r])
+            host[r] = int(token_ids[r])
             host[mb + r] = length - 1
             host[2 * mb + r] = slot
             host[3 * mb + r] = length
@@ -575,48 +575,59 @@ class CudaDecoderSession:
         else:
             self._decode_graph_body(bsz)
 
-    def greedy_stream(self, seq_id: int, token: int, max_new: int) -> Iterator[int]:
+    def greedy_stream(self, seq_id: int, token: int, max_new: int, *, depth: int = 3) -> Iterator[int]:
         """Greedy tokens after `token` (the last one sampled, not yet cached), up to `max_new`
-        and the context's room, with the host one step ahead of the GPU.
+        and the context's room, with up to `depth` steps queued on the GPU ahead of the host.
 
-        Step i+1 is queued before step i's token is read back: its input id comes from step
-        i's argmax on the device (argmax_rows_mb writes it into the ids input) and its
-        positions / slots / block table are known in advance, so the host's per-step work
-        (Python, the input copy, the read-back) overlaps the GPU's instead of adding to it.
-        Tokens are identical to decode_greedy's. Stopping early (closing the iterator) rolls
-        the sequence back to the tokens actually returned, as if each had been decoded alone."""
+        The stream's KV blocks are reserved up front and its inputs copied once; after that each
+        step is one graph replay: the step's argmax writes the next input id, and the graph's
+        last kernel (advance_inputs) moves position, slot and length on, so consecutive steps
+        run back to back with no host copy between them. Each token is read back on a second
+        stream from its own slot of a by-position history (never overwritten by later steps).
+        Tokens are identical to decode_greedy's. Stopping early (closing the iterator) rolls the
+        sequence back to the tokens actually returned, as if each had been decoded alone."""
         cp, mb = self.cp, self.max_batch
         n = min(int(max_new), self.max_context - self.blocks.length(seq_id))
         if n <= 0:
             return
-        if not self.blocks.can_append(seq_id, n):
-            self.blocks.append(seq_id, n)  # raises the precise error (pool exhausted)
         start = self.blocks.length(seq_id)
+        slots = self.blocks.append(seq_id, n)  # reserve every step's slot (raises if the pool is short)
         if self._pipe is None:
             import cupyx
 
-            self._pipe = [(cupyx.empty_pinned(self._inp_host.shape, np.int32), cupyx.empty_pinned((1,), np.int32), cp.cuda.Event(block=False, disable_timing=True)) for _ in range(2)]
+            self._side = cp.cuda.Stream(non_blocking=True)
+            self._pipe = [(cupyx.empty_pinned((1,), np.int32), cp.cuda.Event(block=False, disable_timing=True), cp.cuda.Event(block=False, disable_timing=True)) for _ in range(MAX_STREAM_DEPTH)]
+        depth = max(1, min(int(depth), len(self._pipe)))
+        host = self._inp_host
+        host[:] = 0
+        host[2 * mb : 3 * mb] = -1
+        host[0], host[mb], host[2 * mb], host[3 * mb] = int(token), start, slots[0], start + 1
+        table = self.blocks.table(seq_id)
+        host[4 * mb : 4 * mb + len(table)] = table
         done = 0  # tokens handed to the caller
         try:
-            for i in range(n + 1):
+            with self.stream:
+                self._inp.set(host, stream=self.stream)
+            for i in range(n + depth):
                 if i < n:
-                    h_in, h_out, ev = self._pipe[i % 2]
-                    ev.synchronize()  # step i - 2 is finished with this slot's host buffers
-                    self._fill_inputs(h_in, [seq_id], [token] if i == 0 else None)
-                    lo = 0 if i == 0 else mb  # after the first step the ids come from the device
+                    h_out, ev_main, ev_side = self._pipe[i % len(self._pipe)]
                     with self.stream:
-                        self._inp[lo:].data.copy_from_host_async(ctypes.c_void_p(h_in[lo:].ctypes.data), (h_in.size - lo) * 4, self.stream)
                         self._run_step(1)
-                        self._next[:1].get(stream=self.stream, out=h_out, blocking=False)
-                        ev.record(self.stream)
-                if i > 0:
-                    _, h_prev, ev_prev = self._pipe[(i - 1) % 2]
-                    ev_prev.synchronize()
-                    tok = int(h_prev[0])
+                        ev_main.record(self.stream)
+                    with self._side:  # read step i's id from its history slot, off the main stream
+                        self._side.wait_event(ev_main)
+                        self._hist[0, start + i + 1 : start + i + 2].get(stream=self._side, out=h_out, blocking=False)
+                        ev_side.record(self._side)
+                j = i - depth + 1  # the step whose token is handed over now
+                if 0 <= j < n:
+                    h_out, _, ev_side = self._pipe[j % len(self._pipe)]
+                    ev_side.synchronize()
                     done += 1
-                    yield tok
+                    yield int(h_out[0])
         finally:
             self.stream.synchronize()
+            if self._side is not None:
+                self._side.synchronize()
             if seq_id in self.blocks and self.blocks.length(seq_id) > start + done:
                 self.blocks.truncate(seq_id, start + done)
 
