@@ -175,6 +175,34 @@ def test_fused_block_k_decode_matches_reference(tmp_path):
         assert int(sess._counter.get()[0]) == 0
 
 
+def _top_p_oracle(logits, temperature, top_p, u):
+    """The inverse-CDF rule of session.sample_top_p, in numpy."""
+    p = np.exp((logits - logits.max()) / temperature)
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    ps = p[order]
+    ps = np.where((np.cumsum(ps) - ps) < top_p, ps, 0)
+    cdf = np.cumsum(ps) / ps.sum()
+    return int(order[min(int((cdf < u).sum()), len(cdf) - 1)])
+
+
+def test_decode_sample_uses_the_callers_uniforms(tmp_path):
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    path, spec, w = _bundle(tmp_path, "llama", "int4", 32, False, None, seed=11)
+    sess = CudaDecoderSession(path, max_batch=2, max_context=64, block_size=8)
+    sess.add_sequence(0)
+    sess.prefill(0, np.arange(9))
+    logits = sess.decode([0], np.array([5]))[0]
+    sess.blocks.truncate(0, 9)
+    for u in (0.0, 0.3, 0.77, 0.999):
+        got = int(sess.decode_sample([0], np.array([5]), temperature=0.8, top_p=0.9, u=np.array([u]))[0])
+        sess.blocks.truncate(0, 9)
+        assert got == _top_p_oracle(logits.astype(np.float64), 0.8, 0.9, u), u
+    with pytest.raises(Exception, match="uniforms"):
+        sess.decode_sample([0], np.array([5]), u=np.array([0.1, 0.2]))
+
+
 def test_split_attention_long_context(tmp_path):
     """Contexts where each of the P splits holds more tokens than one V round (and a prefix
     cached by chunked prefill), against the numpy reference."""

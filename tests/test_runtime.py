@@ -363,6 +363,38 @@ class _DeviceGreedySession(OrtDecoderSession):
             assert self.length(seq) == start + done
 
 
+class _DeviceSampleSession(_DeviceGreedySession):
+    """... plus decode_sample (the cuda session's temperature / top-p step), the same
+    inverse-CDF rule in numpy over the ORT logits."""
+
+    samples = 0
+
+    def decode_sample(self, seq_ids, token_ids, *, temperature=1.0, top_p=1.0, u=None, seed=None):
+        type(self).samples += 1
+        logits = self.decode(seq_ids, token_ids)[0].astype(np.float64)
+        p = np.exp((logits - logits.max()) / temperature)
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        ps = p[order]
+        ps = np.where((np.cumsum(ps) - ps) < top_p, ps, 0)
+        cdf = np.cumsum(ps) / ps.sum()
+        return np.array([order[min(int((cdf < u[0]).sum()), len(cdf) - 1)]], dtype=np.int32)
+
+
+def test_generator_samples_on_the_device_when_it_can(fp32_bundle):
+    tok = Tokenizer.from_bundle(Bundle.open(fp32_bundle))
+    gen = Generator(_DeviceSampleSession(Bundle.open(fp32_bundle, verify=False), max_batch=1), tok)
+    p = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.8, seed=7)
+    _DeviceSampleSession.samples = 0
+    a = gen.generate("Once upon", p)
+    assert _DeviceSampleSession.samples == gen.stats.n_generated - 1 + (gen.stats.finish_reason == "stop")
+    assert gen.generate("Once upon", p) == a  # the sampler's seeded RNG drives the device draws
+    # top-k (or a repetition penalty) needs the host sampler: no device sampling
+    _DeviceSampleSession.samples = 0
+    gen.generate("Once upon", SamplingParams(max_tokens=10, temperature=0.9, top_k=5, seed=7))
+    assert _DeviceSampleSession.samples == 0
+
+
 def test_generator_greedy_fast_path_gives_the_same_text(fp32_bundle):
     slow = Generator.from_bundle(fp32_bundle, backend="onnxruntime")
     fast = Generator(_DeviceGreedySession(Bundle.open(fp32_bundle, verify=False), max_batch=1), slow.tokenizer)

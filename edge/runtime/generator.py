@@ -190,9 +190,10 @@ class Generator:
     def _tokens(self, seq: int, ids: list[int], params: SamplingParams, sampler: Sampler, seen: list[int]) -> Iterator[int]:
         """Sampled token ids until the context is full (the caller stops on eos / stop / length).
 
-        Greedy without a repetition penalty on a session that can do it on the device (cuda):
-        argmax on the GPU and a pipelined stream (session.greedy_stream), so only token ids
-        cross to the host. Otherwise: float32 logits to the host sampler after every step."""
+        On a session that samples on the device (cuda): greedy without a repetition penalty runs
+        as session.greedy_stream (argmax on the GPU, steps queued ahead); temperature / top-p
+        without top-k or a penalty uses session.decode_sample. Either way only token ids cross to
+        the host. Otherwise: float32 logits to the host sampler after every step."""
         prompt = np.asarray(ids, dtype=np.int64)
         if params.greedy and params.repetition_penalty == 1.0 and hasattr(self.session, "greedy_stream"):
             t0 = time.perf_counter()
@@ -205,12 +206,21 @@ class Generator:
         t0 = time.perf_counter()
         logits = self.session.prefill(seq, prompt)
         self.stats.prefill_s = time.perf_counter() - t0
+        # temperature / top-p without top-k or a penalty: sampled on the device (cuda), with one
+        # uniform per step from this sampler's seeded RNG; the first token from the prefill logits
+        on_device = (not params.greedy and params.top_k == 0 and params.repetition_penalty == 1.0
+                     and hasattr(self.session, "decode_sample"))
+        tok = sampler(logits, np.asarray(seen) if params.repetition_penalty != 1.0 else None)
         while True:
-            tok = sampler(logits, np.asarray(seen) if params.repetition_penalty != 1.0 else None)
             yield tok
             if self.session.length(seq) >= self.max_context:
                 return
+            if on_device:
+                u = sampler.rng.random(1, dtype=np.float32)
+                tok = int(self.session.decode_sample([seq], np.array([tok]), temperature=params.temperature, top_p=params.top_p, u=u)[0])
+                continue
             logits = self.session.decode([seq], np.array([tok], dtype=np.int64))[0]
+            tok = sampler(logits, np.asarray(seen) if params.repetition_penalty != 1.0 else None)
 
     def generate(self, prompt: str | list[dict], params: SamplingParams | None = None, *, truncate: bool = False) -> str:
         """The whole completion as one string."""

@@ -150,6 +150,7 @@ class CudaDecoderSession:
         self._graphs: dict[int, Any] = {}
         self._pipe: list | None = None  # greedy_stream's pinned read-back buffers and events
         self._side = None  # greedy_stream's read-back stream
+        self._sample_rng: np.random.Generator | None = None  # decode_sample without caller uniforms
         # one block per row: enough threads that each does a few elements (latency, not bandwidth)
         self._norm_threads = max(128, min(1024, spec.hidden_size // 4 // 32 * 32))
         self.int4_m1_us = self._autotune_int4_m1()
@@ -654,14 +655,24 @@ class CudaDecoderSession:
         self.stream.synchronize()
         return out
 
-    def decode_sample(self, seq_ids: Sequence[int], token_ids: np.ndarray, *, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> np.ndarray:
-        """One step with temperature / top-p sampling on the GPU: int32 next ids [B]."""
+    def decode_sample(self, seq_ids: Sequence[int], token_ids: np.ndarray, *, temperature: float = 1.0, top_p: float = 1.0,
+                      u: np.ndarray | None = None, seed: int | None = None) -> np.ndarray:
+        """One step with temperature / top-p sampling on the GPU: int32 next ids [B].
+
+        `u`: one uniform [0, 1) per sequence (the caller's RNG, so a seeded generation is
+        reproducible); without it they come from a session RNG seeded once with `seed`. Only the
+        B uniforms go to the device and B ids come back (no logits cross PCIe)."""
+        n = len(seq_ids)
+        if u is None:
+            if self._sample_rng is None:
+                self._sample_rng = np.random.default_rng(seed)
+            u = self._sample_rng.random(n, dtype=np.float32)
+        u = np.asarray(u, dtype=np.float32).reshape(-1)
+        if u.size != n:
+            raise BackendError(f"decode_sample needs {n} uniforms, got {u.size}")
         self._step(seq_ids, np.asarray(token_ids))
         with self.stream:
-            n = len(seq_ids)
-            rng = self.cp.random.default_rng(seed)
-            u = rng.random((n,), dtype=self.cp.float32)
-            ids = sample_top_p(self.cp, self._logits[:n], temperature, top_p, u)
+            ids = sample_top_p(self.cp, self._logits[:n], temperature, top_p, self.cp.asarray(u))
             out = ids.get(stream=self.stream)
         self.stream.synchronize()
         return out
