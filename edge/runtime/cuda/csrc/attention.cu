@@ -1,0 +1,427 @@
+// ---------------------------------------------------------------------------------------
+// Decode attention over the paged KV cache. Grid (Hq, B), blockDim threads; GQA: query head h
+// reads kv head h / (Hq / Hkv). The sequence's block table is first copied to shared memory
+// (no dependent global load per token for the slot). Three passes over its L tokens:
+//   1. scores[t] = q . k_t * scale (one token per thread; its K row in D/8 16-byte loads,
+//      all issued before use when D is a compile-time constant)
+//   2. softmax in shared memory
+//   3. out = sum_t p_t v_t. Compile-time D: threads = (token group, 16-byte column chunk), so a
+//      V row is read by D/8 threads with one 16-byte load each and each group walks only
+//      L / (blockDim / (D/8)) tokens, UNROLL of them in flight (for D = 128, L = 256: 2 rounds
+//      instead of 8 with the half2 layout). Runtime D: (token group, half2 column).
+// Dynamic shared memory: (max_ctx + D + 32 + 8 * blockDim + max_blocks) 4-byte words.
+// ---------------------------------------------------------------------------------------
+template <int DT>
+__device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, const half* __restrict__ kc,
+                                                const half* __restrict__ vc, const int* __restrict__ block_tables,
+                                                const int* __restrict__ ctx_lens, half* __restrict__ out,
+                                                int Hq, int Hkv, int Drt, int BS, int max_blocks, int max_ctx,
+                                                float scale) {
+    const int D = DT > 0 ? DT : Drt;
+    extern __shared__ float sm[];
+    float* scores = sm;                 // [max_ctx]
+    float* qs = sm + max_ctx;           // [D]
+    float* red = qs + D;                // [32]
+    float* accbuf = red + 32;           // [8 * blockDim]
+    int* bts = reinterpret_cast<int*>(accbuf + 8 * blockDim.x);  // [max_blocks] block table copy
+    const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+    const int L = ctx_lens[b];
+    const int kvh = h / (Hq / Hkv);
+    half* o = out + ((long long)b * Hq + h) * D;
+    if (L <= 0) {
+        for (int d = tid; d < D; d += blockDim.x) o[d] = __float2half(0.f);
+        return;
+    }
+    const half* qh = q + ((long long)b * Hq + h) * D;
+    for (int d = tid; d < D; d += blockDim.x) qs[d] = __half2float(qh[d]) * scale;
+    const int* bt = block_tables + (long long)b * max_blocks;
+    const int nblk = min((L + BS - 1) / BS, max_blocks);
+    for (int i = tid; i < nblk; i += blockDim.x) bts[i] = bt[i];
+    __syncthreads();
+    // compile-time D: the first round of V loads is issued now, before the scores exist (V's
+    // addresses do not depend on them), so K and V are in flight together: one memory round
+    // trip fewer per layer. VU tokens per (group, chunk) thread: 256 tokens per round.
+    constexpr int NCH = DT > 0 ? DT / 8 : 1;  // 16-byte chunks per V row
+    constexpr int VU = DT >= 128 ? 16 : 8;
+    const int groups = blockDim.x / NCH;
+    const int ch = tid % NCH, grp = tid / NCH;
+    uint4 vpre[DT > 0 ? VU : 1];
+    if (DT > 0) {
+#pragma unroll
+        for (int u = 0; u < VU; ++u) {
+            const int t = grp + u * groups;
+            if (grp < groups && t < L) {
+                const long long slot = (long long)bts[t / BS] * BS + (t % BS);
+                vpre[u] = __ldg(reinterpret_cast<const uint4*>(vc + (slot * Hkv + kvh) * D) + ch);
+            } else {
+                vpre[u] = make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+    }
+    float mx = -INFINITY;
+    for (int t = tid; t < L; t += blockDim.x) {
+        const long long slot = (long long)bts[t / BS] * BS + (t % BS);
+        const uint4* kp = reinterpret_cast<const uint4*>(kc + (slot * Hkv + kvh) * D);
+        float s = 0.f;
+        if (DT > 0) {
+            uint4 kv[DT > 0 ? DT / 8 : 1];
+#pragma unroll
+            for (int c = 0; c < DT / 8; ++c) kv[c] = __ldg(kp + c);
+#pragma unroll
+            for (int c = 0; c < DT / 8; ++c) {
+                const half2* kh = reinterpret_cast<const half2*>(&kv[c]);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    float2 f = __half22float2(kh[j]);
+                    s += f.x * qs[c * 8 + 2 * j] + f.y * qs[c * 8 + 2 * j + 1];
+                }
+            }
+        } else {
+            for (int c = 0; c < (D >> 3); ++c) {
+                uint4 kv = __ldg(kp + c);
+                const half2* kh = reinterpret_cast<const half2*>(&kv);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    float2 f = __half22float2(kh[j]);
+                    s += f.x * qs[c * 8 + 2 * j] + f.y * qs[c * 8 + 2 * j + 1];
+                }
+            }
+        }
+        scores[t] = s;
+        mx = fmaxf(mx, s);
+    }
+    mx = block_reduce(mx, red, true);
+    float sum = 0.f;
+    for (int t = tid; t < L; t += blockDim.x) {
+        float e = __expf(scores[t] - mx);
+        scores[t] = e;
+        sum += e;
+    }
+    sum = block_reduce(sum, red, false);  // also a barrier: scores visible to all
+    const float inv = 1.f / sum;
+    if (DT > 0) {
+        float a[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) a[j] = 0.f;
+        constexpr int UNROLL = VU;
+        if (grp < groups) {
+            for (int t0 = grp; t0 < L; t0 += groups * UNROLL) {
+                uint4 v[UNROLL];
+                float p[UNROLL];
+                const bool first = t0 == grp;
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+                    const int t = t0 + u * groups;
+                    if (t < L) {
+                        const long long slot = (long long)bts[t / BS] * BS + (t % BS);
+                        v[u] = first ? vpre[u] : __ldg(reinterpret_cast<const uint4*>(vc + (slot * Hkv + kvh) * D) + ch);
+                        p[u] = scores[t];
+                    } else {
+                        v[u] = make_uint4(0u, 0u, 0u, 0u);
+                        p[u] = 0.f;
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+                    const half2* vh = reinterpret_cast<const half2*>(&v[u]);
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const float2 f = __half22float2(vh[j]);
+                        a[2 * j] += p[u] * f.x;
+                        a[2 * j + 1] += p[u] * f.y;
+                    }
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) accbuf[grp * D + ch * 8 + j] = a[j];
+        }
+        __syncthreads();
+        for (int d = tid; d < D; d += blockDim.x) {
+            float acc = 0.f;
+            for (int g = 0; g < groups; ++g) acc += accbuf[g * D + d];
+            o[d] = __float2half(acc * inv);
+        }
+        return;
+    }
+    const int ncol = D >> 1, rgroups = blockDim.x / ncol;
+    const int col = tid % ncol, rgrp = tid / ncol;
+    float2 acc = make_float2(0.f, 0.f);
+    const int UNROLL = 8;
+    if (rgrp < rgroups) {
+        for (int t0 = rgrp; t0 < L; t0 += rgroups * UNROLL) {
+            float2 v[UNROLL];
+            float p[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const int t = t0 + u * rgroups;
+                if (t < L) {
+                    const long long slot = (long long)bts[t / BS] * BS + (t % BS);
+                    v[u] = __half22float2(reinterpret_cast<const half2*>(vc + (slot * Hkv + kvh) * D)[col]);
+                    p[u] = scores[t];
+                } else {
+                    v[u] = make_float2(0.f, 0.f);
+                    p[u] = 0.f;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                acc.x += p[u] * v[u].x;
+                acc.y += p[u] * v[u].y;
+            }
+        }
+    }
+    accbuf[2 * tid] = acc.x;
+    accbuf[2 * tid + 1] = acc.y;
+    __syncthreads();
+    if (tid < ncol) {
+        float ax = 0.f, ay = 0.f;
+        for (int g = 0; g < rgroups; ++g) { ax += accbuf[2 * (g * ncol + tid)]; ay += accbuf[2 * (g * ncol + tid) + 1]; }
+        reinterpret_cast<half2*>(o)[tid] = __floats2half2_rn(ax * inv, ay * inv);
+    }
+}
+
+#define ATTN_INSTANCE(NAME, DT)                                                                   \
+    extern "C" __global__ void NAME(const half* q, const half* kc, const half* vc, const int* bt,  \
+        const int* ctx, half* out, int Hq, int Hkv, int D, int BS, int max_blocks, int max_ctx,    \
+        float scale) {                                                                             \
+        paged_attn_impl<DT>(q, kc, vc, bt, ctx, out, Hq, Hkv, D, BS, max_blocks, max_ctx, scale); }
+
+ATTN_INSTANCE(paged_attn_decode, 0)
+ATTN_INSTANCE(paged_attn_decode_d64, 64)
+ATTN_INSTANCE(paged_attn_decode_d128, 128)
+
+// ---------------------------------------------------------------------------------------
+// Split-sequence decode attention (flash-decoding) for compile-time D: grid (Hq, B, P), of which
+// min(P, ceil(L / min_split)) splits are used for a sequence of L tokens. One
+// block per (head, sequence) used 32 of the H100's 132 SMs for an 8B model, each pulling
+// its head's whole K and V alone (~9 us per layer). Block (h, b, s) takes tokens
+// [s * ceil(L/P), (s+1) * ceil(L/P)), computes its local max m_s, sum l_s and unnormalised
+// acc_s = sum_t exp(score_t - m_s) v_t, and writes them to part_*; the (h, b) pair's last
+// block (ticket counter) merges the P parts: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
+// K and V loads of the block's tokens are issued together (V's addresses do not depend on the
+// scores). Shared memory as paged_attn_decode.
+// ---------------------------------------------------------------------------------------
+template <int D, bool KCOAL>
+__device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q, const half* __restrict__ kc,
+                                                      const half* __restrict__ vc, const int* __restrict__ block_tables,
+                                                      const int* __restrict__ ctx_lens, half* __restrict__ out,
+                                                      float* part_o, float* part_ml, unsigned* tickets,
+                                                      int Hq, int Hkv, int BS, int max_blocks, int max_ctx, float scale,
+                                                      int min_split) {
+    constexpr int NCH = D / 8;  // 16-byte chunks per K / V row
+    constexpr int VU = 8;       // V tokens in flight per thread: 2048 / D tokens per round
+    extern __shared__ float sm[];
+    float* scores = sm;                 // [max_ctx] (this split's tokens from 0)
+    float* qs = sm + max_ctx;           // [D]
+    float* red = qs + D;                // [32]
+    float* accbuf = red + 32;           // [8 * blockDim]
+    int* bts = reinterpret_cast<int*>(accbuf + 8 * blockDim.x);
+    __shared__ bool last;
+    const int h = blockIdx.x, b = blockIdx.y, sp = blockIdx.z, P = gridDim.z, tid = threadIdx.x;
+    // the length, q and the whole block-table row are loaded together (one round trip, not two)
+    const int L = ctx_lens[b];
+    const half* qh = q + ((long long)b * Hq + h) * D;
+    for (int d = tid; d < D; d += blockDim.x) qs[d] = __half2float(qh[d]) * scale;
+    const int* bt = block_tables + (long long)b * max_blocks;
+    for (int i = tid; i < max_blocks; i += blockDim.x) bts[i] = bt[i];
+    const int kvh = h / (Hq / Hkv);
+    half* o = out + ((long long)b * Hq + h) * D;
+    if (L <= 0) {  // a padding row: every split of it returns here
+        if (sp == 0)
+            for (int d = tid; d < D; d += blockDim.x) o[d] = __float2half(0.f);
+        return;
+    }
+    // splits actually used: at most one per min_split tokens (a short context is faster in
+    // one block than with the merge's two extra memory round trips); the others return
+    const int Pe = min(P, max(1, (L + min_split - 1) / min_split));
+    if (sp >= Pe) return;
+    const int per = (L + Pe - 1) / Pe;
+    const int t0 = min(L, sp * per), t1 = min(L, t0 + per), n = t1 - t0;
+    __syncthreads();
+    const int groups = blockDim.x / NCH;
+    const int ch = tid % NCH, grp = tid / NCH;
+    uint4 vpre[VU];
+#pragma unroll
+    for (int u = 0; u < VU; ++u) {
+        const int t = grp + u * groups;  // relative to t0
+        if (grp < groups && t < n) {
+            const long long slot = (long long)bts[(t0 + t) / BS] * BS + ((t0 + t) % BS);
+            vpre[u] = __ldg(reinterpret_cast<const uint4*>(vc + (slot * Hkv + kvh) * D) + ch);
+        } else {
+            vpre[u] = make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+    float mx = -INFINITY;
+    if constexpr (KCOAL) {
+    // Scores with the V layout: the NCH threads of a group read one K row (coalesced 16-byte
+    // chunks), each multiplies its chunk by its 8 q values (registers) and the group sums with
+    // shuffles. Round count is uniform across the block so every lane reaches the shuffles.
+    float qr[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) qr[j] = qs[ch * 8 + j];
+    constexpr int KU = 8;  // K rows in flight per thread
+    const int rounds = (n + groups * KU - 1) / (groups * KU);
+    for (int r = 0; r < rounds; ++r) {
+        uint4 kv[KU];
+#pragma unroll
+        for (int u = 0; u < KU; ++u) {
+            const int t = (r * KU + u) * groups + grp;
+            if (grp < groups && t < n) {
+                const long long slot = (long long)bts[(t0 + t) / BS] * BS + ((t0 + t) % BS);
+                kv[u] = __ldg(reinterpret_cast<const uint4*>(kc + (slot * Hkv + kvh) * D) + ch);
+            } else {
+                kv[u] = make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < KU; ++u) {
+            const half2* kh = reinterpret_cast<const half2*>(&kv[u]);
+            float sc = 0.f;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float2 f = __half22float2(kh[j]);
+                sc += f.x * qr[2 * j] + f.y * qr[2 * j + 1];
+            }
+#pragma unroll
+            for (int o = NCH / 2; o > 0; o >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, o);
+            const int t = (r * KU + u) * groups + grp;
+            if (grp < groups && t < n) {
+                if (ch == 0) scores[t] = sc;
+                mx = fmaxf(mx, sc);
+            }
+        }
+    }
+    } else {  // one token per thread: its K row in NCH 16-byte loads, all in flight
+        for (int t = tid; t < n; t += blockDim.x) {
+            const long long slot = (long long)bts[(t0 + t) / BS] * BS + ((t0 + t) % BS);
+            const uint4* kp = reinterpret_cast<const uint4*>(kc + (slot * Hkv + kvh) * D);
+            uint4 kv[NCH];
+#pragma unroll
+            for (int c = 0; c < NCH; ++c) kv[c] = __ldg(kp + c);
+            float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+            for (int c = 0; c < NCH; ++c) {
+                const half2* kh = reinterpret_cast<const half2*>(&kv[c]);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const float2 f = __half22float2(kh[j]);
+                    if (j & 1) s1 += f.x * qs[c * 8 + 2 * j] + f.y * qs[c * 8 + 2 * j + 1];
+                    else s0 += f.x * qs[c * 8 + 2 * j] + f.y * qs[c * 8 + 2 * j + 1];
+                }
+            }
+            scores[t] = s0 + s1;
+            mx = fmaxf(mx, s0 + s1);
+        }
+    }
+    mx = block_reduce(mx, red, true);
+    float sum = 0.f;
+    for (int t = tid; t < n; t += blockDim.x) {
+        const float e = __expf(scores[t] - mx);
+        scores[t] = e;
+        sum += e;
+    }
+    sum = block_reduce(sum, red, false);  // also a barrier: scores visible to all
+    float a[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) a[j] = 0.f;
+    if (grp < groups) {
+        for (int tb = grp; tb < n; tb += groups * VU) {
+            const bool first = tb == grp;
+            uint4 v[VU];
+            float p[VU];
+#pragma unroll
+            for (int u = 0; u < VU; ++u) {
+                const int t = tb + u * groups;
+                if (t < n) {
+                    const long long slot = (long long)bts[(t0 + t) / BS] * BS + ((t0 + t) % BS);
+                    v[u] = first ? vpre[u] : __ldg(reinterpret_cast<const uint4*>(vc + (slot * Hkv + kvh) * D) + ch);
+                    p[u] = scores[t];
+                } else {
+                    v[u] = make_uint4(0u, 0u, 0u, 0u);
+                    p[u] = 0.f;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < VU; ++u) {
+                const half2* vh = reinterpret_cast<const half2*>(&v[u]);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const float2 f = __half22float2(vh[j]);
+                    a[2 * j] += p[u] * f.x;
+                    a[2 * j + 1] += p[u] * f.y;
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) accbuf[grp * D + ch * 8 + j] = a[j];
+    }
+    __syncthreads();
+    const long long bh = (long long)b * Hq + h;
+    if (Pe == 1) {
+        const float inv = 1.f / sum;
+        for (int d = tid; d < D; d += blockDim.x) {
+            float acc = 0.f;
+            for (int g = 0; g < groups; ++g) acc += accbuf[g * D + d];
+            o[d] = __float2half(acc * inv);
+        }
+        return;
+    }
+    for (int d = tid; d < D; d += blockDim.x) {
+        float acc = 0.f;
+        for (int g = 0; g < groups; ++g) acc += accbuf[g * D + d];
+        part_o[(bh * P + sp) * D + d] = acc;
+    }
+    if (tid == 0) {
+        part_ml[(bh * P + sp) * 2] = mx;  // -inf for an empty split: it weighs 0 below
+        part_ml[(bh * P + sp) * 2 + 1] = sum;
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(tickets + bh, 1u) == (unsigned)Pe - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    float M = -INFINITY;
+    for (int j = 0; j < Pe; ++j) M = fmaxf(M, __ldcg(part_ml + (bh * P + j) * 2));
+    float l = 0.f;
+    for (int j = 0; j < Pe; ++j) l += __ldcg(part_ml + (bh * P + j) * 2 + 1) * __expf(__ldcg(part_ml + (bh * P + j) * 2) - M);
+    const float inv = 1.f / l;
+    for (int d = tid; d < D; d += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < Pe; ++j) acc += __ldcg(part_o + (bh * P + j) * D + d) * __expf(__ldcg(part_ml + (bh * P + j) * 2) - M);
+        o[d] = __float2half(acc * inv);
+    }
+    if (tid == 0) tickets[bh] = 0u;
+}
+
+#define ATTN_SPLIT_INSTANCE(NAME, D, KCOAL)                                                                  \
+    extern "C" __global__ void NAME(const half* q, const half* kc, const half* vc, const int* bt,       \
+        const int* ctx, half* out, float* part_o, float* part_ml, unsigned* tickets, int Hq, int Hkv,   \
+        int BS, int max_blocks, int max_ctx, float scale, int min_split) {                              \
+        paged_attn_split_impl<D, KCOAL>(q, kc, vc, bt, ctx, out, part_o, part_ml, tickets, Hq, Hkv, BS,  \
+                                 max_blocks, max_ctx, scale, min_split); }
+
+ATTN_SPLIT_INSTANCE(paged_attn_split_d64, 64, true)
+ATTN_SPLIT_INSTANCE(paged_attn_split_d128, 128, true)
+ATTN_SPLIT_INSTANCE(paged_attn_split_tk_d64, 64, false)
+ATTN_SPLIT_INSTANCE(paged_attn_split_tk_d128, 128, false)
+
+// Causal softmax over prefill attention scores S half [rows, L] in place; row r is query
+// t = r % T at absolute position P + t, which sees keys [0, P + t].
+extern "C" __global__ void causal_softmax(half* __restrict__ S, int L, int T, int P) {
+    __shared__ float red[32];
+    const long long r = blockIdx.x;
+    const int t = (int)(r % T);
+    const int valid = P + t + 1;
+    half* row = S + r * L;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < valid; j += blockDim.x) mx = fmaxf(mx, __half2float(row[j]));
+    mx = block_reduce(mx, red, true);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < valid; j += blockDim.x) sum += __expf(__half2float(row[j]) - mx);
+    sum = block_reduce(sum, red, false);
+    const float inv = 1.f / sum;
+    for (int j = threadIdx.x; j < L; j += blockDim.x)
+        row[j] = __float2half(j < valid ? __expf(__half2float(row[j]) - mx) * inv : 0.f);
+}
+

@@ -1,0 +1,64 @@
+
+#include <cuda_fp16.h>
+
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+typedef unsigned int u32;
+typedef unsigned char u8;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide reduction (sum or max) through `red` (>= 32 floats of shared memory).
+__device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = is_max ? warp_max(v) : warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float r = (lane < nw) ? red[lane] : (is_max ? -INFINITY : 0.f);
+    r = is_max ? warp_max(r) : warp_sum(r);
+    return r;
+}
+
+__device__ __forceinline__ half2 u32_as_h2(u32 v) { return *reinterpret_cast<half2*>(&v); }
+
+// ---------------------------------------------------------------------------------------
+// Weight dequantization to half2 (exact): the "magic number" trick. A nibble n OR'ed into
+// the mantissa of 1024.0 (0x6400) gives the half 1024 + n; subtracting 1032 gives n - 8.
+// Repacked int4 word: elements (e0,e1) at bits (0,16), (e2,e3) at (4,20), (e4,e5) at (8,24),
+// (e6,e7) at (12,28), so each mask-and-or yields two consecutive elements as one half2.
+// ---------------------------------------------------------------------------------------
+__device__ __forceinline__ void deq_int4_word(u32 q, half2* w) {
+    const u32 MAGIC = 0x64006400u;
+    const half2 B = u32_as_h2(0x64086408u);  // 1032
+    w[0] = __hsub2(u32_as_h2((q & 0x000F000Fu) | MAGIC), B);
+    w[1] = __hsub2(u32_as_h2(((q >> 4) & 0x000F000Fu) | MAGIC), B);
+    w[2] = __hsub2(u32_as_h2(((q >> 8) & 0x000F000Fu) | MAGIC), B);
+    w[3] = __hsub2(u32_as_h2(((q >> 12) & 0x000F000Fu) | MAGIC), B);
+}
+
+// int8 word (4 signed bytes b0..b3) -> (b0,b1), (b2,b3) as half2: bias to unsigned, put each
+// byte under 0x64 (1024 + u), subtract 1152.
+__device__ __forceinline__ void deq_int8_word(u32 q, half2* w) {
+    const half2 B = u32_as_h2(0x64806480u);  // 1152
+    q ^= 0x80808080u;
+    w[0] = __hsub2(u32_as_h2(__byte_perm(q, 0x64646464u, 0x4140)), B);
+    w[1] = __hsub2(u32_as_h2(__byte_perm(q, 0x64646464u, 0x4342)), B);
+}
+
+__device__ __forceinline__ float h2sum(half2 a) {
+    float2 f = __half22float2(a);
+    return f.x + f.y;
+}
+

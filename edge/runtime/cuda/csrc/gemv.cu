@@ -1,0 +1,446 @@
+// ---------------------------------------------------------------------------------------
+// GEMV / small-batch GEMM with the dequantization fused: Y[m, n] = sum_k X[m, k] W[n, k].
+// One warp per output row n; lanes stride over 16-byte weight chunks (coalesced 512 B per
+// warp step); MT rows of X per launch-y (weights read once per MT rows). Products are summed
+// in half2 within a chunk (<= 16 terms), then in float across chunks and lanes.
+// Y is half [M, ldy] or float when out_f32 (logits); bias (half [N]) may be null.
+// ---------------------------------------------------------------------------------------
+#define GEMV_EPILOGUE                                                                        \
+    _Pragma("unroll") for (int m = 0; m < MT; ++m) {                                         \
+        float v = warp_sum(acc[m]);                                                          \
+        int mm = m0 + m;                                                                     \
+        if (lane == 0 && mm < M) {                                                           \
+            v *= post_scale;                                                                 \
+            if (bias) v += __half2float(bias[n]);                                            \
+            if (out_f32) reinterpret_cast<float*>(Y)[(long long)mm * ldy + n] = v;           \
+            else reinterpret_cast<half*>(Y)[(long long)mm * ldy + n] = __float2half(v);      \
+        }                                                                                    \
+    }
+
+// Weights stream through once: load them without allocating in L1 so that X (read by every
+// warp) stays resident there instead of being evicted to L2 by gigabytes of weights.
+// Not `volatile`: the compiler must stay free to hoist the unrolled iterations' loads so that
+// several 16-byte loads per thread are in flight.
+__device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+// R output rows per warp: each X chunk loaded from L1 serves R rows (R x less X traffic, which
+// dominates at MT = 8, 16). Rows past N are clamped for loading and never written.
+#define GEMV_EPILOGUE_R                                                                      \
+    _Pragma("unroll") for (int r = 0; r < R; ++r) {                                          \
+        _Pragma("unroll") for (int m = 0; m < MT; ++m) {                                     \
+            float v = warp_sum(acc[r][m]);                                                   \
+            const int mm = m0 + m, n = n0 + r;                                               \
+            if (lane == 0 && mm < M && n < N) {                                              \
+                v *= post[r];                                                                \
+                if (bias) v += __half2float(bias[n]);                                        \
+                if (out_f32) reinterpret_cast<float*>(Y)[(long long)mm * ldy + n] = v;       \
+                else reinterpret_cast<half*>(Y)[(long long)mm * ldy + n] = __float2half(v);  \
+            }                                                                                \
+        }                                                                                    \
+    }
+
+template <int MT, int R>
+__device__ __forceinline__ void gemv_int4(const uint4* __restrict__ W, const half* __restrict__ S,
+                                          const half* __restrict__ X, const half* __restrict__ bias,
+                                          void* __restrict__ Y, int M, int N, int K, int gshift,
+                                          int ldy, int out_f32) {
+    const int lane = threadIdx.x & 31;
+    const int n0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
+    const int m0 = blockIdx.y * MT;
+    if (n0 >= N) return;
+    const int chunks = K >> 5;  // 32 elements per 16-byte chunk
+    const int groups = K >> gshift;
+    float acc[R][MT], post[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        post[r] = 1.f;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+    }
+#pragma unroll (MT * R <= 1 ? 4 : (MT * R <= 4 ? 2 : 1))
+    for (int c = lane; c < chunks; c += 32) {
+        half2 w[R][16];
+        float s[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const long long nr = min(n0 + r, N - 1);
+            uint4 q = ldg_stream(W + nr * chunks + c);
+            s[r] = __half2float(S[nr * groups + ((c << 5) >> gshift)]);
+            deq_int4_word(q.x, w[r]);
+            deq_int4_word(q.y, w[r] + 4);
+            deq_int4_word(q.z, w[r] + 8);
+            deq_int4_word(q.w, w[r] + 12);
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            if (m0 + m < M) {
+                const uint4* xp = reinterpret_cast<const uint4*>(X + (long long)(m0 + m) * K + (c << 5));
+                uint4 xv[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) xv[j] = __ldg(xp + j);
+                const half2* xh = reinterpret_cast<const half2*>(xv);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    half2 a0 = __float2half2_rn(0.f), a1 = a0;
+#pragma unroll
+                    for (int j = 0; j < 16; j += 2) {
+                        a0 = __hfma2(w[r][j], xh[j], a0);
+                        a1 = __hfma2(w[r][j + 1], xh[j + 1], a1);
+                    }
+                    acc[r][m] += (h2sum(a0) + h2sum(a1)) * s[r];
+                }
+            }
+        }
+    }
+    GEMV_EPILOGUE_R
+}
+
+template <int MT, int R>
+__device__ __forceinline__ void gemv_int8(const uint4* __restrict__ W, const half* __restrict__ S,
+                                          const half* __restrict__ X, const half* __restrict__ bias,
+                                          void* __restrict__ Y, int M, int N, int K, int ldy, int out_f32) {
+    const int lane = threadIdx.x & 31;
+    const int n0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
+    const int m0 = blockIdx.y * MT;
+    if (n0 >= N) return;
+    const int chunks = K >> 4;  // 16 elements per 16-byte chunk
+    float acc[R][MT], post[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        post[r] = __half2float(S[min(n0 + r, N - 1)]);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+    }
+#pragma unroll (MT * R <= 4 ? 4 : (MT * R <= 16 ? 2 : 1))
+    for (int c = lane; c < chunks; c += 32) {
+        half2 w[R][8];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const long long nr = min(n0 + r, N - 1);
+            uint4 q = ldg_stream(W + nr * chunks + c);
+            deq_int8_word(q.x, w[r]);
+            deq_int8_word(q.y, w[r] + 2);
+            deq_int8_word(q.z, w[r] + 4);
+            deq_int8_word(q.w, w[r] + 6);
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            if (m0 + m < M) {
+                const uint4* xp = reinterpret_cast<const uint4*>(X + (long long)(m0 + m) * K + (c << 4));
+                uint4 xv[2];
+                xv[0] = __ldg(xp);
+                xv[1] = __ldg(xp + 1);
+                const half2* xh = reinterpret_cast<const half2*>(xv);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    half2 a0 = __float2half2_rn(0.f), a1 = a0;
+#pragma unroll
+                    for (int j = 0; j < 8; j += 2) {
+                        a0 = __hfma2(w[r][j], xh[j], a0);
+                        a1 = __hfma2(w[r][j + 1], xh[j + 1], a1);
+                    }
+                    acc[r][m] += h2sum(a0) + h2sum(a1);
+                }
+            }
+        }
+    }
+    GEMV_EPILOGUE_R
+}
+
+template <int MT>
+__device__ __forceinline__ void gemv_fp16(const uint4* __restrict__ W, const half* __restrict__ X,
+                                          const half* __restrict__ bias, void* __restrict__ Y,
+                                          int M, int N, int K, int ldy, int out_f32) {
+    const int lane = threadIdx.x & 31;
+    const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int m0 = blockIdx.y * MT;
+    if (n >= N) return;
+    const int chunks = K >> 3;  // 8 elements per 16-byte chunk
+    const uint4* wrow = W + (long long)n * chunks;
+    const float post_scale = 1.f;
+    float acc[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[m] = 0.f;
+#pragma unroll (MT <= 4 ? 4 : 2)
+    for (int c = lane; c < chunks; c += 32) {
+        uint4 q = ldg_stream(wrow + c);
+        const half2* w = reinterpret_cast<const half2*>(&q);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            if (m0 + m < M) {
+                uint4 xv = __ldg(reinterpret_cast<const uint4*>(X + (long long)(m0 + m) * K + (c << 3)));
+                const half2* xh = reinterpret_cast<const half2*>(&xv);
+                float2 p0 = __half22float2(__hmul2(w[0], xh[0]));
+                float2 p1 = __half22float2(__hmul2(w[1], xh[1]));
+                float2 p2 = __half22float2(__hmul2(w[2], xh[2]));
+                float2 p3 = __half22float2(__hmul2(w[3], xh[3]));
+                acc[m] += (p0.x + p0.y) + (p1.x + p1.y) + (p2.x + p2.y) + (p3.x + p3.y);
+            }
+        }
+    }
+    GEMV_EPILOGUE
+}
+
+#define GEMV_INSTANCES(MT, R)                                                                   \
+    extern "C" __global__ void gemv_int4_m##MT(const uint4* W, const half* S, const half* X,     \
+        const half* bias, void* Y, int M, int N, int K, int gshift, int ldy, int out_f32) {     \
+        gemv_int4<MT, R>(W, S, X, bias, Y, M, N, K, gshift, ldy, out_f32); }                    \
+    extern "C" __global__ void gemv_int8_m##MT(const uint4* W, const half* S, const half* X,     \
+        const half* bias, void* Y, int M, int N, int K, int ldy, int out_f32) {                 \
+        gemv_int8<MT, R>(W, S, X, bias, Y, M, N, K, ldy, out_f32); }                            \
+    extern "C" __global__ void gemv_fp16_m##MT(const uint4* W, const half* X, const half* bias, \
+        void* Y, int M, int N, int K, int ldy, int out_f32) {                                   \
+        gemv_fp16<MT>(W, X, bias, Y, M, N, K, ldy, out_f32); }
+
+// M = 1 variants with more rows per warp (longer-lived warps, more loads in flight).
+extern "C" __global__ void gemv_int4_m1_r2(const uint4* W, const half* S, const half* X, const half* bias,
+    void* Y, int M, int N, int K, int gshift, int ldy, int out_f32) {
+    gemv_int4<1, 2>(W, S, X, bias, Y, M, N, K, gshift, ldy, out_f32); }
+extern "C" __global__ void gemv_int4_m1_r4(const uint4* W, const half* S, const half* X, const half* bias,
+    void* Y, int M, int N, int K, int gshift, int ldy, int out_f32) {
+    gemv_int4<1, 4>(W, S, X, bias, Y, M, N, K, gshift, ldy, out_f32); }
+
+// ---------------------------------------------------------------------------------------
+// Block-K int4 GEMV for M = 1 ("bk"): one block of NT threads computes R consecutive output
+// rows, its threads splitting K (thread t takes 16-byte chunks t, t + NT, ...), so every
+// thread issues its R weight loads at once and a row needs ~K / (32 NT) rounds instead of
+// K / 1024 per warp. Partial sums meet in shared memory. The block's R results then go
+// through one of four epilogues, which fuse the small kernels that follow a linear:
+//   _st    y[n] = half/float(v + bias)                                    (plain)
+//   _glu   rows interleaved (2j = gate_j, 2j+1 = up_j): act[j] = silu(g) * u   (SiLU.mul)
+//   _res   res[n] += half(v) (float residual); the last block to finish normalises the
+//          whole row: h = half(res * rsqrt(mean(res^2) + eps) * w)            (add + RMSNorm)
+//   _rope  q/k rows paired per head (2i = x_i, 2i+1 = x_{i+D/2}): rotated q -> q_out,
+//          rotated k and v -> the paged KV cache at slots[0]                   (RoPE + KV write)
+// Roundings mirror the unfused kernels (each linear's output is rounded to half first).
+// ---------------------------------------------------------------------------------------
+template <int R, int NT, int U>
+__device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, const half* __restrict__ S,
+                                                  const half* __restrict__ X, int N, int K, int gshift,
+                                                  int n0, float* __restrict__ yout) {
+    __shared__ float red[R][NT / 32];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int chunks = K >> 5, groups = K >> gshift;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+#pragma unroll U
+    for (int c = tid; c < chunks; c += NT) {
+        uint4 q[R];
+        float s[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const long long nr = min(n0 + r, N - 1);
+            q[r] = ldg_stream(W + nr * chunks + c);
+            s[r] = __half2float(S[nr * groups + ((c << 5) >> gshift)]);
+        }
+        const uint4* xp = reinterpret_cast<const uint4*>(X + (c << 5));
+        uint4 xv[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) xv[j] = __ldg(xp + j);
+        const half2* xh = reinterpret_cast<const half2*>(xv);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            half2 w[16];
+            deq_int4_word(q[r].x, w);
+            deq_int4_word(q[r].y, w + 4);
+            deq_int4_word(q[r].z, w + 8);
+            deq_int4_word(q[r].w, w + 12);
+            half2 a0 = __float2half2_rn(0.f), a1 = a0;
+#pragma unroll
+            for (int j = 0; j < 16; j += 2) {
+                a0 = __hfma2(w[j], xh[j], a0);
+                a1 = __hfma2(w[j + 1], xh[j + 1], a1);
+            }
+            acc[r] += (h2sum(a0) + h2sum(a1)) * s[r];
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const float v = warp_sum(acc[r]);
+        if (lane == 0) red[r][warp] = v;
+    }
+    __syncthreads();
+    if (tid < R) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < NT / 32; ++w) v += red[tid][w];
+        yout[tid] = v;
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ float round_half(float v) { return __half2float(__float2half(v)); }
+
+template <int R, int NT, int U>
+__device__ __forceinline__ void gemv_int4_bk_st(const uint4* W, const half* S, const half* X, const half* bias,
+                                                void* Y, int N, int K, int gshift, int out_f32) {
+    __shared__ float yo[R];
+    const int n0 = blockIdx.x * R;
+    gemv_int4_bk_core<R, NT, U>(W, S, X, N, K, gshift, n0, yo);
+    const int t = threadIdx.x, n = n0 + t;
+    if (t < R && n < N) {
+        float v = yo[t] + (bias ? __half2float(bias[n]) : 0.f);
+        if (out_f32) reinterpret_cast<float*>(Y)[n] = v;
+        else reinterpret_cast<half*>(Y)[n] = __float2half(v);
+    }
+}
+
+template <int R, int NT, int U>
+__device__ __forceinline__ void gemv_int4_bk_glu(const uint4* W, const half* S, const half* X, const half* bias,
+                                                 half* act, int N, int K, int gshift) {
+    __shared__ float yo[R];
+    const int n0 = blockIdx.x * R;
+    gemv_int4_bk_core<R, NT, U>(W, S, X, N, K, gshift, n0, yo);
+    const int t = threadIdx.x, n = n0 + 2 * t;
+    if (t < R / 2 && n + 1 < N) {
+        const float g = round_half(yo[2 * t] + (bias ? __half2float(bias[n]) : 0.f));
+        const float u = round_half(yo[2 * t + 1] + (bias ? __half2float(bias[n + 1]) : 0.f));
+        act[n >> 1] = __float2half(g / (1.f + __expf(-g)) * u);
+    }
+}
+
+template <int R, int NT, int U>
+__device__ __forceinline__ void gemv_int4_bk_res(const uint4* W, const half* S, const half* X, const half* bias,
+                                                 float* res, const half* __restrict__ nw, half* hout,
+                                                 unsigned* counter, int N, int K, int gshift, float eps) {
+    __shared__ float yo[R];
+    __shared__ float red[32];
+    __shared__ bool last;
+    const int n0 = blockIdx.x * R;
+    gemv_int4_bk_core<R, NT, U>(W, S, X, N, K, gshift, n0, yo);
+    const int t = threadIdx.x, n = n0 + t;
+    if (t < R && n < N) {
+        res[n] += round_half(yo[t] + (bias ? __half2float(bias[n]) : 0.f));
+        __threadfence();  // this block's residual update is visible before its ticket is taken
+    }
+    // the last block to finish sees every block's update (threadFenceReduction pattern)
+    __syncthreads();
+    if (t == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // The row goes through registers in batches of MAXV float4s per thread, each batch's loads
+    // issued together (a strided loop of dependent L2 loads made this tail ~9-25 us); a row
+    // that fits one batch (H <= 4 * MAXV * NT) is read once.
+    constexpr int MAXV = 8;
+    const int n4 = N >> 2;
+    const float4* r4 = reinterpret_cast<const float4*>(res);
+    float4 rv[MAXV];
+    float ss = 0.f;
+    for (int base = 0; base < n4; base += NT * MAXV) {
+#pragma unroll
+        for (int j = 0; j < MAXV; ++j) {
+            const int i = base + t + j * NT;
+            rv[j] = i < n4 ? __ldcg(r4 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int j = 0; j < MAXV; ++j) ss += rv[j].x * rv[j].x + rv[j].y * rv[j].y + rv[j].z * rv[j].z + rv[j].w * rv[j].w;
+    }
+    ss = block_reduce(ss, red, false);
+    const float inv = rsqrtf(ss / N + eps);
+    for (int base = 0; base < n4; base += NT * MAXV) {
+        if (n4 > NT * MAXV) {  // several batches: reload this one (only the last is in registers)
+#pragma unroll
+            for (int j = 0; j < MAXV; ++j) {
+                const int i = base + t + j * NT;
+                rv[j] = i < n4 ? __ldcg(r4 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < MAXV; ++j) {
+            const int i = base + t + j * NT;
+            if (i < n4) {
+                const uint2 wv = reinterpret_cast<const uint2*>(nw)[i];
+                const float2 w01 = __half22float2(u32_as_h2(wv.x)), w23 = __half22float2(u32_as_h2(wv.y));
+                const half2 o01 = __floats2half2_rn(rv[j].x * inv * w01.x, rv[j].y * inv * w01.y);
+                const half2 o23 = __floats2half2_rn(rv[j].z * inv * w23.x, rv[j].w * inv * w23.y);
+                uint2 ov;
+                ov.x = *reinterpret_cast<const u32*>(&o01);
+                ov.y = *reinterpret_cast<const u32*>(&o23);
+                reinterpret_cast<uint2*>(hout)[i] = ov;
+            }
+        }
+    }
+    if (t == 0) *counter = 0u;  // ready for the next fused launch on this stream
+}
+
+template <int R, int NT, int U>
+__device__ __forceinline__ void gemv_int4_bk_rope(const uint4* W, const half* S, const half* X, const half* bias,
+                                                  const int* __restrict__ pos, const int* __restrict__ slots,
+                                                  const float* __restrict__ cosb, const float* __restrict__ sinb,
+                                                  half* q_out, half* kc, half* vc, int N, int K, int gshift,
+                                                  int Hq, int Hkv, int D) {
+    __shared__ float yo[R];
+    const int n0 = blockIdx.x * R;
+    gemv_int4_bk_core<R, NT, U>(W, S, X, N, K, gshift, n0, yo);
+    const int t = threadIdx.x, n = n0 + 2 * t;
+    if (t >= R / 2 || n + 1 >= N) return;
+    const float x1 = round_half(yo[2 * t] + (bias ? __half2float(bias[n]) : 0.f));
+    const float x2 = round_half(yo[2 * t + 1] + (bias ? __half2float(bias[n + 1]) : 0.f));
+    const int h = n / D, half_d = D >> 1, i = (n % D) >> 1;
+    const int slot = slots[0];
+    if (h < Hq + Hkv) {
+        const int p = pos[0];
+        const float c = cosb[(long long)p * half_d + i], s = sinb[(long long)p * half_d + i];
+        const half o1 = __float2half(x1 * c - x2 * s), o2 = __float2half(x2 * c + x1 * s);
+        if (h < Hq) {
+            q_out[h * D + i] = o1;
+            q_out[h * D + i + half_d] = o2;
+        } else if (slot >= 0) {
+            half* dst = kc + ((long long)slot * Hkv + (h - Hq)) * D;
+            dst[i] = o1;
+            dst[i + half_d] = o2;
+        }
+    } else if (slot >= 0) {  // v rows keep their order
+        const int j = n - (Hq + Hkv) * D;
+        vc[(long long)slot * Hkv * D + j] = __float2half(x1);
+        vc[(long long)slot * Hkv * D + j + 1] = __float2half(x2);
+    }
+}
+
+#define BK_INSTANCES(R, NT, U)                                                                          \
+    extern "C" __global__ void __launch_bounds__(NT) gemv_int4_bk_r##R##_t##NT##_u##U##_st(                 \
+        const uint4* W, const half* S, const half* X, const half* bias, void* Y, int N, int K,       \
+        int gshift, int out_f32) {                                                                   \
+        gemv_int4_bk_st<R, NT, U>(W, S, X, bias, Y, N, K, gshift, out_f32); }                           \
+    extern "C" __global__ void __launch_bounds__(NT) gemv_int4_bk_r##R##_t##NT##_u##U##_glu(                \
+        const uint4* W, const half* S, const half* X, const half* bias, half* act, int N, int K,     \
+        int gshift) {                                                                                \
+        gemv_int4_bk_glu<R, NT, U>(W, S, X, bias, act, N, K, gshift); }                                 \
+    extern "C" __global__ void __launch_bounds__(NT) gemv_int4_bk_r##R##_t##NT##_u##U##_res(                \
+        const uint4* W, const half* S, const half* X, const half* bias, float* res, const half* nw,  \
+        half* hout, unsigned* counter, int N, int K, int gshift, float eps) {                        \
+        gemv_int4_bk_res<R, NT, U>(W, S, X, bias, res, nw, hout, counter, N, K, gshift, eps); }         \
+    extern "C" __global__ void __launch_bounds__(NT) gemv_int4_bk_r##R##_t##NT##_u##U##_rope(               \
+        const uint4* W, const half* S, const half* X, const half* bias, const int* pos,              \
+        const int* slots, const float* cosb, const float* sinb, half* q_out, half* kc, half* vc,     \
+        int N, int K, int gshift, int Hq, int Hkv, int D) {                                          \
+        gemv_int4_bk_rope<R, NT, U>(W, S, X, bias, pos, slots, cosb, sinb, q_out, kc, vc, N, K, gshift, \
+                                 Hq, Hkv, D); }
+
+// (R, NT, U): keep in step with kernels.BK_VARIANTS
+BK_INSTANCES(2, 64, 2)
+BK_INSTANCES(4, 64, 2)
+BK_INSTANCES(2, 128, 2)
+BK_INSTANCES(4, 128, 2)
+BK_INSTANCES(8, 128, 1)
+BK_INSTANCES(2, 256, 2)
+BK_INSTANCES(4, 256, 2)
+BK_INSTANCES(8, 256, 1)
+BK_INSTANCES(2, 64, 4)
+BK_INSTANCES(2, 128, 4)
+BK_INSTANCES(4, 128, 4)
+
+// (MT, rows per warp R): keep in step with kernels.GEMV_ROWS_PER_WARP
+GEMV_INSTANCES(1, 1)
+GEMV_INSTANCES(2, 1)
+GEMV_INSTANCES(4, 2)
+GEMV_INSTANCES(8, 4)
+GEMV_INSTANCES(16, 4)
+

@@ -1,0 +1,161 @@
+// ---------------------------------------------------------------------------------------
+// Embedding gather into the float residual stream: res[m, :] = emb[ids[m], :].
+// ---------------------------------------------------------------------------------------
+extern "C" __global__ void embed(const int* __restrict__ ids, const half* __restrict__ emb,
+                                 float* __restrict__ res, int H) {
+    const int m = blockIdx.x;
+    const half* row = emb + (long long)ids[m] * H;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) res[(long long)m * H + i] = __half2float(row[i]);
+}
+
+// Embedding gather fused with the first layer's RMSNorm: res[m] = emb[ids[m]] (float),
+// out[m] = half(res[m] * rsqrt(mean(res[m]^2) + eps) * w). One block per row; the row is held
+// in registers (H % 4 == 0 and H <= 32 blockDim), all loads issued at once.
+extern "C" __global__ void embed_rmsnorm(const int* __restrict__ ids, const half* __restrict__ emb,
+                                         const half* __restrict__ w, float* __restrict__ res,
+                                         half* __restrict__ out, int H, float eps) {
+    __shared__ float red[32];
+    constexpr int MAXV = 8;
+    const int m = blockIdx.x, t = threadIdx.x, n4 = H >> 2;
+    const uint2* row = reinterpret_cast<const uint2*>(emb + (long long)ids[m] * H);
+    float4 rv[MAXV];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < MAXV; ++j) {
+        const int i = t + j * blockDim.x;
+        if (i < n4) {
+            const uint2 e = row[i];
+            const float2 a = __half22float2(u32_as_h2(e.x)), b = __half22float2(u32_as_h2(e.y));
+            rv[j] = make_float4(a.x, a.y, b.x, b.y);
+            reinterpret_cast<float4*>(res + (long long)m * H)[i] = rv[j];
+        } else {
+            rv[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        ss += rv[j].x * rv[j].x + rv[j].y * rv[j].y + rv[j].z * rv[j].z + rv[j].w * rv[j].w;
+    }
+    ss = block_reduce(ss, red, false);
+    const float inv = rsqrtf(ss / H + eps);
+#pragma unroll
+    for (int j = 0; j < MAXV; ++j) {
+        const int i = t + j * blockDim.x;
+        if (i < n4) {
+            const uint2 wv = reinterpret_cast<const uint2*>(w)[i];
+            const float2 w01 = __half22float2(u32_as_h2(wv.x)), w23 = __half22float2(u32_as_h2(wv.y));
+            const half2 o01 = __floats2half2_rn(rv[j].x * inv * w01.x, rv[j].y * inv * w01.y);
+            const half2 o23 = __floats2half2_rn(rv[j].z * inv * w23.x, rv[j].w * inv * w23.y);
+            uint2 ov;
+            ov.x = *reinterpret_cast<const u32*>(&o01);
+            ov.y = *reinterpret_cast<const u32*>(&o23);
+            reinterpret_cast<uint2*>(out + (long long)m * H)[i] = ov;
+        }
+    }
+}
+
+// Residual add fused with RMSNorm: res[m] += x[m] (x may be null); out[m] = half(res[m] *
+// rsqrt(mean(res[m]^2) + eps) * w). One block per row.
+extern "C" __global__ void add_rmsnorm(float* __restrict__ res, const half* __restrict__ x,
+                                       const half* __restrict__ w, half* __restrict__ out, int H, float eps) {
+    __shared__ float red[32];
+    const int m = blockIdx.x;
+    float* r = res + (long long)m * H;
+    float ss = 0.f;
+    constexpr int MAXV = 4;
+    const int n4 = H >> 2, t = threadIdx.x;
+    if ((H & 3) == 0 && n4 <= MAXV * (int)blockDim.x) {  // the row in registers: one round trip
+        float4 rv[MAXV];
+#pragma unroll
+        for (int j = 0; j < MAXV; ++j) {
+            const int i = t + j * blockDim.x;
+            if (i < n4) {
+                rv[j] = reinterpret_cast<const float4*>(r)[i];
+                if (x) {
+                    const uint2 xv = reinterpret_cast<const uint2*>(x + (long long)m * H)[i];
+                    const float2 a = __half22float2(u32_as_h2(xv.x)), b = __half22float2(u32_as_h2(xv.y));
+                    rv[j].x += a.x; rv[j].y += a.y; rv[j].z += b.x; rv[j].w += b.y;
+                    reinterpret_cast<float4*>(r)[i] = rv[j];
+                }
+            } else {
+                rv[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+            ss += rv[j].x * rv[j].x + rv[j].y * rv[j].y + rv[j].z * rv[j].z + rv[j].w * rv[j].w;
+        }
+        ss = block_reduce(ss, red, false);
+        const float inv = rsqrtf(ss / H + eps);
+#pragma unroll
+        for (int j = 0; j < MAXV; ++j) {
+            const int i = t + j * blockDim.x;
+            if (i < n4) {
+                const uint2 wv = reinterpret_cast<const uint2*>(w)[i];
+                const float2 w01 = __half22float2(u32_as_h2(wv.x)), w23 = __half22float2(u32_as_h2(wv.y));
+                const half2 o01 = __floats2half2_rn(rv[j].x * inv * w01.x, rv[j].y * inv * w01.y);
+                const half2 o23 = __floats2half2_rn(rv[j].z * inv * w23.x, rv[j].w * inv * w23.y);
+                uint2 ov;
+                ov.x = *reinterpret_cast<const u32*>(&o01);
+                ov.y = *reinterpret_cast<const u32*>(&o23);
+                reinterpret_cast<uint2*>(out + (long long)m * H)[i] = ov;
+            }
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        float v = r[i];
+        if (x) { v += __half2float(x[(long long)m * H + i]); r[i] = v; }
+        ss += v * v;
+    }
+    ss = block_reduce(ss, red, false);
+    const float inv = rsqrtf(ss / H + eps);
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        out[(long long)m * H + i] = __float2half(r[i] * inv * __half2float(w[i]));
+}
+
+// RoPE (HF rotate_half convention: pairs (i, i + D/2)) on q and k of the fused qkv rows, whose
+// q/k rows the session stores paired per head (row 2i = x_i, row 2i + 1 = x_{i+D/2}, see
+// CudaDecoderSession._load_weights); q is written to q_out in HF order,
+// q_out [M, Hq*D]; rotated k and v written into the paged cache at slots[m]
+// (slot < 0: a padding row, nothing cached). cos/sin: float [max_pos, D/2].
+extern "C" __global__ void rope_cache(const half* __restrict__ qkv, const int* __restrict__ pos,
+                                      const int* __restrict__ slots, const float* __restrict__ cosb,
+                                      const float* __restrict__ sinb, half* __restrict__ q_out,
+                                      half* __restrict__ kc, half* __restrict__ vc,
+                                      int Hq, int Hkv, int D) {
+    const int m = blockIdx.x;
+    const int half_d = D >> 1;
+    const int width = (Hq + 2 * Hkv) * D;
+    const half* row = qkv + (long long)m * width;
+    const int p = pos[m];
+    const int slot = slots[m];
+    const int pairs = (Hq + Hkv) * half_d;
+    // gridDim.y blocks share one token's work: one item per thread, not a serial loop of
+    // dependent global loads in a single block (decode has only M = batch tokens)
+    for (int t = blockIdx.y * blockDim.x + threadIdx.x; t < pairs + Hkv * D; t += blockDim.x * gridDim.y) {
+        if (t < pairs) {
+            const int h = t / half_d, i = t % half_d;
+            const half* src = row + h * D;  // paired rows: 2i = x_i, 2i + 1 = x_{i + D/2}
+            float x1 = __half2float(src[2 * i]), x2 = __half2float(src[2 * i + 1]);
+            float c = cosb[(long long)p * half_d + i], s = sinb[(long long)p * half_d + i];
+            half o1 = __float2half(x1 * c - x2 * s), o2 = __float2half(x2 * c + x1 * s);
+            if (h < Hq) {
+                q_out[(long long)m * Hq * D + h * D + i] = o1;
+                q_out[(long long)m * Hq * D + h * D + i + half_d] = o2;
+            } else if (slot >= 0) {
+                half* dst = kc + ((long long)slot * Hkv + (h - Hq)) * D;
+                dst[i] = o1;
+                dst[i + half_d] = o2;
+            }
+        } else if (slot >= 0) {
+            const int j = t - pairs;  // v element [0, Hkv*D)
+            vc[(long long)slot * Hkv * D + j] = row[(Hq + Hkv) * D + j];
+        }
+    }
+}
+
+// SiLU(gate) * up; gu: half [M, 2I] with gate and up columns interleaved (2j = gate_j,
+// 2j + 1 = up_j: the session interleaves the fused weight's rows), out: half [M, I].
+extern "C" __global__ void silu_mul(const half* __restrict__ gu, half* __restrict__ out, int M, int I) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)M * I) return;
+    const half2 p = reinterpret_cast<const half2*>(gu)[i];  // row m = i / I, pair j = i % I
+    float g = __low2float(p), u = __high2float(p);
+    out[i] = __float2half(g / (1.f + __expf(-g)) * u);
+}
+

@@ -1,0 +1,50 @@
+"""The CUDA backend's kernels compile with NVRTC for Ampere, Orin (sm_87) and Hopper, without a
+GPU: NVRTC ships as a pip wheel (the dev extra), so this runs in CI. Every kernel the session
+looks up must be in the PTX as an entry (extern "C", unmangled)."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import pytest
+
+from edge.runtime.cuda.kernels import compile_options
+from edge.runtime.cuda.kernels_src import KERNEL_NAMES, SOURCE
+
+pytestmark = pytest.mark.slow
+
+
+def _nvrtc():
+    try:
+        import nvidia.cuda_nvrtc
+        import nvidia.cuda_runtime
+    except ImportError:
+        pytest.skip("needs the NVRTC wheels (pip install nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12)")
+    lib = next(Path(p) / "lib" / "libnvrtc.so.12" for p in nvidia.cuda_nvrtc.__path__)
+    include = next(Path(p) / "include" for p in nvidia.cuda_runtime.__path__)
+    return ctypes.CDLL(str(lib)), include
+
+
+@pytest.mark.parametrize("cc", [80, 87, 90])
+def test_kernels_compile_for(cc):
+    lib, include = _nvrtc()
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.encode(), b"edge_rag.cu", 0, None, None) == 0
+    # the options the backend uses, with sm_xx as a virtual arch so the result is PTX we can read
+    opts = [o.replace("sm_", "compute_") for o in compile_options(cc)] + [f"-I{include}"]
+    arr = (ctypes.c_char_p * len(opts))(*(o.encode() for o in opts))
+    rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    assert rc == 0, log.value.decode()[:3000]
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetPTX(prog, ptx)
+    text = ptx.value.decode()
+    assert f".target sm_{cc}" in text
+    missing = [name for name in KERNEL_NAMES if f".entry {name}(" not in text]
+    assert not missing, f"kernels missing from the PTX: {missing}"
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
