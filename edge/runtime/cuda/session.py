@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -25,8 +24,10 @@ import numpy as np
 from edge.build.bundle import Bundle
 from edge.errors import BackendError
 from edge.runtime.cuda import kernels as kmod
+from edge.runtime.cuda.layout import Linear, gu_row_order, host_linear, qkv_row_order
 from edge.runtime.cuda.paged_kv import BlockManager, pool_blocks
 from edge.runtime.cuda.reference import rope_tables
+from edge.runtime.cuda.sampling import sample_top_p
 
 GEMV_ROWS_PER_BLOCK = 8  # warps per 256-thread GEMV block (each takes R rows, kernels.GEMV_ROWS_PER_WARP)
 MAX_GEMV_M = 16  # above this, prefill linears go through dequant + cuBLAS
@@ -44,30 +45,6 @@ def _i32(v: int) -> np.int32:
 
 
 NULL = np.uint64(0)
-
-
-@dataclass
-class Linear:
-    """One (possibly fused) linear layer on the GPU. kind: int4 | int8 | fp16; y = x @ W.T."""
-
-    kind: str
-    n: int
-    k: int
-    q: Any  # int4: uint32 [N, K/8] repacked; int8: int8 [N, K]; fp16: half [N, K]
-    s: Any  # scales half [N, K/g] or [N]; None for fp16
-    gshift: int = 0  # log2(group) for int4
-    bias: Any = None  # half [N]
-    m1: tuple[str, int, int] | None = None  # int4 M = 1 GEMV variant picked for this shape at load
-    role: str = "st"  # what follows it in a layer: rope (qkv), res (o, down), glu (gate|up), st
-    fused: bool = False  # at M = 1, run m1 with the role's fused epilogue (the autotuner decides)
-
-    @property
-    def shape_key(self) -> str:
-        return f"{self.kind}[{self.n}x{self.k}]g{1 << self.gshift if self.kind == 'int4' else 0}"
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.q.nbytes + (self.s.nbytes if self.s is not None else 0) + (self.bias.nbytes if self.bias is not None else 0))
 
 
 def _buckets(max_batch: int) -> list[int]:
@@ -265,7 +242,7 @@ class CudaDecoderSession:
             return cp.asarray(w[name].astype(np.float16, copy=False))
 
         def linear(names: list[str], bias_names: list[str] | None = None, perm: np.ndarray | None = None) -> Linear:
-            parts = [_host_linear(w, n) for n in names]
+            parts = [host_linear(w, n) for n in names]
             kinds = {(p[0], p[3]) for p in parts}
             if len(kinds) != 1:
                 raise BackendError(f"{names}: mixed precisions {sorted(kinds)} cannot be fused", fix="rebuild the bundle with one recipe")
@@ -770,59 +747,3 @@ class CudaDecoderSession:
             return out
         finally:
             self.release(seq_id)
-
-
-def sample_top_p(cp: Any, logits: Any, temperature: float, top_p: float, u: Any) -> Any:
-    """Temperature + nucleus sampling on the device. logits float [B, V], u uniform [B] -> int32 [B].
-
-    Keeps the smallest prefix of tokens sorted by probability whose mass reaches top_p (the
-    first token always), renormalises, and inverts the CDF at u."""
-    if temperature <= 0:
-        return cp.argmax(logits, axis=1).astype(cp.int32)
-    x = logits / np.float32(temperature)
-    x = x - x.max(axis=1, keepdims=True)
-    p = cp.exp(x)
-    p /= p.sum(axis=1, keepdims=True)
-    order = cp.argsort(-p, axis=1)
-    ps = cp.take_along_axis(p, order, axis=1)
-    before = cp.cumsum(ps, axis=1) - ps
-    ps = cp.where(before < np.float32(top_p), ps, np.float32(0))
-    cdf = cp.cumsum(ps, axis=1)
-    cdf /= cdf[:, -1:]
-    idx = (cdf < u[:, None]).sum(axis=1)
-    idx = cp.minimum(idx, logits.shape[1] - 1)
-    return cp.take_along_axis(order, idx[:, None], axis=1)[:, 0].astype(cp.int32)
-
-
-def qkv_row_order(hq: int, hkv: int, d: int) -> np.ndarray:
-    """Row order of the fused qkv weight on the GPU: within each q and k head, row 2i holds
-    original row i and row 2i + 1 row i + D/2 (the two halves RoPE rotates together sit next
-    to each other, so one GEMV block can rotate them); v rows keep their order."""
-    half = d // 2
-    head = np.empty(d, dtype=np.int64)
-    head[0::2] = np.arange(half)
-    head[1::2] = np.arange(half) + half
-    qk = (np.arange(hq + hkv)[:, None] * d + head[None, :]).ravel()
-    return np.concatenate([qk, np.arange((hq + hkv) * d, (hq + 2 * hkv) * d)])
-
-
-def gu_row_order(inter: int) -> np.ndarray:
-    """Row order of the fused gate|up weight on the GPU: row 2j = gate_j, 2j + 1 = up_j."""
-    out = np.empty(2 * inter, dtype=np.int64)
-    out[0::2] = np.arange(inter)
-    out[1::2] = np.arange(inter) + inter
-    return out
-
-
-def _host_linear(w: dict[str, np.ndarray], name: str) -> tuple[str, np.ndarray, np.ndarray | None, int, int]:
-    """(kind, q, scales, group, K) of linear `name` in the bundle layout."""
-    if f"{name}.qweight" in w:
-        q, s = w[f"{name}.qweight"], w[f"{name}.scales"]
-        if q.dtype == np.uint8:
-            k = 2 * q.shape[1]
-            return "int4", q, s.astype(np.float16, copy=False), k // s.shape[1], k
-        return "int8", q, s.astype(np.float16, copy=False), 0, q.shape[1]
-    if f"{name}.weight" in w:
-        q = w[f"{name}.weight"]
-        return "fp16", q, None, 0, q.shape[1]
-    raise BackendError(f"bundle lacks weights for {name}", fix="rebuild the bundle")

@@ -1,0 +1,69 @@
+"""Host-side layout of the CUDA backend's weights: which kind each linear is in a bundle, how
+fused linears' output rows are ordered on the GPU, and the Linear record the kernels launch on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edge.errors import BackendError
+
+
+@dataclass
+class Linear:
+    """One (possibly fused) linear layer on the GPU. kind: int4 | int8 | fp16; y = x @ W.T."""
+
+    kind: str
+    n: int
+    k: int
+    q: Any  # int4: uint32 [N, K/8] repacked; int8: int8 [N, K]; fp16: half [N, K]
+    s: Any  # scales half [N, K/g] or [N]; None for fp16
+    gshift: int = 0  # log2(group) for int4
+    bias: Any = None  # half [N]
+    m1: tuple[str, int, int] | None = None  # int4 M = 1 GEMV variant picked for this shape at load
+    role: str = "st"  # what follows it in a layer: rope (qkv), res (o, down), glu (gate|up), st
+    fused: bool = False  # at M = 1, run m1 with the role's fused epilogue (the autotuner decides)
+
+    @property
+    def shape_key(self) -> str:
+        return f"{self.kind}[{self.n}x{self.k}]g{1 << self.gshift if self.kind == 'int4' else 0}"
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.q.nbytes + (self.s.nbytes if self.s is not None else 0) + (self.bias.nbytes if self.bias is not None else 0))
+
+
+def qkv_row_order(hq: int, hkv: int, d: int) -> np.ndarray:
+    """Row order of the fused qkv weight on the GPU: within each q and k head, row 2i holds
+    original row i and row 2i + 1 row i + D/2 (the two halves RoPE rotates together sit next
+    to each other, so one GEMV block can rotate them); v rows keep their order."""
+    half = d // 2
+    head = np.empty(d, dtype=np.int64)
+    head[0::2] = np.arange(half)
+    head[1::2] = np.arange(half) + half
+    qk = (np.arange(hq + hkv)[:, None] * d + head[None, :]).ravel()
+    return np.concatenate([qk, np.arange((hq + hkv) * d, (hq + 2 * hkv) * d)])
+
+
+def gu_row_order(inter: int) -> np.ndarray:
+    """Row order of the fused gate|up weight on the GPU: row 2j = gate_j, 2j + 1 = up_j."""
+    out = np.empty(2 * inter, dtype=np.int64)
+    out[0::2] = np.arange(inter)
+    out[1::2] = np.arange(inter) + inter
+    return out
+
+
+def host_linear(w: dict[str, np.ndarray], name: str) -> tuple[str, np.ndarray, np.ndarray | None, int, int]:
+    """(kind, q, scales, group, K) of linear `name` in the bundle layout."""
+    if f"{name}.qweight" in w:
+        q, s = w[f"{name}.qweight"], w[f"{name}.scales"]
+        if q.dtype == np.uint8:
+            k = 2 * q.shape[1]
+            return "int4", q, s.astype(np.float16, copy=False), k // s.shape[1], k
+        return "int8", q, s.astype(np.float16, copy=False), 0, q.shape[1]
+    if f"{name}.weight" in w:
+        q = w[f"{name}.weight"]
+        return "fp16", q, None, 0, q.shape[1]
+    raise BackendError(f"bundle lacks weights for {name}", fix="rebuild the bundle")
