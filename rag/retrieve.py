@@ -199,14 +199,25 @@ class Retriever(Closing):
         kscore = dict(kw)
         if mode == "hybrid":
             fused = rrf([[i for i, _ in vec], [i for i, _ in kw]])
-            ranked = sorted(fused.items(), key=lambda x: (-x[1], vrank.get(x[0], 1 << 30)))[:k]
+            ranked = sorted(fused.items(), key=lambda x: (-x[1], vrank.get(x[0], 1 << 30)))
         elif mode == "vector":
-            ranked = vec[:k]
+            ranked = vec
         else:
-            ranked = kw[:k]
-        rows = self.store.get_chunks([i for i, _ in ranked] + [i for i, _ in kw[:1]])
-        hits = [Hit(rows[i], s, vscore.get(i), kscore.get(i), vrank.get(i), krank.get(i))
-                for i, s in ranked if i in rows]
+            ranked = kw
+        # the same passage indexed twice (a folder ingested from two paths, a copied file) is
+        # one source: keep its best-ranked copy and fill the k slots with the next passages
+        rows = self.store.get_chunks([i for i, _ in ranked[: 3 * k]] + [i for i, _ in kw[:1]])
+        hits, seen = [], set()
+        for i, s in ranked[: 3 * k]:
+            if i not in rows:
+                continue
+            key = (rows[i].heading, rows[i].text)
+            if key in seen:
+                continue
+            seen.add(key)
+            hits.append(Hit(rows[i], s, vscore.get(i), kscore.get(i), vrank.get(i), krank.get(i)))
+            if len(hits) == k:
+                break
         best_kw = rows[kw[0][0]].heading + "\n" + rows[kw[0][0]].text if kw and kw[0][0] in rows else ""
         cov = keyword_coverage(query, best_kw) if best_kw else 0.0
         vec_ok = mode == "keyword" or top_cos >= self.min_cosine_with_keywords

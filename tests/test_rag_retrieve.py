@@ -108,3 +108,22 @@ def test_bad_arguments(retriever):
         retriever.search("x", mode="fuzzy")
     with pytest.raises(UsageError):
         retriever.search("   ")
+
+
+def test_identical_passages_from_two_copies_are_one_source(tmp_path):
+    """A folder ingested from two paths indexes every passage twice; the results show each once
+    and still fill k with other passages."""
+    emb = HashEmbedder()
+    for name in ("a", "b"):
+        d = tmp_path / name / "docs"
+        d.mkdir(parents=True)
+        (d / "controller.md").write_text(MANUAL)
+        ingest(d, embedder=emb, progress=False)
+    with Retriever(emb) as r:
+        for mode in ("hybrid", "vector", "keyword"):
+            res = r.search("What does E-214 mean?", k=3, mode=mode)
+            texts = [h.chunk.text for h in res.hits]
+            assert len(texts) == len(set(texts)), (mode, texts)
+            # keyword search only matches the passages holding the terms (one, twice over)
+            assert len(texts) == (1 if mode == "keyword" else 3), (mode, texts)
+            assert "coolant pressure" in texts[0]
