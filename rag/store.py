@@ -138,7 +138,9 @@ class Store(Closing):
             if not self.path.exists():
                 raise IndexError_(f"{self.dir}: no document store", fix="run `edge-rag ingest PATH` first")
             # mode=ro still reads the WAL; a crashed writer's uncommitted frames are ignored.
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+            # Any thread may read, one at a time (the HTTP server serializes requests with a lock
+            # and runs them on worker threads); writers stay on the thread that opened them.
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)

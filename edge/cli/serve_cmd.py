@@ -1,0 +1,67 @@
+"""`edge-rag serve`: the engines and a collection behind a local HTTP API (edge.serve.app).
+
+Thin: parse, open the runtime (engines built on first use, as `ask` does), hand the app to uvicorn.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from edge.cli.app import app
+
+
+def _check_port(host: str, port: int) -> None:
+    """A clear error before loading any engine when the address is taken or invalid."""
+    from edge.errors import UsageError
+
+    if not 0 < port < 65536:
+        raise UsageError(f"invalid port {port}", fix="use 1-65535")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e})",
+                         fix="pick another --port, or stop what is using it") from None
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8080, "--port", "-p"),
+    collection: str = typer.Option("default", "--collection", "-c", help="Collection /v1/ask answers from"),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="Generator bundle (default: SmolLM2-135M INT4)"),
+    embedder: Optional[Path] = typer.Option(None, "--embedder", help="Embedder bundle (default: the collection's)"),
+    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, cuda or tensorrt (untested)"),
+) -> None:
+    """Serve the engines over HTTP: OpenAI-compatible /v1/chat/completions, /v1/completions,
+    /v1/embeddings and /v1/models, plus /v1/ask (answer + sources from the collection) and /health.
+    Requests run one at a time."""
+    from edge.cli.rag_cmd import _embedder
+    from edge.paths import home
+
+    _check_port(host, port)
+    emb, _ = _embedder(embedder, collection)
+    if (home() / "collections" / collection / "store.sqlite").exists():
+        from edge.runtime.host import EdgeRuntime
+
+        rt = EdgeRuntime(collection, embedder=emb, generator_path=engine, backend=backend)
+    else:
+        from edge.serve.app import ModelsRuntime
+
+        print(f"note: collection '{collection}' does not exist: /v1/ask answers 400 until you run "
+              f"`edge-rag ingest` and restart", file=sys.stderr)
+        rt = ModelsRuntime(emb, collection, generator_path=engine, backend=backend)
+    _ = rt.generator  # load (or build) before accepting requests
+    import uvicorn
+
+    from edge.serve.app import create_app
+
+    print(f"edge-rag serving on http://{host}:{port}  (collection '{collection}'; Ctrl-C stops)", file=sys.stderr)
+    # Ctrl-C / SIGTERM: stop within a few seconds even with a stream open
+    uvicorn.run(create_app(rt), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

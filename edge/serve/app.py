@@ -1,0 +1,306 @@
+"""The HTTP app (Starlette): OpenAI-compatible routes over the runtime's engines, plus `ask`.
+
+    GET  /health                 {"status": "ok", "generator": id, "embedder": id, "collection": name}
+    GET  /v1/models              the generator and the embedder
+    POST /v1/chat/completions    {"messages": [...], "max_tokens", "temperature", "top_p", "top_k",
+                                  "repetition_penalty", "seed", "stop", "stream"}; the model's chat template
+    POST /v1/completions         {"prompt": "...", same sampling fields}; raw text, no template
+    POST /v1/embeddings          {"input": "text" | ["text", ...]}
+    POST /v1/ask                 {"question", "k", "mode", "max_tokens", "stream"}: retrieval over the
+                                  collection, the answer and its numbered sources (`edge-rag ask --json`)
+
+`"stream": true` answers with server-sent events (`data: {...}` lines, then `data: [DONE]`), as
+OpenAI's API does; a streamed `ask` sends `{"delta": ...}` events, then `{"answer": {...}}`.
+Errors are JSON `{"error": {"message", "type", "code"}}`: 400 for a bad request (the message says
+what to change), 404 for an unknown route, 500 for a failure of ours. The engines serve one
+request at a time (a lock; the runtime holds one sequence), so concurrent clients queue.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import time
+import traceback
+import uuid
+from typing import Any, Iterator
+
+from edge.errors import ContextLengthError, EdgeRagError, IndexError_, UsageError
+
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+ROLES = ("system", "user", "assistant")
+FINISH = {"stop": "stop", "length": "length", "context": "length"}  # GenerationStats -> OpenAI
+
+
+class BadRequest(UsageError):
+    """A request the API cannot take (400)."""
+
+
+def _error(status: int, message: str, kind: str, code: str | None = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
+
+
+def _sse(payloads: Iterator[dict]) -> Iterator[str]:
+    for p in payloads:
+        yield f"data: {json.dumps(p)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _model_id(obj: Any, fallback: str) -> str:
+    bundle = getattr(obj, "bundle", None)
+    path = getattr(bundle, "path", None)
+    return str(getattr(path, "name", "") or getattr(obj, "embedder_id", "") or fallback)
+
+
+def sampling_params(body: dict, default_max_tokens: int = 256):
+    """SamplingParams from an OpenAI-style body (absent fields keep edge-rag's defaults)."""
+    from edge.runtime.sampler import SamplingParams
+
+    args = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+    args.setdefault("max_tokens", default_max_tokens)
+    if isinstance(args.get("stop"), str):
+        args["stop"] = [args["stop"]]
+    return SamplingParams(**args)  # validates: UsageError names the bad field and the allowed values
+
+
+def chat_messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRequest("'messages' must be a non-empty list", fix='send [{"role": "user", "content": "..."}]')
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise BadRequest(f"messages[{i}] must be {{'role': one of {list(ROLES)}, 'content': text}}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+class ModelsRuntime:
+    """The generator and the embedder without a collection, so `serve` works before any ingest:
+    chat, completions and embeddings answer; `ask` says to ingest first (restart after ingesting)."""
+
+    def __init__(self, embedder: Any, collection: str = "default", *, generator_path: Any = None, backend: str = "auto",
+                 generator: Any = None):
+        self.embedder = embedder
+        self.collection = collection
+        self.backend = backend
+        self._generator_path = generator_path
+        self._generator = generator
+
+    @property
+    def generator(self) -> Any:
+        if self._generator is None:
+            from pathlib import Path
+
+            from edge.engines import default_generator_bundle
+            from edge.runtime.generator import Generator
+
+            path = Path(self._generator_path) if self._generator_path else default_generator_bundle()
+            self._generator = Generator.from_bundle(path, backend=self.backend)
+        return self._generator
+
+    def _missing(self) -> IndexError_:
+        extra = "" if self.collection == "default" else f" --collection {self.collection}"
+        return IndexError_(f"collection '{self.collection}' does not exist",
+                           fix=f"run `edge-rag ingest PATH{extra}`, then restart `edge-rag serve`")
+
+    def search(self, *a: Any, **kw: Any) -> Any:
+        raise self._missing()
+
+    def ask(self, *a: Any, **kw: Any) -> Any:
+        raise self._missing()
+
+
+def create_app(runtime: Any):
+    """The Starlette app over `runtime` (an EdgeRuntime, or anything with .generator, .embedder,
+    .ask(question, k=, mode=, max_tokens=, on_token=) and .collection)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    lock = threading.Lock()
+    done = object()
+
+    def locked(fn, *a: Any, **kw: Any):
+        """Run fn under the engines' lock on a worker thread (the event loop stays free: /health
+        answers and other requests queue while a generation runs)."""
+        from starlette.concurrency import run_in_threadpool
+
+        def call():
+            with lock:
+                return fn(*a, **kw)
+
+        return run_in_threadpool(call)
+
+    def streamed(produce) -> Iterator[Any]:
+        """Items that `produce(emit, cancelled)` emits under the lock on its own thread. The
+        client's read side never holds the lock: a client that disconnects mid-stream leaves a
+        producer that stops at its next item (cancelled) or at its token budget, then frees it."""
+        q: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+
+        def work() -> None:
+            try:
+                with lock:
+                    produce(q.put, cancel.is_set)
+            except Exception as e:  # reported in the stream: the 200 has gone out already
+                q.put({"error": {"message": str(e) if isinstance(e, EdgeRagError) else f"{type(e).__name__}: {e}",
+                                 "type": "server_error"}})
+            q.put(done)
+
+        threading.Thread(target=work, daemon=True).start()
+        try:
+            while (item := q.get()) is not done:
+                yield item
+        finally:
+            cancel.set()
+
+    async def body_of(request: Request) -> dict:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return body
+
+    def guarded(fn):
+        """Map our errors to JSON responses: user mistakes 400, everything else 500 (logged)."""
+
+        async def endpoint(request: Request):
+            try:
+                return await fn(request)
+            except ContextLengthError as e:
+                return _error(400, str(e), "invalid_request_error", "context_length_exceeded")
+            except IndexError_ as e:  # no collection yet, or built with another embedder
+                return _error(400, str(e), "invalid_request_error", "collection_unavailable")
+            except UsageError as e:
+                return _error(400, str(e), "invalid_request_error")
+            except EdgeRagError as e:
+                return _error(500, str(e), "server_error")
+            except Exception as e:  # a bug of ours: say so, log the traceback, keep serving
+                traceback.print_exc(file=sys.stderr)
+                return _error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+        return endpoint
+
+    async def generate(prompt: Any, params, stream: bool, kind: str):
+        """Chat (`kind` 'chat', prompt = messages) or text completion; whole or streamed."""
+        gen = runtime.generator
+        model = _model_id(gen, "generator")
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+
+        def choice(text: str | None, finish: str | None, first: bool = False) -> dict:
+            if kind == "chat":
+                delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
+                return {"index": 0, "delta": delta, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "finish_reason": finish}
+
+        if not stream:
+            text, st = await locked(lambda: (gen.generate(prompt, params), gen.stats))
+            finish = FINISH.get(st.finish_reason, "stop")
+            c = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if kind == "chat"
+                 else {"index": 0, "text": text, "finish_reason": finish})
+            usage = {"prompt_tokens": st.n_prompt, "completion_tokens": st.n_generated, "total_tokens": st.n_prompt + st.n_generated}
+            return JSONResponse({"id": rid, "object": obj, "created": created, "model": model, "choices": [c], "usage": usage})
+
+        await locked(gen.prompt_ids, prompt, params)  # a bad prompt is a 400 now, not a broken stream
+        head = {"id": rid, "object": obj + ".chunk" if kind == "chat" else obj, "created": created, "model": model}
+
+        def produce(emit, cancelled) -> None:
+            pieces = gen.stream(prompt, params)
+            first = True
+            try:
+                for piece in pieces:
+                    emit(head | {"choices": [choice(piece, None, first)]})
+                    first = False
+                    if cancelled():
+                        return
+            finally:
+                pieces.close()  # a cancelled generation releases its sequence
+            emit(head | {"choices": [choice(None, FINISH.get(gen.stats.finish_reason, "stop"), first)]})
+
+        return StreamingResponse(_sse(streamed(produce)), media_type="text/event-stream")
+
+    async def chat_completions(request: Request):
+        body = await body_of(request)
+        return await generate(chat_messages(body), sampling_params(body), bool(body.get("stream")), "chat")
+
+    async def completions(request: Request):
+        body = await body_of(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise BadRequest("'prompt' must be a non-empty string")
+        return await generate(prompt, sampling_params(body), bool(body.get("stream")), "text")
+
+    async def embeddings(request: Request):
+        body = await body_of(request)
+        texts = body.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+            raise BadRequest("'input' must be a non-empty string or a list of them")
+        emb = runtime.embedder
+        vecs, n_tok = await locked(lambda: (emb.embed(texts), sum(emb.count_tokens(t) for t in texts) if hasattr(emb, "count_tokens") else 0))
+        data = [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vecs)]
+        return JSONResponse({"object": "list", "data": data, "model": _model_id(emb, "embedder"),
+                             "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}})
+
+    async def ask(request: Request):
+        body = await body_of(request)
+        question = body.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise BadRequest("'question' must be a non-empty string")
+        kw = {"k": body.get("k", 5), "mode": body.get("mode", "hybrid"), "max_tokens": body.get("max_tokens", 256)}
+        if not isinstance(kw["k"], int) or not isinstance(kw["max_tokens"], int) or kw["max_tokens"] < 1:
+            raise BadRequest("'k' and 'max_tokens' must be integers >= 1")
+        if not body.get("stream"):
+            ans = await locked(runtime.ask, question, **kw)
+            return JSONResponse(ans.to_dict())
+        await locked(runtime.search, question, k=kw["k"], mode=kw["mode"])  # bad k / mode / no collection: a 400 now
+
+        def produce(emit, cancelled) -> None:
+            ans = runtime.ask(question, on_token=lambda t: emit({"delta": t}), **kw)
+            emit({"answer": ans.to_dict()})
+
+        return StreamingResponse(_sse(streamed(produce)), media_type="text/event-stream")
+
+    async def models(request: Request):
+        now = int(time.time())
+        data = []
+        gen = getattr(runtime, "_generator", None) or getattr(runtime, "generator", None)
+        for obj, kind in ((gen, "generator"), (runtime.embedder, "embedder")):
+            if obj is not None:
+                data.append({"id": _model_id(obj, kind), "object": "model", "created": now, "owned_by": "edge-rag", "kind": kind})
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(request: Request):
+        gen = getattr(runtime, "_generator", None) or getattr(runtime, "generator", None)
+        return JSONResponse({"status": "ok", "generator": _model_id(gen, "generator") if gen is not None else None,
+                             "embedder": _model_id(runtime.embedder, "embedder"),
+                             "collection": getattr(runtime, "collection", None)})
+
+    async def not_found(request: Request, exc: Exception):
+        return _error(404, f"no route {request.method} {request.url.path}", "invalid_request_error", "not_found")
+
+    async def method_not_allowed(request: Request, exc: Exception):
+        return _error(405, f"{request.method} is not allowed on {request.url.path}", "invalid_request_error")
+
+    routes = [
+        Route("/health", guarded(health), methods=["GET"]),
+        Route("/v1/models", guarded(models), methods=["GET"]),
+        Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
+        Route("/v1/completions", guarded(completions), methods=["POST"]),
+        Route("/v1/embeddings", guarded(embeddings), methods=["POST"]),
+        Route("/v1/ask", guarded(ask), methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed})
