@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python bench/bench_generate.py --threads 2
 	$(BIN)/python bench/bench_embed.py --threads 2
 	$(BIN)/python bench/bench_rag.py
+	$(BIN)/python bench/bench_serve.py --threads 2
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

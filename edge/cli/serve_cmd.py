@@ -38,6 +38,7 @@ def serve(
     engine: Optional[Path] = typer.Option(None, "--engine", help="Generator bundle (default: SmolLM2-135M INT4)"),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="Embedder bundle (default: the collection's)"),
     backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, cuda or tensorrt (untested)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for onnxruntime (default: all cores)"),
 ) -> None:
     """Serve the engines over HTTP: OpenAI-compatible /v1/chat/completions, /v1/completions,
     /v1/embeddings and /v1/models, plus /v1/ask (answer + sources from the collection) and /health.
@@ -45,19 +46,21 @@ def serve(
     from edge.cli.rag_cmd import _embedder
     from edge.paths import home
 
+    from edge.cli.generate_cmd import _generator
+
     _check_port(host, port)
     emb, _ = _embedder(embedder, collection)
+    gen = _generator(engine, backend, threads)  # loaded (or built) before accepting requests
     if (home() / "collections" / collection / "store.sqlite").exists():
         from edge.runtime.host import EdgeRuntime
 
-        rt = EdgeRuntime(collection, embedder=emb, generator_path=engine, backend=backend)
+        rt = EdgeRuntime(collection, embedder=emb, generator=gen, backend=backend)
     else:
         from edge.serve.app import ModelsRuntime
 
         print(f"note: collection '{collection}' does not exist: /v1/ask answers 400 until you run "
               f"`edge-rag ingest` and restart", file=sys.stderr)
-        rt = ModelsRuntime(emb, collection, generator_path=engine, backend=backend)
-    _ = rt.generator  # load (or build) before accepting requests
+        rt = ModelsRuntime(emb, collection, generator=gen, backend=backend)
     import uvicorn
 
     from edge.serve.app import create_app
