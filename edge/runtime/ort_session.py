@@ -13,6 +13,7 @@ admits sequences into the lowest free slots); each row carries its own length in
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -38,6 +39,25 @@ def limit_malloc_caching() -> None:
         libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """A zeroed array whose pages become resident only when written (anonymous mmap).
+
+    Not np.zeros: numpy madvises arrays of 4 MB and more to transparent huge pages, so the
+    first write into any 2 MB stretch makes all of it resident. A KV buffer [B, kv, C, D] is
+    written a row at a time per head plane; with SmolLM2's 8192-token context each plane is
+    2 MB and a 200-token prompt made 250 MB of the 360 MB cache resident. Here huge pages are
+    refused explicitly (Jetson kernels often run THP "always"), so a prompt touches ~its rows."""
+    n = int(np.prod(shape))
+    nbytes = max(n * np.dtype(dtype).itemsize, 1)
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        try:
+            mm.madvise(mmap.MADV_NOHUGEPAGE)
+        except OSError:  # kernel without THP support
+            pass
+    return np.frombuffer(mm, dtype=dtype, count=n).reshape(shape)  # the array keeps `mm` alive
 
 
 @dataclass
@@ -139,9 +159,9 @@ class OrtDecoderSession:
         self.vocab_size = spec.vocab_size
         self.threads = threads
         shape = (self.max_batch, spec.n_kv_heads, self.max_context, spec.head_dim)
-        # np.zeros -> calloc: untouched pages stay virtual.
-        self.k = [np.zeros(shape, np.float32) for _ in range(spec.n_layers)]
-        self.v = [np.zeros(shape, np.float32) for _ in range(spec.n_layers)]
+        # untouched pages stay virtual: only the rows written become resident (see lazy_zeros)
+        self.k = [lazy_zeros(shape) for _ in range(spec.n_layers)]
+        self.v = [lazy_zeros(shape) for _ in range(spec.n_layers)]
         self._logits = np.zeros((self.max_batch, self.vocab_size), np.float32)
         self._slot: dict[int, int] = {}  # seq_id -> slot
         self._len = np.zeros(self.max_batch, np.int64)  # tokens cached per slot
