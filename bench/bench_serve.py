@@ -9,10 +9,12 @@ threads. The client sends the same chat requests to each, one at a time (greedy,
 
   ttft_ms        request sent -> first content chunk received
   decode_tok_s   (completion tokens - 1) / (last chunk - first chunk); completion tokens from
-                 the same request sent unstreamed (greedy: the same tokens), its `usage`
+                 the same request sent unstreamed right after (greedy: the same tokens), its `usage`
   total_ms       request sent -> `[DONE]`
   rss_mib        the server process's resident memory after the runs
 
+Consecutive prompts differ, but all start with SmolLM2's default system prompt: llama.cpp's
+server reuses that cached prefix (edge-rag has no prefix cache yet), which shows in its TTFT.
 One JSON line per figure, medians over runs and prompts, then the edge / llama.cpp ratios.
 """
 
@@ -57,7 +59,6 @@ def _wait(base: str, proc: subprocess.Popen, limit_s: float = 300) -> None:
 
 def _one(base: str, prompt: str, max_tokens: int) -> dict:
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0}
-    usage = json.loads(_post(base + "/v1/chat/completions", body, False).read())["usage"]
     t0 = time.perf_counter()
     t_first = t_last = None
     text = []
@@ -72,6 +73,9 @@ def _one(base: str, prompt: str, max_tokens: int) -> dict:
                 t_first = t_first or t_last
                 text.append(delta)
     t_end = time.perf_counter()
+    # the token count from the same request unstreamed, sent after (llama.cpp reuses a cached
+    # prompt prefix: sent before, it would make the measured request's prefill free)
+    usage = json.loads(_post(base + "/v1/chat/completions", body, False).read())["usage"]
     n = int(usage["completion_tokens"])
     return {"ttft_ms": 1e3 * (t_first - t0), "total_ms": 1e3 * (t_end - t0), "tokens": n,
             "decode_tok_s": (n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else float("nan")}
