@@ -442,3 +442,41 @@ def test_kv_buffers_become_resident_only_where_written():
     kv[0, :, :16, :] = 1.0  # 16 positions of every head
     assert resident_bytes(kv) <= 3 * 4 * mmap.PAGESIZE  # 16 rows x 256 B = one page per head
     assert kv.sum() == 3 * 16 * 64  # (reading maps the rest to the shared zero page: read last)
+
+
+def test_prefix_reuse_gives_the_same_text_and_prefills_only_what_is_new(fp32_bundle):
+    """The generator keeps its last prompt's cache: a chat's next turn (history + new message),
+    a repeated prompt or one sharing the template's start prefill only from the last whole
+    prefill chunk they share, and the output is exactly what a fresh generator produces."""
+    tok = Tokenizer.from_bundle(Bundle.open(fp32_bundle))
+
+    def make(reuse: bool) -> Generator:
+        g = Generator(OrtDecoderSession(Bundle.open(fp32_bundle, verify=False), prefill_chunk=8), tok)
+        g.reuse_prefix = reuse
+        return g
+
+    fresh, gen = make(False), make(True)
+    turn1 = [{"role": "user", "content": "Hi"}]  # the tiny engine's context is 64 byte-level tokens
+    greedy = SamplingParams(max_tokens=4, temperature=0)
+    a = gen.generate(turn1, greedy)
+    assert a == fresh.generate(turn1, greedy) and gen.stats.cached_tokens == 0
+    turn2 = turn1 + [{"role": "assistant", "content": a}, {"role": "user", "content": "More?"}]
+    n1 = len(tok.encode_chat(turn1))
+    b = gen.generate(turn2, greedy)
+    assert b == fresh.generate(turn2, greedy)
+    assert gen.stats.cached_tokens == n1 - n1 % 8 > 0  # turn 1's prompt, in whole chunks of 8
+    # the same prompt again: all whole chunks but the last token's come from the cache
+    sampled = SamplingParams(max_tokens=4, temperature=0.8, seed=4)
+    c = gen.generate(turn2, sampled)
+    assert c == fresh.generate(turn2, sampled)
+    n2 = gen.stats.n_prompt
+    assert gen.stats.cached_tokens == (n2 - 1) - (n2 - 1) % 8
+    # an unrelated raw prompt: nothing shared, same text as fresh
+    d = gen.generate("zebra crossing", greedy)
+    assert d == fresh.generate("zebra crossing", greedy) and gen.stats.cached_tokens == 0
+    # the session holds just the one cached sequence; reset frees it; fresh keeps none
+    assert len(gen.session._slot) == 1 and len(fresh.session._slot) == 0
+    gen.reset()
+    assert len(gen.session._slot) == 0
+
+

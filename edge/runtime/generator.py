@@ -37,10 +37,11 @@ class GenerationStats:
     decode_s: float = 0.0
     finish_reason: str = ""  # "stop" (EOS or stop string), "length" (max_tokens), "context"
     truncated: int = 0  # prompt tokens dropped from the front
+    cached_tokens: int = 0  # prompt tokens reused from the previous call's KV cache (not prefilled)
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.n_prompt / self.prefill_s if self.prefill_s > 0 else 0.0
+        return (self.n_prompt - self.cached_tokens) / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -108,6 +109,16 @@ class Generator:
         self.bundle = bundle
         self.stats = GenerationStats()
         self._seq = 0
+        # The last call's sequence, kept live with its prompt's ids, so the next prompt that starts
+        # the same way (a chat's history, a fixed system prompt, a repeated question) prefills
+        # only what is new, as llama.cpp's server does. Only whole prefill chunks are reused
+        # (the session's prefill_chunk, aligned to position 0): the reused rows and every row
+        # computed after them are then the same computation as a fresh prefill, so greedy output
+        # does not depend on what was asked before (int8-activation kernels give slightly
+        # different numbers for a token computed alone or in a chunk). Sessions without
+        # prefill_chunk / truncate (cuda, tensorrt) start every call afresh.
+        self._cache: tuple[int, list[int]] | None = None
+        self.reuse_prefix = True
 
     @classmethod
     def from_bundle(cls, path: str | Path, *, backend: str = "auto", threads: int | None = None, max_context: int | None = None) -> "Generator":
@@ -152,13 +163,14 @@ class Generator:
         stops = StopMatcher(params.stop)
         eos = set(self.tokenizer.eos_token_ids)
         seen = list(ids)
-        seq = self._seq = self._seq + 1
-        self.session.add_sequence(seq)
+        seq, reused = self._open_sequence(ids)
+        st.cached_tokens = reused
+        keep = False
         try:
             t0 = time.perf_counter()
             t_first = None
             st.finish_reason = "context"  # unless a stop, eos or max_tokens ends it first
-            tokens = self._tokens(seq, ids, params, sampler, seen)
+            tokens = self._tokens(seq, ids[reused:], params, sampler, seen)
             for tok in tokens:
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -178,6 +190,7 @@ class Generator:
                     st.finish_reason = "length"
                     break
             tokens.close()  # a pipelined stream rolls back the step it had queued ahead
+            keep = True
             st.decode_s = time.perf_counter() - t_first
             if st.finish_reason != "stop" or not stops.hit:
                 tail, _ = stops.feed(detok.flush())
@@ -185,7 +198,39 @@ class Generator:
                 if tail:
                     yield tail
         finally:
+            if keep and self._reusable():
+                self._cache = (seq, list(ids))  # rows [0, len(ids)) came from prefill
+            else:
+                self.session.release(seq)
+
+    def _reusable(self) -> bool:
+        return self.reuse_prefix and hasattr(self.session, "truncate") and int(getattr(self.session, "prefill_chunk", 0) or 0) > 0
+
+    def _open_sequence(self, ids: list[int]) -> tuple[int, int]:
+        """A live sequence for `ids` and how many of its first tokens are already cached (the
+        longest prefix shared with the last call's cache, leaving at least one to prefill)."""
+        if self._cache is not None:
+            seq, cached = self._cache
+            self._cache = None
+            n = 0
+            limit = min(len(cached), len(ids) - 1)
+            while n < limit and cached[n] == ids[n]:
+                n += 1
+            chunk = int(self.session.prefill_chunk)
+            n -= n % chunk  # whole prefill chunks only (see __init__)
+            if n > 0:
+                self.session.truncate(seq, n)
+                return seq, n
             self.session.release(seq)
+        seq = self._seq = self._seq + 1
+        self.session.add_sequence(seq)
+        return seq, 0
+
+    def reset(self) -> None:
+        """Drop the cached prefix (frees its KV space)."""
+        if self._cache is not None:
+            self.session.release(self._cache[0])
+            self._cache = None
 
     def _tokens(self, seq: int, ids: list[int], params: SamplingParams, sampler: Sampler, seen: list[int]) -> Iterator[int]:
         """Sampled token ids until the context is full (the caller stops on eos / stop / length).

@@ -185,6 +185,14 @@ class OrtDecoderSession:
     def length(self, seq_id: int) -> int:
         return int(self._len[self._slot_of(seq_id)])
 
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Forget the sequence's tokens from `length` on (their KV rows are overwritten later:
+        attention reads only the first seqlens_k + 1 rows)."""
+        slot = self._slot_of(seq_id)
+        if not 0 <= length <= self._len[slot]:
+            raise UsageError(f"cannot truncate sequence {seq_id} of {int(self._len[slot])} tokens to {length}")
+        self._len[slot] = length
+
     def _slot_of(self, seq_id: int) -> int:
         try:
             return self._slot[seq_id]

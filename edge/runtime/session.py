@@ -34,3 +34,6 @@ class DecoderSession(Protocol):
 
     def length(self, seq_id: int) -> int:
         """Tokens currently cached for the sequence."""
+
+    # Optional: `truncate(seq_id, length)` forgets the sequence's tokens from `length` on (the
+    # onnxruntime and cuda sessions have it); the generator uses it to reuse a cached prefix.

@@ -729,6 +729,11 @@ class CudaDecoderSession:
     def length(self, seq_id: int) -> int:
         return self.blocks.length(seq_id)
 
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Forget the sequence's tokens from `length` on (later writes overwrite their slots)."""
+        self.stream.synchronize()  # nothing queued may still write past `length`
+        self.blocks.truncate(seq_id, length)
+
     def synchronize(self) -> None:
         self.stream.synchronize()
 
