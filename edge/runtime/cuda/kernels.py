@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge.errors import BackendError
-from edge.runtime.cuda.kernels_src import BK_VARIANTS, KERNEL_NAMES, SOURCE
+from edge.runtime.cuda.kernels_src import BK_VARIANTS, KERNEL_NAMES, SOURCE  # noqa: F401 (BK_VARIANTS: re-exported)
 
 MIN_COMPUTE_CAPABILITY = 80
 GEMV_TILES = (1, 2, 4, 8, 16)  # rows of X per GEMV launch-y (compile-time MT)

@@ -423,7 +423,7 @@ class CudaDecoderSession:
 
     def _layers(self, m: int, bufs: dict[str, Any], ids: Any, pos: Any, slots: Any, attend) -> None:
         """Embedding -> all layers -> final norm into bufs['h'] (rows [0, m))."""
-        k, s = self.k, self.spec
+        s = self.spec
         if s.hidden_size % 4 == 0 and s.hidden_size <= 32 * EMBED_THREADS:
             self.k["embed_rmsnorm"]((m,), (EMBED_THREADS,), (ids, self.embed, self.layers[0]["ln1"], bufs["res"], bufs["h"], _i32(s.hidden_size), np.float32(s.rms_eps)))
         else:
