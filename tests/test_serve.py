@@ -169,16 +169,20 @@ def test_a_prompt_over_the_context_is_a_400_even_when_streaming(client):
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
 
 
-def test_a_client_leaving_mid_stream_does_not_block_the_next_request(client):
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 200, "temperature": 0.8, "seed": 1}),
+    ("/v1/ask", {"question": "What does E-214 mean?", "max_tokens": 200}),
+])
+def test_a_client_leaving_mid_stream_does_not_block_the_next_request(client, path, body):
     import threading
 
-    body = {"messages": MESSAGES, "max_tokens": 200, "temperature": 0.8, "seed": 1}
-    with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as r:
+    with client.stream("POST", path, json=body | {"stream": True}) as r:
         first = next(r.iter_lines())
         assert first.startswith("data: ")
     # the stream was dropped after one event; the engines must be free again
     result = {}
-    t = threading.Thread(target=lambda: result.update(r=client.post("/v1/chat/completions", json=body | {"max_tokens": 4})))
+    nxt = {"messages": MESSAGES, "max_tokens": 4}
+    t = threading.Thread(target=lambda: result.update(r=client.post("/v1/chat/completions", json=nxt)))
     t.start()
     t.join(timeout=60)
     assert not t.is_alive(), "the next request is stuck behind the abandoned stream"

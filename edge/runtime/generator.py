@@ -166,6 +166,7 @@ class Generator:
         seq, reused = self._open_sequence(ids)
         st.cached_tokens = reused
         keep = False
+        tokens = None
         try:
             t0 = time.perf_counter()
             t_first = None
@@ -198,6 +199,8 @@ class Generator:
                 if tail:
                     yield tail
         finally:
+            if tokens is not None:
+                tokens.close()  # (again) before the sequence is kept or freed: a device stream rolls back first
             if keep and self._reusable():
                 self._cache = (seq, list(ids))  # rows [0, len(ids)) came from prefill
             else:

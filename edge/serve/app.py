@@ -38,6 +38,10 @@ class BadRequest(UsageError):
     """A request the API cannot take (400)."""
 
 
+class _Cancelled(Exception):
+    """Raised from a streamed answer's token callback once its client has gone."""
+
+
 def _error(status: int, message: str, kind: str, code: str | None = None):
     from starlette.responses import JSONResponse
 
@@ -269,7 +273,15 @@ def create_app(runtime: Any):
         await locked(runtime.search, question, k=kw["k"], mode=kw["mode"])  # bad k / mode / no collection: a 400 now
 
         def produce(emit, cancelled) -> None:
-            ans = runtime.ask(question, on_token=lambda t: emit({"delta": t}), **kw)
+            def on_token(t: str) -> None:
+                if cancelled():  # the client left: stop generating (the generator frees its sequence)
+                    raise _Cancelled
+                emit({"delta": t})
+
+            try:
+                ans = runtime.ask(question, on_token=on_token, **kw)
+            except _Cancelled:
+                return
             emit({"answer": ans.to_dict()})
 
         return StreamingResponse(_sse(streamed(produce)), media_type="text/event-stream")
