@@ -39,7 +39,7 @@ PROMPTS = [
 ]
 
 
-def _post(url: str, body: dict, stream: bool):
+def _post(url: str, body: dict):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
     return urllib.request.urlopen(req, timeout=300)
 
@@ -62,7 +62,7 @@ def _one(base: str, prompt: str, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     t_first = t_last = None
     text = []
-    with _post(base + "/v1/chat/completions", body | {"stream": True}, True) as r:
+    with _post(base + "/v1/chat/completions", body | {"stream": True}) as r:
         for raw in r:
             line = raw.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -75,7 +75,7 @@ def _one(base: str, prompt: str, max_tokens: int) -> dict:
     t_end = time.perf_counter()
     # the token count from the same request unstreamed, sent after (llama.cpp reuses a cached
     # prompt prefix: sent before, it would make the measured request's prefill free)
-    usage = json.loads(_post(base + "/v1/chat/completions", body, False).read())["usage"]
+    usage = json.loads(_post(base + "/v1/chat/completions", body).read())["usage"]
     n = int(usage["completion_tokens"])
     return {"ttft_ms": 1e3 * (t_first - t0), "total_ms": 1e3 * (t_end - t0), "tokens": n,
             "decode_tok_s": (n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else float("nan")}

@@ -46,3 +46,9 @@ class ContextLengthError(UsageError):
 
 class IndexError_(EdgeRagError):
     """The document store or vector index is missing, inconsistent or built with another embedder."""
+
+
+def missing_collection(name: str, then: str = "") -> IndexError_:
+    """The error for a collection that was never ingested (`then`: what to do after ingesting)."""
+    extra = "" if name == "default" else f" --collection {name}"
+    return IndexError_(f"collection '{name}' does not exist", fix=f"run `edge-rag ingest PATH{extra}`{then or ' first'}")

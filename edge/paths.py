@@ -22,6 +22,11 @@ def engines_dir() -> Path:
     return d
 
 
+def collection_exists(name: str) -> bool:
+    """Has collection `name` been ingested (its SQLite store exists)? Creates nothing."""
+    return (home() / "collections" / name / "store.sqlite").exists()
+
+
 def index_dir(name: str = "default") -> Path:
     """Where a document collection's SQLite store and FAISS index live."""
     d = home() / "collections" / name

@@ -34,26 +34,24 @@ def _embedder(path: Optional[Path], collection: str | None = None):
 
 
 def _stored_embedder_path(collection: str) -> Path | None:
-    from edge.paths import home
+    from edge.paths import collection_exists, home
 
-    db = home() / "collections" / collection / "store.sqlite"
-    if not db.exists():
+    if not collection_exists(collection):
         return None
     from rag.store import Store
 
-    with Store(db.parent, readonly=True) as s:
+    with Store(home() / "collections" / collection, readonly=True) as s:
         p = s.get_meta("embedder_path")
     return Path(p) if p and Path(p).exists() else None
 
 
 def _require_collection(collection: str) -> None:
     """Fail fast (before loading any engine) when the collection was never ingested."""
-    from edge.errors import IndexError_
-    from edge.paths import home
+    from edge.errors import missing_collection
+    from edge.paths import collection_exists
 
-    if not (home() / "collections" / collection / "store.sqlite").exists():
-        raise IndexError_(f"collection '{collection}' does not exist",
-                          fix=f"run `edge-rag ingest PATH{'' if collection == 'default' else ' --collection ' + collection}` first")
+    if not collection_exists(collection):
+        raise missing_collection(collection)
 
 
 def _echo_json(obj) -> None:

@@ -44,14 +44,14 @@ def serve(
     /v1/embeddings and /v1/models, plus /v1/ask (answer + sources from the collection) and /health.
     Requests run one at a time."""
     from edge.cli.rag_cmd import _embedder
-    from edge.paths import home
+    from edge.paths import collection_exists
 
     from edge.cli.generate_cmd import _generator
 
     _check_port(host, port)
     emb, _ = _embedder(embedder, collection)
     gen = _generator(engine, backend, threads)  # loaded (or built) before accepting requests
-    if (home() / "collections" / collection / "store.sqlite").exists():
+    if collection_exists(collection):
         from edge.runtime.host import EdgeRuntime
 
         rt = EdgeRuntime(collection, embedder=emb, generator=gen, backend=backend)
@@ -60,7 +60,7 @@ def serve(
 
         print(f"note: collection '{collection}' does not exist: /v1/ask answers 400 until you run "
               f"`edge-rag ingest` and restart", file=sys.stderr)
-        rt = ModelsRuntime(emb, collection, generator=gen, backend=backend)
+        rt = ModelsRuntime(emb, collection, gen)
     import uvicorn
 
     from edge.serve.app import create_app

@@ -87,40 +87,21 @@ class ModelsRuntime:
     """The generator and the embedder without a collection, so `serve` works before any ingest:
     chat, completions and embeddings answer; `ask` says to ingest first (restart after ingesting)."""
 
-    def __init__(self, embedder: Any, collection: str = "default", *, generator_path: Any = None, backend: str = "auto",
-                 generator: Any = None):
+    def __init__(self, embedder: Any, collection: str, generator: Any):
         self.embedder = embedder
         self.collection = collection
-        self.backend = backend
-        self._generator_path = generator_path
-        self._generator = generator
-
-    @property
-    def generator(self) -> Any:
-        if self._generator is None:
-            from pathlib import Path
-
-            from edge.engines import default_generator_bundle
-            from edge.runtime.generator import Generator
-
-            path = Path(self._generator_path) if self._generator_path else default_generator_bundle()
-            self._generator = Generator.from_bundle(path, backend=self.backend)
-        return self._generator
-
-    def _missing(self) -> IndexError_:
-        extra = "" if self.collection == "default" else f" --collection {self.collection}"
-        return IndexError_(f"collection '{self.collection}' does not exist",
-                           fix=f"run `edge-rag ingest PATH{extra}`, then restart `edge-rag serve`")
+        self.generator = generator
 
     def search(self, *a: Any, **kw: Any) -> Any:
-        raise self._missing()
+        from edge.errors import missing_collection
 
-    def ask(self, *a: Any, **kw: Any) -> Any:
-        raise self._missing()
+        raise missing_collection(self.collection, ", then restart `edge-rag serve`")
+
+    ask = search
 
 
 def create_app(runtime: Any):
-    """The Starlette app over `runtime` (an EdgeRuntime, or anything with .generator, .embedder,
+    """The Starlette app over `runtime` (an EdgeRuntime with its generator loaded, or anything with .generator, .embedder,
     .ask(question, k=, mode=, max_tokens=, on_token=) and .collection)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -286,20 +267,16 @@ def create_app(runtime: Any):
 
         return StreamingResponse(_sse(streamed(produce)), media_type="text/event-stream")
 
+    # the runtime is handed over with its generator loaded (edge-rag serve loads it first)
+    ids = {"generator": _model_id(runtime.generator, "generator"), "embedder": _model_id(runtime.embedder, "embedder")}
+
     async def models(request: Request):
         now = int(time.time())
-        data = []
-        gen = getattr(runtime, "_generator", None) or getattr(runtime, "generator", None)
-        for obj, kind in ((gen, "generator"), (runtime.embedder, "embedder")):
-            if obj is not None:
-                data.append({"id": _model_id(obj, kind), "object": "model", "created": now, "owned_by": "edge-rag", "kind": kind})
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [{"id": i, "object": "model", "created": now, "owned_by": "edge-rag", "kind": k}
+                                                        for k, i in ids.items()]})
 
     async def health(request: Request):
-        gen = getattr(runtime, "_generator", None) or getattr(runtime, "generator", None)
-        return JSONResponse({"status": "ok", "generator": _model_id(gen, "generator") if gen is not None else None,
-                             "embedder": _model_id(runtime.embedder, "embedder"),
-                             "collection": getattr(runtime, "collection", None)})
+        return JSONResponse({"status": "ok", **ids, "collection": getattr(runtime, "collection", None)})
 
     async def not_found(request: Request, exc: Exception):
         return _error(404, f"no route {request.method} {request.url.path}", "invalid_request_error", "not_found")
