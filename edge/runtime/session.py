@@ -37,3 +37,26 @@ class DecoderSession(Protocol):
 
     # Optional: `truncate(seq_id, length)` forgets the sequence's tokens from `length` on (the
     # onnxruntime and cuda sessions have it); the generator uses it to reuse a cached prefix.
+
+
+class EngineBackend(Protocol):
+    """What the engine core (edge.runtime.engine) drives: one step over a StepBatch.
+
+    The engine's BlockManager owns KV allocation; the backend only reads/writes the slots and
+    block tables the batch names. Capabilities are declared in `caps` (edge.runtime.step.BackendCaps)
+    and read by the engine, never probed."""
+
+    caps: "BackendCaps"
+
+    def execute(self, batch: "StepBatch") -> "StepOutput":
+        """Run one step: write every token's K/V at batch.slot_mapping, return for each row with
+        logits_rows == 1 its sampled next token (device sampling) or its float32 logits
+        (host_sample == 1, or a backend without device_sampling)."""
+
+    # Only when caps.greedy_stream: run_greedy(batch, max_new) -> Iterator[int] continues one
+    # greedy sequence on the device for up to max_new tokens (the batch is its first decode step,
+    # with the KV slots for all max_new tokens already allocated by the engine); closing the
+    # iterator early stops it.
+
+
+from edge.runtime.step import BackendCaps, StepBatch, StepOutput  # noqa: E402  (names for the annotations above)
