@@ -12,15 +12,12 @@ max_tokens, or the engine's context.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
 from edge.errors import BackendError, ContextLengthError
-from edge.runtime.sampler import Sampler, SamplingParams
+from edge.runtime.sampler import SamplingParams
 from edge.runtime.tokenizer import Tokenizer
 
 BACKENDS = ("auto", "onnxruntime", "cuda", "tensorrt")
@@ -101,38 +98,47 @@ def _cuda_available() -> bool:
 
 
 class Generator:
-    """Tokenizer + DecoderSession + sampler. One sequence at a time (the scheduler batches)."""
+    """Tokenizer + an Engine over one backend: a one-request client of the engine core.
 
-    def __init__(self, session, tokenizer: Tokenizer, bundle=None):
-        self.session = session
+    Any number of threads may call stream() / submit() at once: their requests are batched by
+    the engine (edge.runtime.engine). `stats` is the last finished call's (per-call figures are
+    on each RequestStream's request)."""
+
+    def __init__(self, session, tokenizer: Tokenizer, bundle=None, *, prefix_cache: bool = True):
+        from edge.runtime.engine import Engine
+
+        self.session = session  # the engine's backend (edge.runtime.session.EngineBackend)
         self.tokenizer = tokenizer
         self.bundle = bundle
         self.stats = GenerationStats()
-        self._seq = 0
-        # The last call's sequence, kept live with its prompt's ids, so the next prompt that starts
-        # the same way (a chat's history, a fixed system prompt, a repeated question) prefills
-        # only what is new, as llama.cpp's server does. Only whole prefill chunks are reused
-        # (the session's prefill_chunk, aligned to position 0): the reused rows and every row
-        # computed after them are then the same computation as a fresh prefill, so greedy output
-        # does not depend on what was asked before (int8-activation kernels give slightly
-        # different numbers for a token computed alone or in a chunk). Sessions without
-        # prefill_chunk / truncate (cuda, tensorrt) start every call afresh.
-        self._cache: tuple[int, list[int]] | None = None
-        self.reuse_prefix = True
+        caps = session.caps
+        self.engine = Engine(session, tokenizer, eos_ids=tokenizer.eos_token_ids,
+                             prefill_chunk=caps.prefill_chunk or None, prefix_cache=prefix_cache)
 
     @classmethod
-    def from_bundle(cls, path: str | Path, *, backend: str = "auto", threads: int | None = None, max_context: int | None = None) -> "Generator":
+    def from_bundle(cls, path: str | Path, *, backend: str = "auto", threads: int | None = None,
+                    max_context: int | None = None, max_batch: int | None = None) -> "Generator":
         from edge.build.bundle import Bundle
 
         backend = resolve_backend(backend)
         bundle = Bundle.open(path, kind="generator", verify=False)
         bundle.verify(BACKEND_ARTIFACTS[backend] + TOKENIZER_ARTIFACTS)
-        session = open_session(bundle, backend, max_batch=1, max_context=max_context, threads=threads)
+        limits = bundle.manifest.get("limits") or {}
+        batch = int(max_batch or limits.get("max_batch") or 1)
+        session = open_session(bundle, backend, max_batch=batch, max_context=max_context, threads=threads)
         return cls(session, Tokenizer.from_bundle(bundle), bundle)
 
     @property
     def max_context(self) -> int:
-        return int(self.session.max_context)
+        return int(self.engine.max_context)
+
+    @property
+    def reuse_prefix(self) -> bool:
+        return self.engine.kv.prefix_cache
+
+    @reuse_prefix.setter
+    def reuse_prefix(self, on: bool) -> None:
+        self.engine.kv.prefix_cache = bool(on)
 
     # ---- prompt ------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[dict], params: SamplingParams, *, truncate: bool = False) -> tuple[list[int], int]:
@@ -153,122 +159,22 @@ class Generator:
         return ids[-keep:], len(ids) - keep
 
     # ---- generation -----------------------------------------------------------------------------
-    def stream(self, prompt: str | list[dict], params: SamplingParams | None = None, *, truncate: bool = False) -> Iterator[str]:
-        """Text deltas as tokens are generated; stats in `self.stats` when the iterator ends."""
+    def submit(self, prompt: str | list[dict], params: SamplingParams | None = None, *, truncate: bool = False):
+        """Queue the prompt on the engine; returns its RequestStream (text deltas; the request's
+        stats and finish_reason on `.request`; close() aborts it)."""
         params = params or SamplingParams()
         ids, dropped = self.prompt_ids(prompt, params, truncate=truncate)
-        st = self.stats = GenerationStats(n_prompt=len(ids), truncated=dropped)
-        sampler = Sampler(params)
-        detok = self.tokenizer.detokenizer()
-        stops = StopMatcher(params.stop)
-        eos = set(self.tokenizer.eos_token_ids)
-        seen = list(ids)
-        seq, reused = self._open_sequence(ids)
-        st.cached_tokens = reused
-        keep = False
-        tokens = None
+        return self.engine.submit(ids, params, truncated=dropped)
+
+    def stream(self, prompt: str | list[dict], params: SamplingParams | None = None, *, truncate: bool = False) -> Iterator[str]:
+        """Text deltas as tokens are generated; stats in `self.stats` when the iterator ends.
+        Leaving the loop early aborts the request (its KV blocks are freed)."""
+        rs = self.submit(prompt, params, truncate=truncate)
         try:
-            t0 = time.perf_counter()
-            t_first = None
-            st.finish_reason = "context"  # unless a stop, eos or max_tokens ends it first
-            tokens = self._tokens(seq, ids[reused:], params, sampler, seen)
-            for tok in tokens:
-                if t_first is None:
-                    t_first = time.perf_counter()
-                    st.ttft_s = t_first - t0
-                if tok in eos:
-                    st.finish_reason = "stop"
-                    break
-                st.n_generated += 1
-                seen.append(tok)
-                text, hit = stops.feed(detok.push(tok))
-                if text:
-                    yield text
-                if hit:
-                    st.finish_reason = "stop"
-                    break
-                if st.n_generated >= params.max_tokens:
-                    st.finish_reason = "length"
-                    break
-            tokens.close()  # a pipelined stream rolls back the step it had queued ahead
-            keep = True
-            st.decode_s = time.perf_counter() - t_first
-            if st.finish_reason != "stop" or not stops.hit:
-                tail, _ = stops.feed(detok.flush())
-                tail += stops.flush()
-                if tail:
-                    yield tail
+            yield from rs
         finally:
-            if tokens is not None:
-                tokens.close()  # (again) before the sequence is kept or freed: a device stream rolls back first
-            if keep and self._reusable():
-                self._cache = (seq, list(ids))  # rows [0, len(ids)) came from prefill
-            else:
-                self.session.release(seq)
-
-    def _reusable(self) -> bool:
-        return self.reuse_prefix and hasattr(self.session, "truncate") and int(getattr(self.session, "prefill_chunk", 0) or 0) > 0
-
-    def _open_sequence(self, ids: list[int]) -> tuple[int, int]:
-        """A live sequence for `ids` and how many of its first tokens are already cached (the
-        longest prefix shared with the last call's cache, leaving at least one to prefill)."""
-        if self._cache is not None:
-            seq, cached = self._cache
-            self._cache = None
-            n = 0
-            limit = min(len(cached), len(ids) - 1)
-            while n < limit and cached[n] == ids[n]:
-                n += 1
-            chunk = int(self.session.prefill_chunk)
-            n -= n % chunk  # whole prefill chunks only (see __init__)
-            if n > 0:
-                self.session.truncate(seq, n)
-                return seq, n
-            self.session.release(seq)
-        seq = self._seq = self._seq + 1
-        self.session.add_sequence(seq)
-        return seq, 0
-
-    def reset(self) -> None:
-        """Drop the cached prefix (frees its KV space)."""
-        if self._cache is not None:
-            self.session.release(self._cache[0])
-            self._cache = None
-
-    def _tokens(self, seq: int, ids: list[int], params: SamplingParams, sampler: Sampler, seen: list[int]) -> Iterator[int]:
-        """Sampled token ids until the context is full (the caller stops on eos / stop / length).
-
-        On a session that samples on the device (cuda): greedy without a repetition penalty runs
-        as session.greedy_stream (argmax on the GPU, steps queued ahead); temperature / top-p
-        without top-k or a penalty uses session.decode_sample. Either way only token ids cross to
-        the host. Otherwise: float32 logits to the host sampler after every step."""
-        prompt = np.asarray(ids, dtype=np.int64)
-        if params.greedy and params.repetition_penalty == 1.0 and hasattr(self.session, "greedy_stream"):
-            t0 = time.perf_counter()
-            tok = int(self.session.prefill_greedy(seq, prompt))
-            self.stats.prefill_s = time.perf_counter() - t0
-            yield tok
-            room = self.max_context - self.session.length(seq)
-            yield from self.session.greedy_stream(seq, tok, min(params.max_tokens - 1, room))
-            return
-        t0 = time.perf_counter()
-        logits = self.session.prefill(seq, prompt)
-        self.stats.prefill_s = time.perf_counter() - t0
-        # temperature / top-p without top-k or a penalty: sampled on the device (cuda), with one
-        # uniform per step from this sampler's seeded RNG; the first token from the prefill logits
-        on_device = (not params.greedy and params.top_k == 0 and params.repetition_penalty == 1.0
-                     and hasattr(self.session, "decode_sample"))
-        tok = sampler(logits, np.asarray(seen) if params.repetition_penalty != 1.0 else None)
-        while True:
-            yield tok
-            if self.session.length(seq) >= self.max_context:
-                return
-            if on_device:
-                u = sampler.rng.random(1, dtype=np.float32)
-                tok = int(self.session.decode_sample([seq], np.array([tok]), temperature=params.temperature, top_p=params.top_p, u=u)[0])
-                continue
-            logits = self.session.decode([seq], np.array([tok], dtype=np.int64))[0]
-            tok = sampler(logits, np.asarray(seen) if params.repetition_penalty != 1.0 else None)
+            rs.close()
+            self.stats = stats_of(rs.request)
 
     def generate(self, prompt: str | list[dict], params: SamplingParams | None = None, *, truncate: bool = False) -> str:
         """The whole completion as one string."""
@@ -278,34 +184,25 @@ class Generator:
         """The assistant's reply to `messages` (rendered with the model's chat template)."""
         return self.generate(list(messages), params, truncate=truncate)
 
+    def reset(self) -> None:
+        """Kept for callers of the one-sequence cache; the engine's prefix cache needs no reset."""
 
-class StopMatcher:
-    """Holds back text that could be the start of a stop string; cuts at the first stop."""
+    def close(self) -> None:
+        self.engine.close()
 
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-        self.hit = False
+    def __del__(self):
+        try:
+            self.engine.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """(text safe to emit, whether a stop string was reached)."""
-        if not self.stops:
-            return delta, False
-        self.pending += delta
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.pending, self.hit = self.pending[:cut], "", True
-            return out, True
-        hold = 0
-        for s in self.stops:  # longest suffix of pending that is a proper prefix of a stop
-            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
-        out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(self.pending) - hold:]
-        return out, False
 
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
+def stats_of(req) -> GenerationStats:
+    """GenerationStats of a finished engine request."""
+    st = req.stats
+    reason = req.finish_reason if req.finish_reason in ("stop", "length", "context") else (req.finish_reason or "")
+    return GenerationStats(n_prompt=st.n_prompt, n_generated=st.n_generated, ttft_s=st.ttft_s, prefill_s=st.prefill_s,
+                           decode_s=st.decode_s, finish_reason=reason, truncated=st.truncated, cached_tokens=st.cached_tokens)
+
+
+from edge.runtime.request import StopMatcher  # noqa: E402,F401  (re-export: its home is the request)

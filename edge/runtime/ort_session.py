@@ -21,7 +21,9 @@ from typing import Sequence
 import numpy as np
 
 from edge.errors import BackendError, ContextLengthError, UsageError
+from edge.runtime.step import BackendCaps, StepBatch, StepOutput
 
+KV_BLOCK = 32  # engine KV block (tokens): the prefix cache's granularity on this backend
 PREFILL_CHUNK = 128  # prompt tokens per ORT call: bounds activation memory (~0.1 MB per token
 # for SmolLM2-135M) while keeping GEMMs large enough to run at full speed
 
@@ -296,6 +298,57 @@ class OrtDecoderSession:
             self._len[slots[idx]] = new_lens
             i = j + 1
         return out
+
+
+    # ---- the engine's backend (edge.runtime.session.EngineBackend) ---------------------------
+    @property
+    def caps(self) -> BackendCaps:
+        """Contiguous KV: batch slot r holds a sequence's rows [0, max_context) (GroupQueryAttention
+        reads a sequence's past as one run of rows), so the engine gives sequence r the blocks
+        r * blocks_per_seq + j. The plan's KV budget is every slot at max_context; pages are
+        resident only once written (lazy_zeros)."""
+        bps = -(-self.max_context // KV_BLOCK)
+        kv_bytes = sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+        return BackendCaps(num_blocks=self.max_batch * bps, block_size=KV_BLOCK, max_seqs=self.max_batch,
+                           max_context=self.max_context, vocab_size=self.vocab_size, kv_layout="contiguous",
+                           device_sampling=False, mixed_rows=True, greedy_stream=False,
+                           prefill_chunk=self.prefill_chunk, kv_dtype=str(self.k[0].dtype), kv_bytes=kv_bytes)
+
+    def _row_of(self, block: int) -> tuple[int, int]:
+        """(batch slot, first cache row) of an engine block in the contiguous layout."""
+        bps = -(-self.max_context // KV_BLOCK)
+        return block // bps, (block % bps) * KV_BLOCK
+
+    def execute(self, batch: StepBatch) -> StepOutput:
+        """One engine step. Prefix blocks found in another slot are copied first; then every run
+        of consecutive slots whose rows add one token is one ORT call, and each prompt piece is
+        its own call (GroupQueryAttention takes one new-token count per call)."""
+        for src, dst in batch.block_copies.tolist():
+            (ss, sr), (ds, dr) = self._row_of(src), self._row_of(dst)
+            n = min(KV_BLOCK, self.max_context - sr)
+            for buf in (*self.k, *self.v):  # [B, kv, C, D]
+                buf[ds, :, dr:dr + n] = buf[ss, :, sr:sr + n]
+        r_n = batch.num_rows
+        out = np.empty((r_n, self.vocab_size), np.float32)
+        slot = batch.block_tables[:, 0] // (-(-self.max_context // KV_BLOCK))
+        qs = batch.query_start
+        single = [r for r in range(r_n) if qs[r + 1] - qs[r] == 1]
+        single.sort(key=lambda r: slot[r])
+        i = 0
+        while i < len(single):  # runs of consecutive slots -> one call each
+            j = i
+            while j + 1 < len(single) and slot[single[j + 1]] == slot[single[j]] + 1:
+                j += 1
+            rows = single[i:j + 1]
+            ids = batch.token_ids[qs[rows]].astype(np.int64)[:, None]
+            out[rows] = self._run(int(slot[rows[0]]), ids, batch.seq_lens[rows].astype(np.int64))
+            i = j + 1
+        for r in range(r_n):
+            n = int(qs[r + 1] - qs[r])
+            if n > 1:
+                ids = batch.token_ids[qs[r]:qs[r + 1]].astype(np.int64)[None, :]
+                out[r] = self._run(int(slot[r]), ids, batch.seq_lens[r:r + 1].astype(np.int64))[0]
+        return StepOutput(np.full(r_n, -1, np.int32), out)
 
 
 def default_threads() -> int:

@@ -1,0 +1,286 @@
+"""Engine: the loop that serves many requests on one backend (in-flight batching).
+
+    engine = Engine(backend, tokenizer)          # starts its thread
+    stream = engine.submit(ids, SamplingParams(max_tokens=64))
+    for text in stream: print(text, end="")      # text deltas as tokens are sampled
+    stream.request.finish_reason, stream.request.stats
+    engine.abort(stream.request_id); engine.close()
+
+One thread owns the scheduler, the KV block manager and the backend:
+
+    inbox (submit / abort, any thread) --> scheduler.schedule() --> StepBatch
+      --> backend.execute() --> host sampling of the rows the backend did not sample
+      --> scheduler.update() --> each request's text to its stream's queue
+
+Any number of threads may submit, iterate and abort at once; closing a stream (or dropping it
+mid-iteration) aborts its request, which frees its KV blocks before the next step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from typing import Iterator
+
+import numpy as np
+
+from edge.errors import BackendError, ContextLengthError, UsageError
+from edge.runtime.kv import BlockManager
+from edge.runtime.request import Request
+from edge.runtime.sampler import SamplingParams, sample
+from edge.runtime.scheduler import ScheduledStep, Scheduler
+
+TOKEN_BUDGET = 256  # tokens per step: decode rows first, prompt pieces in what is left
+STREAM_STEPS = 32  # greedy_stream fast path: tokens per hand-off before the inbox is checked
+
+_END = object()
+
+
+class RequestStream:
+    """Text deltas of one request, in order; ends when the request finishes. Iterating from
+    one thread at a time; close() (or garbage collection mid-way) aborts the request."""
+
+    def __init__(self, engine: "Engine", req: Request):
+        self.engine = engine
+        self.request = req
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = False
+
+    @property
+    def request_id(self) -> int:
+        return self.request.request_id
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self._done:
+            raise StopIteration
+        item = self._q.get()
+        if item is _END:
+            self._done = True
+            if self.request.error is not None and self.request.finish_reason == "error":
+                raise self.request.error
+            raise StopIteration
+        return item
+
+    def text(self) -> str:
+        """Wait for the whole output."""
+        return "".join(self)
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self.engine.abort(self.request_id)
+
+    def __del__(self):  # a dropped stream must not keep its KV blocks
+        try:
+            if not self._done and not self.request.finished:
+                self.engine.abort(self.request_id)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class Engine:
+    """In-flight batching over one backend (edge.runtime.session.EngineBackend)."""
+
+    def __init__(self, backend, tokenizer=None, *, eos_ids=None, max_seqs: int | None = None,
+                 token_budget: int = TOKEN_BUDGET, prefill_chunk: int | None = None, prefix_cache: bool = True):
+        caps = backend.caps
+        self.backend = backend
+        self.caps = caps
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(eos_ids if eos_ids is not None else (tokenizer.eos_token_ids if tokenizer else ()))
+        self.max_context = caps.max_context
+        max_seqs = min(max_seqs or caps.max_seqs, caps.max_seqs)
+        self.kv = BlockManager(caps.num_blocks, caps.block_size, max_context=caps.max_context,
+                               layout=caps.kv_layout, max_seqs=max_seqs, prefix_cache=prefix_cache)
+        budget = max(token_budget, max_seqs + 1)
+        self.scheduler = Scheduler(self.kv, max_seqs=max_seqs, token_budget=budget,
+                                   prefill_chunk=prefill_chunk or budget, device_sampling=caps.device_sampling)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list[tuple[str, object]] = []
+        self._streams: dict[int, RequestStream] = {}
+        self._closed = False
+        self.steps = 0
+        self.tokens_out = 0
+        self.busy_s = 0.0
+        self._counts = {"waiting": 0, "running": 0, "kv_blocks_used": 0}
+        self._thread = threading.Thread(target=self._loop, name="edge-rag-engine", daemon=True)
+        self._thread.start()
+
+    # ---- any thread -------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None, *, detokenize: bool = True,
+               truncated: int = 0) -> RequestStream:
+        params = params or SamplingParams()
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise UsageError("the prompt is empty", fix="give some text")
+        if len(ids) >= self.max_context:
+            raise ContextLengthError(
+                f"the prompt is {len(ids)} tokens but the engine's context is {self.max_context} tokens (prompt + output)",
+                fix="shorten the prompt, ask for truncation, or build the engine with a larger context")
+        vocab = self.caps.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise UsageError(f"token id out of range [0, {vocab})")
+        req = Request(next(self._ids), ids, params, self.eos_ids, self.max_context,
+                      self.tokenizer.detokenizer() if detokenize and self.tokenizer else None)
+        req.stats.truncated = truncated
+        stream = RequestStream(self, req)
+        with self._wake:
+            if self._closed:
+                raise BackendError("the engine is closed")
+            self._streams[req.request_id] = stream
+            self._inbox.append(("add", req))
+            self._wake.notify()
+        return stream
+
+    def abort(self, request_id: int) -> None:
+        with self._wake:
+            self._inbox.append(("abort", request_id))
+            self._wake.notify()
+
+    def stats(self) -> dict:
+        """Counters for /health and /metrics (a snapshot taken after the last step)."""
+        c = dict(self._counts)
+        return {**c, "kv_blocks_total": self.kv.num_blocks, "kv_block_size": self.kv.block_size,
+                "max_seqs": self.scheduler.max_seqs, "steps": self.steps, "tokens_generated": self.tokens_out,
+                "prefix_cache_hit_rate": round(self.kv.hits / self.kv.queries, 4) if self.kv.queries else 0.0,
+                "busy_s": round(self.busy_s, 3)}
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- the engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        sch = self.scheduler
+        while True:
+            with self._wake:
+                while not self._inbox and not sch.has_work and not self._closed:
+                    self._wake.wait()
+                inbox, self._inbox = self._inbox, []
+                closed = self._closed
+            for kind, arg in inbox:
+                if kind == "add":
+                    sch.add(arg)  # type: ignore[arg-type]
+                else:
+                    req = sch.abort(arg)  # type: ignore[arg-type]
+                    if req is not None:
+                        self._end(req)
+            if closed:
+                for req in list(sch.running) + list(sch.waiting):
+                    sch.abort(req.request_id)
+                    self._end(req)
+                return
+            if not sch.has_work:
+                self._count()
+                continue
+            t0 = time.perf_counter()
+            try:
+                step = sch.schedule()
+                if step is not None:
+                    if self._greedy_stream_ok(step):
+                        self._run_greedy_stream(step)
+                    else:
+                        self._run(step)
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
+                self._fail_all(e)
+            self.busy_s += time.perf_counter() - t0
+            self._reap_errors()
+            self._count()
+
+    def _run(self, step: ScheduledStep) -> None:
+        b = step.batch
+        out = self.backend.execute(b)
+        self.steps += 1
+        sampled: list[int | None] = []
+        for r, (req, _) in enumerate(step.rows):
+            if not b.logits_rows[r]:
+                sampled.append(None)
+            elif self.caps.device_sampling and not b.host_sample[r] and out.sampled[r] >= 0:
+                sampled.append(int(out.sampled[r]))
+            else:
+                seen = req.seen()
+                sampled.append(sample(out.logits[r], req.params, req.sampler.rng, np.asarray(seen) if seen else None))
+        emitted, done = self.scheduler.update(step, sampled)
+        self._deliver(emitted, done)
+
+    def _deliver(self, emitted, done) -> None:
+        for req, text in emitted:
+            self.tokens_out += 1
+            s = self._streams.get(req.request_id)
+            if s is not None and text:
+                s._q.put(text)
+        for req in done:
+            self._end(req)
+
+    def _end(self, req: Request) -> None:
+        s = self._streams.pop(req.request_id, None)
+        if s is not None:
+            s._q.put(_END)
+
+    def _fail_all(self, e: Exception) -> None:
+        sch = self.scheduler
+        for req in list(sch.running):
+            sch.abort(req.request_id)
+            req.finish_reason, req.error = "error", e
+            self._end(req)
+
+    def _reap_errors(self) -> None:
+        """Requests the scheduler finished on its own (one that can never fit the KV pool)."""
+        for rid in [rid for rid, s in self._streams.items() if s.request.finished]:
+            self._end(self._streams[rid].request)
+
+    def _count(self) -> None:
+        sch = self.scheduler
+        self._counts = {"waiting": len(sch.waiting), "running": len(sch.running), "kv_blocks_used": self.kv.num_used}
+
+    # ---- the backend's host-free greedy stream (cuda) ----------------------------------------------
+    def _greedy_stream_ok(self, step: ScheduledStep) -> bool:
+        if not self.caps.greedy_stream or len(step.rows) != 1 or self.scheduler.waiting or self._inbox:
+            return False
+        req, n = step.rows[0]
+        return n == 1 and req.num_computed + 1 == req.num_tokens and req.params.greedy and not req.host_sampled
+
+    def _run_greedy_stream(self, step: ScheduledStep) -> None:
+        """One greedy request alone in decode: let the backend run up to STREAM_STEPS steps on the
+        device without the host in the loop; hand back as soon as anything else arrives."""
+        req, _ = step.rows[0]
+        rid = req.request_id
+        room = min(STREAM_STEPS, req.params.max_tokens - req.stats.n_generated, self.max_context - req.num_tokens)
+        if room <= 1 or not self.kv.grow(rid, req.num_computed + room):
+            self._run(step)
+            return
+        batch = self.scheduler._batch([(req, 1)])  # slots of every stream step are reserved now
+        tokens = self.backend.run_greedy(batch, room)
+        done = []
+        try:
+            for tok in tokens:
+                self.steps += 1
+                req.num_computed += 1
+                text = req.append(int(tok))
+                self._deliver([(req, text)], [])
+                if req.finish_reason or self._inbox:
+                    break
+        finally:
+            tokens.close()
+        self.kv.truncate(rid, req.num_computed)
+        self.kv.cache_full_blocks(rid, req.block_hashes(self.kv.block_size), req.num_computed)
+        if req.finish_reason:
+            self.scheduler.running.remove(req)
+            self.scheduler._finish(req, req.finish_reason)
+            done.append(req)
+        self._deliver([], done)

@@ -1,0 +1,188 @@
+"""Scheduler: which requests compute how many tokens in the next step (pure Python, no backend).
+
+Each step has a token budget. Running requests go first, oldest first: a decoding request takes
+one token, one still in its prompt takes its next prompt piece. Waiting requests are then admitted
+first come, first served while budget, sequence slots and KV blocks last; an admitted request first
+takes what the prefix cache already holds. When a running request's next token finds no free KV
+block, the newest running request is preempted: its blocks are freed (full ones stay in the prefix
+cache) and it goes back to the front of the queue, to be recomputed from its tokens so far.
+
+Prompt pieces end on multiples of `prefill_chunk`, so a prompt is cut the same way alone or next
+to others (the numbers a backend computes for a row do not depend on what else is in the step).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge.runtime.kv import BlockManager
+from edge.runtime.request import Request, Status
+from edge.runtime.step import F32, I32, StepBatch
+
+
+@dataclass
+class ScheduledStep:
+    rows: list[tuple[Request, int]]  # (request, tokens computed this step), in batch row order
+    batch: StepBatch
+    preempted: list[Request] = field(default_factory=list)
+
+
+def prompt_piece(req: Request, budget: int, chunk: int) -> int:
+    """Tokens of the request's not-yet-computed known tokens to run now: up to the next multiple
+    of `chunk`, and only when the whole piece fits the budget (0 = wait a step)."""
+    left = req.num_tokens - req.num_computed
+    piece = min(left, chunk - req.num_computed % chunk)
+    return piece if piece <= budget else 0
+
+
+class Scheduler:
+    def __init__(self, kv: BlockManager, *, max_seqs: int, token_budget: int, prefill_chunk: int, device_sampling: bool = False):
+        if token_budget < max_seqs + 1 or prefill_chunk < 1:
+            raise ValueError("token_budget must exceed max_seqs and prefill_chunk be >= 1")
+        self.kv = kv
+        self.device_sampling = device_sampling  # draw each sampled row's uniform for the backend
+        self.max_seqs = max_seqs
+        self.token_budget = token_budget
+        self.prefill_chunk = min(prefill_chunk, token_budget - max_seqs + 1)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    # ---- queue ----------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        req.status = Status.WAITING
+        self.waiting.append(req)
+
+    def abort(self, request_id: int) -> Request | None:
+        """Remove a request wherever it is; its KV blocks are freed. None if unknown/finished."""
+        for q in (self.running, self.waiting):
+            for req in q:
+                if req.request_id == request_id:
+                    q.remove(req)
+                    self._finish(req, "abort")
+                    return req
+        return None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def schedule(self) -> ScheduledStep | None:
+        budget = self.token_budget
+        rows: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
+        for req in list(self.running):
+            if req not in self.running:  # preempted by an earlier row of this step
+                continue
+            n = prompt_piece(req, budget - (len(self.running) - len(rows) - 1), self.prefill_chunk)
+            if n == 0:
+                continue
+            while not self.kv.grow(req.request_id, req.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req in self.running:
+                rows.append((req, n))
+                budget -= n
+        while self.waiting and not preempted and len(self.running) < self.max_seqs and budget > 0:
+            req = self.waiting[0]
+            hit = self.kv.admit(req.request_id, req.block_hashes(self.kv.block_size), req.num_tokens)
+            if hit is None:
+                break
+            req.num_computed = hit
+            n = prompt_piece(req, budget, self.prefill_chunk)
+            if n == 0 or not self.kv.grow(req.request_id, req.num_computed + n):
+                self.kv.free(req.request_id)
+                req.num_computed = 0
+                if not self.running and n > 0:  # alone and still no room: it can never run
+                    self.waiting.popleft()
+                    self._finish(req, "error", MemoryError(
+                        f"request needs more KV blocks than the engine has ({self.kv.num_blocks} of {self.kv.block_size} tokens)"))
+                    continue
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            req.stats.cached_tokens = hit
+            req.stats.first_scheduled = req.stats.first_scheduled or time.perf_counter()
+            self.running.append(req)
+            rows.append((req, n))
+            budget -= n
+        if not rows:
+            return None
+        return ScheduledStep(rows, self._batch(rows), preempted)
+
+    def _preempt(self, req: Request) -> None:
+        """Free the request's blocks and requeue it at the front (recompute later)."""
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.num_computed = 0
+        req.status = Status.WAITING
+        req.stats.preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update(self, step: ScheduledStep, sampled: list[int | None]) -> tuple[list[tuple[Request, str]], list[Request]]:
+        """Apply the step's results: computed counts, sampled tokens. Returns (request, text
+        released) for each request that got a token, and the requests that finished."""
+        out, done = [], []
+        for (req, n), tok in zip(step.rows, sampled):
+            if req.finished:  # aborted while the step ran
+                continue
+            req.num_computed += n
+            self.kv.cache_full_blocks(req.request_id, req.block_hashes(self.kv.block_size), req.num_computed)
+            if req.num_computed < req.num_tokens or tok is None:
+                continue  # a prompt piece that is not the last
+            out.append((req, req.append(int(tok))))
+            if req.finish_reason:
+                self.running.remove(req)
+                self._finish(req, req.finish_reason)
+                done.append(req)
+        return out, done
+
+    def _finish(self, req: Request, reason: str, error: BaseException | None = None) -> None:
+        if req.request_id in self.kv:
+            self.kv.free(req.request_id)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.error = error
+        req.stats.finished = time.perf_counter()
+
+    # ---- the flat batch -------------------------------------------------------------------------
+    def _batch(self, rows: list[tuple[Request, int]]) -> StepBatch:
+        bs = self.kv.block_size
+        r = len(rows)
+        t = sum(n for _, n in rows)
+        ids = np.empty(t, I32)
+        pos = np.empty(t, I32)
+        slots = np.empty(t, I32)
+        qs = np.zeros(r + 1, I32)
+        lens = np.empty(r, I32)
+        tables = np.full((r, self.kv.blocks_per_seq), -1, I32)
+        logits = np.zeros(r, I32)
+        temp, top_p, u = np.zeros(r, F32), np.ones(r, F32), np.zeros(r, F32)
+        top_k, host = np.zeros(r, I32), np.zeros(r, I32)
+        o = 0
+        for i, (req, n) in enumerate(rows):
+            c = req.num_computed
+            ids[o:o + n] = req.tokens(c, c + n)
+            pos[o:o + n] = np.arange(c, c + n)
+            slots[o:o + n] = self.kv.slots(req.request_id, c, c + n)
+            o += n
+            qs[i + 1] = o
+            lens[i] = c + n
+            table = self.kv.table(req.request_id)
+            tables[i, :len(table)] = table
+            if c + n == req.num_tokens:
+                logits[i] = 1
+                p = req.params
+                temp[i], top_p[i], top_k[i] = p.temperature, p.top_p, p.top_k
+                host[i] = int(req.host_sampled)
+                if self.device_sampling and not host[i]:
+                    u[i] = req.uniform()
+        copies = np.asarray(self.kv.copies(), I32).reshape(-1, 2)
+        return StepBatch(bs, ids, pos, slots, qs, lens, tables, logits, temp, top_p, top_k, u, host, copies)

@@ -1,0 +1,153 @@
+"""The engine on the ONNX Runtime backend (tiny seeded Llama): concurrent == alone, seeded
+sampling, stop strings, prefix cache, and the engine paths the cuda backend takes (device
+sampling, the greedy stream) checked with numpy stand-ins over the same ORT logits."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from helpers_tiny import make_tiny_bundle, tiny_hf_model
+
+from edge.build.bundle import Bundle
+from edge.runtime.generator import Generator
+from edge.runtime.ort_session import OrtDecoderSession
+from edge.runtime.sampler import SamplingParams
+from edge.runtime.step import StepOutput
+from edge.runtime.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_tiny_bundle(tmp_path_factory.mktemp("eng") / "fp32", tiny_hf_model("llama", seed=5), "fp32",
+                            forms=("ort",), max_context=64, max_batch=4)
+
+
+def make_gen(bundle, session_cls=OrtDecoderSession, max_batch=12, **kw) -> Generator:
+    b = Bundle.open(bundle, verify=False)
+    return Generator(session_cls(b, max_batch=max_batch, prefill_chunk=8), Tokenizer.from_bundle(b), b, **kw)
+
+
+PROMPTS = ["Once upon", "A dog ran", "xy", "The quick brown fox jumps", "hi", "Tell me a story about it",
+           "0123456789", "zebra", "abc abc abc", "Q: what? A:", "robot", "E-214 means"]
+
+
+def test_twelve_concurrent_requests_equal_each_alone(bundle):
+    params = [SamplingParams(max_tokens=4 + 3 * (i % 5), temperature=0, stop=["e"] if i % 4 == 1 else []) for i in range(12)]
+    alone = make_gen(bundle, max_batch=1)
+    want = []
+    for p, sp in zip(PROMPTS, params):
+        want.append((alone.generate(p, sp), alone.stats.n_generated, alone.stats.finish_reason))
+    gen = make_gen(bundle)
+    got = [None] * 12
+    barrier = threading.Barrier(12)
+
+    def run(i):
+        barrier.wait()
+        s = gen.submit(PROMPTS[i], params[i])
+        got[i] = (s.text(), s.request.stats.n_generated, s.request.finish_reason)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert got == want
+    assert gen.engine.kv.num_used == 0
+
+
+def test_seeded_sampling_equals_alone(bundle):
+    p = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+    want = make_gen(bundle, max_batch=1).generate("Once upon", p)
+    gen = make_gen(bundle)
+    others = [gen.submit(x, SamplingParams(max_tokens=10, temperature=1.0, seed=i)) for i, x in enumerate(PROMPTS[1:5])]
+    s = gen.submit("Once upon", p)
+    assert s.text() == want
+    [o.text() for o in others]
+
+
+def test_prefix_cache_same_text_and_counts(bundle):
+    tok = Tokenizer.from_bundle(Bundle.open(bundle, verify=False))
+    gen, cold = make_gen(bundle), make_gen(bundle, prefix_cache=False)
+    sys_prompt = "Answer from passages. [1] E-214: lidar fault. "
+    greedy = SamplingParams(max_tokens=4, temperature=0)
+    for q in ("E-214?", "Why?"):
+        assert gen.generate(sys_prompt + q, greedy) == cold.generate(sys_prompt + q, greedy)
+    shared = len(tok.encode(sys_prompt))
+    assert shared >= 32 and gen.stats.cached_tokens == shared - shared % 32  # whole 32-token blocks
+    assert cold.stats.cached_tokens == 0
+
+
+def test_planned_kv_is_what_the_backend_allocates(bundle):
+    b = Bundle.open(bundle, verify=False)
+    s = OrtDecoderSession(b, max_batch=3)
+    spec = s.spec
+    per_token = spec.n_layers * 2 * spec.n_kv_heads * spec.head_dim * 4  # float32 K and V
+    assert s.caps.kv_bytes == 3 * s.max_context * per_token
+    assert s.caps.num_blocks * s.caps.block_size >= 3 * s.max_context
+    assert s.caps.kv_dtype == "float32"
+
+
+class _DeviceSampling(OrtDecoderSession):
+    """The cuda backend's sampling contract in numpy over the ORT logits: greedy argmax and the
+    inverse-CDF temperature / top-p draw with the row's uniform."""
+
+    sampled = 0
+
+    @property
+    def caps(self):
+        from dataclasses import replace
+
+        return replace(super().caps, device_sampling=True, greedy_stream=True)
+
+    def execute(self, batch):
+        out = super().execute(batch)
+        ids = np.full(batch.num_rows, -1, np.int32)
+        for r in range(batch.num_rows):
+            if not batch.logits_rows[r] or batch.host_sample[r]:
+                continue
+            type(self).sampled += 1
+            x = out.logits[r].astype(np.float64)
+            if batch.temperature[r] == 0:
+                ids[r] = int(np.argmax(x))
+                continue
+            p = np.exp((x - x.max()) / batch.temperature[r])
+            p /= p.sum()
+            order = np.argsort(-p, kind="stable")
+            ps = p[order]
+            ps = np.where((np.cumsum(ps) - ps) < batch.top_p[r], ps, 0)
+            cdf = np.cumsum(ps) / ps.sum()
+            ids[r] = order[min(int((cdf < batch.uniform[r]).sum()), len(cdf) - 1)]
+        return StepOutput(ids, out.logits)
+
+    streams = 0
+
+    def run_greedy(self, batch, max_new):
+        """The host-free stream, step by step here: the engine reserved the slots up front."""
+        type(self).streams += 1
+        b = batch
+        for _ in range(max_new):
+            tok = int(self.execute(b).sampled[0])
+            yield tok
+            b.token_ids[0] = tok
+            b.positions[0] += 1
+            b.slot_mapping[0] = b.block_tables[0, (b.positions[0]) // b.block_size] * b.block_size + b.positions[0] % b.block_size
+            b.seq_lens[0] += 1
+
+
+def test_device_sampling_and_greedy_stream_paths(bundle):
+    host, dev = make_gen(bundle), make_gen(bundle, _DeviceSampling)
+    p = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.8, seed=7)
+    _DeviceSampling.sampled = 0
+    a = dev.generate("Once upon", p)
+    assert _DeviceSampling.sampled >= dev.stats.n_generated
+    assert dev.generate("Once upon", p) == a  # the request's seeded RNG drives the device draws
+    _DeviceSampling.sampled = 0
+    dev.generate("Once upon", SamplingParams(max_tokens=10, temperature=0.9, top_k=5, seed=7))
+    assert _DeviceSampling.sampled == 0  # top-k needs the host sampler
+    for params in (SamplingParams(max_tokens=45, temperature=0), SamplingParams(max_tokens=3, temperature=0, stop=["e"])):
+        _DeviceSampling.streams = 0
+        assert dev.generate("Once upon", params) == host.generate("Once upon", params)
+        assert dev.stats.finish_reason == host.stats.finish_reason and dev.stats.n_generated == host.stats.n_generated
+        assert _DeviceSampling.streams >= 1
+    assert dev.engine.kv.num_used == 0

@@ -1,0 +1,237 @@
+"""Scheduler + KV block manager + engine loop with a fake backend (vLLM tests/v1/core style):
+exact block counts, prefix-cache hits, the token budget, preemption and abort.
+
+FakeBackend is a toy language model whose next token is a hash of the whole context it reads
+back *through the block tables* (its KV cache stores token ids at slots). A wrong slot, a stale
+block, a missed copy or a shared block overwritten changes the context it reads and so the tokens,
+and it asserts the context it reads is exactly the row's tokens."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from edge.runtime.engine import Engine
+from edge.runtime.kv import BlockManager, block_hashes
+from edge.runtime.request import Request
+from edge.runtime.sampler import SamplingParams
+from edge.runtime.scheduler import Scheduler
+from edge.runtime.step import BackendCaps, StepOutput
+
+V = 50
+
+
+class FakeBackend:
+    def __init__(self, num_blocks=32, block_size=4, max_seqs=4, max_context=64, layout="paged", device_sampling=False):
+        self.caps = BackendCaps(num_blocks=num_blocks, block_size=block_size, max_seqs=max_seqs, max_context=max_context,
+                                vocab_size=V, kv_layout=layout, device_sampling=device_sampling)
+        n_slots = (max_seqs * -(-max_context // block_size) if layout == "contiguous" else num_blocks) * block_size
+        self.kv = np.full(n_slots, -1, np.int64)
+        self.batches = []
+        self.gate = threading.Event()  # execute waits for it: tests submit everything first
+        self.gate.set()
+
+    def execute(self, b):
+        self.gate.wait(10)
+        b.validate()
+        self.batches.append(b)
+        bs = b.block_size
+        for src, dst in b.block_copies.tolist():
+            self.kv[dst * bs:(dst + 1) * bs] = self.kv[src * bs:(src + 1) * bs]
+        self.kv[b.slot_mapping] = b.token_ids
+        logits = np.zeros((b.num_rows, V), np.float32)
+        sampled = np.full(b.num_rows, -1, np.int32)
+        for r in range(b.num_rows):
+            n = int(b.seq_lens[r])
+            table = b.block_tables[r]
+            ctx = [int(self.kv[table[t // bs] * bs + t % bs]) for t in range(n)]
+            assert -1 not in ctx, "a row read a slot nobody wrote"
+            logits[r] = np.random.default_rng(abs(hash(tuple(ctx))) % 2**32).standard_normal(V)
+            if self.caps.device_sampling and b.logits_rows[r] and not b.host_sample[r] and b.temperature[r] == 0:
+                sampled[r] = int(np.argmax(logits[r]))
+        return StepOutput(sampled, logits)
+
+
+def run_alone(prompt, params, **kw):
+    with Engine(FakeBackend(**kw), eos_ids=()) as e:
+        s = e.submit(prompt, params, detokenize=False)
+        list(s)
+        return s.request.output_ids
+
+
+def greedy(n):
+    return SamplingParams(max_tokens=n, temperature=0)
+
+
+# ---- block manager -------------------------------------------------------------------------------
+def test_blocks_admit_grow_finish_and_prefix_hit_counts():
+    kv = BlockManager(16, 4, max_context=64)
+    p = list(range(10))
+    h = block_hashes(p, 4)
+    assert len(h) == 2  # full blocks only
+    assert kv.admit(1, h, len(p)) == 0
+    assert kv.grow(1, 10) and kv.num_used == 3 and kv.table(1) == [0, 1, 2]
+    kv.cache_full_blocks(1, h, 10)
+    assert kv.num_cached == 2
+    assert kv.grow(1, 12) and kv.num_used == 3  # block 2 fills up
+    assert kv.grow(1, 13) and kv.num_used == 4
+    # a second prompt sharing the first 8 tokens takes both cached blocks by reference
+    q = p[:8] + [40, 41, 42]
+    assert kv.admit(2, block_hashes(q, 4), len(q)) == 8
+    assert kv.table(2)[:2] == [0, 1] and kv.num_used == 4  # shared, not new
+    assert kv.grow(2, 11) and kv.num_used == 5
+    kv.free(1)
+    assert kv.num_used == 3  # blocks 0, 1 still held by request 2, plus its own third
+    kv.free(2)
+    assert kv.num_used == 0 and kv.num_free == 16 and kv.num_cached == 2
+    # a prompt that is entirely cached still leaves its last block to compute
+    assert kv.admit(3, block_hashes(p[:8], 4), 8) == 4
+
+
+def test_blocks_evict_least_recently_freed_and_refuse_when_full():
+    kv = BlockManager(4, 4, max_context=16)
+    a = list(range(8))
+    kv.admit(1, block_hashes(a, 4), 8)
+    assert kv.grow(1, 8)
+    kv.cache_full_blocks(1, block_hashes(a, 4), 8)
+    kv.free(1)
+    assert kv.num_cached == 2
+    kv.admit(2, [], 16)
+    assert kv.grow(2, 16)  # takes all 4: the cached ones are evicted
+    assert kv.num_cached == 0 and kv.num_free == 0
+    kv.admit(3, [], 4)
+    assert not kv.grow(3, 4)  # pool exhausted: refused, nothing changed
+    assert kv.num_used == 4
+
+
+def test_contiguous_layout_copies_a_prefix_from_another_region():
+    kv = BlockManager(8, 4, max_context=16, layout="contiguous", max_seqs=2)  # 4 blocks per region
+    p = list(range(12))
+    h = block_hashes(p, 4)
+    kv.admit(1, h, 12)
+    assert kv.grow(1, 12) and kv.table(1) == [0, 1, 2]
+    kv.cache_full_blocks(1, h, 12)
+    assert kv.admit(2, h, 12) == 8  # live in region 0: copied into region 1
+    assert kv.table(2) == [4, 5] and kv.copies() == [(0, 4), (1, 5)]
+    kv.free(1)
+    kv.free(2)
+    # the next one picks the region that already holds its prefix in place: no copy
+    assert kv.admit(3, h, 12) == 8 and kv.copies() == []
+
+
+# ---- scheduler -----------------------------------------------------------------------------------
+def test_token_budget_and_prompt_pieces_every_step():
+    be = FakeBackend(num_blocks=64, max_seqs=4)
+    be.gate.clear()
+    with Engine(be, eos_ids=(), token_budget=16, prefill_chunk=8) as e:
+        streams = [e.submit(list(range(i, i + 30)), greedy(5), detokenize=False) for i in range(4)]
+        be.gate.set()
+        for s in streams:
+            list(s)
+    for b in be.batches:
+        assert b.num_tokens <= 16
+        for r in range(b.num_rows):  # every prompt piece ends on a multiple of 8 or at the prompt's end
+            end = int(b.seq_lens[r])
+            assert b.num_new(r) == 1 or end % 8 == 0 or b.logits_rows[r] == 1
+    assert max(b.num_rows for b in be.batches) == 4  # they did run together
+
+
+def test_concurrent_requests_equal_each_alone_paged_and_contiguous():
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, V, n)) for n in (3, 17, 9, 30, 5, 12)]
+    maxes = [7, 3, 12, 5, 9, 4]
+    for layout in ("paged", "contiguous"):
+        want = [run_alone(p, greedy(m), layout=layout) for p, m in zip(prompts, maxes)]
+        be = FakeBackend(layout=layout)
+        be.gate.clear()
+        with Engine(be, eos_ids=(), token_budget=20, prefill_chunk=8) as e:
+            streams = [e.submit(p, greedy(m), detokenize=False) for p, m in zip(prompts, maxes)]
+            be.gate.set()
+            for s in streams:
+                list(s)
+            assert [s.request.output_ids for s in streams] == want
+            assert e.kv.num_used == 0  # every block back
+
+
+def test_seeded_sampling_equals_alone():
+    p = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=3)
+    want = run_alone([1, 2, 3], p)
+    with Engine(FakeBackend(), eos_ids=()) as e:
+        others = [e.submit([5, 6, 7, i], SamplingParams(max_tokens=8, temperature=1.0, seed=i), detokenize=False) for i in range(3)]
+        s = e.submit([1, 2, 3], p, detokenize=False)
+        list(s)
+        [list(o) for o in others]
+    assert s.request.output_ids == want
+
+
+def test_prefix_cache_hit_counts_and_same_tokens():
+    shared = list(range(20))  # 5 full blocks of 4
+    be = FakeBackend(num_blocks=64)
+    with Engine(be, eos_ids=()) as e:
+        a = e.submit(shared + [30, 31], greedy(4), detokenize=False)
+        list(a)
+        b = e.submit(shared + [40, 41, 42], greedy(4), detokenize=False)
+        list(b)
+    assert a.request.stats.cached_tokens == 0 and b.request.stats.cached_tokens == 20
+    assert b.request.output_ids == run_alone(shared + [40, 41, 42], greedy(4))
+    assert be.batches[-4].seq_lens[0] == 23 and be.batches[-4].num_tokens == 3  # only the new tokens ran
+
+
+def test_preemption_recomputes_and_gives_identical_tokens():
+    prompts = [list(range(i * 7, i * 7 + 10)) for i in range(3)]
+    want = [run_alone(p, greedy(14), num_blocks=64) for p in prompts]
+    # 3 requests of up to 24 tokens = 6 blocks each; 12 blocks cannot hold all three to the end
+    be = FakeBackend(num_blocks=12, max_seqs=3)
+    be.gate.clear()
+    with Engine(be, eos_ids=(), prefix_cache=False) as e:
+        streams = [e.submit(p, greedy(14), detokenize=False) for p in prompts]
+        be.gate.set()
+        for s in streams:
+            list(s)
+        assert sum(s.request.stats.preemptions for s in streams) > 0
+        assert [s.request.output_ids for s in streams] == want
+        assert e.kv.num_used == 0
+
+
+def test_abort_frees_blocks_and_ends_the_stream():
+    gate = threading.Event()
+
+    be = FakeBackend()
+    be.gate = gate
+    with Engine(be, eos_ids=()) as e:
+        s = e.submit(list(range(10)), greedy(40), detokenize=False)
+        e.abort(s.request_id)
+        gate.set()
+        assert list(s) == [] or s.request.finish_reason == "abort"
+        assert s.request.finish_reason == "abort"
+        e.submit([1], greedy(1), detokenize=False).text()  # the engine still runs
+        assert e.kv.num_used == 0 and e.stats()["running"] == 0
+
+
+def test_request_that_can_never_fit_fails_with_a_clear_error():
+    with Engine(FakeBackend(num_blocks=2, block_size=4, max_context=64), eos_ids=()) as e:
+        s = e.submit(list(range(20)), greedy(2), detokenize=False)
+        with pytest.raises(MemoryError, match="KV blocks"):
+            list(s)
+
+
+def test_device_sampled_rows_skip_the_host():
+    be = FakeBackend(device_sampling=True)
+    with Engine(be, eos_ids=()) as e:
+        s = e.submit([1, 2, 3], greedy(6), detokenize=False)
+        list(s)
+    assert s.request.output_ids == run_alone([1, 2, 3], greedy(6))
+
+
+def test_scheduler_refuses_a_budget_below_the_batch():
+    with pytest.raises(ValueError):
+        Scheduler(BlockManager(4, 4), max_seqs=8, token_budget=8, prefill_chunk=4)
+
+
+def test_stop_and_eos_finish_reasons():
+    r = Request(1, [1, 2], SamplingParams(max_tokens=5, stop=[]), eos_ids=frozenset({9}))
+    r.append(3)
+    r.append(9)
+    assert r.finish_reason == "stop" and r.output_ids == [3]
