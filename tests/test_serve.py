@@ -192,8 +192,39 @@ def test_a_client_leaving_mid_stream_does_not_block_the_next_request(client, pat
 def test_models_and_health(client):
     ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert ids == ["gen", client.emb.embedder_id]
-    assert client.get("/health").json() == {"status": "ok", "generator": "gen", "embedder": client.emb.embedder_id,
-                                            "collection": "default"}
+    h = client.get("/health").json()
+    eng = h.pop("engine")
+    assert h == {"status": "ok", "generator": "gen", "embedder": client.emb.embedder_id, "collection": "default"}
+    assert eng["running"] == 0 and eng["waiting"] == 0 and eng["kv_blocks_used"] == 0 and eng["kv_blocks_total"] > 0
+
+
+def test_concurrent_chats_are_batched_and_equal_each_alone(client):
+    """Eight clients at once: each gets what it gets alone; the engine ran them in one batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{"messages": [{"role": "user", "content": f"Count to {i}."}], "max_tokens": 6 + i, "temperature": 0} for i in range(8)]
+    alone = [client.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["content"] for b in bodies]
+    steps0 = client.get("/health").json()["engine"]["steps"]
+    with ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(lambda b: client.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["content"], bodies))
+    assert got == alone
+    eng = client.get("/health").json()["engine"]
+    assert eng["kv_blocks_used"] == 0
+    # alone they took sum(max_tokens) steps or more; batched, fewer steps than that
+    assert eng["steps"] - steps0 < sum(b["max_tokens"] for b in bodies)
+
+
+def test_a_dropped_stream_frees_its_kv_blocks(client):
+    import time
+
+    with client.stream("POST", "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 500, "temperature": 0.8, "seed": 1, "stream": True}) as r:
+        next(r.iter_lines())
+    for _ in range(100):  # the abort lands at the engine's next step
+        eng = client.get("/health").json()["engine"]
+        if eng["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert eng["running"] == 0 and eng["kv_blocks_used"] == 0
 
 
 def test_without_a_collection_chat_works_and_ask_says_to_ingest(bundle):

@@ -14,6 +14,7 @@ manifest carries a memory plan, the planned bytes. The generator loads lazily on
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,12 +81,15 @@ def planned_bytes(gen_manifest: dict) -> dict[str, int]:
 
 
 class EdgeRuntime(Closing):
-    """Hosts both engines and one collection. Thread-unsafe; one question at a time."""
+    """Hosts both engines and one collection. ask() and search() may be called from several
+    threads: retrieval (embedder, SQLite, FAISS) runs one at a time under `lock`, generation is
+    batched by the generator's engine."""
 
     def __init__(self, collection: str = "default", *, embedder_path: str | Path | None = None,
                  generator_path: str | Path | None = None, backend: str = "auto", load_generator: bool = False,
                  progress: bool = True, embedder=None, generator=None):
         self.collection = collection
+        self.lock = threading.RLock()
         self.backend = backend
         self.progress = progress
         self.parts: dict[str, PartMemory] = {}
@@ -131,6 +135,10 @@ class EdgeRuntime(Closing):
             self._gen_manifest = _manifest(path)
         return self._generator
 
+    def _generator_once(self):
+        with self.lock:  # two first questions at once load it once
+            return self.generator
+
     def _default_generator(self) -> Path:
         from edge.engines import default_generator_bundle
 
@@ -138,14 +146,15 @@ class EdgeRuntime(Closing):
 
     # -- the two operations
     def search(self, query: str, k: int = 5, mode: str = "hybrid"):
-        return self.retriever.search(query, k=k, mode=mode)
+        with self.lock:
+            return self.retriever.search(query, k=k, mode=mode)
 
     def ask(self, question: str, *, k: int = 5, mode: str = "hybrid", max_tokens: int = 256,
             on_token: Callable[[str], None] | None = None, gate: bool = True):
         from rag.ask import ask
 
         # the generator is loaded only when the relevance gate lets the question through
-        return ask(question, self.retriever, lambda: self.generator, k=k, mode=mode, max_tokens=max_tokens,
+        return ask(question, _Locked(self.retriever, self.lock), self._generator_once, k=k, mode=mode, max_tokens=max_tokens,
                    on_token=on_token, gate=gate)
 
     # -- memory
@@ -184,3 +193,17 @@ def _manifest(path: Path) -> dict:
         return json.loads((Path(path) / "manifest.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+class _Locked:
+    """A retriever whose search runs under the runtime's lock (it embeds and reads SQLite/FAISS)."""
+
+    def __init__(self, retriever, lock):
+        self._r, self._lock = retriever, lock
+
+    def search(self, *a, **kw):
+        with self._lock:
+            return self._r.search(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._r, name)

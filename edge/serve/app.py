@@ -12,8 +12,12 @@
 `"stream": true` answers with server-sent events (`data: {...}` lines, then `data: [DONE]`), as
 OpenAI's API does; a streamed `ask` sends `{"delta": ...}` events, then `{"answer": {...}}`.
 Errors are JSON `{"error": {"message", "type", "code"}}`: 400 for a bad request (the message says
-what to change), 404 for an unknown route, 500 for a failure of ours. The engines serve one
-request at a time (a lock; the runtime holds one sequence), so concurrent clients queue.
+what to change), 404 for an unknown route, 500 for a failure of ours.
+
+Generation goes through the engine core (edge.runtime.engine): concurrent requests are batched
+step by step, nothing holds a lock across a generation; a client that disconnects (streamed or
+not) aborts its request, which frees its KV blocks before the next step. Retrieval and the
+embedder (SQLite, FAISS, one ORT session) run one at a time under a short lock.
 """
 
 from __future__ import annotations
@@ -108,12 +112,13 @@ def create_app(runtime: Any):
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    lock = threading.Lock()
+    # retrieval and the embedder (the runtime's own lock, which its ask() takes for retrieval);
+    # generation runs on the engine without it
+    lock = getattr(runtime, "lock", None) or threading.RLock()
     done = object()
 
     def locked(fn, *a: Any, **kw: Any):
-        """Run fn under the engines' lock on a worker thread (the event loop stays free: /health
-        answers and other requests queue while a generation runs)."""
+        """Run fn under the retrieval/embedder lock on a worker thread (the event loop stays free)."""
         from starlette.concurrency import run_in_threadpool
 
         def call():
@@ -123,16 +128,14 @@ def create_app(runtime: Any):
         return run_in_threadpool(call)
 
     def streamed(produce) -> Iterator[Any]:
-        """Items that `produce(emit, cancelled)` emits under the lock on its own thread. The
-        client's read side never holds the lock: a client that disconnects mid-stream leaves a
-        producer that stops at its next item (cancelled) or at its token budget, then frees it."""
+        """Items that `produce(emit, cancelled)` emits on its own thread. A client that
+        disconnects mid-stream leaves a producer that stops at its next item (cancelled)."""
         q: queue.Queue = queue.Queue()
         cancel = threading.Event()
 
         def work() -> None:
             try:
-                with lock:
-                    produce(q.put, cancel.is_set)
+                produce(q.put, cancel.is_set)
             except Exception as e:  # reported in the stream: the 200 has gone out already
                 q.put({"error": {"message": str(e) if isinstance(e, EdgeRagError) else f"{type(e).__name__}: {e}",
                                  "type": "server_error"}})
@@ -144,6 +147,21 @@ def create_app(runtime: Any):
                 yield item
         finally:
             cancel.set()
+
+    async def until_done_or_gone(request: Request, rs) -> str:
+        """The whole text of a non-streamed request; aborts it if the client disconnects first."""
+        import asyncio
+
+        from starlette.concurrency import run_in_threadpool
+
+        task = asyncio.ensure_future(run_in_threadpool(rs.text))
+        while True:
+            finished, _ = await asyncio.wait({task}, timeout=0.25)
+            if finished:
+                return task.result()
+            if await request.is_disconnected():
+                rs.close()  # abort: frees the request's KV blocks at the engine's next step
+                return await task
 
     async def body_of(request: Request) -> dict:
         try:
@@ -174,7 +192,7 @@ def create_app(runtime: Any):
 
         return endpoint
 
-    async def generate(prompt: Any, params, stream: bool, kind: str):
+    async def generate(request: Request, prompt: Any, params, stream: bool, kind: str):
         """Chat (`kind` 'chat', prompt = messages) or text completion; whole or streamed."""
         gen = runtime.generator
         model = _model_id(gen, "generator")
@@ -188,35 +206,39 @@ def create_app(runtime: Any):
                 return {"index": 0, "delta": delta, "finish_reason": finish}
             return {"index": 0, "text": text or "", "finish_reason": finish}
 
+        from edge.runtime.generator import stats_of
+
+        rs = gen.submit(prompt, params)  # a bad prompt raises here: a 400, not a broken stream
         if not stream:
-            text, st = await locked(lambda: (gen.generate(prompt, params), gen.stats))
+            text = await until_done_or_gone(request, rs)
+            st = stats_of(rs.request)
+            if rs.request.finish_reason == "error":
+                raise rs.request.error
             finish = FINISH.get(st.finish_reason, "stop")
             c = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if kind == "chat"
                  else {"index": 0, "text": text, "finish_reason": finish})
             usage = {"prompt_tokens": st.n_prompt, "completion_tokens": st.n_generated, "total_tokens": st.n_prompt + st.n_generated}
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": model, "choices": [c], "usage": usage})
 
-        await locked(gen.prompt_ids, prompt, params)  # a bad prompt is a 400 now, not a broken stream
         head = {"id": rid, "object": obj + ".chunk" if kind == "chat" else obj, "created": created, "model": model}
 
         def produce(emit, cancelled) -> None:
-            pieces = gen.stream(prompt, params)
             first = True
             try:
-                for piece in pieces:
+                for piece in rs:
                     emit(head | {"choices": [choice(piece, None, first)]})
                     first = False
                     if cancelled():
                         return
             finally:
-                pieces.close()  # a cancelled generation releases its sequence
-            emit(head | {"choices": [choice(None, FINISH.get(gen.stats.finish_reason, "stop"), first)]})
+                rs.close()  # the client left: abort (frees the KV blocks)
+            emit(head | {"choices": [choice(None, FINISH.get(stats_of(rs.request).finish_reason, "stop"), first)]})
 
         return StreamingResponse(_sse(streamed(produce)), media_type="text/event-stream")
 
     async def chat_completions(request: Request):
         body = await body_of(request)
-        return await generate(chat_messages(body), sampling_params(body), bool(body.get("stream")), "chat")
+        return await generate(request, chat_messages(body), sampling_params(body), bool(body.get("stream")), "chat")
 
     async def completions(request: Request):
         body = await body_of(request)
@@ -225,7 +247,7 @@ def create_app(runtime: Any):
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise BadRequest("'prompt' must be a non-empty string")
-        return await generate(prompt, sampling_params(body), bool(body.get("stream")), "text")
+        return await generate(request, prompt, sampling_params(body), bool(body.get("stream")), "text")
 
     async def embeddings(request: Request):
         body = await body_of(request)
@@ -249,7 +271,9 @@ def create_app(runtime: Any):
         if not isinstance(kw["k"], int) or not isinstance(kw["max_tokens"], int) or kw["max_tokens"] < 1:
             raise BadRequest("'k' and 'max_tokens' must be integers >= 1")
         if not body.get("stream"):
-            ans = await locked(runtime.ask, question, **kw)
+            from starlette.concurrency import run_in_threadpool
+
+            ans = await run_in_threadpool(runtime.ask, question, **kw)
             return JSONResponse(ans.to_dict())
         await locked(runtime.search, question, k=kw["k"], mode=kw["mode"])  # bad k / mode / no collection: a 400 now
 
@@ -276,7 +300,9 @@ def create_app(runtime: Any):
                                                         for k, i in ids.items()]})
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", **ids, "collection": getattr(runtime, "collection", None)})
+        engine = getattr(runtime.generator, "engine", None)
+        return JSONResponse({"status": "ok", **ids, "collection": getattr(runtime, "collection", None),
+                             "engine": engine.stats() if engine is not None else None})
 
     async def not_found(request: Request, exc: Exception):
         return _error(404, f"no route {request.method} {request.url.path}", "invalid_request_error", "not_found")
