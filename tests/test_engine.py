@@ -151,3 +151,17 @@ def test_device_sampling_and_greedy_stream_paths(bundle):
         assert dev.stats.finish_reason == host.stats.finish_reason and dev.stats.n_generated == host.stats.n_generated
         assert _DeviceSampling.streams >= 1
     assert dev.engine.kv.num_used == 0
+
+
+def test_sequence_backend_adapter_equals_the_native_backend(bundle):
+    """The TensorRT path's adapter (per-sequence session -> execute) over the ORT session."""
+    from edge.runtime.seq_backend import SequenceBackend
+
+    b = Bundle.open(bundle, verify=False)
+    tok = Tokenizer.from_bundle(b)
+    native = make_gen(bundle)
+    adapted = Generator(SequenceBackend(OrtDecoderSession(b, max_batch=4, prefill_chunk=8)), tok, b)
+    assert not adapted.engine.kv.prefix_cache  # declared: it cannot start after a cached prefix
+    p = SamplingParams(max_tokens=12, temperature=0)
+    streams = [adapted.submit(x, p) for x in PROMPTS[:6]]  # more than its 4 sequences: some wait
+    assert [s.text() for s in streams] == [native.generate(x, p) for x in PROMPTS[:6]]

@@ -58,9 +58,10 @@ def open_session(bundle, backend: str = "auto", *, max_batch: int = 1, max_conte
             raise BackendError(f"the cuda backend is not available ({e})", fix="pip install 'edge-rag[cuda]' on a machine with an NVIDIA GPU, or use --backend onnxruntime") from None
         return CudaDecoderSession(bundle, max_batch=max_batch, max_context=max_context)
     if backend == "tensorrt":  # untested here: see edge/runtime/trt_session.py
+        from edge.runtime.seq_backend import SequenceBackend
         from edge.runtime.trt_session import TrtDecoderSession
 
-        return TrtDecoderSession(bundle, max_batch=max_batch, max_context=max_context)
+        return SequenceBackend(TrtDecoderSession(bundle, max_batch=max_batch, max_context=max_context))
     from edge.runtime.ort_session import OrtDecoderSession
 
     return OrtDecoderSession(bundle, max_batch=max_batch, max_context=max_context, threads=threads)
