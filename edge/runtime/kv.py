@@ -156,9 +156,9 @@ class BlockManager:
         return out
 
     def _pick_region(self, hashes: list[int]) -> int:
-        """contiguous: the free region holding the longest prefix in place, else the least
-        recently freed."""
-        best, best_n = next(iter(self._free_regions)), -1
+        """contiguous: the free region holding the longest prefix in place, else the lowest
+        free one (running sequences in neighbouring regions batch into fewer backend calls)."""
+        best, best_n = min(self._free_regions), 0
         for r in self._free_regions:
             n = self._in_place(r, hashes)
             if n > best_n:
