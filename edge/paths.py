@@ -34,6 +34,18 @@ def index_dir(name: str = "default") -> Path:
     return d
 
 
+# The top-level profiles/ folder is the source; edge/profiles_data is a symlink to it, so that a
+# wheel carries the profiles as package data (setuptools copies the files through the link) and a
+# source checkout reads them through the same path.
+PACKAGED_PROFILES = Path(__file__).resolve().parent / "profiles_data"
+
+
 def profiles_dir() -> Path:
-    """Device profiles shipped with the project (override with $EDGE_RAG_PROFILES)."""
-    return Path(os.environ.get("EDGE_RAG_PROFILES", REPO_ROOT / "profiles"))
+    """Device profiles: $EDGE_RAG_PROFILES, else the package's profiles_data (a wheel install or a
+    checkout), else the checkout's profiles/ (a copy that lost the symlink)."""
+    forced = os.environ.get("EDGE_RAG_PROFILES")
+    if forced:
+        return Path(forced)
+    if PACKAGED_PROFILES.is_dir():
+        return PACKAGED_PROFILES
+    return REPO_ROOT / "profiles"
