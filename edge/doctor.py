@@ -104,6 +104,19 @@ def _runtime_probe() -> Any:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def _power_mode(profile: str | None) -> dict[str, Any] | None:
+    """The live nvpmodel mode against the profile's (None where nvpmodel is absent)."""
+    from edge.board import power_mode_check, query_nvpmodel
+
+    live = query_nvpmodel()
+    if live is None:
+        return None
+    try:
+        return power_mode_check(live, _profiles.load_profile(profile)) if profile else {"live": live.name, "live_id": live.id}
+    except Exception as e:  # a broken profile file must not break doctor
+        return {"live": live.name, "live_id": live.id, "error": str(e)}
+
+
 def diagnose() -> dict[str, Any]:
     """Everything `edge-rag doctor` reports, as a JSON-able dict."""
     import psutil
@@ -143,6 +156,9 @@ def diagnose() -> dict[str, Any]:
     }
     if profile_error:
         report["profile_error"] = profile_error
+    power = _power_mode(profile)
+    if power is not None:
+        report["power_mode"] = power
     probe = _runtime_probe()
     if probe is not None:
         report["cuda_runtime_probe"] = probe

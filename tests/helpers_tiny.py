@@ -12,6 +12,7 @@ ChatML chat template, built with the `tokenizers` library.
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,63 @@ def make_tiny_bundle(out: Path, model, recipe: str = "fp32", *, group_size: int 
         for f in ("tokenizer.json", "tokenizer_config.json"):
             w.add_file(f, Path(td) / f)
     return w.commit({"model": spec.to_dict(), "quant": quant, "limits": {"max_context": max_context, "max_batch": max_batch}})
+
+
+# ---- tiny sentence-transformers embedder (BERT) -------------------------------------------
+
+_WORDS = ("the robot battery error code charge dock lidar safety network firmware update map zone "
+          "speed stop field part number wheel belt motor sensor fleet server port value check "
+          "replace clean calibrate warning fault critical and or of to in is on at for with").split()
+
+
+def _tiny_vocab() -> list[str]:
+    """256 WordPiece entries: specials, characters, ## continuations, a few words."""
+    v = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + ".,;:!?-_()[]{}=+*/'\"#@%&<>")
+    v += chars + ["##" + c for c in string.ascii_lowercase + string.digits]
+    v += [w for w in _WORDS if w not in v]
+    i = 0
+    while len(v) < 256:  # pad with deterministic pseudo-words
+        v.append(f"w{i}")
+        i += 1
+    return v[:256]
+
+
+def make_tiny_st(root: Path, pooling: str, normalize: bool, max_seq_length: int = 48, seed: int = 0) -> Path:
+    """A seeded random BertModel (2 layers, hidden 64, vocab 256) saved as a sentence-transformers folder."""
+    import warnings
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    torch.manual_seed(seed)
+    hf = root / "hf"
+    hf.mkdir(parents=True)
+    (hf / "vocab.txt").write_text("\n".join(_tiny_vocab()) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(hf / "vocab.txt"), do_lower_case=True)
+    cfg = BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64, type_vocab_size=2)
+    model = BertModel(cfg)
+    with torch.no_grad():  # larger than the 0.02 init so that layers matter and texts differ
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(-0.1, 0.1)
+    model.save_pretrained(hf)
+    tok.save_pretrained(hf)
+    with warnings.catch_warnings():  # sentence-transformers 6 moved the module classes
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from sentence_transformers import models
+    mods = [models.Transformer(str(hf), max_seq_length=max_seq_length), models.Pooling(64, pooling_mode=pooling)]
+    if normalize:
+        mods.append(models.Normalize())
+    out = root / "st"
+    SentenceTransformer(modules=mods, device="cpu").save(str(out))
+    return out
+
+
+def make_tiny_embedder_bundle(out: Path, *, pooling: str = "mean", normalize: bool = True, seed: int = 0) -> Path:
+    """An embedder bundle (fp32) of a tiny seeded BERT sentence-transformers model, built in out's parent."""
+    from edge.build.encoder import build_embedder_bundle
+
+    st = make_tiny_st(Path(out).parent / f".{Path(out).name}-st", pooling, normalize, seed=seed)
+    return build_embedder_bundle(st, Path(out), progress=False)

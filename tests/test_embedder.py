@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -23,57 +22,10 @@ from edge.errors import BundleError, EdgeRagError, ModelError, UsageError
 from edge.models.bert import read_bert_folder
 from edge.runtime.embedder import Embedder, length_buckets
 
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers_tiny import _WORDS, make_tiny_st  # noqa: E402
+
 # ---- helpers --------------------------------------------------------------------------
-
-_WORDS = ("the robot battery error code charge dock lidar safety network firmware update map zone "
-          "speed stop field part number wheel belt motor sensor fleet server port value check "
-          "replace clean calibrate warning fault critical and or of to in is on at for with").split()
-
-
-def _tiny_vocab() -> list[str]:
-    """256 WordPiece entries: specials, characters, ## continuations, a few words."""
-    v = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    chars = list(string.ascii_lowercase + string.digits + ".,;:!?-_()[]{}=+*/'\"#@%&<>")
-    v += chars + ["##" + c for c in string.ascii_lowercase + string.digits]
-    v += [w for w in _WORDS if w not in v]
-    i = 0
-    while len(v) < 256:  # pad with deterministic pseudo-words
-        v.append(f"w{i}")
-        i += 1
-    return v[:256]
-
-
-def make_tiny_st(root: Path, pooling: str, normalize: bool, max_seq_length: int = 48, seed: int = 0) -> Path:
-    """A seeded random BertModel (2 layers, hidden 64, vocab 256) saved as a sentence-transformers folder."""
-    import warnings
-
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    torch.manual_seed(seed)
-    hf = root / "hf"
-    hf.mkdir(parents=True)
-    (hf / "vocab.txt").write_text("\n".join(_tiny_vocab()) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(hf / "vocab.txt"), do_lower_case=True)
-    cfg = BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=64, type_vocab_size=2)
-    model = BertModel(cfg)
-    with torch.no_grad():  # larger than the 0.02 init so that layers matter and texts differ
-        for p in model.parameters():
-            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(-0.1, 0.1)
-    model.save_pretrained(hf)
-    tok.save_pretrained(hf)
-    with warnings.catch_warnings():  # sentence-transformers 6 moved the module classes
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from sentence_transformers import models
-    mods = [models.Transformer(str(hf), max_seq_length=max_seq_length), models.Pooling(64, pooling_mode=pooling)]
-    if normalize:
-        mods.append(models.Normalize())
-    out = root / "st"
-    SentenceTransformer(modules=mods, device="cpu").save(str(out))
-    return out
-
 
 def varied_texts(n: int = 200, seed: int = 0) -> list[str]:
     """Short and long prose, code, numbers / part numbers, unicode, edge cases; deterministic."""

@@ -136,8 +136,9 @@ def derive_build_config(manifest: dict[str, Any], inputs: dict[str, list[int | s
     )
 
 
-def build_plan(bundle_path: Path, out_name: str = "model.plan") -> Path:  # pragma: no cover - needs TensorRT
-    """Parse model.trt.onnx, build a serialized engine for this GPU, write it into the bundle.
+def build_plan(bundle_path: Path, out: Path) -> Path:  # pragma: no cover - needs TensorRT
+    """Parse model.trt.onnx, build a serialized engine for this GPU, write it to `out` (the plan
+    cache: edge.runtime.trt_cache.ensure_plan; a bundle is never written to).
 
     UNTESTED on our machines (TensorRT is not installable there); written against the
     TensorRT 10 Python API documentation.
@@ -172,8 +173,8 @@ def build_plan(bundle_path: Path, out_name: str = "model.plan") -> Path:  # prag
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendError("TensorRT failed to build the engine (see the log above)")
-    out = bundle.path / out_name
-    tmp = out.with_suffix(".tmp")
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(bytes(serialized))
     tmp.replace(out)
     return out

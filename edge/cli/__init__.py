@@ -14,7 +14,7 @@ from edge.cli.app import app
 from edge.errors import EdgeRagError
 
 # Importing registers the commands. Keep each module's top-level imports light.
-from edge.cli import profiles_cmd, build_cmd, generate_cmd, rag_cmd, serve_cmd  # noqa: F401,E402
+from edge.cli import profiles_cmd, build_cmd, generate_cmd, rag_cmd, serve_cmd, deploy_cmd  # noqa: F401,E402
 
 
 def main(argv: list[str] | None = None) -> int:

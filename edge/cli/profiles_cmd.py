@@ -253,3 +253,9 @@ def doctor_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON f
         c.print(_head("cuda probe", f"{d['cuda_runtime_probe']}"))
     c.print(_head("profile", f"{d['profile'] or '?'}" + (f"  ({d['profile_error']})" if d.get("profile_error") else "")
             + ("  (`edge-rag profiles show " + d["profile"] + "`)" if d["profile"] else "")))
+    pm = d.get("power_mode")
+    if pm:
+        planned = f", profile plans {pm['profile_mode']}" if pm.get("profile_mode") else ""
+        c.print(_head("power mode", f"{pm['live']} (nvpmodel id {pm.get('live_id')}){planned}"))
+        if pm.get("warning"):
+            c.print(f"warning: {pm['warning']}")

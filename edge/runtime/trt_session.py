@@ -1,5 +1,5 @@
 """TensorRT backend: a DecoderSession over the bundle's `model.plan` (built from model.trt.onnx
-by edge.build.trt_plan on the device itself), run with execute_async_v3 and CuPy buffers.
+by edge.build.trt_plan on the device itself, into edge.runtime.trt_cache, never into the bundle), run with execute_async_v3 and CuPy buffers.
 
 UNTESTED: TensorRT is not installable on our development machines or CI; this is written
 against the TensorRT 10 Python API documentation and kept thin. What it relies on is tested
@@ -16,6 +16,7 @@ the CUDA backend is the batched GPU path).
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -33,7 +34,7 @@ class TrtDecoderSession:
         except ImportError as e:
             raise BackendError(f"the tensorrt backend needs TensorRT and CuPy ({e})",
                                fix="on a Jetson: JetPack 6 ships TensorRT; pip install 'edge-rag[cuda]'") from None
-        from edge.build.trt_plan import build_plan
+        from edge.runtime.trt_cache import ensure_plan
 
         self._cp = cp
         spec = bundle.spec
@@ -42,14 +43,14 @@ class TrtDecoderSession:
         self.max_context = int(max_context or limits.get("max_context") or spec.max_position)
         self.vocab_size = spec.vocab_size
         self._n_layers = spec.n_layers
-        plan = bundle.path / "model.plan"
-        if not plan.is_file():
-            build_plan(bundle.path)  # minutes on a Jetson; cached in the bundle afterwards
+        # The plan lives in a cache outside the read-only bundle (edge.runtime.trt_cache): built on
+        # the first load for this TensorRT and GPU (minutes on a Jetson), checksummed, reused after.
+        plan = ensure_plan(bundle, log=lambda m: print(f"edge-rag: {m}", file=sys.stderr))
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._engine = trt.Runtime(self._logger).deserialize_cuda_engine(plan.read_bytes())
         if self._engine is None:
             raise BackendError(f"{plan}: TensorRT could not load the plan (built by another TensorRT version or GPU?)",
-                               fix=f"delete {plan} to rebuild it here")
+                               fix=f"delete {plan.parent} to rebuild it here")
         self._stream = cp.cuda.Stream(non_blocking=True)
         self._ctx = []
         for profile in range(self._engine.num_optimization_profiles):

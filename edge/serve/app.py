@@ -8,6 +8,7 @@
     POST /v1/embeddings          {"input": "text" | ["text", ...]}
     POST /v1/ask                 {"question", "k", "mode", "max_tokens", "stream"}: retrieval over the
                                   collection, the answer and its numbered sources (`edge-rag ask --json`)
+    GET  /metrics                Prometheus text: tokens, queue, KV blocks, memory, temperatures, power
 
 `"stream": true` answers with server-sent events (`data: {...}` lines, then `data: [DONE]`), as
 OpenAI's API does; a streamed `ask` sends `{"delta": ...}` events, then `{"answer": {...}}`.
@@ -115,6 +116,9 @@ def create_app(runtime: Any):
     # retrieval and the embedder (the runtime's own lock, which its ask() takes for retrieval);
     # generation runs on the engine without it
     lock = getattr(runtime, "lock", None) or threading.RLock()
+    from edge.serve.metrics import ServeMetrics, metrics_route
+
+    metrics = ServeMetrics(runtime)  # GET /metrics (edge/serve/metrics.py)
     done = object()
 
     def locked(fn, *a: Any, **kw: Any):
@@ -176,6 +180,7 @@ def create_app(runtime: Any):
         """Map our errors to JSON responses: user mistakes 400, everything else 500 (logged)."""
 
         async def endpoint(request: Request):
+            metrics.count(request.url.path)
             try:
                 return await fn(request)
             except ContextLengthError as e:
@@ -317,5 +322,6 @@ def create_app(runtime: Any):
         Route("/v1/completions", guarded(completions), methods=["POST"]),
         Route("/v1/embeddings", guarded(embeddings), methods=["POST"]),
         Route("/v1/ask", guarded(ask), methods=["POST"]),
+        metrics_route(metrics),
     ]
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed})
