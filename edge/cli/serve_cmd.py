@@ -39,18 +39,37 @@ def serve(
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="Embedder bundle (default: the collection's)"),
     backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, cuda or tensorrt (untested)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for onnxruntime (default: all cores)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGE_RAG_API_KEY", show_envvar=True,
+                                          help="Require `Authorization: Bearer KEY` on every request"),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without an API key"),
+    max_body: str = typer.Option("1MB", "--max-body", help="Largest request body (larger: 413)"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on max_tokens per request (default: the engine's context)"),
+    max_embed_inputs: int = typer.Option(256, "--max-embed-inputs", help="Most texts in one /v1/embeddings request"),
+    max_embed_chars: int = typer.Option(16384, "--max-embed-chars", help="Longest text in /v1/embeddings"),
+    deadline: float = typer.Option(300.0, "--deadline", help="Seconds a request may generate before it is cut"),
 ) -> None:
     """Serve the engines over HTTP: OpenAI-compatible /v1/chat/completions, /v1/completions,
     /v1/embeddings and /v1/models, plus /v1/ask (answer + sources from the collection) and /health.
-    Requests run one at a time."""
+    Loopback only unless --api-key (or --insecure) is given; requests run one at a time."""
     from edge.cli.rag_cmd import _embedder
     from edge.paths import collection_exists
+    from edge.profiles import parse_size
+    from edge.serve.guard import Limits, check_bind
 
     from edge.cli.generate_cmd import _generator
 
+    warning = check_bind(host, api_key, insecure)
+    asked = {"max_body_bytes": int(parse_size(max_body)), "max_tokens": max_tokens, "max_embed_inputs": max_embed_inputs,
+             "max_embed_chars": max_embed_chars, "deadline_s": deadline, "api_key": api_key or None}
+    Limits(**{k: v for k, v in asked.items() if v is not None}).check()  # a bad limit fails before loading engines
     _check_port(host, port)
-    emb, _ = _embedder(embedder, collection)
+    emb, _ = _embedder(embedder, collection)  # verifies every artifact of the embedder bundle
     gen = _generator(engine, backend, threads)  # loaded (or built) before accepting requests
+    if getattr(gen, "bundle", None) is not None:
+        gen.bundle.verify()  # every artifact, not only the graph the backend loaded
+    if max_tokens is not None:
+        asked["max_tokens"] = min(max_tokens, int(gen.max_context))
+    limits = Limits.for_generator(gen, **asked)  # max_tokens defaults to the engine's context
     if collection_exists(collection):
         from edge.runtime.host import EdgeRuntime
 
@@ -65,6 +84,9 @@ def serve(
 
     from edge.serve.app import create_app
 
-    print(f"edge-rag serving on http://{host}:{port}  (collection '{collection}'; Ctrl-C stops)", file=sys.stderr)
+    if warning:
+        print(warning, file=sys.stderr)
+    print(f"edge-rag serving on http://{host}:{port}  (collection '{collection}'; max_tokens <= {limits.max_tokens}, "
+          f"body <= {limits.max_body_bytes} bytes, deadline {limits.deadline_s:g} s; Ctrl-C stops)", file=sys.stderr)
     # Ctrl-C / SIGTERM: stop within a few seconds even with a stream open
-    uvicorn.run(create_app(rt), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(create_app(rt, limits), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -13,7 +13,9 @@
 `"stream": true` answers with server-sent events (`data: {...}` lines, then `data: [DONE]`), as
 OpenAI's API does; a streamed `ask` sends `{"delta": ...}` events, then `{"answer": {...}}`.
 Errors are JSON `{"error": {"message", "type", "code"}}`: 400 for a bad request (the message says
-what to change), 404 for an unknown route, 500 for a failure of ours.
+what to change), 401 without the API key, 404 for an unknown route, 413 for a body over the limit,
+415 for a body that is not `application/json`, 500 for a failure of ours. Access, size limits and
+field checks live in edge.serve.guard (limits defaulted from the plan, set by `edge-rag serve`).
 
 Generation goes through the engine core (edge.runtime.engine): concurrent requests are batched
 step by step, nothing holds a lock across a generation; a client that disconnects (streamed or
@@ -33,14 +35,12 @@ import uuid
 from typing import Any, Iterator
 
 from edge.errors import ContextLengthError, EdgeRagError, IndexError_, UsageError
+from edge.serve import guard
+from edge.serve.guard import BadRequest, Limits
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
 ROLES = ("system", "user", "assistant")
 FINISH = {"stop": "stop", "length": "length", "context": "length"}  # GenerationStats -> OpenAI
-
-
-class BadRequest(UsageError):
-    """A request the API cannot take (400)."""
 
 
 class _Cancelled(Exception):
@@ -50,6 +50,7 @@ class _Cancelled(Exception):
 def _error(status: int, message: str, kind: str, code: str | None = None):
     from starlette.responses import JSONResponse
 
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a client's lone surrogate, echoed
     return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
 
 
@@ -105,10 +106,12 @@ class ModelsRuntime:
     ask = search
 
 
-def create_app(runtime: Any):
+def create_app(runtime: Any, limits: Limits | None = None):
     """The Starlette app over `runtime` (an EdgeRuntime with its generator loaded, or anything with .generator, .embedder,
-    .ask(question, k=, mode=, max_tokens=, on_token=) and .collection)."""
+    .ask(question, k=, mode=, max_tokens=, on_token=) and .collection), behind the Guard with
+    `limits` (default: from the generator's plan)."""
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
@@ -131,15 +134,21 @@ def create_app(runtime: Any):
 
         return run_in_threadpool(call)
 
-    def streamed(produce) -> Iterator[Any]:
+    limits = limits or Limits.for_generator(runtime.generator)
+
+    def streamed(produce, deadline: float | None = None) -> Iterator[Any]:
         """Items that `produce(emit, cancelled)` emits on its own thread. A client that
-        disconnects mid-stream leaves a producer that stops at its next item (cancelled)."""
+        disconnects mid-stream, or the request's deadline, leaves a producer that stops at its
+        next item (cancelled)."""
         q: queue.Queue = queue.Queue()
         cancel = threading.Event()
 
+        def cancelled() -> bool:
+            return cancel.is_set() or (deadline is not None and time.monotonic() > deadline)
+
         def work() -> None:
             try:
-                produce(q.put, cancel.is_set)
+                produce(q.put, cancelled)
             except Exception as e:  # reported in the stream: the 200 has gone out already
                 q.put({"error": {"message": str(e) if isinstance(e, EdgeRagError) else f"{type(e).__name__}: {e}",
                                  "type": "server_error"}})
@@ -152,28 +161,33 @@ def create_app(runtime: Any):
         finally:
             cancel.set()
 
-    async def until_done_or_gone(request: Request, rs) -> str:
-        """The whole text of a non-streamed request; aborts it if the client disconnects first."""
+    async def until_done_or_gone(request: Request, rs) -> tuple[str, bool]:
+        """The whole text of a non-streamed request, and whether it was cut: aborted when the
+        client disconnects or the request's deadline passes first."""
         import asyncio
 
         from starlette.concurrency import run_in_threadpool
 
         task = asyncio.ensure_future(run_in_threadpool(rs.text))
         while True:
-            finished, _ = await asyncio.wait({task}, timeout=0.25)
+            d = _deadline(request)
+            finished, _ = await asyncio.wait({task}, timeout=0.25 if d is None else max(0.0, min(0.25, d - time.monotonic())))
             if finished:
-                return task.result()
-            if await request.is_disconnected():
+                return task.result(), False
+            if await request.is_disconnected() or _expired(request):
                 rs.close()  # abort: frees the request's KV blocks at the engine's next step
-                return await task
+                return await task, True
 
     async def body_of(request: Request) -> dict:
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
             raise BadRequest("the request body is not valid JSON") from None
+        except RecursionError:
+            raise BadRequest("the request body nests too deeply") from None
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
+        guard.check_text(body)
         return body
 
     def guarded(fn):
@@ -215,11 +229,11 @@ def create_app(runtime: Any):
 
         rs = gen.submit(prompt, params)  # a bad prompt raises here: a 400, not a broken stream
         if not stream:
-            text = await until_done_or_gone(request, rs)
+            text, cut = await until_done_or_gone(request, rs)
             st = stats_of(rs.request)
             if rs.request.finish_reason == "error":
                 raise rs.request.error
-            finish = FINISH.get(st.finish_reason, "stop")
+            finish = "length" if cut else FINISH.get(st.finish_reason, "stop")
             c = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if kind == "chat"
                  else {"index": 0, "text": text, "finish_reason": finish})
             usage = {"prompt_tokens": st.n_prompt, "completion_tokens": st.n_generated, "total_tokens": st.n_prompt + st.n_generated}
@@ -239,14 +253,15 @@ def create_app(runtime: Any):
                 rs.close()  # the client left: abort (frees the KV blocks)
             emit(head | {"choices": [choice(None, FINISH.get(stats_of(rs.request).finish_reason, "stop"), first)]})
 
-        return StreamingResponse(_sse(streamed(produce)), media_type="text/event-stream")
+        return StreamingResponse(_sse(streamed(produce, _deadline(request))), media_type="text/event-stream")
 
     async def chat_completions(request: Request):
-        body = await body_of(request)
+        body = guard.check_sampling(await body_of(request), limits)
+        guard.check_messages(body, limits)
         return await generate(request, chat_messages(body), sampling_params(body), bool(body.get("stream")), "chat")
 
     async def completions(request: Request):
-        body = await body_of(request)
+        body = guard.check_sampling(await body_of(request), limits)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
@@ -256,14 +271,13 @@ def create_app(runtime: Any):
 
     async def embeddings(request: Request):
         body = await body_of(request)
-        texts = body.get("input")
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
-            raise BadRequest("'input' must be a non-empty string or a list of them")
+        texts = guard.check_embed_input(body.get("input"), limits)
         emb = runtime.embedder
         vecs, n_tok = await locked(lambda: (emb.embed(texts), sum(emb.count_tokens(t) for t in texts) if hasattr(emb, "count_tokens") else 0))
         data = [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vecs)]
+        if sum(map(len, texts)) > 100_000:
+            del vecs
+            guard.trim_memory()  # a large batch's buffers go back to the OS
         return JSONResponse({"object": "list", "data": data, "model": _model_id(emb, "embedder"),
                              "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}})
 
@@ -272,13 +286,23 @@ def create_app(runtime: Any):
         question = body.get("question")
         if not isinstance(question, str) or not question.strip():
             raise BadRequest("'question' must be a non-empty string")
-        kw = {"k": body.get("k", 5), "mode": body.get("mode", "hybrid"), "max_tokens": body.get("max_tokens", 256)}
-        if not isinstance(kw["k"], int) or not isinstance(kw["max_tokens"], int) or kw["max_tokens"] < 1:
-            raise BadRequest("'k' and 'max_tokens' must be integers >= 1")
+        kw = guard.check_ask(body, limits)
         if not body.get("stream"):
             from starlette.concurrency import run_in_threadpool
 
-            ans = await run_in_threadpool(runtime.ask, question, **kw)
+            watch = guard.Watch(request)  # the deadline, or a client that gives up, stops generating
+
+            def on_token(t: str) -> None:
+                if watch.cancelled():
+                    raise _Cancelled
+
+            try:
+                ans = await run_in_threadpool(runtime.ask, question, on_token=on_token, **kw)
+            except _Cancelled:
+                return _error(408 if watch.expired() else 499, "the request was cancelled (deadline or client gone)",
+                              "timeout", "cancelled")
+            finally:
+                watch.close()
             return JSONResponse(ans.to_dict())
         await locked(runtime.search, question, k=kw["k"], mode=kw["mode"])  # bad k / mode / no collection: a 400 now
 
@@ -294,7 +318,7 @@ def create_app(runtime: Any):
                 return
             emit({"answer": ans.to_dict()})
 
-        return StreamingResponse(_sse(streamed(produce)), media_type="text/event-stream")
+        return StreamingResponse(_sse(streamed(produce, _deadline(request))), media_type="text/event-stream")
 
     # the runtime is handed over with its generator loaded (edge-rag serve loads it first)
     ids = {"generator": _model_id(runtime.generator, "generator"), "embedder": _model_id(runtime.embedder, "embedder")}
@@ -324,4 +348,14 @@ def create_app(runtime: Any):
         Route("/v1/ask", guarded(ask), methods=["POST"]),
         metrics_route(metrics),
     ]
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed})
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed},
+                     middleware=[Middleware(guard.Guard, limits=limits)])
+
+
+def _deadline(request: Any) -> float | None:
+    return (request.scope.get("state") or {}).get("deadline")
+
+
+def _expired(request: Any) -> bool:
+    d = _deadline(request)
+    return d is not None and time.monotonic() > d
