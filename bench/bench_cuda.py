@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.random_bundle import CONFIGS, make_random_bundle  # noqa: E402
-from edge.build.bundle import Bundle  # noqa: E402
+from edge.bundle import Bundle  # noqa: E402
 from edge.quant.policy import bytes_read_per_token  # noqa: E402
 
 PROMPT, NEW = 128, 128
@@ -257,7 +257,7 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
 
     b = Bundle.open(path, kind="generator", verify=False)
     spec = b.spec
-    recipe, group = b.manifest["quant"]["recipe"], b.manifest["quant"]["group_size"] or 128
+    recipe, group = b.manifest.quant.recipe, b.manifest.quant.group_size or 128
     is_1b = name == "llama-3.2-1b"
     t0 = time.perf_counter()
     sess = CudaDecoderSession(b, max_batch=16 if is_1b else 1, max_context=2304 if is_1b else 512)

@@ -55,7 +55,7 @@ def peak_rss_mib() -> float:
 
 # ---- workers: each returns {"decode_tok_s", "prefill_tok_s", "ttft_s", "peak_rss_mib", ...} -------------
 def worker_edge(args) -> dict:
-    from edge.build.bundle import Bundle
+    from edge.bundle import Bundle
     from edge.runtime.ort_session import OrtDecoderSession
     from edge.runtime.tokenizer import Tokenizer
 
@@ -90,9 +90,9 @@ def worker_edge(args) -> dict:
     _, f = prefill(DECODE_PROMPT)
     dt = decode(f, NEW_TOKENS)
     sess.release(0)
-    q = bundle.manifest.get("quant", {})
+    q = bundle.manifest.quant
     return {"decode_tok_s": NEW_TOKENS / dt, "prefill_tok_s": PROMPT_TOKENS / min(ttfts), "ttft_s": min(ttfts),
-            "peak_rss_mib": peak_rss_mib(), "decode_cpu_ms_per_tok": 1e3 * CPU["decode"] / NEW_TOKENS, "quant": f"{q.get('recipe')}-g{q.get('group_size')}-{q.get('method', '')}", "backend": "onnxruntime"}
+            "peak_rss_mib": peak_rss_mib(), "decode_cpu_ms_per_tok": 1e3 * CPU["decode"] / NEW_TOKENS, "quant": f"{q.recipe}-g{q.group_size}-{q.method}", "backend": "onnxruntime"}
 
 
 def worker_llamacpp(args) -> dict:
@@ -228,12 +228,12 @@ def main() -> None:
         print(json.dumps({**base, "figure": "decode_cpu_ms_per_tok", "value": round(res["decode_cpu_ms_per_tok"], 2)}))
         if name == "edge-rag":
             try:
-                from edge.build.bundle import Bundle
+                from edge.bundle import Bundle
                 from edge.quant.policy import bytes_read_per_token
 
                 m = Bundle.open(args.engine, verify=False)
-                q = m.manifest.get("quant", {})
-                bpt = bytes_read_per_token(m.spec, q.get("recipe", "int4"), q.get("group_size") or 128)
+                q = m.manifest.quant
+                bpt = bytes_read_per_token(m.spec, q.recipe, q.group_size or 128)
                 print(json.dumps({**base, "figure": "weight_bytes_per_token_x_tok_s_gb_s", "value": round(bpt * res["decode_tok_s"] / 1e9, 2)}))
             except Exception:  # noqa: BLE001 - informational only
                 pass

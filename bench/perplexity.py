@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge.build.bundle import Bundle  # noqa: E402
+from edge.bundle import Bundle  # noqa: E402
 from edge.quant.calib import CALIB_FRACTION, heldout_text  # noqa: E402
 
 VARIANTS = (  # label, quant, method
@@ -55,8 +55,8 @@ def build_variants(model: str, workdir: Path, group_size: int, rebuild: bool) ->
         ok = False
         if path.is_dir() and not rebuild:
             try:
-                q = Bundle.open(path, verify=False).manifest["quant"]
-                ok = q["recipe"] == quant and q.get("method") == method and (quant != "int4" or q["group_size"] == group_size)
+                q = Bundle.open(path, verify=False).manifest.quant
+                ok = q.recipe == quant and q.method == method and (quant != "int4" or q.group_size == group_size)
             except Exception:  # noqa: BLE001 - rebuild anything unreadable
                 ok = False
         if not ok:
@@ -155,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
             m = Bundle.open(bundles[label], verify=False).manifest
             rows.append({
                 "bench": "perplexity",
-                "model": m["model"]["name"],
+                "model": m.model["name"],
                 "variant": label,
                 "recipe": quant,
-                "group_size": m["quant"]["group_size"],
-                "method": m["quant"]["method"],
-                "accuracy_level": m["quant"].get("accuracy_level"),
+                "group_size": m.quant.group_size,
+                "method": m.quant.method,
+                "accuracy_level": m.quant.accuracy_level,
                 "backend": backend,
                 "heldout": f"pydoc_data.topics, last {100 - int(CALIB_FRACTION * 100)}% of sorted keys",
                 "tokens_scored": int(nll.size),

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge.build.bundle import BundleWriter  # noqa: E402
+from edge.bundle import BundleWriter, Limits, Manifest, Quant  # noqa: E402
 from edge.models.spec import ModelSpec, spec_from_hf_config  # noqa: E402
 from edge.quant.format import quantize_int4_rtn, quantize_int8_rtn  # noqa: E402
 from edge.quant.policy import linear_modules, module_precision  # noqa: E402
@@ -115,8 +115,9 @@ def random_weights(spec: ModelSpec, recipe: str, group_size: int = 128, *, seed:
 def write_bundle(out: Path, spec: ModelSpec, weights: dict[str, np.ndarray], recipe: str, group_size: int, *, max_context: int = 2048, max_batch: int = 16) -> Path:
     w = BundleWriter(Path(out), "generator")
     w.write_weights(weights)
-    quant = {"recipe": recipe, "group_size": group_size if recipe == "int4" else 0}
-    return w.commit({"model": spec.to_dict(), "quant": quant, "limits": {"max_context": max_context, "max_batch": max_batch}, "random_weights": True})
+    quant = Quant(recipe=recipe, group_size=group_size if recipe == "int4" else 0, method="rtn" if recipe in ("int4", "int8") else "none")
+    return w.commit(Manifest(kind="generator", model=spec.to_dict(), quant=quant,
+                             limits=Limits(max_context=max_context, max_batch=max_batch), random_weights=True))
 
 
 def make_random_bundle(config: str | dict, out: Path, *, recipe: str = "int4", group_size: int = 128, seed: int = 0, max_context: int = 2048, max_batch: int = 16) -> Path:

@@ -92,7 +92,7 @@ def _greedy_fp32(spec, weights, ids: list[int]) -> tuple[list[int], list[float]]
 
 def _acc0_bundle(bundle_dir: Path, work: Path):
     """A copy of the bundle whose ORT graph runs MatMulNBits at accuracy_level 0 (fp32 activations)."""
-    from edge.build.bundle import Bundle
+    from edge.bundle import Bundle
     from edge.build.onnx_decoder import build_decoder_onnx
     from safetensors.numpy import load_file
 
@@ -104,7 +104,7 @@ def _acc0_bundle(bundle_dir: Path, work: Path):
         if p.is_file() and p.name != "model.ort.onnx" and not p.name.endswith(SKIP_SUFFIXES):
             (work / p.name).symlink_to(p.resolve())
     w = load_file(str(b.file("weights.safetensors")))
-    build_decoder_onnx(b.spec, w, b.manifest["quant"], work, "ort", max_context=b.manifest["limits"]["max_context"], accuracy_level=0)
+    build_decoder_onnx(b.spec, w, b.manifest.quant, work, "ort", max_context=b.limits.max_context, accuracy_level=0)
     return Bundle.open(work, kind="generator", verify=False)
 
 
@@ -112,7 +112,7 @@ def greedy_cpu(bundle_dir: Path, work: Path) -> dict:
     """Greedy NEW_TOKENS tokens of each prompt on the onnxruntime engine as built (MatMulNBits
     accuracy_level 4: int8-quantized activations), on the same engine at accuracy_level 0 (fp32
     activations) and with the float32 numpy reference forward."""
-    from edge.build.bundle import Bundle
+    from edge.bundle import Bundle
     from edge.runtime.generator import Generator
     from edge.runtime.ort_session import OrtDecoderSession
     from safetensors.numpy import load_file
@@ -133,19 +133,19 @@ def greedy_cpu(bundle_dir: Path, work: Path) -> dict:
                      "text": tok.decode(out)})
         agree = [sum(a == c for a, c in zip(x, out32)) for x in (out, out0)]
         print(f"{i}: {len(ids)} prompt tokens -> {tok.decode(out)[:60]!r}; tokens equal to fp32 greedy: acc4 {agree[0]}, acc0 {agree[1]}", flush=True)
-    q = b.manifest.get("quant", {})
+    q = b.manifest.quant
     return {
         "what": "greedy tokens of the CPU (onnxruntime) engine; reference for tests/test_cuda_smollm2.py",
         "build": BUILD_CMD,
         "engine": "onnxruntime " + __import__("onnxruntime").__version__,
-        "tokens": "the engine as built (MatMulNBits accuracy_level %s: int8 activations)" % q.get("accuracy_level"),
+        "tokens": "the engine as built (MatMulNBits accuracy_level %s: int8 activations)" % q.accuracy_level,
         "tokens_acc0": "the same ORT graph rebuilt with accuracy_level 0 (fp32 activations)",
         "tokens_fp32": "float32 numpy reference forward (edge.runtime.cuda.reference), no KV cache",
-        "quant": {k: q.get(k) for k in ("recipe", "group_size", "method")},
+        "quant": {k: getattr(q, k) for k in ("recipe", "group_size", "method")},
         "prompt_format": "chat template: Tokenizer.encode_chat([{'role': 'user', 'content': prompt}]), generation prompt added",
         "new_tokens": NEW_TOKENS,
         "stop_tokens": "ignored (always NEW_TOKENS tokens)",
-        "weights_file_sha256": b.manifest["artifacts"]["weights.safetensors"]["sha256"],
+        "weights_file_sha256": b.manifest.artifacts["weights.safetensors"].sha256,
         "tensor_sha256": tensor_hashes(weights),
         "runs": runs,
     }
@@ -165,7 +165,9 @@ def rebuild(gguf: Path, skel: Path, ref: dict, out: Path) -> dict:
     """Weights from the GGUF through the build's RTN quantizer; checked against the CPU hashes."""
     from safetensors.numpy import save_file
 
-    from edge.build.bundle import sha256_file
+    from dataclasses import replace
+
+    from edge.bundle import Artifact, read_manifest, sha256_file
     from edge.models.checkpoint import load_checkpoint
     from edge.quant.quantize import quantize_model
 
@@ -180,13 +182,12 @@ def rebuild(gguf: Path, skel: Path, ref: dict, out: Path) -> dict:
         shutil.rmtree(out)
     shutil.copytree(skel, out)
     save_file(tensors, str(out / "weights.safetensors"))
-    manifest = json.loads((out / "manifest.json").read_text())
-    arts = {k: v for k, v in manifest["artifacts"].items() if (out / k).is_file()}
+    manifest = read_manifest(out)
+    arts = {k: v for k, v in manifest.artifacts.items() if (out / k).is_file()}
     w = out / "weights.safetensors"
     file_sha = sha256_file(w)
-    arts["weights.safetensors"] = {"sha256": file_sha, "bytes": w.stat().st_size}
-    manifest["artifacts"] = arts
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    arts["weights.safetensors"] = Artifact(file_sha, w.stat().st_size)
+    (out / "manifest.json").write_text(replace(manifest, artifacts=arts).to_json())
     return {"figure": "smollm2_rebuild", "tensors": len(got), "tensors_differing": differ[:20], "n_differing": len(differ),
             "weights_file_identical": file_sha == ref["weights_file_sha256"], "numpy": np.__version__}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge.build.bundle import Bundle
+from edge.bundle import Bundle
 from edge.errors import BundleError
 from edge.paths import engines_dir
 

@@ -167,12 +167,12 @@ def make_tiny_bundle(out: Path, model, recipe: str = "fp32", *, group_size: int 
     """Write a generator bundle for `model` with the ONNX forms requested."""
     import tempfile
 
-    from edge.build.bundle import BundleWriter
+    from edge.bundle import BundleWriter, Limits, Manifest, Quant
     from edge.build.onnx_decoder import build_decoder_onnx
 
     spec = hf_spec(model)
     weights = bundle_weights(model, recipe, group_size)
-    quant = {"recipe": recipe, "group_size": group_size if recipe == "int4" else 0}
+    quant = Quant(recipe=recipe, group_size=group_size if recipe == "int4" else 0, method="rtn" if recipe in ("int4", "int8") else "none")
     w = BundleWriter(Path(out), "generator")
     for form in forms:
         build_decoder_onnx(spec, weights, quant, w.tmp, form, accuracy_level=accuracy_level)
@@ -181,7 +181,8 @@ def make_tiny_bundle(out: Path, model, recipe: str = "fp32", *, group_size: int 
         make_tokenizer_files(Path(td))
         for f in ("tokenizer.json", "tokenizer_config.json"):
             w.add_file(f, Path(td) / f)
-    return w.commit({"model": spec.to_dict(), "quant": quant, "limits": {"max_context": max_context, "max_batch": max_batch}})
+    return w.commit(Manifest(kind="generator", model=spec.to_dict(), quant=quant,
+                             limits=Limits(max_context=max_context, max_batch=max_batch)))
 
 
 # ---- tiny sentence-transformers embedder (BERT) -------------------------------------------

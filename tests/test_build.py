@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from edge.build.bundle import Bundle
+from edge.bundle import Bundle
 from edge.errors import BundleError
 from tiny_checkpoints import make_checkpoint, write_gguf
 
@@ -24,16 +24,20 @@ def test_build_int4_awq_bundle_verifies_and_refuses_a_flipped_byte(tiny_llama, t
     out = build_generator_bundle(tiny_llama, tmp_path / "gen", profile="orin-nano-8gb", quant="int4", group_size=32, progress=False)
     b = Bundle.open(out, kind="generator")
     m = b.manifest
-    assert {"weights.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(m["artifacts"])
+    assert {"weights.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(m.artifacts)
     assert b.spec.n_layers == 2 and b.spec.tie_embeddings
-    q = m["quant"]
-    assert (q["recipe"], q["group_size"], q["awq"], q["method"]) == ("int4", 32, True, "awq+gptq")
-    assert q["policy"]["lm_head"] == "int8" and q["policy"]["tied_lm_head_copy"]
-    assert len(q["report"]["layers"]) == 2 * 7 + 1
-    assert m["profile"] == "orin-nano-8gb" and m["plan"]["profile"] == "orin-nano-8gb"
-    assert m["limits"]["max_context"] == 256 and m["limits"]["max_batch"] >= 1  # tiny model: max_position 256
-    assert m["calibration"]["tokens"] > 0 and "pydoc_data" in m["calibration"]["source"]
-    assert len(m["source"]["config_sha256"]) == 64
+    q = m.quant
+    assert (q.recipe, q.group_size, q.awq, q.method) == ("int4", 32, True, "awq+gptq")
+    assert q.policy["lm_head"] == "int8" and q.policy["tied_lm_head_copy"]
+    assert len(q.report["layers"]) == 2 * 7 + 1
+    assert m.profile == "orin-nano-8gb" and m.plan["profile"] == "orin-nano-8gb"
+    lim = m.limits  # tiny model: max_position 256; the plan's KV budget, capped at max_batch sequences
+    assert lim.max_context == 256 and 1 <= lim.max_batch <= 8 and lim.kv_block_size == 16 and lim.kv_dtype == "fp16"
+    assert lim.kv_blocks == lim.max_batch * 256 // 16
+    row = next(r for r in m.plan["options"] if r["quant"] == "int4" and r["group_size"] == 32)
+    assert m.planned_weight_bytes == row["weight_bytes"]
+    assert m.calibration["tokens"] > 0 and "pydoc_data" in m.calibration["source"]
+    assert len(m.source["config_sha256"]) == 64
     tcfg = json.loads((out / "tokenizer_config.json").read_text())
     assert tcfg["eos_token_id"] == 259 and tcfg["chat_template"]
     w = b.load_weights()
@@ -57,7 +61,7 @@ def test_fp32_bundle_reproduces_the_checkpoint(tiny_llama, tmp_path):
 
     out = build_generator_bundle(tiny_llama, tmp_path / "gen", profile="cpu", quant="fp32", progress=False)
     m = Bundle.open(out).manifest
-    assert m["quant"]["recipe"] == "fp32" and m["calibration"] is None
+    assert m.quant.recipe == "fp32" and m.calibration is None and m.planned_weight_bytes is None
     spec, w = load_checkpoint(tiny_llama)
     bw = dequantize_tensors(Bundle.open(out).load_weights())
     assert set(bw) == set(w) and all(np.array_equal(bw[k], w[k]) for k in w)
@@ -73,8 +77,8 @@ def test_auto_takes_the_plan_recommendation(tiny_llama, tmp_path):
     out = build_generator_bundle(tiny_llama, tmp_path / "gen", profile="orin-nano-8gb", quant="auto", context=128, progress=False)
     m = Bundle.open(out).manifest
     rec = plan_model(read_spec(tiny_llama), "orin-nano-8gb", context=128).recommendation
-    assert m["quant"]["recipe"] == rec.quant and m["quant"]["requested"] == "auto"
-    assert m["limits"]["max_context"] == 128 and m["plan"]["request"]["context"] == 128
+    assert m.quant.recipe == rec.quant and m.quant.requested == "auto"
+    assert m.limits.max_context == 128 and m.plan["request"]["context"] == 128
 
 
 def _cli(args, capsys):
@@ -92,7 +96,8 @@ def test_cli_build_tiny_model(tiny_llama, tmp_path, capsys):
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["quant"]["recipe"] == "int8" and summary["quant"]["method"] == "rtn"
-    assert Bundle.open(out).manifest["quant"]["recipe"] == "int8"
+    assert Bundle.open(out).manifest.quant.recipe == "int8"
+    assert summary["limits"]["kv_blocks"] >= summary["limits"]["max_context"] // 16
 
 
 def test_cli_build_rtn_with_calib_file(tiny_llama, tmp_path, capsys):
@@ -103,7 +108,7 @@ def test_cli_build_rtn_with_calib_file(tiny_llama, tmp_path, capsys):
                          "--rtn", "--calib", str(calib), "--out", str(out), "--quiet"], capsys)
     assert code == 0, err
     m = Bundle.open(out).manifest
-    assert (m["quant"]["awq"], m["quant"]["group_size"], m["calibration"]["source"]) == (False, 64, str(calib))
+    assert (m.quant.awq, m.quant.group_size, m.calibration["source"]) == (False, 64, str(calib))
 
 
 @pytest.mark.slow  # transformers' GGUF tokenizer conversion: ~7 s
@@ -113,8 +118,8 @@ def test_cli_build_gguf(tmp_path, capsys):
     code, _, err = _cli(["build", "--model", str(path), "--profile", "cpu", "--quant", "int4", "--out", str(out), "--quiet"], capsys)
     assert code == 0, err
     m = Bundle.open(out).manifest
-    assert m["source"]["format"] == "gguf" and len(m["source"]["sha256"]) == 64
-    assert m["quant"]["group_size"] == 128  # the largest group that tiles hidden 256
+    assert m.source["format"] == "gguf" and len(m.source["sha256"]) == 64
+    assert m.quant.group_size == 128  # the largest group that tiles hidden 256
     assert json.loads((out / "tokenizer_config.json").read_text())["source"] == "gguf"
 
 
@@ -167,11 +172,11 @@ def test_cli_dispatches_sentence_transformers_folders(tmp_path, monkeypatch, cap
     calls = []
 
     def fake_build(model_dir, out, *, quant="fp32", progress=True):
-        from edge.build.bundle import BundleWriter
+        from edge.bundle import BundleWriter, Manifest, Quant
 
         calls.append((model_dir, quant))
         w = BundleWriter(out, "embedder")
-        return w.commit({})
+        return w.commit(Manifest(kind="embedder", model={}, quant=Quant("fp32")))
 
     monkeypatch.setattr(encoder, "build_embedder_bundle", fake_build)
     code, _, err = _cli(["build", "--model", str(folder), "--out", str(tmp_path / "emb"), "--quiet"], capsys)

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.random_bundle import random_weights, tiny_config, write_bundle  # noqa: E402
-from edge.build.bundle import Bundle  # noqa: E402
+from edge.bundle import Bundle  # noqa: E402
 from edge.models.spec import spec_from_hf_config  # noqa: E402
 from edge.runtime.cuda.reference import reference_logits  # noqa: E402
 
@@ -48,7 +48,7 @@ def test_random_bundle_follows_policy(tmp_path):
     assert w["model.layers.1.self_attn.k_proj.bias"].dtype == np.float16
     out = write_bundle(tmp_path / "b", spec, w, "int4", 32, max_context=64)
     b = Bundle.open(out, kind="generator")
-    assert b.spec == spec and b.manifest["quant"] == {"recipe": "int4", "group_size": 32}
+    assert b.spec == spec and (b.manifest.quant.recipe, b.manifest.quant.group_size) == ("int4", 32)
     assert set(b.load_weights()) == set(w)
     logits = reference_logits(spec, b.load_weights(), np.arange(5))
     assert logits.shape == (5, spec.vocab_size) and np.isfinite(logits).all()

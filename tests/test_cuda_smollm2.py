@@ -34,12 +34,12 @@ def session(ref):
     path = os.environ.get("EDGE_RAG_SMOLLM2_BUNDLE")
     if not path:
         pytest.skip(f"set EDGE_RAG_SMOLLM2_BUNDLE to a bundle built with `{ref['build']}` (see bench/smollm2_reference.py)")
-    from edge.build.bundle import Bundle
+    from edge.bundle import Bundle
     from edge.runtime.cuda.session import CudaDecoderSession
 
     b = Bundle.open(path, kind="generator")
-    q = b.manifest.get("quant", {})
-    got = {k: q.get(k) for k in ref["quant"]}
+    q = b.manifest.quant
+    got = {k: getattr(q, k) for k in ref["quant"]}
     assert got == ref["quant"], f"bundle quant {got} is not the reference's {ref['quant']}: rebuild with `{ref['build']}`"
     return CudaDecoderSession(b, max_batch=8, max_context=512)
 

@@ -210,7 +210,7 @@ def test_backend_chain_a_failing_tensorrt_build_is_logged_and_skipped(engines, c
 
 
 def test_plan_cache_builds_outside_the_bundle_and_rebuilds_on_change(engines, tmp_path):
-    from edge.build.bundle import Bundle
+    from edge.bundle import Bundle
     from edge.runtime.trt_cache import ensure_plan
 
     bundle = Bundle.open(engines[0], kind="generator")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.build.bundle import Bundle
+from edge.bundle import Bundle
 from edge.build.encoder import build_embedder_bundle
 from edge.errors import BundleError, EdgeRagError, ModelError, UsageError
 from edge.models.bert import read_bert_folder
@@ -132,7 +132,7 @@ def test_tiny_int8_close(tiny_folders, tmp_path):
 
     folder = tiny_folders["e5_mean_norm"]
     emb = Embedder.from_bundle(build_embedder_bundle(folder, tmp_path / "q", quant="int8", progress=False), threads=1)
-    assert emb.bundle.manifest["quant"]["recipe"] == "int8"
+    assert emb.bundle.manifest.quant.recipe == "int8"
     texts = varied_texts(30, seed=2)
     ref = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
     _assert_close_to_oracle(emb.embed(texts), ref, texts, 0.98)  # random tiny weights: looser than the real model
@@ -144,17 +144,18 @@ def test_manifest_and_embedder_id(tiny_folders, tmp_path):
     b = build_embedder_bundle(folder, tmp_path / "b", progress=False)
     q = build_embedder_bundle(folder, tmp_path / "q", quant="int8", progress=False)
     ma, mb, mq = (Bundle.open(p, kind="embedder").manifest for p in (a, b, q))
-    assert {"name", "arch", "dim", "max_seq_length", "pooling", "normalize", "vocab_size"} <= set(ma["model"])
-    assert ma["model"]["arch"] == "bert" and ma["model"]["vocab_size"] == 256 and ma["model"]["pooling"] == "cls"
-    assert ma["embedder_id"] == mb["embedder_id"]  # stable across rebuilds
-    assert ma["embedder_id"] != mq["embedder_id"]  # quant is part of the identity
+    assert {"name", "arch", "dim", "max_seq_length", "pooling", "normalize", "vocab_size"} <= set(ma.model)
+    assert ma.model["arch"] == "bert" and ma.model["vocab_size"] == 256 and ma.model["pooling"] == "cls"
+    assert ma.embedder_id == mb.embedder_id  # stable across rebuilds
+    assert ma.embedder_id != mq.embedder_id  # quant is part of the identity
+    assert ma.limits is None and mq.quant.details["smooth_alpha"] > 0
     other = make_tiny_st(tmp_path / "other", "cls", True, seed=99)  # same config, other weights
     mo = Bundle.open(build_embedder_bundle(other, tmp_path / "o", progress=False)).manifest
-    assert mo["embedder_id"] != ma["embedder_id"]
+    assert mo.embedder_id != ma.embedder_id
     for name in ("model.onnx", "tokenizer.json"):
-        assert name in ma["artifacts"]
+        assert name in ma.artifacts
     emb = Embedder.from_bundle(a)
-    assert (emb.dim, emb.max_seq_length, emb.embedder_id) == (64, 48, ma["embedder_id"])
+    assert (emb.dim, emb.max_seq_length, emb.embedder_id) == (64, 48, ma.embedder_id)
 
 
 def test_corrupted_bundle_refused(tiny_folders, tmp_path):

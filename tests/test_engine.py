@@ -11,7 +11,7 @@ import pytest
 
 from helpers_tiny import make_tiny_bundle, tiny_hf_model
 
-from edge.build.bundle import Bundle
+from edge.bundle import Bundle
 from edge.runtime.generator import Generator
 from edge.runtime.ort_session import OrtDecoderSession
 from edge.runtime.sampler import SamplingParams

@@ -95,16 +95,16 @@ def test_quantize_model_gptq_changes_rounding_not_layout(tmp_path):
 def test_build_awq_gptq_bundle_verifies(tmp_path):
     from tiny_checkpoints import make_checkpoint
 
-    from edge.build.bundle import Bundle
+    from edge.bundle import Bundle
     from edge.build.generator import build_generator_bundle
 
     ck = make_checkpoint(tmp_path / "ck", "llama", tied=True)
     out = build_generator_bundle(ck, tmp_path / "gen", profile="orin-nano-8gb", quant="int4", group_size=32, progress=False)
     b = Bundle.open(out, kind="generator")  # verifies checksums and schema
-    q = b.manifest["quant"]
-    assert (q["method"], q["awq"], q["gptq"]) == ("awq+gptq", True, True)
+    q = b.manifest.quant
+    assert (q.method, q.awq, q.gptq) == ("awq+gptq", True, True)
     plain = build_generator_bundle(ck, tmp_path / "awq", profile="orin-nano-8gb", quant="int4", group_size=32, gptq=False, progress=False)
-    assert Bundle.open(plain).manifest["quant"]["method"] == "awq"
+    assert Bundle.open(plain).manifest.quant.method == "awq"
     w = b.load_weights()
     assert w["model.layers.1.self_attn.o_proj.qweight"].dtype == np.uint8
     assert w["model.layers.1.self_attn.o_proj.scales"].shape[1] == w["model.layers.1.self_attn.o_proj.qweight"].shape[1] * 2 // 32

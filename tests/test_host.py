@@ -27,11 +27,17 @@ def test_runtime_hosts_all_three_and_reports_memory(tmp_path, monkeypatch):
     (bundle / "weights.bin").write_bytes(b"\0" * 123_456)
     import json
 
-    manifest = {"quant": {"recipe": "int4"}, "limits": {"max_context": 1000, "kv_dtype": "fp16"},
-                "plan": {"budget": {"embedder": 1000, "embedder_workspace": 500, "index": 4000, "workspace": 7},
-                         "options": [{"quant": "int8", "weight_bytes": 1}, {"quant": "int4", "weight_bytes": 100_000_000,
-                                                                            "kv_bytes_per_token": {"fp16": 100}}]}}
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    from edge.bundle import Limits, Manifest, Quant
+    from edge.models.spec import ModelSpec
+    from edge.plan import kv_bytes_per_token
+
+    spec = ModelSpec("llama", n_layers=1, hidden_size=64, intermediate_size=128, n_heads=2, n_kv_heads=1, head_dim=25,
+                     vocab_size=256, max_position=2048)
+    assert kv_bytes_per_token(spec, "fp16") == 100
+    manifest = Manifest(kind="generator", model=spec.to_dict(), quant=Quant("int4", 32), planned_weight_bytes=100_000_000,
+                        limits=Limits(max_context=1000, kv_dtype="fp16"),
+                        plan={"budget": {"embedder": 1000, "embedder_workspace": 500, "index": 4000, "workspace": 7}})
+    (bundle / "manifest.json").write_text(manifest.to_json())
     keep = []
 
     class FakeGeneratorClass:

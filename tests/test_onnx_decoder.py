@@ -12,6 +12,7 @@ import torch
 from helpers_tiny import bundle_weights, hf_spec, reference_model, tiny_hf_model
 
 from edge.build.onnx_decoder import build_decoder_onnx, rope_caches
+from edge.bundle import Quant
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 CTX = 64
@@ -70,7 +71,7 @@ def assert_close(got: np.ndarray, want: np.ndarray, rel: float, what: str) -> No
 def test_fp32_matches_transformers(tmp_path, arch, kw, form):
     model = tiny_hf_model(arch, **kw)
     spec = hf_spec(model)
-    path = build_decoder_onnx(spec, bundle_weights(model, "fp32"), {"recipe": "fp32"}, tmp_path, form)
+    path = build_decoder_onnx(spec, bundle_weights(model, "fp32"), Quant("fp32"), tmp_path, form)
     onnx.checker.check_model(str(path), full_check=True)
     ids = np.random.default_rng(1).integers(0, spec.vocab_size, 24)
     got = (run_ort_form if form == "ort" else run_trt_form)(path, spec, ids, 16)
@@ -84,7 +85,7 @@ def test_quantized_matches_dequantized_reference(tmp_path, recipe, form, arch):
     model = tiny_hf_model(arch)  # qwen2: bias + untied head; llama: tied head (shared quantized embedding in the ORT form)
     spec = hf_spec(model)
     w = bundle_weights(model, recipe, group_size=32)
-    quant = {"recipe": recipe, "group_size": 32 if recipe == "int4" else 0}
+    quant = Quant(recipe, 32 if recipe == "int4" else 0)
     # accuracy_level 1 = fp32 activations: exact against the dequantized weights
     path = build_decoder_onnx(spec, w, quant, tmp_path, form, accuracy_level=1)
     onnx.checker.check_model(str(path))
@@ -102,7 +103,7 @@ def test_int4_accuracy_level_4_stays_close(tmp_path):
     and picks the same top token at most positions."""
     model = tiny_hf_model("llama", seed=3)
     spec = hf_spec(model)
-    path = build_decoder_onnx(spec, bundle_weights(model, "int4", 32), {"recipe": "int4", "group_size": 32}, tmp_path, "ort", accuracy_level=4)
+    path = build_decoder_onnx(spec, bundle_weights(model, "int4", 32), Quant("int4", 32), tmp_path, "ort", accuracy_level=4)
     ids = np.random.default_rng(3).integers(0, spec.vocab_size, 40)
     got = run_ort_form(path, spec, ids, 8)
     want = reference_logits(reference_model(model, "int4", 32), ids, 8)
@@ -116,7 +117,7 @@ def test_graph_conventions(tmp_path):
     model = tiny_hf_model("llama")
     spec = hf_spec(model)
     w = bundle_weights(model, "int4", 32)
-    q = {"recipe": "int4", "group_size": 32}
+    q = Quant("int4", 32)
     m_ort = onnx.load(str(build_decoder_onnx(spec, w, q, tmp_path, "ort")))
     m_trt = onnx.load(str(build_decoder_onnx(spec, w, q, tmp_path, "trt")))
     names = {n.name for n in m_ort.graph.node}

@@ -11,7 +11,7 @@ import torch
 
 from helpers_tiny import EOS_ID, make_tiny_bundle, reference_model, tiny_hf_model
 
-from edge.build.bundle import Bundle
+from edge.bundle import Bundle
 from edge.errors import ContextLengthError, UsageError
 from edge.runtime.generator import Generator, StopMatcher
 from edge.runtime.ort_session import OrtDecoderSession

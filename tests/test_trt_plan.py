@@ -50,12 +50,17 @@ def test_unknown_symbolic_dim_is_refused(tmp_path):
 
 def test_build_config_from_manifest(tmp_path):
     path = _graph(tmp_path, {"input_ids": ["batch_size", "sequence_length"]})
-    manifest = {"model": {"max_position": 8192}, "quant": {"recipe": "int4", "group_size": 64},
-                "limits": {"max_context": 1024, "max_batch": 2}, "plan": {"workspace_bytes": 256 << 20}}
-    cfg = derive_build_config(manifest, graph_inputs(path))
+    from dataclasses import replace
+
+    from edge.bundle import Limits, Manifest, Quant
+
+    manifest = Manifest(kind="generator", model={"max_position": 8192}, quant=Quant("int4", 64),
+                        limits=Limits(max_context=1024, max_batch=2))
+    cfg = derive_build_config(manifest, graph_inputs(path), workspace_bytes=256 << 20)
     assert cfg.fp16 and not cfg.strongly_typed and cfg.workspace_bytes == 256 << 20
+    assert derive_build_config(manifest, graph_inputs(path)).workspace_bytes == 512 << 20
     assert cfg.profiles[0]["input_ids"].max == (2, 1024)
-    fp32 = derive_build_config({**manifest, "quant": {"recipe": "fp32"}}, graph_inputs(path))
+    fp32 = derive_build_config(replace(manifest, quant=Quant("fp32")), graph_inputs(path))
     assert not fp32.fp16
     assert cfg.to_dict()["profiles"][1]["input_ids"]["max"] == (2, 1)
 

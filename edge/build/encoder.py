@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.build.bundle import BundleWriter
+from edge.bundle import BundleWriter, Manifest, Quant
 from edge.errors import UsageError
 from edge.models.bert import BertFolder, EncoderSpec, load_bert_weights, read_bert_folder
 
@@ -286,7 +286,7 @@ def smooth_linears(model: Any, tokenizer_json: Path, max_seq_length: int, texts:
     return model
 
 
-def _quantize_int8(src: Path, dst: Path) -> dict[str, Any]:
+def _quantize_int8(src: Path, dst: Path) -> Quant:
     """Dynamic INT8: int8 per-channel weights, uint8 activations quantized per call (VNNI GEMMs)."""
     import onnx
     from onnx import TensorProto
@@ -309,9 +309,9 @@ def _quantize_int8(src: Path, dst: Path) -> dict[str, Any]:
                                         "DefaultTensorType": TensorProto.FLOAT})
     finally:
         root.setLevel(level)
-    return {"recipe": "int8", "method": "SmoothQuant + onnxruntime.quantize_dynamic", "weights": "int8 per-channel symmetric",
-            "activations": "uint8 dynamic per call", "int8_linears": list(INT8_LINEARS),
-            "smoothed": list(INT8_SMOOTHED), "smooth_alpha": INT8_SMOOTH_ALPHA}
+    return Quant(recipe="int8", method="SmoothQuant + onnxruntime.quantize_dynamic",
+                 details={"weights": "int8 per-channel symmetric", "activations": "uint8 dynamic per call",
+                          "int8_linears": list(INT8_LINEARS), "smoothed": list(INT8_SMOOTHED), "smooth_alpha": INT8_SMOOTH_ALPHA})
 
 
 def embedder_id(spec: EncoderSpec, weights_sha256: str, quant: str) -> str:
@@ -344,7 +344,7 @@ def build_embedder_bundle(model_dir: Path, out: Path, *, quant: str = "fp32", pr
             onnx.save_model(model, str(fp32_path))
             del model
             advance()
-            qinfo: dict[str, Any] = {"recipe": "fp32", "method": "none"}
+            qinfo = Quant(recipe="fp32")
             if quant == "int8":
                 try:
                     qinfo = _quantize_int8(fp32_path, writer.path("model.onnx"))
@@ -354,14 +354,15 @@ def build_embedder_bundle(model_dir: Path, out: Path, *, quant: str = "fp32", pr
             for name in _TOKENIZER_FILES:
                 if (folder.transformer_dir / name).is_file():
                     writer.add_file(name, folder.transformer_dir / name)
-            manifest = {
-                "model": spec.to_dict(),
-                "quant": qinfo,
-                "embedder_id": embedder_id(spec, sha, quant),
-                "source": {"path": str(folder.root.resolve()), "weights_sha256": sha},
-                "graph": {"inputs": {n: "int32 [batch, seq] right-padded" for n in INPUTS},
-                          "output": f"{OUTPUT} float32 [batch, {spec.dim}]", "opset": OPSET, "contrib_ops": MS_DOMAIN},
-            }
+            manifest = Manifest(
+                kind="embedder",
+                model=spec.to_dict(),
+                quant=qinfo,
+                embedder_id=embedder_id(spec, sha, quant),
+                source={"path": str(folder.root.resolve()), "weights_sha256": sha},
+                graph={"inputs": {n: "int32 [batch, seq] right-padded" for n in INPUTS},
+                       "output": f"{OUTPUT} float32 [batch, {spec.dim}]", "opset": OPSET, "contrib_ops": MS_DOMAIN},
+            )
             path = writer.commit(manifest)
             advance()
     except BaseException:

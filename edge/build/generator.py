@@ -4,9 +4,9 @@
     plan for the profile                   edge.plan.plan_model (limits, `auto` recipe)
     tokenizer files                        edge.models.tokenizer_export
     calibration + quantization (+AWQ)      edge.quant.calib / edge.quant.quantize
-    weights.safetensors                    edge.build.bundle.BundleWriter
+    weights.safetensors                    edge.bundle.BundleWriter
     model.ort.onnx, model.trt.onnx         edge.build.onnx_decoder.build_decoder_onnx
-    manifest.json (commit: checksums, atomic rename)
+    manifest.json (commit: checksums, atomic rename)   edge.bundle.Manifest
 
 The quantized weights are the source of truth; the ONNX graphs are derived from them.
 """
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge.bundle import BundleWriter, Limits, Manifest, Quant, TokenizerInfo
 from edge.errors import PlanError, UsageError
 from edge.quant.format import INT4_GROUP_SIZES
 
@@ -111,10 +112,13 @@ def _plan(spec, profile: str, context: int):
     return plan_model(spec, profile, context=context)
 
 
-def _limits(plan, recipe: str, group_size: int, context: int, explicit_context: bool, spec) -> dict[str, int]:
-    """max_context / max_batch for the chosen build from the plan's row of that option."""
+def _limits(plan, recipe: str, group_size: int, context: int, explicit_context: bool, spec) -> tuple[Limits, int | None]:
+    """The runtime's limits for the chosen build from the plan's row of that option, and the
+    plan's weight bytes for it (None when unplanned or fp32)."""
     if plan is None:
-        return {"max_context": context, "max_batch": 1}
+        return Limits(max_context=context, max_batch=1), None
+    from edge.plan import KV_BLOCK_TOKENS
+
     quant = "fp16" if recipe == "fp32" else recipe  # fp32 reference builds are sized like fp16 (lower bound)
     row = plan.row(quant, group_size if quant == "int4" else 0)
     kv = next((d for d in ("fp16", "int8") if row.fits.get(d)), None)
@@ -123,13 +127,14 @@ def _limits(plan, recipe: str, group_size: int, context: int, explicit_context: 
             f"{spec.name or spec.arch} at {quant}{f'-g{group_size}' if quant == 'int4' else ''} does not fit {plan.profile} with a {context}-token context",
             fix=plan.advice.splitlines()[0] if plan.advice else "use a smaller --context, --quant int4 or a larger profile",
         )
-    max_ctx = context if explicit_context else row.max_context[kv]
-    return {
-        "max_context": int(max_ctx),
-        "max_batch": int(max(1, min(row.max_batch[kv], DEFAULT_MAX_BATCH_CAP))),
-        "plan_max_batch": int(row.max_batch[kv]),
-        "kv_dtype": kv,
-    }
+    max_ctx = int(context if explicit_context else row.max_context[kv])
+    max_batch = int(max(1, min(row.max_batch[kv], DEFAULT_MAX_BATCH_CAP)))
+    per_seq = -(-max_ctx // KV_BLOCK_TOKENS)
+    # the plan's KV budget in blocks, capped at what max_batch sequences of max_context can use
+    blocks = max(per_seq, min(row.kv_tokens[kv] // KV_BLOCK_TOKENS, max_batch * per_seq))
+    limits = Limits(max_context=max_ctx, max_batch=max_batch, kv_blocks=int(blocks), kv_block_size=KV_BLOCK_TOKENS,
+                    kv_dtype=kv, plan_max_batch=int(row.max_batch[kv]))
+    return limits, (int(row.weight_bytes) if recipe != "fp32" else None)
 
 
 def build_generator_bundle(
@@ -153,7 +158,6 @@ def build_generator_bundle(
     fp32 (unquantized reference). Returns the bundle path (written atomically)."""
     import numpy as np
 
-    from edge.build.bundle import BundleWriter
     from edge.models.defaults import resolve_model
     from edge.models.spec import read_spec
 
@@ -194,7 +198,7 @@ def build_generator_bundle(
     use_awq = bool(awq and recipe == "int4")
     use_gptq = bool(use_awq and gptq)
     method = "awq+gptq" if use_gptq else "awq" if use_awq else ("rtn" if recipe in ("int8", "int4") else "none")
-    limits = _limits(plan, recipe, g, ctx, explicit_context, spec)
+    limits, planned_weight_bytes = _limits(plan, recipe, g, ctx, explicit_context, spec)
 
     writer = BundleWriter(Path(out), "generator")
     try:
@@ -223,14 +227,17 @@ def build_generator_bundle(
             del weights
             bar.step("writing weights")
             writer.write_weights({k: np.ascontiguousarray(v) for k, v in res.tensors.items()})
-            quant_info: dict[str, Any] = {
-                "recipe": recipe,
-                "group_size": g,
-                "awq": use_awq,
-                "method": method,
-                "gptq": use_gptq,
-                "requested": quant,
-                "policy": {
+            from edge.build import onnx_decoder
+            from edge.build.onnx_decoder import build_decoder_onnx
+
+            quant_info = Quant(
+                recipe=recipe,
+                group_size=g,
+                method=method,
+                requested=quant,
+                # MatMulNBits accuracy level of the ORT graph (recorded so that results can be compared)
+                accuracy_level=onnx_decoder.DEFAULT_ACCURACY_LEVEL if recipe in ("int8", "int4") else None,
+                policy={
                     "linears": recipe,
                     "int4_fallback": "int8 where in_features is not a multiple of the group size",
                     "lm_head": "int8" if recipe in ("int8", "int4") else recipe,
@@ -238,41 +245,31 @@ def build_generator_bundle(
                     "norms_biases": "fp32" if recipe == "fp32" else "fp16",
                     "tied_lm_head_copy": bool(spec.tie_embeddings and recipe in ("int8", "int4")),
                 },
-                "report": res.report.to_dict(),
-            }
-            if use_awq:
-                quant_info["awq_alphas"] = res.awq_alphas
+                report=res.report.to_dict(),
+                awq_alphas=res.awq_alphas if use_awq else None,
+            )
             onnx_files: dict[str, str] = {}
-            try:
-                from edge.build.onnx_decoder import build_decoder_onnx
-            except ImportError:
-                build_decoder_onnx = None
-                notes.append("edge.build.onnx_decoder unavailable: no ONNX graphs in this bundle")
-            if build_decoder_onnx is not None and recipe in ("int8", "int4"):
-                from edge.build import onnx_decoder
-
-                # MatMulNBits accuracy level of the ORT graph (recorded so that results can be compared)
-                quant_info["accuracy_level"] = getattr(onnx_decoder, "DEFAULT_ACCURACY_LEVEL", None)
             for form in ONNX_FORMS:
                 bar.step(f"ONNX ({form})")
-                if build_decoder_onnx is not None:
-                    p = build_decoder_onnx(spec, res.tensors, quant_info, writer.tmp, form, max_context=limits["max_context"])
-                    onnx_files[form] = Path(p).name
+                p = build_decoder_onnx(spec, res.tensors, quant_info, writer.tmp, form, max_context=limits.max_context)
+                onnx_files[form] = Path(p).name
             bar.step("commit")
-            manifest = {
-                "model": spec.to_dict(),
-                "quant": quant_info,
-                "profile": profile,
-                "plan": plan.to_dict() if plan is not None else None,
-                "limits": limits,
-                "source": source_info(src),
-                "calibration": cal.to_dict() if cal is not None else None,
-                "tokenizer": {"files": ["tokenizer.json", "tokenizer_config.json"], "source": tok_cfg.source,
-                              "eos_token_ids": tok_cfg.eos_token_ids, "bos_token_id": tok_cfg.bos_token_id},
-                "onnx": onnx_files,
-                "build_seconds": round(time.time() - t0, 1),
-                "notes": notes,
-            }
+            manifest = Manifest(
+                kind="generator",
+                model=spec.to_dict(),
+                quant=quant_info,
+                limits=limits,
+                profile=profile,
+                plan=plan.to_dict() if plan is not None else None,
+                planned_weight_bytes=planned_weight_bytes,
+                source=source_info(src),
+                calibration=cal.to_dict() if cal is not None else None,
+                tokenizer=TokenizerInfo(source=tok_cfg.source, eos_token_ids=tuple(tok_cfg.eos_token_ids),
+                                        bos_token_id=tok_cfg.bos_token_id),
+                onnx=onnx_files,
+                build_seconds=round(time.time() - t0, 1),
+                notes=tuple(notes),
+            )
             path = writer.commit(manifest)
             bar.step("done", advance=0)
     except BaseException:
@@ -285,5 +282,5 @@ def build_generator_bundle(
         if report and recipe in ("int8", "int4"):
             res.report.print(con)
         con.print(f"[green]built[/green] {path} ({recipe}{f' g{g}' if g else ''}{', ' + method.upper() if use_awq else ''}; "
-                  f"max_context {limits['max_context']}, max_batch {limits['max_batch']}; {time.time() - t0:.0f}s)")
+                  f"max_context {limits.max_context}, max_batch {limits.max_batch}; {time.time() - t0:.0f}s)")
     return path

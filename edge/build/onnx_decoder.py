@@ -36,6 +36,7 @@ import numpy as np
 from edge.build.onnx_graph import Graph, TensorProto, save_model
 from edge.errors import ModelError
 from edge.models.spec import ModelSpec
+from edge.bundle import Quant
 from edge.quant.format import unpack_int4
 
 FORMS = {"ort": "model.ort.onnx", "trt": "model.trt.onnx"}
@@ -463,22 +464,22 @@ def build_trt(spec: ModelSpec, w: dict[str, np.ndarray], gs: int, n_pos: int) ->
 # ---------------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------------
-def build_decoder_onnx(spec: ModelSpec, weights: dict[str, np.ndarray], quant: dict, out_dir: Path, form: str, *,
+def build_decoder_onnx(spec: ModelSpec, weights: dict[str, np.ndarray], quant: Quant, out_dir: Path, form: str, *,
                        max_context: int | None = None, accuracy_level: int | None = None) -> Path:
     """Write `model.ort.onnx` (form "ort") or `model.trt.onnx` (form "trt") into `out_dir`.
 
-    weights: bundle form (edge.quant.format); quant: {"recipe": ..., "group_size": g}.
+    weights: bundle form (edge.quant.format); quant: the manifest's Quant (recipe, group size).
     max_context bounds the RoPE caches (default: the model's max_position, at most 32768).
     accuracy_level: MatMulNBits' (ORT form), default DEFAULT_ACCURACY_LEVEL.
     """
     if form not in FORMS:
         raise ValueError(f"form {form!r} not in {tuple(FORMS)}")
-    gs = int(quant.get("group_size") or 0)
-    acc = int(accuracy_level if accuracy_level is not None else quant.get("accuracy_level", DEFAULT_ACCURACY_LEVEL))
+    gs = int(quant.group_size)
+    acc = int(accuracy_level if accuracy_level is not None else (quant.accuracy_level if quant.accuracy_level is not None else DEFAULT_ACCURACY_LEVEL))
     n_pos = int(max_context or min(spec.max_position, MAX_ROPE_CACHE))
     g = build_ort(spec, weights, gs, acc, n_pos) if form == "ort" else build_trt(spec, weights, gs, n_pos)
     model = g.to_model()
-    meta = {"max_context": str(n_pos), "form": form, "recipe": str(quant.get("recipe", "")), "group_size": str(gs)}
+    meta = {"max_context": str(n_pos), "form": form, "recipe": quant.recipe, "group_size": str(gs)}
     if form == "ort":
         meta["accuracy_level"] = str(acc)
     for k, v in meta.items():

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.bundle import Manifest
 from edge.errors import BackendError, BundleError
 
 # Symbolic dim names the graph builders use, and what bounds each.
@@ -115,14 +116,16 @@ def derive_profile(inputs: dict[str, list[int | str]], *, max_batch: int, max_co
     return profiles
 
 
-def derive_build_config(manifest: dict[str, Any], inputs: dict[str, list[int | str]], *, workspace_bytes: int | None = None) -> BuildConfig:
-    """Builder settings from the bundle manifest (quant recipe, plan limits)."""
-    limits = manifest.get("limits") or {}
-    max_batch = int(limits.get("max_batch", 1))
-    max_context = int(limits.get("max_context", manifest["model"]["max_position"]))
-    recipe = (manifest.get("quant") or {}).get("recipe", "fp16")
-    plan = manifest.get("plan") or {}
-    ws = workspace_bytes or int(plan.get("workspace_bytes", 512 << 20))
+DEFAULT_WORKSPACE_BYTES = 512 << 20  # TensorRT tactic scratch; the plan's runtime workspace is separate
+
+
+def derive_build_config(manifest: Manifest, inputs: dict[str, list[int | str]], *, workspace_bytes: int | None = None) -> BuildConfig:
+    """Builder settings from the bundle manifest (quant recipe, limits)."""
+    if manifest.limits is None:
+        raise BundleError("a TensorRT plan needs a generator bundle (its manifest has no limits)")
+    max_batch, max_context = manifest.limits.max_batch, manifest.limits.max_context
+    recipe = manifest.quant.recipe
+    ws = int(workspace_bytes or DEFAULT_WORKSPACE_BYTES)
     return BuildConfig(
         workspace_bytes=ws,
         # NOTE: model.trt.onnx computes in float32 and carries the weight-only quantization as
@@ -147,7 +150,7 @@ def build_plan(bundle_path: Path, out: Path) -> Path:  # pragma: no cover - need
         import tensorrt as trt
     except ImportError:
         raise BackendError("TensorRT is not installed", fix="run this on a Jetson with JetPack 6 (TensorRT 10.3)") from None
-    from edge.build.bundle import Bundle
+    from edge.bundle import Bundle
 
     bundle = Bundle.open(bundle_path, kind="generator")
     onnx_path = bundle.file("model.trt.onnx")

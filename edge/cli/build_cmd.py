@@ -8,6 +8,7 @@ edge.build.encoder.build_embedder_bundle. Heavy imports happen inside the comman
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -74,16 +75,17 @@ def build(
             context=context,
             progress=not quiet,
         )
-    from edge.build.bundle import Bundle
+    from edge.bundle import Bundle
 
     m = Bundle.open(result, verify=False).manifest
     summary = {
         "bundle": str(result),
-        "kind": m.get("kind"),
-        "quant": {k: v for k, v in (m.get("quant") or {}).items() if k in ("recipe", "group_size", "awq", "gptq", "method")},
-        "profile": m.get("profile"),
-        "limits": m.get("limits"),
-        "artifacts": sorted(m.get("artifacts", {})),
+        "kind": m.kind,
+        "quant": {"recipe": m.quant.recipe, "group_size": m.quant.group_size, "awq": m.quant.awq, "gptq": m.quant.gptq,
+                  "method": m.quant.method},
+        "profile": m.profile,
+        "limits": asdict(m.limits) if m.limits is not None else None,
+        "artifacts": sorted(m.artifacts),
     }
     if json_out:
         typer.echo(json.dumps(summary, indent=2))

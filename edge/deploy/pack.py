@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from edge.bundle import Manifest
 from edge.deploy.manifest import PACK_MANIFEST, write_manifest
 from edge.deploy.systemd import UNIT_NAME, UnitConfig, render_unit
 from edge.errors import UsageError
@@ -71,7 +72,7 @@ def _dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
 
 
-def memory_max(gen_manifest: dict, engine_dirs: list[Path], collection_dir: Path | None) -> int:
+def memory_max(gen_manifest: Manifest, engine_dirs: list[Path], collection_dir: Path | None) -> int:
     """MemoryMax for the unit: the plan's bytes for generator, embedder and index where the
     generator's manifest carries a plan (else the files' sizes), times 1.5, plus the runtime base."""
     from edge.runtime.host import planned_bytes
@@ -156,7 +157,7 @@ def build_pack(*, profile: str, out: Path | None, engine: Path | None = None, em
                say: Callable[[str], None] = lambda m: None) -> PackResult:
     """Collect the engines, the collection, the wheels and the installer into `out` (a .tar or
     .tar.gz) and/or a rootfs overlay. See the module docstring for the layout."""
-    from edge.build.bundle import Bundle
+    from edge.bundle import Bundle
     from edge.paths import collection_exists, home
     from edge.profiles import load_profile
 
@@ -326,7 +327,7 @@ def _check_embedder_matches(emb, coll_dir: Path | None, collection: str | None) 
 
     with Store(coll_dir, readonly=True) as s:
         want = s.get_meta("embedder_id")
-    have = emb.manifest.get("embedder_id")
+    have = emb.manifest.embedder_id
     if want is not None and have is not None and want != have:
         raise IndexError_(f"collection '{collection}' was ingested with embedder {want}, not {have} ({emb.path})",
                           fix="pass the --embedder it was ingested with")

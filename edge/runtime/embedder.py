@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from edge.build.bundle import Bundle
+from edge.bundle import Bundle
 from edge.errors import BackendError, BundleError, UsageError
 
 INPUTS = ("input_ids", "attention_mask")  # must match edge.build.encoder.INPUTS
@@ -64,14 +64,14 @@ class Embedder:
 
     def __init__(self, bundle: Bundle, session: Any, tokenizer: Any):
         m = bundle.manifest
-        model = m["model"]
+        model = m.model
         self.bundle = bundle
         self.session = session
         self.tokenizer = tokenizer  # tokenizers.Tokenizer, truncating to max_seq_length, no padding
         self.info = EmbedderInfo(
             name=model["name"], dim=int(model["dim"]), max_seq_length=int(model["max_seq_length"]),
             pooling=model["pooling"], normalize=bool(model["normalize"]),
-            quant=m.get("quant", {}).get("recipe", "fp32"), embedder_id=m["embedder_id"],
+            quant=m.quant.recipe, embedder_id=m.embedder_id,
         )
         self.pad_id = int(model.get("pad_token_id", 0))
         self._counter: Any = None  # an untruncated copy of the tokenizer, made on first count_tokens
@@ -87,10 +87,9 @@ class Embedder:
         from tokenizers import Tokenizer
 
         bundle = Bundle.open(path, kind="embedder", verify=verify)
-        for key in ("model", "embedder_id"):
-            if key not in bundle.manifest:
-                raise BundleError(f"{bundle.path}: manifest lacks {key!r}", fix="rebuild the embedder bundle")
-        model = bundle.manifest["model"]
+        if not bundle.manifest.embedder_id:
+            raise BundleError(f"{bundle.path}: manifest lacks 'embedder_id'", fix="rebuild the embedder bundle")
+        model = bundle.manifest.model
         tok = Tokenizer.from_file(str(bundle.file("tokenizer.json")))
         tok.no_padding()  # padding is per batch, below
         tok.enable_truncation(max_length=int(model["max_seq_length"]))

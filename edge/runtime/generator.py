@@ -119,13 +119,12 @@ class Generator:
     @classmethod
     def from_bundle(cls, path: str | Path, *, backend: str = "auto", threads: int | None = None,
                     max_context: int | None = None, max_batch: int | None = None) -> "Generator":
-        from edge.build.bundle import Bundle
+        from edge.bundle import Bundle
 
         backend = resolve_backend(backend)
         bundle = Bundle.open(path, kind="generator", verify=False)
         bundle.verify(BACKEND_ARTIFACTS[backend] + TOKENIZER_ARTIFACTS)
-        limits = bundle.manifest.get("limits") or {}
-        batch = int(max_batch or limits.get("max_batch") or 1)
+        batch = int(max_batch or bundle.limits.max_batch)
         session = open_session(bundle, backend, max_batch=batch, max_context=max_context, threads=threads)
         return cls(session, Tokenizer.from_bundle(bundle), bundle)
 

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from edge.bundle import Manifest, read_manifest
+from edge.errors import BundleError
 from rag.store import Closing
 
 
@@ -59,20 +61,21 @@ class PartMemory:
         return self.planned_bytes is not None and self.rss_delta_bytes > self.planned_bytes
 
 
-def planned_bytes(gen_manifest: dict) -> dict[str, int]:
+def planned_bytes(gen_manifest: Manifest | None) -> dict[str, int]:
     """What the generator's memory plan (edge.plan, stored in its manifest) set aside for each
     part: generator = weights of the built quant + KV for one sequence at max_context + workspace;
     embedder = weights + workspace; index = the plan's index budget. Empty when there is no plan."""
-    plan = gen_manifest.get("plan") or {}
-    budget = plan.get("budget") or {}
+    if gen_manifest is None or gen_manifest.plan is None:
+        return {}
+    from edge.models.spec import ModelSpec
+    from edge.plan import kv_bytes_per_token
+
+    budget = gen_manifest.plan["budget"]
     out: dict[str, int] = {}
-    recipe = (gen_manifest.get("quant") or {}).get("recipe")
-    limits = gen_manifest.get("limits") or {}
-    for opt in plan.get("options") or []:
-        if opt.get("quant") == recipe and "weight_bytes" in opt:
-            kv = (opt.get("kv_bytes_per_token") or {}).get(limits.get("kv_dtype", "fp16"), 0)
-            out["generator"] = int(opt["weight_bytes"] + kv * int(limits.get("max_context", 0))
-                                   + budget.get("workspace", 0))
+    lim = gen_manifest.limits
+    if gen_manifest.planned_weight_bytes is not None and lim is not None:
+        kv = kv_bytes_per_token(ModelSpec.from_dict(gen_manifest.model), lim.kv_dtype)
+        out["generator"] = int(gen_manifest.planned_weight_bytes + kv * lim.max_context + budget.get("workspace", 0))
     if "embedder" in budget:
         out["embedder"] = int(budget["embedder"] + budget.get("embedder_workspace", 0))
     if "index" in budget:
@@ -96,7 +99,7 @@ class EdgeRuntime(Closing):
         self.rss_start = _rss()
         self._generator_path = generator_path
         self._generator = generator
-        self._gen_manifest: dict = {}
+        self._gen_manifest: Manifest | None = None
         t = time.perf_counter()
         r0 = _rss()
         if embedder is None:
@@ -132,7 +135,7 @@ class EdgeRuntime(Closing):
             path = Path(self._generator_path) if self._generator_path else self._default_generator()
             self._generator = Generator.from_bundle(path, backend=self.backend)
             self._add_part("generator", path, r0, t)
-            self._gen_manifest = _manifest(path)
+            self._gen_manifest = _manifest_or_none(path)
         return self._generator
 
     def _generator_once(self):
@@ -186,13 +189,12 @@ class EdgeRuntime(Closing):
         self.retriever.close()
 
 
-def _manifest(path: Path) -> dict:
-    import json
-
+def _manifest_or_none(path: Path) -> Manifest | None:
+    """The generator's manifest for the memory report (None: not a bundle we can read, no plan)."""
     try:
-        return json.loads((Path(path) / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return {}
+        return read_manifest(path)
+    except BundleError:
+        return None
 
 
 class _Locked:

@@ -150,8 +150,7 @@ class OrtDecoderSession:
             raise BackendError(f"{path}: onnxruntime could not load the graph ({e})", fix="rebuild the bundle with this edge-rag / onnxruntime") from None
         meta = self.sess.get_modelmeta().custom_metadata_map
         graph_ctx = int(meta.get("max_context", spec.max_position))
-        limits = bundle.manifest.get("limits") or {}
-        want = int(max_context or limits.get("max_context") or min(spec.max_position, 4096))
+        want = int(max_context or bundle.limits.max_context)
         if want < 2:
             raise UsageError(f"max_context {want} is too small", fix="use at least 2")
         self.max_context = min(want, graph_ctx, spec.max_position)

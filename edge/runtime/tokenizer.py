@@ -63,7 +63,8 @@ class Tokenizer:
 
     @classmethod
     def from_bundle(cls, bundle) -> "Tokenizer":
-        eos = tuple(bundle.manifest.get("model", {}).get("eos_token_ids", ()))
+        tok = bundle.manifest.tokenizer
+        eos = tuple(sorted(set(bundle.spec.eos_token_ids) | set(tok.eos_token_ids if tok is not None else ())))
         return cls.from_files(bundle.path, eos)
 
     # ---- text <-> ids ----------------------------------------------------------------------

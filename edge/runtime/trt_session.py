@@ -38,9 +38,8 @@ class TrtDecoderSession:
 
         self._cp = cp
         spec = bundle.spec
-        limits = bundle.manifest.get("limits") or {}
         self.max_batch = int(max_batch)
-        self.max_context = int(max_context or limits.get("max_context") or spec.max_position)
+        self.max_context = int(max_context or bundle.limits.max_context)
         self.vocab_size = spec.vocab_size
         self._n_layers = spec.n_layers
         # The plan lives in a cache outside the read-only bundle (edge.runtime.trt_cache): built on

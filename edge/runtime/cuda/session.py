@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from edge.build.bundle import Bundle
+from edge.bundle import Bundle
 from edge.errors import BackendError
 from edge.runtime.cuda import kernels as kmod
 from edge.runtime.cuda.layout import Linear, gu_row_order, host_linear, qkv_row_order
@@ -92,9 +92,8 @@ class CudaDecoderSession:
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, kind="generator", verify=verify)
         self.bundle = b
         self.spec = spec = b.spec
-        limits = b.manifest.get("limits", {}) or {}
         self.max_batch = int(max_batch)
-        self.max_context = int(max_context or min(limits.get("max_context", 4096), spec.max_position))
+        self.max_context = int(max_context or min(b.limits.max_context, spec.max_position))
         self.vocab_size = spec.vocab_size
         self.block_size = block_size
         self.use_graphs = use_graphs

@@ -1,0 +1,91 @@
+"""The typed manifest: round trip, version-1 manifests read, anything else refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge.bundle import SCHEMA_VERSION, Bundle, BundleWriter, Limits, Manifest, Quant, TokenizerInfo, read_manifest
+from edge.errors import BundleError
+
+SPEC = {"arch": "llama", "n_layers": 2, "hidden_size": 64, "intermediate_size": 128, "n_heads": 4, "n_kv_heads": 2,
+        "head_dim": 16, "vocab_size": 256, "max_position": 512}
+
+# what edge-rag wrote before the typed manifest (schema 1), trimmed to the keys it had
+V1 = {
+    "schema_version": 1, "kind": "generator", "created": "2026-11-01T00:00:00Z", "tools": {"numpy": "2.0"},
+    "model": SPEC,
+    "quant": {"recipe": "int4", "group_size": 32, "awq": True, "method": "awq+gptq", "gptq": True, "requested": "int4",
+              "policy": {"lm_head": "int8"}, "report": {"layers": []}, "awq_alphas": [0.5], "accuracy_level": 4},
+    "profile": "orin-nano-8gb",
+    "plan": {"options": [{"quant": "int4", "group_size": 64, "weight_bytes": 1}, {"quant": "int4", "group_size": 32, "weight_bytes": 777}]},
+    "limits": {"max_context": 100, "max_batch": 3, "plan_max_batch": 40, "kv_dtype": "fp16"},
+    "source": {"format": "hf"}, "calibration": None,
+    "tokenizer": {"files": ["tokenizer.json"], "source": "hf", "eos_token_ids": [2], "bos_token_id": 1},
+    "onnx": {"ort": "model.ort.onnx"}, "build_seconds": 1.0, "notes": [],
+    "artifacts": {"weights.safetensors": {"sha256": "0" * 64, "bytes": 3}},
+}
+
+
+def _write(tmp_path, d) -> None:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+
+
+def test_manifest_round_trips_through_a_bundle(tmp_path):
+    w = BundleWriter(tmp_path / "b", "generator")
+    w.path("weights.safetensors").write_bytes(b"abc")
+    m = Manifest(kind="generator", model=SPEC, quant=Quant("int4", 32, "awq+gptq"), limits=Limits(max_context=100, max_batch=3),
+                 tokenizer=TokenizerInfo(eos_token_ids=(2, 5)), notes=("n",))
+    out = w.commit(m)
+    b = Bundle.open(out)
+    got = b.manifest
+    assert got.schema_version == SCHEMA_VERSION and got.tools and got.created
+    assert got.quant == m.quant and got.quant.awq and got.quant.gptq and got.tokenizer == m.tokenizer
+    assert got.artifacts["weights.safetensors"].bytes == 3
+    # derived KV pool: max_batch sequences of max_context tokens in 16-token blocks
+    assert (b.limits.kv_blocks, b.limits.kv_block_size, b.limits.blocks_per_sequence) == (3 * 7, 16, 7)
+    assert Manifest.from_dict(json.loads((out / "manifest.json").read_text())) == got
+
+
+def test_version_1_manifest_is_read(tmp_path):
+    _write(tmp_path, V1)
+    m = read_manifest(tmp_path)
+    assert m.limits == Limits(max_context=100, max_batch=3, kv_blocks=21, kv_dtype="fp16", plan_max_batch=40)
+    assert (m.quant.method, m.quant.awq, m.quant.accuracy_level, m.planned_weight_bytes) == ("awq+gptq", True, 4, 777)
+    assert m.tokenizer.eos_token_ids == (2,)
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"schema_version": 99}, "bundle schema version 99, this edge-rag reads 1, 2"),
+    ({"schema_version": None}, "bundle schema version None"),
+    ({"kind": "vocoder"}, "kind 'vocoder'"),
+    ({"schema_version": 2, "mystery": 1}, "unknown manifest keys mystery"),
+    ({"limits": {"max_context": 0, "max_batch": 1}}, "must all be >= 1"),
+    ({"schema_version": 2, "quant": {"recipe": "int4"}, "limits": {"max_context": 64, "kv_blocks": 2}}, "2 KV blocks cannot hold one 64-token sequence"),
+    ({"limits": {"max_context": 64, "kv_dtype": "fp8"}}, "kv_dtype 'fp8'"),
+    ({"quant": {"group_size": 32}}, "malformed manifest"),
+])
+def test_bad_manifests_are_refused_in_one_line(tmp_path, change, needle):
+    _write(tmp_path, {**V1, **change})
+    with pytest.raises(BundleError, match=needle) as e:
+        Bundle.open(tmp_path, verify=False)
+    assert "\n" not in str(e.value) and e.value.fix
+
+
+def test_not_json_and_wrong_kind(tmp_path):
+    (tmp_path / "manifest.json").write_text("[1, 2")
+    with pytest.raises(BundleError, match="corrupt manifest"):
+        Bundle.open(tmp_path)
+    _write(tmp_path, V1)
+    with pytest.raises(BundleError, match="is a 'generator' bundle, expected 'embedder'"):
+        Bundle.open(tmp_path, kind="embedder", verify=False)
+
+
+def test_runtime_does_not_import_the_build_package():
+    import subprocess
+    import sys
+
+    code = "import sys, edge.bundle, edge.runtime.generator, edge.runtime.ort_session; print(any(m.startswith('edge.build') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
