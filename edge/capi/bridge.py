@@ -4,13 +4,12 @@ Every entry point returns `(status, message, value)`: status is an er_status cod
 message one line for er_last_error(), value only plain Python (str, int, float, list, dict), so
 the C side converts and never classifies exceptions itself.
 
-Thread safety. The C API lets several threads call one runtime at once. Until the engine core
-(edge.runtime.engine) batches requests, the generator serves one sequence at a time and the
-retriever's SQLite/FAISS/embedder are not shared across threads: each is behind its own lock,
-and `rag.ask` gets per-call views of both (`_SerialRetriever`, `_SerialGenerator`), so one
-thread's retrieval overlaps another's generation. Each call keeps its own generation stats
-(read under the lock), so concurrent answers never mix. A call waiting for a lock still sees
-er_cancel().
+Thread safety. The C API lets several threads call one runtime at once. Generation goes through
+the engine core (edge.runtime.engine, via Generator.submit): concurrent calls are batched there,
+each with its own request, stats and stream. The retriever's SQLite/FAISS/embedder are not shared
+across threads: searches and embeddings take the runtime's retrieval lock (as EdgeRuntime does),
+so one call's retrieval overlaps others' generation. er_cancel() sets the call's flag and aborts
+its engine request, so it stops at once even while it waits in the engine's queue.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from edge.errors import (BackendError, BundleError, ContextLengthError, EdgeRagE
 
 # er_status (include/edge_rag.h)
 OK, INVALID_ARGUMENT, NOT_FOUND, NO_COLLECTION, CONTEXT_LENGTH, CANCELLED, BACKEND, PYTHON, INTERNAL = range(9)
-LOCK_POLL_S = 0.05  # how often a call waiting for the engines checks er_cancel()
+LOCK_POLL_S = 0.05  # how often a call waiting for the retrieval lock checks er_cancel()
 
 
 class Cancelled(EdgeRagError):
@@ -66,7 +65,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., tuple[int, str, Any]]:
     return call
 
 
-def _acquire(lock: threading.Lock, cancel: threading.Event) -> None:
+def _acquire(lock: threading.Lock, cancel: "Call") -> None:
     while not lock.acquire(timeout=LOCK_POLL_S):
         if cancel.is_set():
             raise Cancelled("cancelled while waiting for the engines")
@@ -101,9 +100,8 @@ class Runtime:
         self.embedder, self.embedder_path = _embedder(Path(embedder_bundle) if embedder_bundle else None, collection)
         self.retriever = Retriever(self.embedder, collection)
         self.retrieval_lock = threading.Lock()
-        self.generation_lock = threading.Lock()
         self._load_lock = threading.Lock()
-        self._inflight: dict[int, threading.Event] = {}
+        self._inflight: dict[int, Call] = {}
         self._inflight_lock = threading.Lock()
         if load_generator:
             self.generator()
@@ -123,14 +121,14 @@ class Runtime:
         return self._generator
 
     # -- calls in flight
-    def begin(self, request_id: int) -> threading.Event:
-        ev = threading.Event()
+    def begin(self, request_id: int) -> "Call":
+        call = Call()
         if request_id:
             with self._inflight_lock:
                 if request_id in self._inflight:
                     raise UsageError(f"request id {request_id} is already in flight", fix="use a new id per call")
-                self._inflight[request_id] = ev
-        return ev
+                self._inflight[request_id] = call
+        return call
 
     def end(self, request_id: int) -> None:
         if request_id:
@@ -139,65 +137,98 @@ class Runtime:
 
     def cancel(self, request_id: int) -> None:
         with self._inflight_lock:
-            ev = self._inflight.get(request_id)
-        if ev is None:
+            call = self._inflight.get(request_id)
+        if call is None:
             raise NotInFlight(f"no call with request id {request_id} is in flight")
-        ev.set()
+        call.cancel()
 
     def close(self) -> None:
         with self.retrieval_lock:
             self.retriever.close()
+        with self._load_lock:
+            if self._generator is not None:
+                self._generator.close()  # stops the engine's thread
+                self._generator = None
+
+
+class Call:
+    """One C call in flight: its cancel flag and, once generating, its engine stream."""
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._lock = threading.Lock()
+        self._stream = None
+
+    def is_set(self) -> bool:
+        return self._flag.is_set()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._flag.set()
+            stream = self._stream
+        if stream is not None:
+            stream.close()  # aborts the engine request: its stream ends at once, its KV blocks are freed
+
+    def attach(self, stream) -> None:
+        with self._lock:
+            self._stream = stream
+            cancelled = self._flag.is_set()
+        if cancelled:
+            stream.close()
 
 
 class _SerialRetriever:
     """rag.ask's retriever: searches under the runtime's retrieval lock."""
 
-    def __init__(self, rt: Runtime, cancel: threading.Event):
-        self.rt, self.cancel = rt, cancel
+    def __init__(self, rt: Runtime, call: Call):
+        self.rt, self.call = rt, call
 
     def search(self, query: str, **kw: Any):
-        _acquire(self.rt.retrieval_lock, self.cancel)
+        _acquire(self.rt.retrieval_lock, self.call)
         try:
             return self.rt.retriever.search(query, **kw)
         finally:
             self.rt.retrieval_lock.release()
 
 
-class _SerialGenerator:
-    """One call's view of the shared generator: streams under the generation lock, stops at the
-    next token once cancelled, and keeps this call's stats."""
+class _CallGenerator:
+    """One call's view of the shared generator: its own engine request (Generator.submit), so its
+    own stats; stops at the next token once cancelled (er_cancel also aborts the request)."""
 
-    def __init__(self, rt: Runtime, cancel: threading.Event):
+    def __init__(self, rt: Runtime, call: Call):
         self.gen = rt.generator()
-        self.lock, self.cancel = rt.generation_lock, cancel
+        self.call = call
         self.tokenizer = self.gen.tokenizer
         self.max_context = self.gen.max_context
         self.stats = None
 
     def stream(self, prompt: Any, params: Any = None, **kw: Any) -> Iterator[str]:
-        _acquire(self.lock, self.cancel)
+        from edge.runtime.generator import stats_of
+
+        if self.call.is_set():
+            raise Cancelled("cancelled")
+        rs = self.gen.submit(prompt, params, **kw)
+        self.call.attach(rs)
         try:
-            pieces = self.gen.stream(prompt, params, **kw)
-            try:
-                for piece in pieces:
-                    yield piece
-                    if self.cancel.is_set():
-                        raise Cancelled("cancelled")
-            finally:
-                pieces.close()  # a cancelled generation frees its sequence before the lock goes
-                self.stats = self.gen.stats
+            for piece in rs:
+                if self.call.is_set():
+                    break
+                yield piece
         finally:
-            self.lock.release()
+            rs.close()
+            self.stats = stats_of(rs.request)
+        if self.call.is_set():
+            raise Cancelled("cancelled")
 
 
-def _on_token(emit: Callable[[str], Any] | None, cancel: threading.Event) -> Callable[[str], None] | None:
-    """The C callback returns True to cancel: the next token check stops the generation."""
+def _on_token(emit: Callable[[str], Any] | None, call: Call) -> Callable[[str], None] | None:
+    """The C callback returns True to cancel: the call stops before its next token."""
     if emit is None:
         return None
 
     def on_token(piece: str) -> None:
         if emit(piece):
-            cancel.set()
+            call.cancel()
 
     return on_token
 
@@ -229,12 +260,12 @@ def ask(rt: Runtime, question: str, k: int, mode: str | None, max_tokens: int, r
         raise UsageError("the question is empty", fix="give a question")
     if k < 0 or max_tokens < 0:
         raise UsageError(f"invalid k {k} / max_tokens {max_tokens}", fix="use 0 (the default) or a positive number")
-    cancel = rt.begin(request_id)
+    call = rt.begin(request_id)
     try:
-        retriever = _SerialRetriever(rt, cancel)
-        ans = rag_ask(question, retriever, lambda: _SerialGenerator(rt, cancel), k=k or 5, mode=mode or "hybrid",
-                      max_tokens=max_tokens or 256, on_token=_on_token(emit, cancel))
-        if cancel.is_set():  # cancelled after the last token
+        retriever = _SerialRetriever(rt, call)
+        ans = rag_ask(question, retriever, lambda: _CallGenerator(rt, call), k=k or 5, mode=mode or "hybrid",
+                      max_tokens=max_tokens or 256, on_token=_on_token(emit, call))
+        if call.is_set():  # cancelled after the last token
             raise Cancelled("cancelled")
         d = ans.to_dict()
         return d, json.dumps(d, default=str)
@@ -248,7 +279,7 @@ def search(rt: Runtime, query: str, k: int, mode: str | None) -> dict:
         raise UsageError("the query is empty", fix="give some text")
     if k < 0:
         raise UsageError(f"invalid k {k}", fix="use 0 (the default, 5) or a positive number")
-    r = _SerialRetriever(rt, threading.Event()).search(query, k=k or 5, mode=mode or "hybrid")
+    r = _SerialRetriever(rt, Call()).search(query, k=k or 5, mode=mode or "hybrid")
     return {"relevant": bool(r.relevant), "hits": [h.to_dict() for h in r.hits]}
 
 
@@ -283,10 +314,10 @@ def generate(rt: Runtime, prompt: str | list[dict], max_tokens: int, temperature
             if m["role"] not in ("system", "user", "assistant"):
                 raise UsageError(f"messages[{i}].role {m['role']!r} is not system, user or assistant")
     params = _sampling(max_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-    cancel = rt.begin(request_id)
+    call = rt.begin(request_id)
     try:
-        gen = _SerialGenerator(rt, cancel)
-        on_token = _on_token(emit, cancel)
+        gen = _CallGenerator(rt, call)
+        on_token = _on_token(emit, call)
         parts = []
         for piece in gen.stream(prompt, params):
             parts.append(piece)

@@ -15,6 +15,7 @@ from edge.errors import EdgeRagError
 
 # Importing registers the commands. Keep each module's top-level imports light.
 from edge.cli import profiles_cmd, build_cmd, generate_cmd, rag_cmd, serve_cmd, deploy_cmd  # noqa: F401,E402
+from edge.cli import mqtt_cmd  # noqa: F401,E402  (edge-rag mqtt)
 
 
 def main(argv: list[str] | None = None) -> int:
