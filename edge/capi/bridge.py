@@ -87,7 +87,7 @@ class Runtime:
         from rag.retrieve import Retriever
 
         if generator_bundle is not None:  # a wrong path fails at open, not at the first ask
-            from edge.build.bundle import Bundle
+            from edge.bundle import Bundle
 
             Bundle.open(generator_bundle, kind="generator", verify=False)
         if not collection_exists(collection):
