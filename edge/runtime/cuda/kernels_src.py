@@ -5,6 +5,7 @@ translation unit (each file uses what common.cuh and the files before it define)
   common.cuh    reductions, half2 helpers, int4/int8 word dequantization
   dequant.cu    int4 repack at load, dequantization to fp16 (prefill GEMMs)
   gemv.cu       fused-dequant GEMV / small-batch GEMM: warp-per-row and block-K with epilogues
+  gemm_tc.cu    M = 2..64 GEMM on tensor cores (mma.sync), int4 / int8 dequantized in registers
   layer_ops.cu  embedding, RMSNorm (+ residual), RoPE + KV write, SiLU.mul
   attention.cu  paged decode attention (one block / split sequence), prefill causal softmax
   sampling.cu   argmax (one block / multi-block), the decode step's input advance
@@ -23,7 +24,7 @@ Layouts (row-major, HF orientation: a linear weight is W [N, K], y = x @ W.T):
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCE_FILES = ("common.cuh", "dequant.cu", "gemv.cu", "layer_ops.cu", "attention.cu", "sampling.cu")
+SOURCE_FILES = ("common.cuh", "dequant.cu", "gemv.cu", "gemm_tc.cu", "layer_ops.cu", "attention.cu", "sampling.cu")
 SOURCE = "".join((CSRC / name).read_text() for name in SOURCE_FILES)
 
 
@@ -39,6 +40,7 @@ KERNEL_NAMES = (
     *(f"gemv_{k}_m{m}" for k in ("int4", "int8", "fp16") for m in (1, 2, 4, 8, 16)),
     "gemv_int4_m1_r2",
     "gemv_int4_m1_r4",
+    *(f"gemm_{k}_tc_m{mt}" for k in ("int4", "int8") for mt in (1, 2, 4)),
     *(f"gemv_int4_bk_r{r}_t{nt}_u{u}_{epi}" for r, nt, u in BK_VARIANTS for epi in ("st", "glu", "res", "rope")),
     "embed",
     "embed_rmsnorm",

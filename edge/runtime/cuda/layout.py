@@ -25,6 +25,8 @@ class Linear:
     m1: tuple[str, int, int] | None = None  # int4 M = 1 GEMV variant picked for this shape at load
     role: str = "st"  # what follows it in a layer: rope (qkv), res (o, down), glu (gate|up), st
     fused: bool = False  # at M = 1, run m1 with the role's fused epilogue (the autotuner decides)
+    tc_splits: int = 0  # tensor-core GEMM (M >= 2): K splits; 0 = this shape cannot use it (edge.runtime.cuda.gemm)
+    tc_from: int = 2  # smallest M run on the tensor-core GEMM (timed against the GEMV at load)
 
     @property
     def shape_key(self) -> str:

@@ -6,8 +6,10 @@ Per decoder layer, M rows (M = batch in decode, prompt tokens in prefill):
       q --attention (paged decode kernel | cuBLAS QK^T, causal softmax, PV in prefill)--> a
       a --linear o--> res += o, h = rmsnorm --linear gate|up--> silu_mul --linear down--> res += ...
 
-Linears: M <= 16 runs the fused-dequant GEMV kernels; larger M (prefill) dequantizes the layer's
-weight to fp16 and calls cuBLAS. Decode steps are captured as one CUDA graph per batch bucket
+Linears: M = 1 runs the fused-dequant GEMV kernels (with fused epilogues), M = 2..64 the
+tensor-core GEMM with dequantization in registers (gemm.py), larger M (prefill) dequantizes the
+layer's weight to fp16 and calls cuBLAS. `batch_invariant` sends every M through the tensor-core
+GEMM (a row's numbers then do not depend on the batch it is in). Decode steps are captured as one CUDA graph per batch bucket
 (1, 2, 4, 8, 16, ...); a step copies one small int32 block (ids, positions, slots, lengths, block
 tables) to the device, replays the graph and reads back logits or sampled ids.
 """
@@ -24,10 +26,15 @@ import numpy as np
 from edge.bundle import Bundle
 from edge.errors import BackendError
 from edge.runtime.cuda import kernels as kmod
-from edge.runtime.cuda.layout import Linear, gu_row_order, host_linear, qkv_row_order
-from edge.runtime.cuda.paged_kv import BlockManager, pool_blocks
+from edge.runtime.cuda.autotune import autotune_int4_m1, autotune_tc_from
+from edge.runtime.cuda.backend import CudaBackend, plan_limits
+from edge.runtime.cuda.backend import pool_blocks as plan_pool_blocks
+from edge.runtime.cuda.gemm import TcWorkspace, launch_tc, plan_tc
+from edge.runtime.cuda.layout import Linear
+from edge.runtime.cuda.paged_kv import BlockManager
 from edge.runtime.cuda.reference import rope_tables
-from edge.runtime.cuda.sampling import sample_top_p
+from edge.runtime.cuda.sampling import sample_top_p  # noqa: F401 (tests import it from here)
+from edge.runtime.cuda.weights import load_weights
 
 GEMV_ROWS_PER_BLOCK = 8  # warps per 256-thread GEMV block (each takes R rows, kernels.GEMV_ROWS_PER_WARP)
 MAX_GEMV_M = 16  # above this, prefill linears go through dequant + cuBLAS
@@ -60,10 +67,15 @@ class CudaDecoderSession:
     """A generator bundle loaded on the GPU with a paged KV cache for `max_batch` x `max_context`."""
 
     # int4 GEMV at M = 1: (kernel, rows per warp or block R, warps per block | threads per block);
-    # autotuned per weight shape at load (see _autotune_int4_m1). "gemv_int4_bk_*" are the block-K
+    # autotuned per weight shape at load (see autotune.autotune_int4_m1). "gemv_int4_bk_*" are the block-K
     # kernels whose fused epilogues (RoPE + KV write, SiLU.mul, residual + RMSNorm) the decode step
     # uses; the warp-per-row kernels stay candidates and then run with the separate small kernels.
     _int4_m1: tuple[str, int, int] = ("gemv_int4_m1", 1, GEMV_ROWS_PER_BLOCK)
+    tc_min_m: int | None = None  # smallest M on the tensor-core GEMM; None: each linear's timed pick (tc_from)
+    tc_max_m = 64  # above: dequantize + cuBLAS (prefill)
+    batch_invariant = False  # every M through the tensor-core GEMM, no M = 1 fused GEMVs
+    _tc: TcWorkspace | None = None
+    _backend: CudaBackend | None = None
     INT4_M1_VARIANTS = (
         ("gemv_int4_m1", 1, 8), ("gemv_int4_m1_r2", 2, 8), ("gemv_int4_m1_r4", 4, 8),
         ("gemv_int4_m1", 1, 4), ("gemv_int4_m1_r2", 2, 4), ("gemv_int4_m1_r4", 4, 4),
@@ -77,7 +89,7 @@ class CudaDecoderSession:
         *,
         max_batch: int = 8,
         max_context: int | None = None,
-        block_size: int = 16,
+        block_size: int | None = None,
         num_blocks: int | None = None,
         use_graphs: bool = True,
         device: int = 0,
@@ -92,10 +104,11 @@ class CudaDecoderSession:
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, kind="generator", verify=verify)
         self.bundle = b
         self.spec = spec = b.spec
+        limits = plan_limits(b)  # the memory plan: context, KV blocks / block size / dtype
         self.max_batch = int(max_batch)
-        self.max_context = int(max_context or min(b.limits.max_context, spec.max_position))
+        self.max_context = int(max_context or min(limits["max_context"], spec.max_position))
         self.vocab_size = spec.vocab_size
-        self.block_size = block_size
+        self.block_size = block_size = int(block_size or limits["kv_block_size"])
         self.use_graphs = use_graphs
         self.fuse = fuse
         self.device = cp.cuda.Device(device)
@@ -106,10 +119,14 @@ class CudaDecoderSession:
         self.stream = cp.cuda.Stream(non_blocking=True)
         t0 = time.perf_counter()
         with self.stream:
-            self._load_weights(b.load_weights())
+            load_weights(self, b.load_weights())
+            self.sms = int(cp.cuda.runtime.getDeviceProperties(self.device.id)["multiProcessorCount"])
+            for lin in self.linears():
+                plan_tc(lin, self.sms)
+            self._tc = TcWorkspace.for_linears(cp, self.linears())
             cos, sin = rope_tables(spec, self.max_context)
             self.cos, self.sin = cp.asarray(cos), cp.asarray(sin)
-            nb = int(num_blocks or limits.get("kv_blocks") or pool_blocks(self.max_batch, self.max_context, block_size))
+            nb = int(num_blocks or plan_pool_blocks(spec, limits, self.max_batch, self.max_context, block_size))
             self.blocks = BlockManager(nb, block_size, max_context=self.max_context, max_seqs=self.max_batch)
             # KV pool: [layers, 2 (k, v), slots, Hkv, D]
             self.kv = cp.zeros((spec.n_layers, 2, nb * block_size, spec.n_kv_heads, spec.head_dim), dtype=cp.float16)
@@ -129,7 +146,8 @@ class CudaDecoderSession:
         self._sample_rng: np.random.Generator | None = None  # decode_sample without caller uniforms
         # one block per row: enough threads that each does a few elements (latency, not bandwidth)
         self._norm_threads = max(128, min(1024, spec.hidden_size // 4 // 32 * 32))
-        self.int4_m1_us = self._autotune_int4_m1()
+        self.int4_m1_us = autotune_int4_m1(self)
+        self.tc_us = autotune_tc_from(self)
 
     @staticmethod
     def variant_name(v: tuple[str, int, int]) -> str:
@@ -139,90 +157,21 @@ class CudaDecoderSession:
     def is_bk(v: tuple[str, int, int] | None) -> bool:
         return v is not None and v[0].startswith("gemv_int4_bk_")
 
-    def _autotune_int4_m1(self) -> dict[str, dict[str, float]]:
-        """Pick, per distinct (int4 weight shape, role), how M = 1 runs: which GEMV variant and
-        whether its fused epilogue replaces the small kernel that follows. Returns the times.
-
-        The best variant depends on the shape (short-K qkv/o want many small blocks, long-K down
-        long-lived ones), and a fused epilogue is not free (the residual + RMSNorm one ends in a
-        last-block reduction), so every candidate is timed as the whole sequence it stands for
-        (e.g. "gemv + add_rmsnorm" against "fused kernel"), inside a CUDA graph of 20 repeats:
-        what a decode step sees (eager launches from Python are launch-bound at ~10-20 us).
-        Picks are stored per GPU, kernel source and shape under $EDGE_RAG_HOME/kernels, so later
-        loads reuse them and a machine always runs the same kernels (variants split K in
-        different orders: the same numbers to ~1e-7, not bit for bit)."""
-        cp, spec = self.cp, self.spec
-        lins = [L[k] for L in self.layers for k in ("qkv", "o", "gu", "down")] + [self.lm_head]
-        by_key: dict[str, list[Linear]] = {}
-        for lin in lins:
-            if lin.kind == "int4":
-                by_key.setdefault(f"{lin.shape_key}|{lin.role}", []).append(lin)
-        if not by_key:
-            return {}
-        picks = kmod.load_picks()
-        gpu = f"{kmod.gpu_name(self.device.id)}|sm_{self.k.cc}|{kmod.SOURCE_HASH}"
-        s0, e0 = cp.cuda.Event(), cp.cuda.Event()
-        times: dict[str, dict[str, float]] = {}
-        largest, largest_bytes = None, -1
-        reps = 20
-        f16 = cp.float16
-        with self.stream:
-            for key, group in by_key.items():
-                lin = group[0]
-                cands = [(v, True) for v in self.INT4_M1_VARIANTS if lin.role != "st" and self._fusable(v, lin.role, lin)]
-                cands += [(v, False) for v in self.INT4_M1_VARIANTS]
-                names = {self._cand_name(c): c for c in cands}
-                best = names.get(picks.get(f"{gpu}|{key}", ""))
-                if best is None:
-                    x = cp.ones((1, lin.k), dtype=f16)
-                    y = cp.empty((1, lin.n), dtype=f16)
-                    if lin.role == "rope":
-                        ints = cp.zeros(2, dtype=cp.int32)  # pos 0, slot 0
-                        q = cp.empty(spec.q_size, dtype=f16)
-                        kvs = cp.empty((2, 1, spec.n_kv_heads, spec.head_dim), dtype=f16)
-                        run = lambda: self._qkv_rope(lin, x, 1, ints[:1], ints[1:], q, kvs[0], kvs[1], y)  # noqa: E731
-                    elif lin.role == "res":
-                        res, h, w = cp.zeros((1, lin.n), dtype=cp.float32), cp.empty((1, lin.n), dtype=f16), cp.ones(lin.n, dtype=f16)
-                        counter = cp.zeros(1, dtype=cp.uint32)
-                        run = lambda: self._linear_residual_norm(lin, x, 1, res, y, w, h, np.float32(spec.rms_eps), counter)  # noqa: E731
-                    elif lin.role == "glu":
-                        act = cp.empty((1, lin.n // 2), dtype=f16)
-                        run = lambda: self._gate_up(lin, x, 1, y, act)  # noqa: E731
-                    else:
-                        run = lambda: self.linear(lin, x, 1, y)  # noqa: E731
-                    t: dict[tuple, float] = {}
-                    for cand in cands:
-                        lin.m1, lin.fused = cand
-                        self.stream.begin_capture()
-                        try:
-                            for _ in range(reps):
-                                run()
-                        finally:
-                            g = self.stream.end_capture()
-                        g.launch(self.stream)
-                        ts = []
-                        for _ in range(5):
-                            s0.record(self.stream)
-                            g.launch(self.stream)
-                            e0.record(self.stream)
-                            e0.synchronize()
-                            ts.append(cp.cuda.get_elapsed_time(s0, e0) * 1e3 / reps)  # us per launch sequence
-                        t[cand] = sorted(ts)[len(ts) // 2]
-                    best = min(cands, key=lambda c: t[c])
-                    times[key] = {self._cand_name(c): us for c, us in t.items()}
-                    picks[f"{gpu}|{key}"] = self._cand_name(best)
-                for other in group:
-                    other.m1, other.fused = best
-                if lin.nbytes > largest_bytes:
-                    largest, largest_bytes = best[0], lin.nbytes
-        if times:
-            kmod.save_picks(picks)
-        self._int4_m1 = largest  # the default for int4 Linears made later (none in a loaded model)
-        return times
-
     @classmethod
     def _cand_name(cls, cand: tuple[tuple[str, int, int], bool]) -> str:
         return cls.variant_name(cand[0]) + ("+fused" if cand[1] else "")
+
+    def linears(self) -> list[Linear]:
+        return [L[k] for L in self.layers for k in ("qkv", "o", "gu", "down")] + [self.lm_head]
+
+    def set_batch_invariant(self, on: bool = True) -> None:
+        """Run every linear through the tensor-core GEMM, whatever M (drops captured graphs)."""
+        odd = [lin.shape_key for lin in self.linears() if not lin.tc_splits]
+        if on and odd:
+            raise BackendError(f"batch_invariant needs every linear on the tensor-core GEMM; {odd[0]} cannot run there",
+                               fix="use the default mode (same tokens to rounding)")
+        self.batch_invariant = bool(on)
+        self._graphs.clear()
 
     def set_int4_m1(self, variant: tuple[str, int, int], fused: bool = True) -> None:
         """Run every int4 linear's M = 1 GEMV with `variant`, with the fused epilogue where it
@@ -231,78 +180,6 @@ class CudaDecoderSession:
             if lin.kind == "int4":
                 lin.m1, lin.fused = variant, fused and self._fusable(variant, lin.role, lin)
         self._graphs.clear()
-
-    # ---- weights ----------------------------------------------------------------------
-    def _load_weights(self, w: dict[str, np.ndarray]) -> None:
-        cp, spec = self.cp, self.spec
-        self.weight_bytes = 0
-
-        def h(name: str) -> Any:
-            return cp.asarray(w[name].astype(np.float16, copy=False))
-
-        def linear(names: list[str], bias_names: list[str] | None = None, perm: np.ndarray | None = None) -> Linear:
-            parts = [host_linear(w, n) for n in names]
-            kinds = {(p[0], p[3]) for p in parts}
-            if len(kinds) != 1:
-                raise BackendError(f"{names}: mixed precisions {sorted(kinds)} cannot be fused", fix="rebuild the bundle with one recipe")
-            kind, k, g = parts[0][0], parts[0][4], parts[0][3]
-            q = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-            s = (np.concatenate([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]) if kind != "fp16" else None
-            if perm is not None:  # output rows reordered (see qkv_row_order / gu_row_order)
-                q = q[perm]
-                s = s[perm] if s is not None else None
-            n = q.shape[0]
-            if kind == "int4":
-                if k % 32:
-                    raise BackendError(f"{names[0]}: in_features {k} not a multiple of 32")
-                raw = cp.asarray(q).view(cp.uint32)  # [N, K/8]
-                qd = cp.empty_like(raw)
-                cnt = raw.size
-                self.k["repack_int4"](((cnt + 255) // 256,), (256,), (raw, qd, np.int64(cnt)))
-                del raw
-                lin = Linear("int4", n, k, qd, cp.asarray(s), int(math.log2(g)))
-            elif kind == "int8":
-                if k % 16:
-                    raise BackendError(f"{names[0]}: in_features {k} not a multiple of 16")
-                lin = Linear("int8", n, k, cp.asarray(q), cp.asarray(s))
-            else:
-                if k % 8:
-                    raise BackendError(f"{names[0]}: in_features {k} not a multiple of 8")
-                lin = Linear("fp16", n, k, cp.asarray(q.astype(np.float16, copy=False)), None)
-            if bias_names and all(bn in w for bn in bias_names):
-                bias = np.concatenate([w[bn] for bn in bias_names]).astype(np.float16)
-                lin.bias = cp.asarray(bias[perm] if perm is not None else bias)
-            self.weight_bytes += lin.nbytes
-            return lin
-
-        self.embed = h("model.embed_tokens.weight")
-        qkv_perm = qkv_row_order(spec.n_heads, spec.n_kv_heads, spec.head_dim)
-        gu_perm = gu_row_order(spec.intermediate_size)
-        self.layers = []
-        roles = {"qkv": "rope", "o": "res", "gu": "glu", "down": "res"}
-        for i in range(spec.n_layers):
-            p = f"model.layers.{i}."
-            a = p + "self_attn."
-            self.layers.append(
-                {
-                    "ln1": h(p + "input_layernorm.weight"),
-                    "ln2": h(p + "post_attention_layernorm.weight"),
-                    "qkv": linear([a + "q_proj", a + "k_proj", a + "v_proj"], [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"], qkv_perm),
-                    "o": linear([a + "o_proj"]),
-                    "gu": linear([p + "mlp.gate_proj", p + "mlp.up_proj"], perm=gu_perm),
-                    "down": linear([p + "mlp.down_proj"]),
-                }
-            )
-        for L in self.layers:
-            for key, role in roles.items():
-                L[key].role = role
-        self.norm = h("model.norm.weight")
-        if "lm_head.qweight" in w or "lm_head.weight" in w:
-            self.lm_head = linear(["lm_head"])
-        else:  # tied, fp16 recipe: the embedding table is the head
-            self.lm_head = Linear("fp16", spec.vocab_size, spec.hidden_size, self.embed, None)
-            self.weight_bytes += int(self.embed.nbytes)
-        self.weight_bytes += 2 * (2 * spec.n_layers + 1) * spec.hidden_size
 
     # ---- buffers ----------------------------------------------------------------------
     def _alloc_decode_buffers(self) -> None:
@@ -351,9 +228,14 @@ class CudaDecoderSession:
 
     # ---- kernel launches --------------------------------------------------------------
     def linear(self, lin: Linear, x: Any, m: int, y: Any, out_f32: bool = False) -> None:
-        """y[:m] = x[:m] @ W.T (+ bias); y has row stride lin.n. GEMV for m <= 16."""
-        if m > MAX_GEMV_M:
-            return self._linear_cublas(lin, x, m, y)
+        """y[:m] = x[:m] @ W.T (+ bias); y has row stride lin.n. GEMV for m = 1 (and m <= 16
+        where the tensor-core GEMM cannot run the shape), tensor cores for m = 2..64."""
+        path = self._path(lin, m)
+        if path == "tc":
+            launch_tc(self.k, lin, x, m, y, self._tc, out_f32)
+            return
+        if path == "cublas":
+            return self._linear_cublas(lin, x, m, y, out_f32)
         t = self.k.gemv_tile(m)
         warps = GEMV_ROWS_PER_BLOCK
         if t == 1 and lin.kind == "int4":
@@ -376,6 +258,13 @@ class CudaDecoderSession:
             args = (lin.q, x, bias, y, *common, _i32(lin.n), _i32(out_f32))
         self.k[name](grid, (32 * warps,), args)
 
+    def _path(self, lin: Linear, m: int) -> str:
+        """How linear() runs this linear at M = m: "tc" (tensor-core GEMM), "gemv" or "cublas"."""
+        lo = lin.tc_from if self.tc_min_m is None else self.tc_min_m
+        if self._tc is not None and lin.tc_splits and (self.batch_invariant or lo <= m <= self.tc_max_m):
+            return "tc"
+        return "cublas" if m > MAX_GEMV_M else "gemv"
+
     def dequantize(self, lin: Linear) -> Any:
         """half [N, K] copy of the layer's weight (prefill path)."""
         cp = self.cp
@@ -390,16 +279,22 @@ class CudaDecoderSession:
             self.k["dequant_int8"](grid, (256,), (lin.q.view(cp.uint32), lin.s, out, _i32(lin.n), _i32(lin.k)))
         return out
 
-    def _linear_cublas(self, lin: Linear, x: Any, m: int, y: Any) -> None:
+    def _linear_cublas(self, lin: Linear, x: Any, m: int, y: Any, out_f32: bool = False) -> None:
         cp = self.cp
         w = self.dequantize(lin)
+        if out_f32:  # logits rows: half product, float out
+            o = cp.matmul(x[:m], w.T)
+            if lin.bias is not None:
+                o += lin.bias
+            y[:m] = o.astype(cp.float32)
+            return
         cp.matmul(x[:m], w.T, out=y[:m])  # y rows are contiguous: cuBLAS writes in place
         if lin.bias is not None:
             y[:m] += lin.bias
 
     def _fused(self, lin: Linear, m: int) -> bool:
         """Does this linear run through a block-K kernel with a fused epilogue at this M?"""
-        return self.fuse and m == 1 and lin.fused and self.is_bk(lin.m1)
+        return self.fuse and m == 1 and lin.fused and self.is_bk(lin.m1) and not self.batch_invariant
 
     def _fusable(self, variant: tuple[str, int, int], role: str, lin: Linear) -> bool:
         """Can `variant` run `role`'s fused epilogue for this linear? (pairs must stay in a block / head)"""
@@ -475,26 +370,8 @@ class CudaDecoderSession:
         s, bufs = self.spec, self._bufs
         ids, pos, slots, ctx, bt = self._inputs()
 
-        scale = np.float32(1.0 / math.sqrt(s.head_dim))
-        if s.head_dim in (64, 128):  # split-sequence kernel, P blocks per (head, sequence)
-
-            def attend(i, q, kc, vc, out):
-                self.k[f"paged_attn_split_tk_d{s.head_dim}"](
-                    (s.n_heads, bsz, self._attn_splits), (ATTN_THREADS,),
-                    (q, kc, vc, bt, ctx, out, self._attn_part_o, self._attn_part_ml, self._attn_tickets, _i32(s.n_heads),
-                     _i32(s.n_kv_heads), _i32(self.block_size), _i32(self.max_blocks), _i32(self.max_context), scale,
-                     _i32(self.attn_min_split)),
-                    shared_mem=self._attn_smem,
-                )
-        else:
-
-            def attend(i, q, kc, vc, out):
-                self.k["paged_attn_decode"](
-                    (s.n_heads, bsz), (ATTN_THREADS,),
-                    (q, kc, vc, bt, ctx, out, _i32(s.n_heads), _i32(s.n_kv_heads), _i32(s.head_dim), _i32(self.block_size),
-                     _i32(self.max_blocks), _i32(self.max_context), scale),
-                    shared_mem=self._attn_smem,
-                )
+        def attend(i, q, kc, vc, out):
+            self.decode_attention(q, kc, vc, bt, ctx, out, bsz)
 
         self._layers(bsz, bufs, ids, pos, slots, attend)
         self.linear(self.lm_head, bufs["h"], bsz, self._logits, out_f32=True)
@@ -502,6 +379,27 @@ class CudaDecoderSession:
         self.k["argmax_rows_mb"]((self._argmax_parts, bsz), (256,), (self._logits, self._next, ids, self._hist, pos, _i32(self._hist.shape[1]), self._amax_v, self._amax_i, self._amax_t, _i32(s.vocab_size)))
         # inputs of the next step, for a stream that runs without the host (greedy_stream)
         self.k["advance_inputs"]((1,), (max(32, -(-bsz // 32) * 32),), (self._inp, _i32(self.max_batch), _i32(self.max_blocks), _i32(self.block_size), _i32(bsz)))
+
+    def decode_attention(self, q: Any, kc: Any, vc: Any, bt: Any, ctx: Any, out: Any, rows: int) -> None:
+        """One query per row over its paged cache: q, out half [rows, Hq*D]; bt int32
+        [rows, max_blocks]; ctx int32 [rows] cached tokens (0: a padding row)."""
+        s = self.spec
+        scale = np.float32(1.0 / math.sqrt(s.head_dim))
+        if s.head_dim in (64, 128):  # split-sequence kernel, P blocks per (head, sequence)
+            self.k[f"paged_attn_split_tk_d{s.head_dim}"](
+                (s.n_heads, rows, self._attn_splits), (ATTN_THREADS,),
+                (q, kc, vc, bt, ctx, out, self._attn_part_o, self._attn_part_ml, self._attn_tickets, _i32(s.n_heads),
+                 _i32(s.n_kv_heads), _i32(self.block_size), _i32(self.max_blocks), _i32(self.max_context), scale,
+                 _i32(self.attn_min_split)),
+                shared_mem=self._attn_smem,
+            )
+        else:
+            self.k["paged_attn_decode"](
+                (s.n_heads, rows), (ATTN_THREADS,),
+                (q, kc, vc, bt, ctx, out, _i32(s.n_heads), _i32(s.n_kv_heads), _i32(s.head_dim), _i32(self.block_size),
+                 _i32(self.max_blocks), _i32(self.max_context), scale),
+                shared_mem=self._attn_smem,
+            )
 
     def _bucket(self, n: int) -> int:
         for b in _buckets(self.max_batch):
@@ -543,8 +441,13 @@ class CudaDecoderSession:
             off = 4 * mb + r * self.max_blocks
             host[off : off + len(table)] = table
 
+    def _graph_safe(self, bsz: int) -> bool:
+        """Can a decode step of this bucket be captured? Not when a linear goes through cuBLAS
+        (dequantization buffers are allocated per call)."""
+        return all(self._path(lin, bsz) != "cublas" for lin in self.linears())
+
     def _run_step(self, bsz: int) -> None:
-        if self.use_graphs:
+        if self.use_graphs and self._graph_safe(bsz):
             g = self._graphs.get(bsz)
             if g is None:
                 g = self._capture(bsz)
@@ -563,18 +466,12 @@ class CudaDecoderSession:
         stream from its own slot of a by-position history (never overwritten by later steps).
         Tokens are identical to decode_greedy's. Stopping early (closing the iterator) rolls the
         sequence back to the tokens actually returned, as if each had been decoded alone."""
-        cp, mb = self.cp, self.max_batch
+        mb = self.max_batch
         n = min(int(max_new), self.max_context - self.blocks.length(seq_id))
         if n <= 0:
             return
         start = self.blocks.length(seq_id)
         slots = self.blocks.append(seq_id, n)  # reserve every step's slot (raises if the pool is short)
-        if self._pipe is None:
-            import cupyx
-
-            self._side = cp.cuda.Stream(non_blocking=True)
-            self._pipe = [(cupyx.empty_pinned((1,), np.int32), cp.cuda.Event(block=False, disable_timing=True), cp.cuda.Event(block=False, disable_timing=True)) for _ in range(MAX_STREAM_DEPTH)]
-        depth = max(1, min(int(depth), len(self._pipe)))
         host = self._inp_host
         host[:] = 0
         host[2 * mb : 3 * mb] = -1
@@ -583,8 +480,27 @@ class CudaDecoderSession:
         host[4 * mb : 4 * mb + len(table)] = table
         done = 0  # tokens handed to the caller
         try:
+            for tok in self.stream_steps(start, n, depth):
+                done += 1
+                yield tok
+        finally:
+            if seq_id in self.blocks and self.blocks.length(seq_id) > start + done:
+                self.blocks.truncate(seq_id, start + done)
+
+    def stream_steps(self, start: int, n: int, depth: int = 3) -> Iterator[int]:
+        """The host-free greedy loop over row 0 of `_inp_host` (already filled: token, position
+        `start`, its slot, length, a block table covering all n steps): n graph replays queued up
+        to `depth` ahead, each token read back from the by-position history on a side stream."""
+        cp = self.cp
+        if self._pipe is None:
+            import cupyx
+
+            self._side = cp.cuda.Stream(non_blocking=True)
+            self._pipe = [(cupyx.empty_pinned((1,), np.int32), cp.cuda.Event(block=False, disable_timing=True), cp.cuda.Event(block=False, disable_timing=True)) for _ in range(MAX_STREAM_DEPTH)]
+        depth = max(1, min(int(depth), len(self._pipe)))
+        try:
             with self.stream:
-                self._inp.set(host, stream=self.stream)
+                self._inp.set(self._inp_host, stream=self.stream)
             for i in range(n + depth):
                 if i < n:
                     h_out, ev_main, ev_side = self._pipe[i % len(self._pipe)]
@@ -599,14 +515,11 @@ class CudaDecoderSession:
                 if 0 <= j < n:
                     h_out, _, ev_side = self._pipe[j % len(self._pipe)]
                     ev_side.synchronize()
-                    done += 1
                     yield int(h_out[0])
         finally:
             self.stream.synchronize()
             if self._side is not None:
                 self._side.synchronize()
-            if seq_id in self.blocks and self.blocks.length(seq_id) > start + done:
-                self.blocks.truncate(seq_id, start + done)
 
     def _capture(self, bsz: int) -> Any:
         self.stream.begin_capture()
@@ -717,6 +630,23 @@ class CudaDecoderSession:
             out = int(self._next[:1].get(stream=self.stream)[0])
         self.stream.synchronize()
         return out
+
+    # ---- the engine's backend (edge.runtime.step): see backend.CudaBackend ------------------
+    @property
+    def engine_backend(self) -> CudaBackend:
+        if self._backend is None:
+            self._backend = CudaBackend(self)
+        return self._backend
+
+    @property
+    def caps(self):
+        return self.engine_backend.caps
+
+    def execute(self, batch):
+        return self.engine_backend.execute(batch)
+
+    def run_greedy(self, batch, max_new: int, *, depth: int = 3) -> Iterator[int]:
+        return self.engine_backend.run_greedy(batch, max_new, depth=depth)
 
     # ---- sequences --------------------------------------------------------------------
     def add_sequence(self, seq_id: int) -> None:

@@ -1,0 +1,141 @@
+"""Load-time kernel choices of the CUDA session, each timed inside CUDA graphs (what a decode
+step sees; eager launches from Python are launch-bound):
+
+    autotune_int4_m1(sess)   per int4 weight shape and role: which M = 1 GEMV variant, and whether
+                             its fused epilogue replaces the small kernel that follows
+    autotune_tc_from(sess)   per linear shape: from which M the tensor-core GEMM beats the GEMV
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge.runtime.cuda import kernels as kmod
+from edge.runtime.cuda.layout import Linear
+
+MAX_GEMV_M = 16  # as session.MAX_GEMV_M: the GEMV's largest M
+
+
+def autotune_int4_m1(sess) -> dict[str, dict[str, float]]:
+    """Pick, per distinct (int4 weight shape, role), how M = 1 runs: which GEMV variant and
+    whether its fused epilogue replaces the small kernel that follows. Returns the times.
+
+    The best variant depends on the shape (short-K qkv/o want many small blocks, long-K down
+    long-lived ones), and a fused epilogue is not free (the residual + RMSNorm one ends in a
+    last-block reduction), so every candidate is timed as the whole sequence it stands for
+    (e.g. "gemv + add_rmsnorm" against "fused kernel"), inside a CUDA graph of 20 repeats:
+    what a decode step sees (eager launches from Python are launch-bound at ~10-20 us).
+    Picks are stored per GPU, kernel source and shape under $EDGE_RAG_HOME/kernels, so later
+    loads reuse them and a machine always runs the same kernels (variants split K in
+    different orders: the same numbers to ~1e-7, not bit for bit)."""
+    cp, spec = sess.cp, sess.spec
+    lins = [L[k] for L in sess.layers for k in ("qkv", "o", "gu", "down")] + [sess.lm_head]
+    by_key: dict[str, list[Linear]] = {}
+    for lin in lins:
+        if lin.kind == "int4":
+            by_key.setdefault(f"{lin.shape_key}|{lin.role}", []).append(lin)
+    if not by_key:
+        return {}
+    picks = kmod.load_picks()
+    gpu = f"{kmod.gpu_name(sess.device.id)}|sm_{sess.k.cc}|{kmod.SOURCE_HASH}"
+    s0, e0 = cp.cuda.Event(), cp.cuda.Event()
+    times: dict[str, dict[str, float]] = {}
+    largest, largest_bytes = None, -1
+    reps = 20
+    f16 = cp.float16
+    with sess.stream:
+        for key, group in by_key.items():
+            lin = group[0]
+            cands = [(v, True) for v in sess.INT4_M1_VARIANTS if lin.role != "st" and sess._fusable(v, lin.role, lin)]
+            cands += [(v, False) for v in sess.INT4_M1_VARIANTS]
+            names = {sess._cand_name(c): c for c in cands}
+            best = names.get(picks.get(f"{gpu}|{key}", ""))
+            if best is None:
+                x = cp.ones((1, lin.k), dtype=f16)
+                y = cp.empty((1, lin.n), dtype=f16)
+                if lin.role == "rope":
+                    ints = cp.zeros(2, dtype=cp.int32)  # pos 0, slot 0
+                    q = cp.empty(spec.q_size, dtype=f16)
+                    kvs = cp.empty((2, 1, spec.n_kv_heads, spec.head_dim), dtype=f16)
+                    run = lambda: sess._qkv_rope(lin, x, 1, ints[:1], ints[1:], q, kvs[0], kvs[1], y)  # noqa: E731
+                elif lin.role == "res":
+                    res, h, w = cp.zeros((1, lin.n), dtype=cp.float32), cp.empty((1, lin.n), dtype=f16), cp.ones(lin.n, dtype=f16)
+                    counter = cp.zeros(1, dtype=cp.uint32)
+                    run = lambda: sess._linear_residual_norm(lin, x, 1, res, y, w, h, np.float32(spec.rms_eps), counter)  # noqa: E731
+                elif lin.role == "glu":
+                    act = cp.empty((1, lin.n // 2), dtype=f16)
+                    run = lambda: sess._gate_up(lin, x, 1, y, act)  # noqa: E731
+                else:
+                    run = lambda: sess.linear(lin, x, 1, y)  # noqa: E731
+                t: dict[tuple, float] = {}
+                for cand in cands:
+                    lin.m1, lin.fused = cand
+                    sess.stream.begin_capture()
+                    try:
+                        for _ in range(reps):
+                            run()
+                    finally:
+                        g = sess.stream.end_capture()
+                    g.launch(sess.stream)
+                    ts = []
+                    for _ in range(5):
+                        s0.record(sess.stream)
+                        g.launch(sess.stream)
+                        e0.record(sess.stream)
+                        e0.synchronize()
+                        ts.append(cp.cuda.get_elapsed_time(s0, e0) * 1e3 / reps)  # us per launch sequence
+                    t[cand] = sorted(ts)[len(ts) // 2]
+                best = min(cands, key=lambda c: t[c])
+                times[key] = {sess._cand_name(c): us for c, us in t.items()}
+                picks[f"{gpu}|{key}"] = sess._cand_name(best)
+            for other in group:
+                other.m1, other.fused = best
+            if lin.nbytes > largest_bytes:
+                largest, largest_bytes = best[0], lin.nbytes
+    if times:
+        kmod.save_picks(picks)
+    sess._int4_m1 = largest  # the default for int4 Linears made later (none in a loaded model)
+    return times
+
+
+def autotune_tc_from(sess) -> dict[str, dict[str, dict[int, float]]]:
+    """Per distinct linear shape: the smallest M (2, 4, 8 or 16) from which the tensor-core
+    GEMM is faster than the GEMV, both timed in a CUDA graph of 10 calls (us per call)."""
+    cp = sess.cp
+    by_key: dict[str, list[Linear]] = {}
+    for lin in sess.linears():
+        if lin.tc_splits:
+            by_key.setdefault(lin.shape_key, []).append(lin)
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    s0, e0 = cp.cuda.Event(), cp.cuda.Event()
+    reps = 10
+    with sess.stream:
+        for key, group in by_key.items():
+            lin = group[0]
+            t: dict[str, dict[int, float]] = {"gemv": {}, "tc": {}}
+            for m in (2, 4, 8, 16):
+                x = cp.ones((m, lin.k), dtype=cp.float16)
+                y = cp.empty((m, lin.n), dtype=cp.float16)
+                for path, lo in (("gemv", 1 << 30), ("tc", 1)):
+                    sess.tc_min_m = lo
+                    sess.stream.begin_capture()
+                    try:
+                        for _ in range(reps):
+                            sess.linear(lin, x, m, y)
+                    finally:
+                        g = sess.stream.end_capture()
+                    g.launch(sess.stream)
+                    ts = []
+                    for _ in range(3):
+                        s0.record(sess.stream)
+                        g.launch(sess.stream)
+                        e0.record(sess.stream)
+                        e0.synchronize()
+                        ts.append(cp.cuda.get_elapsed_time(s0, e0) * 1e3 / reps)
+                    t[path][m] = round(sorted(ts)[1], 2)
+            sess.tc_min_m = None
+            wins = [m for m in (2, 4, 8, 16) if all(t["tc"][m2] <= t["gemv"][m2] for m2 in (2, 4, 8, 16) if m2 >= m)]
+            for other in group:
+                other.tc_from = min(wins) if wins else MAX_GEMV_M + 1
+            out[key] = t
+    return out

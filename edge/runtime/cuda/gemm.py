@@ -1,0 +1,79 @@
+"""Launching the tensor-core small-batch GEMM (csrc/gemm_tc.cu) for a Linear.
+
+    plan_tc(lin, sms)                  -> sets lin.tc_splits (0: this shape cannot use it)
+    TcWorkspace.for_linears(cp, lins, rows)   split-K partials + ticket counters, allocated once
+    launch_tc(k, lin, x, m, y, ws, out_f32)   y[:m] = x[:m] @ W.T (+ bias), any m (row chunks)
+
+The split count depends on the weight's shape alone (never on M), so a row's result is the same
+whatever else is in the batch: the engine's batched == alone equality rests on that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edge.runtime.cuda.layout import Linear
+
+GEMM_WARPS = 4  # as in gemm_tc.cu
+GEMM_NT = 4  # n8-tiles per warp (GEMM_TC_INSTANCE)
+COLS_PER_BLOCK = GEMM_WARPS * GEMM_NT * 8
+KJ = {"int4": 128, "int8": 64}  # K per warp iteration
+MAX_SPLITS = 16
+CHUNK_ROWS = 256  # rows per launch (bounds the split-K workspace)
+M_TILES = (1, 2, 4)  # compiled MT (m16-tiles per warp)
+
+
+def tc_ok(lin: Linear) -> bool:
+    """Can the tensor-core kernel run this linear? (int4 groups >= 32, K a multiple of the iteration)"""
+    if lin.kind not in KJ or lin.k % KJ[lin.kind]:
+        return False
+    return lin.kind != "int4" or (1 << lin.gshift) >= 32
+
+
+def plan_tc(lin: Linear, sms: int) -> None:
+    """lin.tc_splits: K splits so that short-N layers still launch about four blocks per SM."""
+    if not tc_ok(lin):
+        lin.tc_splits = 0
+        return
+    blocks = -(-lin.n // COLS_PER_BLOCK)
+    iters = lin.k // KJ[lin.kind]
+    lin.tc_splits = int(max(1, min(MAX_SPLITS, iters // 2, -(-4 * sms // blocks))))
+
+
+@dataclass
+class TcWorkspace:
+    partials: Any  # float32, >= splits * CHUNK_ROWS * N for every planned linear
+    tickets: Any  # uint32, one per (column block, row tile) of a launch; reset by the kernel
+
+    @classmethod
+    def for_linears(cls, cp: Any, lins: list[Linear], rows: int = CHUNK_ROWS) -> "TcWorkspace":
+        need = max([lin.tc_splits * lin.n for lin in lins if lin.tc_splits > 1] or [1]) * min(rows, CHUNK_ROWS)
+        blocks = max([-(-lin.n // COLS_PER_BLOCK) for lin in lins if lin.tc_splits] or [1])
+        tiles = -(-min(rows, CHUNK_ROWS) // 64)
+        return cls(cp.zeros(need, dtype=cp.float32), cp.zeros(blocks * tiles, dtype=cp.uint32))
+
+
+def _mt(m: int) -> int:
+    for t in M_TILES:
+        if m <= 16 * t:
+            return t
+    return M_TILES[-1]
+
+
+def launch_tc(k: Any, lin: Linear, x: Any, m: int, y: Any, ws: TcWorkspace, out_f32: bool = False, ldy: int | None = None) -> None:
+    """y[:m] = x[:m] @ W.T (+ bias) through gemm_{int4,int8}_tc_m{1,2,4}; y's row stride is ldy (N)."""
+    ldy = lin.n if ldy is None else ldy
+    null = np.uint64(0)
+    bias = lin.bias if lin.bias is not None else null
+    for r0 in range(0, m, CHUNK_ROWS):
+        rows = min(CHUNK_ROWS, m - r0)
+        mt = _mt(rows)
+        grid = (-(-lin.n // COLS_PER_BLOCK), lin.tc_splits, -(-rows // (16 * mt)))
+        xs = x[r0 : r0 + rows] if r0 else x
+        ys = y[r0 : r0 + rows] if r0 else y
+        k[f"gemm_{lin.kind}_tc_m{mt}"](grid, (32 * GEMM_WARPS,), (
+            lin.q, lin.s, xs, bias, ys, ws.partials, ws.tickets, np.int32(rows), np.int32(lin.n), np.int32(lin.k),
+            np.int32(lin.gshift), np.int32(ldy), np.int32(1 if out_f32 else 0)))

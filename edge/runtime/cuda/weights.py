@@ -1,0 +1,85 @@
+"""Loading a bundle's weights onto the GPU for the CUDA session: fused linears (q|k|v, gate|up)
+with their rows reordered for the fused epilogues (layout.qkv_row_order / gu_row_order), int4
+words repacked for the dequantization trick, norms and the embedding in fp16."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from edge.errors import BackendError
+from edge.runtime.cuda.layout import Linear, gu_row_order, host_linear, qkv_row_order
+
+
+def load_weights(sess, w: dict[str, np.ndarray]) -> None:
+    cp, spec = sess.cp, sess.spec
+    sess.weight_bytes = 0
+
+    def h(name: str) -> Any:
+        return cp.asarray(w[name].astype(np.float16, copy=False))
+
+    def linear(names: list[str], bias_names: list[str] | None = None, perm: np.ndarray | None = None) -> Linear:
+        parts = [host_linear(w, n) for n in names]
+        kinds = {(p[0], p[3]) for p in parts}
+        if len(kinds) != 1:
+            raise BackendError(f"{names}: mixed precisions {sorted(kinds)} cannot be fused", fix="rebuild the bundle with one recipe")
+        kind, k, g = parts[0][0], parts[0][4], parts[0][3]
+        q = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        s = (np.concatenate([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]) if kind != "fp16" else None
+        if perm is not None:  # output rows reordered (see qkv_row_order / gu_row_order)
+            q = q[perm]
+            s = s[perm] if s is not None else None
+        n = q.shape[0]
+        if kind == "int4":
+            if k % 32:
+                raise BackendError(f"{names[0]}: in_features {k} not a multiple of 32")
+            raw = cp.asarray(q).view(cp.uint32)  # [N, K/8]
+            qd = cp.empty_like(raw)
+            cnt = raw.size
+            sess.k["repack_int4"](((cnt + 255) // 256,), (256,), (raw, qd, np.int64(cnt)))
+            del raw
+            lin = Linear("int4", n, k, qd, cp.asarray(s), int(math.log2(g)))
+        elif kind == "int8":
+            if k % 16:
+                raise BackendError(f"{names[0]}: in_features {k} not a multiple of 16")
+            lin = Linear("int8", n, k, cp.asarray(q), cp.asarray(s))
+        else:
+            if k % 8:
+                raise BackendError(f"{names[0]}: in_features {k} not a multiple of 8")
+            lin = Linear("fp16", n, k, cp.asarray(q.astype(np.float16, copy=False)), None)
+        if bias_names and all(bn in w for bn in bias_names):
+            bias = np.concatenate([w[bn] for bn in bias_names]).astype(np.float16)
+            lin.bias = cp.asarray(bias[perm] if perm is not None else bias)
+        sess.weight_bytes += lin.nbytes
+        return lin
+
+    sess.embed = h("model.embed_tokens.weight")
+    qkv_perm = qkv_row_order(spec.n_heads, spec.n_kv_heads, spec.head_dim)
+    gu_perm = gu_row_order(spec.intermediate_size)
+    sess.layers = []
+    roles = {"qkv": "rope", "o": "res", "gu": "glu", "down": "res"}
+    for i in range(spec.n_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        sess.layers.append(
+            {
+                "ln1": h(p + "input_layernorm.weight"),
+                "ln2": h(p + "post_attention_layernorm.weight"),
+                "qkv": linear([a + "q_proj", a + "k_proj", a + "v_proj"], [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"], qkv_perm),
+                "o": linear([a + "o_proj"]),
+                "gu": linear([p + "mlp.gate_proj", p + "mlp.up_proj"], perm=gu_perm),
+                "down": linear([p + "mlp.down_proj"]),
+            }
+        )
+    for L in sess.layers:
+        for key, role in roles.items():
+            L[key].role = role
+    sess.norm = h("model.norm.weight")
+    if "lm_head.qweight" in w or "lm_head.weight" in w:
+        sess.lm_head = linear(["lm_head"])
+    else:  # tied, fp16 recipe: the embedding table is the head
+        sess.lm_head = Linear("fp16", spec.vocab_size, spec.hidden_size, sess.embed, None)
+        sess.weight_bytes += int(sess.embed.nbytes)
+    sess.weight_bytes += 2 * (2 * spec.n_layers + 1) * spec.hidden_size

@@ -1,0 +1,41 @@
+"""The cuda backend allocates what the memory plan budgeted (no GPU needed: the pool arithmetic is
+plain Python; the GPU test checks caps.kv_bytes against the allocated array)."""
+
+from __future__ import annotations
+
+from edge.models.spec import spec_from_hf_config
+from edge.plan import kv_bytes_per_token
+from edge.runtime.cuda.backend import kv_bytes_per_block, pool_blocks
+
+CFG = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+       "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+       "max_position_embeddings": 131072}
+
+
+def _lim(kv_blocks, dtype="fp16", bs=16):
+    return {"max_context": 4096, "max_batch": 4, "kv_blocks": kv_blocks, "kv_block_size": bs, "kv_dtype": dtype}
+
+
+def test_fp16_pool_is_the_planned_bytes():
+    spec = spec_from_hf_config(CFG)
+    assert kv_bytes_per_block(spec, 16) == 16 * kv_bytes_per_token(spec, "fp16")
+    lim = _lim(700)
+    nb = pool_blocks(spec, lim, 4, 4096, 16)
+    assert nb == 700 and nb * kv_bytes_per_block(spec, 16) == 700 * 16 * kv_bytes_per_token(spec, "fp16")
+    # another block size runs the same planned tokens
+    assert pool_blocks(spec, lim, 4, 4096, 32) == 350
+
+
+def test_int8_plan_gets_an_fp16_pool_of_the_same_bytes():
+    spec = spec_from_hf_config(CFG)
+    planned = 1000 * 16 * kv_bytes_per_token(spec, "int8")
+    nb = pool_blocks(spec, _lim(1000, "int8"), 4, 4096, 16)
+    got = nb * kv_bytes_per_block(spec, 16, "fp16")
+    assert planned - kv_bytes_per_block(spec, 16, "fp16") < got <= planned
+    # never less than one sequence at max_context
+    assert pool_blocks(spec, _lim(256, "int8"), 4, 4096, 16) == 256
+
+
+def test_no_plan_means_every_sequence_at_max_context():
+    spec = spec_from_hf_config(CFG)
+    assert pool_blocks(spec, _lim(0), 3, 1000, 16) == 3 * 63
