@@ -93,7 +93,20 @@ def _linear_figures(sess, device: str) -> None:
                 if errs[-1] > 3e-3:
                     raise AssertionError(f"{key} {path} m={m}: rel err {errs[-1]:.2e}")
                 row[path][m] = round(graph_us(cp, sess.stream, lambda: sess.linear(lin, x, m, y)), 2)
+        from edge.runtime.cuda import gemm
+
+        by_mt = {}
+        if lin.tc_splits:
+            sess.tc_min_m = 1
+            for m in (16, 32, 64):
+                x = cp.random.standard_normal((m, lin.k), dtype=cp.float32).astype(cp.float16)
+                y = cp.empty((m, lin.n), dtype=cp.float16)
+                for mt in (1, 2, 4):
+                    gemm.FORCE_MT = mt
+                    by_mt[f"m{m}_mt{mt}"] = round(graph_us(cp, sess.stream, lambda: sess.linear(lin, x, m, y)), 2)
+            gemm.FORCE_MT = None
         sess.tc_min_m = None
+        emit(figure="linear_m_tiles", linear=key, us=by_mt)
         emit(figure="linear_m", device=device, linear=key, kind=lin.kind, n=lin.n, k=lin.k, splits=lin.tc_splits,
              us_gemv=row["gemv"], us_tc=row["tc"], tc_from=lin.tc_from, max_rel_err=round(max(errs), 6))
 
@@ -122,6 +135,18 @@ def engine_run(engine_mod, backend, n: int, rng, vocab: int) -> dict:
 
     prompts = [rng.integers(0, vocab, size=PROMPT).tolist() for _ in range(n)]
     params = SamplingParams(max_tokens=NEW, temperature=0)
+    spent = [0.0, 0]
+    execute = backend.execute
+
+    def timed(batch):  # time inside the backend, per step (the rest is the engine's host work)
+        t = time.perf_counter()
+        try:
+            return execute(batch)
+        finally:
+            spent[0] += time.perf_counter() - t
+            spent[1] += 1
+
+    backend.execute = timed
     with engine_mod.Engine(backend) as eng:
         # warm-up (graphs of every bucket the run meets, cuBLAS handles)
         for s in [eng.submit(p, SamplingParams(max_tokens=8, temperature=0), detokenize=False) for p in prompts]:
@@ -131,10 +156,10 @@ def engine_run(engine_mod, backend, n: int, rng, vocab: int) -> dict:
         reqs = [s.request for s in streams]
         while not all(r.stats.first_token for r in reqs):
             time.sleep(0.0005)
-        t0, c0 = time.perf_counter(), eng.tokens_out
+        t0, c0, s0 = time.perf_counter(), eng.tokens_out, list(spent)
         while not any(r.finished for r in reqs):
             time.sleep(0.0005)
-        t1, c1 = time.perf_counter(), eng.tokens_out
+        t1, c1, s1 = time.perf_counter(), eng.tokens_out, list(spent)
         for s in streams:
             list(s)
         t_end = time.perf_counter()
@@ -142,7 +167,10 @@ def engine_run(engine_mod, backend, n: int, rng, vocab: int) -> dict:
     gen = sum(r.stats.n_generated for r in reqs)
     ttft = sorted(r.stats.ttft_s for r in reqs)
     assert gen == n * NEW, gen
+    backend.execute = execute
+    n_steps = max(1, s1[1] - s0[1])
     return {"decode_tok_s": (c1 - c0) / (t1 - t0), "e2e_tok_s": gen / (t_end - t_sub),
+            "step_ms": 1e3 * (t1 - t0) / n_steps, "execute_ms": 1e3 * (s1[0] - s0[0]) / n_steps,
             "ttft_p50_ms": 1e3 * ttft[len(ttft) // 2], "ttft_max_ms": 1e3 * ttft[-1], "steps": steps}
 
 
@@ -172,6 +200,8 @@ def main() -> None:
     spec = sess.spec
     emit(figure="backend", device=device, caps={k: getattr(be.caps, k) for k in ("num_blocks", "block_size", "max_seqs", "max_context", "kv_dtype", "kv_bytes")},
          sms=sess.sms, load_s=round(sess.load_s, 2))
+    emit(figure="tc_autotune", device=device, picks={lin.shape_key: {"splits": lin.tc_splits, "mt_32_64": list(lin.tc_mt), "tc_from": lin.tc_from}
+                                                   for lin in sess.linears() if lin.tc_splits}, us=sess.tc_us)
     linear_figures(sess, device)
     rng = np.random.default_rng(0)
     try:

@@ -107,7 +107,7 @@ def _pool(be) -> Pool:
 def test_tc_gemm_matches_numpy_and_is_batch_invariant(kind, g):
     import cupy as cp
 
-    from edge.runtime.cuda.gemm import TcWorkspace, launch_tc, plan_tc
+    from edge.runtime.cuda.gemm import TcWorkspace, launch_tc, plan_tc, split_candidates
     from edge.runtime.cuda.kernels import load
     from edge.runtime.cuda.layout import Linear
 
@@ -129,12 +129,13 @@ def test_tc_gemm_matches_numpy_and_is_batch_invariant(kind, g):
         lin = Linear("int8", n, kk, cp.asarray(qt.qweight), cp.asarray(qt.scales), 0, cp.asarray(bias))
     x = rng.standard_normal((300, kk), dtype=np.float32).astype(np.float16)
     want = x.astype(np.float32) @ wd.T + bias.astype(np.float32)
-    for sms in (1, 132):  # no K split / split K (partials + last-block reduction)
-        plan_tc(lin, sms)
-        assert lin.tc_splits >= 1
+    plan_tc(lin, 132)
+    assert lin.tc_splits > 1
+    for splits in (1, max(split_candidates(lin))):  # no K split / split K (partials + last-block reduction)
+        lin.tc_splits = splits
         ws = TcWorkspace.for_linears(cp, [lin])
         alone = {}
-        for m in (1, 2, 5, 16, 17, 33, 64, 100, 300):  # m > 256: two row chunks
+        for m in (1, 2, 5, 16, 17, 33, 64, 100, 300):  # m > 64: launches of 64-row chunks
             y = cp.full((m, n), np.nan, dtype=cp.float16)
             launch_tc(k, lin, cp.asarray(x[:m]), m, y, ws)
             check(y.get(), want[:m], 3e-3, f"tc {kind} g{g} m{m} splits {lin.tc_splits}")

@@ -65,7 +65,7 @@ def test_available_and_probe_without_gpu(monkeypatch):
 
 def test_gpu_row_orders_pair_rope_halves_and_gate_up():
     """The session's row orders: what the fused epilogues (and rope_cache / silu_mul) rely on."""
-    from edge.runtime.cuda.session import gu_row_order, qkv_row_order
+    from edge.runtime.cuda.layout import gu_row_order, qkv_row_order
 
     hq, hkv, d = 4, 2, 16
     order = qkv_row_order(hq, hkv, d)

@@ -98,44 +98,74 @@ def autotune_int4_m1(sess) -> dict[str, dict[str, float]]:
     return times
 
 
-def autotune_tc_from(sess) -> dict[str, dict[str, dict[int, float]]]:
-    """Per distinct linear shape: the smallest M (2, 4, 8 or 16) from which the tensor-core
-    GEMM is faster than the GEMV, both timed in a CUDA graph of 10 calls (us per call)."""
+def _graph_us(sess, fn, reps: int = 10) -> float:
+    """Median us per call of fn() captured `reps` times in one CUDA graph (on sess.stream)."""
+    cp = sess.cp
+    s0, e0 = cp.cuda.Event(), cp.cuda.Event()
+    sess.stream.begin_capture()
+    try:
+        for _ in range(reps):
+            fn()
+    finally:
+        g = sess.stream.end_capture()
+    g.launch(sess.stream)
+    ts = []
+    for _ in range(3):
+        s0.record(sess.stream)
+        g.launch(sess.stream)
+        e0.record(sess.stream)
+        e0.synchronize()
+        ts.append(cp.cuda.get_elapsed_time(s0, e0) * 1e3 / reps)
+    return round(sorted(ts)[1], 2)
+
+
+def autotune_tc(sess) -> dict[str, dict]:
+    """Per distinct linear shape, for the tensor-core GEMM: the K splits (timed at M = 16; one
+    count for every M, so a row's numbers never depend on its batch), the m16-tiles per warp
+    for 17-32 and 33-64 rows, and the smallest M (2, 4, 8 or 16) from which it beats the GEMV.
+    Every candidate is timed in a CUDA graph of 10 calls (us per call, returned)."""
+    from edge.runtime.cuda.gemm import TcWorkspace, split_candidates
+
     cp = sess.cp
     by_key: dict[str, list[Linear]] = {}
     for lin in sess.linears():
         if lin.tc_splits:
             by_key.setdefault(lin.shape_key, []).append(lin)
-    out: dict[str, dict[str, dict[int, float]]] = {}
-    s0, e0 = cp.cuda.Event(), cp.cuda.Event()
-    reps = 10
+    if not by_key:
+        return {}
+    out: dict[str, dict] = {}
+    keep = sess._tc
+    sess._tc = TcWorkspace.for_linears(cp, sess.linears(), splits=max(max(split_candidates(g[0])) for g in by_key.values()))
     with sess.stream:
         for key, group in by_key.items():
             lin = group[0]
-            t: dict[str, dict[int, float]] = {"gemv": {}, "tc": {}}
+            t: dict = {"splits": {}, "mt": {}, "gemv": {}, "tc": {}}
+            xs = {m: cp.ones((m, lin.k), dtype=cp.float16) for m in (2, 4, 8, 16, 32, 64)}
+            ys = {m: cp.empty((m, lin.n), dtype=cp.float16) for m in xs}
+            sess.tc_min_m = 1
+            for s in split_candidates(lin):
+                lin.tc_splits = s
+                t["splits"][s] = _graph_us(sess, lambda: sess.linear(lin, xs[16], 16, ys[16]))
+            lin.tc_splits = min(t["splits"], key=lambda s: t["splits"][s])
+            mts = []
+            for m in (32, 64):
+                tm = {}
+                for mt in (1, 2, 4):
+                    lin.tc_mt = (mt, mt)
+                    tm[mt] = _graph_us(sess, lambda: sess.linear(lin, xs[m], m, ys[m]))
+                t["mt"][m] = tm
+                mts.append(min(tm, key=lambda mt: tm[mt]))
+            lin.tc_mt = (mts[0], mts[1])
             for m in (2, 4, 8, 16):
-                x = cp.ones((m, lin.k), dtype=cp.float16)
-                y = cp.empty((m, lin.n), dtype=cp.float16)
                 for path, lo in (("gemv", 1 << 30), ("tc", 1)):
                     sess.tc_min_m = lo
-                    sess.stream.begin_capture()
-                    try:
-                        for _ in range(reps):
-                            sess.linear(lin, x, m, y)
-                    finally:
-                        g = sess.stream.end_capture()
-                    g.launch(sess.stream)
-                    ts = []
-                    for _ in range(3):
-                        s0.record(sess.stream)
-                        g.launch(sess.stream)
-                        e0.record(sess.stream)
-                        e0.synchronize()
-                        ts.append(cp.cuda.get_elapsed_time(s0, e0) * 1e3 / reps)
-                    t[path][m] = round(sorted(ts)[1], 2)
+                    t[path][m] = _graph_us(sess, lambda: sess.linear(lin, xs[m], m, ys[m]))
             sess.tc_min_m = None
             wins = [m for m in (2, 4, 8, 16) if all(t["tc"][m2] <= t["gemv"][m2] for m2 in (2, 4, 8, 16) if m2 >= m)]
             for other in group:
                 other.tc_from = min(wins) if wins else MAX_GEMV_M + 1
+                other.tc_splits, other.tc_mt = lin.tc_splits, lin.tc_mt
             out[key] = t
+    del keep
+    sess._tc = TcWorkspace.for_linears(cp, sess.linears())
     return out

@@ -1,11 +1,13 @@
 """Launching the tensor-core small-batch GEMM (csrc/gemm_tc.cu) for a Linear.
 
     plan_tc(lin, sms)                  -> sets lin.tc_splits (0: this shape cannot use it)
-    TcWorkspace.for_linears(cp, lins, rows)   split-K partials + ticket counters, allocated once
+    split_candidates(lin)              -> the K splits the load-time autotuner times
+    TcWorkspace.for_linears(cp, lins)  split-K partials + ticket counters, allocated once
     launch_tc(k, lin, x, m, y, ws, out_f32)   y[:m] = x[:m] @ W.T (+ bias), any m (row chunks)
 
-The split count depends on the weight's shape alone (never on M), so a row's result is the same
-whatever else is in the batch: the engine's batched == alone equality rests on that.
+The split count depends on the weight's shape alone (never on M), and the m16-tiles per warp
+(lin.tc_mt, by M bucket) only group rows: a row's result is the same whatever else is in the
+batch. The engine's batched == alone equality rests on that.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ GEMM_NT = 4  # n8-tiles per warp (GEMM_TC_INSTANCE)
 COLS_PER_BLOCK = GEMM_WARPS * GEMM_NT * 8
 KJ = {"int4": 128, "int8": 64}  # K per warp iteration
 MAX_SPLITS = 16
-CHUNK_ROWS = 256  # rows per launch (bounds the split-K workspace)
+CHUNK_ROWS = 64  # rows per launch (bounds the split-K workspace; prefill past 64 rows is cuBLAS)
+MAX_SPLIT_COLS = 1 << 17  # splits x N at most: the workspace stays <= 32 MiB
 M_TILES = (1, 2, 4)  # compiled MT (m16-tiles per warp)
 
 
@@ -39,8 +42,14 @@ def plan_tc(lin: Linear, sms: int) -> None:
         lin.tc_splits = 0
         return
     blocks = -(-lin.n // COLS_PER_BLOCK)
+    want = -(-4 * sms // blocks)
+    lin.tc_splits = max(s for s in split_candidates(lin) if s <= want or s == 1)
+
+
+def split_candidates(lin: Linear) -> list[int]:
+    """K splits worth timing: powers of two with >= 2 iterations per split, workspace bounded."""
     iters = lin.k // KJ[lin.kind]
-    lin.tc_splits = int(max(1, min(MAX_SPLITS, iters // 2, -(-4 * sms // blocks))))
+    return [s for s in (1, 2, 4, 8, 16) if s == 1 or (s <= MAX_SPLITS and iters // s >= 2 and s * lin.n <= MAX_SPLIT_COLS)]
 
 
 @dataclass
@@ -49,18 +58,24 @@ class TcWorkspace:
     tickets: Any  # uint32, one per (column block, row tile) of a launch; reset by the kernel
 
     @classmethod
-    def for_linears(cls, cp: Any, lins: list[Linear], rows: int = CHUNK_ROWS) -> "TcWorkspace":
-        need = max([lin.tc_splits * lin.n for lin in lins if lin.tc_splits > 1] or [1]) * min(rows, CHUNK_ROWS)
+    def for_linears(cls, cp: Any, lins: list[Linear], rows: int = CHUNK_ROWS, splits: int | None = None) -> "TcWorkspace":
+        """Sized for each linear's tc_splits (or `splits` for all, the autotuner's trials)."""
+        need = max([(splits or lin.tc_splits) * lin.n for lin in lins if (splits or lin.tc_splits) > 1] or [1]) * min(rows, CHUNK_ROWS)
         blocks = max([-(-lin.n // COLS_PER_BLOCK) for lin in lins if lin.tc_splits] or [1])
-        tiles = -(-min(rows, CHUNK_ROWS) // 64)
+        tiles = -(-min(rows, CHUNK_ROWS) // 16)  # row tiles of a launch (MT = 1: 16 rows each)
         return cls(cp.zeros(need, dtype=cp.float32), cp.zeros(blocks * tiles, dtype=cp.uint32))
 
 
-def _mt(m: int) -> int:
-    for t in M_TILES:
-        if m <= 16 * t:
-            return t
-    return M_TILES[-1]
+FORCE_MT: int | None = None  # benchmarks: every launch with this many m16-tiles per warp
+
+
+def _mt(m: int, lin: Linear) -> int:
+    """m16-tiles per warp for a launch of m rows: 1 up to 16 rows, then the linear's timed pick."""
+    if FORCE_MT is not None:
+        return FORCE_MT
+    if m <= 16:
+        return 1
+    return lin.tc_mt[0 if m <= 32 else 1]
 
 
 def launch_tc(k: Any, lin: Linear, x: Any, m: int, y: Any, ws: TcWorkspace, out_f32: bool = False, ldy: int | None = None) -> None:
@@ -70,7 +85,7 @@ def launch_tc(k: Any, lin: Linear, x: Any, m: int, y: Any, ws: TcWorkspace, out_
     bias = lin.bias if lin.bias is not None else null
     for r0 in range(0, m, CHUNK_ROWS):
         rows = min(CHUNK_ROWS, m - r0)
-        mt = _mt(rows)
+        mt = _mt(rows, lin)
         grid = (-(-lin.n // COLS_PER_BLOCK), lin.tc_splits, -(-rows // (16 * mt)))
         xs = x[r0 : r0 + rows] if r0 else x
         ys = y[r0 : r0 + rows] if r0 else y

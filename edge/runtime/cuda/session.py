@@ -26,7 +26,7 @@ import numpy as np
 from edge.bundle import Bundle
 from edge.errors import BackendError
 from edge.runtime.cuda import kernels as kmod
-from edge.runtime.cuda.autotune import autotune_int4_m1, autotune_tc_from
+from edge.runtime.cuda.autotune import autotune_int4_m1, autotune_tc
 from edge.runtime.cuda.backend import CudaBackend, plan_limits
 from edge.runtime.cuda.backend import pool_blocks as plan_pool_blocks
 from edge.runtime.cuda.gemm import TcWorkspace, launch_tc, plan_tc
@@ -147,7 +147,7 @@ class CudaDecoderSession:
         # one block per row: enough threads that each does a few elements (latency, not bandwidth)
         self._norm_threads = max(128, min(1024, spec.hidden_size // 4 // 32 * 32))
         self.int4_m1_us = autotune_int4_m1(self)
-        self.tc_us = autotune_tc_from(self)
+        self.tc_us = autotune_tc(self)
 
     @staticmethod
     def variant_name(v: tuple[str, int, int]) -> str:
