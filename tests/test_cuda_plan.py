@@ -39,3 +39,20 @@ def test_int8_plan_gets_an_fp16_pool_of_the_same_bytes():
 def test_no_plan_means_every_sequence_at_max_context():
     spec = spec_from_hf_config(CFG)
     assert pool_blocks(spec, _lim(0), 3, 1000, 16) == 3 * 63
+
+
+def test_plan_limits_read_from_a_bundle(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.random_bundle import random_weights, tiny_config, write_bundle
+    from edge.bundle import Bundle
+    from edge.runtime.cuda.backend import plan_limits
+
+    spec = spec_from_hf_config(tiny_config("llama"))
+    path = write_bundle(tmp_path / "b", spec, random_weights(spec, "int4", 32), "int4", 32, max_context=100, max_batch=3)
+    lim = plan_limits(Bundle.open(path, verify=False))
+    assert (lim["max_context"], lim["max_batch"], lim["kv_block_size"], lim["kv_dtype"]) == (100, 3, 16, "fp16")
+    assert lim["kv_blocks"] == 3 * 7  # the manifest's pool: every sequence at max_context
+    assert pool_blocks(spec, lim, 3, 100, 16) == 21
