@@ -8,6 +8,7 @@ translation unit (each file uses what common.cuh and the files before it define)
   gemm_tc.cu    M = 2..64 GEMM on tensor cores (mma.sync), int4 / int8 dequantized in registers
   layer_ops.cu  embedding, RMSNorm (+ residual), RoPE + KV write, SiLU.mul
   attention.cu  paged decode attention (one block / split sequence), prefill causal softmax
+  flash_prefill.cu  prefill attention on tensor cores (causal, GQA, paged KV; S in registers)
   sampling.cu   argmax (one block / multi-block), the decode step's input advance
 
 Plain CUDA C++ for sm_80 and newer (Ampere, Orin's sm_87, Hopper): half2 arithmetic, 16-byte
@@ -24,7 +25,7 @@ Layouts (row-major, HF orientation: a linear weight is W [N, K], y = x @ W.T):
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCE_FILES = ("common.cuh", "dequant.cu", "gemv.cu", "gemm_tc.cu", "layer_ops.cu", "attention.cu", "sampling.cu")
+SOURCE_FILES = ("common.cuh", "dequant.cu", "gemv.cu", "gemm_tc.cu", "layer_ops.cu", "attention.cu", "flash_prefill.cu", "sampling.cu")
 SOURCE = "".join((CSRC / name).read_text() for name in SOURCE_FILES)
 
 
@@ -55,6 +56,8 @@ KERNEL_NAMES = (
     "paged_attn_split_tk_d64",
     "paged_attn_split_tk_d128",
     "causal_softmax",
+    "flash_prefill_d64",
+    "flash_prefill_d128",
     "argmax_rows",
     "argmax_rows_mb",
     "advance_inputs",

@@ -74,6 +74,7 @@ class CudaDecoderSession:
     tc_min_m: int | None = None  # smallest M on the tensor-core GEMM; None: each linear's timed pick (tc_from)
     tc_max_m = 64  # above: dequantize + cuBLAS (prefill)
     batch_invariant = False  # every M through the tensor-core GEMM, no M = 1 fused GEMVs
+    flash_prefill = False  # prefill attention on the tensor-core flash kernel (head_dim 64 / 128); off until run on a GPU
     _tc: TcWorkspace | None = None
     _backend: CudaBackend | None = None
     INT4_M1_VARIANTS = (
@@ -592,6 +593,18 @@ class CudaDecoderSession:
         return logits
 
     def _prefill_attention(self, q: Any, kc: Any, vc: Any, all_slots: Any, t: int, p0: int, out: Any) -> None:
+        """Causal attention of t new queries over the sequence's p0 + t cached keys: the
+        tensor-core flash kernel for head_dim 64 / 128 (flash_prefill), else cuBLAS."""
+        s = self.spec
+        if self.flash_prefill and s.head_dim in (64, 128):
+            scale_log2 = np.float32(1.4426950408889634 / math.sqrt(s.head_dim))
+            self.k[f"flash_prefill_d{s.head_dim}"](
+                (-(-t // 64), s.n_heads), (128,),
+                (q, kc, vc, all_slots, out, _i32(t), _i32(p0 + t), _i32(s.n_heads), _i32(s.n_kv_heads), scale_log2))
+            return
+        self._prefill_attention_cublas(q, kc, vc, all_slots, t, p0, out)
+
+    def _prefill_attention_cublas(self, q: Any, kc: Any, vc: Any, all_slots: Any, t: int, p0: int, out: Any) -> None:
         """Causal attention of t new queries over the sequence's p0 + t cached keys (cuBLAS).
 
         Queries go in chunks of PREFILL_Q_CHUNK: chunk [t0, t1) only multiplies keys
