@@ -74,7 +74,7 @@ class CudaDecoderSession:
     tc_min_m: int | None = None  # smallest M on the tensor-core GEMM; None: each linear's timed pick (tc_from)
     tc_max_m = 64  # above: dequantize + cuBLAS (prefill)
     batch_invariant = False  # every M through the tensor-core GEMM, no M = 1 fused GEMVs
-    flash_prefill = False  # prefill attention on the tensor-core flash kernel (head_dim 64 / 128); off until run on a GPU
+    flash_prefill = True  # prefill attention on the tensor-core flash kernel (head_dim 64 / 128), else cuBLAS
     _tc: TcWorkspace | None = None
     _backend: CudaBackend | None = None
     INT4_M1_VARIANTS = (
