@@ -228,3 +228,35 @@ def test_misuse_under_valgrind(world, tmp_path):
             env={"PYTHONMALLOC": "malloc"}, timeout=1800)
     assert p.returncode == 0, p.stderr[-6000:]
     assert "FAIL" not in p.stdout and "ERROR SUMMARY: 0 errors" in p.stderr
+
+
+@pytest.mark.slow
+def test_ask_example_answers_the_demo_question_on_the_manuals(tmp_path, monkeypatch):
+    """The real default engines (built here) and the shipped manuals: examples/c/ask.c answers the
+    README's demo question with its sources, the same answer as the Python API."""
+    from edge.capi.build import build_library, build_program
+    from edge.engines import default_embedder_bundle, default_generator_bundle
+    from edge.runtime.embedder import Embedder
+    from edge.runtime.generator import Generator
+    from edge.runtime.host import EdgeRuntime
+    from rag.ingest import ingest
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("EDGE_RAG_HOME", str(home))
+    gen_path, emb_path = default_generator_bundle(progress=False), default_embedder_bundle(progress=False)
+    emb = Embedder.from_bundle(emb_path)
+    ingest(ROOT / "examples" / "manuals", embedder=emb, progress=False, embedder_path=str(emb_path.resolve()))
+    lib = build_library(tmp_path / "lib")
+    ask_bin = build_program(ROOT / "examples/c/ask.c", tmp_path / "ask", lib)
+    q = "What does error E-214 mean?"
+    p = run({"home": home}, ask_bin, "--max-tokens", "64", q)
+    assert p.returncode == 0, p.stderr
+    answer, _, sources = p.stdout.partition("\nSources:\n")
+    gen = Generator.from_bundle(gen_path, backend="onnxruntime")
+    with EdgeRuntime("default", embedder=emb, generator=gen) as rt:
+        want = rt.ask(q, max_tokens=64).to_dict()
+    gen.close()
+    assert want["covered"] and answer.strip() == want["text"] and len(want["text"]) > 20
+    lines = [ln.strip() for ln in sources.splitlines() if ln.strip().startswith("[")]
+    assert lines and len(lines) == len(want["sources"])
+    assert "error_codes.md" in lines[0]  # the passage that defines E-214 comes first
