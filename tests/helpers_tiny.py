@@ -1,4 +1,4 @@
-"""Tiny seeded random decoders (Llama, Qwen2, Mistral) turned into engine bundles, with
+"""Tiny seeded random decoders (Llama, Qwen2, Mistral, Qwen3, Gemma 3, Phi-3) turned into engine bundles, with
 `transformers` as the oracle. Reusable by any test:
 
     hf = tiny_hf_model("qwen2")                              # torch model, eval mode
@@ -26,8 +26,12 @@ VOCAB = 256
 EOS_ID = 2  # <|im_end|>
 
 
+SLIDING_WINDOW = 8  # tiny sliding windows: a 24-token test sequence crosses them
+
+
 def tiny_hf_model(arch: str = "llama", *, seed: int = 0, tie: bool | None = None, rope_scaling: dict | None = None, max_position: int = 256):
-    """A 2-layer, hidden-64, vocab-256 random model of `arch` ("llama" | "qwen2" | "mistral")."""
+    """A 2-layer, hidden-64, vocab-256 random model of `arch` ("llama" | "qwen2" | "mistral" |
+    "qwen3" | "gemma3_text" (one sliding and one global layer, logit soft-capping) | "phi3" (LongRoPE))."""
     import torch
     import transformers as tf
 
@@ -41,10 +45,28 @@ def tiny_hf_model(arch: str = "llama", *, seed: int = 0, tie: bool | None = None
         cfg = tf.Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=False if tie is None else tie)
         cls = tf.Qwen2ForCausalLM
     elif arch == "mistral":
-        cfg = tf.MistralConfig(**common, rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False if tie is None else tie)
+        cfg = tf.MistralConfig(**common, rope_theta=10000.0, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False if tie is None else tie)
         cls = tf.MistralForCausalLM
+    elif arch == "qwen3":
+        cfg = tf.Qwen3Config(**common, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True if tie is None else tie)
+        cls = tf.Qwen3ForCausalLM
+    elif arch == "gemma3_text":
+        cfg = tf.Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=24, sliding_window=SLIDING_WINDOW,
+                                  layer_types=["sliding_attention", "full_attention"],
+                                  final_logit_softcapping=15.0, tie_word_embeddings=True if tie is None else tie,
+                                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                   "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})
+        cls = tf.Gemma3ForCausalLM
+    elif arch == "phi3":
+        half = 16 // 2
+        cfg = tf.Phi3Config(**{**common, "max_position_embeddings": 256}, original_max_position_embeddings=128, sliding_window=None,
+                            tie_word_embeddings=False if tie is None else tie,
+                            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 128,
+                                             "short_factor": [1.0 + 0.1 * i for i in range(half)], "long_factor": [2.0 + 0.2 * i for i in range(half)]})
+        cls = tf.Phi3ForCausalLM
     else:
         raise ValueError(arch)
+    cfg._attn_implementation = "eager"  # soft-capping and sliding windows: the plain reference path
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     with torch.no_grad():  # norms and biases away from their trivial init so that they matter
@@ -67,10 +89,13 @@ def bundle_weights(model, recipe: str, group_size: int = 32) -> dict[str, np.nda
     from edge.quant.format import quantize_int4_rtn, quantize_int8_rtn
     from edge.quant.policy import module_precision
 
+    from edge.models.hf import fold_norm_offset, split_fused
+
     spec = hf_spec(model)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     if spec.tie_embeddings:
         sd.pop("lm_head.weight", None)
+    sd = fold_norm_offset(spec, split_fused(spec, sd))  # what the HF reader does
     fdt = np.float32 if recipe == "fp32" else np.float16
     out: dict[str, np.ndarray] = {}
     linears = {k[: -len(".weight")] for k in sd if k.endswith("_proj.weight")}

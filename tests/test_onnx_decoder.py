@@ -11,7 +11,8 @@ import torch
 
 from helpers_tiny import bundle_weights, hf_spec, reference_model, tiny_hf_model
 
-from edge.build.onnx_decoder import build_decoder_onnx, rope_caches
+from edge.build.onnx_decoder import build_decoder_onnx
+from edge.models.rope import rope_tables
 from edge.bundle import Quant
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
@@ -146,7 +147,7 @@ def test_rope_llama3_scaling_matches_transformers():
     model = tiny_hf_model("llama", rope_scaling=LLAMA3_SCALING)
     spec = hf_spec(model)
     inv, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**model.config.to_dict()), "cpu")
-    cos, sin = rope_caches(spec, 100)
+    cos, sin = rope_tables(spec, 100)
     want = np.arange(100)[:, None] * inv.numpy()[None, :]
     np.testing.assert_allclose(cos, np.cos(want), atol=1e-5)
     np.testing.assert_allclose(sin, np.sin(want), atol=1e-5)

@@ -101,14 +101,14 @@ def test_awq_folding_keeps_the_float_function(tmp_path, arch):
     """Scales folded into norms / v_proj rows (tied across GQA heads) / up_proj rows leave the
     layer's float output unchanged."""
     from edge.models.checkpoint import load_checkpoint
-    from edge.models.reference import LayerWeights, layer_forward, rope_tables
+    from edge.models.reference import LayerWeights, Rope, layer_forward
     from edge.quant.awq import awq_layer
     from edge.quant.calib import LayerwiseActivations
 
     spec, w = load_checkpoint(make_checkpoint(tmp_path / arch, arch))
     ids = [np.random.default_rng(0).integers(0, 256, 64)]
     acts = LayerwiseActivations(spec, w, ids)
-    lw = LayerWeights.from_weights(w, 0)
+    lw = LayerWeights.from_weights(w, 0, spec)
     a = acts.run(0, lw)
     # make some channels salient so that every group picks alpha > 0
     a = {k: v * np.where(np.arange(v.shape[1]) % 7 == 0, 20.0, 1.0).astype(np.float32) for k, v in a.items()}
@@ -119,9 +119,9 @@ def test_awq_folding_keeps_the_float_function(tmp_path, arch):
     lw2 = LayerWeights(ln1=scaled["ln1"], ln2=scaled["ln2"], q=scaled["q"], k=scaled["k"], v=scaled["v"], o=scaled["o"],
                        gate=scaled["gate"], up=scaled["up"], down=scaled["down"], q_bias=lw.q_bias, k_bias=lw.k_bias, v_bias=scaled["v_bias"])
     h = np.random.default_rng(1).standard_normal((64, spec.hidden_size)).astype(np.float32)
-    cos, sin = rope_tables(spec, np.arange(64))
-    ref = layer_forward(spec, 0, lw, h, cos, sin)
-    out = layer_forward(spec, 0, lw2, h, cos, sin)
+    rope = Rope(spec, np.arange(64))
+    ref = layer_forward(spec, 0, lw, h, rope)
+    out = layer_forward(spec, 0, lw2, h, rope)
     assert np.abs(out - ref).max() < 1e-4 * np.abs(ref).max()
 
 

@@ -120,7 +120,7 @@ def test_bad_hf_folders(tmp_path):
     _one_line_model_error(lambda: load_checkpoint(nocfg), "no config.json")
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
-    _one_line_model_error(lambda: load_checkpoint(folder), "unsupported architecture 'gpt2'", "llama, mistral, qwen2")
+    _one_line_model_error(lambda: load_checkpoint(folder), "unsupported architecture 'gpt2'", "gemma3_text, llama, mistral, phi3, qwen2, qwen3")
     _one_line_model_error(lambda: load_checkpoint(tmp_path / "nope"), "no such file")
 
 
@@ -134,15 +134,19 @@ def test_config_and_weights_disagree(tmp_path):
 
 
 def test_gguf_reader_unpermutes_and_dequantizes_all_types(tmp_path):
-    """Tiny GGUF with F32/F16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K tensors and llama.cpp's q/k permutation;
-    transformers' GGUF loader is the oracle."""
+    """Tiny GGUF with F32/F16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS tensors and
+    llama.cpp's q/k permutation; transformers' GGUF loader is the oracle."""
     from transformers import AutoModelForCausalLM
 
     from edge.models.checkpoint import load_checkpoint
 
-    path = write_gguf(tmp_path / "tiny.gguf")
+    path = write_gguf(tmp_path / "tiny.gguf", n_layers=2)
     spec, w = load_checkpoint(path)
-    assert (spec.arch, spec.n_layers, spec.hidden_size, spec.n_kv_heads) == ("llama", 1, 256, 2)
+    assert (spec.arch, spec.n_layers, spec.hidden_size, spec.n_kv_heads) == ("llama", 2, 256, 2)
+    import gguf
+
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert {"Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS"} <= types
     oracle = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name).state_dict()
     _assert_equal_state(w, oracle, False)
 
@@ -242,3 +246,59 @@ def test_smollm2_gguf_tokenizer_matches_llama_cpp(tmp_path):
         ours = tok.encode(text, add_special_tokens=False).ids
         theirs = llm.tokenize(text.encode(), add_bos=False, special=True)
         assert ours == theirs, (text, ours[:10], theirs[:10])
+
+
+# ---- one test per refusal: a checkpoint that would run wrongly is refused by name --------------
+
+
+def test_unknown_tensor_is_refused(tmp_path):
+    """A qwen3 checkpoint labelled qwen2 carries q/k norms the qwen2 block would silently drop."""
+    from helpers_tiny import tiny_hf_model
+
+    from edge.models.checkpoint import load_checkpoint
+
+    folder = tmp_path / "q3"
+    tiny_hf_model("qwen3").save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2", "attention_bias": False}))
+    _one_line_model_error(lambda: load_checkpoint(folder), "model.layers.0.self_attn.k_norm.weight", "unknown to the qwen2 architecture")
+
+
+def test_unknown_gguf_tensor_is_refused(tmp_path):
+    from edge.models.checkpoint import load_checkpoint
+
+    path = write_gguf(tmp_path / "extra.gguf", extra_tensors={"blk.0.attn_sinks.weight": np.zeros(4, np.float32)})
+    _one_line_model_error(lambda: load_checkpoint(path), "blk.0.attn_sinks.weight", "unknown to the llama architecture")
+
+
+def test_unsupported_architecture_is_refused_with_the_list(tmp_path):
+    from edge.models.checkpoint import load_checkpoint
+
+    folder = make_checkpoint(tmp_path / "m", "llama", tokenizer=False)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma2"}))
+    _one_line_model_error(lambda: load_checkpoint(folder), "unsupported architecture 'gemma2'", "supported: gemma3_text, llama, mistral, phi3, qwen2, qwen3")
+
+
+def test_missing_tensor_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from edge.models.checkpoint import load_checkpoint
+
+    folder = make_checkpoint(tmp_path / "m", "qwen2", tokenizer=False)
+    st = load_file(str(folder / "model.safetensors"))
+    del st["model.layers.1.self_attn.v_proj.bias"]
+    save_file(st, str(folder / "model.safetensors"))
+    _one_line_model_error(lambda: load_checkpoint(folder), "missing tensors model.layers.1.self_attn.v_proj.bias")
+
+
+def test_mismatched_shape_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from edge.models.checkpoint import load_checkpoint
+
+    folder = make_checkpoint(tmp_path / "m", "llama", tokenizer=False)
+    st = load_file(str(folder / "model.safetensors"))
+    st["model.layers.0.mlp.up_proj.weight"] = st["model.layers.0.mlp.up_proj.weight"][:-1]
+    save_file(st, str(folder / "model.safetensors"))
+    _one_line_model_error(lambda: load_checkpoint(folder), "tensor model.layers.0.mlp.up_proj.weight has shape", "config implies")

@@ -99,6 +99,17 @@ GGUF_TYPES = {
     "ffn_down": "Q8_0",
     "output": "Q8_0",
 }
+# the second layer (n_layers=2): the other types K-quant files use
+GGUF_TYPES_LAYER1 = {
+    "attn_q": "Q5_0",
+    "attn_k": "Q5_1",
+    "attn_v": "IQ4_NL",
+    "attn_output": "IQ4_XS",
+    "ffn_gate": "Q5_K",
+    "ffn_up": "Q4_K",
+    "ffn_down": "Q6_K",
+}
+_RANDOM_BLOCK_TYPES = ("Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")  # gguf's numpy cannot quantize to these
 
 
 def _kquant_blocks(rows: int, cols: int, qtype, rng):
@@ -111,15 +122,18 @@ def _kquant_blocks(rows: int, cols: int, qtype, rng):
     nb = cols // block
     raw = rng.integers(0, 256, size=(rows, nb, nbytes), dtype=np.uint8)
     d = (rng.uniform(0.001, 0.01, size=(rows, nb, 1))).astype(np.float16).view(np.uint8)  # [.., 2]
-    if qtype.name == "Q4_K":  # d, dmin first
+    if qtype.name in ("Q4_K", "Q5_K"):  # d, dmin first
         raw[..., 0:2] = d
         raw[..., 2:4] = d
+    elif qtype.name in ("IQ4_NL", "IQ4_XS"):  # d first
+        raw[..., 0:2] = d
     else:  # Q6_K: d last
         raw[..., nbytes - 2 :] = d
     return raw.reshape(rows, nb * nbytes)
 
 
-def write_gguf(path: Path, *, seed: int = 0, hidden: int = 256, inter: int = 512, n_layers: int = 1, heads: int = 4, kv_heads: int = 2, tied: bool = False) -> Path:
+def write_gguf(path: Path, *, seed: int = 0, hidden: int = 256, inter: int = 512, n_layers: int = 1, heads: int = 4, kv_heads: int = 2, tied: bool = False,
+               extra_tensors: dict | None = None) -> Path:
     """A tiny llama GGUF written with gguf.GGUFWriter the way llama.cpp's converter lays it out
     (q/k rows permuted), tensor types from GGUF_TYPES, and a byte-level gpt2 tokenizer."""
     import gguf
@@ -155,13 +169,14 @@ def write_gguf(path: Path, *, seed: int = 0, hidden: int = 256, inter: int = 512
     w.add_chat_template(CHAT_TEMPLATE)
 
     def add(name: str, arr):
-        kind = next((v for k, v in GGUF_TYPES.items() if f".{k}." in f".{name}"), "F32")
+        table = GGUF_TYPES_LAYER1 if name.startswith("blk.1.") else GGUF_TYPES
+        kind = next((v for k, v in table.items() if f".{k}." in f".{name}"), "F32")
         qt = getattr(T, kind)
         if arr.ndim == 1 or qt == T.F32:
             w.add_tensor(name, arr.astype(np.float32))
         elif qt == T.F16:
             w.add_tensor(name, arr.astype(np.float16))
-        elif qt in (T.Q4_K, T.Q6_K):
+        elif qt.name in _RANDOM_BLOCK_TYPES:
             w.add_tensor(name, _kquant_blocks(arr.shape[0], arr.shape[1], qt, rng), raw_dtype=qt)
         else:
             w.add_tensor(name, quantize(arr.astype(np.float32), qt), raw_dtype=qt)
@@ -183,6 +198,8 @@ def write_gguf(path: Path, *, seed: int = 0, hidden: int = 256, inter: int = 512
     add("output_norm.weight", 1 + randn(hidden, scale=0.1))
     if not tied:
         add("output.weight", randn(VOCAB, hidden))
+    for name, arr in (extra_tensors or {}).items():  # tensors the architecture does not have (refusal tests)
+        add(name, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -28,16 +28,19 @@ itself when its FP16 flag is set). Weight layouts are edge.quant.format's: a lin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from edge.build.onnx_graph import Graph, TensorProto, save_model
-from edge.errors import ModelError
-from edge.models.spec import ModelSpec
 from edge.bundle import Quant
-from edge.quant.format import unpack_int4
+from edge.errors import ModelError
+from edge.models.arch import layer_norm_names
+from edge.models.rope import max_rope_positions, rope_tables
+from edge.models.spec import ModelSpec
+from edge.quant.format import BundleLinear as Linear
+from edge.quant.format import has_linear, read_linear, unpack_int4
 
 FORMS = {"ort": "model.ort.onnx", "trt": "model.trt.onnx"}
 
@@ -54,32 +57,13 @@ MAX_ROPE_CACHE = 32768  # positions in the cos/sin caches unless max_context say
 # ---------------------------------------------------------------------------------------------
 # weights
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class Linear:
-    """One linear in bundle form. kind "fp": weight f32 [N, K]; "int4"/"int8": qweight + scales."""
-
-    kind: str
-    n: int
-    k: int
-    weight: np.ndarray | None = None
-    qweight: np.ndarray | None = None
-    scales: np.ndarray | None = None
-    group_size: int = 0
-
-
-def get_linear(weights: dict[str, np.ndarray], prefix: str, group_size: int) -> Linear:
-    """The linear `prefix` (HF module name) from bundle-form weights."""
-    if prefix + ".weight" in weights:
-        w = np.asarray(weights[prefix + ".weight"], dtype=np.float32)
-        return Linear("fp", w.shape[0], w.shape[1], weight=w)
-    if prefix + ".qweight" not in weights:
-        raise ModelError(f"weights lack {prefix}.weight / {prefix}.qweight", fix="rebuild the bundle")
-    q, s = weights[prefix + ".qweight"], weights[prefix + ".scales"]
-    if q.dtype == np.int8:  # per-channel int8: q [N, K], s [N]
-        return Linear("int8", q.shape[0], q.shape[1], qweight=q, scales=s.astype(np.float32))
-    n, k = q.shape[0], q.shape[1] * 2  # int4: q uint8 [N, K/2], s [N, K/g]
-    g = k // s.shape[1]  # from the scales: the head may use another group than the layers
-    return Linear("int4", n, k, qweight=q, scales=s.astype(np.float32), group_size=g)
+def get_linear(weights: dict[str, np.ndarray], prefix: str) -> Linear:
+    """The linear `prefix` (HF module name) from bundle-form weights (edge.quant.format.read_linear),
+    float weights and scales as float32 (what the graphs compute in)."""
+    lin = read_linear(weights, prefix)
+    if lin.kind == "fp":
+        return replace(lin, weight=np.asarray(lin.weight, dtype=np.float32))
+    return replace(lin, scales=lin.scales.astype(np.float32))
 
 
 def fuse_linears(parts: list[Linear]) -> Linear | None:
@@ -88,31 +72,10 @@ def fuse_linears(parts: list[Linear]) -> Linear | None:
     if any(p.kind != a.kind or p.k != a.k or p.group_size != a.group_size for p in parts):
         return None
     n = sum(p.n for p in parts)
+    name = "+".join(p.name for p in parts)
     if a.kind == "fp":
-        return Linear("fp", n, a.k, weight=np.concatenate([p.weight for p in parts]))
-    return Linear(a.kind, n, a.k, qweight=np.concatenate([p.qweight for p in parts]), scales=np.concatenate([p.scales for p in parts]), group_size=a.group_size)
-
-
-def rope_caches(spec: ModelSpec, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin float32 [n_pos, head_dim / 2] (HF rotate_half convention), scaling applied."""
-    d = spec.head_dim
-    inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    sc = spec.rope_scaling or {}
-    kind = sc.get("rope_type", sc.get("type", "default"))
-    if kind == "linear":
-        inv_freq = inv_freq / float(sc["factor"])
-    elif kind == "llama3":
-        factor, lo, hi = float(sc["factor"]), float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
-        old = float(sc.get("original_max_position_embeddings", 8192))
-        wavelen = 2 * np.pi / inv_freq
-        smooth = (old / wavelen - lo) / (hi - lo)
-        scaled = np.where(wavelen > old / lo, inv_freq / factor, inv_freq)
-        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
-        inv_freq = np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
-    elif kind not in ("default", None):
-        raise ModelError(f"RoPE scaling '{kind}' is not supported", fix="supported: default, linear, llama3")
-    ang = np.arange(n_pos, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        return Linear(name, "fp", n, a.k, weight=np.concatenate([p.weight for p in parts]))
+    return Linear(name, a.kind, n, a.k, qweight=np.concatenate([p.qweight for p in parts]), scales=np.concatenate([p.scales for p in parts]), group_size=a.group_size)
 
 
 def _f32(weights: dict[str, np.ndarray], name: str) -> np.ndarray:
@@ -226,54 +189,118 @@ def lm_head(g: Graph, x: str, head: Linear | None, tied_table: str | None, emit_
     return emit_linear(x, head, "lm_head")
 
 
-def _head(weights: dict[str, np.ndarray], spec: ModelSpec, group_size: int) -> Linear | None:
+def _head(weights: dict[str, np.ndarray], spec: ModelSpec) -> Linear | None:
     """The LM head, or None for a tied float head (Gemm on the embedding table)."""
-    if "lm_head.weight" in weights or "lm_head.qweight" in weights:
-        return get_linear(weights, "lm_head", group_size)
+    if has_linear(weights, "lm_head"):
+        return get_linear(weights, "lm_head")
     if not spec.tie_embeddings:
         raise ModelError("weights lack lm_head and the model does not tie embeddings", fix="rebuild the bundle")
     return None
 
 
 # ---------------------------------------------------------------------------------------------
+# per-feature pieces both forms use (edge.models.arch.Features)
+# ---------------------------------------------------------------------------------------------
+def scale(g: Graph, x: str, factor: float, name: str) -> str:
+    """x * factor (the embedding scale); nothing when factor is 1."""
+    return x if factor == 1.0 else g.op("Mul", [x, g.const(np.float32(factor))], name=name)
+
+
+def soft_cap(g: Graph, x: str, cap: float | None, name: str) -> str:
+    """cap * tanh(x / cap); nothing when cap is None."""
+    if cap is None:
+        return x
+    with g.scope(name):
+        t = g.op("Tanh", [g.op("Div", [x, g.const(np.float32(cap))], name="Div")], name="Tanh")
+        return g.op("Mul", [t, g.const(np.float32(cap))], name="Mul")
+
+
+def activation(g: Graph, x: str, kind: str) -> str:
+    """silu: x * Sigmoid(x); gelu_tanh: Gelu(approximate="tanh") (opset 20)."""
+    if kind == "gelu_tanh":
+        return g.op("Gelu", [x], name="act/Gelu", approximate="tanh")
+    return g.op("Mul", [x, g.op("Sigmoid", [x], name="act/Sigmoid")], name="act/Mul")
+
+
+def head_norm(g: Graph, x: str, w: dict, i: int, which: str, n_heads: int, d: int, eps: float) -> str:
+    """qk-norm: [B,S,n*D] ─ Reshape [B,S,n,D] ─ RMSNorm(D) ─ Reshape [B,S,n*D]."""
+    with g.scope(f"{which}_norm"):
+        r = g.op("Reshape", [x, g.const([0, 0, n_heads, d], np.int64)], name="Reshape")
+        y = rms_norm_trt(g, r, _f32(w, f"model.layers.{i}.self_attn.{which}_norm.weight"), f"model/layers.{i}/attn/{which}_norm", eps)
+        return g.op("Reshape", [y, g.const([0, 0, n_heads * d], np.int64)], name="Flatten")
+
+
+def layer_norm_weight(w: dict, i: int, spec: ModelSpec, role: str) -> tuple[np.ndarray, str]:
+    suffix = layer_norm_names(spec.features)[role]
+    return _f32(w, f"model.layers.{i}.{suffix}.weight"), f"model/layers.{i}/{suffix}"
+
+
+def rope_cache_pair(spec: ModelSpec, n_pos: int, local: bool) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float32 [n_pos, D/2] (edge.models.rope; the local base on sliding layers)."""
+    return rope_tables(spec, n_pos, local=local)
+
+
+def _qkv(g: Graph, x: str, i: int, spec: ModelSpec, w: dict, emit_linear) -> tuple[str, list[int]]:
+    """[B,S,H] ─ qkv_proj (fused when the three share a layout) (+ bias) -> [B,S,(nh+2kv)*D]."""
+    p = f"model.layers.{i}.self_attn"
+    lq, lk, lv = (get_linear(w, f"{p}.{n}_proj") for n in "qkv")
+    bias = np.concatenate([_f32(w, f"{p}.{n}_proj.bias") for n in "qkv"]) if f"{p}.q_proj.bias" in w else None
+    fused = fuse_linears([lq, lk, lv])
+    if fused is not None:
+        qkv = emit_linear(x, fused, "qkv_proj", bias)
+    else:
+        qkv = g.op("Concat", [emit_linear(x, l, f"{n}_proj", None) for l, n in zip((lq, lk, lv), "qkv")], name="qkv_concat", axis=-1)
+        if bias is not None:
+            qkv = g.op("Add", [qkv, g.weight(f"{p}.qkv_proj.bias", bias)], name="qkv_bias")
+    return qkv, [lq.n, lk.n, lv.n]
+
+
+# ---------------------------------------------------------------------------------------------
 # ORT form
 # ---------------------------------------------------------------------------------------------
-def attention_ort(g: Graph, x: str, i: int, spec: ModelSpec, w: dict, gs: int, acc: int, io: dict, rope: tuple[str, str]) -> str:
+def attention_ort(g: Graph, x: str, i: int, spec: ModelSpec, w: dict, acc: int, io: dict, rope: dict[bool, tuple[str, str]]) -> str:
     """One attention block, KV cache updated in place.
 
         x [B,S,H] ─ qkv_proj (MatMulNBits, N = q + 2 kv) (+ bias)
-                  ─ GroupQueryAttention(packed qkv, past k/v [B,kv,C,D], seqlens_k, total, cos, sin; do_rotary)
+                  [─ Split ─ q_norm(q), k_norm(k)]        qk-norm models: q, k, v separately
+                  ─ GroupQueryAttention(qkv | q,k,v, past k/v [B,kv,C,D], seqlens_k, total, cos, sin;
+                                        do_rotary, scale, softcap, local_window_size on sliding layers)
                         ├─ present k/v (same buffers as past)
-                  ─ o_proj -> [B,S,H]
+                  ─ o_proj -> [B,S,nh*D... H]
     """
-    p = f"model.layers.{i}.self_attn"
-    lq, lk, lv = (get_linear(w, f"{p}.{n}_proj", gs) for n in "qkv")
-    bias = np.concatenate([_f32(w, f"{p}.{n}_proj.bias") for n in "qkv"]) if f"{p}.q_proj.bias" in w else None
-    fused = fuse_linears([lq, lk, lv])
+    f = spec.features
+    nh, nkv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
+    emit = lambda x_, lin, name, bias=None: linear_ort(g, x_, lin, name, acc, bias)  # noqa: E731
     with g.scope(f"model/layers.{i}/attn"):
-        if fused is not None:
-            qkv = linear_ort(g, x, fused, "qkv_proj", acc, bias)
+        qkv, sizes = _qkv(g, x, i, spec, w, emit)
+        if f.qk_norm:
+            q, k, v = g.op("Split", [qkv, g.const(sizes, np.int64)], name="Split", n_out=3, axis=-1)
+            qkv_in = [head_norm(g, q, w, i, "q", nh, d, spec.rms_eps), head_norm(g, k, w, i, "k", nkv, d, spec.rms_eps), v]
         else:
-            parts = [linear_ort(g, x, l, f"{n}_proj", acc) for l, n in zip((lq, lk, lv), "qkv")]
-            qkv = g.op("Concat", parts, name="qkv_concat", axis=-1)
-            if bias is not None:
-                qkv = g.op("Add", [qkv, g.weight(f"{p}.qkv_proj.bias", bias)], name="qkv_bias")
+            qkv_in = [qkv, "", ""]
+        cos, sin = rope[f.sliding(i)]
+        # NOTE: local_window_size = sliding_window reproduces transformers' window (key j seen from
+        # query q when q - window < j <= q) in prefill and decode (tests: window - 1 and + 1 both differ)
+        attrs = {"local_window_size": spec.sliding_window if f.sliding(i) else -1}
+        if f.attn_scale is not None:
+            attrs["scale"] = float(f.attn_scale)
+        if f.attn_softcap is not None:
+            attrs["softcap"] = float(f.attn_softcap)
         out, pk, pv = g.ms("GroupQueryAttention",
-                           [qkv, "", "", io[f"past_key_values.{i}.key"], io[f"past_key_values.{i}.value"], "seqlens_k", "total_sequence_length", rope[0], rope[1]],
-                           name="GroupQueryAttention", n_out=3, num_heads=spec.n_heads, kv_num_heads=spec.n_kv_heads,
-                           do_rotary=1, rotary_interleaved=0, local_window_size=-1)
-        g.output(pk, f"present.{i}.key", TensorProto.FLOAT, ["batch", spec.n_kv_heads, "max_context", spec.head_dim])
-        g.output(pv, f"present.{i}.value", TensorProto.FLOAT, ["batch", spec.n_kv_heads, "max_context", spec.head_dim])
-        return linear_ort(g, out, get_linear(w, f"{p}.o_proj", gs), "o_proj", acc)
+                           [*qkv_in, io[f"past_key_values.{i}.key"], io[f"past_key_values.{i}.value"], "seqlens_k", "total_sequence_length", cos, sin],
+                           name="GroupQueryAttention", n_out=3, num_heads=nh, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0, **attrs)
+        g.output(pk, f"present.{i}.key", TensorProto.FLOAT, ["batch", nkv, "max_context", d])
+        g.output(pv, f"present.{i}.value", TensorProto.FLOAT, ["batch", nkv, "max_context", d])
+        return linear_ort(g, out, get_linear(w, f"model.layers.{i}.self_attn.o_proj"), "o_proj", acc)
 
 
-def mlp(g: Graph, x: str, i: int, w: dict, gs: int, emit_linear) -> str:
-    """SwiGLU.
+def mlp(g: Graph, x: str, i: int, spec: ModelSpec, w: dict, emit_linear) -> str:
+    """Gated MLP (SwiGLU / GeGLU per features.activation).
 
-        x ─ gate_up_proj (N = 2I) ─ Split ─ gate ─ Sigmoid ─ Mul(gate) ─ Mul(up) ─ down_proj
+        x ─ gate_up_proj (N = 2I) ─ Split ─ gate ─ act ─ Mul(up) ─ down_proj
     """
     p = f"model.layers.{i}.mlp"
-    lg, lu = get_linear(w, f"{p}.gate_proj", gs), get_linear(w, f"{p}.up_proj", gs)
+    lg, lu = get_linear(w, f"{p}.gate_proj"), get_linear(w, f"{p}.up_proj")
     fused = fuse_linears([lg, lu])
     with g.scope(f"model/layers.{i}/mlp"):
         if fused is not None:
@@ -281,16 +308,25 @@ def mlp(g: Graph, x: str, i: int, w: dict, gs: int, emit_linear) -> str:
             gate, up = g.op("Split", [gu, g.const([lg.n, lu.n], np.int64)], name="Split", n_out=2, axis=-1)
         else:
             gate, up = emit_linear(x, lg, "gate_proj"), emit_linear(x, lu, "up_proj")
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name="act/Sigmoid")], name="act/Mul")
-        h = g.op("Mul", [act, up], name="Mul")
-        return emit_linear(h, get_linear(w, f"{p}.down_proj", gs), "down_proj")
+        h = g.op("Mul", [activation(g, gate, spec.features.activation), up], name="Mul")
+        return emit_linear(h, get_linear(w, f"{p}.down_proj"), "down_proj")
 
 
-def build_ort(spec: ModelSpec, w: dict[str, np.ndarray], gs: int, acc: int, n_pos: int) -> Graph:
+def _skip_norm(g: Graph, x: str, residual: str, weight: np.ndarray, weight_name: str, scope: str, eps: float) -> tuple[str, str]:
+    """(norm(x + residual), x + residual): ORT's fused residual add + RMSNorm."""
+    with g.scope(scope):
+        h, res = g.ms("SkipSimplifiedLayerNormalization", [x, residual, g.weight(weight_name, weight)],
+                      name="SkipSimplifiedLayerNormalization", n_out=4, unused=(1, 2), epsilon=eps)[0::3]
+    return h, res
+
+
+def build_ort(spec: ModelSpec, w: dict[str, np.ndarray], acc: int, n_pos: int) -> Graph:
     """The contrib-op graph; the residual stream rides SkipSimplifiedLayerNormalization's sum output.
 
-        embed ─ RMSNorm ─ attn ─ SkipRMSNorm(+res) ─ mlp ─ SkipRMSNorm(+res, next ln1) ─ attn ... ─ last ─ head
+        embed (* scale) ─ RMSNorm ─ attn [─ RMSNorm] ─ SkipRMSNorm(+res) ─ mlp [─ RMSNorm] ─ SkipRMSNorm(+res, next ln1) ... ─ last ─ head [─ softcap]
+        ([...]: sandwich-norm models)
     """
+    f = spec.features
     g = Graph("edge_rag_decoder_ort", opset=21, ms_opset=1)
     emit = lambda x, lin, name: linear_ort(g, x, lin, name, acc)  # noqa: E731
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
@@ -300,10 +336,12 @@ def build_ort(spec: ModelSpec, w: dict[str, np.ndarray], gs: int, acc: int, n_po
     for i in range(spec.n_layers):
         for kv in ("key", "value"):
             io[f"past_key_values.{i}.{kv}"] = g.input(f"past_key_values.{i}.{kv}", TensorProto.FLOAT, ["batch", spec.n_kv_heads, "max_context", spec.head_dim])
-    cos, sin = rope_caches(spec, n_pos)
-    rope = (g.weight("model.rotary.cos_cache", cos), g.weight("model.rotary.sin_cache", sin))
+    rope = {False: tuple(g.weight(f"model.rotary.{n}_cache", t) for n, t in zip(("cos", "sin"), rope_cache_pair(spec, n_pos, False)))}
+    rope[True] = rope[False]
+    if f.rope_local_theta is not None:
+        rope[True] = tuple(g.weight(f"model.rotary_local.{n}_cache", t) for n, t in zip(("cos", "sin"), rope_cache_pair(spec, n_pos, True)))
 
-    head = _head(w, spec, gs)
+    head = _head(w, spec)
     if spec.tie_embeddings and head is not None and head.kind != "fp":
         x = embedding_quantized(g, ids, head)
     else:
@@ -311,23 +349,30 @@ def build_ort(spec: ModelSpec, w: dict[str, np.ndarray], gs: int, acc: int, n_po
         # A tied float head shares the table with Gemm, which needs f32; otherwise keep fp16 (half the RAM).
         table = table.astype(np.float32) if head is None or table.dtype not in (np.float16, np.float32) else table
         x = embedding(g, ids, table)
+    x = scale(g, x, f.embed_scale, "model/embed_tokens/Scale")
     eps = float(spec.rms_eps)
+    names = layer_norm_names(f)
     # Standard ops (onnx.checker does not know ORT's SimplifiedLayerNormalization); ORT fuses them.
-    h = rms_norm_trt(g, x, _f32(w, "model.layers.0.input_layernorm.weight"), "model/layers.0/input_layernorm", eps)
+    wt, scope = layer_norm_weight(w, 0, spec, "attn_in")
+    h = rms_norm_trt(g, x, wt, scope, eps)
     residual = x
     for i in range(spec.n_layers):
-        a = attention_ort(g, h, i, spec, w, gs, acc, io, rope)
-        with g.scope(f"model/layers.{i}/post_attention_layernorm"):
-            h, residual = g.ms("SkipSimplifiedLayerNormalization", [a, residual, g.weight(f"model.layers.{i}.post_attention_layernorm.weight", _f32(w, f"model.layers.{i}.post_attention_layernorm.weight"))],
-                               name="SkipSimplifiedLayerNormalization", n_out=4, unused=(1, 2), epsilon=eps)[0::3]
-        m = mlp(g, h, i, w, gs, emit)
-        nxt = f"model.layers.{i + 1}.input_layernorm" if i + 1 < spec.n_layers else "model.norm"
-        with g.scope(f"model/layers.{i + 1}/input_layernorm" if i + 1 < spec.n_layers else "model/norm"):
-            h, residual = g.ms("SkipSimplifiedLayerNormalization", [m, residual, g.weight(f"{nxt}.weight", _f32(w, f"{nxt}.weight"))],
-                               name="SkipSimplifiedLayerNormalization", n_out=4, unused=(1, 2), epsilon=eps)[0::3]
+        a = attention_ort(g, h, i, spec, w, acc, io, rope)
+        if "attn_out" in names:
+            a = rms_norm_trt(g, a, *layer_norm_weight(w, i, spec, "attn_out"), eps)
+        wt, scope = layer_norm_weight(w, i, spec, "mlp_in")
+        h, residual = _skip_norm(g, a, residual, wt, scope.replace("model/", "model.").replace("/", ".") + ".weight", scope, eps)
+        m = mlp(g, h, i, spec, w, emit)
+        if "mlp_out" in names:
+            m = rms_norm_trt(g, m, *layer_norm_weight(w, i, spec, "mlp_out"), eps)
+        if i + 1 < spec.n_layers:
+            wt, scope = layer_norm_weight(w, i + 1, spec, "attn_in")
+        else:
+            wt, scope = _f32(w, "model.norm.weight"), "model/norm"
+        h, residual = _skip_norm(g, m, residual, wt, scope.replace("model/", "model.").replace("/", ".") + ".weight", scope, eps)
     last = last_position(g, h, spec.hidden_size)
     logits = lm_head(g, last, head, "model.embed_tokens.weight", emit, int8_dynamic=acc == 4)
-    g.output(logits, "logits", TensorProto.FLOAT, ["batch", spec.vocab_size])
+    g.output(soft_cap(g, logits, f.final_softcap, "lm_head/softcap"), "logits", TensorProto.FLOAT, ["batch", spec.vocab_size])
     return g
 
 
@@ -350,36 +395,34 @@ def rotary_trt(g: Graph, x: str, cos: str, sin: str, half: int) -> str:
     return g.op("Add", [g.op("Mul", [x, cos], name="rope/MulCos"), g.op("Mul", [rot, sin], name="rope/MulSin")], name="rope/Add")
 
 
-def attention_trt(g: Graph, x: str, i: int, spec: ModelSpec, w: dict, gs: int, ctx: dict) -> str:
+def attention_trt(g: Graph, x: str, i: int, spec: ModelSpec, w: dict, ctx: dict) -> str:
     """Softmax attention with a Concat KV cache.
 
-        x ─ qkv_proj ─ Split ─ q,k,v ─ Reshape [B,S,h,D] ─ Transpose [B,h,S,D] ─ RoPE(q, k)
+        x ─ qkv_proj ─ Split ─ q,k,v [─ q_norm, k_norm] ─ Reshape [B,S,h,D] ─ Transpose [B,h,S,D] ─ RoPE(q, k)
         past_k ─┐
-              k ─ Concat(axis 2) = present_k [B,kv,T,D] ─ repeat kv->h ─ q·kᵀ·scale + mask ─ Softmax ─ ·v
+              k ─ Concat(axis 2) = present_k [B,kv,T,D] ─ repeat kv->h ─ q·kᵀ·scale [─ softcap] + mask ─ Softmax ─ ·v
         ─ Transpose [B,S,h,D] ─ Reshape [B,S,h*D] ─ o_proj
+        (mask and cos/sin: the sliding layers' own when the layer slides)
     """
-    p = f"model.layers.{i}.self_attn"
+    f = spec.features
     nh, nkv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
-    lq, lk, lv = (get_linear(w, f"{p}.{n}_proj", gs) for n in "qkv")
-    bias = np.concatenate([_f32(w, f"{p}.{n}_proj.bias") for n in "qkv"]) if f"{p}.q_proj.bias" in w else None
-    fused = fuse_linears([lq, lk, lv])
+    emit = lambda x_, lin, name, bias=None: linear_trt(g, x_, lin, name, bias)  # noqa: E731
+    local = f.sliding(i)
+    cos, sin = (ctx["cos_local"], ctx["sin_local"]) if local else (ctx["cos"], ctx["sin"])
     with g.scope(f"model/layers.{i}/attn"):
-        if fused is not None:
-            qkv = linear_trt(g, x, fused, "qkv_proj", bias)
-        else:
-            qkv = g.op("Concat", [linear_trt(g, x, l, f"{n}_proj") for l, n in zip((lq, lk, lv), "qkv")], name="qkv_concat", axis=-1)
-            if bias is not None:
-                qkv = g.op("Add", [qkv, g.weight(f"{p}.qkv_proj.bias", bias)], name="qkv_bias")
-        q, k, v = g.op("Split", [qkv, g.const([nh * d, nkv * d, nkv * d], np.int64)], name="Split", n_out=3, axis=-1)
+        qkv, sizes = _qkv(g, x, i, spec, w, emit)
+        q, k, v = g.op("Split", [qkv, g.const(sizes, np.int64)], name="Split", n_out=3, axis=-1)
+        if f.qk_norm:
+            q, k = head_norm(g, q, w, i, "q", nh, d, spec.rms_eps), head_norm(g, k, w, i, "k", nkv, d, spec.rms_eps)
 
         def heads(t: str, n: int, tag: str) -> str:  # [B,S,n*D] -> [B,n,S,D]
             r = g.op("Reshape", [t, g.const([0, 0, n, d], np.int64)], name=f"{tag}/Reshape")
             return g.op("Transpose", [r], name=f"{tag}/Transpose", perm=[0, 2, 1, 3])
 
         with g.scope("q"):
-            q = rotary_trt(g, heads(q, nh, "heads"), ctx["cos"], ctx["sin"], d // 2)
+            q = rotary_trt(g, heads(q, nh, "heads"), cos, sin, d // 2)
         with g.scope("k"):
-            k = rotary_trt(g, heads(k, nkv, "heads"), ctx["cos"], ctx["sin"], d // 2)
+            k = rotary_trt(g, heads(k, nkv, "heads"), cos, sin, d // 2)
         v = heads(v, nkv, "v/heads")
         pk = g.op("Concat", [f"past_key_values.{i}.key", k], name="k/Concat", axis=2)
         pv = g.op("Concat", [f"past_key_values.{i}.value", v], name="v/Concat", axis=2)
@@ -398,24 +441,35 @@ def attention_trt(g: Graph, x: str, i: int, spec: ModelSpec, w: dict, gs: int, c
         else:
             pk_r, pv_r = pk, pv
         kt = g.op("Transpose", [pk_r], name="k/TransposeT", perm=[0, 1, 3, 2])
-        s = g.op("Mul", [g.op("MatMul", [q, kt], name="QK/MatMul"), g.const(np.float32(1.0 / np.sqrt(d)))], name="QK/Scale")
-        pr = g.op("Softmax", [g.op("Add", [s, ctx["mask"]], name="QK/AddMask")], name="Softmax", axis=-1)
+        sc = f.attn_scale if f.attn_scale is not None else 1.0 / np.sqrt(d)
+        s = g.op("Mul", [g.op("MatMul", [q, kt], name="QK/MatMul"), g.const(np.float32(sc))], name="QK/Scale")
+        s = soft_cap(g, s, f.attn_softcap, "QK/softcap")
+        pr = g.op("Softmax", [g.op("Add", [s, ctx["mask_local" if local else "mask"]], name="QK/AddMask")], name="Softmax", axis=-1)
         o = g.op("MatMul", [pr, pv_r], name="PV/MatMul")
         o = g.op("Reshape", [g.op("Transpose", [o], name="out/Transpose", perm=[0, 2, 1, 3]), g.const([0, 0, nh * d], np.int64)], name="out/Reshape")
-        return linear_trt(g, o, get_linear(w, f"{p}.o_proj", gs), "o_proj")
+        return linear_trt(g, o, get_linear(w, f"model.layers.{i}.self_attn.o_proj"), "o_proj")
 
 
 def trt_context(g: Graph, spec: ModelSpec, n_pos: int) -> dict[str, str]:
-    """Once per graph: cos/sin for the positions [B,1,S,D] and the additive mask [B,1,S,T].
+    """Once per graph: cos/sin for the positions [B,1,S,D] and the additive mask [B,1,S,T]
+    (and the sliding layers' own when the model has them).
 
-        allowed[b,i,j] = (j < T - S + i + 1) and attention_mask[b, j];  mask = allowed ? 0 : -1e9
+        allowed[b,i,j] = (j < T - S + i + 1) and attention_mask[b, j]     [and j >= T - S + i + 1 - window]
+        mask = allowed ? 0 : -1e9
     """
-    cos, sin = rope_caches(spec, n_pos)
-    with g.scope("model/rotary"):
-        full_cos = g.weight("model.rotary.cos_cache", np.concatenate([cos, cos], axis=1))  # [P, D]
-        full_sin = g.weight("model.rotary.sin_cache", np.concatenate([sin, sin], axis=1))
-        c = g.op("Unsqueeze", [g.op("Gather", [full_cos, "position_ids"], name="cos/Gather", axis=0), g.const([1], np.int64)], name="cos/Unsqueeze")
-        s = g.op("Unsqueeze", [g.op("Gather", [full_sin, "position_ids"], name="sin/Gather", axis=0), g.const([1], np.int64)], name="sin/Unsqueeze")
+    f = spec.features
+
+    def tables(local: bool, tag: str) -> tuple[str, str]:
+        cos, sin = rope_cache_pair(spec, n_pos, local)
+        with g.scope(f"model/{tag}"):
+            full_cos = g.weight(f"model.{tag}.cos_cache", np.concatenate([cos, cos], axis=1))  # [P, D]
+            full_sin = g.weight(f"model.{tag}.sin_cache", np.concatenate([sin, sin], axis=1))
+            c = g.op("Unsqueeze", [g.op("Gather", [full_cos, "position_ids"], name="cos/Gather", axis=0), g.const([1], np.int64)], name="cos/Unsqueeze")
+            s = g.op("Unsqueeze", [g.op("Gather", [full_sin, "position_ids"], name="sin/Gather", axis=0), g.const([1], np.int64)], name="sin/Unsqueeze")
+        return c, s
+
+    out = dict(zip(("cos", "sin"), tables(False, "rotary")))
+    out["cos_local"], out["sin_local"] = tables(True, "rotary_local") if f.rope_local_theta is not None else (out["cos"], out["sin"])
     with g.scope("model/mask"):
         seq = g.op("Shape", ["input_ids"], name="seq/Shape", start=1, end=2)  # [1] = S
         tot = g.op("Shape", ["attention_mask"], name="total/Shape", start=1, end=2)  # [1] = T
@@ -425,16 +479,24 @@ def trt_context(g: Graph, spec: ModelSpec, n_pos: int) -> dict[str, str]:
         rows = g.op("Range", [zero, s0, one], name="rows/Range")  # [S]
         cols = g.op("Range", [zero, t0, one], name="cols/Range")  # [T]
         limit = g.op("Add", [rows, g.op("Add", [g.op("Sub", [t0, s0], name="past/Sub"), one], name="limit/Add1")], name="limit/Add")  # [S]
-        causal = g.op("Less", [g.op("Unsqueeze", [cols, g.const([0], np.int64)], name="cols/Unsqueeze"),
-                               g.op("Unsqueeze", [limit, g.const([1], np.int64)], name="limit/Unsqueeze")], name="causal/Less")  # [S,T]
+        cols2 = g.op("Unsqueeze", [cols, g.const([0], np.int64)], name="cols/Unsqueeze")  # [1,T]
+        limit2 = g.op("Unsqueeze", [limit, g.const([1], np.int64)], name="limit/Unsqueeze")  # [S,1]
+        causal = g.op("Less", [cols2, limit2], name="causal/Less")  # [S,T]
         pad = g.op("Cast", [g.op("Unsqueeze", ["attention_mask", g.const([1, 2], np.int64)], name="pad/Unsqueeze")], name="pad/Cast", to=TensorProto.BOOL)
         allowed = g.op("And", [causal, pad], name="And")  # [B,1,S,T]
-        mask = g.op("Where", [allowed, g.const(np.float32(0.0)), g.const(np.float32(-1e9))], name="Where")
-    return {"cos": c, "sin": s, "mask": mask}
+        out["mask"] = g.op("Where", [allowed, g.const(np.float32(0.0)), g.const(np.float32(-1e9))], name="Where")
+        out["mask_local"] = out["mask"]
+        if "sliding" in f.layer_types:
+            start = g.op("Sub", [limit2, g.const(np.int64(spec.sliding_window))], name="window/Sub")  # [S,1]
+            inside = g.op("GreaterOrEqual", [cols2, start], name="window/GreaterOrEqual")  # [S,T]
+            local = g.op("And", [allowed, inside], name="window/And")
+            out["mask_local"] = g.op("Where", [local, g.const(np.float32(0.0)), g.const(np.float32(-1e9))], name="window/Where")
+    return out
 
 
-def build_trt(spec: ModelSpec, w: dict[str, np.ndarray], gs: int, n_pos: int) -> Graph:
-    """The standard-op graph: embed ─ (RMSNorm ─ attn ─ +res ─ RMSNorm ─ mlp ─ +res) x L ─ RMSNorm ─ last ─ head."""
+def build_trt(spec: ModelSpec, w: dict[str, np.ndarray], n_pos: int) -> Graph:
+    """The standard-op graph: embed (* scale) ─ (RMSNorm ─ attn [─ RMSNorm] ─ +res ─ RMSNorm ─ mlp [─ RMSNorm] ─ +res) x L ─ RMSNorm ─ last ─ head [─ softcap]."""
+    f = spec.features
     g = Graph("edge_rag_decoder_trt", opset=21)
     emit = lambda x, lin, name: linear_trt(g, x, lin, name)  # noqa: E731
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
@@ -444,20 +506,27 @@ def build_trt(spec: ModelSpec, w: dict[str, np.ndarray], gs: int, n_pos: int) ->
         for kv in ("key", "value"):
             g.input(f"past_key_values.{i}.{kv}", TensorProto.FLOAT, ["batch", spec.n_kv_heads, "past_sequence", spec.head_dim])
     ctx = trt_context(g, spec, n_pos)
-    head = _head(w, spec, gs)
+    head = _head(w, spec)
     table = w["model.embed_tokens.weight"]
     table = table.astype(np.float32) if head is None or table.dtype not in (np.float16, np.float32) else table
-    x = embedding(g, ids, table)
+    x = scale(g, embedding(g, ids, table), f.embed_scale, "model/embed_tokens/Scale")
     eps = float(spec.rms_eps)
+    names = layer_norm_names(f)
     for i in range(spec.n_layers):
-        h = rms_norm_trt(g, x, _f32(w, f"model.layers.{i}.input_layernorm.weight"), f"model/layers.{i}/input_layernorm", eps)
-        x = g.op("Add", [x, attention_trt(g, h, i, spec, w, gs, ctx)], name=f"model/layers.{i}/attn_residual/Add")
-        h = rms_norm_trt(g, x, _f32(w, f"model.layers.{i}.post_attention_layernorm.weight"), f"model/layers.{i}/post_attention_layernorm", eps)
-        x = g.op("Add", [x, mlp(g, h, i, w, gs, emit)], name=f"model/layers.{i}/mlp_residual/Add")
+        h = rms_norm_trt(g, x, *layer_norm_weight(w, i, spec, "attn_in"), eps)
+        a = attention_trt(g, h, i, spec, w, ctx)
+        if "attn_out" in names:
+            a = rms_norm_trt(g, a, *layer_norm_weight(w, i, spec, "attn_out"), eps)
+        x = g.op("Add", [x, a], name=f"model/layers.{i}/attn_residual/Add")
+        h = rms_norm_trt(g, x, *layer_norm_weight(w, i, spec, "mlp_in"), eps)
+        m = mlp(g, h, i, spec, w, emit)
+        if "mlp_out" in names:
+            m = rms_norm_trt(g, m, *layer_norm_weight(w, i, spec, "mlp_out"), eps)
+        x = g.op("Add", [x, m], name=f"model/layers.{i}/mlp_residual/Add")
     last = last_position(g, x, spec.hidden_size)
     h = rms_norm_trt(g, last, _f32(w, "model.norm.weight"), "model/norm", eps)
     logits = lm_head(g, h, head, "model.embed_tokens.weight", emit)
-    g.output(logits, "logits", TensorProto.FLOAT, ["batch", spec.vocab_size])
+    g.output(soft_cap(g, logits, f.final_softcap, "lm_head/softcap"), "logits", TensorProto.FLOAT, ["batch", spec.vocab_size])
     return g
 
 
@@ -476,8 +545,8 @@ def build_decoder_onnx(spec: ModelSpec, weights: dict[str, np.ndarray], quant: Q
         raise ValueError(f"form {form!r} not in {tuple(FORMS)}")
     gs = int(quant.group_size)
     acc = int(accuracy_level if accuracy_level is not None else (quant.accuracy_level if quant.accuracy_level is not None else DEFAULT_ACCURACY_LEVEL))
-    n_pos = int(max_context or min(spec.max_position, MAX_ROPE_CACHE))
-    g = build_ort(spec, weights, gs, acc, n_pos) if form == "ort" else build_trt(spec, weights, gs, n_pos)
+    n_pos = int(max_context or min(spec.max_position, MAX_ROPE_CACHE, max_rope_positions(spec) or MAX_ROPE_CACHE))
+    g = build_ort(spec, weights, acc, n_pos) if form == "ort" else build_trt(spec, weights, n_pos)
     model = g.to_model()
     meta = {"max_context": str(n_pos), "form": form, "recipe": quant.recipe, "group_size": str(gs)}
     if form == "ort":

@@ -1,7 +1,10 @@
 """GGUF checkpoints (llama.cpp): metadata -> ModelSpec, tensors dequantized to float32 HF names.
 
-Tensors of type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K (and the other types the `gguf`
-package's numpy dequantizer knows) are dequantized with `gguf.quants.dequantize`.
+Tensors of every type K-quant files use (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
+Q5_K, Q6_K, IQ4_NL, IQ4_XS, and the other types the `gguf` package's numpy dequantizer knows) are
+dequantized with `gguf.quants.dequantize`, one tensor at a time when it is read: `load_gguf`
+returns a lazy mapping over the memory-mapped file, so a build holds one layer in float32 at a
+time (the quantizer walks the layers in order), never the whole model.
 
 NOTE llama.cpp's converter permutes the rows of attn_q / attn_k for the `llama` architecture
 (its RoPE rotates interleaved pairs (0,1),(2,3)... while HF rotates halves (i, i + d/2)); we
@@ -12,6 +15,7 @@ are stored unpermuted.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,8 @@ _LAYER_NAMES = {
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # qwen3
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
@@ -40,12 +46,8 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
-# Architectures whose q/k rows llama.cpp's converter permutes.
-_PERMUTED_ARCHS = {"llama"}
-
-
 def hf_name(gguf_name: str) -> str | None:
-    """HF tensor name for a GGUF tensor name, None for tensors we do not use."""
+    """HF tensor name for a GGUF tensor name, None for tensors we do not know."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLK.match(gguf_name)
@@ -81,33 +83,58 @@ def _dequantize(t, path: Path) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32).reshape(shape)
 
 
-def load_gguf(path: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
-    """(spec, float32 weights in HF names and orientation) from a GGUF file."""
+class GGUFWeights(Mapping):
+    """HF name -> float32 array, dequantized from the memory-mapped GGUF on every access (no
+    cache: the caller keeps what it needs). `shapes` gives every tensor's shape without reading it."""
+
+    def __init__(self, path: Path, spec: ModelSpec, tensors: dict, permuted: bool):
+        self.path, self.spec, self._t, self._permuted = path, spec, tensors, permuted
+        self.shapes = {n: tuple(int(x) for x in reversed(t.shape.tolist())) for n, t in tensors.items()}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        t = self._t[name]
+        w = _dequantize(t, self.path)
+        if self._permuted and (".attn_q." in t.name or ".attn_k." in t.name):
+            w = unpermute_rope_rows(w, self.spec.n_heads if ".attn_q." in t.name else self.spec.n_kv_heads)
+        return w
+
+    def __iter__(self):
+        return iter(self._t)
+
+    def __len__(self) -> int:
+        return len(self._t)
+
+    def nbytes(self) -> int:
+        """Bytes of the stored (quantized) tensors."""
+        return int(sum(t.n_bytes for t in self._t.values()))
+
+
+def load_gguf(path: str | Path) -> tuple[ModelSpec, GGUFWeights]:
+    """(spec, lazy float32 weights in HF names and orientation) from a GGUF file. Unknown
+    tensors, missing ones and shapes the metadata does not imply are refused up front."""
+    from edge.models.arch import get_arch
     from edge.models.hf import check_weights
 
     path = Path(path)
     reader = _gguf_reader(path)
     spec = read_gguf_spec(path, reader)
-    arch = gguf_field(reader, "general.architecture", "")
+    arch = get_arch(gguf_field(reader, "general.architecture", ""), str(path))
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise ModelError(
             f"{path}: llama3-style RoPE frequency scaling stored as a GGUF tensor is not supported",
             fix="build from the Hugging Face folder, whose config.json carries rope_scaling",
         )
-    weights: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
-        name = hf_name(t.name)
-        if name is None:
-            continue
-        w = _dequantize(t, path)
-        if arch in _PERMUTED_ARCHS and (".attn_q." in t.name or ".attn_k." in t.name):
-            heads = spec.n_heads if ".attn_q." in t.name else spec.n_kv_heads
-            w = unpermute_rope_rows(w, heads)
-        weights[name] = w
+    unknown = sorted(t.name for t in reader.tensors if hf_name(t.name) is None)
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise ModelError(f"{path}: GGUF tensors {', '.join(unknown[:3])}{more} are unknown to the {arch.model_type} architecture",
+                         fix="a variant of the architecture that edge-rag does not implement; it would run wrongly, so it is refused")
+    tensors = {hf_name(t.name): t for t in reader.tensors}
     if spec.tie_embeddings:
-        weights.pop("lm_head.weight", None)
-    check_weights(spec, weights, str(path))
+        tensors.pop("lm_head.weight", None)
+    weights = GGUFWeights(path, spec, tensors, arch.gguf_permuted_qk)
+    check_weights(spec, weights.shapes, str(path))
     return spec, weights
 
 

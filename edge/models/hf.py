@@ -114,36 +114,64 @@ def _normalize_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def expected_weight_names(spec: ModelSpec) -> list[str]:
-    """Every tensor a Llama-family decoder needs, HF names."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
+def split_fused(spec: ModelSpec, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Fused checkpoint linears (Phi-3: self_attn.qkv_proj, mlp.gate_up_proj) -> HF q/k/v and
+    gate/up, per the spec's features; rows in q|k|v and gate|up order."""
+    f = spec.features
+    if not (f.fused_qkv or f.fused_gate_up):
+        return weights
+    out = dict(weights)
     for i in range(spec.n_layers):
         p = f"model.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        names += [p + m + ".weight" for m in spec.linear_shapes]
-        if spec.attention_bias:
-            names += [p + f"self_attn.{m}_proj.bias" for m in "qkv"]
-    if not spec.tie_embeddings:
-        names.append("lm_head.weight")
-    return names
+        if f.fused_qkv and p + "self_attn.qkv_proj.weight" in out:
+            w = out.pop(p + "self_attn.qkv_proj.weight")
+            sizes = np.cumsum([spec.q_size, spec.kv_size])
+            if w.shape[0] != spec.q_size + 2 * spec.kv_size:
+                raise ModelError(f"tensor {p}self_attn.qkv_proj.weight has {w.shape[0]} rows, config implies {spec.q_size + 2 * spec.kv_size}",
+                                 fix="config.json and the weights disagree")
+            for n, part in zip("qkv", np.split(w, sizes)):
+                out[p + f"self_attn.{n}_proj.weight"] = part
+        if f.fused_gate_up and p + "mlp.gate_up_proj.weight" in out:
+            w = out.pop(p + "mlp.gate_up_proj.weight")
+            if w.shape[0] != 2 * spec.intermediate_size:
+                raise ModelError(f"tensor {p}mlp.gate_up_proj.weight has {w.shape[0]} rows, config implies {2 * spec.intermediate_size}",
+                                 fix="config.json and the weights disagree")
+            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = np.split(w, 2)
+    return out
 
 
-def check_weights(spec: ModelSpec, weights: dict[str, np.ndarray], where: str) -> None:
-    """Every expected tensor is present with the shape the spec implies."""
-    missing = [n for n in expected_weight_names(spec) if n not in weights]
+def fold_norm_offset(spec: ModelSpec, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Gemma's RMSNorm applies (1 + w): store 1 + w so that every lowering applies plain RMSNorm."""
+    off = spec.features.norm_weight_offset
+    if off:
+        from edge.models.arch import norm_weight_names
+
+        for name in norm_weight_names(spec):
+            if name in weights:
+                weights[name] = np.asarray(weights[name], dtype=np.float32) + np.float32(off)
+    return weights
+
+
+def check_weights(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Exactly the tensors the architecture needs (edge.models.arch.expected_tensors), each with
+    the shape the spec implies: a missing, unknown or mis-shaped tensor is a one-line ModelError.
+    shapes: tensor name -> shape (read without loading the data)."""
+    weights = shapes
+    from edge.models.arch import expected_tensors
+
+    want = expected_tensors(spec)
+    missing = [n for n in want if n not in weights]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ModelError(f"{where}: missing tensors {', '.join(missing[:3])}{more}", fix="the checkpoint is incomplete; re-download it")
-    h = spec.hidden_size
-    want = {"model.embed_tokens.weight": (spec.vocab_size, h), "model.norm.weight": (h,)}
-    if not spec.tie_embeddings:
-        want["lm_head.weight"] = (spec.vocab_size, h)
-    for i in range(spec.n_layers):
-        for m, shape in spec.linear_shapes.items():
-            want[f"model.layers.{i}.{m}.weight"] = shape
+    unknown = sorted(n for n in weights if n not in want)
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise ModelError(f"{where}: tensors {', '.join(unknown[:3])}{more} are unknown to the {spec.arch} architecture",
+                         fix="a variant of the architecture that edge-rag does not implement; it would run wrongly, so it is refused")
     for name, shape in want.items():
-        if tuple(weights[name].shape) != tuple(shape):
-            raise ModelError(f"{where}: tensor {name} has shape {tuple(weights[name].shape)}, config implies {tuple(shape)}", fix="config.json and the weights disagree")
+        if tuple(weights[name]) != tuple(shape):
+            raise ModelError(f"{where}: tensor {name} has shape {tuple(weights[name])}, config implies {tuple(shape)}", fix="config.json and the weights disagree")
 
 
 def load_hf(folder: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
@@ -161,5 +189,6 @@ def load_hf(folder: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
         raise ModelError(f"{folder}: config says untied embeddings but there is no lm_head.weight", fix="re-download the checkpoint")
     # Drop buffers some exports keep (rotary inv_freq).
     weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
-    check_weights(spec, weights, str(folder))
-    return spec, weights
+    weights = split_fused(spec, weights)
+    check_weights(spec, {k: v.shape for k, v in weights.items()}, str(folder))
+    return spec, fold_norm_offset(spec, weights)

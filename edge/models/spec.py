@@ -2,8 +2,9 @@
 a GGUF file's metadata without loading weights. The planner, the builders and every backend
 use it; derived values are computed once here.
 
-Architectures register in ARCHITECTURES (HF model_type / GGUF general.architecture -> family);
-features (q/k/v bias, tied embeddings, RoPE scaling) come from config and weight keys.
+Architectures register in edge.models.arch.ARCHITECTURES (HF model_type / GGUF
+general.architecture); the block's features (edge.models.arch.Features) come from the config,
+q/k/v bias and tied embeddings from config and weight keys.
 """
 
 from __future__ import annotations
@@ -14,18 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from edge.errors import ModelError
+from edge.models.arch import ARCHITECTURES, Features, features_from_hf_config, get_arch
 
-# model_type (HF) or general.architecture (GGUF) -> decoder family we build.
-ARCHITECTURES: dict[str, str] = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-}
+__all__ = ["ARCHITECTURES", "ModelSpec", "read_spec", "spec_from_hf_config"]
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A Llama-family decoder. Shapes: hidden [H], heads n_heads x head_dim, GQA n_kv_heads."""
+    """A decoder. Shapes: hidden [H], heads n_heads x head_dim, GQA n_kv_heads; the block's
+    architecture-specific features in `features` (edge.models.arch)."""
 
     arch: str  # source model_type, e.g. "llama", "qwen2", "mistral"
     n_layers: int
@@ -41,11 +39,19 @@ class ModelSpec:
     rope_scaling: dict[str, Any] | None = None  # HF form, e.g. {"rope_type": "llama3", ...}
     tie_embeddings: bool = False
     attention_bias: bool = False  # q/k/v bias (Qwen2)
-    sliding_window: int | None = None  # Mistral; informational, engines use full attention
+    sliding_window: int | None = None  # tokens a sliding layer attends to (features.layer_types)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    features: Features = field(default_factory=Features)
+
+    def __post_init__(self):
+        lt = self.features.layer_types
+        if lt and len(lt) != self.n_layers:
+            raise ModelError(f"{len(lt)} layer types for {self.n_layers} layers", fix="check the config's layer_types")
+        if "sliding" in lt and not self.sliding_window:
+            raise ModelError("sliding layers without a sliding_window", fix="check the config's sliding_window")
 
     # ---- derived values -------------------------------------------------------------
     @property
@@ -79,12 +85,18 @@ class ModelSpec:
         return self.vocab_size * self.hidden_size
 
     @property
+    def norm_bias_params(self) -> int:
+        """Norm weights (per layer, q/k norms, final) and q/k/v biases."""
+        per_layer = (4 if self.features.sandwich_norms else 2) * self.hidden_size
+        per_layer += 2 * self.head_dim if self.features.qk_norm else 0
+        per_layer += self.q_size + 2 * self.kv_size if self.attention_bias else 0
+        return self.n_layers * per_layer + self.hidden_size
+
+    @property
     def n_params(self) -> int:
         """All parameters, counting a tied LM head once."""
-        norms = (2 * self.n_layers + 1) * self.hidden_size
-        bias = self.n_layers * (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
         head = 0 if self.tie_embeddings else self.embedding_params
-        return self.n_layers * self.layer_linear_params + self.embedding_params + head + norms + bias
+        return self.n_layers * self.layer_linear_params + self.embedding_params + head + self.norm_bias_params
 
     def kv_bytes_per_token(self, bytes_per_elem: float = 2.0) -> float:
         """K and V for every layer, one token."""
@@ -99,23 +111,16 @@ class ModelSpec:
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
         d = dict(d)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        d["features"] = Features.from_dict(d.get("features"))  # absent in older manifests: Llama
         return cls(**d)
-
-
-def _family(arch: str, where: str) -> str:
-    if arch not in ARCHITECTURES:
-        raise ModelError(
-            f"{where}: unsupported architecture '{arch}'",
-            fix=f"supported: {', '.join(sorted(ARCHITECTURES))}",
-        )
-    return ARCHITECTURES[arch]
 
 
 def spec_from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> ModelSpec:
     """ModelSpec from a transformers config dict."""
     arch = cfg.get("model_type", "")
-    _family(arch, where)
+    info = get_arch(arch, where)
     try:
+        features = features_from_hf_config(cfg, where)
         n_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         eos = cfg.get("eos_token_id")
@@ -123,9 +128,13 @@ def spec_from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> Mode
         # transformers >= 5 writes `rope_parameters` {rope_type, rope_theta, factor...} instead of
         # rope_theta + rope_scaling; read both forms.
         rope = cfg.get("rope_parameters") or {}
+        rope = rope.get("full_attention", rope)  # per-layer-type form (Gemma 3): the global layers'
         rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        rope_scaling = cfg.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} if rope_type != "default" else None)
+        rope_scaling = cfg.get("rope_scaling") or ({k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+                                                   if rope_type not in ("default", None) else None)
+        if rope_scaling and "original_max_position_embeddings" not in rope_scaling and cfg.get("original_max_position_embeddings"):
+            rope_scaling = {**rope_scaling, "original_max_position_embeddings": int(cfg["original_max_position_embeddings"])}
         return ModelSpec(
             arch=arch,
             n_layers=int(cfg["num_hidden_layers"]),
@@ -140,11 +149,12 @@ def spec_from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> Mode
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
-            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None,
+            attention_bias=bool(cfg.get("attention_bias", info.default_attention_bias)),
+            sliding_window=int(cfg["sliding_window"]) if "sliding" in features.layer_types else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             name=str(cfg.get("_name_or_path", "")),
+            features=features,
         )
     except KeyError as e:
         raise ModelError(f"{where}: missing field {e.args[0]!r}") from None
@@ -183,7 +193,9 @@ def read_gguf_spec(path: Path, reader=None) -> ModelSpec:
     """ModelSpec from a GGUF file's metadata."""
     r = reader or _gguf_reader(path)
     arch = gguf_field(r, "general.architecture", "")
-    _family(arch, str(path))
+    if not get_arch(arch, str(path)).gguf:
+        raise ModelError(f"{path}: GGUF files of architecture '{arch}' are not read here",
+                         fix=f"build from the Hugging Face folder; GGUF: {', '.join(a for a, x in sorted(ARCHITECTURES.items()) if x.gguf)}")
     p = f"{arch}."
 
     def need(key: str) -> Any:
@@ -220,6 +232,7 @@ def read_gguf_spec(path: Path, reader=None) -> ModelSpec:
         rope_scaling=scaling,
         tie_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
+        features=Features(qk_norm="blk.0.attn_q_norm.weight" in names),
         bos_token_id=gguf_field(r, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=(int(eos),) if eos is not None else (),
         name=str(gguf_field(r, "general.name", Path(path).stem)),

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import UsageError
-from edge.models.reference import LayerWeights, embed, layer_forward, rms_norm, rope_tables
+from edge.models.reference import LayerWeights, Rope, embed, layer_forward, rms_norm
 from edge.models.spec import ModelSpec
 
 CALIB_FRACTION = 0.8  # first 80% of sorted topic keys calibrate; the last 20% are held out
@@ -110,8 +110,8 @@ class LayerwiseActivations:
 
     def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], seqs: list[np.ndarray]):
         self.spec = spec
-        self.hidden = [embed(weights, s) for s in seqs]  # each [T, H]
-        self.rope = [rope_tables(spec, np.arange(len(s))) for s in seqs]
+        self.hidden = [embed(spec, weights, s) for s in seqs]  # each [T, H]
+        self.rope = [Rope(spec, np.arange(len(s))) for s in seqs]
         self.next_layer = 0
 
     def run(self, i: int, lw: LayerWeights) -> dict[str, np.ndarray]:
@@ -122,11 +122,11 @@ class LayerwiseActivations:
         def capture(_layer: int, point: str, x: np.ndarray) -> None:
             got[point].append(np.array(x, dtype=np.float32))
 
-        for j, (h, (cos, sin)) in enumerate(zip(self.hidden, self.rope)):
-            self.hidden[j] = layer_forward(self.spec, i, lw, h, cos, sin, capture)
+        for j, (h, rope) in enumerate(zip(self.hidden, self.rope)):
+            self.hidden[j] = layer_forward(self.spec, i, lw, h, rope, capture)
         self.next_layer += 1
         return {p: np.concatenate(v, axis=0) for p, v in got.items()}
 
     def final_normed(self, norm_weight: np.ndarray) -> np.ndarray:
         """Input of the LM head after all layers: float32 [T_total, H]."""
-        return np.concatenate([rms_norm(h, norm_weight, self.spec.rms_eps) for h in self.hidden], axis=0)
+        return np.concatenate([rms_norm(h, np.asarray(norm_weight, np.float32), self.spec.rms_eps) for h in self.hidden], axis=0)

@@ -97,3 +97,56 @@ def quantize_int4_rtn(w: np.ndarray, group_size: int) -> QTensor:
     scale = np.where(scale == 0, np.float16(1.0), scale)
     q = np.clip(np.rint(g / scale.astype(np.float32)[..., None]), -8, 7).astype(np.int8).reshape(n, k)
     return QTensor(pack_int4(q), scale, 4, group_size, (n, k))
+
+
+# ---- reading a linear back (the one reader every lowering uses) --------------------------------
+
+
+@dataclass
+class BundleLinear:
+    """Linear `name` as stored: kind "fp" (weight float [N, K]), "int8" (qweight int8 [N, K],
+    scales [N]) or "int4" (qweight uint8 [N, K/2], scales [N, K/g]); shapes checked on read."""
+
+    name: str
+    kind: str
+    n: int
+    k: int
+    weight: np.ndarray | None = None
+    qweight: np.ndarray | None = None
+    scales: np.ndarray | None = None
+    group_size: int = 0
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [N, K] (the stored array itself for float32 weights)."""
+        if self.kind == "fp":
+            return np.asarray(self.weight, dtype=np.float32)
+        if self.kind == "int8":
+            return dequantize_int8(self.qweight, self.scales)
+        return dequantize_int4(self.qweight, self.scales, self.group_size)
+
+
+def has_linear(weights, name: str) -> bool:
+    return f"{name}.weight" in weights or f"{name}.qweight" in weights
+
+
+def read_linear(weights, name: str) -> BundleLinear:
+    """Linear `name` (HF module name, e.g. `model.layers.0.mlp.up_proj` or `lm_head`) from
+    float or bundle-form weights; a one-line BundleError when absent or malformed."""
+    from edge.errors import BundleError
+
+    if f"{name}.weight" in weights:
+        w = weights[f"{name}.weight"]
+        if w.ndim != 2:
+            raise BundleError(f"{name}.weight has shape {tuple(w.shape)}, expected [N, K]", fix="rebuild the bundle")
+        return BundleLinear(name, "fp", w.shape[0], w.shape[1], weight=w)
+    if f"{name}.qweight" not in weights or f"{name}.scales" not in weights:
+        raise BundleError(f"weights lack {name}.weight / {name}.qweight + .scales", fix="rebuild the bundle")
+    q, s = weights[f"{name}.qweight"], weights[f"{name}.scales"]
+    if q.dtype == np.int8:
+        if q.ndim != 2 or s.shape != (q.shape[0],):
+            raise BundleError(f"{name}: int8 qweight {tuple(q.shape)} with scales {tuple(s.shape)}, expected [N, K] and [N]", fix="rebuild the bundle")
+        return BundleLinear(name, "int8", q.shape[0], q.shape[1], qweight=q, scales=s)
+    n, k = q.shape[0], 2 * q.shape[1]
+    if q.dtype != np.uint8 or s.ndim != 2 or s.shape[0] != n or k % s.shape[1]:
+        raise BundleError(f"{name}: int4 qweight {q.dtype} {tuple(q.shape)} with scales {tuple(s.shape)} do not match", fix="rebuild the bundle")
+    return BundleLinear(name, "int4", n, k, qweight=q, scales=s, group_size=k // s.shape[1])  # group from the scales

@@ -75,8 +75,7 @@ def weight_bytes(spec: ModelSpec, recipe: str, group_size: int = 128) -> dict[st
             head = b
         else:
             layers += b
-    h = spec.hidden_size
-    small = 2 * ((2 * spec.n_layers + 1) * h + (spec.n_layers * (spec.q_size + 2 * spec.kv_size) if spec.attention_bias else 0))
+    small = 2 * spec.norm_bias_params  # fp16: every norm weight (sandwich and q/k norms included) and bias
     return {"layers": layers, "lm_head": head, "embeddings": 2 * spec.embedding_params, "norms_biases": small}
 
 

@@ -119,7 +119,7 @@ def quantize_model(
 
     for i in range(spec.n_layers):
         p = f"model.layers.{i}."
-        lw = LayerWeights.from_weights(weights, i)
+        lw = LayerWeights.from_weights(weights, i, spec)
         hidden_in = list(acts_runner.hidden) if use_gptq and sequential else None  # run() rebinds, never mutates
         acts = acts_runner.run(i, lw) if acts_runner is not None else None
         arr = {n: getattr(lw, n) for n in LINEARS} | {"ln1": lw.ln1, "ln2": lw.ln2, "v_bias": lw.v_bias}
@@ -157,24 +157,22 @@ def quantize_model(
                 w_float = getattr(lw, n)
                 scaled = use_awq and (not np.all(col == 1) or not np.all(row == 1))
                 errors.append(linear_error(p + suf, prec.kind, w_float, w_eff, x, awq=bool(scaled)))
-        out[p + "input_layernorm.weight"] = arr["ln1"].astype(dt)
-        out[p + "post_attention_layernorm.weight"] = arr["ln2"].astype(dt)
-        for b in ("q", "k", "v"):
-            bias = arr["v_bias"] if b == "v" else getattr(lw, f"{b}_bias")
-            if bias is not None:
-                out[p + f"self_attn.{b}_proj.bias"] = np.asarray(bias).astype(dt)
+        # norms (AWQ-scaled ln1/ln2), the architecture's other norms and the (v-scaled) biases
+        folded = LayerWeights(ln1=arr["ln1"], ln2=arr["ln2"], q_bias=lw.q_bias, k_bias=lw.k_bias, v_bias=arr["v_bias"],
+                              norms=lw.norms, **{n: arr[n] for n in LINEARS})
+        out.update({name: np.asarray(t).astype(dt) for name, t in folded.tensors(spec, i).items()})
         if hidden_in is not None:  # advance the calibration states through the QUANTIZED layer
             qlw = LayerWeights(ln1=arr["ln1"], ln2=arr["ln2"], q_bias=lw.q_bias, k_bias=lw.k_bias, v_bias=arr["v_bias"],
-                               **{n: w_effs[n] for n in LINEARS})
-            acts_runner.hidden = [layer_forward(spec, i, qlw, h, cos, sin) for h, (cos, sin) in zip(hidden_in, acts_runner.rope)]
+                               norms=lw.norms, **{n: w_effs[n] for n in LINEARS})
+            acts_runner.hidden = [layer_forward(spec, i, qlw, h, rope) for h, rope in zip(hidden_in, acts_runner.rope)]
         if on_layer:
             on_layer(i)
 
     # Embeddings, final norm, LM head (policy: head int8 under int4/int8; a tied head becomes a
     # separate quantized copy of the embedding table; fp16/fp32 tied heads are not duplicated).
-    emb = weights["model.embed_tokens.weight"]
+    emb = np.asarray(weights["model.embed_tokens.weight"], dtype=np.float32)
     out["model.embed_tokens.weight"] = emb.astype(dt)
-    out["model.norm.weight"] = weights["model.norm.weight"].astype(dt)
+    out["model.norm.weight"] = np.asarray(weights["model.norm.weight"]).astype(dt)
     head = lm_head_weight(spec, weights)
     hprec = module_precision("lm_head", recipe, group_size, spec.hidden_size)
     if hprec.kind in ("int8", "int4") or not spec.tie_embeddings:

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from edge.errors import BackendError
 
 
 @dataclass
@@ -59,14 +58,10 @@ def gu_row_order(inter: int) -> np.ndarray:
 
 
 def host_linear(w: dict[str, np.ndarray], name: str) -> tuple[str, np.ndarray, np.ndarray | None, int, int]:
-    """(kind, q, scales, group, K) of linear `name` in the bundle layout."""
-    if f"{name}.qweight" in w:
-        q, s = w[f"{name}.qweight"], w[f"{name}.scales"]
-        if q.dtype == np.uint8:
-            k = 2 * q.shape[1]
-            return "int4", q, s.astype(np.float16, copy=False), k // s.shape[1], k
-        return "int8", q, s.astype(np.float16, copy=False), 0, q.shape[1]
-    if f"{name}.weight" in w:
-        q = w[f"{name}.weight"]
-        return "fp16", q, None, 0, q.shape[1]
-    raise BackendError(f"bundle lacks weights for {name}", fix="rebuild the bundle")
+    """(kind, q, scales, group, K) of linear `name` in the bundle layout (edge.quant.format.read_linear)."""
+    from edge.quant.format import read_linear
+
+    lin = read_linear(w, name)  # BundleError when absent or malformed
+    if lin.kind == "fp":
+        return "fp16", lin.weight, None, 0, lin.k
+    return lin.kind, lin.qweight, lin.scales.astype(np.float16, copy=False), lin.group_size, lin.k

@@ -115,6 +115,11 @@ class CudaDecoderSession:
         self.device = cp.cuda.Device(device)
         self.device.use()
         self.k = kmod.load(device)
+        from edge.models.arch import block_features
+
+        if block_features(spec):  # the CUDA kernels implement the Llama block only (declared, not probed)
+            raise BackendError(f"the cuda backend does not implement {', '.join(block_features(spec))} ({spec.arch})",
+                               fix="use --backend onnxruntime")
         if spec.head_dim % 16 or ATTN_THREADS % (spec.head_dim // 2) or spec.head_dim > 256:
             raise BackendError(f"head_dim {spec.head_dim} is not supported by the cuda backend", fix="use --backend onnxruntime")
         self.stream = cp.cuda.Stream(non_blocking=True)
