@@ -24,4 +24,4 @@ fi
 "$VENV/bin/edge-rag" build --model default "${PROFILE_ARG[@]}" --quant auto --out /opt/edge-rag/engines/gen
 # The TensorRT plan is built on the device itself (plans are GPU- and version-specific), into the
 # plan cache ($EDGE_RAG_CACHE, default $EDGE_RAG_HOME/cache), never into the bundle.
-"$VENV/bin/python" -c "from edge.build.bundle import Bundle; from edge.runtime.trt_cache import ensure_plan; print(ensure_plan(Bundle.open('/opt/edge-rag/engines/gen', kind='generator'), log=print))"
+"$VENV/bin/python" -c "from edge.bundle import Bundle; from edge.runtime.trt_cache import ensure_plan; print(ensure_plan(Bundle.open('/opt/edge-rag/engines/gen', kind='generator'), log=print))"

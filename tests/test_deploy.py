@@ -106,6 +106,22 @@ def test_pack_layout_manifest_and_corruption_refused_by_name(engines, collection
         verify_pack(root)
 
 
+def test_service_command_refuses_a_bad_pack_and_an_open_bind_without_key(engines, tmp_path):
+    from edge.deploy.pack import build_pack
+
+    r = build_pack(profile="orin-nano-8gb", out=tmp_path / "robot.tar", engine=engines[0], embedder=engines[1],
+                   collection=None, target="host", wheelhouse=fake_wheelhouse(tmp_path / "wh"))
+    root = unpack(r.out, tmp_path / "x")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "EDGE_RAG_CACHE": str(tmp_path / "cache")}
+    p = _run_cli(["service", "--pack", str(root), "--host", "0.0.0.0"], env)
+    assert p.returncode == 2 and "without authentication" in p.stderr and "--api-key" in p.stderr
+    (root / "engines/embedder/tokenizer.json").write_text("{}")
+    p = _run_cli(["service", "--pack", str(root)], env)
+    assert p.returncode == 1 and "checksum mismatch for engines/embedder/tokenizer.json" in p.stderr
+    p = _run_cli(["verify-pack", str(root)], env)
+    assert p.returncode == 1 and "engines/embedder/tokenizer.json" in p.stderr
+
+
 def test_pack_refuses_a_missing_collection_and_a_bad_out(engines, tmp_path):
     from edge.deploy.pack import build_pack
     from edge.errors import EdgeRagError, UsageError

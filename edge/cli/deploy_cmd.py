@@ -69,6 +69,9 @@ def service(
     port: Optional[int] = typer.Option(None, "--port", help="Default: the pack's (8080)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for onnxruntime."),
     backends: str = typer.Option("tensorrt,cuda,onnxruntime", "--backends", help="Fallback chain, first that loads wins."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGE_RAG_API_KEY", show_envvar=True,
+                                          help="Require `Authorization: Bearer KEY` (needed for a non-loopback --host)"),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without an API key"),
 ) -> None:
     """Run an installed pack's HTTP service (what the systemd unit starts): verify, pick backend, serve."""
     from edge.deploy.service import run_service
@@ -78,7 +81,7 @@ def service(
     bad = [b for b in chain if b not in ("tensorrt", "cuda", "onnxruntime")]
     if not chain or bad:
         raise UsageError(f"--backends {backends!r}", fix="a comma-separated list of tensorrt, cuda, onnxruntime")
-    run_service(pack_dir, host=host, port=port, threads=threads, chain=chain)
+    run_service(pack_dir, host=host, port=port, threads=threads, chain=chain, api_key=api_key, insecure=insecure)
 
 
 @app.command("monitor")

@@ -106,14 +106,24 @@ def copy_collection(src: Path, dst: Path) -> None:
 
 def build_edge_wheel(dest: Path) -> Path:
     """The edge-rag wheel from this source tree (profiles included as package data)."""
+    import tempfile
+
     from edge.paths import REPO_ROOT
 
     if not (REPO_ROOT / "pyproject.toml").is_file():
         raise UsageError("edge-rag is not running from its source tree, so it cannot build its own wheel",
                          fix="pass --wheelhouse DIR holding edge_rag-*.whl and its dependencies")
+    dest = Path(dest).resolve()
     dest.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest),
-                        str(REPO_ROOT)], capture_output=True, text=True)
+    # NOTE: built from a clean copy: setuptools' in-tree build/ keeps modules deleted from the
+    # source and would put them into the wheel.
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+                                  "engines", ".edge-rag", ".bench", ".whl", "bench", "examples", "tests")
+    with tempfile.TemporaryDirectory(prefix="edge-rag-wheel-") as td:
+        src = Path(td) / "src"
+        shutil.copytree(REPO_ROOT, src, symlinks=True, ignore=skip)
+        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest),
+                            str(src)], capture_output=True, text=True)
     wheels = sorted(dest.glob("edge_rag-*.whl"))
     if r.returncode != 0 or not wheels:
         raise UsageError(f"building the edge-rag wheel failed: {(r.stderr or r.stdout).strip()[-400:]}")

@@ -45,29 +45,30 @@ def sd_notify(message: str) -> bool:
         return False
 
 
-def health_ok(host: str, port: int, timeout: float = 5.0) -> bool:
+def health_ok(host: str, port: int, timeout: float = 5.0, api_key: str | None = None) -> bool:
     h = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
     url = f"http://[{h}]:{port}/health" if ":" in h else f"http://{h}:{port}/health"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status == 200 and json.loads(r.read()).get("status") == "ok"
     except (OSError, ValueError):
         return False
 
 
-def _watchdog(host: str, port: int, stop: threading.Event) -> None:
+def _watchdog(host: str, port: int, stop: threading.Event, api_key: str | None = None) -> None:
     """READY=1 once /health answers; then WATCHDOG=1 every WatchdogSec/3 while it does. A hung
     event loop stops the pings and systemd restarts the service."""
     usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
     period = max(1.0, usec / 3e6) if usec else 10.0
-    while not stop.is_set() and not health_ok(host, port, timeout=2.0):
+    while not stop.is_set() and not health_ok(host, port, timeout=2.0, api_key=api_key):
         stop.wait(0.5)
     if stop.is_set():
         return
     sd_notify(f"READY=1\nSTATUS=serving on {host}:{port}")
     log.info("ready: serving on http://%s:%d", host, port)
     while not stop.wait(period):
-        if usec and health_ok(host, port, timeout=max(1.0, period)):
+        if usec and health_ok(host, port, timeout=max(1.0, period), api_key=api_key):
             sd_notify("WATCHDOG=1")
 
 
@@ -79,7 +80,7 @@ def prepare_env(pack: Path) -> None:
 
 
 def run_service(pack: str | Path, *, host: str | None = None, port: int | None = None, threads: int | None = None,
-                chain: tuple[str, ...] | None = None) -> None:
+                chain: tuple[str, ...] | None = None, api_key: str | None = None, insecure: bool = False) -> None:
     """Verify, choose the backend, serve until SIGTERM (see the module docstring)."""
     from edge.deploy.firstboot import CHAIN, open_generator
 
@@ -93,7 +94,11 @@ def run_service(pack: str | Path, *, host: str | None = None, port: int | None =
     prepare_env(pack)
     from edge.cli.serve_cmd import _check_port
     from edge.runtime.embedder import Embedder
+    from edge.serve.guard import Limits, check_bind
 
+    warning = check_bind(host, api_key, insecure)  # the same rule as `edge-rag serve`
+    if warning:
+        log.warning("%s", warning)
     _check_port(host, port)
     emb = Embedder.from_bundle(pack / m["engines"]["embedder"], threads=threads)
     gen, choice = open_generator(pack / m["engines"]["generator"], chain=chain or CHAIN, threads=threads)
@@ -111,10 +116,11 @@ def run_service(pack: str | Path, *, host: str | None = None, port: int | None =
 
     from edge.serve.app import create_app
 
+    limits = Limits.for_generator(gen, api_key=api_key or None)
     stop = threading.Event()
-    threading.Thread(target=_watchdog, args=(host, port, stop), daemon=True).start()
+    threading.Thread(target=_watchdog, args=(host, port, stop, api_key), daemon=True).start()
     try:
-        uvicorn.run(create_app(rt), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.run(create_app(rt, limits), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     finally:
         stop.set()
         sd_notify("STOPPING=1")
