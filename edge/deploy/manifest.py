@@ -95,9 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) < 2 or args[0] != "verify":
         print("usage: python -m edge.deploy.manifest verify DIR [--skip PREFIX]...", file=sys.stderr)
         return 2
-    root, skip = args[1], tuple(a for i, a in enumerate(args[2:]) if i % 2 == 1 and args[2 + i - 1] == "--skip")
+    root, rest, skip = args[1], args[2:], []
+    while rest:
+        if rest[0] != "--skip" or len(rest) < 2:
+            print(f"unknown argument {rest[0]!r}", file=sys.stderr)
+            return 2
+        skip.append(rest[1])
+        rest = rest[2:]
     try:
-        m = verify_pack(root, skip=skip)
+        m = verify_pack(root, skip=tuple(skip))
     except PackError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
