@@ -240,6 +240,29 @@ def _upgrade_v1(d: dict[str, Any]) -> dict[str, Any]:
 # ---- writing -----------------------------------------------------------------------------------
 
 
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove `.OUT.partial-PID` / `.OUT.old-PID` folders left by a killed build of `out` (their
+    writer process is gone). Returns what was removed."""
+    out = Path(out)
+    gone: list[Path] = []
+    if not out.parent.is_dir():
+        return gone
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = p.name[len(out.name) + 2:].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its build is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p)
+    return gone
+
+
 class BundleWriter:
     """Write files into `<out>.partial-<pid>`, then `commit(manifest)` checksums and renames."""
 
@@ -249,6 +272,7 @@ class BundleWriter:
         self.out = Path(out)
         self.kind = kind
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+        remove_stale_partials(self.out)
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
