@@ -40,6 +40,11 @@ class BackendError(EdgeRagError):
     """A backend (onnxruntime, cuda, tensorrt) is unavailable or failed."""
 
 
+class StorageError(EdgeRagError):
+    """A write failed for lack of space or permission (full disk, read-only home, quota). What
+    was there before stays intact and serviceable; the message says what to free or change."""
+
+
 class ContextLengthError(UsageError):
     """A prompt does not fit the engine's context."""
 

@@ -23,8 +23,13 @@ class ChunkParams:
     overlap: int = 40
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 8 or not 0 <= self.overlap < self.max_tokens // 2 + 1:
-            raise ValueError(f"bad chunk params {self}: need max_tokens >= 8 and 0 <= overlap <= max_tokens/2")
+        from edge.errors import UsageError
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 8:
+            raise UsageError(f"chunk size {self.max_tokens!r} tokens is too small", fix="use --chunk-tokens 8 or more")
+        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or not 0 <= self.overlap <= self.max_tokens // 2:
+            raise UsageError(f"overlap {self.overlap!r} tokens does not fit chunks of {self.max_tokens}",
+                             fix=f"use --overlap from 0 to {self.max_tokens // 2} (half the chunk)")
 
 
 @dataclass
@@ -131,6 +136,11 @@ class Chunker:
                 continue
             section.extend(self._pieces(doc, block))
         flush_section()
+        if not chunks:  # headings only (a stub page, a file edited down to its title): keep them as text
+            path.clear()
+            for block in doc.blocks:
+                section.extend(self._pieces(doc, block))
+            flush_section()
         for i, c in enumerate(chunks):
             c.ordinal = i
         return chunks

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from edge.errors import IndexError_
+from edge.errors import EdgeRagError, IndexError_
 
 INDEX_NAME = "vectors.faiss"
 MAGIC = b"EDGERAG-FAISS\x01"
@@ -208,12 +208,21 @@ class VectorIndex:
         tmp = directory / f".{INDEX_NAME}.tmp-{os.getpid()}"
         data = faiss.serialize_index(self.index)  # uint8 [nbytes]
         head = json.dumps(self.header()).encode()
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + struct.pack("<I", len(head)) + head)
-            f.write(memoryview(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(MAGIC + struct.pack("<I", len(head)) + head)
+                f.write(memoryview(data))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            # NOTE: a full disk or a read-only folder must not leave a temp file behind (each
+            # later attempt would leave another); the previous file is untouched
+            _unlink_quietly(tmp)
+            raise storage_error(e, f"{path}: cannot write the vector index") from None
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
         _fsync_dir(directory)
         return path
 
@@ -241,6 +250,55 @@ class VectorIndex:
         except (OSError, ValueError, RuntimeError, struct.error, json.JSONDecodeError) as e:
             raise IndexError_(f"{path}: unreadable vector index ({e})", fix="re-ingest with --rebuild") from None
         return cls(idx, head["kind"], int(head["dim"]), int(head["generation"]), head["embedder_id"], head.get("params"))
+
+
+def _unlink_quietly(p: Path) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
+
+
+def storage_error(e: OSError, what: str):
+    """An OSError of a write as a one-line StorageError that says what to do."""
+    import errno
+
+    from edge.errors import StorageError
+
+    why = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free some space and run it again; the collection keeps serving what it had"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "make the folder writable or set EDGE_RAG_HOME to a writable one"
+    else:
+        fix = "check the disk"
+    return StorageError(f"{what} ({why})", fix=fix)
+
+
+def clean_stale_temp_files(directory: Path) -> int:
+    """Remove `.vectors.faiss.tmp-PID` files whose writer process is gone (a crash or a full
+    disk mid-write). Returns how many were removed; a read-only folder removes none."""
+    n = 0
+    for f in Path(directory).glob(f".{INDEX_NAME}.tmp-*"):
+        pid = f.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        try:
+            f.unlink()
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -280,6 +338,7 @@ def open_index(store, directory: Path, *, repair: bool = True, budget_bytes: int
     repaired by rebuilding from the stored vectors when `repair`, else refused."""
     directory = Path(directory)
     path = directory / INDEX_NAME
+    clean_stale_temp_files(directory)
     gen = store.generation
     emb = store.get_meta("embedder_id")
     dim = store.get_meta("dim")
@@ -308,7 +367,11 @@ def open_index(store, directory: Path, *, repair: bool = True, budget_bytes: int
                           fix="run `edge-rag ingest PATH` again to repair, or --rebuild")
     import logging
 
-    logging.getLogger("edge_rag").warning("%s: %s; rebuilding the index from the store", directory, problem)
+    log = logging.getLogger("edge_rag")
+    log.warning("%s: %s; rebuilding the index from the store", directory, problem)
     vi = rebuild_from(store.iter_vectors, store.count_chunks(), int(dim), emb, gen, budget_bytes)
-    vi.save(directory)
+    try:
+        vi.save(directory)
+    except EdgeRagError as e:  # a full disk or a read-only folder: serve the rebuilt index from memory
+        log.warning("%s; using the rebuilt index without saving it", e)
     return vi

@@ -18,6 +18,7 @@ import fcntl
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import time
 from contextlib import contextmanager
@@ -27,10 +28,10 @@ from typing import Protocol
 
 import numpy as np
 
-from edge.errors import IndexError_, UsageError
+from edge.errors import IndexError_, StorageError, UsageError
 from rag.chunk import ChunkParams, Chunker
-from rag.index import INDEX_NAME, VectorIndex, choose_index, open_index, rebuild_from
-from rag.loaders import LOADERS, LoadError, discover, file_sha256, load
+from rag.index import INDEX_NAME, VectorIndex, choose_index, open_index, rebuild_from, storage_error
+from rag.loaders import LOADERS, LoadError, file_sha256, load, scan
 from rag.store import NewChunk, Store
 
 log = logging.getLogger("edge_rag")
@@ -76,9 +77,7 @@ class IngestReport:
 def collection_dir(collection: str) -> Path:
     from edge.paths import index_dir
 
-    if not collection or "/" in collection or collection.startswith("."):
-        raise UsageError(f"bad collection name {collection!r}", fix="use letters, digits, '-' or '_'")
-    return index_dir(collection)
+    return index_dir(collection)  # checks the name
 
 
 @contextmanager
@@ -121,24 +120,35 @@ def _progress(enabled: bool):
 
 def ingest(path: str | Path, *, embedder: EmbedderLike, collection: str = "default", rebuild: bool = False,
            params: ChunkParams = ChunkParams(), progress: bool = True, memory_budget: int | None = None,
-           batch_size: int = 32, directory: Path | None = None, embedder_path: str | None = None) -> IngestReport:
+           batch_size: int = 32, directory: Path | None = None, embedder_path: str | None = None,
+           follow_links: bool = False) -> IngestReport:
     """Bring `collection` in line with the documents under `path`. See the module docstring."""
     t0 = time.perf_counter()
     root = Path(path).expanduser().resolve()
-    files = list(discover(root))  # raises UsageError for a missing path
-    unsupported = 0
-    if root.is_dir():
-        unsupported = sum(1 for p in root.rglob("*") if p.is_file() and p.suffix.lower() not in LOADERS
-                          and not any(x.startswith(".") for x in p.relative_to(root).parts))
+    found = scan(root, follow_links=follow_links)  # raises UsageError for a missing path
+    files, unsupported = found.files, found.unsupported
+    for p, why in found.refused:
+        log.warning("skipped %s: %s", _display_path(p, root), why)
     if not files:
         exts = ", ".join(sorted(LOADERS))
         raise UsageError(f"{root}: no documents to ingest ({unsupported} files of other types)",
                          fix=f"point at a folder holding {exts} files")
-    d = Path(directory) if directory else collection_dir(collection)
-    d.mkdir(parents=True, exist_ok=True)
-    with _ingest_lock(d), Store(d) as store:
-        return _ingest_locked(root, files, unsupported, store, d, embedder, collection, rebuild, params,
-                              progress, memory_budget, batch_size, t0, embedder_path)
+    try:
+        d = Path(directory) if directory else collection_dir(collection)
+        d.mkdir(parents=True, exist_ok=True)
+        with _ingest_lock(d), Store(d) as store:
+            rep = _ingest_locked(root, files, unsupported, store, d, embedder, collection, rebuild, params,
+                                 progress, memory_budget, batch_size, t0, embedder_path)
+    except OSError as e:  # a full disk, a read-only home: one line; nothing half-written is served
+        raise storage_error(e, f"cannot write collection '{collection}'") from None
+    except sqlite3.OperationalError as e:
+        if not _is_storage_failure(e):
+            raise
+        raise StorageError(f"cannot write collection '{collection}' ({e})",
+                           fix="free some space, or make EDGE_RAG_HOME writable, and run it again; "
+                               "the collection keeps serving its previous generation") from None
+    rep.skipped[:0] = [(_display_path(p, root), why) for p, why in found.refused]
+    return rep
 
 
 def _ingest_locked(root, files, unsupported, store: Store, d: Path, embedder: EmbedderLike, collection: str,
@@ -248,12 +258,22 @@ def _ingest_locked(root, files, unsupported, store: Store, d: Path, embedder: Em
         vi = base
     else:
         vi = rebuild_from(store.iter_vectors, n, int(embedder.dim), embedder.embedder_id, gen, memory_budget)
-    vi.save(d)
+    try:
+        vi.save(d)
+    except StorageError as e:
+        base = str(e)[: -len(f" ({e.fix})")] if e.fix else str(e)
+        raise StorageError(f"{base} after the documents were stored (generation {gen})",
+                           fix="free some space and ingest again; until then searches rebuild the index from the store") from None
     report.index_kind = vi.kind
     report.total_chunks = n
     report.total_documents = len(store.documents())
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _is_storage_failure(e: Exception) -> bool:
+    msg = str(e).lower()
+    return any(w in msg for w in ("disk is full", "disk i/o error", "readonly", "read-only", "unable to open database"))
 
 
 def _title(p: Path) -> str:

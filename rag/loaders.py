@@ -331,18 +331,113 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def discover(root: Path) -> Iterator[Path]:
-    """Files under `root` (or `root` itself) whose extension has a loader; hidden entries skipped.
-    Raises UsageError when the path does not exist."""
+@dataclass
+class Scan:
+    """What a folder holds for ingestion: loadable files, files refused (path, reason) and the
+    number of files of other types."""
+
+    files: list[Path] = field(default_factory=list)
+    refused: list[tuple[Path, str]] = field(default_factory=list)
+    unsupported: int = 0
+
+
+LINK_HINT = "symbolic link (ingest with --follow-links to include links that stay inside the folder)"
+
+
+def _inside(p: Path, root: Path) -> bool:
+    try:
+        p.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _refusal(p: Path, real_root: Path, follow_links: bool) -> str | None:
+    """Why `p` must not be read, or None. Links never lead outside the ingested folder; devices,
+    FIFOs and sockets are never read (a FIFO would block the ingest forever); a regular file with
+    other hard links may be another file's alias (e.g. under /etc), refused unless --follow-links."""
+    import stat
+
+    try:
+        str(p).encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8 (rename the file)"
+    try:
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            if not follow_links:
+                return LINK_HINT
+            target = p.resolve()
+            if not _inside(target, real_root):
+                return "symbolic link to a file outside the ingested folder (refused, even with --follow-links)"
+            st = target.stat()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        return f"unreadable ({getattr(e, 'strerror', None) or e})"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (device, FIFO or socket)"
+    if st.st_nlink > 1 and not follow_links:
+        return "hard link to a file with other names (ingest with --follow-links to include it)"
+    return None
+
+
+def scan(root: Path, *, follow_links: bool = False) -> Scan:
+    """The loadable files under `root` (or `root` itself), hidden entries skipped, links and
+    special files refused as `_refusal` says. Raises UsageError when the path does not exist."""
+    import os
+
     root = Path(root).expanduser()
     if not root.exists():
         raise UsageError(f"{root}: no such file or folder", fix="give a folder of documents")
-    if root.is_file():
-        yield root
-        return
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
+    out = Scan()
+    real_root = root.resolve()
+    if not root.is_dir():
+        why = _refusal(real_root, real_root.parent, True)  # the user named it: only special files are refused
+        if why and not why.startswith(("symbolic", "hard link")):
+            raise UsageError(f"{root}: {why}", fix="give a folder of documents or a document file")
+        out.files.append(root)
+        return out
+    seen_dirs: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_links):
+        d = Path(dirpath)
+        try:
+            st = d.stat()
+            if (st.st_dev, st.st_ino) in seen_dirs:  # a link loop back into the tree
+                dirnames[:] = []
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+        except OSError:
             continue
-        if p.is_file() and p.suffix.lower() in LOADERS:
-            yield p
+        keep = []
+        for name in sorted(dirnames):
+            if name.startswith("."):
+                continue
+            p = d / name
+            if p.is_symlink():
+                if not follow_links:
+                    out.refused.append((p, LINK_HINT))
+                    continue
+                if not _inside(p.resolve(), real_root):
+                    out.refused.append((p, "symbolic link to a folder outside the ingested folder (refused, even with --follow-links)"))
+                    continue
+            keep.append(name)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            p = d / name
+            if p.suffix.lower() not in LOADERS:
+                out.unsupported += 1
+                continue
+            why = _refusal(p, real_root, follow_links)
+            if why:
+                out.refused.append((p, why))
+            else:
+                out.files.append(p)
+    out.files.sort()
+    return out
+
+
+def discover(root: Path, *, follow_links: bool = False) -> Iterator[Path]:
+    """Files under `root` (or `root` itself) whose extension has a loader; hidden entries, links
+    and special files skipped (see `scan`). Raises UsageError when the path does not exist."""
+    yield from scan(root, follow_links=follow_links).files

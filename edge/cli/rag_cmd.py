@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from edge.cli.app import app
 
@@ -70,14 +71,20 @@ def ingest(
                                                 help="Memory budget for the vector index (e.g. 64MB): picks flat/HNSW/IVF-PQ"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
+    follow_links: bool = typer.Option(False, "--follow-links",
+                                      help="Include symbolic and hard links (links leading outside PATH are refused anyway)"),
 ) -> None:
-    """Index documents: only changed files are embedded again; deleted files are dropped."""
+    """Index documents: only changed files are embedded again; deleted files are dropped.
+    Symbolic links, hard links and special files are skipped unless --follow-links."""
     import logging
 
+    from edge.paths import check_collection_name
     from rag.chunk import ChunkParams
     from rag.ingest import ingest as run_ingest
 
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    check_collection_name(collection)
+    params = ChunkParams(max_tokens, overlap)  # bad sizes fail before any engine loads
     budget = None
     if index_memory:
         from edge.profiles import parse_size
@@ -86,22 +93,24 @@ def ingest(
     # re-ingesting keeps the collection's embedder; --rebuild without --embedder goes back to the default
     emb, emb_path = _embedder(embedder, None if rebuild else collection)
     rep = run_ingest(path, embedder=emb, collection=collection, rebuild=rebuild, progress=not quiet and not as_json,
-                     params=ChunkParams(max_tokens, overlap), embedder_path=str(emb_path.resolve()),
-                     memory_budget=budget)
+                     params=params, embedder_path=str(emb_path.resolve()),
+                     memory_budget=budget, follow_links=follow_links)
     if as_json:
         _echo_json(rep.to_dict())
         return
     from rich.console import Console
 
+    from edge.textsafe import printable
+
     con = Console(stderr=False)
-    con.print(f"collection [bold]{rep.collection}[/] generation {rep.generation}: {rep.total_documents} documents, "
+    con.print(f"collection [bold]{escape(rep.collection)}[/] generation {rep.generation}: {rep.total_documents} documents, "
               f"{rep.total_chunks} chunks, {rep.index_kind} index")
     con.print(f"  added {len(rep.added)}, updated {len(rep.updated)}, removed {len(rep.removed)}, "
               f"unchanged {rep.unchanged}; {rep.chunks_added} chunks embedded in {rep.embed_seconds:.1f} s")
     if rep.skipped:
         con.print(f"  [yellow]skipped {len(rep.skipped)} file(s):[/]")
         for p, why in rep.skipped:
-            con.print(f"    {p}: {why}", markup=False, highlight=False)
+            con.print(f"    {printable(p)}: {printable(why)}", markup=False, highlight=False)
     if rep.unsupported:
         con.print(f"  ignored {rep.unsupported} file(s) of unsupported types")
 
@@ -128,6 +137,8 @@ def search(
         return
     from rich.console import Console
 
+    from edge.textsafe import for_terminal, printable
+
     con = Console()
     if not res.hits:
         con.print("no passages found")
@@ -138,11 +149,11 @@ def search(
             extra.append(f"cos {h.vector_score:.3f}")
         if h.keyword_score is not None:
             extra.append(f"bm25 {h.keyword_score:.2f}")
-        con.print(f"[bold][{i}][/] {c.path}, {c.location()}  score {h.score:.4f} ({', '.join(extra) or '-'})",
+        con.print(f"[bold][{i}][/] {escape(printable(c.path))}, {c.location()}  score {h.score:.4f} ({', '.join(extra) or '-'})",
                   highlight=False)
         if c.heading:
-            con.print(f"    [dim]{c.heading}[/]", highlight=False)
-        snippet = " ".join(c.text.split())
+            con.print(f"    [dim]{escape(for_terminal(c.heading))}[/]", highlight=False)
+        snippet = " ".join(for_terminal(c.text).split())
         con.print(f"    {snippet[:300]}{'...' if len(snippet) > 300 else ''}", markup=False, highlight=False)
     if not res.relevant:
         con.print("[yellow]nothing here looks relevant to the query[/]")
@@ -172,8 +183,10 @@ def ask(
     rt = EdgeRuntime(collection, embedder=emb, generator_path=engine, backend=backend, progress=not as_json)
     t_loaded = time.perf_counter()
 
+    from edge.textsafe import for_terminal
+
     def out(piece: str) -> None:
-        sys.stdout.write(piece)
+        sys.stdout.write(for_terminal(piece))  # the model may echo a document's escape sequences
         sys.stdout.flush()
 
     with rt:
@@ -188,7 +201,7 @@ def ask(
         from rag.ask import format_sources
 
         sys.stdout.write("\n")
-        src = format_sources(ans)
+        src = for_terminal(format_sources(ans))
         if src:
             sys.stdout.write("\n" + src + "\n")
         t = ans.timings

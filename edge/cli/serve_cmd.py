@@ -58,6 +58,9 @@ def serve(
 
     from edge.cli.generate_cmd import _generator
 
+    from edge.paths import check_collection_name
+
+    check_collection_name(collection)
     warning = check_bind(host, api_key, insecure)
     asked = {"max_body_bytes": int(parse_size(max_body)), "max_tokens": max_tokens, "max_embed_inputs": max_embed_inputs,
              "max_embed_chars": max_embed_chars, "deadline_s": deadline, "api_key": api_key or None}
