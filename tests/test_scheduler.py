@@ -125,17 +125,26 @@ def test_contiguous_layout_copies_a_prefix_from_another_region():
 def test_token_budget_and_prompt_pieces_every_step():
     be = FakeBackend(num_blocks=64, max_seqs=4)
     be.gate.clear()
-    with Engine(be, eos_ids=(), token_budget=16, prefill_chunk=8) as e:
-        streams = [e.submit(list(range(i, i + 30)), greedy(5), detokenize=False) for i in range(4)]
+    with Engine(be, eos_ids=(), token_budget=16, prefill_chunk=8, mixed_prefill=4) as e:
+        streams = [e.submit([(i + j) % V for j in range(30)], greedy(5), detokenize=False) for i in range(4)]
         be.gate.set()
         for s in streams:
             list(s)
+        late = e.submit([7] * 30, greedy(3), detokenize=False)  # arrives while none decode
+        list(late)
+    mixed = 0
     for b in be.batches:
         assert b.num_tokens <= 16
-        for r in range(b.num_rows):  # every prompt piece ends on a multiple of 8 or at the prompt's end
-            end = int(b.seq_lens[r])
-            assert b.num_new(r) == 1 or end % 8 == 0 or b.logits_rows[r] == 1
+        decoding = any(b.num_new(r) == 1 and b.seq_lens[r] > 30 for r in range(b.num_rows))
+        for r in range(b.num_rows):
+            n, end = b.num_new(r), int(b.seq_lens[r])
+            if end <= 30:  # a prompt piece: ends on a block boundary (4) or at the prompt's end
+                assert end % 4 == 0 or end == 30
+                assert n <= (4 if decoding else 8)
+                mixed += decoding and n > 1
+    assert mixed > 0  # prompts did share steps with decoding rows
     assert max(b.num_rows for b in be.batches) == 4  # they did run together
+    assert [b.num_new(0) for b in be.batches[-6:-3]] == [8, 8, 8]  # alone: whole chunks
 
 
 def test_concurrent_requests_equal_each_alone_paged_and_contiguous():

@@ -87,7 +87,8 @@ class Engine:
     """In-flight batching over one backend (edge.runtime.session.EngineBackend)."""
 
     def __init__(self, backend, tokenizer=None, *, eos_ids=None, max_seqs: int | None = None,
-                 token_budget: int = TOKEN_BUDGET, prefill_chunk: int | None = None, prefix_cache: bool = True):
+                 token_budget: int = TOKEN_BUDGET, prefill_chunk: int | None = None, mixed_prefill: int | None = None,
+                 prefix_cache: bool = True):
         caps = backend.caps
         self.backend = backend
         self.caps = caps
@@ -99,7 +100,9 @@ class Engine:
                                layout=caps.kv_layout, max_seqs=max_seqs, prefix_cache=prefix_cache and caps.prefix_cache)
         budget = max(token_budget, max_seqs + 1)
         self.scheduler = Scheduler(self.kv, max_seqs=max_seqs, token_budget=budget,
-                                   prefill_chunk=prefill_chunk or budget, device_sampling=caps.device_sampling)
+                                   prefill_chunk=prefill_chunk or caps.prefill_chunk or budget,
+                                   mixed_prefill=mixed_prefill or caps.mixed_prefill or None,
+                                   device_sampling=caps.device_sampling)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -191,7 +194,9 @@ class Engine:
             t0 = time.perf_counter()
             try:
                 step = sch.schedule()
-                if step is not None:
+                if step is None:  # running requests waiting on the budget: never expected; do not spin
+                    time.sleep(0.001)
+                else:
                     if self._greedy_stream_ok(step):
                         self._run_greedy_stream(step)
                     else:

@@ -112,9 +112,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.bundle = bundle
         self.stats = GenerationStats()
-        caps = session.caps
-        self.engine = Engine(session, tokenizer, eos_ids=tokenizer.eos_token_ids,
-                             prefill_chunk=caps.prefill_chunk or None, prefix_cache=prefix_cache)
+        self.engine = Engine(session, tokenizer, eos_ids=tokenizer.eos_token_ids, prefix_cache=prefix_cache)
 
     @classmethod
     def from_bundle(cls, path: str | Path, *, backend: str = "auto", threads: int | None = None,

@@ -24,6 +24,8 @@ from edge.errors import BackendError, ContextLengthError, UsageError
 from edge.runtime.step import BackendCaps, StepBatch, StepOutput
 
 KV_BLOCK = 32  # engine KV block (tokens): the prefix cache's granularity on this backend
+MIXED_PREFILL = 32  # prompt tokens per step while other sequences decode: on 2 cores a decode step of
+# 8 rows costs about as much as 32-48 prompt tokens, so a long prompt at most ~doubles their token gaps
 PREFILL_CHUNK = 128  # prompt tokens per ORT call: bounds activation memory (~0.1 MB per token
 # for SmolLM2-135M) while keeping GEMMs large enough to run at full speed
 
@@ -311,7 +313,8 @@ class OrtDecoderSession:
         return BackendCaps(num_blocks=self.max_batch * bps, block_size=KV_BLOCK, max_seqs=self.max_batch,
                            max_context=self.max_context, vocab_size=self.vocab_size, kv_layout="contiguous",
                            device_sampling=False, mixed_rows=True, greedy_stream=False,
-                           prefill_chunk=self.prefill_chunk, kv_dtype=str(self.k[0].dtype), kv_bytes=kv_bytes)
+                           prefill_chunk=self.prefill_chunk, mixed_prefill=min(self.prefill_chunk, MIXED_PREFILL),
+                           kv_dtype=str(self.k[0].dtype), kv_bytes=kv_bytes)
 
     def _row_of(self, block: int) -> tuple[int, int]:
         """(batch slot, first cache row) of an engine block in the contiguous layout."""

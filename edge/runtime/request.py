@@ -84,7 +84,7 @@ class StopMatcher:
         return out
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's `in` / remove() must not compare every field
 class Request:
     request_id: int
     prompt_ids: list[int]

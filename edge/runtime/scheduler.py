@@ -7,12 +7,15 @@ takes what the prefix cache already holds. When a running request's next token f
 block, the newest running request is preempted: its blocks are freed (full ones stay in the prefix
 cache) and it goes back to the front of the queue, to be recomputed from its tokens so far.
 
-Prompt pieces end on multiples of `prefill_chunk`, so a prompt is cut the same way alone or next
-to others (the numbers a backend computes for a row do not depend on what else is in the step).
+Prompt pieces: at most `prefill_chunk` tokens, or `mixed_prefill` while other requests are
+decoding in the same step (a long prompt arriving then costs each decoding request a bounded
+delay per token instead of a whole chunk's), and every piece but a prompt's last ends on a multiple
+of `align` (the KV block size), so where a prompt is cut depends little on what else runs.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,16 +34,20 @@ class ScheduledStep:
     preempted: list[Request] = field(default_factory=list)
 
 
-def prompt_piece(req: Request, budget: int, chunk: int) -> int:
-    """Tokens of the request's not-yet-computed known tokens to run now: up to the next multiple
-    of `chunk`, and only when the whole piece fits the budget (0 = wait a step)."""
-    left = req.num_tokens - req.num_computed
-    piece = min(left, chunk - req.num_computed % chunk)
-    return piece if piece <= budget else 0
+def prompt_piece(req: Request, budget: int, chunk: int, align: int) -> int:
+    """Tokens of the request's not-yet-computed known tokens to run now: at most `chunk` and
+    `budget`, ending on a multiple of `align` unless it reaches the last known token (0 = wait)."""
+    c = req.num_computed
+    left = req.num_tokens - c
+    piece = min(left, chunk, budget)
+    if piece < left:
+        piece -= (c + piece) % align
+    return max(piece, 0)
 
 
 class Scheduler:
-    def __init__(self, kv: BlockManager, *, max_seqs: int, token_budget: int, prefill_chunk: int, device_sampling: bool = False):
+    def __init__(self, kv: BlockManager, *, max_seqs: int, token_budget: int, prefill_chunk: int,
+                 mixed_prefill: int | None = None, device_sampling: bool = False):
         if token_budget < max_seqs + 1 or prefill_chunk < 1:
             raise ValueError("token_budget must exceed max_seqs and prefill_chunk be >= 1")
         self.kv = kv
@@ -48,6 +55,9 @@ class Scheduler:
         self.max_seqs = max_seqs
         self.token_budget = token_budget
         self.prefill_chunk = min(prefill_chunk, token_budget - max_seqs + 1)
+        self.mixed_prefill = min(mixed_prefill or self.prefill_chunk, self.prefill_chunk)
+        # cut points on KV block boundaries (a prefix hit starts on one), or finer when a piece is smaller
+        self.align = math.gcd(kv.block_size, self.mixed_prefill, self.prefill_chunk)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -75,10 +85,12 @@ class Scheduler:
         budget = self.token_budget
         rows: list[tuple[Request, int]] = []
         preempted: list[Request] = []
+        decoding = any(r.num_tokens - r.num_computed == 1 for r in self.running)
+        chunk = self.mixed_prefill if decoding else self.prefill_chunk
         for req in list(self.running):
             if req not in self.running:  # preempted by an earlier row of this step
                 continue
-            n = prompt_piece(req, budget - (len(self.running) - len(rows) - 1), self.prefill_chunk)
+            n = prompt_piece(req, budget - (len(self.running) - len(rows) - 1), chunk, self.align)
             if n == 0:
                 continue
             while not self.kv.grow(req.request_id, req.num_computed + n):
@@ -90,13 +102,15 @@ class Scheduler:
             if req in self.running:
                 rows.append((req, n))
                 budget -= n
+        if rows:  # a step with running rows: admitted prompts share it as mixed pieces
+            chunk = self.mixed_prefill
         while self.waiting and not preempted and len(self.running) < self.max_seqs and budget > 0:
             req = self.waiting[0]
             hit = self.kv.admit(req.request_id, req.block_hashes(self.kv.block_size), req.num_tokens)
             if hit is None:
                 break
             req.num_computed = hit
-            n = prompt_piece(req, budget, self.prefill_chunk)
+            n = prompt_piece(req, budget, chunk, self.align)
             if n == 0 or not self.kv.grow(req.request_id, req.num_computed + n):
                 self.kv.free(req.request_id)
                 req.num_computed = 0
@@ -113,6 +127,7 @@ class Scheduler:
             self.running.append(req)
             rows.append((req, n))
             budget -= n
+            chunk = self.mixed_prefill
         if not rows:
             return None
         return ScheduledStep(rows, self._batch(rows), preempted)

@@ -114,7 +114,8 @@ class BackendCaps:
     mixed_rows: bool = True  # prefill chunks and decode rows in one step
     greedy_stream: bool = False  # has run_greedy(): a host-free stream for one greedy sequence
     prefix_cache: bool = True  # can start a row after cached blocks (else every sequence starts at 0)
-    prefill_chunk: int = 0  # prompt pieces end on multiples of this (0: no preference)
+    prefill_chunk: int = 0  # largest prompt piece per row and step (0: the token budget)
+    mixed_prefill: int = 0  # ... while other rows decode in the same step (bounds their inter-token latency)
     kv_dtype: str = "float32"
     kv_bytes: int = 0  # bytes the backend allocated for the KV cache (planned vs allocated)
 
