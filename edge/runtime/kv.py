@@ -184,10 +184,10 @@ class BlockManager:
     def grow(self, seq_id: int, length: int) -> bool:
         """Reserve slots so the sequence holds `length` tokens; False (nothing changed) when the
         pool has too few free blocks. Raises past max_context."""
-        s = self._seq(seq_id)
+        s = self._seqs.get(seq_id) or self._seq(seq_id)
         if length > self.max_context:
             raise BackendError(f"sequence {seq_id}: {length} tokens exceed the context of {self.max_context}")
-        need = blocks_for(length, self.block_size) - len(s.blocks)
+        need = -(-length // self.block_size) - len(s.blocks)
         if need <= 0:
             s.length = max(s.length, length)
             return True
@@ -258,6 +258,10 @@ class BlockManager:
 
     def length(self, seq_id: int) -> int:
         return self._seq(seq_id).length
+
+    def blocks_of(self, seq_id: int) -> list[int]:
+        """The sequence's block table itself (read-only: the step builder copies it out)."""
+        return (self._seqs.get(seq_id) or self._seq(seq_id)).blocks
 
     def slots(self, seq_id: int, start: int = 0, stop: int | None = None) -> list[int]:
         """Slots of positions [start, stop)."""

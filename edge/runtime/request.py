@@ -117,7 +117,12 @@ class Request:
         return self.prompt_ids[i] if i < n else self.output_ids[i - n]
 
     def tokens(self, start: int, stop: int) -> list[int]:
-        return (self.prompt_ids + self.output_ids)[start:stop] if stop > len(self.prompt_ids) else self.prompt_ids[start:stop]
+        n = len(self.prompt_ids)
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        if start >= n:  # decode rows: no copy of the prompt
+            return self.output_ids[start - n:stop - n]
+        return self.prompt_ids[start:] + self.output_ids[:stop - n]
 
     def block_hashes(self, block_size: int) -> list[int]:
         """Hashes of the full blocks of prompt + output (extended incrementally)."""

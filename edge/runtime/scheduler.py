@@ -15,6 +15,7 @@ of `align` (the KV block size), so where a prompt is cut depends little on what 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -39,6 +40,8 @@ def prompt_piece(req: Request, budget: int, chunk: int, align: int) -> int:
     `budget`, ending on a multiple of `align` unless it reaches the last known token (0 = wait)."""
     c = req.num_computed
     left = req.num_tokens - c
+    if left == 1:  # a decode row
+        return 1 if budget >= 1 else 0
     piece = min(left, chunk, budget)
     if piece < left:
         piece -= (c + piece) % align
@@ -149,7 +152,9 @@ class Scheduler:
             if req.finished:  # aborted while the step ran
                 continue
             req.num_computed += n
-            self.kv.cache_full_blocks(req.request_id, req.block_hashes(self.kv.block_size), req.num_computed)
+            bs = self.kv.block_size
+            if req.num_computed % bs < n:  # a block filled up: findable by the next prompts
+                self.kv.cache_full_blocks(req.request_id, req.block_hashes(bs), req.num_computed)
             if req.num_computed < req.num_tokens or tok is None:
                 continue  # a prompt piece that is not the last
             out.append((req, req.append(int(tok))))
@@ -169,35 +174,39 @@ class Scheduler:
 
     # ---- the flat batch -------------------------------------------------------------------------
     def _batch(self, rows: list[tuple[Request, int]]) -> StepBatch:
+        """The flat StepBatch of `rows` (block tables as wide as the longest row needs). Built
+        from Python lists converted once per field: per-element numpy writes cost more than the
+        step on a GPU at 64 rows."""
         bs = self.kv.block_size
         r = len(rows)
-        t = sum(n for _, n in rows)
-        ids = np.empty(t, I32)
-        pos = np.empty(t, I32)
-        slots = np.empty(t, I32)
-        qs = np.zeros(r + 1, I32)
-        lens = np.empty(r, I32)
-        tables = np.full((r, self.kv.blocks_per_seq), -1, I32)
-        logits = np.zeros(r, I32)
-        temp, top_p, u = np.zeros(r, F32), np.ones(r, F32), np.zeros(r, F32)
-        top_k, host = np.zeros(r, I32), np.zeros(r, I32)
-        o = 0
-        for i, (req, n) in enumerate(rows):
+        tables = [self.kv.blocks_of(req.request_id) for req, _ in rows]
+        ids, pos, slots, qs, lens = [], [], [], [0], []
+        logits, temp, top_p, top_k, host, u = [], [], [], [], [], []
+        for (req, n), table in zip(rows, tables):
             c = req.num_computed
-            ids[o:o + n] = req.tokens(c, c + n)
-            pos[o:o + n] = np.arange(c, c + n)
-            slots[o:o + n] = self.kv.slots(req.request_id, c, c + n)
-            o += n
-            qs[i + 1] = o
-            lens[i] = c + n
-            table = self.kv.table(req.request_id)
-            tables[i, :len(table)] = table
-            if c + n == req.num_tokens:
-                logits[i] = 1
-                p = req.params
-                temp[i], top_p[i], top_k[i] = p.temperature, p.top_p, p.top_k
-                host[i] = int(req.host_sampled)
-                if self.device_sampling and not host[i]:
-                    u[i] = req.uniform()
+            if n == 1:
+                ids.append(req.token(c))
+                pos.append(c)
+                slots.append(table[c // bs] * bs + c % bs)
+            else:
+                ids += req.tokens(c, c + n)
+                pos += range(c, c + n)
+                slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
+            qs.append(len(ids))
+            lens.append(c + n)
+            last = c + n == req.num_tokens
+            sp = req.params
+            hs = last and req.host_sampled
+            logits.append(last)
+            temp.append(sp.temperature if last else 0.0)
+            top_p.append(sp.top_p if last else 1.0)
+            top_k.append(sp.top_k if last else 0)
+            host.append(hs)
+            u.append(req.uniform() if last and self.device_sampling and not hs else 0.0)
+        nb = [len(tb) for tb in tables]
+        bt = np.full((r, max(nb)), -1, I32)
+        bt[np.arange(bt.shape[1]) < np.asarray(nb)[:, None]] = list(itertools.chain.from_iterable(tables))
         copies = np.asarray(self.kv.copies(), I32).reshape(-1, 2)
-        return StepBatch(bs, ids, pos, slots, qs, lens, tables, logits, temp, top_p, top_k, u, host, copies)
+        a = np.asarray
+        return StepBatch(bs, a(ids, I32), a(pos, I32), a(slots, I32), a(qs, I32), a(lens, I32), bt, a(logits, I32),
+                         a(temp, F32), a(top_p, F32), a(top_k, I32), a(u, F32), a(host, I32), copies)
