@@ -153,7 +153,7 @@ made {meta['created']} by edge-rag {meta['edge_rag']}.
 Install (no network needed):   sudo ./install.sh          (into {meta['prefix']}, enables {UNIT_NAME})
 Without systemd:               ./install.sh --prefix DIR --no-systemd
 Then:                          curl localhost:{meta['port']}/health
-                               curl localhost:{meta['port']}/v1/ask -d '{{"question": "..."}}'
+                               curl localhost:{meta['port']}/v1/ask -H 'content-type: application/json' -d '{{"question": "..."}}'
 Logs:                          journalctl -u edge-rag -f
 Every file is listed with its sha256 in pack.json; install.sh and every service start check them
 and refuse a corrupted or modified file by name.

@@ -145,7 +145,8 @@ class Guard:
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if ctype != b"application/json":
             shown = ctype.decode("latin-1") or "none"
-            return await _respond(send, 415, f"Content-Type must be application/json (got {shown})",
+            return await _respond(send, 415, f"Content-Type must be application/json (got {shown}; "
+                                  f"with curl: -H 'Content-Type: application/json')",
                                   code="unsupported_media_type")
         limit = self.limits.max_body_bytes
         declared = headers.get(b"content-length")
