@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 141
     except SystemExit as e:
+        if isinstance(e.code, str):
+            print(f"error: {_one_line(e.code)}", file=sys.stderr)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except usage as e:  # unknown command or option, a value of the wrong type
         if debug:
