@@ -4,6 +4,7 @@
 #   pack -> copy into a fresh dir -> install.sh with pip's network disabled -> `edge-rag service`
 #   -> /health, /v1/ask, /metrics answer -> a corrupted file is refused by name.
 #   usage: EDGE_RAG_HOME=/tmp/erh jetson/host_flow.sh [WORKDIR]    (needs PyPI for the pack step only)
+#          ENGINE=path/to/generator-bundle to pack another generator than the default
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${1:-$(mktemp -d /tmp/edge-rag-flow.XXXXXX)}"
@@ -16,7 +17,7 @@ say "collection: ingest examples/manuals (default embedder; built on first use)"
 "$EDGE" ingest "$ROOT/examples/manuals" >/dev/null
 say "pack (host target; default engines built on first use)"
 t0=$(date +%s)
-"$EDGE" pack --profile orin-nano-8gb --target host --prefix "$WORK/opt/edge-rag" --port "$PORT" --out "$WORK/robot.tar"
+"$EDGE" pack --profile orin-nano-8gb ${ENGINE:+--engine "$ENGINE"} --target host --prefix "$WORK/opt/edge-rag" --port "$PORT" --out "$WORK/robot.tar"
 echo "pack took $(( $(date +%s) - t0 )) s"
 
 say "copy into a fresh dir and unpack"
