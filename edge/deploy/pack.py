@@ -90,7 +90,8 @@ def copy_collection(src: Path, dst: Path) -> None:
     read-only open needs no -wal/-shm files beside it; the index files as they are."""
     dst.mkdir(parents=True)
     for f in sorted(src.iterdir()):
-        if f.is_file() and not f.name.endswith(("-wal", "-shm", "-journal")) and f.suffix != ".sqlite":
+        if (f.is_file() and not f.name.startswith(".")  # .ingest.lock
+                and not f.name.endswith(("-wal", "-shm", "-journal")) and f.suffix != ".sqlite"):
             shutil.copy2(f, dst / f.name)
     for db in sorted(src.glob("*.sqlite")):
         s = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
