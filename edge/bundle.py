@@ -237,6 +237,32 @@ def _upgrade_v1(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+# ---- the weights file --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's raw little-endian bytes lie in a safetensors file."""
+
+    location: str  # file name, relative to the bundle
+    offset: int
+    nbytes: int
+    dtype: str  # safetensors dtype: F32, F16, I8, U8, ...
+    shape: tuple[int, ...]
+
+
+def weights_index(path: Path) -> dict[str, StoredTensor]:
+    """name -> StoredTensor for every tensor of a safetensors file (reads the header only)."""
+    import struct
+
+    with open(path, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(hlen))
+    base = 8 + hlen
+    return {n: StoredTensor(Path(path).name, base + m["data_offsets"][0], m["data_offsets"][1] - m["data_offsets"][0], m["dtype"], tuple(m["shape"]))
+            for n, m in header.items() if n != "__metadata__"}
+
+
 # ---- writing -----------------------------------------------------------------------------------
 
 
@@ -284,10 +310,13 @@ class BundleWriter:
     def add_file(self, name: str, src: Path) -> None:
         shutil.copyfile(src, self.tmp / name)
 
-    def write_weights(self, tensors: dict[str, Any], name: str = "weights.safetensors") -> None:
+    def write_weights(self, tensors: dict[str, Any], name: str = "weights.safetensors") -> dict[str, "StoredTensor"]:
+        """Write the weights file; returns where each tensor's bytes lie in it (graphs built after
+        this reference them as external data instead of holding a copy)."""
         from safetensors.numpy import save_file
 
         save_file(tensors, str(self.tmp / name))
+        return weights_index(self.tmp / name)
 
     def commit(self, manifest: Manifest) -> Path:
         """Checksum every file, write manifest.json last, swap the bundle into place."""

@@ -199,9 +199,10 @@ def make_tiny_bundle(out: Path, model, recipe: str = "fp32", *, group_size: int 
     weights = bundle_weights(model, recipe, group_size)
     quant = Quant(recipe=recipe, group_size=group_size if recipe == "int4" else 0, method="rtn" if recipe in ("int4", "int8") else "none")
     w = BundleWriter(Path(out), "generator")
-    for form in forms:
-        build_decoder_onnx(spec, weights, quant, w.tmp, form, accuracy_level=accuracy_level)
-    w.write_weights(weights)
+    stored = w.write_weights(weights)
+    for form in forms:  # as the builder does: the ORT form references the weights file
+        build_decoder_onnx(spec, weights, quant, w.tmp, form, accuracy_level=accuracy_level, max_context=max_context,
+                           stored=stored if form == "ort" else None)
     with tempfile.TemporaryDirectory() as td:
         make_tokenizer_files(Path(td))
         for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -268,3 +269,50 @@ def make_tiny_embedder_bundle(out: Path, *, pooling: str = "mean", normalize: bo
 
     st = make_tiny_st(Path(out).parent / f".{Path(out).name}-st", pooling, normalize, seed=seed)
     return build_embedder_bundle(st, Path(out), progress=False)
+
+
+def greedy_decode(path, spec, form: str, prompt: np.ndarray, n: int, ctx: int) -> list[int]:
+    """Greedy tokens from a decoder graph (form "ort" | "trt"), one session, KV cache carried step
+    to step (the ORT form's buffers hold `ctx` positions)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if form == "trt":
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in s.get_outputs()]
+    past = 0 if form == "trt" else ctx
+    kv = {f"past_key_values.{i}.{t}": np.zeros((1, spec.n_kv_heads, past, spec.head_dim), np.float32)
+          for i in range(spec.n_layers) for t in ("key", "value")}
+    out_ids, chunk, pos = [], np.asarray(prompt), 0
+    for _ in range(n):
+        m = len(chunk)
+        if form == "ort":
+            feeds = {"input_ids": chunk[None], "seqlens_k": np.array([pos + m - 1], np.int32), "total_sequence_length": np.array(pos + m, np.int32)}
+        else:
+            feeds = {"input_ids": chunk[None], "position_ids": np.arange(pos, pos + m)[None], "attention_mask": np.ones((1, pos + m), np.int64)}
+        out = dict(zip(names, s.run(None, {**feeds, **kv})))
+        kv = {k: out[k.replace("past_key_values", "present")] for k in kv}
+        pos += m
+        nxt = int(np.argmax(out["logits"][0]))
+        out_ids.append(nxt)
+        chunk = np.array([nxt])
+    return out_ids
+
+
+def logits_ort(path, spec, ids: np.ndarray, n_prefill: int, ctx: int) -> np.ndarray:
+    """ORT-form logits: prefill ids[:n_prefill], then decode the rest one by one -> [T - n_prefill + 1, V]."""
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in s.get_outputs()]
+    kv = {f"past_key_values.{i}.{t}": np.zeros((1, spec.n_kv_heads, ctx, spec.head_dim), np.float32)
+          for i in range(spec.n_layers) for t in ("key", "value")}
+    got, pos = [], 0
+    for chunk in [ids[:n_prefill]] + [ids[t:t + 1] for t in range(n_prefill, len(ids))]:
+        pos += len(chunk)
+        out = dict(zip(names, s.run(None, {"input_ids": chunk[None], "seqlens_k": np.array([pos - 1], np.int32),
+                                          "total_sequence_length": np.array(pos, np.int32), **kv})))
+        kv = {k: out[k.replace("past_key_values", "present")] for k in kv}
+        got.append(out["logits"][0])
+    return np.stack(got)

@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 
-from helpers_tiny import SLIDING_WINDOW, bundle_weights, hf_spec, tiny_hf_model
+from helpers_tiny import SLIDING_WINDOW, bundle_weights, greedy_decode, hf_spec, tiny_hf_model
 from test_onnx_decoder import CTX, assert_close, reference_logits, run_ort_form, run_trt_form
 
 from edge.build.onnx_decoder import build_decoder_onnx
@@ -70,36 +70,8 @@ def test_fp32_logits_and_greedy_tokens_match_transformers(model, form, tmp_path)
         want = model.generate(torch.from_numpy(prompt[None]), max_new_tokens=N_GREEDY, do_sample=False, min_new_tokens=N_GREEDY,
                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     assert len(prompt) + N_GREEDY <= CTX
-    got_tokens = _greedy_decode(path, spec, form, prompt, N_GREEDY)
+    got_tokens = greedy_decode(path, spec, form, prompt, N_GREEDY, CTX)
     assert got_tokens == want, f"{spec.arch} {form}: first difference at {next(i for i, (a, b) in enumerate(zip(got_tokens, want)) if a != b)}"
-
-
-def _greedy_decode(path, spec, form, prompt: np.ndarray, n: int) -> list[int]:
-    """Greedy tokens from the graph, one session, KV cache carried step to step."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if form == "trt":
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in s.get_outputs()]
-    past = 0 if form == "trt" else CTX
-    kv = {f"past_key_values.{i}.{t}": np.zeros((1, spec.n_kv_heads, past, spec.head_dim), np.float32)
-          for i in range(spec.n_layers) for t in ("key", "value")}
-    out_ids, chunk, pos = [], np.asarray(prompt), 0
-    for _ in range(n):
-        m = len(chunk)
-        if form == "ort":
-            feeds = {"input_ids": chunk[None], "seqlens_k": np.array([pos + m - 1], np.int32), "total_sequence_length": np.array(pos + m, np.int32)}
-        else:
-            feeds = {"input_ids": chunk[None], "position_ids": np.arange(pos, pos + m)[None], "attention_mask": np.ones((1, pos + m), np.int64)}
-        out = dict(zip(names, s.run(None, {**feeds, **kv})))
-        kv = {k: out[k.replace("past_key_values", "present")] for k in kv}
-        pos += m
-        nxt = int(np.argmax(out["logits"][0]))
-        out_ids.append(nxt)
-        chunk = np.array([nxt])
-    return out_ids
 
 
 @pytest.mark.parametrize("recipe", ["int4", "int8"])

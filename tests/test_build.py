@@ -44,6 +44,18 @@ def test_build_int4_awq_bundle_verifies_and_refuses_a_flipped_byte(tiny_llama, t
     assert w["model.layers.0.self_attn.q_proj.qweight"].dtype == np.uint8
     assert w["model.layers.0.self_attn.q_proj.scales"].shape == (64, 2)
     assert not list(tmp_path.glob(".gen.partial-*"))  # atomic: no leftovers
+    # each weight stored once: the ORT graph references weights.safetensors, the TensorRT form is derived on the target
+    import onnx
+
+    assert "model.trt.onnx" not in m.artifacts
+    g = onnx.load(str(out / "model.ort.onnx"), load_external_data=False)
+    ext = [t for t in g.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert ext and {e.value for t in ext for e in t.external_data if e.key == "location"} == {"weights.safetensors"}
+    spans = {tuple(e.value for e in t.external_data if e.key in ("offset", "length")) for t in ext}  # the tied head is read twice
+    assert sum(int(n) for _, n in spans) == sum(
+        v.nbytes for k, v in w.items() if k.startswith(("model.layers.", "lm_head")) and k.endswith((".qweight", ".scales")))
+    inline = [t.name for t in g.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > 20_000 and "rotary" not in t.name]
+    assert inline == [], inline
 
     p = out / "weights.safetensors"
     data = bytearray(p.read_bytes())

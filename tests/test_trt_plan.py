@@ -79,3 +79,22 @@ def test_tensorrt_backend_without_tensorrt_is_a_one_line_error(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1
     assert len(err) == 1 and "tensorrt backend needs TensorRT" in err[0]
+
+
+def test_trt_form_is_derived_from_the_stored_weights(tmp_path):
+    """Bundles store each weight once: no model.trt.onnx inside; the TensorRT form is derived from
+    weights.safetensors on the target, byte for byte the graph a build-time copy would have been."""
+    import onnx
+    from helpers_tiny import make_tiny_bundle, tiny_hf_model
+
+    from edge.build.trt_plan import trt_onnx
+    from edge.bundle import Bundle
+
+    model = tiny_hf_model("qwen2")
+    stored = Bundle.open(make_tiny_bundle(tmp_path / "both", model, "int4", forms=("ort", "trt")))
+    lean = Bundle.open(make_tiny_bundle(tmp_path / "lean", model, "int4", forms=("ort",)))
+    assert not lean.has("model.trt.onnx")
+    derived = trt_onnx(lean, tmp_path / "work")
+    assert derived.parent == tmp_path / "work"
+    a, b = onnx.load(str(stored.file("model.trt.onnx"))), onnx.load(str(derived))
+    assert a.graph == b.graph

@@ -5,10 +5,13 @@
     tokenizer files                        edge.models.tokenizer_export
     calibration + quantization (+AWQ)      edge.quant.calib / edge.quant.quantize
     weights.safetensors                    edge.bundle.BundleWriter
-    model.ort.onnx, model.trt.onnx         edge.build.onnx_decoder.build_decoder_onnx
+    model.ort.onnx (weights by reference)  edge.build.onnx_decoder.build_decoder_onnx
+    [model.trt.onnx: derived on the target when TensorRT builds its plan, edge.build.trt_plan]
     manifest.json (commit: checksums, atomic rename)   edge.bundle.Manifest
 
-The quantized weights are the source of truth; the ONNX graphs are derived from them.
+The quantized weights are the source of truth and are stored once: model.ort.onnx references their
+bytes in weights.safetensors (ONNX external data; ONNX Runtime folds the layout changes at load),
+and the TensorRT form is derived from them on the device (`forms=("ort", "trt")` stores it too).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from edge.quant.format import INT4_GROUP_SIZES
 
 QUANTS = ("auto", "int4", "int8", "fp16", "fp32")
 ONNX_FORMS = ("ort", "trt")
+DEFAULT_FORMS = ("ort",)  # the TensorRT form is derived from the weights on the target (edge.build.trt_plan)
 DEFAULT_CONTEXT = 4096
 GPTQ_CALIB_SEQS = 64  # x 128 tokens: calibration sequences for AWQ+GPTQ builds (RTN/AWQ keep calib.DEFAULT_SEQS)
 DEFAULT_MAX_BATCH_CAP = 8  # the plan's max_batch is an upper bound; sessions preallocate this many
@@ -69,9 +73,10 @@ def source_info(path: Path) -> dict[str, Any]:
 class _Stages:
     """A rich progress bar over build stages (and the layers of the quantization stage)."""
 
-    def __init__(self, enabled: bool, n_layers: int):
+    def __init__(self, enabled: bool, n_layers: int, n_forms: int):
         self.enabled = enabled
         self.n_layers = n_layers
+        self.n_forms = n_forms
         self.progress = None
         self.task = None
 
@@ -85,8 +90,8 @@ class _Stages:
                 console=Console(stderr=True), transient=False,
             )
             self.progress.__enter__()
-            # stages: read, plan, tokenizer, calibrate, layers (+ head), weights, 2 x onnx, commit
-            self.task = self.progress.add_task("build", total=8 + self.n_layers + 1)
+            # stages: read, plan, tokenizer, calibrate, layers (+ head), weights, onnx forms, commit
+            self.task = self.progress.add_task("build", total=6 + self.n_forms + self.n_layers + 1)
         return self
 
     def __exit__(self, *exc):
@@ -150,6 +155,7 @@ def build_generator_bundle(
     context: int | None = None,
     progress: bool = True,
     report: bool = True,
+    forms: tuple[str, ...] = DEFAULT_FORMS,
 ) -> Path:
     """Build a generator engine bundle at `out` from an HF folder, a .gguf file or 'default'.
 
@@ -202,7 +208,7 @@ def build_generator_bundle(
 
     writer = BundleWriter(Path(out), "generator")
     try:
-        with _Stages(progress, spec.n_layers) as bar:
+        with _Stages(progress, spec.n_layers, len(forms)) as bar:
             bar.describe(f"reading {src.name}")
             from edge.models.checkpoint import load_checkpoint
 
@@ -226,7 +232,7 @@ def build_generator_bundle(
             res = quantize_model(spec, weights, recipe, g or 128, calib=cal, awq=use_awq, gptq=use_gptq, on_layer=lambda i: bar.step())
             del weights
             bar.step("writing weights")
-            writer.write_weights({k: np.ascontiguousarray(v) for k, v in res.tensors.items()})
+            stored = writer.write_weights({k: np.ascontiguousarray(v) for k, v in res.tensors.items()})
             from edge.build import onnx_decoder
             from edge.build.onnx_decoder import build_decoder_onnx
 
@@ -249,9 +255,11 @@ def build_generator_bundle(
                 awq_alphas=res.awq_alphas if use_awq else None,
             )
             onnx_files: dict[str, str] = {}
-            for form in ONNX_FORMS:
+            for form in forms:
                 bar.step(f"ONNX ({form})")
-                p = build_decoder_onnx(spec, res.tensors, quant_info, writer.tmp, form, max_context=limits.max_context)
+                # the ORT form references the weights file's bytes (external data): each weight stored once
+                p = build_decoder_onnx(spec, res.tensors, quant_info, writer.tmp, form, max_context=limits.max_context,
+                                       stored=stored if form == "ort" else None)
                 onnx_files[form] = Path(p).name
             bar.step("commit")
             manifest = Manifest(

@@ -85,16 +85,62 @@ def _f32(weights: dict[str, np.ndarray], name: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # shared subgraphs
 # ---------------------------------------------------------------------------------------------
+_ELEM = {"F32": TensorProto.FLOAT, "F16": TensorProto.FLOAT16, "I8": TensorProto.INT8, "U8": TensorProto.UINT8}
+
+
+def _stored_inputs(g: Graph, lin: Linear, bs: int) -> tuple[str, str] | None:
+    """MatMulNBits' B and scales as ops over the bundle's own tensors (external data into
+    weights.safetensors), folded by ONNX Runtime at load; None when the weights are not stored.
+
+        int4: B = Concat(qweight_i viewed [n_i, K/g, g/2]),       scales = Cast<f32>(Concat(scales_i))
+        int8: B = BitwiseXor(Concat(qweight_i as uint8), 0x80)  (= q + 128),  scales = Expand(Cast<f32>(s), [N, K/b])
+    (parts i: the linears a fused one was made of, q|k|v or gate|up)
+    """
+    parts = lin.name.split("+")
+    if not all(p + ".qweight" in g.stored for p in parts):
+        return None
+    bs_, ss = [], []
+    for p in parts:
+        n_i = g.stored[p + ".qweight"].shape[0]
+        if lin.kind == "int4":
+            bs_.append(g.external(p + ".qweight", TensorProto.UINT8, [n_i, lin.k // bs, bs // 2]))
+        else:
+            bs_.append(g.external(p + ".qweight", TensorProto.UINT8, [n_i, lin.k // bs, bs]))
+        st = g.stored[p + ".scales"]
+        ss.append(g.external(p + ".scales", _ELEM[st.dtype], [n_i, lin.k // bs] if lin.kind == "int4" else [n_i, 1]))
+    b = bs_[0] if len(bs_) == 1 else g.op("Concat", bs_, name="stored/B/Concat", axis=0)
+    s = ss[0] if len(ss) == 1 else g.op("Concat", ss, name="stored/scales/Concat", axis=0)
+    s = g.op("Cast", [s], name="stored/scales/Cast", to=TensorProto.FLOAT)
+    if lin.kind == "int8":
+        b = g.op("BitwiseXor", [b, g.const(np.uint8(0x80))], name="stored/B/Offset")
+        s = g.op("Expand", [s, g.const([lin.n, lin.k // bs], np.int64)], name="stored/scales/Expand")
+    return b, s
+
+
+def _stored_fp(g: Graph, lin: Linear) -> str | None:
+    """W.T float32 [K, N] as Cast(Transpose(Concat(weight_i))) over the stored weights (folded at load)."""
+    parts = lin.name.split("+")
+    if not all(p + ".weight" in g.stored for p in parts):
+        return None
+    ws = [g.external(p + ".weight", _ELEM[g.stored[p + ".weight"].dtype], list(g.stored[p + ".weight"].shape)) for p in parts]
+    w = ws[0] if len(ws) == 1 else g.op("Concat", ws, name="stored/W/Concat", axis=0)
+    w = g.op("Transpose", [w], name="stored/W/Transpose", perm=[1, 0])
+    return g.op("Cast", [w], name="stored/W/Cast", to=TensorProto.FLOAT) if g.stored[parts[0] + ".weight"].dtype != "F32" else w
+
+
 def linear_ort(g: Graph, x: str, lin: Linear, name: str, accuracy_level: int, bias: np.ndarray | None = None) -> str:
     """y = x @ W.T (+ b) with ORT's kernels.
 
         fp:   x ─ MatMul(W.T f32 [K, N])
         int4: x ─ MatMulNBits(B uint8 [N, K/g, g/2], scales f32 [N, K/g], bits 4, zero point 8)
         int8: x ─ MatMulNBits(B uint8 [N, K/b, b] = q + 128, scales [N, K/b] = s[n] per block, bits 8)
+    B, scales and W come from the bundle's weights file when the graph is built into a bundle
+    (_stored_inputs / _stored_fp), else from copies of the arrays.
     """
     with g.scope(name):
         if lin.kind == "fp":
-            y = g.op("MatMul", [x, g.weight(g.param("weight"), lin.weight.T)], name="MatMul")
+            w = _stored_fp(g, lin) or g.weight(g.param("weight"), lin.weight.T)
+            y = g.op("MatMul", [x, w], name="MatMul")
         else:
             if lin.kind == "int4":
                 bs, bits = lin.group_size, 4
@@ -107,8 +153,9 @@ def linear_ort(g: Graph, x: str, lin: Linear, name: str, accuracy_level: int, bi
                 bits = 8
                 b = (lin.qweight.astype(np.int16) + 128).astype(np.uint8).reshape(lin.n, lin.k // bs, bs)
                 s = np.repeat(lin.scales[:, None], lin.k // bs, axis=1)
-            y = g.ms("MatMulNBits", [x, g.weight(g.param("qweight"), b), g.weight(g.param("scales"), s.astype(np.float32))],
-                     name="MatMulNBits", K=lin.k, N=lin.n, bits=bits, block_size=bs, accuracy_level=accuracy_level)
+            stored = _stored_inputs(g, lin, bs)
+            bw, sw = stored or (g.weight(g.param("qweight"), b), g.weight(g.param("scales"), s.astype(np.float32)))
+            y = g.ms("MatMulNBits", [x, bw, sw], name="MatMulNBits", K=lin.k, N=lin.n, bits=bits, block_size=bs, accuracy_level=accuracy_level)
         if bias is not None:
             y = g.op("Add", [y, g.weight(g.param("bias"), bias.astype(np.float32))], name="BiasAdd")
     return y
@@ -140,7 +187,11 @@ def linear_trt(g: Graph, x: str, lin: Linear, name: str, bias: np.ndarray | None
 def embedding(g: Graph, ids: str, table: np.ndarray) -> str:
     """ids [B, S] ─ Gather(table [V, H]) ─ (Cast f32 if the table is fp16) -> [B, S, H]."""
     with g.scope("model/embed_tokens"):
-        x = g.op("Gather", [g.weight("model.embed_tokens.weight", table), ids], name="Gather", axis=0)
+        st = g.stored.get("model.embed_tokens.weight")
+        shared = st is not None and st.dtype == {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32"}.get(table.dtype)
+        w = (g.external("model.embed_tokens.weight", _ELEM[st.dtype], list(st.shape), name="model.embed_tokens.weight") if shared
+             else g.weight("model.embed_tokens.weight", table))
+        x = g.op("Gather", [w, ids], name="Gather", axis=0)
         if table.dtype != np.float32:
             x = g.op("Cast", [x], name="Cast", to=TensorProto.FLOAT)
     return x
@@ -161,6 +212,11 @@ def embedding_quantized(g: Graph, ids: str, head: Linear) -> str:
             bs = next(b for b in (128, 64, 32, 16) if head.k % b == 0)
             data = (head.qweight.astype(np.int16) + 128).astype(np.uint8)
             scales, bits = np.repeat(head.scales[:, None], head.k // bs, axis=1), 8
+        stored = _stored_inputs(g, head, bs) if "lm_head.qweight" in g.stored else None
+        if stored is not None:  # [V, H/b, b(/2)] -> [V, H(/2)]
+            width = head.k // 2 if head.kind == "int4" else head.k
+            data = g.op("Reshape", [stored[0], g.const([head.n, width], np.int64)], name="stored/Reshape")
+            return g.ms("GatherBlockQuantized", [data, ids, stored[1]], name="GatherBlockQuantized", bits=bits, block_size=bs, gather_axis=0, quantize_axis=1)
         return g.ms("GatherBlockQuantized", [g.weight(g.param("qweight"), data), ids, g.weight(g.param("scales"), scales.astype(np.float32))],
                     name="GatherBlockQuantized", bits=bits, block_size=bs, gather_axis=0, quantize_axis=1)
 
@@ -184,6 +240,11 @@ def lm_head(g: Graph, x: str, head: Linear | None, tied_table: str | None, emit_
             return g.op("Gemm", [x, tied_table], name="Gemm", transB=1)
     if int8_dynamic and head.kind == "int8":
         with g.scope("lm_head"):
+            if "lm_head.qweight" in g.stored:  # Transpose / Cast over the stored tensors, folded at load
+                w = g.op("Transpose", [g.external("lm_head.qweight", TensorProto.INT8, [head.n, head.k])], name="stored/Transpose", perm=[1, 0])
+                st = g.stored["lm_head.scales"]
+                s = g.op("Cast", [g.external("lm_head.scales", _ELEM[st.dtype], [head.n])], name="stored/Cast", to=TensorProto.FLOAT)
+                return g.ms("DynamicQuantizeMatMul", [x, w, s], name="DynamicQuantizeMatMul")
             w = g.weight(g.param("qweight_kn"), np.ascontiguousarray(head.qweight.T))
             return g.ms("DynamicQuantizeMatMul", [x, w, g.weight(g.param("scales"), head.scales.astype(np.float32))], name="DynamicQuantizeMatMul")
     return emit_linear(x, head, "lm_head")
@@ -320,7 +381,7 @@ def _skip_norm(g: Graph, x: str, residual: str, weight: np.ndarray, weight_name:
     return h, res
 
 
-def build_ort(spec: ModelSpec, w: dict[str, np.ndarray], acc: int, n_pos: int) -> Graph:
+def build_ort(spec: ModelSpec, w: dict[str, np.ndarray], acc: int, n_pos: int, stored: dict | None = None) -> Graph:
     """The contrib-op graph; the residual stream rides SkipSimplifiedLayerNormalization's sum output.
 
         embed (* scale) ─ RMSNorm ─ attn [─ RMSNorm] ─ SkipRMSNorm(+res) ─ mlp [─ RMSNorm] ─ SkipRMSNorm(+res, next ln1) ... ─ last ─ head [─ softcap]
@@ -328,6 +389,7 @@ def build_ort(spec: ModelSpec, w: dict[str, np.ndarray], acc: int, n_pos: int) -
     """
     f = spec.features
     g = Graph("edge_rag_decoder_ort", opset=21, ms_opset=1)
+    g.stored = dict(stored or {})
     emit = lambda x, lin, name: linear_ort(g, x, lin, name, acc)  # noqa: E731
     ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
     g.input("seqlens_k", TensorProto.INT32, ["batch"])
@@ -534,19 +596,22 @@ def build_trt(spec: ModelSpec, w: dict[str, np.ndarray], n_pos: int) -> Graph:
 # entry point
 # ---------------------------------------------------------------------------------------------
 def build_decoder_onnx(spec: ModelSpec, weights: dict[str, np.ndarray], quant: Quant, out_dir: Path, form: str, *,
-                       max_context: int | None = None, accuracy_level: int | None = None) -> Path:
+                       max_context: int | None = None, accuracy_level: int | None = None, stored: dict | None = None) -> Path:
     """Write `model.ort.onnx` (form "ort") or `model.trt.onnx` (form "trt") into `out_dir`.
 
     weights: bundle form (edge.quant.format); quant: the manifest's Quant (recipe, group size).
     max_context bounds the RoPE caches (default: the model's max_position, at most 32768).
     accuracy_level: MatMulNBits' (ORT form), default DEFAULT_ACCURACY_LEVEL.
+    stored: where `weights` lie in the bundle's weights file (edge.bundle.weights_index; the file
+    sits next to the graph): the ORT form then references those bytes as external data, and the
+    bundle holds each weight once (ONNX Runtime folds the layout changes when it loads).
     """
     if form not in FORMS:
         raise ValueError(f"form {form!r} not in {tuple(FORMS)}")
     gs = int(quant.group_size)
     acc = int(accuracy_level if accuracy_level is not None else (quant.accuracy_level if quant.accuracy_level is not None else DEFAULT_ACCURACY_LEVEL))
     n_pos = int(max_context or min(spec.max_position, MAX_ROPE_CACHE, max_rope_positions(spec) or MAX_ROPE_CACHE))
-    g = build_ort(spec, weights, acc, n_pos) if form == "ort" else build_trt(spec, weights, n_pos)
+    g = build_ort(spec, weights, acc, n_pos, stored) if form == "ort" else build_trt(spec, weights, n_pos)
     model = g.to_model()
     meta = {"max_context": str(n_pos), "form": form, "recipe": quant.recipe, "group_size": str(gs)}
     if form == "ort":

@@ -39,6 +39,8 @@ class Graph:
         self._const_names: dict[str, str] = {}
         self._names: set[str] = set()
         self.initializer_bytes = 0
+        self.stored: dict = {}  # bundle tensor name -> edge.bundle.StoredTensor: shared as external data
+        self._stored_names: dict[tuple, str] = {}
 
     # ---- naming --------------------------------------------------------------------
     @contextlib.contextmanager
@@ -82,6 +84,31 @@ class Graph:
         self.initializers.append(t)
         self.initializer_bytes += array.nbytes
         return name
+
+    def external(self, tensor: str, elem_type: int, dims: Sequence[int], name: str | None = None) -> str | None:
+        """An initializer whose bytes are bundle tensor `tensor` in the weights file (ONNX external
+        data: location, offset, length), viewed as `elem_type` [dims]; None when not stored.
+        The graph then holds no copy: ops on it (Cast, Concat, Transpose...) are constant-folded
+        by ONNX Runtime when the session loads."""
+        st = self.stored.get(tensor)
+        if st is None:
+            return None
+        itemsize = {TensorProto.UINT8: 1, TensorProto.INT8: 1, TensorProto.FLOAT16: 2, TensorProto.FLOAT: 4}[elem_type]
+        if int(np.prod(dims)) * itemsize != st.nbytes:
+            raise ValueError(f"{tensor}: {st.nbytes} stored bytes are not {elem_type} {list(dims)}")
+        key = (tensor, elem_type, tuple(dims))
+        if key not in self._stored_names:
+            t = onnx.TensorProto()
+            t.name = name or f"{tensor}.{'x'.join(map(str, dims))}"
+            t.data_type = elem_type
+            t.dims.extend(dims)
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", st.location), ("offset", str(st.offset)), ("length", str(st.nbytes))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            self.initializers.append(t)
+            self._stored_names[key] = t.name
+        return self._stored_names[key]
 
     def weight_int4(self, name: str, values: np.ndarray) -> str:
         """An INT4 initializer from int8 values in [-8, 7], packed two per byte (low nibble first,

@@ -150,10 +150,28 @@ def build_plan(bundle_path: Path, out: Path) -> Path:  # pragma: no cover - need
         import tensorrt as trt
     except ImportError:
         raise BackendError("TensorRT is not installed", fix="run this on a Jetson with JetPack 6 (TensorRT 10.3)") from None
+    import tempfile
+
     from edge.bundle import Bundle
 
     bundle = Bundle.open(bundle_path, kind="generator")
-    onnx_path = bundle.file("model.trt.onnx")
+    with tempfile.TemporaryDirectory(dir=Path(out).parent, prefix=".trt-onnx-") as work:
+        onnx_path = trt_onnx(bundle, Path(work))
+        return _build_plan(trt, bundle, onnx_path, Path(out))
+
+
+def trt_onnx(bundle, work: Path) -> Path:
+    """The bundle's model.trt.onnx, or (bundles store their weights once) the TensorRT form derived
+    from weights.safetensors into `work`: the same builder, the same bytes as a build-time copy."""
+    if bundle.has("model.trt.onnx"):
+        return bundle.file("model.trt.onnx")
+    from edge.build.onnx_decoder import build_decoder_onnx
+
+    return build_decoder_onnx(bundle.spec, bundle.load_weights(), bundle.manifest.quant, work, "trt",
+                              max_context=bundle.limits.max_context)
+
+
+def _build_plan(trt, bundle, onnx_path: Path, out: Path) -> Path:  # pragma: no cover - needs TensorRT
     cfg = derive_build_config(bundle.manifest, graph_inputs(onnx_path))
 
     logger = trt.Logger(trt.Logger.WARNING)
