@@ -1,0 +1,109 @@
+"""Perplexity of engines built from a GGUF against the GGUF itself run by llama.cpp, same tokens.
+
+    python bench/perplexity_gguf.py --model qwen2.5-coder-0.5b-instruct-q4_k_m \
+        --bundle int4=/tmp/q05-int4 --bundle fp16=/tmp/q05-fp16 [--tokens 2048] [--window 512]
+
+Held-out text: edge.quant.calib.heldout_text (the last 20% of pydoc_data.topics; calibration never
+sees it), tokenized once with the first bundle's tokenizer; the first --tokens ids are cut into
+windows, each scored from its start. Scorers:
+  engine     model.ort.onnx of the bundle in ONNX Runtime, all windows as one batch, token by
+             token through the KV cache (the accuracy level the bundle was built with);
+  reference  fp16 bundles: the numpy reference forward on the bundle's weights (fp16 weights,
+             float32 math; the ORT fp16 graph computes the same in float32, slower);
+  llama.cpp  llama-cpp-python on the original GGUF (its own Q4_K/Q6_K kernels), fed the same ids.
+Prints one JSON line per scorer and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.perplexity import _nll_from_logits, heldout_windows, nll_reference  # noqa: E402
+from edge.bundle import Bundle  # noqa: E402
+
+
+def nll_engine(bundle: Path, windows: list[np.ndarray], threads: int) -> np.ndarray:
+    """ORT form, batch = windows, prefill token 0 then decode token by token."""
+    import onnxruntime as ort
+
+    b = Bundle.open(bundle)
+    spec = b.spec
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    s = ort.InferenceSession(str(b.file("model.ort.onnx")), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in s.get_outputs()]
+    arr = np.stack(windows)  # [B, W]
+    bsz, w = arr.shape
+    kv = {f"past_key_values.{i}.{t}": np.zeros((bsz, spec.n_kv_heads, w, spec.head_dim), np.float32)
+          for i in range(spec.n_layers) for t in ("key", "value")}
+    out = []
+    for t in range(w - 1):
+        feeds = {"input_ids": arr[:, t:t + 1], "seqlens_k": np.full(bsz, t, np.int32), "total_sequence_length": np.array(t + 1, np.int32)}
+        res = dict(zip(names, s.run(None, {**feeds, **kv})))
+        kv = {k: res[k.replace("past_key_values", "present")] for k in kv}
+        out.append(_nll_from_logits(res["logits"], arr[:, t + 1]))
+    return np.concatenate(out)
+
+
+def nll_llama_cpp(gguf: Path, windows: list[np.ndarray], threads: int) -> np.ndarray:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=len(windows[0]), logits_all=True, n_threads=threads, verbose=False)
+    out = []
+    for win in windows:
+        llm.reset()
+        llm.eval(win.tolist())
+        logits = np.asarray(llm.scores[: len(win)], dtype=np.float32)
+        out.append(_nll_from_logits(logits[:-1], win[1:]))
+    return np.concatenate(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="the GGUF (path or edge.models.pypi_models name)")
+    ap.add_argument("--bundle", action="append", default=[], help="label=PATH of a bundle built from it (repeat)")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    from edge.models.defaults import resolve_model
+
+    gguf = resolve_model(args.model)
+    bundles = dict(b.split("=", 1) for b in args.bundle)
+    windows = heldout_windows(Path(next(iter(bundles.values()))), args.tokens, args.window)
+    rows = []
+
+    def emit(label: str, scorer: str, nll: np.ndarray, t0: float) -> None:
+        rows.append({"bench": "perplexity_gguf", "model": gguf.name, "variant": label, "scorer": scorer, "tokens_scored": int(nll.size),
+                     "window": args.window, "ppl": round(float(math.exp(nll.mean())), 4), "seconds": round(time.time() - t0, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    for label, path in bundles.items():
+        t0 = time.time()
+        recipe = Bundle.open(path, verify=False).manifest.quant.recipe
+        if recipe in ("fp16", "fp32"):
+            emit(label, "reference", nll_reference(Path(path), windows), t0)
+        else:
+            emit(label, "engine", nll_engine(Path(path), windows, args.threads), t0)
+    t0 = time.time()
+    emit("gguf", "llama.cpp", nll_llama_cpp(gguf, windows, args.threads), t0)
+    base = {r["variant"]: r["ppl"] for r in rows}
+    for r in rows:
+        for ref in ("fp16", "gguf"):
+            if ref in base and r["variant"] != ref:
+                print(json.dumps({"bench": "perplexity_gguf_ratio", "variant": r["variant"], "vs": ref, "ratio": round(r["ppl"] / base[ref], 4)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
