@@ -18,8 +18,9 @@ Decode speed is bounded by memory bandwidth: every step reads all decode weights
 the KV cache of each sequence), so tok/s <= bandwidth / bytes read per token, per power mode.
 
 The recommendation is the highest-precision option that meets the requested context and
-concurrency: fp16 > int8 > int4 g32 > g64 > g128, each first with fp16 KV then int8 KV
-(int8 KV costs less quality than dropping to a coarser weight format).
+concurrency: fp16 > int8 > int4 g32 > g64 > g128, with fp16 KV. The int8-KV column is computed for
+information only: no backend implements an int8 KV cache yet (RUNTIME_KV_DTYPES), so the plan
+never chooses it and the manifest's KV pool is always what the backends allocate.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ PREFILL_CHUNK = 512  # tokens per prefill step (chunked prefill bounds activatio
 ATTN_KEY_BLOCK = 1024  # attention scores are formed over key blocks of this many tokens (flash-style)
 KV_BLOCK_TOKENS = 16  # paged KV cache block size: capacity is counted in whole blocks
 KV_DTYPES = ("fp16", "int8")
+RUNTIME_KV_DTYPES = ("fp16",)  # what the backends allocate; int8 KV is planned for information only
 _QUANT_PRECISION = {"fp16": "fp16", "int8": "int8", "int4": "int4_weight_only"}
 
 
@@ -320,7 +322,7 @@ def plan_model(
             kv_tokens[d] = int(toks)
             max_ctx[d] = int(min(spec.max_position, toks // concurrency // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS))
             max_batch[d] = int(toks // _blocks(context))
-            ok_dtype = d == "fp16" or prof.supports("int8")
+            ok_dtype = d in RUNTIME_KV_DTYPES
             fits[d] = bool(supported and ok_dtype and kv_budget > 0 and toks >= need_tokens)
         speed = {m.name: round(m.bandwidth_bytes_s / read, 1) for m in prof.power_modes}
         speed_ctx = {m.name: round(m.bandwidth_bytes_s / (read + per_tok["fp16"] * context), 1) for m in prof.power_modes}

@@ -27,7 +27,8 @@ def bundle(tmp_path_factory):
 
 def make_gen(bundle, session_cls=OrtDecoderSession, max_batch=12, **kw) -> Generator:
     b = Bundle.open(bundle, verify=False)
-    return Generator(session_cls(b, max_batch=max_batch, prefill_chunk=8), Tokenizer.from_bundle(b), b, **kw)
+    session = session_cls(b, max_batch=max_batch, prefill_chunk=8, kv_tokens=max_batch * 64)  # every slot full: no preemption
+    return Generator(session, Tokenizer.from_bundle(b), b, **kw)
 
 
 PROMPTS = ["Once upon", "A dog ran", "xy", "The quick brown fox jumps", "hi", "Tell me a story about it",
@@ -79,13 +80,18 @@ def test_prefix_cache_same_text_and_counts(bundle):
 
 
 def test_planned_kv_is_what_the_backend_allocates(bundle):
+    """The manifest's KV pool (kv_blocks x kv_block_size tokens in kv_dtype) in bytes is the
+    budget the ORT backend gives the engine, in its own float32 rows (within one block)."""
     b = Bundle.open(bundle, verify=False)
-    s = OrtDecoderSession(b, max_batch=3)
-    spec = s.spec
+    lim, spec = b.limits, b.spec
+    planned = lim.kv_tokens * spec.kv_bytes_per_token(2.0 if lim.kv_dtype == "fp16" else 4.0)
+    s = OrtDecoderSession(b, max_batch=lim.max_batch)
     per_token = spec.n_layers * 2 * spec.n_kv_heads * spec.head_dim * 4  # float32 K and V
-    assert s.caps.kv_bytes == 3 * s.max_context * per_token
-    assert s.caps.num_blocks * s.caps.block_size >= 3 * s.max_context
-    assert s.caps.kv_dtype == "float32"
+    caps = s.caps
+    assert caps.kv_dtype == "float32" and caps.kv_bytes == caps.num_blocks * caps.block_size * per_token
+    assert planned - caps.block_size * per_token < caps.kv_bytes <= planned
+    with Generator(s, Tokenizer.from_bundle(b), b).engine as e:
+        assert e.kv.num_blocks == caps.num_blocks  # what the engine's block manager hands out
 
 
 class _DeviceSampling(OrtDecoderSession):

@@ -193,7 +193,7 @@ def test_8b_refused_on_nano_4gb_fits_int4_on_agx_32gb(specs):
     assert not tight.row("int8").fits["fp16"] and not tight.row("int8").fits["int8"]
 
 
-def test_recommendation_prefers_int8_kv_over_coarser_weights(specs):
+def test_int8_kv_is_never_chosen_while_no_backend_implements_it(specs):
     s = specs["llama1b"]
     base = plan_model(s, "orin-nx-16gb", context=8192, concurrency=4)
     int8 = base.row("int8")
@@ -204,8 +204,9 @@ def test_recommendation_prefers_int8_kv_over_coarser_weights(specs):
     reserve = base.budget["available_for_model"] - left
     plan = plan_model(s, "orin-nx-16gb", context=8192, concurrency=4, reserve_bytes=reserve)
     assert not plan.row("fp16").fits["fp16"] and not plan.row("fp16").fits["int8"]
-    assert plan.row("int4", 32).fits["fp16"]  # a coarser build with fp16 KV would also fit...
-    assert plan.recommendation == BuildOption("int8", 0, "int8")  # ...but int8 weights + int8 KV rank higher
+    assert not plan.row("int8").fits["int8"]  # int8 weights + int8 KV would fit, but no backend has int8 KV
+    assert plan.row("int4", 32).fits["fp16"]
+    assert plan.recommendation == BuildOption("int4", 32, "fp16")  # so: the coarser build with fp16 KV
     assert plan.limits["max_batch"] >= 4
 
 

@@ -136,7 +136,10 @@ class OrtDecoderSession:
     """DecoderSession over ONNX Runtime. See edge.runtime.session.DecoderSession."""
 
     def __init__(self, bundle, *, max_batch: int = 1, max_context: int | None = None, threads: int | None = None,
-                 providers: Sequence[str] | None = None, prefill_chunk: int = PREFILL_CHUNK, spin: bool | None = None):
+                 providers: Sequence[str] | None = None, prefill_chunk: int = PREFILL_CHUNK, spin: bool | None = None,
+                 kv_tokens: int | None = None):
+        """kv_tokens: KV budget of the engine on this session (None: the plan's KV bytes from the
+        manifest, in this backend's float32 rows)."""
         import onnxruntime as ort
 
         limit_malloc_caching()
@@ -163,6 +166,8 @@ class OrtDecoderSession:
         self.threads = threads
         shape = (self.max_batch, spec.n_kv_heads, self.max_context, spec.head_dim)
         # untouched pages stay virtual: only the rows written become resident (see lazy_zeros)
+        self.kv_token_bytes = int(spec.kv_bytes_per_token(4.0))  # float32 K and V, all layers
+        self.kv_budget_tokens = self._kv_budget(bundle, kv_tokens)
         self.k = [lazy_zeros(shape) for _ in range(spec.n_layers)]
         self.v = [lazy_zeros(shape) for _ in range(spec.n_layers)]
         self._logits = np.zeros((self.max_batch, self.vocab_size), np.float32)
@@ -302,15 +307,34 @@ class OrtDecoderSession:
 
 
     # ---- the engine's backend (edge.runtime.session.EngineBackend) ---------------------------
+    def _kv_budget(self, bundle, kv_tokens: int | None) -> int:
+        """KV tokens the engine may keep resident: the plan's KV bytes (manifest limits: its pool of
+        kv_blocks x kv_block_size tokens in kv_dtype) over this backend's float32 bytes per token,
+        between one sequence and every slot full."""
+        whole = self.max_batch * self.max_context
+        if kv_tokens is None:
+            lim = bundle.limits
+            elem = {"fp32": 4.0, "fp16": 2.0}.get(lim.kv_dtype)
+            if elem is None:
+                from edge.plan import kv_bytes_per_token
+
+                planned = lim.kv_tokens * kv_bytes_per_token(self.spec, lim.kv_dtype)
+            else:
+                planned = lim.kv_tokens * int(self.spec.kv_bytes_per_token(elem))
+            kv_tokens = planned // self.kv_token_bytes
+        return int(max(self.max_context, min(whole, kv_tokens)))
+
     @property
     def caps(self) -> BackendCaps:
         """Contiguous KV: batch slot r holds a sequence's rows [0, max_context) (GroupQueryAttention
         reads a sequence's past as one run of rows), so the engine gives sequence r the blocks
-        r * blocks_per_seq + j. The plan's KV budget is every slot at max_context; pages are
-        resident only once written (lazy_zeros)."""
+        r * blocks_per_seq + j. The rows are virtual memory (lazy_zeros) until written; the engine's
+        block budget (num_blocks, from the plan's KV bytes) bounds what becomes resident, and
+        kv_bytes is that budget in this backend's float32 rows."""
         bps = -(-self.max_context // KV_BLOCK)
-        kv_bytes = sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
-        return BackendCaps(num_blocks=self.max_batch * bps, block_size=KV_BLOCK, max_seqs=self.max_batch,
+        nb = min(self.max_batch * bps, max(bps, self.kv_budget_tokens // KV_BLOCK))
+        kv_bytes = nb * KV_BLOCK * self.kv_token_bytes
+        return BackendCaps(num_blocks=nb, block_size=KV_BLOCK, max_seqs=self.max_batch,
                            max_context=self.max_context, vocab_size=self.vocab_size, kv_layout="contiguous",
                            device_sampling=False, mixed_rows=True, greedy_stream=False,
                            prefill_chunk=self.prefill_chunk, mixed_prefill=min(self.prefill_chunk, MIXED_PREFILL),
