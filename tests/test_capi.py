@@ -260,3 +260,26 @@ def test_ask_example_answers_the_demo_question_on_the_manuals(tmp_path, monkeypa
     lines = [ln.strip() for ln in sources.splitlines() if ln.strip().startswith("[")]
     assert lines and len(lines) == len(want["sources"])
     assert "error_codes.md" in lines[0]  # the passage that defines E-214 comes first
+
+
+def test_loaded_into_a_python_process_shares_its_interpreter(world):
+    """ctypes loads the library into this (Python) process: it must use the running interpreter
+    (no second Py_Initialize) and answer with codes as from C."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(world["lib"]))
+    lib.er_open.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+    lib.er_last_error.restype = ctypes.c_char_p
+    lib.er_status_name.restype = ctypes.c_char_p
+
+    class Options(ctypes.Structure):
+        _fields_ = [("generator_bundle", ctypes.c_char_p), ("embedder_bundle", ctypes.c_char_p),
+                    ("collection", ctypes.c_char_p), ("backend", ctypes.c_char_p), ("threads", ctypes.c_int),
+                    ("load_generator", ctypes.c_int), ("home", ctypes.c_char_p)]
+
+    rt = ctypes.c_void_p()
+    opts = Options(str(world["gen"]).encode(), None, b"no-such-collection", None, 1, 0, str(world["home"]).encode())
+    st = lib.er_open(ctypes.byref(opts), ctypes.byref(rt))
+    assert lib.er_status_name(st) == b"ER_NO_COLLECTION" and rt.value is None
+    assert b"no-such-collection" in lib.er_last_error()
+    assert lib.er_open(None, None) == 1  # ER_INVALID_ARGUMENT

@@ -55,13 +55,14 @@ typedef enum er_status {
 typedef struct er_runtime er_runtime;
 
 typedef struct er_options {
-    const char *generator_bundle;  /* NULL: the default engine (built on first use) */
+    const char *generator_bundle;  /* NULL: the default engine (built on first use: minutes) */
     const char *embedder_bundle;   /* NULL: the one the collection was built with, else the default */
     const char *collection;        /* NULL: "default" */
     const char *backend;           /* NULL: "auto"; or "onnxruntime", "cuda", "tensorrt" */
     int threads;                   /* CPU threads for onnxruntime; 0: all cores */
     int load_generator;            /* non-zero: load the generator now instead of at the first ask */
-    const char *home;              /* NULL: $EDGE_RAG_HOME or ~/.edge-rag (state root) */
+    const char *home;              /* NULL: $EDGE_RAG_HOME or ~/.edge-rag (state root); set: sets
+                                      EDGE_RAG_HOME for the whole process */
 } er_options;
 
 #define ER_OPTIONS_INIT {NULL, NULL, NULL, NULL, 0, 0, NULL}
