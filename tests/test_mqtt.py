@@ -97,16 +97,18 @@ def runtime(tmp_path_factory):
     os.environ["EDGE_RAG_HOME"] = str(root / "home")
     gen_path = make_tiny_bundle(root / "gen", tiny_hf_model("llama", seed=0, max_position=2048), "fp32", forms=("ort",),
                                 max_context=2048, max_batch=8)
-    emb = Embedder.from_bundle(make_tiny_embedder_bundle(root / "emb"))
+    emb_path = make_tiny_embedder_bundle(root / "emb")
+    emb = Embedder.from_bundle(emb_path)
     docs = root / "docs"
     docs.mkdir()
     (docs / "controller.md").write_text(MANUAL)
     try:
-        ingest(docs, embedder=emb, progress=False)
+        ingest(docs, embedder=emb, progress=False, embedder_path=str(Path(emb_path).resolve()))
         gen = Generator.from_bundle(gen_path, backend="onnxruntime", threads=1)
         rt = EdgeRuntime("default", embedder=emb, generator=gen)
         # the Python API's answers, one question at a time: what MQTT must deliver
         rt.expected = {q: rt.ask(q, max_tokens=MAX_TOKENS).to_dict() for q in QUESTIONS}
+        rt.paths = {"gen": gen_path, "home": root / "home"}
         yield rt
         rt.close()
         gen.close()
@@ -325,3 +327,33 @@ def test_cli_errors_are_one_line(monkeypatch):
 
     assert main(["mqtt", "--broker", "localhost:99999"]) == 2
     assert main(["mqtt", "--broker", "localhost", "--keyfile", "/nonexistent.key"]) == 2
+
+
+@needs_broker
+def test_cli_serves_and_stops_on_sigterm(runtime, broker):
+    """`edge-rag mqtt` as a user runs it: answers, then SIGTERM -> exit 0 and a retained offline status."""
+    import signal
+
+    env = dict(os.environ, EDGE_RAG_HOME=str(runtime.paths["home"]), PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from edge.cli import main; sys.exit(main())", "mqtt", "--broker", f"127.0.0.1:{broker.port}",
+                             "--engine", str(runtime.paths["gen"]), "--threads", "1", "--topic-prefix", "edge-rag"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a = Asker(broker.port)
+    try:
+        a.subscribe("edge-rag/status")
+        deadline = time.time() + 120
+        while {"state": "online"} not in a.replies.get("edge-rag/status", []):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "no online status"
+            time.sleep(0.1)
+        a.ask({"question": QUESTIONS[0], "max_tokens": MAX_TOKENS}, correlation=b"cli")
+        _check_stream(a.wait_final(b"cli"), runtime.expected[QUESTIONS[0]])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read()
+        deadline = time.time() + 10
+        while a.replies["edge-rag/status"][-1] != {"state": "offline"} and time.time() < deadline:
+            time.sleep(0.05)
+        assert a.replies["edge-rag/status"][-1] == {"state": "offline"}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        a.close()
