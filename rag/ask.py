@@ -1,4 +1,10 @@
-"""Ask: retrieve -> relevance gate -> prompt -> stream the generator -> answer + sources + timings.
+"""Ask: retrieve -> relevance gate -> prompt -> stream the generator (citations filtered) ->
+grounding check -> answer + sources + timings.
+
+The prompt and decoding come from the generator's `AnswerRecipe` (rag.prompt.recipe_for: passages,
+answer budget, repetition penalty), greedy. Citations of passages that do not exist never reach
+the user (rag.ground.CitationFilter); an answer that neither cites nor overlaps the passages is
+followed by a note quoting the closest passage (`grounded: false`).
 
 Timings (milliseconds, wall clock in this process):
     retrieval  embed the question + vector search + keyword search + fusion
@@ -14,7 +20,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from rag.prompt import Prompt, build_prompt, cited_numbers, sources
+from rag.ground import CitationFilter, fallback_note, ground
+from rag.prompt import AnswerRecipe, Prompt, build_prompt, cited_numbers, recipe_for, sources
+from rag.retrieve import keyword_coverage
 from rag.retrieve import Retrieval, Retriever
 
 NOT_COVERED = "The documents do not cover this question."
@@ -31,27 +39,38 @@ class Answer:
     n_prompt_tokens: int = 0
     n_answer_tokens: int = 0
     notes: list[str] = field(default_factory=list)
+    grounded: bool | None = None  # None: not generated (refused)
+    model_text: str = ""  # what the model wrote, before the grounding note
+    invalid_citations: list[int] = field(default_factory=list)  # dropped: no such passage
+    support: float = 0.0  # the best passage's share of the answer's content terms (rag.ground)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def sampling_params(max_tokens: int, **kw):
-    """Greedy decoding with a mild repetition penalty: factual answers from a small model."""
+def sampling_params(max_tokens: int, recipe: AnswerRecipe | None = None, **kw):
+    """Greedy decoding with the recipe's repetition penalty (1.0: measured best for facts)."""
     from edge.runtime.sampler import SamplingParams
 
-    fields = getattr(SamplingParams, "__dataclass_fields__", {})
-    args = {"max_tokens": max_tokens, "temperature": 0.0, "repetition_penalty": 1.1, **kw}
-    return SamplingParams(**{k: v for k, v in args.items() if not fields or k in fields})
+    rp = recipe.repetition_penalty if recipe is not None else 1.0
+    return SamplingParams(**{"max_tokens": max_tokens, "temperature": 0.0, "repetition_penalty": rp, **kw})
+
+
+def generator_recipe(generator) -> AnswerRecipe:
+    """The recipe for a loaded generator, from its bundle manifest's model section."""
+    bundle = getattr(generator, "bundle", None)
+    manifest = getattr(bundle, "manifest", None) or {}
+    return recipe_for(manifest.get("model") if isinstance(manifest, dict) else None)
 
 
 def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str = "hybrid",
-        max_tokens: int = 256, on_token: Callable[[str], None] | None = None, params=None,
-        gate: bool = True) -> Answer:
+        max_tokens: int | None = None, on_token: Callable[[str], None] | None = None, params=None,
+        gate: bool = True, recipe: AnswerRecipe | None = None) -> Answer:
     """Answer `question` from the collection behind `retriever` with `generator` (streams through
     `on_token`). With `gate`, an irrelevant retrieval answers NOT_COVERED without generating.
     `generator` may be a zero-argument callable returning one: it is called only past the gate
-    (its load time is reported as load_ms and counts in ttft)."""
+    (its load time is reported as load_ms; ttft_ms counts from after it). `max_tokens` None: the
+    recipe's answer budget."""
     t0 = time.perf_counter()
     r: Retrieval = retriever.search(question, k=k, mode=mode)
     t_ret = time.perf_counter()
@@ -63,33 +82,60 @@ def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str
         timings.update(ttft_ms=(time.perf_counter() - t0) * 1e3, total_ms=(time.perf_counter() - t0) * 1e3)
         return Answer(question, NOT_COVERED, False, [], [], timings,
                       notes=[f"nothing relevant retrieved: {gate_info}"])
+    load_ms = 0.0
     if callable(generator) and not hasattr(generator, "stream"):
         tl = time.perf_counter()
         generator = generator()
-        timings["load_ms"] = (time.perf_counter() - tl) * 1e3
+        load_ms = (time.perf_counter() - tl) * 1e3
+        timings["load_ms"] = load_ms
         t_ret = time.perf_counter()
-    prompt: Prompt = build_prompt(question, r.hits, generator.tokenizer, int(generator.max_context), max_tokens)
+    recipe = recipe or generator_recipe(generator)
+    prompt: Prompt = build_prompt(question, r.hits, generator.tokenizer, int(generator.max_context), max_tokens,
+                                  recipe)
     t_prompt = time.perf_counter()
     timings["prompt_ms"] = (t_prompt - t_ret) * 1e3
-    params = params or sampling_params(max_tokens)
+    params = params or sampling_params(prompt.answer_tokens, recipe)
+    cites = CitationFilter(len(prompt.passages))
     parts: list[str] = []
     t_first = None
+
+    def emit(piece: str) -> None:
+        if piece:
+            parts.append(piece)
+            if on_token:
+                on_token(piece)
+
     for piece in generator.stream(prompt.messages, params):
         if t_first is None:
             t_first = time.perf_counter()
-        parts.append(piece)
-        if on_token:
-            on_token(piece)
+        emit(cites.feed(piece))
+    emit(cites.flush())
+    model_text = "".join(parts).strip()
+    cited = cited_numbers(model_text, len(prompt.passages))
+    g = ground(model_text, [p.text for p in prompt.passages], cited)
+    notes = list(prompt.notes) + g.notes
+    if cites.dropped:
+        notes.append(f"dropped citations of passages that do not exist: {sorted(set(cites.dropped))}")
+    text = model_text
+    if not g.grounded and prompt.passages:
+        best = max(prompt.passages, key=lambda p: keyword_coverage(question, p.text))
+        note = fallback_note(question, best.n, best.text, f"{best.hit.chunk.path}, {best.hit.chunk.location()}")
+        emit(note)
+        text = "".join(parts).strip()  # what was streamed
+        cited = [best.n]
     t_end = time.perf_counter()
-    text = "".join(parts).strip()
     t_first = t_first or t_end
-    timings.update(ttft_ms=(t_first - t0) * 1e3, generate_ms=(t_end - t_first) * 1e3, total_ms=(t_end - t0) * 1e3)
-    stats = getattr(generator, "stats", None) or getattr(generator, "last_stats", None)
+    # NOTE: ttft excludes the generator's load (and a first-use engine build inside it): load_ms says it
+    timings.update(ttft_ms=(t_first - t0) * 1e3 - load_ms, generate_ms=(t_end - t_first) * 1e3,
+                   total_ms=(t_end - t0) * 1e3)
+    stats = getattr(generator, "stats", None)
     if stats is not None:
-        timings["generator"] = stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
-    n_ans = len(generator.tokenizer.encode(text)) if text else 0
-    return Answer(question, text, True, sources(prompt, text), cited_numbers(text, len(prompt.passages)), timings,
-                  prompt.n_tokens, n_ans, prompt.notes)
+        timings["generator"] = stats.to_dict()
+    n_ans = len(generator.tokenizer.encode(model_text)) if model_text else 0
+    supported = [g.attributed] if g.attributed else []
+    return Answer(question, text, True, sources(prompt, text, supported), sorted(set(cited) | set(supported)),
+                  timings, prompt.n_tokens, n_ans, notes, g.grounded, model_text, list(cites.dropped),
+                  max(g.support, default=0.0))
 
 
 def format_sources(answer: Answer) -> str:

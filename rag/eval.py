@@ -82,7 +82,7 @@ def keyword_hits(answer: str, keywords: list[str]) -> tuple[bool, float]:
 
 
 def evaluate(items: list[EvalItem], retriever, *, k: int = 5, mode: str = "hybrid", generator=None,
-             max_tokens: int = 128, on_item=None) -> EvalResult:
+             max_tokens: int | None = None, on_item=None) -> EvalResult:
     """Run every question; `generator=None` scores retrieval only."""
     from rag.ask import ask
 
@@ -102,7 +102,7 @@ def evaluate(items: list[EvalItem], retriever, *, k: int = 5, mode: str = "hybri
                "retrieved": [h.chunk.citation() for h in r.hits], "relevant": r.relevant}
         if generator is not None:
             a = ask(it.question, retriever, generator, k=k, mode=mode, max_tokens=max_tokens)
-            ok, share = keyword_hits(a.text, it.keywords)
+            ok, share = keyword_hits(a.model_text, it.keywords)  # not the grounding note's quote
             kw_all += ok
             kw_share += share
             covered += a.covered

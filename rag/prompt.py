@@ -1,13 +1,20 @@
 """Prompt assembly: numbered passages inside the generator's context budget, and the mapping of
 the answer's [n] citations back to their sources.
 
+How `ask` prompts a model is an `AnswerRecipe` (system line, how many passages and how long,
+answer budget, repetition penalty), chosen per model by `recipe_for`. Every value in the
+recipes was measured with bench/bench_answers.py on two corpora (see the README's answer table);
+the chat template is always the model's own.
+
 Budget (tokens of the generator's own tokenizer, chat template included):
 
     max_context  >=  template + system + passages + question  +  answer_tokens
 
-Passages go in rank order; the first one that does not fit whole is cut at a word boundary
-when at least MIN_PASSAGE_TOKENS of room is left, and the rest are dropped. A question that
-leaves no room at all is a ContextLengthError.
+Passages go in rank order, the question after them (the order small models answer best). A
+passage longer than the recipe's `passage_tokens` is cut to the window of its sentences that
+holds the most question terms; the first passage that does not fit the context whole is cut
+the same way when at least MIN_PASSAGE_TOKENS of room is left, and the rest are dropped. A
+question that leaves no room at all is a ContextLengthError.
 """
 
 from __future__ import annotations
@@ -16,15 +23,44 @@ import re
 from dataclasses import dataclass, field
 
 from edge.errors import ContextLengthError
-from rag.retrieve import Hit
+from rag.retrieve import Hit, query_terms
 
-SYSTEM_PROMPT = (
-    "You are a technical assistant. Answer the question using only the numbered passages from the "
-    "user's documents. Cite every passage you use with its number in brackets, like [1]. If the "
-    "passages do not contain the answer, say that the documents do not cover it. Be brief."
-)
 MIN_PASSAGE_TOKENS = 32
 _CITE = re.compile(r"\[(\d+(?:\s*[,;]\s*\d+)*)\]")
+
+
+@dataclass(frozen=True)
+class AnswerRecipe:
+    """How `ask` prompts and decodes for one model (bench/bench_answers.py measures each field)."""
+
+    name: str
+    system: str
+    max_passages: int = 3  # the top passages shown to the model
+    passage_tokens: int = 256  # a longer passage is cut to its best window
+    answer_tokens: int = 128  # default answer budget (--max-tokens overrides)
+    repetition_penalty: float = 1.0  # 1.1 cost SmolLM2 facts (it avoids repeating the numbers it must quote)
+    instruction: str = "Answer with the specific fact from the passages and cite the passage number like [1]."
+
+
+SYSTEM_PROMPT = (
+    "You answer questions about the user's documents. Use only the numbered passages. Reply with the "
+    "specific fact asked for, quoting names, numbers and codes exactly as written, in one or two "
+    "sentences. If the passages do not contain the answer, say that the documents do not cover it."
+)
+
+# Measured per model size on the shipped manuals and the pydoc corpus (README, "Answers"):
+# the 135M model loses the fact when given more than one passage; 0.5B+ models use three.
+RECIPES = {
+    "tiny": AnswerRecipe("tiny", SYSTEM_PROMPT, max_passages=1, passage_tokens=256, answer_tokens=96),
+    "small": AnswerRecipe("small", SYSTEM_PROMPT, max_passages=3, passage_tokens=256, answer_tokens=128),
+}
+TINY_MAX_PARAMS = 300e6
+
+
+def recipe_for(model: dict | None) -> AnswerRecipe:
+    """The recipe for a generator's manifest `model` section (n_params decides; unknown: small)."""
+    n = (model or {}).get("n_params") or 0
+    return RECIPES["tiny"] if 0 < n <= TINY_MAX_PARAMS else RECIPES["small"]
 
 
 @dataclass
@@ -53,18 +89,19 @@ class Prompt:
     n_tokens: int  # the whole prompt, template included
     max_context: int
     answer_tokens: int
-    dropped: int = 0  # retrieved hits that did not fit
+    dropped: int = 0  # retrieved hits that were not shown (recipe limit or context)
     notes: list[str] = field(default_factory=list)
+    recipe: AnswerRecipe | None = None
 
 
-def user_message(question: str, passages: list[Passage]) -> str:
+def user_message(question: str, passages: list[Passage], instruction: str) -> str:
     body = "\n\n".join(p.block() for p in passages) if passages else "(no passages)"
-    return (f"Passages:\n\n{body}\n\nQuestion: {question.strip()}\n"
-            "Answer from the passages above only, citing them like [1].")
+    return f"Passages:\n\n{body}\n\nQuestion: {question.strip()}\n{instruction}"
 
 
-def messages_for(question: str, passages: list[Passage], system: str = SYSTEM_PROMPT) -> list[dict]:
-    return [{"role": "system", "content": system}, {"role": "user", "content": user_message(question, passages)}]
+def messages_for(question: str, passages: list[Passage], recipe: AnswerRecipe) -> list[dict]:
+    return [{"role": "system", "content": recipe.system},
+            {"role": "user", "content": user_message(question, passages, recipe.instruction)}]
 
 
 def count_prompt_tokens(tokenizer, messages: list[dict]) -> int:
@@ -98,10 +135,41 @@ def _cut_to_tokens(tokenizer, text: str, budget: int) -> str:
     return " ".join(words[:lo]).rstrip() + " ..."
 
 
-def build_prompt(question: str, hits: list[Hit], tokenizer, max_context: int, answer_tokens: int = 256,
-                 system: str = SYSTEM_PROMPT) -> Prompt:
-    """Fit as many passages as the context allows (see the module docstring)."""
-    base = count_prompt_tokens(tokenizer, messages_for(question, [], system))
+def best_window(tokenizer, text: str, question: str, budget: int) -> str:
+    """The run of consecutive sentences of `text`, within `budget` tokens, that holds the most
+    distinct question terms (ties: the earliest). Cut with ' ... ' marks where text was left out."""
+    if _encode_len(tokenizer, text) <= budget:
+        return text
+    terms = query_terms(question)
+    spans = [(m.start(), m.end()) for m in re.finditer(r".+?(?:(?<=[.!?:;])\s+|\n+|$)", text, re.S) if m.group().strip()]
+    if not spans or not terms:
+        return _cut_to_tokens(tokenizer, text, budget)
+    lens = [_encode_len(tokenizer, text[a:b]) for a, b in spans]
+    best, best_score = (0, 0), -1
+    for i in range(len(spans)):
+        used, j = 0, i
+        while j < len(spans) and used + lens[j] <= budget - 4:
+            used += lens[j]
+            j += 1
+        if j == i:
+            continue
+        low = text[spans[i][0]:spans[j - 1][1]].lower()
+        score = sum(1 for t in terms if t in low)
+        if score > best_score:
+            best, best_score = (i, j), score
+    i, j = best
+    if j == i:
+        return _cut_to_tokens(tokenizer, text, budget)
+    out = text[spans[i][0]:spans[j - 1][1]].strip()
+    return ("... " if i > 0 else "") + out + (" ..." if j < len(spans) else "")
+
+
+def build_prompt(question: str, hits: list[Hit], tokenizer, max_context: int, answer_tokens: int | None = None,
+                 recipe: AnswerRecipe | None = None) -> Prompt:
+    """Fit up to `recipe.max_passages` passages into the context (see the module docstring)."""
+    recipe = recipe or RECIPES["small"]
+    answer_tokens = int(answer_tokens or recipe.answer_tokens)
+    base = count_prompt_tokens(tokenizer, messages_for(question, [], recipe))
     room = max_context - answer_tokens - base
     if room < 0:
         qt = _encode_len(tokenizer, question)
@@ -112,8 +180,9 @@ def build_prompt(question: str, hits: list[Hit], tokenizer, max_context: int, an
     passages: list[Passage] = []
     used = 0
     notes: list[str] = []
-    for i, h in enumerate(hits):
-        p = Passage(len(passages) + 1, h, h.chunk.text)
+    for h in hits[: recipe.max_passages]:
+        text = best_window(tokenizer, h.chunk.text, question, recipe.passage_tokens)
+        p = Passage(len(passages) + 1, h, text, truncated=text != h.chunk.text)
         cost = _encode_len(tokenizer, p.block()) + 2  # + the blank line joining blocks
         if used + cost <= room:
             passages.append(p)
@@ -121,18 +190,18 @@ def build_prompt(question: str, hits: list[Hit], tokenizer, max_context: int, an
             continue
         left = room - used - (_encode_len(tokenizer, Passage(p.n, h, "").block()) + 4)
         if left >= MIN_PASSAGE_TOKENS:
-            p.text, p.truncated = _cut_to_tokens(tokenizer, h.chunk.text, left), True
+            p.text, p.truncated = best_window(tokenizer, h.chunk.text, question, left), True
             passages.append(p)
             notes.append(f"passage [{p.n}] cut to fit the context")
         break
     # Exact check with the template (token merges across boundaries can differ by a few).
-    msgs = messages_for(question, passages, system)
+    msgs = messages_for(question, passages, recipe)
     n = count_prompt_tokens(tokenizer, msgs)
     while passages and n + answer_tokens > max_context:
         passages.pop()
-        msgs = messages_for(question, passages, system)
+        msgs = messages_for(question, passages, recipe)
         n = count_prompt_tokens(tokenizer, msgs)
-    return Prompt(msgs, passages, n, max_context, answer_tokens, len(hits) - len(passages), notes)
+    return Prompt(msgs, passages, n, max_context, answer_tokens, len(hits) - len(passages), notes, recipe)
 
 
 def cited_numbers(answer: str, n_passages: int) -> list[int]:
@@ -146,9 +215,15 @@ def cited_numbers(answer: str, n_passages: int) -> list[int]:
     return out
 
 
-def sources(prompt: Prompt, answer: str) -> list[dict]:
-    """Every passage given to the model, in passage order, marked `cited` when the answer cites it."""
-    cited = cited_numbers(answer, len(prompt.passages))
+def all_cited_numbers(answer: str) -> list[int]:
+    """Every number cited in brackets, valid or not (what citation validity is measured on)."""
+    return [int(x) for m in _CITE.finditer(answer) for x in re.split(r"\s*[,;]\s*", m.group(1))]
+
+
+def sources(prompt: Prompt, answer: str, supported_by: list[int] | None = None) -> list[dict]:
+    """Every passage given to the model, in passage order, marked `cited` when the answer cites it
+    (or when `supported_by` names it: the grounding check attributed the answer to it)."""
+    cited = set(cited_numbers(answer, len(prompt.passages))) | set(supported_by or ())
     out = []
     for p in prompt.passages:
         c = p.hit.chunk

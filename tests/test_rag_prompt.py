@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from test_rag_fakes import HashEmbedder  # noqa: E402
 from edge.errors import ContextLengthError  # noqa: E402
 from rag.ask import NOT_COVERED, ask, format_sources  # noqa: E402
 from rag.ingest import ingest  # noqa: E402
-from rag.prompt import build_prompt, cited_numbers, count_prompt_tokens  # noqa: E402
+from rag.ground import CitationFilter, ground, support  # noqa: E402
+from rag.prompt import RECIPES, best_window, build_prompt, cited_numbers, count_prompt_tokens, recipe_for  # noqa: E402
 from rag.retrieve import Hit, Retriever  # noqa: E402
 from rag.store import ChunkRow  # noqa: E402
 
@@ -46,23 +48,50 @@ def hit(i: int, words: int, path: str = "m.md") -> Hit:
     return Hit(ChunkRow(i, 1, path, "line", i, text, f"H{i}", 10 * i, 10 * i + 4, 0, len(text), words), 1.0 / i)
 
 
+WIDE = replace(RECIPES["small"], max_passages=10, passage_tokens=1000)
+
+
 def test_passages_fill_the_budget_in_rank_order():
     tok = WordTokenizer()
     hits = [hit(i, 60) for i in range(1, 8)]
-    p = build_prompt("What is w?", hits, tok, max_context=400, answer_tokens=100)
+    p = build_prompt("What is w?", hits, tok, max_context=400, answer_tokens=100, recipe=WIDE)
     assert p.n_tokens == count_prompt_tokens(tok, p.messages) and p.n_tokens + 100 <= 400
     assert [x.hit.chunk.id for x in p.passages] == list(range(1, len(p.passages) + 1))
     assert 2 <= len(p.passages) < 7 and p.dropped == 7 - len(p.passages)
     user = p.messages[1]["content"]
-    assert "[1] (m.md, lines 10-14) H1" in user and user.rstrip().endswith("citing them like [1].")
+    assert "[1] (m.md, lines 10-14) H1" in user and user.rstrip().endswith(WIDE.instruction)
+    # the question comes after the passages
+    assert user.index("Question: What is w?") > user.index("[2] (m.md")
     # with a bigger context everything fits, untruncated
-    p2 = build_prompt("What is w?", hits, tok, max_context=4000, answer_tokens=100)
+    p2 = build_prompt("What is w?", hits, tok, max_context=4000, answer_tokens=100, recipe=WIDE)
     assert len(p2.passages) == 7 and not any(x.truncated for x in p2.passages)
+
+
+def test_the_recipe_caps_passages_and_answer_budget():
+    tok = WordTokenizer()
+    hits = [hit(i, 20) for i in range(1, 8)]
+    p = build_prompt("What is w?", hits, tok, max_context=4000)
+    assert len(p.passages) == RECIPES["small"].max_passages == 3 and p.dropped == 4
+    assert p.answer_tokens == RECIPES["small"].answer_tokens
+    tiny = build_prompt("What is w?", hits, tok, max_context=4000, recipe=RECIPES["tiny"])
+    assert len(tiny.passages) == 1
+    assert recipe_for({"n_params": 134_515_008}) is RECIPES["tiny"]
+    assert recipe_for({"n_params": 494_032_768}) is RECIPES["small"] and recipe_for(None) is RECIPES["small"]
+
+
+def test_a_long_passage_keeps_the_window_that_matches_the_question():
+    tok = WordTokenizer()
+    filler = " ".join(f"Filler sentence {i} says nothing." for i in range(60))
+    text = filler + " The coolant pump part number is KS-PMP-9. " + filler
+    out = best_window(tok, text, "What is the coolant pump part number?", 40)
+    assert "KS-PMP-9" in out and out.startswith("... ") and out.endswith(" ...")
+    assert len(tok.encode(out)) <= 44
+    assert best_window(tok, "short text.", "anything", 40) == "short text."
 
 
 def test_a_passage_is_cut_to_fit():
     tok = WordTokenizer()
-    p = build_prompt("q?", [hit(1, 30), hit(2, 500)], tok, max_context=300, answer_tokens=50)
+    p = build_prompt("q?", [hit(1, 30), hit(2, 500)], tok, max_context=300, answer_tokens=50, recipe=WIDE)
     assert len(p.passages) == 2 and p.passages[1].truncated and p.passages[1].text.endswith("...")
     assert p.n_tokens + 50 <= 300
 
@@ -76,6 +105,27 @@ def test_citations():
     assert cited_numbers("See [2] and [1, 3]; not [9] or [x]. Again [2].", 3) == [2, 1, 3]
     assert cited_numbers("no citations", 3) == []
 
+
+def test_citation_filter_drops_passages_that_do_not_exist_across_stream_pieces():
+    f = CitationFilter(3)
+    pieces = ["E-214 is low pressure [", "1]", " and [3, ", "7] but not [9]", " nor [12", "]. List [a] x[", "2"]
+    out = "".join(f.feed(p) for p in pieces) + f.flush()
+    assert out == "E-214 is low pressure [1] and [3] but not  nor . List [a] x[2"
+    assert f.dropped == [7, 9, 12]
+    # an unclosed bracket is plain text once it runs long or the line ends
+    g = CitationFilter(2)
+    assert g.feed("range [0 to 100 of the sensor\nnext") + g.flush() == "range [0 to 100 of the sensor\nnext"
+
+
+def test_grounding_attributes_uncited_answers_and_flags_inventions():
+    passages = ["E-214: LiDAR contamination, clean the window; the robot slows to 60 % speed.",
+                "E-300: fan stall in the battery bay."]
+    g = ground("E-214 means the LiDAR window is dirty; speed drops to 60 %.", passages, [])
+    assert g.grounded and g.attributed == 1 and g.support[0] > g.support[1]
+    assert ground("See [2].", passages, [2]).grounded is False  # citations alone carry no answer
+    bad = ground("The story provided by the user is about mechanical failures of engines.", passages, [])
+    assert not bad.grounded and bad.attributed is None
+    assert support("[1] [2] [3]", passages[0]) == 0.0
 
 @pytest.fixture
 def retriever(tmp_path):
@@ -95,6 +145,8 @@ def test_ask_streams_and_maps_citations(retriever):
     a = ask("What does E-214 mean?", retriever, gen, k=2, max_tokens=50, on_token=streamed.append)
     assert a.covered and "".join(streamed).strip() == a.text
     assert a.cited == [1] and a.sources[0]["cited"] and a.sources[0]["source"] == "docs/codes.md"
+    # [3, 9] named passages that were never shown: dropped from the stream, reported
+    assert "[3" not in a.text and a.invalid_citations == [3, 9] and a.grounded
     assert a.sources[0]["heading"] == "Codes > E-214"
     assert {"retrieval_ms", "ttft_ms", "total_ms"} <= set(a.timings)
     assert 0 <= a.timings["retrieval_ms"] <= a.timings["ttft_ms"] <= a.timings["total_ms"]
@@ -121,3 +173,15 @@ def test_ask_with_a_question_longer_than_the_context(retriever):
     with pytest.raises(ContextLengthError, match="exceed the generator's context of 300 tokens"):
         ask(q, retriever, gen, max_tokens=50)
     assert gen.calls == []
+
+
+def test_an_answer_not_in_the_passages_is_flagged_with_the_closest_quote(retriever):
+    gen = FakeGenerator(answer="[1] [2] [3]")
+    streamed: list[str] = []
+    a = ask("What does E-214 mean?", retriever, gen, k=2, on_token=streamed.append)
+    assert a.grounded is False and a.model_text == "[1] [2]"
+    assert "not backed by the passages" in a.text and "E-214: coolant pressure low" in a.text
+    assert "".join(streamed).strip() == a.text
+    invented = ask("What does E-214 mean?", retriever, FakeGenerator(answer="It is a story about dragons."), k=2)
+    assert invented.grounded is False and invented.text.startswith("It is a story about dragons.")
+    assert invented.cited and invented.sources[invented.cited[0] - 1]["cited"]

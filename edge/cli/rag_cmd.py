@@ -167,7 +167,7 @@ def ask(
     collection: str = typer.Option("default", "--collection", "-c"),
     engine: Optional[Path] = typer.Option(None, "--engine", help="Generator bundle (default: SmolLM2-135M INT4)"),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="Embedder bundle (default: the collection's)"),
-    max_tokens: int = typer.Option(256, "--max-tokens", help="Answer budget in tokens"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Answer budget in tokens (default: the model's answer recipe)"),
     backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, cuda or tensorrt (untested)"),
     as_json: bool = typer.Option(False, "--json", help="Print answer, sources and timings as JSON"),
     memory: bool = typer.Option(False, "--memory", help="Also print the memory each engine uses"),
@@ -205,8 +205,9 @@ def ask(
         if src:
             sys.stdout.write("\n" + src + "\n")
         t = ans.timings
+        load = f", engine load {t['load_ms'] / 1e3:.1f} s (not in first token)" if t.get("load_ms") else ""
         sys.stderr.write(f"[retrieval {t.get('retrieval_ms', 0):.0f} ms, first token {t.get('ttft_ms', 0):.0f} ms, "
-                         f"total {t.get('total_ms', 0):.0f} ms]\n")
+                         f"total {t.get('total_ms', 0):.0f} ms{load}]\n")
         if memory:
             _echo_json(rt.memory_report())
 
@@ -221,7 +222,7 @@ def eval_(
     engine: Optional[Path] = typer.Option(None, "--engine", help="Generator bundle"),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="Embedder bundle (default: the collection's)"),
     backend: str = typer.Option("auto", "--backend"),
-    max_tokens: int = typer.Option(128, "--max-tokens"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Answer budget (default: the model's answer recipe)"),
     as_json: bool = typer.Option(False, "--json", help="One JSON line per mode (with per-question details)"),
 ) -> None:
     """Retrieval recall@k and MRR; with generation, how often answers hold the expected keywords."""

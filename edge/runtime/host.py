@@ -152,7 +152,7 @@ class EdgeRuntime(Closing):
         with self.lock:
             return self.retriever.search(query, k=k, mode=mode)
 
-    def ask(self, question: str, *, k: int = 5, mode: str = "hybrid", max_tokens: int = 256,
+    def ask(self, question: str, *, k: int = 5, mode: str = "hybrid", max_tokens: int | None = None,
             on_token: Callable[[str], None] | None = None, gate: bool = True):
         from rag.ask import ask
 

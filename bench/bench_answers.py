@@ -1,0 +1,269 @@
+"""Answer quality: `ask` over two corpora, next to llama.cpp on the same GGUF and the same prompts.
+
+    python bench/bench_answers.py [--engine BUNDLE] [--corpus manuals,pydoc] [--peer] [--limit N]
+                                  [--passages N] [--threads 2] [--details out.jsonl]
+
+Corpora (each in its own collection, ingested with the default embedder, re-used when unchanged):
+  manuals  examples/manuals + examples/questions.jsonl (the shipped Kestrel manuals, 36 questions)
+  pydoc    examples/pydoc + examples/pydoc_questions.jsonl (pydoc text of 39 standard-library
+           modules, rendered by bench/pydoc_corpus.py; 32 questions), text nobody on the team wrote
+Each also gets UNCOVERED questions, which the documents do not answer.
+
+Per question: hybrid retrieval (k=5), then the engine's answer through rag.ask.ask (its recipe:
+passages, answer budget, greedy, repetition penalty), and, with --peer, llama.cpp
+(llama-cpp-python, greedy, the same repetition penalty and answer budget) on the GGUF the engine
+was built from, fed the very token ids of the same prompt, its raw text scored the same way.
+
+One JSON line per corpus and engine:
+  keyword_complete        share of answers holding every expected keyword (the model's own text)
+  keyword_complete_retrieved   the same over questions whose expected source was retrieved
+  citation_validity       share of [n] markers the model wrote that name a passage shown to it
+  cited_expected_source   share of answers citing (or attributed to) a passage from the expected file
+  grounded                share of answers the grounding check accepted (rag.ground)
+  refused_uncovered       share of uncovered questions refused (gate, or an answer saying so)
+  s_per_answer, ttft_ms   means over the answered questions
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CORPORA = {
+    "manuals": (ROOT / "examples" / "manuals", ROOT / "examples" / "questions.jsonl"),
+    "pydoc": (ROOT / "examples" / "pydoc", ROOT / "examples" / "pydoc_questions.jsonl"),
+}
+UNCOVERED = {
+    "manuals": ["Who won the football world cup in 1954?", "How do I bake sourdough bread?",
+                "What is the capital of Australia?", "How do I sort a list in Python?",
+                "Who wrote Pride and Prejudice?", "What is the boiling point of ethanol?"],
+    "pydoc": ["Who won the football world cup in 1954?", "How do I bake sourdough bread?",
+              "What is the capital of Australia?", "What does error E-214 mean on the Kestrel robot?",
+              "Who wrote Pride and Prejudice?", "How tall is Mount Everest?"],
+}
+REFUSAL_WORDS = ("do not cover", "does not cover", "don't cover", "not covered", "do not contain",
+                 "does not contain", "no information", "not mentioned", "cannot answer", "not provided")
+
+
+def emit(fig: str, **kw) -> None:
+    print(json.dumps({"figure": fig, "machine": f"{platform.machine()} {os.cpu_count()} cores", **kw}, default=str),
+          flush=True)
+
+
+class LlamaPeer:
+    """llama.cpp on the engine's source GGUF, fed token ids (greedy, same penalty and budget)."""
+
+    def __init__(self, gguf: str, threads: int, n_ctx: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)
+
+    def answer(self, ids: list[int], max_tokens: int, repetition_penalty: float) -> tuple[str, float, float]:
+        t0 = time.perf_counter()
+        ttft = None
+        parts = []
+        for ev in self.llm.create_completion(prompt=ids, max_tokens=max_tokens, temperature=0.0, top_k=1,
+                                             repeat_penalty=repetition_penalty, stream=True):
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            parts.append(ev["choices"][0]["text"])
+        return "".join(parts).strip(), (ttft or 0) * 1e3, time.perf_counter() - t0
+
+
+def score_text(text: str, n_passages: int, item) -> dict:
+    from rag.eval import keyword_hits
+    from rag.prompt import all_cited_numbers, cited_numbers
+
+    raw = all_cited_numbers(text)
+    valid = [v for v in raw if 1 <= v <= n_passages]
+    ok, share = keyword_hits(text, item.keywords)
+    return {"keywords_ok": ok, "keyword_share": share, "citations": len(raw), "valid_citations": len(valid),
+            "cited": cited_numbers(text, n_passages)}
+
+
+def refused(text: str) -> bool:
+    low = text.lower()
+    return any(w in low for w in REFUSAL_WORDS)
+
+
+def summarize(rows: list[dict], uncovered: list[dict]) -> dict:
+    n = len(rows)
+    ret = [r for r in rows if r["retrieved"]]
+    cits = sum(r["citations"] for r in rows)
+    out = {
+        "n": n,
+        "retrieved": len(ret),
+        "keyword_complete": round(sum(r["keywords_ok"] for r in rows) / max(n, 1), 4),
+        "keyword_complete_retrieved": round(sum(r["keywords_ok"] for r in ret) / max(len(ret), 1), 4),
+        "keyword_recall": round(sum(r["keyword_share"] for r in rows) / max(n, 1), 4),
+        "citation_validity": round(sum(r["valid_citations"] for r in rows) / cits, 4) if cits else None,
+        "answers_citing": round(sum(1 for r in rows if r["citations"]) / max(n, 1), 4),
+        "cited_expected_source": round(sum(r["cited_expected"] for r in rows) / max(n, 1), 4),
+        "refused_uncovered": round(sum(u["refused"] for u in uncovered) / max(len(uncovered), 1), 4),
+        "n_uncovered": len(uncovered),
+        "s_per_answer": round(statistics.mean(r["s"] for r in rows), 2) if rows else None,
+        "ttft_ms": round(statistics.mean(r["ttft_ms"] for r in rows), 1) if rows else None,
+    }
+    if rows and "grounded" in rows[0]:
+        out["grounded"] = round(sum(bool(r["grounded"]) for r in rows) / n, 4)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engine", default=None, help="generator bundle (default: the default generator)")
+    ap.add_argument("--corpus", default="manuals,pydoc")
+    ap.add_argument("--peer", action="store_true", help="also llama.cpp on the engine's source GGUF")
+    ap.add_argument("--peer-only", action="store_true", help="llama.cpp only (the engine's tokenizer builds the prompts)")
+    ap.add_argument("--gguf", default=None, help="the peer's GGUF (default: the engine's source)")
+    ap.add_argument("--limit", type=int, default=0, help="first N questions per corpus (0: all)")
+    ap.add_argument("--passages", type=int, default=0, help="override the recipe's passage count")
+    ap.add_argument("--passage-tokens", type=int, default=0)
+    ap.add_argument("--max-tokens", type=int, default=0, help="override the recipe's answer budget")
+    ap.add_argument("--repetition-penalty", type=float, default=0.0)
+    ap.add_argument("--system", default=None, help="override the recipe's system line")
+    ap.add_argument("--instruction", default=None, help="override the recipe's instruction line")
+    ap.add_argument("-k", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--details", default=None, help="write per-question rows (JSON lines) here")
+    args = ap.parse_args()
+
+    from edge.build.bundle import Bundle
+    from edge.engines import default_embedder_bundle, default_generator_bundle
+    from edge.runtime.embedder import Embedder
+    from edge.runtime.generator import Generator
+    from edge.runtime.tokenizer import Tokenizer
+    from rag.ask import ask, generator_recipe
+    from rag.eval import load_questions, source_matches
+    from rag.ingest import ingest
+    from rag.ground import ground
+    from rag.prompt import build_prompt, recipe_for
+    from rag.retrieve import Retriever
+
+    engine = Path(args.engine) if args.engine else default_generator_bundle(progress=True)
+    bundle = Bundle.open(engine, kind="generator", verify=False)
+    manifest = bundle.manifest
+    gen = None
+    if not args.peer_only:
+        gen = Generator.from_bundle(engine, backend="onnxruntime", threads=args.threads)
+        recipe = generator_recipe(gen)
+        tokenizer, max_context = gen.tokenizer, int(gen.max_context)
+    else:
+        recipe = recipe_for(manifest.get("model"))
+        tokenizer = Tokenizer.from_bundle(bundle)
+        max_context = int((manifest.get("limits") or {}).get("max_context", 4096))
+    over = {}
+    if args.passages:
+        over["max_passages"] = args.passages
+    if args.passage_tokens:
+        over["passage_tokens"] = args.passage_tokens
+    if args.max_tokens:
+        over["answer_tokens"] = args.max_tokens
+    if args.repetition_penalty:
+        over["repetition_penalty"] = args.repetition_penalty
+    if args.system is not None:
+        over["system"] = args.system
+    if args.instruction is not None:
+        over["instruction"] = args.instruction
+    recipe = replace(recipe, name=recipe.name + ("+" if over else ""), **over)
+    model_name = (manifest.get("model") or {}).get("name")
+    quant = manifest.get("quant") or {}
+    peer = None
+    if args.peer or args.peer_only:
+        gguf = args.gguf or (manifest.get("source") or {}).get("path")
+        if not gguf or not str(gguf).endswith(".gguf") or not Path(gguf).is_file():
+            sys.exit(f"no GGUF for the peer ({gguf!r}): pass --gguf")
+        peer = LlamaPeer(gguf, args.threads, max_context)
+    emb_path = default_embedder_bundle(progress=True)
+    emb = Embedder.from_bundle(emb_path)
+    details = open(args.details, "w") if args.details else None
+
+    for corpus in args.corpus.split(","):
+        docs, qfile = CORPORA[corpus]
+        coll = f"bench-answers-{corpus}"
+        rep = ingest(docs, embedder=emb, collection=coll, progress=False, embedder_path=str(emb_path))
+        items = load_questions(qfile)
+        if args.limit:
+            items = items[: args.limit]
+        rows = {"engine": [], "llama.cpp": []}
+        unc = {"engine": [], "llama.cpp": []}
+        with Retriever(emb, coll) as r:
+            for it in items:
+                res = r.search(it.question, k=args.k)
+                retrieved = any(source_matches(h.chunk.path, e) for h in res.hits for e in it.expected_sources)
+                prompt = build_prompt(it.question, res.hits, tokenizer, max_context, None, recipe)
+                shown_src = [p.hit.chunk.path for p in prompt.passages]
+
+                def cited_expected(nums: list[int]) -> bool:
+                    return any(source_matches(shown_src[n - 1], e) for n in nums for e in it.expected_sources)
+
+                base = {"question": it.question, "retrieved": retrieved,
+                        "shown_expected": any(source_matches(s, e) for s in shown_src for e in it.expected_sources),
+                        "prompt_tokens": prompt.n_tokens}
+                if gen is not None:
+                    t0 = time.perf_counter()
+                    a = ask(it.question, r, gen, k=args.k, recipe=recipe, gate=False)
+                    s = time.perf_counter() - t0
+                    sc = score_text(a.model_text, len(prompt.passages), it)
+                    sc["citations"] += len(a.invalid_citations)  # the filter dropped them before the user saw them
+                    row = {**base, **sc, "engine": "edge-rag", "answer": a.model_text, "s": s,
+                           "ttft_ms": a.timings["ttft_ms"], "grounded": a.grounded,
+                           "cited_expected": cited_expected(a.cited), "shown_citations_valid": True}
+                    rows["engine"].append(row)
+                    if details:
+                        details.write(json.dumps({"corpus": corpus, **row}) + "\n")
+                if peer is not None:
+                    ids = tokenizer.encode_chat(prompt.messages)
+                    text, ttft, s = peer.answer(ids, prompt.answer_tokens, recipe.repetition_penalty)
+                    sc = score_text(text, len(prompt.passages), it)
+                    g = ground(text, [p.text for p in prompt.passages], sc["cited"])
+                    row = {**base, **sc, "engine": "llama.cpp", "answer": text, "s": s, "ttft_ms": ttft,
+                           "grounded": g.grounded,
+                           "cited_expected": cited_expected(sc["cited"] or ([g.attributed] if g.attributed else []))}
+                    rows["llama.cpp"].append(row)
+                    if details:
+                        details.write(json.dumps({"corpus": corpus, **row}) + "\n")
+            for q in UNCOVERED[corpus]:
+                res = r.search(q, k=args.k)
+                if not res.relevant:
+                    for key in unc:
+                        unc[key].append({"question": q, "refused": True, "by": "gate"})
+                    continue
+                prompt = build_prompt(q, res.hits, tokenizer, max_context, None, recipe)
+                if gen is not None:
+                    a = ask(q, r, gen, k=args.k, recipe=recipe)
+                    unc["engine"].append({"question": q, "refused": refused(a.model_text), "by": "model",
+                                          "answer": a.model_text})
+                if peer is not None:
+                    text, _, _ = peer.answer(tokenizer.encode_chat(prompt.messages), prompt.answer_tokens,
+                                             recipe.repetition_penalty)
+                    unc["llama.cpp"].append({"question": q, "refused": refused(text), "by": "model", "answer": text})
+            if details:
+                for key, us in unc.items():
+                    for u in us:
+                        details.write(json.dumps({"corpus": corpus, "engine": key, "uncovered": True, **u}) + "\n")
+        for key, rs in rows.items():
+            if not rs:
+                continue
+            emit("answers", corpus=corpus, engine=key, model=model_name, quant=quant.get("recipe"),
+                 group_size=quant.get("group_size"), recipe=recipe.name, passages=recipe.max_passages,
+                 passage_tokens=recipe.passage_tokens, answer_tokens=recipe.answer_tokens,
+                 repetition_penalty=recipe.repetition_penalty, threads=args.threads,
+                 chunks=rep.total_chunks, **summarize(rs, unc[key]))
+    if details:
+        details.close()
+
+
+if __name__ == "__main__":
+    main()
