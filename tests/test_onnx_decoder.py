@@ -112,6 +112,31 @@ def test_int4_accuracy_level_4_stays_close(tmp_path):
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
 
 
+def _int8_head_model(tmp_path, monkeypatch, u8s8: str):
+    """The int4 tiny Llama with an int8 LM head, built as for a CPU whose u8s8 GEMM is `u8s8`."""
+    import onnx
+
+    monkeypatch.setenv("EDGE_RAG_U8S8", u8s8)
+    model = tiny_hf_model("llama", seed=3)
+    spec = hf_spec(model)
+    w = bundle_weights(model, "int4", 32)
+    assert "lm_head.qweight" in w and w["lm_head.qweight"].dtype == np.int8, sorted(w)[:5]
+    path = build_decoder_onnx(spec, w, {"recipe": "int4", "group_size": 32}, tmp_path / u8s8, "ort", accuracy_level=4)
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    return model, spec, path, ops
+
+
+@pytest.mark.parametrize("u8s8,head_op", [("exact", "DynamicQuantizeMatMul"), ("saturates", "MatMulNBits")])
+def test_int8_head_kernel_follows_the_cpu(tmp_path, monkeypatch, u8s8, head_op):
+    """On x86 without VNNI the int8 head is an 8-bit MatMulNBits (s8 activations), elsewhere the
+    faster u8s8 DynamicQuantizeMatMul; both stay close to the exact reference on this CPU."""
+    model, spec, path, ops = _int8_head_model(tmp_path, monkeypatch, u8s8)
+    assert (head_op == "DynamicQuantizeMatMul") == ("DynamicQuantizeMatMul" in ops)
+    ids = np.random.default_rng(3).integers(0, spec.vocab_size, 40)
+    got = run_ort_form(path, spec, ids, 8)
+    assert_close(got, reference_logits(reference_model(model, "int4", 32), ids, 8), 0.1, f"int8 head {head_op}")
+
+
 def test_graph_conventions(tmp_path):
     """Hierarchical node names, deduplicated constants, contrib ops in the ORT form only,
     INT4 block-wise DequantizeLinear (axis 0, no zero point) in the TRT form."""

@@ -17,6 +17,7 @@ and the TensorRT form is derived from them on the device (`forms=("ort", "trt")`
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,16 @@ class _Stages:
         self.task = None
 
     def __enter__(self):
+        self.t0 = time.perf_counter()
+        self.plain = False
         if self.enabled:
             from rich.console import Console
+
+            if not Console(stderr=True).is_terminal:
+                # NOTE: rich draws nothing when stderr is a pipe or a log file (`make demo | tee`,
+                # systemd): say each stage on its own line instead, with the time so far
+                self.plain = True
+                return self
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(
@@ -98,12 +107,19 @@ class _Stages:
         if self.progress is not None:
             self.progress.__exit__(*exc)
 
+    def _line(self, description: str | None) -> None:
+        if self.plain and description:
+            sys.stderr.write(f"  build: {description} ({time.perf_counter() - self.t0:.0f} s)\n")
+            sys.stderr.flush()
+
     def step(self, description: str | None = None, advance: int = 1) -> None:
+        self._line(description)
         if self.progress is not None:
             kw = {"description": description} if description else {}
             self.progress.update(self.task, advance=advance, **kw)
 
     def describe(self, description: str) -> None:
+        self._line(description)
         if self.progress is not None:
             self.progress.update(self.task, description=description)
 

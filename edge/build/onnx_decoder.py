@@ -250,6 +250,17 @@ def lm_head(g: Graph, x: str, head: Linear | None, tied_table: str | None, emit_
     return emit_linear(x, head, "lm_head")
 
 
+def int8_head_kernel(acc: int) -> str:
+    """The ORT kernel of an int8 LM head at accuracy level `acc`, chosen for the building CPU.
+
+    DynamicQuantizeMatMul (u8 activations x s8 weights, MLAS int8 GEMM) is the fast one but
+    saturates on x86 without VNNI (edge.cpu: relative logit error 0.276 vs 0.018 on a tiny model);
+    8-bit MatMulNBits quantizes activations to s8 and stays exact there (0.018 on both CPUs)."""
+    from edge.cpu import u8s8_exact
+
+    return "DynamicQuantizeMatMul" if acc == 4 and u8s8_exact() else "MatMulNBits"
+
+
 def _head(weights: dict[str, np.ndarray], spec: ModelSpec) -> Linear | None:
     """The LM head, or None for a tied float head (Gemm on the embedding table)."""
     if has_linear(weights, "lm_head"):
@@ -433,7 +444,7 @@ def build_ort(spec: ModelSpec, w: dict[str, np.ndarray], acc: int, n_pos: int, s
             wt, scope = _f32(w, "model.norm.weight"), "model/norm"
         h, residual = _skip_norm(g, m, residual, wt, scope.replace("model/", "model.").replace("/", ".") + ".weight", scope, eps)
     last = last_position(g, h, spec.hidden_size)
-    logits = lm_head(g, last, head, "model.embed_tokens.weight", emit, int8_dynamic=acc == 4)
+    logits = lm_head(g, last, head, "model.embed_tokens.weight", emit, int8_dynamic=int8_head_kernel(acc) == "DynamicQuantizeMatMul")
     g.output(soft_cap(g, logits, f.final_softcap, "lm_head/softcap"), "logits", TensorProto.FLOAT, ["batch", spec.vocab_size])
     return g
 
@@ -616,6 +627,7 @@ def build_decoder_onnx(spec: ModelSpec, weights: dict[str, np.ndarray], quant: Q
     meta = {"max_context": str(n_pos), "form": form, "recipe": quant.recipe, "group_size": str(gs)}
     if form == "ort":
         meta["accuracy_level"] = str(acc)
+        meta["int8_head"] = int8_head_kernel(acc)  # a runtime on another CPU can check it (edge.cpu)
     for k, v in meta.items():
         model.metadata_props.add(key=k, value=v)
     out = Path(out_dir) / FORMS[form]
