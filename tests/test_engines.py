@@ -1,0 +1,60 @@
+"""edge.engines: the default generator chosen per profile, and what a first-use build says."""
+
+from __future__ import annotations
+
+import pytest
+
+import edge.engines as engines
+from edge.errors import ModelError
+from edge.models.spec import ModelSpec
+
+# Qwen2.5-Coder-0.5B-Instruct's shape (from its GGUF), SmolLM2-135M's
+QWEN05 = ModelSpec("qwen2", 24, 896, 4864, 14, 2, 64, 151936, 32768, tie_embeddings=True, attention_bias=True)
+SMOL = ModelSpec("llama", 30, 576, 1536, 9, 3, 64, 49152, 8192, tie_embeddings=True)
+
+
+@pytest.fixture
+def models(monkeypatch, tmp_path):
+    """Both candidates 'installed' (specs only); `installed` lists which resolve."""
+    monkeypatch.setenv("EDGE_RAG_HOME", str(tmp_path))
+    installed = {"qwen2.5-coder-0.5b-instruct-q4_k_m", "default"}
+    import edge.models.defaults as defaults
+    import edge.models.spec as spec_mod
+
+    def resolve(model):
+        if str(model) not in installed:
+            raise ModelError(f"{model} not installed")
+        return tmp_path / f"{model}.gguf"
+
+    monkeypatch.setattr(defaults, "resolve_model", resolve)
+    monkeypatch.setattr(spec_mod, "read_spec", lambda p: QWEN05 if "qwen" in str(p) else SMOL)
+    return installed
+
+
+def test_the_answer_model_is_qwen_where_it_fits(models, capsys):
+    for profile in ("cpu", "orin-nano-4gb", "orin-nano-8gb", "agx-orin-64gb"):
+        assert engines.choose_generator(profile) is engines.QWEN05, profile
+    # the join of the part packages is announced on stderr (it copies ~0.5 GB)
+    assert "joining the installed part packages" in capsys.readouterr().err
+
+
+def test_smollm2_when_the_qwen_parts_are_not_installed(models):
+    models.discard("qwen2.5-coder-0.5b-instruct-q4_k_m")
+    assert engines.choose_generator("orin-nano-8gb") is engines.SMOLLM2
+    models.clear()
+    with pytest.raises(ModelError, match="no default generator is installed"):
+        engines.choose_generator("cpu")
+
+
+def test_a_first_use_build_is_announced_on_stderr_even_without_a_terminal(models, monkeypatch, tmp_path, capsys):
+    import edge.build.generator as gen
+
+    built = []
+    monkeypatch.setattr(gen, "build_generator_bundle", lambda model, out, **kw: built.append((model, kw)))
+    out = engines.default_generator_bundle(progress=True, profile="cpu")
+    assert out.name == engines.QWEN05.bundle
+    assert built == [("qwen2.5-coder-0.5b-instruct-q4_k_m", {"profile": "cpu", "quant": "int8", "group_size": None,
+                                                            "context": 4096, "progress": True, "report": False})]
+    err = capsys.readouterr().err
+    assert "edge-rag: first use: building the Qwen2.5-Coder-0.5B-Instruct int8 engine" in err
+    assert "edge-rag: built Qwen2.5-Coder-0.5B-Instruct int8 in" in err
