@@ -126,32 +126,92 @@ def export_hf_tokenizer(folder: Path, out_dir: Path, spec: ModelSpec) -> Tokeniz
     return cfg
 
 
+# GGUF byte-level BPE pre-tokenizers we convert ourselves (tokenizer.ggml.pre -> split regex; None:
+# GPT-2's, inside ByteLevel), byte-identical to transformers' conversion (tests/test_readers.py)
+# and without it: transformers' GGUF reader imports torch, which the runtime and `make demo` skip.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+BPE_PRE_TOKENIZERS = {"qwen2": _QWEN2_SPLIT, "smollm": None, "gpt2": None, "default": None}
+_CONTROL, _USER_DEFINED = 3, 4  # GGUF token types
+
+
+def gguf_bpe_tokenizer(path: Path):
+    """A `tokenizers.Tokenizer` from a GGUF's byte-level BPE vocabulary, or None when the GGUF's
+    tokenizer is of another kind (SentencePiece) or pre-tokenizer (left to transformers)."""
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    r = GGUFReader(str(path))
+
+    def strings(key: str) -> list[str]:
+        f = r.fields[key]
+        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+
+    def scalar(key: str, default=None):
+        f = r.fields.get(key)
+        if f is None:
+            return default
+        v = f.parts[f.data[0]]
+        return bytes(v).decode("utf-8") if f.types[0].name == "STRING" else v.tolist()[0]
+
+    pre = scalar("tokenizer.ggml.pre", "default")
+    if scalar("tokenizer.ggml.model") != "gpt2" or pre not in BPE_PRE_TOKENIZERS or "tokenizer.ggml.merges" not in r.fields:
+        return None
+    tokens = strings("tokenizer.ggml.tokens")
+    f = r.fields["tokenizer.ggml.token_type"]
+    types = [int(f.parts[i][0]) for i in f.data]
+    merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
+                               byte_fallback=False, ignore_merges=False))
+    split = BPE_PRE_TOKENIZERS[pre]
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    tok.add_tokens([AddedToken(tokens[i], special=types[i] == _CONTROL, normalized=False)
+                    for i in range(len(tokens)) if types[i] in (_CONTROL, _USER_DEFINED)])
+    return tok
+
+
 def export_gguf_tokenizer(path: Path, out_dir: Path, spec: ModelSpec) -> TokenizerConfig:
-    """Build tokenizer.json from GGUF metadata (transformers' converter) and write both files."""
+    """Build tokenizer.json from GGUF metadata (our byte-level BPE converter, else transformers')
+    and write both files."""
     from edge.models.gguf import gguf_tokenizer_metadata
 
     path = Path(path)
     meta = gguf_tokenizer_metadata(path)
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise ModelError("building a tokenizer from a GGUF file needs transformers", fix="pip install 'edge-rag[dev]'") from None
-    with tempfile.TemporaryDirectory() as tmp:
+    own = gguf_bpe_tokenizer(path)
+    tok = pad = None
+    if own is not None:
+        own.save(str(Path(out_dir) / "tokenizer.json"))
+        from gguf import GGUFReader
+
+        f = GGUFReader(str(path)).fields.get("tokenizer.ggml.padding_token_id")
+        pad = own.id_to_token(int(f.parts[f.data[0]][0])) if f is not None else None
+    else:
         try:
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            tok.save_pretrained(tmp)
-        except Exception as e:  # converter errors are untyped; name the tokenizer model
-            raise ModelError(
-                f"{path}: cannot convert the GGUF tokenizer (model {meta.get('model')!r}: {type(e).__name__}: {str(e)[:120]})",
-                fix="use the Hugging Face folder of the model, which has tokenizer.json",
-            ) from None
-        shutil.copyfile(Path(tmp) / "tokenizer.json", Path(out_dir) / "tokenizer.json")
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ModelError("building this GGUF's tokenizer needs transformers", fix="pip install 'edge-rag[dev]'") from None
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                tok.save_pretrained(tmp)
+            except Exception as e:  # converter errors are untyped; name the tokenizer model
+                raise ModelError(
+                    f"{path}: cannot convert the GGUF tokenizer (model {meta.get('model')!r}: {type(e).__name__}: {str(e)[:120]})",
+                    fix="use the Hugging Face folder of the model, which has tokenizer.json",
+                ) from None
+            shutil.copyfile(Path(tmp) / "tokenizer.json", Path(out_dir) / "tokenizer.json")
     cfg = TokenizerConfig(
         bos_token=meta["bos_token"],
         eos_token=meta["eos_token"],
         bos_token_id=meta["bos_token_id"],
         eos_token_id=meta["eos_token_id"],
-        pad_token=_token_str(getattr(tok, "pad_token", None)),
+        pad_token=pad if own is not None else _token_str(getattr(tok, "pad_token", None)),
         add_bos_token=meta["add_bos_token"],
         chat_template=meta["chat_template"],
         source="gguf",
