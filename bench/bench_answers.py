@@ -3,7 +3,7 @@
     python bench/bench_answers.py [--engine BUNDLE] [--corpus manuals,pydoc] [--peer] [--limit N]
                                   [--passages N] [--threads 2] [--details out.jsonl]
 
-Corpora (each in its own collection, ingested with the default embedder, re-used when unchanged):
+Corpora (each in its own collection, ingested afresh with the default embedder):
   manuals  examples/manuals + examples/questions.jsonl (the shipped Kestrel manuals, 36 questions)
   pydoc    examples/pydoc + examples/pydoc_questions.jsonl (pydoc text of 39 standard-library
            modules, rendered by bench/pydoc_corpus.py; 32 questions), text nobody on the team wrote
@@ -192,7 +192,7 @@ def main() -> None:
     for corpus in args.corpus.split(","):
         docs, qfile = CORPORA[corpus]
         coll = f"bench-answers-{corpus}"
-        rep = ingest(docs, embedder=emb, collection=coll, progress=False, embedder_path=str(emb_path))
+        rep = ingest(docs, embedder=emb, collection=coll, rebuild=True, progress=False, embedder_path=str(emb_path))
         items = load_questions(qfile)
         if args.limit:
             items = items[: args.limit]
