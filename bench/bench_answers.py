@@ -136,10 +136,13 @@ def main() -> None:
     ap.add_argument("--instruction", default=None, help="override the recipe's instruction line")
     ap.add_argument("-k", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peer-threads", type=int, default=0, help="llama.cpp threads (default --threads; on a loaded "
+                    "machine 1 is faster: its threads spin at barriers)")
     ap.add_argument("--details", default=None, help="write per-question rows (JSON lines) here")
     args = ap.parse_args()
 
-    from edge.build.bundle import Bundle
+    from edge.bundle import Bundle
+    from edge.models.spec import ModelSpec
     from edge.engines import default_embedder_bundle, default_generator_bundle
     from edge.runtime.embedder import Embedder
     from edge.runtime.generator import Generator
@@ -160,9 +163,9 @@ def main() -> None:
         recipe = generator_recipe(gen)
         tokenizer, max_context = gen.tokenizer, int(gen.max_context)
     else:
-        recipe = recipe_for(manifest.get("model"))
+        recipe = recipe_for(ModelSpec.from_dict(manifest.model).n_params)
         tokenizer = Tokenizer.from_bundle(bundle)
-        max_context = int((manifest.get("limits") or {}).get("max_context", 4096))
+        max_context = int(manifest.limits.max_context)
     over = {}
     if args.passages:
         over["max_passages"] = args.passages
@@ -177,14 +180,14 @@ def main() -> None:
     if args.instruction is not None:
         over["instruction"] = args.instruction
     recipe = replace(recipe, name=recipe.name + ("+" if over else ""), **over)
-    model_name = (manifest.get("model") or {}).get("name")
-    quant = manifest.get("quant") or {}
+    model_name = manifest.model.get("name")
+    quant = manifest.quant
     peer = None
     if args.peer or args.peer_only:
-        gguf = args.gguf or (manifest.get("source") or {}).get("path")
+        gguf = args.gguf or (manifest.source or {}).get("path")
         if not gguf or not str(gguf).endswith(".gguf") or not Path(gguf).is_file():
             sys.exit(f"no GGUF for the peer ({gguf!r}): pass --gguf")
-        peer = LlamaPeer(gguf, args.threads, max_context)
+        peer = LlamaPeer(gguf, args.peer_threads or args.threads, max_context)
     emb_path = default_embedder_bundle(progress=True)
     emb = Embedder.from_bundle(emb_path)
     details = open(args.details, "w") if args.details else None
@@ -256,10 +259,11 @@ def main() -> None:
         for key, rs in rows.items():
             if not rs:
                 continue
-            emit("answers", corpus=corpus, engine=key, model=model_name, quant=quant.get("recipe"),
-                 group_size=quant.get("group_size"), recipe=recipe.name, passages=recipe.max_passages,
+            emit("answers", corpus=corpus, engine=key, model=model_name, quant=quant.recipe,
+                 group_size=quant.group_size, recipe=recipe.name, passages=recipe.max_passages,
                  passage_tokens=recipe.passage_tokens, answer_tokens=recipe.answer_tokens,
-                 repetition_penalty=recipe.repetition_penalty, threads=args.threads,
+                 repetition_penalty=recipe.repetition_penalty,
+                 threads=args.threads if key == "engine" else args.peer_threads or args.threads,
                  chunks=rep.total_chunks, **summarize(rs, unc[key]))
     if details:
         details.close()

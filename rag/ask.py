@@ -57,10 +57,13 @@ def sampling_params(max_tokens: int, recipe: AnswerRecipe | None = None, **kw):
 
 
 def generator_recipe(generator) -> AnswerRecipe:
-    """The recipe for a loaded generator, from its bundle manifest's model section."""
+    """The recipe for a loaded generator, from its bundle manifest's model (fakes without one: small)."""
     bundle = getattr(generator, "bundle", None)
-    manifest = getattr(bundle, "manifest", None) or {}
-    return recipe_for(manifest.get("model") if isinstance(manifest, dict) else None)
+    if bundle is None:
+        return recipe_for(None)
+    from edge.models.spec import ModelSpec
+
+    return recipe_for(ModelSpec.from_dict(bundle.manifest.model).n_params)
 
 
 def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str = "hybrid",

@@ -57,10 +57,9 @@ RECIPES = {
 TINY_MAX_PARAMS = 300e6
 
 
-def recipe_for(model: dict | None) -> AnswerRecipe:
-    """The recipe for a generator's manifest `model` section (n_params decides; unknown: small)."""
-    n = (model or {}).get("n_params") or 0
-    return RECIPES["tiny"] if 0 < n <= TINY_MAX_PARAMS else RECIPES["small"]
+def recipe_for(n_params: int | None) -> AnswerRecipe:
+    """The recipe for a generator of `n_params` parameters (unknown: small)."""
+    return RECIPES["tiny"] if n_params and n_params <= TINY_MAX_PARAMS else RECIPES["small"]
 
 
 @dataclass

@@ -75,8 +75,8 @@ def test_the_recipe_caps_passages_and_answer_budget():
     assert p.answer_tokens == RECIPES["small"].answer_tokens
     tiny = build_prompt("What is w?", hits, tok, max_context=4000, recipe=RECIPES["tiny"])
     assert len(tiny.passages) == 1
-    assert recipe_for({"n_params": 134_515_008}) is RECIPES["tiny"]
-    assert recipe_for({"n_params": 494_032_768}) is RECIPES["small"] and recipe_for(None) is RECIPES["small"]
+    assert recipe_for(134_515_008) is RECIPES["tiny"]
+    assert recipe_for(494_032_768) is RECIPES["small"] and recipe_for(None) is RECIPES["small"]
 
 
 def test_a_long_passage_keeps_the_window_that_matches_the_question():

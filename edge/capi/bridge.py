@@ -198,6 +198,7 @@ class _CallGenerator:
     def __init__(self, rt: Runtime, call: Call):
         self.gen = rt.generator()
         self.call = call
+        self.bundle = self.gen.bundle  # rag.ask picks the model's answer recipe from it
         self.tokenizer = self.gen.tokenizer
         self.max_context = self.gen.max_context
         self.stats = None
