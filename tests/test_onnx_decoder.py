@@ -121,7 +121,7 @@ def _int8_head_model(tmp_path, monkeypatch, u8s8: str):
     spec = hf_spec(model)
     w = bundle_weights(model, "int4", 32)
     assert "lm_head.qweight" in w and w["lm_head.qweight"].dtype == np.int8, sorted(w)[:5]
-    path = build_decoder_onnx(spec, w, {"recipe": "int4", "group_size": 32}, tmp_path / u8s8, "ort", accuracy_level=4)
+    path = build_decoder_onnx(spec, w, Quant("int4", 32), tmp_path / u8s8, "ort", accuracy_level=4)
     ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
     return model, spec, path, ops
 

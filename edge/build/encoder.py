@@ -301,8 +301,13 @@ def _quantize_int8(src: Path, dst: Path) -> Quant:
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs advice (pre-processing) meant for CNNs
+    from edge.cpu import u8s8_exact
+
+    # 7-bit weights where the u8s8 GEMM saturates (x86 without VNNI; edge.cpu): |w| <= 64 keeps the
+    # int16 pair sum 2 x 255 x 64 below 32767 (ONNX Runtime's reduce_range)
+    reduce_range = not u8s8_exact()
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range,
                          op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=keep_fp32,
                          extra_options={"MatMulConstBOnly": True,
                                         # contrib-op outputs have no inferred type; they are all float32
@@ -310,7 +315,8 @@ def _quantize_int8(src: Path, dst: Path) -> Quant:
     finally:
         root.setLevel(level)
     return Quant(recipe="int8", method="SmoothQuant + onnxruntime.quantize_dynamic",
-                 details={"weights": "int8 per-channel symmetric", "activations": "uint8 dynamic per call",
+                 details={"weights": "int7 per-channel symmetric (reduce_range: no VNNI)" if reduce_range else "int8 per-channel symmetric",
+                          "activations": "uint8 dynamic per call",
                           "int8_linears": list(INT8_LINEARS), "smoothed": list(INT8_SMOOTHED), "smooth_alpha": INT8_SMOOTH_ALPHA})
 
 
