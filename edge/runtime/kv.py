@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from edge.errors import BackendError
+from edge.errors import BackendError, ContextLengthError
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -248,6 +248,34 @@ class BlockManager:
         """Block copies (src, dst) planned since the last call (contiguous layout)."""
         out, self._copies = self._copies, []
         return out
+
+    # ---- the per-sequence API of a session that allocates for itself (cuda's add_sequence /
+    # prefill / decode path): no prefix hashes, errors raised instead of False ------------------
+    def add(self, seq_id: int) -> None:
+        if self.admit(seq_id, [], 1) is None:
+            raise BackendError(f"{self.max_seqs} sequences are already live (max_batch)", fix="release a finished sequence first")
+
+    def append(self, seq_id: int, n: int) -> list[int]:
+        """Reserve `n` more tokens; their slots (positions length .. length + n - 1)."""
+        s = self._seq(seq_id)
+        start = s.length
+        if start + n > self.max_context:
+            raise ContextLengthError(f"sequence {seq_id}: {start} + {n} tokens exceed the context of {self.max_context}",
+                                     fix="shorten the prompt or build the engine with a larger --max-context")
+        if not self.grow(seq_id, start + n):
+            need = blocks_for(start + n, self.block_size) - len(s.blocks)
+            raise BackendError(f"KV cache pool exhausted: sequence {seq_id} needs {need} more blocks, {self.num_free} free",
+                               fix="lower the batch size or the context, or give the KV cache more memory")
+        return self.slots(seq_id, start, start + n)
+
+    def can_append(self, seq_id: int, n: int) -> bool:
+        return self.can_grow(seq_id, self._seq(seq_id).length + n)
+
+    release = free
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return self.blocks_per_seq
 
     # ---- views ----------------------------------------------------------------------
     def __contains__(self, seq_id: int) -> bool:

@@ -31,7 +31,7 @@ from edge.runtime.cuda.backend import CudaBackend, plan_limits
 from edge.runtime.cuda.backend import pool_blocks as plan_pool_blocks
 from edge.runtime.cuda.gemm import TcWorkspace, launch_tc, plan_tc
 from edge.runtime.cuda.layout import Linear
-from edge.runtime.cuda.paged_kv import BlockManager
+from edge.runtime.kv import BlockManager
 from edge.runtime.cuda.reference import rope_tables
 from edge.runtime.cuda.sampling import sample_top_p  # noqa: F401 (tests import it from here)
 from edge.runtime.cuda.weights import load_weights

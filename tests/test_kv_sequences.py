@@ -1,11 +1,11 @@
-"""Paged KV block manager (CPU only): exact block counts, slots, reuse, errors."""
+"""The KV block manager's per-sequence API (the cuda session's own path): exact block counts, slots, reuse, errors."""
 
 from __future__ import annotations
 
 import pytest
 
 from edge.errors import BackendError, ContextLengthError
-from edge.runtime.cuda.paged_kv import BlockManager, blocks_for, pool_blocks
+from edge.runtime.kv import BlockManager, blocks_for, pool_blocks
 
 
 def test_blocks_for_and_pool_size():
