@@ -171,3 +171,14 @@ def test_sequence_backend_adapter_equals_the_native_backend(bundle):
     p = SamplingParams(max_tokens=12, temperature=0)
     streams = [adapted.submit(x, p) for x in PROMPTS[:6]]  # more than its 4 sequences: some wait
     assert [s.text() for s in streams] == [native.generate(x, p) for x in PROMPTS[:6]]
+
+
+def test_a_vnni_built_head_warns_on_a_cpu_without_vnni(monkeypatch, capsys):
+    from edge.runtime.ort_session import warn_if_head_saturates
+
+    monkeypatch.setenv("EDGE_RAG_U8S8", "saturates")
+    assert "Rebuild" in warn_if_head_saturates({"int8_head": "DynamicQuantizeMatMul"}, "m.onnx")
+    assert "VNNI" in capsys.readouterr().err
+    assert warn_if_head_saturates({"int8_head": "MatMulNBits"}, "m.onnx") is None
+    monkeypatch.setenv("EDGE_RAG_U8S8", "exact")
+    assert warn_if_head_saturates({"int8_head": "DynamicQuantizeMatMul"}, "m.onnx") is None
