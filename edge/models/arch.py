@@ -21,7 +21,7 @@ lowerings fuse them back where their kernels want it).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from edge.errors import ModelError
@@ -173,15 +173,13 @@ class Arch:
     default_attention_bias: bool = False
     gguf: bool = False  # GGUF files of this architecture are read (edge.models.gguf)
     gguf_permuted_qk: bool = False  # llama.cpp's converter permuted q/k rows (llama RoPE layout)
-    notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 ARCHITECTURES: dict[str, Arch] = {
     a.model_type: a
     for a in (
         Arch("llama", _llama, gguf=True, gguf_permuted_qk=True),
-        Arch("mistral", _sliding_all, gguf=True, gguf_permuted_qk=True, notes="sliding window on every layer"),
+        Arch("mistral", _sliding_all, gguf=True, gguf_permuted_qk=True),  # sliding window on every layer
         Arch("qwen2", _qwen, default_attention_bias=True, gguf=True),
         Arch("qwen3", _qwen3, gguf=True),
         Arch("gemma3_text", _gemma3),
