@@ -95,17 +95,20 @@ def greedy_abuser(base: str, stop: threading.Event, out: dict) -> None:
             "max_tokens": 10 ** 12, "temperature": 0.8, "seed": 1, "stream": True}
     n = 0
     t0 = time.perf_counter()
+    out["requests"] = 0
     try:
-        with httpx.Client(timeout=600) as cl, cl.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
-            out["status"] = r.status_code
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    n += 1
-                    if '"finish_reason": "' in line and '"finish_reason": null' not in line:
-                        out["finish"] = line
-                if stop.is_set():
-                    break
-                time.sleep(0.005)  # a slow reader
+        with httpx.Client(timeout=600) as cl:
+            while not stop.is_set():  # the model may stop on its own: ask again, so one is always running
+                body["seed"] += 1
+                out["requests"] += 1
+                with cl.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+                    out["status"] = r.status_code
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            n += 1
+                        if stop.is_set():
+                            break
+                        time.sleep(0.005)  # a slow reader
     except Exception as e:  # noqa: BLE001 - the figure says what happened
         out["error"] = f"{type(e).__name__}: {e}"
     out["chunks"] = n
@@ -195,6 +198,7 @@ def main() -> int:
         ratio = pct(ab_lat, 99) / pct(base_lat, 99)
         emit("p99_ratio_abused_over_baseline", value=round(ratio, 2), target="<= 2.0", met=ratio <= 2.0)
         emit("abuser_max_tokens_1e12", status=greedy.get("status"), chunks_streamed=greedy.get("chunks"),
+         requests=greedy.get("requests"),
              seconds=round(greedy.get("seconds", 0), 1), error=greedy.get("error"))
         emit("abuser_50mb_body", status=poster.get("status"), seconds=round(poster.get("seconds", 0), 2),
              error=poster.get("error"))
