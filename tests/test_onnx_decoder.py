@@ -222,3 +222,23 @@ def test_int8_head_on_an_avx2_only_cpu(tmp_path, monkeypatch):
         errs[u8s8] = float(np.abs(got - want).max() / np.abs(want).max())
     assert errs["saturates"] <= 0.1, errs  # the head edge.cpu picks for this CPU: 0.018 measured
     assert errs["exact"] > 0.1, errs  # the VNNI machine's head here: 0.276 measured (saturation)
+
+
+@pytest.mark.parametrize("arch,recipe", [("qwen2", "int4"), ("llama", "int8"), ("qwen2", "fp16")])
+def test_stored_weight_layout_ops_fold_at_load(tmp_path, arch, recipe):
+    """The ORT form reads the bundle's weights file (external data) through Cast / Concat /
+    Transpose / BitwiseXor / Expand nodes; ONNX Runtime must fold every one of them when the session
+    loads, or each decode step would redo them."""
+    import collections
+
+    from helpers_tiny import make_tiny_bundle
+
+    b = make_tiny_bundle(tmp_path / "b", tiny_hf_model(arch), recipe, forms=("ort",), accuracy_level=4)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(b / "model.ort.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph.node)
+    assert not {"Concat", "BitwiseXor", "Transpose", "Expand"} & set(ops), ops
+    assert ops["Cast"] <= 1  # the fp16 embedding rows gathered per token, an activation
