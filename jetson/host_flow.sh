@@ -44,7 +44,7 @@ done
 echo "ready after $(( $(date +%s) - t0 )) s"
 curl -s "localhost:$PORT/health"; echo
 say "/v1/ask"
-curl -s "localhost:$PORT/v1/ask" -d '{"question": "What does error E-214 mean?", "max_tokens": 48}' | head -c 600; echo
+curl -s -H 'Content-Type: application/json' "localhost:$PORT/v1/ask" -d '{"question": "What does error E-214 mean?", "max_tokens": 48}' | head -c 600; echo
 say "/metrics (excerpt)"
 curl -s "localhost:$PORT/metrics" | grep -v '^#' | head -20
 kill $PID; wait $PID 2>/dev/null || true

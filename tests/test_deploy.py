@@ -303,7 +303,7 @@ def test_metrics_scrape(engines, tmp_path, monkeypatch):
     with TestClient(create_app(rt)) as c:
         t2 = c.get("/metrics").text
     assert _sample(t2, "edge_rag_requests_waiting") == 2 and _sample(t2, "edge_rag_kv_blocks_used") == 7
-    assert _sample(t2, "edge_rag_decode_tokens_per_second") == 60
+    assert _sample(t2, "edge_rag_tokens_per_busy_second") == 60
     for line in t.splitlines():  # every line is a comment or `name{labels} value`
         assert line.startswith("# ") or line.startswith("edge_rag_"), line
 

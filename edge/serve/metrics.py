@@ -3,7 +3,7 @@
     edge_rag_requests_total{route}            requests received, per route
     edge_rag_generated_tokens_total           tokens the engine generated; rate() of it is tokens/s
     edge_rag_engine_busy_seconds_total        seconds the engine spent stepping
-    edge_rag_decode_tokens_per_second         generated tokens / busy seconds (throughput while busy)
+    edge_rag_tokens_per_busy_second           generated tokens / engine busy seconds (prefill time included)
     edge_rag_requests_waiting / _running      the engine's queue: requests waiting / running
     edge_rag_kv_blocks_used / _total          KV cache blocks (Engine.stats())
     edge_rag_prefix_cache_hit_rate            share of prompt blocks found in the prefix cache
@@ -80,7 +80,7 @@ class ServeMetrics:
             if key in st:
                 metric(name, kind, help_, [({}, st[key])])
         if st.get("busy_s"):
-            metric("decode_tokens_per_second", "gauge", "Generated tokens per busy second of the engine.",
+            metric("tokens_per_busy_second", "gauge", "Generated tokens per second the engine was busy (prefill included).",
                    [({}, st.get("tokens_generated", 0) / st["busy_s"])])
         choice = getattr(self.runtime, "backend_choice", None)
         backend = getattr(choice, "backend", None) or getattr(self.runtime, "backend", None)
