@@ -175,7 +175,7 @@ def main() -> None:
         host, _, port = args.url.rpartition(":")
         lines = asyncio.run(run(host or "127.0.0.1", int(port), args, None))
     else:
-        engine, gguf = default_models(args.engine)
+        engine, gguf = default_models(args.engine, build=args.server == "edge-rag")
         cmd = server_cmd(args.server, args.port, args.threads, engine, gguf, args.parallel)
         with Server(args.server, cmd, args.port, args.threads) as srv:
             lines = asyncio.run(run("127.0.0.1", args.port, args, srv.rss_mib))

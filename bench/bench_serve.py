@@ -77,18 +77,19 @@ def summarize(results: list, wall: float) -> dict:
             "tokens_per_request": r1(toks / len(ok) if ok else float("nan")), "wall_s": round(wall, 2)}
 
 
-def long_prompt(engine: str, n_tokens: int) -> tuple[str, int]:
-    """A user message of about n_tokens (pydoc_data text, counted with the bundle's tokenizer)."""
+def long_prompt(gguf: str, n_tokens: int) -> tuple[str, int]:
+    """A user message of about n_tokens (pydoc_data text), counted with the GGUF's own tokenizer
+    (llama-cpp-python, vocabulary only; the edge-rag bundle carries the same tokenizer)."""
     import pydoc_data.topics as topics
+    from llama_cpp import Llama
 
-    from edge.runtime.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_files(Path(engine))
+    vocab = Llama(model_path=gguf, vocab_only=True, verbose=False)
     text = "\n".join(topics.topics[k] for k in sorted(topics.topics))
     head = "Summarize the following documentation in one sentence.\n\n"
-    ids = tok.encode(text, add_special_tokens=False)[: n_tokens - len(tok.encode(head, add_special_tokens=False))]
-    msg = head + tok.decode(ids)
-    return msg, len(tok.encode_chat([{"role": "user", "content": msg}]))
+    n_head = len(vocab.tokenize(head.encode(), add_bos=False))
+    ids = vocab.tokenize(text.encode(), add_bos=False)[: n_tokens - n_head]
+    msg = head + vocab.detokenize(ids).decode(errors="ignore")
+    return msg, n_head + len(ids)
 
 
 async def prefill_scenario(port: int, max_tokens: int, msg: str) -> dict:
@@ -146,8 +147,8 @@ def main() -> None:
     clients = [int(c) for c in args.clients.split(",") if c]
     scenarios = set(args.scenarios.split(","))
     names = [s for s in args.servers.split(",") if s]
-    engine, gguf = default_models(args.engine)
-    msg, n_long = long_prompt(engine, args.prefill_tokens) if "prefill" in scenarios else ("", 0)
+    engine, gguf = default_models(args.engine, build="edge-rag" in names)
+    msg, n_long = long_prompt(gguf, args.prefill_tokens) if "prefill" in scenarios else ("", 0)
     common = {"threads": args.threads, "max_tokens": args.max_tokens}
     conc: dict[str, dict[int, dict]] = {}
     pref: dict[str, dict] = {}
@@ -173,7 +174,7 @@ def main() -> None:
                 la0 = load_avg()
                 pref[name] = fig = asyncio.run(prefill_scenario(port, args.max_tokens, msg))
                 emit({"figure": "serve_chunked_prefill", "server": name, "decoding_streams": 8, **common,
-                      "long_prompt_tokens": n_long, **fig, **extra, "rss_mib": srv.rss_mib(),
+                      "long_message_tokens": n_long, **fig, **extra, "rss_mib": srv.rss_mib(),
                       "load_avg_1m": [la0, load_avg()], "target_itl_ratio_max": 2.0})
 
     def ratio(a, b):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -81,19 +82,25 @@ def _sdist(version: str) -> Path:
     return found[0]
 
 
-def _extract_llama_cpp(sdist: Path, dest: Path) -> Path:
-    """Extract only vendor/llama.cpp from the sdist; returns the llama.cpp source root."""
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name + "/"]
+def _extract_llama_cpp(archive: Path, dest: Path) -> Path:
+    """Extract the llama.cpp tree (the sdist's vendor/llama.cpp, or a tarball whose top folder is
+    llama.cpp/, as `--src` takes); returns its source root."""
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        vendored = any("/vendor/llama.cpp/" in n for n in names)
+        members = [m for m in tar.getmembers()
+                   if ("/vendor/llama.cpp/" in m.name + "/") or (not vendored and m.name.split("/")[0] == "llama.cpp")]
         if not members:
-            raise SystemExit(f"{sdist} holds no vendor/llama.cpp tree")
+            raise SystemExit(f"{archive} holds no llama.cpp tree")
         kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(dest, members=members, **kw)
+    if not vendored:
+        return dest / "llama.cpp"
     (top,) = {m.name.split("/")[0] for m in members}
     return dest / top / "vendor" / "llama.cpp"
 
 
-def cmake_flags(cuda: bool, cuda_arch: str) -> list[str]:
+def cmake_flags(cuda: bool, cuda_arch: str, extra: list[str] = ()) -> list[str]:
     flags = [
         "-DCMAKE_BUILD_TYPE=Release",
         "-DBUILD_SHARED_LIBS=OFF",           # self-contained binaries: the cache dir can move
@@ -107,12 +114,16 @@ def cmake_flags(cuda: bool, cuda_arch: str) -> list[str]:
         flags += ["-G", "Ninja"]
     if cuda:
         flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}"]
-    return flags
+    return flags + list(extra)  # later -D values win
 
 
 def ensure_binaries(version: str | None = None, cuda: bool = False, jobs: int = 2,
-                    cuda_arch: str = "90", keep_build: bool = False) -> Path:
-    """Build (once) and return the bin/ directory holding TARGETS."""
+                    cuda_arch: str = "90", keep_build: bool = False, src: Path | None = None,
+                    extra: list[str] = (), nice: bool = True) -> Path:
+    """Build (once) and return the bin/ directory holding TARGETS.
+
+    src: a llama.cpp source (a folder, or a .tar.gz with the sdist's tree or a top llama.cpp/
+    folder) instead of pip-downloading the sdist; extra: more cmake flags (they win)."""
     version = version or installed_version()
     ready = binaries_ready(version, cuda)
     if ready:
@@ -123,14 +134,14 @@ def ensure_binaries(version: str | None = None, cuda: bool = False, jobs: int = 
                              + (" (--cuda needs the CUDA toolkit)" if tool == "nvcc" else ""))
     out = flavour_dir(version, cuda)
     out.mkdir(parents=True, exist_ok=True)
-    sdist = _sdist(version)
+    archive = src if src is not None else _sdist(version)
     t0 = time.time()
     work = Path(tempfile.mkdtemp(prefix="build-", dir=out))
     try:
-        src = _extract_llama_cpp(sdist, work / "src")
+        tree = Path(archive) if Path(archive).is_dir() else _extract_llama_cpp(Path(archive), work / "src")
         build = work / "build"
-        nice = ["nice", "-n", "10"] if shutil.which("nice") else []
-        cfg = ["cmake", "-S", str(src), "-B", str(build)] + cmake_flags(cuda, cuda_arch)
+        nice = ["nice", "-n", "10"] if nice and shutil.which("nice") else []
+        cfg = ["cmake", "-S", str(tree), "-B", str(build)] + cmake_flags(cuda, cuda_arch, extra)
         print("+", " ".join(cfg), file=sys.stderr)
         subprocess.run(nice + cfg, check=True)
         bld = ["cmake", "--build", str(build), "-j", str(jobs), "--target", *TARGETS]
@@ -149,8 +160,9 @@ def ensure_binaries(version: str | None = None, cuda: bool = False, jobs: int = 
         tmp_bin.rename(out / "bin")
         stamp = {
             "llama_cpp_python": version, "flavour": "cuda" if cuda else "cpu",
-            "cuda_arch": cuda_arch if cuda else None, "cmake_flags": cmake_flags(cuda, cuda_arch),
-            "jobs": jobs, "build_s": round(time.time() - t0, 1), "sdist": sdist.name,
+            "cuda_arch": cuda_arch if cuda else None, "cmake_flags": cmake_flags(cuda, cuda_arch, extra),
+            "jobs": jobs, "build_s": round(time.time() - t0, 1), "source": Path(archive).name,
+            "host": platform.node(), "host_cpus": os.cpu_count(),
             "compiler": subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[0],
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -169,9 +181,13 @@ def main() -> None:
     ap.add_argument("--cuda-arch", default="90", help="CMAKE_CUDA_ARCHITECTURES for --cuda (default 90)")
     ap.add_argument("--jobs", "-j", type=int, default=2)
     ap.add_argument("--keep-build", action="store_true", help="keep the build tree (debugging)")
+    ap.add_argument("--src", type=Path, help="llama.cpp source folder or .tar.gz (default: pip download the sdist)")
+    ap.add_argument("--cmake-extra", default="", help="more cmake flags, space-separated (they win)")
+    ap.add_argument("--no-nice", action="store_true", help="build at normal priority (a machine of your own)")
     ap.add_argument("--print-bin", action="store_true", help="print only the bin/ directory")
     a = ap.parse_args()
-    bin_dir = ensure_binaries(a.version, a.cuda, a.jobs, a.cuda_arch, a.keep_build)
+    bin_dir = ensure_binaries(a.version, a.cuda, a.jobs, a.cuda_arch, a.keep_build, a.src,
+                              a.cmake_extra.split(), not a.no_nice)
     if a.print_bin:
         print(bin_dir)
     else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -250,13 +251,16 @@ def engine_counters(health: dict | None) -> dict | None:
 
 # ---- the servers -----------------------------------------------------------------------------
 
-def default_models(engine: str | None) -> tuple[str, str]:
-    """(edge-rag bundle, the GGUF it was built from); the bundle is built on first use."""
+def default_models(engine: str | None, build: bool = True) -> tuple[str, str]:
+    """(edge-rag bundle, the GGUF it was built from); the default bundle is built on first use
+    (build=False: not built, "" returned when none was given)."""
     sys.path.insert(0, str(ROOT))
     from edge.engines import default_generator_bundle
     from edge.models.defaults import default_generator_path
 
-    return engine or str(default_generator_bundle()), str(default_generator_path())
+    if not engine and build:
+        engine = str(default_generator_bundle())
+    return engine or "", str(default_generator_path())
 
 
 def server_cmd(name: str, port: int, threads: int, engine: str, gguf: str, parallel: int = 8,
@@ -291,6 +295,8 @@ class Server:
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-{name}-{port}.log"
 
     def __enter__(self) -> "Server":
+        # a SIGTERM (`timeout`, Ctrl-C from a job runner) unwinds through __exit__: no orphan server
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         with open(self.log, "wb") as logf:
             self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT)
         t0 = time.time()
