@@ -104,7 +104,10 @@ async def prefill_scenario(port: int, max_tokens: int, msg: str) -> dict:
             started.set()
 
     async def long_req():
-        await started.wait()
+        try:  # a stream that fails before its first token must not leave the long request waiting
+            await asyncio.wait_for(started.wait(), 600)
+        except asyncio.TimeoutError:
+            pass
         return await stream_chat(HOST, port, chat_body(msg, 4))
 
     tasks = [stream_chat(HOST, port, chat_body(PROMPTS[(3 + i) % len(PROMPTS)], max_tokens), on_first=on_first)
