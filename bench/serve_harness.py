@@ -252,14 +252,15 @@ def engine_counters(health: dict | None) -> dict | None:
 # ---- the servers -----------------------------------------------------------------------------
 
 def default_models(engine: str | None, build: bool = True) -> tuple[str, str]:
-    """(edge-rag bundle, the GGUF it was built from); the default bundle is built on first use
-    (build=False: not built, "" returned when none was given)."""
+    """(edge-rag bundle, the GGUF it was built from): SmolLM2's int4 g32 bundle (the speed
+    benchmarks' model; `default_generator_bundle` may pick a larger answer model), built on first
+    use (build=False: not built, "" returned when none was given)."""
     sys.path.insert(0, str(ROOT))
-    from edge.engines import default_generator_bundle
+    from edge.engines import tiny_generator_bundle
     from edge.models.defaults import default_generator_path
 
     if not engine and build:
-        engine = str(default_generator_bundle())
+        engine = str(tiny_generator_bundle())
     return engine or "", str(default_generator_path())
 
 
