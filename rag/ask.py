@@ -108,10 +108,16 @@ def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str
             if on_token:
                 on_token(piece)
 
-    for piece in generator.stream(prompt.messages, params):
-        if t_first is None:
-            t_first = time.perf_counter()
-        emit(cites.feed(piece))
+    # the engine's per-request stream: under concurrency its stats are this question's own
+    rs = generator.submit(prompt.messages, params) if hasattr(generator, "engine") else None
+    try:
+        for piece in rs if rs is not None else generator.stream(prompt.messages, params):
+            if t_first is None:
+                t_first = time.perf_counter()
+            emit(cites.feed(piece))
+    finally:
+        if rs is not None:
+            rs.close()  # early exit (a client gone): abort, frees the KV blocks
     emit(cites.flush())
     model_text = "".join(parts).strip()
     cited = cited_numbers(model_text, len(prompt.passages))
@@ -131,9 +137,12 @@ def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str
     # NOTE: ttft excludes the generator's load (and a first-use engine build inside it): load_ms says it
     timings.update(ttft_ms=(t_first - t0) * 1e3 - load_ms, generate_ms=(t_end - t_first) * 1e3,
                    total_ms=(t_end - t0) * 1e3)
-    stats = getattr(generator, "stats", None)
-    if stats is not None:
-        timings["generator"] = stats.to_dict()
+    if rs is not None:
+        from edge.runtime.generator import stats_of
+
+        timings["generator"] = stats_of(rs.request).to_dict()
+    elif getattr(generator, "stats", None) is not None:
+        timings["generator"] = generator.stats.to_dict()
     n_ans = len(generator.tokenizer.encode(model_text)) if model_text else 0
     supported = [g.attributed] if g.attributed else []
     return Answer(question, text, True, sources(prompt, text, supported), sorted(set(cited) | set(supported)),
