@@ -89,3 +89,19 @@ def test_runtime_does_not_import_the_build_package():
 
     code = "import sys, edge.bundle, edge.runtime.generator, edge.runtime.ort_session; print(any(m.startswith('edge.build') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_streamed_weights_file_is_safetensors(tmp_path):
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from edge.bundle import weights_index, write_safetensors
+
+    t = {"b.w": np.arange(6, dtype=np.float16).reshape(2, 3), "a.qweight": np.arange(-4, 4, dtype=np.int8),
+         "c": np.ones(3, np.uint8), "empty": np.zeros((0, 4), np.float32)}
+    write_safetensors(t, tmp_path / "w.safetensors")
+    back = load_file(str(tmp_path / "w.safetensors"))
+    assert all(np.array_equal(back[k], t[k]) and back[k].dtype == t[k].dtype for k in t)
+    idx = weights_index(tmp_path / "w.safetensors")
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    assert raw[idx["b.w"].offset: idx["b.w"].offset + idx["b.w"].nbytes] == t["b.w"].tobytes() and idx["b.w"].dtype == "F16"
