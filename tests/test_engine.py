@@ -182,3 +182,16 @@ def test_a_vnni_built_head_warns_on_a_cpu_without_vnni(monkeypatch, capsys):
     assert warn_if_head_saturates({"int8_head": "MatMulNBits"}, "m.onnx") is None
     monkeypatch.setenv("EDGE_RAG_U8S8", "exact")
     assert warn_if_head_saturates({"int8_head": "DynamicQuantizeMatMul"}, "m.onnx") is None
+
+
+def test_a_corrupted_weights_file_is_refused_by_the_cpu_backend(tmp_path):
+    """model.ort.onnx reads weights.safetensors as external data: both are hashed at load."""
+    from edge.errors import BundleError
+
+    path = make_tiny_bundle(tmp_path / "b", tiny_hf_model("llama", seed=5), "int4", forms=("ort",), max_context=64)
+    p = path / "weights.safetensors"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="weights.safetensors"):
+        Generator.from_bundle(path, backend="onnxruntime")

@@ -69,7 +69,7 @@ def open_session(bundle, backend: str = "auto", *, max_batch: int = 1, max_conte
 
 # What each backend reads from a bundle (besides the tokenizer files): all it needs to verify.
 BACKEND_ARTIFACTS = {
-    "onnxruntime": ("model.ort.onnx",),
+    "onnxruntime": ("model.ort.onnx", "weights.safetensors"),  # the graph reads the weights as external data
     "cuda": ("weights.safetensors",),
     "tensorrt": ("model.trt.onnx",),
 }
