@@ -8,13 +8,13 @@ same check (`verify_pack`) on every start.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from edge.bundle import sha256_file  # noqa: F401  (one file hasher; re-exported for the pack's users)
 from edge.errors import EdgeRagError
 
 PACK_MANIFEST = "pack.json"
@@ -25,14 +25,6 @@ NOT_LISTED = ("venv/",)
 
 class PackError(EdgeRagError):
     """A deploy pack is incomplete, corrupted or was modified after packing."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _listed(root: Path) -> Iterable[Path]:

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from edge.bundle import sha256_file
+
 PLAN = "model.plan"
 PLAN_INFO = "plan.json"
 
@@ -32,14 +34,6 @@ def cache_dir() -> Path:
     from edge.paths import home
 
     return home() / "cache"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
 
 
 def plan_key(bundle_path: Path, trt_version: str, device: str) -> str:
@@ -71,7 +65,7 @@ def cached_plan(bundle, trt_version: str, device: str, *, cache: Path | None = N
             info = json.loads(info_path.read_text())
         except ValueError:
             info = {}
-        if info.get("sha256") == _sha256(plan):
+        if info.get("sha256") == sha256_file(plan):
             status.update(valid=True, reason="cached", info=info)
         else:
             status["reason"] = "cached plan does not match its checksum"
@@ -99,7 +93,7 @@ def ensure_plan(bundle, *, trt_version: str | None = None, device: str | None = 
     t0 = time.perf_counter()
     tmp = plan.with_name(PLAN + f".partial-{os.getpid()}")
     build(Path(bundle.path), tmp)
-    info = {"bundle": str(bundle.path), "trt_version": trt_version, "device": device, "sha256": _sha256(tmp),
+    info = {"bundle": str(bundle.path), "trt_version": trt_version, "device": device, "sha256": sha256_file(tmp),
             "bytes": tmp.stat().st_size, "build_s": round(time.perf_counter() - t0, 1),
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     os.replace(tmp, plan)
