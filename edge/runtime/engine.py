@@ -246,8 +246,9 @@ class Engine:
 
     def _reap_errors(self) -> None:
         """Requests the scheduler finished on its own (one that can never fit the KV pool)."""
-        for rid in [rid for rid, s in self._streams.items() if s.request.finished]:
-            self._end(self._streams[rid].request)
+        failed, self.scheduler.failed = self.scheduler.failed, []
+        for req in failed:
+            self._end(req)
 
     def _count(self) -> None:
         sch = self.scheduler

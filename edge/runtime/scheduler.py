@@ -63,6 +63,7 @@ class Scheduler:
         self.align = math.gcd(kv.block_size, self.mixed_prefill, self.prefill_chunk)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.failed: list[Request] = []  # finished here with an error (never fit); the engine ends their streams
 
     # ---- queue ----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -119,6 +120,7 @@ class Scheduler:
                 req.num_computed = 0
                 if not self.running and n > 0:  # alone and still no room: it can never run
                     self.waiting.popleft()
+                    self.failed.append(req)
                     self._finish(req, "error", MemoryError(
                         f"request needs more KV blocks than the engine has ({self.kv.num_blocks} of {self.kv.block_size} tokens)"))
                     continue
