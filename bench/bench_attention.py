@@ -74,13 +74,13 @@ def main() -> None:
     ref = {}
     for L in ctxs:
         ctx = cp.asarray(np.array([L], dtype=np.int32))
-        args_old = (q, kc, vc, bt, ctx, out, np.int32(hq), np.int32(hkv), np.int32(d), np.int32(bs), np.int32(max_blocks), np.int32(max_ctx), scale)
+        args_old = (q, kc, vc, bt, ctx, out, np.int32(hq), np.int32(hkv), np.int32(d), np.int32(bs), np.int32(max_blocks), np.int32(max_ctx), scale, np.int32(0), np.float32(0))
         us = timed(lambda: k[f"paged_attn_decode_d{d}"]((hq, 1), (threads,), args_old, shared_mem=smem))
         ref[L] = out.get().astype(np.float32)
         print(json.dumps({"kernel": f"paged_attn_decode_d{d}", "context": L, "us": round(us, 2)}), flush=True)
         for name in (f"paged_attn_split_d{d}", f"paged_attn_split_tk_d{d}"):  # K coalesced / one token per thread
             for p in (int(x) for x in args.splits.split(",")):
-                a = (q, kc, vc, bt, ctx, out, part_o, part_ml, tickets, np.int32(hq), np.int32(hkv), np.int32(bs), np.int32(max_blocks), np.int32(max_ctx), scale, np.int32(1))
+                a = (q, kc, vc, bt, ctx, out, part_o, part_ml, tickets, np.int32(hq), np.int32(hkv), np.int32(bs), np.int32(max_blocks), np.int32(max_ctx), scale, np.int32(1), np.int32(0), np.float32(0))
                 us = timed(lambda: k[name]((hq, 1, p), (threads,), a, shared_mem=smem))
                 err = float(np.abs(out.get().astype(np.float32) - ref[L]).max())
                 print(json.dumps({"kernel": name, "splits": p, "context": L, "us": round(us, 2), "max_abs_diff_vs_decode": err}), flush=True)

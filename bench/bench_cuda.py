@@ -135,7 +135,7 @@ def prefill_breakdown(sess, name: str, device: str, tokens: int = 2048) -> None:
     slots = cp.asarray(np.asarray(sess.blocks.slots(77), dtype=np.int32))
     q = cp.random.standard_normal((tokens, sess.spec.q_size), dtype=cp.float32).astype(cp.float16)
     a = cp.empty_like(q)
-    t_attn = _event_ms(cp, lambda: [sess._prefill_attention(q, sess.kv[i, 0], sess.kv[i, 1], slots, tokens, 0, a) for i in range(len(sess.layers))])
+    t_attn = _event_ms(cp, lambda: [sess._prefill_attention(q, sess.kv[i, 0], sess.kv[i, 1], slots, tokens, 0, a, layer=i) for i in range(len(sess.layers))])
     sess.release(77)
     emit(figure="prefill_breakdown", device=device, model=name, tokens=tokens, dequant_ms=round(t_deq, 2),
          gemm_ms=round(t_gemm, 2), gemm_tflops=round(flops / t_gemm / 1e9, 1), attention_ms=round(t_attn, 2))

@@ -29,13 +29,17 @@ EOS_ID = 2  # <|im_end|>
 SLIDING_WINDOW = 8  # tiny sliding windows: a 24-token test sequence crosses them
 
 
-def tiny_hf_model(arch: str = "llama", *, seed: int = 0, tie: bool | None = None, rope_scaling: dict | None = None, max_position: int = 256):
+def tiny_hf_model(arch: str = "llama", *, seed: int = 0, tie: bool | None = None, rope_scaling: dict | None = None, max_position: int = 256,
+                  hidden: int = 64):
     """A 2-layer, hidden-64, vocab-256 random model of `arch` ("llama" | "qwen2" | "mistral" |
-    "qwen3" | "gemma3_text" (one sliding and one global layer, logit soft-capping) | "phi3" (LongRoPE))."""
+    "qwen3" | "gemma3_text" (one sliding and one global layer, logit soft-capping) | "phi3" (LongRoPE)).
+    4 heads, 2 kv heads, head_dim hidden / 4 (hidden 256: head_dim 64, what the cuda backend's
+    flash prefill and split decode kernels take)."""
     import torch
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    hd = hidden // 4
+    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=max_position, rms_norm_eps=1e-5, initializer_range=0.1,
                   bos_token_id=0, eos_token_id=EOS_ID, pad_token_id=0)
     if arch == "llama":
@@ -48,17 +52,17 @@ def tiny_hf_model(arch: str = "llama", *, seed: int = 0, tie: bool | None = None
         cfg = tf.MistralConfig(**common, rope_theta=10000.0, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False if tie is None else tie)
         cls = tf.MistralForCausalLM
     elif arch == "qwen3":
-        cfg = tf.Qwen3Config(**common, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True if tie is None else tie)
+        cfg = tf.Qwen3Config(**common, head_dim=hd, rope_theta=1000000.0, tie_word_embeddings=True if tie is None else tie)
         cls = tf.Qwen3ForCausalLM
     elif arch == "gemma3_text":
-        cfg = tf.Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=24, sliding_window=SLIDING_WINDOW,
+        cfg = tf.Gemma3TextConfig(**common, head_dim=hd, query_pre_attn_scalar=24, sliding_window=SLIDING_WINDOW,
                                   layer_types=["sliding_attention", "full_attention"],
                                   final_logit_softcapping=15.0, tie_word_embeddings=True if tie is None else tie,
                                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                                    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})
         cls = tf.Gemma3ForCausalLM
     elif arch == "phi3":
-        half = 16 // 2
+        half = hd // 2
         cfg = tf.Phi3Config(**{**common, "max_position_embeddings": 256}, original_max_position_embeddings=128, sliding_window=None,
                             tie_word_embeddings=False if tie is None else tie,
                             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 128,

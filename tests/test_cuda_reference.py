@@ -89,3 +89,37 @@ def test_gemv_picks_file_roundtrip_and_corruption(tmp_path, monkeypatch):
     (tmp_path / "kernels" / kernels.PICKS_FILE).write_text("{not json")
     assert kernels.load_picks() == {}  # a damaged file means re-tuning, not a crash
     assert not list((tmp_path / "kernels").glob("*.tmp"))
+
+
+def test_qk_norm_in_the_paired_row_order_equals_the_reference():
+    """qk_rmsnorm runs on the GPU's paired q/k rows with weights permuted by head_pair_order;
+    emulated here (norm, then rope_cache's pair rotation, back to HF order) against the
+    reference's norm-then-RoPE."""
+    from edge.models.reference import rms_norm
+    from edge.models.rope import apply_rope
+    from edge.runtime.cuda.layout import head_pair_order, qkv_row_order
+
+    rng = np.random.default_rng(0)
+    hq, hkv, d, t = 4, 2, 16, 5
+    q = rng.standard_normal((t, hq * d)).astype(np.float32)
+    w = (1 + 0.3 * rng.standard_normal(d)).astype(np.float32)
+    ang = rng.standard_normal((t, d // 2))
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    want = apply_rope(rms_norm(q.reshape(t, hq, d).transpose(1, 0, 2), w, 1e-6), cos, sin)  # [hq, t, d]
+    qkv = np.concatenate([q, np.zeros((t, 2 * hkv * d), np.float32)], axis=1)[:, qkv_row_order(hq, hkv, d)]
+    x = qkv[:, : hq * d].reshape(t, hq, d)  # paired: 2i = x_i, 2i + 1 = x_{i + d/2}
+    x = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * w[head_pair_order(d)]
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # rope_cache: rotate each pair, write back in HF order
+    got = np.concatenate([x1 * cos[:, None] - x2 * sin[:, None], x2 * cos[:, None] + x1 * sin[:, None]], axis=-1)
+    np.testing.assert_allclose(got.transpose(1, 0, 2), want, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_backend_lowers_every_feature_of_the_registered_architectures():
+    pytest.importorskip("torch")
+    from helpers_tiny import hf_spec, tiny_hf_model
+
+    from edge.models.arch import block_features
+    from edge.runtime.cuda.session import CUDA_FEATURES
+
+    for arch in ("qwen3", "gemma3_text", "phi3", "mistral"):
+        assert set(block_features(hf_spec(tiny_hf_model(arch)))) <= set(CUDA_FEATURES), arch

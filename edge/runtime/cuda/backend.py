@@ -155,10 +155,10 @@ class CudaBackend:
             def attend(i, q, kc, vc, out):
                 for j, r in enumerate(pre):
                     t0, t1 = int(qs[r]), int(qs[r + 1])
-                    s._prefill_attention(q[t0:t1], kc, vc, pre_slots[j], t1 - t0, int(b.seq_lens[r]) - (t1 - t0), out[t0:t1])
+                    s._prefill_attention(q[t0:t1], kc, vc, pre_slots[j], t1 - t0, int(b.seq_lens[r]) - (t1 - t0), out[t0:t1], layer=i)
                 if len(dec):
                     cp.take(q, dec_tok, axis=0, out=q_dec)
-                    s.decode_attention(q_dec, kc, vc, bt_d, ctx_d, a_dec, len(dec))
+                    s.decode_attention(q_dec, kc, vc, bt_d, ctx_d, a_dec, len(dec), layer=i)
                     out[dec_tok] = a_dec
 
             s._layers(t, bufs, ids_d, pos_d, slots_d, attend)
@@ -167,7 +167,7 @@ class CudaBackend:
                 return None, None, rows
             h = cp.take(bufs["h"], cp.asarray((qs[rows + 1] - 1).astype(I32)), axis=0)
             logits = cp.empty((len(rows), s.vocab_size), dtype=cp.float32)
-            s.linear(s.lm_head, h, len(rows), logits, out_f32=True)
+            s.lm_head_logits(h, len(rows), logits)
             greedy = cp.argmax(logits, axis=1).astype(cp.int32)
         return logits, greedy, rows
 

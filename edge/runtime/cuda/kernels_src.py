@@ -6,8 +6,10 @@ translation unit (each file uses what common.cuh and the files before it define)
   dequant.cu    int4 repack at load, dequantization to fp16 (prefill GEMMs)
   gemv.cu       fused-dequant GEMV / small-batch GEMM: warp-per-row and block-K with epilogues
   gemm_tc.cu    M = 2..64 GEMM on tensor cores (mma.sync), int4 / int8 dequantized in registers
-  layer_ops.cu  embedding, RMSNorm (+ residual), RoPE + KV write, SiLU.mul
+  layer_ops.cu  embedding (x scale), RMSNorm (+ residual, + sandwich norm), q/k head RMSNorm,
+                RoPE + KV write, SiLU.mul / GeLU-tanh.mul, logit soft-capping
   attention.cu  paged decode attention (one block / split sequence), prefill causal softmax
+                (sliding window and score soft-capping as arguments, off at 0)
   flash_prefill.cu  prefill attention on tensor cores (causal, GQA, paged KV; S in registers)
   sampling.cu   argmax (one block / multi-block), the decode step's input advance
 
@@ -48,6 +50,10 @@ KERNEL_NAMES = (
     "add_rmsnorm",
     "rope_cache",
     "silu_mul",
+    "gelu_tanh_mul",
+    "norm_add_rmsnorm",
+    "qk_rmsnorm",
+    "softcap_f32",
     "paged_attn_decode",
     "paged_attn_decode_d64",
     "paged_attn_decode_d128",

@@ -37,14 +37,20 @@ class Linear:
         return int(self.q.nbytes + (self.s.nbytes if self.s is not None else 0) + (self.bias.nbytes if self.bias is not None else 0))
 
 
-def qkv_row_order(hq: int, hkv: int, d: int) -> np.ndarray:
-    """Row order of the fused qkv weight on the GPU: within each q and k head, row 2i holds
-    original row i and row 2i + 1 row i + D/2 (the two halves RoPE rotates together sit next
-    to each other, so one GEMV block can rotate them); v rows keep their order."""
+def head_pair_order(d: int) -> np.ndarray:
+    """Order of one q / k head's D values on the GPU: position 2i holds value i and 2i + 1
+    value i + D/2 (the two halves RoPE rotates together sit next to each other)."""
     half = d // 2
     head = np.empty(d, dtype=np.int64)
     head[0::2] = np.arange(half)
     head[1::2] = np.arange(half) + half
+    return head
+
+
+def qkv_row_order(hq: int, hkv: int, d: int) -> np.ndarray:
+    """Row order of the fused qkv weight on the GPU: every q and k head in head_pair_order (so
+    one GEMV block can rotate a pair); v rows keep their order."""
+    head = head_pair_order(d)
     qk = (np.arange(hq + hkv)[:, None] * d + head[None, :]).ravel()
     return np.concatenate([qk, np.arange((hq + hkv) * d, (hq + 2 * hkv) * d)])
 

@@ -2,9 +2,18 @@
 
 Per decoder layer, M rows (M = batch in decode, prompt tokens in prefill):
 
-    res (float [M, H]) --add_rmsnorm--> h --linear qkv (+bias)--> qkv --rope_cache--> q, KV pool
-      q --attention (paged decode kernel | cuBLAS QK^T, causal softmax, PV in prefill)--> a
-      a --linear o--> res += o, h = rmsnorm --linear gate|up--> silu_mul --linear down--> res += ...
+    res (float [M, H]) --add_rmsnorm--> h --linear qkv (+bias)--> qkv [--qk_rmsnorm--] --rope_cache--> q, KV pool
+      q --attention (paged decode kernel | flash / cuBLAS + causal softmax in prefill)--> a
+      a --linear o--> res += o [normed first: sandwich], h = rmsnorm --linear gate|up--> silu_mul | gelu_tanh_mul
+        --linear down--> res += ... [normed first: sandwich]
+    logits = lm_head(h) [--softcap_f32--]
+
+The architecture's features (edge.models.arch) become kernel arguments and a few small kernels,
+all read from the spec in `_block_params` and `load_weights`; nothing here tests an architecture's
+name. Gemma's (1 + w) norms and Phi-3's fused qkv / gate_up are already folded / split by the
+readers; the embedding scale is applied in the gather (a tied table stays the head's weights);
+sliding layers (per layer: the last `sliding_window` keys, their own RoPE base) and score
+soft-capping are arguments of the attention kernels (0: off).
 
 Linears: M = 1 runs the fused-dequant GEMV kernels (with fused epilogues), M = 2..64 the
 tensor-core GEMM with dequantization in registers (gemm.py), larger M (prefill) dequantizes the
@@ -45,6 +54,10 @@ EMBED_THREADS = 256  # embed_rmsnorm: rows up to 32 x this
 ATTN_MAX_SPLITS = 8  # decode attention: at most this many blocks per (head, sequence)
 MAX_STREAM_DEPTH = 16  # greedy_stream: most steps queued ahead of the host
 ATTN_MIN_SPLIT = 128  # ... and at least this many tokens per block (bench/bench_attention.py)
+LOG2E = 1.4426950408889634
+# block features (edge.models.arch.block_features) these kernels lower; a model with any other is refused by name
+CUDA_FEATURES = ("sandwich_norms", "qk_norm", "activation", "embed_scale", "attn_scale", "attn_softcap", "final_softcap",
+                 "layer_types", "rope_local_theta")
 
 
 def _i32(v: int) -> np.int32:
@@ -117,8 +130,9 @@ class CudaDecoderSession:
         self.k = kmod.load(device)
         from edge.models.arch import block_features
 
-        if block_features(spec):  # the CUDA kernels implement the Llama block only (declared, not probed)
-            raise BackendError(f"the cuda backend does not implement {', '.join(block_features(spec))} ({spec.arch})",
+        missing = [f for f in block_features(spec) if f not in CUDA_FEATURES]
+        if missing:  # declared, not probed
+            raise BackendError(f"the cuda backend does not implement {', '.join(missing)} ({spec.arch})",
                                fix="use --backend onnxruntime")
         if spec.head_dim % 16 or ATTN_THREADS % (spec.head_dim // 2) or spec.head_dim > 256:
             raise BackendError(f"head_dim {spec.head_dim} is not supported by the cuda backend", fix="use --backend onnxruntime")
@@ -130,8 +144,7 @@ class CudaDecoderSession:
             for lin in self.linears():
                 plan_tc(lin, self.sms)
             self._tc = TcWorkspace.for_linears(cp, self.linears())
-            cos, sin = rope_tables(spec, self.max_context)
-            self.cos, self.sin = cp.asarray(cos), cp.asarray(sin)
+            self._block_params()
             nb = int(num_blocks or plan_pool_blocks(spec, limits, self.max_batch, self.max_context, block_size))
             self.blocks = BlockManager(nb, block_size, max_context=self.max_context, max_seqs=self.max_batch)
             # KV pool: [layers, 2 (k, v), slots, Hkv, D]
@@ -154,6 +167,28 @@ class CudaDecoderSession:
         self._norm_threads = max(128, min(1024, spec.hidden_size // 4 // 32 * 32))
         self.int4_m1_us = autotune_int4_m1(self)
         self.tc_us = autotune_tc(self)
+
+    def _block_params(self) -> None:
+        """What the architecture's features ask of the kernels, per session and per layer:
+        attention scale and soft-cap, embedding scale, final soft-cap, the GLU kernel, and per
+        layer its sliding window (0: every earlier key) and RoPE tables (sliding layers of a
+        model with rope_local_theta rotate with their own base)."""
+        cp, spec, f = self.cp, self.spec, self.spec.features
+        self.attn_scale = np.float32(f.attn_scale if f.attn_scale is not None else 1.0 / math.sqrt(spec.head_dim))
+        self.attn_softcap = np.float32(f.attn_softcap or 0.0)
+        self.final_softcap = np.float32(f.final_softcap or 0.0)
+        self.embed_scale = np.float32(f.embed_scale)
+        self.glu_kernel = {"silu": "silu_mul", "gelu_tanh": "gelu_tanh_mul"}[f.activation]
+        cos, sin = rope_tables(spec, self.max_context)
+        self.cos, self.sin = cp.asarray(cos), cp.asarray(sin)
+        local = (self.cos, self.sin)
+        if f.rope_local_theta is not None:
+            cos, sin = rope_tables(spec, self.max_context, local=True)
+            local = (cp.asarray(cos), cp.asarray(sin))
+        for i, L in enumerate(self.layers):
+            sliding = f.sliding(i)
+            L["window"] = _i32(spec.sliding_window if sliding else 0)
+            L["cos"], L["sin"] = local if sliding else (self.cos, self.sin)
 
     @staticmethod
     def variant_name(v: tuple[str, int, int]) -> str:
@@ -306,6 +341,9 @@ class CudaDecoderSession:
         """Can `variant` run `role`'s fused epilogue for this linear? (pairs must stay in a block / head)"""
         if not self.is_bk(variant) or lin.kind != "int4":
             return False
+        f = self.spec.features  # the epilogues implement the Llama block's step after each linear
+        if (role == "rope" and f.qk_norm) or (role == "glu" and f.activation != "silu") or (role == "res" and f.sandwich_norms):
+            return False
         r = variant[1]
         if role == "rope":
             return r % 2 == 0 and self.spec.head_dim % r == 0
@@ -325,45 +363,60 @@ class CudaDecoderSession:
         """Embedding -> all layers -> final norm into bufs['h'] (rows [0, m))."""
         s = self.spec
         if s.hidden_size % 4 == 0 and s.hidden_size <= 32 * EMBED_THREADS:
-            self.k["embed_rmsnorm"]((m,), (EMBED_THREADS,), (ids, self.embed, self.layers[0]["ln1"], bufs["res"], bufs["h"], _i32(s.hidden_size), np.float32(s.rms_eps)))
+            self.k["embed_rmsnorm"]((m,), (EMBED_THREADS,), (ids, self.embed, self.layers[0]["ln1"], bufs["res"], bufs["h"], _i32(s.hidden_size), np.float32(s.rms_eps), self.embed_scale))
         else:
-            self.k["embed"]((m,), (256,), (ids, self.embed, bufs["res"], _i32(s.hidden_size)))
+            self.k["embed"]((m,), (256,), (ids, self.embed, bufs["res"], _i32(s.hidden_size), self.embed_scale))
             self._add_rmsnorm(bufs["res"], None, self.layers[0]["ln1"], bufs["h"], m)
         eps = np.float32(s.rms_eps)
         for i, L in enumerate(self.layers):
             kc, vc = self.kv[i, 0], self.kv[i, 1]
-            self._qkv_rope(L["qkv"], bufs["h"], m, pos, slots, bufs["q"], kc, vc, bufs["qkv"])
+            self._qkv_rope(L["qkv"], bufs["h"], m, pos, slots, bufs["q"], kc, vc, bufs["qkv"], layer=i)
             attend(i, bufs["q"], kc, vc, bufs["a"])
-            self._linear_residual_norm(L["o"], bufs["a"], m, bufs["res"], bufs["o"], L["ln2"], bufs["h"], eps)
+            self._linear_residual_norm(L["o"], bufs["a"], m, bufs["res"], bufs["o"], L["ln2"], bufs["h"], eps, post=L["post_attn"])
             self._gate_up(L["gu"], bufs["h"], m, bufs["gu"], bufs["act"])
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.norm
-            self._linear_residual_norm(L["down"], bufs["act"], m, bufs["res"], bufs["o"], nxt, bufs["h"], eps)
+            self._linear_residual_norm(L["down"], bufs["act"], m, bufs["res"], bufs["o"], nxt, bufs["h"], eps, post=L["post_mlp"])
+
+    def lm_head_logits(self, h: Any, m: int, logits: Any) -> None:
+        """logits float [m, V] = h[:m] @ head.T, soft-capped when the architecture caps them."""
+        self.linear(self.lm_head, h, m, logits, out_f32=True)
+        if self.final_softcap:
+            n = m * self.vocab_size
+            self.k["softcap_f32"](((n + 255) // 256,), (256,), (logits, np.int64(n), self.final_softcap))
 
     # Each linear of a layer with what follows it: one block-K kernel with the fused epilogue
     # when the linear's autotuned pick says so (M = 1), else the GEMV / cuBLAS and the small kernel.
-    def _qkv_rope(self, lin: Linear, x: Any, m: int, pos: Any, slots: Any, q: Any, kc: Any, vc: Any, qkv_buf: Any) -> None:
-        """qkv = x @ W.T; RoPE on q -> q, on k -> KV cache at slots; v -> KV cache."""
-        s = self.spec
+    def _qkv_rope(self, lin: Linear, x: Any, m: int, pos: Any, slots: Any, q: Any, kc: Any, vc: Any, qkv_buf: Any, layer: int = 0) -> None:
+        """qkv = x @ W.T; per-head RMSNorm of q and k (qk_norm); RoPE (the layer's tables) on
+        q -> q, on k -> KV cache at slots; v -> KV cache."""
+        s, L = self.spec, self.layers[layer]
         heads = (_i32(s.n_heads), _i32(s.n_kv_heads), _i32(s.head_dim))
         if self._fused(lin, m):
-            self._bk(lin, "rope", x, pos, slots, self.cos, self.sin, q, kc, vc, _i32(lin.n), _i32(lin.k), _i32(lin.gshift), *heads)
+            self._bk(lin, "rope", x, pos, slots, L["cos"], L["sin"], q, kc, vc, _i32(lin.n), _i32(lin.k), _i32(lin.gshift), *heads)
             return
         self.linear(lin, x, m, qkv_buf)
+        if L["q_norm"] is not None:
+            self.k["qk_rmsnorm"]((m, s.n_heads + s.n_kv_heads), (32,), (qkv_buf, L["q_norm"], L["k_norm"], *heads, np.float32(s.rms_eps)))
         threads = 128
         blocks = -(-((s.n_heads + s.n_kv_heads) * s.head_dim // 2 + s.kv_size) // threads)
-        self.k["rope_cache"]((m, blocks), (threads,), (qkv_buf, pos, slots, self.cos, self.sin, q, kc, vc, *heads))
+        self.k["rope_cache"]((m, blocks), (threads,), (qkv_buf, pos, slots, L["cos"], L["sin"], q, kc, vc, *heads))
 
     def _gate_up(self, lin: Linear, x: Any, m: int, gu_buf: Any, act: Any) -> None:
-        """act = SiLU(x @ Wg.T) * (x @ Wu.T) (gate / up rows interleaved in W)."""
-        if self._fused(lin, m):
+        """act = act(x @ Wg.T) * (x @ Wu.T), act SiLU or GeLU-tanh (gate / up rows interleaved in W)."""
+        if self._fused(lin, m):  # the fused epilogue is SiLU's (_fusable)
             self._bk(lin, "glu", x, act, _i32(lin.n), _i32(lin.k), _i32(lin.gshift))
             return
         self.linear(lin, x, m, gu_buf)
         n = m * (lin.n // 2)
-        self.k["silu_mul"](((n + 255) // 256,), (256,), (gu_buf, act, _i32(m), _i32(lin.n // 2)))
+        self.k[self.glu_kernel](((n + 255) // 256,), (256,), (gu_buf, act, _i32(m), _i32(lin.n // 2)))
 
-    def _linear_residual_norm(self, lin: Linear, x: Any, m: int, res: Any, o_buf: Any, norm_w: Any, h: Any, eps: np.float32, counter: Any = None) -> None:
-        """res += x @ W.T; h = RMSNorm(res) * norm_w."""
+    def _linear_residual_norm(self, lin: Linear, x: Any, m: int, res: Any, o_buf: Any, norm_w: Any, h: Any, eps: np.float32,
+                              counter: Any = None, post: Any = None) -> None:
+        """res += x @ W.T (normed by `post` first: sandwich norms); h = RMSNorm(res) * norm_w."""
+        if post is not None:
+            self.linear(lin, x, m, o_buf)
+            self.k["norm_add_rmsnorm"]((m,), (self._norm_threads,), (res, o_buf, post, norm_w, h, _i32(self.spec.hidden_size), eps))
+            return
         if self._fused(lin, m):
             counter = self._counter if counter is None else counter
             self._bk(lin, "res", x, res, norm_w, h, counter, _i32(lin.n), _i32(lin.k), _i32(lin.gshift), eps)
@@ -377,33 +430,35 @@ class CudaDecoderSession:
         ids, pos, slots, ctx, bt = self._inputs()
 
         def attend(i, q, kc, vc, out):
-            self.decode_attention(q, kc, vc, bt, ctx, out, bsz)
+            self.decode_attention(q, kc, vc, bt, ctx, out, bsz, layer=i)
 
         self._layers(bsz, bufs, ids, pos, slots, attend)
-        self.linear(self.lm_head, bufs["h"], bsz, self._logits, out_f32=True)
+        self.lm_head_logits(bufs["h"], bsz, self._logits)
         # the sampled ids also land in the ids input: greedy_stream's next step reads them there
         self.k["argmax_rows_mb"]((self._argmax_parts, bsz), (256,), (self._logits, self._next, ids, self._hist, pos, _i32(self._hist.shape[1]), self._amax_v, self._amax_i, self._amax_t, _i32(s.vocab_size)))
         # inputs of the next step, for a stream that runs without the host (greedy_stream)
         self.k["advance_inputs"]((1,), (max(32, -(-bsz // 32) * 32),), (self._inp, _i32(self.max_batch), _i32(self.max_blocks), _i32(self.block_size), _i32(bsz)))
 
-    def decode_attention(self, q: Any, kc: Any, vc: Any, bt: Any, ctx: Any, out: Any, rows: int) -> None:
+    def decode_attention(self, q: Any, kc: Any, vc: Any, bt: Any, ctx: Any, out: Any, rows: int, *, layer: int) -> None:
         """One query per row over its paged cache: q, out half [rows, Hq*D]; bt int32
-        [rows, max_blocks]; ctx int32 [rows] cached tokens (0: a padding row)."""
+        [rows, max_blocks]; ctx int32 [rows] cached tokens (0: a padding row). `layer`: whose
+        sliding window applies."""
         s = self.spec
-        scale = np.float32(1.0 / math.sqrt(s.head_dim))
+        scale = self.attn_scale
+        feats = (self.layers[layer]["window"], self.attn_softcap)
         if s.head_dim in (64, 128):  # split-sequence kernel, P blocks per (head, sequence)
             self.k[f"paged_attn_split_tk_d{s.head_dim}"](
                 (s.n_heads, rows, self._attn_splits), (ATTN_THREADS,),
                 (q, kc, vc, bt, ctx, out, self._attn_part_o, self._attn_part_ml, self._attn_tickets, _i32(s.n_heads),
                  _i32(s.n_kv_heads), _i32(self.block_size), _i32(self.max_blocks), _i32(self.max_context), scale,
-                 _i32(self.attn_min_split)),
+                 _i32(self.attn_min_split), *feats),
                 shared_mem=self._attn_smem,
             )
         else:
             self.k["paged_attn_decode"](
                 (s.n_heads, rows), (ATTN_THREADS,),
                 (q, kc, vc, bt, ctx, out, _i32(s.n_heads), _i32(s.n_kv_heads), _i32(s.head_dim), _i32(self.block_size),
-                 _i32(self.max_blocks), _i32(self.max_context), scale),
+                 _i32(self.max_blocks), _i32(self.max_context), scale, *feats),
                 shared_mem=self._attn_smem,
             )
 
@@ -590,34 +645,38 @@ class CudaDecoderSession:
             bufs = self._make_bufs(t)
 
             def attend(i, q, kc, vc, out):
-                self._prefill_attention(q, kc, vc, all_slots, t, p0, out)
+                self._prefill_attention(q, kc, vc, all_slots, t, p0, out, layer=i)
 
             self._layers(t, bufs, ids_d, pos_d, slots_d, attend)
             logits = cp.empty((1, s.vocab_size), dtype=cp.float32)
-            self.linear(self.lm_head, bufs["h"][t - 1 :], 1, logits, out_f32=True)
+            self.lm_head_logits(bufs["h"][t - 1 :], 1, logits)
         return logits
 
-    def _prefill_attention(self, q: Any, kc: Any, vc: Any, all_slots: Any, t: int, p0: int, out: Any) -> None:
-        """Causal attention of t new queries over the sequence's p0 + t cached keys: the
-        tensor-core flash kernel for head_dim 64 / 128 (flash_prefill), else cuBLAS."""
+    def _prefill_attention(self, q: Any, kc: Any, vc: Any, all_slots: Any, t: int, p0: int, out: Any, *, layer: int) -> None:
+        """Causal attention of t new queries over the sequence's p0 + t cached keys (the last
+        sliding_window of them on a sliding `layer`): the tensor-core flash kernel for head_dim
+        64 / 128 (flash_prefill), else cuBLAS."""
         s = self.spec
+        window = self.layers[layer]["window"]
         if self.flash_prefill and s.head_dim in (64, 128):
-            scale_log2 = np.float32(1.4426950408889634 / math.sqrt(s.head_dim))
+            scale_log2 = np.float32(LOG2E * float(self.attn_scale))
             self.k[f"flash_prefill_d{s.head_dim}"](
                 (-(-t // 64), s.n_heads), (128,),
-                (q, kc, vc, all_slots, out, _i32(t), _i32(p0 + t), _i32(s.n_heads), _i32(s.n_kv_heads), scale_log2))
+                (q, kc, vc, all_slots, out, _i32(t), _i32(p0 + t), _i32(s.n_heads), _i32(s.n_kv_heads), scale_log2,
+                 window, self.attn_softcap))
             return
-        self._prefill_attention_cublas(q, kc, vc, all_slots, t, p0, out)
+        self._prefill_attention_cublas(q, kc, vc, all_slots, t, p0, out, window)
 
-    def _prefill_attention_cublas(self, q: Any, kc: Any, vc: Any, all_slots: Any, t: int, p0: int, out: Any) -> None:
-        """Causal attention of t new queries over the sequence's p0 + t cached keys (cuBLAS).
+    def _prefill_attention_cublas(self, q: Any, kc: Any, vc: Any, all_slots: Any, t: int, p0: int, out: Any, window: np.int32) -> None:
+        """Causal attention of t new queries over the sequence's p0 + t cached keys (cuBLAS;
+        causal_softmax masks the sliding window and soft-caps).
 
         Queries go in chunks of PREFILL_Q_CHUNK: chunk [t0, t1) only multiplies keys
         [0, p0 + t1), so a long prompt does about half the work of a full square."""
         cp, s = self.cp, self.spec
         hkv, g, d = s.n_kv_heads, s.n_heads // s.n_kv_heads, s.head_dim
-        # queries grouped by kv head: [T, Hkv, G, D] -> [Hkv, G, T, D], pre-scaled by 1/sqrt(D)
-        qh = q[:t].reshape(t, hkv, g, d).transpose(1, 2, 0, 3) * np.float16(1.0 / math.sqrt(d))
+        # queries grouped by kv head: [T, Hkv, G, D] -> [Hkv, G, T, D], pre-scaled (1/sqrt(D) or the architecture's)
+        qh = q[:t].reshape(t, hkv, g, d).transpose(1, 2, 0, 3) * np.float16(self.attn_scale)
         k = kc[all_slots].transpose(1, 2, 0)  # [Hkv, D, L]
         v = vc[all_slots].transpose(1, 0, 2)  # [Hkv, L, D]
         k, v = cp.ascontiguousarray(k), cp.ascontiguousarray(v)
@@ -628,7 +687,7 @@ class CudaDecoderSession:
             qc = qh[:, :, t0:t1].reshape(hkv, g * tc, d)
             sc = cp.matmul(qc, k[:, :, :lc])  # [Hkv, G*Tc, Lc] half
             sc = cp.ascontiguousarray(sc)
-            self.k["causal_softmax"]((hkv * g * tc,), (256,), (sc, _i32(lc), _i32(tc), _i32(p0 + t0)))
+            self.k["causal_softmax"]((hkv * g * tc,), (256,), (sc, _i32(lc), _i32(tc), _i32(p0 + t0), window, self.attn_softcap))
             oc = cp.matmul(sc, v[:, :lc])  # [Hkv, G*Tc, D]
             o[t0:t1] = oc.reshape(hkv, g, tc, d).transpose(2, 0, 1, 3)
         out[:t] = o.reshape(t, s.q_size)

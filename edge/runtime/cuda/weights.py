@@ -1,6 +1,11 @@
 """Loading a bundle's weights onto the GPU for the CUDA session: fused linears (q|k|v, gate|up)
 with their rows reordered for the fused epilogues (layout.qkv_row_order / gu_row_order), int4
-words repacked for the dequantization trick, norms and the embedding in fp16."""
+words repacked for the dequantization trick, norms and the embedding in fp16.
+
+Norms per the architecture's features (edge.models.arch.layer_norm_names): "ln1" / "ln2" before
+attention / the MLP, "post_attn" / "post_mlp" after them (sandwich norms; None otherwise),
+"q_norm" / "k_norm" per head (qk_norm; None otherwise), in the paired row order of the qkv
+weight (layout.head_pair_order)."""
 
 from __future__ import annotations
 
@@ -10,15 +15,19 @@ from typing import Any
 import numpy as np
 
 from edge.errors import BackendError
-from edge.runtime.cuda.layout import Linear, gu_row_order, host_linear, qkv_row_order
+from edge.models.arch import layer_norm_names
+from edge.runtime.cuda.layout import Linear, gu_row_order, head_pair_order, host_linear, qkv_row_order
 
 
 def load_weights(sess, w: dict[str, np.ndarray]) -> None:
     cp, spec = sess.cp, sess.spec
     sess.weight_bytes = 0
 
-    def h(name: str) -> Any:
-        return cp.asarray(w[name].astype(np.float16, copy=False))
+    def h(name: str, perm: np.ndarray | None = None) -> Any:
+        a = w[name].astype(np.float16, copy=False)
+        a = cp.asarray(a[perm] if perm is not None else a)
+        sess.weight_bytes += int(a.nbytes)
+        return a
 
     def linear(names: list[str], bias_names: list[str] | None = None, perm: np.ndarray | None = None) -> Linear:
         parts = [host_linear(w, n) for n in names]
@@ -56,6 +65,10 @@ def load_weights(sess, w: dict[str, np.ndarray]) -> None:
         return lin
 
     sess.embed = h("model.embed_tokens.weight")
+    sess.weight_bytes -= int(sess.embed.nbytes)  # bytes a token reads: the table only as a tied head
+    f = spec.features
+    norms = layer_norm_names(f)
+    pair = head_pair_order(spec.head_dim)
     qkv_perm = qkv_row_order(spec.n_heads, spec.n_kv_heads, spec.head_dim)
     gu_perm = gu_row_order(spec.intermediate_size)
     sess.layers = []
@@ -65,8 +78,12 @@ def load_weights(sess, w: dict[str, np.ndarray]) -> None:
         a = p + "self_attn."
         sess.layers.append(
             {
-                "ln1": h(p + "input_layernorm.weight"),
-                "ln2": h(p + "post_attention_layernorm.weight"),
+                "ln1": h(p + norms["attn_in"] + ".weight"),
+                "ln2": h(p + norms["mlp_in"] + ".weight"),
+                "post_attn": h(p + norms["attn_out"] + ".weight") if "attn_out" in norms else None,
+                "post_mlp": h(p + norms["mlp_out"] + ".weight") if "mlp_out" in norms else None,
+                "q_norm": h(a + "q_norm.weight", pair) if f.qk_norm else None,
+                "k_norm": h(a + "k_norm.weight", pair) if f.qk_norm else None,
                 "qkv": linear([a + "q_proj", a + "k_proj", a + "v_proj"], [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"], qkv_perm),
                 "o": linear([a + "o_proj"]),
                 "gu": linear([p + "mlp.gate_proj", p + "mlp.up_proj"], perm=gu_perm),
@@ -82,4 +99,3 @@ def load_weights(sess, w: dict[str, np.ndarray]) -> None:
     else:  # tied, fp16 recipe: the embedding table is the head
         sess.lm_head = Linear("fp16", spec.vocab_size, spec.hidden_size, sess.embed, None)
         sess.weight_bytes += int(sess.embed.nbytes)
-    sess.weight_bytes += 2 * (2 * spec.n_layers + 1) * spec.hidden_size

@@ -9,23 +9,31 @@
 //      V row is read by D/8 threads with one 16-byte load each and each group walks only
 //      L / (blockDim / (D/8)) tokens, UNROLL of them in flight (for D = 128, L = 256: 2 rounds
 //      instead of 8 with the half2 layout). Runtime D: (token group, half2 column).
-// Dynamic shared memory: (max_ctx + D + 32 + 8 * blockDim + max_blocks) 4-byte words.
+// Sliding layers (window > 0) read only the last `window` tokens [L - window, L); scores are
+// soft-capped (softcap > 0: cap * tanh(s / cap)) before the softmax. Token loops run over
+// j = t - lo, t the position. Dynamic shared memory: (max_ctx + D + 32 + 8 * blockDim + max_blocks)
+// 4-byte words.
 // ---------------------------------------------------------------------------------------
+__device__ __forceinline__ int attn_window_start(int L, int window) { return window > 0 ? max(0, L - window) : 0; }
+
+__device__ __forceinline__ float attn_softcap(float s, float cap) { return cap > 0.f ? cap * tanhf(s / cap) : s; }
+
 template <int DT>
 __device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, const half* __restrict__ kc,
                                                 const half* __restrict__ vc, const int* __restrict__ block_tables,
                                                 const int* __restrict__ ctx_lens, half* __restrict__ out,
                                                 int Hq, int Hkv, int Drt, int BS, int max_blocks, int max_ctx,
-                                                float scale) {
+                                                float scale, int window, float softcap) {
     const int D = DT > 0 ? DT : Drt;
     extern __shared__ float sm[];
-    float* scores = sm;                 // [max_ctx]
+    float* scores = sm;                 // [max_ctx]: scores[j] of token lo + j
     float* qs = sm + max_ctx;           // [D]
     float* red = qs + D;                // [32]
     float* accbuf = red + 32;           // [8 * blockDim]
     int* bts = reinterpret_cast<int*>(accbuf + 8 * blockDim.x);  // [max_blocks] block table copy
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
     const int L = ctx_lens[b];
+    const int lo = attn_window_start(L, window), n = L - lo;  // tokens read: [lo, L)
     const int kvh = h / (Hq / Hkv);
     half* o = out + ((long long)b * Hq + h) * D;
     if (L <= 0) {
@@ -49,7 +57,7 @@ __device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, cons
     if (DT > 0) {
 #pragma unroll
         for (int u = 0; u < VU; ++u) {
-            const int t = grp + u * groups;
+            const int t = lo + grp + u * groups;
             if (grp < groups && t < L) {
                 const long long slot = (long long)bts[t / BS] * BS + (t % BS);
                 vpre[u] = __ldg(reinterpret_cast<const uint4*>(vc + (slot * Hkv + kvh) * D) + ch);
@@ -59,7 +67,8 @@ __device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, cons
         }
     }
     float mx = -INFINITY;
-    for (int t = tid; t < L; t += blockDim.x) {
+    for (int j = tid; j < n; j += blockDim.x) {
+        const int t = lo + j;
         const long long slot = (long long)bts[t / BS] * BS + (t % BS);
         const uint4* kp = reinterpret_cast<const uint4*>(kc + (slot * Hkv + kvh) * D);
         float s = 0.f;
@@ -87,14 +96,15 @@ __device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, cons
                 }
             }
         }
-        scores[t] = s;
+        s = attn_softcap(s, softcap);
+        scores[j] = s;
         mx = fmaxf(mx, s);
     }
     mx = block_reduce(mx, red, true);
     float sum = 0.f;
-    for (int t = tid; t < L; t += blockDim.x) {
-        float e = __expf(scores[t] - mx);
-        scores[t] = e;
+    for (int j = tid; j < n; j += blockDim.x) {
+        float e = __expf(scores[j] - mx);
+        scores[j] = e;
         sum += e;
     }
     sum = block_reduce(sum, red, false);  // also a barrier: scores visible to all
@@ -105,17 +115,17 @@ __device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, cons
         for (int j = 0; j < 8; ++j) a[j] = 0.f;
         constexpr int UNROLL = VU;
         if (grp < groups) {
-            for (int t0 = grp; t0 < L; t0 += groups * UNROLL) {
+            for (int j0 = grp; j0 < n; j0 += groups * UNROLL) {
                 uint4 v[UNROLL];
                 float p[UNROLL];
-                const bool first = t0 == grp;
+                const bool first = j0 == grp;
 #pragma unroll
                 for (int u = 0; u < UNROLL; ++u) {
-                    const int t = t0 + u * groups;
-                    if (t < L) {
+                    const int j = j0 + u * groups, t = lo + j;
+                    if (j < n) {
                         const long long slot = (long long)bts[t / BS] * BS + (t % BS);
                         v[u] = first ? vpre[u] : __ldg(reinterpret_cast<const uint4*>(vc + (slot * Hkv + kvh) * D) + ch);
-                        p[u] = scores[t];
+                        p[u] = scores[j];
                     } else {
                         v[u] = make_uint4(0u, 0u, 0u, 0u);
                         p[u] = 0.f;
@@ -148,16 +158,16 @@ __device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, cons
     float2 acc = make_float2(0.f, 0.f);
     const int UNROLL = 8;
     if (rgrp < rgroups) {
-        for (int t0 = rgrp; t0 < L; t0 += rgroups * UNROLL) {
+        for (int j0 = rgrp; j0 < n; j0 += rgroups * UNROLL) {
             float2 v[UNROLL];
             float p[UNROLL];
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
-                const int t = t0 + u * rgroups;
-                if (t < L) {
+                const int j = j0 + u * rgroups, t = lo + j;
+                if (j < n) {
                     const long long slot = (long long)bts[t / BS] * BS + (t % BS);
                     v[u] = __half22float2(reinterpret_cast<const half2*>(vc + (slot * Hkv + kvh) * D)[col]);
-                    p[u] = scores[t];
+                    p[u] = scores[j];
                 } else {
                     v[u] = make_float2(0.f, 0.f);
                     p[u] = 0.f;
@@ -183,8 +193,8 @@ __device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, cons
 #define ATTN_INSTANCE(NAME, DT)                                                                   \
     extern "C" __global__ void NAME(const half* q, const half* kc, const half* vc, const int* bt,  \
         const int* ctx, half* out, int Hq, int Hkv, int D, int BS, int max_blocks, int max_ctx,    \
-        float scale) {                                                                             \
-        paged_attn_impl<DT>(q, kc, vc, bt, ctx, out, Hq, Hkv, D, BS, max_blocks, max_ctx, scale); }
+        float scale, int window, float softcap) {                                                  \
+        paged_attn_impl<DT>(q, kc, vc, bt, ctx, out, Hq, Hkv, D, BS, max_blocks, max_ctx, scale, window, softcap); }
 
 ATTN_INSTANCE(paged_attn_decode, 0)
 ATTN_INSTANCE(paged_attn_decode_d64, 64)
@@ -207,7 +217,7 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
                                                       const int* __restrict__ ctx_lens, half* __restrict__ out,
                                                       float* part_o, float* part_ml, unsigned* tickets,
                                                       int Hq, int Hkv, int BS, int max_blocks, int max_ctx, float scale,
-                                                      int min_split) {
+                                                      int min_split, int window, float softcap) {
     constexpr int NCH = D / 8;  // 16-byte chunks per K / V row
     constexpr int VU = 8;       // V tokens in flight per thread: 2048 / D tokens per round
     extern __shared__ float sm[];
@@ -231,12 +241,14 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
             for (int d = tid; d < D; d += blockDim.x) o[d] = __float2half(0.f);
         return;
     }
+    // the tokens read, [lo, L): all of them, or the last `window` on a sliding layer
+    const int lo = attn_window_start(L, window), Lw = L - lo;
     // splits actually used: at most one per min_split tokens (a short context is faster in
     // one block than with the merge's two extra memory round trips); the others return
-    const int Pe = min(P, max(1, (L + min_split - 1) / min_split));
+    const int Pe = min(P, max(1, (Lw + min_split - 1) / min_split));
     if (sp >= Pe) return;
-    const int per = (L + Pe - 1) / Pe;
-    const int t0 = min(L, sp * per), t1 = min(L, t0 + per), n = t1 - t0;
+    const int per = (Lw + Pe - 1) / Pe;
+    const int t0 = lo + min(Lw, sp * per), t1 = min(L, t0 + per), n = t1 - t0;
     __syncthreads();
     const int groups = blockDim.x / NCH;
     const int ch = tid % NCH, grp = tid / NCH;
@@ -284,6 +296,7 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
             }
 #pragma unroll
             for (int o = NCH / 2; o > 0; o >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, o);
+            sc = attn_softcap(sc, softcap);
             const int t = (r * KU + u) * groups + grp;
             if (grp < groups && t < n) {
                 if (ch == 0) scores[t] = sc;
@@ -309,8 +322,9 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
                     else s0 += f.x * qs[c * 8 + 2 * j] + f.y * qs[c * 8 + 2 * j + 1];
                 }
             }
-            scores[t] = s0 + s1;
-            mx = fmaxf(mx, s0 + s1);
+            const float sc = attn_softcap(s0 + s1, softcap);
+            scores[t] = sc;
+            mx = fmaxf(mx, sc);
         }
     }
     mx = block_reduce(mx, red, true);
@@ -397,9 +411,9 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
 #define ATTN_SPLIT_INSTANCE(NAME, D, KCOAL)                                                                  \
     extern "C" __global__ void NAME(const half* q, const half* kc, const half* vc, const int* bt,       \
         const int* ctx, half* out, float* part_o, float* part_ml, unsigned* tickets, int Hq, int Hkv,   \
-        int BS, int max_blocks, int max_ctx, float scale, int min_split) {                              \
+        int BS, int max_blocks, int max_ctx, float scale, int min_split, int window, float softcap) {   \
         paged_attn_split_impl<D, KCOAL>(q, kc, vc, bt, ctx, out, part_o, part_ml, tickets, Hq, Hkv, BS,  \
-                                 max_blocks, max_ctx, scale, min_split); }
+                                 max_blocks, max_ctx, scale, min_split, window, softcap); }
 
 ATTN_SPLIT_INSTANCE(paged_attn_split_d64, 64, true)
 ATTN_SPLIT_INSTANCE(paged_attn_split_d128, 128, true)
@@ -407,21 +421,23 @@ ATTN_SPLIT_INSTANCE(paged_attn_split_tk_d64, 64, false)
 ATTN_SPLIT_INSTANCE(paged_attn_split_tk_d128, 128, false)
 
 // Causal softmax over prefill attention scores S half [rows, L] in place; row r is query
-// t = r % T at absolute position P + t, which sees keys [0, P + t].
-extern "C" __global__ void causal_softmax(half* __restrict__ S, int L, int T, int P) {
+// t = r % T at absolute position P + t, which sees keys [0, P + t] (on a sliding layer,
+// window > 0: keys (P + t - window, P + t]); scores soft-capped first when softcap > 0.
+extern "C" __global__ void causal_softmax(half* __restrict__ S, int L, int T, int P, int window, float softcap) {
     __shared__ float red[32];
     const long long r = blockIdx.x;
     const int t = (int)(r % T);
     const int valid = P + t + 1;
+    const int lo = attn_window_start(valid, window);
     half* row = S + r * L;
     float mx = -INFINITY;
-    for (int j = threadIdx.x; j < valid; j += blockDim.x) mx = fmaxf(mx, __half2float(row[j]));
+    for (int j = lo + threadIdx.x; j < valid; j += blockDim.x) mx = fmaxf(mx, attn_softcap(__half2float(row[j]), softcap));
     mx = block_reduce(mx, red, true);
     float sum = 0.f;
-    for (int j = threadIdx.x; j < valid; j += blockDim.x) sum += __expf(__half2float(row[j]) - mx);
+    for (int j = lo + threadIdx.x; j < valid; j += blockDim.x) sum += __expf(attn_softcap(__half2float(row[j]), softcap) - mx);
     sum = block_reduce(sum, red, false);
     const float inv = 1.f / sum;
     for (int j = threadIdx.x; j < L; j += blockDim.x)
-        row[j] = __float2half(j < valid ? __expf(__half2float(row[j]) - mx) * inv : 0.f);
+        row[j] = __float2half(j >= lo && j < valid ? __expf(attn_softcap(__half2float(row[j]), softcap) - mx) * inv : 0.f);
 }
 

@@ -8,7 +8,9 @@
 // leaves registers.
 //   q    half [t, Hq*D] (RoPE applied, not scaled)     out half [t, Hq*D]
 //   kc/vc half [slots, Hkv, D]                          slots int [L]: the row's positions 0..L-1
-//   query i sits at position p0 + i (p0 = L - t) and sees keys 0..p0+i.
+//   query i sits at position p0 + i (p0 = L - t) and sees keys 0..p0+i; on a sliding layer
+//   (window > 0) only keys p0+i-window+1..p0+i (key blocks wholly before the block's first
+//   query's window are skipped). softcap > 0: scores s -> cap * tanh(s / cap) before the softmax.
 // grid (ceil(t / 64), Hq), 128 threads.
 // ---------------------------------------------------------------------------------------
 #define FA_KB 64  // keys per block
@@ -17,7 +19,8 @@
 template <int D>
 __device__ __forceinline__ void flash_prefill(const half* __restrict__ q, const half* __restrict__ kc,
                                               const half* __restrict__ vc, const int* __restrict__ slots,
-                                              half* __restrict__ out, int t, int L, int Hq, int Hkv, float scale_log2) {
+                                              half* __restrict__ out, int t, int L, int Hq, int Hkv, float scale_log2,
+                                              int window, float softcap) {
     constexpr int PAD = 8;  // halves of padding per smem row (bank spread)
     constexpr int DS = D / 16;  // k16 steps over the head dimension
     constexpr int DN = D / 8;  // n8 tiles of O
@@ -51,7 +54,10 @@ __device__ __forceinline__ void flash_prefill(const half* __restrict__ q, const 
     float mrow[2] = {-1e30f, -1e30f}, lrow[2] = {0.f, 0.f};
     const int qpos0 = p0 + q0 + warp * 16 + g;  // positions of this thread's rows g and g + 8
     const int key_end = min(L, p0 + min(q0 + FA_QB, t));  // keys any query of the block sees
-    for (int kb = 0; kb < key_end; kb += FA_KB) {
+    const int key_begin = window > 0 ? max(0, p0 + q0 - window + 1) / FA_KB * FA_KB : 0;
+    constexpr float LOG2E = 1.4426950408889634f;
+    const float cap_log2 = softcap * LOG2E, scale_cap = scale_log2 / (LOG2E * softcap);  // used when softcap > 0
+    for (int kb = key_begin; kb < key_end; kb += FA_KB) {
         __syncthreads();  // the previous block's K / V are no longer read
         constexpr int CH = D / 8;  // 16-byte chunks per row
         for (int i = threadIdx.x; i < FA_KB * CH; i += blockDim.x) {
@@ -79,7 +85,7 @@ __device__ __forceinline__ void flash_prefill(const half* __restrict__ q, const 
                 mma_16816(sc[nt], qa[s][0], qa[s][1], qa[s][2], qa[s][3], b0, b1);
             }
         }
-        // causal + length mask, scale into the exp2 domain, running max
+        // causal + length (+ window) mask, scale (+ soft-cap) into the exp2 domain, running max
         float mx[2] = {mrow[0], mrow[1]};
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
@@ -87,7 +93,9 @@ __device__ __forceinline__ void flash_prefill(const half* __restrict__ q, const 
             for (int e = 0; e < 4; ++e) {
                 const int key = kb + nt * 8 + 2 * c + (e & 1);
                 const int qp = qpos0 + 8 * (e >> 1);
-                const float v = (key <= qp && key < L) ? sc[nt][e] * scale_log2 : -INFINITY;
+                const bool seen = key <= qp && key < L && (window <= 0 || key > qp - window);
+                const float sv = softcap > 0.f ? cap_log2 * tanhf(sc[nt][e] * scale_cap) : sc[nt][e] * scale_log2;
+                const float v = seen ? sv : -INFINITY;
                 sc[nt][e] = v;
                 mx[e >> 1] = fmaxf(mx[e >> 1], v);
             }
@@ -153,8 +161,8 @@ __device__ __forceinline__ void flash_prefill(const half* __restrict__ q, const 
 #define FLASH_PREFILL_INSTANCE(D)                                                                              \
     extern "C" __global__ void __launch_bounds__(128) flash_prefill_d##D(                                       \
         const half* q, const half* kc, const half* vc, const int* slots, half* out, int t, int L, int Hq,       \
-        int Hkv, float scale_log2) {                                                                           \
-        flash_prefill<D>(q, kc, vc, slots, out, t, L, Hq, Hkv, scale_log2);                                     \
+        int Hkv, float scale_log2, int window, float softcap) {                                                \
+        flash_prefill<D>(q, kc, vc, slots, out, t, L, Hq, Hkv, scale_log2, window, softcap);                    \
     }
 FLASH_PREFILL_INSTANCE(64)
 FLASH_PREFILL_INSTANCE(128)

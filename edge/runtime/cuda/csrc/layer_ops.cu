@@ -1,19 +1,21 @@
 // ---------------------------------------------------------------------------------------
-// Embedding gather into the float residual stream: res[m, :] = emb[ids[m], :].
+// Embedding gather into the float residual stream: res[m, :] = emb[ids[m], :] * scale
+// (scale: the architecture's embedding scale, Gemma's sqrt(H); 1 elsewhere; applied in float,
+// so a tied table stays the head's weights as stored).
 // ---------------------------------------------------------------------------------------
 extern "C" __global__ void embed(const int* __restrict__ ids, const half* __restrict__ emb,
-                                 float* __restrict__ res, int H) {
+                                 float* __restrict__ res, int H, float scale) {
     const int m = blockIdx.x;
     const half* row = emb + (long long)ids[m] * H;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) res[(long long)m * H + i] = __half2float(row[i]);
+    for (int i = threadIdx.x; i < H; i += blockDim.x) res[(long long)m * H + i] = __half2float(row[i]) * scale;
 }
 
-// Embedding gather fused with the first layer's RMSNorm: res[m] = emb[ids[m]] (float),
+// Embedding gather fused with the first layer's RMSNorm: res[m] = emb[ids[m]] * scale (float),
 // out[m] = half(res[m] * rsqrt(mean(res[m]^2) + eps) * w). One block per row; the row is held
 // in registers (H % 4 == 0 and H <= 32 blockDim), all loads issued at once.
 extern "C" __global__ void embed_rmsnorm(const int* __restrict__ ids, const half* __restrict__ emb,
                                          const half* __restrict__ w, float* __restrict__ res,
-                                         half* __restrict__ out, int H, float eps) {
+                                         half* __restrict__ out, int H, float eps, float scale) {
     __shared__ float red[32];
     constexpr int MAXV = 8;
     const int m = blockIdx.x, t = threadIdx.x, n4 = H >> 2;
@@ -26,7 +28,7 @@ extern "C" __global__ void embed_rmsnorm(const int* __restrict__ ids, const half
         if (i < n4) {
             const uint2 e = row[i];
             const float2 a = __half22float2(u32_as_h2(e.x)), b = __half22float2(u32_as_h2(e.y));
-            rv[j] = make_float4(a.x, a.y, b.x, b.y);
+            rv[j] = make_float4(a.x * scale, a.y * scale, b.x * scale, b.y * scale);
             reinterpret_cast<float4*>(res + (long long)m * H)[i] = rv[j];
         } else {
             rv[j] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -149,13 +151,78 @@ extern "C" __global__ void rope_cache(const half* __restrict__ qkv, const int* _
     }
 }
 
-// SiLU(gate) * up; gu: half [M, 2I] with gate and up columns interleaved (2j = gate_j,
-// 2j + 1 = up_j: the session interleaves the fused weight's rows), out: half [M, I].
-extern "C" __global__ void silu_mul(const half* __restrict__ gu, half* __restrict__ out, int M, int I) {
+// Gated MLP activation: out[m, j] = act(gate) * up, gu: half [M, 2I] with gate and up columns
+// interleaved (2j = gate_j, 2j + 1 = up_j: the session interleaves the fused weight's rows),
+// out: half [M, I]. act: SiLU (SwiGLU) or GeLU with the tanh approximation (GeGLU, Gemma).
+__device__ __forceinline__ float act_silu(float g) { return g / (1.f + __expf(-g)); }
+__device__ __forceinline__ float act_gelu_tanh(float g) {
+    return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+}
+
+template <bool GELU>
+__device__ __forceinline__ void glu_mul(const half* __restrict__ gu, half* __restrict__ out, int M, int I) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)M * I) return;
     const half2 p = reinterpret_cast<const half2*>(gu)[i];  // row m = i / I, pair j = i % I
-    float g = __low2float(p), u = __high2float(p);
-    out[i] = __float2half(g / (1.f + __expf(-g)) * u);
+    const float g = __low2float(p), u = __high2float(p);
+    out[i] = __float2half((GELU ? act_gelu_tanh(g) : act_silu(g)) * u);
 }
 
+extern "C" __global__ void silu_mul(const half* __restrict__ gu, half* __restrict__ out, int M, int I) {
+    glu_mul<false>(gu, out, M, I);
+}
+
+extern "C" __global__ void gelu_tanh_mul(const half* __restrict__ gu, half* __restrict__ out, int M, int I) {
+    glu_mul<true>(gu, out, M, I);
+}
+
+// Sandwich norms (Gemma 2/3): the sublayer output is normed before the residual add, then the
+// next norm is taken: res[m] += RMSNorm(x[m]) * wx; out[m] = half(RMSNorm(res[m]) * w).
+// One block per row (two block reductions; x is read twice, from L2).
+extern "C" __global__ void norm_add_rmsnorm(float* __restrict__ res, const half* __restrict__ x,
+                                            const half* __restrict__ wx, const half* __restrict__ w,
+                                            half* __restrict__ out, int H, float eps) {
+    __shared__ float red[32];
+    const long long base = (long long)blockIdx.x * H;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        const float v = __half2float(x[base + i]);
+        ss += v * v;
+    }
+    ss = block_reduce(ss, red, false);
+    const float inv_x = rsqrtf(ss / H + eps);
+    float sr = 0.f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        const float v = res[base + i] + __half2float(x[base + i]) * inv_x * __half2float(wx[i]);
+        res[base + i] = v;
+        sr += v * v;
+    }
+    sr = block_reduce(sr, red, false);
+    const float inv = rsqrtf(sr / H + eps);
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        out[base + i] = __float2half(res[base + i] * inv * __half2float(w[i]));
+}
+
+// Per-head RMSNorm of q and k (Qwen3, Gemma 3), in place on the fused qkv rows before RoPE:
+// head h < Hq + Hkv of row m is normed over its D values. The rows are in the session's paired
+// order (2i = x_i, 2i + 1 = x_{i+D/2}) and so are wq / wk [D] (permuted the same way at load:
+// the sum of squares does not depend on the order). Grid (M, Hq + Hkv), one warp each.
+extern "C" __global__ void qk_rmsnorm(half* __restrict__ qkv, const half* __restrict__ wq,
+                                      const half* __restrict__ wk, int Hq, int Hkv, int D, float eps) {
+    const int m = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
+    half* x = qkv + (long long)m * (Hq + 2 * Hkv) * D + (long long)h * D;
+    const half* w = h < Hq ? wq : wk;
+    float ss = 0.f;
+    for (int i = lane; i < D; i += 32) {
+        const float v = __half2float(x[i]);
+        ss += v * v;
+    }
+    const float inv = rsqrtf(warp_sum(ss) / D + eps);
+    for (int i = lane; i < D; i += 32) x[i] = __float2half(__half2float(x[i]) * inv * __half2float(w[i]));
+}
+
+// Soft-capping of float logits in place: x = cap * tanh(x / cap) (Gemma's final_logit_softcapping).
+extern "C" __global__ void softcap_f32(float* __restrict__ x, long long n, float cap) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = cap * tanhf(x[i] / cap);
+}
