@@ -109,3 +109,56 @@ def test_checkpoint_folder_builds_and_generates(arch, tmp_path):
     gen = Generator.from_bundle(out)
     text = gen.generate("hello robot", SamplingParams(temperature=0.0, max_tokens=8))
     assert isinstance(text, str) and gen.stats.n_generated >= 1
+
+
+def _gemma3_llama_cpp_conventions():
+    """A tiny Gemma 3 whose config is what llama.cpp assumes for a GGUF (every 6th layer global,
+    local RoPE base 10000, attention scale 1/sqrt(head_dim)): 6 layers, so the 24-token test
+    crosses the window 8 on five sliding layers and attends fully on the sixth."""
+    import transformers as tf
+
+    from helpers_tiny import EOS_ID, VOCAB
+
+    cfg = tf.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=256, rms_norm_eps=1e-5,
+                              initializer_range=0.1, bos_token_id=0, eos_token_id=EOS_ID, pad_token_id=0, sliding_window=SLIDING_WINDOW,
+                              layer_types=["sliding_attention"] * 5 + ["full_attention"], final_logit_softcapping=15.0, tie_word_embeddings=True,
+                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                               "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(7)
+    model = tf.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.2 * torch.randn_like(p))  # Gemma norms are (1 + w): w around 0
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "phi3"])
+def test_gguf_reads_as_its_hf_folder_and_matches_transformers(arch, tmp_path):
+    """A Gemma 3 / Phi-3 GGUF laid out as llama.cpp's converter writes it (Gemma's 1 + w norms and
+    pre/post sandwich names; Phi-3's fused qkv and gate|up, LongRoPE factor tensors) reads as the
+    same spec and the same weights as the model's HF folder, and the reference over the GGUF's
+    weights matches transformers."""
+    from tiny_checkpoints import write_gguf_from_hf
+
+    from edge.models.gguf import load_gguf
+    from edge.models.hf import load_hf
+    from edge.models.rope import rope_tables
+
+    model = _gemma3_llama_cpp_conventions() if arch == "gemma3_text" else tiny_hf_model(arch)
+    model.save_pretrained(tmp_path / "hf")
+    spec_h, w_h = load_hf(tmp_path / "hf")
+    spec_g, w_g = load_gguf(write_gguf_from_hf(model, tmp_path / f"{arch}.gguf"))
+    assert spec_g.features == spec_h.features and spec_g.sliding_window == spec_h.sliding_window
+    for f in ("n_layers", "hidden_size", "intermediate_size", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "tie_embeddings"):
+        assert getattr(spec_g, f) == getattr(spec_h, f), f
+    for local in (False, True):
+        for a, b in zip(rope_tables(spec_g, 128, local), rope_tables(spec_h, 128, local)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert sorted(w_g) == sorted(w_h)
+    for name in w_h:
+        np.testing.assert_array_equal(w_g[name], w_h[name], err_msg=name)
+    ids = np.random.default_rng(3).integers(0, spec_g.vocab_size, 24)
+    assert_close(forward(spec_g, w_g, ids), reference_logits(model, ids, 1), 1e-4, f"{arch} gguf")

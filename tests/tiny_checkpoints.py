@@ -205,3 +205,89 @@ def write_gguf(path: Path, *, seed: int = 0, hidden: int = 256, inter: int = 512
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# HF tensor (after `model.layers.N.`) -> llama.cpp GGUF tensor (after `blk.N.`), Gemma 3 and Phi-3
+_HF_TO_GGUF = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_HF_TO_GGUF_NORMS = {  # post_attention_layernorm is the pre-MLP norm without sandwich norms
+    "gemma3": {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"},
+    "phi3": {"post_attention_layernorm": "ffn_norm"},
+}
+
+
+def write_gguf_from_hf(model, path: Path) -> Path:
+    """A Gemma 3 or Phi-3 transformers model written as llama.cpp's convert_hf_to_gguf lays it
+    out: F32 tensors under llama.cpp names, Gemma norms stored as 1 + w, Phi-3's fused qkv and
+    gate|up kept fused, LongRoPE factors as rope_factors_short / _long tensors with the attention
+    factor and original context in the metadata. Metadata llama.cpp does not store (Gemma 3's
+    layer pattern, local RoPE base, attention scale) must be its fixed values in `model`."""
+    import math
+
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    arch = {"gemma3_text": "gemma3", "phi3": "phi3"}[cfg.model_type]
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    rope = cfg.rope_parameters
+    if arch == "gemma3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        glob = rope["full_attention"]
+        w.add_rope_freq_base(glob["rope_theta"])
+        if glob.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(glob["factor"])
+        w.add_sliding_window(cfg.sliding_window)
+        if cfg.final_logit_softcapping:
+            w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    else:
+        w.add_rope_freq_base(rope["rope_theta"])
+        w.add_rope_dimension_count(head_dim)
+        w.add_sliding_window(cfg.sliding_window or 0)
+        if rope.get("rope_type") == "longrope":
+            orig = rope["original_max_position_embeddings"]
+            w.add_rope_scaling_orig_ctx_len(orig)
+            scale = cfg.max_position_embeddings / orig
+            w.add_rope_scaling_attn_factors(1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(orig)))
+            w.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
+            w.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
+    norms = _HF_TO_GGUF_NORMS[arch]
+    for name, t in model.state_dict().items():
+        a = t.detach().float().numpy()
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            a = a + np.float32(1.0)  # llama.cpp's Gemma converter stores 1 + w
+        if name == "model.embed_tokens.weight":
+            out = "token_embd.weight"
+        elif name == "model.norm.weight":
+            out = "output_norm.weight"
+        elif name == "lm_head.weight":
+            if cfg.tie_word_embeddings:
+                continue
+            out = "output.weight"
+        else:
+            i, rest = name[len("model.layers."):].split(".", 1)
+            mod = rest[: -len(".weight")]
+            out = f"blk.{i}.{norms.get(mod) or _HF_TO_GGUF[mod]}.weight"
+        w.add_tensor(out, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -157,6 +157,22 @@ def _gemma3(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _gemma3_gguf(get: Callable[[str, Any], Any], base: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's GGUF of a Gemma 3 -> the config keys _gemma3 reads. What the file does not
+    store, llama.cpp fixes (llama-model.cpp, LLM_ARCH_GEMMA3) and so do we: every 6th layer global,
+    local RoPE base 10000, attention scale 1/sqrt(head_dim) except the 27B (62 layers), which
+    scales by 1/sqrt(hidden / heads)."""
+    n = base["num_hidden_layers"]
+    out: dict[str, Any] = {
+        "rope_local_base_freq": 10000.0, "final_logit_softcapping": get("final_logit_softcapping", None),
+        "query_pre_attn_scalar": base["hidden_size"] // base["num_attention_heads"] if n == 62 else base["head_dim"],
+    }
+    window = int(get("attention.sliding_window", 0) or 0)
+    if window:
+        return out | {"sliding_window": window, "sliding_window_pattern": 6}
+    return out | {"layer_types": ["full_attention"] * n}
+
+
 def _phi3(cfg: dict[str, Any]) -> dict[str, Any]:
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))) != 1.0:
@@ -164,28 +180,53 @@ def _phi3(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"fused_qkv": True, "fused_gate_up": True, **_sliding_all(cfg)}
 
 
+def _phi3_gguf(get: Callable[[str, Any], Any], base: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's GGUF of a Phi-3 -> the config keys _phi3 reads (0: no sliding window). Its
+    LongRoPE factors are tensors (rope_factors_short / _long), read by edge.models.spec."""
+    rot = get("rope.dimension_count", None)
+    return {"sliding_window": int(get("attention.sliding_window", 0) or 0) or None,
+            "partial_rotary_factor": int(rot) / base["head_dim"] if rot else 1.0}
+
+
+def _no_gguf_config(get: Callable[[str, Any], Any], base: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Arch:
-    """A registered architecture: features from an HF config, and how GGUF files name it."""
+    """A registered architecture: features from an HF config, and how GGUF files name it.
+
+    GGUF metadata goes through the same `features` function: `gguf_config` turns the file's
+    `{gguf_arch}.*` keys into the HF config keys `features` reads (get(key, default) reads one)."""
 
     model_type: str
     features: Callable[[dict[str, Any]], dict[str, Any]]
     default_attention_bias: bool = False
-    gguf: bool = False  # GGUF files of this architecture are read (edge.models.gguf)
+    gguf_arch: str | None = None  # llama.cpp's general.architecture; None: GGUF files are not read
     gguf_permuted_qk: bool = False  # llama.cpp's converter permuted q/k rows (llama RoPE layout)
+    gguf_config: Callable[[Callable[[str, Any], Any], dict[str, Any]], dict[str, Any]] = _no_gguf_config
 
 
 ARCHITECTURES: dict[str, Arch] = {
     a.model_type: a
     for a in (
-        Arch("llama", _llama, gguf=True, gguf_permuted_qk=True),
-        Arch("mistral", _sliding_all, gguf=True, gguf_permuted_qk=True),  # sliding window on every layer
-        Arch("qwen2", _qwen, default_attention_bias=True, gguf=True),
-        Arch("qwen3", _qwen3, gguf=True),
-        Arch("gemma3_text", _gemma3),
-        Arch("phi3", _phi3),
+        Arch("llama", _llama, gguf_arch="llama", gguf_permuted_qk=True),
+        Arch("mistral", _sliding_all, gguf_arch="mistral", gguf_permuted_qk=True),  # sliding window on every layer
+        Arch("qwen2", _qwen, default_attention_bias=True, gguf_arch="qwen2"),
+        Arch("qwen3", _qwen3, gguf_arch="qwen3"),
+        Arch("gemma3_text", _gemma3, gguf_arch="gemma3", gguf_config=_gemma3_gguf),
+        Arch("phi3", _phi3, gguf_arch="phi3", gguf_config=_phi3_gguf),
     )
 }
+
+
+def gguf_arch(name: str, where: str) -> Arch:
+    """The architecture of a GGUF whose general.architecture is `name`, or a one-line ModelError."""
+    for a in ARCHITECTURES.values():
+        if a.gguf_arch == name:
+            return a
+    raise ModelError(f"{where}: unsupported GGUF architecture '{name}'",
+                     fix=f"supported GGUF architectures: {', '.join(sorted(a.gguf_arch for a in ARCHITECTURES.values() if a.gguf_arch))}")
 
 
 def get_arch(model_type: str, where: str) -> Arch:

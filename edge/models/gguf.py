@@ -8,8 +8,15 @@ time (the quantizer walks the layers in order), never the whole model.
 
 NOTE llama.cpp's converter permutes the rows of attn_q / attn_k for the `llama` architecture
 (its RoPE rotates interleaved pairs (0,1),(2,3)... while HF rotates halves (i, i + d/2)); we
-undo that permutation so the weights equal the HF checkpoint's. `qwen2` GGUFs use NeoX RoPE and
-are stored unpermuted.
+undo that permutation so the weights equal the HF checkpoint's. `qwen2`, `qwen3`, `gemma3` and
+`phi3` GGUFs use NeoX RoPE and are stored unpermuted.
+
+Per the architecture's features: the norms map to their roles (edge.models.arch.layer_norm_names:
+a Gemma `ffn_norm` is the pre-feedforward norm, `post_attention_norm` / `post_ffw_norm` the
+sandwich ones); fused tensors (Phi-3's attn_qkv, and ffn_up holding gate|up) are split into the
+HF q/k/v and gate/up rows when read. llama.cpp's converter stores Gemma norms as 1 + w, which is
+the folded form every lowering expects (edge.models.hf.fold_norm_offset), so they are taken as
+they are. LongRoPE factor tensors are metadata (edge.models.spec.read_gguf_spec), not weights.
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ import numpy as np
 from edge.errors import ModelError
 from edge.models.spec import ModelSpec, _gguf_reader, gguf_field, read_gguf_spec
 
-# GGUF tensor name (after `blk.N.`) -> HF name (after `model.layers.N.`)
+# GGUF norm tensor (after `blk.N.`) -> its role (edge.models.arch.layer_norm_names)
+_NORM_ROLES = {"attn_norm.weight": "attn_in", "ffn_norm.weight": "mlp_in", "post_attention_norm.weight": "attn_out",
+               "post_ffw_norm.weight": "mlp_out"}
+# the other GGUF tensors (after `blk.N.`) -> HF name (after `model.layers.N.`)
 _LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
@@ -40,20 +48,52 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+_FUSED_NAMES = {  # with fused_qkv / fused_gate_up (Phi-3): the fused HF tensors
+    "attn_qkv.weight": "self_attn.qkv_proj.weight",
+    "ffn_up.weight": "mlp.gate_up_proj.weight",
+}
+ROPE_FACTOR_TENSORS = ("rope_factors_short.weight", "rope_factors_long.weight")
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
-def hf_name(gguf_name: str) -> str | None:
-    """HF tensor name for a GGUF tensor name, None for tensors we do not know."""
+def hf_name(gguf_name: str, features=None) -> str | None:
+    """HF tensor name for a GGUF tensor name (per the architecture's features), None for
+    tensors we do not know. Fused tensors keep their fused HF name (split when read)."""
+    from edge.models.arch import Features, layer_norm_names
+
+    f = features or Features()
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLK.match(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    if not m:
+        return None
+    i, rest = m.group(1), m.group(2)
+    norms = layer_norm_names(f)
+    if rest in _NORM_ROLES:
+        role = _NORM_ROLES[rest]
+        return f"model.layers.{i}.{norms[role]}.weight" if role in norms else None
+    if (rest == "attn_qkv.weight" and f.fused_qkv) or (rest == "ffn_up.weight" and f.fused_gate_up):
+        return f"model.layers.{i}.{_FUSED_NAMES[rest]}"
+    if rest in _LAYER_NAMES:
+        return f"model.layers.{i}.{_LAYER_NAMES[rest]}"
     return None
+
+
+def _split_rows(spec: ModelSpec, name: str) -> dict[str, tuple[int, int]]:
+    """A fused HF tensor -> {split HF name: (first row, end row)}, in q|k|v and gate|up order
+    (as edge.models.hf.split_fused); {} for a tensor that is not fused."""
+    if name.endswith("self_attn.qkv_proj.weight"):
+        p = name[: -len("self_attn.qkv_proj.weight")]
+        q, kv = spec.q_size, spec.kv_size
+        return {p + "self_attn.q_proj.weight": (0, q), p + "self_attn.k_proj.weight": (q, q + kv),
+                p + "self_attn.v_proj.weight": (q + kv, q + 2 * kv)}
+    if name.endswith("mlp.gate_up_proj.weight"):
+        p, n = name[: -len("mlp.gate_up_proj.weight")], spec.intermediate_size
+        return {p + "mlp.gate_proj.weight": (0, n), p + "mlp.up_proj.weight": (n, 2 * n)}
+    return {}
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -85,15 +125,33 @@ def _dequantize(t, path: Path) -> np.ndarray:
 
 class GGUFWeights(Mapping):
     """HF name -> float32 array, dequantized from the memory-mapped GGUF on every access (no
-    cache: the caller keeps what it needs). `shapes` gives every tensor's shape without reading it."""
+    cache, except the last fused tensor, whose parts are read one after the other: the caller
+    keeps what it needs). `shapes` gives every tensor's shape without reading it. Fused tensors
+    appear as their split HF names (rows of the fused one)."""
 
     def __init__(self, path: Path, spec: ModelSpec, tensors: dict, permuted: bool):
-        self.path, self.spec, self._t, self._permuted = path, spec, tensors, permuted
-        self.shapes = {n: tuple(int(x) for x in reversed(t.shape.tolist())) for n, t in tensors.items()}
+        self.path, self.spec, self._permuted = path, spec, permuted
+        self._t: dict[str, tuple] = {}  # HF name -> (GGUF tensor, rows or None)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for n, t in tensors.items():
+            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+            parts = _split_rows(spec, n)
+            if parts and shape[0] != max(b for _, b in parts.values()):
+                raise ModelError(f"{path}: tensor {t.name} has {shape[0]} rows, the metadata implies {max(b for _, b in parts.values())}",
+                                 fix="the file's metadata and tensors disagree; re-convert the model")
+            for name, rows in (parts or {n: None}).items():
+                self._t[name] = (t, rows)
+                self.shapes[name] = shape if rows is None else (rows[1] - rows[0], *shape[1:])
+        self._last: tuple[str, np.ndarray] | None = None
 
     def __getitem__(self, name: str) -> np.ndarray:
-        t = self._t[name]
-        w = _dequantize(t, self.path)
+        t, rows = self._t[name]
+        if rows is None:
+            w = _dequantize(t, self.path)
+        else:
+            if self._last is None or self._last[0] != t.name:
+                self._last = (t.name, _dequantize(t, self.path))
+            w = np.ascontiguousarray(self._last[1][rows[0] : rows[1]])
         if self._permuted and (".attn_q." in t.name or ".attn_k." in t.name):
             w = unpermute_rope_rows(w, self.spec.n_heads if ".attn_q." in t.name else self.spec.n_kv_heads)
         return w
@@ -106,31 +164,32 @@ class GGUFWeights(Mapping):
 
     def nbytes(self) -> int:
         """Bytes of the stored (quantized) tensors."""
-        return int(sum(t.n_bytes for t in self._t.values()))
+        return int(sum(t.n_bytes for t in {id(t): t for t, _ in self._t.values()}.values()))
 
 
 def load_gguf(path: str | Path) -> tuple[ModelSpec, GGUFWeights]:
     """(spec, lazy float32 weights in HF names and orientation) from a GGUF file. Unknown
     tensors, missing ones and shapes the metadata does not imply are refused up front."""
-    from edge.models.arch import get_arch
+    from edge.models.arch import gguf_arch
     from edge.models.hf import check_weights
 
     path = Path(path)
     reader = _gguf_reader(path)
     spec = read_gguf_spec(path, reader)
-    arch = get_arch(gguf_field(reader, "general.architecture", ""), str(path))
+    arch = gguf_arch(gguf_field(reader, "general.architecture", ""), str(path))
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise ModelError(
             f"{path}: llama3-style RoPE frequency scaling stored as a GGUF tensor is not supported",
             fix="build from the Hugging Face folder, whose config.json carries rope_scaling",
         )
-    unknown = sorted(t.name for t in reader.tensors if hf_name(t.name) is None)
+    layer_tensors = [t for t in reader.tensors if t.name not in ROPE_FACTOR_TENSORS]  # those are metadata (read_gguf_spec)
+    unknown = sorted(t.name for t in layer_tensors if hf_name(t.name, spec.features) is None)
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         raise ModelError(f"{path}: GGUF tensors {', '.join(unknown[:3])}{more} are unknown to the {arch.model_type} architecture",
                          fix="a variant of the architecture that edge-rag does not implement; it would run wrongly, so it is refused")
-    tensors = {hf_name(t.name): t for t in reader.tensors}
+    tensors = {hf_name(t.name, spec.features): t for t in layer_tensors}
     if spec.tie_embeddings:
         tensors.pop("lm_head.weight", None)
     weights = GGUFWeights(path, spec, tensors, arch.gguf_permuted_qk)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.errors import ModelError
-from edge.models.arch import ARCHITECTURES, Features, features_from_hf_config, get_arch
+from edge.models.arch import ARCHITECTURES, Features, features_from_hf_config, get_arch, gguf_arch
 
 __all__ = ["ARCHITECTURES", "ModelSpec", "read_spec", "spec_from_hf_config"]
 
@@ -190,13 +190,12 @@ def gguf_field(reader, key: str, default: Any = None) -> Any:
 
 
 def read_gguf_spec(path: Path, reader=None) -> ModelSpec:
-    """ModelSpec from a GGUF file's metadata."""
+    """ModelSpec from a GGUF file's metadata. The block's features come from the architecture's
+    own `features` function, over the HF config keys its `gguf_config` derives from the metadata."""
     r = reader or _gguf_reader(path)
-    arch = gguf_field(r, "general.architecture", "")
-    if not get_arch(arch, str(path)).gguf:
-        raise ModelError(f"{path}: GGUF files of architecture '{arch}' are not read here",
-                         fix=f"build from the Hugging Face folder; GGUF: {', '.join(a for a, x in sorted(ARCHITECTURES.items()) if x.gguf)}")
-    p = f"{arch}."
+    info = gguf_arch(gguf_field(r, "general.architecture", ""), str(path))
+    arch = info.model_type
+    p = f"{info.gguf_arch}."
 
     def need(key: str) -> Any:
         v = gguf_field(r, p + key)
@@ -217,14 +216,28 @@ def read_gguf_spec(path: Path, reader=None) -> ModelSpec:
     scaling = None
     if gguf_field(r, p + "rope.scaling.type") not in (None, "none"):
         scaling = {"rope_type": gguf_field(r, p + "rope.scaling.type"), "factor": gguf_field(r, p + "rope.scaling.factor")}
+    factors = {t.name: t for t in r.tensors if t.name in ("rope_factors_short.weight", "rope_factors_long.weight")}
+    if factors:  # LongRoPE (llama.cpp writes Phi-3's factors as tensors)
+        if len(factors) != 2 or gguf_field(r, p + "rope.scaling.original_context_length") is None:
+            raise ModelError(f"{path}: LongRoPE factors without their pair or original_context_length", fix="re-convert the model")
+        scaling = {"rope_type": "longrope", "original_max_position_embeddings": int(gguf_field(r, p + "rope.scaling.original_context_length")),
+                   "short_factor": [float(x) for x in factors["rope_factors_short.weight"].data],
+                   "long_factor": [float(x) for x in factors["rope_factors_long.weight"].data]}
+        if gguf_field(r, p + "rope.scaling.attn_factor") is not None:
+            scaling["attention_factor"] = float(gguf_field(r, p + "rope.scaling.attn_factor"))
+    n_layers = int(need("block_count"))
+    head_dim = int(gguf_field(r, p + "attention.key_length", hidden // n_heads))
+    base = {"model_type": arch, "hidden_size": hidden, "num_hidden_layers": n_layers, "num_attention_heads": n_heads, "head_dim": head_dim}
+    cfg = {**base, **info.gguf_config(lambda key, default=None: gguf_field(r, p + key, default), base)}
+    features = features_from_hf_config(cfg, str(path))
     return ModelSpec(
         arch=arch,
-        n_layers=int(need("block_count")),
+        n_layers=n_layers,
         hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")),
         n_heads=n_heads,
         n_kv_heads=int(gguf_field(r, p + "attention.head_count_kv", n_heads)),
-        head_dim=int(gguf_field(r, p + "attention.key_length", hidden // n_heads)),
+        head_dim=head_dim,
         vocab_size=int(vocab),
         max_position=int(gguf_field(r, p + "context_length", 2048)),
         rms_eps=float(gguf_field(r, p + "attention.layer_norm_rms_epsilon", 1e-5)),
@@ -232,7 +245,8 @@ def read_gguf_spec(path: Path, reader=None) -> ModelSpec:
         rope_scaling=scaling,
         tie_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
-        features=Features(qk_norm="blk.0.attn_q_norm.weight" in names),
+        sliding_window=int(cfg["sliding_window"]) if "sliding" in features.layer_types else None,
+        features=features,
         bos_token_id=gguf_field(r, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=(int(eos),) if eos is not None else (),
         name=str(gguf_field(r, "general.name", Path(path).stem)),
