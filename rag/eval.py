@@ -10,6 +10,7 @@ source path ends with it. Keys `source`/`sources` and `keywords`/`answer_keyword
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,13 +73,31 @@ def source_matches(path: str, expected: str) -> bool:
     return p == e or p.endswith("/" + e)
 
 
+_DASHES = str.maketrans({c: "-" for c in "\u2010\u2011\u2012\u2013\u2014\u2212"})
+
+
+def normalize_answer_text(text: str) -> str:
+    """Case, whitespace and number formatting folded, so that a keyword is found however the answer
+    writes the same fact: '60%' = '60 %', '1,000,000' = '1000000', en dash and minus = '-'."""
+    t = " ".join(text.lower().translate(_DASHES).split())
+    t = re.sub(r"(?<=\d),(?=\d{3}\b)", "", t)  # thousands separators
+    return re.sub(r"(?<=\d) (?=%)", "", t)  # '60 %' -> '60%'
+
+
 def keyword_hits(answer: str, keywords: list[str]) -> tuple[bool, float]:
-    """(all present, share present), case-insensitive, whitespace-normalized."""
+    """(all present, share present), after `normalize_answer_text` on both sides; numbers whole."""
     if not keywords:
         return True, 1.0
-    low = " ".join(answer.lower().split())
-    found = sum(1 for kw in keywords if " ".join(kw.lower().split()) in low)
+    low = normalize_answer_text(answer)
+    found = sum(1 for kw in keywords if _keyword_re(normalize_answer_text(kw)).search(low))
     return found == len(keywords), found / len(keywords)
+
+
+def _keyword_re(kw: str) -> re.Pattern:
+    """A keyword's pattern: a number is found whole ('9' is not in '1999', '0.6' not in '0.65')."""
+    head = r"(?<![\d.])" if kw[:1].isdigit() else ""
+    tail = r"(?!\d|\.\d)" if kw[-1:].isdigit() else ""
+    return re.compile(head + re.escape(kw) + tail)
 
 
 def evaluate(items: list[EvalItem], retriever, *, k: int = 5, mode: str = "hybrid", generator=None,
