@@ -20,7 +20,7 @@ from edge.cli.app import app
 def pack(
     profile: str = typer.Option(..., "--profile", "-p", help="Device profile the pack is for, e.g. orin-nano-8gb."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Archive to write (.tar or .tar.gz)."),
-    engine: Optional[Path] = typer.Option(None, "--engine", help="Generator bundle (default: SmolLM2-135M INT4)."),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="Generator bundle (default: the default answer model)."),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="Embedder bundle (default: the collection's)."),
     collection: str = typer.Option("default", "--collection", "-c", help="Collection to ship (SQLite store + index)."),
     no_collection: bool = typer.Option(False, "--no-collection", help="Ship the engines only (/v1/ask then says to ingest)."),

@@ -21,7 +21,7 @@ def mqtt(
     broker: str = typer.Option(..., "--broker", "-b", help="HOST[:PORT] of the MQTT broker (1883, or 8883 with TLS)"),
     topic_prefix: str = typer.Option("edge-rag", "--topic-prefix", help="Questions on PREFIX/ask, answers on PREFIX/answer/<id>"),
     collection: str = typer.Option("default", "--collection", "-c", help="Collection the questions are answered from"),
-    engine: Optional[Path] = typer.Option(None, "--engine", help="Generator bundle (default: SmolLM2-135M INT4)"),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="Generator bundle (default: the default answer model, built on first use)"),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="Embedder bundle (default: the collection's)"),
     backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, cuda or tensorrt (untested)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for onnxruntime (default: all cores)"),

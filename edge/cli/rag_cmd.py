@@ -165,7 +165,7 @@ def ask(
     k: int = typer.Option(5, "-k", help="Passages to retrieve"),
     mode: str = typer.Option("hybrid", "--mode", help=MODE_HELP),
     collection: str = typer.Option("default", "--collection", "-c"),
-    engine: Optional[Path] = typer.Option(None, "--engine", help="Generator bundle (default: SmolLM2-135M INT4)"),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="Generator bundle (default: the default answer model, built on first use)"),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="Embedder bundle (default: the collection's)"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Answer budget in tokens (default: the model's answer recipe)"),
     backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, cuda or tensorrt (untested)"),
