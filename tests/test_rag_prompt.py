@@ -71,7 +71,7 @@ def test_the_recipe_caps_passages_and_answer_budget():
     tok = WordTokenizer()
     hits = [hit(i, 20) for i in range(1, 8)]
     p = build_prompt("What is w?", hits, tok, max_context=4000)
-    assert len(p.passages) == RECIPES["small"].max_passages == 3 and p.dropped == 4
+    assert len(p.passages) == RECIPES["small"].max_passages == 5 and p.dropped == 2
     assert p.answer_tokens == RECIPES["small"].answer_tokens
     tiny = build_prompt("What is w?", hits, tok, max_context=4000, recipe=RECIPES["tiny"])
     assert len(tiny.passages) == 1
