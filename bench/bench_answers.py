@@ -1,13 +1,16 @@
 """Answer quality: `ask` over two corpora, next to llama.cpp on the same GGUF and the same prompts.
 
-    python bench/bench_answers.py [--engine BUNDLE] [--corpus manuals,pydoc] [--peer] [--limit N]
+    python bench/bench_answers.py [--engine BUNDLE] [--corpus manuals,pydoc] [--split test|heldout|both]
+                                  [--peer] [--limit N] [--reuse-index]
                                   [--passages N] [--threads 2] [--details out.jsonl]
 
 Corpora (each in its own collection, ingested afresh with the default embedder):
   manuals  examples/manuals + examples/questions.jsonl (the shipped Kestrel manuals, 36 questions)
   pydoc    examples/pydoc + examples/pydoc_questions.jsonl (pydoc text of 39 standard-library
            modules, rendered by bench/pydoc_corpus.py; 32 questions), text nobody on the team wrote
-Each also gets UNCOVERED questions, which the documents do not answer.
+Each also gets UNCOVERED questions, which the documents do not answer, and a held-out question set
+(examples/*_heldout.jsonl, `--split heldout`) written before the recipe was tuned and never used to
+choose it.
 
 Per question: hybrid retrieval (k=5), then the engine's answer through rag.ask.ask (its recipe:
 passages, answer budget, greedy, repetition penalty), and, with --peer, llama.cpp
@@ -15,7 +18,9 @@ passages, answer budget, greedy, repetition penalty), and, with --peer, llama.cp
 was built from, fed the very token ids of the same prompt, its raw text scored the same way.
 
 One JSON line per corpus and engine:
-  keyword_complete        share of answers holding every expected keyword (the model's own text)
+  keyword_complete        share of answers holding every expected keyword (the model's own text;
+                          rag.eval.keyword_hits: case, spacing and number formatting folded)
+  keyword_complete_shown  the same over what the user reads (with the grounding note's quote)
   keyword_complete_retrieved   the same over questions whose expected source was retrieved
   citation_validity       share of [n] markers the model wrote that name a passage shown to it
   cited_expected_source   share of answers citing (or attributed to) a passage from the expected file
@@ -42,6 +47,11 @@ sys.path.insert(0, str(ROOT))
 CORPORA = {
     "manuals": (ROOT / "examples" / "manuals", ROOT / "examples" / "questions.jsonl"),
     "pydoc": (ROOT / "examples" / "pydoc", ROOT / "examples" / "pydoc_questions.jsonl"),
+}
+# questions written after the recipe's first measurements and never used to choose it
+HELDOUT = {
+    "manuals": ROOT / "examples" / "questions_heldout.jsonl",
+    "pydoc": ROOT / "examples" / "pydoc_questions_heldout.jsonl",
 }
 UNCOVERED = {
     "manuals": ["Who won the football world cup in 1954?", "How do I bake sourdough bread?",
@@ -115,6 +125,9 @@ def summarize(rows: list[dict], uncovered: list[dict]) -> dict:
         "s_per_answer": round(statistics.mean(r["s"] for r in rows), 2) if rows else None,
         "ttft_ms": round(statistics.mean(r["ttft_ms"] for r in rows), 1) if rows else None,
     }
+    if rows and "keywords_ok_shown" in rows[0]:
+        # what the user reads: the model's text plus, when it is ungrounded, the quoted passage
+        out["keyword_complete_shown"] = round(sum(r["keywords_ok_shown"] for r in rows) / n, 4)
     if rows and "grounded" in rows[0]:
         out["grounded"] = round(sum(bool(r["grounded"]) for r in rows) / n, 4)
     return out
@@ -124,6 +137,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--engine", default=None, help="generator bundle (default: the default generator)")
     ap.add_argument("--corpus", default="manuals,pydoc")
+    ap.add_argument("--split", default="test", choices=("test", "heldout", "both"),
+                    help="the questions the recipe was chosen on (test), the held-out ones, or both")
+    ap.add_argument("--reuse-index", action="store_true", help="ingest incrementally (unchanged files are kept)")
     ap.add_argument("--peer", action="store_true", help="also llama.cpp on the engine's source GGUF")
     ap.add_argument("--peer-only", action="store_true", help="llama.cpp only (the engine's tokenizer builds the prompts)")
     ap.add_argument("--gguf", default=None, help="the peer's GGUF (default: the engine's source)")
@@ -192,10 +208,14 @@ def main() -> None:
     emb = Embedder.from_bundle(emb_path)
     details = open(args.details, "w") if args.details else None
 
-    for corpus in args.corpus.split(","):
+    splits = ("test", "heldout") if args.split == "both" else (args.split,)
+    for corpus, split in [(c, s) for c in args.corpus.split(",") for s in splits]:
         docs, qfile = CORPORA[corpus]
+        if split == "heldout":
+            qfile = HELDOUT[corpus]
         coll = f"bench-answers-{corpus}"
-        rep = ingest(docs, embedder=emb, collection=coll, rebuild=True, progress=False, embedder_path=str(emb_path))
+        rep = ingest(docs, embedder=emb, collection=coll, rebuild=not args.reuse_index, progress=False,
+                     embedder_path=str(emb_path))
         items = load_questions(qfile)
         if args.limit:
             items = items[: args.limit]
@@ -221,11 +241,12 @@ def main() -> None:
                     sc = score_text(a.model_text, len(prompt.passages), it)
                     sc["citations"] += len(a.invalid_citations)  # the filter dropped them before the user saw them
                     row = {**base, **sc, "engine": "edge-rag", "answer": a.model_text, "s": s,
+                           "keywords_ok_shown": score_text(a.text, len(prompt.passages), it)["keywords_ok"],
                            "ttft_ms": a.timings["ttft_ms"], "grounded": a.grounded,
                            "cited_expected": cited_expected(a.cited), "shown_citations_valid": True}
                     rows["engine"].append(row)
                     if details:
-                        details.write(json.dumps({"corpus": corpus, **row}) + "\n")
+                        details.write(json.dumps({"corpus": corpus, "split": split, **row}) + "\n")
                 if peer is not None:
                     ids = tokenizer.encode_chat(prompt.messages)
                     text, ttft, s = peer.answer(ids, prompt.answer_tokens, recipe.repetition_penalty)
@@ -236,7 +257,7 @@ def main() -> None:
                            "cited_expected": cited_expected(sc["cited"] or ([g.attributed] if g.attributed else []))}
                     rows["llama.cpp"].append(row)
                     if details:
-                        details.write(json.dumps({"corpus": corpus, **row}) + "\n")
+                        details.write(json.dumps({"corpus": corpus, "split": split, **row}) + "\n")
             for q in UNCOVERED[corpus]:
                 res = r.search(q, k=args.k)
                 if not res.relevant:
@@ -255,11 +276,11 @@ def main() -> None:
             if details:
                 for key, us in unc.items():
                     for u in us:
-                        details.write(json.dumps({"corpus": corpus, "engine": key, "uncovered": True, **u}) + "\n")
+                        details.write(json.dumps({"corpus": corpus, "split": split, "engine": key, "uncovered": True, **u}) + "\n")
         for key, rs in rows.items():
             if not rs:
                 continue
-            emit("answers", corpus=corpus, engine=key, model=model_name, quant=quant.recipe,
+            emit("answers", corpus=corpus, split=split, engine=key, model=model_name, quant=quant.recipe,
                  group_size=quant.group_size, recipe=recipe.name, passages=recipe.max_passages,
                  passage_tokens=recipe.passage_tokens, answer_tokens=recipe.answer_tokens,
                  repetition_penalty=recipe.repetition_penalty,
