@@ -9,7 +9,8 @@ Prints one JSON line per figure:
               (vector-only is plain FAISS exact search over the same embeddings: the peer)
   answers     with --generate-eval: share of answers holding every expected keyword
   ask_cold    a fresh `edge-rag ask --json` process: wall time, engine load, retrieval, TTFT, total
-  ask_warm    the same question in one process with both engines loaded: medians of `--runs`
+  ask_warm    one process with both engines loaded: medians over `--runs` other questions of the
+              questions file (a new prompt each, so the engine's prefix cache does not help)
   memory      EdgeRuntime.memory_report(): RSS growth per part against the plan
 
 Uses the default engines (built on first use, cached under $EDGE_RAG_HOME) and its own
@@ -46,7 +47,7 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=5)
     ap.add_argument("--runs", type=int, default=3, help="warm ask repetitions")
     ap.add_argument("--question", default="What does error E-214 mean?")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=None, help="answer budget (default: the model's recipe)")
     ap.add_argument("--generate-eval", action="store_true", help="also score generated answers (slow)")
     ap.add_argument("--no-ask", action="store_true", help="retrieval figures only")
     args = ap.parse_args()
@@ -79,7 +80,9 @@ def main() -> None:
     gen_path = default_generator_bundle(progress=True)
     # cold: a fresh process, engines loaded from disk, one question
     cmd = [sys.executable, "-c", "import sys; from edge.cli import main; sys.exit(main(sys.argv[1:]))",
-           "ask", args.question, "--json", "-c", COLLECTION, "-k", str(args.k), "--max-tokens", str(args.max_tokens)]
+           "ask", args.question, "--json", "-c", COLLECTION, "-k", str(args.k)]
+    if args.max_tokens:
+        cmd += ["--max-tokens", str(args.max_tokens)]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     wall = (time.perf_counter() - t0) * 1e3
@@ -93,16 +96,17 @@ def main() -> None:
              retrieval_ms=round(t["retrieval_ms"], 2), ttft_ms=round(t["ttft_ms"], 1), total_ms=round(t["total_ms"], 1),
              answer_tokens=a["n_answer_tokens"], prompt_tokens=a["n_prompt_tokens"])
 
-    # warm: one process, both engines loaded, same question `runs` times (greedy: same answer)
+    # warm: one process, both engines loaded, `runs` questions it has not seen (no prefix-cache hit)
     from edge.runtime.host import EdgeRuntime
 
     with EdgeRuntime(COLLECTION, embedder=None, embedder_path=emb_path, generator_path=gen_path,
                      load_generator=True, progress=False) as rt:
         rt.ask(args.question, k=args.k, max_tokens=args.max_tokens)  # warm-up
-        runs = [rt.ask(args.question, k=args.k, max_tokens=args.max_tokens) for _ in range(args.runs)]
+        others = [it.question for it in items if it.question != args.question][: args.runs]
+        runs = [rt.ask(q, k=args.k, max_tokens=args.max_tokens) for q in others]
         med = {key: statistics.median(a.timings[key] for a in runs) for key in ("retrieval_ms", "ttft_ms", "total_ms")}
         g = runs[-1].timings.get("generator", {})
-        emit("ask_warm", question=args.question, runs=args.runs, **{k: round(v, 2) for k, v in med.items()},
+        emit("ask_warm", questions=others, **{k: round(v, 2) for k, v in med.items()},
              prompt_tokens=runs[-1].n_prompt_tokens, answer_tokens=runs[-1].n_answer_tokens,
              prefill_s=g.get("prefill_s"), decode_s=g.get("decode_s"), n_generated=g.get("n_generated"),
              backend=rt.backend, answer=runs[-1].text[:200])
@@ -110,7 +114,7 @@ def main() -> None:
         emit("memory", **mem)
         if args.generate_eval:
             res = evaluate(items, rt.retriever, k=args.k, mode="hybrid", generator=rt.generator,
-                           max_tokens=args.max_tokens * 2)
+                           max_tokens=args.max_tokens)
             emit("answers", mode="hybrid", n=res.n, keyword_hit_rate=round(res.keyword_hit_rate, 4),
                  keyword_recall=round(res.keyword_recall, 4), covered_rate=round(res.covered_rate, 4))
 
