@@ -34,6 +34,8 @@ from edge.bundle import Bundle  # noqa: E402
 from edge.quant.policy import bytes_read_per_token  # noqa: E402
 
 PROMPT, NEW = 128, 128
+PREFILL_CONFIGS = ("llama-3.2-1b", "llama-3-8b")  # configs that also time a 2048-token prefill
+B16_CONFIGS = ("llama-3.2-1b",)
 LOG = None
 
 
@@ -123,11 +125,13 @@ def prefill_breakdown(sess, name: str, device: str, tokens: int = 2048) -> None:
     """Where a long prefill's time goes: dequantization, cuBLAS GEMMs, attention (all layers)."""
     cp = sess.cp
     lins = [L[k] for L in sess.layers for k in ("qkv", "o", "gu", "down")]
-    t_deq = _event_ms(cp, lambda: [sess.dequantize(lin) for lin in lins])
+    t_deq = _event_ms(cp, lambda: [sess.dequantize(lin, sess._dequant_workspace(lin)) for lin in lins])
     w0 = {k: sess.dequantize(sess.layers[0][k]) for k in ("qkv", "o", "gu", "down")}
     xs = {k: cp.random.standard_normal((tokens, w.shape[1]), dtype=cp.float32).astype(cp.float16) for k, w in w0.items()}
     ys = {k: cp.empty((tokens, w.shape[0]), dtype=cp.float16) for k, w in w0.items()}
-    t_gemm = _event_ms(cp, lambda: [cp.matmul(xs[k], w0[k].T, out=ys[k]) for _ in lins[::4] for k in w0])
+    from edge.runtime.cuda.session import gemm_f16
+
+    t_gemm = _event_ms(cp, lambda: [gemm_f16(cp, xs[k], w0[k], ys[k], tokens) for _ in lins[::4] for k in w0])
     flops = 2 * tokens * sum(w.size for w in w0.values()) * len(sess.layers)
     ids = np.random.default_rng(3).integers(0, sess.vocab_size, size=tokens)
     sess.add_sequence(77)
@@ -259,8 +263,9 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
     spec = b.spec
     recipe, group = b.manifest.quant.recipe, b.manifest.quant.group_size or 128
     is_1b = name == "llama-3.2-1b"
+    long_prefill = name in PREFILL_CONFIGS
     t0 = time.perf_counter()
-    sess = CudaDecoderSession(b, max_batch=16 if is_1b else 1, max_context=2304 if is_1b else 512)
+    sess = CudaDecoderSession(b, max_batch=16 if is_1b else 1, max_context=2304 if long_prefill else 512)
     load_s = time.perf_counter() - t0
     lin_err = validate_linears(sess)
     logit_err = validate_logits(sess, b) if spec.n_params < 1e9 else None
@@ -337,9 +342,10 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
         emit(figure="decode_b16", backend="edge-cuda", device=device, model=name, recipe=recipe, batch=16, prompt=PROMPT,
              new_tokens=NEW, aggregate_tok_s=round(agg, 1), step_ms=round(1e3 * dt / (NEW - 1), 3),
              roofline_frac=round(bpt16 * agg / 16 / copy_bw, 3))
+    if long_prefill:
         long = rng.integers(0, spec.vocab_size, size=2048)
         ts = []
-        for rep in range(4):
+        for rep in range(6):
             sess.add_sequence(50)
             cp.cuda.Device().synchronize()
             t0 = time.perf_counter()
@@ -401,6 +407,107 @@ def bench_hf(name: str, device: str) -> dict:
     return res
 
 
+def _jsonl(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def bench_llama_cpp(name: str, args, device: str) -> dict:
+    """llama.cpp's own CUDA benchmarks on a random Q4_0 GGUF of the config (bench/random_gguf.py):
+    llama-bench decode (128 tokens after a 128-token context: -n 128 -d 128) and a 2048-token
+    prefill (-p 2048, ubatch 512 and 2048, the faster kept), llama-batched-bench 16 sequences of
+    128 + 128 tokens. Flash attention on, every layer on the GPU."""
+    import os
+
+    gguf = args.work / f"{name}-q4_0.gguf"
+    if not gguf.exists():
+        cmd = [sys.executable, str(Path(__file__).parent / "random_gguf.py"), name, str(gguf)]
+        if args.gguf_py:
+            cmd += ["--gguf-py", str(args.gguf_py)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{args.llama_bin}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+    bench = [str(args.llama_bin / "llama-bench"), "-m", str(gguf), "-ngl", "99", "-fa", "1", "-o", "jsonl"]
+
+    def run(cmd):
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        if p.returncode != 0:
+            raise SystemExit(f"{cmd[0]} failed ({p.returncode}): {p.stderr[-2000:]}")
+        return _jsonl(p.stdout)
+
+    res = {"config": name}
+    common = dict(backend="llama.cpp-cuda", device=device, model=name, recipe="Q4_0 (LM head Q8_0)")
+    tg = run(bench + ["-p", "0", "-n", str(NEW), "-d", str(PROMPT), "-r", "3"])
+    res["tok_s"] = tg[0]["avg_ts"]
+    emit(figure="decode_b1", batch=1, prompt=PROMPT, new_tokens=NEW, decode_tok_s=round(res["tok_s"], 1),
+         build=tg[0].get("build_commit"), **common)
+    if name in PREFILL_CONFIGS:
+        pp = run(bench + ["-p", "2048", "-n", "0", "-ub", "512,2048", "-r", "5"])
+        best = max(pp, key=lambda d: d["avg_ts"])
+        res["prefill2048_ms"] = 2048 / best["avg_ts"] * 1e3
+        emit(figure="prefill_2048", tokens=2048, prefill_ms=round(res["prefill2048_ms"], 2),
+             prefill_tok_s=round(best["avg_ts"], 0), n_ubatch=best["n_ubatch"],
+             by_ubatch={d["n_ubatch"]: round(2048 / d["avg_ts"] * 1e3, 2) for d in pp}, **common)
+    if name in B16_CONFIGS:
+        bb = run([str(args.llama_bin / "llama-batched-bench"), "-m", str(gguf), "-ngl", "99", "-fa", "on", "-c", "8192",
+                  "-npp", str(PROMPT), "-ntg", str(NEW), "-npl", "16", "--output-format", "jsonl"])
+        res["b16_tok_s"] = bb[0]["speed_tg"]
+        emit(figure="decode_b16", batch=16, prompt=PROMPT, new_tokens=NEW, aggregate_tok_s=round(res["b16_tok_s"], 1), **common)
+    return res
+
+
+def bench_gpt_fast(name: str, mode: str, what: set[str], args, device: str) -> dict:
+    """gpt-fast in its own process (bench/gpt_fast_peer.py); what: figures to time among b1, b16,
+    prefill (each is one torch.compile of ~1-1.5 min on the device)."""
+    cmd = [sys.executable, str(Path(__file__).parent / "gpt_fast_peer.py"), "--gpt-fast", str(args.gpt_fast),
+           "--config", name, "--mode", mode, "--device-name", device,
+           "--batches", ",".join(b for b, k in (("1", "b1"), ("16", "b16")) if k in what and (k != "b16" or name in B16_CONFIGS))]
+    if "prefill" in what and name in PREFILL_CONFIGS:
+        cmd += ["--prefill", "2048"]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    res = {"config": name}
+    for d in _jsonl(p.stdout):
+        emit(**d)
+        if d.get("figure") == "decode_b1":
+            res["tok_s"] = d["decode_tok_s"]
+        elif d.get("figure") == "decode_b16":
+            res["b16_tok_s"] = d["aggregate_tok_s"]
+        elif d.get("figure") == "prefill":
+            res["prefill2048_ms"] = d["prefill_ms"]
+    if p.returncode != 0:
+        emit(figure="peer_failed", backend=f"gpt-fast-{mode}", model=name, exit=p.returncode)
+    return res
+
+
+def print_table(edge: dict, peers: dict[str, dict]) -> None:
+    """Ratio lines (edge-rag over each peer) and a markdown table of the same call's figures."""
+    rows = [("decode b1, tok/s", "tok_s", True), ("16 sequences, aggregate tok/s", "b16_tok_s", True),
+            ("2048-token prefill, ms", "prefill2048_ms", False)]
+    for name, e in edge.items():
+        for label, key, higher in rows:
+            if key not in e:
+                continue
+            for peer, res in peers.items():
+                v = res.get(name, {}).get(key)
+                if v:
+                    emit(figure="ratio", model=name, what=key, peer=peer,
+                         edge_over_peer=round(e[key] / v if higher else v / e[key], 2))
+    cols = ["edge-rag cuda", *peers]
+    print("\n| figure | " + " | ".join(cols) + " |")
+    print("| --- |" + " --- |" * len(cols))
+    for name, e in edge.items():
+        for label, key, _ in rows:
+            vals = [e.get(key)] + [peers[p].get(name, {}).get(key) for p in peers]
+            if any(v is not None for v in vals):
+                print(f"| {name} {label} | " + " | ".join("-" if v is None else f"{v:,.1f}" for v in vals) + " |")
+
+
 def _worker(kind: str, name: str, out: Path, copy_bw: float) -> dict:
     """One config, one peer, in a fresh process (its own CUDA context and memory pools): a user's
     process serves one model, and a model measured after others in the same process ran a few %
@@ -432,6 +539,12 @@ def main() -> None:
     ap.add_argument("--recipe", default="int4")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--llama-bin", type=Path, help="folder of llama.cpp's CUDA llama-bench / llama-batched-bench (peer)")
+    ap.add_argument("--gguf-py", type=Path, help="llama.cpp's gguf-py folder (to write the peer's random GGUF)")
+    ap.add_argument("--gpt-fast", type=Path, help="folder with gpt-fast's model.py, quantize.py, generate.py, tokenizer.py (peer)")
+    ap.add_argument("--gpt-fast-configs", default="llama-3.2-1b", help="configs gpt-fast runs (compile time)")
+    ap.add_argument("--gpt-fast-int4", default="b1,b16,prefill", help="figures gpt-fast int4 times (b1, b16, prefill)")
+    ap.add_argument("--gpt-fast-bf16", default="b1,b16,prefill", help="figures gpt-fast bf16 times")
     ap.add_argument("--worker", choices=("edge", "hf"), help=argparse.SUPPRESS)
     ap.add_argument("--copy-bw", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -458,6 +571,7 @@ def main() -> None:
     bw = copy_bandwidth(cp)
     emit(figure="copy_bandwidth", device=device, gb_s=round(bw / 1e9, 1))
     edge, hf = {}, {}
+    peers: dict[str, dict] = {}
     for name in args.configs.split(","):
         path = args.work / f"{name}-{args.recipe}"
         if not (path / "manifest.json").exists():
@@ -468,6 +582,14 @@ def main() -> None:
         edge[name] = _worker("edge", name, args.out, bw)
         if not args.no_hf:
             hf[name] = _worker("hf", name, args.out, bw)
+        if args.llama_bin:
+            peers.setdefault("llama.cpp CUDA", {})[name] = bench_llama_cpp(name, args, device)
+        if args.gpt_fast and name in args.gpt_fast_configs.split(","):
+            for mode, what in (("int4", args.gpt_fast_int4), ("bf16", args.gpt_fast_bf16)):
+                if what:
+                    peers.setdefault(f"gpt-fast {mode}", {})[name] = bench_gpt_fast(name, mode, set(what.split(",")), args, device)
+    if peers:
+        print_table(edge, peers)
     for name in edge:
         if name in hf:
             emit(figure="ratio_b1", model=name, edge_over_hf=round(edge[name]["tok_s"] / hf[name]["b1_tok_s"], 2))

@@ -54,11 +54,11 @@ def flavour_dir(version: str, cuda: bool) -> Path:
     return cache_root() / f"{version}-{'cuda' if cuda else 'cpu'}"
 
 
-def binaries_ready(version: str, cuda: bool) -> Path | None:
-    """The bin/ directory when all three binaries and the build stamp exist, else None."""
+def binaries_ready(version: str, cuda: bool, targets: tuple[str, ...] = TARGETS) -> Path | None:
+    """The bin/ directory when the binaries and the build stamp exist, else None."""
     d = flavour_dir(version, cuda)
     bin_dir = d / "bin"
-    if (d / "build.json").is_file() and all(os.access(bin_dir / t, os.X_OK) for t in TARGETS):
+    if (d / "build.json").is_file() and all(os.access(bin_dir / t, os.X_OK) for t in targets):
         return bin_dir
     return None
 
@@ -119,13 +119,15 @@ def cmake_flags(cuda: bool, cuda_arch: str, extra: list[str] = ()) -> list[str]:
 
 def ensure_binaries(version: str | None = None, cuda: bool = False, jobs: int = 2,
                     cuda_arch: str = "90", keep_build: bool = False, src: Path | None = None,
-                    extra: list[str] = (), nice: bool = True) -> Path:
-    """Build (once) and return the bin/ directory holding TARGETS.
+                    extra: list[str] = (), nice: bool = True, targets: tuple[str, ...] = TARGETS) -> Path:
+    """Build (once) and return the bin/ directory holding `targets`.
 
     src: a llama.cpp source (a folder, or a .tar.gz with the sdist's tree or a top llama.cpp/
-    folder) instead of pip-downloading the sdist; extra: more cmake flags (they win)."""
+    folder) instead of pip-downloading the sdist; extra: more cmake flags (they win). With
+    -DBUILD_SHARED_LIBS=ON in extra the shared libraries are copied next to the binaries (run
+    them with LD_LIBRARY_PATH=bin/): a CUDA build's static binaries are ~85 MB each."""
     version = version or installed_version()
-    ready = binaries_ready(version, cuda)
+    ready = binaries_ready(version, cuda, targets)
     if ready:
         return ready
     for tool in ("cmake", "c++") + (("nvcc",) if cuda else ()):
@@ -144,16 +146,23 @@ def ensure_binaries(version: str | None = None, cuda: bool = False, jobs: int = 
         cfg = ["cmake", "-S", str(tree), "-B", str(build)] + cmake_flags(cuda, cuda_arch, extra)
         print("+", " ".join(cfg), file=sys.stderr)
         subprocess.run(nice + cfg, check=True)
-        bld = ["cmake", "--build", str(build), "-j", str(jobs), "--target", *TARGETS]
+        bld = ["cmake", "--build", str(build), "-j", str(jobs), "--target", *targets]
         print("+", " ".join(bld), file=sys.stderr)
         subprocess.run(nice + bld, check=True)
         tmp_bin = work / "bin"
         tmp_bin.mkdir()
-        for t in TARGETS:
+        for t in targets:
             (found,) = [p for p in build.rglob(t) if p.is_file() and os.access(p, os.X_OK)][:1] or [None]
             if found is None:
                 raise SystemExit(f"the build produced no {t} under {build}")
             shutil.copy2(found, tmp_bin / t)
+        for lib in build.rglob("*.so*"):  # shared builds (BUILD_SHARED_LIBS=ON)
+            if (tmp_bin / lib.name).exists() or (tmp_bin / lib.name).is_symlink():
+                continue
+            if lib.is_file() and not lib.is_symlink():
+                shutil.copy2(lib, tmp_bin / lib.name)
+            elif lib.is_symlink():
+                (tmp_bin / lib.name).symlink_to(os.readlink(lib))
         # bin/ appears whole or not at all; the stamp is written last
         if (out / "bin").exists():
             shutil.rmtree(out / "bin")
@@ -161,7 +170,7 @@ def ensure_binaries(version: str | None = None, cuda: bool = False, jobs: int = 
         stamp = {
             "llama_cpp_python": version, "flavour": "cuda" if cuda else "cpu",
             "cuda_arch": cuda_arch if cuda else None, "cmake_flags": cmake_flags(cuda, cuda_arch, extra),
-            "jobs": jobs, "build_s": round(time.time() - t0, 1), "source": Path(archive).name,
+            "targets": list(targets), "jobs": jobs, "build_s": round(time.time() - t0, 1), "source": Path(archive).name,
             "host": platform.node(), "host_cpus": os.cpu_count(),
             "compiler": subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[0],
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -185,9 +194,10 @@ def main() -> None:
     ap.add_argument("--cmake-extra", default="", help="more cmake flags, space-separated (they win)")
     ap.add_argument("--no-nice", action="store_true", help="build at normal priority (a machine of your own)")
     ap.add_argument("--print-bin", action="store_true", help="print only the bin/ directory")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated build targets (default: %(default)s)")
     a = ap.parse_args()
     bin_dir = ensure_binaries(a.version, a.cuda, a.jobs, a.cuda_arch, a.keep_build, a.src,
-                              a.cmake_extra.split(), not a.no_nice)
+                              a.cmake_extra.split(), not a.no_nice, tuple(a.targets.split(",")))
     if a.print_bin:
         print(bin_dir)
     else:

@@ -152,12 +152,36 @@ def plan_cmd(
         spec, prof_name, context=context, concurrency=concurrency, reserve_bytes=parse_size(reserve),
         power_mode=power_mode, index_chunks=chunks, with_embedder=not no_embedder,
     )
+    proj = _projection(spec, plan, power_mode)
     if json_out:
-        _echo_json(plan.to_dict())
+        _echo_json({**plan.to_dict(), "projection": proj.to_dict() if proj else None})
     else:
         _print_plan(plan)
+        if proj:
+            _print_projection(proj)
     if not plan.fits:
         raise PlanError(f"{spec.name or model} does not fit {plan.profile} at {concurrency} x {context} tokens (see the advice above)")
+
+
+def _projection(spec, plan, power_mode):
+    """The cuda backend's projected speed on a Jetson profile (edge.speed), for the recommended
+    weights (int4 g128 when nothing is recommended); None elsewhere."""
+    from edge.speed import project
+
+    rec = plan.recommendation
+    quant, group = (rec.quant, rec.group_size or 128) if rec else ("int4", 128)
+    return project(spec, plan.profile, quant, group, power_mode)
+
+
+def _print_projection(p) -> None:
+    a = p.assumptions
+    c = _console()
+    c.print()
+    c.print(_head("projected cuda speed ", f"decode ~{p.decode_tok_s:.0f} tok/s (batch 1, {p.decode_bound}-bound), "
+                  f"{p.prefill_tokens}-token prefill ~{p.prefill_ms:,.0f} ms, power mode {p.power_mode}", "bold", 0))
+    c.print(f"  scaled from {p.reference}: SM clock ratio {a['sm_clock_ratio']}, tensor rate ratio {a['tensor_rate_ratio']:g},")
+    c.print(f"  {a['bandwidth_efficiency']:.0%} of {a['bandwidth_gbps']:g} GB/s assumed. A projection, not a measurement on the device"
+            " (model: edge/speed.py, figures: bench/CUDA_NOTES.md).")
 
 
 def _print_plan(plan) -> None:

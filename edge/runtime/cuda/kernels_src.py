@@ -39,6 +39,7 @@ BK_VARIANTS = (  # block-K int4 GEMV instances (rows R, threads NT, unroll U), a
 KERNEL_NAMES = (
     "repack_int4",
     "dequant_int4",
+    "dequant_int4_x4",
     "dequant_int8",
     *(f"gemv_{k}_m{m}" for k in ("int4", "int8", "fp16") for m in (1, 2, 4, 8, 16)),
     "gemv_int4_m1_r2",
@@ -64,6 +65,8 @@ KERNEL_NAMES = (
     "causal_softmax",
     "flash_prefill_d64",
     "flash_prefill_d128",
+    "flash_prefill_cap_d64",
+    "flash_prefill_cap_d128",
     "argmax_rows",
     "argmax_rows_mb",
     "advance_inputs",

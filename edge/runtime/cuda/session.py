@@ -46,6 +46,40 @@ from edge.runtime.cuda.sampling import sample_top_p  # noqa: F401 (tests import 
 from edge.runtime.cuda.weights import load_weights
 
 GEMV_ROWS_PER_BLOCK = 8  # warps per 256-thread GEMV block (each takes R rows, kernels.GEMV_ROWS_PER_WARP)
+def gemm_f16(cp: Any, x: Any, w: Any, y: Any, m: int) -> None:
+    """y[:m] = x[:m] @ w.T through cuBLAS directly (fp16 in / out, fp32 compute, tensor cores), on
+    the current stream. x [>= m, K] and y [>= m, N] with contiguous rows (any row stride), w [N, K]
+    contiguous. cp.matmul does the same product with ~10x the host time per call, which a prefill
+    of 64 GEMMs felt (the GPU waited on Python)."""
+    from cupy_backends.cuda.libs import cublas
+
+    n, k = w.shape
+    if not (x.dtype == y.dtype == w.dtype == cp.float16 and x.strides[1] == 2 and y.strides[1] == 2
+            and w.flags.c_contiguous and x.shape[1] == k and y.shape[1] == n):
+        cp.matmul(x[:m], w.T, out=y[:m])
+        return
+    h = cp.cuda.device.get_cublas_handle()
+    cublas.setStream(h, cp.cuda.get_current_stream().ptr)
+    mode = cublas.getPointerMode(h)
+    cublas.setPointerMode(h, cublas.CUBLAS_POINTER_MODE_HOST)
+    try:  # column-major: y^T [n, m] = (w [k, n])^T . x^T [k, m]
+        cublas.gemmEx(h, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, m, k, _ONE.ctypes.data, w.data.ptr, CUDA_R_16F, k,
+                      x.data.ptr, CUDA_R_16F, x.strides[0] // 2, _ZERO.ctypes.data, y.data.ptr, CUDA_R_16F, y.strides[0] // 2,
+                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+    finally:
+        cublas.setPointerMode(h, mode)
+
+
+CUDA_R_16F, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT = 2, 68, -1
+_ONE, _ZERO = np.ones(1, dtype=np.float32), np.zeros(1, dtype=np.float32)
+
+
+def flash_prefill_smem(head_dim: int) -> int:
+    """Dynamic shared memory of flash_prefill_d{64,128}: two stages of K and V tiles of 64 rows
+    of head_dim + 8 halves (flash_prefill.cu's flash_prefill_smem)."""
+    return 2 * 2 * 64 * (head_dim + 8) * 2
+
+
 MAX_GEMV_M = 16  # above this, prefill linears go through dequant + cuBLAS
 ATTN_THREADS = 256
 PREFILL_Q_CHUNK = 512  # prefill attention in query chunks: chunk c skips keys after its last query
@@ -157,8 +191,11 @@ class CudaDecoderSession:
         smem = 4 * (self.max_context + spec.head_dim + 32 + 8 * ATTN_THREADS + self.max_blocks)
         if smem > 48 * 1024:  # opt in to more than 48 KB of dynamic shared memory
             for name in ("paged_attn_decode", "paged_attn_decode_d64", "paged_attn_decode_d128", "paged_attn_split_d64", "paged_attn_split_d128", "paged_attn_split_tk_d64", "paged_attn_split_tk_d128"):
-                cp.cuda.driver.funcSetAttribute(self.k[name].ptr, 8, smem)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+                self.k[name].max_dynamic_shared_size_bytes = smem
         self._attn_smem = smem
+        if spec.head_dim in (64, 128) and flash_prefill_smem(spec.head_dim) > 48 * 1024:
+            for cap in ("", "cap_"):
+                self.k[f"flash_prefill_{cap}d{spec.head_dim}"].max_dynamic_shared_size_bytes = flash_prefill_smem(spec.head_dim)
         self._graphs: dict[int, Any] = {}
         self._pipe: list | None = None  # greedy_stream's pinned read-back buffers and events
         self._side = None  # greedy_stream's read-back stream
@@ -306,30 +343,40 @@ class CudaDecoderSession:
             return "tc"
         return "cublas" if m > MAX_GEMV_M else "gemv"
 
-    def dequantize(self, lin: Linear) -> Any:
-        """half [N, K] copy of the layer's weight (prefill path)."""
+    def dequantize(self, lin: Linear, out: Any = None) -> Any:
+        """half [N, K] copy of the layer's weight (prefill path), into `out` (a reused buffer of at
+        least N * K halves) when given."""
         cp = self.cp
         if lin.kind == "fp16":
             return lin.q
-        out = cp.empty((lin.n, lin.k), dtype=cp.float16)
+        out = cp.empty((lin.n, lin.k), dtype=cp.float16) if out is None else out[: lin.n * lin.k].reshape(lin.n, lin.k)
         words = lin.q.size
-        grid = ((words + 255) // 256,)
-        if lin.kind == "int4":
-            self.k["dequant_int4"](grid, (256,), (lin.q, lin.s, out, _i32(lin.n), _i32(lin.k), _i32(lin.gshift)))
+        if lin.kind == "int4":  # 4 words a thread, 1024 a block
+            self.k["dequant_int4_x4"](((words + 1023) // 1024,), (256,), (lin.q, lin.s, out, _i32(lin.n), _i32(lin.k), _i32(lin.gshift)))
         else:
-            self.k["dequant_int8"](grid, (256,), (lin.q.view(cp.uint32), lin.s, out, _i32(lin.n), _i32(lin.k)))
+            self.k["dequant_int8"](((words + 255) // 256,), (256,), (lin.q.view(cp.uint32), lin.s, out, _i32(lin.n), _i32(lin.k)))
         return out
+
+    def _dequant_workspace(self, lin: Linear) -> Any:
+        """One half buffer, reused by every prefill linear in stream order, sized for the largest
+        layer linear (the LM head, which prefill runs at M = 1, is not among them)."""
+        ws = getattr(self, "_deq_ws", None)
+        if ws is None or ws.size < lin.n * lin.k:
+            size = max([lin.n * lin.k] + [x.n * x.k for L in getattr(self, "layers", ()) for x in L.values() if isinstance(x, Linear)])
+            self._deq_ws = ws = self.cp.empty(size, dtype=self.cp.float16)
+        return ws
 
     def _linear_cublas(self, lin: Linear, x: Any, m: int, y: Any, out_f32: bool = False) -> None:
         cp = self.cp
-        w = self.dequantize(lin)
         if out_f32:  # logits rows: half product, float out
+            w = self.dequantize(lin)
             o = cp.matmul(x[:m], w.T)
             if lin.bias is not None:
                 o += lin.bias
             y[:m] = o.astype(cp.float32)
             return
-        cp.matmul(x[:m], w.T, out=y[:m])  # y rows are contiguous: cuBLAS writes in place
+        w = self.dequantize(lin, None if lin.kind == "fp16" else self._dequant_workspace(lin))
+        gemm_f16(cp, x, w, y, m)
         if lin.bias is not None:
             y[:m] += lin.bias
 
@@ -660,10 +707,12 @@ class CudaDecoderSession:
         window = self.layers[layer]["window"]
         if self.flash_prefill and s.head_dim in (64, 128):
             scale_log2 = np.float32(LOG2E * float(self.attn_scale))
-            self.k[f"flash_prefill_d{s.head_dim}"](
+            cap = "cap_" if self.attn_softcap > 0 else ""
+            self.k[f"flash_prefill_{cap}d{s.head_dim}"](
                 (-(-t // 64), s.n_heads), (128,),
                 (q, kc, vc, all_slots, out, _i32(t), _i32(p0 + t), _i32(s.n_heads), _i32(s.n_kv_heads), scale_log2,
-                 window, self.attn_softcap))
+                 window, self.attn_softcap),
+                shared_mem=flash_prefill_smem(s.head_dim))
             return
         self._prefill_attention_cublas(q, kc, vc, all_slots, t, p0, out, window)
 

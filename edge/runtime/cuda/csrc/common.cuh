@@ -32,6 +32,7 @@ __device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) 
 }
 
 __device__ __forceinline__ half2 u32_as_h2(u32 v) { return *reinterpret_cast<half2*>(&v); }
+__device__ __forceinline__ u32 h2_bits(half2 v) { return *reinterpret_cast<u32*>(&v); }
 
 // ---------------------------------------------------------------------------------------
 // Weight dequantization to half2 (exact): the "magic number" trick. A nibble n OR'ed into

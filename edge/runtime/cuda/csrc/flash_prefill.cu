@@ -5,7 +5,10 @@
 // shared memory; S = Q K^T with mma.m16n8k16 (fp16 in, fp32 accumulate), online softmax on the
 // accumulator fragments (exp2, running max / sum per row), P re-packed as fp16 A fragments
 // (the C fragments of two adjacent n8 tiles are one k16 A fragment) and O += P V. S never
-// leaves registers.
+// leaves registers. K / V tiles: cp.async into two shared-memory stages (the next tile loads
+// while this one is used), read as mma B fragments with ldmatrix (.trans for V); the causal mask
+// is applied on the tiles that reach past the block's first query only; query blocks run
+// longest first.
 //   q    half [t, Hq*D] (RoPE applied, not scaled)     out half [t, Hq*D]
 //   kc/vc half [slots, Hkv, D]                          slots int [L]: the row's positions 0..L-1
 //   query i sits at position p0 + i (p0 = L - t) and sees keys 0..p0+i; on a sliding layer
@@ -15,23 +18,71 @@
 // ---------------------------------------------------------------------------------------
 #define FA_KB 64  // keys per block
 #define FA_QB 64  // queries per block
+#define FA_PAD 8  // halves of padding per shared-memory row (16 bytes: ldmatrix rows hit distinct banks)
 
+// Shared memory of one launch: two stages of K and V tiles, [stage][FA_KB][D + FA_PAD] each.
+__host__ __device__ constexpr int flash_prefill_smem(int d) { return 2 * 2 * FA_KB * (d + FA_PAD) * 2; }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+    const u32 s = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+__device__ __forceinline__ void ldsm_x4(u32& r0, u32& r1, u32& r2, u32& r3, const void* p) {
+    const u32 s = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(s));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32& r0, u32& r1, u32& r2, u32& r3, const void* p) {
+    const u32 s = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(s));
+}
+
+// K and V rows [kb, kb + FA_KB) of kv head hk, gathered through slots, into one stage
+// (16-byte cp.async each; rows past L are zero-filled and masked later).
 template <int D>
+__device__ __forceinline__ void flash_load_tile(half* Ks, half* Vs, const half* __restrict__ kc, const half* __restrict__ vc,
+                                                const int* __restrict__ slots, int kb, int L, int Hkv, int hk) {
+    constexpr int CH = D / 8, LD = D + FA_PAD;
+    for (int i = threadIdx.x; i < FA_KB * CH; i += blockDim.x) {
+        const int r = i / CH, ch = i % CH, key = kb + r;
+        const long long base = key < L ? ((long long)slots[key] * Hkv + hk) * D + ch * 8 : 0;
+        const int n = key < L ? 16 : 0;
+        cp_async16(Ks + r * LD + ch * 8, kc + base, n);
+        cp_async16(Vs + r * LD + ch * 8, vc + base, n);
+    }
+}
+
+template <int D, bool CAP>
 __device__ __forceinline__ void flash_prefill(const half* __restrict__ q, const half* __restrict__ kc,
                                               const half* __restrict__ vc, const int* __restrict__ slots,
                                               half* __restrict__ out, int t, int L, int Hq, int Hkv, float scale_log2,
                                               int window, float softcap) {
-    constexpr int PAD = 8;  // halves of padding per smem row (bank spread)
     constexpr int DS = D / 16;  // k16 steps over the head dimension
     constexpr int DN = D / 8;  // n8 tiles of O
-    __shared__ __align__(16) half Ks[FA_KB][D + PAD];
-    __shared__ __align__(16) half Vs[FA_KB][D + PAD];
+    constexpr int LD = D + FA_PAD;
+    constexpr int STAGE = FA_KB * LD;  // halves per K (or V) stage
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    half* Kst = reinterpret_cast<half*>(fa_smem);  // [2][FA_KB][LD]
+    half* Vst = Kst + 2 * STAGE;                    // [2][FA_KB][LD]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
     const int h = blockIdx.y, hk = h / (Hq / Hkv);
-    const int q0 = blockIdx.x * FA_QB;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_QB;  // the longest (last) query blocks start first
     const int p0 = L - t;
     const int ldq = Hq * D;
+    const int key_end = min(L, p0 + min(q0 + FA_QB, t));  // keys any query of the block sees
+    const int key_begin = window > 0 ? max(0, p0 + q0 - window + 1) / FA_KB * FA_KB : 0;
+    const int ntiles = (key_end - key_begin + FA_KB - 1) / FA_KB;
+    const int qmax = key_end - 1;  // the block's last query position (rows past t aside)
+    constexpr float LOG2E = 1.4426950408889634f;
+    const float cap_log2 = softcap * LOG2E, scale_cap = scale_log2 / (LOG2E * softcap);  // used when softcap > 0
+    flash_load_tile<D>(Kst, Vst, kc, vc, slots, key_begin, L, Hkv, hk);
+    cp_async_commit();
     // Q fragments of this warp's 16 rows (rows past t read row t-1, never written)
     u32 qa[DS][4];
     {
@@ -53,25 +104,23 @@ __device__ __forceinline__ void flash_prefill(const half* __restrict__ q, const 
         for (int e = 0; e < 4; ++e) o[n][e] = 0.f;
     float mrow[2] = {-1e30f, -1e30f}, lrow[2] = {0.f, 0.f};
     const int qpos0 = p0 + q0 + warp * 16 + g;  // positions of this thread's rows g and g + 8
-    const int key_end = min(L, p0 + min(q0 + FA_QB, t));  // keys any query of the block sees
-    const int key_begin = window > 0 ? max(0, p0 + q0 - window + 1) / FA_KB * FA_KB : 0;
-    constexpr float LOG2E = 1.4426950408889634f;
-    const float cap_log2 = softcap * LOG2E, scale_cap = scale_log2 / (LOG2E * softcap);  // used when softcap > 0
-    for (int kb = key_begin; kb < key_end; kb += FA_KB) {
-        __syncthreads();  // the previous block's K / V are no longer read
-        constexpr int CH = D / 8;  // 16-byte chunks per row
-        for (int i = threadIdx.x; i < FA_KB * CH; i += blockDim.x) {
-            const int r = i / CH, ch = i % CH, key = kb + r;
-            uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = kv;
-            if (key < L) {
-                const long long base = ((long long)slots[key] * Hkv + hk) * D + ch * 8;
-                kv = *reinterpret_cast<const uint4*>(kc + base);
-                vv = *reinterpret_cast<const uint4*>(vc + base);
-            }
-            *reinterpret_cast<uint4*>(&Ks[r][ch * 8]) = kv;
-            *reinterpret_cast<uint4*>(&Vs[r][ch * 8]) = vv;
+    const int qmin = p0 + q0;                     // the block's first query position
+    // ldmatrix lane roles: x4 over K reads 8 keys x 32 head dims (lane -> key lane % 8, dims 8 * (lane / 8));
+    // x4.trans over V reads 16 keys x 16 head dims (lane -> key (lane & 7) + 8 * ((lane >> 3) & 1), dims 8 * (lane >> 4))
+    const int k_row = lane & 7, k_col = 8 * (lane >> 3);
+    const int v_row = (lane & 7) + 8 * ((lane >> 3) & 1), v_col = 8 * (lane >> 4);
+    for (int it = 0; it < ntiles; ++it) {
+        const int kb = key_begin + it * FA_KB;
+        if (it + 1 < ntiles) {  // prefetch the next tile into the other stage
+            flash_load_tile<D>(Kst + ((it + 1) & 1) * STAGE, Vst + ((it + 1) & 1) * STAGE, kc, vc, slots, kb + FA_KB, L, Hkv, hk);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
+        const half* Ks = Kst + (it & 1) * STAGE;
+        const half* Vs = Vst + (it & 1) * STAGE;
         // S = Q K^T for 16 rows x 64 keys (8 n8 tiles)
         float sc[8][4];
 #pragma unroll
@@ -79,23 +128,27 @@ __device__ __forceinline__ void flash_prefill(const half* __restrict__ q, const 
 #pragma unroll
             for (int e = 0; e < 4; ++e) sc[nt][e] = 0.f;
 #pragma unroll
-            for (int s = 0; s < DS; ++s) {
-                const u32 b0 = *reinterpret_cast<const u32*>(&Ks[nt * 8 + g][16 * s + 2 * c]);
-                const u32 b1 = *reinterpret_cast<const u32*>(&Ks[nt * 8 + g][16 * s + 2 * c + 8]);
+            for (int s = 0; s < DS; s += 2) {
+                u32 b0, b1, b2, b3;
+                ldsm_x4(b0, b1, b2, b3, Ks + (nt * 8 + k_row) * LD + 16 * s + k_col);
                 mma_16816(sc[nt], qa[s][0], qa[s][1], qa[s][2], qa[s][3], b0, b1);
+                mma_16816(sc[nt], qa[s + 1][0], qa[s + 1][1], qa[s + 1][2], qa[s + 1][3], b2, b3);
             }
         }
-        // causal + length (+ window) mask, scale (+ soft-cap) into the exp2 domain, running max
+        // causal + length (+ window) mask on the tiles that need it (past the block's first query,
+        // the sequence's end, or before its last query's window), scale (+ soft-cap) into exp2
+        const bool diag = kb + FA_KB - 1 > qmin || kb + FA_KB > L || (window > 0 && kb <= qmax - window);
         float mx[2] = {mrow[0], mrow[1]};
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int key = kb + nt * 8 + 2 * c + (e & 1);
-                const int qp = qpos0 + 8 * (e >> 1);
-                const bool seen = key <= qp && key < L && (window <= 0 || key > qp - window);
-                const float sv = softcap > 0.f ? cap_log2 * tanhf(sc[nt][e] * scale_cap) : sc[nt][e] * scale_log2;
-                const float v = seen ? sv : -INFINITY;
+                float v = CAP ? cap_log2 * tanhf(sc[nt][e] * scale_cap) : sc[nt][e] * scale_log2;
+                if (diag) {
+                    const int key = kb + nt * 8 + 2 * c + (e & 1);
+                    const int qp = qpos0 + 8 * (e >> 1);
+                    v = (key <= qp && key < L && (window <= 0 || key > qp - window)) ? v : -INFINITY;
+                }
                 sc[nt][e] = v;
                 mx[e >> 1] = fmaxf(mx[e >> 1], v);
             }
@@ -135,17 +188,18 @@ __device__ __forceinline__ void flash_prefill(const half* __restrict__ q, const 
             o[n][2] *= corr[1];
             o[n][3] *= corr[1];
         }
-        // O += P V: B fragment (k = key, n = d): (V[2c][d], V[2c+1][d]) and keys + 8
+        // O += P V: x4.trans gives (b0, b1) of n8 tiles n and n + 1 for keys kk*16 .. +15
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
-            for (int n = 0; n < DN; ++n) {
-                const int d = n * 8 + g, k0 = kk * 16 + 2 * c;
-                const half2 v0 = __halves2half2(Vs[k0][d], Vs[k0 + 1][d]);
-                const half2 v1 = __halves2half2(Vs[k0 + 8][d], Vs[k0 + 9][d]);
-                mma_16816(o[n], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], h2_as_u32(v0), h2_as_u32(v1));
+            for (int n = 0; n < DN; n += 2) {
+                u32 b0, b1, b2, b3;
+                ldsm_x4_t(b0, b1, b2, b3, Vs + (kk * 16 + v_row) * LD + n * 8 + v_col);
+                mma_16816(o[n], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b0, b1);
+                mma_16816(o[n + 1], pa[kk][0], pa[kk][1], pa[kk][2], pa[kk][3], b2, b3);
             }
         }
+        __syncthreads();  // this stage is refilled by the next iteration's prefetch
     }
     // O / l -> out (rows < t)
     const float inv0 = 1.f / lrow[0], inv1 = 1.f / lrow[1];
@@ -158,11 +212,16 @@ __device__ __forceinline__ void flash_prefill(const half* __restrict__ q, const 
     }
 }
 
-#define FLASH_PREFILL_INSTANCE(D)                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) flash_prefill_d##D(                                       \
+// grid (ceil(t / FA_QB), Hq), 128 threads, flash_prefill_smem(D) bytes of dynamic shared memory.
+// flash_prefill_cap_d*: with the score soft-cap (softcap > 0); the plain ones ignore softcap (the
+// cap's code costs 29 registers, a block per SM at head_dim 64).
+#define FLASH_PREFILL_INSTANCE(NAME, D, CAP)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                                    \
         const half* q, const half* kc, const half* vc, const int* slots, half* out, int t, int L, int Hq,       \
         int Hkv, float scale_log2, int window, float softcap) {                                                \
-        flash_prefill<D>(q, kc, vc, slots, out, t, L, Hq, Hkv, scale_log2, window, softcap);                    \
+        flash_prefill<D, CAP>(q, kc, vc, slots, out, t, L, Hq, Hkv, scale_log2, window, softcap);               \
     }
-FLASH_PREFILL_INSTANCE(64)
-FLASH_PREFILL_INSTANCE(128)
+FLASH_PREFILL_INSTANCE(flash_prefill_d64, 64, false)
+FLASH_PREFILL_INSTANCE(flash_prefill_d128, 128, false)
+FLASH_PREFILL_INSTANCE(flash_prefill_cap_d64, 64, true)
+FLASH_PREFILL_INSTANCE(flash_prefill_cap_d128, 128, true)
