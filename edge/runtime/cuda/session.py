@@ -46,6 +46,8 @@ from edge.runtime.cuda.sampling import sample_top_p  # noqa: F401 (tests import 
 from edge.runtime.cuda.weights import load_weights
 
 GEMV_ROWS_PER_BLOCK = 8  # warps per 256-thread GEMV block (each takes R rows, kernels.GEMV_ROWS_PER_WARP)
+
+
 def gemm_f16(cp: Any, x: Any, w: Any, y: Any, m: int) -> None:
     """y[:m] = x[:m] @ w.T through cuBLAS directly (fp16 in / out, fp32 compute, tensor cores), on
     the current stream. x [>= m, K] and y [>= m, N] with contiguous rows (any row stride), w [N, K]
