@@ -1,7 +1,11 @@
-"""edge-rag's CUDA backend vs Hugging Face transformers (bf16, eager) on random-weight models of
-real configs, in one process on one GPU. One JSON line per figure.
+"""edge-rag's CUDA backend vs its GPU peers on random-weight models of real configs, in one call on
+one GPU: transformers (bf16, eager; weak, never the headline), llama.cpp CUDA (its own llama-bench /
+llama-batched-bench on a random Q4_0 GGUF: --llama-bin, --gguf-py) and gpt-fast (torch.compile,
+int4 tinygemm and bf16: --gpt-fast, bench/gpt_fast_peer.py). One JSON line per figure, ratio lines
+and a markdown table of the call's figures at the end.
 
-    PYTHONPATH=. python3 bench/bench_cuda.py --out /tmp/bench [--configs smollm2-135m,...] [--no-hf]
+    PYTHONPATH=. python3 bench/bench_cuda.py --out /tmp/bench [--configs smollm2-135m,...] [--no-hf] \
+        [--llama-bin DIR --gguf-py DIR] [--gpt-fast DIR --gpt-fast-int4 b1 --gpt-fast-bf16 b16,prefill]
 
 Each (config, peer) runs in its own subprocess, one after the other in the same call (a fresh CUDA
 context each, as a user's process serving one model has); this process builds the bundles,
@@ -9,8 +13,8 @@ measures the copy bandwidth and prints the ratios.
 
 Per config (prompt 128, 128 new tokens, greedy): decode tok/s and TTFT for both, and for
 edge-rag the achieved bandwidth = bytes read per token x tok/s as a fraction of the measured
-device-to-device copy bandwidth. Llama-3.2-1B also: batch-16 aggregate decode (both) and a
-2048-token prefill. Before timing, every linear shape of each model is checked against
+device-to-device copy bandwidth. Llama-3.2-1B also: batch-16 aggregate decode; Llama-3.2-1B and
+Llama-3-8B: a 2048-token prefill. Before timing, every linear shape of each model is checked against
 dequantize + fp32 matmul, and small models' logits against the numpy reference.
 """
 
