@@ -16,6 +16,8 @@ requests of --max-tokens tokens back to back (different prompts). Per N and serv
   agg_tok_s      completion tokens of all requests / wall time (first request sent -> last [DONE])
   ttft_p50/p99   request sent -> first content event, over all requests (ms)
   itl_p50/p99    gaps between consecutive content events of a stream, over all streams (ms)
+  server_cpu_ms_per_token  the server process's CPU time (all threads) per completion token: the
+                 work per token, which a shared machine's load barely moves (wall figures it does)
 Completion tokens are the server's `usage` when it streams one (llama-server), else the number of
 content events (edge-rag sends one per token that completes a character; the few tokens that do
 not are not counted: this slightly under-counts edge-rag).
@@ -167,9 +169,11 @@ def main() -> None:
             extra = {"slots": args.parallel, "ctx": args.ctx} if name == "llama-server" else {}
             if "concurrency" in scenarios:
                 for n in clients:
-                    la0 = load_avg()
+                    la0, cpu0 = load_avg(), srv.cpu_s()
                     res, wall = asyncio.run(run_clients(port, n, args.rounds, args.max_tokens))
                     fig = summarize(res, wall)
+                    toks = fig["agg_tok_s"] * wall if fig["agg_tok_s"] else 0
+                    fig["server_cpu_ms_per_token"] = r1(1e3 * (srv.cpu_s() - cpu0) / toks) if toks else None
                     conc.setdefault(name, {})[n] = fig
                     emit({"figure": "serve_concurrency", "server": name, "clients": n, "rounds": args.rounds, **common,
                           **fig, **extra, "rss_mib": srv.rss_mib(), "load_avg_1m": [la0, load_avg()]})

@@ -319,6 +319,14 @@ class Server:
 
         return round(psutil.Process(self.proc.pid).memory_info().rss / 2**20, 1)
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system, all threads) the server process has used: unlike wall
+        time, barely moved by other work on a shared machine."""
+        import psutil
+
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
+
     def __exit__(self, *exc) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()

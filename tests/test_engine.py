@@ -195,3 +195,42 @@ def test_a_corrupted_weights_file_is_refused_by_the_cpu_backend(tmp_path):
     p.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="weights.safetensors"):
         Generator.from_bundle(path, backend="onnxruntime")
+
+
+def test_async_batches_carry_the_same_text_and_a_past_deadline_aborts(bundle):
+    """RequestStream.batches(), the HTTP server's path: several concurrent consumers on one event
+    loop get exactly the text each request gives alone; a deadline that has passed stops the
+    stream at once and aborts the request, whose KV blocks are freed."""
+    import asyncio
+    import time
+
+    gen = make_gen(bundle)
+    sp = [SamplingParams(max_tokens=6 + i, temperature=0) for i in range(4)]
+    want = [gen.generate(PROMPTS[i], sp[i]) for i in range(4)]
+
+    async def collect(i, deadline=None, params=None):
+        rs = gen.submit(PROMPTS[i], params or sp[i])
+        parts = []
+        async for batch in rs.batches(deadline):
+            assert batch and all(isinstance(t, str) for t in batch)
+            parts.extend(batch)
+        return "".join(parts), rs
+
+    async def main():
+        return await asyncio.gather(*(collect(i) for i in range(4)))
+
+    got = asyncio.run(main())
+    assert [t for t, _ in got] == want
+    assert all(rs.request.finish_reason == "length" for _, rs in got)
+
+    long = SamplingParams(max_tokens=50, temperature=0)  # dozens of steps: the deadline comes first
+    text, rs = asyncio.run(collect(0, deadline=time.monotonic() - 1, params=long))
+    assert len(text) < len(gen.generate(PROMPTS[0], long))
+    t0 = time.monotonic()
+    while not rs.request.finished and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    assert rs.request.finish_reason == "abort"
+    t0 = time.monotonic()
+    while gen.engine.kv.num_used and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    assert gen.engine.kv.num_used == 0

@@ -40,13 +40,25 @@ _END = object()
 
 class RequestStream:
     """Text deltas of one request, in order; ends when the request finishes. Iterating from
-    one thread at a time; close() (or garbage collection mid-way) aborts the request."""
+    one thread at a time (or `async for` over batches() on an event loop); close() (or garbage
+    collection mid-way) aborts the request."""
 
     def __init__(self, engine: "Engine", req: Request):
         self.engine = engine
         self.request = req
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._done = False
+        self._notify = None  # set by batches(): wakes its event loop after each item
+
+    def _push(self, item) -> None:
+        """Engine thread: hand over a text delta (or _END)."""
+        self._q.put(item)
+        notify = self._notify
+        if notify is not None:
+            try:
+                notify()
+            except RuntimeError:  # the consumer's event loop has closed: nobody is listening
+                self._notify = None
 
     @property
     def request_id(self) -> int:
@@ -69,6 +81,47 @@ class RequestStream:
     def text(self) -> str:
         """Wait for the whole output."""
         return "".join(self)
+
+    async def batches(self, deadline: float | None = None):
+        """For an asyncio consumer (the HTTP server): lists of the text deltas that arrived since
+        the last list. The engine wakes the event loop through call_soon_threadsafe, so no thread
+        blocks per request and one wake-up carries every token a step produced. Stops early (the
+        request aborted) at `deadline` (time.monotonic()) or when the consumer stops iterating
+        (a client that disconnected)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        self._notify = lambda: loop.call_soon_threadsafe(ready.set)
+        try:
+            while not self._done:
+                ready.clear()
+                out = []
+                while True:
+                    try:
+                        item = self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _END:
+                        self._done = True
+                        break
+                    out.append(item)
+                if out:
+                    yield out
+                if self._done:
+                    if self.request.error is not None and self.request.finish_reason == "error":
+                        raise self.request.error
+                    return
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                try:
+                    await asyncio.wait_for(ready.wait(), left)
+                except asyncio.TimeoutError:
+                    return
+        finally:
+            self._notify = None
+            self.close()  # no-op once the request ended; else (deadline, consumer gone) abort it
 
     def close(self) -> None:
         if not self._done:
@@ -228,14 +281,14 @@ class Engine:
             self.tokens_out += 1
             s = self._streams.get(req.request_id)
             if s is not None and text:
-                s._q.put(text)
+                s._push(text)
         for req in done:
             self._end(req)
 
     def _end(self, req: Request) -> None:
         s = self._streams.pop(req.request_id, None)
         if s is not None:
-            s._q.put(_END)
+            s._push(_END)
 
     def _fail_all(self, e: Exception) -> None:
         sch = self.scheduler

@@ -104,7 +104,10 @@ def should_spin(threads: int | None) -> bool:
     other processes compete for the cores a spinning worker steals the CPU the op needs: under
     load ~6 it was 45 tok/s spinning vs 72 sleeping. So spin only when, right now, there is an
     idle core for each of our threads (measured over 150 ms at load; the 1-minute load average
-    lags and counts our own recent work)."""
+    lags and counts our own recent work). EDGE_RAG_ORT_SPIN=0/1 overrides the guess."""
+    forced = os.environ.get("EDGE_RAG_ORT_SPIN")
+    if forced in ("0", "1"):
+        return forced == "1"
     want = threads or os.cpu_count() or 1
     idle = idle_cores()
     if idle is None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import queue
+from contextlib import aclosing
 import sys
 import threading
 import time
@@ -52,6 +53,10 @@ def _error(status: int, message: str, kind: str, code: str | None = None):
 
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a client's lone surrogate, echoed
     return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
+
+
+def _stream_error(e: Exception) -> dict:
+    return {"error": {"message": str(e) if isinstance(e, EdgeRagError) else f"{type(e).__name__}: {e}", "type": "server_error"}}
 
 
 def _sse(payloads: Iterator[dict]) -> Iterator[str]:
@@ -150,8 +155,7 @@ def create_app(runtime: Any, limits: Limits | None = None):
             try:
                 produce(q.put, cancelled)
             except Exception as e:  # reported in the stream: the 200 has gone out already
-                q.put({"error": {"message": str(e) if isinstance(e, EdgeRagError) else f"{type(e).__name__}: {e}",
-                                 "type": "server_error"}})
+                q.put(_stream_error(e))
             q.put(done)
 
         threading.Thread(target=work, daemon=True).start()
@@ -166,17 +170,23 @@ def create_app(runtime: Any, limits: Limits | None = None):
         client disconnects or the request's deadline passes first."""
         import asyncio
 
-        from starlette.concurrency import run_in_threadpool
+        parts: list[str] = []
 
-        task = asyncio.ensure_future(run_in_threadpool(rs.text))
+        async def collect() -> None:
+            async with aclosing(rs.batches(_deadline(request))) as batches:
+                async for batch in batches:
+                    parts.extend(batch)
+
+        task = asyncio.ensure_future(collect())
         while True:
-            d = _deadline(request)
-            finished, _ = await asyncio.wait({task}, timeout=0.25 if d is None else max(0.0, min(0.25, d - time.monotonic())))
+            finished, _ = await asyncio.wait({task}, timeout=0.25)
             if finished:
-                return task.result(), False
-            if await request.is_disconnected() or _expired(request):
-                rs.close()  # abort: frees the request's KV blocks at the engine's next step
-                return await task, True
+                task.result()  # the request's own error, if it failed
+                return "".join(parts), rs.request.finish_reason in (None, "abort")
+            if await request.is_disconnected():
+                task.cancel()  # batches() aborts the request: frees its KV blocks at the engine's next step
+                await asyncio.gather(task, return_exceptions=True)
+                return "".join(parts), True
 
     async def body_of(request: Request) -> dict:
         try:
@@ -241,19 +251,27 @@ def create_app(runtime: Any, limits: Limits | None = None):
 
         head = {"id": rid, "object": obj + ".chunk" if kind == "chat" else obj, "created": created, "model": model}
 
-        def produce(emit, cancelled) -> None:
+        async def events():
+            """SSE frames straight from the engine on the event loop: every delta a step produced
+            goes out in one write (no thread per request; a client that disconnects ends this
+            generator, which aborts the request)."""
             first = True
             try:
-                for piece in rs:
-                    emit(head | {"choices": [choice(piece, None, first)]})
-                    first = False
-                    if cancelled():
-                        return
-            finally:
-                rs.close()  # the client left: abort (frees the KV blocks)
-            emit(head | {"choices": [choice(None, FINISH.get(stats_of(rs.request).finish_reason, "stop"), first)]})
+                async with aclosing(rs.batches(_deadline(request))) as batches:
+                    async for batch in batches:
+                        frames = []
+                        for piece in batch:
+                            frames.append(f"data: {json.dumps(head | {'choices': [choice(piece, None, first)]})}\n\n")
+                            first = False
+                        yield "".join(frames)
+            except Exception as e:  # reported in the stream: the 200 has gone out already
+                yield f"data: {json.dumps(_stream_error(e))}\n\n"
+            else:
+                if rs.request.finish_reason not in (None, "abort"):
+                    yield f"data: {json.dumps(head | {'choices': [choice(None, FINISH.get(stats_of(rs.request).finish_reason, 'stop'), first)]})}\n\n"
+            yield "data: [DONE]\n\n"
 
-        return StreamingResponse(_sse(streamed(produce, _deadline(request))), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     async def chat_completions(request: Request):
         body = guard.check_sampling(await body_of(request), limits)
