@@ -95,6 +95,8 @@ class RequestStream:
         self._notify = lambda: loop.call_soon_threadsafe(ready.set)
         try:
             while not self._done:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
                 ready.clear()
                 out = []
                 while True:
@@ -112,9 +114,7 @@ class RequestStream:
                     if self.request.error is not None and self.request.finish_reason == "error":
                         raise self.request.error
                     return
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
                     await asyncio.wait_for(ready.wait(), left)
                 except asyncio.TimeoutError:

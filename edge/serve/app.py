@@ -182,7 +182,7 @@ def create_app(runtime: Any, limits: Limits | None = None):
             finished, _ = await asyncio.wait({task}, timeout=0.25)
             if finished:
                 task.result()  # the request's own error, if it failed
-                return "".join(parts), rs.request.finish_reason in (None, "abort")
+                return "".join(parts), rs.request.finish_reason in (None, "abort") or _expired(request)
             if await request.is_disconnected():
                 task.cancel()  # batches() aborts the request: frees its KV blocks at the engine's next step
                 await asyncio.gather(task, return_exceptions=True)
