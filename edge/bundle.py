@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -254,25 +255,104 @@ class StoredTensor:
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "int8": "I8", "uint8": "U8", "int32": "I32", "int64": "I64", "float64": "F64"}
 
 
+def _safetensors_header(entries: list[tuple[str, str, list[int], int]]) -> bytes:
+    """The length-prefixed header for (name, safetensors dtype, shape, nbytes) in file order (sorted
+    by name), padded so that the data starts 8-byte aligned."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for n, dtype, shape, nbytes in entries:
+        header[n] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
 def write_safetensors(tensors: dict[str, Any], path: Path) -> None:
     """The safetensors format, streamed tensor by tensor: safetensors' own save_file first copies
     every tensor into one bytes object, twice the weights in memory at the build's peak."""
     import numpy as np
 
     names = sorted(tensors)
-    header: dict[str, Any] = {}
-    offset = 0
-    for n in names:
-        a = tensors[n]
-        header[n] = {"dtype": _ST_DTYPES[str(a.dtype)], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    entries = [(n, _ST_DTYPES[str(tensors[n].dtype)], list(tensors[n].shape), tensors[n].nbytes) for n in names]
     with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        f.write(_safetensors_header(entries))
         for n in names:
             f.write(np.ascontiguousarray(tensors[n]).reshape(-1).view(np.uint8).data)  # no copy
+
+
+class WeightsSpool:
+    """A safetensors file written while a build produces its tensors, so that the build holds none
+    of them: `add(name, array)` appends the bytes to `<file>.spool` at once (the caller drops the
+    array); `finish()` writes the header and copies the bytes over in name order, the file that
+    write_safetensors writes from a dict of the same tensors, byte for byte, and removes the spool.
+
+        add(b) add(a) ...  ->  <file>.spool: [b bytes][a bytes]...
+        finish()           ->  <file>: [header a, b][a bytes][b bytes]   (64 MiB copies)
+    """
+
+    COPY_CHUNK = 64 << 20
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.spool = self.path.with_name(self.path.name + ".spool")
+        self._f = open(self.spool, "wb")
+        self._at: dict[str, tuple[str, list[int], int, int]] = {}  # name -> (dtype, shape, spool offset, nbytes)
+
+    def add(self, name: str, array: Any) -> None:
+        import numpy as np
+
+        if name in self._at:
+            raise ValueError(f"tensor {name} written twice")
+        a = np.asarray(array)
+        self._at[name] = (_ST_DTYPES[str(a.dtype)], list(a.shape), self._f.tell(), a.nbytes)
+        self._f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+
+    def finish(self) -> dict[str, StoredTensor]:
+        """Write the weights file; returns where each tensor's bytes lie in it (weights_index)."""
+        self._f.close()
+        names = sorted(self._at)
+        buf = bytearray(self.COPY_CHUNK)
+        with open(self.spool, "rb") as src, open(self.path, "wb") as dst:
+            dst.write(_safetensors_header([(n, self._at[n][0], self._at[n][1], self._at[n][3]) for n in names]))
+            for n in names:
+                _, _, offset, left = self._at[n]
+                src.seek(offset)
+                while left:
+                    got = src.readinto(memoryview(buf)[: min(left, len(buf))])
+                    if not got:
+                        raise OSError(f"{self.spool}: ended inside tensor {n}")
+                    dst.write(memoryview(buf)[:got])
+                    left -= got
+        os.remove(self.spool)
+        return weights_index(self.path)
+
+
+_NP_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class MappedWeights(Mapping):
+    """name -> read-only numpy view of a tensor of a safetensors file, memory-mapped on each access:
+    the pages a caller reads leave the process with the array (a graph builder that only needs a
+    few tensors' values and the others' shapes never holds the file)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.index = weights_index(self.path)
+
+    def __getitem__(self, name: str):
+        import numpy as np
+
+        st = self.index[name]
+        if st.nbytes == 0:
+            return np.zeros(st.shape, _NP_DTYPES[st.dtype])
+        return np.memmap(self.path, dtype=_NP_DTYPES[st.dtype], mode="r", offset=st.offset, shape=st.shape or (1,)).reshape(st.shape)
+
+    def __iter__(self):
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
 
 
 def weights_index(path: Path) -> dict[str, StoredTensor]:
@@ -333,6 +413,11 @@ class BundleWriter:
 
     def add_file(self, name: str, src: Path) -> None:
         shutil.copyfile(src, self.tmp / name)
+
+    def weights_spool(self, name: str = "weights.safetensors") -> WeightsSpool:
+        """Write the weights file tensor by tensor as they are made (WeightsSpool.finish() gives
+        the same index as write_weights)."""
+        return WeightsSpool(self.tmp / name)
 
     def write_weights(self, tensors: dict[str, Any], name: str = "weights.safetensors") -> dict[str, "StoredTensor"]:
         """Write the weights file; returns where each tensor's bytes lie in it (graphs built after

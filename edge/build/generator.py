@@ -3,8 +3,8 @@
     read checkpoint (HF folder | GGUF)     edge.models.checkpoint.load_checkpoint
     plan for the profile                   edge.plan.plan_model (limits, `auto` recipe)
     tokenizer files                        edge.models.tokenizer_export
-    calibration + quantization (+AWQ)      edge.quant.calib / edge.quant.quantize
-    weights.safetensors                    edge.bundle.BundleWriter
+    calibration + quantization (+AWQ)      edge.quant.calib / edge.quant.quantize, layer by layer
+    weights.safetensors                    edge.bundle.WeightsSpool: each tensor written as it is made
     model.ort.onnx (weights by reference)  edge.build.onnx_decoder.build_decoder_onnx
     [model.trt.onnx: derived on the target when TensorRT builds its plan, edge.build.trt_plan]
     manifest.json (commit: checksums, atomic rename)   edge.bundle.Manifest
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge.bundle import BundleWriter, Limits, Manifest, Quant, TokenizerInfo
+from edge.bundle import BundleWriter, Limits, MappedWeights, Manifest, Quant, TokenizerInfo
 from edge.errors import PlanError, UsageError
 from edge.quant.format import INT4_GROUP_SIZES
 
@@ -178,8 +178,6 @@ def build_generator_bundle(
     quant: auto (the planner's recommendation) | int4 (AWQ+GPTQ; awq=False: plain RTN; gptq=False:
     plain AWQ) | int8 | fp16 |
     fp32 (unquantized reference). Returns the bundle path (written atomically)."""
-    import numpy as np
-
     from edge.models.defaults import resolve_model
     from edge.models.spec import read_spec
 
@@ -245,10 +243,14 @@ def build_generator_bundle(
             bar.step(f"quantizing ({recipe}{f' g{g}' if g else ''}{' ' + method.upper() if use_awq else ''})")
             from edge.quant.quantize import quantize_model
 
-            res = quantize_model(spec, weights, recipe, g or 128, calib=cal, awq=use_awq, gptq=use_gptq, on_layer=lambda i: bar.step())
+            # each tensor goes to the weights file as it is made: the build holds one layer, not the model
+            spool = writer.weights_spool()
+            res = quantize_model(spec, weights, recipe, g or 128, calib=cal, awq=use_awq, gptq=use_gptq, on_layer=lambda i: bar.step(),
+                                 sink=spool.add)
             del weights
             bar.step("writing weights")
-            stored = writer.write_weights({k: np.ascontiguousarray(v) for k, v in res.tensors.items()})
+            stored = spool.finish()
+            tensors = MappedWeights(writer.path("weights.safetensors"))  # read back on demand, never all at once
             from edge.build import onnx_decoder
             from edge.build.onnx_decoder import build_decoder_onnx
 
@@ -274,7 +276,7 @@ def build_generator_bundle(
             for form in forms:
                 bar.step(f"ONNX ({form})")
                 # the ORT form references the weights file's bytes (external data): each weight stored once
-                p = build_decoder_onnx(spec, res.tensors, quant_info, writer.tmp, form, max_context=limits.max_context,
+                p = build_decoder_onnx(spec, tensors, quant_info, writer.tmp, form, max_context=limits.max_context,
                                        stored=stored if form == "ort" else None)
                 onnx_files[form] = Path(p).name
             bar.step("commit")

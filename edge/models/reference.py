@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from edge.models.arch import layer_norm_names
+from edge.models.checkpoint import read_rows
 from edge.models.rope import apply_rope, rope_tables
 from edge.models.spec import ModelSpec
 from edge.quant.format import has_linear, read_linear
@@ -179,7 +180,8 @@ def layer_forward(spec: ModelSpec, i: int, lw: LayerWeights, h: np.ndarray, rope
 
 def embed(spec: ModelSpec, weights: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
     """[T, H] rows of the embedding table, times the architecture's embedding scale."""
-    x = np.asarray(weights["model.embed_tokens.weight"][np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+    # only these rows: a lazily read checkpoint (GGUF) would otherwise dequantize the whole table per call
+    x = read_rows(weights, "model.embed_tokens.weight", np.asarray(ids, dtype=np.int64))
     return x * np.float32(spec.features.embed_scale) if spec.features.embed_scale != 1.0 else x
 
 

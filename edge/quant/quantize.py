@@ -16,14 +16,15 @@ from typing import Callable
 
 import numpy as np
 
-from edge.models.reference import LayerWeights, layer_forward, lm_head_weight
+from edge.models.checkpoint import read_rows, tensor_shape
+from edge.models.reference import LayerWeights, layer_forward
 from edge.models.spec import ModelSpec
 from edge.quant.awq import AwqResult, awq_layer, search_clip
-from edge.quant.format import QTensor
+from edge.quant.format import QTensor, has_linear
 from edge.quant.gptq import GptqConfig, gptq_quantize, hessian
 from edge.quant.calib import CalibrationSet, LayerwiseActivations
 from edge.quant.policy import Precision, module_precision
-from edge.quant.report import LayerError, QuantReport, linear_error
+from edge.quant.report import LayerError, QuantReport, RowBlockError, linear_error
 from edge.quant.rtn import fake_quant, quantize_linear
 
 # short name -> (HF suffix, capture point of its input)
@@ -37,11 +38,15 @@ LINEARS = {
     "down": ("mlp.down_proj", "down_in"),
 }
 NO_CLIP = ("q", "k")  # AWQ skips clipping q/k: attention logits are sensitive to their range
+# Rows of the embedding / LM head handled at a time: float32 blocks of 4096 x 1536 are 25 MB, where
+# the whole 151,936-row table is 0.9 GB per copy (and the head's quantize / fake-quant / error
+# steps each made one or two). Every step is row-wise, so the stored tensors are the same bytes.
+HEAD_BLOCK_ROWS = 4096
 
 
 @dataclass
 class QuantResult:
-    tensors: dict[str, np.ndarray]  # bundle tensors (edge.quant.format)
+    tensors: dict[str, np.ndarray]  # bundle tensors (edge.quant.format); empty when given to a sink
     report: QuantReport
     awq_alphas: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> point -> alpha
 
@@ -99,6 +104,7 @@ def quantize_model(
     gptq_config: GptqConfig = GptqConfig(),
     sequential: bool = False,
     on_layer: Callable[[int], None] | None = None,
+    sink: Callable[[str, np.ndarray], None] | None = None,
 ) -> QuantResult:
     """Bundle tensors for `recipe` ("fp32" | "fp16" | "int8" | "int4").
 
@@ -108,12 +114,22 @@ def quantize_model(
     sequential: with gptq, the next layer's calibration inputs come from this layer's quantized
       weights. Off by default: on SmolLM2-135M g64 it was WORSE (held-out ppl 12.18 vs 12.00
       at 4096 calibration tokens), the small calibration set over-fits further downstream.
-    on_layer(i): progress callback after layer i (i == n_layers for the LM head)."""
+    on_layer(i): progress callback after layer i (i == n_layers for the LM head).
+    sink(name, tensor): takes each bundle tensor as soon as it is made (edge.bundle.WeightsSpool.add)
+      instead of the result holding them all: the build then holds one layer at a time."""
     dt = _store_dtype(recipe)
     use_awq = awq and recipe == "int4" and calib is not None
     use_gptq = gptq and recipe == "int4" and calib is not None
     acts_runner = LayerwiseActivations(spec, weights, calib.seqs) if calib is not None and recipe not in ("fp32",) else None
     out: dict[str, np.ndarray] = {}
+
+    def put(tensors: dict[str, np.ndarray]) -> None:
+        if sink is None:
+            out.update(tensors)
+        else:
+            for name, t in tensors.items():
+                sink(name, t)
+
     errors: list[LayerError] = []
     alphas: dict[str, dict[str, float]] = {}
 
@@ -145,9 +161,9 @@ def quantize_model(
             row = res.row.get(n)
             clip_r = clips[n]
             if n in qts:
-                out.update({p + suf + ".qweight": qts[n].qweight, p + suf + ".scales": qts[n].scales})
+                put({p + suf + ".qweight": qts[n].qweight, p + suf + ".scales": qts[n].scales})
             else:
-                out.update(quantize_linear(p + suf, w_scaled, prec, clip_r))
+                put(quantize_linear(p + suf, w_scaled, prec, clip_r))
             if recipe != "fp32":
                 w_eff = qts[n].dequantize() if n in qts else fake_quant(w_scaled, prec, clip_r)
                 w_effs[n] = w_eff
@@ -160,7 +176,7 @@ def quantize_model(
         # norms (AWQ-scaled ln1/ln2), the architecture's other norms and the (v-scaled) biases
         folded = LayerWeights(ln1=arr["ln1"], ln2=arr["ln2"], q_bias=lw.q_bias, k_bias=lw.k_bias, v_bias=arr["v_bias"],
                               norms=lw.norms, **{n: arr[n] for n in LINEARS})
-        out.update({name: np.asarray(t).astype(dt) for name, t in folded.tensors(spec, i).items()})
+        put({name: np.asarray(t).astype(dt) for name, t in folded.tensors(spec, i).items()})
         if hidden_in is not None:  # advance the calibration states through the QUANTIZED layer
             qlw = LayerWeights(ln1=arr["ln1"], ln2=arr["ln2"], q_bias=lw.q_bias, k_bias=lw.k_bias, v_bias=arr["v_bias"],
                                norms=lw.norms, **{n: w_effs[n] for n in LINEARS})
@@ -169,17 +185,35 @@ def quantize_model(
             on_layer(i)
 
     # Embeddings, final norm, LM head (policy: head int8 under int4/int8; a tied head becomes a
-    # separate quantized copy of the embedding table; fp16/fp32 tied heads are not duplicated).
-    emb = np.asarray(weights["model.embed_tokens.weight"], dtype=np.float32)
-    out["model.embed_tokens.weight"] = emb.astype(dt)
-    out["model.norm.weight"] = np.asarray(weights["model.norm.weight"]).astype(dt)
-    head = lm_head_weight(spec, weights)
+    # separate quantized copy of the embedding table; fp16/fp32 tied heads are not duplicated),
+    # HEAD_BLOCK_ROWS rows at a time; a tied table is read once for both.
+    emb_name = "model.embed_tokens.weight"
+    head_name = "lm_head.weight" if has_linear(weights, "lm_head") else emb_name  # as reference.lm_head_weight
     hprec = module_precision("lm_head", recipe, group_size, spec.hidden_size)
-    if hprec.kind in ("int8", "int4") or not spec.tie_embeddings:
-        out.update(quantize_linear("lm_head", head, hprec))
-    if recipe != "fp32":
-        x = acts_runner.final_normed(weights["model.norm.weight"]) if acts_runner is not None else None
-        errors.append(linear_error("lm_head", hprec.kind, head, fake_quant(head, hprec), x))
+    store_head = hprec.kind in ("int8", "int4") or not spec.tie_embeddings
+    x = None
+    if recipe != "fp32" and acts_runner is not None:
+        x = acts_runner.final_normed(weights["model.norm.weight"])
+    err = RowBlockError("lm_head", hprec.kind, x) if recipe != "fp32" else None
+    emb_out = np.empty(tensor_shape(weights, emb_name), dt)
+    head_out: dict[str, np.ndarray] = {}
+    n_rows = emb_out.shape[0]  # the head's too: both are [vocab, hidden] (edge.models.hf.check_weights)
+    for r0 in range(0, n_rows, HEAD_BLOCK_ROWS):
+        rows = slice(r0, r0 + HEAD_BLOCK_ROWS)
+        emb = read_rows(weights, emb_name, rows)  # float32 [rows, H]
+        emb_out[rows] = emb.astype(dt)
+        head = emb if head_name == emb_name else read_rows(weights, head_name, rows)
+        if store_head:
+            for name, t in quantize_linear("lm_head", head, hprec).items():  # every part is [N, ...]
+                if name not in head_out:
+                    head_out[name] = np.empty((n_rows, *t.shape[1:]), t.dtype)
+                head_out[name][rows] = t
+        if err is not None:
+            err.add(head, fake_quant(head, hprec))
+    put({emb_name: emb_out, "model.norm.weight": np.asarray(weights["model.norm.weight"]).astype(dt)} | head_out)
+    del emb_out, head_out
+    if err is not None:
+        errors.append(err.result())
     if on_layer:
         on_layer(spec.n_layers)
     return QuantResult(out, QuantReport(errors), alphas)

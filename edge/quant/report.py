@@ -42,6 +42,39 @@ def linear_error(module: str, kind: str, w: np.ndarray, wq: np.ndarray, x: np.nd
     return LayerError(module, kind, rel_fro(wq, w), out, awq)
 
 
+class RowBlockError:
+    """linear_error accumulated over row blocks of W (the LM head, 151,936 rows: whole, its float32
+    copies are 0.9 GB each). Sums of squares in float64; equal to linear_error's float32 norms
+    to ~1e-6 relative."""
+
+    def __init__(self, module: str, kind: str, x: np.ndarray | None):
+        if x is not None and x.shape[0] > REPORT_TOKENS:
+            x = x[np.linspace(0, x.shape[0] - 1, REPORT_TOKENS).astype(int)]
+        self.module, self.kind, self.x = module, kind, x
+        self.sq = np.zeros(4)  # ||wq - w||^2, ||w||^2, ||x wq^T - x w^T||^2, ||x w^T||^2
+
+    def add(self, w: np.ndarray, wq: np.ndarray) -> None:
+        """Rows [r0, r1) of W and of the effective weight, float32 [r1 - r0, K]."""
+
+        def sq(a: np.ndarray) -> float:
+            a = a.ravel()
+            return float(np.dot(a.astype(np.float64), a.astype(np.float64)))
+
+        self.sq[0] += sq(wq - w)
+        self.sq[1] += sq(w)
+        if self.x is not None:
+            y = self.x @ w.T
+            self.sq[2] += sq(self.x @ wq.T - y)
+            self.sq[3] += sq(y)
+
+    def result(self) -> LayerError:
+        def ratio(num: float, den: float) -> float:
+            return float(np.sqrt(num) / np.sqrt(den)) if den > 0 else 0.0
+
+        out = ratio(self.sq[2], self.sq[3]) if self.x is not None else None
+        return LayerError(self.module, self.kind, ratio(self.sq[0], self.sq[1]), out)
+
+
 @dataclass
 class QuantReport:
     """All layers' errors plus summary statistics (stored in the manifest under quant.report)."""
