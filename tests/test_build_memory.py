@@ -118,32 +118,37 @@ def test_streamed_quantization_writes_the_same_bytes(tmp_path, monkeypatch, arch
     assert got.output_err == pytest.approx(ref.output_err, rel=1e-5)
 
 
-def test_quantizing_a_gguf_never_dequantizes_the_whole_embedding(tmp_path):
-    """The calibration lookups and the head read the embedding by rows: the whole float32 table
-    (0.9 GB for Qwen2.5-1.5B) is never made, once per calibration sequence as it used to be."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantizing_a_gguf_dequantizes_each_linear_once(tmp_path, tied):
+    """The calibration lookups and the head read the embedding / head by rows: the whole float32
+    table (0.9 GB for Qwen2.5-1.5B) is never made (it was, once per calibration sequence), and
+    `name in weights` answers without dequantizing (Mapping's default did: every linear twice)."""
+    from collections import Counter
+
+    from tiny_checkpoints import write_byte_tokenizer
+
     from edge.models.gguf import GGUFWeights, load_gguf
     from edge.quant.calib import make_calibration_set
     from edge.quant.quantize import quantize_model
 
-    path = write_gguf(tmp_path / "tiny.gguf", tied=True)
-    spec, w = load_gguf(path)
-    whole_reads = []
+    spec, w = load_gguf(write_gguf(tmp_path / "tiny.gguf", tied=tied, n_layers=2))
+    write_byte_tokenizer(tmp_path)
+    cal = make_calibration_set(tmp_path / "tokenizer.json", n_seqs=3, seq_len=32)
+    reads: Counter = Counter()
     orig = GGUFWeights.__getitem__
 
     def getitem(self, name):
-        whole_reads.append(name)
+        reads[name] += 1
         return orig(self, name)
 
-    from tiny_checkpoints import write_byte_tokenizer
-
-    write_byte_tokenizer(tmp_path)
-    cal = make_calibration_set(tmp_path / "tokenizer.json", n_seqs=3, seq_len=32)
     GGUFWeights.__getitem__ = getitem
     try:
         res = quantize_model(spec, w, "int4", 32, calib=cal, awq=True)
     finally:
         GGUFWeights.__getitem__ = orig
-    assert "model.embed_tokens.weight" not in whole_reads
+    assert not {"model.embed_tokens.weight", "lm_head.weight"} & set(reads), reads
+    linears = [n for n in w if n.endswith("_proj.weight")]
+    assert len(linears) == 14 and all(reads[n] == 1 for n in linears), reads
     assert "lm_head.qweight" in res.tensors and res.tensors["model.embed_tokens.weight"].shape == w.shapes["model.embed_tokens.weight"]
 
 

@@ -201,6 +201,9 @@ class GGUFWeights(LazyWeights):
         idx = np.where(idx < 0, idx + n, idx) + (part[0] if part else 0)
         return _dequantize(t, self.path, idx)
 
+    def __contains__(self, name) -> bool:
+        return name in self._t  # Mapping's own would dequantize the tensor to answer
+
     def __iter__(self):
         return iter(self._t)
 
