@@ -176,11 +176,9 @@ def load_rst(path: Path) -> LoadedDoc:
 
 class _HtmlBlocks(HTMLParser):
     """Collects headings (h1-h6) and paragraph-level text with their source line ranges.
-    Script/style/head content is dropped; block-level tags end a paragraph. A table is one block
-    of Markdown-style rows ('| a | b |', a '| --- |' line after a header row of <th> cells), so a
-    row's cells stay together (one cell per line made '1.5 m/s' unattributable to its row)."""
+    Script/style/head content is dropped; block-level tags end a paragraph."""
 
-    BLOCK = {"p", "div", "li", "ul", "ol", "table", "pre", "br", "section",
+    BLOCK = {"p", "div", "li", "ul", "ol", "table", "tr", "td", "th", "pre", "br", "section",
              "article", "blockquote", "dd", "dt", "dl", "header", "footer", "main", "nav", "hr",
              "figure", "figcaption", "body", "tbody", "thead"}
     SKIP = {"script", "style", "head", "title", "noscript", "template"}
@@ -192,10 +190,6 @@ class _HtmlBlocks(HTMLParser):
         self._start = 0
         self._level = 0
         self._skip = 0
-        self._rows: list[tuple[list[str], bool]] | None = None  # inside a <table>: (cells, header row)
-        self._cells: list[str] | None = None  # inside a <tr>
-        self._cell: list[str] | None = None  # inside a <td>/<th>
-        self._head_row = False
 
     def _flush(self) -> None:
         txt = re.sub(r"[ \t\r\f\v]+", " ", "".join(self._buf))
@@ -205,30 +199,9 @@ class _HtmlBlocks(HTMLParser):
         self._buf = []
         self._level = 0
 
-    def _table_text(self) -> str:
-        lines = []
-        for cells, head in self._rows or []:
-            if any(cells):
-                lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
-                if head and len(lines) == 1:
-                    lines.append("|" + " --- |" * len(cells))
-        return "\n".join(lines)
-
     def handle_starttag(self, tag, attrs):
         if tag in self.SKIP:
             self._skip += 1
-        elif tag == "table" and self._rows is None:
-            self._flush()
-            self._rows = []
-        elif self._rows is not None and tag == "tr":
-            self._end_row()
-            self._cells, self._head_row = [], True
-        elif self._rows is not None and tag in ("td", "th"):
-            self._end_cell()
-            if self._cells is None:
-                self._cells, self._head_row = [], True
-            self._cell = []
-            self._head_row = self._head_row and tag == "th"
         elif re.fullmatch(r"h[1-6]", tag):
             self._flush()
             self._level = int(tag[1])
@@ -241,41 +214,16 @@ class _HtmlBlocks(HTMLParser):
             else:
                 self._flush()
 
-    def _end_cell(self) -> None:
-        if self._cell is not None and self._cells is not None:
-            self._cells.append(" ".join("".join(self._cell).split()))
-        self._cell = None
-
-    def _end_row(self) -> None:
-        self._end_cell()
-        if self._cells is not None and self._rows is not None:
-            self._rows.append((self._cells, self._head_row))
-        self._cells = None
-
     def handle_endtag(self, tag):
         if tag in self.SKIP:
             self._skip = max(0, self._skip - 1)
-        elif self._rows is not None and tag in ("td", "th"):
-            self._end_cell()
-        elif self._rows is not None and tag == "tr":
-            self._end_row()
-        elif tag == "table" and self._rows is not None:
-            self._end_row()
-            text, self._rows = self._table_text(), None
-            self._buf = [text]
-            self._flush()
         elif re.fullmatch(r"h[1-6]", tag) or tag in self.BLOCK:
-            if self._rows is None:
-                self._flush()
+            self._flush()
+        elif tag in ("td", "th"):
+            self._buf.append(" ")
 
     def handle_data(self, data):
         if self._skip:
-            return
-        if self._rows is not None:  # table text goes to its cell; text between cells is dropped
-            if self._cell is not None:
-                if not self._rows and not self._cells and not "".join(self._cell).strip() and data.strip():
-                    self._start = self.getpos()[0]
-                self._cell.append(data)
             return
         if not self._buf and data.strip():
             self._start = self.getpos()[0]
@@ -283,9 +231,6 @@ class _HtmlBlocks(HTMLParser):
 
     def close(self):
         super().close()
-        if self._rows is not None:  # an unclosed <table>
-            self._end_row()
-            self._buf, self._rows = [self._table_text()], None
         self._flush()
 
 

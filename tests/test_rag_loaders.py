@@ -104,19 +104,6 @@ def test_html_keeps_headings_and_source_lines(tmp_path):
     assert next(c for c in chunks if "red button" in c.text).heading == "Safety > E-Stop"
 
 
-def test_html_table_rows_keep_their_cells_together(tmp_path):
-    p = tmp_path / "t.html"
-    p.write_text("<p>Fields:</p>\n<table>\n<tr><th>Field set</th><th>Max. speed</th></tr>\n"
-                 "<tr><td>F1 \u2014 docking</td><td>0.3 m/s</td></tr>\n<tr><td>F4 \u2014 highway</td>"
-                 "<td>1.5 <b>m/s</b></td></tr>\n</table>\n<p>After.</p>\n")
-    doc = load(p)
-    table = next(b for b in doc.blocks if "highway" in b.text)
-    assert table.text.split("\n") == ["| Field set | Max. speed |", "| --- | --- |",
-                                       "| F1 \u2014 docking | 0.3 m/s |", "| F4 \u2014 highway | 1.5 m/s |"]
-    assert (table.loc_start, table.loc_end) == (3, 6)
-    assert [b.text for b in doc.blocks] == ["Fields:", table.text, "After."]
-
-
 def test_pdf_pages_kept(tmp_path):
     p = make_pdf(tmp_path / "g.pdf", ["Page one talks about docking.", "Page two: error E-500 overheating."])
     doc = load(p)
