@@ -8,8 +8,9 @@ sees it), tokenized once with the first bundle's tokenizer; the first --tokens i
 windows, each scored from its start. Scorers:
   engine     model.ort.onnx of the bundle in ONNX Runtime, all windows as one batch, token by
              token through the KV cache (the accuracy level the bundle was built with);
-  reference  fp16 bundles: the numpy reference forward on the bundle's weights (fp16 weights,
-             float32 math; the ORT fp16 graph computes the same in float32, slower);
+  reference  fp16 bundles (and, with --reference, quantized ones): the numpy reference forward on
+             the bundle's dequantized weights, float32 math (the ORT fp16 graph computes the same
+             in float32, slower);
   llama.cpp  llama-cpp-python on the original GGUF (its own Q4_K/Q6_K kernels), fed the same ids.
 Prints one JSON line per scorer and the ratios.
 """
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reference", action="store_true",
+                    help="also score quantized bundles with the numpy reference on their dequantized weights")
     args = ap.parse_args(argv)
 
     from edge.models.defaults import resolve_model
@@ -95,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             emit(label, "reference", nll_reference(Path(path), windows), t0)
         else:
             emit(label, "engine", nll_engine(Path(path), windows, args.threads), t0)
+            if args.reference:  # what the engine's kernels add on top of the quantization itself
+                t0 = time.time()
+                emit(label, "reference", nll_reference(Path(path), windows), t0)
     t0 = time.time()
     emit("gguf", "llama.cpp", nll_llama_cpp(gguf, windows, args.threads), t0)
     base = {r["variant"]: r["ppl"] for r in rows}
