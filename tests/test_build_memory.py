@@ -198,3 +198,23 @@ def test_reading_a_gguf_hands_its_mapped_pages_back(tmp_path, monkeypatch, drop)
         assert values == {name: float(np.abs(w[name]).sum()) for name in w}  # read again: the same values
     else:
         assert grown > size / 2  # the measure sees mapped pages (else the first case proves nothing)
+
+
+def test_build_memory_bench_reports_every_stage(tmp_path, capsys):
+    """bench/build_memory.py: a line per stage (each layer and the LM head among them) and a total
+    line whose peak is the kernel's high-water mark, against the planner's fp16 weight bytes."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec_ = importlib.util.spec_from_file_location("build_memory", Path(__file__).parent.parent / "bench" / "build_memory.py")
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    folder = make_checkpoint(tmp_path / "m", "llama")
+    assert bench.main(["--model", str(folder), "--out", str(tmp_path / "b"), "--quant", "int8", "--profile", "cpu", "--context", "128"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    stages = [x["stage"] for x in lines[:-1]]
+    assert {"layer 1", "LM head", "writing weights", "commit"} <= set(stages), stages
+    total = lines[-1]
+    assert total["peak_rss_bytes"] >= max(x["peak_rss_bytes"] for x in lines[:-1]) > 0
+    assert total["fp16_weight_bytes"] > 0 and total["peak_over_fp16"] == round(total["peak_rss_bytes"] / total["fp16_weight_bytes"], 3)

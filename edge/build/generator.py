@@ -20,7 +20,7 @@ import hashlib
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edge.bundle import BundleWriter, Limits, MappedWeights, Manifest, Quant, TokenizerInfo
 from edge.errors import PlanError, UsageError
@@ -74,8 +74,9 @@ def source_info(path: Path) -> dict[str, Any]:
 class _Stages:
     """A rich progress bar over build stages (and the layers of the quantization stage)."""
 
-    def __init__(self, enabled: bool, n_layers: int, n_forms: int):
+    def __init__(self, enabled: bool, n_layers: int, n_forms: int, on_stage: Callable[[str], None] | None = None):
         self.enabled = enabled
+        self.on_stage = on_stage
         self.n_layers = n_layers
         self.n_forms = n_forms
         self.progress = None
@@ -108,6 +109,8 @@ class _Stages:
             self.progress.__exit__(*exc)
 
     def _line(self, description: str | None) -> None:
+        if self.on_stage is not None and description:
+            self.on_stage(description)
         if self.plain and description:
             sys.stderr.write(f"  build: {description} ({time.perf_counter() - self.t0:.0f} s)\n")
             sys.stderr.flush()
@@ -117,6 +120,12 @@ class _Stages:
         if self.progress is not None:
             kw = {"description": description} if description else {}
             self.progress.update(self.task, advance=advance, **kw)
+
+    def layer_done(self, i: int) -> None:
+        """Layer i quantized (i == n_layers: the LM head); the bar advances, on_stage hears what is next."""
+        self.step()
+        if self.on_stage is not None and i < self.n_layers:
+            self.on_stage(f"layer {i + 1}" if i + 1 < self.n_layers else "LM head")
 
     def describe(self, description: str) -> None:
         self._line(description)
@@ -172,12 +181,15 @@ def build_generator_bundle(
     progress: bool = True,
     report: bool = True,
     forms: tuple[str, ...] = DEFAULT_FORMS,
+    on_stage: Callable[[str], None] | None = None,
 ) -> Path:
     """Build a generator engine bundle at `out` from an HF folder, a .gguf file or 'default'.
 
     quant: auto (the planner's recommendation) | int4 (AWQ+GPTQ; awq=False: plain RTN; gptq=False:
     plain AWQ) | int8 | fp16 |
-    fp32 (unquantized reference). Returns the bundle path (written atomically)."""
+    fp32 (unquantized reference). on_stage(description) is called as each stage (and each layer of
+    the quantization, "layer i") begins (bench/build_memory.py). Returns the bundle path (written
+    atomically)."""
     from edge.models.defaults import resolve_model
     from edge.models.spec import read_spec
 
@@ -222,7 +234,7 @@ def build_generator_bundle(
 
     writer = BundleWriter(Path(out), "generator")
     try:
-        with _Stages(progress, spec.n_layers, len(forms)) as bar:
+        with _Stages(progress, spec.n_layers, len(forms), on_stage) as bar:
             bar.describe(f"reading {src.name}")
             from edge.models.checkpoint import load_checkpoint
 
@@ -245,7 +257,7 @@ def build_generator_bundle(
 
             # each tensor goes to the weights file as it is made: the build holds one layer, not the model
             spool = writer.weights_spool()
-            res = quantize_model(spec, weights, recipe, g or 128, calib=cal, awq=use_awq, gptq=use_gptq, on_layer=lambda i: bar.step(),
+            res = quantize_model(spec, weights, recipe, g or 128, calib=cal, awq=use_awq, gptq=use_gptq, on_layer=bar.layer_done,
                                  sink=spool.add)
             del weights
             bar.step("writing weights")
