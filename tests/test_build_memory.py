@@ -67,6 +67,38 @@ def test_gguf_rows_of_fused_tensors(tmp_path):
         assert np.array_equal(w.rows(name, np.array([0, 4, -1])), w[name][[0, 4, -1]])
 
 
+@pytest.mark.parametrize("arch", ["phi3", "gemma3_text", "llama-bf16"])
+def test_hf_folder_reads_lazily_the_tensors_it_read_whole(tmp_path, arch):
+    """HF folders are read a tensor (or a few rows) at a time: every tensor and row range equals
+    what reading the files whole gives (read_safetensors, split_fused, fold_norm_offset), for
+    Phi-3's fused qkv / gate_up, Gemma's (1 + w) norms and bf16 files."""
+    import torch
+    from helpers_tiny import tiny_hf_model
+    from tiny_checkpoints import write_byte_tokenizer
+
+    from edge.models.checkpoint import read_rows
+    from edge.models.hf import HFWeights, fold_norm_offset, load_hf, read_safetensors, split_fused
+
+    model = tiny_hf_model(arch.split("-")[0])
+    if arch.endswith("bf16"):
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "m")
+    write_byte_tokenizer(tmp_path / "m")
+    spec, w = load_hf(tmp_path / "m")
+    assert isinstance(w, HFWeights)
+    whole = fold_norm_offset(spec, split_fused(spec, read_safetensors(tmp_path / "m" / "model.safetensors")))
+    whole.pop("lm_head.weight", None) if spec.tie_embeddings else None
+    assert set(w) == set(whole)
+    for name, ref in whole.items():
+        got = w[name]
+        assert got.dtype == np.float32 and np.array_equal(got, ref), name
+        if ref.ndim == 2:
+            for index in (slice(1, 5), np.array([3, 0, 3, -1])):
+                assert np.array_equal(read_rows(w, name, index), ref[index]), (name, index)
+        elif name.endswith("norm.weight"):
+            assert np.array_equal(read_rows(w, name, slice(2, 6)), ref[2:6]), name
+
+
 @pytest.mark.parametrize("arch, tied, recipe, kw", [
     ("llama", True, "int8", {}),
     ("llama", True, "int4", {"awq": True}),

@@ -13,6 +13,32 @@ from edge.errors import ModelError
 from edge.models.spec import ModelSpec
 
 
+def fused_rows(spec: ModelSpec, name: str) -> dict[str, tuple[int, int]]:
+    """A fused HF tensor -> {split HF name: (first row, end row)}, in q|k|v and gate|up order
+    (Phi-3's self_attn.qkv_proj / mlp.gate_up_proj); {} for a tensor that is not fused."""
+    if name.endswith("self_attn.qkv_proj.weight"):
+        p = name[: -len("self_attn.qkv_proj.weight")]
+        q, kv = spec.q_size, spec.kv_size
+        return {p + "self_attn.q_proj.weight": (0, q), p + "self_attn.k_proj.weight": (q, q + kv),
+                p + "self_attn.v_proj.weight": (q + kv, q + 2 * kv)}
+    if name.endswith("mlp.gate_up_proj.weight"):
+        p, n = name[: -len("mlp.gate_up_proj.weight")], spec.intermediate_size
+        return {p + "mlp.gate_proj.weight": (0, n), p + "mlp.up_proj.weight": (n, 2 * n)}
+    return {}
+
+
+def row_index(index: slice | np.ndarray, n: int, first: int = 0, name: str = "") -> slice | np.ndarray:
+    """Rows `index` of an n-row tensor stored from row `first` of a larger one, as rows of that one
+    (negative indices counted from the tensor's end; IndexError past it)."""
+    if isinstance(index, slice):
+        start, stop, step = index.indices(n)
+        return slice(first + start, first + stop, step)
+    idx = np.asarray(index, dtype=np.int64)
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+        raise IndexError(f"{name}: row index out of range for {n} rows")
+    return np.where(idx < 0, idx + n, idx) + first
+
+
 class LazyWeights(Mapping):
     """HF name -> float32 array, read from the checkpoint file on each access (edge.models.gguf).
     `rows(name, index)` reads only rows `index` of a 2-D tensor; `shapes` every tensor's shape."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import ModelError
-from edge.models.checkpoint import LazyWeights
+from edge.models.checkpoint import LazyWeights, fused_rows, row_index
 from edge.models.spec import ModelSpec, _gguf_reader, gguf_field, read_gguf_spec
 
 # GGUF norm tensor (after `blk.N.`) -> its role (edge.models.arch.layer_norm_names)
@@ -80,20 +80,6 @@ def hf_name(gguf_name: str, features=None) -> str | None:
     if rest in _LAYER_NAMES:
         return f"model.layers.{i}.{_LAYER_NAMES[rest]}"
     return None
-
-
-def _split_rows(spec: ModelSpec, name: str) -> dict[str, tuple[int, int]]:
-    """A fused HF tensor -> {split HF name: (first row, end row)}, in q|k|v and gate|up order
-    (as edge.models.hf.split_fused); {} for a tensor that is not fused."""
-    if name.endswith("self_attn.qkv_proj.weight"):
-        p = name[: -len("self_attn.qkv_proj.weight")]
-        q, kv = spec.q_size, spec.kv_size
-        return {p + "self_attn.q_proj.weight": (0, q), p + "self_attn.k_proj.weight": (q, q + kv),
-                p + "self_attn.v_proj.weight": (q + kv, q + 2 * kv)}
-    if name.endswith("mlp.gate_up_proj.weight"):
-        p, n = name[: -len("mlp.gate_up_proj.weight")], spec.intermediate_size
-        return {p + "mlp.gate_proj.weight": (0, n), p + "mlp.up_proj.weight": (n, 2 * n)}
-    return {}
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -163,7 +149,7 @@ class GGUFWeights(LazyWeights):
         self.shapes: dict[str, tuple[int, ...]] = {}
         for n, t in tensors.items():
             shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-            parts = _split_rows(spec, n)
+            parts = fused_rows(spec, n)
             if parts and shape[0] != max(b for _, b in parts.values()):
                 raise ModelError(f"{path}: tensor {t.name} has {shape[0]} rows, the metadata implies {max(b for _, b in parts.values())}",
                                  fix="the file's metadata and tensors disagree; re-convert the model")
@@ -188,18 +174,9 @@ class GGUFWeights(LazyWeights):
         """float32 rows `index` (a slice or an int array) of 2-D tensor `name`: equal to
         self[name][index], without dequantizing the other rows."""
         t, part = self._t[name]
-        n = self.shapes[name][0]
         if self._permuted and (".attn_q." in t.name or ".attn_k." in t.name):
             return self[name][index]  # the row permutation mixes rows across heads: read it whole
-        if isinstance(index, slice):
-            start, stop, step = index.indices(n)
-            base = part[0] if part else 0
-            return _dequantize(t, self.path, slice(base + start, base + stop, step))
-        idx = np.asarray(index, dtype=np.int64)
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"{name}: row index out of range for {n} rows")
-        idx = np.where(idx < 0, idx + n, idx) + (part[0] if part else 0)
-        return _dequantize(t, self.path, idx)
+        return _dequantize(t, self.path, row_index(index, self.shapes[name][0], part[0] if part else 0, name))
 
     def __contains__(self, name) -> bool:
         return name in self._t  # Mapping's own would dequantize the tensor to answer

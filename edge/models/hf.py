@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import ModelError
+from edge.models.checkpoint import LazyWeights, fused_rows, row_index
 from edge.models.spec import ModelSpec, read_hf_spec
 
 SINGLE = "model.safetensors"
@@ -41,26 +42,31 @@ def _to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return raw.astype(np.float32)
 
 
-def read_safetensors(path: Path, *, float32: bool = True) -> dict[str, np.ndarray]:
-    """All tensors of one .safetensors file (float32 unless `float32=False`)."""
+def index_safetensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """name -> (safetensors dtype, shape, byte offset in the file, nbytes) for one .safetensors
+    file, from its header alone; a damaged file (short, bad header, an entry outside the file, an
+    unsupported dtype) is a one-line ModelError naming it."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read ({e.strerror})") from None
     bad = f"{path}: corrupt or truncated safetensors file"
     fix = "re-download or re-save the checkpoint"
-    if len(data) < 8:
-        raise ModelError(bad + " (shorter than its header)", fix=fix)
-    (hlen,) = struct.unpack("<Q", data[:8])
-    if hlen > len(data) - 8:
-        raise ModelError(bad + f" (header of {hlen} bytes, file of {len(data)})", fix=fix)
     try:
-        header = json.loads(data[8 : 8 + hlen])
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelError(bad + " (shorter than its header)", fix=fix)
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > size - 8:
+                raise ModelError(bad + f" (header of {hlen} bytes, file of {size})", fix=fix)
+            raw_header = f.read(hlen)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw_header)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ModelError(bad + " (header is not JSON)", fix=fix) from None
     base = 8 + hlen
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
@@ -70,14 +76,38 @@ def read_safetensors(path: Path, *, float32: bool = True) -> dict[str, np.ndarra
             raise ModelError(bad + f" (bad entry for {name!r})", fix=fix) from None
         if dtype not in _DTYPES:
             raise ModelError(f"{path}: tensor {name} has unsupported dtype {dtype}", fix="save the checkpoint in float32/float16/bfloat16")
-        npdt = _DTYPES[dtype]
         count = int(np.prod(shape)) if shape else 1
-        if end - start != count * npdt.itemsize or base + end > len(data):
+        if end - start != count * _DTYPES[dtype].itemsize or base + end > size:
             raise ModelError(bad + f" (tensor {name} lies outside the file or has a wrong size)", fix=fix)
-        raw = np.frombuffer(data, dtype=npdt, count=count, offset=base + start).reshape(shape)
-        is_float = dtype in ("F32", "F16", "BF16", "F64")
-        out[name] = _to_float32(raw, dtype) if (is_float and float32) or dtype == "BF16" else raw.copy()
+        out[name] = (dtype, tuple(int(x) for x in shape), base + start, end - start)
     return out
+
+
+def read_tensor(path: Path, entry: tuple[str, tuple[int, ...], int, int], rows: slice | np.ndarray | None = None, *,
+                float32: bool = True) -> np.ndarray:
+    """One tensor of an index_safetensors entry (float32 unless `float32=False`; bf16 always
+    widened), or only its rows `rows` (rows of a slice step 1 are read alone; an index array reads
+    through a map that is dropped with the call)."""
+    dtype, shape, offset, _ = entry
+    npdt = _DTYPES[dtype]
+    if rows is None:
+        raw = np.fromfile(path, dtype=npdt, count=int(np.prod(shape)) if shape else 1, offset=offset).reshape(shape)
+    elif isinstance(rows, slice) and rows.step in (None, 1):
+        start, stop, _ = rows.indices(shape[0])
+        row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        n = max(0, stop - start)
+        raw = np.fromfile(path, dtype=npdt, count=n * row, offset=offset + start * row * npdt.itemsize).reshape((n, *shape[1:]))
+    else:
+        mapped = np.memmap(path, dtype=npdt, mode="r", offset=offset, shape=shape)
+        raw = np.array(mapped[rows])
+        del mapped
+    is_float = dtype in ("F32", "F16", "BF16", "F64")
+    return _to_float32(raw, dtype) if (is_float and float32) or dtype == "BF16" else raw
+
+
+def read_safetensors(path: Path, *, float32: bool = True) -> dict[str, np.ndarray]:
+    """All tensors of one .safetensors file (float32 unless `float32=False`)."""
+    return {name: read_tensor(Path(path), e, float32=float32) for name, e in index_safetensors(path).items()}
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -114,29 +144,26 @@ def _normalize_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def split_fused(spec: ModelSpec, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Fused checkpoint linears (Phi-3: self_attn.qkv_proj, mlp.gate_up_proj) -> HF q/k/v and
-    gate/up, per the spec's features; rows in q|k|v and gate|up order."""
+def fused_parts(spec: ModelSpec, name: str, n_rows: int) -> dict[str, tuple[int, int]]:
+    """The split names and row ranges of checkpoint tensor `name` when the architecture fuses it
+    (Phi-3: self_attn.qkv_proj, mlp.gate_up_proj; edge.models.checkpoint.fused_rows), {} when it
+    is not fused; a fused tensor whose rows the config does not imply is a one-line ModelError."""
     f = spec.features
-    if not (f.fused_qkv or f.fused_gate_up):
-        return weights
-    out = dict(weights)
-    for i in range(spec.n_layers):
-        p = f"model.layers.{i}."
-        if f.fused_qkv and p + "self_attn.qkv_proj.weight" in out:
-            w = out.pop(p + "self_attn.qkv_proj.weight")
-            sizes = np.cumsum([spec.q_size, spec.kv_size])
-            if w.shape[0] != spec.q_size + 2 * spec.kv_size:
-                raise ModelError(f"tensor {p}self_attn.qkv_proj.weight has {w.shape[0]} rows, config implies {spec.q_size + 2 * spec.kv_size}",
-                                 fix="config.json and the weights disagree")
-            for n, part in zip("qkv", np.split(w, sizes)):
-                out[p + f"self_attn.{n}_proj.weight"] = part
-        if f.fused_gate_up and p + "mlp.gate_up_proj.weight" in out:
-            w = out.pop(p + "mlp.gate_up_proj.weight")
-            if w.shape[0] != 2 * spec.intermediate_size:
-                raise ModelError(f"tensor {p}mlp.gate_up_proj.weight has {w.shape[0]} rows, config implies {2 * spec.intermediate_size}",
-                                 fix="config.json and the weights disagree")
-            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = np.split(w, 2)
+    fused = (f.fused_qkv and name.endswith("self_attn.qkv_proj.weight")) or (f.fused_gate_up and name.endswith("mlp.gate_up_proj.weight"))
+    parts = fused_rows(spec, name) if fused else {}
+    if parts and n_rows != max(r[1] for r in parts.values()):
+        raise ModelError(f"tensor {name} has {n_rows} rows, config implies {max(r[1] for r in parts.values())}",
+                         fix="config.json and the weights disagree")
+    return parts
+
+
+def split_fused(spec: ModelSpec, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Fused checkpoint linears (Phi-3) -> HF q/k/v and gate/up in memory (load_hf reads the
+    same rows lazily); rows in q|k|v and gate|up order."""
+    out: dict[str, np.ndarray] = {}
+    for name, w in weights.items():
+        parts = fused_parts(spec, name, w.shape[0])
+        out.update({n: w[r0:r1] for n, (r0, r1) in parts.items()} if parts else {name: w})
     return out
 
 
@@ -174,21 +201,70 @@ def check_weights(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], where: st
             raise ModelError(f"{where}: tensor {name} has shape {tuple(weights[name])}, config implies {tuple(shape)}", fix="config.json and the weights disagree")
 
 
-def load_hf(folder: str | Path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
-    """(spec, float32 weights in HF names) from a Hugging Face checkpoint folder."""
+class HFWeights(LazyWeights):
+    """HF name -> float32 array, read from the folder's safetensors files on every access (no
+    cache): a build holds one layer, not the checkpoint. Fused tensors (Phi-3) appear as their
+    split names and read only their rows; Gemma's norms come back as 1 + w (fold_norm_offset)."""
+
+    def __init__(self, folder: Path, spec: ModelSpec, tensors: dict[str, tuple[Path, tuple, tuple[int, int] | None]]):
+        self.folder, self.spec = folder, spec
+        self._t = tensors  # name -> (file, index_safetensors entry, rows of a fused tensor or None)
+        self.shapes = {n: (e[1] if rows is None else (rows[1] - rows[0], *e[1][1:])) for n, (_, e, rows) in tensors.items()}
+        off = spec.features.norm_weight_offset
+        self._offset = np.float32(off) if off else None
+        if self._offset is not None:
+            from edge.models.arch import norm_weight_names
+
+            self._offset_names = set(norm_weight_names(spec))
+
+    def _read(self, name: str, rows: slice | np.ndarray | None) -> np.ndarray:
+        path, entry, part = self._t[name]
+        if part is not None:
+            rows = row_index(slice(None) if rows is None else rows, self.shapes[name][0], part[0], name)
+        elif rows is not None:
+            rows = row_index(rows, self.shapes[name][0], 0, name)
+        w = read_tensor(path, entry, rows)
+        if self._offset is not None and name in self._offset_names:
+            w = w + self._offset
+        return w
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._read(name, None)
+
+    def rows(self, name: str, index: slice | np.ndarray) -> np.ndarray:
+        return self._read(name, index)
+
+    def __contains__(self, name) -> bool:
+        return name in self._t
+
+    def __iter__(self):
+        return iter(self._t)
+
+    def __len__(self) -> int:
+        return len(self._t)
+
+
+def load_hf(folder: str | Path) -> tuple[ModelSpec, HFWeights]:
+    """(spec, lazy float32 weights in HF names) from a Hugging Face checkpoint folder. Headers are
+    read and checked up front (damaged files, missing / unknown / mis-shaped tensors refused);
+    tensor data is read when asked for."""
     folder = Path(folder)
     spec = read_hf_spec(folder)
-    weights: dict[str, np.ndarray] = {}
+    entries: dict[str, tuple[Path, tuple]] = {}
     for f in safetensors_files(folder):
-        weights.update(read_safetensors(f))
-    weights = _normalize_names(weights)
+        entries.update({n: (f, e) for n, e in index_safetensors(f).items()})
+    entries = _normalize_names(entries)
     # Tied checkpoints may still carry lm_head.weight; it equals the embedding, drop it.
     if spec.tie_embeddings:
-        weights.pop("lm_head.weight", None)
-    elif "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+        entries.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in entries and "model.embed_tokens.weight" in entries:
         raise ModelError(f"{folder}: config says untied embeddings but there is no lm_head.weight", fix="re-download the checkpoint")
     # Drop buffers some exports keep (rotary inv_freq).
-    weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
-    weights = split_fused(spec, weights)
-    check_weights(spec, {k: v.shape for k, v in weights.items()}, str(folder))
-    return spec, fold_norm_offset(spec, weights)
+    entries = {k: v for k, v in entries.items() if not k.endswith("rotary_emb.inv_freq")}
+    tensors: dict[str, tuple[Path, tuple, tuple[int, int] | None]] = {}
+    for name, (path, e) in entries.items():
+        parts = fused_parts(spec, name, e[1][0]) if e[1] else {}
+        tensors.update({n: (path, e, rows) for n, rows in parts.items()} if parts else {name: (path, e, None)})
+    weights = HFWeights(folder, spec, tensors)
+    check_weights(spec, weights.shapes, str(folder))
+    return spec, weights
