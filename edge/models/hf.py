@@ -3,7 +3,8 @@
 Reads tensors with a small safetensors parser of our own (header JSON + raw bytes) so that
 bf16 checkpoints load into numpy (which has no bfloat16) and a damaged file gives a one-line
 ModelError naming the file instead of a Rust panic. Weights come back float32 in HF names and
-orientation (linear W [N, K]).
+orientation (linear W [N, K]), read lazily (HFWeights): the headers are checked when the folder
+is opened, each tensor or row range is read from its file when asked for.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def split_fused(spec: ModelSpec, weights: dict[str, np.ndarray]) -> dict[str, np
     same rows lazily); rows in q|k|v and gate|up order."""
     out: dict[str, np.ndarray] = {}
     for name, w in weights.items():
-        parts = fused_parts(spec, name, w.shape[0])
+        parts = fused_parts(spec, name, w.shape[0]) if w.ndim else {}
         out.update({n: w[r0:r1] for n, (r0, r1) in parts.items()} if parts else {name: w})
     return out
 
