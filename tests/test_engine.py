@@ -234,3 +234,31 @@ def test_async_batches_carry_the_same_text_and_a_past_deadline_aborts(bundle):
     while gen.engine.kv.num_used and time.monotonic() - t0 < 10:
         time.sleep(0.01)
     assert gen.engine.kv.num_used == 0
+
+
+def test_first_prompt_pieces_of_prompts_arriving_together_share_one_call(bundle):
+    """Equal-length first pieces in consecutive slots run as one ORT call (GroupQueryAttention
+    batches new tokens only for rows with nothing cached); the text equals each prompt alone."""
+    gen = make_gen(bundle)
+    tok = gen.tokenizer
+    prompts = ["robot arm one", "robot arm two", "robot arm six"]
+    assert len({len(tok.encode(p)) for p in prompts}) == 1 and len(tok.encode(prompts[0])) > 8
+    sp = SamplingParams(max_tokens=5, temperature=0)
+    want = [gen.generate(p, sp) for p in prompts]
+    calls = []
+    run = gen.engine.backend._run
+    gen.engine.backend._run = lambda start, ids, new_lens: calls.append(ids.shape) or run(start, ids, new_lens)
+    eng = gen.engine
+    wake = eng._wake.notify
+    eng._wake.notify = lambda n=1: None  # the idle engine thread sleeps until all three are queued
+    try:
+        streams = [gen.submit(p, sp) for p in prompts]
+    finally:
+        del eng._wake.notify
+    with eng._wake:
+        wake()
+    assert [s.text() for s in streams] == want
+    assert calls[0] == (3, 8), calls  # the three first pieces (prefill_chunk 8) in one call
+    assert sorted(calls[1:4]) == [(1, calls[1][1])] * 3, calls  # the rest of each prompt (it has a past): one call each
+    assert (3, 1) in calls[4:], calls  # then decode rows together
+

@@ -350,9 +350,11 @@ class OrtDecoderSession:
         return block // bps, (block % bps) * KV_BLOCK
 
     def execute(self, batch: StepBatch) -> StepOutput:
-        """One engine step. Prefix blocks found in another slot are copied first; then every run
-        of consecutive slots whose rows add one token is one ORT call, and each prompt piece is
-        its own call (GroupQueryAttention takes one new-token count per call)."""
+        """One engine step. Prefix blocks found in another slot are copied first; then rows of
+        consecutive slots run as one ORT call when GroupQueryAttention allows it: every decode row
+        (each carries its own cached length in seqlens_k), and first prompt pieces of equal length
+        (the block-aligned first pieces of prompts that arrive together). Any other prompt piece
+        is a call of its own (one new-token count per call; several only without a past)."""
         for src, dst in batch.block_copies.tolist():
             (ss, sr), (ds, dr) = self._row_of(src), self._row_of(dst)
             n = min(KV_BLOCK, self.max_context - sr)
@@ -362,22 +364,21 @@ class OrtDecoderSession:
         out = np.empty((r_n, self.vocab_size), np.float32)
         slot = batch.block_tables[:, 0] // (-(-self.max_context // KV_BLOCK))
         qs = batch.query_start
-        single = [r for r in range(r_n) if qs[r + 1] - qs[r] == 1]
-        single.sort(key=lambda r: slot[r])
+        width = np.diff(qs)
+        # GroupQueryAttention batches several new tokens per row only for rows with nothing cached
+        first = (width > 1) & (batch.seq_lens == width)
+        kind = np.where(width == 1, 0, np.where(first, width, -np.arange(1, r_n + 1)))  # equal kind: may share a call
+        order = sorted(range(r_n), key=lambda r: (kind[r], slot[r]))
         i = 0
-        while i < len(single):  # runs of consecutive slots -> one call each
+        while i < r_n:  # runs of one kind over consecutive slots -> one call each
             j = i
-            while j + 1 < len(single) and slot[single[j + 1]] == slot[single[j]] + 1:
+            while j + 1 < r_n and kind[order[j + 1]] == kind[order[i]] and slot[order[j + 1]] == slot[order[j]] + 1:
                 j += 1
-            rows = single[i:j + 1]
-            ids = batch.token_ids[qs[rows]].astype(np.int64)[:, None]
+            rows = order[i:j + 1]
+            w = int(width[rows[0]])
+            ids = np.stack([batch.token_ids[qs[r]:qs[r] + w] for r in rows]).astype(np.int64)
             out[rows] = self._run(int(slot[rows[0]]), ids, batch.seq_lens[rows].astype(np.int64))
             i = j + 1
-        for r in range(r_n):
-            n = int(qs[r + 1] - qs[r])
-            if n > 1:
-                ids = batch.token_ids[qs[r]:qs[r + 1]].astype(np.int64)[None, :]
-                out[r] = self._run(int(slot[r]), ids, batch.seq_lens[r:r + 1].astype(np.int64))[0]
         return StepOutput(np.full(r_n, -1, np.int32), out)
 
 
