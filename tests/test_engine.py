@@ -262,3 +262,51 @@ def test_first_prompt_pieces_of_prompts_arriving_together_share_one_call(bundle)
     assert sorted(calls[1:4]) == [(1, calls[1][1])] * 3, calls  # the rest of each prompt (it has a past): one call each
     assert (3, 1) in calls[4:], calls  # then decode rows together
 
+
+def resident_bytes(arrays) -> int:
+    """Resident bytes of anonymous-mmap numpy buffers (mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    total = 0
+    for a in arrays:
+        start = a.ctypes.data // mmap.PAGESIZE * mmap.PAGESIZE
+        n = -(-(a.ctypes.data + a.nbytes - start) // mmap.PAGESIZE)
+        vec = (ctypes.c_ubyte * n)()
+        assert libc.mincore(start, n * mmap.PAGESIZE, vec) == 0
+        total += sum(v & 1 for v in vec) * mmap.PAGESIZE
+    return total
+
+
+def test_an_aborted_long_request_gives_its_kv_memory_back(tmp_path):
+    """The rows of an aborted request's output are released to the OS; the next request in
+    that slot gives the same tokens as alone."""
+    import time
+
+    from edge.runtime.engine import Engine
+
+    path = make_tiny_bundle(tmp_path / "long", tiny_hf_model("llama", seed=5, max_position=1024), "fp32",
+                            forms=("ort",), max_context=1024, max_batch=2)
+    b = Bundle.open(path, verify=False)
+    short, prompt = SamplingParams(max_tokens=6, temperature=0), [5, 6, 7, 8, 9]
+    with Engine(OrtDecoderSession(b, max_batch=1, kv_tokens=1024), eos_ids=()) as alone:
+        want = alone.submit(prompt, short, detokenize=False)
+        list(want)
+    session = OrtDecoderSession(b, max_batch=2, prefill_chunk=8, kv_tokens=2048)
+    bufs = (*session.k, *session.v)
+    with Engine(session, eos_ids=()) as engine:
+        base = resident_bytes(bufs)
+        s = engine.submit([1, 2, 3], SamplingParams(max_tokens=1000, temperature=0.9, seed=1), detokenize=False)
+        t0 = time.monotonic()
+        while len(s.request.output_ids) < 900 and time.monotonic() - t0 < 60:
+            time.sleep(0.01)
+        during = resident_bytes(bufs)
+        s.close()
+        again = engine.submit(prompt, short, detokenize=False)  # slot 0 again, after the release
+        list(again)
+        after = resident_bytes(bufs)
+    assert again.request.output_ids == want.request.output_ids
+    assert during - base > 800 * session.kv_token_bytes, "the long output was resident"
+    assert after - base < (during - base) / 4, "... and was given back"  # (pages of 64 rows here: 1-2 per plane stay)

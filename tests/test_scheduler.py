@@ -9,6 +9,7 @@ and it asserts the context it reads is exactly the row's tokens."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -24,9 +25,11 @@ V = 50
 
 
 class FakeBackend:
-    def __init__(self, num_blocks=32, block_size=4, max_seqs=4, max_context=64, layout="paged", device_sampling=False):
+    def __init__(self, num_blocks=32, block_size=4, max_seqs=4, max_context=64, layout="paged", device_sampling=False,
+                 releases_kv=False):
         self.caps = BackendCaps(num_blocks=num_blocks, block_size=block_size, max_seqs=max_seqs, max_context=max_context,
-                                vocab_size=V, kv_layout=layout, device_sampling=device_sampling)
+                                vocab_size=V, kv_layout=layout, device_sampling=device_sampling, releases_kv=releases_kv)
+        self.released = []
         n_slots = (max_seqs * -(-max_context // block_size) if layout == "contiguous" else num_blocks) * block_size
         self.kv = np.full(n_slots, -1, np.int64)
         self.batches = []
@@ -52,6 +55,14 @@ class FakeBackend:
             if self.caps.device_sampling and b.logits_rows[r] and not b.host_sample[r] and b.temperature[r] == 0:
                 sampled[r] = int(np.argmax(logits[r]))
         return StepOutput(sampled, logits)
+
+    def release_kv(self, blocks):
+        """Wipe the released rows: a row that later reads one (live or findable) fails the assert."""
+        bs = self.caps.block_size
+        for first, stop in blocks:
+            assert first // (self.caps.max_context // bs) == (stop - 1) // (self.caps.max_context // bs)  # one region
+            self.kv[first * bs:stop * bs] = -1
+            self.released.append((first, stop))
 
 
 def run_alone(prompt, params, **kw):
@@ -119,6 +130,61 @@ def test_contiguous_layout_copies_a_prefix_from_another_region():
     kv.free(2)
     # the next one picks the region that already holds its prefix in place: no copy
     assert kv.admit(3, h, 12) == 8 and kv.copies() == []
+
+
+def test_contiguous_rows_past_the_findable_blocks_are_released():
+    kv = BlockManager(16, 4, max_context=32, layout="contiguous", max_seqs=2)  # 8 blocks per region
+    p = list(range(10))
+    h = block_hashes(p + [40, 41, 42, 43, 44, 45], 4)
+    kv.admit(1, h[:2], 10)
+    assert kv.grow(1, 16)  # prompt 10 + 6 generated: blocks 0-3
+    kv.cache_full_blocks(1, h, 16)
+    kv.free(1)  # finished: its 4 full blocks stay findable, nothing to release
+    assert kv.released() == [] and kv.num_cached == 4
+    # a shorter request that shares nothing takes region 0 (the lowest free): blocks 1-3 are forgotten
+    kv.admit(2, [], 3)
+    assert kv.grow(2, 3) and kv.table(2) == [0]
+    kv.free(2)
+    assert kv.released() == [(0, 4)]  # its partial block and the old rows past it
+    # aborted: only the prompt's full blocks stay findable, the output's rows are released
+    hp = block_hashes(p, 4)
+    kv.admit(3, hp, 10)
+    assert kv.grow(3, 20)
+    kv.cache_full_blocks(3, block_hashes(p + list(range(50, 60)), 4), 20)
+    assert kv.num_cached == 5
+    kv.free(3, keep_tokens=10)
+    assert kv.released() == [(2, 5)] and kv.num_cached == 2
+    assert kv.admit(4, hp, 10) == 8  # the prompt's blocks are still found, in place
+    assert kv.grow(4, 10) and kv.table(4) == [0, 1, 2]
+    kv.free(4)
+    assert kv.released() == [(2, 3)]  # its partial block
+
+
+def test_released_rows_are_wiped_and_nothing_reads_them():
+    """Concurrent requests, some aborted mid-output, with a shared prompt: the fake backend
+    wipes released rows, so a release of anything live or findable breaks the equality."""
+    rng = np.random.default_rng(1)
+    shared = list(rng.integers(0, V, 12))
+    prompts = [shared + list(rng.integers(0, V, n)) for n in (3, 17, 9, 30, 5, 12, 2, 8)]
+    maxes = [7, 3, 12, 5, 9, 4, 20, 6]
+    want = [run_alone(p, greedy(m), layout="contiguous") for p, m in zip(prompts, maxes)]
+    be = FakeBackend(layout="contiguous", max_seqs=3, releases_kv=True)
+    with Engine(be, eos_ids=(), token_budget=20, prefill_chunk=8) as e:
+        for rnd in range(2):
+            be.gate.clear()
+            streams = [e.submit(p, greedy(m), detokenize=False) for p, m in zip(prompts, maxes)]
+            doomed = e.submit(shared + [1, 2, 3], greedy(40), detokenize=False)
+            be.gate.set()
+            t0 = time.monotonic()
+            while len(doomed.request.output_ids) < 6 and time.monotonic() - t0 < 10:
+                time.sleep(0.001)
+            doomed.close()  # aborted mid-output
+            for s in streams:
+                list(s)
+            assert [s.request.output_ids for s in streams] == want
+        assert e.kv.num_used == 0
+    assert be.released  # rows were released along the way
+    assert sum(s.request.stats.cached_tokens for s in streams) >= 8 * 12  # the shared prompt was still found
 
 
 # ---- scheduler -----------------------------------------------------------------------------------

@@ -242,6 +242,7 @@ class Engine:
                     self._end(req)
                 return
             if not sch.has_work:
+                self._release_kv()
                 self._count()
                 continue
             t0 = time.perf_counter()
@@ -260,8 +261,17 @@ class Engine:
             self._reap_errors()
             self._count()
 
+    def _release_kv(self) -> None:
+        """Hand the backend the KV rows that no longer hold anything (freed since the last step).
+        NOTE: before the next execute(): a region freed and admitted again in one schedule() has
+        its new rows written by that step, which a later release would wipe."""
+        dead = self.kv.released()
+        if dead and self.caps.releases_kv:
+            self.backend.release_kv(dead)
+
     def _run(self, step: ScheduledStep) -> None:
         b = step.batch
+        self._release_kv()
         out = self.backend.execute(b)
         self.steps += 1
         sampled: list[int | None] = []
@@ -324,6 +334,7 @@ class Engine:
             self._run(step)
             return
         batch = self.scheduler._batch([(req, 1)])  # slots of every stream step are reserved now
+        self._release_kv()
         tokens = self.backend.run_greedy(batch, room)
         done = []
         try:

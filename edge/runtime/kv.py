@@ -17,6 +17,9 @@ Two physical layouts (BackendCaps.kv_layout):
 
 Freed blocks keep their hash and stay findable until reused (least recently freed first,
 the tail of a sequence before its head, which other prompts are likelier to share).
+In the contiguous layout, the rows of a free region past its findable blocks hold nothing anyone
+can use; released() names them so that the backend can give their memory back (an aborted
+request's output is not kept findable: its client never saw it whole, no later prompt repeats it).
 
     kv = BlockManager(num_blocks=64, block_size=16, max_context=256)
     hit = kv.admit(7, block_hashes(prompt, 16))   # tokens already cached (0 on a cold cache)
@@ -91,6 +94,10 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks)) if layout == "paged" else OrderedDict()
         self._used = 0  # blocks referenced by live sequences
         self._copies: list[tuple[int, int]] = []
+        # contiguous: blocks of each region written since its rows were last released, and the
+        # block ranges [first, stop) whose rows hold nothing live or findable (released())
+        self._high = [0] * (max_seqs or 0) if layout == "contiguous" else []
+        self._released: list[tuple[int, int]] = []
         self.hits = 0  # prefix-cache statistics: tokens found / tokens asked for at admission
         self.queries = 0
 
@@ -131,6 +138,7 @@ class BlockManager:
                     self._register(dst, hashes[j])
                 self._ref[dst] += 1
             self._used += len(hit)
+            self._high[region] = max(self._high[region], len(hit))
             hit = [base + j for j in range(len(hit))]
         s.blocks = hit
         s.length = len(hit) * self.block_size
@@ -204,6 +212,8 @@ class BlockManager:
                 self._ref[b] += 1
                 self._used += 1
             s.blocks.append(b)
+        if self.layout == "contiguous":
+            self._high[s.region] = max(self._high[s.region], len(s.blocks))
         s.length = length
         return True
 
@@ -236,13 +246,32 @@ class BlockManager:
                 self._register(b, hashes[j])
         s.cached = max(s.cached, n)
 
-    def free(self, seq_id: int) -> None:
-        """Release a finished / aborted / preempted sequence (cached blocks stay findable)."""
+    def free(self, seq_id: int, keep_tokens: int | None = None) -> None:
+        """Release a finished / aborted / preempted sequence. Its cached blocks stay findable,
+        only those within the first `keep_tokens` tokens when given (an aborted request: its prompt)."""
         s = self._seqs.pop(self._check(seq_id))
         for b in reversed(s.blocks):
             self._drop(b)
+        if keep_tokens is not None:
+            for b in s.blocks[keep_tokens // self.block_size:]:
+                if self._ref[b] == 0:
+                    self._unregister(b)
         if self.layout == "contiguous":
             self._free_regions[s.region] = None
+            # NOTE: a region's findable blocks are a prefix of it (admit forgets the rest)
+            base, high = s.region * self.blocks_per_seq, self._high[s.region]
+            keep = 0
+            while keep < high and base + keep in self._hash_of:
+                keep += 1
+            if keep < high:
+                self._released.append((base + keep, base + high))
+                self._high[s.region] = keep
+
+    def released(self) -> list[tuple[int, int]]:
+        """contiguous: block ranges [first, stop) released since the last call, each within one
+        free region, whose rows hold nothing live or findable (the backend may drop their memory)."""
+        out, self._released = self._released, []
+        return out
 
     def copies(self) -> list[tuple[int, int]]:
         """Block copies (src, dst) planned since the last call (contiguous layout)."""

@@ -13,6 +13,7 @@ admits sequences into the lowest free slots); each row carries its own length in
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -62,6 +63,33 @@ def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
         except OSError:  # kernel without THP support
             pass
     return np.frombuffer(mm, dtype=dtype, count=n).reshape(shape)  # the array keeps `mm` alive
+
+
+def drop_pages(view: np.ndarray) -> int:
+    """Give the whole pages inside a C-contiguous slice of a lazy_zeros buffer back to the OS
+    (madvise MADV_DONTNEED: they read as zeros, and cost no RSS, until written again). Returns
+    the bytes dropped; 0 where madvise is unavailable."""
+    page = mmap.PAGESIZE
+    start = view.ctypes.data
+    first, stop = -(-start // page) * page, (start + view.nbytes) // page * page
+    if stop <= first:
+        return 0
+    madvise = _madvise()
+    if madvise is None or madvise(first, stop - first, 4) != 0:  # 4: MADV_DONTNEED (Linux, BSD, macOS)
+        return 0
+    return stop - first
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None).madvise
+        fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return fn
+    except (OSError, AttributeError):
+        return None
 
 
 @dataclass
@@ -342,7 +370,20 @@ class OrtDecoderSession:
                            max_context=self.max_context, vocab_size=self.vocab_size, kv_layout="contiguous",
                            device_sampling=False, mixed_rows=True, greedy_stream=False,
                            prefill_chunk=self.prefill_chunk, mixed_prefill=min(self.prefill_chunk, MIXED_PREFILL),
-                           kv_dtype=str(self.k[0].dtype), kv_bytes=kv_bytes)
+                           kv_dtype=str(self.k[0].dtype), kv_bytes=kv_bytes, releases_kv=True)
+
+    def release_kv(self, blocks: list[tuple[int, int]]) -> int:
+        """Drop the memory of the cache rows of engine blocks [first, stop), each range within one
+        slot, that hold nothing live or findable (BlockManager.released()): a long request's rows
+        would otherwise stay resident after it ends. Returns the bytes dropped."""
+        dropped = 0
+        for first, stop in blocks:
+            slot, r0 = self._row_of(first)
+            r1 = min(self.max_context, r0 + (stop - first) * KV_BLOCK)
+            for buf in (*self.k, *self.v):  # [B, kv, C, D]: one run of rows per head
+                for h in range(buf.shape[1]):
+                    dropped += drop_pages(buf[slot, h, r0:r1])
+        return dropped
 
     def _row_of(self, block: int) -> tuple[int, int]:
         """(batch slot, first cache row) of an engine block in the contiguous layout."""

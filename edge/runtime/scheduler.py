@@ -167,8 +167,8 @@ class Scheduler:
         return out, done
 
     def _finish(self, req: Request, reason: str, error: BaseException | None = None) -> None:
-        if req.request_id in self.kv:
-            self.kv.free(req.request_id)
+        if req.request_id in self.kv:  # an aborted request's output is not kept findable (kv.free)
+            self.kv.free(req.request_id, keep_tokens=len(req.prompt_ids) if reason == "abort" else None)
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.error = error

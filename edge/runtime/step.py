@@ -118,6 +118,7 @@ class BackendCaps:
     mixed_prefill: int = 0  # ... while other rows decode in the same step (bounds their inter-token latency)
     kv_dtype: str = "float32"
     kv_bytes: int = 0  # bytes the backend allocated for the KV cache (planned vs allocated)
+    releases_kv: bool = False  # has release_kv(block ranges): gives the memory of dead rows back (contiguous)
 
     @property
     def blocks_per_seq(self) -> int:
