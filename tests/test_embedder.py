@@ -20,6 +20,7 @@ from edge.bundle import Bundle
 from edge.build.encoder import build_embedder_bundle
 from edge.errors import BundleError, EdgeRagError, ModelError, UsageError
 from edge.models.bert import read_bert_folder
+import edge.runtime.embedder as embedder_mod
 from edge.runtime.embedder import Embedder, length_buckets
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -181,7 +182,7 @@ def test_length_buckets_is_a_permutation_sorted_by_length():
         length_buckets(lengths, 0)
 
 
-def test_bucketing_preserves_order(tiny_folders, tmp_path):
+def test_bucketing_preserves_order(tiny_folders, tmp_path, monkeypatch):
     emb = Embedder.from_bundle(build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "b", progress=False))
     rng = random.Random(3)
     texts = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 40))) for _ in range(23)]
@@ -189,6 +190,8 @@ def test_bucketing_preserves_order(tiny_folders, tmp_path):
     batched = emb.embed(texts, batch_size=5)
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
     assert emb.embed([]).shape == (0, 64)
+    monkeypatch.setattr(embedder_mod, "ENCODE_PIECE", 4)  # tokenized in pieces: same order, same vectors
+    np.testing.assert_allclose(emb.embed(texts, batch_size=5), one_by_one, atol=1e-5)
     with pytest.raises(UsageError):
         emb.embed("not a list")  # type: ignore[arg-type]
 
@@ -202,6 +205,9 @@ def test_truncation_and_count_tokens(tiny_folders, tmp_path):
     assert len(ids) == emb.max_seq_length == 48
     head = " ".join(["battery"] * 46)  # exactly what survives truncation
     np.testing.assert_allclose(emb.embed_query(long), emb.embed_query(head), atol=1e-5)
+    vecs, n = emb.embed_counted([long, "battery"])
+    assert n == 48 + 3  # usage: what the model read
+    np.testing.assert_allclose(vecs, emb.embed([long, "battery"]), atol=1e-6)
 
 
 # ---- bad folders --------------------------------------------------------------------------

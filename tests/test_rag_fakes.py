@@ -42,6 +42,9 @@ class HashEmbedder:
     def embed(self, texts, batch_size: int = 32, progress: bool = False) -> np.ndarray:
         return np.stack([self._vec(t) for t in texts]).astype(np.float32) if texts else np.zeros((0, self.dim), np.float32)
 
+    def embed_counted(self, texts, batch_size: int = 32, progress: bool = False) -> tuple[np.ndarray, int]:
+        return self.embed(texts), sum(self.count_tokens(t) for t in texts)
+
     def embed_query(self, text: str) -> np.ndarray:
         return self._vec(text)
 

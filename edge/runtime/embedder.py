@@ -42,6 +42,7 @@ class EmbedderInfo:
 # layer in flight (measured: the server's RSS went 377 MB -> 1.29 GB and stayed there). Batches
 # are cut so that B * S * S stays under this (32 chunks of ~180 tokens; 4 texts of 512).
 MAX_BATCH_CELLS = 1 << 20
+ENCODE_PIECE = 32  # texts per tokenizer call
 
 
 def length_buckets(lengths: list[int], batch_size: int, max_cells: int = MAX_BATCH_CELLS) -> list[np.ndarray]:
@@ -151,22 +152,31 @@ class Embedder:
         return len(self._counter.encode(text).ids)
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+        # NOTE: in pieces: an Encoding keeps the truncated-off tokens (overflowing), strings and
+        # offsets; 256 inputs of 2,000 characters at once grew the tokenizer threads' heaps for good
+        out: list[list[int]] = []
+        for i in range(0, len(texts), ENCODE_PIECE):
+            out += [e.ids for e in self.tokenizer.encode_batch(texts[i:i + ENCODE_PIECE])]
+        return out
 
     # ---- embedding -------------------------------------------------------------------
     def embed(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         """Embeddings [len(texts), dim] float32, in input order (unit-norm when the model says so)."""
+        return self.embed_counted(texts, batch_size, progress)[0]
+
+    def embed_counted(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> tuple[np.ndarray, int]:
+        """embed(), and the number of tokens the model read (after truncation: an API's usage)."""
         if isinstance(texts, str):
             raise UsageError("embed() takes a list of strings", fix="use embed_query(text) for one string")
         texts = list(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
-            return out
+            return out, 0
         ids = self._encode(texts)
         batches = length_buckets([len(x) for x in ids], batch_size)
         for idx in _maybe_progress(batches, progress, len(texts)):
             out[idx] = self._run([ids[i] for i in idx])
-        return out
+        return out, sum(map(len, ids))
 
     def embed_query(self, text: str) -> np.ndarray:
         """One embedding [dim] float32."""

@@ -291,7 +291,7 @@ def create_app(runtime: Any, limits: Limits | None = None):
         body = await body_of(request)
         texts = guard.check_embed_input(body.get("input"), limits)
         emb = runtime.embedder
-        vecs, n_tok = await locked(lambda: (emb.embed(texts), sum(emb.count_tokens(t) for t in texts) if hasattr(emb, "count_tokens") else 0))
+        vecs, n_tok = await locked(emb.embed_counted, texts)  # usage: the tokens the model read (truncated)
         data = [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vecs)]
         if sum(map(len, texts)) > 100_000:
             del vecs
