@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +226,46 @@ def test_a_dropped_stream_frees_its_kv_blocks(client):
             break
         time.sleep(0.05)
     assert eng["running"] == 0 and eng["kv_blocks_used"] == 0
+
+
+def test_waiting_answers_hold_no_worker_thread(client):
+    """Generations in flight (whole and streamed) do not occupy Starlette's worker pool: with it
+    cut to one thread and the engine held, /v1/embeddings and /health still answer at once."""
+    import threading
+
+    import anyio.to_thread
+
+    client.portal.call(lambda: setattr(anyio.to_thread.current_default_thread_limiter(), "total_tokens", 1))
+    engine = client.gen.engine
+    gate, execute = threading.Event(), engine.backend.execute
+    engine.backend.execute = lambda b: (gate.wait(30), execute(b))[1]
+    body = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+    out = {}
+
+    def whole():
+        out["whole"] = client.post("/v1/chat/completions", json=body).status_code
+
+    def streamed():
+        with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as r:
+            r.read()
+            out["stream"] = (r.status_code, sse(r)[-1])
+
+    threads = [threading.Thread(target=f) for f in (whole, streamed)]
+    try:
+        [t.start() for t in threads]
+        for _ in range(500):  # both submitted to the engine (its open streams)
+            if len(engine._streams) == 2:
+                break
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        assert client.post("/v1/embeddings", json={"input": ["coolant"]}).status_code == 200
+        assert client.get("/health").status_code == 200
+        assert time.monotonic() - t0 < 5 and not out  # answered while both generations wait
+    finally:
+        gate.set()
+        [t.join(30) for t in threads]
+        del engine.backend.execute
+    assert out == {"whole": 200, "stream": (200, "[DONE]")}
 
 
 def test_without_a_collection_chat_works_and_ask_says_to_ingest(bundle):

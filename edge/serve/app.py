@@ -26,14 +26,13 @@ embedder (SQLite, FAISS, one ORT session) run one at a time under a short lock.
 from __future__ import annotations
 
 import json
-import queue
 from contextlib import aclosing
 import sys
 import threading
 import time
 import traceback
 import uuid
-from typing import Any, Iterator
+from typing import Any, AsyncIterator
 
 from edge.errors import ContextLengthError, EdgeRagError, IndexError_, UsageError
 from edge.serve import guard
@@ -59,10 +58,37 @@ def _stream_error(e: Exception) -> dict:
     return {"error": {"message": str(e) if isinstance(e, EdgeRagError) else f"{type(e).__name__}: {e}", "type": "server_error"}}
 
 
-def _sse(payloads: Iterator[dict]) -> Iterator[str]:
-    for p in payloads:
-        yield f"data: {json.dumps(p)}\n\n"
+async def _sse(batches: AsyncIterator[list[dict]]) -> AsyncIterator[str]:
+    async for batch in batches:  # the events ready at once go out in one write
+        yield "".join(f"data: {json.dumps(p)}\n\n" for p in batch)
     yield "data: [DONE]\n\n"
+
+
+def in_thread(fn, *args: Any, **kw: Any):
+    """`fn(*args, **kw)` on a thread of its own, awaitable from the event loop. For waits as long
+    as a generation: Starlette's shared worker pool (40 threads) must stay free for short work
+    (the embedder, retrieval), or 40 slow answers would queue every embeddings request."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not fut.done():
+            fut.set_exception(error) if error is not None else fut.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args, **kw), None
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed (server shutting down)
+            pass
+
+    threading.Thread(target=run, daemon=True).start()
+    return fut
 
 
 def _model_id(obj: Any, fallback: str) -> str:
@@ -141,29 +167,50 @@ def create_app(runtime: Any, limits: Limits | None = None):
 
     limits = limits or Limits.for_generator(runtime.generator)
 
-    def streamed(produce, deadline: float | None = None) -> Iterator[Any]:
-        """Items that `produce(emit, cancelled)` emits on its own thread. A client that
-        disconnects mid-stream, or the request's deadline, leaves a producer that stops at its
-        next item (cancelled)."""
-        q: queue.Queue = queue.Queue()
+    def streamed(produce, deadline: float | None = None) -> AsyncIterator[list[Any]]:
+        """Items that `produce(emit, cancelled)` emits on its own thread (`ask`: retrieval, then
+        the answer), in lists of those ready at once, awaited on the event loop (no worker thread
+        per item). A client that disconnects mid-stream, or the request's deadline, leaves a
+        producer that stops at its next item (cancelled)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
 
         def cancelled() -> bool:
             return cancel.is_set() or (deadline is not None and time.monotonic() > deadline)
 
+        def emit(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the loop has closed: nobody reads any more
+                cancel.set()
+
         def work() -> None:
             try:
-                produce(q.put, cancelled)
+                produce(emit, cancelled)
             except Exception as e:  # reported in the stream: the 200 has gone out already
-                q.put(_stream_error(e))
-            q.put(done)
+                emit(_stream_error(e))
+            emit(done)
+
+        async def items() -> AsyncIterator[list[Any]]:
+            try:
+                while True:
+                    batch = [await q.get()]
+                    while not q.empty():
+                        batch.append(q.get_nowait())
+                    end = any(x is done for x in batch)
+                    batch = [x for x in batch if x is not done]
+                    if batch:
+                        yield batch
+                    if end:
+                        return
+            finally:
+                cancel.set()
 
         threading.Thread(target=work, daemon=True).start()
-        try:
-            while (item := q.get()) is not done:
-                yield item
-        finally:
-            cancel.set()
+        return items()
 
     async def until_done_or_gone(request: Request, rs) -> tuple[str, bool]:
         """The whole text of a non-streamed request, and whether it was cut: aborted when the
@@ -306,8 +353,6 @@ def create_app(runtime: Any, limits: Limits | None = None):
             raise BadRequest("'question' must be a non-empty string")
         kw = guard.check_ask(body, limits)
         if not body.get("stream"):
-            from starlette.concurrency import run_in_threadpool
-
             watch = guard.Watch(request)  # the deadline, or a client that gives up, stops generating
 
             def on_token(t: str) -> None:
@@ -315,7 +360,7 @@ def create_app(runtime: Any, limits: Limits | None = None):
                     raise _Cancelled
 
             try:
-                ans = await run_in_threadpool(runtime.ask, question, on_token=on_token, **kw)
+                ans = await in_thread(runtime.ask, question, on_token=on_token, **kw)  # not a pool worker: see in_thread
             except _Cancelled:
                 return _error(408 if watch.expired() else 499, "the request was cancelled (deadline or client gone)",
                               "timeout", "cancelled")
