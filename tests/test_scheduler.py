@@ -160,6 +160,20 @@ def test_contiguous_rows_past_the_findable_blocks_are_released():
     assert kv.released() == [(2, 3)]  # its partial block
 
 
+def test_a_findable_block_after_an_unregistered_one_is_not_released():
+    kv = BlockManager(16, 4, max_context=32, layout="contiguous", max_seqs=2)
+    h = block_hashes(list(range(8)) + [20, 21, 22, 23], 4)
+    kv.admit(1, h[:2], 8)
+    assert kv.grow(1, 8)
+    kv.cache_full_blocks(1, h[:2], 8)  # region 0 holds the prompt's 2 blocks
+    kv.admit(2, [], 12)  # region 1 computes the same prompt (no hit asked) and one more block
+    assert kv.grow(2, 12)
+    kv.cache_full_blocks(2, h, 12)  # blocks 8, 9: already cached in region 0, not registered; block 10 is
+    kv.free(2)
+    assert kv.released() == []  # block 10 stays findable, so its rows stay
+    assert kv.admit(3, h, 13) == 12 and kv.copies() == [(0, 8), (1, 9)]  # ... and it is found in place
+
+
 def test_released_rows_are_wiped_and_nothing_reads_them():
     """Concurrent requests, some aborted mid-output, with a shared prompt: the fake backend
     wipes released rows, so a release of anything live or findable breaks the equality."""

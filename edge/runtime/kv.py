@@ -258,11 +258,12 @@ class BlockManager:
                     self._unregister(b)
         if self.layout == "contiguous":
             self._free_regions[s.region] = None
-            # NOTE: a region's findable blocks are a prefix of it (admit forgets the rest)
+            # NOTE: up to the last findable block, not the first gap: a block whose hash was already
+            # cached elsewhere is not registered, and blocks after it may be (a copy may be planned)
             base, high = s.region * self.blocks_per_seq, self._high[s.region]
-            keep = 0
-            while keep < high and base + keep in self._hash_of:
-                keep += 1
+            keep = high
+            while keep > 0 and base + keep - 1 not in self._hash_of:
+                keep -= 1
             if keep < high:
                 self._released.append((base + keep, base + high))
                 self._high[s.region] = keep
