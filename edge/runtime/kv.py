@@ -94,10 +94,8 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks)) if layout == "paged" else OrderedDict()
         self._used = 0  # blocks referenced by live sequences
         self._copies: list[tuple[int, int]] = []
-        # contiguous: blocks of each region written since its rows were last released, and the
-        # block ranges [first, stop) whose rows hold nothing live or findable (released())
+        # contiguous: blocks of each region written since its rows were last released (released())
         self._high = [0] * (max_seqs or 0) if layout == "contiguous" else []
-        self._released: list[tuple[int, int]] = []
         self.hits = 0  # prefix-cache statistics: tokens found / tokens asked for at admission
         self.queries = 0
 
@@ -258,20 +256,22 @@ class BlockManager:
                     self._unregister(b)
         if self.layout == "contiguous":
             self._free_regions[s.region] = None
+
+    def released(self) -> list[tuple[int, int]]:
+        """contiguous: block ranges [first, stop), one per free region, whose rows were written
+        but hold nothing findable now (the backend may drop their memory; the caller must do so
+        before anything else is admitted). Each is returned once."""
+        out = []
+        for r in self._free_regions if self.layout == "contiguous" else ():
             # NOTE: up to the last findable block, not the first gap: a block whose hash was already
-            # cached elsewhere is not registered, and blocks after it may be (a copy may be planned)
-            base, high = s.region * self.blocks_per_seq, self._high[s.region]
+            # cached elsewhere is not registered, and blocks after it may be
+            base, high = r * self.blocks_per_seq, self._high[r]
             keep = high
             while keep > 0 and base + keep - 1 not in self._hash_of:
                 keep -= 1
             if keep < high:
-                self._released.append((base + keep, base + high))
-                self._high[s.region] = keep
-
-    def released(self) -> list[tuple[int, int]]:
-        """contiguous: block ranges [first, stop) released since the last call, each within one
-        free region, whose rows hold nothing live or findable (the backend may drop their memory)."""
-        out, self._released = self._released, []
+                out.append((base + keep, base + high))
+                self._high[r] = keep
         return out
 
     def copies(self) -> list[tuple[int, int]]:
