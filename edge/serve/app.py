@@ -59,9 +59,17 @@ def _stream_error(e: Exception) -> dict:
 
 
 async def _sse(batches: AsyncIterator[list[dict]]) -> AsyncIterator[str]:
-    async for batch in batches:  # the events ready at once go out in one write
-        yield "".join(f"data: {json.dumps(p)}\n\n" for p in batch)
+    """Server-sent events: the payloads ready at once go out in one write, then [DONE]. Closing
+    this stream (a client that left) closes `batches` at once, which stops its producer."""
+    async with aclosing(batches):
+        async for batch in batches:
+            yield "".join(f"data: {json.dumps(p)}\n\n" for p in batch)
     yield "data: [DONE]\n\n"
+
+
+def _cut(rs) -> bool:
+    """The request ended without finishing on its own (aborted: client gone, deadline)."""
+    return rs.request.finish_reason in (None, "abort")
 
 
 def in_thread(fn, *args: Any, **kw: Any):
@@ -229,7 +237,7 @@ def create_app(runtime: Any, limits: Limits | None = None):
             finished, _ = await asyncio.wait({task}, timeout=0.25)
             if finished:
                 task.result()  # the request's own error, if it failed
-                return "".join(parts), rs.request.finish_reason in (None, "abort") or _expired(request)
+                return "".join(parts), _cut(rs) or _expired(request)
             if await request.is_disconnected():
                 task.cancel()  # batches() aborts the request: frees its KV blocks at the engine's next step
                 await asyncio.gather(task, return_exceptions=True)
@@ -298,27 +306,24 @@ def create_app(runtime: Any, limits: Limits | None = None):
 
         head = {"id": rid, "object": obj + ".chunk" if kind == "chat" else obj, "created": created, "model": model}
 
-        async def events():
-            """SSE frames straight from the engine on the event loop: every delta a step produced
-            goes out in one write (no thread per request; a client that disconnects ends this
-            generator, which aborts the request)."""
+        async def chunks():
+            """The engine's deltas as OpenAI chunks, every delta of a step in one list (one write)."""
             first = True
             try:
                 async with aclosing(rs.batches(_deadline(request))) as batches:
                     async for batch in batches:
-                        frames = []
+                        out = []
                         for piece in batch:
-                            frames.append(f"data: {json.dumps(head | {'choices': [choice(piece, None, first)]})}\n\n")
+                            out.append(head | {"choices": [choice(piece, None, first)]})
                             first = False
-                        yield "".join(frames)
+                        yield out
             except Exception as e:  # reported in the stream: the 200 has gone out already
-                yield f"data: {json.dumps(_stream_error(e))}\n\n"
+                yield [_stream_error(e)]
             else:
-                if rs.request.finish_reason not in (None, "abort"):
-                    yield f"data: {json.dumps(head | {'choices': [choice(None, FINISH.get(stats_of(rs.request).finish_reason, 'stop'), first)]})}\n\n"
-            yield "data: [DONE]\n\n"
+                if not _cut(rs):
+                    yield [head | {"choices": [choice(None, FINISH.get(stats_of(rs.request).finish_reason, "stop"), first)]}]
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
 
     async def chat_completions(request: Request):
         body = guard.check_sampling(await body_of(request), limits)
