@@ -406,14 +406,20 @@ class OrtDecoderSession:
         slot = batch.block_tables[:, 0] // (-(-self.max_context // KV_BLOCK))
         qs = batch.query_start
         width = np.diff(qs)
-        # GroupQueryAttention batches several new tokens per row only for rows with nothing cached
-        first = (width > 1) & (batch.seq_lens == width)
-        kind = np.where(width == 1, 0, np.where(first, width, -np.arange(1, r_n + 1)))  # equal kind: may share a call
-        order = sorted(range(r_n), key=lambda r: (kind[r], slot[r]))
+
+        def call_key(r: int) -> int:  # rows of equal keys in consecutive slots share one call
+            if width[r] == 1:
+                return 0  # decode rows
+            if batch.seq_lens[r] == width[r]:
+                return int(width[r])  # first pieces of equal length (nothing cached)
+            return -1 - r  # a piece with a past: a call of its own (GroupQueryAttention refuses several)
+
+        key = [call_key(r) for r in range(r_n)]
+        order = sorted(range(r_n), key=lambda r: (key[r], slot[r]))
         i = 0
-        while i < r_n:  # runs of one kind over consecutive slots -> one call each
+        while i < r_n:  # runs of one key over consecutive slots -> one call each
             j = i
-            while j + 1 < r_n and kind[order[j + 1]] == kind[order[i]] and slot[order[j + 1]] == slot[order[j]] + 1:
+            while j + 1 < r_n and key[order[j + 1]] == key[order[i]] and slot[order[j + 1]] == slot[order[j]] + 1:
                 j += 1
             rows = order[i:j + 1]
             w = int(width[rows[0]])
