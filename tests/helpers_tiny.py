@@ -320,3 +320,20 @@ def logits_ort(path, spec, ids: np.ndarray, n_prefill: int, ctx: int) -> np.ndar
         kv = {k: out[k.replace("past_key_values", "present")] for k in kv}
         got.append(out["logits"][0])
     return np.stack(got)
+
+
+def resident_bytes(*arrays: np.ndarray) -> int:
+    """Resident bytes of the pages under numpy buffers (Linux mincore; anonymous-mmap KV buffers)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    ps, total = mmap.PAGESIZE, 0
+    for a in arrays:
+        start = a.ctypes.data // ps * ps
+        n = -(-(a.ctypes.data + a.nbytes - start) // ps)
+        vec = (ctypes.c_ubyte * n)()
+        assert libc.mincore(start, n * ps, vec) == 0
+        total += sum(v & 1 for v in vec) * ps
+    return total

@@ -345,24 +345,15 @@ def test_generator_verifies_what_its_backend_loads(tmp_path):
 def test_kv_buffers_become_resident_only_where_written():
     """lazy_zeros: writing one row per head plane of an 8192-token cache makes a few pages
     resident, not the 2 MB huge pages numpy would have asked for (np.zeros >= 4 MB)."""
-    import ctypes
     import mmap
     import sys
+
+    from helpers_tiny import resident_bytes
 
     from edge.runtime.ort_session import lazy_zeros
 
     if not sys.platform.startswith("linux"):
         pytest.skip("mincore is Linux-specific")
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-
-    def resident_bytes(a: np.ndarray) -> int:
-        ps = mmap.PAGESIZE
-        start = a.ctypes.data - a.ctypes.data % ps
-        n = (a.ctypes.data + a.nbytes - start + ps - 1) // ps
-        vec = (ctypes.c_ubyte * n)()
-        assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(n * ps), vec) == 0
-        return sum(v & 1 for v in vec) * ps
-
     kv = lazy_zeros((1, 3, 8192, 64))  # 6 MiB, three 2 MiB head planes
     assert kv.flags.writeable and kv.flags.c_contiguous
     assert resident_bytes(kv) == 0
