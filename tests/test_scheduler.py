@@ -132,6 +132,28 @@ def test_contiguous_layout_copies_a_prefix_from_another_region():
     assert kv.admit(3, h, 12) == 8 and kv.copies() == []
 
 
+def test_contiguous_compaction_moves_the_top_sequence_into_a_gap():
+    kv = BlockManager(12, 4, max_context=16, layout="contiguous", max_seqs=3)  # 4 blocks per region
+    hs = {}
+    for sid, n in ((1, 8), (2, 5), (3, 10)):
+        hs[sid] = block_hashes(list(range(sid * 100, sid * 100 + n)), 4)
+        assert kv.admit(sid, hs[sid], n) == 0 and kv.grow(sid, n)
+        kv.cache_full_blocks(sid, hs[sid], n)
+    assert kv.table(3) == [8, 9, 10] and kv.num_used == 2 + 2 + 3
+    assert kv.compact() == 0  # regions 0, 1, 2: nothing to move
+    kv.free(2)  # a gap at region 1
+    assert kv.compact() == 1
+    assert kv.table(3) == [4, 5, 6] and kv.copies() == [(8, 4), (9, 5), (10, 6)]
+    assert kv.num_used == 2 + 3 and kv.num_free == 12 - 5
+    assert kv.grow(3, 12) and kv.table(3) == [4, 5, 6]  # it goes on growing in its new region
+    # the moved full blocks are findable at their new place, and the old copies stay findable until reused
+    assert kv.admit(4, hs[3], 10) == 8 and kv.table(4) == [8, 9] and kv.copies() == []
+    kv.free(1)
+    assert kv.compact() == 1  # the top one (4, region 2) fills the gap at region 0; 3 stays in region 1
+    assert kv.table(4) == [0, 1] and kv.table(3) == [4, 5, 6] and kv.copies() == [(8, 0), (9, 1)]
+    assert kv.num_used == 3 + 2
+
+
 def test_contiguous_rows_past_the_findable_blocks_are_released():
     kv = BlockManager(16, 4, max_context=32, layout="contiguous", max_seqs=2)  # 8 blocks per region
     p = list(range(10))

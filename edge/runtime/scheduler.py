@@ -86,6 +86,7 @@ class Scheduler:
 
     # ---- one step ---------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep | None:
+        self.kv.compact()  # contiguous KV: live sequences in neighbouring regions (one call per step)
         budget = self.token_budget
         rows: list[tuple[Request, int]] = []
         preempted: list[Request] = []
