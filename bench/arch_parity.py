@@ -7,9 +7,10 @@ One JSON line per (architecture, lowering): max relative logit error over 24 tok
 then 8 decode steps through the KV cache; the tiny sliding window is 8, so Gemma 3's local and
 global layers and Mistral's window all matter) and how many of 32 greedy tokens equal
 transformers' greedy output. Lowerings: the numpy reference, the ORT form, the TRT form (run in
-ONNX Runtime: TensorRT is not installable here), and the cuda backend (on a GPU: fp16 weights and
-activations, from an fp32 and an fp16 bundle; at the first greedy token that differs, the fp32
-logit margin between the two tokens is given). --hidden 256 gives head_dim 64 (the cuda flash
+ONNX Runtime: TensorRT is not installable here), and the cuda backend on a GPU, three rows: an fp32
+bundle in the fp32 compute mode (what it opens in; precision "fp32"), the same bundle on the fast
+fp16 engine (precision "fp16": fp16 weights, activations and KV cache) and an fp16 bundle; at the
+first greedy token that differs, the fp32 logit margin between the two tokens is given. --hidden 256 gives head_dim 64 (the cuda flash
 prefill and split decode kernels). The same checks are tests/test_architectures.py and, on a
 GPU, tests/test_cuda_arch.py.
 """
@@ -36,20 +37,21 @@ from edge.models.reference import forward  # noqa: E402
 
 
 def cuda_rows(model, spec, ids, prompt, greedy, rel, tmp: Path):
-    """The cuda lowering's figures for an fp32 and an fp16 bundle of `model`."""
+    """The cuda lowering's figures: an fp32 bundle in fp32 and fp16 compute, an fp16 bundle."""
     from helpers_tiny import make_tiny_bundle
 
-    from edge.runtime.cuda.session import CudaDecoderSession
+    from edge.runtime.cuda import open_session
 
-    for recipe in ("fp32", "fp16"):
-        sess = CudaDecoderSession(make_tiny_bundle(tmp / recipe, model, recipe, forms=()), max_batch=2, max_context=128, block_size=8)
+    paths = {r: make_tiny_bundle(tmp / r, model, r, forms=()) for r in ("fp32", "fp16")}
+    for recipe, precision in (("fp32", "fp32"), ("fp32", "fp16"), ("fp16", "fp16")):
+        sess = open_session(paths[recipe], precision=precision, max_batch=2, max_context=128, block_size=8)
         sess.attn_min_split = 4  # several decode splits at these contexts
         sess.add_sequence(0)
         got = [sess.prefill(0, ids[:16])] + [sess.decode([0], ids[t : t + 1])[0] for t in range(16, 24)]
         sess.release(0)
         toks = sess.generate_greedy(prompt, 32)
         same = next((i for i, (a, b) in enumerate(zip(toks, greedy)) if a != b), 32)
-        row = {"bench": "arch_parity", "arch": spec.arch, "lowering": "cuda", "recipe": recipe, "head_dim": spec.head_dim,
+        row = {"bench": "arch_parity", "arch": spec.arch, "lowering": "cuda", "recipe": recipe, "precision": precision, "head_dim": spec.head_dim,
                "max_rel_err": rel(np.stack(got)), "greedy_equal": sum(a == b for a, b in zip(toks, greedy)),
                "greedy_prefix_equal": same, "greedy_of": 32}
         if same < 32:

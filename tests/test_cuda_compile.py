@@ -26,13 +26,12 @@ def _nvrtc():
     return ctypes.CDLL(str(lib)), include
 
 
-@pytest.mark.parametrize("cc", [80, 87, 90])
-def test_kernels_compile_for(cc):
+def _ptx(source: str, options: tuple[str, ...], cc: int) -> str:
+    """NVRTC's PTX of `source` with the backend's `options` (sm_xx as the virtual compute_xx)."""
     lib, include = _nvrtc()
     prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.encode(), b"edge_rag.cu", 0, None, None) == 0
-    # the options the backend uses, with sm_xx as a virtual arch so the result is PTX we can read
-    opts = [o.replace("sm_", "compute_") for o in compile_options(cc)] + [f"-I{include}"]
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"edge_rag.cu", 0, None, None) == 0
+    opts = [o.replace("sm_", "compute_") for o in options] + [f"-I{include}"]
     arr = (ctypes.c_char_p * len(opts))(*(o.encode() for o in opts))
     rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
     size = ctypes.c_size_t()
@@ -43,8 +42,24 @@ def test_kernels_compile_for(cc):
     lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
     ptx = ctypes.create_string_buffer(size.value)
     lib.nvrtcGetPTX(prog, ptx)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
     text = ptx.value.decode()
     assert f".target sm_{cc}" in text
+    return text
+
+
+@pytest.mark.parametrize("cc", [80, 87, 90])
+def test_kernels_compile_for(cc):
+    text = _ptx(SOURCE, compile_options(cc), cc)
     missing = [name for name in KERNEL_NAMES if f".entry {name}(" not in text]
     assert not missing, f"kernels missing from the PTX: {missing}"
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+@pytest.mark.parametrize("cc", [80, 87, 90])
+def test_fp32_kernels_compile_for(cc):
+    """The fp32 compute mode's module (edge.runtime.cuda.fp32), with its options (no fast math)."""
+    from edge.runtime.cuda import fp32
+
+    text = _ptx(fp32.source(), fp32.compile_options(cc), cc)
+    missing = [name for name in fp32.KERNEL_NAMES if f".entry {name}(" not in text]
+    assert not missing, f"kernels missing from the PTX: {missing}"

@@ -56,3 +56,17 @@ def test_plan_limits_read_from_a_bundle(tmp_path):
     assert (lim["max_context"], lim["max_batch"], lim["kv_block_size"], lim["kv_dtype"]) == (100, 3, 16, "fp16")
     assert lim["kv_blocks"] == 3 * 7  # the manifest's pool: every sequence at max_context
     assert pool_blocks(spec, lim, 3, 100, 16) == 21
+
+
+def test_compute_precision_follows_the_bundle_or_the_ask():
+    """An fp32 bundle computes in fp32 (edge.runtime.cuda.fp32), every other recipe in fp16,
+    unless asked; anything else is a one-line error naming the choices."""
+    import pytest
+
+    from edge.errors import BackendError
+    from edge.runtime.cuda.fp32 import resolve_precision
+
+    assert [resolve_precision(r) for r in ("fp32", "fp16", "int8", "int4")] == ["fp32", "fp16", "fp16", "fp16"]
+    assert resolve_precision("fp32", "fp16") == "fp16" and resolve_precision("int4", "fp32") == "fp32"
+    with pytest.raises(BackendError, match="bf16.*auto, fp16, fp32"):
+        resolve_precision("fp32", "bf16")

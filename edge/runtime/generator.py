@@ -53,10 +53,10 @@ def open_session(bundle, backend: str = "auto", *, max_batch: int = 1, max_conte
     backend = resolve_backend(backend)
     if backend == "cuda":
         try:
-            from edge.runtime.cuda.session import CudaDecoderSession
+            from edge.runtime.cuda import open_session as open_cuda_session
         except ImportError as e:
             raise BackendError(f"the cuda backend is not available ({e})", fix="pip install 'edge-rag[cuda]' on a machine with an NVIDIA GPU, or use --backend onnxruntime") from None
-        return CudaDecoderSession(bundle, max_batch=max_batch, max_context=max_context)
+        return open_cuda_session(bundle, max_batch=max_batch, max_context=max_context)  # fp32 compute for an fp32 bundle
     if backend == "tensorrt":  # untested here: see edge/runtime/trt_session.py
         from edge.runtime.seq_backend import SequenceBackend
         from edge.runtime.trt_session import TrtDecoderSession

@@ -3,7 +3,9 @@ cache and CUDA graphs for decode steps. No PyTorch.
 
     available() -> bool     a GPU of compute capability >= 8.0 and cupy are present
     probe() -> dict         GPU name, compute capability, kernels compiled?, compile time
-    CudaDecoderSession      edge.runtime.session.DecoderSession over an engine bundle
+    CudaDecoderSession      edge.runtime.session.DecoderSession over an engine bundle (fp16 compute)
+    open_session(bundle, precision="auto")   that session, or its fp32 compute form
+                            (edge.runtime.cuda.fp32) for an fp32 bundle / precision="fp32"
 
 Importing this package imports neither cupy nor numpy-heavy modules; `available()` does.
 """
@@ -67,6 +69,24 @@ def probe(compile: bool = True) -> dict[str, Any]:
     return out
 
 
+def open_session(bundle: Any, *, precision: str = "auto", verify: bool = True, **kw: Any) -> Any:
+    """A CUDA session over `bundle` (a Bundle or its path) computing in `precision`: "auto" is
+    fp32 for a bundle of fp32 weights (the model's own numbers, ~1e-6 of transformers) and the
+    fast fp16 engine otherwise; "fp16" / "fp32" force one (fp32 dequantizes int4 / int8
+    weights). Other keywords go to the session (max_batch, max_context, device, ...)."""
+    from edge.bundle import Bundle
+    from edge.runtime.cuda.fp32 import resolve_precision
+
+    b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, kind="generator", verify=verify)
+    if resolve_precision(b.quant.recipe, precision) == "fp32":
+        from edge.runtime.cuda.fp32 import Fp32DecoderSession
+
+        return Fp32DecoderSession(b, **kw)
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    return CudaDecoderSession(b, **kw)
+
+
 def __getattr__(name: str):
     if name == "CudaDecoderSession":
         from edge.runtime.cuda.session import CudaDecoderSession
@@ -75,4 +95,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["available", "probe", "CudaDecoderSession"]
+__all__ = ["available", "probe", "open_session", "CudaDecoderSession"]

@@ -81,18 +81,19 @@ class CudaBackend:
         self.caps = BackendCaps(
             num_blocks=s.blocks.num_blocks, block_size=s.block_size, max_seqs=s.max_batch, max_context=s.max_context,
             vocab_size=s.vocab_size, kv_layout="paged", device_sampling=True, mixed_rows=True, greedy_stream=True,
-            kv_dtype="fp16", kv_bytes=int(s.kv.nbytes),
+            kv_dtype="fp32" if s.act_dtype == "float32" else "fp16", kv_bytes=int(s.kv.nbytes),
         )
 
     @classmethod
     def open(cls, bundle: Bundle | str | Path, *, max_batch: int | None = None, max_context: int | None = None,
-             device: int = 0, verify: bool = True, batch_invariant: bool = False) -> "CudaBackend":
-        """A session with the plan's batch size (unless given), context and KV pool."""
-        from edge.runtime.cuda.session import CudaDecoderSession
+             device: int = 0, verify: bool = True, batch_invariant: bool = False, precision: str = "auto") -> "CudaBackend":
+        """A session with the plan's batch size (unless given), context and KV pool; `precision`
+        as edge.runtime.cuda.open_session's (auto: fp32 compute for an fp32 bundle)."""
+        from edge.runtime.cuda import open_session
 
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, kind="generator", verify=verify)
         mb = int(max_batch or plan_limits(b)["max_batch"])
-        return cls(CudaDecoderSession(b, max_batch=mb, max_context=max_context, device=device), batch_invariant=batch_invariant)
+        return cls(open_session(b, precision=precision, max_batch=mb, max_context=max_context, device=device), batch_invariant=batch_invariant)
 
     # ---- the step ----------------------------------------------------------------------
     def execute(self, batch: StepBatch) -> StepOutput:
@@ -149,7 +150,7 @@ class CudaBackend:
                 bt[:, :w] = np.maximum(b.block_tables[dec, :w], 0)
                 dec_tok = cp.asarray(qs[dec].astype(I32))
                 bt_d, ctx_d = cp.asarray(bt), cp.asarray(b.seq_lens[dec].astype(I32))
-                q_dec = cp.empty((len(dec), s.spec.q_size), dtype=cp.float16)
+                q_dec = cp.empty((len(dec), s.spec.q_size), dtype=s.act_dtype)
                 a_dec = cp.empty_like(q_dec)
 
             def attend(i, q, kc, vc, out):

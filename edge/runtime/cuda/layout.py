@@ -12,12 +12,13 @@ import numpy as np
 
 @dataclass
 class Linear:
-    """One (possibly fused) linear layer on the GPU. kind: int4 | int8 | fp16; y = x @ W.T."""
+    """One (possibly fused) linear layer on the GPU. kind: int4 | int8 | fp16 | fp32 (the fp32
+    compute mode's, edge.runtime.cuda.fp32); y = x @ W.T."""
 
     kind: str
     n: int
     k: int
-    q: Any  # int4: uint32 [N, K/8] repacked; int8: int8 [N, K]; fp16: half [N, K]
+    q: Any  # int4: uint32 [N, K/8] repacked; int8: int8 [N, K]; fp16: half [N, K]; fp32: float [N, K]
     s: Any  # scales half [N, K/g] or [N]; None for fp16
     gshift: int = 0  # log2(group) for int4
     bias: Any = None  # half [N]

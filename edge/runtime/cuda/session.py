@@ -126,6 +126,7 @@ class CudaDecoderSession:
     flash_prefill = True  # prefill attention on the tensor-core flash kernel (head_dim 64 / 128), else cuBLAS
     _tc: TcWorkspace | None = None
     _backend: CudaBackend | None = None
+    act_dtype = "float16"  # activations, KV cache, weights of fp linears (edge.runtime.cuda.fp32: "float32")
     INT4_M1_VARIANTS = (
         ("gemv_int4_m1", 1, 8), ("gemv_int4_m1_r2", 2, 8), ("gemv_int4_m1_r4", 4, 8),
         ("gemv_int4_m1", 1, 4), ("gemv_int4_m1_r2", 2, 4), ("gemv_int4_m1_r4", 4, 4),
@@ -184,7 +185,7 @@ class CudaDecoderSession:
             nb = int(num_blocks or plan_pool_blocks(spec, limits, self.max_batch, self.max_context, block_size))
             self.blocks = BlockManager(nb, block_size, max_context=self.max_context, max_seqs=self.max_batch)
             # KV pool: [layers, 2 (k, v), slots, Hkv, D]
-            self.kv = cp.zeros((spec.n_layers, 2, nb * block_size, spec.n_kv_heads, spec.head_dim), dtype=cp.float16)
+            self.kv = cp.zeros((spec.n_layers, 2, nb * block_size, spec.n_kv_heads, spec.head_dim), dtype=self.act_dtype)
             self._alloc_decode_buffers()
         self.stream.synchronize()
         self.load_s = time.perf_counter() - t0
@@ -290,7 +291,7 @@ class CudaDecoderSession:
 
     def _make_bufs(self, m: int) -> dict[str, Any]:
         cp, s = self.cp, self.spec
-        f16 = cp.float16
+        f16 = self.act_dtype
         return {
             "res": cp.empty((m, s.hidden_size), dtype=cp.float32),
             "h": cp.empty((m, s.hidden_size), dtype=f16),

@@ -1,6 +1,8 @@
 """Loading a bundle's weights onto the GPU for the CUDA session: fused linears (q|k|v, gate|up)
 with their rows reordered for the fused epilogues (layout.qkv_row_order / gu_row_order), int4
-words repacked for the dequantization trick, norms and the embedding in fp16.
+words repacked for the dequantization trick, norms and the embedding in fp16. A session in the fp32 compute mode (act_dtype float32,
+edge.runtime.cuda.fp32) gets every array in float32, each linear one float32 [N, K] weight
+(int4 / int8 ones dequantized: the numbers the numpy reference computes with).
 
 Norms per the architecture's features (edge.models.arch.layer_norm_names): "ln1" / "ln2" before
 attention / the MLP, "post_attn" / "post_mlp" after them (sandwich norms; None otherwise),
@@ -16,20 +18,24 @@ import numpy as np
 
 from edge.errors import BackendError
 from edge.models.arch import layer_norm_names
+from edge.quant.format import read_linear
 from edge.runtime.cuda.layout import Linear, gu_row_order, head_pair_order, host_linear, qkv_row_order
 
 
 def load_weights(sess, w: dict[str, np.ndarray]) -> None:
     cp, spec = sess.cp, sess.spec
     sess.weight_bytes = 0
+    fdt = np.dtype(sess.act_dtype)  # float16, or float32 in the fp32 compute mode
 
     def h(name: str, perm: np.ndarray | None = None) -> Any:
-        a = w[name].astype(np.float16, copy=False)
+        a = w[name].astype(fdt, copy=False)
         a = cp.asarray(a[perm] if perm is not None else a)
         sess.weight_bytes += int(a.nbytes)
         return a
 
     def linear(names: list[str], bias_names: list[str] | None = None, perm: np.ndarray | None = None) -> Linear:
+        if fdt == np.float32:
+            return linear_f32(names, bias_names, perm)
         parts = [host_linear(w, n) for n in names]
         kinds = {(p[0], p[3]) for p in parts}
         if len(kinds) != 1:
@@ -60,6 +66,16 @@ def load_weights(sess, w: dict[str, np.ndarray]) -> None:
             lin = Linear("fp16", n, k, cp.asarray(q.astype(np.float16, copy=False)), None)
         if bias_names and all(bn in w for bn in bias_names):
             bias = np.concatenate([w[bn] for bn in bias_names]).astype(np.float16)
+            lin.bias = cp.asarray(bias[perm] if perm is not None else bias)
+        sess.weight_bytes += lin.nbytes
+        return lin
+
+    def linear_f32(names: list[str], bias_names: list[str] | None, perm: np.ndarray | None) -> Linear:
+        q = np.concatenate([read_linear(w, n).dequantize() for n in names])
+        q = q[perm] if perm is not None else q
+        lin = Linear("fp32", q.shape[0], q.shape[1], cp.asarray(np.ascontiguousarray(q, dtype=np.float32)), None)
+        if bias_names and all(bn in w for bn in bias_names):
+            bias = np.concatenate([w[bn] for bn in bias_names]).astype(np.float32)
             lin.bias = cp.asarray(bias[perm] if perm is not None else bias)
         sess.weight_bytes += lin.nbytes
         return lin
@@ -97,5 +113,5 @@ def load_weights(sess, w: dict[str, np.ndarray]) -> None:
     if "lm_head.qweight" in w or "lm_head.weight" in w:
         sess.lm_head = linear(["lm_head"])
     else:  # tied, fp16 recipe: the embedding table is the head
-        sess.lm_head = Linear("fp16", spec.vocab_size, spec.hidden_size, sess.embed, None)
+        sess.lm_head = Linear("fp32" if fdt == np.float32 else "fp16", spec.vocab_size, spec.hidden_size, sess.embed, None)
         sess.weight_bytes += int(sess.embed.nbytes)

@@ -14,10 +14,6 @@
 // j = t - lo, t the position. Dynamic shared memory: (max_ctx + D + 32 + 8 * blockDim + max_blocks)
 // 4-byte words.
 // ---------------------------------------------------------------------------------------
-__device__ __forceinline__ int attn_window_start(int L, int window) { return window > 0 ? max(0, L - window) : 0; }
-
-__device__ __forceinline__ float attn_softcap(float s, float cap) { return cap > 0.f ? cap * tanhf(s / cap) : s; }
-
 template <int DT>
 __device__ __forceinline__ void paged_attn_impl(const half* __restrict__ q, const half* __restrict__ kc,
                                                 const half* __restrict__ vc, const int* __restrict__ block_tables,

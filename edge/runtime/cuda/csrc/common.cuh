@@ -31,6 +31,13 @@ __device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) 
     return r;
 }
 
+// Attention masks and caps shared by every attention kernel (fp16 and fp32): the first key a
+// query at length L reads on a sliding layer (window > 0: the last `window` keys), and score
+// soft-capping (cap > 0: cap * tanh(s / cap)).
+__device__ __forceinline__ int attn_window_start(int L, int window) { return window > 0 ? max(0, L - window) : 0; }
+
+__device__ __forceinline__ float attn_softcap(float s, float cap) { return cap > 0.f ? cap * tanhf(s / cap) : s; }
+
 __device__ __forceinline__ half2 u32_as_h2(u32 v) { return *reinterpret_cast<half2*>(&v); }
 __device__ __forceinline__ u32 h2_bits(half2 v) { return *reinterpret_cast<u32*>(&v); }
 
