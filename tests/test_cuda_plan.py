@@ -70,3 +70,29 @@ def test_compute_precision_follows_the_bundle_or_the_ask():
     assert resolve_precision("fp32", "fp16") == "fp16" and resolve_precision("int4", "fp32") == "fp32"
     with pytest.raises(BackendError, match="bf16.*auto, fp16, fp32"):
         resolve_precision("fp32", "bf16")
+
+
+def test_open_session_picks_the_fp32_mode_for_an_fp32_bundle(tmp_path, monkeypatch):
+    """edge.runtime.cuda.open_session (what CudaBackend.open and the generator call) opens an fp32
+    bundle in the fp32 mode and an int4 one in the fp16 engine, unless asked (constructors
+    stubbed: no GPU needed to check the choice)."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from helpers_tiny import make_tiny_bundle, tiny_hf_model
+
+    from edge.runtime.cuda import open_session
+    from edge.runtime.cuda.fp32 import Fp32DecoderSession
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    seen = []
+    for cls in (CudaDecoderSession, Fp32DecoderSession):
+        monkeypatch.setattr(cls, "__init__", lambda self, b, **kw: seen.append((type(self).__name__, b.manifest.quant.recipe, kw)))
+    hf = tiny_hf_model("llama")
+    fp32, int4 = (make_tiny_bundle(tmp_path / r, hf, r, forms=()) for r in ("fp32", "int4"))
+    assert isinstance(open_session(fp32, max_batch=2), Fp32DecoderSession)
+    assert type(open_session(int4)) is CudaDecoderSession
+    assert type(open_session(fp32, precision="fp16")) is CudaDecoderSession
+    assert isinstance(open_session(int4, precision="fp32"), Fp32DecoderSession)
+    assert seen[0] == ("Fp32DecoderSession", "fp32", {"max_batch": 2})
+    assert [s[:2] for s in seen[1:]] == [("CudaDecoderSession", "int4"), ("CudaDecoderSession", "fp32"), ("Fp32DecoderSession", "int4")]

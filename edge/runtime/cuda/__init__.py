@@ -78,7 +78,7 @@ def open_session(bundle: Any, *, precision: str = "auto", verify: bool = True, *
     from edge.runtime.cuda.fp32 import resolve_precision
 
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, kind="generator", verify=verify)
-    if resolve_precision(b.quant.recipe, precision) == "fp32":
+    if resolve_precision(b.manifest.quant.recipe, precision) == "fp32":
         from edge.runtime.cuda.fp32 import Fp32DecoderSession
 
         return Fp32DecoderSession(b, **kw)
