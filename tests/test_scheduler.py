@@ -240,15 +240,40 @@ def test_token_budget_and_prompt_pieces_every_step():
     for b in be.batches:
         assert b.num_tokens <= 16
         decoding = any(b.num_new(r) == 1 and b.seq_lens[r] > 30 for r in range(b.num_rows))
+        prompt_tokens = 0
         for r in range(b.num_rows):
             n, end = b.num_new(r), int(b.seq_lens[r])
             if end <= 30:  # a prompt piece: ends on a block boundary (4) or at the prompt's end
                 assert end % 4 == 0 or end == 30
                 assert n <= (4 if decoding else 8)
                 mixed += decoding and n > 1
+                prompt_tokens += n
+        assert not decoding or prompt_tokens <= 4  # while some decode, all pieces share mixed_prefill
     assert mixed > 0  # prompts did share steps with decoding rows
-    assert max(b.num_rows for b in be.batches) == 4  # they did run together
+    assert max(b.num_rows for b in be.batches) >= 3  # several requests ran in one step
     assert [b.num_new(0) for b in be.batches[-6:-3]] == [8, 8, 8]  # alone: whole chunks
+
+
+def test_mixed_pieces_shrink_with_their_past():
+    from edge.runtime.scheduler import mixed_piece
+
+    assert mixed_piece(0, 32, 0, 8) == 32 and mixed_piece(5000, 32, 0, 8) == 32  # off: a fixed size
+    assert [mixed_piece(c, 32, 1500, 8) for c in (0, 500, 1500, 3000, 10**6)] == [32, 24, 16, 8, 8]
+    be = FakeBackend(num_blocks=200, max_seqs=2, max_context=400, block_size=4)
+    be.caps = BackendCaps(**{**be.caps.__dict__, "piece_ctx": 40})
+    be.gate.clear()
+    with Engine(be, eos_ids=(), token_budget=80, prefill_chunk=64, mixed_prefill=32) as e:
+        assert e.scheduler.align == 4  # gcd of the block size, the pieces and PIECE_ALIGN
+        first = e.submit([1] * 5, greedy(300), detokenize=False)
+        long = e.submit([(3 * j) % V for j in range(300)], greedy(2), detokenize=False)
+        be.gate.set()  # step 1: both prompts (nothing decodes yet); then `first` decodes beside `long`'s pieces
+        list(long)
+        first.close()
+    pieces = [(int(b.seq_lens[r]) - b.num_new(r), b.num_new(r)) for b in be.batches[1:] for r in range(b.num_rows)
+              if b.num_new(r) > 1]
+    assert pieces and all(n == mixed_piece(past, 32, 40, 4) or past + n == 300 for past, n in pieces)
+    sizes = [n for _, n in pieces[:-1]]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 8 and sizes[-1] == 4  # shrinking as the past grows
 
 
 def test_concurrent_requests_equal_each_alone_paged_and_contiguous():

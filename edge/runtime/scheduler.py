@@ -7,10 +7,12 @@ takes what the prefix cache already holds. When a running request's next token f
 block, the newest running request is preempted: its blocks are freed (full ones stay in the prefix
 cache) and it goes back to the front of the queue, to be recomputed from its tokens so far.
 
-Prompt pieces: at most `prefill_chunk` tokens, or `mixed_prefill` while other requests are
-decoding in the same step (a long prompt arriving then costs each decoding request a bounded
-delay per token instead of a whole chunk's), and every piece but a prompt's last ends on a multiple
-of `align` (the KV block size), so where a prompt is cut depends little on what else runs.
+Prompt pieces: at most `prefill_chunk` tokens. While other requests decode in the same step, all
+prompt pieces of the step share `mixed_prefill` tokens, and a piece with a long past gets fewer
+(mixed_piece: a prompt token's attention grows with the tokens before it), so a long prompt
+arriving costs each decoding request a bounded delay per token instead of a whole chunk's. Every
+piece but a prompt's last ends on a multiple of `align` (the KV block size, or finer when pieces
+are smaller), so where a prompt is cut depends little on what else runs.
 """
 
 from __future__ import annotations
@@ -35,6 +37,18 @@ class ScheduledStep:
     preempted: list[Request] = field(default_factory=list)
 
 
+PIECE_ALIGN = 8  # smallest mixed piece, and the cut points' granularity when pieces shrink with their past
+
+
+def mixed_piece(past: int, mixed: int, piece_ctx: int, align: int) -> int:
+    """Prompt tokens for a piece after `past` cached tokens while others decode: about the cost of
+    `mixed` tokens at context 0, when a token costs (1 + past / piece_ctx) of one there."""
+    if piece_ctx <= 0:
+        return mixed
+    n = int(mixed * piece_ctx / (piece_ctx + past))
+    return max(align, n - n % align)
+
+
 def prompt_piece(req: Request, budget: int, chunk: int, align: int) -> int:
     """Tokens of the request's not-yet-computed known tokens to run now: at most `chunk` and
     `budget`, ending on a multiple of `align` unless it reaches the last known token (0 = wait)."""
@@ -50,7 +64,7 @@ def prompt_piece(req: Request, budget: int, chunk: int, align: int) -> int:
 
 class Scheduler:
     def __init__(self, kv: BlockManager, *, max_seqs: int, token_budget: int, prefill_chunk: int,
-                 mixed_prefill: int | None = None, device_sampling: bool = False):
+                 mixed_prefill: int | None = None, piece_ctx: int = 0, device_sampling: bool = False):
         if token_budget < max_seqs + 1 or prefill_chunk < 1:
             raise ValueError("token_budget must exceed max_seqs and prefill_chunk be >= 1")
         self.kv = kv
@@ -59,8 +73,9 @@ class Scheduler:
         self.token_budget = token_budget
         self.prefill_chunk = min(prefill_chunk, token_budget - max_seqs + 1)
         self.mixed_prefill = min(mixed_prefill or self.prefill_chunk, self.prefill_chunk)
+        self.piece_ctx = piece_ctx
         # cut points on KV block boundaries (a prefix hit starts on one), or finer when a piece is smaller
-        self.align = math.gcd(kv.block_size, self.mixed_prefill, self.prefill_chunk)
+        self.align = math.gcd(kv.block_size, self.mixed_prefill, self.prefill_chunk, PIECE_ALIGN if piece_ctx else 0)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.failed: list[Request] = []  # finished here with an error (never fit); the engine ends their streams
@@ -91,11 +106,17 @@ class Scheduler:
         rows: list[tuple[Request, int]] = []
         preempted: list[Request] = []
         decoding = any(r.num_tokens - r.num_computed == 1 for r in self.running)
-        chunk = self.mixed_prefill if decoding else self.prefill_chunk
+        mixed_left = self.mixed_prefill if decoding else None  # prompt tokens left to this step's pieces
+
+        def chunk_for(req: Request) -> int:
+            if mixed_left is None:
+                return self.prefill_chunk
+            return min(mixed_left, mixed_piece(req.num_computed, self.mixed_prefill, self.piece_ctx, self.align))
+
         for req in list(self.running):
             if req not in self.running:  # preempted by an earlier row of this step
                 continue
-            n = prompt_piece(req, budget - (len(self.running) - len(rows) - 1), chunk, self.align)
+            n = prompt_piece(req, budget - (len(self.running) - len(rows) - 1), chunk_for(req), self.align)
             if n == 0:
                 continue
             while not self.kv.grow(req.request_id, req.num_computed + n):
@@ -107,14 +128,15 @@ class Scheduler:
             if req in self.running:
                 rows.append((req, n))
                 budget -= n
-        if rows:  # a step with running rows: admitted prompts share it as mixed pieces
-            chunk = self.mixed_prefill
+                if mixed_left is not None and req.num_tokens - req.num_computed > 1:
+                    mixed_left -= n
         while self.waiting and not preempted and len(self.running) < self.max_seqs and budget > 0:
             req = self.waiting[0]
             hit = self.kv.admit(req.request_id, req.block_hashes(self.kv.block_size), req.num_tokens)
             if hit is None:
                 break
             req.num_computed = hit
+            chunk = chunk_for(req) if mixed_left is not None or not rows else min(chunk_for(req), self.mixed_prefill)
             n = prompt_piece(req, budget, chunk, self.align)
             if n == 0 or not self.kv.grow(req.request_id, req.num_computed + n):
                 self.kv.free(req.request_id)
@@ -133,7 +155,8 @@ class Scheduler:
             self.running.append(req)
             rows.append((req, n))
             budget -= n
-            chunk = self.mixed_prefill
+            if mixed_left is not None:
+                mixed_left -= n
         if not rows:
             return None
         return ScheduledStep(rows, self._batch(rows), preempted)

@@ -115,7 +115,9 @@ class BackendCaps:
     greedy_stream: bool = False  # has run_greedy(): a host-free stream for one greedy sequence
     prefix_cache: bool = True  # can start a row after cached blocks (else every sequence starts at 0)
     prefill_chunk: int = 0  # largest prompt piece per row and step (0: the token budget)
-    mixed_prefill: int = 0  # ... while other rows decode in the same step (bounds their inter-token latency)
+    mixed_prefill: int = 0  # prompt tokens per step, all pieces together, while other rows decode (bounds their gaps)
+    piece_ctx: int = 0  # past tokens at which a prompt token costs twice its cost at context 0 (attention
+    # grows with the past): mixed pieces shrink with their past to cost about the same (0: they do not)
     kv_dtype: str = "float32"
     kv_bytes: int = 0  # bytes the backend allocated for the KV cache (planned vs allocated)
     releases_kv: bool = False  # has release_kv(block ranges): gives the memory of dead rows back (contiguous)
