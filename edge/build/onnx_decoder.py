@@ -244,10 +244,48 @@ def lm_head(g: Graph, x: str, head: Linear | None, tied_table: str | None, emit_
                 w = g.op("Transpose", [g.external("lm_head.qweight", TensorProto.INT8, [head.n, head.k])], name="stored/Transpose", perm=[1, 0])
                 st = g.stored["lm_head.scales"]
                 s = g.op("Cast", [g.external("lm_head.scales", _ELEM[st.dtype], [head.n])], name="stored/Cast", to=TensorProto.FLOAT)
-                return g.ms("DynamicQuantizeMatMul", [x, w, s], name="DynamicQuantizeMatMul")
-            w = g.weight(g.param("qweight_kn"), np.ascontiguousarray(head.qweight.T))
-            return g.ms("DynamicQuantizeMatMul", [x, w, g.weight(g.param("scales"), head.scales.astype(np.float32))], name="DynamicQuantizeMatMul")
+            else:
+                w = g.weight(g.param("qweight_kn"), np.ascontiguousarray(head.qweight.T))
+                s = g.weight(g.param("scales"), head.scales.astype(np.float32))
+            return row_quantized_matmul(g, x, w, s, head)
     return emit_linear(x, head, "lm_head")
+
+
+def row_quantized_matmul(g: Graph, x: str, w: str, s: str, head: Linear) -> str:
+    """DynamicQuantizeMatMul with each row's activations quantized over that row's own range.
+
+        x [M, K] ─ (x - c) / h per row, c = (max + min) / 2, h = (max - min) / 2, clipped to [-1, 1]
+          ─ Concat [1, -1, 0, ...] ─ DynamicQuantizeMatMul(w, s) ─ drop the last row
+          ─ * h + c * colsum(W) -> [M, N]
+
+    DynamicQuantizeMatMul quantizes its whole input with one scale and zero point, from the min and
+    max over every row: a row's logits then depend on which other rows share the call (SmolLM2:
+    up to 1.5 apart for 3 prompts together vs alone, argmax changed), so a batched answer could
+    differ from the same request alone. Here every row spans at most [-1, 1] and the constant row
+    spans it exactly, so the call's range, scale (2/255) and zero point are always the same and a
+    row's logits depend on that row alone; each row keeps the resolution (max - min) / 255 that a
+    row alone had. The cost is one GEMM row more and a few element-wise ops over [M, N]."""
+    colsum = np.zeros(head.n, np.float64)  # sum over K of the dequantized weights, per output
+    for r in range(0, head.n, 4096):
+        q = np.asarray(head.qweight[r:r + 4096])
+        colsum[r:r + 4096] = q.sum(axis=1, dtype=np.int64) * np.asarray(head.scales[r:r + 4096], np.float64)
+    with g.scope("row_scaled"):
+        axis = g.const([1], np.int64)
+        hi = g.op("ReduceMax", [x, axis], name="ReduceMax", keepdims=1)
+        lo = g.op("ReduceMin", [x, axis], name="ReduceMin", keepdims=1)
+        half = g.const(np.array(0.5, np.float32))
+        c = g.op("Mul", [g.op("Add", [hi, lo], name="Add"), half], name="Mid")
+        h = g.op("Mul", [g.op("Sub", [hi, lo], name="Sub"), half], name="Half")
+        h = g.op("Max", [h, g.const(np.array(1e-30, np.float32))], name="Max")  # a constant row: x - c = 0
+        xn = g.op("Div", [g.op("Sub", [x, c], name="Center"), h], name="Div")
+        xn = g.op("Clip", [xn, g.const(np.array(-1.0, np.float32)), g.const(np.array(1.0, np.float32))], name="Clip")
+        unit = np.zeros((1, head.k), np.float32)
+        unit[0, :2] = (1.0, -1.0)
+        xd = g.op("Concat", [xn, g.const(unit)], name="Concat", axis=0)
+        y = g.ms("DynamicQuantizeMatMul", [xd, w, s], name="DynamicQuantizeMatMul")
+        y = g.op("Slice", [y, g.const([0], np.int64), g.const([-1], np.int64), g.const([0], np.int64)], name="Slice")
+        shift = g.op("Mul", [c, g.const(colsum.astype(np.float32)[None, :])], name="Shift")
+        return g.op("Add", [g.op("Mul", [y, h], name="Scale"), shift], name="Add_shift")
 
 
 def int8_head_kernel(acc: int) -> str:
