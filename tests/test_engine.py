@@ -25,6 +25,13 @@ def bundle(tmp_path_factory):
                             forms=("ort",), max_context=64, max_batch=4)
 
 
+@pytest.fixture(scope="module")
+def int4_bundle(tmp_path_factory):
+    """int4 layers (MatMulNBits, int8 activations) and an int8 head: the shipped CPU recipe."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("eng") / "int4", tiny_hf_model("llama", seed=5), "int4",
+                            forms=("ort",), max_context=64, max_batch=4, accuracy_level=4)
+
+
 def make_gen(bundle, session_cls=OrtDecoderSession, max_batch=12, **kw) -> Generator:
     b = Bundle.open(bundle, verify=False)
     session = session_cls(b, max_batch=max_batch, prefill_chunk=8, kv_tokens=max_batch * 64)  # every slot full: no preemption
@@ -35,7 +42,11 @@ PROMPTS = ["Once upon", "A dog ran", "xy", "The quick brown fox jumps", "hi", "T
            "0123456789", "zebra", "abc abc abc", "Q: what? A:", "robot", "E-214 means"]
 
 
-def test_twelve_concurrent_requests_equal_each_alone(bundle):
+@pytest.mark.parametrize("recipe", ["fp32", "int4"])
+def test_twelve_concurrent_requests_equal_each_alone(recipe, request):
+    """Also on the quantized recipe: its int8 activations are quantized per row (MatMulNBits per
+    block, the head per row), so a batched row computes what it computes alone."""
+    bundle = request.getfixturevalue("bundle" if recipe == "fp32" else "int4_bundle")
     params = [SamplingParams(max_tokens=4 + 3 * (i % 5), temperature=0, stop=["e"] if i % 4 == 1 else []) for i in range(12)]
     alone = make_gen(bundle, max_batch=1)
     want = []
