@@ -174,6 +174,8 @@ BK_N_ARG = {"st": 5, "glu": 5, "res": 8, "rope": 11}  # where N sits in each blo
 def _launch_label(name: str, args) -> str:
     if name.startswith("gemv_int4_bk_"):
         return f"{name}[n={int(args[BK_N_ARG[name.rsplit('_', 1)[1]]])}]"
+    if name.startswith("gemm_"):  # tensor-core GEMM: (W, S, X, bias, Y, ws, tickets, M, N, ...)
+        return f"{name}[n={int(args[8])}]"
     if name.startswith("gemv_"):  # args: (W, [S,] X, bias, Y, M, N, K, ...)
         n = int(args[5] if name.startswith("gemv_fp16") else args[6])
         return f"{name}[n={n}]"
@@ -342,6 +344,7 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
         agg = 16 * (NEW - 1) / dt
         res["b16_tok_s"] = agg
         decode_breakdown(sess, name, device, 16)
+        step_kernel_breakdown(sess, name, device, 16)
         bpt16 = bytes_read_per_token(spec, recipe, group) + 16 * kv_read
         emit(figure="decode_b16", backend="edge-cuda", device=device, model=name, recipe=recipe, batch=16, prompt=PROMPT,
              new_tokens=NEW, aggregate_tok_s=round(agg, 1), step_ms=round(1e3 * dt / (NEW - 1), 3),

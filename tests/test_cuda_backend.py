@@ -359,3 +359,32 @@ def test_flash_prefill_matches_reference_and_cublas(tmp_path, kw):
         check(b, ref[239], 2e-2, f"chunk 150..240 flash={flash} {kw}")
     check(got[True][0], got[False][0], 1e-2, "flash vs cublas")
     check(got[True][1], got[False][1], 1e-2, "flash vs cublas, chunk")
+
+
+def test_prefill_dequant_ring_same_bits_and_reference(tmp_path):
+    """Long prefills dequantize linear i + 1 on a side stream while GEMM i runs (dequant_ring.py):
+    the logits are bit for bit those of the inline path, for each int4 dequantization kernel, on
+    a 150-token prompt and a 90-token chunk over it (the ring's buffers reused across prefills),
+    and match the fp32 reference."""
+    from edge.runtime.cuda.session import DEQUANT_INT4, CudaDecoderSession
+
+    path, spec, w = _bundle(tmp_path, seed=11)
+    ids = np.random.default_rng(5).integers(0, 256, 240)
+    ref = reference_logits(spec, w, ids)
+    sess = CudaDecoderSession(path, max_batch=2, max_context=256, block_size=16)
+    assert 90 > sess.tc_max_m  # both passes' linears take the cuBLAS path (the ring's)
+    got = {}
+    for kernel in DEQUANT_INT4:
+        for overlap in (False, True):
+            sess.dequant_int4, sess.prefill_overlap = kernel, overlap
+            sess.add_sequence(0)
+            a = sess.prefill(0, ids[:150])
+            b = sess.prefill(0, ids[150:240])
+            sess.release(0)
+            got[kernel, overlap] = np.stack([a, b])
+    assert sess._ring_parts is not None and sess._ring is None  # the ring ran, and is dropped after each pass
+    base = got["dequant_int4", False]
+    for key, v in got.items():
+        assert np.array_equal(v, base), f"{key}: max abs diff {np.abs(v - base).max():.3e}"
+    check(base[0], ref[149], 2e-2, "prefill 150")
+    check(base[1], ref[239], 2e-2, "chunk 150..240")

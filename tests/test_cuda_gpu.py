@@ -93,10 +93,16 @@ def test_linear_kernels_match_numpy(cp, kind, g, m):
         check(y32.get(), want, 3e-3, f"{kind} f32 out m{m}")
     if kind != "fp16":  # dequant kernel == format dequant
         check(s.dequantize(lin).get(), wd, 2e-3, f"dequant {kind}")
-    if kind == "int4":  # the 4-words-a-thread dequantization (prefill) == one word a thread, bit for bit
+    if kind == "int4":  # every prefill dequantization kernel == one word a thread, bit for bit
+        from edge.runtime.cuda.session import DEQUANT_INT4
+
         one = cp.full((n, k), np.nan, dtype=cp.float16)
         s.k["dequant_int4"](((q.size + 255) // 256,), (256,), (q, lin.s, one, np.int32(n), np.int32(k), np.int32(lin.gshift)))
-        assert np.array_equal(s.dequantize(lin).get().view(np.uint16), one.get().view(np.uint16))
+        for name in DEQUANT_INT4:
+            s.dequant_int4 = name
+            got = cp.full((n, k), np.nan, dtype=cp.float16)
+            s.dequantize(lin, got.reshape(-1))
+            assert np.array_equal(got.get().view(np.uint16), one.get().view(np.uint16)), name
 
 
 def test_argmax_and_top_p_sampling(cp):

@@ -40,6 +40,7 @@ KERNEL_NAMES = (
     "repack_int4",
     "dequant_int4",
     "dequant_int4_x4",
+    "dequant_int4_v4",
     "dequant_int8",
     *(f"gemv_{k}_m{m}" for k in ("int4", "int8", "fp16") for m in (1, 2, 4, 8, 16)),
     "gemv_int4_m1_r2",

@@ -38,6 +38,7 @@ from edge.runtime.cuda import kernels as kmod
 from edge.runtime.cuda.autotune import autotune_int4_m1, autotune_tc
 from edge.runtime.cuda.backend import CudaBackend, plan_limits
 from edge.runtime.cuda.backend import pool_blocks as plan_pool_blocks
+from edge.runtime.cuda.dequant_ring import DequantRing
 from edge.runtime.cuda.gemm import TcWorkspace, launch_tc, plan_tc
 from edge.runtime.cuda.layout import Linear
 from edge.runtime.kv import BlockManager
@@ -82,6 +83,9 @@ def flash_prefill_smem(head_dim: int) -> int:
     return 2 * 2 * 64 * (head_dim + 8) * 2
 
 
+# int4 -> fp16 dequantization kernels (prefill) and the words each 256-thread block covers:
+# one word a thread, four strided words a thread, four consecutive words (one 16-byte load)
+DEQUANT_INT4 = {"dequant_int4": 256, "dequant_int4_x4": 1024, "dequant_int4_v4": 1024}
 MAX_GEMV_M = 16  # above this, prefill linears go through dequant + cuBLAS
 ATTN_THREADS = 256
 PREFILL_Q_CHUNK = 512  # prefill attention in query chunks: chunk c skips keys after its last query
@@ -123,6 +127,11 @@ class CudaDecoderSession:
     tc_min_m: int | None = None  # smallest M on the tensor-core GEMM; None: each linear's timed pick (tc_from)
     tc_max_m = 64  # above: dequantize + cuBLAS (prefill)
     batch_invariant = False  # every M through the tensor-core GEMM, no M = 1 fused GEMVs
+    prefill_overlap = True  # long prefills: dequantize linear i + 1 on a side stream during GEMM i (dequant_ring.py)
+    overlap_priority = True  # ... that stream at the device's highest priority (its blocks go first when SMs free up)
+    _ring: DequantRing | None = None
+    _ring_parts: tuple | None = None  # (two fp16 buffers, side stream, events), made at the first long prefill
+    dequant_int4 = "dequant_int4"  # DEQUANT_INT4's kernel the prefill uses (bench/bench_prefill.py times them)
     flash_prefill = True  # prefill attention on the tensor-core flash kernel (head_dim 64 / 128), else cuBLAS
     _tc: TcWorkspace | None = None
     _backend: CudaBackend | None = None
@@ -354,8 +363,10 @@ class CudaDecoderSession:
             return lin.q
         out = cp.empty((lin.n, lin.k), dtype=cp.float16) if out is None else out[: lin.n * lin.k].reshape(lin.n, lin.k)
         words = lin.q.size
-        if lin.kind == "int4":  # 4 words a thread, 1024 a block
-            self.k["dequant_int4_x4"](((words + 1023) // 1024,), (256,), (lin.q, lin.s, out, _i32(lin.n), _i32(lin.k), _i32(lin.gshift)))
+        if lin.kind == "int4":  # the same bits from any of the three kernels (DEQUANT_INT4)
+            name = self.dequant_int4 if lin.k % 32 == 0 else "dequant_int4"
+            per_block = DEQUANT_INT4[name]
+            self.k[name](((words + per_block - 1) // per_block,), (256,), (lin.q, lin.s, out, _i32(lin.n), _i32(lin.k), _i32(lin.gshift)))
         else:
             self.k["dequant_int8"](((words + 255) // 256,), (256,), (lin.q.view(cp.uint32), lin.s, out, _i32(lin.n), _i32(lin.k)))
         return out
@@ -378,10 +389,40 @@ class CudaDecoderSession:
                 o += lin.bias
             y[:m] = o.astype(cp.float32)
             return
-        w = self.dequantize(lin, None if lin.kind == "fp16" else self._dequant_workspace(lin))
-        gemm_f16(cp, x, w, y, m)
+        ring = self._ring
+        if ring is not None and ring.expects(lin):  # dequantized ahead on the side stream
+            gemm_f16(cp, x, ring.take(lin), y, m)
+            ring.release()
+        else:
+            w = self.dequantize(lin, None if lin.kind == "fp16" else self._dequant_workspace(lin))
+            gemm_f16(cp, x, w, y, m)
         if lin.bias is not None:
             y[:m] += lin.bias
+
+    def _prefill_ring(self, m: int) -> DequantRing | None:
+        """The dequantization ring for a pass of m rows whose layer linears go through cuBLAS, in
+        the order _layers runs them (None when none does, or prefill_overlap is off)."""
+        if not self.prefill_overlap:
+            return None
+        order = [L[k] for L in self.layers for k in ("qkv", "o", "gu", "down")]
+        order = [lin for lin in order if lin.kind != "fp16" and self._path(lin, m) == "cublas"]
+        if not order:
+            return None
+        if self._ring_parts is None:
+            cp = self.cp
+            size = max(lin.n * lin.k for lin in order)
+            bufs = (cp.empty(size, dtype=cp.float16), cp.empty(size, dtype=cp.float16))
+            side = None
+            if self.overlap_priority:
+                try:
+                    side = cp.cuda.Stream(non_blocking=True, priority=cp.cuda.runtime.deviceGetStreamPriorityRange()[1])
+                except (TypeError, AttributeError):  # a cupy without stream priorities
+                    side = None
+            side = side or cp.cuda.Stream(non_blocking=True)
+            events = {key: [cp.cuda.Event(block=False, disable_timing=True) for _ in range(2)] for key in ("ready", "free")}
+            self._ring_parts = (bufs, side, events)
+        bufs, side, events = self._ring_parts
+        return DequantRing(self, order, bufs, side, events)
 
     def _fused(self, lin: Linear, m: int) -> bool:
         """Does this linear run through a block-K kernel with a fused epilogue at this M?"""
@@ -418,14 +459,18 @@ class CudaDecoderSession:
             self.k["embed"]((m,), (256,), (ids, self.embed, bufs["res"], _i32(s.hidden_size), self.embed_scale))
             self._add_rmsnorm(bufs["res"], None, self.layers[0]["ln1"], bufs["h"], m)
         eps = np.float32(s.rms_eps)
-        for i, L in enumerate(self.layers):
-            kc, vc = self.kv[i, 0], self.kv[i, 1]
-            self._qkv_rope(L["qkv"], bufs["h"], m, pos, slots, bufs["q"], kc, vc, bufs["qkv"], layer=i)
-            attend(i, bufs["q"], kc, vc, bufs["a"])
-            self._linear_residual_norm(L["o"], bufs["a"], m, bufs["res"], bufs["o"], L["ln2"], bufs["h"], eps, post=L["post_attn"])
-            self._gate_up(L["gu"], bufs["h"], m, bufs["gu"], bufs["act"])
-            nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.norm
-            self._linear_residual_norm(L["down"], bufs["act"], m, bufs["res"], bufs["o"], nxt, bufs["h"], eps, post=L["post_mlp"])
+        self._ring = self._prefill_ring(m) if m > self.tc_max_m else None
+        try:
+            for i, L in enumerate(self.layers):
+                kc, vc = self.kv[i, 0], self.kv[i, 1]
+                self._qkv_rope(L["qkv"], bufs["h"], m, pos, slots, bufs["q"], kc, vc, bufs["qkv"], layer=i)
+                attend(i, bufs["q"], kc, vc, bufs["a"])
+                self._linear_residual_norm(L["o"], bufs["a"], m, bufs["res"], bufs["o"], L["ln2"], bufs["h"], eps, post=L["post_attn"])
+                self._gate_up(L["gu"], bufs["h"], m, bufs["gu"], bufs["act"])
+                nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.norm
+                self._linear_residual_norm(L["down"], bufs["act"], m, bufs["res"], bufs["o"], nxt, bufs["h"], eps, post=L["post_mlp"])
+        finally:
+            self._ring = None
 
     def lm_head_logits(self, h: Any, m: int, logits: Any) -> None:
         """logits float [m, V] = h[:m] @ head.T, soft-capped when the architecture caps them."""

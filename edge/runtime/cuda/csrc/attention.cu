@@ -207,6 +207,7 @@ ATTN_INSTANCE(paged_attn_decode_d128, 128)
 // K and V loads of the block's tokens are issued together (V's addresses do not depend on the
 // scores). Shared memory as paged_attn_decode.
 // ---------------------------------------------------------------------------------------
+#define ATTN_SPLIT_MAX 8  // most splits per (head, sequence): session.ATTN_MAX_SPLITS
 template <int D, bool KCOAL>
 __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q, const half* __restrict__ kc,
                                                       const half* __restrict__ vc, const int* __restrict__ block_tables,
@@ -241,7 +242,7 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
     const int lo = attn_window_start(L, window), Lw = L - lo;
     // splits actually used: at most one per min_split tokens (a short context is faster in
     // one block than with the merge's two extra memory round trips); the others return
-    const int Pe = min(P, max(1, (Lw + min_split - 1) / min_split));
+    const int Pe = min(min(P, ATTN_SPLIT_MAX), max(1, (Lw + min_split - 1) / min_split));
     if (sp >= Pe) return;
     const int per = (Lw + Pe - 1) / Pe;
     const int t0 = lo + min(Lw, sp * per), t1 = min(L, t0 + per), n = t1 - t0;
@@ -391,14 +392,34 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
     __syncthreads();
     if (!last) return;
     __threadfence();
+    // The merge's loads are issued together, not one L2 round trip per split: every split's
+    // (m, l) at once, then each thread's parts of o (the sums keep the split order 0, 1, ...).
+    float pm[ATTN_SPLIT_MAX], pl[ATTN_SPLIT_MAX];
+#pragma unroll
+    for (int j = 0; j < ATTN_SPLIT_MAX; ++j) {
+        pm[j] = j < Pe ? __ldcg(part_ml + (bh * P + j) * 2) : -INFINITY;
+        pl[j] = j < Pe ? __ldcg(part_ml + (bh * P + j) * 2 + 1) : 0.f;
+    }
     float M = -INFINITY;
-    for (int j = 0; j < Pe; ++j) M = fmaxf(M, __ldcg(part_ml + (bh * P + j) * 2));
+#pragma unroll
+    for (int j = 0; j < ATTN_SPLIT_MAX; ++j)
+        if (j < Pe) M = fmaxf(M, pm[j]);
     float l = 0.f;
-    for (int j = 0; j < Pe; ++j) l += __ldcg(part_ml + (bh * P + j) * 2 + 1) * __expf(__ldcg(part_ml + (bh * P + j) * 2) - M);
+#pragma unroll
+    for (int j = 0; j < ATTN_SPLIT_MAX; ++j)
+        if (j < Pe) {
+            pm[j] = __expf(pm[j] - M);  // the split's weight
+            l += pl[j] * pm[j];
+        }
     const float inv = 1.f / l;
     for (int d = tid; d < D; d += blockDim.x) {
+        float po[ATTN_SPLIT_MAX];
+#pragma unroll
+        for (int j = 0; j < ATTN_SPLIT_MAX; ++j) po[j] = j < Pe ? __ldcg(part_o + (bh * P + j) * D + d) : 0.f;
         float acc = 0.f;
-        for (int j = 0; j < Pe; ++j) acc += __ldcg(part_o + (bh * P + j) * D + d) * __expf(__ldcg(part_ml + (bh * P + j) * 2) - M);
+#pragma unroll
+        for (int j = 0; j < ATTN_SPLIT_MAX; ++j)
+            if (j < Pe) acc += po[j] * pm[j];
         o[d] = __float2half(acc * inv);
     }
     if (tid == 0) tickets[bh] = 0u;
