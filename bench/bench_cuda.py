@@ -348,7 +348,8 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
         bpt16 = bytes_read_per_token(spec, recipe, group) + 16 * kv_read
         emit(figure="decode_b16", backend="edge-cuda", device=device, model=name, recipe=recipe, batch=16, prompt=PROMPT,
              new_tokens=NEW, aggregate_tok_s=round(agg, 1), step_ms=round(1e3 * dt / (NEW - 1), 3),
-             roofline_frac=round(bpt16 * agg / 16 / copy_bw, 3))
+             roofline_frac=round(bpt16 * agg / 16 / copy_bw, 3), attn_splits=sess.attn_grid_splits(16),
+             tc_pick={lin.shape_key: f"splits {lin.tc_splits} depth {lin.tc_depth} from M={lin.tc_from}" for lin in sess.linears() if lin.tc_splits})
     if long_prefill:
         long = rng.integers(0, spec.vocab_size, size=2048)
         ts = []

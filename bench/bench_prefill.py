@@ -1,7 +1,6 @@
-"""Where a long prefill's time goes on the CUDA backend, and which of its variants is fastest, in one
-process: the int4 dequantization kernels alone (all layer linears), the whole prefill for each
-dequantization kernel with the side-stream dequantization ring off / on (with and without stream
-priority), and a per-kernel timeline of one prefill (events around every launch; ring off).
+"""Where a long prefill's time goes on the CUDA backend, in one process: the int4 dequantization alone
+(all layer linears), the whole prefill with the side-stream dequantization ring off and on, and a
+per-kernel timeline of one prefill (events around every launch; ring off).
 
     PYTHONPATH=. python3 bench/bench_prefill.py [--config llama-3.2-1b] [--tokens 2048] [--work DIR]
 
@@ -132,7 +131,7 @@ def main() -> None:
     import cupy as cp
 
     from edge.bundle import Bundle
-    from edge.runtime.cuda.session import DEQUANT_INT4, CudaDecoderSession
+    from edge.runtime.cuda.session import CudaDecoderSession
 
     path = args.work / f"{args.config}-int4"
     if not (path / "manifest.json").exists():
@@ -141,24 +140,20 @@ def main() -> None:
     ids = np.random.default_rng(3).integers(0, sess.vocab_size, size=args.tokens)
     lins = [L[k] for L in sess.layers for k in ("qkv", "o", "gu", "down")]
     buf = sess._dequant_workspace(lins[0])
-    for name in DEQUANT_INT4:
-        sess.dequant_int4 = name
-        ms = event_ms(cp, lambda: [sess.dequantize(lin, buf) for lin in lins])
-        nbytes = sum(lin.nbytes + 2 * lin.n * lin.k for lin in lins)
-        emit(figure="dequant_all_layers", config=args.config, kernel=name, ms=round(ms, 3), tb_s=round(nbytes / ms / 1e9, 2))
+    ms = event_ms(cp, lambda: [sess.dequantize(lin, buf) for lin in lins])
+    nbytes = sum(lin.nbytes + 2 * lin.n * lin.k for lin in lins)
+    emit(figure="dequant_all_layers", config=args.config, ms=round(ms, 3), tb_s=round(nbytes / ms / 1e9, 2))
     base = None
-    for name in DEQUANT_INT4:
-        for overlap, prio in ((False, False), (True, True), (True, False)):
-            sess.dequant_int4, sess.prefill_overlap, sess.overlap_priority = name, overlap, prio
-            sess._ring_parts = None  # a new side stream with this priority
-            wall, span, logits = prefill_ms(sess, ids)
-            if base is None:
-                base = logits
-            same = bool(np.array_equal(logits, base))
-            emit(figure="prefill_variant", config=args.config, tokens=args.tokens, dequant=name, overlap=overlap, priority=prio,
-                 wall_ms=round(wall, 3), gpu_ms=round(span, 3), same_logits=same)
-            if not same:
-                raise SystemExit(f"{name} overlap={overlap}: logits differ (max abs {np.abs(logits - base).max():.3e})")
+    for overlap in (False, True):
+        sess.prefill_overlap = overlap
+        wall, span, logits = prefill_ms(sess, ids)
+        if base is None:
+            base = logits
+        same = bool(np.array_equal(logits, base))
+        emit(figure="prefill_variant", config=args.config, tokens=args.tokens, overlap=overlap,
+             wall_ms=round(wall, 3), gpu_ms=round(span, 3), same_logits=same)
+        if not same:
+            raise SystemExit(f"overlap={overlap}: logits differ (max abs {np.abs(logits - base).max():.3e})")
     sess.prefill_overlap = False
     timeline(sess, ids)
 

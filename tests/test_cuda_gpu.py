@@ -93,16 +93,52 @@ def test_linear_kernels_match_numpy(cp, kind, g, m):
         check(y32.get(), want, 3e-3, f"{kind} f32 out m{m}")
     if kind != "fp16":  # dequant kernel == format dequant
         check(s.dequantize(lin).get(), wd, 2e-3, f"dequant {kind}")
-    if kind == "int4":  # every prefill dequantization kernel == one word a thread, bit for bit
-        from edge.runtime.cuda.session import DEQUANT_INT4
 
-        one = cp.full((n, k), np.nan, dtype=cp.float16)
-        s.k["dequant_int4"](((q.size + 255) // 256,), (256,), (q, lin.s, one, np.int32(n), np.int32(k), np.int32(lin.gshift)))
-        for name in DEQUANT_INT4:
-            s.dequant_int4 = name
-            got = cp.full((n, k), np.nan, dtype=cp.float16)
-            s.dequantize(lin, got.reshape(-1))
-            assert np.array_equal(got.get().view(np.uint16), one.get().view(np.uint16)), name
+
+@pytest.mark.parametrize("name", ["silu_mul", "gelu_tanh_mul"])
+def test_glu_four_pairs_a_thread_same_bits(cp, name):
+    """The prefill's vectorized GLU activation (4 pairs a thread) == one pair a thread, bit for bit."""
+    from edge.runtime.cuda.kernels import load
+
+    k = load(0)
+    m, i = 37, 96  # m * i % 4 == 0
+    gu = cp.asarray((np.random.default_rng(1).standard_normal((m, 2 * i)) * 4).astype(np.float16))
+    one = cp.full((m, i), np.nan, dtype=cp.float16)
+    four = cp.full((m, i), np.nan, dtype=cp.float16)
+    k[name](((m * i + 255) // 256,), (256,), (gu, one, np.int32(m), np.int32(i)))
+    k[name + "_x4"](((m * i // 4 + 255) // 256,), (256,), (gu, four, np.int32(m * i // 4)))
+    assert np.isfinite(one.get()).all()
+    assert np.array_equal(one.get().view(np.uint16), four.get().view(np.uint16))
+
+
+def test_rope_cache_two_pairs_a_thread_matches(cp):
+    """The prefill's vectorized RoPE + KV write (two rotation pairs a thread) against the one-pair
+    kernel: q and K within a rounding step (same formula; the compiler may contract it
+    differently), V copied exactly, a row with slot -1 writes no KV, untouched slots stay as they were."""
+    from edge.runtime.cuda.kernels import load
+
+    k = load(0)
+    hq, hkv, d, m, nslots = 4, 2, 64, 5, 16
+    rng = np.random.default_rng(2)
+    qkv = cp.asarray(rng.standard_normal((m, (hq + 2 * hkv) * d)).astype(np.float16))
+    pos = cp.asarray(np.array([0, 3, 7, 100, 511], np.int32))
+    slots = cp.asarray(np.array([4, 9, -1, 0, 15], np.int32))
+    ang = np.arange(512)[:, None] / (10000.0 ** (np.arange(d // 2) / (d // 2)))[None, :]
+    cos, sin = cp.asarray(np.cos(ang).astype(np.float32)), cp.asarray(np.sin(ang).astype(np.float32))
+    outs = []
+    for name, items in (("rope_cache", (hq + hkv) * d // 2 + hkv * d), ("rope_cache_x2", (hq + hkv) * d // 4 + hkv * d // 8)):
+        q = cp.full((m, hq * d), np.nan, dtype=cp.float16)
+        kc = cp.full((nslots, hkv, d), 7.0, dtype=cp.float16)
+        vc = cp.full((nslots, hkv, d), 7.0, dtype=cp.float16)
+        k[name]((m, -(-items // 128)), (128,), (qkv, pos, slots, cos, sin, q, kc, vc, np.int32(hq), np.int32(hkv), np.int32(d)))
+        outs.append((q.get(), kc.get(), vc.get()))
+    (q1, k1, v1), (q2, k2, v2) = outs
+    assert np.isfinite(q2).all()
+    assert np.abs(q1.astype(np.float32) - q2).max() <= 2e-3 and np.abs(k1.astype(np.float32) - k2).max() <= 2e-3
+    assert np.array_equal(v1.view(np.uint16), v2.view(np.uint16))
+    untouched = [s for s in range(nslots) if s not in (4, 9, 0, 15)]
+    assert (k2[untouched] == 7.0).all() and (v2[untouched] == 7.0).all()
+    assert not (k2[[4, 9, 0, 15]] == 7.0).all()
 
 
 def test_argmax_and_top_p_sampling(cp):

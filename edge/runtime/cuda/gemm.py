@@ -27,6 +27,7 @@ MAX_SPLITS = 16
 CHUNK_ROWS = 64  # rows per launch (bounds the split-K workspace; prefill past 64 rows is cuBLAS)
 MAX_SPLIT_COLS = 1 << 17  # splits x N at most: the workspace stays <= 32 MiB
 M_TILES = (1, 2, 4)  # compiled MT (m16-tiles per warp)
+DEPTHS = (2, 4)  # weight iterations in flight per warp; 4 is compiled for MT = 1 only ("_d4")
 
 
 def tc_ok(lin: Linear) -> bool:
@@ -79,7 +80,7 @@ def _mt(m: int, lin: Linear) -> int:
 
 
 def launch_tc(k: Any, lin: Linear, x: Any, m: int, y: Any, ws: TcWorkspace, out_f32: bool = False, ldy: int | None = None) -> None:
-    """y[:m] = x[:m] @ W.T (+ bias) through gemm_{int4,int8}_tc_m{1,2,4}; y's row stride is ldy (N)."""
+    """y[:m] = x[:m] @ W.T (+ bias) through gemm_{int4,int8}_tc_m{1,2,4}[_d4]; y's row stride is ldy (N)."""
     ldy = lin.n if ldy is None else ldy
     null = np.uint64(0)
     bias = lin.bias if lin.bias is not None else null
@@ -89,6 +90,7 @@ def launch_tc(k: Any, lin: Linear, x: Any, m: int, y: Any, ws: TcWorkspace, out_
         grid = (-(-lin.n // COLS_PER_BLOCK), lin.tc_splits, -(-rows // (16 * mt)))
         xs = x[r0 : r0 + rows] if r0 else x
         ys = y[r0 : r0 + rows] if r0 else y
-        k[f"gemm_{lin.kind}_tc_m{mt}"](grid, (32 * GEMM_WARPS,), (
+        deep = "_d4" if mt == 1 and lin.tc_depth == 4 else ""  # the same sums at either depth
+        k[f"gemm_{lin.kind}_tc_m{mt}{deep}"](grid, (32 * GEMM_WARPS,), (
             lin.q, lin.s, xs, bias, ys, ws.partials, ws.tickets, np.int32(rows), np.int32(lin.n), np.int32(lin.k),
             np.int32(lin.gshift), np.int32(ldy), np.int32(1 if out_f32 else 0)))

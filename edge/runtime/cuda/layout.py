@@ -28,6 +28,7 @@ class Linear:
     tc_splits: int = 0  # tensor-core GEMM (M >= 2): K splits; 0 = this shape cannot use it (edge.runtime.cuda.gemm)
     tc_from: int = 2  # smallest M run on the tensor-core GEMM (timed against the GEMV at load)
     tc_mt: tuple[int, int] = (2, 4)  # m16-tiles per warp for 17..32 and 33..64 rows (timed at load)
+    tc_depth: int = 2  # weight iterations in flight per warp of the one-m16-tile launches: 2 or 4 (timed at load)
 
     @property
     def shape_key(self) -> str:

@@ -83,9 +83,6 @@ def flash_prefill_smem(head_dim: int) -> int:
     return 2 * 2 * 64 * (head_dim + 8) * 2
 
 
-# int4 -> fp16 dequantization kernels (prefill) and the words each 256-thread block covers:
-# one word a thread, four strided words a thread, four consecutive words (one 16-byte load)
-DEQUANT_INT4 = {"dequant_int4": 256, "dequant_int4_x4": 1024, "dequant_int4_v4": 1024}
 MAX_GEMV_M = 16  # above this, prefill linears go through dequant + cuBLAS
 ATTN_THREADS = 256
 PREFILL_Q_CHUNK = 512  # prefill attention in query chunks: chunk c skips keys after its last query
@@ -128,10 +125,8 @@ class CudaDecoderSession:
     tc_max_m = 64  # above: dequantize + cuBLAS (prefill)
     batch_invariant = False  # every M through the tensor-core GEMM, no M = 1 fused GEMVs
     prefill_overlap = True  # long prefills: dequantize linear i + 1 on a side stream during GEMM i (dequant_ring.py)
-    overlap_priority = True  # ... that stream at the device's highest priority (its blocks go first when SMs free up)
     _ring: DequantRing | None = None
     _ring_parts: tuple | None = None  # (two fp16 buffers, side stream, events), made at the first long prefill
-    dequant_int4 = "dequant_int4"  # DEQUANT_INT4's kernel the prefill uses (bench/bench_prefill.py times them)
     flash_prefill = True  # prefill attention on the tensor-core flash kernel (head_dim 64 / 128), else cuBLAS
     _tc: TcWorkspace | None = None
     _backend: CudaBackend | None = None
@@ -363,10 +358,8 @@ class CudaDecoderSession:
             return lin.q
         out = cp.empty((lin.n, lin.k), dtype=cp.float16) if out is None else out[: lin.n * lin.k].reshape(lin.n, lin.k)
         words = lin.q.size
-        if lin.kind == "int4":  # the same bits from any of the three kernels (DEQUANT_INT4)
-            name = self.dequant_int4 if lin.k % 32 == 0 else "dequant_int4"
-            per_block = DEQUANT_INT4[name]
-            self.k[name](((words + per_block - 1) // per_block,), (256,), (lin.q, lin.s, out, _i32(lin.n), _i32(lin.k), _i32(lin.gshift)))
+        if lin.kind == "int4":  # one word a thread: 1.20 ms for the 1B's 64 linears (kernels of 4 words a thread: 1.20, 1.56)
+            self.k["dequant_int4"](((words + 255) // 256,), (256,), (lin.q, lin.s, out, _i32(lin.n), _i32(lin.k), _i32(lin.gshift)))
         else:
             self.k["dequant_int8"](((words + 255) // 256,), (256,), (lin.q.view(cp.uint32), lin.s, out, _i32(lin.n), _i32(lin.k)))
         return out
@@ -412,13 +405,7 @@ class CudaDecoderSession:
             cp = self.cp
             size = max(lin.n * lin.k for lin in order)
             bufs = (cp.empty(size, dtype=cp.float16), cp.empty(size, dtype=cp.float16))
-            side = None
-            if self.overlap_priority:
-                try:
-                    side = cp.cuda.Stream(non_blocking=True, priority=cp.cuda.runtime.deviceGetStreamPriorityRange()[1])
-                except (TypeError, AttributeError):  # a cupy without stream priorities
-                    side = None
-            side = side or cp.cuda.Stream(non_blocking=True)
+            side = cp.cuda.Stream(non_blocking=True)  # (at the highest stream priority: no faster, bench_prefill.py)
             events = {key: [cp.cuda.Event(block=False, disable_timing=True) for _ in range(2)] for key in ("ready", "free")}
             self._ring_parts = (bufs, side, events)
         bufs, side, events = self._ring_parts
@@ -493,6 +480,10 @@ class CudaDecoderSession:
         if L["q_norm"] is not None:
             self.k["qk_rmsnorm"]((m, s.n_heads + s.n_kv_heads), (32,), (qkv_buf, L["q_norm"], L["k_norm"], *heads, np.float32(s.rms_eps)))
         threads = 128
+        if self.act_dtype == "float16" and s.head_dim % 8 == 0:  # two rotation pairs a thread
+            blocks = -(-((s.n_heads + s.n_kv_heads) * s.head_dim // 4 + s.kv_size // 8) // threads)
+            self.k["rope_cache_x2"]((m, blocks), (threads,), (qkv_buf, pos, slots, L["cos"], L["sin"], q, kc, vc, *heads))
+            return
         blocks = -(-((s.n_heads + s.n_kv_heads) * s.head_dim // 2 + s.kv_size) // threads)
         self.k["rope_cache"]((m, blocks), (threads,), (qkv_buf, pos, slots, L["cos"], L["sin"], q, kc, vc, *heads))
 
@@ -503,6 +494,9 @@ class CudaDecoderSession:
             return
         self.linear(lin, x, m, gu_buf)
         n = m * (lin.n // 2)
+        if self.act_dtype == "float16" and n % 4 == 0:  # four (gate, up) pairs a thread: one 16-byte load
+            self.k[self.glu_kernel + "_x4"](((n // 4 + 255) // 256,), (256,), (gu_buf, act, _i32(n // 4)))
+            return
         self.k[self.glu_kernel](((n + 255) // 256,), (256,), (gu_buf, act, _i32(m), _i32(lin.n // 2)))
 
     def _linear_residual_norm(self, lin: Linear, x: Any, m: int, res: Any, o_buf: Any, norm_w: Any, h: Any, eps: np.float32,
@@ -534,6 +528,16 @@ class CudaDecoderSession:
         # inputs of the next step, for a stream that runs without the host (greedy_stream)
         self.k["advance_inputs"]((1,), (max(32, -(-bsz // 32) * 32),), (self._inp, _i32(self.max_batch), _i32(self.max_blocks), _i32(self.block_size), _i32(bsz)))
 
+    def attn_grid_splits(self, rows: int) -> int:
+        """Split blocks per (head, sequence) of a decode step of `rows` sequences: about two blocks
+        per SM in all, at most _attn_splits. A wider grid only adds blocks that return at once (a
+        sequence uses one split per ATTN_MIN_SPLIT tokens): at 16 rows of Llama-3.2-1B, 8 splits
+        made 4,096 blocks, 42 us a layer, for 512 that work. batch_invariant keeps _attn_splits at
+        every batch size, so a row's sums never depend on the rest of its batch."""
+        if self.batch_invariant:
+            return self._attn_splits
+        return max(1, min(self._attn_splits, -(-2 * self.sms // (self.spec.n_heads * rows))))
+
     def decode_attention(self, q: Any, kc: Any, vc: Any, bt: Any, ctx: Any, out: Any, rows: int, *, layer: int) -> None:
         """One query per row over its paged cache: q, out half [rows, Hq*D]; bt int32
         [rows, max_blocks]; ctx int32 [rows] cached tokens (0: a padding row). `layer`: whose
@@ -543,7 +547,7 @@ class CudaDecoderSession:
         feats = (self.layers[layer]["window"], self.attn_softcap)
         if s.head_dim in (64, 128):  # split-sequence kernel, P blocks per (head, sequence)
             self.k[f"paged_attn_split_tk_d{s.head_dim}"](
-                (s.n_heads, rows, self._attn_splits), (ATTN_THREADS,),
+                (s.n_heads, rows, self.attn_grid_splits(rows)), (ATTN_THREADS,),
                 (q, kc, vc, bt, ctx, out, self._attn_part_o, self._attn_part_ml, self._attn_tickets, _i32(s.n_heads),
                  _i32(s.n_kv_heads), _i32(self.block_size), _i32(self.max_blocks), _i32(self.max_context), scale,
                  _i32(self.attn_min_split), *feats),

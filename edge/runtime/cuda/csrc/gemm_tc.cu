@@ -25,7 +25,9 @@
 // X (<= 64 rows) is read through L1 (__ldg), weights stream past it (ldg_stream).
 // ---------------------------------------------------------------------------------------
 #define GEMM_WARPS 4
-#define GEMM_DEPTH 2  // weight iterations in flight per warp
+// DEPTH: weight iterations in flight per warp (2, or 4 for the m1 instances "_d4": a 16-row layer
+// GEMM is latency-bound, few warps per SM; the autotuner picks per shape). The J order, and so
+// every sum, is the same at any depth.
 
 __device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
@@ -81,7 +83,7 @@ __device__ __forceinline__ void tc_iter(float (&acc)[MT][NT][4], const uint4 (&w
     }
 }
 
-template <int BITS, int MT, int NT>
+template <int BITS, int MT, int NT, int DEPTH>
 __device__ __forceinline__ void gemm_tc(const uint4* __restrict__ W, const half* __restrict__ S,
                                         const half* __restrict__ X, const half* __restrict__ bias,
                                         void* __restrict__ Y, float* __restrict__ ws, unsigned* __restrict__ tickets,
@@ -118,26 +120,26 @@ __device__ __forceinline__ void gemm_tc(const uint4* __restrict__ W, const half*
 #pragma unroll
         for (int h = 0; h < 2; ++h) xrow[mt][h] = X + (long long)min(m0 + mt * 16 + g + 8 * h, M - 1) * K + c * KC;
     const int groups = K >> gshift;
-    // Software pipeline: GEMM_DEPTH iterations' weights in flight per warp (a ring of register
+    // Software pipeline: DEPTH iterations' weights in flight per warp (a ring of register
     // slots, static indices: the J loop is unrolled by the depth); each slot is refilled with
-    // the iteration GEMM_DEPTH ahead before its own math runs.
-    uint4 wbuf[GEMM_DEPTH][NT];
+    // the iteration DEPTH ahead before its own math runs.
+    uint4 wbuf[DEPTH][NT];
 #pragma unroll
-    for (int d = 0; d < GEMM_DEPTH; ++d)
+    for (int d = 0; d < DEPTH; ++d)
         if (j0 + d < j1)
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) wbuf[d][nt] = ldg_stream(wrow[nt] + 4 * (j0 + d));
-    for (int J0 = j0; J0 < j1; J0 += GEMM_DEPTH) {
+    for (int J0 = j0; J0 < j1; J0 += DEPTH) {
 #pragma unroll
-        for (int d = 0; d < GEMM_DEPTH; ++d) {
+        for (int d = 0; d < DEPTH; ++d) {
             const int J = J0 + d;
             if (J < j1) {
                 uint4 wq[NT];
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) wq[nt] = wbuf[d][nt];
-                if (J + GEMM_DEPTH < j1)
+                if (J + DEPTH < j1)
 #pragma unroll
-                    for (int nt = 0; nt < NT; ++nt) wbuf[d][nt] = ldg_stream(wrow[nt] + 4 * (J + GEMM_DEPTH));
+                    for (int nt = 0; nt < NT; ++nt) wbuf[d][nt] = ldg_stream(wrow[nt] + 4 * (J + DEPTH));
                 tc_iter<BITS, MT, NT>(acc, wq, xrow, S, nrow, groups, gshift, J, c);
             }
         }
@@ -199,15 +201,17 @@ __device__ __forceinline__ void gemm_tc(const uint4* __restrict__ W, const half*
             }
 }
 
-#define GEMM_TC_INSTANCE(BITS, MT, NT)                                                                            \
-    extern "C" __global__ void __launch_bounds__(GEMM_WARPS * 32) gemm_int##BITS##_tc_m##MT(                   \
+#define GEMM_TC_INSTANCE(NAME, BITS, MT, NT, DEPTH)                                                               \
+    extern "C" __global__ void __launch_bounds__(GEMM_WARPS * 32) NAME(                                         \
         const uint4* W, const half* S, const half* X, const half* bias, void* Y, float* ws, unsigned* tickets, \
         int M, int N, int K, int gshift, int ldy, int out_f32) {                                               \
-        gemm_tc<BITS, MT, NT>(W, S, X, bias, Y, ws, tickets, M, N, K, gshift, ldy, out_f32);                   \
+        gemm_tc<BITS, MT, NT, DEPTH>(W, S, X, bias, Y, ws, tickets, M, N, K, gshift, ldy, out_f32);            \
     }
-GEMM_TC_INSTANCE(4, 1, 4)
-GEMM_TC_INSTANCE(4, 2, 4)
-GEMM_TC_INSTANCE(4, 4, 4)
-GEMM_TC_INSTANCE(8, 1, 4)
-GEMM_TC_INSTANCE(8, 2, 4)
-GEMM_TC_INSTANCE(8, 4, 4)
+GEMM_TC_INSTANCE(gemm_int4_tc_m1, 4, 1, 4, 2)
+GEMM_TC_INSTANCE(gemm_int4_tc_m2, 4, 2, 4, 2)
+GEMM_TC_INSTANCE(gemm_int4_tc_m4, 4, 4, 4, 2)
+GEMM_TC_INSTANCE(gemm_int8_tc_m1, 8, 1, 4, 2)
+GEMM_TC_INSTANCE(gemm_int8_tc_m2, 8, 2, 4, 2)
+GEMM_TC_INSTANCE(gemm_int8_tc_m4, 8, 4, 4, 2)
+GEMM_TC_INSTANCE(gemm_int4_tc_m1_d4, 4, 1, 4, 4)
+GEMM_TC_INSTANCE(gemm_int8_tc_m1_d4, 8, 1, 4, 4)
