@@ -38,6 +38,16 @@ __device__ __forceinline__ int attn_window_start(int L, int window) { return win
 
 __device__ __forceinline__ float attn_softcap(float s, float cap) { return cap > 0.f ? cap * tanhf(s / cap) : s; }
 
+// D[16x8] += A[16x16] B[16x8] on tensor cores (fp16 in, fp32 accumulate; sm_80+): the fragment
+// layout of the PTX ISA's mma.m16n8k16 (row-major A, column-major B).
+__device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 h2_as_u32(half2 v) { return *reinterpret_cast<u32*>(&v); }
+
 __device__ __forceinline__ half2 u32_as_h2(u32 v) { return *reinterpret_cast<half2*>(&v); }
 __device__ __forceinline__ u32 h2_bits(half2 v) { return *reinterpret_cast<u32*>(&v); }
 

@@ -29,14 +29,6 @@
 // GEMM is latency-bound, few warps per SM; the autotuner picks per shape). The J order, and so
 // every sum, is the same at any depth.
 
-__device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ u32 h2_as_u32(half2 v) { return *reinterpret_cast<u32*>(&v); }
-
 // One iteration J of a warp: dequantize its weight chunks (wq) and run the k16 steps' mma.
 template <int BITS, int MT, int NT>
 __device__ __forceinline__ void tc_iter(float (&acc)[MT][NT][4], const uint4 (&wq)[NT], const half* const (&xrow)[MT][2],
