@@ -34,6 +34,40 @@ QUERIES = [
 ]
 
 
+def varied_texts(n: int = 200, seed: int = 0) -> list[str]:
+    """Short and long prose, code, numbers / part numbers, unicode, edge cases; deterministic."""
+    import pydoc_data.topics as topics
+    import random
+
+    rng = random.Random(seed)
+    paras = [p.strip() for k in sorted(topics.topics) for p in topics.topics[k].split("\n\n") if len(p.strip()) > 30]
+    code = ["def f(x):\n    return x ** 2 + 1", "for (int i = 0; i < n; ++i) { sum += a[i]; }",
+            "SELECT id, name FROM chunks WHERE hash = ?;", "kestrel-cli logs bundle --since 24h --out x.tar.gz",
+            "{\"question\": \"E-214?\", \"k\": 5}", "x = np.zeros((32, 384), dtype=np.float32)"]
+    numbers = ["E-214", "KS-LDR-360-R2", "57.6 V at 60 A", "3.14159 2.71828 1.41421", "192.168.77.1/24",
+               "Part KS-BAT-48105, 105 Ah, 5.0 kWh", "0x7fff_ffff", "1,050 x 650 x 320 mm", "+1-555-0142"]
+    uni = ["Ünïcödé façade naïve café", "日本語のテキストです", "中文文本测试", "Привет, мир", "مرحبا بالعالم",
+           "emoji 🚀🔋⚠️ done", "Ελληνικά γράμματα", "tab\tand\nnewline", "  leading and trailing spaces  "]
+    short = ["What does error E-214 mean?", "battery life", "how do I calibrate the lidar", "a", "OK", "",
+             "reset", "Why is the robot slow?", "firmware rollback steps"]
+    out: list[str] = []
+    while len(out) < n:
+        kind = rng.randrange(6)
+        if kind == 0:
+            out.append(rng.choice(paras))
+        elif kind == 1:  # long: several paragraphs, longer than max_seq_length (truncation)
+            out.append(" ".join(rng.sample(paras, 4)))
+        elif kind == 2:
+            out.append(rng.choice(code))
+        elif kind == 3:
+            out.append(rng.choice(numbers) + " " + str(rng.randint(0, 10**6)))
+        elif kind == 4:
+            out.append(rng.choice(uni))
+        else:
+            out.append(rng.choice(short))
+    return out
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

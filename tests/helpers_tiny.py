@@ -235,7 +235,8 @@ def _tiny_vocab() -> list[str]:
     return v[:256]
 
 
-def make_tiny_st(root: Path, pooling: str, normalize: bool, max_seq_length: int = 48, seed: int = 0) -> Path:
+def make_tiny_st(root: Path, pooling: str, normalize: bool, max_seq_length: int = 48, seed: int = 0, *,
+                 heads: int = 4, max_position: int = 64) -> Path:
     """A seeded random BertModel (2 layers, hidden 64, vocab 256) saved as a sentence-transformers folder."""
     import warnings
 
@@ -248,8 +249,8 @@ def make_tiny_st(root: Path, pooling: str, normalize: bool, max_seq_length: int 
     hf.mkdir(parents=True)
     (hf / "vocab.txt").write_text("\n".join(_tiny_vocab()) + "\n")
     tok = BertTokenizerFast(vocab_file=str(hf / "vocab.txt"), do_lower_case=True)
-    cfg = BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=64, type_vocab_size=2)
+    cfg = BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=heads,
+                     intermediate_size=128, max_position_embeddings=max_position, type_vocab_size=2)
     model = BertModel(cfg)
     with torch.no_grad():  # larger than the 0.02 init so that layers matter and texts differ
         for p in model.parameters():

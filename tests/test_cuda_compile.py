@@ -63,3 +63,13 @@ def test_fp32_kernels_compile_for(cc):
     text = _ptx(fp32.source(), fp32.compile_options(cc), cc)
     missing = [name for name in fp32.KERNEL_NAMES if f".entry {name}(" not in text]
     assert not missing, f"kernels missing from the PTX: {missing}"
+
+
+@pytest.mark.parametrize("cc", [80, 87, 90])
+def test_encoder_kernels_compile_for(cc):
+    """The GPU embedder's module (edge.runtime.cuda.embedder: common.cuh + flash_prefill.cu + encoder.cu)."""
+    from edge.runtime.cuda.embedder import ENCODER_KERNELS, encoder_source
+
+    text = _ptx(encoder_source(), compile_options(cc), cc)
+    missing = [name for name in ENCODER_KERNELS if f".entry {name}(" not in text]
+    assert not missing, f"kernels missing from the PTX: {missing}"

@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from edge.cli.app import app
+from edge.cli.rag_cmd import BACKEND_HELP
 
 
 @app.command()
@@ -23,7 +24,7 @@ def mqtt(
     collection: str = typer.Option("default", "--collection", "-c", help="Collection the questions are answered from"),
     engine: Optional[Path] = typer.Option(None, "--engine", help="Generator bundle (default: the default answer model, built on first use)"),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="Embedder bundle (default: the collection's)"),
-    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, cuda or tensorrt (untested)"),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for onnxruntime (default: all cores)"),
     workers: int = typer.Option(4, "--workers", help="Questions answered at once (the engine batches them)"),
     username: Optional[str] = typer.Option(None, "--username", "-u", help="Broker user name"),
@@ -63,7 +64,7 @@ def mqtt(
     from edge.runtime.host import EdgeRuntime
 
     _require_collection(collection)
-    emb, _ = _embedder(embedder, collection)
+    emb, _ = _embedder(embedder, collection, backend)
     gen = _generator(engine, backend, threads)  # loaded (or built) before taking questions
     rt = EdgeRuntime(collection, embedder=emb, generator=gen, backend=backend)
     tls_opts = TlsOptions(str(cafile) if cafile else None, str(certfile) if certfile else None,

@@ -19,8 +19,14 @@ from edge.cli.app import app
 MODE_HELP = "hybrid (vector + keyword, fused), vector or keyword"
 
 
-def _embedder(path: Optional[Path], collection: str | None = None):
-    """--embedder, else the one the collection was built with, else the default (built on first use)."""
+EMBED_BACKEND_HELP = "Embedder backend: auto (the GPU when cupy and an NVIDIA GPU are usable, else the CPU), onnxruntime or cuda"
+BACKEND_HELP = ("auto, onnxruntime, cuda or tensorrt (untested) for the generator; the embedder follows "
+                "(cuda or onnxruntime; auto and tensorrt: the GPU where usable)")
+
+
+def _embedder(path: Optional[Path], collection: str | None = None, backend: str = "auto"):
+    """--embedder, else the one the collection was built with, else the default (built on first use);
+    on `backend` (edge.runtime.embedder.resolve_backend)."""
     from edge.runtime.embedder import Embedder
 
     if path is None and collection is not None:
@@ -31,7 +37,7 @@ def _embedder(path: Optional[Path], collection: str | None = None):
         from edge.engines import default_embedder_bundle
 
         path = default_embedder_bundle(progress=True)
-    return Embedder.from_bundle(Path(path)), Path(path)
+    return Embedder.from_bundle(Path(path), backend=backend), Path(path)
 
 
 def _stored_embedder_path(collection: str) -> Path | None:
@@ -69,6 +75,7 @@ def ingest(
     overlap: int = typer.Option(40, "--overlap", help="Tokens carried over between chunks"),
     index_memory: Optional[str] = typer.Option(None, "--index-memory",
                                                 help="Memory budget for the vector index (e.g. 64MB): picks flat/HNSW/IVF-PQ"),
+    backend: str = typer.Option("auto", "--backend", help=EMBED_BACKEND_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
     follow_links: bool = typer.Option(False, "--follow-links",
@@ -91,7 +98,7 @@ def ingest(
 
         budget = parse_size(index_memory)
     # re-ingesting keeps the collection's embedder; --rebuild without --embedder goes back to the default
-    emb, emb_path = _embedder(embedder, None if rebuild else collection)
+    emb, emb_path = _embedder(embedder, None if rebuild else collection, backend)
     rep = run_ingest(path, embedder=emb, collection=collection, rebuild=rebuild, progress=not quiet and not as_json,
                      params=params, embedder_path=str(emb_path.resolve()),
                      memory_budget=budget, follow_links=follow_links)
@@ -122,13 +129,14 @@ def search(
     mode: str = typer.Option("hybrid", "--mode", help=MODE_HELP),
     collection: str = typer.Option("default", "--collection", "-c"),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="Embedder bundle (default: the collection's)"),
+    backend: str = typer.Option("auto", "--backend", help=EMBED_BACKEND_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON"),
 ) -> None:
     """Show the ranked passages for a query, with scores (no generation)."""
     from rag.retrieve import Retriever
 
     _require_collection(collection)
-    emb = None if mode == "keyword" and embedder is None else _embedder(embedder, collection)[0]
+    emb = None if mode == "keyword" and embedder is None else _embedder(embedder, collection, backend)[0]
     with Retriever(emb, collection) as r:
         res = r.search(query, k=k, mode=mode)
     if as_json:
@@ -168,7 +176,7 @@ def ask(
     engine: Optional[Path] = typer.Option(None, "--engine", help="Generator bundle (default: the default answer model, built on first use)"),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="Embedder bundle (default: the collection's)"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Answer budget in tokens (default: the model's answer recipe)"),
-    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, cuda or tensorrt (untested)"),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print answer, sources and timings as JSON"),
     memory: bool = typer.Option(False, "--memory", help="Also print the memory each engine uses"),
 ) -> None:
@@ -179,7 +187,7 @@ def ask(
     from edge.runtime.host import EdgeRuntime
 
     _require_collection(collection)
-    emb, _ = _embedder(embedder, collection)
+    emb, _ = _embedder(embedder, collection, backend)
     rt = EdgeRuntime(collection, embedder=emb, generator_path=engine, backend=backend, progress=not as_json)
     t_loaded = time.perf_counter()
 
@@ -221,7 +229,7 @@ def eval_(
     no_generate: bool = typer.Option(False, "--no-generate", help="Score retrieval only"),
     engine: Optional[Path] = typer.Option(None, "--engine", help="Generator bundle"),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="Embedder bundle (default: the collection's)"),
-    backend: str = typer.Option("auto", "--backend"),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Answer budget (default: the model's answer recipe)"),
     as_json: bool = typer.Option(False, "--json", help="One JSON line per mode (with per-question details)"),
 ) -> None:
@@ -232,7 +240,7 @@ def eval_(
     items = load_questions(questions)
     _require_collection(collection)
     modes = list(MODES) if mode == "all" else [mode]
-    emb, _ = _embedder(embedder, collection)
+    emb, _ = _embedder(embedder, collection, backend)
     gen = None
     if not no_generate:
         from edge.runtime.generator import Generator

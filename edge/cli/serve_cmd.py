@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from edge.cli.app import app
+from edge.cli.rag_cmd import BACKEND_HELP
 
 
 def _check_port(host: str, port: int) -> None:
@@ -37,7 +38,7 @@ def serve(
     collection: str = typer.Option("default", "--collection", "-c", help="Collection /v1/ask answers from"),
     engine: Optional[Path] = typer.Option(None, "--engine", help="Generator bundle (default: the default answer model, built on first use)"),
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="Embedder bundle (default: the collection's)"),
-    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime, cuda or tensorrt (untested)"),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for onnxruntime (default: all cores)"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGE_RAG_API_KEY", show_envvar=True,
                                           help="Require `Authorization: Bearer KEY` on every request"),
@@ -66,7 +67,7 @@ def serve(
              "max_embed_chars": max_embed_chars, "deadline_s": deadline, "api_key": api_key or None}
     Limits(**{k: v for k, v in asked.items() if v is not None}).check()  # a bad limit fails before loading engines
     _check_port(host, port)
-    emb, _ = _embedder(embedder, collection)  # verifies every artifact of the embedder bundle
+    emb, _ = _embedder(embedder, collection, backend)  # verifies every artifact of the embedder bundle
     gen = _generator(engine, backend, threads)  # loaded (or built) before accepting requests
     if getattr(gen, "bundle", None) is not None:
         gen.bundle.verify()  # every artifact, not only the graph the backend loaded

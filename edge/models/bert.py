@@ -271,3 +271,53 @@ def load_bert_weights(folder: BertFolder) -> dict[str, np.ndarray]:
             raise ModelError(f"{folder.weights_path}: tensor {k} has shape {tuple(out[k].shape)}, config says {shape}",
                              fix="config.json does not match the weights")
     return out
+
+
+# ---- the numpy reference forward (the oracle of the GPU encoder; fp32, one text at a time) ----
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """erf in float64 (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7): no scipy needed."""
+    x = np.asarray(x, dtype=np.float64)
+    s, a = np.sign(x), np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * np.exp(-a * a)
+    return s * y
+
+
+def _layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    m = x.mean(-1, keepdims=True)
+    v = ((x - m) ** 2).mean(-1, keepdims=True)
+    return (x - m) / np.sqrt(v + eps) * g + b
+
+
+def reference_embed(spec: EncoderSpec, w: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
+    """The sentence embedding [dim] float32 of one token sequence ([CLS] ... [SEP], truncated):
+    BertModel (post-LayerNorm, erf GELU, bidirectional attention) -> pooling -> L2 (when the
+    spec says). Plain numpy in fp32: every faster path is checked against this."""
+    t = len(ids)
+    H, nh = spec.hidden_size, spec.n_heads
+    d = H // nh
+    x = w["embeddings.word_embeddings.weight"][np.asarray(ids)] + w["embeddings.position_embeddings.weight"][:t]
+    if "embeddings.token_type_embeddings.weight" in w:
+        x = x + w["embeddings.token_type_embeddings.weight"][0]
+    eps = spec.layer_norm_eps
+    x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
+    for i in range(spec.n_layers):
+        p = f"encoder.layer.{i}."
+
+        def lin(v: np.ndarray, name: str) -> np.ndarray:
+            return v @ w[p + name + ".weight"].T + w[p + name + ".bias"]
+
+        q, k, v = (lin(x, f"attention.self.{n}").reshape(t, nh, d).transpose(1, 0, 2) for n in ("query", "key", "value"))
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(d)  # [heads, t, t]
+        s = np.exp(s - s.max(-1, keepdims=True))
+        ctx = (s / s.sum(-1, keepdims=True)) @ v  # [heads, t, d]
+        a = lin(ctx.transpose(1, 0, 2).reshape(t, H), "attention.output.dense")
+        x = _layer_norm(x + a, w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"], eps)
+        u = lin(x, "intermediate.dense")
+        u = (0.5 * u * (1.0 + _erf(u / np.sqrt(2.0)))).astype(np.float32)
+        x = _layer_norm(x + lin(u, "output.dense"), w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], eps)
+    pooled = {"mean": lambda: x.mean(0), "cls": lambda: x[0], "max": lambda: x.max(0)}[spec.pooling]()
+    if spec.normalize:
+        pooled = pooled / max(float(np.linalg.norm(pooled)), 1e-12)
+    return pooled.astype(np.float32)

@@ -1,4 +1,5 @@
-"""The embedding engine at run time: an embedder bundle served by ONNX Runtime.
+"""The embedding engine at run time: an embedder bundle served by ONNX Runtime (CPU) or by the
+GPU encoder (edge.runtime.cuda.embedder, `backend="cuda"`).
 
     texts --tokenizers (truncate to max_seq_length)--> ids
           --sort by length, cut into batches, pad each batch to its own longest--> [B, S] int32
@@ -6,11 +7,14 @@
           --restore input order--> [n, dim]
 
 Sorting by length before batching means a batch of short queries never pays for one long
-passage's padding. No torch, no transformers: numpy, tokenizers and onnxruntime only.
+passage's padding. The cuda backend packs each batch without padding instead, so it keeps the
+input order and overlaps tokenizing the next batch with the GPU's work on this one.
+No torch, no transformers: numpy, tokenizers and onnxruntime (or cupy) only.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +23,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from edge.bundle import Bundle
-from edge.errors import BackendError, BundleError, UsageError
+from edge.errors import BackendError, BundleError, EdgeRagError, UsageError
 
+BACKENDS = ("auto", "onnxruntime", "cuda")
 INPUTS = ("input_ids", "attention_mask")  # must match edge.build.encoder.INPUTS
 OUTPUT = "sentence_embedding"
 
@@ -36,6 +41,7 @@ class EmbedderInfo:
     normalize: bool
     quant: str
     embedder_id: str
+    backend: str = "onnxruntime"  # "cuda": fp16 on the GPU, from the bundle's source weights
 
 
 # Attention scores are [B, heads, S, S]: a batch of 32 texts of 512 tokens holds ~400 MB per
@@ -43,6 +49,7 @@ class EmbedderInfo:
 # are cut so that B * S * S stays under this (32 chunks of ~180 tokens; 4 texts of 512).
 MAX_BATCH_CELLS = 1 << 20
 ENCODE_PIECE = 32  # texts per tokenizer call
+log = logging.getLogger(__name__)
 
 
 def length_buckets(lengths: list[int], batch_size: int, max_cells: int = MAX_BATCH_CELLS) -> list[np.ndarray]:
@@ -62,6 +69,36 @@ def length_buckets(lengths: list[int], batch_size: int, max_cells: int = MAX_BAT
     return out
 
 
+def resolve_backend(backend: str) -> str:
+    """"auto" -> "cuda" when a GPU of compute capability 8.0+ and cupy are usable, else
+    "onnxruntime". The generator's names are accepted too: "tensorrt" has no embedder of its
+    own and means "auto" here."""
+    if backend == "tensorrt":
+        backend = "auto"
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown embedder backend {backend!r}", fix=f"choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "cuda" if _cuda_available() else "onnxruntime"
+    return backend
+
+
+def _cuda_available() -> bool:
+    try:
+        from edge.runtime import cuda
+
+        return bool(cuda.available())
+    except Exception:  # noqa: BLE001 - a broken driver or binding means "not available", not a crash
+        return False
+
+
+def _cuda_unavailable_reason() -> str:
+    from edge.runtime import cuda
+
+    if os.environ.get("EDGE_RAG_NO_GPU"):
+        return "EDGE_RAG_NO_GPU is set"
+    return str(cuda.probe(compile=False).get("reason") or "no usable NVIDIA GPU")
+
+
 def default_threads() -> int:
     """Physical-ish cores available to this process ($EDGE_RAG_THREADS overrides)."""
     env = os.environ.get("EDGE_RAG_THREADS")
@@ -77,16 +114,20 @@ class Embedder:
     """Sentence embeddings from an embedder bundle. Thread-safe for concurrent `embed` calls
     (onnxruntime sessions are; the tokenizer is only read)."""
 
-    def __init__(self, bundle: Bundle, session: Any, tokenizer: Any):
+    def __init__(self, bundle: Bundle, session: Any, tokenizer: Any, backend: str = "onnxruntime"):
         m = bundle.manifest
         model = m.model
         self.bundle = bundle
-        self.session = session
+        self.session = session  # onnxruntime.InferenceSession, or edge.runtime.cuda.embedder.CudaEncoder
+        self.backend = backend
         self.tokenizer = tokenizer  # tokenizers.Tokenizer, truncating to max_seq_length, no padding
+        # NOTE: the cuda backend computes the same model in fp16 from the bundle's source weights and
+        # keeps the bundle's embedder_id, so a collection can be ingested on one backend and queried on
+        # the other (all-MiniLM-L6-v2: cosine >= 0.999 to fp32; the int8 graph's is >= 0.992)
         self.info = EmbedderInfo(
             name=model["name"], dim=int(model["dim"]), max_seq_length=int(model["max_seq_length"]),
             pooling=model["pooling"], normalize=bool(model["normalize"]),
-            quant=m.quant.recipe, embedder_id=m.embedder_id,
+            quant="fp16" if backend == "cuda" else m.quant.recipe, embedder_id=m.embedder_id, backend=backend,
         )
         self.pad_id = int(model.get("pad_token_id", 0))
         self._counter: Any = None  # an untruncated copy of the tokenizer, made on first count_tokens
@@ -94,13 +135,19 @@ class Embedder:
     # ---- construction ----------------------------------------------------------------
     @classmethod
     def from_bundle(cls, path: str | Path, *, threads: int | None = None, verify: bool = True,
-                    providers: list[str] | None = None, spin: bool = False) -> "Embedder":
-        """Open an embedder bundle (checksums verified) and start an onnxruntime session.
-        `threads`: intra-op threads (default: the cores this process may use). `spin`: let idle
-        worker threads spin-wait (lower latency on a machine with cores to spare)."""
-        import onnxruntime as ort
+                    providers: list[str] | None = None, spin: bool = False, backend: str = "onnxruntime") -> "Embedder":
+        """Open an embedder bundle (checksums verified) and start an onnxruntime session, or the
+        GPU encoder (`backend` "cuda", or "auto" where a GPU is usable). `threads`: intra-op threads
+        (default: the cores this process may use). `spin`: let idle worker threads spin-wait
+        (lower latency on a machine with cores to spare)."""
         from tokenizers import Tokenizer
 
+        asked = backend
+        backend = resolve_backend(backend)
+        if asked == "cuda" and backend == "cuda" and not _cuda_available():
+            raise BackendError(f"--backend cuda: the cuda embedder is not available ({_cuda_unavailable_reason()})",
+                               fix="pip install 'edge-rag[cuda]' on a machine with an NVIDIA GPU (compute capability 8.0+), "
+                                   "or use --backend onnxruntime")
         bundle = Bundle.open(path, kind="embedder", verify=verify)
         if not bundle.manifest.embedder_id:
             raise BundleError(f"{bundle.path}: manifest lacks 'embedder_id'", fix="rebuild the embedder bundle")
@@ -108,6 +155,15 @@ class Embedder:
         tok = Tokenizer.from_file(str(bundle.file("tokenizer.json")))
         tok.no_padding()  # padding is per batch, below
         tok.enable_truncation(max_length=int(model["max_seq_length"]))
+        if backend == "cuda":
+            try:
+                return cls(bundle, _open_cuda_encoder(bundle), tok, backend="cuda")
+            except EdgeRagError as e:  # no source weights here, an unsupported architecture...
+                if asked == "cuda":
+                    raise
+                log.warning("the GPU embedder cannot run this bundle (%s); using onnxruntime", e)
+        import onnxruntime as ort
+
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or default_threads()
         so.inter_op_num_threads = 1
@@ -122,6 +178,10 @@ class Embedder:
             raise BackendError(f"{bundle.path}: onnxruntime cannot load model.onnx ({e})",
                                fix="rebuild the bundle with this onnxruntime version") from None
         return cls(bundle, sess, tok)
+
+    def close(self) -> None:
+        """Drop the backend's session (GPU memory goes back to cupy's pool)."""
+        self.session = None
 
     # ---- properties ------------------------------------------------------------------
     @property
@@ -172,6 +232,8 @@ class Embedder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out, 0
+        if self.backend == "cuda":
+            return out, self._embed_cuda(texts, batch_size, progress, out)
         ids = self._encode(texts)
         batches = length_buckets([len(x) for x in ids], batch_size)
         for idx in _maybe_progress(batches, progress, len(texts)):
@@ -182,8 +244,33 @@ class Embedder:
         """One embedding [dim] float32."""
         return self._run(self._encode([text]))[0]
 
+    def _embed_cuda(self, texts: list[str], batch_size: int, progress: bool, out: np.ndarray) -> int:
+        """The GPU path of embed_counted: batches in input order (packed, so unsorted batches cost no
+        padding); batch i+1 is tokenized while the GPU runs batch i. Returns the tokens read."""
+        from edge.runtime.cuda.embedder import MAX_LAUNCH_TOKENS, Pending
+
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+        per = max(1, min(batch_size, MAX_LAUNCH_TOKENS // self.max_seq_length))
+        tokens, pending = 0, None
+        starts = range(0, len(texts), per)
+        for i in _maybe_progress(starts, progress, len(texts), step=per):
+            ids = self._encode(texts[i:i + per])
+            tokens += sum(map(len, ids))
+            nxt = (i, len(ids), Pending(self.session.cp, self.session.launch(ids)))
+            if pending is not None:
+                j, n, p = pending
+                out[j:j + n] = p.result()
+            pending = nxt
+        if pending is not None:
+            j, n, p = pending
+            out[j:j + n] = p.result()
+        return tokens
+
     def _run(self, batch: list[list[int]]) -> np.ndarray:
         """Right-pad a batch to its longest member and run the graph: [B, S] -> [B, dim]."""
+        if self.backend == "cuda":
+            return self.session.run(batch)
         n, seq = len(batch), max(len(x) for x in batch)
         ids = np.full((n, seq), self.pad_id, dtype=np.int32)
         mask = np.zeros((n, seq), dtype=np.int32)
@@ -201,7 +288,15 @@ class Embedder:
         return self.session.run([OUTPUT], {INPUTS[0]: ids, INPUTS[1]: mask}, opts)[0]
 
 
-def _maybe_progress(batches: list[np.ndarray], progress: bool, total: int) -> Iterable[np.ndarray]:
+def _open_cuda_encoder(bundle: Bundle) -> Any:
+    from edge.runtime.cuda.embedder import CudaEncoder, _load_source_weights
+
+    spec, weights = _load_source_weights(bundle)
+    return CudaEncoder(spec, weights)
+
+
+def _maybe_progress(batches: Any, progress: bool, total: int, step: int | None = None) -> Iterable[Any]:
+    """Yield `batches`, advancing a progress bar by each one's length (or by `step` texts)."""
     if not progress:
         yield from batches
         return
@@ -211,4 +306,4 @@ def _maybe_progress(batches: list[np.ndarray], progress: bool, total: int) -> It
         task = p.add_task("embedding", total=total)
         for b in batches:
             yield b
-            p.advance(task, len(b))
+            p.advance(task, step if step is not None else len(b))
