@@ -15,6 +15,9 @@ Rounds alternate engine order; the median round is reported; warm-up excluded; e
 ends with the vectors on the host.
 
     python bench/bench_embed_gpu.py [--model DIR] [--chunks 2048] [--batch 64] [--rounds 5] [--queries 200]
+    python bench/bench_embed_gpu.py --write-texts texts.json   # the texts, for a machine of another Python
+                                                               # (pydoc_data differs between versions)
+    python bench/bench_embed_gpu.py --texts texts.json ...
 """
 
 from __future__ import annotations
@@ -44,6 +47,14 @@ def cosines(a, b):
     return (a * b).sum(1)
 
 
+def _folder(model: str | None) -> Path:
+    if model:
+        return Path(model)
+    from edge.models.defaults import default_embedder_path
+
+    return Path(default_embedder_path())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="sentence-transformers folder (default: the installed all-MiniLM-L6-v2)")
@@ -52,7 +63,17 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--queries", type=int, default=200, help="single-query calls per latency round")
+    ap.add_argument("--texts", default=None, help="read the varied texts, chunks and queries from this JSON file")
+    ap.add_argument("--write-texts", default=None, help="write them to this JSON file and stop")
     args = ap.parse_args()
+    if args.write_texts:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(_folder(args.model) / "tokenizer.json"))
+        tok.no_padding()
+        Path(args.write_texts).write_text(json.dumps({"varied": varied_texts(200), "queries": QUERIES,
+                                                      "chunks": make_chunks(tok, args.chunks, args.tokens)}))
+        return 0
 
     import numpy as np
     import torch
@@ -63,12 +84,8 @@ def main() -> int:
     from edge.build.encoder import build_embedder_bundle
     from edge.runtime.embedder import Embedder
 
-    if args.model:
-        folder = Path(args.model)
-    else:
-        from edge.models.defaults import default_embedder_path
-
-        folder = default_embedder_path()
+    folder = _folder(args.model)
+    given = json.loads(Path(args.texts).read_text()) if args.texts else None
     torch.backends.cuda.matmul.allow_tf32 = False
     gpu = torch.cuda.get_device_name(0)
     common = {"bench": "embed_gpu", "device": gpu, "torch": torch.__version__, "cupy": cp.__version__}
@@ -82,7 +99,7 @@ def main() -> int:
          weight_mib=round(ours.session.weight_bytes / 2**20, 1), st_attn=str(getattr(st16[0].auto_model.config, "_attn_implementation", "?")))
 
     # accuracy: 200 varied texts against sentence-transformers fp32 on the CPU
-    texts = varied_texts(200)
+    texts = given["varied"] if given else varied_texts(200)
     ref = st32_cpu.encode(texts, batch_size=32, convert_to_numpy=True)
     for name, vecs in (("edge-rag-cuda", ours.embed(texts, batch_size=32)),
                        ("sentence-transformers-fp16", st16.encode(texts, batch_size=32, convert_to_numpy=True).astype(np.float32))):
@@ -91,9 +108,10 @@ def main() -> int:
              min_cosine=round(float(c.min()), 6), mean_cosine=round(float(c.mean()), 6),
              **({"target": 0.999, "met": bool(c.min() >= 0.999)} if name == "edge-rag-cuda" else {}))
 
-    chunks = make_chunks(ours.tokenizer, args.chunks, args.tokens)
+    chunks = given["chunks"][: args.chunks] if given else make_chunks(ours.tokenizer, args.chunks, args.tokens)
     n_tok = [len(e.ids) for e in ours.tokenizer.encode_batch(chunks)]
-    queries = [QUERIES[i % len(QUERIES)] for i in range(args.queries)]
+    qs = given["queries"] if given else QUERIES
+    queries = [qs[i % len(qs)] for i in range(args.queries)]
     c = cosines(ours.embed(chunks[:256], batch_size=args.batch), st32_cpu.encode(chunks[:256], batch_size=32, convert_to_numpy=True))
     emit(**common, figure="accuracy", engine="edge-rag-cuda", vs="sentence-transformers fp32 (cpu)", texts=256,
          tokens_per_text=round(statistics.mean(n_tok), 1), min_cosine=round(float(c.min()), 6), mean_cosine=round(float(c.mean()), 6))
