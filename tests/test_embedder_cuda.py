@@ -159,20 +159,20 @@ def test_source_weights_missing_or_changed_are_refused(tiny, tmp_path):
     import shutil
 
     from edge.bundle import Bundle
-    from edge.runtime.cuda.embedder import _load_source_weights
+    from edge.runtime.cuda.embedder import load_source_weights
 
     folder = tmp_path / "st"
     shutil.copytree(tiny["mean_norm"], folder)
     bundle = Bundle.open(build_embedder_bundle(folder, tmp_path / "b", progress=False), kind="embedder")
-    spec, w = _load_source_weights(bundle)
+    spec, w = load_source_weights(bundle)
     assert spec.n_heads == 2 and w["embeddings.word_embeddings.weight"].shape == (256, 64)
     st = read_bert_folder(folder).weights_path
     st.write_bytes(st.read_bytes()[:-8] + b"\0" * 8)  # same size, other bytes
     with pytest.raises(BackendError, match="the weights changed since the bundle was built"):
-        _load_source_weights(bundle)
+        load_source_weights(bundle)
     shutil.rmtree(folder)
     with pytest.raises(BackendError, match="which is not on this machine"):
-        _load_source_weights(bundle)
+        load_source_weights(bundle)
 
 
 # ---- GPU --------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ which the GPU path does not read.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def pack(batch: list[list[int]]) -> tuple[np.ndarray, int, int]:
     return host, t, n
 
 
-def _load_source_weights(bundle: Any) -> tuple[Any, dict[str, np.ndarray]]:
+def load_source_weights(bundle: Any) -> tuple[Any, dict[str, np.ndarray]]:
     """(EncoderSpec, fp32 weights) from the model folder the bundle was built from, sha-checked."""
     from edge.models.bert import load_bert_weights, read_bert_folder
 
@@ -111,8 +112,6 @@ class CudaEncoder:
         self.head_dim = self.H // self.heads
         self.eps = np.float32(spec.layer_norm_eps)
         self.scale_log2 = np.float32(LOG2E / np.sqrt(self.head_dim))
-        import os
-
         os.environ.setdefault("CUPY_CACHE_DIR", kernel_cache_dir())
         self.device = cp.cuda.Device(device_id)
         with self.device:
