@@ -33,7 +33,7 @@ def docs(tmp_path, monkeypatch):
 
     emb_dir = tmp_path / "emb"
     emb_dir.mkdir()
-    monkeypatch.setattr(cmd, "_embedder", lambda path, collection=None: (HashEmbedder(), emb_dir))
+    monkeypatch.setattr(cmd, "_embedder", lambda path, collection=None, backend="auto": (HashEmbedder(), emb_dir))
     d = tmp_path / "docs"
     d.mkdir()
     (d / "codes.md").write_text(MANUAL)
@@ -470,7 +470,7 @@ def test_a_file_size_limit_mid_ingest_is_one_line_and_recoverable(docs, tmp_path
     code = ("import resource, signal, sys; sys.path[:0] = [{root!r}, {tests!r}]\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "import edge.cli.rag_cmd as cmd; from test_rag_fakes import HashEmbedder; from pathlib import Path\n"
-            "cmd._embedder = lambda p, c=None: (HashEmbedder(), Path({emb!r}))\n"
+            "cmd._embedder = lambda p, c=None, b='auto': (HashEmbedder(), Path({emb!r}))\n"
             "lim = int(sys.argv[1])\n"
             "if lim: resource.setrlimit(resource.RLIMIT_FSIZE, (lim, lim))\n"
             "from edge.cli import main; sys.exit(main(sys.argv[2:]))").format(
@@ -548,7 +548,7 @@ def test_serve_verifies_what_it_loads(tiny_bundle, tmp_path, monkeypatch, capsys
     w.write_bytes(bytes(data))
     import edge.cli.rag_cmd as cmd
 
-    monkeypatch.setattr(cmd, "_embedder", lambda path, collection=None: (HashEmbedder(), tmp_path))
+    monkeypatch.setattr(cmd, "_embedder", lambda path, collection=None, backend="auto": (HashEmbedder(), tmp_path))
     rc, out, err = run(["serve", "--port", "18555", "--engine", str(b)], capsys)
     one_line_error(rc, err, "weights.safetensors")
 

@@ -26,7 +26,7 @@ def fake_engines(monkeypatch, tmp_path):
 
     emb_dir = tmp_path / "emb"
     emb_dir.mkdir()
-    monkeypatch.setattr(cmd, "_embedder", lambda path, collection=None: (HashEmbedder(), emb_dir))
+    monkeypatch.setattr(cmd, "_embedder", lambda path, collection=None, backend="auto": (HashEmbedder(), emb_dir))
 
     class G:
         @staticmethod
