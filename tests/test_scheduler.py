@@ -373,3 +373,14 @@ def test_stop_and_eos_finish_reasons():
     r.append(3)
     r.append(9)
     assert r.finish_reason == "stop" and r.output_ids == [3]
+
+
+def test_counts_are_current_when_a_stream_ends():
+    """/health and /metrics read Engine.stats(): a client that asks right after its request ended
+    must not see it still running (the counts were refreshed only after the step's bookkeeping)."""
+    with Engine(FakeBackend(), eos_ids=()) as e:
+        slow = e._reap_errors
+        e._reap_errors = lambda: (time.sleep(0.2), slow())  # widen the window after a step
+        s = e.submit([1, 2, 3], greedy(3), detokenize=False)
+        list(s)
+        assert e.stats()["running"] == 0 and e.stats()["kv_blocks_used"] == 0

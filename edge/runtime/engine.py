@@ -298,6 +298,7 @@ class Engine:
             self._end(req)
 
     def _end(self, req: Request) -> None:
+        self._count()  # before the stream ends: a client that reads /health right after sees it gone
         s = self._streams.pop(req.request_id, None)
         if s is not None:
             s._push(_END)
