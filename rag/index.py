@@ -74,20 +74,35 @@ def _nlist(n: int) -> int:
     return int(max(1, min(4 * math.sqrt(max(n, 1)), n // 39)))
 
 
+KINDS = ("flat", "hnsw", "ivfpq")
+
+
+def plan_for(kind: str, n: int, dim: int) -> IndexPlan:
+    """The plan of one index kind for `n` vectors (its parameters and estimated bytes)."""
+    if kind == "flat":
+        return IndexPlan("flat", estimate_bytes("flat", n, dim))
+    if kind == "hnsw":
+        return IndexPlan("hnsw", estimate_bytes("hnsw", n, dim), {"M": HNSW_M, "efSearch": HNSW_EF_SEARCH})
+    if kind == "ivfpq":
+        return IndexPlan("ivfpq", estimate_bytes("ivfpq", n, dim),
+                         {"nlist": _nlist(n), "m": _pq_m(dim), "nprobe": max(1, _nlist(n) // 4)})
+    raise ValueError(f"unknown index kind {kind!r} (one of {', '.join(KINDS)})")
+
+
 def choose_index(n: int, dim: int, budget_bytes: int | None = None) -> IndexPlan:
-    """Pick the index kind for `n` vectors of `dim` under `budget_bytes` (None = no limit)."""
+    """Pick the index kind for `n` vectors of `dim` under `budget_bytes` (None = no limit):
+    exact while small and within budget, else HNSW while its graph fits, else IVF-PQ."""
     budget = budget_bytes if budget_bytes is not None else 1 << 62
-    flat = estimate_bytes("flat", n, dim)
-    if n <= FLAT_MAX and flat <= budget:
-        return IndexPlan("flat", flat)
-    hnsw = estimate_bytes("hnsw", n, dim)
-    if hnsw <= budget and n >= 1:
-        return IndexPlan("hnsw", hnsw, {"M": HNSW_M, "efSearch": HNSW_EF_SEARCH})
+    flat = plan_for("flat", n, dim)
+    if n <= FLAT_MAX and flat.est_bytes <= budget:
+        return flat
+    hnsw = plan_for("hnsw", n, dim)
+    if hnsw.est_bytes <= budget and n >= 1:
+        return hnsw
     if n < 256 * 39 // 8:
         # too few points to train PQ codebooks (256 centroids each): flat is small anyway
-        return IndexPlan("flat", flat)
-    pq = estimate_bytes("ivfpq", n, dim)
-    return IndexPlan("ivfpq", pq, {"nlist": _nlist(n), "m": _pq_m(dim), "nprobe": max(1, _nlist(n) // 4)})
+        return flat
+    return plan_for("ivfpq", n, dim)
 
 
 def _faiss():
@@ -315,10 +330,11 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def rebuild_from(batches_fn: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]], n: int, dim: int,
-                 embedder_id: str, generation: int, budget_bytes: int | None = None) -> VectorIndex:
+                 embedder_id: str, generation: int, budget_bytes: int | None = None,
+                 plan: IndexPlan | None = None) -> VectorIndex:
     """Build a fresh index over everything `batches_fn()` yields (called twice for ivfpq: a
-    training sample, then all vectors)."""
-    plan = choose_index(n, dim, budget_bytes)
+    training sample, then all vectors). `plan` overrides the choice made from the budget."""
+    plan = plan or choose_index(n, dim, budget_bytes)
     sample = None
     if plan.kind == "ivfpq":
         want = min(n, max(plan.params["nlist"] * 64, 256 * 64))

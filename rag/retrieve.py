@@ -25,14 +25,16 @@ from rag.store import ChunkRow, Closing, Store
 MODES = ("hybrid", "vector", "keyword")
 RRF_K = 60
 MAX_FTS_TERMS = 64
-# The relevance gate (all-MiniLM-L6-v2 scale; measured on examples/: the 36 in-domain questions
-# have a top cosine of 0.32-0.75, ten off-topic ones 0.09-0.24). A question is covered when
-#   top cosine >= MIN_COSINE, or
-#   the best keyword hit holds >= MIN_KEYWORD_COVERAGE of its terms and top cosine >= MIN_COSINE_WITH_KEYWORDS, or
+# The relevance gate. Its thresholds are on the embedder's own cosine scale, so they are calibrated
+# when the embedder bundle is built (edge.build.relevance) and read from its manifest
+# (`relevance_gate`). A question is covered when
+#   top cosine >= min_cosine, or
+#   the best keyword hit holds >= min_keyword_coverage of its terms and top cosine >= min_cosine_with_keywords, or
 #   the best keyword hit holds one of its codes (a term with a digit: E-214, 40-118-2).
-MIN_COSINE = 0.30
-MIN_COSINE_WITH_KEYWORDS = 0.20
-MIN_KEYWORD_COVERAGE = 0.5
+# LEGACY_GATE is only for all-MiniLM-L6-v2 bundles built before the calibration existed (measured
+# on examples/ then: 36 in-domain questions had a top cosine of 0.32-0.75, ten off-topic ones 0.09-0.24).
+LEGACY_GATE = {"min_cosine": 0.30, "min_cosine_with_keywords": 0.20, "min_keyword_coverage": 0.5}
+MIN_KEYWORD_COVERAGE = LEGACY_GATE["min_keyword_coverage"]
 
 # Words that carry no retrieval signal; dropped from the FTS query so that "what does X mean"
 # does not match every chunk containing "what".
@@ -124,28 +126,95 @@ class Retrieval:
     ms: dict = field(default_factory=dict)  # embed, vector, keyword, total
 
 
-def rrf(lists: list[list[int]], k: int = RRF_K) -> dict[int, float]:
-    """Reciprocal rank fusion of ranked id lists -> {id: fused score}."""
+def rrf(lists: list[list[int]], k: int = RRF_K, weights: list[float] | None = None) -> dict[int, float]:
+    """(Weighted) reciprocal rank fusion of ranked id lists -> {id: fused score}."""
     out: dict[int, float] = {}
-    for ranked in lists:
+    for w, ranked in zip(weights or [1.0] * len(lists), lists):
         for r, i in enumerate(ranked, start=1):
-            out[i] = out.get(i, 0.0) + 1.0 / (k + r)
+            out[i] = out.get(i, 0.0) + w / (k + r)
     return out
+
+
+def _minmax(scored: list[tuple[int, float]]) -> dict[int, float]:
+    """Scores of one list mapped to [0, 1] (best 1, worst candidate 0); a single hit gets 1."""
+    if not scored:
+        return {}
+    vals = [s for _, s in scored]
+    lo, hi = min(vals), max(vals)
+    return {i: (s - lo) / (hi - lo) if hi > lo else 1.0 for i, s in scored}
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How hybrid mode merges the vector and keyword lists.
+
+    rrf     sum of w / (RRF_K + rank) per list (w = 2 vector_weight, 2 (1 - vector_weight):
+            0.5 is plain reciprocal rank fusion)
+    convex  vector_weight * minmax(cosine) + (1 - vector_weight) * minmax(BM25), each list's
+            scores scaled to [0, 1] over its own candidates; a chunk absent from a list gets 0
+            there. Unlike ranks, scores keep how far apart the candidates are: a keyword list
+            whose best hit is barely better than its tenth moves the result little.
+    """
+
+    method: str = "rrf"
+    vector_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.method not in ("rrf", "convex") or not 0.0 <= self.vector_weight <= 1.0:
+            raise UsageError(f"fusion {self.method}:{self.vector_weight} is not valid",
+                             fix="use rrf or convex with a vector weight from 0 to 1")
+
+    @classmethod
+    def parse(cls, text: str) -> "Fusion":
+        """'convex:0.6' -> Fusion('convex', 0.6)."""
+        method, _, w = text.partition(":")
+        try:
+            return cls(method, float(w) if w else cls.vector_weight)
+        except ValueError:
+            raise UsageError(f"fusion {text!r} is not METHOD:WEIGHT", fix="e.g. convex:0.6 or rrf:0.5") from None
+
+    def fuse(self, vec: list[tuple[int, float]], kw: list[tuple[int, float]]) -> dict[int, float]:
+        w = self.vector_weight
+        if self.method == "rrf":
+            return rrf([[i for i, _ in vec], [i for i, _ in kw]], weights=[2.0 * w, 2.0 * (1.0 - w)])
+        nv, nk = _minmax(vec), _minmax(kw)
+        return {i: w * nv.get(i, 0.0) + (1.0 - w) * nk.get(i, 0.0) for i in set(nv) | set(nk)}
+
+
+DEFAULT_FUSION = Fusion()
+
+
+def gate_of(embedder) -> dict:
+    """The relevance gate's thresholds for `embedder` (its bundle manifest's, calibrated at build)."""
+    gate = getattr(embedder, "relevance_gate", None)
+    if gate:
+        return {k: float(gate[k]) for k in LEGACY_GATE}
+    import logging
+
+    logging.getLogger("edge_rag").warning(
+        "embedder %s has no calibrated relevance gate (built before edge-rag calibrated one); using the "
+        "all-MiniLM-L6-v2 thresholds. Rebuild it (`edge-rag build-embedder ...`) to calibrate",
+        getattr(embedder, "embedder_id", "?"))
+    return dict(LEGACY_GATE)
 
 
 class Retriever(Closing):
     """Search one collection. Holds the store connection, the index and the embedder."""
 
     def __init__(self, embedder, collection: str = "default", *, directory: Path | None = None,
-                 repair: bool = True, min_cosine: float = MIN_COSINE,
-                 min_cosine_with_keywords: float = MIN_COSINE_WITH_KEYWORDS):
+                 repair: bool = True, min_cosine: float | None = None,
+                 min_cosine_with_keywords: float | None = None, fusion: Fusion = DEFAULT_FUSION):
         from rag.ingest import collection_dir
 
         self.embedder = embedder
         self.collection = collection
         self.dir = Path(directory) if directory else collection_dir(collection)
-        self.min_cosine = min_cosine
-        self.min_cosine_with_keywords = min_cosine_with_keywords
+        gate = gate_of(embedder) if embedder is not None else dict(LEGACY_GATE)
+        self.min_cosine = gate["min_cosine"] if min_cosine is None else min_cosine
+        self.min_cosine_with_keywords = (gate["min_cosine_with_keywords"] if min_cosine_with_keywords is None
+                                         else min_cosine_with_keywords)
+        self.min_keyword_coverage = gate["min_keyword_coverage"]
+        self.fusion = fusion
         self.store = Store(self.dir, readonly=True)
         emb = self.store.get_meta("embedder_id")
         if emb is None or self.store.count_chunks() == 0:
@@ -164,7 +233,8 @@ class Retriever(Closing):
     def _fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.store.vectors(ids, dim=self.index.dim)
 
-    def search(self, query: str, k: int = 5, mode: str = "hybrid", fetch_k: int | None = None) -> Retrieval:
+    def search(self, query: str, k: int = 5, mode: str = "hybrid", fetch_k: int | None = None,
+               fusion: Fusion | None = None) -> Retrieval:
         """Top-k chunks for `query`. `fetch_k` candidates are taken from each list before fusion."""
         if mode not in MODES:
             raise UsageError(f"unknown search mode {mode!r}", fix=f"use one of {', '.join(MODES)}")
@@ -198,7 +268,7 @@ class Retriever(Closing):
         krank = {i: r for r, (i, _) in enumerate(kw, start=1)}
         kscore = dict(kw)
         if mode == "hybrid":
-            fused = rrf([[i for i, _ in vec], [i for i, _ in kw]])
+            fused = (fusion or self.fusion).fuse(vec, kw)
             ranked = sorted(fused.items(), key=lambda x: (-x[1], vrank.get(x[0], 1 << 30)))
         elif mode == "vector":
             ranked = vec
@@ -222,7 +292,7 @@ class Retriever(Closing):
         cov = keyword_coverage(query, best_kw) if best_kw else 0.0
         vec_ok = mode == "keyword" or top_cos >= self.min_cosine_with_keywords
         has_code = any(c in best_kw.lower() for c in code_terms(query))
-        relevant = (top_cos >= self.min_cosine or (cov >= MIN_KEYWORD_COVERAGE and vec_ok) or has_code)
+        relevant = (top_cos >= self.min_cosine or (cov >= self.min_keyword_coverage and vec_ok) or has_code)
         ms["total"] = (time.perf_counter() - t0) * 1e3
         return Retrieval(query, mode, hits, top_cos, len(kw), cov, relevant, ms)
 

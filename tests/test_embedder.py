@@ -273,3 +273,31 @@ def test_default_embedder_bundle_built_once_and_cached(edge_home):
     v = emb.embed(["What does error E-214 mean?", "LiDAR point cloud degraded", "battery charging time"])
     assert v.shape == (3, 384)
     assert v[0] @ v[1] > v[0] @ v[2]  # the real model ranks the related passage higher
+
+
+def test_relevance_gate_is_calibrated_into_the_manifest_and_read_by_the_retriever(tiny_folders, tmp_path):
+    from edge.build.relevance import OFF_TOPIC, _passages
+    from rag.retrieve import gate_of
+
+    emb = Embedder.from_bundle(build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "g", progress=False), threads=1)
+    gate = emb.bundle.manifest.relevance_gate
+    assert {"min_cosine", "min_cosine_with_keywords", "min_keyword_coverage", "on_topic_p10"} <= set(gate)
+    # measured on this embedder: no off-topic question reaches min_cosine, half of them reach the keyword one
+    top = (emb.embed(list(OFF_TOPIC)) @ emb.embed(_passages()).T).max(axis=1)
+    assert top.max() < gate["min_cosine"] <= top.max() + 0.06
+    assert gate["min_cosine_with_keywords"] == pytest.approx(float(np.median(top)), abs=2e-3)
+    assert gate_of(emb) == {k: gate[k] for k in ("min_cosine", "min_cosine_with_keywords", "min_keyword_coverage")}
+
+
+def test_int8_bundle_built_for_a_vnni_cpu_is_flagged_on_one_without(tiny_folders, tmp_path, monkeypatch):
+    from edge.runtime.embedder import isa_mismatch
+
+    monkeypatch.setenv("EDGE_RAG_U8S8", "exact")  # as built on an AVX-512 VNNI or ARM CPU
+    full = Bundle.open(build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "v", quant="int8", progress=False)).manifest
+    monkeypatch.setenv("EDGE_RAG_U8S8", "saturates")  # as built on an AVX2-only x86
+    seven = Bundle.open(build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "a", quant="int8", progress=False)).manifest
+    assert full.quant.details["u8s8_exact"] is True and seven.quant.details["u8s8_exact"] is False
+    # now "running" on the AVX2-only CPU: the full-range bundle is flagged, the 7-bit one is not
+    assert "saturate" in isa_mismatch(full) and isa_mismatch(seven) is None
+    monkeypatch.setenv("EDGE_RAG_U8S8", "exact")
+    assert isa_mismatch(full) is None and isa_mismatch(seven) is None

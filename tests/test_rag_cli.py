@@ -39,7 +39,6 @@ def fake_engines(monkeypatch, tmp_path):
     # never build the real default generator in a test
     monkeypatch.setattr(edge.engines, "default_generator_bundle", lambda progress=True: tmp_path / "gen")
     # thresholds for the hashing embedder
-    monkeypatch.setattr(ret, "MIN_COSINE_WITH_KEYWORDS", 0.5)
     orig = ret.Retriever.__init__
 
     def init(self, *a, **kw):

@@ -19,6 +19,8 @@ class HashEmbedder:
     """Implements the Embedder surface the rag package uses."""
 
     max_seq_length = 256
+    # its own relevance gate (a real embedder's comes from its bundle manifest, calibrated at build)
+    relevance_gate = {"min_cosine": 0.30, "min_cosine_with_keywords": 0.20, "min_keyword_coverage": 0.5}
 
     def __init__(self, dim: int = 64, name: str = "hash"):
         self.dim = dim

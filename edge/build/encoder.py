@@ -316,6 +316,7 @@ def _quantize_int8(src: Path, dst: Path) -> Quant:
         root.setLevel(level)
     return Quant(recipe="int8", method="SmoothQuant + onnxruntime.quantize_dynamic",
                  details={"weights": "int7 per-channel symmetric (reduce_range: no VNNI)" if reduce_range else "int8 per-channel symmetric",
+                          "u8s8_exact": not reduce_range,  # the CPU it was built for (edge.cpu, edge.runtime.embedder.isa_mismatch)
                           "activations": "uint8 dynamic per call",
                           "int8_linears": list(INT8_LINEARS), "smoothed": list(INT8_SMOOTHED), "smooth_alpha": INT8_SMOOTH_ALPHA})
 
@@ -333,7 +334,8 @@ def build_embedder_bundle(model_dir: Path, out: Path, *, quant: str = "fp32", pr
         raise UsageError(f"unknown embedder quant {quant!r}", fix=f"use one of {', '.join(QUANTS)}")
     folder: BertFolder = read_bert_folder(model_dir)
     spec = folder.spec
-    steps = ["read weights", "build graph", "write", *(["quantize int8"] if quant == "int8" else []), "checksum"]
+    steps = ["read weights", "build graph", "write", *(["quantize int8"] if quant == "int8" else []),
+             "calibrate the relevance gate", "checksum"]
     ctx = _progress(progress, f"building embedder {spec.name} ({quant})", len(steps))
     writer = BundleWriter(Path(out), kind="embedder")
     try:
@@ -360,6 +362,11 @@ def build_embedder_bundle(model_dir: Path, out: Path, *, quant: str = "fp32", pr
             for name in _TOKENIZER_FILES:
                 if (folder.transformer_dir / name).is_file():
                     writer.add_file(name, folder.transformer_dir / name)
+            from edge.build.relevance import calibrate_gate, onnx_embed_fn
+
+            gate = calibrate_gate(onnx_embed_fn(writer.path("model.onnx"), folder.tokenizer_path, spec.max_seq_length,
+                                                spec.pad_token_id))
+            advance()
             manifest = Manifest(
                 kind="embedder",
                 model=spec.to_dict(),
@@ -368,6 +375,7 @@ def build_embedder_bundle(model_dir: Path, out: Path, *, quant: str = "fp32", pr
                 source={"path": str(folder.root.resolve()), "weights_sha256": sha},
                 graph={"inputs": {n: "int32 [batch, seq] right-padded" for n in INPUTS},
                        "output": f"{OUTPUT} float32 [batch, {spec.dim}]", "opset": OPSET, "contrib_ops": MS_DOMAIN},
+                relevance_gate=gate,
             )
             path = writer.commit(manifest)
             advance()

@@ -99,6 +99,20 @@ def _cuda_unavailable_reason() -> str:
     return str(cuda.probe(compile=False).get("reason") or "no usable NVIDIA GPU")
 
 
+def isa_mismatch(manifest) -> str | None:
+    """Why an int8 embedder bundle loses accuracy on this CPU, or None. Its MatMulInteger GEMMs
+    multiply u8 activations by s8 weights; on x86 without VNNI the int16 pair sums saturate unless the
+    weights were reduced to 7 bits at build (edge.cpu). Measured under qemu -cpu Haswell: README."""
+    from edge.cpu import u8s8_exact
+
+    if manifest.quant.recipe != "int8":
+        return None
+    built_exact = manifest.quant.details.get("u8s8_exact", "reduce_range" not in str(manifest.quant.details.get("weights", "")))
+    if built_exact and not u8s8_exact():
+        return "its full-range int8 weights saturate on this CPU (x86 without VNNI)"
+    return None
+
+
 def default_threads() -> int:
     """Physical-ish cores available to this process ($EDGE_RAG_THREADS overrides)."""
     env = os.environ.get("EDGE_RAG_THREADS")
@@ -151,6 +165,11 @@ class Embedder:
         bundle = Bundle.open(path, kind="embedder", verify=verify)
         if not bundle.manifest.embedder_id:
             raise BundleError(f"{bundle.path}: manifest lacks 'embedder_id'", fix="rebuild the embedder bundle")
+        why = isa_mismatch(bundle.manifest)
+        if why:
+            import sys
+
+            print(f"warning: {bundle.path}: {why}; rebuild it on this machine for full accuracy", file=sys.stderr)
         model = bundle.manifest.model
         tok = Tokenizer.from_file(str(bundle.file("tokenizer.json")))
         tok.no_padding()  # padding is per batch, below
@@ -191,6 +210,11 @@ class Embedder:
     @property
     def max_seq_length(self) -> int:
         return self.info.max_seq_length
+
+    @property
+    def relevance_gate(self) -> dict | None:
+        """Thresholds of the relevance gate calibrated for this embedder at build (None: built before)."""
+        return self.bundle.manifest.relevance_gate
 
     @property
     def normalize(self) -> bool:
