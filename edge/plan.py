@@ -242,6 +242,19 @@ def index_bytes(chunks: int) -> int:
     return chunks * (EMBED_DIM * 4 + SQLITE_BYTES_PER_CHUNK)
 
 
+# The vector index may take this share of a device's usable memory (rag.index.choose_index picks
+# flat / HNSW / IVF-PQ under it): Orin Nano 4GB 50 MB, 8GB 130 MB, AGX Orin 64GB 1.3 GB.
+INDEX_MEMORY_SHARE = 0.02
+
+
+def index_budget_bytes(profile: DeviceProfile | str | None = None) -> int:
+    """Memory budget of the vector index on `profile` (default: the detected device)."""
+    from edge.profiles import detect_profile
+
+    prof = profile if isinstance(profile, DeviceProfile) else load_profile(profile or detect_profile())
+    return int(prof.usable_bytes * INDEX_MEMORY_SHARE)
+
+
 def decoder_workspace_bytes(spec: ModelSpec, concurrency: int) -> int:
     """Decoder activations of the largest step: a prefill chunk (or the decode batch if larger).
 

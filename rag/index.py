@@ -385,6 +385,10 @@ def open_index(store, directory: Path, *, repair: bool = True, budget_bytes: int
 
     log = logging.getLogger("edge_rag")
     log.warning("%s: %s; rebuilding the index from the store", directory, problem)
+    if budget_bytes is None:  # the detected device's share, as an ingest would choose
+        from edge.plan import index_budget_bytes
+
+        budget_bytes = index_budget_bytes()
     vi = rebuild_from(store.iter_vectors, store.count_chunks(), int(dim), emb, gen, budget_bytes)
     try:
         vi.save(directory)

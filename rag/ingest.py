@@ -164,6 +164,10 @@ def _ingest_locked(root, files, unsupported, store: Store, d: Path, embedder: Em
         log.warning("chunk parameters changed (%s -> %s): only changed files are re-chunked; use --rebuild",
                     old_params, asdict(params))
     gen0 = store.generation
+    if memory_budget is None:  # the detected device's share (edge.plan.INDEX_MEMORY_SHARE)
+        from edge.plan import index_budget_bytes
+
+        memory_budget = index_budget_bytes()
     # Make sure the index we update in place matches the store (repairs a crash of a previous run).
     base: VectorIndex | None = None
     if store.count_chunks() and not rebuild:

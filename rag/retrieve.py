@@ -154,13 +154,16 @@ class Fusion:
             scores scaled to [0, 1] over its own candidates; a chunk absent from a list gets 0
             there. Unlike ranks, scores keep how far apart the candidates are: a keyword list
             whose best hit is barely better than its tenth moves the result little.
+    adaptive  convex, with the keyword weight scaled by the share of the question's terms its
+            best hit holds (keyword_coverage): BM25 of a hit matching one common word of a long
+            paraphrased question is no evidence; a hit holding every term (or its code) is.
     """
 
     method: str = "rrf"
     vector_weight: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.method not in ("rrf", "convex") or not 0.0 <= self.vector_weight <= 1.0:
+        if self.method not in ("rrf", "convex", "adaptive") or not 0.0 <= self.vector_weight <= 1.0:
             raise UsageError(f"fusion {self.method}:{self.vector_weight} is not valid",
                              fix="use rrf or convex with a vector weight from 0 to 1")
 
@@ -173,12 +176,14 @@ class Fusion:
         except ValueError:
             raise UsageError(f"fusion {text!r} is not METHOD:WEIGHT", fix="e.g. convex:0.6 or rrf:0.5") from None
 
-    def fuse(self, vec: list[tuple[int, float]], kw: list[tuple[int, float]]) -> dict[int, float]:
+    def fuse(self, vec: list[tuple[int, float]], kw: list[tuple[int, float]], kw_coverage: float = 1.0) -> dict[int, float]:
+        """{chunk id: fused score}; `kw_coverage` is keyword_coverage() of the best keyword hit."""
         w = self.vector_weight
         if self.method == "rrf":
             return rrf([[i for i, _ in vec], [i for i, _ in kw]], weights=[2.0 * w, 2.0 * (1.0 - w)])
+        wk = (1.0 - w) * (kw_coverage if self.method == "adaptive" else 1.0)
         nv, nk = _minmax(vec), _minmax(kw)
-        return {i: w * nv.get(i, 0.0) + (1.0 - w) * nk.get(i, 0.0) for i in set(nv) | set(nk)}
+        return {i: w * nv.get(i, 0.0) + wk * nk.get(i, 0.0) for i in set(nv) | set(nk)}
 
 
 DEFAULT_FUSION = Fusion()
@@ -267,8 +272,12 @@ class Retriever(Closing):
         vscore = dict(vec)
         krank = {i: r for r, (i, _) in enumerate(kw, start=1)}
         kscore = dict(kw)
+        # the best keyword hit: the gate's evidence, and how far hybrid mode trusts the keyword list
+        top_kw = self.store.get_chunks([kw[0][0]]) if kw else {}
+        best_kw = top_kw[kw[0][0]].heading + "\n" + top_kw[kw[0][0]].text if kw and kw[0][0] in top_kw else ""
+        cov = keyword_coverage(query, best_kw) if best_kw else 0.0
         if mode == "hybrid":
-            fused = (fusion or self.fusion).fuse(vec, kw)
+            fused = (fusion or self.fusion).fuse(vec, kw, cov)
             ranked = sorted(fused.items(), key=lambda x: (-x[1], vrank.get(x[0], 1 << 30)))
         elif mode == "vector":
             ranked = vec
@@ -276,7 +285,7 @@ class Retriever(Closing):
             ranked = kw
         # the same passage indexed twice (a folder ingested from two paths, a copied file) is
         # one source: keep its best-ranked copy and fill the k slots with the next passages
-        rows = self.store.get_chunks([i for i, _ in ranked[: 3 * k]] + [i for i, _ in kw[:1]])
+        rows = self.store.get_chunks([i for i, _ in ranked[: 3 * k]])
         hits, seen = [], set()
         for i, s in ranked[: 3 * k]:
             if i not in rows:
@@ -288,8 +297,6 @@ class Retriever(Closing):
             hits.append(Hit(rows[i], s, vscore.get(i), kscore.get(i), vrank.get(i), krank.get(i)))
             if len(hits) == k:
                 break
-        best_kw = rows[kw[0][0]].heading + "\n" + rows[kw[0][0]].text if kw and kw[0][0] in rows else ""
-        cov = keyword_coverage(query, best_kw) if best_kw else 0.0
         vec_ok = mode == "keyword" or top_cos >= self.min_cosine_with_keywords
         has_code = any(c in best_kw.lower() for c in code_terms(query))
         relevant = (top_cos >= self.min_cosine or (cov >= self.min_keyword_coverage and vec_ok) or has_code)

@@ -132,3 +132,18 @@ def test_ivfpq_collection_end_to_end(tmp_path, monkeypatch):
             want = ids[np.argsort(-(vecs @ emb.embed_query(q)))[:5]]
             agree += len(set(got) & set(want.tolist()))
     assert agree / 100 >= 0.95, agree
+
+
+@pytest.mark.parametrize("profile,n,kind", [
+    ("orin-nano-4gb", 10_000, "flat"), ("orin-nano-4gb", 28_000, "hnsw"), ("orin-nano-4gb", 100_000, "ivfpq"),
+    ("orin-nano-8gb", 60_000, "hnsw"), ("agx-orin-64gb", 500_000, "hnsw"), ("agx-orin-64gb", 2_000_000, "ivfpq"),
+])
+def test_index_kind_follows_the_profile_memory_and_the_chunk_count(profile, n, kind):
+    from edge.plan import INDEX_MEMORY_SHARE, index_budget_bytes
+    from edge.profiles import load_profile
+
+    budget = index_budget_bytes(profile)
+    assert budget == int(load_profile(profile).usable_bytes * INDEX_MEMORY_SHARE)
+    plan = choose_index(n, 384, budget)
+    assert plan.kind == kind
+    assert plan.est_bytes <= budget or kind == "ivfpq"

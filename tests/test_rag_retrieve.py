@@ -127,3 +127,22 @@ def test_identical_passages_from_two_copies_are_one_source(tmp_path):
             # keyword search only matches the passages holding the terms (one, twice over)
             assert len(texts) == (1 if mode == "keyword" else 3), (mode, texts)
             assert "coolant pressure" in texts[0]
+
+
+def test_fusion_methods_math_and_parse():
+    from rag.retrieve import Fusion
+
+    vec, kw = [(1, 0.9), (2, 0.5), (4, 0.7)], [(2, 10.0), (3, 5.0)]
+    c = Fusion("convex", 0.5).fuse(vec, kw)
+    assert c == pytest.approx({1: 0.5, 2: 0.5, 3: 0.0, 4: 0.25})  # min-max per list, absent = 0
+    assert Fusion("convex", 0.8).fuse(vec, kw)[1] > Fusion("convex", 0.8).fuse(vec, kw)[2]
+    # adaptive: a keyword list whose best hit holds none of the question's terms is ignored
+    a0 = Fusion("adaptive", 0.5).fuse(vec, kw, kw_coverage=0.0)
+    assert sorted(a0, key=a0.get, reverse=True)[:3] == [1, 4, 2]
+    assert Fusion("adaptive", 0.5).fuse(vec, kw, kw_coverage=1.0) == pytest.approx(c)
+    # rrf:0.5 is plain reciprocal rank fusion
+    assert Fusion("rrf", 0.5).fuse(vec, kw) == pytest.approx(rrf([[1, 2, 4], [2, 3]])  # lists in the order given)
+    assert Fusion.parse("adaptive:0.7") == Fusion("adaptive", 0.7)
+    for bad in ("mean:0.5", "convex:1.5", "convex:x"):
+        with pytest.raises(UsageError):
+            Fusion.parse(bad)
