@@ -141,7 +141,7 @@ def test_fusion_methods_math_and_parse():
     assert sorted(a0, key=a0.get, reverse=True)[:3] == [1, 4, 2]
     assert Fusion("adaptive", 0.5).fuse(vec, kw, kw_coverage=1.0) == pytest.approx(c)
     # rrf:0.5 is plain reciprocal rank fusion
-    assert Fusion("rrf", 0.5).fuse(vec, kw) == pytest.approx(rrf([[1, 2, 4], [2, 3]])  # lists in the order given)
+    assert Fusion("rrf", 0.5).fuse(vec, kw) == pytest.approx(rrf([[1, 2, 4], [2, 3]]))  # lists in the order given
     assert Fusion.parse("adaptive:0.7") == Fusion("adaptive", 0.7)
     for bad in ("mean:0.5", "convex:1.5", "convex:x"):
         with pytest.raises(UsageError):
