@@ -2,7 +2,7 @@
 
     python bench/scale_corpus.py --out /tmp/scale-corpus          # 1,428 real documents (once)
     python bench/bench_retrieval_scale.py ingest --corpus /tmp/scale-corpus --dir /tmp/scale-col \
-        [--part pydoc|man|all] [--tree OTHER_CHECKOUT] [--embedder BUNDLE]
+        [--part pydoc|man|all] [--shards N --shard I] [--tree OTHER_CHECKOUT] [--embedder BUNDLE]
     python bench/bench_retrieval_scale.py search --dir /tmp/scale-col [--split tune|heldout|both] \
         [--indexes flat,hnsw,ivfpq] [--modes hybrid,vector,keyword]
 
@@ -68,13 +68,22 @@ def run_ingest(args) -> None:
     parts = ["pydoc", "man"] if args.part == "all" else [args.part]
     for part in parts:
         src = Path(args.corpus) / part
+        if args.shards > 1:  # every shards-th file from shard on, staged in a folder of its own
+            import shutil
+
+            stage = Path(args.dir).parent / f".stage-{part}-{args.shard}-of-{args.shards}" / part
+            shutil.rmtree(stage.parent, ignore_errors=True)
+            stage.mkdir(parents=True)
+            for f in sorted(src.iterdir())[args.shard::args.shards]:
+                shutil.copy2(f, stage / f.name)
+            src = stage
         env = dict(os.environ, PYTHONPATH=str(tree))
         r = subprocess.run([sys.executable, "-c", _WORKER, str(src), str(args.dir), str(bundle), str(args.threads)],
                            capture_output=True, text=True, env=env, cwd=str(tree))
         if r.returncode != 0:
             sys.exit(f"ingest of {src} failed:\n{r.stderr[-3000:]}")
         o = json.loads(r.stdout.strip().splitlines()[-1])
-        emit("ingest", tree=str(tree), part=part, embedder=bundle.name, threads=args.threads, **o,
+        emit("ingest", tree=str(tree), part=part, shard=f"{args.shard}/{args.shards}", embedder=bundle.name, threads=args.threads, **o,
              docs_per_s=round(o["documents"] / o["seconds"], 2), chunks_per_s=round(o["chunks"] / o["seconds"], 1),
              embed_chunks_per_s=round(o["chunks"] / max(o["embed_seconds"], 1e-9), 1))
 
@@ -150,6 +159,8 @@ def main() -> None:
     a.add_argument("--tree", default=None, help="run the ingest with another checkout's code (the peer)")
     a.add_argument("--embedder", default=None, help="embedder bundle (default: the default one)")
     a.add_argument("--threads", type=int, default=2)
+    a.add_argument("--shards", type=int, default=1, help="ingest the part in this many pieces (short locked jobs)")
+    a.add_argument("--shard", type=int, default=0)
     s = sub.add_parser("search")
     s.add_argument("--dir", required=True)
     s.add_argument("--questions", default=str(QUESTIONS))
