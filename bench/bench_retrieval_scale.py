@@ -138,15 +138,19 @@ def run_search(args) -> None:
             for q in qs:
                 for rep in range(args.repeats):
                     t = time.perf_counter()
-                    res = ret.search(q["q"], k=args.k, mode=mode, fusion=fusion)
+                    res = ret.search(q["q"], k=args.k, mode=mode, fusion=fusion, fetch_k=args.fetch_k)
                     lat.append((time.perf_counter() - t) * 1e3)
                 ranks.append(rank_of(res.hits, q["docs"]))
-            rr = [1.0 / r if r else 0.0 for r in ranks]
-            emit("retrieval", index=kind, mode=mode, split=args.split, n=len(qs), k=args.k,
-                 fusion=f"{fusion.method}:{fusion.vector_weight}" if fusion else None,
-                 recall_at_k=round(sum(r is not None for r in ranks) / len(qs), 3), mrr=round(float(np.mean(rr)), 3),
-                 p50_ms=round(float(np.percentile(lat, 50)), 2), p99_ms=round(float(np.percentile(lat, 99)), 2),
-                 **({"missed": [q["q"][:60] for q, r in zip(qs, ranks) if r is None]} if args.show_missed else {}))
+            splits = ["tune", "heldout", "both"] if args.split == "both" else [args.split]
+            for split in splits:  # one row per split, from the same searches
+                sel = [i for i, q in enumerate(qs) if split == "both" or q["split"] == split]
+                rk = [ranks[i] for i in sel]
+                rr = [1.0 / r if r else 0.0 for r in rk]
+                emit("retrieval", index=kind, mode=mode, split=split, n=len(sel), k=args.k, fetch_k=args.fetch_k,
+                     fusion=f"{fusion.method}:{fusion.vector_weight}" if fusion else None,
+                     recall_at_k=round(sum(r is not None for r in rk) / len(sel), 3), mrr=round(float(np.mean(rr)), 3),
+                     p50_ms=round(float(np.percentile(lat, 50)), 2), p99_ms=round(float(np.percentile(lat, 99)), 2),
+                     **({"missed": [qs[i]["q"][:60] for i, r in zip(sel, rk) if r is None]} if args.show_missed else {}))
 
 
 def main() -> None:
@@ -171,6 +175,7 @@ def main() -> None:
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("-k", type=int, default=5)
     s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--fetch-k", type=int, default=None, help="candidates per list before fusion (default: the retriever's)")
     s.add_argument("--show-missed", action="store_true")
     s.add_argument("--fusions", default=None, help="hybrid fusions to compare, e.g. rrf:0.5,convex:0.6 (default: the shipped one)")
     args = ap.parse_args()
