@@ -15,7 +15,8 @@ is built and read from its manifest by rag.retrieve, never written in code:
                               the question's terms in the best keyword hit), this is enough
 
 The on-topic top cosines are recorded next to them (`on_topic_p10`), so a manifest shows how far
-apart the two sides were for this embedder.
+apart the two sides were for this embedder; where they do not separate at all, the cosine cannot
+refuse anything (`separates: false`, thresholds -1).
 """
 
 from __future__ import annotations
@@ -94,9 +95,14 @@ def calibrate_gate(embed: Callable[[list[str]], np.ndarray]) -> dict:
     on_src = passages[:: max(1, len(passages) // N_ON_TOPIC)][:N_ON_TOPIC]
     on = np.asarray(embed([_first_sentence(p) for p in on_src]), np.float32) @ P.T
     off_top, on_top = off.max(axis=1), on.max(axis=1)
+    # NOTE: an embedder whose on-topic questions reach no higher than its off-topic ones (a random
+    # test model gives every pair ~1.0) cannot tell covered from uncovered: its cosine never refuses
+    # (-1), and the keyword evidence alone cannot refuse either, so nothing is refused.
+    separates = bool(np.percentile(on_top, 10) > off_top.max())
     return {
-        "min_cosine": round(float(off_top.max()) + MARGIN, 3),
-        "min_cosine_with_keywords": round(float(np.median(off_top)), 3),
+        "min_cosine": round(float(off_top.max()) + MARGIN, 3) if separates else -1.0,
+        "min_cosine_with_keywords": round(float(np.median(off_top)), 3) if separates else -1.0,
+        "separates": separates,
         "min_keyword_coverage": MIN_KEYWORD_COVERAGE,
         "off_topic_max": round(float(off_top.max()), 3),
         "off_topic_median": round(float(np.median(off_top)), 3),
