@@ -308,19 +308,11 @@ def test_relevance_gate_of_an_embedder_that_cannot_separate_refuses_nothing():
 
     same = calibrate_gate(lambda texts: np.ones((len(texts), 4), np.float32) / 2.0)  # every cosine 1.0
     assert same["separates"] is False and same["min_cosine"] == same["min_cosine_with_keywords"] == -1.0
-    rng = np.random.default_rng(0)
-    table: dict[str, np.ndarray] = {}
+    from edge.build.relevance import MARGIN, OFF_TOPIC
 
-    def topical(texts):  # off-topic questions orthogonal to the passages, on-topic ones near their passage
-        from edge.build.relevance import OFF_TOPIC
+    def topical(texts):  # everyday questions orthogonal to the passages, passages and their sentences along one axis
+        return np.array([[1.0, 0.0] if t in OFF_TOPIC else [0.6, 0.8] for t in texts], np.float32)
 
-        out = []
-        for t in texts:
-            if t not in table:
-                table[t] = rng.normal(size=64)
-            v = table[t] if t not in OFF_TOPIC else np.r_[np.zeros(32), rng.normal(size=32)]
-            out.append(v / np.linalg.norm(v))
-        return np.array(out, np.float32)
-
-    g = calibrate_gate(topical)
-    assert g["separates"] is True and g["off_topic_max"] < g["min_cosine"] < 1.0
+    g = calibrate_gate(topical)  # off-topic top cosine 0.6, on-topic 1.0
+    assert g["separates"] is True and g["off_topic_max"] == pytest.approx(0.6, abs=1e-3)
+    assert g["min_cosine"] == pytest.approx(0.6 + MARGIN, abs=1e-3) and g["min_cosine_with_keywords"] == pytest.approx(0.6, abs=1e-3)
