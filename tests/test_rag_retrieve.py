@@ -75,7 +75,9 @@ def test_modes_and_hybrid_fusion(retriever):
     q = "coolant pressure sensor E-214"
     v = retriever.search(q, k=4, mode="vector")
     kw = retriever.search(q, k=4, mode="keyword")
-    h = retriever.search(q, k=4, mode="hybrid")
+    from rag.retrieve import Fusion
+
+    h = retriever.search(q, k=4, mode="hybrid", fusion=Fusion("rrf", 0.5))
     assert all(x.keyword_score is None or x.vector_score is None or True for x in h.hits)
     assert [x.score for x in v.hits] == sorted((x.score for x in v.hits), reverse=True)
     assert all(-1.0001 <= x.score <= 1.0001 for x in v.hits)
