@@ -21,6 +21,8 @@ One JSON line per corpus and engine:
   keyword_complete        share of answers holding every expected keyword (the model's own text;
                           rag.eval.keyword_hits: case, spacing and number formatting folded)
   keyword_complete_shown  the same over what the user reads (with the grounding note's quote)
+  keyword_complete_first  the same over the first answers (before a degenerate one is asked again)
+  retried                 answers asked a second time (rag.ground.degenerate), both sides alike
   keyword_complete_retrieved   the same over questions whose expected source was retrieved
   citation_validity       share of [n] markers the model wrote that name a passage shown to it
   cited_expected_source   share of answers citing (or attributed to) a passage from the expected file
@@ -61,8 +63,6 @@ UNCOVERED = {
               "What is the capital of Australia?", "What does error E-214 mean on the Kestrel robot?",
               "Who wrote Pride and Prejudice?", "How tall is Mount Everest?"],
 }
-REFUSAL_WORDS = ("do not cover", "does not cover", "don't cover", "not covered", "do not contain",
-                 "does not contain", "no information", "not mentioned", "cannot answer", "not provided")
 
 
 def emit(fig: str, **kw) -> None:
@@ -91,6 +91,36 @@ class LlamaPeer:
         return "".join(parts).strip(), (ttft or 0) * 1e3, time.perf_counter() - t0
 
 
+def peer_answer(peer: LlamaPeer, tokenizer, prompt, question: str, recipe) -> tuple[str, str | None, float, float]:
+    """llama.cpp through ask's own steps: the prompt's ids; a degenerate answer asked again with
+    rag.prompt.retry_prompt; copied passage headers cut to their citation. (text, first degenerate
+    text or None, ttft ms of the first call, seconds in all)."""
+    from rag.ground import degenerate, strip_header_copies
+    from rag.prompt import retry_prompt
+
+    text, ttft, s = peer.answer(tokenizer.encode_chat(prompt.messages), prompt.answer_tokens, recipe.repetition_penalty)
+    text = strip_header_copies(text).strip()
+    if not degenerate(text, question) or not prompt.passages:
+        return text, None, ttft, s
+    again = retry_prompt(prompt, question, tokenizer)
+    text2, _, s2 = peer.answer(tokenizer.encode_chat(again.messages), prompt.answer_tokens, recipe.repetition_penalty)
+    return strip_header_copies(text2).strip(), text, ttft, s + s2
+
+
+def shown_text(text: str, g, prompt, question: str) -> str:
+    """What ask would show for the peer's `text`: a degenerate answer is replaced by the closest
+    passage's quote; an ungrounded one is followed by it (rag.ask)."""
+    from rag.ground import degenerate, fallback_note
+    from rag.retrieve import keyword_coverage
+
+    deg = degenerate(text, question)
+    if (g.grounded and not deg) or not prompt.passages:
+        return text
+    best = max(prompt.passages, key=lambda p: keyword_coverage(question, p.text))
+    note = fallback_note(question, best.n, best.text, best.hit.chunk.citation(), answered=not deg)
+    return note if deg else text + note
+
+
 def score_text(text: str, n_passages: int, item) -> dict:
     from rag.eval import keyword_hits
     from rag.prompt import all_cited_numbers, cited_numbers
@@ -103,8 +133,9 @@ def score_text(text: str, n_passages: int, item) -> dict:
 
 
 def refused(text: str) -> bool:
-    low = text.lower()
-    return any(w in low for w in REFUSAL_WORDS)
+    from rag.ground import refuses
+
+    return refuses(text)
 
 
 def summarize(rows: list[dict], uncovered: list[dict]) -> dict:
@@ -125,6 +156,10 @@ def summarize(rows: list[dict], uncovered: list[dict]) -> dict:
         "s_per_answer": round(statistics.mean(r["s"] for r in rows), 2) if rows else None,
         "ttft_ms": round(statistics.mean(r["ttft_ms"] for r in rows), 1) if rows else None,
     }
+    if rows and "retried" in rows[0]:
+        out["retried"] = sum(bool(r["retried"]) for r in rows)
+        # the model's text without the retry of degenerate answers (the recipe before it)
+        out["keyword_complete_first"] = round(sum(r["keywords_ok_first"] for r in rows) / n, 4)
     if rows and "keywords_ok_shown" in rows[0]:
         # what the user reads: the model's text plus, when it is ungrounded, the quoted passage
         out["keyword_complete_shown"] = round(sum(r["keywords_ok_shown"] for r in rows) / n, 4)
@@ -166,7 +201,7 @@ def main() -> None:
     from rag.ask import ask, generator_recipe
     from rag.eval import load_questions, source_matches
     from rag.ingest import ingest
-    from rag.ground import ground
+    from rag.ground import degenerate, ground
     from rag.prompt import build_prompt, recipe_for
     from rag.retrieve import Retriever
 
@@ -241,6 +276,8 @@ def main() -> None:
                     sc = score_text(a.model_text, len(prompt.passages), it)
                     sc["citations"] += len(a.invalid_citations)  # the filter dropped them before the user saw them
                     row = {**base, **sc, "engine": "edge-rag", "answer": a.model_text, "s": s,
+                           "first_answer": a.first_text, "retried": a.first_text is not None,
+                           "keywords_ok_first": score_text(a.first_text, 1, it)["keywords_ok"] if a.first_text is not None else sc["keywords_ok"],
                            "keywords_ok_shown": score_text(a.text, len(prompt.passages), it)["keywords_ok"],
                            "ttft_ms": a.timings["ttft_ms"], "grounded": a.grounded,
                            "cited_expected": cited_expected(a.cited), "shown_citations_valid": True}
@@ -248,12 +285,14 @@ def main() -> None:
                     if details:
                         details.write(json.dumps({"corpus": corpus, "split": split, **row}) + "\n")
                 if peer is not None:
-                    ids = tokenizer.encode_chat(prompt.messages)
-                    text, ttft, s = peer.answer(ids, prompt.answer_tokens, recipe.repetition_penalty)
+                    text, first, ttft, s = peer_answer(peer, tokenizer, prompt, it.question, recipe)
                     sc = score_text(text, len(prompt.passages), it)
                     g = ground(text, [p.text for p in prompt.passages], sc["cited"])
                     row = {**base, **sc, "engine": "llama.cpp", "answer": text, "s": s, "ttft_ms": ttft,
-                           "grounded": g.grounded,
+                           "first_answer": first, "retried": first is not None,
+                           "keywords_ok_first": score_text(first, 1, it)["keywords_ok"] if first is not None else sc["keywords_ok"],
+                           "keywords_ok_shown": score_text(shown_text(text, g, prompt, it.question), 1, it)["keywords_ok"],
+                           "grounded": g.grounded and not degenerate(text, it.question),
                            "cited_expected": cited_expected(sc["cited"] or ([g.attributed] if g.attributed else []))}
                     rows["llama.cpp"].append(row)
                     if details:
@@ -270,8 +309,7 @@ def main() -> None:
                     unc["engine"].append({"question": q, "refused": refused(a.model_text), "by": "model",
                                           "answer": a.model_text})
                 if peer is not None:
-                    text, _, _ = peer.answer(tokenizer.encode_chat(prompt.messages), prompt.answer_tokens,
-                                             recipe.repetition_penalty)
+                    text, _, _, _ = peer_answer(peer, tokenizer, prompt, q, recipe)
                     unc["llama.cpp"].append({"question": q, "refused": refused(text), "by": "model", "answer": text})
             if details:
                 for key, us in unc.items():

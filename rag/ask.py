@@ -20,8 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from rag.ground import CitationFilter, fallback_note, ground
-from rag.prompt import AnswerRecipe, Prompt, build_prompt, cited_numbers, recipe_for, sources
+from rag.ground import AnswerGuard, CitationFilter, fallback_note, ground, strip_header_copies
+from rag.prompt import AnswerRecipe, Prompt, build_prompt, cited_numbers, recipe_for, retry_prompt, sources
 from rag.retrieve import keyword_coverage
 from rag.retrieve import Retrieval, Retriever
 
@@ -43,6 +43,7 @@ class Answer:
     model_text: str = ""  # what the model wrote, before the grounding note
     invalid_citations: list[int] = field(default_factory=list)  # dropped: no such passage
     support: float = 0.0  # the best passage's share of the answer's content terms (rag.ground)
+    first_text: str | None = None  # a degenerate first answer, not shown, when the model was asked again
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,56 +99,88 @@ def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str
     t_prompt = time.perf_counter()
     timings["prompt_ms"] = (t_prompt - t_ret) * 1e3
     params = params or sampling_params(prompt.answer_tokens, recipe)
-    cites = CitationFilter(len(prompt.passages))
     parts: list[str] = []
     t_first = None
 
     def emit(piece: str) -> None:
+        nonlocal t_first
         if piece:
+            t_first = t_first or time.perf_counter()  # what the user waits for: the first SHOWN text
             parts.append(piece)
             if on_token:
                 on_token(piece)
 
-    # the engine's per-request stream: under concurrency its stats are this question's own
-    rs = generator.submit(prompt.messages, params) if hasattr(generator, "engine") else None
-    try:
-        for piece in rs if rs is not None else generator.stream(prompt.messages, params):
-            if t_first is None:
-                t_first = time.perf_counter()
-            emit(cites.feed(piece))
-    finally:
-        if rs is not None:
-            rs.close()  # early exit (a client gone): abort, frees the KV blocks
-    emit(cites.flush())
-    model_text = "".join(parts).strip()
+    notes = list(prompt.notes)
+    first = _generate(generator, prompt, question, params, emit)
+    run, retried = first, False
+    if first.guard.degenerate and prompt.passages:
+        # nothing was shown: ask once more without the request to cite (rag.prompt.retry_prompt)
+        notes.append(f"first answer {first.guard.degenerate} ({first.text!r}): asked again")
+        run, retried = _generate(generator, retry_prompt(prompt, question, generator.tokenizer), question, params, emit), True
+    model_text = run.text
+    dropped = first.cites.dropped + (run.cites.dropped if retried else [])
     cited = cited_numbers(model_text, len(prompt.passages))
     g = ground(model_text, [p.text for p in prompt.passages], cited)
-    notes = list(prompt.notes) + g.notes
-    if cites.dropped:
-        notes.append(f"dropped citations of passages that do not exist: {sorted(set(cites.dropped))}")
-    text = model_text
+    notes += g.notes
+    if dropped:
+        notes.append(f"dropped citations of passages that do not exist: {sorted(set(dropped))}")
+    if run.guard.degenerate:
+        g.grounded = False
+        notes.append(f"answer {run.guard.degenerate}: not shown")
     if not g.grounded and prompt.passages:
         best = max(prompt.passages, key=lambda p: keyword_coverage(question, p.text))
-        note = fallback_note(question, best.n, best.text, f"{best.hit.chunk.path}, {best.hit.chunk.location()}")
-        emit(note)
-        text = "".join(parts).strip()  # what was streamed
+        where = f"{best.hit.chunk.path}, {best.hit.chunk.location()}"
+        emit(fallback_note(question, best.n, best.text, where, answered=not run.guard.degenerate))
         cited = [best.n]
+    text = "".join(parts).strip()  # what was streamed
     t_end = time.perf_counter()
     t_first = t_first or t_end
     # NOTE: ttft excludes the generator's load (and a first-use engine build inside it): load_ms says it
     timings.update(ttft_ms=(t_first - t0) * 1e3 - load_ms, generate_ms=(t_end - t_first) * 1e3,
                    total_ms=(t_end - t0) * 1e3)
-    if rs is not None:
+    if run.request is not None:  # the last generation's (the retry's when there was one)
         from edge.runtime.generator import stats_of
 
-        timings["generator"] = stats_of(rs.request).to_dict()
+        timings["generator"] = stats_of(run.request).to_dict()
     elif getattr(generator, "stats", None) is not None:
         timings["generator"] = generator.stats.to_dict()
     n_ans = len(generator.tokenizer.encode(model_text)) if model_text else 0
     supported = [g.attributed] if g.attributed else []
     return Answer(question, text, True, sources(prompt, text, supported), sorted(set(cited) | set(supported)),
-                  timings, prompt.n_tokens, n_ans, notes, g.grounded, model_text, list(cites.dropped),
-                  max(g.support, default=0.0))
+                  timings, prompt.n_tokens, n_ans, notes, g.grounded, model_text, list(dropped),
+                  max(g.support, default=0.0), first.text if retried else None)
+
+
+@dataclass
+class _Run:
+    text: str  # the model's text after the citation filter (copied headers cut to their citation)
+    cites: CitationFilter
+    guard: AnswerGuard
+    request: object = None  # the engine request (its stats), when the generator has an engine
+
+
+def _generate(generator, prompt: Prompt, question: str, params, emit: Callable[[str], None]) -> _Run:
+    """One streamed answer to `prompt`: generator -> CitationFilter -> AnswerGuard -> emit."""
+    cites, guard = CitationFilter(len(prompt.passages)), AnswerGuard(question)
+    said: list[str] = []
+
+    def take(piece: str) -> None:
+        piece = cites.feed(piece) if piece is not None else cites.flush()
+        said.append(piece)
+        emit(guard.feed(piece))
+
+    # the engine's per-request stream: under concurrency its stats are this question's own
+    rs = generator.submit(prompt.messages, params) if hasattr(generator, "engine") else None
+    try:
+        for piece in rs if rs is not None else generator.stream(prompt.messages, params):
+            take(piece)
+    finally:
+        if rs is not None:
+            rs.close()  # early exit (a client gone): abort, frees the KV blocks
+    take(None)
+    if not guard.degenerate:
+        emit(guard.flush())
+    return _Run(strip_header_copies("".join(said)).strip(), cites, guard, rs.request if rs is not None else None)
 
 
 def format_sources(answer: Answer) -> str:

@@ -14,7 +14,7 @@ from test_rag_fakes import HashEmbedder  # noqa: E402
 from edge.errors import ContextLengthError  # noqa: E402
 from rag.ask import NOT_COVERED, ask, format_sources  # noqa: E402
 from rag.ingest import ingest  # noqa: E402
-from rag.ground import CitationFilter, ground, support  # noqa: E402
+from rag.ground import AnswerGuard, CitationFilter, degenerate, ground, support  # noqa: E402
 from rag.prompt import RECIPES, best_window, build_prompt, cited_numbers, count_prompt_tokens, recipe_for  # noqa: E402
 from rag.retrieve import Hit, Retriever  # noqa: E402
 from rag.store import ChunkRow  # noqa: E402
@@ -31,15 +31,17 @@ class WordTokenizer:
 
 
 class FakeGenerator:
-    def __init__(self, max_context: int = 400, answer: str = "E-214 means low coolant pressure [1]. See also [3, 9]."):
+    """Streams `answer` word by word; a list of answers gives one per call (the last repeats)."""
+
+    def __init__(self, max_context: int = 400, answer: str | list[str] = "E-214 means low coolant pressure [1]. See also [3, 9]."):
         self.tokenizer = WordTokenizer()
         self.max_context = max_context
-        self.answer = answer
+        self.answers = [answer] if isinstance(answer, str) else list(answer)
         self.calls: list = []
 
     def stream(self, messages, params):
         self.calls.append((messages, params))
-        for w in self.answer.split(" "):
+        for w in self.answers[min(len(self.calls), len(self.answers)) - 1].split(" "):
             yield w + " "
 
 
@@ -179,9 +181,54 @@ def test_an_answer_not_in_the_passages_is_flagged_with_the_closest_quote(retriev
     gen = FakeGenerator(answer="[1] [2] [3]")
     streamed: list[str] = []
     a = ask("What does E-214 mean?", retriever, gen, k=2, on_token=streamed.append)
-    assert a.grounded is False and a.model_text == "[1] [2]"
-    assert "not backed by the passages" in a.text and "E-214: coolant pressure low" in a.text
-    assert "".join(streamed).strip() == a.text
+    # only citations, twice (first answer and the retry): neither is shown, the passage is quoted instead
+    assert len(gen.calls) == 2 and a.grounded is False and a.model_text == "[1] [2]" and a.first_text == "[1] [2]"
+    assert "[1] [2]" not in a.text and a.text.startswith("The model gave no answer of its own. Closest passage [1]")
+    assert "E-214: coolant pressure low" in a.text and "".join(streamed).strip() == a.text
     invented = ask("What does E-214 mean?", retriever, FakeGenerator(answer="It is a story about dragons."), k=2)
     assert invented.grounded is False and invented.text.startswith("It is a story about dragons.")
     assert invented.cited and invented.sources[invented.cited[0] - 1]["cited"]
+
+
+def test_degenerate_answers_are_named():
+    q = "What line width does pprint use by default?"
+    assert degenerate("[1] [2] [3] [4] [5]", q) == "only citations or passage headers"
+    assert degenerate("[1] (pydoc/pprint.txt, lines 1-32)", q) == "only citations or passage headers"
+    assert degenerate("What line width does pprint use by default? [1].", q) == "the question repeated back"
+    assert degenerate("[1] (pydoc/pprint.txt, lines 1-32) The default width is 80.", q) is None
+    assert degenerate("The documents do not cover this question.", q) is None  # a refusal is an answer
+    # the question's words, but not in its order: the answer to a choice question
+    assert degenerate("Lower priority numbers mean higher priority. [1]",
+                      "In the sched module, do lower priority numbers mean higher or lower priority?") is None
+
+
+def test_answer_guard_holds_what_says_nothing_and_cuts_copied_headers():
+    def run(question, pieces):
+        g = AnswerGuard(question)
+        shown = "".join(g.feed(p) for p in pieces)
+        return shown + ("" if g.degenerate else g.flush()), g.degenerate
+
+    q = "Which ZipFile compression constant requires zlib?"
+    header = ["[", "1", "] (", "py", "doc", "/z", "lib", ".txt", ", lines", " 171", "-", "202", ")"]
+    assert run(q, header) == ("", "only citations or passage headers")
+    assert run(q, header + [" zlib", ".DEFL", "ATED"]) == ("[1] zlib.DEFLATED", None)
+    # the question coming back word by word (a word still growing) stays held to the end
+    echo = ["Which", " Zip", "File", " compression", " constant", " requires", " zlib", "?", " [", "1", "]"]
+    assert run(q, echo) == ("", "the question repeated back")
+    shown, why = run("What does error E-214 mean?", ["Error", " E", "-", "214", " means", " LiDAR", " contamination"])
+    assert shown == "Error E-214 means LiDAR contamination" and why is None
+
+
+def test_a_degenerate_first_answer_is_asked_again_without_being_shown(retriever):
+    gen = FakeGenerator(answer=["[1] [2]", "E-214 means the coolant pressure is low."])
+    streamed: list[str] = []
+    a = ask("What does E-214 mean?", retriever, gen, k=2, on_token=streamed.append)
+    assert len(gen.calls) == 2 and a.first_text == "[1] [2]"
+    assert a.text == "E-214 means the coolant pressure is low." == "".join(streamed).strip()
+    assert a.grounded and a.cited == [1]  # attributed: the retry cites nothing
+    first, retry = gen.calls[0][0][1]["content"], gen.calls[1][0][1]["content"]
+    assert first.endswith(RECIPES["small"].instruction) and retry.endswith(RECIPES["small"].retry_instruction)
+    assert first[: first.rindex("Question:")] == retry[: retry.rindex("Question:")]  # the same passages
+    # a good first answer is not asked twice
+    one = FakeGenerator(answer="E-214 means the coolant pressure is low [1].")
+    assert ask("What does E-214 mean?", retriever, one, k=2).first_text is None and len(one.calls) == 1
