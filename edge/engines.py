@@ -1,11 +1,12 @@
 """Default engines: built from PyPI-installed models on first use, cached under $EDGE_RAG_HOME/engines.
 
 The default generator answers questions (`ask`, `serve`, `generate`); it is chosen per device
-profile from GENERATORS, best answers first, as the first one the memory planner fits on the
-profile with DEFAULT_CONTEXT tokens and whose model is installed. Measured with
-bench/bench_answers.py (README, "Answers"): Qwen2.5-Coder-0.5B-Instruct answers most fact
-questions from the passages; SmolLM2-135M mostly does not, so it is the fallback and the tiny
-model of the tests and of the speed benchmarks (`tiny_generator_bundle`).
+profile from GENERATORS, best answers first, as the first one whose model is installed, that the
+memory planner fits on the profile with DEFAULT_CONTEXT tokens, and that decodes fast enough there
+(MIN_DECODE_TOK_S). Measured with bench/bench_answers.py (README, "Answers"): Qwen2.5-Coder-1.5B-
+Instruct answers the most fact questions from the passages, the 0.5B fewer at 3.5x its speed on a
+CPU; SmolLM2-135M mostly does not, so it is the fallback and the tiny model of the tests and of
+the speed benchmarks (`tiny_generator_bundle`).
 
 A first-use build says on stderr what it builds and how long it took, terminal or not.
 """
@@ -47,12 +48,19 @@ class GeneratorChoice:
 # int8 for the 0.5B: its GGUF is Q4_K_M/Q5_0/Q6_K, and an int8 copy of those weights answers like
 # llama.cpp on the GGUF itself (same keyword-complete rate, mostly the same words); an int4
 # re-quantization would round the already 4-bit weights a second time.
+QWEN15 = GeneratorChoice("Qwen2.5-Coder-1.5B-Instruct int8", "qwen2.5-coder-1.5b-instruct-q4_k_m", "int8", None,
+                         "qwen2.5-coder-1.5b-int8", "2 to 4", DEFAULT_CONTEXT)
 QWEN05 = GeneratorChoice("Qwen2.5-Coder-0.5B-Instruct int8", "qwen2.5-coder-0.5b-instruct-q4_k_m", "int8", None,
                          "qwen2.5-coder-0.5b-int8", "3 to 10", DEFAULT_CONTEXT)
 # g32, not the planner's g64: AWQ+GPTQ perplexity +8.0% vs fp16 at g32 against +10.2% at g64 on the
 # ONNX Runtime engine (bench/perplexity.py), for ~1/16 more weight bytes.
 SMOLLM2 = GeneratorChoice("SmolLM2-135M-Instruct int4 g32", "default", "int4", 32, "smollm2-135m-int4-g32", "1.5 to 3.5")
-GENERATORS = (QWEN05, SMOLLM2)  # best answers first
+GENERATORS = (QWEN15, QWEN05, SMOLLM2)  # best answers first (README, "Answers")
+# A candidate must also decode at least this fast on the profile (the planner's bandwidth bound at
+# its default power mode, batch 1): ~40-token answers then stream in under 2 s. The 1.5B int8 is
+# bounded at 16 tok/s on the `cpu` profile (measured on the 2-core dev machine: 9.9 s per answer
+# against 2.8 s for the 0.5B), at 44-66 on an Orin Nano 8 GB / Orin NX; the 0.5B at 50 on `cpu`.
+MIN_DECODE_TOK_S = 25.0
 # int8 (SmoothQuant, FFN-down fp32): cosine >= 0.99 vs sentence-transformers, same recall@5 on the
 # example corpus as fp32 (0.972), 2.7x sentence-transformers texts/s vs 1.9x for fp32 (bench/bench_embed.py).
 DEFAULT_EMBEDDER_QUANT = "int8"
@@ -84,15 +92,21 @@ def _say(msg: str) -> None:
 
 
 def _fits(choice: GeneratorChoice, profile: str | None) -> bool:
-    """Whether the planner fits `choice` on `profile` at DEFAULT_CONTEXT (False when not installed)."""
+    """Whether the planner fits `choice` on `profile` at DEFAULT_CONTEXT and bounds its decode at
+    MIN_DECODE_TOK_S or more (the last of GENERATORS only needs to fit); False when not installed."""
     from edge.models.defaults import resolve_model
     from edge.models.spec import read_spec
     from edge.plan import plan_model
 
     if choice.model != "default":
-        from edge.models.pypi_models import MODELS, models_dir
+        from edge.models.pypi_models import MODELS, models_dir, part_files
 
-        if not (models_dir() / MODELS[choice.model].file).is_file():
+        m = MODELS[choice.model]
+        if not (models_dir() / m.file).is_file():
+            try:
+                part_files(m)
+            except ModelError:
+                return False  # not installed: say nothing about joining
             _say(f"joining the installed part packages of {choice.model} into {models_dir()} (once)")
     try:
         path = resolve_model(choice.model)
@@ -106,7 +120,8 @@ def _fits(choice: GeneratorChoice, profile: str | None) -> bool:
     plan = plan_model(spec, profile, context=min(choice.context or DEFAULT_CONTEXT, spec.max_position))
     quant = "fp16" if choice.quant == "fp32" else choice.quant
     row = plan.row(quant, choice.group_size or 0 if quant == "int4" else 0)
-    return any(row.fits.values())
+    fast = choice is GENERATORS[-1] or row.decode_tok_s.get(plan.power_mode, 0.0) >= MIN_DECODE_TOK_S
+    return any(row.fits.values()) and fast
 
 
 def choose_generator(profile: str | None = None) -> GeneratorChoice:

@@ -11,6 +11,7 @@ from edge.models.spec import ModelSpec
 # Qwen2.5-Coder-0.5B-Instruct's shape (from its GGUF), SmolLM2-135M's
 QWEN05 = ModelSpec("qwen2", 24, 896, 4864, 14, 2, 64, 151936, 32768, tie_embeddings=True, attention_bias=True)
 SMOL = ModelSpec("llama", 30, 576, 1536, 9, 3, 64, 49152, 8192, tie_embeddings=True)
+QWEN15 = ModelSpec("qwen2", 28, 1536, 8960, 12, 2, 128, 151936, 32768, tie_embeddings=True, attention_bias=True)
 
 
 @pytest.fixture
@@ -19,6 +20,7 @@ def models(monkeypatch, tmp_path):
     monkeypatch.setenv("EDGE_RAG_HOME", str(tmp_path))
     installed = {"qwen2.5-coder-0.5b-instruct-q4_k_m", "default"}
     import edge.models.defaults as defaults
+    import edge.models.pypi_models as pypi_models
     import edge.models.spec as spec_mod
 
     def resolve(model):
@@ -26,8 +28,14 @@ def models(monkeypatch, tmp_path):
             raise ModelError(f"{model} not installed")
         return tmp_path / f"{model}.gguf"
 
+    def parts(m):
+        if m.name not in installed:
+            raise ModelError(f"{m.name} parts not installed")
+        return []
+
     monkeypatch.setattr(defaults, "resolve_model", resolve)
-    monkeypatch.setattr(spec_mod, "read_spec", lambda p: QWEN05 if "qwen" in str(p) else SMOL)
+    monkeypatch.setattr(pypi_models, "part_files", parts)
+    monkeypatch.setattr(spec_mod, "read_spec", lambda p: QWEN15 if "1.5b" in str(p) else QWEN05 if "qwen" in str(p) else SMOL)
     return installed
 
 
@@ -36,6 +44,22 @@ def test_the_answer_model_is_qwen_where_it_fits(models, capsys):
         assert engines.choose_generator(profile) is engines.QWEN05, profile
     # the join of the part packages is announced on stderr (it copies ~0.5 GB)
     assert "joining the installed part packages" in capsys.readouterr().err
+
+
+def test_the_1_5b_where_it_is_installed_fits_and_decodes_fast_enough(models, capsys):
+    models.add("qwen2.5-coder-1.5b-instruct-q4_k_m")
+    # Orin NX / AGX / Nano 8 GB: it fits and the bandwidth bounds its decode at 44-133 tok/s
+    for profile in ("orin-nano-8gb", "orin-nx-16gb", "agx-orin-64gb"):
+        assert engines.choose_generator(profile) is engines.QWEN15, profile
+    # the cpu profile bounds it at ~16 tok/s (< MIN_DECODE_TOK_S): the 0.5B; on a 4 GB Nano it does not fit
+    for profile in ("cpu", "orin-nano-4gb"):
+        assert engines.choose_generator(profile) is engines.QWEN05, profile
+
+
+def test_a_model_whose_parts_are_not_installed_is_not_announced(models, capsys):
+    assert engines.choose_generator("orin-nano-8gb") is engines.QWEN05  # the 1.5B is not installed
+    err = capsys.readouterr().err
+    assert "qwen2.5-coder-0.5b" in err and "1.5b" not in err
 
 
 def test_smollm2_when_the_qwen_parts_are_not_installed(models):
