@@ -158,9 +158,11 @@ def degenerate(answer: str, question: str, partial: bool = False) -> str | None:
     def same(i: int) -> bool:  # partial: a streamed answer's last word may still be growing
         return asked[i : i + n - 1] == said[:-1] and (asked[i + n - 1] == said[-1] or partial and asked[i + n - 1].startswith(said[-1]))
 
+    # the question's words in the question's order, not just its words: "lower priority numbers mean
+    # higher priority" answers "do lower priority numbers mean higher or lower priority?"
     if any(same(i) for i in range(len(asked) - n + 1)):
-        return "the question repeated back"  # its words, in the question's order ("lower priority numbers
-    return None  # mean higher priority" answers "do lower numbers mean higher or lower priority?")
+        return "the question repeated back"
+    return None
 
 
 class AnswerGuard:
