@@ -192,6 +192,7 @@ class AnswerGuard:
 
     def flush(self) -> str:
         """At the end of a non-degenerate answer: what is still held (header copies cut)."""
+        self.open = True  # shown now: no longer degenerate (the empty held text would read as one)
         out, self.held = strip_header_copies(self.held), ""
         return out
 

@@ -229,6 +229,9 @@ def test_a_degenerate_first_answer_is_asked_again_without_being_shown(retriever)
     first, retry = gen.calls[0][0][1]["content"], gen.calls[1][0][1]["content"]
     assert first.endswith(RECIPES["small"].instruction) and retry.endswith(RECIPES["small"].retry_instruction)
     assert first[: first.rindex("Question:")] == retry[: retry.rindex("Question:")]  # the same passages
-    # a good first answer is not asked twice
+    # a good first answer is not asked twice, also when it was held to its end (an unclosed bracket)
     one = FakeGenerator(answer="E-214 means the coolant pressure is low [1].")
     assert ask("What does E-214 mean?", retriever, one, k=2).first_text is None and len(one.calls) == 1
+    held = FakeGenerator(answer="[E-214 means the coolant pressure is low.")
+    a = ask("What does E-214 mean?", retriever, held, k=2)
+    assert len(held.calls) == 1 and a.first_text is None and a.text == "[E-214 means the coolant pressure is low."
