@@ -112,7 +112,8 @@ def validate_logits(sess, bundle) -> float:
     return err
 
 
-def _event_ms(cp, fn, reps: int = 3) -> float:
+def event_ms(cp, fn, reps: int = 3) -> float:
+    """Median GPU ms of fn() over `reps` runs after one warm-up (CUDA events)."""
     s, e = cp.cuda.Event(), cp.cuda.Event()
     fn()
     ts = []
@@ -129,13 +130,13 @@ def prefill_breakdown(sess, name: str, device: str, tokens: int = 2048) -> None:
     """Where a long prefill's time goes: dequantization, cuBLAS GEMMs, attention (all layers)."""
     cp = sess.cp
     lins = [L[k] for L in sess.layers for k in ("qkv", "o", "gu", "down")]
-    t_deq = _event_ms(cp, lambda: [sess.dequantize(lin, sess._dequant_workspace(lin)) for lin in lins])
+    t_deq = event_ms(cp, lambda: [sess.dequantize(lin, sess._dequant_workspace(lin)) for lin in lins])
     w0 = {k: sess.dequantize(sess.layers[0][k]) for k in ("qkv", "o", "gu", "down")}
     xs = {k: cp.random.standard_normal((tokens, w.shape[1]), dtype=cp.float32).astype(cp.float16) for k, w in w0.items()}
     ys = {k: cp.empty((tokens, w.shape[0]), dtype=cp.float16) for k, w in w0.items()}
     from edge.runtime.cuda.session import gemm_f16
 
-    t_gemm = _event_ms(cp, lambda: [gemm_f16(cp, xs[k], w0[k], ys[k], tokens) for _ in lins[::4] for k in w0])
+    t_gemm = event_ms(cp, lambda: [gemm_f16(cp, xs[k], w0[k], ys[k], tokens) for _ in lins[::4] for k in w0])
     flops = 2 * tokens * sum(w.size for w in w0.values()) * len(sess.layers)
     ids = np.random.default_rng(3).integers(0, sess.vocab_size, size=tokens)
     sess.add_sequence(77)
@@ -143,7 +144,7 @@ def prefill_breakdown(sess, name: str, device: str, tokens: int = 2048) -> None:
     slots = cp.asarray(np.asarray(sess.blocks.slots(77), dtype=np.int32))
     q = cp.random.standard_normal((tokens, sess.spec.q_size), dtype=cp.float32).astype(cp.float16)
     a = cp.empty_like(q)
-    t_attn = _event_ms(cp, lambda: [sess._prefill_attention(q, sess.kv[i, 0], sess.kv[i, 1], slots, tokens, 0, a, layer=i) for i in range(len(sess.layers))])
+    t_attn = event_ms(cp, lambda: [sess._prefill_attention(q, sess.kv[i, 0], sess.kv[i, 1], slots, tokens, 0, a, layer=i) for i in range(len(sess.layers))])
     sess.release(77)
     emit(figure="prefill_breakdown", device=device, model=name, tokens=tokens, dequant_ms=round(t_deq, 2),
          gemm_ms=round(t_gemm, 2), gemm_tflops=round(flops / t_gemm / 1e9, 1), attention_ms=round(t_attn, 2))
@@ -234,7 +235,7 @@ def decode_breakdown(sess, name: str, device: str, m: int = 1) -> None:
         x = cp.random.standard_normal((m, lin.k), dtype=cp.float32).astype(cp.float16)
         y = cp.empty((m, lin.n), dtype=cp.float32 if key == "lm_head" else cp.float16)
         with sess.stream:
-            ms = _event_ms(cp, lambda: [sess.linear(lin, x, m, y, out_f32=key == "lm_head") for _ in range(10)]) / 10
+            ms = event_ms(cp, lambda: [sess.linear(lin, x, m, y, out_f32=key == "lm_head") for _ in range(10)]) / 10
         out[key] = {"us": round(1e3 * ms, 1), "gb_s": round(lin.nbytes / ms / 1e6, 0), "kind": lin.kind, "n": lin.n, "k": lin.k}
     g = sess._graphs.get(sess._bucket(m))
     if g is not None:

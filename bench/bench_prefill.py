@@ -21,24 +21,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.bench_cuda import event_ms  # noqa: E402
 from bench.random_bundle import make_random_bundle  # noqa: E402
 
 
 def emit(**fig) -> None:
     print(json.dumps(fig), flush=True)
-
-
-def event_ms(cp, fn, reps: int = 5) -> float:
-    s, e = cp.cuda.Event(), cp.cuda.Event()
-    fn()
-    ts = []
-    for _ in range(reps):
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        ts.append(cp.cuda.get_elapsed_time(s, e))
-    return statistics.median(ts)
 
 
 def prefill_ms(sess, ids, reps: int = 6) -> tuple[float, float, np.ndarray]:
@@ -140,7 +128,7 @@ def main() -> None:
     ids = np.random.default_rng(3).integers(0, sess.vocab_size, size=args.tokens)
     lins = [L[k] for L in sess.layers for k in ("qkv", "o", "gu", "down")]
     buf = sess._dequant_workspace(lins[0])
-    ms = event_ms(cp, lambda: [sess.dequantize(lin, buf) for lin in lins])
+    ms = event_ms(cp, lambda: [sess.dequantize(lin, buf) for lin in lins], reps=5)
     nbytes = sum(lin.nbytes + 2 * lin.n * lin.k for lin in lins)
     emit(figure="dequant_all_layers", config=args.config, ms=round(ms, 3), tb_s=round(nbytes / ms / 1e9, 2))
     base = None

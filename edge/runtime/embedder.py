@@ -24,6 +24,7 @@ import numpy as np
 
 from edge.bundle import Bundle
 from edge.errors import BackendError, BundleError, EdgeRagError, UsageError
+from edge.runtime.cuda import available as _cuda_available  # imports no cupy; never raises
 
 BACKENDS = ("auto", "onnxruntime", "cuda")
 INPUTS = ("input_ids", "attention_mask")  # must match edge.build.encoder.INPUTS
@@ -80,15 +81,6 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "cuda" if _cuda_available() else "onnxruntime"
     return backend
-
-
-def _cuda_available() -> bool:
-    try:
-        from edge.runtime import cuda
-
-        return bool(cuda.available())
-    except Exception:  # noqa: BLE001 - a broken driver or binding means "not available", not a crash
-        return False
 
 
 def _cuda_unavailable_reason() -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from edge.errors import BackendError, ContextLengthError
+from edge.runtime.cuda import available as _cuda_available  # imports no cupy; never raises
 from edge.runtime.sampler import SamplingParams
 from edge.runtime.tokenizer import Tokenizer
 
@@ -87,15 +88,6 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def _cuda_available() -> bool:
-    try:
-        from edge.runtime import cuda
-    except ImportError:
-        return False
-    try:
-        return bool(cuda.available())
-    except Exception:  # noqa: BLE001 - a broken driver means "not available", not a crash
-        return False
 
 
 class Generator:

@@ -26,7 +26,7 @@ import numpy as np
 from edge.errors import BackendError
 from edge.runtime.cuda.kernels_src import CSRC
 from edge.runtime.cuda.layout import Linear
-from edge.runtime.cuda.session import ATTN_THREADS, CudaDecoderSession
+from edge.runtime.cuda.session import ATTN_THREADS, CudaDecoderSession, gemm_ex
 
 PRECISIONS = ("auto", "fp16", "fp32")
 SOURCE_FILES = ("common.cuh", "fp32.cu")
@@ -34,8 +34,7 @@ KERNEL_NAMES = ("embed", "embed_rmsnorm", "add_rmsnorm", "norm_add_rmsnorm", "qk
                 "gelu_tanh_mul", "paged_attn_f32", "prefill_attn_f32")
 # fp16-module kernels with no half activations (float logits, int32 inputs): shared by both modes
 SHARED_KERNELS = ("softcap_f32", "argmax_rows", "argmax_rows_mb", "advance_inputs")
-CUDA_R_32F, CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT = 0, 69, -1
-_ONE, _ZERO = np.ones(1, dtype=np.float32), np.zeros(1, dtype=np.float32)
+CUDA_R_32F, CUBLAS_COMPUTE_32F_PEDANTIC = 0, 69
 
 
 def resolve_precision(recipe: str, precision: str = "auto") -> str:
@@ -94,22 +93,11 @@ def load_kernels(device_id: int, cc: int) -> dict[str, Any]:
 def sgemm(cp: Any, x: Any, w: Any, y: Any, m: int) -> None:
     """y[:m] = x[:m] @ w.T in fp32 through cuBLAS (pedantic fp32: no TF32), on the current
     stream; x [>= m, K], y [>= m, N] with contiguous rows (any row stride), w [N, K] contiguous."""
-    from cupy_backends.cuda.libs import cublas
-
     n, k = w.shape
     if not (x.dtype == y.dtype == w.dtype == cp.float32 and x.strides[1] == 4 and y.strides[1] == 4
             and w.flags.c_contiguous and x.shape[1] == k and y.shape[1] == n):
         raise BackendError(f"sgemm: unexpected operands x{x.shape} {x.dtype} w{w.shape} y{y.shape} {y.dtype}")
-    h = cp.cuda.device.get_cublas_handle()
-    cublas.setStream(h, cp.cuda.get_current_stream().ptr)
-    mode = cublas.getPointerMode(h)
-    cublas.setPointerMode(h, cublas.CUBLAS_POINTER_MODE_HOST)
-    try:  # column-major: y^T [n, m] = (w [k, n])^T . x^T [k, m]
-        cublas.gemmEx(h, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, m, k, _ONE.ctypes.data, w.data.ptr, CUDA_R_32F, k,
-                      x.data.ptr, CUDA_R_32F, x.strides[0] // 4, _ZERO.ctypes.data, y.data.ptr, CUDA_R_32F, y.strides[0] // 4,
-                      CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT)
-    finally:
-        cublas.setPointerMode(h, mode)
+    gemm_ex(cp, x, w, y, m, CUDA_R_32F, CUBLAS_COMPUTE_32F_PEDANTIC)
 
 
 def _i32(v: int) -> np.int32:

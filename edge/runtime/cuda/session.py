@@ -54,21 +54,29 @@ def gemm_f16(cp: Any, x: Any, w: Any, y: Any, m: int) -> None:
     the current stream. x [>= m, K] and y [>= m, N] with contiguous rows (any row stride), w [N, K]
     contiguous. cp.matmul does the same product with ~10x the host time per call, which a prefill
     of 64 GEMMs felt (the GPU waited on Python)."""
-    from cupy_backends.cuda.libs import cublas
-
     n, k = w.shape
     if not (x.dtype == y.dtype == w.dtype == cp.float16 and x.strides[1] == 2 and y.strides[1] == 2
             and w.flags.c_contiguous and x.shape[1] == k and y.shape[1] == n):
         cp.matmul(x[:m], w.T, out=y[:m])
         return
+    gemm_ex(cp, x, w, y, m, CUDA_R_16F, CUBLAS_COMPUTE_32F)
+
+
+def gemm_ex(cp: Any, x: Any, w: Any, y: Any, m: int, data_type: int, compute_type: int) -> None:
+    """y[:m] = x[:m] @ w.T by cublasGemmEx on the current stream, operands of one `data_type`
+    already checked by the caller (contiguous rows of any stride, w [N, K] contiguous)."""
+    from cupy_backends.cuda.libs import cublas
+
+    n, k = w.shape
+    elem = x.itemsize
     h = cp.cuda.device.get_cublas_handle()
     cublas.setStream(h, cp.cuda.get_current_stream().ptr)
     mode = cublas.getPointerMode(h)
     cublas.setPointerMode(h, cublas.CUBLAS_POINTER_MODE_HOST)
     try:  # column-major: y^T [n, m] = (w [k, n])^T . x^T [k, m]
-        cublas.gemmEx(h, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, m, k, _ONE.ctypes.data, w.data.ptr, CUDA_R_16F, k,
-                      x.data.ptr, CUDA_R_16F, x.strides[0] // 2, _ZERO.ctypes.data, y.data.ptr, CUDA_R_16F, y.strides[0] // 2,
-                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+        cublas.gemmEx(h, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, m, k, _ONE.ctypes.data, w.data.ptr, data_type, k,
+                      x.data.ptr, data_type, x.strides[0] // elem, _ZERO.ctypes.data, y.data.ptr, data_type, y.strides[0] // elem,
+                      compute_type, CUBLAS_GEMM_DEFAULT)
     finally:
         cublas.setPointerMode(h, mode)
 
