@@ -1,0 +1,163 @@
+"""What a batched ONNX Runtime decode step costs per op, by batch size (issue 9's 8/1 scaling).
+
+For a generator bundle, this times (process CPU time, both intra-op threads summed, spinning
+off, so the figure is work done and holds up under load) each distinct MatMulNBits shape of the
+bundle's graph at M = 1, 8 and 16 rows, its GroupQueryAttention node at batch 1 and 8 over a
+given past, and the whole decode step of the bundle's session at batch 1 and 8. It prints one JSON
+line per figure and the scaling bound the ops imply: 8 x t(1) / t(8) for the step.
+
+    python bench/bench_ort_ops.py --engine BUNDLE [--threads 2] [--past 64,256]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+
+import numpy as np
+
+
+def cpu_us(fn, n: int = 20, rounds: int = 3) -> float:
+    """Least process CPU time per call over `rounds` runs of n calls (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.process_time()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.process_time() - t) / n * 1e6)
+    return best
+
+
+def one_node_session(node, inputs, initializers, threads: int):
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper as h
+
+    outs = [h.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in node.output if o]
+    g = h.make_graph([node], "op", inputs, outs, initializer=initializers)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def matmulnbits(graph, threads: int):
+    """Each distinct (K, N, bits, block) MatMulNBits of the graph at M = 1, 8, 16, random weights."""
+    import onnx
+    from onnx import helper as h
+
+    attrs = lambda n: {a.name: h.get_attribute_value(a) for a in n.attribute}  # noqa: E731
+    shapes = Counter()
+    for n in graph.node:
+        if n.op_type == "MatMulNBits":
+            a = attrs(n)
+            shapes[(a["K"], a["N"], a["bits"], a["block_size"], a.get("accuracy_level", 0))] += 1
+    rng = np.random.default_rng(0)
+    for (k, n_out, bits, block, level), count in sorted(shapes.items()):
+        blocks = k // block
+        w = rng.integers(0, 256, (n_out, blocks, block * bits // 8), dtype=np.uint8)
+        s = (rng.random(n_out * blocks) * 0.01).astype(np.float32)
+        node = h.make_node("MatMulNBits", ["a", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n_out, bits=bits,
+                           block_size=block, accuracy_level=level)
+        sess = one_node_session(node, [h.make_tensor_value_info("a", onnx.TensorProto.FLOAT, ["M", k])],
+                                [onnx.numpy_helper.from_array(w, "b"), onnx.numpy_helper.from_array(s, "s")], threads)
+        t = {}
+        for m in (1, 8, 16):
+            a = rng.random((m, k), dtype=np.float32)
+            t[m] = cpu_us(lambda: sess.run(None, {"a": a}))
+        yield {"figure": "matmulnbits", "K": k, "N": n_out, "bits": bits, "block": block, "accuracy_level": level,
+               "per_step": count, "cpu_us": {str(m): round(v, 1) for m, v in t.items()},
+               "m8_over_m1": round(t[8] / t[1], 2), "gmac_per_cpu_s_m8": round(k * n_out * 8 / t[8] / 1e3, 1)}
+
+
+def attention(graph, threads: int, pasts: list[int], ctx: int = 2048):
+    import onnx
+    from onnx import helper as h
+
+    gqa = next(n for n in graph.node if n.op_type == "GroupQueryAttention")
+    a = {x.name: h.get_attribute_value(x) for x in gqa.attribute}
+    heads, kv = a["num_heads"], a["kv_num_heads"]
+    cos = next(i for i in graph.initializer if i.name == gqa.input[7])
+    half = cos.dims[1]
+    d = half * 2
+    width = (heads + 2 * kv) * d
+    node = h.make_node("GroupQueryAttention", ["qkv", "", "", "pk", "pv", "sl", "tot", "cos", "sin"], ["out", "prk", "prv"],
+                       domain="com.microsoft", **a)
+    f = onnx.TensorProto.FLOAT
+    ins = [h.make_tensor_value_info("qkv", f, ["B", "S", width]), h.make_tensor_value_info("pk", f, ["B", kv, ctx, d]),
+           h.make_tensor_value_info("pv", f, ["B", kv, ctx, d]), h.make_tensor_value_info("sl", onnx.TensorProto.INT32, ["B"]),
+           h.make_tensor_value_info("tot", onnx.TensorProto.INT32, []), h.make_tensor_value_info("cos", f, [ctx, half]),
+           h.make_tensor_value_info("sin", f, [ctx, half])]
+    sess = one_node_session(node, ins, [], threads)
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    for past in pasts:
+        t = {}
+        for b in (1, 8):
+            k = rng.random((b, kv, ctx, d), dtype=np.float32)
+            v = rng.random((b, kv, ctx, d), dtype=np.float32)
+            io = sess.io_binding()
+            for name, arr in (("pk", k), ("pv", v)):
+                ov = ort.OrtValue.ortvalue_from_numpy(arr)
+                io.bind_ortvalue_input(name, ov)
+                io.bind_ortvalue_output("pr" + name[1], ov)
+            io.bind_cpu_input("qkv", rng.random((b, 1, width), dtype=np.float32))
+            io.bind_cpu_input("sl", np.full(b, past, np.int32))
+            io.bind_cpu_input("tot", np.array(past + 1, np.int32))
+            io.bind_cpu_input("cos", rng.random((ctx, half), dtype=np.float32))
+            io.bind_cpu_input("sin", rng.random((ctx, half), dtype=np.float32))
+            io.bind_output("out")
+            t[b] = cpu_us(lambda: sess.run_with_iobinding(io))
+        yield {"figure": "gqa", "past": past, "heads": heads, "kv_heads": kv, "cpu_us": {str(b): round(x, 1) for b, x in t.items()},
+               "b8_over_b1": round(t[8] / t[1], 2), "per_step": sum(1 for n in graph.node if n.op_type == "GroupQueryAttention")}
+
+
+def whole_step(bundle, threads: int, pasts: list[int]):
+    from edge.runtime.ort_session import OrtDecoderSession
+
+    sess = OrtDecoderSession(bundle, max_batch=8, threads=threads, max_context=2048, spin=False)
+    rng = np.random.default_rng(0)
+    for past in pasts:
+        t = {}
+        for b in (1, 8):
+            for s in list(sess._slot):
+                sess.release(s)
+            for s in range(b):
+                sess.add_sequence(s)
+                sess.prefill(s, rng.integers(0, 1000, past))
+            ids = rng.integers(0, 1000, b)
+
+            def step():
+                for s in range(b):
+                    sess.truncate(s, past)
+                sess.decode(list(range(b)), ids)
+            t[b] = cpu_us(step, n=10)
+        yield {"figure": "decode_step", "past": past, "cpu_ms": {str(b): round(x / 1e3, 2) for b, x in t.items()},
+               "scaling_bound_8_over_1": round(8 * t[1] / t[8], 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engine", required=True, help="generator bundle folder (ONNX Runtime graph)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--past", default="64,256", help="past lengths for attention and the whole step")
+    args = ap.parse_args()
+    import onnx
+
+    from edge.bundle import Bundle
+
+    bundle = Bundle.open(args.engine, kind="generator", verify=False)
+    graph = onnx.load(str(bundle.file("model.ort.onnx")), load_external_data=False).graph
+    pasts = [int(p) for p in args.past.split(",")]
+    for rec in (*matmulnbits(graph, args.threads), *attention(graph, args.threads, pasts), *whole_step(bundle, args.threads, pasts)):
+        print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
