@@ -134,7 +134,7 @@ def prefill_breakdown(sess, name: str, device: str, tokens: int = 2048) -> None:
     w0 = {k: sess.dequantize(sess.layers[0][k]) for k in ("qkv", "o", "gu", "down")}
     xs = {k: cp.random.standard_normal((tokens, w.shape[1]), dtype=cp.float32).astype(cp.float16) for k, w in w0.items()}
     ys = {k: cp.empty((tokens, w.shape[0]), dtype=cp.float16) for k, w in w0.items()}
-    from edge.runtime.cuda.session import gemm_f16
+    from edge.runtime.cuda.blas import gemm_f16
 
     t_gemm = event_ms(cp, lambda: [gemm_f16(cp, xs[k], w0[k], ys[k], tokens) for _ in lins[::4] for k in w0])
     flops = 2 * tokens * sum(w.size for w in w0.values()) * len(sess.layers)

@@ -13,7 +13,7 @@ import numpy as np
 from edge.runtime.cuda import kernels as kmod
 from edge.runtime.cuda.layout import Linear
 
-MAX_GEMV_M = 16  # as session.MAX_GEMV_M: the GEMV's largest M
+MAX_GEMV_M = 16  # as linears.MAX_GEMV_M: the GEMV's largest M
 
 
 def autotune_int4_m1(sess) -> dict[str, dict[str, float]]:

@@ -168,7 +168,7 @@ class CudaEncoder:
     def launch(self, batch: list[list[int]]) -> Any:
         """Queue the forward of `batch` (token id lists, each 1..max_position long) on the current
         stream; float32 [B, dim] on the device."""
-        from edge.runtime.cuda.session import gemm_f16
+        from edge.runtime.cuda.blas import gemm_f16
 
         cp, H, I = self.cp, self.H, self.I
         host, t, n = pack(batch)

@@ -26,7 +26,9 @@ import numpy as np
 from edge.errors import BackendError
 from edge.runtime.cuda.kernels_src import CSRC
 from edge.runtime.cuda.layout import Linear
-from edge.runtime.cuda.session import ATTN_THREADS, CudaDecoderSession, gemm_ex
+from edge.runtime.cuda.blas import gemm_ex
+from edge.runtime.cuda.decode import ATTN_THREADS
+from edge.runtime.cuda.session import CudaDecoderSession
 
 PRECISIONS = ("auto", "fp16", "fp32")
 SOURCE_FILES = ("common.cuh", "fp32.cu")

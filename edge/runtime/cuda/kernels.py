@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from edge.errors import BackendError
 from edge.runtime.cuda.kernels_src import BK_VARIANTS, KERNEL_NAMES, SOURCE  # noqa: F401 (BK_VARIANTS: re-exported)
 
@@ -23,6 +25,12 @@ GEMV_TILES = (1, 2, 4, 8, 16)  # rows of X per GEMV launch-y (compile-time MT)
 GEMV_ROWS_PER_WARP = {1: 1, 2: 1, 4: 2, 8: 4, 16: 4}  # int4/int8 kernels: weight rows per warp (R)
 SOURCE_HASH = hashlib.sha256(SOURCE.encode()).hexdigest()[:12]
 PICKS_FILE = "gemv_picks.json"
+NULL = np.uint64(0)  # a null pointer argument (no bias, no norm weight)
+
+
+def i32(v: int) -> np.int32:
+    """An int kernel argument (cupy passes a Python int as 64 bits)."""
+    return np.int32(v)
 
 
 def kernel_cache_dir() -> str:
