@@ -26,9 +26,10 @@ V = 50
 
 class FakeBackend:
     def __init__(self, num_blocks=32, block_size=4, max_seqs=4, max_context=64, layout="paged", device_sampling=False,
-                 releases_kv=False):
+                 releases_kv=False, copies_blocks=True):
         self.caps = BackendCaps(num_blocks=num_blocks, block_size=block_size, max_seqs=max_seqs, max_context=max_context,
-                                vocab_size=V, kv_layout=layout, device_sampling=device_sampling, releases_kv=releases_kv)
+                                vocab_size=V, kv_layout=layout, device_sampling=device_sampling, releases_kv=releases_kv,
+                                copies_blocks=copies_blocks, prefix_cache=copies_blocks or layout == "paged")
         self.released = []
         n_slots = (max_seqs * -(-max_context // block_size) if layout == "contiguous" else num_blocks) * block_size
         self.kv = np.full(n_slots, -1, np.int64)
@@ -39,6 +40,7 @@ class FakeBackend:
     def execute(self, b):
         self.gate.wait(10)
         b.validate()
+        assert self.caps.copies_blocks or not b.block_copies.size, "block copies sent to a backend that cannot copy"
         self.batches.append(b)
         bs = b.block_size
         for src, dst in b.block_copies.tolist():
@@ -152,6 +154,36 @@ def test_contiguous_compaction_moves_the_top_sequence_into_a_gap():
     assert kv.compact() == 1  # the top one (4, region 2) fills the gap at region 0; 3 stays in region 1
     assert kv.table(4) == [0, 1] and kv.table(3) == [4, 5, 6] and kv.copies() == [(8, 0), (9, 1)]
     assert kv.num_used == 3 + 2
+
+
+def test_a_backend_that_cannot_copy_blocks_gets_no_compaction():
+    """TensorRT's adapter keeps its own sequences (copies_blocks=False): a gap stays a gap."""
+    kv = BlockManager(12, 4, max_context=16, layout="contiguous", max_seqs=3, prefix_cache=False, movable=False)
+    for sid in (1, 2, 3):
+        assert kv.admit(sid, [], 5) == 0 and kv.grow(sid, 5)
+    kv.free(1)
+    assert kv.compact() == 0 and kv.copies() == [] and kv.table(3) == [8, 9]
+    assert kv.admit(4, [], 5) == 0 and kv.grow(4, 5) and kv.table(4) == [0, 1]  # the gap is reused
+
+
+def test_mid_batch_finishes_on_a_backend_that_cannot_copy_blocks():
+    """Requests ending at different steps leave gaps below live ones; the engine must not ask a
+    backend without copies_blocks to move them (it raised BackendError under a slow CPU)."""
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(0, V, n)) for n in (5, 9, 3, 12, 7)]
+    maxes = [2, 9, 4, 6, 11]
+    want = [run_alone(p, greedy(m), layout="contiguous") for p, m in zip(prompts, maxes)]
+    be = FakeBackend(layout="contiguous", max_seqs=3, copies_blocks=False)
+    with Engine(be, eos_ids=()) as e:
+        assert not e.kv.movable and not e.kv.prefix_cache
+        be.gate.clear()
+        streams = [e.submit(p, greedy(m), detokenize=False) for p, m in zip(prompts, maxes)]
+        be.gate.set()
+        for s in streams:
+            list(s)
+        assert [s.request.output_ids for s in streams] == want
+        assert e.kv.num_used == 0
+    assert any(b.num_rows > 1 for b in be.batches)
 
 
 def test_contiguous_rows_past_the_findable_blocks_are_released():

@@ -70,7 +70,7 @@ class BlockManager:
     """Allocates KV blocks to sequences; `max_context` caps one sequence's tokens."""
 
     def __init__(self, num_blocks: int, block_size: int = 16, *, max_context: int | None = None,
-                 layout: str = "paged", max_seqs: int | None = None, prefix_cache: bool = True):
+                 layout: str = "paged", max_seqs: int | None = None, prefix_cache: bool = True, movable: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         if layout not in ("paged", "contiguous"):
@@ -80,6 +80,7 @@ class BlockManager:
         self.max_context = max_context if max_context is not None else num_blocks * block_size
         self.layout = layout
         self.prefix_cache = prefix_cache
+        self.movable = movable  # contiguous: the backend copies blocks, so compact() may move sequences
         self.blocks_per_seq = blocks_for(self.max_context, block_size)
         if layout == "contiguous":
             if max_seqs is None:
@@ -254,7 +255,7 @@ class BlockManager:
         step). A sequence that ends mid-batch otherwise splits the others into two runs of slots
         and every later step into two backend calls (~7 ms more per step on SmolLM2 / 2 cores,
         against ~0.1 ms per 32-token block copied once). Returns the sequences moved."""
-        if self.layout != "contiguous" or not self._seqs:
+        if self.layout != "contiguous" or not self.movable or not self._seqs:
             return 0
         by_region = {s.region: s for s in self._seqs.values()}
         moved = 0

@@ -5,7 +5,7 @@
 Each engine region (contiguous KV layout) is one live sequence of the session: a row starting at
 position 0 opens a fresh sequence in its region; prompt pieces are session.prefill calls; rows
 adding one token go through one batched session.decode. Such a session cannot start a sequence
-after a cached prefix, so the capability `prefix_cache` is off.
+after a cached prefix nor move one to another region, so `prefix_cache` and `copies_blocks` are off.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class SequenceBackend:
         bps = -(-session.max_context // BLOCK)
         self.caps = BackendCaps(num_blocks=session.max_batch * bps, block_size=BLOCK, max_seqs=session.max_batch,
                                 max_context=session.max_context, vocab_size=session.vocab_size,
-                                kv_layout="contiguous", prefix_cache=False)
+                                kv_layout="contiguous", prefix_cache=False, copies_blocks=False)
 
     def execute(self, batch: StepBatch) -> StepOutput:
         if batch.block_copies.size:

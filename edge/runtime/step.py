@@ -121,6 +121,8 @@ class BackendCaps:
     kv_dtype: str = "float32"
     kv_bytes: int = 0  # bytes the backend allocated for the KV cache (planned vs allocated)
     releases_kv: bool = False  # has release_kv(block ranges): gives the memory of dead rows back (contiguous)
+    copies_blocks: bool = True  # executes StepBatch.block_copies (contiguous: sequences are moved down into
+    # freed regions, so one call covers the batch); a backend that keeps its own sequences (TensorRT) cannot
 
     @property
     def blocks_per_seq(self) -> int:
