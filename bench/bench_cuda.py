@@ -349,8 +349,11 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
         bpt16 = bytes_read_per_token(spec, recipe, group) + 16 * kv_read
         emit(figure="decode_b16", backend="edge-cuda", device=device, model=name, recipe=recipe, batch=16, prompt=PROMPT,
              new_tokens=NEW, aggregate_tok_s=round(agg, 1), step_ms=round(1e3 * dt / (NEW - 1), 3),
-             roofline_frac=round(bpt16 * agg / 16 / copy_bw, 3), attn_splits=sess.attn_grid_splits(16),
-             tc_pick={lin.shape_key: f"splits {lin.tc_splits} depth {lin.tc_depth} from M={lin.tc_from}" for lin in sess.linears() if lin.tc_splits})
+             roofline_frac=round(bpt16 * agg / 16 / copy_bw, 3),
+             attn=(f"{sess._gqa[0]} x{sess.attn_gqa_splits(16)} splits" if sess.attn_gqa(16) else f"per query head x{sess.attn_grid_splits(16)} splits"),
+             tc_us={k: v["splits"] for k, v in sess.tc_us.items()},
+             tc_pick={lin.shape_key: f"splits {lin.tc_splits} " + (f"async {lin.tc_async}" if lin.tc_async else f"depth {lin.tc_depth}") + f" from M={lin.tc_from}"
+                      for lin in sess.linears() if lin.tc_splits})
     if long_prefill:
         long = rng.integers(0, spec.vocab_size, size=2048)
         ts = []

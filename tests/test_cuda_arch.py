@@ -151,6 +151,43 @@ def test_int4_fused_and_unfused_match_reference(tmp_path, arch):
     assert e < TOL_FP32_REF, f"{arch} int4 in fp32: rel error {e:.2e}"
 
 
+@pytest.mark.parametrize("arch", ("gemma3_text", "mistral"))
+def test_gqa_decode_attention_sliding_windows(tmp_path, arch):
+    """The per-kv-head decode attention (paged_attn_gqa4_d64, forced at 2 rows) on the sliding
+    layers of Gemma 3 and Mistral (window 8; contexts 12-36 cross it), split and not, against
+    the numpy reference and the per-query-head kernel."""
+    from helpers_tiny import bundle_weights, hf_spec, make_tiny_bundle, tiny_hf_model
+
+    from edge.runtime.cuda.reference import reference_logits
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    hf = tiny_hf_model(arch, hidden=256)
+    spec, w = hf_spec(hf), bundle_weights(hf, "int4", 32)
+    path = make_tiny_bundle(tmp_path / arch, hf, "int4", forms=())
+    rng = np.random.default_rng(7)
+    ids = [rng.integers(0, 256, n) for n in (12, 36)]
+    refs = [reference_logits(spec, w, x) for x in ids]
+    sess = CudaDecoderSession(path, max_batch=2, max_context=128, block_size=8)
+    sess.gqa_min_blocks = 1
+    for min_split in (1 << 30, 3):
+        sess.attn_min_split = min_split
+        got = {}
+        for gqa in (True, False):
+            sess.gqa_attention = gqa
+            sess._graphs.clear()
+            for i, x in enumerate(ids):
+                sess.add_sequence(i)
+                sess.prefill(i, x[:-4])
+            steps = [sess.decode([0, 1], np.array([x[len(x) - 4 + t] for x in ids])) for t in range(4)]
+            for i in range(2):
+                sess.release(i)
+            got[gqa] = [np.stack([s[i] for s in steps]) for i in range(2)]
+        for i, x in enumerate(ids):
+            e = rel(got[True][i], refs[i][len(x) - 4 :])
+            assert e < TOL, f"{arch} gqa row {i} min_split {min_split}: rel error {e:.2e}"
+            assert rel(got[True][i], got[False][i]) < 2e-3, (arch, i, min_split)
+
+
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_engine_steps_mixed_prefill_and_decode_gemma3(tmp_path, precision):
     """The engine backend's mixed steps (prompt chunks and decode rows together) on Gemma 3,

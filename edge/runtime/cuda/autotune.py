@@ -119,13 +119,18 @@ def _graph_us(sess, fn, reps: int = 10) -> float:
     return round(sorted(ts)[1], 2)
 
 
+def _ring(name: str) -> tuple[int, int]:
+    """(tc_depth, tc_async) of a weight ring named "d2" / "d4" (registers) or "a4" / "a8" (cp.async stages)."""
+    return (int(name[1:]), 0) if name[0] == "d" else (2, int(name[1:]))
+
+
 def autotune_tc(sess) -> dict[str, dict]:
     """Per distinct linear shape, for the tensor-core GEMM: the K splits and the weight loads in
-    flight per warp (timed together at M = 16; one split count for every M, so a row's numbers
+    flight per warp, in registers or a cp.async shared-memory ring (timed together at M = 16; one split count for every M, so a row's numbers
     never depend on its batch; the depth changes no sum), the m16-tiles per warp
     for 17-32 and 33-64 rows, and the smallest M (2, 4, 8 or 16) from which it beats the GEMV.
     Every candidate is timed in a CUDA graph of 10 calls (us per call, returned)."""
-    from edge.runtime.cuda.gemm import DEPTHS, TcWorkspace, split_candidates
+    from edge.runtime.cuda.gemm import ASYNC_STAGES, DEPTHS, TcWorkspace, split_candidates
 
     cp = sess.cp
     by_key: dict[str, list[Linear]] = {}
@@ -145,11 +150,11 @@ def autotune_tc(sess) -> dict[str, dict]:
             ys = {m: cp.empty((m, lin.n), dtype=cp.float16) for m in xs}
             sess.tc_min_m = 1
             for s in split_candidates(lin):  # K splits and weight loads in flight, together
-                for depth in DEPTHS:
-                    lin.tc_splits, lin.tc_depth = s, depth
-                    t["splits"][f"{s}/d{depth}"] = _graph_us(sess, lambda: sess.linear(lin, xs[16], 16, ys[16]))
+                for ring in [f"d{d}" for d in DEPTHS] + [f"a{a}" for a in ASYNC_STAGES]:
+                    lin.tc_splits, lin.tc_depth, lin.tc_async = s, *_ring(ring)
+                    t["splits"][f"{s}/{ring}"] = _graph_us(sess, lambda: sess.linear(lin, xs[16], 16, ys[16]))
             best = min(t["splits"], key=lambda sd: t["splits"][sd])
-            lin.tc_splits, lin.tc_depth = int(best.split("/d")[0]), int(best.split("/d")[1])
+            lin.tc_splits, (lin.tc_depth, lin.tc_async) = int(best.split("/")[0]), _ring(best.split("/")[1])
             mts = []
             for m in (32, 64):
                 tm = {}
@@ -167,7 +172,7 @@ def autotune_tc(sess) -> dict[str, dict]:
             wins = [m for m in (2, 4, 8, 16) if all(t["tc"][m2] <= t["gemv"][m2] for m2 in (2, 4, 8, 16) if m2 >= m)]
             for other in group:
                 other.tc_from = min(wins) if wins else MAX_GEMV_M + 1
-                other.tc_splits, other.tc_mt, other.tc_depth = lin.tc_splits, lin.tc_mt, lin.tc_depth
+                other.tc_splits, other.tc_mt, other.tc_depth, other.tc_async = lin.tc_splits, lin.tc_mt, lin.tc_depth, lin.tc_async
             out[key] = t
     del keep
     sess._tc = TcWorkspace.for_linears(cp, sess.linears())

@@ -20,6 +20,7 @@ ARGMAX_BLOCKS = 64  # blocks per row of the decode step's argmax
 ATTN_MAX_SPLITS = 8  # decode attention: at most this many blocks per (head, sequence)
 MAX_STREAM_DEPTH = 16  # greedy_stream: most steps queued ahead of the host
 ATTN_MIN_SPLIT = 128  # ... and at least this many tokens per block (bench/bench_attention.py)
+GQA_MIN_BLOCKS = 64  # decode attention per kv head (paged_attn_gqa*) once rows x kv heads reach this many blocks
 
 
 def _buckets(max_batch: int) -> list[int]:
@@ -33,6 +34,10 @@ def _buckets(max_batch: int) -> list[int]:
 
 class DecodeSteps:
     """The decode side of the session: buffers, graphs per bucket, attention, greedy stream, sampling."""
+
+    gqa_attention = True  # batched steps: one attention block per kv head for all its query heads
+    gqa_min_blocks = GQA_MIN_BLOCKS
+    _gqa: tuple[str, int] | None = None  # (kernel, dynamic shared memory) when this model can use it
 
     def _alloc_decode_buffers(self) -> None:
         cp, s, mb = self.cp, self.spec, self.max_batch
@@ -78,6 +83,36 @@ class DecodeSteps:
         # inputs of the next step, for a stream that runs without the host (greedy_stream)
         self.k["advance_inputs"]((1,), (max(32, -(-bsz // 32) * 32),), (self._inp, _i32(self.max_batch), _i32(self.max_blocks), _i32(self.block_size), _i32(bsz)))
 
+    def _setup_gqa_attention(self) -> None:
+        """Pick paged_attn_gqa{4,8}_d{64,128} for this model (query heads per kv head <= 8, head_dim
+        64 / 128) and raise its shared-memory limit; none when it does not fit the GPU's."""
+        s = self.spec
+        g = s.n_heads // s.n_kv_heads
+        if s.head_dim not in (64, 128) or s.n_heads % s.n_kv_heads or not 1 < g <= 8:
+            return
+        gm = 4 if g <= 4 else 8
+        words = gm * self.max_context + gm * s.head_dim + 32 * gm + (ATTN_THREADS // 32) * gm * s.head_dim + self.max_blocks
+        smem = 4 * words
+        limit = int(self.cp.cuda.runtime.getDeviceAttribute(97, self.device.id))  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+        if smem > limit:
+            return
+        name = f"paged_attn_gqa{gm}_d{s.head_dim}"
+        if smem > 48 * 1024:
+            self.k[name].max_dynamic_shared_size_bytes = smem
+        self._gqa = (name, smem)
+
+    def attn_gqa(self, rows: int) -> bool:
+        """Does a decode step of `rows` sequences run attention per kv head? When the grid has
+        enough blocks (at one row the per-query-head kernel's wider grid is faster: bench_cuda's
+        b1 figures), and never in batch_invariant mode (one kernel at every batch size)."""
+        return (self._gqa is not None and self.gqa_attention and not self.batch_invariant
+                and rows * self.spec.n_kv_heads >= self.gqa_min_blocks)
+
+    def attn_gqa_splits(self, rows: int) -> int:
+        """Split blocks per (kv head, sequence): about two blocks per SM in all (a sequence still
+        uses at most one per ATTN_MIN_SPLIT tokens), at most _attn_splits (the partials' room)."""
+        return max(1, min(self._attn_splits, -(-2 * self.sms // (self.spec.n_kv_heads * rows))))
+
     def attn_grid_splits(self, rows: int) -> int:
         """Split blocks per (head, sequence) of a decode step of `rows` sequences: about two blocks
         per SM in all, at most _attn_splits. A wider grid only adds blocks that return at once (a
@@ -95,7 +130,16 @@ class DecodeSteps:
         s = self.spec
         scale = self.attn_scale
         feats = (self.layers[layer]["window"], self.attn_softcap)
-        if s.head_dim in (64, 128):  # split-sequence kernel, P blocks per (head, sequence)
+        if self.attn_gqa(rows):  # P blocks per (kv head, sequence), each for all its query heads
+            name, smem = self._gqa
+            self.k[name](
+                (s.n_kv_heads, rows, self.attn_gqa_splits(rows)), (ATTN_THREADS,),
+                (q, kc, vc, bt, ctx, out, self._attn_part_o, self._attn_part_ml, self._attn_tickets, _i32(s.n_heads),
+                 _i32(s.n_kv_heads), _i32(self.block_size), _i32(self.max_blocks), _i32(self.max_context), scale,
+                 _i32(self.attn_min_split), *feats),
+                shared_mem=smem,
+            )
+        elif s.head_dim in (64, 128):  # split-sequence kernel, P blocks per (head, sequence)
             self.k[f"paged_attn_split_tk_d{s.head_dim}"](
                 (s.n_heads, rows, self.attn_grid_splits(rows)), (ATTN_THREADS,),
                 (q, kc, vc, bt, ctx, out, self._attn_part_o, self._attn_part_ml, self._attn_tickets, _i32(s.n_heads),

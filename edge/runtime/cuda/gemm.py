@@ -4,6 +4,7 @@
     split_candidates(lin)              -> the K splits the load-time autotuner times
     TcWorkspace.for_linears(cp, lins)  split-K partials + ticket counters, allocated once
     launch_tc(k, lin, x, m, y, ws, out_f32)   y[:m] = x[:m] @ W.T (+ bias), any m (row chunks)
+    async_smem(kind, stages)           dynamic shared memory of the cp.async-ring kernels ("_a4", "_a8")
 
 The split count depends on the weight's shape alone (never on M), and the m16-tiles per warp
 (lin.tc_mt, by M bucket) only group rows: a row's result is the same whatever else is in the
@@ -28,6 +29,7 @@ CHUNK_ROWS = 64  # rows per launch (bounds the split-K workspace; prefill past 6
 MAX_SPLIT_COLS = 1 << 17  # splits x N at most: the workspace stays <= 32 MiB
 M_TILES = (1, 2, 4)  # compiled MT (m16-tiles per warp)
 DEPTHS = (2, 4)  # weight iterations in flight per warp; 4 is compiled for MT = 1 only ("_d4")
+ASYNC_STAGES = (4, 8)  # MT = 1 kernels with a per-warp shared-memory ring of this many iterations ("_a4", "_a8")
 
 
 def tc_ok(lin: Linear) -> bool:
@@ -67,6 +69,12 @@ class TcWorkspace:
         return cls(cp.zeros(need, dtype=cp.float32), cp.zeros(blocks * tiles, dtype=cp.uint32))
 
 
+def async_smem(kind: str, stages: int) -> int:
+    """Bytes of dynamic shared memory of gemm_{kind}_tc_m1_a{stages} (gemm_tc.cu's TC_ASYNC_SMEM):
+    per warp and stage, a 16-byte weight chunk per lane and n8-tile, and a 4-byte scale word (int4)."""
+    return GEMM_WARPS * stages * GEMM_NT * 32 * (16 + (4 if kind == "int4" else 0))
+
+
 FORCE_MT: int | None = None  # benchmarks: every launch with this many m16-tiles per warp
 
 
@@ -80,7 +88,7 @@ def _mt(m: int, lin: Linear) -> int:
 
 
 def launch_tc(k: Any, lin: Linear, x: Any, m: int, y: Any, ws: TcWorkspace, out_f32: bool = False, ldy: int | None = None) -> None:
-    """y[:m] = x[:m] @ W.T (+ bias) through gemm_{int4,int8}_tc_m{1,2,4}[_d4]; y's row stride is ldy (N)."""
+    """y[:m] = x[:m] @ W.T (+ bias) through gemm_{int4,int8}_tc_m{1,2,4}[_d4 | _a4 | _a8]; y's row stride is ldy (N)."""
     ldy = lin.n if ldy is None else ldy
     null = np.uint64(0)
     bias = lin.bias if lin.bias is not None else null
@@ -90,7 +98,11 @@ def launch_tc(k: Any, lin: Linear, x: Any, m: int, y: Any, ws: TcWorkspace, out_
         grid = (-(-lin.n // COLS_PER_BLOCK), lin.tc_splits, -(-rows // (16 * mt)))
         xs = x[r0 : r0 + rows] if r0 else x
         ys = y[r0 : r0 + rows] if r0 else y
+        args = (lin.q, lin.s, xs, bias, ys, ws.partials, ws.tickets, np.int32(rows), np.int32(lin.n), np.int32(lin.k),
+                np.int32(lin.gshift), np.int32(ldy), np.int32(1 if out_f32 else 0))
+        if mt == 1 and lin.tc_async:  # the same sums as every other MT = 1 kernel
+            smem = async_smem(lin.kind, lin.tc_async)
+            k[f"gemm_{lin.kind}_tc_m1_a{lin.tc_async}"](grid, (32 * GEMM_WARPS,), args, shared_mem=smem)  # limit raised at load
+            continue
         deep = "_d4" if mt == 1 and lin.tc_depth == 4 else ""  # the same sums at either depth
-        k[f"gemm_{lin.kind}_tc_m{mt}{deep}"](grid, (32 * GEMM_WARPS,), (
-            lin.q, lin.s, xs, bias, ys, ws.partials, ws.tickets, np.int32(rows), np.int32(lin.n), np.int32(lin.k),
-            np.int32(lin.gshift), np.int32(ldy), np.int32(1 if out_f32 else 0)))
+        k[f"gemm_{lin.kind}_tc_m{mt}{deep}"](grid, (32 * GEMM_WARPS,), args)

@@ -119,6 +119,12 @@ def load(device_id: int = 0) -> Kernels:
         try:
             mod = cupy.RawModule(code=SOURCE, options=opts)
             funcs = {name: mod.get_function(name) for name in KERNEL_NAMES}
+            from edge.runtime.cuda.gemm import ASYNC_STAGES, async_smem
+
+            for kind in ("int4", "int8"):  # the cp.async-ring GEMMs: opt in past 48 KB of shared memory
+                for stages in ASYNC_STAGES:
+                    if async_smem(kind, stages) > 48 * 1024:
+                        funcs[f"gemm_{kind}_tc_m1_a{stages}"].max_dynamic_shared_size_bytes = async_smem(kind, stages)
         except Exception as e:  # CompileException, CUDADriverError
             raise BackendError(f"the cuda backend's kernels failed to compile: {e}", fix="report this with `edge-rag doctor` output") from e
         dt = time.perf_counter() - t0

@@ -29,6 +29,7 @@ class Linear:
     tc_from: int = 2  # smallest M run on the tensor-core GEMM (timed against the GEMV at load)
     tc_mt: tuple[int, int] = (2, 4)  # m16-tiles per warp for 17..32 and 33..64 rows (timed at load)
     tc_depth: int = 2  # weight iterations in flight per warp of the one-m16-tile launches: 2 or 4 (timed at load)
+    tc_async: int = 0  # one-m16-tile launches through the cp.async shared-memory ring of this many stages (4, 8); 0: tc_depth's register ring
 
     @property
     def shape_key(self) -> str:

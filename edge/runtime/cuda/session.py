@@ -126,6 +126,7 @@ class CudaDecoderSession(LinearDispatch, LayerPass, DecodeSteps, PrefillPass):
             for name in ("paged_attn_decode", "paged_attn_decode_d64", "paged_attn_decode_d128", "paged_attn_split_d64", "paged_attn_split_d128", "paged_attn_split_tk_d64", "paged_attn_split_tk_d128"):
                 self.k[name].max_dynamic_shared_size_bytes = smem
         self._attn_smem = smem
+        self._setup_gqa_attention()
         if spec.head_dim in (64, 128) and flash_prefill_smem(spec.head_dim) > 48 * 1024:
             for cap in ("", "cap_"):
                 self.k[f"flash_prefill_{cap}d{spec.head_dim}"].max_dynamic_shared_size_bytes = flash_prefill_smem(spec.head_dim)

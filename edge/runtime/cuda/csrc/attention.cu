@@ -437,6 +437,260 @@ ATTN_SPLIT_INSTANCE(paged_attn_split_d128, 128, true)
 ATTN_SPLIT_INSTANCE(paged_attn_split_tk_d64, 64, false)
 ATTN_SPLIT_INSTANCE(paged_attn_split_tk_d128, 128, false)
 
+// ---------------------------------------------------------------------------------------
+// GQA decode attention for compile-time D: grid (Hkv, B, P), one block per (kv head, sequence,
+// split) for all G = Hq / Hkv query heads that share the kv head (G <= GM). paged_attn_split
+// runs one block per query head, so every K and V row crossed L2 -> SM G times (at 16 rows of
+// Llama-3.2-1B: 25 MB a layer for 6 MB of cache, 512 blocks in two waves); here once, in
+// Hkv * B * P blocks. Splits, windows, soft-capping and the merge are paged_attn_split's, per
+// query head: block (kvh, b, s) writes (m, l, acc) of its G heads to part_* at the heads'
+// own (b * Hq + h) index; the last block of (b, kvh) (ticket b * Hkv + kvh) merges them.
+//   scores: one token per thread, its K row in D/8 16-byte loads, G dot products with q in
+//           shared memory -> scores[g][t]
+//   softmax: G maxima and G sums in one block reduction each
+//   out:    threads = (token group, 16-byte column chunk) as paged_attn_split, each V chunk
+//           weighted by G probabilities; groups summed by shuffles, then across warps in
+//           shared memory.
+// Dynamic shared memory (4-byte words): GM * max_ctx + GM * D + 32 * GM + (blockDim / 32) * GM * D + max_blocks.
+// ---------------------------------------------------------------------------------------
+template <int GM>
+__device__ __forceinline__ void block_reduce_g(float (&v)[GM], float* red, bool is_max) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int g = 0; g < GM; ++g) v[g] = is_max ? warp_max(v[g]) : warp_sum(v[g]);
+    __syncthreads();
+    if (lane == 0)
+#pragma unroll
+        for (int g = 0; g < GM; ++g) red[warp * GM + g] = v[g];
+    __syncthreads();
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        float r = lane < nw ? red[lane * GM + g] : (is_max ? -INFINITY : 0.f);
+        v[g] = is_max ? warp_max(r) : warp_sum(r);
+    }
+}
+
+template <int D, int GM>
+__device__ __forceinline__ void paged_attn_gqa_impl(const half* __restrict__ q, const half* __restrict__ kc,
+                                                    const half* __restrict__ vc, const int* __restrict__ block_tables,
+                                                    const int* __restrict__ ctx_lens, half* __restrict__ out,
+                                                    float* part_o, float* part_ml, unsigned* tickets,
+                                                    int Hq, int Hkv, int BS, int max_blocks, int max_ctx, float scale,
+                                                    int min_split, int window, float softcap) {
+    constexpr int NCH = D / 8;
+    constexpr int VU = 8;
+    extern __shared__ float sm[];
+    const int nw = blockDim.x >> 5;
+    float* scores = sm;                     // [GM][max_ctx]
+    float* qs = sm + GM * max_ctx;          // [GM][D]
+    float* red = qs + GM * D;               // [32][GM]
+    float* accbuf = red + 32 * GM;          // [warps][GM][D]
+    int* bts = reinterpret_cast<int*>(accbuf + nw * GM * D);
+    __shared__ bool last;
+    const int kvh = blockIdx.x, b = blockIdx.y, sp = blockIdx.z, P = gridDim.z, tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int G = Hq / Hkv;  // <= GM (the host picks the instance)
+    const int L = ctx_lens[b];
+    const half* qh = q + ((long long)b * Hq + kvh * G) * D;  // the G heads' queries, [G][D]
+    for (int i = tid; i < GM * D; i += blockDim.x) qs[i] = i < G * D ? __half2float(qh[i]) * scale : 0.f;
+    const int* bt = block_tables + (long long)b * max_blocks;
+    for (int i = tid; i < max_blocks; i += blockDim.x) bts[i] = bt[i];
+    half* o = out + ((long long)b * Hq + kvh * G) * D;
+    if (L <= 0) {
+        if (sp == 0)
+            for (int i = tid; i < G * D; i += blockDim.x) o[i] = __float2half(0.f);
+        return;
+    }
+    const int lo = attn_window_start(L, window), Lw = L - lo;
+    const int Pe = min(min(P, ATTN_SPLIT_MAX), max(1, (Lw + min_split - 1) / min_split));
+    if (sp >= Pe) return;
+    const int per = (Lw + Pe - 1) / Pe;
+    const int t0 = lo + min(Lw, sp * per), t1 = min(L, t0 + per), n = t1 - t0;
+    __syncthreads();
+    const int groups = blockDim.x / NCH;
+    const int ch = tid % NCH, grp = tid / NCH;
+    uint4 vpre[VU];
+#pragma unroll
+    for (int u = 0; u < VU; ++u) {
+        const int t = grp + u * groups;
+        if (t < n) {
+            const long long slot = (long long)bts[(t0 + t) / BS] * BS + ((t0 + t) % BS);
+            vpre[u] = __ldg(reinterpret_cast<const uint4*>(vc + (slot * Hkv + kvh) * D) + ch);
+        } else {
+            vpre[u] = make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+    float mx[GM];
+#pragma unroll
+    for (int g = 0; g < GM; ++g) mx[g] = -INFINITY;
+    for (int t = tid; t < n; t += blockDim.x) {
+        const long long slot = (long long)bts[(t0 + t) / BS] * BS + ((t0 + t) % BS);
+        const uint4* kp = reinterpret_cast<const uint4*>(kc + (slot * Hkv + kvh) * D);
+        uint4 kv[NCH];
+#pragma unroll
+        for (int c = 0; c < NCH; ++c) kv[c] = __ldg(kp + c);
+        float s[GM];
+#pragma unroll
+        for (int g = 0; g < GM; ++g) s[g] = 0.f;
+#pragma unroll
+        for (int c = 0; c < NCH; ++c) {
+            const half2* kh = reinterpret_cast<const half2*>(&kv[c]);
+            float2 f[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) f[j] = __half22float2(kh[j]);
+#pragma unroll
+            for (int g = 0; g < GM; ++g) {
+                const float4 qa = *reinterpret_cast<const float4*>(qs + g * D + c * 8);
+                const float4 qb = *reinterpret_cast<const float4*>(qs + g * D + c * 8 + 4);
+                s[g] += f[0].x * qa.x + f[0].y * qa.y + f[1].x * qa.z + f[1].y * qa.w
+                      + f[2].x * qb.x + f[2].y * qb.y + f[3].x * qb.z + f[3].y * qb.w;
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+            const float sc = attn_softcap(s[g], softcap);
+            scores[g * max_ctx + t] = sc;
+            if (g < G) mx[g] = fmaxf(mx[g], sc);
+        }
+    }
+    block_reduce_g<GM>(mx, red, true);
+    float sum[GM];
+#pragma unroll
+    for (int g = 0; g < GM; ++g) sum[g] = 0.f;
+    for (int t = tid; t < n; t += blockDim.x) {
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+            const float e = g < G ? __expf(scores[g * max_ctx + t] - mx[g]) : 0.f;
+            scores[g * max_ctx + t] = e;
+            sum[g] += e;
+        }
+    }
+    block_reduce_g<GM>(sum, red, false);  // also a barrier: probabilities visible to all
+    float a[GM][8];
+#pragma unroll
+    for (int g = 0; g < GM; ++g)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) a[g][j] = 0.f;
+    for (int tb = grp; tb < n; tb += groups * VU) {
+        const bool first = tb == grp;
+        uint4 v[VU];
+#pragma unroll
+        for (int u = 0; u < VU; ++u) {
+            const int t = tb + u * groups;
+            if (t < n) {
+                const long long slot = (long long)bts[(t0 + t) / BS] * BS + ((t0 + t) % BS);
+                v[u] = first ? vpre[u] : __ldg(reinterpret_cast<const uint4*>(vc + (slot * Hkv + kvh) * D) + ch);
+            } else {
+                v[u] = make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < VU; ++u) {
+            const int t = tb + u * groups;
+            if (t < n) {
+                const half2* vh = reinterpret_cast<const half2*>(&v[u]);
+                float2 f[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) f[j] = __half22float2(vh[j]);
+#pragma unroll
+                for (int g = 0; g < GM; ++g) {
+                    const float p = scores[g * max_ctx + t];
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        a[g][2 * j] += p * f[j].x;
+                        a[g][2 * j + 1] += p * f[j].y;
+                    }
+                }
+            }
+        }
+    }
+    // the token groups of a warp (lanes ch, ch + NCH, ...) by shuffles, then the warps in shared memory
+#pragma unroll
+    for (int g = 0; g < GM; ++g)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int off = 16; off >= NCH; off >>= 1) a[g][j] += __shfl_xor_sync(0xffffffffu, a[g][j], off);
+    if (lane < NCH)
+#pragma unroll
+        for (int g = 0; g < GM; ++g)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) accbuf[(warp * GM + g) * D + ch * 8 + j] = a[g][j];
+    __syncthreads();
+    const long long bh0 = (long long)b * Hq + kvh * G;  // the first head's (b, h) index
+    if (Pe == 1) {
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+            if (g >= G) break;
+            const float inv = 1.f / sum[g];
+            for (int d = tid; d < D; d += blockDim.x) {
+                float acc = 0.f;
+                for (int w = 0; w < nw; ++w) acc += accbuf[(w * GM + g) * D + d];
+                o[g * D + d] = __float2half(acc * inv);
+            }
+        }
+        return;
+    }
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        if (g >= G) break;
+        for (int d = tid; d < D; d += blockDim.x) {
+            float acc = 0.f;
+            for (int w = 0; w < nw; ++w) acc += accbuf[(w * GM + g) * D + d];
+            part_o[((bh0 + g) * P + sp) * D + d] = acc;
+        }
+        if (tid == 0) {
+            part_ml[((bh0 + g) * P + sp) * 2] = mx[g];
+            part_ml[((bh0 + g) * P + sp) * 2 + 1] = sum[g];
+        }
+    }
+    const long long tk = (long long)b * Hkv + kvh;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(tickets + tk, 1u) == (unsigned)Pe - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // the merge of each head as paged_attn_split's (loads issued together, splits summed in order)
+    for (int i = tid; i < G * D; i += blockDim.x) {
+        const int g = i / D, d = i % D;
+        const long long bh = bh0 + g;
+        float pm[ATTN_SPLIT_MAX], pl[ATTN_SPLIT_MAX], po[ATTN_SPLIT_MAX];
+#pragma unroll
+        for (int j = 0; j < ATTN_SPLIT_MAX; ++j) {
+            pm[j] = j < Pe ? __ldcg(part_ml + (bh * P + j) * 2) : -INFINITY;
+            pl[j] = j < Pe ? __ldcg(part_ml + (bh * P + j) * 2 + 1) : 0.f;
+            po[j] = j < Pe ? __ldcg(part_o + (bh * P + j) * D + d) : 0.f;
+        }
+        float M = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < ATTN_SPLIT_MAX; ++j)
+            if (j < Pe) M = fmaxf(M, pm[j]);
+        float l = 0.f, acc = 0.f;
+#pragma unroll
+        for (int j = 0; j < ATTN_SPLIT_MAX; ++j)
+            if (j < Pe) {
+                const float w = __expf(pm[j] - M);
+                l += pl[j] * w;
+                acc += po[j] * w;
+            }
+        o[g * D + d] = __float2half(acc / l);
+    }
+    if (tid == 0) tickets[tk] = 0u;
+}
+
+#define ATTN_GQA_INSTANCE(NAME, D, GM, MINB)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256, MINB) NAME(const half* q, const half* kc, const half* vc, const int* bt, \
+        const int* ctx, half* out, float* part_o, float* part_ml, unsigned* tickets, int Hq, int Hkv,   \
+        int BS, int max_blocks, int max_ctx, float scale, int min_split, int window, float softcap) {   \
+        paged_attn_gqa_impl<D, GM>(q, kc, vc, bt, ctx, out, part_o, part_ml, tickets, Hq, Hkv, BS,       \
+                                   max_blocks, max_ctx, scale, min_split, window, softcap); }
+
+ATTN_GQA_INSTANCE(paged_attn_gqa4_d64, 64, 4, 2)
+ATTN_GQA_INSTANCE(paged_attn_gqa4_d128, 128, 4, 2)
+ATTN_GQA_INSTANCE(paged_attn_gqa8_d64, 64, 8, 1)
+ATTN_GQA_INSTANCE(paged_attn_gqa8_d128, 128, 8, 1)
+
 // Causal softmax over prefill attention scores S half [rows, L] in place; row r is query
 // t = r % T at absolute position P + t, which sees keys [0, P + t] (on a sliding layer,
 // window > 0: keys (P + t - window, P + t]); scores soft-capped first when softcap > 0.

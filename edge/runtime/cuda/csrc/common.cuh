@@ -46,6 +46,29 @@ __device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// cp.async (sm_80+): global -> shared copies that complete in the background, in commit groups.
+// src_bytes < 16 zero-fills the rest (rows past the end); flash_prefill / the encoder order their
+// stages with __syncthreads. The *_ordered forms carry a "memory" clobber, for a thread that
+// refills a ring slot it has just read itself (no barrier between; gemm_tc's shared-memory ring).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+    const u32 s = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+__device__ __forceinline__ void cp_async16_ordered(void* smem, const void* gmem) {
+    const u32 s = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async4_ordered(void* smem, const void* gmem) {
+    const u32 s = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit_ordered() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_ordered() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
 __device__ __forceinline__ u32 h2_as_u32(half2 v) { return *reinterpret_cast<u32*>(&v); }
 
 __device__ __forceinline__ half2 u32_as_h2(u32 v) { return *reinterpret_cast<half2*>(&v); }

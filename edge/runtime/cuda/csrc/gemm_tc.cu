@@ -29,18 +29,13 @@
 // GEMM is latency-bound, few warps per SM; the autotuner picks per shape). The J order, and so
 // every sum, is the same at any depth.
 
-// One iteration J of a warp: dequantize its weight chunks (wq) and run the k16 steps' mma.
+// One iteration J of a warp: dequantize its weight chunks (wq; int4: times the lane's group
+// scales sc) and run the k16 steps' mma.
 template <int BITS, int MT, int NT>
-__device__ __forceinline__ void tc_iter(float (&acc)[MT][NT][4], const uint4 (&wq)[NT], const half* const (&xrow)[MT][2],
-                                        const half* __restrict__ S, const int (&nrow)[NT], int groups, int gshift, int J, int c) {
+__device__ __forceinline__ void tc_math(float (&acc)[MT][NT][4], const uint4 (&wq)[NT], const half* const (&xrow)[MT][2],
+                                        const half2 (&sc)[NT], int J) {
     constexpr int KJ = BITS == 4 ? 128 : 64;
-    constexpr int KC = KJ / 4;
     constexpr int PAIRS = KJ / 32;
-    half2 sc[NT];
-    if (BITS == 4) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) sc[nt] = __half2half2(__ldg(S + (long long)nrow[nt] * groups + ((J * KJ + c * KC) >> gshift)));
-    }
 #pragma unroll
     for (int p = 0; p < PAIRS; ++p) {
         uint4 xa[MT][2];
@@ -75,68 +70,32 @@ __device__ __forceinline__ void tc_iter(float (&acc)[MT][NT][4], const uint4 (&w
     }
 }
 
-template <int BITS, int MT, int NT, int DEPTH>
-__device__ __forceinline__ void gemm_tc(const uint4* __restrict__ W, const half* __restrict__ S,
-                                        const half* __restrict__ X, const half* __restrict__ bias,
-                                        void* __restrict__ Y, float* __restrict__ ws, unsigned* __restrict__ tickets,
-                                        int M, int N, int K, int gshift, int ldy, int out_f32) {
-    constexpr int KJ = BITS == 4 ? 128 : 64;  // K per iteration of the warp
-    constexpr int KC = KJ / 4;  // K per lane per iteration (one 16-byte weight chunk)
+// The lane's int4 group-scale index for weight row `row` in iteration J (one group per lane per
+// iteration: groups are >= 32 = KC values).
+template <int BITS>
+__device__ __forceinline__ long long tc_scale_index(int row, int groups, int gshift, int J, int c) {
+    constexpr int KJ = BITS == 4 ? 128 : 64;
+    return (long long)row * groups + ((J * KJ + c * (KJ / 4)) >> gshift);
+}
+
+template <int BITS, int MT, int NT>
+__device__ __forceinline__ void tc_iter(float (&acc)[MT][NT][4], const uint4 (&wq)[NT], const half* const (&xrow)[MT][2],
+                                        const half* __restrict__ S, const int (&nrow)[NT], int groups, int gshift, int J, int c) {
+    half2 sc[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+        sc[nt] = BITS == 4 ? __half2half2(__ldg(S + tc_scale_index<BITS>(nrow[nt], groups, gshift, J, c))) : __float2half2_rn(1.f);
+    tc_math<BITS, MT, NT>(acc, wq, xrow, sc, J);
+}
+
+// The end of a launch: split-K partials and the last block's ordered sum (splits > 1), then the
+// int8 scale, bias and the store. C fragment: acc[..][0..1] at (row g, cols 2c, 2c+1), [2..3] row g + 8.
+template <int BITS, int MT, int NT>
+__device__ __forceinline__ void tc_finish(float (&acc)[MT][NT][4], const half* __restrict__ S, const half* __restrict__ bias,
+                                          void* __restrict__ Y, float* __restrict__ ws, unsigned* __restrict__ tickets,
+                                          int M, int N, int m0, int nbase, int g, int c, unsigned ticket, int ldy, int out_f32) {
     __shared__ bool last;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, c = lane & 3;
-    const int nbase = (blockIdx.x * GEMM_WARPS + warp) * NT * 8;
-    const int m0 = blockIdx.z * MT * 16;
-    const unsigned ticket = blockIdx.z * gridDim.x + blockIdx.x;
     const int splits = gridDim.y, sp = blockIdx.y;
-    const int iters = K / KJ;
-    const int j0 = (int)((long long)iters * sp / splits), j1 = (int)((long long)iters * (sp + 1) / splits);
-    const int chunks = K / KC;  // 16-byte chunks per weight row
-    float acc[MT][NT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
-    const uint4* wrow[NT];
-    int nrow[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        nrow[nt] = min(nbase + nt * 8 + g, N - 1);  // rows past N load row N-1, never written
-        wrow[nt] = W + (long long)nrow[nt] * chunks + c;
-    }
-    const half* xrow[MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) xrow[mt][h] = X + (long long)min(m0 + mt * 16 + g + 8 * h, M - 1) * K + c * KC;
-    const int groups = K >> gshift;
-    // Software pipeline: DEPTH iterations' weights in flight per warp (a ring of register
-    // slots, static indices: the J loop is unrolled by the depth); each slot is refilled with
-    // the iteration DEPTH ahead before its own math runs.
-    uint4 wbuf[DEPTH][NT];
-#pragma unroll
-    for (int d = 0; d < DEPTH; ++d)
-        if (j0 + d < j1)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) wbuf[d][nt] = ldg_stream(wrow[nt] + 4 * (j0 + d));
-    for (int J0 = j0; J0 < j1; J0 += DEPTH) {
-#pragma unroll
-        for (int d = 0; d < DEPTH; ++d) {
-            const int J = J0 + d;
-            if (J < j1) {
-                uint4 wq[NT];
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) wq[nt] = wbuf[d][nt];
-                if (J + DEPTH < j1)
-#pragma unroll
-                    for (int nt = 0; nt < NT; ++nt) wbuf[d][nt] = ldg_stream(wrow[nt] + 4 * (J + DEPTH));
-                tc_iter<BITS, MT, NT>(acc, wq, xrow, S, nrow, groups, gshift, J, c);
-            }
-        }
-    }
-    // C fragment: acc[..][0..1] at (row g, cols 2c, 2c+1), acc[..][2..3] at row g + 8
     if (splits > 1) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -192,6 +151,165 @@ __device__ __forceinline__ void gemm_tc(const uint4* __restrict__ W, const half*
                 }
             }
 }
+
+template <int BITS, int MT, int NT, int DEPTH>
+__device__ __forceinline__ void gemm_tc(const uint4* __restrict__ W, const half* __restrict__ S,
+                                        const half* __restrict__ X, const half* __restrict__ bias,
+                                        void* __restrict__ Y, float* __restrict__ ws, unsigned* __restrict__ tickets,
+                                        int M, int N, int K, int gshift, int ldy, int out_f32) {
+    constexpr int KJ = BITS == 4 ? 128 : 64;  // K per iteration of the warp
+    constexpr int KC = KJ / 4;  // K per lane per iteration (one 16-byte weight chunk)
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int nbase = (blockIdx.x * GEMM_WARPS + warp) * NT * 8;
+    const int m0 = blockIdx.z * MT * 16;
+    const unsigned ticket = blockIdx.z * gridDim.x + blockIdx.x;
+    const int splits = gridDim.y, sp = blockIdx.y;
+    const int iters = K / KJ;
+    const int j0 = (int)((long long)iters * sp / splits), j1 = (int)((long long)iters * (sp + 1) / splits);
+    const int chunks = K / KC;  // 16-byte chunks per weight row
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+    const uint4* wrow[NT];
+    int nrow[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        nrow[nt] = min(nbase + nt * 8 + g, N - 1);  // rows past N load row N-1, never written
+        wrow[nt] = W + (long long)nrow[nt] * chunks + c;
+    }
+    const half* xrow[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) xrow[mt][h] = X + (long long)min(m0 + mt * 16 + g + 8 * h, M - 1) * K + c * KC;
+    const int groups = K >> gshift;
+    // Software pipeline: DEPTH iterations' weights in flight per warp (a ring of register
+    // slots, static indices: the J loop is unrolled by the depth); each slot is refilled with
+    // the iteration DEPTH ahead before its own math runs.
+    uint4 wbuf[DEPTH][NT];
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d)
+        if (j0 + d < j1)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) wbuf[d][nt] = ldg_stream(wrow[nt] + 4 * (j0 + d));
+    for (int J0 = j0; J0 < j1; J0 += DEPTH) {
+#pragma unroll
+        for (int d = 0; d < DEPTH; ++d) {
+            const int J = J0 + d;
+            if (J < j1) {
+                uint4 wq[NT];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) wq[nt] = wbuf[d][nt];
+                if (J + DEPTH < j1)
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) wbuf[d][nt] = ldg_stream(wrow[nt] + 4 * (J + DEPTH));
+                tc_iter<BITS, MT, NT>(acc, wq, xrow, S, nrow, groups, gshift, J, c);
+            }
+        }
+    }
+    tc_finish<BITS, MT, NT>(acc, S, bias, Y, ws, tickets, M, N, m0, nbase, g, c, ticket, ldy, out_f32);
+}
+
+// The same GEMM (one m16-tile per warp, MT = 1) with the weights and the int4 group scales
+// streamed through a per-warp shared-memory ring of STAGES iterations by cp.async, instead of
+// a ring of DEPTH register slots: STAGES - 1 iterations (and their scales) are in flight per
+// warp at no register cost, so a warp waits on memory once at its start, not on every
+// iteration's scale load (the register kernel loads each iteration's scales when it uses them).
+// Each lane copies and reads back only its own slots (its 16-byte chunk per n8-tile, the 4-byte
+// word holding its scale), so the ring needs no barrier. The J order and each iteration's math
+// are gemm_tc's: the same bits as gemm_int*_tc_m1 at any depth.
+// Dynamic shared memory: TC_ASYNC_SMEM(BITS, NT, STAGES) bytes (gemm.py: async_smem).
+#define TC_ASYNC_SMEM(BITS, NT, STAGES) (GEMM_WARPS * (STAGES) * (NT) * 32 * (16 + ((BITS) == 4 ? 4 : 0)))
+template <int BITS, int NT, int STAGES>
+__device__ __forceinline__ void gemm_tc_async(const uint4* __restrict__ W, const half* __restrict__ S,
+                                              const half* __restrict__ X, const half* __restrict__ bias,
+                                              void* __restrict__ Y, float* __restrict__ ws, unsigned* __restrict__ tickets,
+                                              int M, int N, int K, int gshift, int ldy, int out_f32) {
+    constexpr int KJ = BITS == 4 ? 128 : 64;
+    constexpr int KC = KJ / 4;
+    extern __shared__ uint4 tc_ring[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int nbase = (blockIdx.x * GEMM_WARPS + warp) * NT * 8;
+    const int m0 = blockIdx.z * 16;
+    const unsigned ticket = blockIdx.z * gridDim.x + blockIdx.x;
+    const int splits = gridDim.y, sp = blockIdx.y;
+    const int iters = K / KJ;
+    const int j0 = (int)((long long)iters * sp / splits), j1 = (int)((long long)iters * (sp + 1) / splits);
+    const int chunks = K / KC;
+    const int groups = K >> gshift;
+    float acc[1][NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[0][nt][e] = 0.f;
+    const uint4* wrow[NT];
+    int nrow[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        nrow[nt] = min(nbase + nt * 8 + g, N - 1);
+        wrow[nt] = W + (long long)nrow[nt] * chunks + c;
+    }
+    const half* xrow[1][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) xrow[0][h] = X + (long long)min(m0 + g + 8 * h, M - 1) * K + c * KC;
+    // this warp's ring: [STAGES][NT][32 lanes] 16-byte weight chunks, then (int4) [STAGES][NT][32] scale words
+    uint4* wr = tc_ring + warp * STAGES * NT * 32;
+    u32* sr = reinterpret_cast<u32*>(tc_ring + GEMM_WARPS * STAGES * NT * 32) + warp * STAGES * NT * 32;
+    auto issue = [&](int J, int slot) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) cp_async16_ordered(wr + (slot * NT + nt) * 32 + lane, wrow[nt] + 4 * J);
+        if (BITS == 4) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)  // the aligned word holding the scale (its other half is a neighbour's)
+                cp_async4_ordered(sr + (slot * NT + nt) * 32 + lane, S + (tc_scale_index<BITS>(nrow[nt], groups, gshift, J, c) & ~1ll));
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (j0 + s < j1) issue(j0 + s, s);
+        cp_async_commit_ordered();  // empty groups keep the count uniform
+    }
+    for (int J = j0; J < j1; ++J) {
+        const int it = J - j0;
+        if (J + STAGES - 1 < j1) issue(J + STAGES - 1, (it + STAGES - 1) % STAGES);  // the slot read last iteration
+        cp_async_commit_ordered();
+        cp_async_wait_ordered<STAGES - 1>();  // iteration J's group has landed
+        const int slot = it % STAGES;
+        uint4 wq[NT];
+        half2 sc[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            wq[nt] = wr[(slot * NT + nt) * 32 + lane];
+            if (BITS == 4) {
+                const u32 w = sr[(slot * NT + nt) * 32 + lane];
+                const half2 pair = u32_as_h2(w);
+                sc[nt] = (tc_scale_index<BITS>(nrow[nt], groups, gshift, J, c) & 1) ? __high2half2(pair) : __low2half2(pair);
+            } else {
+                sc[nt] = __float2half2_rn(1.f);
+            }
+        }
+        tc_math<BITS, 1, NT>(acc, wq, xrow, sc, J);
+    }
+    cp_async_wait_ordered<0>();
+    tc_finish<BITS, 1, NT>(acc, S, bias, Y, ws, tickets, M, N, m0, nbase, g, c, ticket, ldy, out_f32);
+}
+
+#define GEMM_TC_ASYNC_INSTANCE(NAME, BITS, NT, STAGES)                                                          \
+    extern "C" __global__ void __launch_bounds__(GEMM_WARPS * 32) NAME(                                         \
+        const uint4* W, const half* S, const half* X, const half* bias, void* Y, float* ws, unsigned* tickets, \
+        int M, int N, int K, int gshift, int ldy, int out_f32) {                                               \
+        gemm_tc_async<BITS, NT, STAGES>(W, S, X, bias, Y, ws, tickets, M, N, K, gshift, ldy, out_f32);         \
+    }
+GEMM_TC_ASYNC_INSTANCE(gemm_int4_tc_m1_a4, 4, 4, 4)
+GEMM_TC_ASYNC_INSTANCE(gemm_int4_tc_m1_a8, 4, 4, 8)
+GEMM_TC_ASYNC_INSTANCE(gemm_int8_tc_m1_a4, 8, 4, 4)
+GEMM_TC_ASYNC_INSTANCE(gemm_int8_tc_m1_a8, 8, 4, 8)
 
 #define GEMM_TC_INSTANCE(NAME, BITS, MT, NT, DEPTH)                                                               \
     extern "C" __global__ void __launch_bounds__(GEMM_WARPS * 32) NAME(                                         \
