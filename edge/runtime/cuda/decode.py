@@ -93,7 +93,7 @@ class DecodeSteps:
         gm = 4 if g <= 4 else 8
         words = gm * self.max_context + gm * s.head_dim + 32 * gm + (ATTN_THREADS // 32) * gm * s.head_dim + self.max_blocks
         smem = 4 * words
-        limit = int(self.cp.cuda.runtime.getDeviceAttribute(97, self.device.id))  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+        limit = int(self.cp.cuda.runtime.deviceGetAttribute(97, self.device.id))  # cudaDevAttrMaxSharedMemoryPerBlockOptin
         if smem > limit:
             return
         name = f"paged_attn_gqa{gm}_d{s.head_dim}"

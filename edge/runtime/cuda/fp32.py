@@ -119,7 +119,7 @@ class Fp32DecoderSession(CudaDecoderSession):
         # attention's dynamic shared memory: scores of up to max_context keys, q, reduction
         self._attn_smem = 4 * (self.max_context + s.head_dim + 32)
         if self._attn_smem > 48 * 1024:
-            limit = int(self.cp.cuda.runtime.getDeviceAttribute(97, self.device.id))  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+            limit = int(self.cp.cuda.runtime.deviceGetAttribute(97, self.device.id))  # cudaDevAttrMaxSharedMemoryPerBlockOptin
             if self._attn_smem > limit:
                 raise BackendError(f"fp32 attention over {self.max_context} tokens needs {self._attn_smem} bytes of shared memory; the GPU has {limit}",
                                    fix=f"use a context of at most {limit // 4 - s.head_dim - 32} tokens, or precision fp16")
