@@ -130,7 +130,7 @@ def autotune_tc(sess) -> dict[str, dict]:
     never depend on its batch; the depth changes no sum), the m16-tiles per warp
     for 17-32 and 33-64 rows, and the smallest M (2, 4, 8 or 16) from which it beats the GEMV.
     Every candidate is timed in a CUDA graph of 10 calls (us per call, returned)."""
-    from edge.runtime.cuda.gemm import ASYNC_STAGES, DEPTHS, TcWorkspace, split_candidates
+    from edge.runtime.cuda.gemm import ASYNC_STAGES, DEPTHS, TcWorkspace, async_fits, split_candidates
 
     cp = sess.cp
     by_key: dict[str, list[Linear]] = {}
@@ -150,7 +150,7 @@ def autotune_tc(sess) -> dict[str, dict]:
             ys = {m: cp.empty((m, lin.n), dtype=cp.float16) for m in xs}
             sess.tc_min_m = 1
             for s in split_candidates(lin):  # K splits and weight loads in flight, together
-                for ring in [f"d{d}" for d in DEPTHS] + [f"a{a}" for a in ASYNC_STAGES]:
+                for ring in [f"d{d}" for d in DEPTHS] + [f"a{a}" for a in ASYNC_STAGES if async_fits(sess.k, lin, a, s)]:
                     lin.tc_splits, lin.tc_depth, lin.tc_async = s, *_ring(ring)
                     t["splits"][f"{s}/{ring}"] = _graph_us(sess, lambda: sess.linear(lin, xs[16], 16, ys[16]))
             best = min(t["splits"], key=lambda sd: t["splits"][sd])

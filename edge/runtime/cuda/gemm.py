@@ -4,7 +4,7 @@
     split_candidates(lin)              -> the K splits the load-time autotuner times
     TcWorkspace.for_linears(cp, lins)  split-K partials + ticket counters, allocated once
     launch_tc(k, lin, x, m, y, ws, out_f32)   y[:m] = x[:m] @ W.T (+ bias), any m (row chunks)
-    async_smem(kind, stages)           dynamic shared memory of the cp.async-ring kernels ("_a4", "_a8")
+    async_smem(lin, stages, splits)    dynamic shared memory of the cp.async-ring kernels ("_a4", "_a8")
 
 The split count depends on the weight's shape alone (never on M), and the m16-tiles per warp
 (lin.tc_mt, by M bucket) only group rows: a row's result is the same whatever else is in the
@@ -69,10 +69,20 @@ class TcWorkspace:
         return cls(cp.zeros(need, dtype=cp.float32), cp.zeros(blocks * tiles, dtype=cp.uint32))
 
 
-def async_smem(kind: str, stages: int) -> int:
-    """Bytes of dynamic shared memory of gemm_{kind}_tc_m1_a{stages} (gemm_tc.cu's TC_ASYNC_SMEM):
-    per warp and stage, a 16-byte weight chunk per lane and n8-tile, and a 4-byte scale word (int4)."""
-    return GEMM_WARPS * stages * GEMM_NT * 32 * (16 + (4 if kind == "int4" else 0))
+def async_smem(lin: Linear, stages: int, splits: int | None = None) -> int:
+    """Bytes of dynamic shared memory of gemm_{kind}_tc_m1_a{stages} for this linear at `splits`
+    K splits (its tc_splits by default), as gemm_tc.cu lays it out: per warp and stage a 16-byte
+    weight chunk per lane and n8-tile and (int4) a 4-byte scale word, then the block's X, 16 rows
+    of its K range (the longest split's) + 8 halves."""
+    kj = KJ[lin.kind]
+    kmax = -(-(lin.k // kj) // (splits or lin.tc_splits or 1)) * kj
+    ring = GEMM_WARPS * stages * GEMM_NT * 32 * (16 + (4 if lin.kind == "int4" else 0))
+    return ring + 16 * (kmax + 8) * 2
+
+
+def async_fits(k: Any, lin: Linear, stages: int, splits: int | None = None) -> bool:
+    """Does the cp.async-ring kernel's shared memory fit this GPU's per-block limit (k.smem_optin)?"""
+    return async_smem(lin, stages, splits) <= k.smem_optin
 
 
 FORCE_MT: int | None = None  # benchmarks: every launch with this many m16-tiles per warp
@@ -100,9 +110,8 @@ def launch_tc(k: Any, lin: Linear, x: Any, m: int, y: Any, ws: TcWorkspace, out_
         ys = y[r0 : r0 + rows] if r0 else y
         args = (lin.q, lin.s, xs, bias, ys, ws.partials, ws.tickets, np.int32(rows), np.int32(lin.n), np.int32(lin.k),
                 np.int32(lin.gshift), np.int32(ldy), np.int32(1 if out_f32 else 0))
-        if mt == 1 and lin.tc_async:  # the same sums as every other MT = 1 kernel
-            smem = async_smem(lin.kind, lin.tc_async)
-            k[f"gemm_{lin.kind}_tc_m1_a{lin.tc_async}"](grid, (32 * GEMM_WARPS,), args, shared_mem=smem)  # limit raised at load
+        if mt == 1 and lin.tc_async and async_fits(k, lin, lin.tc_async):  # the same sums as every other MT = 1 kernel
+            k[f"gemm_{lin.kind}_tc_m1_a{lin.tc_async}"](grid, (32 * GEMM_WARPS,), args, shared_mem=async_smem(lin, lin.tc_async))
             continue
         deep = "_d4" if mt == 1 and lin.tc_depth == 4 else ""  # the same sums at either depth
         k[f"gemm_{lin.kind}_tc_m{mt}{deep}"](grid, (32 * GEMM_WARPS,), args)

@@ -85,6 +85,7 @@ class Kernels:
     cc: int
     cache_dir: str
     options: tuple[str, ...] = field(default=())
+    smem_optin: int = 48 * 1024  # the GPU's most dynamic shared memory per block (after opting in)
 
     def __getitem__(self, name: str):
         return self.functions[name]
@@ -119,15 +120,13 @@ def load(device_id: int = 0) -> Kernels:
         try:
             mod = cupy.RawModule(code=SOURCE, options=opts)
             funcs = {name: mod.get_function(name) for name in KERNEL_NAMES}
-            from edge.runtime.cuda.gemm import ASYNC_STAGES, async_smem
-
-            for kind in ("int4", "int8"):  # the cp.async-ring GEMMs: opt in past 48 KB of shared memory
-                for stages in ASYNC_STAGES:
-                    if async_smem(kind, stages) > 48 * 1024:
-                        funcs[f"gemm_{kind}_tc_m1_a{stages}"].max_dynamic_shared_size_bytes = async_smem(kind, stages)
+            optin = int(cupy.cuda.runtime.deviceGetAttribute(97, device_id))  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+            for name in KERNEL_NAMES:  # the cp.async-ring GEMMs size their shared memory per linear (gemm.async_smem)
+                if name.startswith("gemm_") and name.rsplit("_", 1)[1].startswith("a"):
+                    funcs[name].max_dynamic_shared_size_bytes = optin
         except Exception as e:  # CompileException, CUDADriverError
             raise BackendError(f"the cuda backend's kernels failed to compile: {e}", fix="report this with `edge-rag doctor` output") from e
         dt = time.perf_counter() - t0
-    k = Kernels(mod, funcs, dt, cc, os.environ["CUPY_CACHE_DIR"], opts)
+    k = Kernels(mod, funcs, dt, cc, os.environ["CUPY_CACHE_DIR"], opts, optin)
     _CACHE[device_id] = k
     return k

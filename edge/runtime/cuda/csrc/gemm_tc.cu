@@ -31,7 +31,7 @@
 
 // One iteration J of a warp: dequantize its weight chunks (wq; int4: times the lane's group
 // scales sc) and run the k16 steps' mma.
-template <int BITS, int MT, int NT>
+template <int BITS, int MT, int NT, bool XSHARED = false>
 __device__ __forceinline__ void tc_math(float (&acc)[MT][NT][4], const uint4 (&wq)[NT], const half* const (&xrow)[MT][2],
                                         const half2 (&sc)[NT], int J) {
     constexpr int KJ = BITS == 4 ? 128 : 64;
@@ -42,7 +42,10 @@ __device__ __forceinline__ void tc_math(float (&acc)[MT][NT][4], const uint4 (&w
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) xa[mt][h] = __ldg(reinterpret_cast<const uint4*>(xrow[mt][h] + J * KJ + 8 * p));
+            for (int h = 0; h < 2; ++h) {
+                const uint4* xp = reinterpret_cast<const uint4*>(xrow[mt][h] + J * KJ + 8 * p);
+                xa[mt][h] = XSHARED ? *xp : __ldg(xp);  // XSHARED: xrow points into shared memory, J is block-relative
+            }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             u32 b[4];  // (b0, b1) of step 2p, then of step 2p + 1
@@ -221,10 +224,13 @@ __device__ __forceinline__ void gemm_tc(const uint4* __restrict__ W, const half*
 // warp at no register cost, so a warp waits on memory once at its start, not on every
 // iteration's scale load (the register kernel loads each iteration's scales when it uses them).
 // Each lane copies and reads back only its own slots (its 16-byte chunk per n8-tile, the 4-byte
-// word holding its scale), so the ring needs no barrier. The J order and each iteration's math
+// word holding its scale), so the ring needs no barrier. X: the block's 16 rows over its K range
+// are copied to shared memory once, before the ring starts (one round trip for all iterations;
+// gemm_tc reads X through L1 in every iteration, an L2 round trip per iteration on the critical
+// path of a warp's short K loop), rows padded by 16 bytes. The J order and each iteration's math
 // are gemm_tc's: the same bits as gemm_int*_tc_m1 at any depth.
-// Dynamic shared memory: TC_ASYNC_SMEM(BITS, NT, STAGES) bytes (gemm.py: async_smem).
-#define TC_ASYNC_SMEM(BITS, NT, STAGES) (GEMM_WARPS * (STAGES) * (NT) * 32 * (16 + ((BITS) == 4 ? 4 : 0)))
+// Dynamic shared memory: ring GEMM_WARPS * STAGES * NT * 32 * (16 + 4 (int4 scales)) bytes, then
+// X 16 * (krange + 8) halves, krange = ceil(iterations / splits) * KJ (gemm.py: async_smem).
 template <int BITS, int NT, int STAGES>
 __device__ __forceinline__ void gemm_tc_async(const uint4* __restrict__ W, const half* __restrict__ S,
                                               const half* __restrict__ X, const half* __restrict__ bias,
@@ -255,12 +261,20 @@ __device__ __forceinline__ void gemm_tc_async(const uint4* __restrict__ W, const
         nrow[nt] = min(nbase + nt * 8 + g, N - 1);
         wrow[nt] = W + (long long)nrow[nt] * chunks + c;
     }
-    const half* xrow[1][2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) xrow[0][h] = X + (long long)min(m0 + g + 8 * h, M - 1) * K + c * KC;
     // this warp's ring: [STAGES][NT][32 lanes] 16-byte weight chunks, then (int4) [STAGES][NT][32] scale words
     uint4* wr = tc_ring + warp * STAGES * NT * 32;
     u32* sr = reinterpret_cast<u32*>(tc_ring + GEMM_WARPS * STAGES * NT * 32) + warp * STAGES * NT * 32;
+    // the block's X: [16 rows][XS halves], columns [j0 * KJ, j1 * KJ) of K (rows past M repeat row M - 1)
+    half* xs = reinterpret_cast<half*>(tc_ring + GEMM_WARPS * STAGES * NT * 32 * (BITS == 4 ? 5 : 4) / 4);
+    const int kr = (j1 - j0) * KJ, kmax = ((iters + splits - 1) / splits) * KJ, XS = kmax + 8;
+    for (int i = threadIdx.x; i < 16 * (kr / 8); i += blockDim.x) {
+        const int r = i / (kr / 8), ch = i % (kr / 8);
+        cp_async16_ordered(xs + r * XS + ch * 8, X + (long long)min(m0 + r, M - 1) * K + j0 * KJ + ch * 8);
+    }
+    cp_async_commit_ordered();
+    const half* xrow[1][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) xrow[0][h] = xs + (g + 8 * h) * XS + c * KC;
     auto issue = [&](int J, int slot) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) cp_async16_ordered(wr + (slot * NT + nt) * 32 + lane, wrow[nt] + 4 * J);
@@ -275,6 +289,8 @@ __device__ __forceinline__ void gemm_tc_async(const uint4* __restrict__ W, const
         if (j0 + s < j1) issue(j0 + s, s);
         cp_async_commit_ordered();  // empty groups keep the count uniform
     }
+    cp_async_wait_ordered<STAGES - 1>();  // this thread's part of X has landed (the group before the ring's)
+    __syncthreads();  // ... and every thread's
     for (int J = j0; J < j1; ++J) {
         const int it = J - j0;
         if (J + STAGES - 1 < j1) issue(J + STAGES - 1, (it + STAGES - 1) % STAGES);  // the slot read last iteration
@@ -294,7 +310,7 @@ __device__ __forceinline__ void gemm_tc_async(const uint4* __restrict__ W, const
                 sc[nt] = __float2half2_rn(1.f);
             }
         }
-        tc_math<BITS, 1, NT>(acc, wq, xrow, sc, J);
+        tc_math<BITS, 1, NT, true>(acc, wq, xrow, sc, J - j0);
     }
     cp_async_wait_ordered<0>();
     tc_finish<BITS, 1, NT>(acc, S, bias, Y, ws, tickets, M, N, m0, nbase, g, c, ticket, ldy, out_f32);
