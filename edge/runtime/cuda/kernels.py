@@ -120,7 +120,8 @@ def load(device_id: int = 0) -> Kernels:
         try:
             mod = cupy.RawModule(code=SOURCE, options=opts)
             funcs = {name: mod.get_function(name) for name in KERNEL_NAMES}
-            optin = int(cupy.cuda.runtime.deviceGetAttribute(97, device_id))  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+            # cudaDevAttrMaxSharedMemoryPerBlockOptin, less room for a kernel's static shared memory
+            optin = int(cupy.cuda.runtime.deviceGetAttribute(97, device_id)) - 1024
             for name in KERNEL_NAMES:  # the cp.async-ring GEMMs size their shared memory per linear (gemm.async_smem)
                 if name.startswith("gemm_") and name.rsplit("_", 1)[1].startswith("a"):
                     funcs[name].max_dynamic_shared_size_bytes = optin
