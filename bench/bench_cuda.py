@@ -150,6 +150,96 @@ def prefill_breakdown(sess, name: str, device: str, tokens: int = 2048) -> None:
          gemm_ms=round(t_gemm, 2), gemm_tflops=round(flops / t_gemm / 1e9, 1), attention_ms=round(t_attn, 2))
 
 
+def pdl_ab(sess, name: str, device: str, prompt) -> None:
+    """Decode b1 with the step graph's kernels launched programmatically (edge.runtime.cuda.pdl)
+    and without, alternating in this process: greedy-stream tok/s, graph replay ms, and whether
+    the two give the same tokens and logits (they must: the same kernels in the same order)."""
+    cp = sess.cp
+    if not sess.pdl:
+        emit(figure="pdl_ab", device=device, model=name, pdl=False, error=sess.pdl_error)
+        return
+    runs: dict[bool, dict] = {False: {"tok_s": [], "replay_ms": []}, True: {"tok_s": [], "replay_ms": []}}
+    toks, logits = {}, {}
+    for on in (False, True, False, True):
+        sess.pdl = on
+        sess._graphs.clear()
+        sess.add_sequence(900)
+        tok = sess.prefill_greedy(900, prompt)
+        sess.decode([900], np.array([tok]))  # captures the graph
+        logits[on] = sess.decode([900], np.array([tok]))
+        sess.release(900)
+        for rep in range(2):
+            sess.add_sequence(rep)
+            tok = sess.prefill_greedy(rep, prompt)
+            t1 = time.perf_counter()
+            out = list(sess.greedy_stream(rep, tok, NEW - 1))
+            runs[on]["tok_s"].append((NEW - 1) / (time.perf_counter() - t1))
+            sess.release(rep)
+            toks[on] = out
+        g, st = sess._graphs[1], sess.stream
+        s0, e0 = cp.cuda.Event(), cp.cuda.Event()
+        for _ in range(10):
+            s0.record(st)
+            g.launch(st)
+            e0.record(st)
+            e0.synchronize()
+            runs[on]["replay_ms"].append(cp.cuda.get_elapsed_time(s0, e0))
+    sess.pdl = True
+    sess._graphs.clear()
+    emit(figure="pdl_ab", device=device, model=name, pdl_error=sess.pdl_error,
+         tok_s_pdl=round(statistics.median(runs[True]["tok_s"]), 1), tok_s_plain=round(statistics.median(runs[False]["tok_s"]), 1),
+         replay_ms_pdl=round(statistics.median(runs[True]["replay_ms"]), 4), replay_ms_plain=round(statistics.median(runs[False]["replay_ms"]), 4),
+         same_tokens=toks[True] == toks[False], same_logits=bool(np.array_equal(logits[True], logits[False])))
+
+
+def prefill_diag(sess, name: str, device: str, ids, dequant_early_ms: float | None = None) -> None:
+    """Where the long prefill's wall time goes in this process: the host's enqueue time (until
+    _prefill returns), the GPU span (events), the wall to the last result, and Python garbage
+    collections during the timed prefills; ring on and off. With dequant_early_ms (the 64
+    dequantizations timed right after load) next to the same figure now."""
+    import gc
+
+    cp = sess.cp
+    collections = [0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            collections[0] += 1
+
+    out = {}
+    gc.callbacks.append(on_gc)
+    try:
+        for overlap in (True, False):
+            sess.prefill_overlap = overlap
+            walls, enq, spans = [], [], []
+            s0, e0 = cp.cuda.Event(), cp.cuda.Event()
+            for rep in range(6):
+                sess.add_sequence(51)
+                cp.cuda.Device().synchronize()
+                t0 = time.perf_counter()
+                s0.record(sess.stream)
+                logits = sess._prefill(51, ids)
+                t1 = time.perf_counter()
+                e0.record(sess.stream)
+                e0.synchronize()
+                t2 = time.perf_counter()
+                del logits
+                sess.release(51)
+                if rep:
+                    walls.append(1e3 * (t2 - t0))
+                    enq.append(1e3 * (t1 - t0))
+                    spans.append(cp.cuda.get_elapsed_time(s0, e0))
+            out["ring" if overlap else "no_ring"] = {"wall_ms": round(statistics.median(walls), 3), "enqueue_ms": round(statistics.median(enq), 3),
+                                                     "gpu_ms": round(statistics.median(spans), 3)}
+    finally:
+        gc.callbacks.remove(on_gc)
+        sess.prefill_overlap = True
+    lins = [L[k] for L in sess.layers for k in ("qkv", "o", "gu", "down")]
+    late = event_ms(cp, lambda: [sess.dequantize(lin, sess._dequant_workspace(lin)) for lin in lins])
+    emit(figure="prefill_diag", device=device, model=name, tokens=len(ids), gc_collections=collections[0], **out,
+         dequant_early_ms=None if dequant_early_ms is None else round(dequant_early_ms, 3), dequant_now_ms=round(late, 3))
+
+
 class _Recorder:
     """Stands in for session.k: records every launch (name, function, grid, block, args, kwargs)."""
 
@@ -274,6 +364,9 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
     t0 = time.perf_counter()
     sess = CudaDecoderSession(b, max_batch=16 if is_1b else 1, max_context=2304 if long_prefill else 512)
     load_s = time.perf_counter() - t0
+    if long_prefill:  # the same figure as prefill_breakdown's dequant_ms, before anything else ran in this process
+        lins = [L[k] for L in sess.layers for k in ("qkv", "o", "gu", "down")]
+        res_early = event_ms(cp, lambda: [sess.dequantize(lin, sess._dequant_workspace(lin)) for lin in lins])
     lin_err = validate_linears(sess)
     logit_err = validate_logits(sess, b) if spec.n_params < 1e9 else None
     rng = np.random.default_rng(1)
@@ -328,6 +421,7 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
          peak_gib=round(cp.get_default_memory_pool().total_bytes() / 2**30, 2))
     decode_breakdown(sess, name, device, 1)
     step_kernel_breakdown(sess, name, device, 1)
+    pdl_ab(sess, name, device, prompt)
     if is_1b:
         prompts = [rng.integers(0, spec.vocab_size, size=PROMPT) for _ in range(16)]
         for rep in range(2):  # first pass warms the batch-16 graph
@@ -365,6 +459,7 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
             ts.append(time.perf_counter() - t0)
             sess.release(50)
         res["prefill2048_ms"] = 1e3 * statistics.median(ts[1:])
+        prefill_diag(sess, name, device, long, dequant_early_ms=res_early)
         prefill_breakdown(sess, name, device)
         flops = 2 * 2048 * (spec.n_layers * spec.layer_linear_params) + 2 * spec.n_layers * spec.n_heads * spec.head_dim * 2048 * 2048
         emit(figure="prefill_2048", backend="edge-cuda", device=device, model=name, recipe=recipe, tokens=2048,

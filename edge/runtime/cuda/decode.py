@@ -13,6 +13,7 @@ import numpy as np
 
 from edge.errors import BackendError
 from edge.runtime.cuda.kernels import i32 as _i32
+from edge.runtime.cuda.pdl import PdlKernels
 from edge.runtime.cuda.sampling import sample_top_p
 
 ATTN_THREADS = 256
@@ -276,11 +277,25 @@ class DecodeSteps:
                 self._side.synchronize()
 
     def _capture(self, bsz: int) -> Any:
-        self.stream.begin_capture()
+        """The decode step of bucket bsz as one CUDA graph, its kernels launched programmatically
+        (pdl.py) where the device and driver can; if that capture fails, once without."""
+        real = self.k
+        if self.pdl:
+            self.k = PdlKernels(real, self.cp)
         try:
-            self._decode_graph_body(bsz)
+            self.stream.begin_capture()
+            try:
+                self._decode_graph_body(bsz)
+            finally:
+                g = self.stream.end_capture()
+        except Exception as e:  # noqa: BLE001 (any capture or launch failure: the plain graph is the fallback)
+            if not self.pdl:
+                raise
+            self.pdl, self.pdl_error = False, f"{type(e).__name__}: {e}"
+            self.k = real
+            return self._capture(bsz)
         finally:
-            g = self.stream.end_capture()
+            self.k = real
         self._graphs[bsz] = g
         return g
 

@@ -111,6 +111,7 @@ class Fp32DecoderSession(CudaDecoderSession):
     load, edge.runtime.cuda.weights), activations and KV cache; SGEMM linears; csrc/fp32.cu."""
 
     act_dtype = "float32"
+    use_pdl = False  # its kernels (csrc/fp32.cu) do not wait for the kernel before: plain launches
 
     def __init__(self, *args: Any, **kw: Any):
         super().__init__(*args, **kw)

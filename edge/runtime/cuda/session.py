@@ -44,6 +44,7 @@ from edge.runtime.cuda.layers import EMBED_THREADS, LayerPass  # noqa: F401 (re-
 from edge.runtime.cuda.layout import Linear  # noqa: F401 (tests import it from here)
 from edge.runtime.cuda.linears import GEMV_ROWS_PER_BLOCK, MAX_GEMV_M, LinearDispatch  # noqa: F401 (re-exported)
 from edge.runtime.cuda.prefill import LOG2E, PREFILL_Q_CHUNK, PrefillPass, flash_prefill_smem  # noqa: F401 (re-exported)
+from edge.runtime.cuda.pdl import available as pdl_available
 from edge.runtime.kv import BlockManager
 from edge.runtime.cuda.sampling import sample_top_p  # noqa: F401 (tests import it from here)
 from edge.runtime.cuda.weights import load_weights
@@ -63,6 +64,8 @@ class CudaDecoderSession(LinearDispatch, LayerPass, DecodeSteps, PrefillPass):
 
     _backend: CudaBackend | None = None
     act_dtype = "float16"  # activations, KV cache, weights of fp linears (edge.runtime.cuda.fp32: "float32")
+    use_pdl = True  # decode graphs with programmatic dependent launch where available (pdl.py; sm_90+)
+    pdl_error: str | None = None  # why PDL capture failed and was turned off, if it did
 
     def __init__(
         self,
@@ -95,6 +98,7 @@ class CudaDecoderSession(LinearDispatch, LayerPass, DecodeSteps, PrefillPass):
         self.device = cp.cuda.Device(device)
         self.device.use()
         self.k = kmod.load(device)
+        self.pdl = type(self).use_pdl and pdl_available(self.k.cc)
         from edge.models.arch import block_features
 
         missing = [f for f in block_features(spec) if f not in CUDA_FEATURES]

@@ -225,15 +225,18 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
     int* bts = reinterpret_cast<int*>(accbuf + 8 * blockDim.x);
     __shared__ bool last;
     const int h = blockIdx.x, b = blockIdx.y, sp = blockIdx.z, P = gridDim.z, tid = threadIdx.x;
-    // the length, q and the whole block-table row are loaded together (one round trip, not two)
+    // The length and the whole block-table row (the step's inputs) and the K / V rows of earlier
+    // positions are read before pdl_wait(): under programmatic launch they load while the qkv
+    // kernel before finishes. q and the step's own token (position L - 1, which that kernel
+    // writes) are read after it.
     const int L = ctx_lens[b];
-    const half* qh = q + ((long long)b * Hq + h) * D;
-    for (int d = tid; d < D; d += blockDim.x) qs[d] = __half2float(qh[d]) * scale;
     const int* bt = block_tables + (long long)b * max_blocks;
     for (int i = tid; i < max_blocks; i += blockDim.x) bts[i] = bt[i];
     const int kvh = h / (Hq / Hkv);
     half* o = out + ((long long)b * Hq + h) * D;
     if (L <= 0) {  // a padding row: every split of it returns here
+        pdl_wait();
+        pdl_trigger();
         if (sp == 0)
             for (int d = tid; d < D; d += blockDim.x) o[d] = __float2half(0.f);
         return;
@@ -243,23 +246,42 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
     // splits actually used: at most one per min_split tokens (a short context is faster in
     // one block than with the merge's two extra memory round trips); the others return
     const int Pe = min(min(P, ATTN_SPLIT_MAX), max(1, (Lw + min_split - 1) / min_split));
-    if (sp >= Pe) return;
+    if (sp >= Pe) return;  // (writes nothing: needs no wait)
     const int per = (Lw + Pe - 1) / Pe;
     const int t0 = lo + min(Lw, sp * per), t1 = min(L, t0 + per), n = t1 - t0;
+    const int own = L - 1 - t0;  // the step's own token, relative to t0 (in this split when < n)
     __syncthreads();
     const int groups = blockDim.x / NCH;
     const int ch = tid % NCH, grp = tid / NCH;
+    auto kv_row = [&](const half* cache, int t) {  // 16-byte chunk ch of token t0 + t's row
+        const long long slot = (long long)bts[(t0 + t) / BS] * BS + ((t0 + t) % BS);
+        return reinterpret_cast<const uint4*>(cache + (slot * Hkv + kvh) * D);
+    };
     uint4 vpre[VU];
 #pragma unroll
     for (int u = 0; u < VU; ++u) {
         const int t = grp + u * groups;  // relative to t0
-        if (grp < groups && t < n) {
-            const long long slot = (long long)bts[(t0 + t) / BS] * BS + ((t0 + t) % BS);
-            vpre[u] = __ldg(reinterpret_cast<const uint4*>(vc + (slot * Hkv + kvh) * D) + ch);
-        } else {
-            vpre[u] = make_uint4(0u, 0u, 0u, 0u);
-        }
+        vpre[u] = grp < groups && t < n && t != own ? __ldg(kv_row(vc, t) + ch) : make_uint4(0u, 0u, 0u, 0u);
     }
+    // one token per thread (!KCOAL): the thread's first token's K row, all NCH chunks in flight
+    uint4 kpre[KCOAL ? 1 : NCH];
+    if constexpr (!KCOAL) {
+#pragma unroll
+        for (int c = 0; c < NCH; ++c) kpre[c] = tid < n && tid != own ? __ldg(kv_row(kc, tid) + c) : make_uint4(0u, 0u, 0u, 0u);
+    }
+    pdl_wait();
+    pdl_trigger();
+    const half* qh = q + ((long long)b * Hq + h) * D;
+    for (int d = tid; d < D; d += blockDim.x) qs[d] = __half2float(qh[d]) * scale;
+#pragma unroll
+    for (int u = 0; u < VU; ++u)
+        if (grp < groups && grp + u * groups == own) vpre[u] = __ldg(kv_row(vc, own) + ch);
+    if constexpr (!KCOAL) {
+        if (tid == own)
+#pragma unroll
+            for (int c = 0; c < NCH; ++c) kpre[c] = __ldg(kv_row(kc, own) + c);
+    }
+    __syncthreads();  // qs
     float mx = -INFINITY;
     if constexpr (KCOAL) {
     // Scores with the V layout: the NCH threads of a group read one K row (coalesced 16-byte
@@ -302,12 +324,7 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
         }
     }
     } else {  // one token per thread: its K row in NCH 16-byte loads, all in flight
-        for (int t = tid; t < n; t += blockDim.x) {
-            const long long slot = (long long)bts[(t0 + t) / BS] * BS + ((t0 + t) % BS);
-            const uint4* kp = reinterpret_cast<const uint4*>(kc + (slot * Hkv + kvh) * D);
-            uint4 kv[NCH];
-#pragma unroll
-            for (int c = 0; c < NCH; ++c) kv[c] = __ldg(kp + c);
+        auto score = [&](int t, const uint4* kv) {
             float s0 = 0.f, s1 = 0.f;
 #pragma unroll
             for (int c = 0; c < NCH; ++c) {
@@ -322,6 +339,14 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
             const float sc = attn_softcap(s0 + s1, softcap);
             scores[t] = sc;
             mx = fmaxf(mx, sc);
+        };
+        if (tid < n) score(tid, kpre);  // the first token's row, loaded above
+        for (int t = tid + blockDim.x; t < n; t += blockDim.x) {
+            const uint4* kp = kv_row(kc, t);
+            uint4 kv[NCH];
+#pragma unroll
+            for (int c = 0; c < NCH; ++c) kv[c] = __ldg(kp + c);
+            score(t, kv);
         }
     }
     mx = block_reduce(mx, red, true);

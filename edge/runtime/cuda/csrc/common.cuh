@@ -7,6 +7,25 @@
 typedef unsigned int u32;
 typedef unsigned char u8;
 
+// Programmatic dependent launch (sm_90+; no-ops below, and when a kernel was launched without the
+// attribute). A decode-step kernel launched with it (edge.runtime.cuda.pdl) may start while the
+// kernel before it is still running: pdl_wait() blocks until that kernel has finished and its
+// writes are visible, and pdl_trigger() lets the next kernel launch once every block of this
+// one has called it. Every such kernel calls pdl_wait() then pdl_trigger(), so at most two
+// kernels overlap: the running one and the next one's prologue. Before pdl_wait() a kernel may
+// only read what no kernel of the step writes (weights, KV rows of earlier positions, the
+// step's inputs) and may write nothing.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

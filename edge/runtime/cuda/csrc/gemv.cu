@@ -28,6 +28,15 @@ __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
     return r;
 }
 
+// The same load, `volatile`: issued where it is written, so a load placed before pdl_wait() stays
+// there (a plain asm load may be sunk to its first use, after the wait).
+__device__ __forceinline__ uint4 ldg_stream_early(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
 // R output rows per warp: each X chunk loaded from L1 serves R rows (R x less X traffic, which
 // dominates at MT = 8, 16). Rows past N are clamped for loading and never written.
 #define GEMV_EPILOGUE_R                                                                      \
@@ -52,6 +61,8 @@ __device__ __forceinline__ void gemv_int4(const uint4* __restrict__ W, const hal
     const int lane = threadIdx.x & 31;
     const int n0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
     const int m0 = blockIdx.y * MT;
+    pdl_wait();
+    pdl_trigger();
     if (n0 >= N) return;
     const int chunks = K >> 5;  // 32 elements per 16-byte chunk
     const int groups = K >> gshift;
@@ -107,6 +118,8 @@ __device__ __forceinline__ void gemv_int8(const uint4* __restrict__ W, const hal
     const int lane = threadIdx.x & 31;
     const int n0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
     const int m0 = blockIdx.y * MT;
+    pdl_wait();
+    pdl_trigger();
     if (n0 >= N) return;
     const int chunks = K >> 4;  // 16 elements per 16-byte chunk
     float acc[R][MT], post[R];
@@ -229,16 +242,22 @@ __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, c
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r] = 0.f;
-#pragma unroll U
-    for (int c = tid; c < chunks; c += NT) {
-        uint4 q[R];
-        float s[R];
+    // The first chunk's weights and scales are loaded before pdl_wait (they do not depend on the
+    // kernel before: under programmatic launch they stream in while it finishes); X after it.
+    uint4 q0[R];
+    float s0[R];
+    if (tid < chunks) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const long long nr = min(n0 + r, N - 1);
-            q[r] = ldg_stream(W + nr * chunks + c);
-            s[r] = __half2float(S[nr * groups + ((c << 5) >> gshift)]);
+            q0[r] = ldg_stream_early(W + nr * chunks + tid);
+            s0[r] = __half2float(S[nr * groups + ((tid << 5) >> gshift)]);
         }
+    }
+    pdl_wait();
+    pdl_trigger();
+    // one chunk c of the R rows: products with X's 32 elements, summed in half2, scaled into acc
+    auto chunk = [&](int c, const uint4* q, const float* s) {
         const uint4* xp = reinterpret_cast<const uint4*>(X + (c << 5));
         uint4 xv[4];
 #pragma unroll
@@ -259,6 +278,19 @@ __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, c
             }
             acc[r] += (h2sum(a0) + h2sum(a1)) * s[r];
         }
+    };
+    if (tid < chunks) chunk(tid, q0, s0);  // the same order of sums as one loop from tid
+#pragma unroll U
+    for (int c = tid + NT; c < chunks; c += NT) {
+        uint4 q[R];
+        float s[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const long long nr = min(n0 + r, N - 1);
+            q[r] = ldg_stream(W + nr * chunks + c);
+            s[r] = __half2float(S[nr * groups + ((c << 5) >> gshift)]);
+        }
+        chunk(c, q, s);
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {

@@ -18,6 +18,8 @@ extern "C" __global__ void embed_rmsnorm(const int* __restrict__ ids, const half
                                          half* __restrict__ out, int H, float eps, float scale) {
     __shared__ float red[32];
     constexpr int MAXV = 8;
+    pdl_wait();
+    pdl_trigger();
     const int m = blockIdx.x, t = threadIdx.x, n4 = H >> 2;
     const uint2* row = reinterpret_cast<const uint2*>(emb + (long long)ids[m] * H);
     float4 rv[MAXV];
@@ -58,6 +60,8 @@ extern "C" __global__ void embed_rmsnorm(const int* __restrict__ ids, const half
 extern "C" __global__ void add_rmsnorm(float* __restrict__ res, const half* __restrict__ x,
                                        const half* __restrict__ w, half* __restrict__ out, int H, float eps) {
     __shared__ float red[32];
+    pdl_wait();
+    pdl_trigger();
     const int m = blockIdx.x;
     float* r = res + (long long)m * H;
     float ss = 0.f;

@@ -58,6 +58,8 @@ extern "C" __global__ void argmax_rows_mb(const float* __restrict__ logits, int*
     __shared__ float sv[32];
     __shared__ int si[32];
     __shared__ bool last;
+    pdl_wait();
+    pdl_trigger();
     const int b = blockIdx.y, P = gridDim.x, tid = threadIdx.x;
     const int per = (V + P - 1) / P, v0 = blockIdx.x * per, v1 = min(V, v0 + per);
     const float* row = logits + (long long)b * V;
@@ -97,6 +99,8 @@ extern "C" __global__ void argmax_rows_mb(const float* __restrict__ logits, int*
 // overwrites all of it, so this is harmless there.
 extern "C" __global__ void advance_inputs(int* inp, int mb, int max_blocks, int BS, int rows) {
     const int r = threadIdx.x;
+    pdl_wait();
+    pdl_trigger();
     if (r >= rows) return;
     int* pos = inp + mb;
     int* slots = inp + 2 * mb;
