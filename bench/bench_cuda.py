@@ -192,6 +192,67 @@ def pdl_ab(sess, name: str, device: str, prompt) -> None:
          same_tokens=toks[True] == toks[False], same_logits=bool(np.array_equal(logits[True], logits[False])))
 
 
+def _b1_timing(sess, prompt, r: dict) -> None:
+    """Append to r one round of batch-1 figures with the session as set: two greedy streams'
+    tok/s and ten replays of the step graph (ms)."""
+    cp = sess.cp
+    sess._graphs.clear()
+    for rep in range(2):
+        sess.add_sequence(rep)
+        tok = sess.prefill_greedy(rep, prompt)
+        t1 = time.perf_counter()
+        list(sess.greedy_stream(rep, tok, NEW - 1))
+        r.setdefault("tok_s", []).append((NEW - 1) / (time.perf_counter() - t1))
+        sess.release(rep)
+    g, st = sess._graphs[1], sess.stream
+    s0, e0 = cp.cuda.Event(), cp.cuda.Event()
+    for _ in range(10):
+        s0.record(st)
+        g.launch(st)
+        e0.record(st)
+        e0.synchronize()
+        r.setdefault("replay_ms", []).append(cp.cuda.get_elapsed_time(s0, e0))
+
+
+def _medians(runs: dict) -> dict:
+    return {k: {"tok_s": round(statistics.median(v["tok_s"]), 1), "replay_ms": round(statistics.median(v["replay_ms"]), 4)} for k, v in runs.items()}
+
+
+def bk_ab(sess, name: str, device: str, prompt) -> None:
+    """The block-K GEMVs with their first weight chunk loaded before pdl_wait (the source) and
+    after it (compiled with EDGE_BK_WAIT_FIRST), each with the step graph launched
+    programmatically and plainly; then decode attention's tokens per split (128, the default,
+    and 256: one block per head up to 256 tokens) with PDL. Alternating twice."""
+    import cupy as cp
+
+    from edge.runtime.cuda.kernels_src import CSRC
+
+    src = "".join((CSRC / f).read_text() for f in ("common.cuh", "gemv.cu"))
+    mod = cp.RawModule(code=src, options=(*sess.k.options, "-DEDGE_BK_WAIT_FIRST"))
+    alt = {n: mod.get_function(n) for n in sess.k.functions if n.startswith("gemv_int4_bk_")}
+    base = {n: sess.k.functions[n] for n in alt}
+    pdl_ok, min_split = sess.pdl, sess.attn_min_split
+    runs: dict[str, dict] = {}
+    try:
+        for _ in range(2):
+            for variant in ("early", "wait_first"):
+                sess.k.functions.update(base if variant == "early" else alt)
+                for on in ((True, False) if pdl_ok else (False,)):
+                    sess.pdl = on
+                    _b1_timing(sess, prompt, runs.setdefault(f"{variant}_{'pdl' if on else 'plain'}", {}))
+            sess.k.functions.update(base)
+            sess.pdl = pdl_ok
+            for split in (128, 256):
+                sess.attn_min_split = split
+                _b1_timing(sess, prompt, runs.setdefault(f"attn_split{split}", {}))
+            sess.attn_min_split = min_split
+    finally:
+        sess.k.functions.update(base)
+        sess.pdl, sess.attn_min_split = pdl_ok, min_split
+        sess._graphs.clear()
+    emit(figure="bk_ab", device=device, model=name, pdl=pdl_ok, **_medians(runs))
+
+
 def prefill_diag(sess, name: str, device: str, ids, dequant_early_ms: float | None = None) -> None:
     """Where the long prefill's wall time goes in this process: the host's enqueue time (until
     _prefill returns), the GPU span (events), the wall to the last result, and Python garbage
@@ -422,6 +483,7 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
     decode_breakdown(sess, name, device, 1)
     step_kernel_breakdown(sess, name, device, 1)
     pdl_ab(sess, name, device, prompt)
+    bk_ab(sess, name, device, prompt)
     if is_1b:
         prompts = [rng.integers(0, spec.vocab_size, size=PROMPT) for _ in range(16)]
         for rep in range(2):  # first pass warms the batch-16 graph

@@ -489,3 +489,10 @@ def test_pdl_graph_equals_plain_graph(tmp_path):
         sess.pdl = False
         sess._graphs.clear()
         assert with_pdl == sess.generate_greedy(prompt, 40)
+        # prefill_greedy's multi-block argmax picks the prefill logits' argmax (lowest index on ties)
+        sess.add_sequence(5)
+        want = int(np.argmax(sess.prefill(5, prompt)))
+        sess.release(5)
+        sess.add_sequence(5)
+        assert sess.prefill_greedy(5, prompt) == want
+        sess.release(5)

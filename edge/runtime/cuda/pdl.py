@@ -115,7 +115,8 @@ def launch(func: Any, grid: Any, block: Any, args: tuple, shared_mem: int, strea
     bx, by, bz = _dim3(block)
     cfg = _LaunchConfig(gx, gy, gz, bx, by, bz, int(shared_mem), ctypes.c_void_p(int(stream_ptr)),
                         ctypes.pointer(attr) if programmatic else None, 1 if programmatic else 0)
-    err = _driver()(ctypes.byref(cfg), ctypes.c_void_p(int(func.ptr)), ptrs, None)
+    fn = getattr(func, "kernel", func)  # a cupy RawKernel holds its CUfunction in .kernel (a Function, .ptr)
+    err = _driver()(ctypes.byref(cfg), ctypes.c_void_p(int(fn.ptr)), ptrs, None)
     if err:
         raise BackendError(f"cuLaunchKernelEx failed (CUresult {err})")
 

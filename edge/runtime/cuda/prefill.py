@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from edge.errors import BackendError
+from edge.runtime.cuda.kernels import NULL
 from edge.runtime.cuda.kernels import i32 as _i32
 
 
@@ -103,7 +104,8 @@ class PrefillPass:
         """Prefill, then argmax on the GPU: the first generated token id."""
         logits = self._prefill(seq_id, token_ids)
         with self.stream:
-            self.k["argmax_rows"]((1,), (1024,), (logits, self._next, _i32(self.vocab_size)))
+            # the decode step's multi-block argmax (one 1024-thread block took ~30 us of a 128k vocabulary)
+            self.k["argmax_rows_mb"]((self._argmax_parts, 1), (256,), (logits, self._next, NULL, NULL, NULL, _i32(0), self._amax_v, self._amax_i, self._amax_t, _i32(self.vocab_size)))
             out = int(self._next[:1].get(stream=self.stream)[0])
         self.stream.synchronize()
         return out

@@ -273,14 +273,10 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
     pdl_trigger();
     const half* qh = q + ((long long)b * Hq + h) * D;
     for (int d = tid; d < D; d += blockDim.x) qs[d] = __half2float(qh[d]) * scale;
-#pragma unroll
-    for (int u = 0; u < VU; ++u)
-        if (grp < groups && grp + u * groups == own) vpre[u] = __ldg(kv_row(vc, own) + ch);
-    if constexpr (!KCOAL) {
-        if (tid == own)
-#pragma unroll
-            for (int c = 0; c < NCH; ++c) kpre[c] = __ldg(kv_row(kc, own) + c);
-    }
+    // the step's own token's rows go to registers of their own (a load into a register with a
+    // load still in flight would wait for it: one more round trip before the scores)
+    const bool own_v = grp < groups && own < n && own % groups == grp && own < groups * VU;
+    const uint4 vown = own_v ? __ldg(kv_row(vc, own) + ch) : make_uint4(0u, 0u, 0u, 0u);
     __syncthreads();  // qs
     float mx = -INFINITY;
     if constexpr (KCOAL) {
@@ -340,7 +336,15 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
             scores[t] = sc;
             mx = fmaxf(mx, sc);
         };
-        if (tid < n) score(tid, kpre);  // the first token's row, loaded above
+        if (tid < n && tid != own) {
+            score(tid, kpre);  // the first token's row, loaded above
+        } else if (tid < n) {
+            const uint4* kp = kv_row(kc, own);
+            uint4 kv[NCH];
+#pragma unroll
+            for (int c = 0; c < NCH; ++c) kv[c] = __ldg(kp + c);
+            score(tid, kv);
+        }
         for (int t = tid + blockDim.x; t < n; t += blockDim.x) {
             const uint4* kp = kv_row(kc, t);
             uint4 kv[NCH];
@@ -370,7 +374,7 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
                 const int t = tb + u * groups;
                 if (t < n) {
                     const long long slot = (long long)bts[(t0 + t) / BS] * BS + ((t0 + t) % BS);
-                    v[u] = first ? vpre[u] : __ldg(reinterpret_cast<const uint4*>(vc + (slot * Hkv + kvh) * D) + ch);
+                    v[u] = first ? (t == own ? vown : vpre[u]) : __ldg(reinterpret_cast<const uint4*>(vc + (slot * Hkv + kvh) * D) + ch);
                     p[u] = scores[t];
                 } else {
                     v[u] = make_uint4(0u, 0u, 0u, 0u);

@@ -244,8 +244,13 @@ __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, c
     for (int r = 0; r < R; ++r) acc[r] = 0.f;
     // The first chunk's weights and scales are loaded before pdl_wait (they do not depend on the
     // kernel before: under programmatic launch they stream in while it finishes); X after it.
+    // (EDGE_BK_WAIT_FIRST: wait before any load; bench_cuda's bk_ab compiles it to time the two.)
     uint4 q0[R];
     float s0[R];
+#ifdef EDGE_BK_WAIT_FIRST
+    pdl_wait();
+    pdl_trigger();
+#endif
     if (tid < chunks) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -254,8 +259,10 @@ __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, c
             s0[r] = __half2float(S[nr * groups + ((tid << 5) >> gshift)]);
         }
     }
+#ifndef EDGE_BK_WAIT_FIRST
     pdl_wait();
     pdl_trigger();
+#endif
     // one chunk c of the R rows: products with X's 32 elements, summed in half2, scaled into acc
     auto chunk = [&](int c, const uint4* q, const float* s) {
         const uint4* xp = reinterpret_cast<const uint4*>(X + (c << 5));
