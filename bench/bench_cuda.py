@@ -227,8 +227,8 @@ def bk_ab(sess, name: str, device: str, prompt) -> None:
 
     from edge.runtime.cuda.kernels_src import CSRC
 
-    src = "".join((CSRC / f).read_text() for f in ("common.cuh", "gemv.cu"))
-    mod = cp.RawModule(code=src, options=(*sess.k.options, "-DEDGE_BK_WAIT_FIRST"))
+    src = "#define EDGE_BK_WAIT_FIRST 1\n" + "".join((CSRC / f).read_text() for f in ("common.cuh", "gemv.cu"))
+    mod = cp.RawModule(code=src, options=sess.k.options)
     alt = {n: mod.get_function(n) for n in sess.k.functions if n.startswith("gemv_int4_bk_")}
     base = {n: sess.k.functions[n] for n in alt}
     pdl_ok, min_split = sess.pdl, sess.attn_min_split
@@ -483,7 +483,10 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
     decode_breakdown(sess, name, device, 1)
     step_kernel_breakdown(sess, name, device, 1)
     pdl_ab(sess, name, device, prompt)
-    bk_ab(sess, name, device, prompt)
+    try:
+        bk_ab(sess, name, device, prompt)
+    except Exception as e:  # noqa: BLE001 (an experiment: report it and go on)
+        emit(figure="bk_ab", device=device, model=name, error=f"{type(e).__name__}: {str(e)[:300]}")
     if is_1b:
         prompts = [rng.integers(0, spec.vocab_size, size=PROMPT) for _ in range(16)]
         for rep in range(2):  # first pass warms the batch-16 graph

@@ -21,6 +21,9 @@ def test_launch_structs_match_cuda_h():
     assert pdl._LaunchAttribute.value.offset == 8
     assert ctypes.sizeof(pdl._LaunchConfig) == 56
     assert pdl._LaunchConfig.hStream.offset == 32 and pdl._LaunchConfig.attrs.offset == 40 and pdl._LaunchConfig.numAttrs.offset == 48
+    # the attribute as the driver reads it: id 6, then programmaticStreamSerializationAllowed = 1 at byte 8
+    raw = bytes(pdl._programmatic_attribute())
+    assert int.from_bytes(raw[0:4], "little") == 6 and int.from_bytes(raw[8:12], "little") == 1 and not any(raw[12:])
 
 
 class _Ptr:

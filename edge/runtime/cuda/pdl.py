@@ -43,7 +43,17 @@ PDL_KERNELS = frozenset((
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, 4 bytes of padding, a 64-byte value union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+    # (int words, not c_char: reading a c_char array field gives a bytes copy, and writes to that copy are lost)
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_int), ("value", ctypes.c_int * 16)]
+
+
+def _programmatic_attribute() -> _LaunchAttribute:
+    """CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION with programmaticStreamSerializationAllowed = 1
+    (the union's first int)."""
+    attr = _LaunchAttribute()
+    attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value[0] = 1
+    return attr
 
 
 class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
@@ -108,9 +118,7 @@ def launch(func: Any, grid: Any, block: Any, args: tuple, shared_mem: int, strea
     """One launch of CuPy Function `func` through cuLaunchKernelEx on stream `stream_ptr`."""
     vals = marshal(args)
     ptrs = (ctypes.c_void_p * max(1, len(vals)))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
-    attr = _LaunchAttribute()
-    attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-    ctypes.memmove(attr.value, ctypes.byref(ctypes.c_int(1)), 4)
+    attr = _programmatic_attribute()
     gx, gy, gz = _dim3(grid)
     bx, by, bz = _dim3(block)
     cfg = _LaunchConfig(gx, gy, gz, bx, by, bz, int(shared_mem), ctypes.c_void_p(int(stream_ptr)),
