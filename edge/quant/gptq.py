@@ -140,7 +140,8 @@ def gptq_quantize(
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
     if config.act_order:
-        inv = np.argsort(perm)
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(k)  # the inverse permutation, exact without a sort
         Q = Q[:, inv]
     q = Q.astype(np.int8)
     return QTensor(pack_int4(q), scales.astype(np.float16), 4, group_size, (n, k))
