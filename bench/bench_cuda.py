@@ -511,7 +511,7 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
              roofline_frac=round(bpt16 * agg / 16 / copy_bw, 3),
              attn=(f"{sess._gqa[0]} x{sess.attn_gqa_splits(16)} splits" if sess.attn_gqa(16) else f"per query head x{sess.attn_grid_splits(16)} splits"),
              tc_us={k: v["splits"] for k, v in sess.tc_us.items()},
-             tc_pick={lin.shape_key: f"splits {lin.tc_splits} " + (f"async {lin.tc_async}" if lin.tc_async else f"depth {lin.tc_depth}") + f" from M={lin.tc_from}"
+             tc_pick={lin.shape_key: (f"K across 8 warps, {lin.tc_kb} n8-tiles a warp" if lin.tc_kb else f"splits {lin.tc_splits} " + (f"async {lin.tc_async}" if lin.tc_async else f"depth {lin.tc_depth}")) + f" from M={lin.tc_from}"
                       for lin in sess.linears() if lin.tc_splits})
     if long_prefill:
         long = rng.integers(0, spec.vocab_size, size=2048)

@@ -132,11 +132,13 @@ def test_tc_gemm_matches_numpy_and_is_batch_invariant(kind, g):
     plan_tc(lin, 132)
     assert lin.tc_splits > 1
     first = {}
-    rings = ((2, 0), (4, 0), (2, 4), (2, 8))
-    for splits, (depth, ring) in [(s, r) for s in (1, max(split_candidates(lin))) for r in rings]:
+    rings = ((2, 0, 0), (4, 0, 0), (2, 4, 0), (2, 8, 0))
+    cases = [(s, r) for s in (1, max(split_candidates(lin))) for r in rings] + [(1, (2, 0, 2)), (1, (2, 0, 4))]
+    for splits, (depth, ring, kb) in cases:
         # no K split / split K (partials + last-block reduction); 2 or 4 weight loads in flight per
-        # warp in registers, or a cp.async shared-memory ring of 4 / 8 stages
-        lin.tc_splits, lin.tc_depth, lin.tc_async = splits, depth, ring
+        # warp in registers, or a cp.async shared-memory ring of 4 / 8 stages; or K split across
+        # the 8 warps of a block on 2 / 4 n8-tiles (kb: its own sums)
+        lin.tc_splits, lin.tc_depth, lin.tc_async, lin.tc_kb = splits, depth, ring, kb
         ws = TcWorkspace.for_linears(cp, [lin])
         alone = {}
         for m in (1, 2, 5, 16, 17, 33, 64, 100, 300):  # m > 64: launches of 64-row chunks
@@ -150,9 +152,10 @@ def test_tc_gemm_matches_numpy_and_is_batch_invariant(kind, g):
         for m in alone:  # row r's numbers do not depend on the other rows
             assert np.array_equal(alone[m][0], alone[1][0]) and np.array_equal(alone[m][: min(m, 5)], alone[5][: min(m, 5)]), m
         assert int(ws.tickets.get().sum()) == 0  # every ticket counter reset by its last block
-        if splits in first:  # the depth / ring changes no bit
-            assert all(np.array_equal(alone[m], first[splits][m]) for m in alone), (splits, depth, ring)
-        first.setdefault(splits, alone)
+        key = (splits, kb)
+        if key in first:  # the depth / ring changes no bit
+            assert all(np.array_equal(alone[m], first[key][m]) for m in alone), (splits, depth, ring, kb)
+        first.setdefault(key, alone)
 
 
 # ---- execute() -----------------------------------------------------------------------------------

@@ -119,9 +119,12 @@ def _graph_us(sess, fn, reps: int = 10) -> float:
     return round(sorted(ts)[1], 2)
 
 
-def _ring(name: str) -> tuple[int, int]:
-    """(tc_depth, tc_async) of a weight ring named "d2" / "d4" (registers) or "a4" / "a8" (cp.async stages)."""
-    return (int(name[1:]), 0) if name[0] == "d" else (2, int(name[1:]))
+def _ring(name: str) -> tuple[int, int, int]:
+    """(tc_depth, tc_async, tc_kb) of a kernel named "d2" / "d4" (register ring), "a4" / "a8" (cp.async
+    stages) or "kb2" / "kb4" (K split across a block's warps, n8-tiles per warp)."""
+    if name.startswith("kb"):
+        return 2, 0, int(name[2:])
+    return (int(name[1:]), 0, 0) if name[0] == "d" else (2, int(name[1:]), 0)
 
 
 def autotune_tc(sess) -> dict[str, dict]:
@@ -130,7 +133,7 @@ def autotune_tc(sess) -> dict[str, dict]:
     never depend on its batch; the depth changes no sum), the m16-tiles per warp
     for 17-32 and 33-64 rows, and the smallest M (2, 4, 8 or 16) from which it beats the GEMV.
     Every candidate is timed in a CUDA graph of 10 calls (us per call, returned)."""
-    from edge.runtime.cuda.gemm import ASYNC_STAGES, DEPTHS, TcWorkspace, async_fits, split_candidates
+    from edge.runtime.cuda.gemm import ASYNC_STAGES, DEPTHS, KB_NT, TcWorkspace, async_fits, split_candidates
 
     cp = sess.cp
     by_key: dict[str, list[Linear]] = {}
@@ -150,11 +153,12 @@ def autotune_tc(sess) -> dict[str, dict]:
             ys = {m: cp.empty((m, lin.n), dtype=cp.float16) for m in xs}
             sess.tc_min_m = 1
             for s in split_candidates(lin):  # K splits and weight loads in flight, together
-                for ring in [f"d{d}" for d in DEPTHS] + [f"a{a}" for a in ASYNC_STAGES if async_fits(sess.k, lin, a, s)]:
-                    lin.tc_splits, lin.tc_depth, lin.tc_async = s, *_ring(ring)
+                rings = [f"d{d}" for d in DEPTHS] + [f"a{a}" for a in ASYNC_STAGES if async_fits(sess.k, lin, a, s)]
+                for ring in rings + ([f"kb{nt}" for nt in KB_NT] if s == 1 else []):  # kb: one block split only
+                    lin.tc_splits, (lin.tc_depth, lin.tc_async, lin.tc_kb) = s, _ring(ring)
                     t["splits"][f"{s}/{ring}"] = _graph_us(sess, lambda: sess.linear(lin, xs[16], 16, ys[16]))
             best = min(t["splits"], key=lambda sd: t["splits"][sd])
-            lin.tc_splits, (lin.tc_depth, lin.tc_async) = int(best.split("/")[0]), _ring(best.split("/")[1])
+            lin.tc_splits, (lin.tc_depth, lin.tc_async, lin.tc_kb) = int(best.split("/")[0]), _ring(best.split("/")[1])
             mts = []
             for m in (32, 64):
                 tm = {}
@@ -172,7 +176,7 @@ def autotune_tc(sess) -> dict[str, dict]:
             wins = [m for m in (2, 4, 8, 16) if all(t["tc"][m2] <= t["gemv"][m2] for m2 in (2, 4, 8, 16) if m2 >= m)]
             for other in group:
                 other.tc_from = min(wins) if wins else MAX_GEMV_M + 1
-                other.tc_splits, other.tc_mt, other.tc_depth, other.tc_async = lin.tc_splits, lin.tc_mt, lin.tc_depth, lin.tc_async
+                other.tc_splits, other.tc_mt, other.tc_depth, other.tc_async, other.tc_kb = lin.tc_splits, lin.tc_mt, lin.tc_depth, lin.tc_async, lin.tc_kb
             out[key] = t
     del keep
     sess._tc = TcWorkspace.for_linears(cp, sess.linears())

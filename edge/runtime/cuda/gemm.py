@@ -29,6 +29,8 @@ CHUNK_ROWS = 64  # rows per launch (bounds the split-K workspace; prefill past 6
 MAX_SPLIT_COLS = 1 << 17  # splits x N at most: the workspace stays <= 32 MiB
 M_TILES = (1, 2, 4)  # compiled MT (m16-tiles per warp)
 DEPTHS = (2, 4)  # weight iterations in flight per warp; 4 is compiled for MT = 1 only ("_d4")
+KB_NT = (2, 4)  # gemm_*_tc_kb{NT}: K split across KB_WARPS warps of a block on NT n8-tiles; one block split
+KB_WARPS = 8  # as in gemm_tc.cu
 ASYNC_STAGES = (4, 8)  # MT = 1 kernels with a per-warp shared-memory ring of this many iterations ("_a4", "_a8")
 
 
@@ -98,12 +100,19 @@ def _mt(m: int, lin: Linear) -> int:
 
 
 def launch_tc(k: Any, lin: Linear, x: Any, m: int, y: Any, ws: TcWorkspace, out_f32: bool = False, ldy: int | None = None) -> None:
-    """y[:m] = x[:m] @ W.T (+ bias) through gemm_{int4,int8}_tc_m{1,2,4}[_d4 | _a4 | _a8]; y's row stride is ldy (N)."""
+    """y[:m] = x[:m] @ W.T (+ bias) through gemm_{int4,int8}_tc_m{1,2,4}[_d4 | _a4 | _a8] or _tc_kb{2,4}; y's row stride is ldy (N)."""
     ldy = lin.n if ldy is None else ldy
     null = np.uint64(0)
     bias = lin.bias if lin.bias is not None else null
     for r0 in range(0, m, CHUNK_ROWS):
         rows = min(CHUNK_ROWS, m - r0)
+        if lin.tc_kb:  # K split inside the block: 16-row tiles, no workspace
+            xs = x[r0 : r0 + rows] if r0 else x
+            ys = y[r0 : r0 + rows] if r0 else y
+            k[f"gemm_{lin.kind}_tc_kb{lin.tc_kb}"]((-(-lin.n // (8 * lin.tc_kb)), 1, -(-rows // 16)), (32 * KB_WARPS,), (
+                lin.q, lin.s, xs, bias, ys, ws.partials, ws.tickets, np.int32(rows), np.int32(lin.n), np.int32(lin.k),
+                np.int32(lin.gshift), np.int32(ldy), np.int32(1 if out_f32 else 0)))
+            continue
         mt = _mt(rows, lin)
         grid = (-(-lin.n // COLS_PER_BLOCK), lin.tc_splits, -(-rows // (16 * mt)))
         xs = x[r0 : r0 + rows] if r0 else x

@@ -46,6 +46,7 @@ KERNEL_NAMES = (
     *(f"gemm_{k}_tc_m{mt}" for k in ("int4", "int8") for mt in (1, 2, 4)),
     *(f"gemm_{k}_tc_m1_d4" for k in ("int4", "int8")),
     *(f"gemm_{k}_tc_m1_a{s}" for k in ("int4", "int8") for s in (4, 8)),
+    *(f"gemm_{k}_tc_kb{nt}" for k in ("int4", "int8") for nt in (2, 4)),
     *(f"gemv_int4_bk_r{r}_t{nt}_u{u}_{epi}" for r, nt, u in BK_VARIANTS for epi in ("st", "glu", "res", "rope")),
     "embed",
     "embed_rmsnorm",

@@ -30,6 +30,7 @@ class Linear:
     tc_mt: tuple[int, int] = (2, 4)  # m16-tiles per warp for 17..32 and 33..64 rows (timed at load)
     tc_depth: int = 2  # weight iterations in flight per warp of the one-m16-tile launches: 2 or 4 (timed at load)
     tc_async: int = 0  # one-m16-tile launches through the cp.async shared-memory ring of this many stages (4, 8); 0: tc_depth's register ring
+    tc_kb: int = 0  # n8-tiles per warp of the kernel that splits K across a block's warps (gemm_*_tc_kb{2,4}); 0: off (then tc_splits / tc_depth / tc_async)
 
     @property
     def shape_key(self) -> str:

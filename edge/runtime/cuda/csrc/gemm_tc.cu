@@ -327,6 +327,96 @@ GEMM_TC_ASYNC_INSTANCE(gemm_int4_tc_m1_a8, 4, 4, 8)
 GEMM_TC_ASYNC_INSTANCE(gemm_int8_tc_m1_a4, 8, 4, 4)
 GEMM_TC_ASYNC_INSTANCE(gemm_int8_tc_m1_a8, 8, 4, 8)
 
+// The 16-row GEMM with K split across the warps of a block instead of across blocks: block =
+// KB_WARPS warps on the same NT * 8 columns, warp w takes the w-th contiguous share of the K
+// iterations (gemm_tc's register ring, DEPTH 2), and the partial sums meet in shared memory, added
+// by warp 0 in warp order (no split-K workspace, no ticket, no second pass over global memory).
+// Why: at 16 rows gemm_tc is bound by per-warp latency at low occupancy (a warp's iteration of
+// dequantization + 32 mma.sync takes ~1 us alone on its scheduler); global K splits add warps but
+// also the partials' round trips (bench/CUDA_NOTES.md, session 7). One K split, so gridDim.y == 1.
+// The sums differ from gemm_tc's (another association), and are the same whatever M: a row's
+// result does not depend on its batch.
+#define KB_WARPS 8
+template <int BITS, int NT>
+__device__ __forceinline__ void gemm_tc_kb(const uint4* __restrict__ W, const half* __restrict__ S,
+                                           const half* __restrict__ X, const half* __restrict__ bias,
+                                           void* __restrict__ Y, float* __restrict__ ws, unsigned* __restrict__ tickets,
+                                           int M, int N, int K, int gshift, int ldy, int out_f32) {
+    constexpr int KJ = BITS == 4 ? 128 : 64;
+    constexpr int KC = KJ / 4;
+    constexpr int DEPTH = 2;
+    __shared__ float red[KB_WARPS - 1][NT * 4][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int nbase = blockIdx.x * NT * 8;
+    const int m0 = blockIdx.z * 16;
+    const int iters = K / KJ;
+    const int j0 = (int)((long long)iters * warp / KB_WARPS), j1 = (int)((long long)iters * (warp + 1) / KB_WARPS);
+    const int chunks = K / KC;
+    const int groups = K >> gshift;
+    float acc[1][NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[0][nt][e] = 0.f;
+    const uint4* wrow[NT];
+    int nrow[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        nrow[nt] = min(nbase + nt * 8 + g, N - 1);
+        wrow[nt] = W + (long long)nrow[nt] * chunks + c;
+    }
+    const half* xrow[1][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) xrow[0][h] = X + (long long)min(m0 + g + 8 * h, M - 1) * K + c * KC;
+    uint4 wbuf[DEPTH][NT];
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d)
+        if (j0 + d < j1)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) wbuf[d][nt] = ldg_stream(wrow[nt] + 4 * (j0 + d));
+    for (int J0 = j0; J0 < j1; J0 += DEPTH) {
+#pragma unroll
+        for (int d = 0; d < DEPTH; ++d) {
+            const int J = J0 + d;
+            if (J < j1) {
+                uint4 wq[NT];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) wq[nt] = wbuf[d][nt];
+                if (J + DEPTH < j1)
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) wbuf[d][nt] = ldg_stream(wrow[nt] + 4 * (J + DEPTH));
+                tc_iter<BITS, 1, NT>(acc, wq, xrow, S, nrow, groups, gshift, J, c);
+            }
+        }
+    }
+    if (warp > 0)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) red[warp - 1][nt * 4 + e][lane] = acc[0][nt][e];
+    __syncthreads();
+    if (warp > 0) return;  // no barrier after this point
+#pragma unroll
+    for (int w = 0; w < KB_WARPS - 1; ++w)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[0][nt][e] += red[w][nt * 4 + e][lane];
+    tc_finish<BITS, 1, NT>(acc, S, bias, Y, ws, tickets, M, N, m0, nbase, g, c, 0u, ldy, out_f32);  // gridDim.y == 1: stores only
+}
+
+#define GEMM_TC_KB_INSTANCE(NAME, BITS, NT)                                                                     \
+    extern "C" __global__ void __launch_bounds__(KB_WARPS * 32) NAME(                                          \
+        const uint4* W, const half* S, const half* X, const half* bias, void* Y, float* ws, unsigned* tickets, \
+        int M, int N, int K, int gshift, int ldy, int out_f32) {                                               \
+        gemm_tc_kb<BITS, NT>(W, S, X, bias, Y, ws, tickets, M, N, K, gshift, ldy, out_f32);                    \
+    }
+GEMM_TC_KB_INSTANCE(gemm_int4_tc_kb2, 4, 2)
+GEMM_TC_KB_INSTANCE(gemm_int4_tc_kb4, 4, 4)
+GEMM_TC_KB_INSTANCE(gemm_int8_tc_kb2, 8, 2)
+GEMM_TC_KB_INSTANCE(gemm_int8_tc_kb4, 8, 4)
+
 #define GEMM_TC_INSTANCE(NAME, BITS, MT, NT, DEPTH)                                                               \
     extern "C" __global__ void __launch_bounds__(GEMM_WARPS * 32) NAME(                                         \
         const uint4* W, const half* S, const half* X, const half* bias, void* Y, float* ws, unsigned* tickets, \
