@@ -329,13 +329,13 @@ GEMM_TC_ASYNC_INSTANCE(gemm_int8_tc_m1_a8, 8, 4, 8)
 
 // The 16-row GEMM with K split across the warps of a block instead of across blocks: block =
 // KB_WARPS warps on the same NT * 8 columns, warp w takes the w-th contiguous share of the K
-// iterations (gemm_tc's register ring, DEPTH 2), and the partial sums meet in shared memory, added
-// by warp 0 in warp order (no split-K workspace, no ticket, no second pass over global memory).
-// Why: at 16 rows gemm_tc is bound by per-warp latency at low occupancy (a warp's iteration of
-// dequantization + 32 mma.sync takes ~1 us alone on its scheduler); global K splits add warps but
-// also the partials' round trips (bench/CUDA_NOTES.md, session 7). One K split, so gridDim.y == 1.
-// The sums differ from gemm_tc's (another association), and are the same whatever M: a row's
-// result does not depend on its batch.
+// iterations (a register ring of its weights and group scales, 2 deep), and the partial sums
+// meet in shared memory, added by warp 0 in warp order (no split-K workspace, no ticket, no
+// second pass over global memory). Why: at 16 rows gemm_tc is bound by per-warp latency at low
+// occupancy (a warp's iteration of dequantization + 32 mma.sync takes ~1 us alone on its
+// scheduler); global K splits add warps but also the partials' round trips (bench/CUDA_NOTES.md,
+// session 7). One K split, so gridDim.y == 1. The sums differ from gemm_tc's (another
+// association), and are the same whatever M: a row's result does not depend on its batch.
 #define KB_WARPS 8
 template <int BITS, int NT>
 __device__ __forceinline__ void gemm_tc_kb(const uint4* __restrict__ W, const half* __restrict__ S,
@@ -369,24 +369,36 @@ __device__ __forceinline__ void gemm_tc_kb(const uint4* __restrict__ W, const ha
     const half* xrow[1][2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) xrow[0][h] = X + (long long)min(m0 + g + 8 * h, M - 1) * K + c * KC;
+    // the register ring holds each iteration's weights and (int4) group scales, DEPTH ahead
     uint4 wbuf[DEPTH][NT];
+    half sbuf[DEPTH][NT];
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d)
         if (j0 + d < j1)
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) wbuf[d][nt] = ldg_stream(wrow[nt] + 4 * (j0 + d));
+            for (int nt = 0; nt < NT; ++nt) {
+                wbuf[d][nt] = ldg_stream(wrow[nt] + 4 * (j0 + d));
+                if (BITS == 4) sbuf[d][nt] = __ldg(S + tc_scale_index<BITS>(nrow[nt], groups, gshift, j0 + d, c));
+            }
     for (int J0 = j0; J0 < j1; J0 += DEPTH) {
 #pragma unroll
         for (int d = 0; d < DEPTH; ++d) {
             const int J = J0 + d;
             if (J < j1) {
                 uint4 wq[NT];
+                half2 sc[NT];
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) wq[nt] = wbuf[d][nt];
+                for (int nt = 0; nt < NT; ++nt) {
+                    wq[nt] = wbuf[d][nt];
+                    sc[nt] = BITS == 4 ? __half2half2(sbuf[d][nt]) : __float2half2_rn(1.f);
+                }
                 if (J + DEPTH < j1)
 #pragma unroll
-                    for (int nt = 0; nt < NT; ++nt) wbuf[d][nt] = ldg_stream(wrow[nt] + 4 * (J + DEPTH));
-                tc_iter<BITS, 1, NT>(acc, wq, xrow, S, nrow, groups, gshift, J, c);
+                    for (int nt = 0; nt < NT; ++nt) {
+                        wbuf[d][nt] = ldg_stream(wrow[nt] + 4 * (J + DEPTH));
+                        if (BITS == 4) sbuf[d][nt] = __ldg(S + tc_scale_index<BITS>(nrow[nt], groups, gshift, J + DEPTH, c));
+                    }
+                tc_math<BITS, 1, NT>(acc, wq, xrow, sc, J);
             }
         }
     }
