@@ -8,7 +8,8 @@
 
 `ingest` runs in a child process (its peak RSS is the ingest's own) with this checkout, or with
 `--tree` another one (the peer: the same ingest before a change, on the same documents, in the same
-run); a part ingested into an existing collection adds to it (`--part pydoc`, then `--part man`
+run); without `--embedder`, each tree's own code builds the default embedder (first use; cached in
+a home next to --dir, not timed), so a change of the embedder's format is part of the comparison; a part ingested into an existing collection adds to it (`--part pydoc`, then `--part man`
 keeps each locked job short). `search` builds each index kind over the collection's stored vectors
 (`rag.index.plan_for`) and asks every question of bench/scale_questions.jsonl: a question is
 answered at rank r when the r-th hit comes from one of its documents; recall@5 counts r <= 5, MRR
@@ -39,14 +40,18 @@ from pathlib import Path
 from edge.runtime.embedder import Embedder
 from rag.ingest import ingest
 path, directory, bundle, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+if not bundle:  # the default embedder as this tree's code builds it (cached in its EDGE_RAG_HOME)
+    from edge.engines import default_embedder_bundle
+    bundle = default_embedder_bundle(progress=False)
 emb = Embedder.from_bundle(bundle, threads=threads)
+q = emb.bundle.manifest.quant
 t = time.perf_counter()
 rep = ingest(path, embedder=emb, directory=Path(directory), progress=False)
 dt = time.perf_counter() - t
 print(json.dumps({"documents": len(rep.added) + len(rep.updated), "chunks": rep.chunks_added,
                   "seconds": round(dt, 2), "embed_seconds": round(rep.embed_seconds, 2),
                   "total_documents": rep.total_documents, "total_chunks": rep.total_chunks,
-                  "index_kind": rep.index_kind,
+                  "index_kind": rep.index_kind, "embedder": str(bundle), "embedder_quant": q.method or q.recipe,
                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 """
 
@@ -63,8 +68,13 @@ def default_bundle() -> Path:
 
 
 def run_ingest(args) -> None:
+    import hashlib
+
     tree = Path(args.tree).resolve() if args.tree else ROOT
-    bundle = Path(args.embedder) if args.embedder else default_bundle()
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    bundle = args.embedder or ""
+    if not bundle:  # each tree builds its own default embedder (the format is part of what is compared)
+        env["EDGE_RAG_HOME"] = str(Path(args.dir).resolve().parent / f".bench-home-{hashlib.sha1(str(tree).encode()).hexdigest()[:8]}")
     parts = ["pydoc", "man"] if args.part == "all" else [args.part]
     for part in parts:
         src = Path(args.corpus) / part
@@ -77,13 +87,12 @@ def run_ingest(args) -> None:
             for f in sorted(src.iterdir())[args.shard::args.shards]:
                 shutil.copy2(f, stage / f.name)
             src = stage
-        env = dict(os.environ, PYTHONPATH=str(tree))
         r = subprocess.run([sys.executable, "-c", _WORKER, str(src), str(args.dir), str(bundle), str(args.threads)],
                            capture_output=True, text=True, env=env, cwd=str(tree))
         if r.returncode != 0:
             sys.exit(f"ingest of {src} failed:\n{r.stderr[-3000:]}")
         o = json.loads(r.stdout.strip().splitlines()[-1])
-        emit("ingest", tree=str(tree), part=part, shard=f"{args.shard}/{args.shards}", embedder=bundle.name, threads=args.threads, **o,
+        emit("ingest", tree=str(tree), part=part, shard=f"{args.shard}/{args.shards}", threads=args.threads, **o,
              docs_per_s=round(o["documents"] / o["seconds"], 2), chunks_per_s=round(o["chunks"] / o["seconds"], 1),
              embed_chunks_per_s=round(o["chunks"] / max(o["embed_seconds"], 1e-9), 1))
 

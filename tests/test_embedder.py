@@ -303,6 +303,51 @@ def test_int8_bundle_built_for_a_vnni_cpu_is_flagged_on_one_without(tiny_folders
     assert isa_mismatch(full) is None and isa_mismatch(seven) is None
 
 
+@pytest.mark.parametrize("cpu,weight_dtype", [("exact", np.int8), ("saturates", np.uint8)])
+def test_int8_format_follows_the_cpu_and_ffn_down_is_8bit_matmulnbits(tiny_folders, tmp_path, monkeypatch, cpu, weight_dtype):
+    import onnx
+    from onnx import numpy_helper
+    from sentence_transformers import SentenceTransformer
+
+    monkeypatch.setenv("EDGE_RAG_U8S8", cpu)  # "exact": VNNI / ARM; "saturates": AVX2-only x86
+    folder = tiny_folders["e5_mean_norm"]
+    emb = Embedder.from_bundle(build_embedder_bundle(folder, tmp_path / cpu, quant="int8", progress=False), threads=1)
+    g = onnx.load(str(emb.bundle.path / "model.onnx")).graph
+    inits = {i.name: i for i in g.initializer}
+    by_op: dict[str, list] = {}
+    for n in g.node:
+        by_op.setdefault(n.op_type, []).append(n)
+    # u8 x s8 where it is exact, u8 x u8 where u8 x s8 saturates; never 7-bit weights
+    for n in by_op["QAttention"] + [n for n in g.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]:
+        w = numpy_helper.to_array(inits[n.input[1]])
+        assert w.dtype == weight_dtype, (n.name, w.dtype)
+        assert weight_dtype == np.uint8 or np.abs(w.astype(np.int32)).max() > 64, n.name
+    nb = by_op["MatMulNBits"]
+    assert sorted(n.name for n in nb) == [f"/model/layers.{i}/mlp/down/MatMulNBits" for i in range(2)]
+    assert all({a.name: a.i for a in n.attribute}["bits"] == 8 and {a.name: a.i for a in n.attribute}["accuracy_level"] == 4
+               for n in nb)
+    assert not [n for n in by_op.get("MatMul", []) if "mlp/down" in n.name]
+    d = emb.bundle.manifest.quant.details
+    assert d["u8s8_exact"] is (cpu == "exact") and d["nbits_linears"] == [f"/model/layers.{i}/mlp/down" for i in range(2)]
+    texts = varied_texts(30, seed=2)
+    ref = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
+    _assert_close_to_oracle(emb.embed(texts), ref, texts, 0.98)
+
+
+def test_int8_blocks_round_trip_within_half_a_step():
+    from edge.quant.format import quantize_int8_blocks
+
+    w = np.random.default_rng(0).normal(size=(6, 64)).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero block keeps a usable scale
+    q, s = quantize_int8_blocks(w, 32)
+    assert q.shape == (6, 2, 32) and q.dtype == np.uint8 and s.shape == (6, 2)
+    back = ((q.astype(np.float32) - 128) * s[..., None]).reshape(6, 64)
+    assert np.all(np.abs(back - w) <= s.repeat(32, axis=1) / 2 + 1e-7)
+    assert q.min() >= 1 and q.max() <= 255  # symmetric: -127..127 around the zero point 128
+    with pytest.raises(ValueError):
+        quantize_int8_blocks(w[:, :48], 32)
+
+
 def test_relevance_gate_of_an_embedder_that_cannot_separate_refuses_nothing():
     from edge.build.relevance import calibrate_gate
 

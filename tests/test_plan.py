@@ -140,7 +140,7 @@ def test_budget_arithmetic_by_hand(specs):
     # decoder activations for one 512-token prefill chunk:
     # fp16 (3*4096 + 4096 + 2*1024 + 3*14336) x 512 + fp32 scores 32 x 512 x 1024 + fp32 logits 2 x 128256
     assert b["workspace"] == decoder_workspace_bytes(s, 2) == 61440 * 512 * 2 + 32 * 512 * 1024 * 4 + 2 * 128256 * 4
-    assert b["index"] == index_bytes(10_000) == 10_000 * (384 * 4 + 2560)
+    assert b["index"] == index_bytes(10_000) == 10_000 * (384 * 4 + 5120)
     assert b["embedder"] == embedder_bytes()
     assert b["embedder_workspace"] == embedder_workspace_bytes() == 16 * 256 * (4 * 384 + 1536 + 12 * 256) * 4
     assert b["user_reserve"] == 5_500_000_000

@@ -63,6 +63,36 @@ def test_incremental_ingest_only_embeds_changes(tmp_path):
         assert all("16 A" not in h.chunk.text for h in r.search("charging dock circuit", k=5).hits)
 
 
+def test_repeated_chunks_are_embedded_once_and_share_the_vector(tmp_path):
+    class Counting(HashEmbedder):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[str] = []
+
+        def embed(self, texts, batch_size: int = 32, progress: bool = False):
+            self.seen += list(texts)
+            return super().embed(texts, batch_size, progress)
+
+    emb = Counting()
+    docs = tmp_path / "docs"
+    for sub in ("a", "b"):  # same file name, same text: the same embedded text (title + chunk)
+        (docs / sub).mkdir(parents=True)
+        (docs / sub / "notes.md").write_text("# Notes\n\nThe valve V-9 opens at 4 bar.\n")
+    (docs / "other.md").write_text("# Other\n\nThe belt tension is 80 N.\n")
+    rep = ingest(docs, embedder=emb, progress=False)
+    assert rep.chunks_added == 3 and len(emb.seen) == 2 == len(set(emb.seen))
+    with Store(index_dir("default"), readonly=True) as s:
+        rows = s.db.execute("SELECT c.text, c.vec FROM chunks c ORDER BY c.id").fetchall()
+    vecs = {}
+    for text, blob in rows:
+        vecs.setdefault(text, []).append(np.frombuffer(blob, np.float32))
+    (a, b), (c,) = vecs["The valve V-9 opens at 4 bar."], vecs["The belt tension is 80 N."]
+    np.testing.assert_array_equal(a, b)
+    valve = next(t for t in emb.seen if "valve" in t)
+    np.testing.assert_allclose(a, HashEmbedder().embed([valve])[0], rtol=1e-6)
+    assert not np.allclose(a, c)
+
+
 def test_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="no documents"):

@@ -14,8 +14,10 @@ using ONNX Runtime's fused transformer contrib ops, which its CPU and CUDA provi
 
 quant "int8": SmoothQuant scales calibrated on pydoc text (smooth_linears), then
 onnxruntime.quantization.quantize_dynamic on the linears in INT8_LINEARS (Attention -> QAttention,
-MatMul -> MatMulInteger): int8 per-channel weights, uint8 activations quantized per call. The
-embedding tables stay fp32 (gathers, not matmuls). See INT8_LINEARS for the measurements.
+MatMul -> MatMulInteger): 8-bit per-channel weights (int8, or uint8 on x86 without VNNI:
+int8_weight_type), uint8 activations quantized per call; the FFN-down linears become 8-bit
+MatMulNBits (per-block weights and activations, int8 dot products: nbits_linears). The embedding
+tables stay fp32 (gathers, not matmuls). See INT8_LINEARS for the measurements.
 """
 
 from __future__ import annotations
@@ -227,6 +229,32 @@ def build_encoder_graph(spec: EncoderSpec, weights: dict[str, np.ndarray]) -> An
 INT8_LINEARS = ("attn/qkv", "attn/o_proj", "mlp/up")
 INT8_SMOOTHED = ("attn/qkv", "mlp/up")
 INT8_SMOOTH_ALPHA = 0.8  # 0.5 left min cosine 0.985 on short texts, 0.8 gave 0.998 (one text at a time)
+# FFN down as 8-bit MatMulNBits (accuracy level 4: activations quantized to int8 per block of
+# NBITS_BLOCK along K, int8 x int8 dot products, weights per block). Per-block activation scales
+# follow the GELU outliers that defeat one per-tensor scale. Measured (all-MiniLM-L6-v2, the 200
+# texts of bench_embed.varied_texts against sentence-transformers; texts/s of a 32 x 194-token batch,
+# 2 threads, alternating rounds in one job on the 2-core EPYC (AVX-512 VNNI), load 6-7):
+#                                  min cos   texts/s vs the FFN-down-fp32 build
+#   FFN down fp32 (until now)      0.99218   1.00x
+#   FFN down 8-bit MatMulNBits     0.99302   1.19x
+#   FFN down dynamic int8          0.98362   1.24x
+NBITS_LINEARS = ("mlp/down",)
+NBITS_BLOCK = 32
+NBITS_ACCURACY_LEVEL = 4
+
+
+def int8_weight_type(u8s8_exact: bool) -> str:
+    """The 8-bit weight type of the dynamically quantized linears for a CPU (the one place that
+    decides it). ONNX Runtime's u8 x s8 GEMM saturates its int16 pair sums on x86 without VNNI
+    (edge.cpu); its u8 x u8 GEMM widens both sides to int16 first (vpmaddwd) and is exact there.
+    Measured against sentence-transformers (min cosine over bench_embed.varied_texts(200)), with
+    the FFN down as 8-bit MatMulNBits:
+      int8 weights:               0.99302 (VNNI); saturates on AVX2 (README, qemu -cpu Haswell)
+      7-bit int8 (reduce_range):  0.98835 (FFN down fp32; the same on either CPU: cannot saturate)
+      uint8 weights (u8 x u8):    0.99308 on VNNI, the same arithmetic on AVX2; 0.84x the speed of
+                                  int8 on the VNNI CPU, whose u8 x u8 kernel has no vpdpbusd
+    """
+    return "int8" if u8s8_exact else "uint8"
 
 
 def calibration_texts(n: int = 64) -> list[str]:
@@ -287,38 +315,84 @@ def smooth_linears(model: Any, tokenizer_json: Path, max_seq_length: int, texts:
 
 
 def _quantize_int8(src: Path, dst: Path) -> Quant:
-    """Dynamic INT8: int8 per-channel weights, uint8 activations quantized per call (VNNI GEMMs)."""
+    """Dynamic INT8 (8-bit per-channel weights, uint8 activations quantized per call) on
+    INT8_LINEARS, then 8-bit MatMulNBits on NBITS_LINEARS. The weight type follows this CPU
+    (int8_weight_type); EDGE_RAG_U8S8 builds for another one (edge.cpu)."""
+    import logging
+
     import onnx
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edge.cpu import u8s8_exact
 
     model = onnx.load(str(src), load_external_data=False)
     consts = {i.name for i in model.graph.initializer}
     nodes = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Attention") and n.input[1] in consts]
     keep_fp32 = [n for n in nodes if not any(k in n for k in INT8_LINEARS)]
-    import logging
-
+    exact = u8s8_exact()
+    wtype = int8_weight_type(exact)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs advice (pre-processing) meant for CNNs
-    from edge.cpu import u8s8_exact
-
-    # 7-bit weights where the u8s8 GEMM saturates (x86 without VNNI; edge.cpu): |w| <= 64 keeps the
-    # int16 pair sum 2 x 255 x 64 below 32767 (ONNX Runtime's reduce_range)
-    reduce_range = not u8s8_exact()
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range,
-                         op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=keep_fp32,
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8 if wtype == "int8" else QuantType.QUInt8,
+                         per_channel=True, op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=keep_fp32,
                          extra_options={"MatMulConstBOnly": True,
                                         # contrib-op outputs have no inferred type; they are all float32
                                         "DefaultTensorType": TensorProto.FLOAT})
     finally:
         root.setLevel(level)
-    return Quant(recipe="int8", method="SmoothQuant + onnxruntime.quantize_dynamic",
-                 details={"weights": "int7 per-channel symmetric (reduce_range: no VNNI)" if reduce_range else "int8 per-channel symmetric",
-                          "u8s8_exact": not reduce_range,  # the CPU it was built for (edge.cpu, edge.runtime.embedder.isa_mismatch)
+    model = onnx.load(str(dst))
+    nbits = nbits_linears(model)
+    onnx.save_model(model, str(dst))
+    return Quant(recipe="int8", method="SmoothQuant + onnxruntime.quantize_dynamic + 8-bit MatMulNBits",
+                 details={"weights": "int8 per-channel symmetric" if wtype == "int8"
+                          else "uint8 per-channel asymmetric (u8 x u8: x86 without VNNI)",
+                          "u8s8_exact": exact,  # the CPU it was built for (edge.cpu, edge.runtime.embedder.isa_mismatch)
                           "activations": "uint8 dynamic per call",
-                          "int8_linears": list(INT8_LINEARS), "smoothed": list(INT8_SMOOTHED), "smooth_alpha": INT8_SMOOTH_ALPHA})
+                          "int8_linears": list(INT8_LINEARS), "smoothed": list(INT8_SMOOTHED), "smooth_alpha": INT8_SMOOTH_ALPHA,
+                          "nbits_linears": nbits, "nbits": {"bits": 8, "block_size": NBITS_BLOCK,
+                                                            "accuracy_level": NBITS_ACCURACY_LEVEL}})
+
+
+def nbits_linears(model: Any, keys: tuple[str, ...] = NBITS_LINEARS, block: int = NBITS_BLOCK,
+                  accuracy_level: int = NBITS_ACCURACY_LEVEL) -> list[str]:
+    """Turn each fp32 MatMul whose name holds one of `keys` into an 8-bit MatMulNBits (in place):
+
+        x [B,S,K] ─ MatMul(W f32 [K, N])  ->  x ─ MatMulNBits(B uint8 [N, K/b, b], scales f32 [N*K/b], bits 8)
+
+    A linear whose K is not a multiple of `block` stays fp32. Returns the names converted."""
+    from onnx import helper, numpy_helper
+
+    from edge.quant.format import quantize_int8_blocks
+
+    inits = {i.name: i for i in model.graph.initializer}
+    done = []
+    for n in model.graph.node:
+        if n.op_type != "MatMul" or not any(k in n.name for k in keys) or n.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])  # [K, N]
+        k, nout = w.shape
+        if k % block:
+            continue
+        q, scales = quantize_int8_blocks(w.T, block)
+        base = n.name.rsplit("/", 1)[0]
+        model.graph.initializer.extend([numpy_helper.from_array(q, f"{base}.qweight8"),
+                                        numpy_helper.from_array(scales.reshape(-1), f"{base}.scales8")])
+        n.op_type, n.domain = "MatMulNBits", MS_DOMAIN
+        n.name = f"{base}/MatMulNBits"
+        n.input[1:] = [f"{base}.qweight8", f"{base}.scales8"]
+        n.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("N", nout), helper.make_attribute("bits", 8),
+                            helper.make_attribute("block_size", block), helper.make_attribute("accuracy_level", accuracy_level)])
+        done.append(base)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    if done and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return done
 
 
 def embedder_id(spec: EncoderSpec, weights_sha256: str, quant: str) -> str:

@@ -92,9 +92,10 @@ def _cuda_unavailable_reason() -> str:
 
 
 def isa_mismatch(manifest) -> str | None:
-    """Why an int8 embedder bundle loses accuracy on this CPU, or None. Its MatMulInteger GEMMs
-    multiply u8 activations by s8 weights; on x86 without VNNI the int16 pair sums saturate unless the
-    weights were reduced to 7 bits at build (edge.cpu). Measured under qemu -cpu Haswell: README."""
+    """Why an int8 embedder bundle loses accuracy on this CPU, or None. Built on a CPU with exact
+    u8 x s8 GEMMs (VNNI, ARM), its MatMulInteger weights are int8; on x86 without VNNI the int16
+    pair sums of u8 x s8 saturate (edge.cpu). Built on such a CPU, they are uint8 (u8 x u8, exact
+    everywhere; older builds: 7-bit int8). Measured under qemu -cpu Haswell: README."""
     from edge.cpu import u8s8_exact
 
     if manifest.quant.recipe != "int8":
