@@ -179,6 +179,7 @@ def main() -> None:
     ap.add_argument("--peer-only", action="store_true", help="llama.cpp only (the engine's tokenizer builds the prompts)")
     ap.add_argument("--gguf", default=None, help="the peer's GGUF (default: the engine's source)")
     ap.add_argument("--limit", type=int, default=0, help="first N questions per corpus (0: all)")
+    ap.add_argument("--offset", type=int, default=0, help="skip the first N questions (to split a set into jobs)")
     ap.add_argument("--passages", type=int, default=0, help="override the recipe's passage count")
     ap.add_argument("--passage-tokens", type=int, default=0)
     ap.add_argument("--max-tokens", type=int, default=0, help="override the recipe's answer budget")
@@ -241,7 +242,7 @@ def main() -> None:
         peer = LlamaPeer(gguf, args.peer_threads or args.threads, max_context)
     emb_path = default_embedder_bundle(progress=True)
     emb = Embedder.from_bundle(emb_path)
-    details = open(args.details, "w") if args.details else None
+    details = open(args.details, "w", buffering=1) if args.details else None  # line-buffered: a killed run keeps its rows
 
     splits = ("test", "heldout") if args.split == "both" else (args.split,)
     for corpus, split in [(c, s) for c in args.corpus.split(",") for s in splits]:
@@ -251,7 +252,7 @@ def main() -> None:
         coll = f"bench-answers-{corpus}"
         rep = ingest(docs, embedder=emb, collection=coll, rebuild=not args.reuse_index, progress=False,
                      embedder_path=str(emb_path))
-        items = load_questions(qfile)
+        items = load_questions(qfile)[args.offset:]
         if args.limit:
             items = items[: args.limit]
         rows = {"engine": [], "llama.cpp": []}
