@@ -36,6 +36,7 @@ class GeneratorChoice:
     bundle: str  # directory name under engines_dir()
     build_minutes: str  # first-use build time measured on the 2-core dev machine (load ~2-10)
     context: int | None = None  # None: what the plan allows
+    rtn: bool = False  # int4 by plain rounding (no AWQ/GPTQ search)
 
     def install_hint(self) -> str:
         if self.model == "default":
@@ -50,12 +51,18 @@ class GeneratorChoice:
 # re-quantization would round the already 4-bit weights a second time.
 QWEN15 = GeneratorChoice("Qwen2.5-Coder-1.5B-Instruct int8", "qwen2.5-coder-1.5b-instruct-q4_k_m", "int8", None,
                          "qwen2.5-coder-1.5b-int8", "2 to 4", DEFAULT_CONTEXT)
+# Where the int8 1.5B decodes too slowly (the `cpu` profile: bounded at 16 tok/s) or does not fit (a
+# 4 GB Orin Nano), the same model in int4 g32 by plain rounding (AWQ moves the GGUF's 4-6 bit values
+# off their grid: +2.6% perplexity over RTN on the 0.5B) still answers more questions than the 0.5B
+# (README, "Answers"; bench/bench_answers.py), bounded at 25.7 tok/s on `cpu`.
+QWEN15_INT4 = GeneratorChoice("Qwen2.5-Coder-1.5B-Instruct int4 g32", "qwen2.5-coder-1.5b-instruct-q4_k_m", "int4", 32,
+                              "qwen2.5-coder-1.5b-int4-g32", "4 to 7", DEFAULT_CONTEXT, rtn=True)
 QWEN05 = GeneratorChoice("Qwen2.5-Coder-0.5B-Instruct int8", "qwen2.5-coder-0.5b-instruct-q4_k_m", "int8", None,
                          "qwen2.5-coder-0.5b-int8", "3 to 10", DEFAULT_CONTEXT)
 # g32, not the planner's g64: AWQ+GPTQ perplexity +8.0% vs fp16 at g32 against +10.2% at g64 on the
 # ONNX Runtime engine (bench/perplexity.py), for ~1/16 more weight bytes.
 SMOLLM2 = GeneratorChoice("SmolLM2-135M-Instruct int4 g32", "default", "int4", 32, "smollm2-135m-int4-g32", "1.5 to 3.5")
-GENERATORS = (QWEN15, QWEN05, SMOLLM2)  # best answers first (README, "Answers")
+GENERATORS = (QWEN15, QWEN15_INT4, QWEN05, SMOLLM2)  # best answers first (README, "Answers")
 # A candidate must also decode at least this fast on the profile (the planner's bandwidth bound at
 # its default power mode, batch 1): ~40-token answers then stream in under 2 s. The 1.5B int8 is
 # bounded at 16 tok/s on the `cpu` profile (measured on the 2-core dev machine: 9.9 s per answer
@@ -143,7 +150,7 @@ def _build(choice: GeneratorChoice, out: Path, progress: bool, profile: str | No
          f"on 2 cores; once, then cached)")
     t0 = time.perf_counter()
     build_generator_bundle(choice.model, out, profile=profile, quant=choice.quant, group_size=choice.group_size,
-                           context=choice.context, progress=progress, report=False)  # the per-layer table: `edge-rag build`
+                           awq=not choice.rtn, context=choice.context, progress=progress, report=False)  # the per-layer table: `edge-rag build`
     _say(f"built {choice.label} in {time.perf_counter() - t0:.0f} s")
     return out
 

@@ -51,9 +51,24 @@ def test_the_1_5b_where_it_is_installed_fits_and_decodes_fast_enough(models, cap
     # Orin NX / AGX / Nano 8 GB: it fits and the bandwidth bounds its decode at 44-133 tok/s
     for profile in ("orin-nano-8gb", "orin-nx-16gb", "agx-orin-64gb"):
         assert engines.choose_generator(profile) is engines.QWEN15, profile
-    # the cpu profile bounds it at ~16 tok/s (< MIN_DECODE_TOK_S): the 0.5B; on a 4 GB Nano it does not fit
+    # the cpu profile bounds its int8 form at ~16 tok/s (< MIN_DECODE_TOK_S), on a 4 GB Nano that form
+    # does not fit: the same model in int4 g32 (bounded at 25.7 and 35 tok/s), by plain rounding
     for profile in ("cpu", "orin-nano-4gb"):
-        assert engines.choose_generator(profile) is engines.QWEN05, profile
+        assert engines.choose_generator(profile) is engines.QWEN15_INT4, profile
+    assert engines.QWEN15_INT4.rtn and engines.QWEN15_INT4.group_size == 32
+
+
+def test_the_1_5b_int4_first_use_build_is_plain_rounding(models, monkeypatch):
+    import edge.build.generator as gen
+
+    models.add("qwen2.5-coder-1.5b-instruct-q4_k_m")
+    built = []
+    monkeypatch.setattr(gen, "build_generator_bundle", lambda model, out, **kw: built.append((model, kw)))
+    out = engines.default_generator_bundle(progress=False, profile="cpu")
+    assert out.name == "qwen2.5-coder-1.5b-int4-g32"
+    assert built == [("qwen2.5-coder-1.5b-instruct-q4_k_m", {"profile": "cpu", "quant": "int4", "group_size": 32,
+                                                            "awq": False, "context": 4096, "progress": False,
+                                                            "report": False})]
 
 
 def test_a_model_whose_parts_are_not_installed_is_not_announced(models, capsys):
@@ -78,7 +93,7 @@ def test_a_first_use_build_is_announced_on_stderr_even_without_a_terminal(models
     out = engines.default_generator_bundle(progress=True, profile="cpu")
     assert out.name == engines.QWEN05.bundle
     assert built == [("qwen2.5-coder-0.5b-instruct-q4_k_m", {"profile": "cpu", "quant": "int8", "group_size": None,
-                                                            "context": 4096, "progress": True, "report": False})]
+                                                            "awq": True, "context": 4096, "progress": True, "report": False})]
     err = capsys.readouterr().err
     assert "edge-rag: first use: building the Qwen2.5-Coder-0.5B-Instruct int8 engine" in err
     assert "edge-rag: built Qwen2.5-Coder-0.5B-Instruct int8 in" in err
