@@ -110,6 +110,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--queries", type=int, default=100, help="single-query calls per latency round")
     ap.add_argument("--model", default=None, help="sentence-transformers folder (default: bundled all-MiniLM-L6-v2)")
+    ap.add_argument("--avx2-format", action="store_true",
+                    help="also the int8 build an x86 CPU without VNNI makes (EDGE_RAG_U8S8=saturates: uint8 weights), "
+                         "timed on this CPU")
     args = ap.parse_args()
 
     import numpy as np
@@ -128,9 +131,19 @@ def main() -> int:
     st = SentenceTransformer(str(folder), device="cpu")
     engines = {"sentence-transformers": st}
     tmp = Path(tempfile.mkdtemp(prefix="bench-embed-"))
-    for quant in ("fp32", "int8"):
-        engines[f"edge-rag-{quant}"] = Embedder.from_bundle(
-            build_embedder_bundle(folder, tmp / quant, quant=quant, progress=False), threads=args.threads)
+    import os
+
+    builds = [("fp32", "fp32", None), ("int8", "int8", None)] + ([("int8-avx2", "int8", "saturates")] if args.avx2_format else [])
+    for label, quant, u8s8 in builds:
+        saved = dict(os.environ)
+        if u8s8:
+            os.environ["EDGE_RAG_U8S8"] = u8s8  # edge.cpu: build for that CPU
+        try:
+            bundle = build_embedder_bundle(folder, tmp / label, quant=quant, progress=False)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        engines[f"edge-rag-{label}"] = Embedder.from_bundle(bundle, threads=args.threads)
     emb0 = engines["edge-rag-fp32"]
     chunks = make_chunks(emb0.tokenizer, args.chunks, args.tokens)
     n_tok = [len(e.ids) for e in emb0.tokenizer.encode_batch(chunks)]
@@ -148,7 +161,7 @@ def main() -> int:
 
     # parity sanity check on the bench texts themselves (a fast engine that is wrong is no win)
     ref = encode("sentence-transformers", chunks[: args.batch])
-    for name in ("edge-rag-fp32", "edge-rag-int8"):
+    for name in [n for n in engines if n.startswith("edge-rag-")]:
         cos = (encode(name, chunks[: args.batch]) * ref).sum(1)
         emit(**common, figure="parity", engine=name, min_cosine=round(float(cos.min()), 5),
              mean_cosine=round(float(cos.mean()), 5))
@@ -169,7 +182,7 @@ def main() -> int:
                 lat[name].append(1000 * timed(lambda: query(name, q)))
 
     for name in names:
-        quant = "fp32" if name == "sentence-transformers" else name.rsplit("-", 1)[1]
+        quant = "fp32" if name == "sentence-transformers" else name.split("-", 2)[2]
         backend = "torch" if name == "sentence-transformers" else "onnxruntime"
         emit(**common, figure="throughput", engine=name, backend=backend, quant=quant, batch=args.batch,
              tokens_per_text=round(statistics.mean(n_tok), 1), texts=len(chunks), rounds=args.rounds,
