@@ -154,7 +154,6 @@ def pdl_ab(sess, name: str, device: str, prompt) -> None:
     """Decode b1 with the step graph's kernels launched programmatically (edge.runtime.cuda.pdl)
     and without, alternating in this process: greedy-stream tok/s, graph replay ms, and whether
     the two give the same tokens and logits (they must: the same kernels in the same order)."""
-    cp = sess.cp
     if not sess.pdl:
         emit(figure="pdl_ab", device=device, model=name, pdl=False, error=sess.pdl_error)
         return
@@ -168,22 +167,7 @@ def pdl_ab(sess, name: str, device: str, prompt) -> None:
         sess.decode([900], np.array([tok]))  # captures the graph
         logits[on] = sess.decode([900], np.array([tok]))
         sess.release(900)
-        for rep in range(2):
-            sess.add_sequence(rep)
-            tok = sess.prefill_greedy(rep, prompt)
-            t1 = time.perf_counter()
-            out = list(sess.greedy_stream(rep, tok, NEW - 1))
-            runs[on]["tok_s"].append((NEW - 1) / (time.perf_counter() - t1))
-            sess.release(rep)
-            toks[on] = out
-        g, st = sess._graphs[1], sess.stream
-        s0, e0 = cp.cuda.Event(), cp.cuda.Event()
-        for _ in range(10):
-            s0.record(st)
-            g.launch(st)
-            e0.record(st)
-            e0.synchronize()
-            runs[on]["replay_ms"].append(cp.cuda.get_elapsed_time(s0, e0))
+        toks[on] = _b1_timing(sess, prompt, runs[on])
     sess.pdl = True
     sess._graphs.clear()
     emit(figure="pdl_ab", device=device, model=name, pdl_error=sess.pdl_error,
@@ -192,16 +176,16 @@ def pdl_ab(sess, name: str, device: str, prompt) -> None:
          same_tokens=toks[True] == toks[False], same_logits=bool(np.array_equal(logits[True], logits[False])))
 
 
-def _b1_timing(sess, prompt, r: dict) -> None:
+def _b1_timing(sess, prompt, r: dict) -> list[int]:
     """Append to r one round of batch-1 figures with the session as set: two greedy streams'
-    tok/s and ten replays of the step graph (ms)."""
+    tok/s and ten replays of the step graph (ms). Returns the last stream's tokens."""
     cp = sess.cp
     sess._graphs.clear()
     for rep in range(2):
         sess.add_sequence(rep)
         tok = sess.prefill_greedy(rep, prompt)
         t1 = time.perf_counter()
-        list(sess.greedy_stream(rep, tok, NEW - 1))
+        out = list(sess.greedy_stream(rep, tok, NEW - 1))
         r.setdefault("tok_s", []).append((NEW - 1) / (time.perf_counter() - t1))
         sess.release(rep)
     g, st = sess._graphs[1], sess.stream
@@ -212,6 +196,7 @@ def _b1_timing(sess, prompt, r: dict) -> None:
         e0.record(st)
         e0.synchronize()
         r.setdefault("replay_ms", []).append(cp.cuda.get_elapsed_time(s0, e0))
+    return out
 
 
 def _medians(runs: dict) -> dict:
