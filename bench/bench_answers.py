@@ -1,8 +1,14 @@
 """Answer quality: `ask` over two corpora, next to llama.cpp on the same GGUF and the same prompts.
 
     python bench/bench_answers.py [--engine BUNDLE] [--corpus manuals,pydoc] [--split test|heldout|both]
-                                  [--peer] [--limit N] [--reuse-index]
+                                  [--peer] [--offset N] [--limit N] [--uncovered yes|no|only] [--reuse-index]
                                   [--passages N] [--threads 2] [--details out.jsonl]
+    python bench/bench_answers.py --summarize d1.jsonl d2.jsonl ...   (merge the --details of the jobs a set
+                                  was split into: the same JSON lines as one run)
+
+At ~14 s per answer (and ~12 s for llama.cpp) on 2 cores, a question set is split into jobs of
+--offset/--limit questions; the uncovered questions run once per corpus (`--uncovered only`, or with
+one of the jobs), and --summarize gives each set's figures from the jobs' --details.
 
 Corpora (each in its own collection, ingested afresh with the default embedder):
   manuals  examples/manuals + examples/questions.jsonl (the shipped Kestrel manuals, 36 questions)
@@ -12,8 +18,8 @@ Each also gets UNCOVERED questions, which the documents do not answer, and a hel
 (examples/*_heldout.jsonl, `--split heldout`) written before the recipe was tuned and never used to
 choose it.
 
-Per question: hybrid retrieval (k=5), then the engine's answer through rag.ask.ask (its recipe:
-passages, answer budget, greedy, repetition penalty), and, with --peer, llama.cpp
+Per question: hybrid retrieval (k=5), then the engine's answer through rag.ask.ask with its gate
+(its recipe: passages, answer budget, greedy, repetition penalty), and, with --peer, llama.cpp
 (llama-cpp-python, greedy, the same repetition penalty and answer budget) on the GGUF the engine
 was built from, fed the very token ids of the same prompt, its raw text scored the same way.
 
@@ -27,7 +33,11 @@ One JSON line per corpus and engine:
   citation_validity       share of [n] markers the model wrote that name a passage shown to it
   cited_expected_source   share of answers citing (or attributed to) a passage from the expected file
   grounded                share of answers the grounding check accepted (rag.ground)
-  refused_uncovered       share of uncovered questions refused (gate, or an answer saying so)
+  refused_uncovered       share of uncovered questions refused (the gate; an answer to a question the gate
+                          passed on keywords alone that the passages do not back, rag.ask.refuse_ungrounded;
+                          or an answer saying so)
+  refused_covered         covered questions the user was told were not covered (same rules; the model's
+                          text is still scored in keyword_complete)
   s_per_answer, ttft_ms   means over the answered questions
 """
 
@@ -107,13 +117,17 @@ def peer_answer(peer: LlamaPeer, tokenizer, prompt, question: str, recipe) -> tu
     return strip_header_copies(text2).strip(), text, ttft, s + s2
 
 
-def shown_text(text: str, g, prompt, question: str) -> str:
-    """What ask would show for the peer's `text`: a degenerate answer is replaced by the closest
-    passage's quote; an ungrounded one is followed by it (rag.ask)."""
+def shown_text(text: str, g, prompt, question: str, res) -> str:
+    """What ask would show for the peer's `text`: refused where the gate passed on keywords alone and
+    the passages do not back it; a degenerate answer is replaced by the closest passage's quote; an
+    ungrounded one is followed by it (rag.ask)."""
+    from rag.ask import NOT_COVERED, refuse_ungrounded
     from rag.ground import degenerate, fallback_note
     from rag.retrieve import keyword_coverage
 
     deg = degenerate(text, question)
+    if refuse_ungrounded(res, g.grounded and not deg):
+        return NOT_COVERED
     if (g.grounded and not deg) or not prompt.passages:
         return text
     best = max(prompt.passages, key=lambda p: keyword_coverage(question, p.text))
@@ -153,6 +167,7 @@ def summarize(rows: list[dict], uncovered: list[dict]) -> dict:
         "cited_expected_source": round(sum(r["cited_expected"] for r in rows) / max(n, 1), 4),
         "refused_uncovered": round(sum(u["refused"] for u in uncovered) / max(len(uncovered), 1), 4),
         "n_uncovered": len(uncovered),
+        "refused_covered": sum(bool(r.get("refused")) for r in rows),
         "s_per_answer": round(statistics.mean(r["s"] for r in rows), 2) if rows else None,
         "ttft_ms": round(statistics.mean(r["ttft_ms"] for r in rows), 1) if rows else None,
     }
@@ -168,6 +183,32 @@ def summarize(rows: list[dict], uncovered: list[dict]) -> dict:
     return out
 
 
+def summarize_files(paths: list[str]) -> None:
+    """One JSON line per corpus, split and engine over the --details of several jobs (a question set
+    split by --offset/--limit; the corpus's uncovered questions from whichever job asked them)."""
+    meta: dict = {}
+    rows: dict = {}
+    unc: dict = {}
+    for p in paths:
+        for line in open(p):
+            d = json.loads(line)
+            if "meta" in d:
+                if d["meta"]["questions"]:
+                    meta.setdefault((d["corpus"], d["split"]), []).append({"file": p, **d["meta"]})
+            elif d.get("uncovered"):
+                key = "engine" if d["engine"] in ("engine", "edge-rag") else d["engine"]
+                unc.setdefault((d["corpus"], key), {})[d["question"]] = d
+            else:
+                key = "engine" if d["engine"] == "edge-rag" else d["engine"]
+                rows.setdefault((d["corpus"], d["split"], key), {})[d["question"]] = d
+    for (corpus, split, key), by_q in sorted(rows.items()):
+        us = list(unc.get((corpus, key), {}).values())
+        jobs = meta.get((corpus, split), [])
+        same = {k: v for k, v in (jobs[0] if jobs else {}).items() if all(j.get(k) == v for j in jobs)
+                and k not in ("file", "offset", "questions")}
+        emit("answers", corpus=corpus, split=split, engine=key, jobs=len(jobs), **same, **summarize(list(by_q.values()), us))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--engine", default=None, help="generator bundle (default: the default generator)")
@@ -180,6 +221,11 @@ def main() -> None:
     ap.add_argument("--gguf", default=None, help="the peer's GGUF (default: the engine's source)")
     ap.add_argument("--limit", type=int, default=0, help="first N questions per corpus (0: all)")
     ap.add_argument("--offset", type=int, default=0, help="skip the first N questions (to split a set into jobs)")
+    ap.add_argument("--uncovered", default="yes", choices=("yes", "no", "only"),
+                    help="also ask the corpus's uncovered questions (no: a later job of the same set does; only: "
+                    "just them)")
+    ap.add_argument("--summarize", nargs="+", metavar="DETAILS", default=None,
+                    help="merge the --details files of the jobs a set was split into and print its figures")
     ap.add_argument("--passages", type=int, default=0, help="override the recipe's passage count")
     ap.add_argument("--passage-tokens", type=int, default=0)
     ap.add_argument("--max-tokens", type=int, default=0, help="override the recipe's answer budget")
@@ -192,6 +238,8 @@ def main() -> None:
                     "machine 1 is faster: its threads spin at barriers)")
     ap.add_argument("--details", default=None, help="write per-question rows (JSON lines) here")
     args = ap.parse_args()
+    if args.summarize:
+        return summarize_files(args.summarize)
 
     from edge.bundle import Bundle
     from edge.models.spec import ModelSpec
@@ -199,11 +247,11 @@ def main() -> None:
     from edge.runtime.embedder import Embedder
     from edge.runtime.generator import Generator
     from edge.runtime.tokenizer import Tokenizer
-    from rag.ask import ask, generator_recipe
+    from rag.ask import NOT_COVERED, ask, generator_recipe
     from rag.eval import load_questions, source_matches
     from rag.ingest import ingest
     from rag.ground import degenerate, ground
-    from rag.prompt import build_prompt, recipe_for
+    from rag.prompt import build_prompt, cited_numbers, recipe_for
     from rag.retrieve import Retriever
 
     engine = Path(args.engine) if args.engine else default_generator_bundle(progress=True)
@@ -243,6 +291,9 @@ def main() -> None:
     emb_path = default_embedder_bundle(progress=True)
     emb = Embedder.from_bundle(emb_path)
     details = open(args.details, "w", buffering=1) if args.details else None  # line-buffered: a killed run keeps its rows
+    meta = dict(model=model_name, quant=quant.recipe, group_size=quant.group_size, recipe=recipe.name,
+                passages=recipe.max_passages, passage_tokens=recipe.passage_tokens, answer_tokens=recipe.answer_tokens,
+                repetition_penalty=recipe.repetition_penalty, engine_path=str(engine))
 
     splits = ("test", "heldout") if args.split == "both" else (args.split,)
     for corpus, split in [(c, s) for c in args.corpus.split(",") for s in splits]:
@@ -252,9 +303,13 @@ def main() -> None:
         coll = f"bench-answers-{corpus}"
         rep = ingest(docs, embedder=emb, collection=coll, rebuild=not args.reuse_index, progress=False,
                      embedder_path=str(emb_path))
-        items = load_questions(qfile)[args.offset:]
+        items = load_questions(qfile)[args.offset:] if args.uncovered != "only" else []
         if args.limit:
             items = items[: args.limit]
+        if details:
+            details.write(json.dumps({"corpus": corpus, "split": split, "meta": {
+                **meta, "threads": args.threads, "peer_threads": args.peer_threads or args.threads,
+                "chunks": rep.total_chunks, "offset": args.offset, "questions": len(items)}}) + "\n")
         rows = {"engine": [], "llama.cpp": []}
         unc = {"engine": [], "llama.cpp": []}
         with Retriever(emb, coll) as r:
@@ -272,7 +327,7 @@ def main() -> None:
                         "prompt_tokens": prompt.n_tokens}
                 if gen is not None:
                     t0 = time.perf_counter()
-                    a = ask(it.question, r, gen, k=args.k, recipe=recipe, gate=False)
+                    a = ask(it.question, r, gen, k=args.k, recipe=recipe)  # with the gate: what the user gets
                     s = time.perf_counter() - t0
                     sc = score_text(a.model_text, len(prompt.passages), it)
                     sc["citations"] += len(a.invalid_citations)  # the filter dropped them before the user saw them
@@ -280,7 +335,8 @@ def main() -> None:
                            "first_answer": a.first_text, "retried": a.first_text is not None,
                            "keywords_ok_first": score_text(a.first_text, 1, it)["keywords_ok"] if a.first_text is not None else sc["keywords_ok"],
                            "keywords_ok_shown": score_text(a.text, len(prompt.passages), it)["keywords_ok"],
-                           "ttft_ms": a.timings["ttft_ms"], "grounded": a.grounded,
+                           "ttft_ms": a.timings["ttft_ms"], "grounded": a.grounded, "refused": not a.covered,
+                           "passed_on": res.passed_on, "top_cosine": res.top_cosine,
                            "cited_expected": cited_expected(a.cited), "shown_citations_valid": True}
                     rows["engine"].append(row)
                     if details:
@@ -289,35 +345,43 @@ def main() -> None:
                     text, first, ttft, s = peer_answer(peer, tokenizer, prompt, it.question, recipe)
                     sc = score_text(text, len(prompt.passages), it)
                     g = ground(text, [p.text for p in prompt.passages], sc["cited"])
+                    shown = shown_text(text, g, prompt, it.question, res)
                     row = {**base, **sc, "engine": "llama.cpp", "answer": text, "s": s, "ttft_ms": ttft,
                            "first_answer": first, "retried": first is not None,
                            "keywords_ok_first": score_text(first, 1, it)["keywords_ok"] if first is not None else sc["keywords_ok"],
-                           "keywords_ok_shown": score_text(shown_text(text, g, prompt, it.question), 1, it)["keywords_ok"],
+                           "keywords_ok_shown": score_text(shown, 1, it)["keywords_ok"], "refused": shown == NOT_COVERED,
+                           "passed_on": res.passed_on, "top_cosine": res.top_cosine,
                            "grounded": g.grounded and not degenerate(text, it.question),
                            "cited_expected": cited_expected(sc["cited"] or ([g.attributed] if g.attributed else []))}
                     rows["llama.cpp"].append(row)
                     if details:
                         details.write(json.dumps({"corpus": corpus, "split": split, **row}) + "\n")
-            for q in UNCOVERED[corpus]:
+            for q in UNCOVERED[corpus] if args.uncovered != "no" else []:
                 res = r.search(q, k=args.k)
                 if not res.relevant:
                     for key in unc:
-                        unc[key].append({"question": q, "refused": True, "by": "gate"})
+                        if key == "engine" and gen is None or key == "llama.cpp" and peer is None:
+                            continue
+                        unc[key].append({"question": q, "refused": True, "by": "gate", "top_cosine": res.top_cosine})
                     continue
                 prompt = build_prompt(q, res.hits, tokenizer, max_context, None, recipe)
+                info = {"question": q, "passed_on": res.passed_on, "top_cosine": res.top_cosine}
                 if gen is not None:
                     a = ask(q, r, gen, k=args.k, recipe=recipe)
-                    unc["engine"].append({"question": q, "refused": refused(a.model_text), "by": "model",
-                                          "answer": a.model_text})
+                    unc["engine"].append({**info, "refused": not a.covered or refused(a.model_text), "answer": a.model_text, "shown": a.text,
+                                          "by": "grounding" if not a.covered else "model"})
                 if peer is not None:
                     text, _, _, _ = peer_answer(peer, tokenizer, prompt, q, recipe)
-                    unc["llama.cpp"].append({"question": q, "refused": refused(text), "by": "model", "answer": text})
+                    g = ground(text, [p.text for p in prompt.passages], cited_numbers(text, len(prompt.passages)))
+                    shown = shown_text(text, g, prompt, q, res)
+                    unc["llama.cpp"].append({**info, "refused": shown == NOT_COVERED or refused(text), "answer": text, "shown": shown,
+                                             "by": "grounding" if shown == NOT_COVERED else "model"})
             if details:
                 for key, us in unc.items():
                     for u in us:
                         details.write(json.dumps({"corpus": corpus, "split": split, "engine": key, "uncovered": True, **u}) + "\n")
         for key, rs in rows.items():
-            if not rs:
+            if not rs and not unc[key]:
                 continue
             emit("answers", corpus=corpus, split=split, engine=key, model=model_name, quant=quant.recipe,
                  group_size=quant.group_size, recipe=recipe.name, passages=recipe.max_passages,

@@ -6,6 +6,14 @@ answer budget, repetition penalty), greedy. Citations of passages that do not ex
 the user (rag.ground.CitationFilter); an answer that neither cites nor overlaps the passages is
 followed by a note quoting the closest passage (`grounded: false`).
 
+A question that passed the relevance gate on its keywords alone (`Retrieval.passed_on ==
+"keywords"`: half its terms in one passage, but a cosine below the vector side's threshold) has weak
+evidence of being covered: "What is the capital of Australia?" passes on pydoc text through
+"capital" and "Australia/Sydney". Its answer is held until it ends and checked against the passages
+(rag.ground); one the passages do not back is refused (NOT_COVERED, `covered: false`) instead of
+shown with a warning: neither the question nor the answer then has evidence that the documents
+cover it (`refuse_ungrounded`).
+
 Timings (milliseconds, wall clock in this process):
     retrieval  embed the question + vector search + keyword search + fusion
     prompt     prompt assembly (tokenizing passages against the context budget)
@@ -67,6 +75,12 @@ def generator_recipe(generator) -> AnswerRecipe:
     return recipe_for(ModelSpec.from_dict(bundle.manifest.model).n_params)
 
 
+def refuse_ungrounded(r: Retrieval, grounded: bool) -> bool:
+    """Whether an answer to a question retrieved as `r` is refused for not being in the passages:
+    only where the gate passed on keywords alone (weak evidence that the documents cover it)."""
+    return r.passed_on == "keywords" and not grounded
+
+
 def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str = "hybrid",
         max_tokens: int | None = None, on_token: Callable[[str], None] | None = None, params=None,
         gate: bool = True, recipe: AnswerRecipe | None = None) -> Answer:
@@ -101,10 +115,14 @@ def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str
     params = params or sampling_params(prompt.answer_tokens, recipe)
     parts: list[str] = []
     t_first = None
+    # weak evidence of coverage: the answer is held until grounding decides (refuse_ungrounded)
+    held: list[str] | None = [] if gate and r.passed_on == "keywords" else None
 
     def emit(piece: str) -> None:
         nonlocal t_first
-        if piece:
+        if held is not None:
+            held.append(piece)
+        elif piece:
             t_first = t_first or time.perf_counter()  # what the user waits for: the first SHOWN text
             parts.append(piece)
             if on_token:
@@ -127,6 +145,18 @@ def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str
     if run.guard.degenerate:
         g.grounded = False
         notes.append(f"answer {run.guard.degenerate}: not shown")
+    if held is not None and refuse_ungrounded(r, bool(g.grounded)):
+        notes.append(f"passed the relevance gate on keywords alone (top cosine {r.top_cosine:.3f} < "
+                     f"{retriever.min_cosine:.3f}) and the answer is not in the passages: refused")
+        if on_token:
+            on_token(NOT_COVERED)
+        t_end = time.perf_counter()
+        timings.update(ttft_ms=(t_end - t0) * 1e3 - load_ms, generate_ms=0.0, total_ms=(t_end - t0) * 1e3)
+        return Answer(question, NOT_COVERED, False, [], [], timings, prompt.n_tokens, 0, notes, False, model_text,
+                      list(dropped), max(g.support, default=0.0), first.text if retried else None)
+    if held is not None:  # backed by the passages: show what was held, as one piece
+        pieces, held = held, None
+        emit("".join(pieces))
     if not g.grounded and prompt.passages:
         best = max(prompt.passages, key=lambda p: keyword_coverage(question, p.text))
         where = f"{best.hit.chunk.path}, {best.hit.chunk.location()}"

@@ -31,6 +31,8 @@ MAX_FTS_TERMS = 64
 #   top cosine >= min_cosine, or
 #   the best keyword hit holds >= min_keyword_coverage of its terms and top cosine >= min_cosine_with_keywords, or
 #   the best keyword hit holds one of its codes (a term with a digit: E-214, 40-118-2).
+# Retrieval.passed_on names the condition; on the second alone ("keywords") rag.ask refuses an
+# answer the passages do not back (rag.ask.refuse_ungrounded).
 # LEGACY_GATE is only for all-MiniLM-L6-v2 bundles built before the calibration existed (measured
 # on examples/ then: 36 in-domain questions had a top cosine of 0.32-0.75, ten off-topic ones 0.09-0.24).
 LEGACY_GATE = {"min_cosine": 0.30, "min_cosine_with_keywords": 0.20, "min_keyword_coverage": 0.5}
@@ -124,6 +126,10 @@ class Retrieval:
     keyword_coverage: float  # of the best keyword hit
     relevant: bool
     ms: dict = field(default_factory=dict)  # embed, vector, keyword, total
+    # which of the gate's conditions let the question through: "cosine" (the vector side alone),
+    # "code" (the best keyword hit holds the question's code) or "keywords" (the keyword side with a
+    # cosine below min_cosine: weak evidence, rag.ask checks the answer against the passages); "" refused
+    passed_on: str = ""
 
 
 def rrf(lists: list[list[int]], k: int = RRF_K, weights: list[float] | None = None) -> dict[int, float]:
@@ -299,9 +305,10 @@ class Retriever(Closing):
                 break
         vec_ok = mode == "keyword" or top_cos >= self.min_cosine_with_keywords
         has_code = any(c in best_kw.lower() for c in code_terms(query))
-        relevant = (top_cos >= self.min_cosine or (cov >= self.min_keyword_coverage and vec_ok) or has_code)
+        passed_on = ("cosine" if top_cos >= self.min_cosine else "code" if has_code
+                     else "keywords" if cov >= self.min_keyword_coverage and vec_ok else "")
         ms["total"] = (time.perf_counter() - t0) * 1e3
-        return Retrieval(query, mode, hits, top_cos, len(kw), cov, relevant, ms)
+        return Retrieval(query, mode, hits, top_cos, len(kw), cov, bool(passed_on), ms, passed_on)
 
     def close(self) -> None:
         self.store.close()

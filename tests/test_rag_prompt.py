@@ -235,3 +235,31 @@ def test_a_degenerate_first_answer_is_asked_again_without_being_shown(retriever)
     held = FakeGenerator(answer="[E-214 means the coolant pressure is low.")
     a = ask("What does E-214 mean?", retriever, held, k=2)
     assert len(held.calls) == 1 and a.first_text is None and a.text == "[E-214 means the coolant pressure is low."
+
+
+def test_an_ungrounded_answer_to_a_question_passed_on_keywords_alone_is_refused(retriever):
+    # the cosine side alone would refuse it; half its terms in one passage let it through (weak)
+    retriever.min_cosine, retriever.min_cosine_with_keywords = 1.01, -1.0
+    q = "How is the hose of the coolant described?"
+    r = retriever.search(q, k=2)
+    assert r.relevant and r.passed_on == "keywords"
+    streamed: list[str] = []
+    a = ask(q, retriever, FakeGenerator(answer="The capital is Canberra [1]."), k=2, on_token=streamed.append)
+    # nothing of the invention reaches the user: held to its end, then refused
+    assert not a.covered and a.text == NOT_COVERED and "".join(streamed) == NOT_COVERED and a.sources == []
+    assert a.model_text == "The capital is Canberra [1]." and a.grounded is False
+    assert any("keywords alone" in n for n in a.notes)
+    # an answer the passages back is shown, in one piece once it ended
+    streamed.clear()
+    ok = ask(q, retriever, FakeGenerator(answer="Check the coolant hose; pressure low [1]."), k=2,
+             on_token=streamed.append)
+    assert ok.covered and ok.grounded and streamed == [ok.text + " "] and ok.text.startswith("Check the coolant hose")
+    assert ok.timings["ttft_ms"] <= ok.timings["total_ms"]
+    # without the gate (eval of the model alone), nothing is held or refused
+    free = ask(q, retriever, FakeGenerator(answer="The capital is Canberra [1]."), k=2, gate=False)
+    assert free.covered and free.text.startswith("The capital is Canberra")
+    # passed on the cosine: the same invention is shown, followed by the warning and a quote
+    retriever.min_cosine = -1.0
+    assert retriever.search(q, k=2).passed_on == "cosine"
+    shown = ask(q, retriever, FakeGenerator(answer="The capital is Canberra [1]."), k=2)
+    assert shown.covered and "not backed by the passages" in shown.text
