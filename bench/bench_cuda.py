@@ -216,7 +216,7 @@ def bk_ab(sess, name: str, device: str, prompt) -> None:
     mod = cp.RawModule(code=src, options=sess.k.options)
     alt = {n: mod.get_function(n) for n in sess.k.functions if n.startswith("gemv_int4_bk_")}
     base = {n: sess.k.functions[n] for n in alt}
-    pdl_ok, min_split = sess.pdl, sess.attn_min_split
+    pdl_ok, min_split = sess.pdl, sess.attn_min_split_b1
     runs: dict[str, dict] = {}
     try:
         for _ in range(2):
@@ -227,13 +227,13 @@ def bk_ab(sess, name: str, device: str, prompt) -> None:
                     _b1_timing(sess, prompt, runs.setdefault(f"{variant}_{'pdl' if on else 'plain'}", {}))
             sess.k.functions.update(base)
             sess.pdl = pdl_ok
-            for split in (128, 256):
-                sess.attn_min_split = split
+            for split in (64, 128):
+                sess.attn_min_split_b1 = split
                 _b1_timing(sess, prompt, runs.setdefault(f"attn_split{split}", {}))
-            sess.attn_min_split = min_split
+            sess.attn_min_split_b1 = min_split
     finally:
         sess.k.functions.update(base)
-        sess.pdl, sess.attn_min_split = pdl_ok, min_split
+        sess.pdl, sess.attn_min_split_b1 = pdl_ok, min_split
         sess._graphs.clear()
     emit(figure="bk_ab", device=device, model=name, pdl=pdl_ok, **_medians(runs))
 
@@ -284,6 +284,53 @@ def prefill_diag(sess, name: str, device: str, ids, dequant_early_ms: float | No
     late = event_ms(cp, lambda: [sess.dequantize(lin, sess._dequant_workspace(lin)) for lin in lins])
     emit(figure="prefill_diag", device=device, model=name, tokens=len(ids), gc_collections=collections[0], **out,
          dequant_early_ms=None if dequant_early_ms is None else round(dequant_early_ms, 3), dequant_now_ms=round(late, 3))
+
+
+def flash_ab(sess, name: str, device: str, tokens: int = 2048) -> None:
+    """Prefill attention per flash_prefill instance (prefill.FLASH_VARIANTS: 4 or 8 warps a block),
+    alternating twice in this process: all layers' attention alone (events, a real cache
+    and random queries) and the whole prefill's wall (prefill_greedy, as prefill_2048); the
+    variants' logits must be the same bits."""
+    from edge.runtime.cuda.prefill import FLASH_VARIANTS
+
+    cp = sess.cp
+    keep = sess.flash_variant
+    variants = [v for v, f in FLASH_VARIANTS.items() if sess.spec.head_dim in f[3]]
+    ids = np.random.default_rng(3).integers(0, sess.vocab_size, size=tokens)
+    sess.add_sequence(78)
+    sess.prefill(78, ids)
+    slots = cp.asarray(np.asarray(sess.blocks.slots(78), dtype=np.int32))
+    q = cp.random.standard_normal((tokens, sess.spec.q_size), dtype=cp.float32).astype(cp.float16)
+    a = cp.empty_like(q)
+    attn: dict[str, list] = {v: [] for v in variants}
+    wall: dict[str, list] = {v: [] for v in variants}
+    logits = {}
+    try:
+        for _ in range(2):
+            for v in variants:
+                sess.flash_variant = v
+                attn[v].append(event_ms(cp, lambda: [sess._prefill_attention(q, sess.kv[i, 0], sess.kv[i, 1], slots, tokens, 0, a, layer=i)
+                                                     for i in range(len(sess.layers))], reps=5))
+        sess.release(78)
+        for _ in range(2):
+            for v in variants:
+                sess.flash_variant = v
+                for rep in range(4):
+                    sess.add_sequence(79)
+                    cp.cuda.Device().synchronize()
+                    t0 = time.perf_counter()
+                    sess.prefill_greedy(79, ids)
+                    wall[v].append(1e3 * (time.perf_counter() - t0))
+                    sess.release(79)
+                sess.add_sequence(79)
+                logits[v] = sess.prefill(79, ids)
+                sess.release(79)
+    finally:
+        sess.flash_variant = keep
+    emit(figure="flash_ab", device=device, model=name, tokens=tokens, default=keep,
+         attention_ms={v: round(statistics.median(t), 3) for v, t in attn.items()},
+         prefill_ms={v: round(statistics.median(t), 3) for v, t in wall.items()},
+         same_logits=all(np.array_equal(logits[v], logits[variants[0]]) for v in variants))
 
 
 class _Recorder:
@@ -511,6 +558,7 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
         res["prefill2048_ms"] = 1e3 * statistics.median(ts[1:])
         prefill_diag(sess, name, device, long, dequant_early_ms=res_early)
         prefill_breakdown(sess, name, device)
+        flash_ab(sess, name, device)
         flops = 2 * 2048 * (spec.n_layers * spec.layer_linear_params) + 2 * spec.n_layers * spec.n_heads * spec.head_dim * 2048 * 2048
         emit(figure="prefill_2048", backend="edge-cuda", device=device, model=name, recipe=recipe, tokens=2048,
              prefill_ms=round(res["prefill2048_ms"], 2), prefill_tok_s=round(2048 / res["prefill2048_ms"] * 1e3, 0),

@@ -349,7 +349,9 @@ def test_engine_twelve_concurrent_equal_alone_and_seeded_sampling(tmp_path):
 def test_flash_prefill_matches_reference_and_cublas(tmp_path, kw):
     """The tensor-core prefill attention (head_dim 64 / 128, GQA): a 150-token prompt (three query
     tiles, three key blocks), then a 90-token chunk over the cached prefix; against the fp32
-    reference and against the cuBLAS path on the same cache."""
+    reference and against the cuBLAS path on the same cache. Every block shape (prefill.FLASH_VARIANTS:
+    128-query blocks skip a warp's wholly masked key tiles) gives the same bits as the 64-query block."""
+    from edge.runtime.cuda.prefill import FLASH_VARIANTS
     from edge.runtime.cuda.session import CudaDecoderSession
 
     path, spec, w = _bundle(tmp_path, seed=7, **kw)
@@ -358,8 +360,10 @@ def test_flash_prefill_matches_reference_and_cublas(tmp_path, kw):
     ref = reference_logits(spec, w, ids)
     sess = CudaDecoderSession(path, max_batch=2, max_context=256, block_size=16)
     got = {}
-    for flash in (True, False):
-        sess.flash_prefill = flash
+    variants = [v for v, f in FLASH_VARIANTS.items() if spec.head_dim in f[3]]
+    for flash in [*variants, None]:
+        sess.flash_prefill = flash is not None
+        sess.flash_variant = flash or "w4"
         sess.add_sequence(0)
         a = sess.prefill(0, ids[:150])
         b = sess.prefill(0, ids[150:240])
@@ -367,8 +371,10 @@ def test_flash_prefill_matches_reference_and_cublas(tmp_path, kw):
         got[flash] = (a, b)
         check(a, ref[149], 2e-2, f"prefill 150 flash={flash} {kw}")
         check(b, ref[239], 2e-2, f"chunk 150..240 flash={flash} {kw}")
-    check(got[True][0], got[False][0], 1e-2, "flash vs cublas")
-    check(got[True][1], got[False][1], 1e-2, "flash vs cublas, chunk")
+    check(got["w4"][0], got[None][0], 1e-2, "flash vs cublas")
+    check(got["w4"][1], got[None][1], 1e-2, "flash vs cublas, chunk")
+    for v in variants:
+        assert np.array_equal(got[v][0], got["w4"][0]) and np.array_equal(got[v][1], got["w4"][1]), f"flash {v} differs from w4"
 
 
 def test_prefill_dequant_ring_same_bits_and_reference(tmp_path):

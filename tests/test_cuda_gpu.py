@@ -323,6 +323,19 @@ def test_gqa_decode_attention_matches_per_head_kernel_and_reference(tmp_path, kw
             want = refs[i][len(x) - 6 :]
             e, e_head = rel(got[True][i], want), rel(got[False][i], want)
             assert e < max(1e-2, 1.25 * e_head) and e_head < 3e-2, (kw, i, min_split, e, e_head)
+        # one row (bucket 1), after the M = 1 qkv GEMV
+        x = ids[2]
+        one = {}
+        for gqa in (True, False):
+            sess.gqa_attention = gqa
+            sess._graphs.clear()
+            assert sess.attn_gqa(1) == gqa
+            sess.add_sequence(0)
+            sess.prefill(0, x[:-6])
+            one[gqa] = np.concatenate([sess.decode([0], x[len(x) - 6 + t : len(x) - 5 + t]) for t in range(6)])
+            sess.release(0)
+        check(one[True], one[False], 2e-3, f"gqa vs per-head, one row {kw} min_split {min_split}")
+        check(one[True], refs[2][len(x) - 6 :], 3e-2, f"gqa one row vs reference {kw} min_split {min_split}")
     assert int(sess._attn_tickets.get().sum()) == 0  # every ticket reset by its last block
 
 

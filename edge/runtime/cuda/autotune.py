@@ -12,6 +12,7 @@ import numpy as np
 
 from edge.runtime.cuda import kernels as kmod
 from edge.runtime.cuda.layout import Linear
+from edge.runtime.cuda.pdl import PdlKernels
 
 MAX_GEMV_M = 16  # as linears.MAX_GEMV_M: the GEMV's largest M
 
@@ -24,7 +25,9 @@ def autotune_int4_m1(sess) -> dict[str, dict[str, float]]:
     long-lived ones), and a fused epilogue is not free (the residual + RMSNorm one ends in a
     last-block reduction), so every candidate is timed as the whole sequence it stands for
     (e.g. "gemv + add_rmsnorm" against "fused kernel"), inside a CUDA graph of 20 repeats:
-    what a decode step sees (eager launches from Python are launch-bound at ~10-20 us).
+    what a decode step sees (eager launches from Python are launch-bound at ~10-20 us), launched
+    programmatically where the step is (pdl.py: each repeat's prologue overlaps the one before; a
+    plain graph penalised the variants that load before pdl_wait).
     Picks are stored per GPU, kernel source and shape under $EDGE_RAG_HOME/kernels, so later
     loads reuse them and a machine always runs the same kernels (variants split K in
     different orders: the same numbers to ~1e-7, not bit for bit)."""
@@ -37,7 +40,7 @@ def autotune_int4_m1(sess) -> dict[str, dict[str, float]]:
     if not by_key:
         return {}
     picks = kmod.load_picks()
-    gpu = f"{kmod.gpu_name(sess.device.id)}|sm_{sess.k.cc}|{kmod.SOURCE_HASH}"
+    gpu = f"{kmod.gpu_name(sess.device.id)}|sm_{sess.k.cc}|{kmod.SOURCE_HASH}|{'pdl' if sess.pdl else 'plain'}"
     s0, e0 = cp.cuda.Event(), cp.cuda.Event()
     times: dict[str, dict[str, float]] = {}
     largest, largest_bytes = None, -1
@@ -70,12 +73,16 @@ def autotune_int4_m1(sess) -> dict[str, dict[str, float]]:
                 t: dict[tuple, float] = {}
                 for cand in cands:
                     lin.m1, lin.fused = cand
+                    real = sess.k
+                    if sess.pdl:  # launched as the decode graph launches them (pdl.py): prologues overlap
+                        sess.k = PdlKernels(real, cp)
                     sess.stream.begin_capture()
                     try:
                         for _ in range(reps):
                             run()
                     finally:
                         g = sess.stream.end_capture()
+                        sess.k = real
                     g.launch(sess.stream)
                     ts = []
                     for _ in range(5):

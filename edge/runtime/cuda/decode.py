@@ -37,6 +37,7 @@ class DecodeSteps:
     """The decode side of the session: buffers, graphs per bucket, attention, greedy stream, sampling."""
 
     gqa_attention = True  # batched steps: one attention block per kv head for all its query heads
+    attn_min_split_b1: int | None = None  # tokens per attention split at one row (None: attn_min_split_rows(1))
     gqa_min_blocks = GQA_MIN_BLOCKS
     _gqa: tuple[str, int] | None = None  # (kernel, dynamic shared memory) when this model can use it
 
@@ -124,6 +125,17 @@ class DecodeSteps:
             return self._attn_splits
         return max(1, min(self._attn_splits, -(-2 * self.sms // (self.spec.n_heads * rows))))
 
+    def attn_min_split_rows(self, rows: int) -> int:
+        """Fewest tokens per attention split in a step of `rows` sequences: attn_min_split, and at
+        one row attn_min_split_b1, or attn_min_split counted in head_dim-64 tokens (the same K / V
+        bytes per split: 64 tokens at head_dim 128). One row's step measured on the H200 (bench_cuda
+        bk_ab, ~190 tokens, replay ms): Llama-3-8B 1.946 at 64 against 1.977 at 128 and 2.009 at 256;
+        Llama-3.2-1B 0.531 at 128 against 0.536 at 64 and 0.545 at 256 (bench/CUDA_NOTES.md session 8).
+        batch_invariant: attn_min_split at every batch size (a row's splits never depend on its batch)."""
+        if rows != 1 or self.batch_invariant:
+            return self.attn_min_split
+        return self.attn_min_split_b1 or max(1, self.attn_min_split * 64 // self.spec.head_dim)
+
     def decode_attention(self, q: Any, kc: Any, vc: Any, bt: Any, ctx: Any, out: Any, rows: int, *, layer: int) -> None:
         """One query per row over its paged cache: q, out half [rows, Hq*D]; bt int32
         [rows, max_blocks]; ctx int32 [rows] cached tokens (0: a padding row). `layer`: whose
@@ -131,13 +143,14 @@ class DecodeSteps:
         s = self.spec
         scale = self.attn_scale
         feats = (self.layers[layer]["window"], self.attn_softcap)
+        min_split = self.attn_min_split_rows(rows)
         if self.attn_gqa(rows):  # P blocks per (kv head, sequence), each for all its query heads
             name, smem = self._gqa
             self.k[name](
                 (s.n_kv_heads, rows, self.attn_gqa_splits(rows)), (ATTN_THREADS,),
                 (q, kc, vc, bt, ctx, out, self._attn_part_o, self._attn_part_ml, self._attn_tickets, _i32(s.n_heads),
                  _i32(s.n_kv_heads), _i32(self.block_size), _i32(self.max_blocks), _i32(self.max_context), scale,
-                 _i32(self.attn_min_split), *feats),
+                 _i32(min_split), *feats),
                 shared_mem=smem,
             )
         elif s.head_dim in (64, 128):  # split-sequence kernel, P blocks per (head, sequence)
@@ -145,7 +158,7 @@ class DecodeSteps:
                 (s.n_heads, rows, self.attn_grid_splits(rows)), (ATTN_THREADS,),
                 (q, kc, vc, bt, ctx, out, self._attn_part_o, self._attn_part_ml, self._attn_tickets, _i32(s.n_heads),
                  _i32(s.n_kv_heads), _i32(self.block_size), _i32(self.max_blocks), _i32(self.max_context), scale,
-                 _i32(self.attn_min_split), *feats),
+                 _i32(min_split), *feats),
                 shared_mem=self._attn_smem,
             )
         else:

@@ -73,6 +73,8 @@ KERNEL_NAMES = (
     "flash_prefill_d128",
     "flash_prefill_cap_d64",
     "flash_prefill_cap_d128",
+    "flash_prefill_w8_d64",
+    "flash_prefill_w8_d128",
     "argmax_rows",
     "argmax_rows_mb",
     "advance_inputs",

@@ -18,6 +18,15 @@ def flash_prefill_smem(head_dim: int) -> int:
     return 2 * 2 * 64 * (head_dim + 8) * 2
 
 
+# flash_prefill instances (flash_prefill.cu): name -> (kernel name prefix, warps, m16-tiles a warp,
+# head dims compiled), both on the heads-first grid. "w8" (8 warps x 16 queries: each K / V tile read
+# once per 128 queries) is the default: on the H200 (bench_cuda flash_ab, Llama-3.2-1B, 2,048 tokens,
+# two calls) the whole prefill took 9.371 / 10.240 ms against w4's 9.538 / 10.357 (its attention
+# alone 1.718 / 1.667 ms against 1.674 / 1.646; Llama-3-8B's prefill 55.53 / 54.10 against 54.65 / 54.47).
+FLASH_VARIANTS = {
+    "w4": ("flash_prefill_", 4, 1, (64, 128)),
+    "w8": ("flash_prefill_w8_", 8, 1, (64, 128)),
+}
 PREFILL_Q_CHUNK = 512  # prefill attention in query chunks: chunk c skips keys after its last query
 LOG2E = 1.4426950408889634
 
@@ -26,6 +35,7 @@ class PrefillPass:
     """prefill / prefill_greedy and the prompt's attention."""
 
     flash_prefill = True  # prefill attention on the tensor-core flash kernel (head_dim 64 / 128), else cuBLAS
+    flash_variant = "w8"  # FLASH_VARIANTS key (a variant not compiled for this head_dim, or soft-capping, runs "w4")
 
     def _prefill(self, seq_id: int, token_ids: np.ndarray) -> Any:
         cp, s = self.cp, self.spec
@@ -59,9 +69,14 @@ class PrefillPass:
         window = self.layers[layer]["window"]
         if self.flash_prefill and s.head_dim in (64, 128):
             scale_log2 = np.float32(LOG2E * float(self.attn_scale))
-            cap = "cap_" if self.attn_softcap > 0 else ""
-            self.k[f"flash_prefill_{cap}d{s.head_dim}"](
-                (-(-t // 64), s.n_heads), (128,),
+            prefix, warps, mi, dims = FLASH_VARIANTS[self.flash_variant]
+            if self.attn_softcap > 0 or s.head_dim not in dims:
+                prefix, warps, mi, dims = FLASH_VARIANTS["w4"]
+                if self.attn_softcap > 0:
+                    prefix = "flash_prefill_cap_"
+            # grid (heads, query blocks): every head's longest query blocks launch first (flash_prefill.cu)
+            self.k[f"{prefix}d{s.head_dim}"](
+                (s.n_heads, -(-t // (16 * warps * mi))), (32 * warps,),
                 (q, kc, vc, all_slots, out, _i32(t), _i32(p0 + t), _i32(s.n_heads), _i32(s.n_kv_heads), scale_log2,
                  window, self.attn_softcap),
                 shared_mem=flash_prefill_smem(s.head_dim))

@@ -43,7 +43,7 @@ from edge.runtime.cuda.kernels import i32 as _i32  # noqa: F401 (re-exported)
 from edge.runtime.cuda.layers import EMBED_THREADS, LayerPass  # noqa: F401 (re-exported)
 from edge.runtime.cuda.layout import Linear  # noqa: F401 (tests import it from here)
 from edge.runtime.cuda.linears import GEMV_ROWS_PER_BLOCK, MAX_GEMV_M, LinearDispatch  # noqa: F401 (re-exported)
-from edge.runtime.cuda.prefill import LOG2E, PREFILL_Q_CHUNK, PrefillPass, flash_prefill_smem  # noqa: F401 (re-exported)
+from edge.runtime.cuda.prefill import FLASH_VARIANTS, LOG2E, PREFILL_Q_CHUNK, PrefillPass, flash_prefill_smem  # noqa: F401 (re-exported)
 from edge.runtime.cuda.pdl import available as pdl_available
 from edge.runtime.kv import BlockManager
 from edge.runtime.cuda.sampling import sample_top_p  # noqa: F401 (tests import it from here)
@@ -132,8 +132,9 @@ class CudaDecoderSession(LinearDispatch, LayerPass, DecodeSteps, PrefillPass):
         self._attn_smem = smem
         self._setup_gqa_attention()
         if spec.head_dim in (64, 128) and flash_prefill_smem(spec.head_dim) > 48 * 1024:
-            for cap in ("", "cap_"):
-                self.k[f"flash_prefill_{cap}d{spec.head_dim}"].max_dynamic_shared_size_bytes = flash_prefill_smem(spec.head_dim)
+            prefixes = ["flash_prefill_cap_"] + [v[0] for v in FLASH_VARIANTS.values() if spec.head_dim in v[3]]
+            for prefix in prefixes:
+                self.k[f"{prefix}d{spec.head_dim}"].max_dynamic_shared_size_bytes = flash_prefill_smem(spec.head_dim)
         self._graphs: dict[int, Any] = {}
         self._pipe: list | None = None  # greedy_stream's pinned read-back buffers and events
         self._side = None  # greedy_stream's read-back stream

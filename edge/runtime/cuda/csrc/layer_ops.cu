@@ -60,14 +60,22 @@ extern "C" __global__ void embed_rmsnorm(const int* __restrict__ ids, const half
 extern "C" __global__ void add_rmsnorm(float* __restrict__ res, const half* __restrict__ x,
                                        const half* __restrict__ w, half* __restrict__ out, int H, float eps) {
     __shared__ float red[32];
-    pdl_wait();
-    pdl_trigger();
     const int m = blockIdx.x;
     float* r = res + (long long)m * H;
     float ss = 0.f;
     constexpr int MAXV = 4;
     const int n4 = H >> 2, t = threadIdx.x;
-    if ((H & 3) == 0 && n4 <= MAXV * (int)blockDim.x) {  // the row in registers: one round trip
+    const bool fast = (H & 3) == 0 && n4 <= MAXV * (int)blockDim.x;
+    // the norm weight (no kernel of the step writes it) before pdl_wait: off the critical path
+    uint2 wpre[MAXV];
+#pragma unroll
+    for (int j = 0; j < MAXV; ++j) {
+        const int i = t + j * blockDim.x;
+        wpre[j] = fast && i < n4 ? reinterpret_cast<const uint2*>(w)[i] : make_uint2(0u, 0u);
+    }
+    pdl_wait();
+    pdl_trigger();
+    if (fast) {  // the row in registers: one round trip
         float4 rv[MAXV];
 #pragma unroll
         for (int j = 0; j < MAXV; ++j) {
@@ -91,7 +99,7 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ res, const half* __re
         for (int j = 0; j < MAXV; ++j) {
             const int i = t + j * blockDim.x;
             if (i < n4) {
-                const uint2 wv = reinterpret_cast<const uint2*>(w)[i];
+                const uint2 wv = wpre[j];
                 const float2 w01 = __half22float2(u32_as_h2(wv.x)), w23 = __half22float2(u32_as_h2(wv.y));
                 const half2 o01 = __floats2half2_rn(rv[j].x * inv * w01.x, rv[j].y * inv * w01.y);
                 const half2 o23 = __floats2half2_rn(rv[j].z * inv * w23.x, rv[j].w * inv * w23.y);
