@@ -86,7 +86,8 @@ def test_prefix_cache_same_text_and_counts(bundle):
     for q in ("E-214?", "Why?"):
         assert gen.generate(sys_prompt + q, greedy) == cold.generate(sys_prompt + q, greedy)
     shared = len(tok.encode(sys_prompt))
-    assert shared >= 32 and gen.stats.cached_tokens == shared - shared % 32  # whole 32-token blocks
+    block = gen.engine.kv.block_size
+    assert shared >= 2 * block and gen.stats.cached_tokens == shared - shared % block  # whole blocks
     assert cold.stats.cached_tokens == 0
 
 
@@ -314,3 +315,42 @@ def test_an_aborted_long_request_gives_its_kv_memory_back(tmp_path):
     assert again.request.output_ids == want.request.output_ids
     assert during - base > 800 * session.kv_token_bytes, "the long output was resident"
     assert after - base < (during - base) / 4, "... and was given back"  # (pages of 64 rows here: 1-2 per plane stay)
+
+
+def test_step_logits_rows_follow_the_batch_rows_in_any_slot_order(bundle):
+    """execute() hands back each row's logits from the slot its call wrote (a view when the rows
+    are consecutive slots in order, a gathered copy otherwise): rows listed in reverse slot order
+    get the same logits as in order, and the same as the session's own decode()."""
+    from edge.runtime.ort_session import KV_BLOCK
+    from edge.runtime.step import StepBatch
+
+    b = Bundle.open(bundle, verify=False)
+    sess = OrtDecoderSession(b, max_batch=3, kv_tokens=3 * 64)
+    bps = -(-sess.max_context // KV_BLOCK)
+    prompts = {0: [5, 9, 13, 2], 2: [7, 1, 30, 44]}  # slots 0 and 2: slot 1 is a gap
+
+    def step(rows: list[tuple[int, list[int], int]]) -> np.ndarray:  # (slot, new tokens, cached before)
+        r = len(rows)
+        qs = np.cumsum([0] + [len(t) for _, t, _ in rows]).astype(np.int32)
+        tables = np.full((r, bps), -1, np.int32)
+        tables[:, 0] = [s * bps for s, _, _ in rows]
+        z32, f32 = np.zeros(r, np.int32), np.zeros(r, np.float32)
+        batch = StepBatch(KV_BLOCK, np.concatenate([t for _, t, _ in rows]).astype(np.int32), np.zeros(qs[-1], np.int32),
+                          np.zeros(qs[-1], np.int32), qs, np.array([c + len(t) for _, t, c in rows], np.int32), tables,
+                          np.ones(r, np.int32), f32, f32 + 1, z32, f32, np.ones(r, np.int32))
+        return np.array(sess.execute(batch).logits)
+
+    for s, ids in prompts.items():
+        step([(s, ids, 0)])
+    in_order = step([(0, [3], 4), (2, [8], 4)])  # gathered: slots 0 and 2 are not consecutive
+    reverse = step([(2, [8], 4), (0, [3], 4)])  # same tokens at the same positions, rows swapped
+    np.testing.assert_array_equal(reverse, in_order[::-1])
+    ref, alone = {}, OrtDecoderSession(b, max_batch=1, kv_tokens=64)
+    for s, ids in prompts.items():  # the same tokens from scratch through another session's prefill
+        alone.add_sequence(s)
+        ref[s] = alone.prefill(s, np.array(ids + [3 if s == 0 else 8]))
+        alone.release(s)
+    np.testing.assert_allclose(in_order[0], ref[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(in_order[1], ref[2], rtol=1e-5, atol=1e-5)
+    consecutive = step([(0, [3], 4), (1, [8], 0)])  # slots 0 and 1 in order: handed over as a view
+    np.testing.assert_array_equal(consecutive[0], in_order[0])
