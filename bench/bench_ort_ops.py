@@ -6,7 +6,10 @@ bundle's graph at M = 1, 8 and 16 rows, its GroupQueryAttention node at batch 1 
 given past, and the whole decode step of the bundle's session at batch 1 and 8. It prints one JSON
 line per figure and the scaling bound the ops imply: 8 x t(1) / t(8) for the step.
 
-    python bench/bench_ort_ops.py --engine BUNDLE [--threads 2] [--past 64,256]
+    python bench/bench_ort_ops.py --engine BUNDLE [--threads 2] [--past 64,256] [--alternatives]
+
+--alternatives adds `linear_alternative` lines: other ORT kernels for the same weights, with
+whether each keeps a batched row bitwise equal to the row alone (see alternatives()).
 """
 from __future__ import annotations
 
@@ -73,6 +76,71 @@ def matmulnbits(graph, threads: int):
         yield {"figure": "matmulnbits", "K": k, "N": n_out, "bits": bits, "block": block, "accuracy_level": level,
                "per_step": count, "cpu_us": {str(m): round(v, 1) for m, v in t.items()},
                "m8_over_m1": round(t[8] / t[1], 2), "gmac_per_cpu_s_m8": round(k * n_out * 8 / t[8] / 1e3, 1)}
+
+
+def alternatives(graph, threads: int, ms: tuple[int, ...] = (1, 8, 16, 32)):
+    """Other ONNX Runtime kernels for the same int4 g32 weights, per distinct linear shape and the LM
+    head [hidden x vocab], at M = 1, 8, 16, 32 rows (issue 9: is there a pure-ORT batched path?):
+
+      nb4    MatMulNBits bits 4 (the graph's kernel; accuracy level 4: int8 activations per block)
+      nb8    MatMulNBits bits 8 holding the same int4 values (q + 120, zero point 128): the same
+             dequantized weights, twice the bytes
+      dqmm8  DynamicQuantizeMatMul on an int8 per-channel re-quantization (MLAS u8s8 QGEMM,
+             prepacked B): a different rounding of the weights, one activation scale per call
+      f32    MatMul on the dequantized float32 weights (4 bytes a weight)
+
+    Per kernel: process CPU time per call, GMAC per CPU-second at 8 and 32 rows, the largest
+    difference from nb4 at 8 rows, whether a row batched with 7 others is bitwise the row alone
+    (what the engine's batched == alone guarantee needs), and the weight bytes it holds."""
+    import onnx
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    attrs = lambda n: {a.name: h.get_attribute_value(a) for a in n.attribute}  # noqa: E731
+    shapes = {}
+    for n in graph.node:
+        if n.op_type == "MatMulNBits":
+            a = attrs(n)
+            shapes.setdefault((a["K"], a["N"], a["block_size"]), "linear")
+    logits = next((o for o in graph.output if o.name == "logits"), None)
+    vocab = int(logits.type.tensor_type.shape.dim[1].dim_value) if logits is not None else 0
+    if vocab and shapes:  # the LM head: [hidden x vocab] (hidden: the smallest K, every block's input width)
+        shapes.setdefault((min(k for k, _, _ in shapes), vocab, 32), "lm_head")
+    rng = np.random.default_rng(0)
+    f = onnx.TensorProto.FLOAT
+
+    def session(node, k, inits):
+        return one_node_session(node, [h.make_tensor_value_info("a", f, ["M", k])], inits, threads)
+
+    for (k, n_out, bs), role in shapes.items():
+        nb = k // bs
+        q = rng.integers(0, 16, (n_out, nb, bs), dtype=np.uint8)  # int4 values, zero point 8
+        s = (rng.random((n_out, nb)) * 0.01 + 0.001).astype(np.float32)
+        w = ((q.astype(np.float32) - 8) * s[..., None]).reshape(n_out, k)
+        sc = np.abs(w).max(1) / 127
+        wq = np.clip(np.round(w / sc[:, None]), -127, 127).astype(np.int8)
+        ms_node = lambda bits: h.make_node("MatMulNBits", ["a", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n_out,  # noqa: E731
+                                           bits=bits, block_size=bs, accuracy_level=4)
+        kernels = {
+            "nb4": (session(ms_node(4), k, [nh.from_array((q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), "b"),
+                                            nh.from_array(s.reshape(-1), "s")]), k * n_out // 2 + s.nbytes),
+            "nb8": (session(ms_node(8), k, [nh.from_array((q.astype(np.int16) + 120).astype(np.uint8), "b"),
+                                            nh.from_array(s.reshape(-1), "s")]), k * n_out + s.nbytes),
+            "dqmm8": (session(h.make_node("DynamicQuantizeMatMul", ["a", "b", "s"], ["y"], domain="com.microsoft"), k,
+                              [nh.from_array(np.ascontiguousarray(wq.T), "b"), nh.from_array(sc.astype(np.float32), "s")]), k * n_out + 4 * n_out),
+            "f32": (session(h.make_node("MatMul", ["a", "b"], ["y"]), k, [nh.from_array(np.ascontiguousarray(w.T), "b")]), 4 * k * n_out),
+        }
+        a = {m: rng.standard_normal((m, k)).astype(np.float32) for m in ms}
+        ref8 = kernels["nb4"][0].run(None, {"a": a[8]})[0]
+        for name, (sess, nbytes) in kernels.items():
+            t = {m: cpu_us(lambda: sess.run(None, {"a": a[m]}), n=10 if n_out > 10000 else 30) for m in ms}
+            y8 = sess.run(None, {"a": a[8]})[0]
+            alone = np.concatenate([sess.run(None, {"a": a[8][i:i + 1]})[0] for i in range(8)])
+            yield {"figure": "linear_alternative", "role": role, "K": k, "N": n_out, "kernel": name,
+                   "cpu_us": {str(m): round(v, 1) for m, v in t.items()}, "m8_over_m1": round(t[8] / t[1], 2),
+                   "gmac_per_cpu_s": {str(m): round(k * n_out * m / t[m] / 1e3, 1) for m in ms if m > 1},
+                   "max_abs_diff_vs_nb4_m8": float(np.abs(y8 - ref8).max()), "ref_max_abs_m8": float(np.abs(ref8).max()),
+                   "rows_batched_equal_alone": bool(np.array_equal(y8, alone)), "weight_mib": round(nbytes / 2**20, 2)}
 
 
 def attention(graph, threads: int, pasts: list[int], ctx: int = 2048):
@@ -147,6 +215,8 @@ def main() -> None:
     ap.add_argument("--engine", required=True, help="generator bundle folder (ONNX Runtime graph)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--past", default="64,256", help="past lengths for attention and the whole step")
+    ap.add_argument("--alternatives", action="store_true",
+                    help="also time other ORT kernels for the same weights (8-bit MatMulNBits, int8 QGEMM, fp32) at M = 1..32")
     args = ap.parse_args()
     import onnx
 
@@ -155,8 +225,12 @@ def main() -> None:
     bundle = Bundle.open(args.engine, kind="generator", verify=False)
     graph = onnx.load(str(bundle.file("model.ort.onnx")), load_external_data=False).graph
     pasts = [int(p) for p in args.past.split(",")]
-    for rec in (*matmulnbits(graph, args.threads), *attention(graph, args.threads, pasts), *whole_step(bundle, args.threads, pasts)):
-        print(json.dumps(rec), flush=True)
+    parts = [matmulnbits(graph, args.threads), attention(graph, args.threads, pasts), whole_step(bundle, args.threads, pasts)]
+    if args.alternatives:
+        parts.insert(1, alternatives(graph, args.threads))
+    for part in parts:
+        for rec in part:
+            print(json.dumps(rec), flush=True)
 
 
 if __name__ == "__main__":
