@@ -126,6 +126,18 @@ def event_ms(cp, fn, reps: int = 3) -> float:
     return statistics.median(ts)
 
 
+def _prefill_attention_timer(sess, seq: int, ids):
+    """Prefills `seq` (already added) with `ids`, then returns a function that times all layers'
+    prefill attention over that real cache with random queries (event ms; its kwargs go to event_ms)."""
+    cp, tokens = sess.cp, len(ids)
+    sess.prefill(seq, ids)
+    slots = cp.asarray(np.asarray(sess.blocks.slots(seq), dtype=np.int32))
+    q = cp.random.standard_normal((tokens, sess.spec.q_size), dtype=cp.float32).astype(cp.float16)
+    a = cp.empty_like(q)
+    return lambda **kw: event_ms(cp, lambda: [sess._prefill_attention(q, sess.kv[i, 0], sess.kv[i, 1], slots, tokens, 0, a, layer=i)
+                                              for i in range(len(sess.layers))], **kw)
+
+
 def prefill_breakdown(sess, name: str, device: str, tokens: int = 2048) -> None:
     """Where a long prefill's time goes: dequantization, cuBLAS GEMMs, attention (all layers)."""
     cp = sess.cp
@@ -140,12 +152,10 @@ def prefill_breakdown(sess, name: str, device: str, tokens: int = 2048) -> None:
     flops = 2 * tokens * sum(w.size for w in w0.values()) * len(sess.layers)
     ids = np.random.default_rng(3).integers(0, sess.vocab_size, size=tokens)
     sess.add_sequence(77)
-    sess.prefill(77, ids)
-    slots = cp.asarray(np.asarray(sess.blocks.slots(77), dtype=np.int32))
-    q = cp.random.standard_normal((tokens, sess.spec.q_size), dtype=cp.float32).astype(cp.float16)
-    a = cp.empty_like(q)
-    t_attn = event_ms(cp, lambda: [sess._prefill_attention(q, sess.kv[i, 0], sess.kv[i, 1], slots, tokens, 0, a, layer=i) for i in range(len(sess.layers))])
-    sess.release(77)
+    try:
+        t_attn = _prefill_attention_timer(sess, 77, ids)()
+    finally:
+        sess.release(77)
     emit(figure="prefill_breakdown", device=device, model=name, tokens=tokens, dequant_ms=round(t_deq, 2),
          gemm_ms=round(t_gemm, 2), gemm_tflops=round(flops / t_gemm / 1e9, 1), attention_ms=round(t_attn, 2))
 
@@ -297,21 +307,19 @@ def flash_ab(sess, name: str, device: str, tokens: int = 2048) -> None:
     keep = sess.flash_variant
     variants = [v for v, f in FLASH_VARIANTS.items() if sess.spec.head_dim in f[3]]
     ids = np.random.default_rng(3).integers(0, sess.vocab_size, size=tokens)
-    sess.add_sequence(78)
-    sess.prefill(78, ids)
-    slots = cp.asarray(np.asarray(sess.blocks.slots(78), dtype=np.int32))
-    q = cp.random.standard_normal((tokens, sess.spec.q_size), dtype=cp.float32).astype(cp.float16)
-    a = cp.empty_like(q)
     attn: dict[str, list] = {v: [] for v in variants}
     wall: dict[str, list] = {v: [] for v in variants}
     logits = {}
     try:
-        for _ in range(2):
-            for v in variants:
-                sess.flash_variant = v
-                attn[v].append(event_ms(cp, lambda: [sess._prefill_attention(q, sess.kv[i, 0], sess.kv[i, 1], slots, tokens, 0, a, layer=i)
-                                                     for i in range(len(sess.layers))], reps=5))
-        sess.release(78)
+        sess.add_sequence(78)
+        try:
+            time_attention = _prefill_attention_timer(sess, 78, ids)
+            for _ in range(2):
+                for v in variants:
+                    sess.flash_variant = v
+                    attn[v].append(time_attention(reps=5))
+        finally:
+            sess.release(78)
         for _ in range(2):
             for v in variants:
                 sess.flash_variant = v
