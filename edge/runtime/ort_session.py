@@ -22,12 +22,14 @@ from typing import Sequence
 import numpy as np
 
 from edge.errors import BackendError, ContextLengthError, UsageError
+from edge.plan import KV_BLOCK_TOKENS
 from edge.runtime.step import BackendCaps, StepBatch, StepOutput
 
-KV_BLOCK = 16  # engine KV block (tokens): the prefix cache's granularity on this backend (the plan's block size).
-# NOTE: 16, not 32: SmolLM2's chat template puts a 24-token system prompt before every question, so 32-token
-# blocks never shared it; with 16 (one 16-row page per head plane) bench_serve's chats find 34-37% of their
-# prompt tokens in the cache instead of 5% (a copied block costs ~0.3 ms, the 16 tokens' prefill ~15 ms)
+# engine KV block (tokens): the prefix cache's granularity on this backend, the plan's block size.
+# 16, not 32 as before: SmolLM2's chat template puts a 24-token system prompt before every question, so
+# 32-token blocks never shared it; with 16 bench_serve's chats find 34-37% of their prompt tokens in
+# the cache instead of 5% (a copied block costs ~0.3 ms, the 16 tokens' prefill ~15 ms)
+KV_BLOCK = KV_BLOCK_TOKENS
 MIXED_PREFILL = 32  # prompt tokens per step while other sequences decode: on 2 cores a decode step of
 # 8 rows costs about as much as 32-48 prompt tokens, so a long prompt at most ~doubles their token gaps
 PIECE_CTX_PER_PARAM = 0.28  # a prompt token's weight work over its attention work per past token, per
