@@ -124,12 +124,16 @@ class Retrieval:
     top_cosine: float  # best vector score seen (-1 when the vector side did not run)
     keyword_hits: int
     keyword_coverage: float  # of the best keyword hit
-    relevant: bool
-    ms: dict = field(default_factory=dict)  # embed, vector, keyword, total
     # which of the gate's conditions let the question through: "cosine" (the vector side alone),
     # "code" (the best keyword hit holds the question's code) or "keywords" (the keyword side with a
     # cosine below min_cosine: weak evidence, rag.ask checks the answer against the passages); "" refused
-    passed_on: str = ""
+    passed_on: str
+    ms: dict = field(default_factory=dict)  # embed, vector, keyword, total
+
+    @property
+    def relevant(self) -> bool:
+        """The relevance gate let the question through (on any of its conditions)."""
+        return bool(self.passed_on)
 
 
 def rrf(lists: list[list[int]], k: int = RRF_K, weights: list[float] | None = None) -> dict[int, float]:
@@ -308,7 +312,7 @@ class Retriever(Closing):
         passed_on = ("cosine" if top_cos >= self.min_cosine else "code" if has_code
                      else "keywords" if cov >= self.min_keyword_coverage and vec_ok else "")
         ms["total"] = (time.perf_counter() - t0) * 1e3
-        return Retrieval(query, mode, hits, top_cos, len(kw), cov, bool(passed_on), ms, passed_on)
+        return Retrieval(query, mode, hits, top_cos, len(kw), cov, passed_on, ms)
 
     def close(self) -> None:
         self.store.close()
