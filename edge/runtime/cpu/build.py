@@ -1,0 +1,81 @@
+"""Compiling the native CPU step (csrc/native.c) with the system C compiler at first use.
+
+    lib = load()            # ctypes.CDLL, built once per (source, flags, compiler, CPU) and cached
+
+The shared object lives under $EDGE_RAG_HOME/native/<hash>.so, the hash covering the source, the
+flags, the compiler's version line and the CPU's flags, so a changed source, compiler or machine
+builds a new one. -march=native picks the ISA paths this CPU has (AVX-512 VNNI, AVX2; the scalar
+path always exists); -ffp-contract=off keeps every path's float operations the same (no FMA
+contraction), which is what makes their outputs bitwise equal (see native.c).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from edge.errors import BackendError
+
+SOURCE = Path(__file__).parent / "csrc" / "native.c"
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+
+
+def compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise BackendError("the native CPU backend needs a C compiler (cc) to build its kernels on first use",
+                           fix="install one (Debian/Ubuntu: apt-get install gcc; Jetson: it ships with JetPack) or use --backend onnxruntime")
+    return cc
+
+
+def _cpu_tag() -> str:
+    from edge.cpu import cpu_flags
+
+    return " ".join(sorted(cpu_flags()))
+
+
+def build(extra_flags: tuple[str, ...] = (), out_dir: Path | None = None) -> Path:
+    """Path of the shared object for this source + flags + compiler + CPU (compiled if absent)."""
+    from edge.paths import home
+
+    cc = compiler()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BackendError(f"the C compiler {cc} does not run ({e})", fix="install gcc, or set CC to a working compiler") from None
+    flags = FLAGS + tuple(extra_flags)
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), "".join(version).encode(), _cpu_tag().encode()):
+        h.update(part)
+        h.update(b"\0")
+    folder = out_dir or home() / "native"
+    folder.mkdir(parents=True, exist_ok=True)
+    so = folder / f"native-{h.hexdigest()[:16]}.so"
+    if so.exists():
+        return so
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+    if r.returncode != 0:
+        os.unlink(tmp)
+        first = (r.stderr.strip().splitlines() or ["(no output)"])[0]
+        raise BackendError(f"compiling the native CPU kernels failed: {first}",
+                           fix="check that `cc` supports -fopenmp (gcc: apt-get install gcc libgomp1), or use --backend onnxruntime")
+    os.replace(tmp, so)  # atomic: a concurrent builder sees the whole file or none
+    return so
+
+
+@lru_cache(maxsize=4)
+def load(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The compiled library with its functions' signatures set."""
+    lib = ctypes.CDLL(str(build(extra_flags)))
+    from edge.runtime.cpu import abi
+
+    abi.declare(lib)
+    return lib

@@ -1,0 +1,460 @@
+/* edge-rag's CPU decode step for llama-family decoders (edge/runtime/cpu/backend.py drives it).
+
+   One call of er_step() runs every token of an engine step (decode rows and prompt pieces mixed)
+   through all layers, reading and writing K/V in a paged fp16 block pool, and writes the logits of
+   the rows that want them. Compiled at first use by edge/runtime/cpu/build.py with the system cc.
+
+   Linears: int4 (group 32/64/128, zero point 8) and int8 (per channel) weights, repacked at load
+   (edge/runtime/cpu/weights.py) into tiles of NT = 16 output columns x QB = 32 inputs. Activations
+   are quantized per row and per 32-block to int8 (scale = absmax / 127), so a row's numbers never
+   depend on the rows beside it. For each (row, column, block) the integer dot
+       idot = sum_k (w_k - zp) * a_k          (exact in int32 on every path)
+   is accumulated in float in ONE fixed order on every ISA path:
+       acc += (float)idot * (wscale * ascale)  (block order 0, 1, 2, ...; no FMA: -ffp-contract=off)
+   so the AVX-512 VNNI, AVX2 and scalar paths give the same bits, batched or alone.
+
+   Tile layouts (bytes; c = column in the tile, t = 0..3):
+     int4: [tile][block][chunk i = 0..3][c][t]: low nibble = w[c][32b + 4i + t],
+           high nibble = w[c][32b + 16 + 4i + t]   (unpacked: chunk i -> k-groups i and i + 4)
+           scales float [tile][block][c]
+     int8: [tile][block][group j = 0..7][c][t] = w[c][32b + 4j + t] + 128;  scales float [tile][c]
+   A k-group is 4 consecutive inputs: one int32 lane of vpdpbusd / vpmaddwd per column. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define QB 32
+#define NT 16
+#define MR 8
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define HAVE_VNNI 1
+#endif
+
+typedef _Float16 kv_t;
+
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
+
+int er_isa_max(void) {
+#if defined(HAVE_VNNI)
+    return ISA_VNNI;
+#elif defined(__AVX2__)
+    return ISA_AVX2;
+#else
+    return ISA_SCALAR;
+#endif
+}
+
+static int g_isa = -1;
+
+int er_set_isa(int isa) { /* -1: the best this build has; returns the path in use or -1 */
+    if (isa < 0) isa = er_isa_max();
+    if (isa > er_isa_max()) return -1;
+    g_isa = isa;
+    return isa;
+}
+
+static inline int cur_isa(void) { return g_isa < 0 ? er_isa_max() : g_isa; }
+
+typedef struct {
+    int32_t kind;  /* 4 | 8 */
+    int32_t n, k;  /* output / input features (k % 32 == 0) */
+    int32_t tiles; /* ceil(n / 16) */
+    const uint8_t *w;
+    const float *s;
+    const float *bias; /* [n] or NULL */
+} er_lin;
+
+typedef struct {
+    const float *ln1, *ln2;
+    er_lin qkv, o, gu, down;
+} er_layer;
+
+typedef struct {
+    int32_t n_layers, hidden, n_heads, n_kv, head_dim, inter, vocab;
+    int32_t block_size, num_blocks, max_ctx, threads;
+    float eps, attn_scale;
+    const er_layer *layers;
+    const float *norm;
+    er_lin head;
+    const float *cos, *sin; /* [max_ctx][head_dim / 2] */
+    kv_t *kv;               /* [layers][2][num_blocks][block_size][n_kv][head_dim] */
+} er_model;
+
+/* ---- activations -> int8 per 32-block ------------------------------------------------------ */
+
+static void quantize_row(const float *x, int k, int8_t *q, float *s, int32_t *sum) {
+    for (int b = 0; b < k / QB; b++) {
+        const float *xb = x + b * QB;
+        float amax = 0.f;
+        for (int i = 0; i < QB; i++) {
+            float a = fabsf(xb[i]);
+            amax = a > amax ? a : amax;
+        }
+        float d = amax / 127.f;
+        float id = amax > 0.f ? 127.f / amax : 0.f;
+        int32_t acc = 0;
+        for (int i = 0; i < QB; i++) {
+            float v = nearbyintf(xb[i] * id);
+            v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
+            q[b * QB + i] = (int8_t)v;
+            acc += (int8_t)v;
+        }
+        s[b] = d;
+        sum[b] = acc;
+    }
+}
+
+/* ---- integer block dots: idot[m][c] for MR rows x 16 columns of one tile and block --------- */
+
+static void idots_scalar(const er_lin *L, int tile, int b, int mr, const int8_t *xq, int ldq, int32_t idot[MR][NT]) {
+    int kb = L->k / QB;
+    for (int m = 0; m < mr; m++) {
+        const int8_t *a = xq + (size_t)m * ldq + b * QB;
+        for (int c = 0; c < NT; c++) {
+            int32_t acc = 0;
+            if (L->kind == 4) {
+                const uint8_t *w = L->w + ((size_t)tile * kb + b) * 256;
+                for (int i = 0; i < 4; i++)
+                    for (int t = 0; t < 4; t++) {
+                        uint8_t byte = w[i * 64 + c * 4 + t];
+                        acc += ((int32_t)(byte & 15) - 8) * a[4 * i + t];
+                        acc += ((int32_t)(byte >> 4) - 8) * a[16 + 4 * i + t];
+                    }
+            } else {
+                const uint8_t *w = L->w + ((size_t)tile * kb + b) * 512;
+                for (int j = 0; j < 8; j++)
+                    for (int t = 0; t < 4; t++) acc += ((int32_t)w[j * 64 + c * 4 + t] - 128) * a[4 * j + t];
+            }
+            idot[m][c] = acc;
+        }
+    }
+}
+
+#if defined(__AVX2__)
+/* u8 x s8 pairs: int4 nibbles 0..15 x s8 (|a| <= 127): 2 * 15 * 127 = 3,810, no int16 saturation.
+   int8 weights: sign trick (|w| x sign(a, w)): 2 * 127 * 127 = 32,258 < 32,767. */
+static void idots_avx2(const er_lin *L, int tile, int b, int mr, const int8_t *xq, int ldq, const int32_t *xsum, int32_t idot[MR][NT]) {
+    int kb = L->k / QB;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) {
+        __m256i W[8];
+        if (L->kind == 4) {
+            const uint8_t *w = L->w + ((size_t)tile * kb + b) * 256 + 32 * h;
+            const __m256i lo = _mm256_set1_epi8(15);
+            for (int i = 0; i < 4; i++) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(w + 64 * i));
+                W[i] = _mm256_and_si256(x, lo);
+                W[i + 4] = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
+            }
+        } else {
+            const uint8_t *w = L->w + ((size_t)tile * kb + b) * 512 + 32 * h;
+            const __m256i flip = _mm256_set1_epi8((char)0x80);
+            for (int j = 0; j < 8; j++) W[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + 64 * j)), flip);
+        }
+        for (int m = 0; m < mr; m++) {
+            const int8_t *a = xq + (size_t)m * ldq + b * QB;
+            __m256i acc = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++) {
+                int32_t a4;
+                memcpy(&a4, a + 4 * g, 4);
+                __m256i av = _mm256_set1_epi32(a4);
+                __m256i p;
+                if (L->kind == 4)
+                    p = _mm256_maddubs_epi16(W[g], av);
+                else
+                    p = _mm256_maddubs_epi16(_mm256_abs_epi8(W[g]), _mm256_sign_epi8(av, W[g]));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+            }
+            if (L->kind == 4) acc = _mm256_sub_epi32(acc, _mm256_set1_epi32(8 * xsum[(size_t)m * kb + b]));
+            _mm256_storeu_si256((__m256i *)&idot[m][8 * h], acc);
+        }
+    }
+}
+#endif
+
+#if defined(HAVE_VNNI)
+static void idots_vnni(const er_lin *L, int tile, int b, int mr, const int8_t *xq, int ldq, const int32_t *xsum, int32_t idot[MR][NT]) {
+    int kb = L->k / QB;
+    __m512i W[8];
+    int32_t zp;
+    if (L->kind == 4) {
+        const uint8_t *w = L->w + ((size_t)tile * kb + b) * 256;
+        const __m512i lo = _mm512_set1_epi8(15);
+        for (int i = 0; i < 4; i++) {
+            __m512i x = _mm512_loadu_si512((const void *)(w + 64 * i));
+            W[i] = _mm512_and_si512(x, lo);
+            W[i + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
+        }
+        zp = 8;
+    } else {
+        const uint8_t *w = L->w + ((size_t)tile * kb + b) * 512;
+        for (int j = 0; j < 8; j++) W[j] = _mm512_loadu_si512((const void *)(w + 64 * j));
+        zp = 128;
+    }
+    for (int m = 0; m < mr; m++) {
+        const int8_t *a = xq + (size_t)m * ldq + b * QB;
+        __m512i acc = _mm512_setzero_si512();
+        for (int g = 0; g < 8; g++) {
+            int32_t a4;
+            memcpy(&a4, a + 4 * g, 4);
+            acc = _mm512_dpbusd_epi32(acc, W[g], _mm512_set1_epi32(a4));
+        }
+        acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(zp * xsum[(size_t)m * kb + b]));
+        _mm512_storeu_si512((void *)&idot[m][0], acc);
+    }
+}
+#endif
+
+/* One tile (16 columns) for rows [0, mr): out[m][n] (+)= sum_b (float)idot * (ws * xs) + bias. */
+static void tile_rows(const er_lin *L, int tile, int mr, const int8_t *xq, const float *xs, const int32_t *xsum,
+                      float *out, int ldo, const int32_t *rowmap, int accumulate, int isa) {
+    int kb = L->k / QB;
+    int ldq = L->k;
+    float acc[MR][NT];
+    int32_t idot[MR][NT];
+    memset(acc, 0, sizeof acc);
+    for (int b = 0; b < kb; b++) {
+        switch (isa) {
+#if defined(HAVE_VNNI)
+        case ISA_VNNI: idots_vnni(L, tile, b, mr, xq, ldq, xsum, idot); break;
+#endif
+#if defined(__AVX2__)
+        case ISA_AVX2: idots_avx2(L, tile, b, mr, xq, ldq, xsum, idot); break;
+#endif
+        default: idots_scalar(L, tile, b, mr, xq, ldq, idot);
+        }
+        const float *ws = L->kind == 4 ? L->s + ((size_t)tile * kb + b) * NT : L->s + (size_t)tile * NT;
+        for (int m = 0; m < mr; m++) {
+            float a = xs[(size_t)m * kb + b];
+            for (int c = 0; c < NT; c++) {
+                float sc = ws[c] * a;
+                float v = (float)idot[m][c] * sc;
+                acc[m][c] = acc[m][c] + v;
+            }
+        }
+    }
+    int n0 = tile * NT;
+    int nc = L->n - n0 < NT ? L->n - n0 : NT;
+    for (int m = 0; m < mr; m++) {
+        float *o = out + (size_t)(rowmap ? rowmap[m] : m) * ldo + n0;
+        for (int c = 0; c < nc; c++) {
+            float v = acc[m][c];
+            if (L->bias) v = v + L->bias[n0 + c];
+            o[c] = accumulate ? o[c] + v : v;
+        }
+    }
+}
+
+/* y[M][n] for quantized activations (xq [M][k], xs / xsum [M][k/32]); call inside a parallel
+   region (work split over tiles: an output element is computed whole by one thread). */
+static void gemm_q(const er_lin *L, int M, const int8_t *xq, const float *xs, const int32_t *xsum, float *out, int ldo,
+                   const int32_t *rowmap, int accumulate) {
+    int isa = cur_isa();
+    int kb = L->k / QB;
+#pragma omp for schedule(static)
+    for (int t = 0; t < L->tiles; t++)
+        for (int m0 = 0; m0 < M; m0 += MR) {
+            int mr = M - m0 < MR ? M - m0 : MR;
+            tile_rows(L, t, mr, xq + (size_t)m0 * L->k, xs + (size_t)m0 * kb, xsum + (size_t)m0 * kb,
+                      rowmap ? out : out + (size_t)m0 * ldo, ldo, rowmap ? rowmap + m0 : NULL, accumulate, isa);
+        }
+}
+
+static void quantize_rows(const float *x, int ldx, int M, int k, int8_t *xq, float *xs, int32_t *xsum) {
+#pragma omp for schedule(static)
+    for (int m = 0; m < M; m++) quantize_row(x + (size_t)m * ldx, k, xq + (size_t)m * k, xs + (size_t)m * (k / QB), xsum + (size_t)m * (k / QB));
+}
+
+/* A linear on float rows (tests and the kernel benchmark): out = x @ W.T (+ bias). */
+int er_linear(const er_lin *L, int M, const float *x, float *out, int threads) {
+    if (L->k % QB) return -1;
+    int8_t *xq = malloc((size_t)M * L->k + 64);
+    float *xs = malloc(sizeof(float) * (size_t)M * (L->k / QB) + 64);
+    int32_t *xsum = malloc(sizeof(int32_t) * (size_t)M * (L->k / QB) + 64);
+    if (!xq || !xs || !xsum) return -2;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        quantize_rows(x, L->k, M, L->k, xq, xs, xsum);
+        gemm_q(L, M, xq, xs, xsum, out, L->n, NULL, 0);
+    }
+    free(xq);
+    free(xs);
+    free(xsum);
+    return 0;
+}
+
+/* ---- the rest of a layer ------------------------------------------------------------------- */
+
+static inline float sum8(const float *a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
+
+static void rms_norm_row(const float *x, const float *w, int n, float eps, float *y) {
+    float acc[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] += x[i + l] * x[i + l];
+    for (; i < n; i++) acc[0] += x[i] * x[i];
+    float r = 1.f / sqrtf(sum8(acc) / (float)n + eps);
+    for (i = 0; i < n; i++) y[i] = (x[i] * r) * w[i];
+}
+
+static void rope_head(float *x, const float *cs, const float *sn, int d) {
+    int h = d / 2;
+    for (int i = 0; i < h; i++) {
+        float x1 = x[i], x2 = x[i + h];
+        x[i] = x1 * cs[i] - x2 * sn[i];
+        x[i + h] = x2 * cs[i] + x1 * sn[i];
+    }
+}
+
+static inline float dot_kv(const float *q, const kv_t *k, int d) { /* d % 8 == 0; 8 lanes, fixed tree */
+    float acc[8] = {0};
+    for (int i = 0; i < d; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] += q[i + l] * (float)k[i + l];
+    return sum8(acc);
+}
+
+static inline kv_t *kv_at(const er_model *M, int layer, int which, int slot) {
+    size_t per = (size_t)M->num_blocks * M->block_size * M->n_kv * M->head_dim;
+    return M->kv + ((size_t)layer * 2 + which) * per + (size_t)slot * M->n_kv * M->head_dim;
+}
+
+/* Causal attention of one token (position p, row r's block table) for the query heads of one kv head. */
+static void attend(const er_model *M, int layer, const float *q, int p, const int32_t *table, int kvh, float *out,
+                   float *scores) {
+    int d = M->head_dim, rep = M->n_heads / M->n_kv, bs = M->block_size;
+    for (int hh = 0; hh < rep; hh++) {
+        int h = kvh * rep + hh;
+        const float *qh = q + (size_t)h * d;
+        float mx = -INFINITY;
+        for (int j = 0; j <= p; j++) {
+            int slot = table[j / bs] * bs + j % bs;
+            float s = dot_kv(qh, kv_at(M, layer, 0, slot) + (size_t)kvh * d, d) * M->attn_scale;
+            scores[j] = s;
+            mx = s > mx ? s : mx;
+        }
+        float tot = 0.f;
+        for (int j = 0; j <= p; j++) {
+            float e = expf(scores[j] - mx);
+            scores[j] = e;
+            tot += e;
+        }
+        float *o = out + (size_t)h * d;
+        for (int i = 0; i < d; i++) o[i] = 0.f;
+        for (int j = 0; j <= p; j++) {
+            int slot = table[j / bs] * bs + j % bs;
+            const kv_t *v = kv_at(M, layer, 1, slot) + (size_t)kvh * d;
+            float pj = scores[j];
+            for (int i = 0; i < d; i++) o[i] += pj * (float)v[i];
+        }
+        float inv = 1.f / tot;
+        for (int i = 0; i < d; i++) o[i] *= inv;
+    }
+}
+
+/* Work floats er_step needs for T tokens (the caller allocates them once per size). */
+size_t er_work_bytes(const er_model *M, int T) {
+    int q = M->n_heads * M->head_dim, kv = M->n_kv * M->head_dim;
+    int kmax = M->inter > q ? M->inter : q;
+    kmax = kmax > M->hidden ? kmax : M->hidden;
+    size_t f = (size_t)T * M->hidden + (size_t)T * (q + 2 * kv) + (size_t)T * q + (size_t)T * 2 * M->inter
+               + 2 * (size_t)T * (kmax / QB) + (size_t)(M->threads > 0 ? M->threads : 1) * M->max_ctx + (size_t)T;
+    return f * 4 + (size_t)T * kmax + 256;
+}
+
+/* One engine step. x: [T][hidden] embedded tokens (the residual stream, updated in place);
+   positions / slots [T]; qstart [R + 1]; tables [R][mb]; logits_rows [R]; logits [R][vocab]:
+   row r gets the logits of its last token when logits_rows[r]. Returns 0, or < 0 on bad input. */
+int er_step(const er_model *M, int T, int R, float *x, const int32_t *positions, const int32_t *slots,
+            const int32_t *qstart, const int32_t *tables, int mb, const int32_t *logits_rows, float *logits, void *work) {
+    int H = M->hidden, d = M->head_dim, nq = M->n_heads * d, nkv = M->n_kv * d, I = M->inter;
+    int qkvw = nq + 2 * nkv, half = d / 2;
+    int kmax = I > nq ? I : nq;
+    kmax = kmax > H ? kmax : H;
+    for (int t = 0; t < T; t++)
+        if (positions[t] < 0 || positions[t] >= M->max_ctx) return -1;
+    float *xn = (float *)work;
+    float *qkv = xn + (size_t)T * H;
+    float *att = qkv + (size_t)T * qkvw;
+    float *gu = att + (size_t)T * nq;
+    float *xs = gu + (size_t)T * 2 * I;
+    int32_t *xsum = (int32_t *)(xs + (size_t)T * (kmax / QB));
+    float *scores = (float *)(xsum + (size_t)T * (kmax / QB));
+    int32_t *rowmap = (int32_t *)(scores + (size_t)(M->threads > 0 ? M->threads : 1) * M->max_ctx);
+    int8_t *xq = (int8_t *)(rowmap + T);
+    int32_t *row_of = (int32_t *)malloc(sizeof(int32_t) * (size_t)(T > 0 ? T : 1));
+    if (!row_of) return -2;
+    for (int r = 0; r < R; r++)
+        for (int t = qstart[r]; t < qstart[r + 1]; t++) row_of[t] = r;
+    int nl = 0;
+    for (int r = 0; r < R; r++)
+        if (logits_rows[r]) rowmap[nl++] = r;
+
+#pragma omp parallel num_threads(M->threads > 0 ? M->threads : 1)
+    {
+#ifdef _OPENMP
+        float *sc = scores + (size_t)omp_get_thread_num() * M->max_ctx;
+#else
+        float *sc = scores;
+#endif
+        for (int l = 0; l < M->n_layers; l++) {
+            const er_layer *Ly = &M->layers[l];
+#pragma omp for schedule(static)
+            for (int t = 0; t < T; t++) {
+                rms_norm_row(x + (size_t)t * H, Ly->ln1, H, M->eps, xn + (size_t)t * H);
+                quantize_row(xn + (size_t)t * H, H, xq + (size_t)t * H, xs + (size_t)t * (H / QB), xsum + (size_t)t * (H / QB));
+            }
+            gemm_q(&Ly->qkv, T, xq, xs, xsum, qkv, qkvw, NULL, 0);
+#pragma omp for schedule(static)
+            for (int t = 0; t < T; t++) { /* RoPE on q and k, then K / V into the pool */
+                float *row = qkv + (size_t)t * qkvw;
+                const float *cs = M->cos + (size_t)positions[t] * half, *sn = M->sin + (size_t)positions[t] * half;
+                for (int h = 0; h < M->n_heads + M->n_kv; h++) rope_head(row + (size_t)h * d, cs, sn, d);
+                if (slots[t] >= 0) {
+                    kv_t *kd = kv_at(M, l, 0, slots[t]), *vd = kv_at(M, l, 1, slots[t]);
+                    for (int i = 0; i < nkv; i++) {
+                        kd[i] = (kv_t)row[nq + i];
+                        vd[i] = (kv_t)row[nq + nkv + i];
+                    }
+                }
+            }
+#pragma omp for schedule(dynamic, 1) collapse(2)
+            for (int t = 0; t < T; t++)
+                for (int g = 0; g < M->n_kv; g++)
+                    attend(M, l, qkv + (size_t)t * qkvw, positions[t], tables + (size_t)row_of[t] * mb, g, att + (size_t)t * nq, sc);
+            quantize_rows(att, nq, T, nq, xq, xs, xsum);
+            gemm_q(&Ly->o, T, xq, xs, xsum, x, H, NULL, 1); /* h += o_proj(attention) */
+#pragma omp for schedule(static)
+            for (int t = 0; t < T; t++) {
+                rms_norm_row(x + (size_t)t * H, Ly->ln2, H, M->eps, xn + (size_t)t * H);
+                quantize_row(xn + (size_t)t * H, H, xq + (size_t)t * H, xs + (size_t)t * (H / QB), xsum + (size_t)t * (H / QB));
+            }
+            gemm_q(&Ly->gu, T, xq, xs, xsum, gu, 2 * I, NULL, 0);
+#pragma omp for schedule(static)
+            for (int t = 0; t < T; t++) { /* silu(gate) * up, gate = columns [0, I), up = [I, 2I) */
+                float *g = gu + (size_t)t * 2 * I;
+                for (int i = 0; i < I; i++) g[i] = (g[i] / (1.f + expf(-g[i]))) * g[I + i];
+                quantize_row(g, I, xq + (size_t)t * I, xs + (size_t)t * (I / QB), xsum + (size_t)t * (I / QB));
+            }
+            gemm_q(&Ly->down, T, xq, xs, xsum, x, H, NULL, 1); /* h += down(...) */
+        }
+        /* final norm and head for the rows that want logits (their last token) */
+#pragma omp for schedule(static)
+        for (int i = 0; i < nl; i++) {
+            int t = qstart[rowmap[i] + 1] - 1;
+            rms_norm_row(x + (size_t)t * H, M->norm, H, M->eps, xn + (size_t)i * H);
+            quantize_row(xn + (size_t)i * H, H, xq + (size_t)i * H, xs + (size_t)i * (H / QB), xsum + (size_t)i * (H / QB));
+        }
+        if (nl) gemm_q(&M->head, nl, xq, xs, xsum, logits, M->vocab, rowmap, 0);
+    }
+    free(row_of);
+    return 0;
+}

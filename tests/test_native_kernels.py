@@ -1,0 +1,92 @@
+"""The native CPU backend's int4 / int8 x int8 GEMM (edge/runtime/cpu/csrc/native.c): every ISA
+path (AVX-512 VNNI, AVX2, scalar, and the scalar code compiled without any SIMD) gives the same
+bits, a row gives the same bits batched or alone, any thread count gives the same bits, and the
+result is within int8-activation tolerance of numpy over the dequantized weights."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+from edge.quant.format import quantize_int4_rtn, quantize_int8_rtn
+from edge.runtime.cpu import kernels
+from edge.runtime.cpu.weights import dequantized, pack_int4, pack_int8
+
+
+def _linears(rng, n=200, k=160):
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    q4 = quantize_int4_rtn(w, 32)
+    q4g = quantize_int4_rtn(w, 64) if k % 64 == 0 else quantize_int4_rtn(w[:, :128], 64)
+    q8 = quantize_int8_rtn(w)
+    return {"int4": (pack_int4(q4.qweight, q4.scales, 32, bias), q4.dequantize()),
+            "int4_g64": (pack_int4(q4g.qweight, q4g.scales, 64), q4g.dequantize()),
+            "int8": (pack_int8(q8.qweight, q8.scales), q8.dequantize())}
+
+
+@pytest.fixture(scope="module")
+def lins():
+    return _linears(np.random.default_rng(0))
+
+
+def test_repacked_tiles_hold_the_bundle_weights(lins):
+    for name, (lin, ref) in lins.items():
+        assert np.array_equal(dequantized(lin), ref), name
+
+
+@pytest.mark.parametrize("name", ["int4", "int4_g64", "int8"])
+def test_every_isa_path_and_thread_count_gives_the_same_bits(lins, name):
+    lin, ref = lins[name]
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((19, lin.k)) * rng.uniform(0.1, 10, (19, 1))).astype(np.float32)  # 19: two full row blocks + 3
+    isas = kernels.available_isas()
+    base = kernels.linear(lin, x, isa="scalar", threads=1)
+    for isa in isas:
+        for threads in (1, 2, 3):
+            got = kernels.linear(lin, x, isa=isa, threads=threads)
+            assert np.array_equal(got, base), f"{name}: {isa} x {threads} threads differs by {np.abs(got - base).max()}"
+    # batched == alone, row by row
+    alone = np.concatenate([kernels.linear(lin, x[i:i + 1]) for i in range(len(x))])
+    assert np.array_equal(alone, base)
+    # numpy over the dequantized weights: the int8 activations' rounding only
+    want = x @ ref.T + (lin.bias if lin.bias is not None else 0)
+    err = np.abs(base - want).max() / np.abs(want).max()
+    assert err < 0.02, f"{name}: max relative error {err}"
+
+
+def test_the_vnni_and_avx2_paths_exist_where_the_cpu_has_them():
+    from edge.cpu import cpu_flags
+
+    flags = cpu_flags()
+    isas = kernels.available_isas()
+    assert isas[0] == "scalar"
+    if "avx2" in flags:
+        assert "avx2" in isas
+    if "avx512_vnni" in flags and "avx512bw" in flags:
+        assert "vnni" in isas
+
+
+@pytest.mark.skipif(not __import__("platform").machine().lower() in ("x86_64", "amd64"), reason="x86 flags")
+def test_a_build_without_any_simd_gives_the_same_bits(lins):
+    """The source compiled for plain x86-64 (what an ARM build runs: the portable C path, no
+    intrinsics, no auto-vectorised AVX) against this machine's build."""
+    from edge.runtime.cpu.build import load
+
+    plain = load(("-march=x86-64", "-mtune=generic"))
+    assert plain.er_isa_max() == 0
+    rng = np.random.default_rng(2)
+    for name, (lin, _) in lins.items():
+        x = rng.standard_normal((9, lin.k)).astype(np.float32)
+        out = np.empty((9, lin.n), np.float32)
+        st = lin.struct
+        assert plain.er_linear(ctypes.byref(st), 9, x.ctypes.data, out.ctypes.data, 2) == 0
+        assert np.array_equal(out, kernels.linear(lin, x, threads=2)), name
+
+
+def test_an_unknown_isa_is_a_one_line_error():
+    from edge.errors import BackendError
+
+    with pytest.raises(BackendError, match="not available"):
+        kernels.set_isa("neon")
