@@ -304,7 +304,7 @@ def test_int8_bundle_built_for_a_vnni_cpu_is_flagged_on_one_without(tiny_folders
 
 
 @pytest.mark.parametrize("cpu,weight_dtype", [("exact", np.int8), ("saturates", np.uint8)])
-def test_int8_format_follows_the_cpu_and_ffn_down_is_8bit_matmulnbits(tiny_folders, tmp_path, monkeypatch, cpu, weight_dtype):
+def test_int8_format_follows_the_cpu_and_ffn_down_is_row_scaled(tiny_folders, tmp_path, monkeypatch, cpu, weight_dtype):
     import onnx
     from onnx import numpy_helper
     from sentence_transformers import SentenceTransformer
@@ -318,34 +318,69 @@ def test_int8_format_follows_the_cpu_and_ffn_down_is_8bit_matmulnbits(tiny_folde
     for n in g.node:
         by_op.setdefault(n.op_type, []).append(n)
     # u8 x s8 where it is exact, u8 x u8 where u8 x s8 saturates; never 7-bit weights
-    for n in by_op["QAttention"] + [n for n in g.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]:
+    quantized = [n for n in g.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    for n in by_op["QAttention"] + quantized:
         w = numpy_helper.to_array(inits[n.input[1]])
         assert w.dtype == weight_dtype, (n.name, w.dtype)
         assert weight_dtype == np.uint8 or np.abs(w.astype(np.int32)).max() > 64, n.name
-    nb = by_op["MatMulNBits"]
-    assert sorted(n.name for n in nb) == [f"/model/layers.{i}/mlp/down/MatMulNBits" for i in range(2)]
-    assert all({a.name: a.i for a in n.attribute}["bits"] == 8 and {a.name: a.i for a in n.attribute}["accuracy_level"] == 4
-               for n in nb)
-    assert not [n for n in by_op.get("MatMul", []) if "mlp/down" in n.name]
+    # every linear is int8 now, FFN down included, and no fp32 MatMul or MatMulNBits is left
+    assert len(by_op["QAttention"]) == 2 and len(quantized) == 2 * 3
+    assert not by_op.get("MatMul") and not by_op.get("MatMulNBits")
+    # FFN down's rows are scaled by their max before the quantizer and back after it
+    down = sorted(n.name for n in by_op["ReduceMax"])
+    assert down == [f"/model/layers.{i}/mlp/down/row_scale/ReduceMax" for i in range(2)]
     d = emb.bundle.manifest.quant.details
-    assert d["u8s8_exact"] is (cpu == "exact") and d["nbits_linears"] == [f"/model/layers.{i}/mlp/down" for i in range(2)]
+    assert d["u8s8_exact"] is (cpu == "exact") and d["row_scaled_linears"] == [f"/model/layers.{i}/mlp/down" for i in range(2)]
     texts = varied_texts(30, seed=2)
     ref = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
     _assert_close_to_oracle(emb.embed(texts), ref, texts, 0.98)
 
 
-def test_int8_blocks_round_trip_within_half_a_step():
-    from edge.quant.format import quantize_int8_blocks
+def test_row_scaling_is_exact_in_fp32_and_narrows_every_row(tiny_folders, tmp_path):
+    """row_scaled_linears changes no fp32 result; what the quantizer then sees spans at most 1 per row."""
+    import onnx
+    from onnx import TensorProto, helper
 
-    w = np.random.default_rng(0).normal(size=(6, 64)).astype(np.float32)
-    w[0, :32] = 0.0  # an all-zero block keeps a usable scale
-    q, s = quantize_int8_blocks(w, 32)
-    assert q.shape == (6, 2, 32) and q.dtype == np.uint8 and s.shape == (6, 2)
-    back = ((q.astype(np.float32) - 128) * s[..., None]).reshape(6, 64)
-    assert np.all(np.abs(back - w) <= s.repeat(32, axis=1) / 2 + 1e-7)
-    assert q.min() >= 1 and q.max() <= 255  # symmetric: -127..127 around the zero point 128
-    with pytest.raises(ValueError):
-        quantize_int8_blocks(w[:, :48], 32)
+    from edge.build.encoder import build_encoder_graph, row_scaled_linears
+    from edge.models.bert import load_bert_weights
+    from edge.runtime.embedder import open_ort_session
+
+    folder = read_bert_folder(tiny_folders["e5_mean_norm"])
+    model = build_encoder_graph(folder.spec, load_bert_weights(folder))
+    onnx.save_model(model, str(tmp_path / "plain.onnx"))
+    assert row_scaled_linears(model) == [f"/model/layers.{i}/mlp/down" for i in range(2)]
+    scaled_in = "/model/layers.0/mlp/down/row_scale/x"
+    model.graph.output.append(helper.make_tensor_value_info(scaled_in, TensorProto.FLOAT, None))
+    onnx.save_model(model, str(tmp_path / "scaled.onnx"))
+    ids = np.array([[101, 7, 8, 9, 102, 0], [101, 11, 12, 13, 14, 102]], np.int32)
+    feeds = {"input_ids": ids, "attention_mask": (np.arange(6) < np.array([[5], [6]])).astype(np.int32)}
+    plain = open_ort_session(tmp_path / "plain.onnx", threads=1).run(None, feeds)[0]
+    scaled, x = open_ort_session(tmp_path / "scaled.onnx", threads=1).run(None, feeds)
+    np.testing.assert_allclose(scaled, plain, atol=1e-6)
+    assert np.allclose(x.max(axis=-1), 1.0, atol=1e-6) and x.min() >= -1.0
+
+
+def test_embedder_graph_keeps_layer_norm_unfused(tiny_folders, tmp_path):
+    """The sessions of an embedder graph never re-fuse Add + LayerNormalization into
+    SkipLayerNormalization (4.7x slower on CPU: edge.build.encoder._add_layer_norm)."""
+    import onnx
+
+    import onnxruntime as ort
+
+    path = build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "b", quant="fp32", progress=False) / "model.onnx"
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "LayerNormalization" in ops and "SkipLayerNormalization" not in ops
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(embedder_mod.ORT_DISABLED_OPTIMIZERS))
+    optimized = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert "SkipLayerNormalization" not in optimized and "LayerNormalization" in optimized
+    # without the option ORT fuses them, so the option is what keeps them apart
+    so.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    assert "SkipLayerNormalization" in {n.op_type for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node}
 
 
 def test_relevance_gate_of_an_embedder_that_cannot_separate_refuses_nothing():

@@ -6,8 +6,8 @@ using ONNX Runtime's fused transformer contrib ops, which its CPU and CUDA provi
     input_ids [B,S] int32, attention_mask [B,S] int32
       -> EmbedLayerNormalization (word + position(+token-type 0) embeddings, LayerNorm)
          -> x [B,S,H], mask_index [B] (valid lengths; padding is on the right)
-      -> per layer:  Attention(x, Wqkv [H,3H], bqkv) -> MatMul Wo -> SkipLayerNorm(+x, +bo)
-                     -> MatMul W1 -> BiasGelu(b1) -> MatMul W2 -> SkipLayerNorm(+x1, +b2)
+      -> per layer:  Attention(x, Wqkv [H,3H], bqkv) -> MatMul Wo -> LayerNorm(+bo, +x)
+                     -> MatMul W1 -> BiasGelu(b1) -> MatMul W2 -> LayerNorm(+b2, +x1)
       -> pooling (mean / cls / max, masked) -> [B,H]
       -> L2 normalisation when 2_Normalize is in modules.json
       -> sentence_embedding [B,H] float32
@@ -15,9 +15,9 @@ using ONNX Runtime's fused transformer contrib ops, which its CPU and CUDA provi
 quant "int8": SmoothQuant scales calibrated on pydoc text (smooth_linears), then
 onnxruntime.quantization.quantize_dynamic on the linears in INT8_LINEARS (Attention -> QAttention,
 MatMul -> MatMulInteger): 8-bit per-channel weights (int8, or uint8 on x86 without VNNI:
-int8_weight_type), uint8 activations quantized per call; the FFN-down linears become 8-bit
-MatMulNBits (per-block weights and activations, int8 dot products: nbits_linears). The embedding
-tables stay fp32 (gathers, not matmuls). See INT8_LINEARS for the measurements.
+int8_weight_type), uint8 activations quantized per call, the FFN-down inputs row by row
+(row_scaled_linears). The embedding tables stay fp32 (gathers, not matmuls). See INT8_LINEARS for
+the measurements.
 """
 
 from __future__ import annotations
@@ -131,11 +131,25 @@ def _attention_unfused(g: _Graph, n: str, s: EncoderSpec, x: str, wqkv: np.ndarr
     return g.node("Reshape", [c, g.const("const/shape_bsh", np.array([0, 0, H], np.int64))], f"{n}/attn/context/Reshape")[0]
 
 
+def _add_layer_norm(g: _Graph, n: str, x: str, bias: str, residual: str, gamma: str, beta: str, eps: float) -> str:
+    """LayerNorm(x + bias + residual) in standard ops:  x --Add bias--> --Add residual--> LayerNormalization.
+
+    NOTE: not com.microsoft.SkipLayerNormalization, which computes the same: on [32, 196, 384]
+    float32, 2 threads, ONNX Runtime 1.32 on the 2-core EPYC, SkipLayerNormalization took 14.2 ms
+    against 3.0 ms for Add + Add + LayerNormalization (medians of 7, one-op graphs timed by a
+    throwaway script; SkipLayerNormalization was 13-15% of the int8 graph's time in ORT's profile,
+    Add + LayerNormalization 4.6%). ORT's SkipLayerNormFusion would fuse these back, so every
+    session of this graph disables it (edge.runtime.embedder.ORT_DISABLED_OPTIMIZERS)."""
+    (y,) = g.node("Add", [x, bias], f"{n}/AddBias")
+    (y,) = g.node("Add", [y, residual], f"{n}/AddResidual")
+    return g.node("LayerNormalization", [y, gamma, beta], f"{n}/LayerNorm", axis=-1, epsilon=eps)[0]
+
+
 def _layer(g: _Graph, i: int, w: dict[str, np.ndarray], s: EncoderSpec, x: str, mask_index: str) -> str:
     """One post-LN BERT layer.
 
-        x --Attention(qkv packed)--> a --MatMul Wo--> SkipLN(+x, +bo) = x1
-        x1 --MatMul W1--> BiasGelu(+b1) --MatMul W2--> SkipLN(+x1, +b2) = out
+        x --Attention(qkv packed)--> a --MatMul Wo--> LayerNorm(+bo, +x) = x1
+        x1 --MatMul W1--> BiasGelu(+b1) --MatMul W2--> LayerNorm(+b2, +x1) = out
     """
     p, n = f"encoder.layer.{i}.", f"/model/layers.{i}"
     att = p + "attention.self."
@@ -149,19 +163,15 @@ def _layer(g: _Graph, i: int, w: dict[str, np.ndarray], s: EncoderSpec, x: str, 
         a = _attention_unfused(g, n, s, x, wqkv, bqkv)
     (o,) = g.node("MatMul", _linear_in(g, a, w[p + "attention.output.dense.weight"].T, f"{n}/attn/o_proj"),
                   f"{n}/attn/o_proj/MatMul")
-    x1 = g.node("SkipLayerNormalization",
-                [o, x, g.const(f"{n}/attn_ln.weight", w[p + "attention.output.LayerNorm.weight"]),
-                 g.const(f"{n}/attn_ln.bias", w[p + "attention.output.LayerNorm.bias"]),
-                 g.const(f"{n}/attn/o_proj.bias", w[p + "attention.output.dense.bias"])],
-                f"{n}/attn_ln/SkipLayerNorm", domain=MS_DOMAIN, epsilon=s.layer_norm_eps)[0]
+    x1 = _add_layer_norm(g, f"{n}/attn_ln", o, g.const(f"{n}/attn/o_proj.bias", w[p + "attention.output.dense.bias"]), x,
+                         g.const(f"{n}/attn_ln.weight", w[p + "attention.output.LayerNorm.weight"]),
+                         g.const(f"{n}/attn_ln.bias", w[p + "attention.output.LayerNorm.bias"]), s.layer_norm_eps)
     (h,) = g.node("MatMul", _linear_in(g, x1, w[p + "intermediate.dense.weight"].T, f"{n}/mlp/up"), f"{n}/mlp/up/MatMul")
     (h,) = g.node("BiasGelu", [h, g.const(f"{n}/mlp/up.bias", w[p + "intermediate.dense.bias"])], f"{n}/mlp/BiasGelu", domain=MS_DOMAIN)
     (d,) = g.node("MatMul", _linear_in(g, h, w[p + "output.dense.weight"].T, f"{n}/mlp/down"), f"{n}/mlp/down/MatMul")
-    return g.node("SkipLayerNormalization",
-                  [d, x1, g.const(f"{n}/mlp_ln.weight", w[p + "output.LayerNorm.weight"]),
-                   g.const(f"{n}/mlp_ln.bias", w[p + "output.LayerNorm.bias"]),
-                   g.const(f"{n}/mlp/down.bias", w[p + "output.dense.bias"])],
-                  f"{n}/mlp_ln/SkipLayerNorm", domain=MS_DOMAIN, epsilon=s.layer_norm_eps)[0]
+    return _add_layer_norm(g, f"{n}/mlp_ln", d, g.const(f"{n}/mlp/down.bias", w[p + "output.dense.bias"]), x1,
+                           g.const(f"{n}/mlp_ln.weight", w[p + "output.LayerNorm.weight"]),
+                           g.const(f"{n}/mlp_ln.bias", w[p + "output.LayerNorm.bias"]), s.layer_norm_eps)
 
 
 def _pool(g: _Graph, s: EncoderSpec, x: str) -> str:
@@ -225,22 +235,26 @@ def build_encoder_graph(spec: EncoderSpec, weights: dict[str, np.ndarray]) -> An
 #   + SmoothQuant on the qkv and FFN-up inputs (alpha 0.8), FFN down fp32         min 0.992, mean 0.998
 #   + FFN down INT8 too (smoothed)                                                min 0.978
 # Post-LayerNorm activations have a few outlier channels that eat the per-tensor range; smoothing
-# (x / s, W * s, exact in fp32) moves it into the weights. FFN-down inputs (GELU outputs) resist it.
-INT8_LINEARS = ("attn/qkv", "attn/o_proj", "mlp/up")
+# (x / s, W * s, exact in fp32) moves it into the weights. FFN-down inputs (GELU outputs) resist it:
+# their outliers sit in a few tokens, not channels, so they are quantized row by row instead
+# (ROW_SCALED_LINEARS).
+INT8_LINEARS = ("attn/qkv", "attn/o_proj", "mlp/up", "mlp/down")
 INT8_SMOOTHED = ("attn/qkv", "mlp/up")
 INT8_SMOOTH_ALPHA = 0.8  # 0.5 left min cosine 0.985 on short texts, 0.8 gave 0.998 (one text at a time)
-# FFN down as 8-bit MatMulNBits (accuracy level 4: activations quantized to int8 per block of
-# NBITS_BLOCK along K, int8 x int8 dot products, weights per block). Per-block activation scales
-# follow the GELU outliers that defeat one per-tensor scale. Measured (all-MiniLM-L6-v2, the 200
-# texts of bench_embed.varied_texts against sentence-transformers; texts/s of a 32 x 194-token batch,
-# 2 threads, alternating rounds in one job on the 2-core EPYC (AVX-512 VNNI), load 6-7):
-#                                  min cos   texts/s vs the FFN-down-fp32 build
-#   FFN down fp32 (until now)      0.99218   1.00x
-#   FFN down 8-bit MatMulNBits     0.99302   1.19x
-#   FFN down dynamic int8          0.98362   1.24x
-NBITS_LINEARS = ("mlp/down",)
-NBITS_BLOCK = 32
-NBITS_ACCURACY_LEVEL = 4
+# FFN down: each row (token) divided by its own max before the per-tensor uint8 quantizer, the
+# output multiplied back (row_scaled_linears), so one token's GELU outliers no longer set every
+# token's resolution. Measured (all-MiniLM-L6-v2, the 200 texts of bench_embed.varied_texts against
+# sentence-transformers; texts/s of the same real chunks, 128 of the scale corpus in batches of 32,
+# 2 threads, graphs alternated batch by batch in one locked job on the 2-core EPYC, AVX-512 VNNI;
+# CPU-seconds per text, which holds up under the other engineers' load; a throwaway script):
+#                                                  min cos   texts/s vs 8-bit MatMulNBits
+#   FFN down 8-bit MatMulNBits, block 32 (until now)  0.99302   1.00x (MLAS spent 2.7x the time per
+#                                                                     FLOP of the int8 GEMM on it)
+#   FFN down 8-bit MatMulNBits, block 256             0.99188   1.09x
+#   FFN down dynamic int8                             0.98362   1.18-1.20x
+#   FFN down dynamic int8, rows scaled (now)          0.99205   1.13-1.14x
+# With LayerNorm unfused (_add_layer_norm) as well: 1.31-1.35x the graph before both.
+ROW_SCALED_LINEARS = ("mlp/down",)
 
 
 def int8_weight_type(u8s8_exact: bool) -> str:
@@ -248,11 +262,11 @@ def int8_weight_type(u8s8_exact: bool) -> str:
     decides it). ONNX Runtime's u8 x s8 GEMM saturates its int16 pair sums on x86 without VNNI
     (edge.cpu); its u8 x u8 GEMM widens both sides to int16 first (vpmaddwd) and is exact there.
     Measured against sentence-transformers (min cosine over bench_embed.varied_texts(200)), with
-    the FFN down as 8-bit MatMulNBits:
-      int8 weights:               0.99302 (VNNI); saturates on AVX2 (README, qemu -cpu Haswell)
-      7-bit int8 (reduce_range):  0.98835 (FFN down fp32; the same on either CPU: cannot saturate)
-      uint8 weights (u8 x u8):    0.99308 on VNNI, the same arithmetic on AVX2; 0.84x the speed of
-                                  int8 on the VNNI CPU, whose u8 x u8 kernel has no vpdpbusd
+    the FFN down row-scaled (with the FFN down as 8-bit MatMulNBits before it, in brackets):
+      int8 weights:               0.99205 [0.99302] (VNNI); saturates on AVX2 (README, qemu -cpu Haswell)
+      7-bit int8 (reduce_range):  [0.98835] (FFN down fp32; the same on either CPU: cannot saturate)
+      uint8 weights (u8 x u8):    0.99320 [0.99308] on VNNI, the same arithmetic on AVX2; 0.61x the
+                                  speed of int8 on the VNNI CPU, whose u8 x u8 kernel has no vpdpbusd
     """
     return "int8" if u8s8_exact else "uint8"
 
@@ -316,7 +330,7 @@ def smooth_linears(model: Any, tokenizer_json: Path, max_seq_length: int, texts:
 
 def _quantize_int8(src: Path, dst: Path) -> Quant:
     """Dynamic INT8 (8-bit per-channel weights, uint8 activations quantized per call) on
-    INT8_LINEARS, then 8-bit MatMulNBits on NBITS_LINEARS. The weight type follows this CPU
+    INT8_LINEARS, the ROW_SCALED_LINEARS' rows scaled first. The weight type follows this CPU
     (int8_weight_type); EDGE_RAG_U8S8 builds for another one (edge.cpu)."""
     import logging
 
@@ -326,9 +340,12 @@ def _quantize_int8(src: Path, dst: Path) -> Quant:
 
     from edge.cpu import u8s8_exact
 
-    model = onnx.load(str(src), load_external_data=False)
+    model = onnx.load(str(src))
+    scaled = row_scaled_linears(model)
+    onnx.save_model(model, str(src))
     consts = {i.name for i in model.graph.initializer}
     nodes = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Attention") and n.input[1] in consts]
+    del model
     keep_fp32 = [n for n in nodes if not any(k in n for k in INT8_LINEARS)]
     exact = u8s8_exact()
     wtype = int8_weight_type(exact)
@@ -343,55 +360,45 @@ def _quantize_int8(src: Path, dst: Path) -> Quant:
                                         "DefaultTensorType": TensorProto.FLOAT})
     finally:
         root.setLevel(level)
-    model = onnx.load(str(dst))
-    nbits = nbits_linears(model)
-    onnx.save_model(model, str(dst))
-    return Quant(recipe="int8", method="SmoothQuant + onnxruntime.quantize_dynamic + 8-bit MatMulNBits",
+    return Quant(recipe="int8", method="SmoothQuant + row-scaled FFN down + onnxruntime.quantize_dynamic",
                  details={"weights": "int8 per-channel symmetric" if wtype == "int8"
                           else "uint8 per-channel asymmetric (u8 x u8: x86 without VNNI)",
                           "u8s8_exact": exact,  # the CPU it was built for (edge.cpu, edge.runtime.embedder.isa_mismatch)
                           "activations": "uint8 dynamic per call",
                           "int8_linears": list(INT8_LINEARS), "smoothed": list(INT8_SMOOTHED), "smooth_alpha": INT8_SMOOTH_ALPHA,
-                          "nbits_linears": nbits, "nbits": {"bits": 8, "block_size": NBITS_BLOCK,
-                                                            "accuracy_level": NBITS_ACCURACY_LEVEL}})
+                          "row_scaled_linears": scaled})
 
 
-def nbits_linears(model: Any, keys: tuple[str, ...] = NBITS_LINEARS, block: int = NBITS_BLOCK,
-                  accuracy_level: int = NBITS_ACCURACY_LEVEL) -> list[str]:
-    """Turn each fp32 MatMul whose name holds one of `keys` into an 8-bit MatMulNBits (in place):
+def row_scaled_linears(model: Any, keys: tuple[str, ...] = ROW_SCALED_LINEARS) -> list[str]:
+    """Give each fp32 MatMul whose name holds one of `keys` a per-row scale (in place; exact in fp32):
 
-        x [B,S,K] ─ MatMul(W f32 [K, N])  ->  x ─ MatMulNBits(B uint8 [N, K/b, b], scales f32 [N*K/b], bits 8)
+        x [B,S,K] ─ ReduceMax over K ─ Max(1e-6) = r [B,S,1]
+        x * (1 / r) ─ MatMul W ─ * r ─> y      (quantize_dynamic then turns the MatMul into int8)
 
-    A linear whose K is not a multiple of `block` stays fp32. Returns the names converted."""
+    Every row then spans at most [min/r, 1], so the one per-tensor scale of the dynamic quantizer is
+    no longer set by the few rows with outliers. r is the row's max, not max |x|: the inputs here
+    are GELU outputs (>= -0.17). Returns the names of the linears changed."""
     from onnx import helper, numpy_helper
 
-    from edge.quant.format import quantize_int8_blocks
-
-    inits = {i.name: i for i in model.graph.initializer}
-    done = []
+    inits = {i.name for i in model.graph.initializer}
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1e-6, np.float32), "const/row_scale_eps"))
+    nodes, done = [], []
     for n in model.graph.node:
         if n.op_type != "MatMul" or not any(k in n.name for k in keys) or n.input[1] not in inits:
+            nodes.append(n)
             continue
-        w = numpy_helper.to_array(inits[n.input[1]])  # [K, N]
-        k, nout = w.shape
-        if k % block:
-            continue
-        q, scales = quantize_int8_blocks(w.T, block)
         base = n.name.rsplit("/", 1)[0]
-        model.graph.initializer.extend([numpy_helper.from_array(q, f"{base}.qweight8"),
-                                        numpy_helper.from_array(scales.reshape(-1), f"{base}.scales8")])
-        n.op_type, n.domain = "MatMulNBits", MS_DOMAIN
-        n.name = f"{base}/MatMulNBits"
-        n.input[1:] = [f"{base}.qweight8", f"{base}.scales8"]
-        n.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("N", nout), helper.make_attribute("bits", 8),
-                            helper.make_attribute("block_size", block), helper.make_attribute("accuracy_level", accuracy_level)])
+        r, inv, xn, y = (f"{base}/row_scale/{t}" for t in ("r", "inv", "x", "y"))
+        nodes += [helper.make_node("ReduceMax", [n.input[0]], [f"{r}_max"], name=f"{base}/row_scale/ReduceMax", axes=[-1], keepdims=1),
+                  helper.make_node("Max", [f"{r}_max", "const/row_scale_eps"], [r], name=f"{base}/row_scale/Max"),
+                  helper.make_node("Reciprocal", [r], [inv], name=f"{base}/row_scale/Reciprocal"),
+                  helper.make_node("Mul", [n.input[0], inv], [xn], name=f"{base}/row_scale/Mul")]
+        out = n.output[0]
+        n.input[0], n.output[0] = xn, y
+        nodes += [n, helper.make_node("Mul", [y, r], [out], name=f"{base}/row_scale/Unscale")]
         done.append(base)
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    if done and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     return done
 
 

@@ -115,17 +115,14 @@ def calibrate_gate(embed: Callable[[list[str]], np.ndarray]) -> dict:
 def onnx_embed_fn(model_path, tokenizer_json, max_seq_length: int, pad_id: int = 0, threads: int | None = None,
                   batch: int = 16) -> Callable[[list[str]], np.ndarray]:
     """texts -> embeddings through a just-written model.onnx (the build has no Bundle yet)."""
-    import onnxruntime as ort
     from tokenizers import Tokenizer
+
+    from edge.runtime.embedder import open_ort_session
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     tok.no_padding()
     tok.enable_truncation(max_length=max_seq_length)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    sess = open_ort_session(model_path, threads=threads)
 
     def embed(texts: list[str]) -> np.ndarray:
         ids = [e.ids for e in tok.encode_batch(texts)]

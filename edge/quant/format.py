@@ -99,21 +99,6 @@ def quantize_int4_rtn(w: np.ndarray, group_size: int) -> QTensor:
     return QTensor(pack_int4(q), scale, 4, group_size, (n, k))
 
 
-def quantize_int8_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """8-bit MatMulNBits' B and scales for w [N, K]: symmetric round-to-nearest per block of `block`
-    along K, q in [-127, 127] stored as q + 128 (MatMulNBits' default 8-bit zero point):
-    uint8 [N, K/block, block], float32 [N, K/block]."""
-    w = w.astype(np.float32)
-    n, k = w.shape
-    if k % block:
-        raise ValueError(f"in_features {k} not divisible by block {block}")
-    g = w.reshape(n, k // block, block)
-    scale = np.abs(g).max(axis=2) / 127.0
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    q = np.clip(np.rint(g / scale[..., None]), -127, 127).astype(np.int16) + 128
-    return q.astype(np.uint8), scale
-
-
 # ---- reading a linear back (the one reader every lowering uses) --------------------------------
 
 

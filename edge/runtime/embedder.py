@@ -117,6 +117,31 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# NOTE: graphs built since the Add + LayerNormalization change (edge.build.encoder._add_layer_norm)
+# must not be re-fused into com.microsoft.SkipLayerNormalization, 4.7x slower on CPU (ONNX Runtime
+# 1.32; measured in that function's note). Older graphs hold SkipLayerNormalization nodes themselves
+# and are unaffected.
+ORT_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
+
+def open_ort_session(path: str | Path, *, threads: int | None = None, spin: bool = False,
+                     providers: list[str] | None = None) -> Any:
+    """The onnxruntime session of an embedder graph, as the runtime and the build's calibration run it."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    # NOTE: no spin-waiting between ops by default. The embedder shares a few cores with the
+    # generator (EdgeRuntime hosts both); spinning threads of an idle session steal those cores.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"],
+                                disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS))
+
+
 class Embedder:
     """Sentence embeddings from an embedder bundle. Thread-safe for concurrent `embed` calls
     (onnxruntime sessions are; the tokenizer is only read)."""
@@ -174,18 +199,9 @@ class Embedder:
                 if asked == "cuda":
                     raise
                 log.warning("the GPU embedder cannot run this bundle (%s); using onnxruntime", e)
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or default_threads()
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        # NOTE: no spin-waiting between ops. The embedder shares a few cores with the generator
-        # (EdgeRuntime hosts both); spinning threads of an idle session steal those cores.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
-            sess = ort.InferenceSession(str(bundle.file("model.onnx")), so, providers=providers or ["CPUExecutionProvider"])
+            sess = open_ort_session(bundle.file("model.onnx"), threads=threads or default_threads(), spin=spin,
+                                    providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendError(f"{bundle.path}: onnxruntime cannot load model.onnx ({e})",
                                fix="rebuild the bundle with this onnxruntime version") from None
