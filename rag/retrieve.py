@@ -1,7 +1,7 @@
-"""Retrieval: vector top-k (FAISS) and keyword top-k (SQLite FTS5 BM25), fused by reciprocal rank
-fusion, plus the relevance gate that lets `ask` refuse questions the documents do not cover.
+"""Retrieval: vector top-k (FAISS) and keyword top-k (SQLite FTS5 BM25), fused (DEFAULT_FUSION), plus
+the relevance gate that lets `ask` refuse questions the documents do not cover.
 
-    hybrid   RRF over both lists: score = sum 1 / (RRF_K + rank), rank 1-based
+    hybrid   0.4 minmax(cosine) + 0.6 minmax(BM25) over FUSION_CANDIDATES of each list (Fusion)
     vector   cosine of the query and chunk embeddings
     keyword  BM25 (negated so higher is better)
 
@@ -24,6 +24,9 @@ from rag.store import ChunkRow, Closing, Store
 
 MODES = ("hybrid", "vector", "keyword")
 RRF_K = 60
+# Candidates taken from each list before fusion (at least; 8 k for larger k). Min-max fusion scales
+# each list over its own candidates, so this is part of the fusion's definition (see DEFAULT_FUSION).
+FUSION_CANDIDATES = 40
 MAX_FTS_TERMS = 64
 # The relevance gate. Its thresholds are on the embedder's own cosine scale, so they are calibrated
 # when the embedder bundle is built (edge.build.relevance) and read from its manifest
@@ -196,7 +199,23 @@ class Fusion:
         return {i: w * nv.get(i, 0.0) + wk * nk.get(i, 0.0) for i in set(nv) | set(nk)}
 
 
-DEFAULT_FUSION = Fusion()
+# NOTE: convex 0.4 over 40 candidates a list, not plain RRF (rrf:0.5 over 20, shipped until now).
+# RRF gives a chunk at rank 1 of one list and absent from the other 1/61, less than a chunk at rank
+# 10 of both (2/70): a decisive keyword hit (the only passage naming "/data") lost to passages that
+# were mediocre in both lists, and which of those won depended on the embedder's rounding (the
+# row-scaled int8 embedder moved "free space beside the robot" from 5th to 6th). Min-max scores keep
+# how far ahead a hit is. Recall@5 / MRR (hybrid; throwaway script over the same candidate lists,
+# exact cosine; rows checked against bench_rag.py / bench_retrieval_scale.py):
+#                              examples (36)          scale tune (25) / held-out (25)
+#                              8-bit-nbits  row-scaled  8-bit-nbits          row-scaled embedder
+#   rrf:0.5, 20 (until now)    0.972/0.894  0.944/0.903 0.96/0.883 0.96/0.913  0.96/0.880 0.96/0.913
+#   convex:0.4, 40 (now)       1.000/0.979  1.000/0.979 0.96/0.930 1.00/0.907  0.96/0.910 1.00/0.907
+#   vector only                0.944/0.887  0.917/0.896 0.88/0.780 0.92/0.853  0.88/0.787 0.92/0.873
+#   keyword only               1.000/0.965  1.000/0.965 0.92/0.803 0.92/0.807  0.92/0.803 0.92/0.807
+# Every convex weight 0.35-0.45 with 30-80 candidates gave examples 1.000 and scale 0.96 / 0.96-1.00
+# for both embedders (the plateau's middle is shipped); 0.5 and up fell to 0.972 on the examples,
+# rrf at any k from 5 to 60 was below keyword-only on one corpus or the other.
+DEFAULT_FUSION = Fusion("convex", 0.4)
 
 
 def gate_of(embedder) -> dict:
@@ -250,7 +269,8 @@ class Retriever(Closing):
 
     def search(self, query: str, k: int = 5, mode: str = "hybrid", fetch_k: int | None = None,
                fusion: Fusion | None = None) -> Retrieval:
-        """Top-k chunks for `query`. `fetch_k` candidates are taken from each list before fusion."""
+        """Top-k chunks for `query`. `fetch_k` candidates (default FUSION_CANDIDATES, 8 k when more)
+        are taken from each list before fusion."""
         if mode not in MODES:
             raise UsageError(f"unknown search mode {mode!r}", fix=f"use one of {', '.join(MODES)}")
         if k < 1:
@@ -259,7 +279,7 @@ class Retriever(Closing):
             raise UsageError("empty query", fix="ask a question")
         t0 = time.perf_counter()
         self.refresh()
-        fetch_k = fetch_k or max(4 * k, 20)
+        fetch_k = fetch_k or max(8 * k, FUSION_CANDIDATES)
         ms: dict = {}
         vec: list[tuple[int, float]] = []
         top_cos = -1.0

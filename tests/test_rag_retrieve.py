@@ -131,6 +131,22 @@ def test_identical_passages_from_two_copies_are_one_source(tmp_path):
             assert "coolant pressure" in texts[0]
 
 
+def test_default_fusion_keeps_a_decisive_keyword_hit_that_the_vector_list_lacks():
+    """What RRF lost on the example corpus: a keyword hit far ahead of the rest of its list, absent from
+    the vector candidates, outranks passages that are mediocre in both lists; when the keyword list's
+    best is barely ahead, the vector side decides."""
+    from rag.retrieve import DEFAULT_FUSION, FUSION_CANDIDATES, Fusion
+
+    vec = [(10 + j, 0.8 - 0.005 * j) for j in range(FUSION_CANDIDATES)]
+    rest = [(10 + j, 8.0 - 0.05 * j) for j in range(FUSION_CANDIDATES - 1)]
+    decisive = DEFAULT_FUSION.fuse(vec, [(99, 20.0)] + rest)
+    assert max(decisive, key=decisive.get) == 99
+    plain_rrf = Fusion("rrf", 0.5).fuse(vec, [(99, 20.0)] + rest)
+    assert sorted(plain_rrf, key=plain_rrf.get, reverse=True).index(99) >= 5  # RRF buries it
+    close = DEFAULT_FUSION.fuse(vec, [(99, 8.05)] + rest)
+    assert max(close, key=close.get) == 10
+
+
 def test_fusion_methods_math_and_parse():
     from rag.retrieve import Fusion
 
