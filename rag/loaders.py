@@ -176,9 +176,12 @@ def load_rst(path: Path) -> LoadedDoc:
 
 class _HtmlBlocks(HTMLParser):
     """Collects headings (h1-h6) and paragraph-level text with their source line ranges.
-    Script/style/head content is dropped; block-level tags end a paragraph."""
+    Script/style/head content is dropped; block-level tags end a paragraph. A table is one
+    block of Markdown-style rows, one line per <tr> ("| F4 | 1.5 m/s | 1.5 m |", a "| --- |" line
+    under a header row of <th> cells), so that each value stays next to the row and column it
+    belongs to (one paragraph per cell loses which value is which)."""
 
-    BLOCK = {"p", "div", "li", "ul", "ol", "table", "tr", "td", "th", "pre", "br", "section",
+    BLOCK = {"p", "div", "li", "ul", "ol", "table", "tr", "pre", "br", "section",
              "article", "blockquote", "dd", "dt", "dl", "header", "footer", "main", "nav", "hr",
              "figure", "figcaption", "body", "tbody", "thead"}
     SKIP = {"script", "style", "head", "title", "noscript", "template"}
@@ -190,6 +193,13 @@ class _HtmlBlocks(HTMLParser):
         self._start = 0
         self._level = 0
         self._skip = 0
+        # the outermost open table: rows of (cells, all cells <th>); nested tables are read as cell text
+        self._tables = 0
+        self._rows: list[tuple[list[str], bool]] = []
+        self._cells: list[str] | None = None  # the open row's cells
+        self._cell: list[str] | None = None  # the open cell's text
+        self._row_th = True
+        self._table_start = 0
 
     def _flush(self) -> None:
         txt = re.sub(r"[ \t\r\f\v]+", " ", "".join(self._buf))
@@ -199,17 +209,58 @@ class _HtmlBlocks(HTMLParser):
         self._buf = []
         self._level = 0
 
+    # -- tables
+    def _end_cell(self) -> None:
+        if self._cell is not None:
+            if self._cells is None:  # a cell outside any <tr>
+                self._cells, self._row_th = [], True
+            self._cells.append(" ".join("".join(self._cell).split()).replace("|", "/"))
+            self._cell = None
+
+    def _end_row(self) -> None:
+        self._end_cell()
+        if self._cells:
+            self._rows.append((self._cells, self._row_th))
+        self._cells = None
+
+    def _end_table(self) -> None:
+        self._end_row()
+        lines = []
+        for i, (cells, th) in enumerate(self._rows):
+            lines.append("| " + " | ".join(cells) + " |")
+            if i == 0 and th and len(self._rows) > 1:
+                lines.append("|" + " --- |" * len(cells))
+        if lines:
+            self.out.append(("\n".join(lines), 0, self._table_start, self.getpos()[0]))
+        self._rows = []
+
     def handle_starttag(self, tag, attrs):
         if tag in self.SKIP:
             self._skip += 1
+        elif self._tables:
+            if tag == "table":
+                self._tables += 1
+            elif self._tables > 1:
+                pass
+            elif tag == "tr":
+                self._end_row()
+                self._cells, self._row_th = [], True
+            elif tag in ("td", "th"):
+                self._end_cell()
+                self._cell = []
+                self._row_th = self._row_th and tag == "th"
+            if self._cell is not None and (tag in self.BLOCK or tag in ("td", "th")):
+                self._cell.append(" ")  # text inside a cell keeps its words apart
+        elif tag == "table":
+            self._flush()
+            self._tables, self._rows, self._cells, self._cell = 1, [], None, None
+            self._table_start = self.getpos()[0]
         elif re.fullmatch(r"h[1-6]", tag):
             self._flush()
             self._level = int(tag[1])
             self._start = self.getpos()[0]
         elif tag in self.BLOCK:
-            if tag in ("li", "tr"):
-                self._flush()
-            elif tag == "br":
+            if tag == "br":
                 self._buf.append("\n")
             else:
                 self._flush()
@@ -217,13 +268,32 @@ class _HtmlBlocks(HTMLParser):
     def handle_endtag(self, tag):
         if tag in self.SKIP:
             self._skip = max(0, self._skip - 1)
+        elif self._tables:
+            if tag == "table":
+                self._tables -= 1
+                if not self._tables:
+                    self._end_table()
+            elif self._tables > 1:
+                if self._cell is not None:
+                    self._cell.append(" ")
+            elif tag in ("td", "th"):
+                self._end_cell()
+            elif tag == "tr":
+                self._end_row()
+            elif self._cell is not None:
+                self._cell.append(" ")
         elif re.fullmatch(r"h[1-6]", tag) or tag in self.BLOCK:
             self._flush()
-        elif tag in ("td", "th"):
-            self._buf.append(" ")
 
     def handle_data(self, data):
         if self._skip:
+            return
+        if self._tables:
+            if self._cell is not None:
+                self._cell.append(data)
+            elif data.strip():  # text in a table outside any cell (a caption): a cell of its own row
+                self._cell = [data]
+                self._end_row()
             return
         if not self._buf and data.strip():
             self._start = self.getpos()[0]
@@ -231,6 +301,9 @@ class _HtmlBlocks(HTMLParser):
 
     def close(self):
         super().close()
+        if self._tables:  # an unclosed table
+            self._tables = 0
+            self._end_table()
         self._flush()
 
 

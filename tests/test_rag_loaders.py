@@ -104,6 +104,30 @@ def test_html_keeps_headings_and_source_lines(tmp_path):
     assert next(c for c in chunks if "red button" in c.text).heading == "Safety > E-Stop"
 
 
+def test_html_table_keeps_rows_and_columns(tmp_path):
+    # one block per table, one line per row: a value stays beside its row's name and under its column
+    p = tmp_path / "t.html"
+    p.write_text("<html><body>\n<h2>Fields</h2>\n<p>Before.</p>\n<table>\n"
+                 "  <tr><th>Field set</th><th>Protective field</th></tr>\n"
+                 "  <tr><td>F3 <em>standard</em></td><td>1.1 m</td></tr>\n"
+                 "  <tr><td>F4 | highway</td><td><p>1.5 m</p><p>(front)</p></td></tr>\n"
+                 "</table>\n<p>After.</p>\n</body></html>\n")
+    doc = load(p)
+    table = next(b for b in doc.blocks if "F4" in b.text)
+    assert table.text.split("\n") == ["| Field set | Protective field |", "| --- | --- |",
+                                      "| F3 standard | 1.1 m |", "| F4 / highway | 1.5 m (front) |"]
+    assert (table.loc_start, table.loc_end) == (4, 8)
+    assert [b.text for b in doc.blocks if not b.heading_level] == ["Before.", table.text, "After."]
+    c = next(c for c in Chunker(HashEmbedder().count_tokens).chunk(doc) if "F4" in c.text)
+    assert "| F4 / highway | 1.5 m (front) |" in c.text and c.heading == "Fields"
+
+
+def test_html_table_without_header_or_closing_tags(tmp_path):
+    p = tmp_path / "u.html"
+    p.write_text("<table><tr><td>a<td>b<tr><td>c<td>d</table><p>x</p><table><tr><td>open")
+    assert [b.text for b in load(p).blocks] == ["| a | b |\n| c | d |", "x", "| open |"]
+
+
 def test_pdf_pages_kept(tmp_path):
     p = make_pdf(tmp_path / "g.pdf", ["Page one talks about docking.", "Page two: error E-500 overheating."])
     doc = load(p)
