@@ -135,6 +135,26 @@ def shown_text(text: str, g, prompt, question: str, res) -> str:
     return note if deg else text + note
 
 
+def foreign_documents(collection: str, docs: Path) -> int:
+    """Documents of `collection` from outside `docs`. ingest keeps every root a collection was given,
+    so --reuse-index from another checkout of the repository would add the corpus a second time:
+    then every passage is retrieved twice (a session-3 table was measured that way). Such a
+    collection is ingested afresh instead (said on stderr)."""
+    from rag.ingest import collection_dir
+    from rag.store import Store
+
+    d = collection_dir(collection)
+    if not (d / "store.sqlite").is_file():
+        return 0
+    root = docs.resolve()
+    with Store(d, readonly=True) as st:
+        n = sum(1 for p in st.documents() if not Path(p).is_relative_to(root))
+    if n:
+        print(f"bench_answers: collection {collection} holds {n} documents from outside {root}: ingested afresh",
+              file=sys.stderr)
+    return n
+
+
 def score_text(text: str, n_passages: int, item) -> dict:
     from rag.eval import keyword_hits
     from rag.prompt import all_cited_numbers, cited_numbers
@@ -215,7 +235,10 @@ def main() -> None:
     ap.add_argument("--corpus", default="manuals,pydoc")
     ap.add_argument("--split", default="test", choices=("test", "heldout", "both"),
                     help="the questions the recipe was chosen on (test), the held-out ones, or both")
-    ap.add_argument("--reuse-index", action="store_true", help="ingest incrementally (unchanged files are kept)")
+    ap.add_argument("--reuse-index", action="store_true", help="ingest incrementally (unchanged files are kept; "
+                    "the chunks of a file stay as the code that ingested it cut them, so the first job of a "
+                    "set after a loader or chunker change runs without it; a collection holding documents "
+                    "from another checkout is ingested afresh)")
     ap.add_argument("--peer", action="store_true", help="also llama.cpp on the engine's source GGUF")
     ap.add_argument("--peer-only", action="store_true", help="llama.cpp only (the engine's tokenizer builds the prompts)")
     ap.add_argument("--gguf", default=None, help="the peer's GGUF (default: the engine's source)")
@@ -301,7 +324,8 @@ def main() -> None:
         if split == "heldout":
             qfile = HELDOUT[corpus]
         coll = f"bench-answers-{corpus}"
-        rep = ingest(docs, embedder=emb, collection=coll, rebuild=not args.reuse_index, progress=False,
+        reuse = args.reuse_index and not foreign_documents(coll, docs)
+        rep = ingest(docs, embedder=emb, collection=coll, rebuild=not reuse, progress=False,
                      embedder_path=str(emb_path))
         items = load_questions(qfile)[args.offset:] if args.uncovered != "only" else []
         if args.limit:

@@ -1,5 +1,6 @@
 """bench/serve_harness.py's HTTP client against a scripted server: chunked bodies split mid-event,
-usage, [DONE], error events, hang-ups, /health's engine counters; and its percentile."""
+usage, [DONE], error events, hang-ups, /health's engine counters; and its percentile. Also
+bench/bench_answers.py's check that its collection holds only its own corpus."""
 
 from __future__ import annotations
 
@@ -115,3 +116,23 @@ def test_percentile():
     assert pct([5.0], 99) == 5.0
     xs = list(range(1, 101))
     assert pct(xs, 50) == pytest.approx(50.5) and pct(xs, 99) == pytest.approx(99.01) and pct(xs, 100) == 100
+
+
+def test_bench_answers_reingests_a_collection_holding_another_checkouts_corpus(tmp_path, capsys):
+    # ingest keeps every root a collection was given: the same corpus from two checkouts is in it twice
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_rag_fakes import HashEmbedder
+
+    from bench.bench_answers import foreign_documents
+    from rag.ingest import ingest
+
+    a, b = tmp_path / "a" / "manuals", tmp_path / "b" / "manuals"
+    for d in (a, b):
+        d.mkdir(parents=True)
+        (d / "x.md").write_text("# X\n\nThe valve opens at 3 bar.\n")
+    assert foreign_documents("bench-answers-t", a) == 0  # no collection yet
+    ingest(a, embedder=HashEmbedder(), collection="bench-answers-t", progress=False)
+    assert foreign_documents("bench-answers-t", a) == 0
+    ingest(b, embedder=HashEmbedder(), collection="bench-answers-t", progress=False)
+    assert foreign_documents("bench-answers-t", a) == 1 and foreign_documents("bench-answers-t", b) == 1
+    assert "ingested afresh" in capsys.readouterr().err
