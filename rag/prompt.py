@@ -16,7 +16,8 @@ Passages go in rank order, the question after them (the order small models answe
 passage longer than the recipe's `passage_tokens` is cut to the window of its sentences that
 holds the most question terms; the first passage that does not fit the context whole is cut
 the same way when at least MIN_PASSAGE_TOKENS of room is left, and the rest are dropped. A
-question that leaves no room at all is a ContextLengthError.
+question that leaves no room at all is a ContextLengthError. Retrieved chunks that overlap in one
+document are one passage (`merge_overlapping`; its window is the chunks' budgets added).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Passage:
     hit: Hit
     text: str  # possibly cut to fit
     truncated: bool = False
+    chunks: int = 1  # retrieved chunks it holds (overlapping chunks of one document are one passage)
 
     @property
     def citation(self) -> str:
@@ -98,7 +100,7 @@ class Prompt:
     n_tokens: int  # the whole prompt, template included
     max_context: int
     answer_tokens: int
-    dropped: int = 0  # retrieved hits that were not shown (recipe limit or context)
+    dropped: int = 0  # retrieved hits that were not shown (recipe limit or context; not those merged into one)
     notes: list[str] = field(default_factory=list)
     recipe: AnswerRecipe | None = None
 
@@ -182,6 +184,30 @@ def best_window(tokenizer, text: str, question: str, budget: int) -> str:
     return ("... " if i > 0 else "") + out + (" ..." if j < len(spans) else "")
 
 
+def merge_overlapping(hits: list[Hit]) -> list[tuple[Hit, int]]:
+    """Hits whose chunks overlap in one document (the chunker carries a chunk's last sentences into
+    the next) as one passage: the union of their text, at the rank of the better one; with how many
+    chunks each passage holds. Two copies of the overlap would cost tokens and repeat the same
+    sentences as if they were two sources."""
+    out: list[list] = []  # [hit, parts]
+    for h in hits:
+        c = h.chunk
+        for o in out:
+            a = o[0].chunk
+            if a.doc_id == c.doc_id and a.char_start < c.char_end and c.char_start < a.char_end:
+                first, last = (a, c) if a.char_start <= c.char_start else (c, a)
+                text = first.text + (last.text[first.char_end - last.char_start:] if last.char_end > first.char_end else "")
+                end = max(a.char_end, c.char_end)
+                o[0] = replace(o[0], chunk=replace(a, text=text, char_start=first.char_start, char_end=end,
+                                                   loc_start=min(a.loc_start, c.loc_start),
+                                                   loc_end=max(a.loc_end, c.loc_end), n_tokens=a.n_tokens + c.n_tokens))
+                o[1] += 1
+                break
+        else:
+            out.append([h, 1])
+    return [(h, n) for h, n in out]
+
+
 def build_prompt(question: str, hits: list[Hit], tokenizer, max_context: int, answer_tokens: int | None = None,
                  recipe: AnswerRecipe | None = None) -> Prompt:
     """Fit up to `recipe.max_passages` passages into the context (see the module docstring)."""
@@ -198,9 +224,9 @@ def build_prompt(question: str, hits: list[Hit], tokenizer, max_context: int, an
     passages: list[Passage] = []
     used = 0
     notes: list[str] = []
-    for h in hits[: recipe.max_passages]:
-        text = best_window(tokenizer, h.chunk.text, question, recipe.passage_tokens)
-        p = Passage(len(passages) + 1, h, text, truncated=text != h.chunk.text)
+    for h, parts in merge_overlapping(hits[: recipe.max_passages]):
+        text = best_window(tokenizer, h.chunk.text, question, recipe.passage_tokens * parts)
+        p = Passage(len(passages) + 1, h, text, truncated=text != h.chunk.text, chunks=parts)
         cost = _encode_len(tokenizer, p.block()) + 2  # + the blank line joining blocks
         if used + cost <= room:
             passages.append(p)
@@ -219,7 +245,8 @@ def build_prompt(question: str, hits: list[Hit], tokenizer, max_context: int, an
         passages.pop()
         msgs = messages_for(question, passages, recipe)
         n = count_prompt_tokens(tokenizer, msgs)
-    return Prompt(msgs, passages, n, max_context, answer_tokens, len(hits) - len(passages), notes, recipe)
+    return Prompt(msgs, passages, n, max_context, answer_tokens, len(hits) - sum(p.chunks for p in passages), notes,
+                  recipe)
 
 
 def cited_numbers(answer: str, n_passages: int) -> list[int]:

@@ -47,7 +47,9 @@ class FakeGenerator:
 
 def hit(i: int, words: int, path: str = "m.md") -> Hit:
     text = " ".join(f"w{i}_{j}" for j in range(words))
-    return Hit(ChunkRow(i, 1, path, "line", i, text, f"H{i}", 10 * i, 10 * i + 4, 0, len(text), words), 1.0 / i)
+    # chunk i sits at its own offsets in document 1 (chunks that overlap are merged: see below)
+    return Hit(ChunkRow(i, 1, path, "line", i, text, f"H{i}", 10 * i, 10 * i + 4, 10_000 * i, 10_000 * i + len(text),
+                        words), 1.0 / i)
 
 
 WIDE = replace(RECIPES["small"], max_passages=10, passage_tokens=1000)
@@ -79,6 +81,30 @@ def test_the_recipe_caps_passages_and_answer_budget():
     assert len(tiny.passages) == 1
     assert recipe_for(134_515_008) is RECIPES["tiny"]
     assert recipe_for(494_032_768) is RECIPES["small"] and recipe_for(None) is RECIPES["small"]
+
+
+def test_overlapping_chunks_of_one_document_are_one_passage():
+    # the chunker carries a chunk's last sentences into the next: both retrieved would show them twice
+    tok = WordTokenizer()
+    doc = "| E-405 | no charge current |\n| E-409 | cell above 60 C |\n| E-418 | capacity below 70 % |\n| E-420 | dock timeout |"
+    rows = doc.split("\n")
+    a_end = len("\n".join(rows[:3]))
+    b_start = len("\n".join(rows[:2])) + 1
+
+    def chunk(i, doc_id, s, e, l0, l1, path="m.md"):
+        return Hit(ChunkRow(i, doc_id, path, "line", i, doc[s:e], "Power", l0, l1, s, e, 9), 1.0 / i)
+
+    hits = [chunk(1, 1, 0, a_end, 86, 88), hit(2, 5), chunk(3, 1, b_start, len(doc), 88, 89),
+            chunk(4, 2, b_start, len(doc), 88, 89, "other.md")]  # same offsets, another document: kept apart
+    p = build_prompt("Which code is raised above 60 C?", hits, tok, max_context=4000)
+    assert [x.n for x in p.passages] == [1, 2, 3] and [x.chunks for x in p.passages] == [2, 1, 1] and p.dropped == 0
+    first = p.passages[0]
+    assert first.text == doc and first.hit.chunk.location() == "lines 86-89" and not first.truncated
+    assert p.messages[1]["content"].count("E-418") == 2  # once from document 1, once from other.md
+    assert p.passages[2].hit.chunk.path == "other.md"
+    # the better-ranked chunk may be the later one in the document: the union is the same
+    p2 = build_prompt("q?", [hits[2], hits[0]], tok, max_context=4000)
+    assert len(p2.passages) == 1 and p2.passages[0].text == doc and p2.passages[0].hit.score == 1 / 3
 
 
 def test_a_long_passage_keeps_the_window_that_matches_the_question():
