@@ -15,7 +15,8 @@ import typer
 
 from edge.cli.app import app
 
-BACKEND_HELP = "auto (cuda when a usable GPU is present, else onnxruntime) | onnxruntime | cuda | tensorrt (untested: Jetson only)"
+BACKEND_HELP = ("auto (cuda when a usable GPU is present, else onnxruntime) | onnxruntime | native (edge-rag's own CPU kernels, "
+                "llama-family models; needs a C compiler) | cuda | tensorrt (untested: Jetson only)")
 
 
 def _params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop):

@@ -20,8 +20,8 @@ MODE_HELP = "hybrid (vector + keyword, fused), vector or keyword"
 
 
 EMBED_BACKEND_HELP = "Embedder backend: auto (the GPU when cupy and an NVIDIA GPU are usable, else the CPU), onnxruntime or cuda"
-BACKEND_HELP = ("auto, onnxruntime, cuda or tensorrt (untested) for the generator; the embedder follows "
-                "(cuda or onnxruntime; auto and tensorrt: the GPU where usable)")
+BACKEND_HELP = ("auto, onnxruntime, native (own CPU kernels, llama-family), cuda or tensorrt (untested) for the generator; "
+                "the embedder follows (cuda or onnxruntime; native: onnxruntime; auto and tensorrt: the GPU where usable)")
 
 
 def _embedder(path: Optional[Path], collection: str | None = None, backend: str = "auto"):

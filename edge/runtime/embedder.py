@@ -73,9 +73,11 @@ def length_buckets(lengths: list[int], batch_size: int, max_cells: int = MAX_BAT
 def resolve_backend(backend: str) -> str:
     """"auto" -> "cuda" when a GPU of compute capability 8.0+ and cupy are usable, else
     "onnxruntime". The generator's names are accepted too: "tensorrt" has no embedder of its
-    own and means "auto" here."""
+    own and means "auto" here; "native" (the generator's own CPU step) means the CPU, onnxruntime."""
     if backend == "tensorrt":
         backend = "auto"
+    if backend == "native":
+        backend = "onnxruntime"
     if backend not in BACKENDS:
         raise UsageError(f"unknown embedder backend {backend!r}", fix=f"choose one of {', '.join(BACKENDS)}")
     if backend == "auto":

@@ -21,7 +21,7 @@ from edge.runtime.cuda import available as _cuda_available  # imports no cupy; n
 from edge.runtime.sampler import SamplingParams
 from edge.runtime.tokenizer import Tokenizer
 
-BACKENDS = ("auto", "onnxruntime", "cuda", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "native", "cuda", "tensorrt")
 
 
 @dataclass
@@ -58,6 +58,10 @@ def open_session(bundle, backend: str = "auto", *, max_batch: int = 1, max_conte
         except ImportError as e:
             raise BackendError(f"the cuda backend is not available ({e})", fix="pip install 'edge-rag[cuda]' on a machine with an NVIDIA GPU, or use --backend onnxruntime") from None
         return open_cuda_session(bundle, max_batch=max_batch, max_context=max_context)  # fp32 compute for an fp32 bundle
+    if backend == "native":  # edge-rag's own CPU step (edge.runtime.cpu); compiled with cc at first use
+        from edge.runtime.cpu.backend import NativeBackend
+
+        return NativeBackend(bundle, max_batch=max_batch, max_context=max_context, threads=threads)
     if backend == "tensorrt":  # untested here: see edge/runtime/trt_session.py
         from edge.runtime.seq_backend import SequenceBackend
         from edge.runtime.trt_session import TrtDecoderSession
@@ -72,6 +76,7 @@ def open_session(bundle, backend: str = "auto", *, max_batch: int = 1, max_conte
 BACKEND_ARTIFACTS = {
     "onnxruntime": ("model.ort.onnx", "weights.safetensors"),  # the graph reads the weights as external data
     "cuda": ("weights.safetensors",),
+    "native": ("weights.safetensors",),
     "tensorrt": ("model.trt.onnx",),
 }
 TOKENIZER_ARTIFACTS = ("tokenizer.json", "tokenizer_config.json")

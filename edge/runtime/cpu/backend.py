@@ -1,0 +1,200 @@
+"""NativeBackend: the engine's EngineBackend (edge.runtime.session) on edge-rag's own C step.
+
+    backend = NativeBackend.open(bundle, threads=2)   # weights repacked, KV pool = the plan's
+    out = backend.execute(step_batch)                 # one engine step -> StepOutput (logits)
+
+One er_step() call (csrc/native.c) per engine step runs all T tokens of the step (decode rows and
+prompt pieces mixed) through every layer: RMSNorm, the int4 x int8 linears, RoPE (edge.models.rope's
+tables), K/V written at slot_mapping into a paged fp16 block pool, causal GQA attention of each
+token over its row's blocks (block_tables), SwiGLU, residuals, and the final norm + head only for
+rows with logits_rows = 1. Sampling stays on the host (the engine's sampler), so the logits of a
+row are the same batched or alone and the engine's guarantees (same tokens batched or alone,
+seeded sampling) hold.
+
+KV: a true block pool ("paged"): a prefix-cache hit costs nothing, the engine's block table
+points at the cached blocks. K and V are stored in fp16 (the plan's KV dtype): the pool is the
+plan's kv_blocks x kv_block_size tokens, so its bytes are the planned bytes (an int8 plan gets
+an fp16 pool of the same bytes: fewer tokens). The pool is anonymous memory whose pages become
+resident only when written (ort_session.lazy_zeros).
+
+Architectures: llama-family decoders (Llama, SmolLM2, Qwen2 with its q/k/v biases, Mistral
+without sliding layers); every other feature (qk-norm, sandwich norms, GeLU, soft-capping,
+sliding windows, embedding scale) is refused with a one-line BackendError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import BackendError, UsageError
+from edge.runtime.cpu import abi
+from edge.runtime.cpu.weights import NativeLinear, pack_linear
+from edge.runtime.step import I32, BackendCaps, StepBatch, StepOutput
+
+KV_ELEM_BYTES = 2  # fp16 K and V
+MIXED_PREFILL = 32  # prompt tokens per step while other rows decode (bounds their token gaps, as on ORT)
+PREFILL_CHUNK = 256  # largest prompt piece per row and step (activation memory ~ T x 9 KB for SmolLM2)
+
+
+def unsupported_features(spec) -> list[str]:
+    """Features of spec's decoder block this backend does not implement (empty: it runs)."""
+    f = spec.features
+    bad = []
+    for name, on in (("qk_norm", f.qk_norm), ("sandwich_norms", f.sandwich_norms), ("activation " + f.activation, f.activation != "silu"),
+                     ("embed_scale", f.embed_scale != 1.0), ("attn_softcap", f.attn_softcap is not None),
+                     ("final_softcap", f.final_softcap is not None), ("sliding layers", any(f.sliding(i) for i in range(spec.n_layers))),
+                     ("rope_local_theta", f.rope_local_theta is not None)):
+        if on:
+            bad.append(name)
+    if spec.head_dim % 8:
+        bad.append(f"head_dim {spec.head_dim} (needs a multiple of 8)")
+    if spec.hidden_size % 32 or spec.intermediate_size % 32 or spec.q_size % 32:
+        bad.append("hidden / intermediate / q sizes not multiples of 32")
+    return bad
+
+
+def kv_block_bytes(spec, block_size: int) -> int:
+    return 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * KV_ELEM_BYTES * block_size
+
+
+def planned_kv_bytes(bundle) -> int:
+    """The manifest's KV pool in bytes: kv_blocks x kv_block_size tokens in its kv_dtype."""
+    from edge.plan import kv_bytes_per_token
+
+    lim, spec = bundle.limits, bundle.spec
+    per_token = int(spec.kv_bytes_per_token(4.0)) if lim.kv_dtype == "fp32" else kv_bytes_per_token(spec, lim.kv_dtype)
+    return lim.kv_tokens * per_token
+
+
+class NativeBackend:
+    """EngineBackend over csrc/native.c. See the module docstring."""
+
+    def __init__(self, bundle, *, max_batch: int | None = None, max_context: int | None = None, threads: int | None = None,
+                 kv_tokens: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+        """kv_tokens: the engine's KV pool in tokens (None: the plan's KV bytes in fp16 blocks)."""
+        from edge.models.rope import rope_tables
+        from edge.runtime.cpu.build import load
+        from edge.runtime.ort_session import lazy_zeros
+
+        self.bundle = bundle
+        self.spec = spec = bundle.spec
+        bad = unsupported_features(spec)
+        if bad:
+            raise BackendError(f"the native CPU backend does not run {spec.arch} ({', '.join(bad)})", fix="use --backend onnxruntime")
+        self.lib = load()
+        lim = bundle.limits
+        self.max_context = int(min(max_context or lim.max_context, spec.max_position))
+        if self.max_context < 2:
+            raise UsageError(f"max_context {self.max_context} is too small", fix="use at least 2")
+        self.max_batch = int(max_batch or lim.max_batch)
+        self.threads = int(threads or os.cpu_count() or 1)
+        self.vocab_size = spec.vocab_size
+        self.block_size = bs = int(lim.kv_block_size)
+        bps = -(-self.max_context // bs)
+        if kv_tokens is None:
+            nb = planned_kv_bytes(bundle) // kv_block_bytes(spec, bs)
+        else:
+            nb = -(-int(kv_tokens) // bs)
+        self.num_blocks = int(max(bps, nb))
+        self.prefill_chunk = int(prefill_chunk)
+
+        w = bundle.load_weights()
+        self._keep: list[object] = []
+        self.embed = np.ascontiguousarray(w["model.embed_tokens.weight"])  # fp16 (or fp32) [V, H]; gathered per step
+        self.weight_bytes = 0
+        self._layers = (abi.Layer * spec.n_layers)()
+        for i in range(spec.n_layers):
+            self._layers[i] = self._layer(w, i)
+        self.norm = self._f32(w["model.norm.weight"])
+        self.head = self._linear(w, ["lm_head"] if ("lm_head.qweight" in w or "lm_head.weight" in w) else None)
+        cos, sin = rope_tables(spec, self.max_context)
+        self.cos, self.sin = np.ascontiguousarray(cos), np.ascontiguousarray(sin)
+        # [layers, K/V, blocks, block_size, kv heads, head_dim] fp16, resident only where written
+        self.kv = lazy_zeros((spec.n_layers, 2, self.num_blocks, bs, spec.n_kv_heads, spec.head_dim), np.float16)
+        f = spec.features
+        scale = f.attn_scale if f.attn_scale is not None else 1.0 / math.sqrt(spec.head_dim)
+        self.model = abi.Model(spec.n_layers, spec.hidden_size, spec.n_heads, spec.n_kv_heads, spec.head_dim,
+                               spec.intermediate_size, spec.vocab_size, bs, self.num_blocks, self.max_context, self.threads,
+                               float(spec.rms_eps), float(scale), self._layers, self.norm.ctypes.data, self.head.struct,
+                               self.cos.ctypes.data, self.sin.ctypes.data, self.kv.ctypes.data)
+        self._logits = np.zeros((self.max_batch, self.vocab_size), np.float32)
+        self._work = np.zeros(0, np.uint8)
+        self._x = np.zeros((0, spec.hidden_size), np.float32)
+
+    @classmethod
+    def open(cls, bundle, **kw) -> "NativeBackend":
+        from edge.bundle import Bundle
+
+        b = bundle if not isinstance(bundle, (str, Path)) else Bundle.open(bundle, kind="generator", verify=True)
+        return cls(b, **kw)
+
+    # ---- weights ------------------------------------------------------------------------
+    def _f32(self, a: np.ndarray) -> np.ndarray:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        self._keep.append(a)
+        return a
+
+    def _linear(self, w: dict, names: list[str] | None, biases: list[str] | None = None) -> NativeLinear:
+        from edge.quant.format import BundleLinear, read_linear
+
+        if names is None:  # tied head of a float bundle: the embedding table as a linear
+            t = np.asarray(w["model.embed_tokens.weight"])
+            lins = [BundleLinear("lm_head", "fp", t.shape[0], t.shape[1], weight=t)]
+        else:
+            lins = [read_linear(w, n) for n in names]
+        bias = [w.get(b) for b in biases] if biases else None
+        lin = pack_linear(lins, bias)
+        self._keep.append(lin)
+        self.weight_bytes += lin.nbytes
+        return lin
+
+    def _layer(self, w: dict, i: int) -> abi.Layer:
+        from edge.models.arch import layer_norm_names
+
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        norms = layer_norm_names(self.spec.features)
+        qkv = self._linear(w, [a + "q_proj", a + "k_proj", a + "v_proj"], [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"])
+        o = self._linear(w, [a + "o_proj"])
+        gu = self._linear(w, [p + "mlp.gate_proj", p + "mlp.up_proj"])
+        down = self._linear(w, [p + "mlp.down_proj"])
+        ln1, ln2 = self._f32(w[p + norms["attn_in"] + ".weight"]), self._f32(w[p + norms["mlp_in"] + ".weight"])
+        return abi.Layer(ln1.ctypes.data, ln2.ctypes.data, qkv.struct, o.struct, gu.struct, down.struct)
+
+    # ---- the engine's contract ----------------------------------------------------------
+    @property
+    def caps(self) -> BackendCaps:
+        return BackendCaps(num_blocks=self.num_blocks, block_size=self.block_size, max_seqs=self.max_batch,
+                           max_context=self.max_context, vocab_size=self.vocab_size, kv_layout="paged",
+                           device_sampling=False, mixed_rows=True, greedy_stream=False, prefix_cache=True,
+                           prefill_chunk=self.prefill_chunk, mixed_prefill=MIXED_PREFILL, kv_dtype="fp16",
+                           kv_bytes=int(self.kv.nbytes), copies_blocks=True)
+
+    def execute(self, batch: StepBatch) -> StepOutput:
+        r, t = batch.num_rows, batch.num_tokens
+        if r == 0:
+            return StepOutput(np.zeros(0, I32))
+        if r > self.max_batch:
+            raise BackendError(f"{r} rows in one step exceed max_seqs {self.max_batch}")
+        if len(batch.block_copies):
+            for src, dst in np.asarray(batch.block_copies).reshape(-1, 2).tolist():
+                self.kv[:, :, dst] = self.kv[:, :, src]
+        if self._x.shape[0] < t:
+            self._x = np.empty((t, self.spec.hidden_size), np.float32)
+            self._work = np.empty(int(self.lib.er_work_bytes(ctypes.byref(self.model), t)), np.uint8)
+        x = self._x[:t]
+        x[...] = self.embed[batch.token_ids]  # fp16 rows -> the float32 residual stream
+        tables = np.ascontiguousarray(batch.block_tables, dtype=I32)
+        lr = np.ascontiguousarray(batch.logits_rows, dtype=I32)
+        rc = self.lib.er_step(ctypes.byref(self.model), t, r, x.ctypes.data, batch.positions.ctypes.data,
+                              batch.slot_mapping.ctypes.data, batch.query_start.ctypes.data, tables.ctypes.data,
+                              int(tables.shape[1]), lr.ctypes.data, self._logits.ctypes.data, self._work.ctypes.data)
+        if rc != 0:
+            raise BackendError(f"the native step refused the batch (code {rc}: a position beyond the context {self.max_context})")
+        # the logits rows are a view of the backend's buffer, valid until the next execute()
+        return StepOutput(np.full(r, -1, I32), self._logits[:r])

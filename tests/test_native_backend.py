@@ -1,0 +1,143 @@
+"""The native CPU backend (edge/runtime/cpu) under the engine: logits against the numpy reference,
+concurrent == alone (greedy and seeded), prefix-cache hits, planned vs allocated KV, and the
+architectures it refuses. Tiny seeded Llama / Qwen2 bundles in the shipped int4 recipe (int4
+layers, int8 head)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from helpers_tiny import make_tiny_bundle, tiny_hf_model
+
+from edge.bundle import Bundle
+from edge.errors import BackendError
+from edge.models.reference import forward
+from edge.runtime.cpu.backend import NativeBackend, planned_kv_bytes
+from edge.runtime.generator import Generator
+from edge.runtime.sampler import SamplingParams
+from edge.runtime.step import StepBatch
+from edge.runtime.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def int4_bundle(tmp_path_factory):
+    return make_tiny_bundle(tmp_path_factory.mktemp("nat") / "int4", tiny_hf_model("llama", seed=5), "int4", forms=(),
+                            max_context=64, max_batch=4)
+
+
+def _one_row(be, ids, pos, tables, lo, hi):
+    bs = be.block_size
+    p = pos[lo:hi]
+    slots = (tables[0, p // bs] * bs + p % bs).astype(np.int32)
+    one = np.ones(1, np.int32)
+    sb = StepBatch(bs, ids[lo:hi].copy(), p.copy(), slots, np.array([0, hi - lo], np.int32), np.array([hi], np.int32), tables,
+                   one, np.zeros(1, np.float32), np.ones(1, np.float32), np.zeros(1, np.int32), np.zeros(1, np.float32), one.copy())
+    sb.validate()
+    return be.execute(sb).logits[0].copy()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_logits_follow_the_numpy_reference_over_scattered_blocks(tmp_path, arch):
+    """A 12-token prompt piece then 12 decode steps, the row's KV in blocks 3, 1, 2 of the pool,
+    against edge.models.reference.forward over the bundle's own (dequantized) weights. The gap is
+    the int8 activations and the fp16 KV."""
+    path = make_tiny_bundle(tmp_path / "b", tiny_hf_model(arch, seed=3), "int4", forms=(), max_context=64, max_batch=4)
+    b = Bundle.open(path, verify=False)
+    be = NativeBackend(b, threads=2)
+    ids = np.random.default_rng(0).integers(0, 256, 24).astype(np.int32)
+    want = forward(b.spec, b.load_weights(), ids)[11:]
+    pos = np.arange(len(ids), dtype=np.int32)
+    tables = np.array([[3, 1, 2, -1]], np.int32)
+    got = np.stack([_one_row(be, ids, pos, tables, 0, 12)] + [_one_row(be, ids, pos, tables, i, i + 1) for i in range(12, len(ids))])
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < 0.05, f"{arch}: max relative logit error {err:.4f}; first rows {got[0, :4]} vs {want[0, :4]}"
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
+
+
+def make_gen(bundle, max_batch=12, **kw) -> Generator:
+    b = Bundle.open(bundle, verify=False)
+    be = NativeBackend(b, max_batch=max_batch, prefill_chunk=8, kv_tokens=max_batch * 64, threads=2)  # every row full: no preemption
+    return Generator(be, Tokenizer.from_bundle(b), b, **kw)
+
+
+PROMPTS = ["Once upon", "A dog ran", "xy", "The quick brown fox jumps", "hi", "Tell me a story about it",
+           "0123456789", "zebra", "abc abc abc", "Q: what? A:", "robot", "E-214 means"]
+
+
+def test_twelve_concurrent_requests_equal_each_alone(int4_bundle):
+    params = [SamplingParams(max_tokens=4 + 3 * (i % 5), temperature=0, stop=["e"] if i % 4 == 1 else []) for i in range(12)]
+    alone = make_gen(int4_bundle, max_batch=1)
+    want = []
+    for p, sp in zip(PROMPTS, params):
+        want.append((alone.generate(p, sp), alone.stats.n_generated, alone.stats.finish_reason))
+    gen = make_gen(int4_bundle)
+    got = [None] * 12
+    barrier = threading.Barrier(12)
+
+    def run(i):
+        barrier.wait()
+        s = gen.submit(PROMPTS[i], params[i])
+        got[i] = (s.text(), s.request.stats.n_generated, s.request.finish_reason)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert got == want
+    assert sum(n for _, n, _ in got) > 12  # they generated (not all stopped at once)
+    assert gen.engine.kv.num_used == 0
+
+
+def test_seeded_sampling_equals_alone(int4_bundle):
+    p = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+    want = make_gen(int4_bundle, max_batch=1).generate("Once upon", p)
+    gen = make_gen(int4_bundle)
+    others = [gen.submit(x, SamplingParams(max_tokens=10, temperature=1.0, seed=i)) for i, x in enumerate(PROMPTS[1:5])]
+    s = gen.submit("Once upon", p)
+    assert s.text() == want
+    [o.text() for o in others]
+
+
+def test_prefix_cache_hit_gives_the_same_tokens_and_reads_shared_blocks(int4_bundle):
+    tok = Tokenizer.from_bundle(Bundle.open(int4_bundle, verify=False))
+    gen, cold = make_gen(int4_bundle), make_gen(int4_bundle, prefix_cache=False)
+    sys_prompt = "Answer from passages. [1] E-214: lidar fault. "
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    for q in ("E-214?", "Why?"):
+        assert gen.generate(sys_prompt + q, greedy) == cold.generate(sys_prompt + q, greedy)
+    shared = len(tok.encode(sys_prompt))
+    block = gen.engine.kv.block_size
+    assert shared >= 2 * block and gen.stats.cached_tokens == shared - shared % block
+    assert cold.stats.cached_tokens == 0
+    assert gen.session.caps.kv_layout == "paged" and gen.session.caps.copies_blocks
+
+
+def test_planned_kv_is_what_the_backend_allocates(int4_bundle):
+    """The manifest's pool (kv_blocks x kv_block_size tokens of fp16 K and V) is the pool's bytes,
+    and the engine's block manager hands out exactly its blocks."""
+    b = Bundle.open(int4_bundle, verify=False)
+    lim, spec = b.limits, b.spec
+    be = NativeBackend(b)
+    caps = be.caps
+    per_token = spec.n_layers * 2 * spec.n_kv_heads * spec.head_dim * 2
+    assert lim.kv_dtype == "fp16" and caps.kv_dtype == "fp16"
+    assert caps.num_blocks == lim.kv_blocks and caps.block_size == lim.kv_block_size
+    assert caps.kv_bytes == be.kv.nbytes == caps.num_blocks * caps.block_size * per_token == planned_kv_bytes(b)
+    with Generator(be, Tokenizer.from_bundle(b), b).engine as e:
+        assert e.kv.num_blocks == caps.num_blocks
+
+
+def test_from_bundle_backend_native(int4_bundle):
+    gen = Generator.from_bundle(int4_bundle, backend="native", threads=1)
+    assert isinstance(gen.session, NativeBackend)
+    want = make_gen(int4_bundle, max_batch=1).generate("Once upon", SamplingParams(max_tokens=5, temperature=0))
+    assert gen.generate("Once upon", SamplingParams(max_tokens=5, temperature=0)) == want  # one thread == two
+
+
+def test_an_architecture_it_does_not_run_is_a_one_line_error(tmp_path):
+    path = make_tiny_bundle(tmp_path / "q3", tiny_hf_model("qwen3", seed=1), "int4", forms=(), max_context=32, max_batch=2)
+    with pytest.raises(BackendError, match="qk_norm") as e:
+        NativeBackend(Bundle.open(path, verify=False))
+    assert "\n" not in str(e.value) and "onnxruntime" in e.value.fix
