@@ -181,35 +181,56 @@ static void idots_avx2(const er_lin *L, int tile, int b, int mr, const int8_t *x
 }
 #endif
 
+
 #if defined(HAVE_VNNI)
-static void idots_vnni(const er_lin *L, int tile, int b, int mr, const int8_t *xq, int ldq, const int32_t *xsum, int32_t idot[MR][NT]) {
-    int kb = L->k / QB;
-    __m512i W[8];
-    int32_t zp;
-    if (L->kind == 4) {
-        const uint8_t *w = L->w + ((size_t)tile * kb + b) * 256;
-        const __m512i lo = _mm512_set1_epi8(15);
-        for (int i = 0; i < 4; i++) {
-            __m512i x = _mm512_loadu_si512((const void *)(w + 64 * i));
-            W[i] = _mm512_and_si512(x, lo);
-            W[i + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
+/* The VNNI path whole: dots and the float accumulation of mr (a constant after inlining) rows
+   held in zmm registers across the K blocks; the same float operations, in the same order, as
+   tile_rows' generic epilogue. */
+static inline __attribute__((always_inline)) void tile_vnni(const int mr, const er_lin *L, int tile, const int8_t *xq, const float *xs,
+                                                           const int32_t *xsum, float *out, int ldo, const int32_t *rowmap, int accumulate) {
+    int kb = L->k / QB, ldq = L->k;
+    __m512 acc[MR];
+    for (int m = 0; m < mr; m++) acc[m] = _mm512_setzero_ps();
+    const __m512i lo = _mm512_set1_epi8(15);
+    const int four = L->kind == 4;
+    const int32_t zp = four ? 8 : 128;
+    __m512 wsv = _mm512_loadu_ps(L->s + (size_t)tile * NT); /* int8: per channel */
+    for (int b = 0; b < kb; b++) {
+        __m512i W[8];
+        if (four) {
+            const uint8_t *w = L->w + ((size_t)tile * kb + b) * 256;
+            for (int i = 0; i < 4; i++) {
+                __m512i x = _mm512_loadu_si512((const void *)(w + 64 * i));
+                W[i] = _mm512_and_si512(x, lo);
+                W[i + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
+            }
+            wsv = _mm512_loadu_ps(L->s + ((size_t)tile * kb + b) * NT);
+        } else {
+            const uint8_t *w = L->w + ((size_t)tile * kb + b) * 512;
+            for (int j = 0; j < 8; j++) W[j] = _mm512_loadu_si512((const void *)(w + 64 * j));
         }
-        zp = 8;
-    } else {
-        const uint8_t *w = L->w + ((size_t)tile * kb + b) * 512;
-        for (int j = 0; j < 8; j++) W[j] = _mm512_loadu_si512((const void *)(w + 64 * j));
-        zp = 128;
+        for (int m = 0; m < mr; m++) {
+            const int8_t *a = xq + (size_t)m * ldq + b * QB;
+            __m512i d = _mm512_setzero_si512();
+            for (int g = 0; g < 8; g++) {
+                int32_t a4;
+                memcpy(&a4, a + 4 * g, 4);
+                d = _mm512_dpbusd_epi32(d, W[g], _mm512_set1_epi32(a4));
+            }
+            d = _mm512_sub_epi32(d, _mm512_set1_epi32(zp * xsum[(size_t)m * kb + b]));
+            __m512 sc = _mm512_mul_ps(wsv, _mm512_set1_ps(xs[(size_t)m * kb + b]));
+            acc[m] = _mm512_add_ps(acc[m], _mm512_mul_ps(_mm512_cvtepi32_ps(d), sc));
+        }
     }
+    int n0 = tile * NT;
+    int nc = L->n - n0 < NT ? L->n - n0 : NT;
+    __mmask16 k = (__mmask16)((1u << nc) - 1u);
     for (int m = 0; m < mr; m++) {
-        const int8_t *a = xq + (size_t)m * ldq + b * QB;
-        __m512i acc = _mm512_setzero_si512();
-        for (int g = 0; g < 8; g++) {
-            int32_t a4;
-            memcpy(&a4, a + 4 * g, 4);
-            acc = _mm512_dpbusd_epi32(acc, W[g], _mm512_set1_epi32(a4));
-        }
-        acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(zp * xsum[(size_t)m * kb + b]));
-        _mm512_storeu_si512((void *)&idot[m][0], acc);
+        float *o = out + (size_t)(rowmap ? rowmap[m] : m) * ldo + n0;
+        __m512 v = acc[m];
+        if (L->bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, L->bias + n0));
+        if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(k, o), v);
+        _mm512_mask_storeu_ps(o, k, v);
     }
 }
 #endif
@@ -217,21 +238,32 @@ static void idots_vnni(const er_lin *L, int tile, int b, int mr, const int8_t *x
 /* One tile (16 columns) for rows [0, mr): out[m][n] (+)= sum_b (float)idot * (ws * xs) + bias. */
 static void tile_rows(const er_lin *L, int tile, int mr, const int8_t *xq, const float *xs, const int32_t *xsum,
                       float *out, int ldo, const int32_t *rowmap, int accumulate, int isa) {
+#if defined(HAVE_VNNI)
+    if (isa == ISA_VNNI) {
+        switch (mr) {
+        case 1: tile_vnni(1, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
+        case 2: tile_vnni(2, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
+        case 3: tile_vnni(3, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
+        case 4: tile_vnni(4, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
+        case 5: tile_vnni(5, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
+        case 6: tile_vnni(6, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
+        case 7: tile_vnni(7, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
+        default: tile_vnni(8, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
+        }
+    }
+#endif
     int kb = L->k / QB;
     int ldq = L->k;
     float acc[MR][NT];
     int32_t idot[MR][NT];
     memset(acc, 0, sizeof acc);
     for (int b = 0; b < kb; b++) {
-        switch (isa) {
-#if defined(HAVE_VNNI)
-        case ISA_VNNI: idots_vnni(L, tile, b, mr, xq, ldq, xsum, idot); break;
-#endif
 #if defined(__AVX2__)
-        case ISA_AVX2: idots_avx2(L, tile, b, mr, xq, ldq, xsum, idot); break;
+        if (isa >= ISA_AVX2)
+            idots_avx2(L, tile, b, mr, xq, ldq, xsum, idot);
+        else
 #endif
-        default: idots_scalar(L, tile, b, mr, xq, ldq, idot);
-        }
+            idots_scalar(L, tile, b, mr, xq, ldq, idot);
         const float *ws = L->kind == 4 ? L->s + ((size_t)tile * kb + b) * NT : L->s + (size_t)tile * NT;
         for (int m = 0; m < mr; m++) {
             float a = xs[(size_t)m * kb + b];
@@ -315,24 +347,44 @@ static void rope_head(float *x, const float *cs, const float *sn, int d) {
     }
 }
 
-static inline float dot_kv(const float *q, const kv_t *k, int d) { /* d % 8 == 0; 8 lanes, fixed tree */
+/* q . k over d (% 8 == 0) in 8 lanes (lane l sums i = l, l + 8, ...) and a fixed tree: the F16C
+   and plain C forms do the same float operations in the same order. */
+#if defined(__F16C__) && defined(__AVX__)
+static inline __m256 ld8(const kv_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline float dot_kv(const float *q, const kv_t *k, int d) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < d; i += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(q + i), ld8(k + i)));
+    float a[8];
+    _mm256_storeu_ps(a, acc);
+    return sum8(a);
+}
+static inline void axpy_kv(float *o, float p, const kv_t *v, int d) {
+    __m256 pv = _mm256_set1_ps(p);
+    for (int i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(o + i), _mm256_mul_ps(pv, ld8(v + i))));
+}
+#else
+static inline float dot_kv(const float *q, const kv_t *k, int d) {
     float acc[8] = {0};
     for (int i = 0; i < d; i += 8)
         for (int l = 0; l < 8; l++) acc[l] += q[i + l] * (float)k[i + l];
     return sum8(acc);
 }
+static inline void axpy_kv(float *o, float p, const kv_t *v, int d) {
+    for (int i = 0; i < d; i++) o[i] += p * (float)v[i];
+}
+#endif
 
 static inline kv_t *kv_at(const er_model *M, int layer, int which, int slot) {
     size_t per = (size_t)M->num_blocks * M->block_size * M->n_kv * M->head_dim;
     return M->kv + ((size_t)layer * 2 + which) * per + (size_t)slot * M->n_kv * M->head_dim;
 }
 
-/* Causal attention of one token (position p, row r's block table) for the query heads of one kv head. */
-static void attend(const er_model *M, int layer, const float *q, int p, const int32_t *table, int kvh, float *out,
+/* Causal attention of one token (position p, row r's block table) for query head h. */
+static void attend(const er_model *M, int layer, const float *q, int p, const int32_t *table, int h, float *out,
                    float *scores) {
     int d = M->head_dim, rep = M->n_heads / M->n_kv, bs = M->block_size;
-    for (int hh = 0; hh < rep; hh++) {
-        int h = kvh * rep + hh;
+    int kvh = h / rep;
+    {
         const float *qh = q + (size_t)h * d;
         float mx = -INFINITY;
         for (int j = 0; j <= p; j++) {
@@ -351,9 +403,7 @@ static void attend(const er_model *M, int layer, const float *q, int p, const in
         for (int i = 0; i < d; i++) o[i] = 0.f;
         for (int j = 0; j <= p; j++) {
             int slot = table[j / bs] * bs + j % bs;
-            const kv_t *v = kv_at(M, layer, 1, slot) + (size_t)kvh * d;
-            float pj = scores[j];
-            for (int i = 0; i < d; i++) o[i] += pj * (float)v[i];
+            axpy_kv(o, scores[j], kv_at(M, layer, 1, slot) + (size_t)kvh * d, d);
         }
         float inv = 1.f / tot;
         for (int i = 0; i < d; i++) o[i] *= inv;
@@ -428,8 +478,8 @@ int er_step(const er_model *M, int T, int R, float *x, const int32_t *positions,
             }
 #pragma omp for schedule(dynamic, 1) collapse(2)
             for (int t = 0; t < T; t++)
-                for (int g = 0; g < M->n_kv; g++)
-                    attend(M, l, qkv + (size_t)t * qkvw, positions[t], tables + (size_t)row_of[t] * mb, g, att + (size_t)t * nq, sc);
+                for (int h = 0; h < M->n_heads; h++)
+                    attend(M, l, qkv + (size_t)t * qkvw, positions[t], tables + (size_t)row_of[t] * mb, h, att + (size_t)t * nq, sc);
             quantize_rows(att, nq, T, nq, xq, xs, xsum);
             gemm_q(&Ly->o, T, xq, xs, xsum, x, H, NULL, 1); /* h += o_proj(attention) */
 #pragma omp for schedule(static)
