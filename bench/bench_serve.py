@@ -142,7 +142,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="requests per client, back to back")
     ap.add_argument("--scenarios", default="concurrency,prefill")
     ap.add_argument("--prefill-tokens", type=int, default=3000)
-    ap.add_argument("--servers", default="edge-rag,llama-server")
+    ap.add_argument("--servers", default="edge-rag,llama-server",
+                    help="edge-rag (its generator on --backend), edge-rag:BACKEND (e.g. edge-rag:native), llama-server, llama-cpp-python")
+    ap.add_argument("--backend", default="onnxruntime", help="edge-rag's generator backend for the plain `edge-rag` server")
     ap.add_argument("--parallel", type=int, default=8, help="llama-server slots (-np)")
     ap.add_argument("--ctx", type=int, default=16384, help="llama-server's unified KV cache, tokens (-c)")
     ap.add_argument("--llama-bin", type=Path, help="folder with llama-server (default: build/cache it)")
@@ -152,7 +154,8 @@ def main() -> None:
     clients = [int(c) for c in args.clients.split(",") if c]
     scenarios = set(args.scenarios.split(","))
     names = [s for s in args.servers.split(",") if s]
-    engine, gguf = default_models(args.engine, build="edge-rag" in names)
+    edges = [n for n in names if n.split(":")[0] == "edge-rag"]
+    engine, gguf = default_models(args.engine, build=bool(edges))
     msg, n_long = long_prompt(gguf, args.prefill_tokens) if "prefill" in scenarios else ("", 0)
     common = {"threads": args.threads, "max_tokens": args.max_tokens}
     conc: dict[str, dict[int, dict]] = {}
@@ -163,7 +166,7 @@ def main() -> None:
 
     for i, name in enumerate(names):
         port = args.port + i
-        cmd = server_cmd(name, port, args.threads, engine, gguf, args.parallel, args.ctx, args.llama_bin)
+        cmd = server_cmd(name, port, args.threads, engine, gguf, args.parallel, args.ctx, args.llama_bin, backend=args.backend)
         with Server(name, cmd, port, args.threads) as srv:
             asyncio.run(run_clients(port, 2, 1, 16))  # warm-up: load pages, first-call paths
             extra = {"slots": args.parallel, "ctx": args.ctx} if name == "llama-server" else {}
@@ -187,12 +190,22 @@ def main() -> None:
     def ratio(a, b):
         return round(a / b, 2) if a and b else None
 
-    e = conc.get("edge-rag", {})
-    for peer in [n for n in names if n != "edge-rag"]:
+    for edge in edges:
+        concurrency_ratios(edge, conc, [n for n in names if n not in edges], clients, emit, ratio)
+    for name, fig in pref.items():
+        if name not in edges and "edge-rag" in pref:
+            emit({"figure": "serve_chunked_prefill_ratio", "peer": name,
+                  "itl_ratio_edge": pref["edge-rag"]["itl_ratio_p99"], "itl_ratio_peer": fig["itl_ratio_p99"]})
+
+
+def concurrency_ratios(edge: str, conc: dict, peers: list[str], clients: list[int], emit, ratio) -> None:
+    """Ratio lines of one edge-rag server (edge-rag or edge-rag:BACKEND) against each peer, and its 8/1 scaling."""
+    e = conc.get(edge, {})
+    for peer in peers:
         p = conc.get(peer, {})
         for n in clients:
             if n in e and n in p:
-                line = {"figure": "serve_concurrency_ratio", "peer": peer, "clients": n,
+                line = {"figure": "serve_concurrency_ratio", "server": edge, "peer": peer, "clients": n,
                         "agg_edge_over_peer": ratio(e[n]["agg_tok_s"], p[n]["agg_tok_s"]),
                         "ttft_p99_edge_over_peer": ratio(e[n]["ttft_p99_ms"], p[n]["ttft_p99_ms"]),
                         "itl_p99_edge_over_peer": ratio(e[n]["itl_p99_ms"], p[n]["itl_p99_ms"])}
@@ -201,12 +214,8 @@ def main() -> None:
                     line["target_ttft_p99_edge_over_peer_max"] = 1.0
                 emit(line)
     if 1 in e and 8 in e:
-        emit({"figure": "serve_scaling", "server": "edge-rag", "agg_8_over_1": ratio(e[8]["agg_tok_s"], e[1]["agg_tok_s"]),
+        emit({"figure": "serve_scaling", "server": edge, "agg_8_over_1": ratio(e[8]["agg_tok_s"], e[1]["agg_tok_s"]),
               "target_min": 3.0})
-    for name, fig in pref.items():
-        if name != "edge-rag" and "edge-rag" in pref:
-            emit({"figure": "serve_chunked_prefill_ratio", "peer": name,
-                  "itl_ratio_edge": pref["edge-rag"]["itl_ratio_p99"], "itl_ratio_peer": fig["itl_ratio_p99"]})
 
 
 if __name__ == "__main__":

@@ -265,10 +265,13 @@ def default_models(engine: str | None, build: bool = True) -> tuple[str, str]:
 
 
 def server_cmd(name: str, port: int, threads: int, engine: str, gguf: str, parallel: int = 8,
-               ctx: int = 16384, llama_bin: Path | None = None) -> list[str]:
-    if name == "edge-rag":
+               ctx: int = 16384, llama_bin: Path | None = None, backend: str = "onnxruntime") -> list[str]:
+    """The command line of server `name`: edge-rag (generator on `backend`), edge-rag:BACKEND,
+    llama-server or llama-cpp-python."""
+    if name.split(":")[0] == "edge-rag":
         cli = str(Path(sys.executable).with_name("edge-rag"))
-        return [cli, "serve", "--port", str(port), "--engine", engine, "--backend", "onnxruntime",
+        backend = name.split(":", 1)[1] if ":" in name else backend
+        return [cli, "serve", "--port", str(port), "--engine", engine, "--backend", backend,
                 "--threads", str(threads), "--collection", "bench-serve-none"]
     if name == "llama-server":
         if llama_bin is None:

@@ -57,6 +57,21 @@ def test_logits_follow_the_numpy_reference_over_scattered_blocks(tmp_path, arch)
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
 
 
+@pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64"), reason="x86 flags")
+def test_the_whole_step_gives_the_same_bits_without_simd(int4_bundle):
+    """This machine's build (VNNI / AVX2 / F16C code: GEMM, exp, quantization, attention) against the
+    same source compiled for plain x86-64 (the portable C of every step, what an ARM build runs)."""
+    b = Bundle.open(int4_bundle, verify=False)
+    ids = np.random.default_rng(4).integers(0, 256, 21).astype(np.int32)  # 21: not a multiple of 8 or 16
+    pos = np.arange(len(ids), dtype=np.int32)
+    tables = np.array([[2, 0, 3, -1]], np.int32)
+    runs = []
+    for flags in ((), ("-march=x86-64", "-mtune=generic")):
+        be = NativeBackend(b, threads=2, build_flags=flags)
+        runs.append(np.stack([_one_row(be, ids, pos, tables, 0, 13)] + [_one_row(be, ids, pos, tables, i, i + 1) for i in range(13, 21)]))
+    assert np.array_equal(runs[0], runs[1]), f"max diff {np.abs(runs[0] - runs[1]).max()}"
+
+
 def make_gen(bundle, max_batch=12, **kw) -> Generator:
     b = Bundle.open(bundle, verify=False)
     be = NativeBackend(b, max_batch=max_batch, prefill_chunk=8, kv_tokens=max_batch * 64, threads=2)  # every row full: no preemption

@@ -51,8 +51,8 @@ def unsupported_features(spec) -> list[str]:
                      ("rope_local_theta", f.rope_local_theta is not None)):
         if on:
             bad.append(name)
-    if spec.head_dim % 8:
-        bad.append(f"head_dim {spec.head_dim} (needs a multiple of 8)")
+    if spec.head_dim % 16:
+        bad.append(f"head_dim {spec.head_dim} (needs a multiple of 16)")
     if spec.hidden_size % 32 or spec.intermediate_size % 32 or spec.q_size % 32:
         bad.append("hidden / intermediate / q sizes not multiples of 32")
     return bad
@@ -75,8 +75,9 @@ class NativeBackend:
     """EngineBackend over csrc/native.c. See the module docstring."""
 
     def __init__(self, bundle, *, max_batch: int | None = None, max_context: int | None = None, threads: int | None = None,
-                 kv_tokens: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
-        """kv_tokens: the engine's KV pool in tokens (None: the plan's KV bytes in fp16 blocks)."""
+                 kv_tokens: int | None = None, prefill_chunk: int = PREFILL_CHUNK, build_flags: tuple[str, ...] = ()):
+        """kv_tokens: the engine's KV pool in tokens (None: the plan's KV bytes in fp16 blocks);
+        build_flags: extra cc flags (tests build the portable C path with -march=x86-64)."""
         from edge.models.rope import rope_tables
         from edge.runtime.cpu.build import load
         from edge.runtime.ort_session import lazy_zeros
@@ -86,7 +87,7 @@ class NativeBackend:
         bad = unsupported_features(spec)
         if bad:
             raise BackendError(f"the native CPU backend does not run {spec.arch} ({', '.join(bad)})", fix="use --backend onnxruntime")
-        self.lib = load()
+        self.lib = load(tuple(build_flags))
         lim = bundle.limits
         self.max_context = int(min(max_context or lim.max_context, spec.max_position))
         if self.max_context < 2:
@@ -114,8 +115,8 @@ class NativeBackend:
         self.head = self._linear(w, ["lm_head"] if ("lm_head.qweight" in w or "lm_head.weight" in w) else None)
         cos, sin = rope_tables(spec, self.max_context)
         self.cos, self.sin = np.ascontiguousarray(cos), np.ascontiguousarray(sin)
-        # [layers, K/V, blocks, block_size, kv heads, head_dim] fp16, resident only where written
-        self.kv = lazy_zeros((spec.n_layers, 2, self.num_blocks, bs, spec.n_kv_heads, spec.head_dim), np.float16)
+        # [layers, K/V, blocks, kv heads, block_size, head_dim] fp16, resident only where written
+        self.kv = lazy_zeros((spec.n_layers, 2, self.num_blocks, spec.n_kv_heads, bs, spec.head_dim), np.float16)
         f = spec.features
         scale = f.attn_scale if f.attn_scale is not None else 1.0 / math.sqrt(spec.head_dim)
         self.model = abi.Model(spec.n_layers, spec.hidden_size, spec.n_heads, spec.n_kv_heads, spec.head_dim,

@@ -23,7 +23,7 @@ from pathlib import Path
 from edge.errors import BackendError
 
 SOURCE = Path(__file__).parent / "csrc" / "native.c"
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-pthread", "-fPIC", "-shared", "-std=gnu11")
 
 
 def compiler() -> str:
@@ -66,7 +66,7 @@ def build(extra_flags: tuple[str, ...] = (), out_dir: Path | None = None) -> Pat
         os.unlink(tmp)
         first = (r.stderr.strip().splitlines() or ["(no output)"])[0]
         raise BackendError(f"compiling the native CPU kernels failed: {first}",
-                           fix="check that `cc` supports -fopenmp (gcc: apt-get install gcc libgomp1), or use --backend onnxruntime")
+                           fix="check that `cc` works (Debian/Ubuntu: apt-get install gcc), or use --backend onnxruntime")
     os.replace(tmp, so)  # atomic: a concurrent builder sees the whole file or none
     return so
 

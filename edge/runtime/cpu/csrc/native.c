@@ -24,9 +24,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -64,6 +64,116 @@ int er_set_isa(int isa) { /* -1: the best this build has; returns the path in us
 
 static inline int cur_isa(void) { return g_isa < 0 ? er_isa_max() : g_isa; }
 
+/* ---- a tiny thread pool ---------------------------------------------------------------------
+   Not OpenMP: libgomp's barriers spin for ~300k iterations before sleeping, and with other
+   processes on the cores a spinning thread steals the time its partner needs (a SmolLM2 8-row
+   step measured 195 ms at load 4 against 37 ms with spinning off). Here a step is handed to
+   sleeping workers through a condition variable (one wake-up per step), and the barriers inside a
+   step spin briefly, then sched_yield(), so a busy machine runs whoever can make progress. */
+typedef void (*job_fn)(void *arg, int tid, int nth);
+#define MAX_THREADS 64
+#define SPIN_ITERS 4000
+static struct {
+    int size; /* threads incl. the caller */
+    pthread_t th[MAX_THREADS];
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int gen;
+    job_fn fn;
+    void *arg;
+    int nth;
+    atomic_int done;
+    atomic_int bar_count, bar_gen;
+} P = {1, {0}, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+static pthread_mutex_t pool_init_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *worker(void *p) {
+    int tid = (int)(intptr_t)p, seen = 0;
+    for (;;) {
+        pthread_mutex_lock(&P.mu);
+        while (P.gen == seen) pthread_cond_wait(&P.cv, &P.mu);
+        seen = P.gen;
+        job_fn fn = P.fn;
+        void *arg = P.arg;
+        int nth = P.nth;
+        pthread_mutex_unlock(&P.mu);
+        if (tid < nth) fn(arg, tid, nth);
+        atomic_fetch_add(&P.done, 1);
+    }
+    return NULL;
+}
+
+static void pool_grow(int n) {
+    pthread_mutex_lock(&pool_init_mu);
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    while (P.size < n) {
+        if (pthread_create(&P.th[P.size], NULL, worker, (void *)(intptr_t)P.size) != 0) break;
+        pthread_detach(P.th[P.size]);
+        P.size++;
+    }
+    pthread_mutex_unlock(&pool_init_mu);
+}
+
+static void barrier(int nth) {
+    if (nth <= 1) return;
+    int g = atomic_load(&P.bar_gen);
+    if (atomic_fetch_add(&P.bar_count, 1) == nth - 1) {
+        atomic_store(&P.bar_count, 0);
+        atomic_fetch_add(&P.bar_gen, 1);
+        return;
+    }
+    for (int i = 0; atomic_load(&P.bar_gen) == g; i++) {
+        if (i < SPIN_ITERS)
+            cpu_relax();
+        else
+            sched_yield();
+    }
+}
+
+/* fn(arg, tid, nth) on nth threads (the caller is tid 0); returns when all are done. One job at
+   a time per process (the engine runs one step at a time). */
+static pthread_mutex_t run_mu = PTHREAD_MUTEX_INITIALIZER;
+static void run_parallel(job_fn fn, void *arg, int nth) {
+    if (nth < 1) nth = 1;
+    if (nth > MAX_THREADS) nth = MAX_THREADS;
+    if (nth == 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+    pthread_mutex_lock(&run_mu);
+    if (P.size < nth) pool_grow(nth);
+    if (P.size < nth) nth = P.size;
+    int workers = P.size - 1;
+    atomic_store(&P.done, 0);
+    pthread_mutex_lock(&P.mu);
+    P.fn = fn;
+    P.arg = arg;
+    P.nth = nth;
+    P.gen++;
+    pthread_cond_broadcast(&P.cv);
+    pthread_mutex_unlock(&P.mu);
+    fn(arg, 0, nth);
+    for (int i = 0; atomic_load(&P.done) < workers; i++) {
+        if (i < SPIN_ITERS)
+            cpu_relax();
+        else
+            sched_yield();
+    }
+    pthread_mutex_unlock(&run_mu);
+}
+
+/* [lo, hi) of n items for thread tid of nth (contiguous, static) */
+static inline void span(int n, int tid, int nth, int *lo, int *hi) {
+    *lo = (int)((long)n * tid / nth);
+    *hi = (int)((long)n * (tid + 1) / nth);
+}
+
 typedef struct {
     int32_t kind;  /* 4 | 8 */
     int32_t n, k;  /* output / input features (k % 32 == 0) */
@@ -86,8 +196,80 @@ typedef struct {
     const float *norm;
     er_lin head;
     const float *cos, *sin; /* [max_ctx][head_dim / 2] */
-    kv_t *kv;               /* [layers][2][num_blocks][block_size][n_kv][head_dim] */
+    kv_t *kv;               /* [layers][2][num_blocks][n_kv][block_size][head_dim] */
 } er_model;
+
+/* ---- activations -> int8 per 32-block ------------------------------------------------------ */
+
+/* exp(x) in plain float operations (Cephes expf: round to the nearest power of two, a degree-6
+   polynomial, scale by the exponent bits), written once in C and once in AVX2 with the same
+   operations in the same order, so both give the same bits (glibc's expf is not vectorisable here).
+   Inputs are clamped to [-87, 88]; relative error ~1e-7. */
+#define EXP_LO (-87.f)
+#define EXP_HI 88.f
+static inline float exp_c(float x) {
+    x = x < EXP_LO ? EXP_LO : x;
+    x = x > EXP_HI ? EXP_HI : x;
+    float n = nearbyintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r;
+    p = p + 1.f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float sc;
+    memcpy(&sc, &bits, 4);
+    return p * sc;
+}
+#if defined(__AVX2__)
+static inline __m256 exp_avx2(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(EXP_LO));
+    x = _mm256_min_ps(x, _mm256_set1_ps(EXP_HI));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+    r = _mm256_add_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(2.12194440e-4f)));
+    __m256 z = _mm256_mul_ps(r, r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, z), r);
+    p = _mm256_add_ps(p, _mm256_set1_ps(1.f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* y[i] = exp(x[i] - sub), n values (in place allowed) */
+static void exp_sub(float *y, const float *x, float sub, int n) {
+    int i = 0;
+#if defined(__AVX2__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(sub))));
+#endif
+    for (; i < n; i++) y[i] = exp_c(x[i] - sub);
+}
+
+/* g[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u */
+static void swiglu(float *g, const float *u, int n) {
+    int i = 0;
+#if defined(__AVX2__)
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i);
+        __m256 sg = _mm256_div_ps(x, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(zero, x))));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(sg, _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) g[i] = (g[i] / (1.f + exp_c(0.f - g[i]))) * u[i];
+}
 
 /* ---- activations -> int8 per 32-block ------------------------------------------------------ */
 
@@ -95,12 +277,39 @@ static void quantize_row(const float *x, int k, int8_t *q, float *s, int32_t *su
     for (int b = 0; b < k / QB; b++) {
         const float *xb = x + b * QB;
         float amax = 0.f;
+#if defined(__AVX2__)
+        const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, nosign), _mm256_and_ps(v1, nosign)),
+                                 _mm256_max_ps(_mm256_and_ps(v2, nosign), _mm256_and_ps(v3, nosign)));
+        float mm[8];
+        _mm256_storeu_ps(mm, m);
+        for (int i = 0; i < 8; i++) amax = mm[i] > amax ? mm[i] : amax; /* a max is exact in any order */
+#else
         for (int i = 0; i < QB; i++) {
             float a = fabsf(xb[i]);
             amax = a > amax ? a : amax;
         }
+#endif
         float d = amax / 127.f;
         float id = amax > 0.f ? 127.f / amax : 0.f;
+#if defined(__AVX2__)
+        /* x * id rounded to nearest even (cvtps: the default rounding, as nearbyintf), then clamped */
+        const __m256 idv = _mm256_set1_ps(id);
+        const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
+        __m256i i0 = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v0, idv)), hi), lo);
+        __m256i i1 = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v1, idv)), hi), lo);
+        __m256i i2 = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v2, idv)), hi), lo);
+        __m256i i3 = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v3, idv)), hi), lo);
+        __m256i tot = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        int32_t ts[8];
+        _mm256_storeu_si256((__m256i *)ts, tot);
+        int32_t acc = 0;
+        for (int i = 0; i < 8; i++) acc += ts[i];
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + b * QB), p);
+#else
         int32_t acc = 0;
         for (int i = 0; i < QB; i++) {
             float v = nearbyintf(xb[i] * id);
@@ -108,6 +317,7 @@ static void quantize_row(const float *x, int k, int8_t *q, float *s, int32_t *su
             q[b * QB + i] = (int8_t)v;
             acc += (int8_t)v;
         }
+#endif
         s[b] = d;
         sum[b] = acc;
     }
@@ -286,14 +496,14 @@ static void tile_rows(const er_lin *L, int tile, int mr, const int8_t *xq, const
     }
 }
 
-/* y[M][n] for quantized activations (xq [M][k], xs / xsum [M][k/32]); call inside a parallel
-   region (work split over tiles: an output element is computed whole by one thread). */
+/* y[M][n] for quantized activations (xq [M][k], xs / xsum [M][k/32]); thread tid's share of the
+   tiles (an output element is computed whole by one thread); the caller puts a barrier after. */
 static void gemm_q(const er_lin *L, int M, const int8_t *xq, const float *xs, const int32_t *xsum, float *out, int ldo,
-                   const int32_t *rowmap, int accumulate) {
+                   const int32_t *rowmap, int accumulate, int tid, int nth) {
     int isa = cur_isa();
-    int kb = L->k / QB;
-#pragma omp for schedule(static)
-    for (int t = 0; t < L->tiles; t++)
+    int kb = L->k / QB, lo, hi;
+    span(L->tiles, tid, nth, &lo, &hi);
+    for (int t = lo; t < hi; t++)
         for (int m0 = 0; m0 < M; m0 += MR) {
             int mr = M - m0 < MR ? M - m0 : MR;
             tile_rows(L, t, mr, xq + (size_t)m0 * L->k, xs + (size_t)m0 * kb, xsum + (size_t)m0 * kb,
@@ -301,9 +511,27 @@ static void gemm_q(const er_lin *L, int M, const int8_t *xq, const float *xs, co
         }
 }
 
-static void quantize_rows(const float *x, int ldx, int M, int k, int8_t *xq, float *xs, int32_t *xsum) {
-#pragma omp for schedule(static)
-    for (int m = 0; m < M; m++) quantize_row(x + (size_t)m * ldx, k, xq + (size_t)m * k, xs + (size_t)m * (k / QB), xsum + (size_t)m * (k / QB));
+static void quantize_rows(const float *x, int ldx, int M, int k, int8_t *xq, float *xs, int32_t *xsum, int tid, int nth) {
+    int lo, hi;
+    span(M, tid, nth, &lo, &hi);
+    for (int m = lo; m < hi; m++) quantize_row(x + (size_t)m * ldx, k, xq + (size_t)m * k, xs + (size_t)m * (k / QB), xsum + (size_t)m * (k / QB));
+}
+
+struct lin_job {
+    const er_lin *L;
+    int M;
+    const float *x;
+    float *out;
+    int8_t *xq;
+    float *xs;
+    int32_t *xsum;
+};
+
+static void linear_body(void *a, int tid, int nth) {
+    struct lin_job *j = a;
+    quantize_rows(j->x, j->L->k, j->M, j->L->k, j->xq, j->xs, j->xsum, tid, nth);
+    barrier(nth);
+    gemm_q(j->L, j->M, j->xq, j->xs, j->xsum, j->out, j->L->n, NULL, 0, tid, nth);
 }
 
 /* A linear on float rows (tests and the kernel benchmark): out = x @ W.T (+ bias). */
@@ -313,11 +541,8 @@ int er_linear(const er_lin *L, int M, const float *x, float *out, int threads) {
     float *xs = malloc(sizeof(float) * (size_t)M * (L->k / QB) + 64);
     int32_t *xsum = malloc(sizeof(int32_t) * (size_t)M * (L->k / QB) + 64);
     if (!xq || !xs || !xsum) return -2;
-#pragma omp parallel num_threads(threads > 0 ? threads : 1)
-    {
-        quantize_rows(x, L->k, M, L->k, xq, xs, xsum);
-        gemm_q(L, M, xq, xs, xsum, out, L->n, NULL, 0);
-    }
+    struct lin_job j = {L, M, x, out, xq, xs, xsum};
+    run_parallel(linear_body, &j, threads);
     free(xq);
     free(xs);
     free(xsum);
@@ -347,15 +572,18 @@ static void rope_head(float *x, const float *cs, const float *sn, int d) {
     }
 }
 
-/* q . k over d (% 8 == 0) in 8 lanes (lane l sums i = l, l + 8, ...) and a fixed tree: the F16C
+/* q . k over d (% 16 == 0) in 16 lanes (lane l sums i = l, l + 16, ...), folded to 8 and a fixed tree: the F16C
    and plain C forms do the same float operations in the same order. */
 #if defined(__F16C__) && defined(__AVX__)
 static inline __m256 ld8(const kv_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 static inline float dot_kv(const float *q, const kv_t *k, int d) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int i = 0; i < d; i += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(q + i), ld8(k + i)));
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (int i = 0; i < d; i += 16) {
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(q + i), ld8(k + i)));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(q + i + 8), ld8(k + i + 8)));
+    }
     float a[8];
-    _mm256_storeu_ps(a, acc);
+    _mm256_storeu_ps(a, _mm256_add_ps(a0, a1));
     return sum8(a);
 }
 static inline void axpy_kv(float *o, float p, const kv_t *v, int d) {
@@ -364,48 +592,69 @@ static inline void axpy_kv(float *o, float p, const kv_t *v, int d) {
 }
 #else
 static inline float dot_kv(const float *q, const kv_t *k, int d) {
-    float acc[8] = {0};
-    for (int i = 0; i < d; i += 8)
-        for (int l = 0; l < 8; l++) acc[l] += q[i + l] * (float)k[i + l];
-    return sum8(acc);
+    float acc[16] = {0}, a[8];
+    for (int i = 0; i < d; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += q[i + l] * (float)k[i + l];
+    for (int l = 0; l < 8; l++) a[l] = acc[l] + acc[l + 8];
+    return sum8(a);
 }
 static inline void axpy_kv(float *o, float p, const kv_t *v, int d) {
     for (int i = 0; i < d; i++) o[i] += p * (float)v[i];
 }
 #endif
 
-static inline kv_t *kv_at(const er_model *M, int layer, int which, int slot) {
+/* K (which 0) or V (1) of one block and kv head: block_size rows of head_dim, contiguous (a
+   head's block is one 2 KB run for SmolLM2, streamed by the prefetcher). */
+static inline kv_t *kv_at(const er_model *M, int layer, int which, int block, int kvh) {
     size_t per = (size_t)M->num_blocks * M->block_size * M->n_kv * M->head_dim;
-    return M->kv + ((size_t)layer * 2 + which) * per + (size_t)slot * M->n_kv * M->head_dim;
+    return M->kv + ((size_t)layer * 2 + which) * per + ((size_t)block * M->n_kv + kvh) * M->block_size * M->head_dim;
 }
 
-/* Causal attention of one token (position p, row r's block table) for query head h. */
-static void attend(const er_model *M, int layer, const float *q, int p, const int32_t *table, int h, float *out,
+static inline void prefetch_block(const kv_t *p, int n) { /* n halves */
+    for (int i = 0; i < n; i += 32) __builtin_prefetch(p + i, 0, 3);
+}
+
+/* Causal attention of one token (position p, its row's block table) for query heads
+   [h0, h0 + g), which share kv head h0 / rep: each K / V row is loaded once for the g heads. A
+   head's numbers do not depend on g (the same operations per head, in the same order).
+   scores: g x (p + 1) floats. */
+static void attend(const er_model *M, int layer, const float *q, int p, const int32_t *table, int h0, int g, float *out,
                    float *scores) {
     int d = M->head_dim, rep = M->n_heads / M->n_kv, bs = M->block_size;
-    int kvh = h / rep;
-    {
-        const float *qh = q + (size_t)h * d;
-        float mx = -INFINITY;
-        for (int j = 0; j <= p; j++) {
-            int slot = table[j / bs] * bs + j % bs;
-            float s = dot_kv(qh, kv_at(M, layer, 0, slot) + (size_t)kvh * d, d) * M->attn_scale;
-            scores[j] = s;
-            mx = s > mx ? s : mx;
-        }
-        float tot = 0.f;
-        for (int j = 0; j <= p; j++) {
-            float e = expf(scores[j] - mx);
-            scores[j] = e;
-            tot += e;
-        }
-        float *o = out + (size_t)h * d;
+    int kvh = h0 / rep, n = p + 1;
+    const size_t stride = (size_t)d;
+    const int nblk = (n + bs - 1) / bs;
+    float mx[MR * 4], tot[MR * 4];
+    for (int hh = 0; hh < g; hh++) mx[hh] = -INFINITY;
+    for (int j0 = 0, blk = 0; j0 < n; j0 += bs, blk++) {
+        const kv_t *kb = kv_at(M, layer, 0, table[blk], kvh);
+        if (blk + 1 < nblk) prefetch_block(kv_at(M, layer, 0, table[blk + 1], kvh), bs * d);
+        int e = n - j0 < bs ? n - j0 : bs;
+        for (int o = 0; o < e; o++)
+            for (int hh = 0; hh < g; hh++) {
+                float s = dot_kv(q + (size_t)(h0 + hh) * d, kb + o * stride, d) * M->attn_scale;
+                scores[(size_t)hh * n + j0 + o] = s;
+                mx[hh] = s > mx[hh] ? s : mx[hh];
+            }
+    }
+    for (int hh = 0; hh < g; hh++) {
+        float *sc = scores + (size_t)hh * n, t = 0.f;
+        exp_sub(sc, sc, mx[hh], n);
+        for (int j = 0; j < n; j++) t += sc[j];
+        tot[hh] = t;
+        float *o = out + (size_t)(h0 + hh) * d;
         for (int i = 0; i < d; i++) o[i] = 0.f;
-        for (int j = 0; j <= p; j++) {
-            int slot = table[j / bs] * bs + j % bs;
-            axpy_kv(o, scores[j], kv_at(M, layer, 1, slot) + (size_t)kvh * d, d);
-        }
-        float inv = 1.f / tot;
+    }
+    prefetch_block(kv_at(M, layer, 1, table[0], kvh), bs * d);
+    for (int j0 = 0, blk = 0; j0 < n; j0 += bs, blk++) {
+        const kv_t *vb = kv_at(M, layer, 1, table[blk], kvh);
+        if (blk + 1 < nblk) prefetch_block(kv_at(M, layer, 1, table[blk + 1], kvh), bs * d);
+        int e = n - j0 < bs ? n - j0 : bs;
+        for (int o = 0; o < e; o++)
+            for (int hh = 0; hh < g; hh++) axpy_kv(out + (size_t)(h0 + hh) * d, scores[(size_t)hh * n + j0 + o], vb + o * stride, d);
+    }
+    for (int hh = 0; hh < g; hh++) {
+        float inv = 1.f / tot[hh], *o = out + (size_t)(h0 + hh) * d;
         for (int i = 0; i < d; i++) o[i] *= inv;
     }
 }
@@ -416,8 +665,91 @@ size_t er_work_bytes(const er_model *M, int T) {
     int kmax = M->inter > q ? M->inter : q;
     kmax = kmax > M->hidden ? kmax : M->hidden;
     size_t f = (size_t)T * M->hidden + (size_t)T * (q + 2 * kv) + (size_t)T * q + (size_t)T * 2 * M->inter
-               + 2 * (size_t)T * (kmax / QB) + (size_t)(M->threads > 0 ? M->threads : 1) * M->max_ctx + (size_t)T;
+               + 2 * (size_t)T * (kmax / QB) + (size_t)(M->threads > 0 ? M->threads : 1) * M->max_ctx * (M->n_heads / M->n_kv) + (size_t)T;
     return f * 4 + (size_t)T * kmax + 256;
+}
+
+struct step_job {
+    const er_model *M;
+    int T, mb, nl, grp, per_tok;
+    float *x, *xn, *qkv, *att, *gu, *xs, *scores, *logits;
+    int32_t *xsum, *rowmap, *row_of;
+    int8_t *xq;
+    const int32_t *positions, *slots, *qstart, *tables;
+};
+
+static void step_body(void *arg, int tid, int nth) {
+    struct step_job *J = arg;
+    const er_model *M = J->M;
+    int T = J->T, H = M->hidden, d = M->head_dim, nq = M->n_heads * d, nkv = M->n_kv * d, I = M->inter;
+    int qkvw = nq + 2 * nkv, half = d / 2, lo, hi;
+    float *x = J->x, *xn = J->xn, *qkv = J->qkv, *att = J->att, *gu = J->gu, *xs = J->xs;
+    int32_t *xsum = J->xsum;
+    int8_t *xq = J->xq;
+    const int32_t *positions = J->positions, *slots = J->slots;
+    float *sc = J->scores + (size_t)tid * M->max_ctx * (M->n_heads / M->n_kv);
+    span(T, tid, nth, &lo, &hi); /* this thread's tokens in the per-token phases */
+    for (int l = 0; l < M->n_layers; l++) {
+        const er_layer *Ly = &M->layers[l];
+        for (int t = lo; t < hi; t++) {
+            rms_norm_row(x + (size_t)t * H, Ly->ln1, H, M->eps, xn + (size_t)t * H);
+            quantize_row(xn + (size_t)t * H, H, xq + (size_t)t * H, xs + (size_t)t * (H / QB), xsum + (size_t)t * (H / QB));
+        }
+        barrier(nth);
+        gemm_q(&Ly->qkv, T, xq, xs, xsum, qkv, qkvw, NULL, 0, tid, nth);
+        barrier(nth);
+        for (int t = lo; t < hi; t++) { /* RoPE on q and k, then K / V into the pool */
+            float *row = qkv + (size_t)t * qkvw;
+            const float *cs = M->cos + (size_t)positions[t] * half, *sn = M->sin + (size_t)positions[t] * half;
+            for (int h = 0; h < M->n_heads + M->n_kv; h++) rope_head(row + (size_t)h * d, cs, sn, d);
+            if (slots[t] >= 0) {
+                int blk = slots[t] / M->block_size, off = slots[t] % M->block_size;
+                for (int g = 0; g < M->n_kv; g++) {
+                    kv_t *kd = kv_at(M, l, 0, blk, g) + (size_t)off * d, *vd = kv_at(M, l, 1, blk, g) + (size_t)off * d;
+                    for (int i = 0; i < d; i++) {
+                        kd[i] = (kv_t)row[nq + g * d + i];
+                        vd[i] = (kv_t)row[nq + nkv + g * d + i];
+                    }
+                }
+            }
+        }
+        barrier(nth);
+        for (int i = tid; i < T * J->per_tok; i += nth) { /* work items: (token, group of heads sharing a kv head) */
+            int t = i / J->per_tok;
+            attend(M, l, qkv + (size_t)t * qkvw, positions[t], J->tables + (size_t)J->row_of[t] * J->mb, (i % J->per_tok) * J->grp, J->grp,
+                   att + (size_t)t * nq, sc);
+        }
+        barrier(nth);
+        quantize_rows(att, nq, T, nq, xq, xs, xsum, tid, nth);
+        barrier(nth);
+        gemm_q(&Ly->o, T, xq, xs, xsum, x, H, NULL, 1, tid, nth); /* h += o_proj(attention) */
+        barrier(nth);
+        for (int t = lo; t < hi; t++) {
+            rms_norm_row(x + (size_t)t * H, Ly->ln2, H, M->eps, xn + (size_t)t * H);
+            quantize_row(xn + (size_t)t * H, H, xq + (size_t)t * H, xs + (size_t)t * (H / QB), xsum + (size_t)t * (H / QB));
+        }
+        barrier(nth);
+        gemm_q(&Ly->gu, T, xq, xs, xsum, gu, 2 * I, NULL, 0, tid, nth);
+        barrier(nth);
+        for (int t = lo; t < hi; t++) { /* silu(gate) * up, gate = columns [0, I), up = [I, 2I) */
+            float *g = gu + (size_t)t * 2 * I;
+            swiglu(g, g + I, I);
+            quantize_row(g, I, xq + (size_t)t * I, xs + (size_t)t * (I / QB), xsum + (size_t)t * (I / QB));
+        }
+        barrier(nth);
+        gemm_q(&Ly->down, T, xq, xs, xsum, x, H, NULL, 1, tid, nth); /* h += down(...) */
+        barrier(nth);
+    }
+    /* final norm and head for the rows that want logits (their last token) */
+    int l0, l1;
+    span(J->nl, tid, nth, &l0, &l1);
+    for (int i = l0; i < l1; i++) {
+        int t = J->qstart[J->rowmap[i] + 1] - 1;
+        rms_norm_row(x + (size_t)t * H, M->norm, H, M->eps, xn + (size_t)i * H);
+        quantize_row(xn + (size_t)i * H, H, xq + (size_t)i * H, xs + (size_t)i * (H / QB), xsum + (size_t)i * (H / QB));
+    }
+    barrier(nth);
+    if (J->nl) gemm_q(&M->head, J->nl, xq, xs, xsum, J->logits, M->vocab, J->rowmap, 0, tid, nth);
 }
 
 /* One engine step. x: [T][hidden] embedded tokens (the residual stream, updated in place);
@@ -426,85 +758,43 @@ size_t er_work_bytes(const er_model *M, int T) {
 int er_step(const er_model *M, int T, int R, float *x, const int32_t *positions, const int32_t *slots,
             const int32_t *qstart, const int32_t *tables, int mb, const int32_t *logits_rows, float *logits, void *work) {
     int H = M->hidden, d = M->head_dim, nq = M->n_heads * d, nkv = M->n_kv * d, I = M->inter;
-    int qkvw = nq + 2 * nkv, half = d / 2;
+    int qkvw = nq + 2 * nkv;
     int kmax = I > nq ? I : nq;
     kmax = kmax > H ? kmax : H;
     for (int t = 0; t < T; t++)
         if (positions[t] < 0 || positions[t] >= M->max_ctx) return -1;
-    float *xn = (float *)work;
-    float *qkv = xn + (size_t)T * H;
-    float *att = qkv + (size_t)T * qkvw;
-    float *gu = att + (size_t)T * nq;
-    float *xs = gu + (size_t)T * 2 * I;
-    int32_t *xsum = (int32_t *)(xs + (size_t)T * (kmax / QB));
-    float *scores = (float *)(xsum + (size_t)T * (kmax / QB));
-    int32_t *rowmap = (int32_t *)(scores + (size_t)(M->threads > 0 ? M->threads : 1) * M->max_ctx);
-    int8_t *xq = (int8_t *)(rowmap + T);
-    int32_t *row_of = (int32_t *)malloc(sizeof(int32_t) * (size_t)(T > 0 ? T : 1));
-    if (!row_of) return -2;
+    int nth = M->threads > 0 ? M->threads : 1;
+    struct step_job J;
+    J.M = M;
+    J.T = T;
+    J.mb = mb;
+    J.x = x;
+    J.xn = (float *)work;
+    J.qkv = J.xn + (size_t)T * H;
+    J.att = J.qkv + (size_t)T * qkvw;
+    J.gu = J.att + (size_t)T * nq;
+    J.xs = J.gu + (size_t)T * 2 * I;
+    J.xsum = (int32_t *)(J.xs + (size_t)T * (kmax / QB));
+    J.scores = (float *)(J.xsum + (size_t)T * (kmax / QB));
+    J.rowmap = (int32_t *)(J.scores + (size_t)nth * M->max_ctx * (M->n_heads / M->n_kv));
+    J.xq = (int8_t *)(J.rowmap + T);
+    J.positions = positions;
+    J.slots = slots;
+    J.qstart = qstart;
+    J.tables = tables;
+    J.logits = logits;
+    J.row_of = (int32_t *)malloc(sizeof(int32_t) * (size_t)(T > 0 ? T : 1));
+    if (!J.row_of) return -2;
     for (int r = 0; r < R; r++)
-        for (int t = qstart[r]; t < qstart[r + 1]; t++) row_of[t] = r;
-    int nl = 0;
+        for (int t = qstart[r]; t < qstart[r + 1]; t++) J.row_of[t] = r;
+    /* attention items: whole kv-head groups, unless that leaves threads idle (one decode row) */
+    int rep = M->n_heads / M->n_kv;
+    J.grp = (T * M->n_kv >= 2 * nth && rep <= MR * 4) ? rep : 1;
+    J.per_tok = M->n_heads / J.grp;
+    J.nl = 0;
     for (int r = 0; r < R; r++)
-        if (logits_rows[r]) rowmap[nl++] = r;
-
-#pragma omp parallel num_threads(M->threads > 0 ? M->threads : 1)
-    {
-#ifdef _OPENMP
-        float *sc = scores + (size_t)omp_get_thread_num() * M->max_ctx;
-#else
-        float *sc = scores;
-#endif
-        for (int l = 0; l < M->n_layers; l++) {
-            const er_layer *Ly = &M->layers[l];
-#pragma omp for schedule(static)
-            for (int t = 0; t < T; t++) {
-                rms_norm_row(x + (size_t)t * H, Ly->ln1, H, M->eps, xn + (size_t)t * H);
-                quantize_row(xn + (size_t)t * H, H, xq + (size_t)t * H, xs + (size_t)t * (H / QB), xsum + (size_t)t * (H / QB));
-            }
-            gemm_q(&Ly->qkv, T, xq, xs, xsum, qkv, qkvw, NULL, 0);
-#pragma omp for schedule(static)
-            for (int t = 0; t < T; t++) { /* RoPE on q and k, then K / V into the pool */
-                float *row = qkv + (size_t)t * qkvw;
-                const float *cs = M->cos + (size_t)positions[t] * half, *sn = M->sin + (size_t)positions[t] * half;
-                for (int h = 0; h < M->n_heads + M->n_kv; h++) rope_head(row + (size_t)h * d, cs, sn, d);
-                if (slots[t] >= 0) {
-                    kv_t *kd = kv_at(M, l, 0, slots[t]), *vd = kv_at(M, l, 1, slots[t]);
-                    for (int i = 0; i < nkv; i++) {
-                        kd[i] = (kv_t)row[nq + i];
-                        vd[i] = (kv_t)row[nq + nkv + i];
-                    }
-                }
-            }
-#pragma omp for schedule(dynamic, 1) collapse(2)
-            for (int t = 0; t < T; t++)
-                for (int h = 0; h < M->n_heads; h++)
-                    attend(M, l, qkv + (size_t)t * qkvw, positions[t], tables + (size_t)row_of[t] * mb, h, att + (size_t)t * nq, sc);
-            quantize_rows(att, nq, T, nq, xq, xs, xsum);
-            gemm_q(&Ly->o, T, xq, xs, xsum, x, H, NULL, 1); /* h += o_proj(attention) */
-#pragma omp for schedule(static)
-            for (int t = 0; t < T; t++) {
-                rms_norm_row(x + (size_t)t * H, Ly->ln2, H, M->eps, xn + (size_t)t * H);
-                quantize_row(xn + (size_t)t * H, H, xq + (size_t)t * H, xs + (size_t)t * (H / QB), xsum + (size_t)t * (H / QB));
-            }
-            gemm_q(&Ly->gu, T, xq, xs, xsum, gu, 2 * I, NULL, 0);
-#pragma omp for schedule(static)
-            for (int t = 0; t < T; t++) { /* silu(gate) * up, gate = columns [0, I), up = [I, 2I) */
-                float *g = gu + (size_t)t * 2 * I;
-                for (int i = 0; i < I; i++) g[i] = (g[i] / (1.f + expf(-g[i]))) * g[I + i];
-                quantize_row(g, I, xq + (size_t)t * I, xs + (size_t)t * (I / QB), xsum + (size_t)t * (I / QB));
-            }
-            gemm_q(&Ly->down, T, xq, xs, xsum, x, H, NULL, 1); /* h += down(...) */
-        }
-        /* final norm and head for the rows that want logits (their last token) */
-#pragma omp for schedule(static)
-        for (int i = 0; i < nl; i++) {
-            int t = qstart[rowmap[i] + 1] - 1;
-            rms_norm_row(x + (size_t)t * H, M->norm, H, M->eps, xn + (size_t)i * H);
-            quantize_row(xn + (size_t)i * H, H, xq + (size_t)i * H, xs + (size_t)i * (H / QB), xsum + (size_t)i * (H / QB));
-        }
-        if (nl) gemm_q(&M->head, nl, xq, xs, xsum, logits, M->vocab, rowmap, 0);
-    }
-    free(row_of);
+        if (logits_rows[r]) J.rowmap[J.nl++] = r;
+    run_parallel(step_body, &J, nth);
+    free(J.row_of);
     return 0;
 }
