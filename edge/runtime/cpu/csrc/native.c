@@ -400,6 +400,7 @@ static inline __attribute__((always_inline)) void tile_vnni(const int mr, const 
                                                            const int32_t *xsum, float *out, int ldo, const int32_t *rowmap, int accumulate) {
     int kb = L->k / QB, ldq = L->k;
     __m512 acc[MR];
+#pragma GCC unroll 8
     for (int m = 0; m < mr; m++) acc[m] = _mm512_setzero_ps();
     const __m512i lo = _mm512_set1_epi8(15);
     const int four = L->kind == 4;
@@ -419,17 +420,25 @@ static inline __attribute__((always_inline)) void tile_vnni(const int mr, const 
             const uint8_t *w = L->w + ((size_t)tile * kb + b) * 512;
             for (int j = 0; j < 8; j++) W[j] = _mm512_loadu_si512((const void *)(w + 64 * j));
         }
-        for (int m = 0; m < mr; m++) {
-            const int8_t *a = xq + (size_t)m * ldq + b * QB;
-            __m512i d = _mm512_setzero_si512();
-            for (int g = 0; g < 8; g++) {
+        /* g outer, rows inner: mr independent dpbusd chains (a row's 8 dots in a chain would
+           wait on each other's latency) */
+        __m512i d[MR];
+#pragma GCC unroll 8
+        for (int m = 0; m < mr; m++) d[m] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+#pragma GCC unroll 8
+            for (int m = 0; m < mr; m++) {
                 int32_t a4;
-                memcpy(&a4, a + 4 * g, 4);
-                d = _mm512_dpbusd_epi32(d, W[g], _mm512_set1_epi32(a4));
+                memcpy(&a4, xq + (size_t)m * ldq + b * QB + 4 * g, 4);
+                d[m] = _mm512_dpbusd_epi32(d[m], W[g], _mm512_set1_epi32(a4));
             }
-            d = _mm512_sub_epi32(d, _mm512_set1_epi32(zp * xsum[(size_t)m * kb + b]));
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < mr; m++) {
+            __m512i dm = _mm512_sub_epi32(d[m], _mm512_set1_epi32(zp * xsum[(size_t)m * kb + b]));
             __m512 sc = _mm512_mul_ps(wsv, _mm512_set1_ps(xs[(size_t)m * kb + b]));
-            acc[m] = _mm512_add_ps(acc[m], _mm512_mul_ps(_mm512_cvtepi32_ps(d), sc));
+            acc[m] = _mm512_add_ps(acc[m], _mm512_mul_ps(_mm512_cvtepi32_ps(dm), sc));
         }
     }
     int n0 = tile * NT;
