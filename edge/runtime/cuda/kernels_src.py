@@ -33,7 +33,7 @@ SOURCE = "".join((CSRC / name).read_text() for name in SOURCE_FILES)
 
 BK_VARIANTS = (  # block-K int4 GEMV instances (rows R, threads NT, unroll U), as BK_INSTANCES in gemv.cu
     (2, 64, 2), (4, 64, 2), (2, 128, 2), (4, 128, 2), (8, 128, 1), (2, 256, 2), (4, 256, 2), (8, 256, 1),
-    (2, 64, 4), (2, 128, 4), (4, 128, 4),
+    (2, 64, 4), (2, 128, 4), (4, 128, 4), (16, 64, 1), (16, 128, 1), (16, 256, 1),
 )
 
 KERNEL_NAMES = (
