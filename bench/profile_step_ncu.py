@@ -9,7 +9,8 @@ not show). Kernels run one at a time under ncu (no PDL overlap): their times are
     python3 bench/profile_step_ncu.py --summarize $OUT/ncu.csv
 
 The profiled range is one decode step after a 128-token prompt (cudaProfilerStart / Stop around
-it); --launch-count 12 covers the embedding and the first layer and a half.
+it); --launch-count 12 covers the embedding and the first layer and a half. The session autotunes
+while ncu is attached (its picks can differ from a plain process's: printed at the end).
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def main() -> None:
     sess.decode_greedy([0], np.array([tok]))
     cp.cuda.Device().synchronize()
     cp.cuda.profiler.stop()
-    print("picks", {f"{lin.shape_key}|{lin.role}": sess._cand_name((lin.m1, lin.fused)) for lin in (*sess.layers[0].values(), sess.lm_head) if hasattr(lin, "m1")}, flush=True)
+    lins = [lin for lin in (*sess.layers[0].values(), sess.lm_head) if getattr(lin, "m1", None) is not None]
+    print("picks", {f"{lin.shape_key}|{lin.role}": sess._cand_name((lin.m1, lin.fused)) for lin in lins}, flush=True)
 
 
 if __name__ == "__main__":
