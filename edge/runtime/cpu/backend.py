@@ -80,8 +80,9 @@ class NativeBackend:
         build_flags: extra cc flags (tests build the portable C path with -march=x86-64)."""
         from edge.models.rope import rope_tables
         from edge.runtime.cpu.build import load
-        from edge.runtime.ort_session import lazy_zeros
+        from edge.runtime.ort_session import lazy_zeros, limit_malloc_caching
 
+        limit_malloc_caching()  # the repacking's large temporaries go back to the OS, not glibc's cache
         self.bundle = bundle
         self.spec = spec = bundle.spec
         bad = unsupported_features(spec)
