@@ -678,9 +678,25 @@ size_t er_work_bytes(const er_model *M, int T) {
     return f * 4 + (size_t)T * kmax + 256;
 }
 
+/* RoPE on one token's q and k heads (in place), then its K / V into the pool (slot < 0: not stored) */
+static void rope_store(const er_model *M, int l, float *row, int pos, int slot) {
+    int d = M->head_dim, half = d / 2, nq = M->n_heads * d, nkv = M->n_kv * d;
+    const float *cs = M->cos + (size_t)pos * half, *sn = M->sin + (size_t)pos * half;
+    for (int h = 0; h < M->n_heads + M->n_kv; h++) rope_head(row + (size_t)h * d, cs, sn, d);
+    if (slot < 0) return;
+    int blk = slot / M->block_size, off = slot % M->block_size;
+    for (int g = 0; g < M->n_kv; g++) {
+        kv_t *kd = kv_at(M, l, 0, blk, g) + (size_t)off * d, *vd = kv_at(M, l, 1, blk, g) + (size_t)off * d;
+        for (int i = 0; i < d; i++) {
+            kd[i] = (kv_t)row[nq + g * d + i];
+            vd[i] = (kv_t)row[nq + nkv + g * d + i];
+        }
+    }
+}
+
 struct step_job {
     const er_model *M;
-    int T, mb, nl, grp, per_tok;
+    int T, mb, nl, grp, per_tok, fused;
     float *x, *xn, *qkv, *att, *gu, *xs, *scores, *logits;
     int32_t *xsum, *rowmap, *row_of;
     int8_t *xq;
@@ -691,11 +707,12 @@ static void step_body(void *arg, int tid, int nth) {
     struct step_job *J = arg;
     const er_model *M = J->M;
     int T = J->T, H = M->hidden, d = M->head_dim, nq = M->n_heads * d, nkv = M->n_kv * d, I = M->inter;
-    int qkvw = nq + 2 * nkv, half = d / 2, lo, hi;
+    int qkvw = nq + 2 * nkv, lo, hi;
     float *x = J->x, *xn = J->xn, *qkv = J->qkv, *att = J->att, *gu = J->gu, *xs = J->xs;
     int32_t *xsum = J->xsum;
     int8_t *xq = J->xq;
     const int32_t *positions = J->positions, *slots = J->slots;
+    (void)nkv;
     float *sc = J->scores + (size_t)tid * M->max_ctx * (M->n_heads / M->n_kv);
     span(T, tid, nth, &lo, &hi); /* this thread's tokens in the per-token phases */
     for (int l = 0; l < M->n_layers; l++) {
@@ -707,30 +724,29 @@ static void step_body(void *arg, int tid, int nth) {
         barrier(nth);
         gemm_q(&Ly->qkv, T, xq, xs, xsum, qkv, qkvw, NULL, 0, tid, nth);
         barrier(nth);
-        for (int t = lo; t < hi; t++) { /* RoPE on q and k, then K / V into the pool */
-            float *row = qkv + (size_t)t * qkvw;
-            const float *cs = M->cos + (size_t)positions[t] * half, *sn = M->sin + (size_t)positions[t] * half;
-            for (int h = 0; h < M->n_heads + M->n_kv; h++) rope_head(row + (size_t)h * d, cs, sn, d);
-            if (slots[t] >= 0) {
-                int blk = slots[t] / M->block_size, off = slots[t] % M->block_size;
-                for (int g = 0; g < M->n_kv; g++) {
-                    kv_t *kd = kv_at(M, l, 0, blk, g) + (size_t)off * d, *vd = kv_at(M, l, 1, blk, g) + (size_t)off * d;
-                    for (int i = 0; i < d; i++) {
-                        kd[i] = (kv_t)row[nq + g * d + i];
-                        vd[i] = (kv_t)row[nq + nkv + g * d + i];
-                    }
-                }
+        if (J->fused) { /* decode rows only, enough of them: one item per token does RoPE, its K / V,
+                           all its heads and the quantization of its attention row (2 barriers fewer) */
+            int rep = M->n_heads / M->n_kv;
+            for (int t = tid; t < T; t += nth) {
+                rope_store(M, l, qkv + (size_t)t * qkvw, positions[t], slots[t]);
+                for (int h0 = 0; h0 < M->n_heads; h0 += rep)
+                    attend(M, l, qkv + (size_t)t * qkvw, positions[t], J->tables + (size_t)J->row_of[t] * J->mb, h0, rep,
+                           att + (size_t)t * nq, sc);
+                quantize_row(att + (size_t)t * nq, nq, xq + (size_t)t * nq, xs + (size_t)t * (nq / QB), xsum + (size_t)t * (nq / QB));
             }
+            barrier(nth);
+        } else {
+            for (int t = lo; t < hi; t++) rope_store(M, l, qkv + (size_t)t * qkvw, positions[t], slots[t]);
+            barrier(nth);
+            for (int i = tid; i < T * J->per_tok; i += nth) { /* work items: (token, group of heads sharing a kv head) */
+                int t = i / J->per_tok;
+                attend(M, l, qkv + (size_t)t * qkvw, positions[t], J->tables + (size_t)J->row_of[t] * J->mb, (i % J->per_tok) * J->grp,
+                       J->grp, att + (size_t)t * nq, sc);
+            }
+            barrier(nth);
+            quantize_rows(att, nq, T, nq, xq, xs, xsum, tid, nth);
+            barrier(nth);
         }
-        barrier(nth);
-        for (int i = tid; i < T * J->per_tok; i += nth) { /* work items: (token, group of heads sharing a kv head) */
-            int t = i / J->per_tok;
-            attend(M, l, qkv + (size_t)t * qkvw, positions[t], J->tables + (size_t)J->row_of[t] * J->mb, (i % J->per_tok) * J->grp, J->grp,
-                   att + (size_t)t * nq, sc);
-        }
-        barrier(nth);
-        quantize_rows(att, nq, T, nq, xq, xs, xsum, tid, nth);
-        barrier(nth);
         gemm_q(&Ly->o, T, xq, xs, xsum, x, H, NULL, 1, tid, nth); /* h += o_proj(attention) */
         barrier(nth);
         for (int t = lo; t < hi; t++) {
@@ -800,6 +816,7 @@ int er_step(const er_model *M, int T, int R, float *x, const int32_t *positions,
     int rep = M->n_heads / M->n_kv;
     J.grp = (T * M->n_kv >= 2 * nth && rep <= MR * 4) ? rep : 1;
     J.per_tok = M->n_heads / J.grp;
+    J.fused = (T == R && T >= 2 * nth && rep <= MR * 4); /* one token per row: no row reads another token's new K / V */
     J.nl = 0;
     for (int r = 0; r < R; r++)
         if (logits_rows[r]) J.rowmap[J.nl++] = r;
