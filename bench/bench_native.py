@@ -75,25 +75,13 @@ def native_steps(bundle, threads: int, pasts: list[int]):
 
 
 def ort_steps(bundle, threads: int, pasts: list[int]):
+    from bench.bench_ort_ops import ort_decode_step
     from edge.runtime.ort_session import OrtDecoderSession
 
     sess = OrtDecoderSession(bundle, max_batch=8, threads=threads, max_context=2048)
     rng = np.random.default_rng(0)
     for past in pasts:
-        t = {}
-        for b in (1, 8):
-            for s in list(sess._slot):
-                sess.release(s)
-            for s in range(b):
-                sess.add_sequence(s)
-                sess.prefill(s, rng.integers(0, 1000, past))
-            ids = rng.integers(0, 1000, b)
-
-            def step():
-                for s in range(b):
-                    sess.truncate(s, past)
-                sess.decode(list(range(b)), ids)
-            t[b] = timed(step)
+        t = {b: timed(ort_decode_step(sess, b, past, rng)) for b in (1, 8)}
         for s in list(sess._slot):
             sess.release(s)
         sess.add_sequence(0)

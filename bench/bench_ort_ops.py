@@ -186,26 +186,30 @@ def attention(graph, threads: int, pasts: list[int], ctx: int = 2048):
                "b8_over_b1": round(t[8] / t[1], 2), "per_step": sum(1 for n in graph.node if n.op_type == "GroupQueryAttention")}
 
 
+def ort_decode_step(sess, b: int, past: int, rng):
+    """Fill the ONNX Runtime session with b sequences of `past` random tokens; returns one decode
+    step of all b that first cuts each back to `past` (so it can be timed again and again)."""
+    for s in list(sess._slot):
+        sess.release(s)
+    for s in range(b):
+        sess.add_sequence(s)
+        sess.prefill(s, rng.integers(0, 1000, past))
+    ids = rng.integers(0, 1000, b)
+
+    def step():
+        for s in range(b):
+            sess.truncate(s, past)
+        sess.decode(list(range(b)), ids)
+    return step
+
+
 def whole_step(bundle, threads: int, pasts: list[int]):
     from edge.runtime.ort_session import OrtDecoderSession
 
     sess = OrtDecoderSession(bundle, max_batch=8, threads=threads, max_context=2048, spin=False)
     rng = np.random.default_rng(0)
     for past in pasts:
-        t = {}
-        for b in (1, 8):
-            for s in list(sess._slot):
-                sess.release(s)
-            for s in range(b):
-                sess.add_sequence(s)
-                sess.prefill(s, rng.integers(0, 1000, past))
-            ids = rng.integers(0, 1000, b)
-
-            def step():
-                for s in range(b):
-                    sess.truncate(s, past)
-                sess.decode(list(range(b)), ids)
-            t[b] = cpu_us(step, n=10)
+        t = {b: cpu_us(ort_decode_step(sess, b, past, rng), n=10) for b in (1, 8)}
         yield {"figure": "decode_step", "past": past, "cpu_ms": {str(b): round(x / 1e3, 2) for b, x in t.items()},
                "scaling_bound_8_over_1": round(8 * t[1] / t[8], 2)}
 

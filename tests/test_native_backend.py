@@ -5,11 +5,11 @@ layers, int8 head)."""
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
 
+from engine_checks import check_concurrent_equals_alone, check_prefix_cache_same_text, check_seeded_sampling_equals_alone
 from helpers_tiny import make_tiny_bundle, tiny_hf_model
 
 from edge.bundle import Bundle
@@ -78,54 +78,17 @@ def make_gen(bundle, max_batch=12, **kw) -> Generator:
     return Generator(be, Tokenizer.from_bundle(b), b, **kw)
 
 
-PROMPTS = ["Once upon", "A dog ran", "xy", "The quick brown fox jumps", "hi", "Tell me a story about it",
-           "0123456789", "zebra", "abc abc abc", "Q: what? A:", "robot", "E-214 means"]
-
-
 def test_twelve_concurrent_requests_equal_each_alone(int4_bundle):
-    params = [SamplingParams(max_tokens=4 + 3 * (i % 5), temperature=0, stop=["e"] if i % 4 == 1 else []) for i in range(12)]
-    alone = make_gen(int4_bundle, max_batch=1)
-    want = []
-    for p, sp in zip(PROMPTS, params):
-        want.append((alone.generate(p, sp), alone.stats.n_generated, alone.stats.finish_reason))
-    gen = make_gen(int4_bundle)
-    got = [None] * 12
-    barrier = threading.Barrier(12)
-
-    def run(i):
-        barrier.wait()
-        s = gen.submit(PROMPTS[i], params[i])
-        got[i] = (s.text(), s.request.stats.n_generated, s.request.finish_reason)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert got == want
+    got = check_concurrent_equals_alone(make_gen, int4_bundle)
     assert sum(n for _, n, _ in got) > 12  # they generated (not all stopped at once)
-    assert gen.engine.kv.num_used == 0
 
 
 def test_seeded_sampling_equals_alone(int4_bundle):
-    p = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
-    want = make_gen(int4_bundle, max_batch=1).generate("Once upon", p)
-    gen = make_gen(int4_bundle)
-    others = [gen.submit(x, SamplingParams(max_tokens=10, temperature=1.0, seed=i)) for i, x in enumerate(PROMPTS[1:5])]
-    s = gen.submit("Once upon", p)
-    assert s.text() == want
-    [o.text() for o in others]
+    check_seeded_sampling_equals_alone(make_gen, int4_bundle)
 
 
 def test_prefix_cache_hit_gives_the_same_tokens_and_reads_shared_blocks(int4_bundle):
-    tok = Tokenizer.from_bundle(Bundle.open(int4_bundle, verify=False))
-    gen, cold = make_gen(int4_bundle), make_gen(int4_bundle, prefix_cache=False)
-    sys_prompt = "Answer from passages. [1] E-214: lidar fault. "
-    greedy = SamplingParams(max_tokens=6, temperature=0)
-    for q in ("E-214?", "Why?"):
-        assert gen.generate(sys_prompt + q, greedy) == cold.generate(sys_prompt + q, greedy)
-    shared = len(tok.encode(sys_prompt))
-    block = gen.engine.kv.block_size
-    assert shared >= 2 * block and gen.stats.cached_tokens == shared - shared % block
-    assert cold.stats.cached_tokens == 0
+    gen = check_prefix_cache_same_text(make_gen, int4_bundle, max_tokens=6)
     assert gen.session.caps.kv_layout == "paged" and gen.session.caps.copies_blocks
 
 
