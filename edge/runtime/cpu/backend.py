@@ -59,7 +59,7 @@ def unsupported_features(spec) -> list[str]:
 
 
 def kv_block_bytes(spec, block_size: int) -> int:
-    return 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * KV_ELEM_BYTES * block_size
+    return int(spec.kv_bytes_per_token(KV_ELEM_BYTES)) * block_size  # the spec's one K+V-per-token rule
 
 
 def planned_kv_bytes(bundle) -> int:
