@@ -87,7 +87,7 @@ def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str
     """Answer `question` from the collection behind `retriever` with `generator` (streams through
     `on_token`). With `gate`, an irrelevant retrieval answers NOT_COVERED without generating.
     `generator` may be a zero-argument callable returning one: it is called only past the gate
-    (its load time is reported as load_ms; ttft_ms counts from after it). `max_tokens` None: the
+    (its load time is reported as load_ms; ttft_ms and total_ms leave it out). `max_tokens` None: the
     recipe's answer budget."""
     t0 = time.perf_counter()
     r: Retrieval = retriever.search(question, k=k, mode=mode)
@@ -151,7 +151,7 @@ def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str
         if on_token:
             on_token(NOT_COVERED)
         t_end = time.perf_counter()
-        timings.update(ttft_ms=(t_end - t0) * 1e3 - load_ms, generate_ms=0.0, total_ms=(t_end - t0) * 1e3)
+        timings.update(ttft_ms=(t_end - t0) * 1e3 - load_ms, generate_ms=0.0, total_ms=(t_end - t0) * 1e3 - load_ms)
         return Answer(question, NOT_COVERED, False, [], [], timings, prompt.n_tokens, 0, notes, False, model_text,
                       list(dropped), max(g.support, default=0.0), first.text if retried else None)
     if held is not None:  # backed by the passages: show what was held, as one piece
@@ -165,9 +165,9 @@ def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str
     text = "".join(parts).strip()  # what was streamed
     t_end = time.perf_counter()
     t_first = t_first or t_end
-    # NOTE: ttft excludes the generator's load (and a first-use engine build inside it): load_ms says it
+    # NOTE: ttft and total exclude the generator's load (and a first-use engine build inside it): load_ms says it
     timings.update(ttft_ms=(t_first - t0) * 1e3 - load_ms, generate_ms=(t_end - t_first) * 1e3,
-                   total_ms=(t_end - t0) * 1e3)
+                   total_ms=(t_end - t0) * 1e3 - load_ms)
     if run.request is not None:  # the last generation's (the retry's when there was one)
         from edge.runtime.generator import stats_of
 

@@ -195,6 +195,19 @@ def test_ask_refuses_when_nothing_is_relevant(retriever):
     assert loads == []
 
 
+def test_ask_times_leave_out_a_first_use_load(retriever):
+    import time
+
+    def slow_load():  # a first-use engine build happens inside the load
+        time.sleep(0.3)
+        return FakeGenerator()
+
+    a = ask("What does E-214 mean?", retriever, slow_load, k=2, max_tokens=50)
+    t = a.timings
+    assert a.covered and t["load_ms"] >= 300
+    assert 0 <= t["ttft_ms"] <= t["total_ms"] < 300
+
+
 def test_ask_with_a_question_longer_than_the_context(retriever):
     gen = FakeGenerator(max_context=300)
     q = "What does E-214 mean? " + " ".join(f"pad{i}" for i in range(5000))

@@ -213,7 +213,7 @@ def ask(
         if src:
             sys.stdout.write("\n" + src + "\n")
         t = ans.timings
-        load = f", engine load {t['load_ms'] / 1e3:.1f} s (not in first token)" if t.get("load_ms") else ""
+        load = f", engine load {t['load_ms'] / 1e3:.1f} s (not in first token or total)" if t.get("load_ms") else ""
         sys.stderr.write(f"[retrieval {t.get('retrieval_ms', 0):.0f} ms, first token {t.get('ttft_ms', 0):.0f} ms, "
                          f"total {t.get('total_ms', 0):.0f} ms{load}]\n")
         if memory:
