@@ -213,39 +213,61 @@ def _medians(runs: dict) -> dict:
     return {k: {"tok_s": round(statistics.median(v["tok_s"]), 1), "replay_ms": round(statistics.median(v["replay_ms"]), 4)} for k, v in runs.items()}
 
 
-def bk_ab(sess, name: str, device: str, prompt) -> None:
-    """The block-K GEMVs with their first weight chunk loaded before pdl_wait (the source) and
-    after it (compiled with EDGE_BK_WAIT_FIRST), each with the step graph launched
-    programmatically and plainly; then decode attention's tokens per split (128, the default,
-    and 256: one block per head up to 256 tokens) with PDL. Alternating twice."""
+def gemv_ab(sess, name: str, device: str, prompt) -> None:
+    """Session 10's two GEMV changes, each against what came before, alternating twice in this
+    process (step graph under PDL as the session runs it): "picked" is the autotuner's choice per
+    shape among every variant (the pipelined block-K ones included); "classic" the best of the
+    variants that are not pipelined (by the autotuner's own times); "classic_plain_deq" those same
+    kernels built with the old int4 dequantization (EDGE_DEQ_PLAIN). Also: per shape, the best
+    pipelined and non-pipelined variant's us and GB/s in the autotuner's graph, and whether the
+    three give the same logits (the dequantization must not change a bit)."""
     import cupy as cp
 
     from edge.runtime.cuda.kernels_src import CSRC
 
-    src = "#define EDGE_BK_WAIT_FIRST 1\n" + "".join((CSRC / f).read_text() for f in ("common.cuh", "gemv.cu"))
+    src = "#define EDGE_DEQ_PLAIN 1\n" + "".join((CSRC / f).read_text() for f in ("common.cuh", "gemv.cu"))
     mod = cp.RawModule(code=src, options=sess.k.options)
-    alt = {n: mod.get_function(n) for n in sess.k.functions if n.startswith("gemv_int4_bk_")}
-    base = {n: sess.k.functions[n] for n in alt}
-    pdl_ok, min_split = sess.pdl, sess.attn_min_split_b1
+    plain = {n: mod.get_function(n) for n in sess.k.functions if n.startswith("gemv_int4_")}
+    base = {n: sess.k.functions[n] for n in plain}
+    cands = {sess._cand_name((v, f)): (v, f) for v in sess.INT4_M1_VARIANTS for f in (True, False)}
+    shapes = _int4_shapes(sess)
+    picked = {k: (v[0].m1, v[0].fused) for k, v in shapes.items()}
+    classic, per_shape = {}, {}
+    for key, times in sess.int4_m1_us.items():
+        c = {n: t for n, t in times.items() if "_p" not in n.split("_bk_")[-1]}
+        p = {n: t for n, t in times.items() if n not in c}
+        best_c, best_p = min(c, key=c.get), (min(p, key=p.get) if p else None)
+        classic[key] = cands[best_c]
+        nbytes = shapes[key][0].nbytes
+        per_shape[key] = {"classic": best_c, "classic_us": round(c[best_c], 2), "classic_gb_s": round(nbytes / c[best_c] / 1e3, 0),
+                          "pipe": best_p, "pipe_us": p.get(best_p), "pipe_gb_s": round(nbytes / p[best_p] / 1e3, 0) if best_p else None}
+
+    def set_picks(picks):
+        for key, lins in shapes.items():
+            for lin in lins:
+                lin.m1, lin.fused = picks.get(key, (lin.m1, lin.fused))
+
     runs: dict[str, dict] = {}
+    logits = {}
     try:
         for _ in range(2):
-            for variant in ("early", "wait_first"):
-                sess.k.functions.update(base if variant == "early" else alt)
-                for on in ((True, False) if pdl_ok else (False,)):
-                    sess.pdl = on
-                    _b1_timing(sess, prompt, runs.setdefault(f"{variant}_{'pdl' if on else 'plain'}", {}))
-            sess.k.functions.update(base)
-            sess.pdl = pdl_ok
-            for split in (64, 128):
-                sess.attn_min_split_b1 = split
-                _b1_timing(sess, prompt, runs.setdefault(f"attn_split{split}", {}))
-            sess.attn_min_split_b1 = min_split
+            for variant in ("picked", "classic", "classic_plain_deq"):
+                set_picks(picked if variant == "picked" else classic)
+                sess.k.functions.update(plain if variant == "classic_plain_deq" else base)
+                sess._graphs.clear()
+                sess.add_sequence(900)
+                tok = sess.prefill_greedy(900, prompt)
+                sess.decode([900], np.array([tok]))
+                logits[variant] = sess.decode([900], np.array([tok]))
+                sess.release(900)
+                _b1_timing(sess, prompt, runs.setdefault(variant, {}))
     finally:
         sess.k.functions.update(base)
-        sess.pdl, sess.attn_min_split_b1 = pdl_ok, min_split
+        set_picks(picked)
         sess._graphs.clear()
-    emit(figure="bk_ab", device=device, model=name, pdl=pdl_ok, **_medians(runs))
+    emit(figure="gemv_ab", device=device, model=name, pdl=sess.pdl, **_medians(runs), per_shape=per_shape,
+         same_logits_deq=bool(np.array_equal(logits["classic"], logits["classic_plain_deq"])),
+         picked_vs_classic_max_abs=float(np.max(np.abs(logits["picked"].astype(np.float64) - logits["classic"]))))
 
 
 def prefill_diag(sess, name: str, device: str, ids, dequant_early_ms: float | None = None) -> None:
@@ -524,9 +546,9 @@ def bench_edge(name: str, path: Path, args, copy_bw: float, device: str) -> dict
     step_kernel_breakdown(sess, name, device, 1)
     pdl_ab(sess, name, device, prompt)
     try:
-        bk_ab(sess, name, device, prompt)
+        gemv_ab(sess, name, device, prompt)
     except Exception as e:  # noqa: BLE001 (an experiment: report it and go on)
-        emit(figure="bk_ab", device=device, model=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+        emit(figure="gemv_ab", device=device, model=name, error=f"{type(e).__name__}: {str(e)[:300]}")
     if is_1b:
         prompts = [rng.integers(0, spec.vocab_size, size=PROMPT) for _ in range(16)]
         for rep in range(2):  # first pass warms the batch-16 graph

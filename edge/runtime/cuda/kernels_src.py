@@ -35,6 +35,18 @@ BK_VARIANTS = (  # block-K int4 GEMV instances (rows R, threads NT, unroll U), a
     (2, 64, 2), (4, 64, 2), (2, 128, 2), (4, 128, 2), (8, 128, 1), (2, 256, 2), (4, 256, 2), (8, 256, 1),
     (2, 64, 4), (2, 128, 4), (4, 128, 4), (16, 64, 1), (16, 128, 1), (16, 256, 1),
 )
+BK_PIPE_VARIANTS = (  # pipelined block-K instances (rows R, threads NT, ring U, rows a stage P, blocks an SM B), as BK_PIPE_INSTANCES
+    (16, 128, 2, 2, 4), (16, 128, 2, 2, 6), (16, 128, 2, 4, 4), (16, 256, 2, 4, 2), (16, 64, 2, 4, 8), (8, 256, 2, 2, 3),
+    (8, 128, 2, 2, 6), (16, 256, 2, 2, 3),
+)
+BK_EPILOGUES = ("st", "glu", "res", "rope")
+
+
+def bk_bases() -> tuple[tuple[str, int, int], ...]:
+    """Every block-K int4 GEMV as (kernel name less its epilogue, rows a block, threads a block)."""
+    return (*((f"gemv_int4_bk_r{r}_t{nt}_u{u}", r, nt) for r, nt, u in BK_VARIANTS),
+            *((f"gemv_int4_bk_r{r}_t{nt}_u{u}_p{p}_b{b}", r, nt) for r, nt, u, p, b in BK_PIPE_VARIANTS))
+
 
 KERNEL_NAMES = (
     "repack_int4",
@@ -47,7 +59,7 @@ KERNEL_NAMES = (
     *(f"gemm_{k}_tc_m1_d4" for k in ("int4", "int8")),
     *(f"gemm_{k}_tc_m1_a{s}" for k in ("int4", "int8") for s in (4, 8)),
     *(f"gemm_{k}_tc_kb{nt}" for k in ("int4", "int8") for nt in (2, 4)),
-    *(f"gemv_int4_bk_r{r}_t{nt}_u{u}_{epi}" for r, nt, u in BK_VARIANTS for epi in ("st", "glu", "res", "rope")),
+    *(f"{base}_{epi}" for base, _, _ in bk_bases() for epi in BK_EPILOGUES),
     "embed",
     "embed_rmsnorm",
     "add_rmsnorm",

@@ -20,6 +20,7 @@ from edge.runtime.cuda.dequant_ring import DequantRing
 from edge.runtime.cuda.gemm import TcWorkspace, launch_tc
 from edge.runtime.cuda.kernels import NULL
 from edge.runtime.cuda.kernels import i32 as _i32
+from edge.runtime.cuda.kernels_src import bk_bases
 from edge.runtime.cuda.layout import Linear
 
 GEMV_ROWS_PER_BLOCK = 8  # warps per 256-thread GEMV block (each takes R rows, kernels.GEMV_ROWS_PER_WARP)
@@ -45,7 +46,7 @@ class LinearDispatch:
         ("gemv_int4_m1", 1, 8), ("gemv_int4_m1_r2", 2, 8), ("gemv_int4_m1_r4", 4, 8),
         ("gemv_int4_m1", 1, 4), ("gemv_int4_m1_r2", 2, 4), ("gemv_int4_m1_r4", 4, 4),
         ("gemv_int4_m1_r2", 2, 16),
-        *((f"gemv_int4_bk_r{r}_t{nt}_u{u}", r, nt) for r, nt, u in kmod.BK_VARIANTS),
+        *bk_bases(),
     )
 
     @staticmethod

@@ -28,9 +28,9 @@ CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
 
 def _bk_names() -> tuple[str, ...]:
-    from edge.runtime.cuda.kernels_src import BK_VARIANTS
+    from edge.runtime.cuda.kernels_src import BK_EPILOGUES, bk_bases
 
-    return tuple(f"gemv_int4_bk_r{r}_t{nt}_u{u}_{epi}" for r, nt, u in BK_VARIANTS for epi in ("st", "glu", "res", "rope"))
+    return tuple(f"{base}_{epi}" for base, _, _ in bk_bases() for epi in BK_EPILOGUES)
 
 
 # Kernels whose source waits (pdl_wait) before touching what an earlier kernel of the step writes.

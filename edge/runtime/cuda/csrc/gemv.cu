@@ -244,7 +244,7 @@ __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, c
     for (int r = 0; r < R; ++r) acc[r] = 0.f;
     // The first chunk's weights and scales are loaded before pdl_wait (they do not depend on the
     // kernel before: under programmatic launch they stream in while it finishes); X after it.
-    // (EDGE_BK_WAIT_FIRST: wait before any load; bench_cuda's bk_ab compiles it to time the two.)
+    // (EDGE_BK_WAIT_FIRST: wait before any load; session 7's bk_ab timed the two: early loads win under PDL.)
     uint4 q0[R];
     float s0[R];
 #ifdef EDGE_BK_WAIT_FIRST
@@ -314,14 +314,139 @@ __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, c
     __syncthreads();
 }
 
+// ---------------------------------------------------------------------------------------
+// Block-K GEMV, pipelined ("_p" variants): the block's R rows go in G = R / P stages of P rows.
+// A thread streams its chunks (t, t + NT, ...) stage by stage through a register ring of D
+// stages, so D - 1 stages' weights (and scales) are in flight while one is summed; each X chunk
+// is read once for all G stages. Per thread the sums run in the same order as
+// gemv_int4_bk_core's (chunk by chunk), and the R partial sums meet across the warp in a
+// transposing butterfly (the same xor pairs as warp_sum, so the same bits; R - 1 + 5 - log2 R
+// shuffles instead of 5 R), then across warps in warp order: bit for bit the classic kernel of
+// the same R and NT, in fewer registers than R rows' loads at once would take.
+// ---------------------------------------------------------------------------------------
+template <int R>
+__device__ __forceinline__ float warp_sum_rows(float* v, int lane) {
+    // v[0..R) per lane -> the sum over the warp of v[idx], idx = lane >> (5 - log2 R), in lanes
+    // whose low 5 - log2 R bits are 0 (every lane holds some row's full sum at the end)
+    int cnt = R;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        if (cnt > 1) {
+            const int half = cnt >> 1;
+            const bool upper = lane & o;
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                if (i < half) {
+                    const float keep = upper ? v[i + half] : v[i];
+                    const float send = upper ? v[i] : v[i + half];
+                    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+                }
+            }
+            cnt = half;
+        } else {
+            v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
+        }
+    }
+    return v[0];
+}
+
+template <int R, int NT, int D, int P>
+__device__ __forceinline__ void gemv_int4_bk_pipe(const uint4* __restrict__ W, const half* __restrict__ S,
+                                                  const half* __restrict__ X, int N, int K, int gshift,
+                                                  int n0, float* __restrict__ yout) {
+    constexpr int G = R / P;
+    static_assert(R % P == 0 && G % D == 0 && D >= 2, "R / P stages, a multiple of the ring depth D");
+    static_assert(R <= 32 && (R & (R - 1)) == 0, "R a power of 2, at most 32");
+    constexpr int LOG_R = R >= 32 ? 5 : R >= 16 ? 4 : R >= 8 ? 3 : R >= 4 ? 2 : R >= 2 ? 1 : 0;
+    __shared__ float red[R][NT / 32];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int chunks = K >> 5, groups = K >> gshift;
+    const int iters = (chunks + NT - 1) / NT;  // the same for every thread of the block
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    uint4 q[D][P];
+    float s[D][P];
+    // stage `st` (rows n0 + st P ..) of chunk iteration j into ring slot `slot`
+    auto load = [&](int slot, int j, int st, bool early) {
+        const int c = tid + j * NT;
+        if (c < chunks) {
+#pragma unroll
+            for (int p = 0; p < P; ++p) {
+                const long long nr = min(n0 + st * P + p, N - 1);
+                q[slot][p] = early ? ldg_stream_early(W + nr * chunks + c) : ldg_stream(W + nr * chunks + c);
+                s[slot][p] = __half2float(S[nr * groups + ((c << 5) >> gshift)]);
+            }
+        }
+    };
+    // the first D - 1 stages' weights before pdl_wait (they do not depend on the kernel before)
+#pragma unroll
+    for (int i = 0; i < D - 1; ++i) load(i, 0, i, true);
+    pdl_wait();
+    pdl_trigger();
+    for (int j = 0; j < iters; ++j) {
+        const int c = tid + j * NT;
+        const bool ok = c < chunks;
+        uint4 xv[4];
+        if (ok) {
+            const uint4* xp = reinterpret_cast<const uint4*>(X + (c << 5));
+#pragma unroll
+            for (int k = 0; k < 4; ++k) xv[k] = __ldg(xp + k);
+        }
+        const half2* xh = reinterpret_cast<const half2*>(xv);
+#pragma unroll
+        for (int st = 0; st < G; ++st) {
+            const int ns = st + D - 1;  // the stage D - 1 ahead: this iteration's or the next one's
+            if (ns < G) load(ns % D, j, ns, false);
+            else if (j + 1 < iters) load(ns % D, j + 1, ns - G, false);
+            if (ok) {
+#pragma unroll
+                for (int p = 0; p < P; ++p) {
+                    half2 w[16];
+                    const uint4 qq = q[st % D][p];
+                    deq_int4_word(qq.x, w);
+                    deq_int4_word(qq.y, w + 4);
+                    deq_int4_word(qq.z, w + 8);
+                    deq_int4_word(qq.w, w + 12);
+                    half2 a0 = __float2half2_rn(0.f), a1 = a0;
+#pragma unroll
+                    for (int k = 0; k < 16; k += 2) {
+                        a0 = __hfma2(w[k], xh[k], a0);
+                        a1 = __hfma2(w[k + 1], xh[k + 1], a1);
+                    }
+                    acc[st * P + p] += (h2sum(a0) + h2sum(a1)) * s[st % D][p];
+                }
+            }
+        }
+    }
+    const float v = warp_sum_rows<R>(acc, lane);
+    if ((lane & ((32 >> LOG_R) - 1)) == 0) red[lane >> (5 - LOG_R)][warp] = v;
+    __syncthreads();
+    if (tid < R) {
+        float t = 0.f;
+#pragma unroll
+        for (int w = 0; w < NT / 32; ++w) t += red[tid][w];
+        yout[tid] = t;
+    }
+    __syncthreads();
+}
+
+// The core an epilogue runs: classic (P = 0) or pipelined with P rows a stage and a ring of U.
+template <int R, int NT, int U, int P>
+__device__ __forceinline__ void gemv_int4_bk_any(const uint4* W, const half* S, const half* X, int N, int K,
+                                                 int gshift, int n0, float* yout) {
+    if constexpr (P == 0) gemv_int4_bk_core<R, NT, U>(W, S, X, N, K, gshift, n0, yout);
+    else gemv_int4_bk_pipe<R, NT, U, P>(W, S, X, N, K, gshift, n0, yout);
+}
+
 __device__ __forceinline__ float round_half(float v) { return __half2float(__float2half(v)); }
 
-template <int R, int NT, int U>
+template <int R, int NT, int U, int P>
 __device__ __forceinline__ void gemv_int4_bk_st(const uint4* W, const half* S, const half* X, const half* bias,
                                                 void* Y, int N, int K, int gshift, int out_f32) {
     __shared__ float yo[R];
     const int n0 = blockIdx.x * R;
-    gemv_int4_bk_core<R, NT, U>(W, S, X, N, K, gshift, n0, yo);
+    gemv_int4_bk_any<R, NT, U, P>(W, S, X, N, K, gshift, n0, yo);
     const int t = threadIdx.x, n = n0 + t;
     if (t < R && n < N) {
         float v = yo[t] + (bias ? __half2float(bias[n]) : 0.f);
@@ -330,12 +455,12 @@ __device__ __forceinline__ void gemv_int4_bk_st(const uint4* W, const half* S, c
     }
 }
 
-template <int R, int NT, int U>
+template <int R, int NT, int U, int P>
 __device__ __forceinline__ void gemv_int4_bk_glu(const uint4* W, const half* S, const half* X, const half* bias,
                                                  half* act, int N, int K, int gshift) {
     __shared__ float yo[R];
     const int n0 = blockIdx.x * R;
-    gemv_int4_bk_core<R, NT, U>(W, S, X, N, K, gshift, n0, yo);
+    gemv_int4_bk_any<R, NT, U, P>(W, S, X, N, K, gshift, n0, yo);
     const int t = threadIdx.x, n = n0 + 2 * t;
     if (t < R / 2 && n + 1 < N) {
         const float g = round_half(yo[2 * t] + (bias ? __half2float(bias[n]) : 0.f));
@@ -344,7 +469,7 @@ __device__ __forceinline__ void gemv_int4_bk_glu(const uint4* W, const half* S, 
     }
 }
 
-template <int R, int NT, int U>
+template <int R, int NT, int U, int P>
 __device__ __forceinline__ void gemv_int4_bk_res(const uint4* W, const half* S, const half* X, const half* bias,
                                                  float* res, const half* __restrict__ nw, half* hout,
                                                  unsigned* counter, int N, int K, int gshift, float eps) {
@@ -352,7 +477,7 @@ __device__ __forceinline__ void gemv_int4_bk_res(const uint4* W, const half* S, 
     __shared__ float red[32];
     __shared__ bool last;
     const int n0 = blockIdx.x * R;
-    gemv_int4_bk_core<R, NT, U>(W, S, X, N, K, gshift, n0, yo);
+    gemv_int4_bk_any<R, NT, U, P>(W, S, X, N, K, gshift, n0, yo);
     const int t = threadIdx.x, n = n0 + t;
     if (t < R && n < N) {
         res[n] += round_half(yo[t] + (bias ? __half2float(bias[n]) : 0.f));
@@ -409,7 +534,7 @@ __device__ __forceinline__ void gemv_int4_bk_res(const uint4* W, const half* S, 
     if (t == 0) *counter = 0u;  // ready for the next fused launch on this stream
 }
 
-template <int R, int NT, int U>
+template <int R, int NT, int U, int P>
 __device__ __forceinline__ void gemv_int4_bk_rope(const uint4* W, const half* S, const half* X, const half* bias,
                                                   const int* __restrict__ pos, const int* __restrict__ slots,
                                                   const float* __restrict__ cosb, const float* __restrict__ sinb,
@@ -417,7 +542,7 @@ __device__ __forceinline__ void gemv_int4_bk_rope(const uint4* W, const half* S,
                                                   int Hq, int Hkv, int D) {
     __shared__ float yo[R];
     const int n0 = blockIdx.x * R;
-    gemv_int4_bk_core<R, NT, U>(W, S, X, N, K, gshift, n0, yo);
+    gemv_int4_bk_any<R, NT, U, P>(W, S, X, N, K, gshift, n0, yo);
     const int t = threadIdx.x, n = n0 + 2 * t;
     if (t >= R / 2 || n + 1 >= N) return;
     const float x1 = round_half(yo[2 * t] + (bias ? __half2float(bias[n]) : 0.f));
@@ -443,25 +568,28 @@ __device__ __forceinline__ void gemv_int4_bk_rope(const uint4* W, const half* S,
     }
 }
 
-#define BK_INSTANCES(R, NT, U)                                                                          \
-    extern "C" __global__ void __launch_bounds__(NT) gemv_int4_bk_r##R##_t##NT##_u##U##_st(                 \
+#define BK_INSTANCES_P(R, NT, U, P, SUF, MINB)                                                                        \
+    extern "C" __global__ void __launch_bounds__(NT, MINB) gemv_int4_bk_r##R##_t##NT##_u##U##SUF##_st(                 \
         const uint4* W, const half* S, const half* X, const half* bias, void* Y, int N, int K,       \
         int gshift, int out_f32) {                                                                   \
-        gemv_int4_bk_st<R, NT, U>(W, S, X, bias, Y, N, K, gshift, out_f32); }                           \
-    extern "C" __global__ void __launch_bounds__(NT) gemv_int4_bk_r##R##_t##NT##_u##U##_glu(                \
+        gemv_int4_bk_st<R, NT, U, P>(W, S, X, bias, Y, N, K, gshift, out_f32); }                           \
+    extern "C" __global__ void __launch_bounds__(NT, MINB) gemv_int4_bk_r##R##_t##NT##_u##U##SUF##_glu(                \
         const uint4* W, const half* S, const half* X, const half* bias, half* act, int N, int K,     \
         int gshift) {                                                                                \
-        gemv_int4_bk_glu<R, NT, U>(W, S, X, bias, act, N, K, gshift); }                                 \
-    extern "C" __global__ void __launch_bounds__(NT) gemv_int4_bk_r##R##_t##NT##_u##U##_res(                \
+        gemv_int4_bk_glu<R, NT, U, P>(W, S, X, bias, act, N, K, gshift); }                                 \
+    extern "C" __global__ void __launch_bounds__(NT, MINB) gemv_int4_bk_r##R##_t##NT##_u##U##SUF##_res(                \
         const uint4* W, const half* S, const half* X, const half* bias, float* res, const half* nw,  \
         half* hout, unsigned* counter, int N, int K, int gshift, float eps) {                        \
-        gemv_int4_bk_res<R, NT, U>(W, S, X, bias, res, nw, hout, counter, N, K, gshift, eps); }         \
-    extern "C" __global__ void __launch_bounds__(NT) gemv_int4_bk_r##R##_t##NT##_u##U##_rope(               \
+        gemv_int4_bk_res<R, NT, U, P>(W, S, X, bias, res, nw, hout, counter, N, K, gshift, eps); }         \
+    extern "C" __global__ void __launch_bounds__(NT, MINB) gemv_int4_bk_r##R##_t##NT##_u##U##SUF##_rope(               \
         const uint4* W, const half* S, const half* X, const half* bias, const int* pos,              \
         const int* slots, const float* cosb, const float* sinb, half* q_out, half* kc, half* vc,     \
         int N, int K, int gshift, int Hq, int Hkv, int D) {                                          \
-        gemv_int4_bk_rope<R, NT, U>(W, S, X, bias, pos, slots, cosb, sinb, q_out, kc, vc, N, K, gshift, \
+        gemv_int4_bk_rope<R, NT, U, P>(W, S, X, bias, pos, slots, cosb, sinb, q_out, kc, vc, N, K, gshift, \
                                  Hq, Hkv, D); }
+
+#define BK_INSTANCES(R, NT, U) BK_INSTANCES_P(R, NT, U, 0, , 1)
+#define BK_PIPE_INSTANCES(R, NT, U, P, MINB) BK_INSTANCES_P(R, NT, U, P, _p##P##_b##MINB, MINB)
 
 // (R, NT, U): keep in step with kernels.BK_VARIANTS
 BK_INSTANCES(2, 64, 2)
@@ -478,6 +606,16 @@ BK_INSTANCES(4, 128, 4)
 BK_INSTANCES(16, 64, 1)
 BK_INSTANCES(16, 128, 1)
 BK_INSTANCES(16, 256, 1)
+// pipelined (R, NT, ring U, P rows a stage, blocks an SM the registers are capped for): keep in step with
+// kernels.BK_PIPE_VARIANTS
+BK_PIPE_INSTANCES(16, 128, 2, 2, 4)
+BK_PIPE_INSTANCES(16, 128, 2, 2, 6)
+BK_PIPE_INSTANCES(16, 128, 2, 4, 4)
+BK_PIPE_INSTANCES(16, 256, 2, 4, 2)
+BK_PIPE_INSTANCES(16, 64, 2, 4, 8)
+BK_PIPE_INSTANCES(8, 256, 2, 2, 3)
+BK_PIPE_INSTANCES(8, 128, 2, 2, 6)
+BK_PIPE_INSTANCES(16, 256, 2, 2, 3)
 
 // (MT, rows per warp R): keep in step with kernels.GEMV_ROWS_PER_WARP
 GEMV_INSTANCES(1, 1)
