@@ -37,7 +37,8 @@ BK_VARIANTS = (  # block-K int4 GEMV instances (rows R, threads NT, unroll U), a
 )
 BK_PIPE_VARIANTS = (  # pipelined block-K instances (rows R, threads NT, ring U, rows a stage P, blocks an SM B), as BK_PIPE_INSTANCES
     (16, 128, 2, 2, 4), (16, 128, 2, 2, 6), (16, 128, 2, 4, 4), (16, 256, 2, 4, 2), (16, 64, 2, 4, 8), (8, 256, 2, 2, 3),
-    (8, 128, 2, 2, 6), (16, 256, 2, 2, 3),
+    (8, 128, 2, 2, 6), (16, 256, 2, 2, 3), (8, 128, 4, 2, 5), (8, 128, 4, 1, 6), (8, 128, 2, 1, 8), (16, 128, 4, 2, 4),
+    (16, 256, 4, 2, 2), (8, 256, 4, 1, 3), (8, 448, 2, 1, 2), (4, 128, 2, 1, 8), (8, 64, 2, 2, 12),
 )
 BK_EPILOGUES = ("st", "glu", "res", "rope")
 
