@@ -98,12 +98,24 @@ __device__ __forceinline__ u32 h2_bits(half2 v) { return *reinterpret_cast<u32*>
 // the mantissa of 1024.0 (0x6400) gives the half 1024 + n; subtracting 1032 gives n - 8.
 // Repacked int4 word: elements (e0,e1) at bits (0,16), (e2,e3) at (4,20), (e4,e5) at (8,24),
 // (e6,e7) at (12,28), so each mask-and-or yields two consecutive elements as one half2.
-// The mask-and-or is one lop3 (written as PTX: from C, NVRTC emits shift + and + or). The
-// nibble at bits 4-7 is taken in place as 1024 + 16 n and brought to n - 8 by one exact hfma2
-// (x / 16 - 72), so a word costs 4 lop3 + 1 shift + 4 half2 ops (was 3 shifts, 8 lop3, 4 hsub2
-// in SASS), and the values are the same halves bit for bit. EDGE_DEQ_PLAIN builds the old form
-// (bench_cuda.py's deq_ab times the two).
 // ---------------------------------------------------------------------------------------
+__device__ __forceinline__ void deq_int4_word(u32 q, half2* w) {
+    const u32 MAGIC = 0x64006400u;
+    const half2 B = u32_as_h2(0x64086408u);  // 1032
+    w[0] = __hsub2(u32_as_h2((q & 0x000F000Fu) | MAGIC), B);
+    w[1] = __hsub2(u32_as_h2(((q >> 4) & 0x000F000Fu) | MAGIC), B);
+    w[2] = __hsub2(u32_as_h2(((q >> 8) & 0x000F000Fu) | MAGIC), B);
+    w[3] = __hsub2(u32_as_h2(((q >> 12) & 0x000F000Fu) | MAGIC), B);
+}
+
+// The same halves in fewer instructions (the M = 1 GEMVs, where dequantization is most of the
+// ALU work): the mask-and-or as one lop3 (written as PTX: from C, NVRTC emits shift + and + or),
+// and the nibble at bits 4-7 taken in place as 1024 + 16 n and brought to n - 8 by one exact
+// hfma2 (x / 16 - 72): 4 lop3 + 1 shift + 4 half2 ops a word, was 3 shifts + 8 lop3 + 4 hsub2
+// in SASS. Not used by the tensor-core GEMMs or the prefill dequantization: there it changed
+// register allocation for the worse (gemm_int4_tc_kb4 128 -> 132 registers, one block an SM
+// fewer: 1B gate|up at 16 rows 12.9 -> 16.0 us, session 10). EDGE_DEQ_PLAIN builds the plain
+// form here too (bench_cuda.py's gemv_ab times the two).
 template <u32 MASK, u32 BITS>
 __device__ __forceinline__ u32 lop3_and_or(u32 a) {  // (a & MASK) | BITS
     u32 r;
@@ -111,15 +123,11 @@ __device__ __forceinline__ u32 lop3_and_or(u32 a) {  // (a & MASK) | BITS
     return r;
 }
 
-__device__ __forceinline__ void deq_int4_word(u32 q, half2* w) {
-    const half2 B = u32_as_h2(0x64086408u);  // 1032
+__device__ __forceinline__ void deq_int4_word_lop3(u32 q, half2* w) {
 #ifdef EDGE_DEQ_PLAIN
-    const u32 MAGIC = 0x64006400u;
-    w[0] = __hsub2(u32_as_h2((q & 0x000F000Fu) | MAGIC), B);
-    w[1] = __hsub2(u32_as_h2(((q >> 4) & 0x000F000Fu) | MAGIC), B);
-    w[2] = __hsub2(u32_as_h2(((q >> 8) & 0x000F000Fu) | MAGIC), B);
-    w[3] = __hsub2(u32_as_h2(((q >> 12) & 0x000F000Fu) | MAGIC), B);
+    deq_int4_word(q, w);
 #else
+    const half2 B = u32_as_h2(0x64086408u);  // 1032
     const half2 SIXTEENTH = u32_as_h2(0x2C002C00u), M72 = u32_as_h2(0xD480D480u);  // 1/16, -72
     const u32 q8 = q >> 8;
     w[0] = __hsub2(u32_as_h2(lop3_and_or<0x000F000Fu, 0x64006400u>(q)), B);

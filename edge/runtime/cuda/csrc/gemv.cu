@@ -82,10 +82,10 @@ __device__ __forceinline__ void gemv_int4(const uint4* __restrict__ W, const hal
             const long long nr = min(n0 + r, N - 1);
             uint4 q = ldg_stream(W + nr * chunks + c);
             s[r] = __half2float(S[nr * groups + ((c << 5) >> gshift)]);
-            deq_int4_word(q.x, w[r]);
-            deq_int4_word(q.y, w[r] + 4);
-            deq_int4_word(q.z, w[r] + 8);
-            deq_int4_word(q.w, w[r] + 12);
+            deq_int4_word_lop3(q.x, w[r]);
+            deq_int4_word_lop3(q.y, w[r] + 4);
+            deq_int4_word_lop3(q.z, w[r] + 8);
+            deq_int4_word_lop3(q.w, w[r] + 12);
         }
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
@@ -273,10 +273,10 @@ __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, c
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             half2 w[16];
-            deq_int4_word(q[r].x, w);
-            deq_int4_word(q[r].y, w + 4);
-            deq_int4_word(q[r].z, w + 8);
-            deq_int4_word(q[r].w, w + 12);
+            deq_int4_word_lop3(q[r].x, w);
+            deq_int4_word_lop3(q[r].y, w + 4);
+            deq_int4_word_lop3(q[r].z, w + 8);
+            deq_int4_word_lop3(q[r].w, w + 12);
             half2 a0 = __float2half2_rn(0.f), a1 = a0;
 #pragma unroll
             for (int j = 0; j < 16; j += 2) {
@@ -404,10 +404,10 @@ __device__ __forceinline__ void gemv_int4_bk_pipe(const uint4* __restrict__ W, c
                 for (int p = 0; p < P; ++p) {
                     half2 w[16];
                     const uint4 qq = q[st % D][p];
-                    deq_int4_word(qq.x, w);
-                    deq_int4_word(qq.y, w + 4);
-                    deq_int4_word(qq.z, w + 8);
-                    deq_int4_word(qq.w, w + 12);
+                    deq_int4_word_lop3(qq.x, w);
+                    deq_int4_word_lop3(qq.y, w + 4);
+                    deq_int4_word_lop3(qq.z, w + 8);
+                    deq_int4_word_lop3(qq.w, w + 12);
                     half2 a0 = __float2half2_rn(0.f), a1 = a0;
 #pragma unroll
                     for (int k = 0; k < 16; k += 2) {
