@@ -68,7 +68,7 @@ GENERATORS = (QWEN15, QWEN15_INT4, QWEN05, SMOLLM2)  # best answers first (READM
 # bounded at 16 tok/s on the `cpu` profile (measured on the 2-core dev machine: 9.9 s per answer
 # against 2.8 s for the 0.5B), at 44-66 on an Orin Nano 8 GB / Orin NX; the 0.5B at 50 on `cpu`.
 MIN_DECODE_TOK_S = 25.0
-# int8 (SmoothQuant, row-scaled FFN down; edge.build.encoder): cosine >= 0.99 vs
+# int8 (SmoothQuant, activations scaled per row; edge.build.encoder): cosine >= 0.99 vs
 # sentence-transformers, same recall@5 on the example corpus as fp32 (0.972), 2.7x
 # sentence-transformers texts/s vs 1.9x for fp32 (bench/bench_embed.py).
 DEFAULT_EMBEDDER_QUANT = "int8"
@@ -84,14 +84,14 @@ def _cached(path: Path, kind: str) -> bool:
 
 def _embedder_stale(path: Path) -> str | None:
     """Why a cached embedder bundle must be rebuilt here: built before its relevance gate was
-    calibrated or before its int8 format had row-scaled int8 FFN-down layers, or its int8 weights were made
+    calibrated or before its int8 activations were scaled per row, or its int8 weights were made
     for a CPU whose u8 x s8 GEMM differs from this one's."""
     from edge.runtime.embedder import isa_mismatch
 
     m = Bundle.open(path, kind="embedder", verify=False).manifest
     why = "it has no calibrated relevance gate" if not m.relevance_gate else isa_mismatch(m)
-    if not why and m.quant.recipe == "int8" and "row_scaled_linears" not in m.quant.details:
-        why = "it predates the row-scaled int8 FFN-down layers (1.3x faster)"
+    if not why and m.quant.recipe == "int8" and m.quant.details.get("activation_scales") != "per_row":
+        why = "its int8 activations are scaled per call (a text's vector depended on its batch-mates)"
     if why:
         _say(f"rebuilding the cached embedder: {why}")
     return why

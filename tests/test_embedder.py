@@ -82,18 +82,20 @@ def test_tiny_matches_sentence_transformers(case, tiny_folders, tmp_path):
         assert np.abs(norms - 1.0).max() > 1e-2  # really left unnormalised
 
 
-def test_tiny_unfused_attention_matches(tiny_folders, tmp_path, monkeypatch):
-    """The standard-ops attention (no ORT contrib Attention) gives the same vectors, padding included."""
+@pytest.mark.parametrize("form,op", [("unfused", "Softmax"), ("mha", "MultiHeadAttention")])
+def test_tiny_attention_forms_match(tiny_folders, tmp_path, monkeypatch, form, op):
+    """The standard-ops attention (no ORT contrib Attention) and MatMul + MultiHeadAttention (the
+    int8 graph's form) give the fused op's vectors, padding included."""
     import edge.build.encoder as enc
 
     folder = tiny_folders["e5_mean_norm"]
     fused = Embedder.from_bundle(build_embedder_bundle(folder, tmp_path / "f", progress=False))
-    monkeypatch.setattr(enc, "ATTENTION_IMPL", "unfused")
+    monkeypatch.setattr(enc, "ATTENTION_IMPL", form)
     unfused = Embedder.from_bundle(build_embedder_bundle(folder, tmp_path / "u", progress=False))
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(unfused.bundle.path / "model.onnx")).graph.node}
-    assert "Attention" not in ops and "Softmax" in ops
+    assert "Attention" not in ops and op in ops
     texts = varied_texts(24, seed=4)
     np.testing.assert_allclose(unfused.embed(texts, batch_size=6), fused.embed(texts, batch_size=6), atol=2e-5)
 
@@ -150,6 +152,25 @@ def test_length_buckets_is_a_permutation_sorted_by_length():
     assert seen == sorted(lengths, reverse=True)
     with pytest.raises(UsageError):
         length_buckets(lengths, 0)
+
+
+def test_cpu_batches_are_cut_to_max_batch_tokens(tiny_folders, tmp_path, monkeypatch):
+    """Whatever batch_size the caller asks for, the ONNX Runtime path runs at most MAX_BATCH_TOKENS
+    tokens (B * S) a call (small batches stay in cache: edge.runtime.embedder), in input order."""
+    from edge.runtime import embedder as embedder_mod
+
+    assert [len(b) for b in length_buckets([100] * 7 + [10] * 40, 32, max_tokens=300)] == [3, 3, 3, 30, 8]
+    assert [len(b) for b in length_buckets([900, 5], 32, max_tokens=300)] == [1, 1]  # one long text alone
+    emb = Embedder.from_bundle(build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "b", progress=False))
+    monkeypatch.setattr(embedder_mod, "MAX_BATCH_TOKENS", 40)
+    shapes, run = [], emb._run
+    monkeypatch.setattr(emb, "_run", lambda batch: shapes.append((len(batch), max(map(len, batch)))) or run(batch))
+    rng = random.Random(5)
+    texts = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 12))) for _ in range(20)]
+    out = emb.embed(texts, batch_size=32)
+    assert len(shapes) > 1 and all(b * s <= 40 or b == 1 for b, s in shapes), shapes
+    one_by_one = np.stack([emb.embed_query(t) for t in texts])
+    np.testing.assert_allclose(out, one_by_one, atol=1e-4)
 
 
 def test_bucketing_preserves_order(tiny_folders, tmp_path, monkeypatch):
@@ -258,6 +279,9 @@ def test_default_minilm_parity(default_parity, quant, min_cos):
     ours = emb.embed(texts, batch_size=32)
     _assert_close_to_oracle(ours, ref, texts, min_cos)
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-4)
+    # and a text's vector does not depend on its batch-mates (int8: per-row activation scales)
+    alone = np.stack([emb.embed_query(t) for t in texts[:40]])
+    np.testing.assert_allclose(alone, ours[:40], atol=1e-5)
 
 
 @pytest.mark.slow
@@ -304,7 +328,7 @@ def test_int8_bundle_built_for_a_vnni_cpu_is_flagged_on_one_without(tiny_folders
 
 
 @pytest.mark.parametrize("cpu,weight_dtype", [("exact", np.int8), ("saturates", np.uint8)])
-def test_int8_format_follows_the_cpu_and_ffn_down_is_row_scaled(tiny_folders, tmp_path, monkeypatch, cpu, weight_dtype):
+def test_int8_format_follows_the_cpu_and_every_linear_is_quantized_per_row(tiny_folders, tmp_path, monkeypatch, cpu, weight_dtype):
     import onnx
     from onnx import numpy_helper
     from sentence_transformers import SentenceTransformer
@@ -318,46 +342,82 @@ def test_int8_format_follows_the_cpu_and_ffn_down_is_row_scaled(tiny_folders, tm
     for n in g.node:
         by_op.setdefault(n.op_type, []).append(n)
     # u8 x s8 where it is exact, u8 x u8 where u8 x s8 saturates; never 7-bit weights
-    quantized = [n for n in g.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
-    for n in by_op["QAttention"] + quantized:
+    gemms = by_op["MatMulIntegerToFloat"]
+    for n in gemms:
         w = numpy_helper.to_array(inits[n.input[1]])
         assert w.dtype == weight_dtype, (n.name, w.dtype)
         assert weight_dtype == np.uint8 or np.abs(w.astype(np.int32)).max() > 64, n.name
-    # every linear is int8 now, FFN down included, and no fp32 MatMul or MatMulNBits is left
-    assert len(by_op["QAttention"]) == 2 and len(quantized) == 2 * 3
-    assert not by_op.get("MatMul") and not by_op.get("MatMulNBits")
-    # FFN down's rows are scaled by their max before the quantizer and back after it
-    down = sorted(n.name for n in by_op["ReduceMax"])
-    assert down == [f"/model/layers.{i}/mlp/down/row_scale/ReduceMax" for i in range(2)]
+    # every linear is int8 (q, k, v, o, up, down per layer); nothing fp32 or quantized per call is left
+    assert len(gemms) == 2 * 6 and len(by_op["MultiHeadAttention"]) == 2
+    for op in ("MatMul", "Attention", "QAttention", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulNBits"):
+        assert not by_op.get(op), op
+    # each GEMM's activations come from a QuantizeLinear of constant scale (the row's own scale is
+    # applied before it): q, k and v share one
+    made_by = {o: n for n in g.node for o in n.output}
+    quantizers = {made_by[n.input[0]].name for n in gemms}
+    assert all(made_by[n.input[0]].op_type == "QuantizeLinear" and n.input[2] in inits for n in gemms)
+    assert len(quantizers) == 2 * 4
     d = emb.bundle.manifest.quant.details
-    assert d["u8s8_exact"] is (cpu == "exact") and d["row_scaled_linears"] == [f"/model/layers.{i}/mlp/down" for i in range(2)]
+    assert d["u8s8_exact"] is (cpu == "exact") and d["activation_scales"] == "per_row"
+    assert d["int8_linears"][:4] == [f"/model/layers.0/{t}" for t in ("attn/qkv/q", "attn/qkv/k", "attn/qkv/v", "attn/o_proj")]
     texts = varied_texts(30, seed=2)
     ref = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
     _assert_close_to_oracle(emb.embed(texts), ref, texts, 0.98)
 
 
-def test_row_scaling_is_exact_in_fp32_and_narrows_every_row(tiny_folders, tmp_path):
-    """row_scaled_linears changes no fp32 result; what the quantizer then sees spans at most 1 per row."""
-    import onnx
-    from onnx import TensorProto, helper
+def test_int8_vector_does_not_depend_on_the_batch(tiny_folders, tmp_path):
+    """A text embeds to the same vector alone as beside much longer texts (each row's activations
+    have their own scale: edge.build.encoder.quantize_linears_per_row)."""
+    emb = Embedder.from_bundle(build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "q", quant="int8", progress=False),
+                               threads=1)
+    short = ["a", "reset", "battery life"]
+    rng = random.Random(7)
+    long = [" ".join(rng.choice(_WORDS) for _ in range(60)) for _ in range(5)]
+    alone = np.stack([emb.embed_query(t) for t in short])
+    batched = emb._run([emb._encode([t])[0] for t in long + short])[len(long):]  # one call, padded to the longest
+    np.testing.assert_allclose(batched, alone, atol=2e-6)
 
-    from edge.build.encoder import build_encoder_graph, row_scaled_linears
-    from edge.models.bert import load_bert_weights
+
+def test_per_row_int8_linear_matches_a_numpy_reference(tmp_path):
+    """quantize_linears_per_row against a plain numpy transcription: per-column weights, each row
+    scaled by its own max |x| to 127 around 128; every row's output is the same alone or not."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge.build.encoder import MS_DOMAIN, quantize_linears_per_row
     from edge.runtime.embedder import open_ort_session
 
-    folder = read_bert_folder(tiny_folders["e5_mean_norm"])
-    model = build_encoder_graph(folder.spec, load_bert_weights(folder))
-    onnx.save_model(model, str(tmp_path / "plain.onnx"))
-    assert row_scaled_linears(model) == [f"/model/layers.{i}/mlp/down" for i in range(2)]
-    scaled_in = "/model/layers.0/mlp/down/row_scale/x"
-    model.graph.output.append(helper.make_tensor_value_info(scaled_in, TensorProto.FLOAT, None))
-    onnx.save_model(model, str(tmp_path / "scaled.onnx"))
-    ids = np.array([[101, 7, 8, 9, 102, 0], [101, 11, 12, 13, 14, 102]], np.int32)
-    feeds = {"input_ids": ids, "attention_mask": (np.arange(6) < np.array([[5], [6]])).astype(np.int32)}
-    plain = open_ort_session(tmp_path / "plain.onnx", threads=1).run(None, feeds)[0]
-    scaled, x = open_ort_session(tmp_path / "scaled.onnx", threads=1).run(None, feeds)
-    np.testing.assert_allclose(scaled, plain, atol=1e-6)
-    assert np.allclose(x.max(axis=-1), 1.0, atol=1e-6) and x.min() >= -1.0
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 20)).astype(np.float32)
+    x = (rng.standard_normal((3, 5, 48)) * rng.uniform(0.01, 30, (3, 5, 1))).astype(np.float32)
+    x[1, 2] = 0.0  # an all-zero row stays finite
+    for wtype in ("int8", "uint8"):
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "/m/lin.weight"], ["y"], name="/m/lin/MatMul")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 48])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  initializer=[numpy_helper.from_array(w, "/m/lin.weight")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS_DOMAIN, 1)])
+        model.ir_version = 9
+        assert quantize_linears_per_row(model, ("lin",), wtype) == ["/m/lin"]
+        onnx.save_model(model, str(tmp_path / f"{wtype}.onnx"))
+        sess = open_ort_session(tmp_path / f"{wtype}.onnx", threads=1)
+        ours = sess.run(None, {"x": x})[0]
+        # reference: weights per column; activations per row
+        if wtype == "int8":
+            ws = np.abs(w).max(0) / 127
+            wq, wzp = np.clip(np.rint(w / ws), -127, 127), 0
+        else:
+            lo, hi = np.minimum(w.min(0), 0), np.maximum(w.max(0), 0)
+            ws = (hi - lo) / 255
+            wzp = np.rint(-lo / ws)
+            wq = np.clip(np.rint(w / ws) + wzp, 0, 255)
+        r = np.maximum(np.abs(x).max(-1, keepdims=True), 1e-12)
+        xq = np.clip(np.rint(x / r * 127) + 128, 0, 255)
+        ref = ((xq - 128) @ (wq - wzp)) * (ws / 127) * r
+        np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+        assert np.abs(ours - x @ w).max() < 0.02 * np.abs(x @ w).max()  # and close to fp32
+        for b in range(3):  # each text of the batch alone gives the same rows
+            np.testing.assert_array_equal(sess.run(None, {"x": x[b:b + 1]})[0][0], ours[b])
 
 
 def test_embedder_graph_keeps_layer_norm_unfused(tiny_folders, tmp_path):
