@@ -68,11 +68,27 @@ def query_terms(text: str) -> list[str]:
     return out
 
 
+def fts_terms(text: str) -> list[str]:
+    """query_terms, each dotted name (every part holding a letter: shlex.quote, queue.Queue.get_nowait,
+    not 2.4) followed by its parts. FTS5 reads a quoted term as a phrase, and API documentation names a
+    function under its module's page ("quote(s)" in shlex's), rarely as "shlex.quote": the phrase
+    alone matched no chunk, and BM25 ranked the chunks richest in "return" first."""
+    out: list[str] = []
+    for t in query_terms(text):
+        parts = t.split(".")
+        more = [x for x in parts if x not in STOPWORDS and len(x) > 1] if len(parts) > 1 and all(
+            any(c.isalpha() for c in x) for x in parts) else []
+        for x in (t, *more):
+            if x not in out:
+                out.append(x)
+    return out
+
+
 def fts_query(text: str) -> str:
     """An FTS5 MATCH expression from free text: each term quoted (so '-', ':', '*', 'NEAR',
     'AND' are data, not syntax) and OR-ed; BM25 ranks chunks matching more and rarer terms."""
     # NOTE: capped: a pasted page of text would otherwise build an expression SQLite refuses
-    return " OR ".join('"' + t.replace('"', '""') + '"' for t in query_terms(text)[:MAX_FTS_TERMS])
+    return " OR ".join('"' + t.replace('"', '""') + '"' for t in fts_terms(text)[:MAX_FTS_TERMS])
 
 
 def _stem(t: str) -> str:

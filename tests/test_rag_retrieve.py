@@ -54,6 +54,23 @@ def test_query_terms_and_escaping():
     assert fts_query("what is the") == ""  # only stopwords
 
 
+def test_dotted_names_are_also_searched_by_their_parts(tmp_path):
+    """API docs name a function under its module's page ("quote(s)" in shlex's): the phrase
+    "shlex.quote" matches no chunk, so the keyword side must also search "shlex" and "quote"."""
+    assert fts_query("What does shlex.quote return?") == '"shlex.quote" OR "shlex" OR "quote" OR "return"'
+    assert fts_query("queue.Queue.get_nowait") == '"queue.queue.get_nowait" OR "queue" OR "get_nowait"'
+    assert fts_query("the 2.4 GHz band, E-214, a.b") == '"2.4" OR "ghz" OR "band" OR "e-214" OR "a.b"'  # not names
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "shlex.txt").write_text("FUNCTIONS\n    quote(s)\n        Return a shell-escaped version of the string s.\n")
+    (d / "tuple.txt").write_text("\n".join(f"__m{i}__(self, value, /)\n    Return self{i}value." for i in range(12)) + "\n")
+    emb = HashEmbedder()
+    ingest(d, embedder=emb, progress=False)
+    with Retriever(emb) as r:
+        res = r.search("What does shlex.quote return?", k=1, mode="keyword")
+    assert "shell-escaped" in res.hits[0].chunk.text
+
+
 def test_hostile_queries_do_not_break_fts(retriever):
     for q in ['E-214', '"', 'NEAR(', 'a AND OR NOT', 'x*', '^start', 'col:val', "it's", '((()))', '-', 'E-214 -leaks']:
         res = retriever.search(q, k=3, mode="keyword")
