@@ -39,12 +39,13 @@ def _one_row(be, ids, pos, tables, lo, hi):
     return be.execute(sb).logits[0].copy()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_logits_follow_the_numpy_reference_over_scattered_blocks(tmp_path, arch):
+@pytest.mark.parametrize("arch,hidden", [("llama", 64), ("qwen2", 64), ("llama", 256)])
+def test_logits_follow_the_numpy_reference_over_scattered_blocks(tmp_path, arch, hidden):
     """A 12-token prompt piece then 12 decode steps, the row's KV in blocks 3, 1, 2 of the pool,
     against edge.models.reference.forward over the bundle's own (dequantized) weights. The gap is
-    the int8 activations and the fp16 KV."""
-    path = make_tiny_bundle(tmp_path / "b", tiny_hf_model(arch, seed=3), "int4", forms=(), max_context=64, max_batch=4)
+    the int8 activations and the fp16 KV. hidden 256: head_dim 64 (full 16-position K chunks and
+    4-vector V sums per head)."""
+    path = make_tiny_bundle(tmp_path / "b", tiny_hf_model(arch, seed=3, hidden=hidden), "int4", forms=(), max_context=64, max_batch=4)
     b = Bundle.open(path, verify=False)
     be = NativeBackend(b, threads=2)
     ids = np.random.default_rng(0).integers(0, 256, 24).astype(np.int32)
@@ -54,14 +55,19 @@ def test_logits_follow_the_numpy_reference_over_scattered_blocks(tmp_path, arch)
     got = np.stack([_one_row(be, ids, pos, tables, 0, 12)] + [_one_row(be, ids, pos, tables, i, i + 1) for i in range(12, len(ids))])
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err < 0.05, f"{arch}: max relative logit error {err:.4f}; first rows {got[0, :4]} vs {want[0, :4]}"
-    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
+    # hidden 256's random logits have near-ties: 11 of 13 rows agree (as with the attention before K was stored transposed)
+    assert (got.argmax(1) == want.argmax(1)).mean() >= (0.9 if hidden == 64 else 0.8)
 
 
 @pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64"), reason="x86 flags")
-def test_the_whole_step_gives_the_same_bits_without_simd(int4_bundle):
+@pytest.mark.parametrize("hidden", [64, 256])
+def test_the_whole_step_gives_the_same_bits_without_simd(int4_bundle, tmp_path, hidden):
     """This machine's build (VNNI / AVX2 / F16C code: GEMM, exp, quantization, attention) against the
-    same source compiled for plain x86-64 (the portable C of every step, what an ARM build runs)."""
-    b = Bundle.open(int4_bundle, verify=False)
+    same source compiled for plain x86-64 (the portable C of every step, what an ARM build runs).
+    hidden 256: head_dim 64, the attention's 4-vectors-per-head V sums (SmolLM2's, Qwen2's)."""
+    path = int4_bundle if hidden == 64 else make_tiny_bundle(tmp_path / "h256", tiny_hf_model("llama", seed=6, hidden=256), "int4",
+                                                           forms=(), max_context=64, max_batch=4)
+    b = Bundle.open(path, verify=False)
     ids = np.random.default_rng(4).integers(0, 256, 21).astype(np.int32)  # 21: not a multiple of 8 or 16
     pos = np.arange(len(ids), dtype=np.int32)
     tables = np.array([[2, 0, 3, -1]], np.int32)

@@ -27,6 +27,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <time.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -68,11 +69,14 @@ static inline int cur_isa(void) { return g_isa < 0 ? er_isa_max() : g_isa; }
    Not OpenMP: libgomp's barriers spin for ~300k iterations before sleeping, and with other
    processes on the cores a spinning thread steals the time its partner needs (a SmolLM2 8-row
    step measured 195 ms at load 4 against 37 ms with spinning off). Here a step is handed to
-   sleeping workers through a condition variable (one wake-up per step), and the barriers inside a
-   step spin briefly, then sched_yield(), so a busy machine runs whoever can make progress. */
+   sleeping workers through a condition variable (one wake-up per step); a thread that waits inside
+   a step (a barrier, the caller waiting for the workers) spins for at most SPIN_NS, then sleeps on a
+   futex. NOTE: it must sleep, not sched_yield(): a core whose thread yields never goes idle, so the
+   kernel never pulls the partner thread (queued behind another process on the other core) onto it;
+   a 1-row step measured 35.7 ms instead of 3.5 while a test suite ran beside it. */
 typedef void (*job_fn)(void *arg, int tid, int nth);
 #define MAX_THREADS 64
-#define SPIN_ITERS 4000
+#define SPIN_NS 30000 /* longer than a barrier's usual wait on a quiet machine (a few us), short against a time slice */
 static struct {
     int size; /* threads incl. the caller */
     pthread_t th[MAX_THREADS];
@@ -82,15 +86,55 @@ static struct {
     job_fn fn;
     void *arg;
     int nth;
-    atomic_int done;
-    atomic_int bar_count, bar_gen;
+    atomic_int done, done_sleeping;
+    atomic_int bar_count, bar_gen, bar_sleepers;
 } P = {1, {0}, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 static pthread_mutex_t pool_init_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
 #endif
+}
+
+static inline long long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static inline void futex_wait(atomic_int *a, int val) { syscall(SYS_futex, (int *)a, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0); }
+static inline void futex_wake(atomic_int *a) { syscall(SYS_futex, (int *)a, FUTEX_WAKE_PRIVATE, MAX_THREADS, NULL, NULL, 0); }
+#else /* no futex: yield (what the pool did before) */
+static inline void futex_wait(atomic_int *a, int val) { (void)a; (void)val; sched_yield(); }
+static inline void futex_wake(atomic_int *a) { (void)a; }
+#endif
+
+/* Wait until *a != val: spin up to SPIN_NS, then sleep on the futex (counted in *sleepers so the
+   waker knows to call futex_wake). Sequentially consistent atomics: a waker that changes *a and
+   then reads *sleepers == 0 is ordered before the sleeper's increment, so the sleeper's futex_wait
+   sees the new *a and returns. */
+static void wait_change(atomic_int *a, int val, atomic_int *sleepers) {
+    long long t0 = 0;
+    for (int i = 0; atomic_load(a) == val; i++) {
+        cpu_relax();
+        if ((i & 63) != 63) continue;
+        long long t = now_ns();
+        if (!t0) {
+            t0 = t;
+        } else if (t - t0 > SPIN_NS) {
+            atomic_fetch_add(sleepers, 1);
+            while (atomic_load(a) == val) futex_wait(a, val);
+            atomic_fetch_sub(sleepers, 1);
+            return;
+        }
+    }
 }
 
 static void *worker(void *p) {
@@ -105,6 +149,7 @@ static void *worker(void *p) {
         pthread_mutex_unlock(&P.mu);
         if (tid < nth) fn(arg, tid, nth);
         atomic_fetch_add(&P.done, 1);
+        if (atomic_load(&P.done_sleeping)) futex_wake(&P.done);
     }
     return NULL;
 }
@@ -126,14 +171,10 @@ static void barrier(int nth) {
     if (atomic_fetch_add(&P.bar_count, 1) == nth - 1) {
         atomic_store(&P.bar_count, 0);
         atomic_fetch_add(&P.bar_gen, 1);
+        if (atomic_load(&P.bar_sleepers)) futex_wake(&P.bar_gen);
         return;
     }
-    for (int i = 0; atomic_load(&P.bar_gen) == g; i++) {
-        if (i < SPIN_ITERS)
-            cpu_relax();
-        else
-            sched_yield();
-    }
+    wait_change(&P.bar_gen, g, &P.bar_sleepers);
 }
 
 /* fn(arg, tid, nth) on nth threads (the caller is tid 0); returns when all are done. One job at
@@ -159,12 +200,7 @@ static void run_parallel(job_fn fn, void *arg, int nth) {
     pthread_cond_broadcast(&P.cv);
     pthread_mutex_unlock(&P.mu);
     fn(arg, 0, nth);
-    for (int i = 0; atomic_load(&P.done) < workers; i++) {
-        if (i < SPIN_ITERS)
-            cpu_relax();
-        else
-            sched_yield();
-    }
+    for (int d; (d = atomic_load(&P.done)) < workers;) wait_change(&P.done, d, &P.done_sleeping);
     pthread_mutex_unlock(&run_mu);
 }
 
@@ -196,21 +232,37 @@ typedef struct {
     const float *norm;
     er_lin head;
     const float *cos, *sin; /* [max_ctx][head_dim / 2] */
-    kv_t *kv;               /* [layers][2][num_blocks][n_kv][block_size][head_dim] */
+    kv_t *kv;               /* [layers][2][num_blocks][n_kv][block_size x head_dim]: K [head_dim][block_size], V [block_size][head_dim] */
 } er_model;
 
-/* ---- activations -> int8 per 32-block ------------------------------------------------------ */
+/* ---- element-wise: exp, SwiGLU ------------------------------------------------------------- */
+
+/* 16-lane float vectors (GCC vector extensions): -march=native maps a vf to one zmm (AVX-512) or
+   two ymm (AVX2), a plain -march=x86-64 build to SSE / scalar code. Every lane does the same IEEE
+   operations in the same order on every build (no FMA: -ffp-contract=off; fp16 -> float is exact),
+   so all builds give the same bits. */
+typedef float vf __attribute__((vector_size(64)));
+typedef _Float16 vh __attribute__((vector_size(32)));
+#define VL 16
+static inline vf ldf(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void stf(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf ldh(const kv_t *p) { vh h; memcpy(&h, p, sizeof h); return __builtin_convertvector(h, vf); }
+static inline vf splat(float a) { return (vf){0} + a; }
+typedef int32_t vi __attribute__((vector_size(64)));
 
 /* exp(x) in plain float operations (Cephes expf: round to the nearest power of two, a degree-6
-   polynomial, scale by the exponent bits), written once in C and once in AVX2 with the same
-   operations in the same order, so both give the same bits (glibc's expf is not vectorisable here).
-   Inputs are clamped to [-87, 88]; relative error ~1e-7. */
+   polynomial, scale by the exponent bits), written once for one float and once for 16 lanes with
+   the same operations in the same order, so both give the same bits (glibc's expf is not
+   vectorisable here). Inputs are clamped to [-87, 88]; relative error ~1e-7. Rounding to nearest
+   (even) is (v + 1.5 * 2^23) - 1.5 * 2^23, exact for |v| < 2^22. */
 #define EXP_LO (-87.f)
 #define EXP_HI 88.f
+#define RND 12582912.f
 static inline float exp_c(float x) {
     x = x < EXP_LO ? EXP_LO : x;
     x = x > EXP_HI ? EXP_HI : x;
-    float n = nearbyintf(x * 1.44269504088896341f);
+    volatile float big = RND; /* keeps the compiler from folding (v + RND) - RND */
+    float n = (x * 1.44269504088896341f + big) - big;
     float r = x - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
     float z = r * r;
@@ -227,47 +279,41 @@ static inline float exp_c(float x) {
     memcpy(&sc, &bits, 4);
     return p * sc;
 }
-#if defined(__AVX2__)
-static inline __m256 exp_avx2(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(EXP_LO));
-    x = _mm256_min_ps(x, _mm256_set1_ps(EXP_HI));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
-    r = _mm256_add_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(2.12194440e-4f)));
-    __m256 z = _mm256_mul_ps(r, r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, z), r);
-    p = _mm256_add_ps(p, _mm256_set1_ps(1.f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+static inline vf vmax(vf a, vf b) { vi m = a > b; return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline vf vmin(vf a, vf b) { vi m = a < b; return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline vf exp_v(vf x) {
+    x = vmax(x, splat(EXP_LO));
+    x = vmin(x, splat(EXP_HI));
+    vf n = (x * 1.44269504088896341f + RND) - RND;
+    vf r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    vf z = r * r;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r;
+    p = p + 1.f;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)e;
 }
-#endif
 
 /* y[i] = exp(x[i] - sub), n values (in place allowed) */
 static void exp_sub(float *y, const float *x, float sub, int n) {
     int i = 0;
-#if defined(__AVX2__)
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(sub))));
-#endif
+    for (; i + VL <= n; i += VL) stf(y + i, exp_v(ldf(x + i) - sub));
     for (; i < n; i++) y[i] = exp_c(x[i] - sub);
 }
 
 /* g[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u */
 static void swiglu(float *g, const float *u, int n) {
     int i = 0;
-#if defined(__AVX2__)
-    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) {
-        __m256 x = _mm256_loadu_ps(g + i);
-        __m256 sg = _mm256_div_ps(x, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(zero, x))));
-        _mm256_storeu_ps(g + i, _mm256_mul_ps(sg, _mm256_loadu_ps(u + i)));
+    for (; i + VL <= n; i += VL) {
+        vf x = ldf(g + i);
+        stf(g + i, (x / (1.f + exp_v(0.f - x))) * ldf(u + i));
     }
-#endif
     for (; i < n; i++) g[i] = (g[i] / (1.f + exp_c(0.f - g[i]))) * u[i];
 }
 
@@ -581,39 +627,12 @@ static void rope_head(float *x, const float *cs, const float *sn, int d) {
     }
 }
 
-/* q . k over d (% 16 == 0) in 16 lanes (lane l sums i = l, l + 16, ...), folded to 8 and a fixed tree: the F16C
-   and plain C forms do the same float operations in the same order. */
-#if defined(__F16C__) && defined(__AVX__)
-static inline __m256 ld8(const kv_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-static inline float dot_kv(const float *q, const kv_t *k, int d) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (int i = 0; i < d; i += 16) {
-        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(q + i), ld8(k + i)));
-        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(q + i + 8), ld8(k + i + 8)));
-    }
-    float a[8];
-    _mm256_storeu_ps(a, _mm256_add_ps(a0, a1));
-    return sum8(a);
-}
-static inline void axpy_kv(float *o, float p, const kv_t *v, int d) {
-    __m256 pv = _mm256_set1_ps(p);
-    for (int i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(o + i), _mm256_mul_ps(pv, ld8(v + i))));
-}
-#else
-static inline float dot_kv(const float *q, const kv_t *k, int d) {
-    float acc[16] = {0}, a[8];
-    for (int i = 0; i < d; i += 16)
-        for (int l = 0; l < 16; l++) acc[l] += q[i + l] * (float)k[i + l];
-    for (int l = 0; l < 8; l++) a[l] = acc[l] + acc[l + 8];
-    return sum8(a);
-}
-static inline void axpy_kv(float *o, float p, const kv_t *v, int d) {
-    for (int i = 0; i < d; i++) o[i] += p * (float)v[i];
-}
-#endif
+/* ---- attention over the paged fp16 pool ----------------------------------------------------
+   In 16-lane vectors (vf): a head's numbers never depend on which other heads or rows are
+   computed beside it. */
 
-/* K (which 0) or V (1) of one block and kv head: block_size rows of head_dim, contiguous (a
-   head's block is one 2 KB run for SmolLM2, streamed by the prefetcher). */
+/* K (which 0: [head_dim][block_size]) or V (1: [block_size][head_dim]) of one block and kv head:
+   block_size x head_dim halves, contiguous (2 KB for SmolLM2, streamed by the prefetcher). */
 static inline kv_t *kv_at(const er_model *M, int layer, int which, int block, int kvh) {
     size_t per = (size_t)M->num_blocks * M->block_size * M->n_kv * M->head_dim;
     return M->kv + ((size_t)layer * 2 + which) * per + ((size_t)block * M->n_kv + kvh) * M->block_size * M->head_dim;
@@ -623,59 +642,161 @@ static inline void prefetch_block(const kv_t *p, int n) { /* n halves */
     for (int i = 0; i < n; i += 32) __builtin_prefetch(p + i, 0, 3);
 }
 
+/* K of a block is stored transposed, [head_dim][block_size] (V stays [block_size][head_dim]), so
+   the scores of 16 positions are one vector: s[o] = sum_i q[i] * K[i][o] with 4 partial sums
+   (i mod 4, in order of i), folded (a0 + a1) + (a2 + a3), times the scale. nh heads (a constant
+   after inlining) share each K load. A tail of < 16 positions runs the same per-lane sums in scalar. */
+static inline __attribute__((always_inline)) void kscores(const int nh, const kv_t *kb, int bs, int e, const float *q, int d,
+                                                          float scale, float *sc, int ldsc) {
+    int o0 = 0;
+    for (; o0 + VL <= e; o0 += VL) {
+        vf a[4][4];
+#pragma GCC unroll 4
+        for (int h = 0; h < nh; h++) a[h][0] = a[h][1] = a[h][2] = a[h][3] = (vf){0};
+        for (int i = 0; i < d; i += 4) {
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                vf k = ldh(kb + (size_t)(i + r) * bs + o0);
+#pragma GCC unroll 4
+                for (int h = 0; h < nh; h++) a[h][r] = a[h][r] + splat(q[(size_t)h * d + i + r]) * k;
+            }
+        }
+#pragma GCC unroll 4
+        for (int h = 0; h < nh; h++) stf(sc + (size_t)h * ldsc + o0, ((a[h][0] + a[h][1]) + (a[h][2] + a[h][3])) * splat(scale));
+    }
+    for (; o0 < e; o0++)
+        for (int h = 0; h < nh; h++) {
+            float a[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int i = 0; i < d; i += 4)
+                for (int r = 0; r < 4; r++) a[r] = a[r] + q[(size_t)h * d + i + r] * (float)kb[(size_t)(i + r) * bs + o0];
+            sc[(size_t)h * ldsc + o0] = ((a[0] + a[1]) + (a[2] + a[3])) * scale;
+        }
+}
+
+/* out[h][i] = sum_j p[h][j] * V[j][i], in order of j (o = o + p * v), for nh heads and nv vectors
+   of 16 dims from i0 (constants after inlining): the heads' sums stay in registers over all
+   positions, each V vector is loaded once for the nh heads. */
+static inline __attribute__((always_inline)) void vsum(const int nh, const int nv, const er_model *M, int layer, const int32_t *table,
+                                                       int kvh, int n, const float *p, int ldp, int i0, float *out, int ldo) {
+    int d = M->head_dim, bs = M->block_size;
+    vf o[4][4];
+#pragma GCC unroll 4
+    for (int h = 0; h < nh; h++)
+#pragma GCC unroll 4
+        for (int v = 0; v < nv; v++) o[h][v] = (vf){0};
+    for (int j0 = 0, blk = 0; j0 < n; j0 += bs, blk++) {
+        const kv_t *vb = kv_at(M, layer, 1, table[blk], kvh) + i0;
+        int e = n - j0 < bs ? n - j0 : bs;
+        for (int j = 0; j < e; j++) {
+#pragma GCC unroll 4
+            for (int v = 0; v < nv; v++) {
+                vf x = ldh(vb + (size_t)j * d + v * VL);
+#pragma GCC unroll 4
+                for (int h = 0; h < nh; h++) o[h][v] = o[h][v] + splat(p[(size_t)h * ldp + j0 + j]) * x;
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int h = 0; h < nh; h++)
+#pragma GCC unroll 4
+        for (int v = 0; v < nv; v++) stf(out + (size_t)h * ldo + i0 + v * VL, o[h][v]);
+}
+
+/* sum of x[0..n) in 16 lanes (lane l: j = l, l + 16, ... in order), folded by a fixed tree */
+static float lane_sum(const float *x, int n) {
+    vf a = (vf){0};
+    int j = 0;
+    for (; j + VL <= n; j += VL) a = a + ldf(x + j);
+    float l[VL];
+    stf(l, a);
+    for (int r = 0; j < n; j++, r++) l[r] = l[r] + x[j];
+    for (int w = VL / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) l[i] = l[i] + l[i + w];
+    return l[0];
+}
+
+static void kscores_n(int nh, const kv_t *kb, int bs, int e, const float *q, int d, float scale, float *sc, int ldsc) {
+    switch (nh) {
+    case 1: kscores(1, kb, bs, e, q, d, scale, sc, ldsc); return;
+    case 2: kscores(2, kb, bs, e, q, d, scale, sc, ldsc); return;
+    case 3: kscores(3, kb, bs, e, q, d, scale, sc, ldsc); return;
+    default: kscores(4, kb, bs, e, q, d, scale, sc, ldsc); return;
+    }
+}
+
+static void vsum_n(int nh, int nv, const er_model *M, int layer, const int32_t *table, int kvh, int n, const float *p, int ldp, int i0,
+                   float *out, int ldo) {
+    if (nv == 4) {
+        switch (nh) {
+        case 1: vsum(1, 4, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
+        case 2: vsum(2, 4, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
+        case 3: vsum(3, 4, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
+        default: vsum(4, 4, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
+        }
+    }
+    switch (nh) {
+    case 1: vsum(1, 1, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
+    case 2: vsum(2, 1, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
+    case 3: vsum(3, 1, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
+    default: vsum(4, 1, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
+    }
+}
+
 /* Causal attention of one token (position p, its row's block table) for query heads
-   [h0, h0 + g), which share kv head h0 / rep: each K / V row is loaded once for the g heads. A
-   head's numbers do not depend on g (the same operations per head, in the same order).
+   [h0, h0 + g), which share kv head h0 / rep: each K / V vector is loaded once for up to 4 heads.
+   A head's numbers do not depend on g (the same operations per head, in the same order).
    scores: g x (p + 1) floats. */
 static void attend(const er_model *M, int layer, const float *q, int p, const int32_t *table, int h0, int g, float *out,
                    float *scores) {
     int d = M->head_dim, rep = M->n_heads / M->n_kv, bs = M->block_size;
     int kvh = h0 / rep, n = p + 1;
-    const size_t stride = (size_t)d;
     const int nblk = (n + bs - 1) / bs;
-    float mx[MR * 4], tot[MR * 4];
-    for (int hh = 0; hh < g; hh++) mx[hh] = -INFINITY;
     for (int j0 = 0, blk = 0; j0 < n; j0 += bs, blk++) {
         const kv_t *kb = kv_at(M, layer, 0, table[blk], kvh);
         if (blk + 1 < nblk) prefetch_block(kv_at(M, layer, 0, table[blk + 1], kvh), bs * d);
         int e = n - j0 < bs ? n - j0 : bs;
-        for (int o = 0; o < e; o++)
-            for (int hh = 0; hh < g; hh++) {
-                float s = dot_kv(q + (size_t)(h0 + hh) * d, kb + o * stride, d) * M->attn_scale;
-                scores[(size_t)hh * n + j0 + o] = s;
-                mx[hh] = s > mx[hh] ? s : mx[hh];
-            }
+        for (int hh = 0; hh < g; hh += 4)
+            kscores_n(g - hh < 4 ? g - hh : 4, kb, bs, e, q + (size_t)(h0 + hh) * d, d, M->attn_scale, scores + (size_t)hh * n + j0, n);
     }
+    float inv[MR * 4];
     for (int hh = 0; hh < g; hh++) {
-        float *sc = scores + (size_t)hh * n, t = 0.f;
-        exp_sub(sc, sc, mx[hh], n);
-        for (int j = 0; j < n; j++) t += sc[j];
-        tot[hh] = t;
-        float *o = out + (size_t)(h0 + hh) * d;
-        for (int i = 0; i < d; i++) o[i] = 0.f;
+        float *sc = scores + (size_t)hh * n, mx = -INFINITY;
+        for (int j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx; /* a max is exact in any order */
+        exp_sub(sc, sc, mx, n);
+        inv[hh] = 1.f / lane_sum(sc, n);
     }
     prefetch_block(kv_at(M, layer, 1, table[0], kvh), bs * d);
-    for (int j0 = 0, blk = 0; j0 < n; j0 += bs, blk++) {
-        const kv_t *vb = kv_at(M, layer, 1, table[blk], kvh);
-        if (blk + 1 < nblk) prefetch_block(kv_at(M, layer, 1, table[blk + 1], kvh), bs * d);
-        int e = n - j0 < bs ? n - j0 : bs;
-        for (int o = 0; o < e; o++)
-            for (int hh = 0; hh < g; hh++) axpy_kv(out + (size_t)(h0 + hh) * d, scores[(size_t)hh * n + j0 + o], vb + o * stride, d);
-    }
+    int nv = d % (4 * VL) == 0 ? 4 : 1;
+    for (int hh = 0; hh < g; hh += 4)
+        for (int i0 = 0; i0 < d; i0 += nv * VL)
+            vsum_n(g - hh < 4 ? g - hh : 4, nv, M, layer, table, kvh, n, scores + (size_t)hh * n, n, i0, out + (size_t)(h0 + hh) * d, d);
     for (int hh = 0; hh < g; hh++) {
-        float inv = 1.f / tot[hh], *o = out + (size_t)(h0 + hh) * d;
-        for (int i = 0; i < d; i++) o[i] *= inv;
+        float *o = out + (size_t)(h0 + hh) * d;
+        for (int i = 0; i < d; i++) o[i] *= inv[hh];
     }
 }
 
-/* Work floats er_step needs for T tokens (the caller allocates them once per size). */
+/* Steps of at most PRIV_ROWS tokens: every thread computes the RMSNorm and quantization of all
+   rows into buffers of its own (a few us) instead of its share followed by a barrier (2 barriers
+   a layer fewer: waits that cost most when another process shares the cores). */
+#ifndef PRIV_ROWS
+#define PRIV_ROWS 16
+#endif
+static size_t priv_bytes(const er_model *M, int T) { /* one thread's: a norm row, xq, xs, xsum */
+    int H = M->hidden;
+    size_t b = (size_t)H * 4 + (size_t)T * (H / QB) * 8 + (size_t)T * H;
+    return (b + 63) & ~(size_t)63;
+}
+
+/* Work bytes er_step needs for T tokens (the caller allocates them once per size). */
 size_t er_work_bytes(const er_model *M, int T) {
     int q = M->n_heads * M->head_dim, kv = M->n_kv * M->head_dim;
     int kmax = M->inter > q ? M->inter : q;
     kmax = kmax > M->hidden ? kmax : M->hidden;
     size_t f = (size_t)T * M->hidden + (size_t)T * (q + 2 * kv) + (size_t)T * q + (size_t)T * 2 * M->inter
                + 2 * (size_t)T * (kmax / QB) + (size_t)(M->threads > 0 ? M->threads : 1) * M->max_ctx * (M->n_heads / M->n_kv) + (size_t)T;
-    return f * 4 + (size_t)T * kmax + 256;
+    int nth = M->threads > 0 ? M->threads : 1;
+    return f * 4 + (size_t)T * kmax + 256 + 64 + (T <= PRIV_ROWS ? nth * priv_bytes(M, T) : 0);
 }
 
 /* RoPE on one token's q and k heads (in place), then its K / V into the pool (slot < 0: not stored) */
@@ -686,9 +807,9 @@ static void rope_store(const er_model *M, int l, float *row, int pos, int slot) 
     if (slot < 0) return;
     int blk = slot / M->block_size, off = slot % M->block_size;
     for (int g = 0; g < M->n_kv; g++) {
-        kv_t *kd = kv_at(M, l, 0, blk, g) + (size_t)off * d, *vd = kv_at(M, l, 1, blk, g) + (size_t)off * d;
+        kv_t *kd = kv_at(M, l, 0, blk, g) + off, *vd = kv_at(M, l, 1, blk, g) + (size_t)off * d;
         for (int i = 0; i < d; i++) {
-            kd[i] = (kv_t)row[nq + g * d + i];
+            kd[(size_t)i * M->block_size] = (kv_t)row[nq + g * d + i]; /* K transposed: [head_dim][block_size] */
             vd[i] = (kv_t)row[nq + nkv + g * d + i];
         }
     }
@@ -696,7 +817,9 @@ static void rope_store(const er_model *M, int l, float *row, int pos, int slot) 
 
 struct step_job {
     const er_model *M;
-    int T, mb, nl, grp, per_tok, fused;
+    int T, mb, nl, grp, per_tok, fused, priv;
+    uint8_t *pbuf; /* priv: thread tid's buffers at pbuf + tid * pstride */
+    size_t pstride;
     float *x, *xn, *qkv, *att, *gu, *xs, *scores, *logits;
     int32_t *xsum, *rowmap, *row_of;
     int8_t *xq;
@@ -715,14 +838,37 @@ static void step_body(void *arg, int tid, int nth) {
     (void)nkv;
     float *sc = J->scores + (size_t)tid * M->max_ctx * (M->n_heads / M->n_kv);
     span(T, tid, nth, &lo, &hi); /* this thread's tokens in the per-token phases */
+    /* the normed, quantized rows the qkv and gate/up linears read: this thread's own copy of all
+       rows (priv), or the shared buffers filled by every thread's share and a barrier */
+    int8_t *nq8 = xq;
+    float *ns = xs, *nrow = NULL;
+    int32_t *nsum = xsum;
+    if (J->priv) {
+        uint8_t *pb = J->pbuf + (size_t)tid * J->pstride;
+        nrow = (float *)pb;
+        ns = nrow + H;
+        nsum = (int32_t *)(ns + (size_t)T * (H / QB));
+        nq8 = (int8_t *)(nsum + (size_t)T * (H / QB));
+    }
+#define NORM_ROWS(w)                                                                                                          \
+    do {                                                                                                                      \
+        if (J->priv) {                                                                                                        \
+            for (int t = 0; t < T; t++) {                                                                                     \
+                rms_norm_row(x + (size_t)t * H, (w), H, M->eps, nrow);                                                        \
+                quantize_row(nrow, H, nq8 + (size_t)t * H, ns + (size_t)t * (H / QB), nsum + (size_t)t * (H / QB));            \
+            }                                                                                                                 \
+        } else {                                                                                                              \
+            for (int t = lo; t < hi; t++) {                                                                                   \
+                rms_norm_row(x + (size_t)t * H, (w), H, M->eps, xn + (size_t)t * H);                                          \
+                quantize_row(xn + (size_t)t * H, H, xq + (size_t)t * H, xs + (size_t)t * (H / QB), xsum + (size_t)t * (H / QB)); \
+            }                                                                                                                 \
+            barrier(nth);                                                                                                     \
+        }                                                                                                                     \
+    } while (0)
     for (int l = 0; l < M->n_layers; l++) {
         const er_layer *Ly = &M->layers[l];
-        for (int t = lo; t < hi; t++) {
-            rms_norm_row(x + (size_t)t * H, Ly->ln1, H, M->eps, xn + (size_t)t * H);
-            quantize_row(xn + (size_t)t * H, H, xq + (size_t)t * H, xs + (size_t)t * (H / QB), xsum + (size_t)t * (H / QB));
-        }
-        barrier(nth);
-        gemm_q(&Ly->qkv, T, xq, xs, xsum, qkv, qkvw, NULL, 0, tid, nth);
+        NORM_ROWS(Ly->ln1);
+        gemm_q(&Ly->qkv, T, nq8, ns, nsum, qkv, qkvw, NULL, 0, tid, nth);
         barrier(nth);
         if (J->fused) { /* decode rows only, enough of them: one item per token does RoPE, its K / V,
                            all its heads and the quantization of its attention row (2 barriers fewer) */
@@ -749,12 +895,8 @@ static void step_body(void *arg, int tid, int nth) {
         }
         gemm_q(&Ly->o, T, xq, xs, xsum, x, H, NULL, 1, tid, nth); /* h += o_proj(attention) */
         barrier(nth);
-        for (int t = lo; t < hi; t++) {
-            rms_norm_row(x + (size_t)t * H, Ly->ln2, H, M->eps, xn + (size_t)t * H);
-            quantize_row(xn + (size_t)t * H, H, xq + (size_t)t * H, xs + (size_t)t * (H / QB), xsum + (size_t)t * (H / QB));
-        }
-        barrier(nth);
-        gemm_q(&Ly->gu, T, xq, xs, xsum, gu, 2 * I, NULL, 0, tid, nth);
+        NORM_ROWS(Ly->ln2);
+        gemm_q(&Ly->gu, T, nq8, ns, nsum, gu, 2 * I, NULL, 0, tid, nth);
         barrier(nth);
         for (int t = lo; t < hi; t++) { /* silu(gate) * up, gate = columns [0, I), up = [I, 2I) */
             float *g = gu + (size_t)t * 2 * I;
@@ -803,6 +945,9 @@ int er_step(const er_model *M, int T, int R, float *x, const int32_t *positions,
     J.scores = (float *)(J.xsum + (size_t)T * (kmax / QB));
     J.rowmap = (int32_t *)(J.scores + (size_t)nth * M->max_ctx * (M->n_heads / M->n_kv));
     J.xq = (int8_t *)(J.rowmap + T);
+    J.priv = T <= PRIV_ROWS && nth > 1;
+    J.pstride = priv_bytes(M, T);
+    J.pbuf = (uint8_t *)(((uintptr_t)(J.xq + (size_t)T * kmax) + 63) & ~(uintptr_t)63);
     J.positions = positions;
     J.slots = slots;
     J.qstart = qstart;
