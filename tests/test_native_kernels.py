@@ -90,3 +90,18 @@ def test_an_unknown_isa_is_a_one_line_error():
 
     with pytest.raises(BackendError, match="not available"):
         kernels.set_isa("neon")
+
+
+def test_gate_up_rows_alternate_in_runs_of_16():
+    """pack_gate_up's order (native.c's gate_up_act finishes 32 intermediate features per 4 tiles):
+    gate 0..15, up 0..15, gate 16..31, ... of the same dequantized weights."""
+    from edge.quant.format import BundleLinear
+    from edge.runtime.cpu.weights import pack_gate_up
+
+    rng = np.random.default_rng(3)
+    g, u = (quantize_int4_rtn(rng.standard_normal((64, 96)).astype(np.float32), 32) for _ in range(2))
+    lins = [BundleLinear(name, "int4", 64, 96, qweight=q.qweight, scales=q.scales, group_size=32) for name, q in (("gate", g), ("up", u))]
+    got = dequantized(pack_gate_up(*lins))
+    gd, ud = g.dequantize(), u.dequantize()
+    want = np.concatenate([gd[0:16], ud[0:16], gd[16:32], ud[16:32], gd[32:48], ud[32:48], gd[48:64], ud[48:64]])
+    assert np.array_equal(got, want)

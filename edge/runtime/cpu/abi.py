@@ -35,5 +35,7 @@ def declare(lib: C.CDLL) -> None:
     lib.er_linear.argtypes = [C.POINTER(Lin), C.c_int, P, P, C.c_int]
     lib.er_work_bytes.restype = C.c_size_t
     lib.er_work_bytes.argtypes = [C.POINTER(Model), C.c_int]
+    lib.er_profile.restype = C.c_int  # phase times of -DER_PROFILE builds (development); 0 phases otherwise
+    lib.er_profile.argtypes = [P, C.c_int]
     lib.er_step.restype = C.c_int
     lib.er_step.argtypes = [C.POINTER(Model), C.c_int, C.c_int, P, P, P, P, P, C.c_int, P, P, P]

@@ -33,7 +33,7 @@ import numpy as np
 
 from edge.errors import BackendError, UsageError
 from edge.runtime.cpu import abi
-from edge.runtime.cpu.weights import NativeLinear, pack_linear
+from edge.runtime.cpu.weights import NativeLinear, pack_gate_up, pack_linear
 from edge.runtime.step import I32, BackendCaps, StepBatch, StepOutput
 
 KV_ELEM_BYTES = 2  # fp16 K and V
@@ -150,7 +150,14 @@ class NativeBackend:
         else:
             lins = [read_linear(w, n) for n in names]
         bias = [w.get(b) for b in biases] if biases else None
-        lin = pack_linear(lins, bias)
+        return self._hold(pack_linear(lins, bias))
+
+    def _gate_up(self, w: dict, gate: str, up: str) -> NativeLinear:
+        from edge.quant.format import read_linear
+
+        return self._hold(pack_gate_up(read_linear(w, gate), read_linear(w, up)))  # rows interleaved by 16 (native.c's gate_up_act)
+
+    def _hold(self, lin: NativeLinear) -> NativeLinear:
         self._keep.append(lin)
         self.weight_bytes += lin.nbytes
         return lin
@@ -163,7 +170,7 @@ class NativeBackend:
         norms = layer_norm_names(self.spec.features)
         qkv = self._linear(w, [a + "q_proj", a + "k_proj", a + "v_proj"], [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"])
         o = self._linear(w, [a + "o_proj"])
-        gu = self._linear(w, [p + "mlp.gate_proj", p + "mlp.up_proj"])
+        gu = self._gate_up(w, p + "mlp.gate_proj", p + "mlp.up_proj")
         down = self._linear(w, [p + "mlp.down_proj"])
         ln1, ln2 = self._f32(w[p + norms["attn_in"] + ".weight"]), self._f32(w[p + norms["mlp_in"] + ".weight"])
         return abi.Layer(ln1.ctypes.data, ln2.ctypes.data, qkv.struct, o.struct, gu.struct, down.struct)

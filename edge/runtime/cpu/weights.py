@@ -111,6 +111,30 @@ def pack_linear(lins: list[BundleLinear], biases: list[np.ndarray | None] | None
     return pack_int8(q, s, bias)
 
 
+def interleave16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Rows of a and b (the same count, a multiple of 32) alternating in runs of 16: a[0:16], b[0:16],
+    a[16:32], ... The gate|up linear's order: a thread that computes 4 tiles holds the gate and
+    up values of 32 intermediate features, one whole quantization block of down's input."""
+    n = a.shape[0]
+    return np.stack([a.reshape(n // NT, NT, *a.shape[1:]), b.reshape(n // NT, NT, *b.shape[1:])], axis=1).reshape(2 * n, *a.shape[1:])
+
+
+def pack_gate_up(gate: BundleLinear, up: BundleLinear) -> NativeLinear:
+    """The MLP's gate and up projections as one linear, rows interleaved by interleave16."""
+    if gate.n % QB or gate.n != up.n:
+        raise BackendError(f"{gate.name}: gate/up of {gate.n} / {up.n} features: the native kernels need equal multiples of 32",
+                           fix="use --backend onnxruntime for this bundle")
+    kinds = {(x.kind, x.group_size, x.k) for x in (gate, up)}
+    if len(kinds) != 1:
+        raise BackendError(f"{gate.name}: fused linears of mixed kinds {sorted(kinds)}", fix="rebuild the bundle with one recipe")
+    if gate.kind == "int4":
+        return pack_int4(interleave16(gate.qweight, up.qweight), interleave16(gate.scales, up.scales), gate.group_size)
+    if gate.kind == "int8":
+        return pack_int8(interleave16(gate.qweight, up.qweight), interleave16(gate.scales, up.scales))
+    q, s = quantize_float_int8(interleave16(gate.dequantize(), up.dequantize()))
+    return pack_int8(q, s)
+
+
 def dequantized(lin: NativeLinear) -> np.ndarray:
     """float32 [N, K]: the weights the kernel multiplies by (tests' numpy reference)."""
     tiles, kb = lin.tiles, lin.k // QB

@@ -566,6 +566,32 @@ static void gemm_q(const er_lin *L, int M, const int8_t *xq, const float *xs, co
         }
 }
 
+/* The MLP's gate|up linear (rows interleaved by 16: gate 0..15, up 0..15, gate 16..31, ...; see
+   weights.py interleave16) with SwiGLU and the quantization of down's input fused: thread tid takes
+   whole units of 4 tiles, i.e. 32 intermediate features = one 32-block of down's input, so it can
+   finish them alone (no barrier between the two). gu: [M][2I] scratch; xq / xs / xsum: down's input. */
+static void gate_up_act(const er_lin *L, int M, const int8_t *aq, const float *as, const int32_t *asum, float *gu, int8_t *xq,
+                        float *xs, int32_t *xsum, int tid, int nth) {
+    int isa = cur_isa(), kb = L->k / QB, I = L->n / 2, lo, hi;
+    span(L->tiles / 4, tid, nth, &lo, &hi);
+    for (int u = lo; u < hi; u++) {
+        for (int t = 4 * u; t < 4 * u + 4; t++)
+            for (int m0 = 0; m0 < M; m0 += MR) {
+                int mr = M - m0 < MR ? M - m0 : MR;
+                tile_rows(L, t, mr, aq + (size_t)m0 * L->k, as + (size_t)m0 * kb, asum + (size_t)m0 * kb, gu + (size_t)m0 * L->n, L->n, NULL,
+                          0, isa);
+            }
+        for (int m = 0; m < M; m++) {
+            float *r = gu + (size_t)m * L->n + 64 * u, h[QB];
+            swiglu(r, r + 16, 16); /* silu(gate) * up of features 32u .. 32u + 15 */
+            swiglu(r + 32, r + 48, 16);
+            memcpy(h, r, 16 * sizeof(float));
+            memcpy(h + 16, r + 32, 16 * sizeof(float));
+            quantize_row(h, QB, xq + (size_t)m * I + QB * u, xs + (size_t)m * (I / QB) + u, xsum + (size_t)m * (I / QB) + u);
+        }
+    }
+}
+
 static void quantize_rows(const float *x, int ldx, int M, int k, int8_t *xq, float *xs, int32_t *xsum, int tid, int nth) {
     int lo, hi;
     span(M, tid, nth, &lo, &hi);
@@ -796,7 +822,8 @@ size_t er_work_bytes(const er_model *M, int T) {
     size_t f = (size_t)T * M->hidden + (size_t)T * (q + 2 * kv) + (size_t)T * q + (size_t)T * 2 * M->inter
                + 2 * (size_t)T * (kmax / QB) + (size_t)(M->threads > 0 ? M->threads : 1) * M->max_ctx * (M->n_heads / M->n_kv) + (size_t)T;
     int nth = M->threads > 0 ? M->threads : 1;
-    return f * 4 + (size_t)T * kmax + 256 + 64 + (T <= PRIV_ROWS ? nth * priv_bytes(M, T) : 0);
+    size_t down_in = (size_t)T * M->inter + 2 * 4 * (size_t)T * (M->inter / QB) + 64; /* down's quantized input */
+    return f * 4 + (size_t)T * kmax + 256 + 64 + down_in + (T <= PRIV_ROWS ? nth * priv_bytes(M, T) : 0);
 }
 
 /* RoPE on one token's q and k heads (in place), then its K / V into the pool (slot < 0: not stored) */
@@ -815,21 +842,53 @@ static void rope_store(const er_model *M, int l, float *row, int pos, int slot) 
     }
 }
 
+/* -DER_PROFILE (development builds only): thread 0's wall time per phase of the step, summed over
+   calls, read with er_profile(out, n); phases: see PH_* below. */
+enum { PH_NORM, PH_QKV, PH_ATTN, PH_O, PH_GU, PH_DOWN, PH_BAR, PH_HEAD, PH_N }; /* PH_GU: gate|up with SwiGLU */
+#if defined(ER_PROFILE)
+static double prof_acc[PH_N];
+static long long prof_t;
+#define PH_START() (tid == 0 ? (void)(prof_t = now_ns()) : (void)0)
+#define PH(k)                                     \
+    do {                                          \
+        if (tid == 0) {                           \
+            long long t_ = now_ns();              \
+            prof_acc[k] += (double)(t_ - prof_t); \
+            prof_t = t_;                          \
+        }                                         \
+    } while (0)
+#define BARRIER(n) \
+    do {           \
+        barrier(n); \
+        PH(PH_BAR); \
+    } while (0)
+int er_profile(double *out, int n) {
+    for (int i = 0; i < n && i < PH_N; i++) out[i] = prof_acc[i] / 1e6, prof_acc[i] = 0;
+    return PH_N;
+}
+#else
+#define PH_START() ((void)0)
+#define PH(k) ((void)0)
+#define BARRIER(n) barrier(n)
+int er_profile(double *out, int n) { (void)out; (void)n; return 0; }
+#endif
+
 struct step_job {
     const er_model *M;
     int T, mb, nl, grp, per_tok, fused, priv;
     uint8_t *pbuf; /* priv: thread tid's buffers at pbuf + tid * pstride */
     size_t pstride;
-    float *x, *xn, *qkv, *att, *gu, *xs, *scores, *logits;
+    float *x, *xn, *qkv, *att, *gu, *xs, *scores, *logits, *ds;
     int32_t *xsum, *rowmap, *row_of;
-    int8_t *xq;
+    int8_t *xq, *dq; /* dq / ds / dsum: down's input (gate_up_act writes it while others may still read xq) */
+    int32_t *dsum;
     const int32_t *positions, *slots, *qstart, *tables;
 };
 
 static void step_body(void *arg, int tid, int nth) {
     struct step_job *J = arg;
     const er_model *M = J->M;
-    int T = J->T, H = M->hidden, d = M->head_dim, nq = M->n_heads * d, nkv = M->n_kv * d, I = M->inter;
+    int T = J->T, H = M->hidden, d = M->head_dim, nq = M->n_heads * d, nkv = M->n_kv * d;
     int qkvw = nq + 2 * nkv, lo, hi;
     float *x = J->x, *xn = J->xn, *qkv = J->qkv, *att = J->att, *gu = J->gu, *xs = J->xs;
     int32_t *xsum = J->xsum;
@@ -862,14 +921,18 @@ static void step_body(void *arg, int tid, int nth) {
                 rms_norm_row(x + (size_t)t * H, (w), H, M->eps, xn + (size_t)t * H);                                          \
                 quantize_row(xn + (size_t)t * H, H, xq + (size_t)t * H, xs + (size_t)t * (H / QB), xsum + (size_t)t * (H / QB)); \
             }                                                                                                                 \
-            barrier(nth);                                                                                                     \
+            PH(PH_NORM);                                                                                                      \
+            BARRIER(nth);                                                                                                     \
         }                                                                                                                     \
     } while (0)
+    PH_START();
     for (int l = 0; l < M->n_layers; l++) {
         const er_layer *Ly = &M->layers[l];
         NORM_ROWS(Ly->ln1);
+        PH(PH_NORM);
         gemm_q(&Ly->qkv, T, nq8, ns, nsum, qkv, qkvw, NULL, 0, tid, nth);
-        barrier(nth);
+        PH(PH_QKV);
+        BARRIER(nth);
         if (J->fused) { /* decode rows only, enough of them: one item per token does RoPE, its K / V,
                            all its heads and the quantization of its attention row (2 barriers fewer) */
             int rep = M->n_heads / M->n_kv;
@@ -880,32 +943,35 @@ static void step_body(void *arg, int tid, int nth) {
                            att + (size_t)t * nq, sc);
                 quantize_row(att + (size_t)t * nq, nq, xq + (size_t)t * nq, xs + (size_t)t * (nq / QB), xsum + (size_t)t * (nq / QB));
             }
-            barrier(nth);
+            PH(PH_ATTN);
+            BARRIER(nth);
         } else {
             for (int t = lo; t < hi; t++) rope_store(M, l, qkv + (size_t)t * qkvw, positions[t], slots[t]);
-            barrier(nth);
+            PH(PH_ATTN);
+            BARRIER(nth);
             for (int i = tid; i < T * J->per_tok; i += nth) { /* work items: (token, group of heads sharing a kv head) */
                 int t = i / J->per_tok;
                 attend(M, l, qkv + (size_t)t * qkvw, positions[t], J->tables + (size_t)J->row_of[t] * J->mb, (i % J->per_tok) * J->grp,
                        J->grp, att + (size_t)t * nq, sc);
             }
-            barrier(nth);
+            PH(PH_ATTN);
+            BARRIER(nth);
             quantize_rows(att, nq, T, nq, xq, xs, xsum, tid, nth);
-            barrier(nth);
+            PH(PH_ATTN);
+            BARRIER(nth);
         }
+        PH(PH_ATTN);
         gemm_q(&Ly->o, T, xq, xs, xsum, x, H, NULL, 1, tid, nth); /* h += o_proj(attention) */
-        barrier(nth);
+        PH(PH_O);
+        BARRIER(nth);
         NORM_ROWS(Ly->ln2);
-        gemm_q(&Ly->gu, T, nq8, ns, nsum, gu, 2 * I, NULL, 0, tid, nth);
-        barrier(nth);
-        for (int t = lo; t < hi; t++) { /* silu(gate) * up, gate = columns [0, I), up = [I, 2I) */
-            float *g = gu + (size_t)t * 2 * I;
-            swiglu(g, g + I, I);
-            quantize_row(g, I, xq + (size_t)t * I, xs + (size_t)t * (I / QB), xsum + (size_t)t * (I / QB));
-        }
-        barrier(nth);
-        gemm_q(&Ly->down, T, xq, xs, xsum, x, H, NULL, 1, tid, nth); /* h += down(...) */
-        barrier(nth);
+        PH(PH_NORM);
+        gate_up_act(&Ly->gu, T, nq8, ns, nsum, gu, J->dq, J->ds, J->dsum, tid, nth); /* down's input, silu(gate) * up, quantized */
+        PH(PH_GU);
+        BARRIER(nth);
+        gemm_q(&Ly->down, T, J->dq, J->ds, J->dsum, x, H, NULL, 1, tid, nth); /* h += down(...) */
+        PH(PH_DOWN);
+        BARRIER(nth);
     }
     /* final norm and head for the rows that want logits (their last token) */
     int l0, l1;
@@ -915,8 +981,10 @@ static void step_body(void *arg, int tid, int nth) {
         rms_norm_row(x + (size_t)t * H, M->norm, H, M->eps, xn + (size_t)i * H);
         quantize_row(xn + (size_t)i * H, H, xq + (size_t)i * H, xs + (size_t)i * (H / QB), xsum + (size_t)i * (H / QB));
     }
-    barrier(nth);
+    PH(PH_HEAD);
+    BARRIER(nth);
     if (J->nl) gemm_q(&M->head, J->nl, xq, xs, xsum, J->logits, M->vocab, J->rowmap, 0, tid, nth);
+    PH(PH_HEAD);
 }
 
 /* One engine step. x: [T][hidden] embedded tokens (the residual stream, updated in place);
@@ -947,7 +1015,10 @@ int er_step(const er_model *M, int T, int R, float *x, const int32_t *positions,
     J.xq = (int8_t *)(J.rowmap + T);
     J.priv = T <= PRIV_ROWS && nth > 1;
     J.pstride = priv_bytes(M, T);
-    J.pbuf = (uint8_t *)(((uintptr_t)(J.xq + (size_t)T * kmax) + 63) & ~(uintptr_t)63);
+    J.ds = (float *)(((uintptr_t)(J.xq + (size_t)T * kmax) + 63) & ~(uintptr_t)63);
+    J.dsum = (int32_t *)(J.ds + (size_t)T * (I / QB));
+    J.dq = (int8_t *)(J.dsum + (size_t)T * (I / QB));
+    J.pbuf = (uint8_t *)(((uintptr_t)(J.dq + (size_t)T * I) + 63) & ~(uintptr_t)63);
     J.positions = positions;
     J.slots = slots;
     J.qstart = qstart;
