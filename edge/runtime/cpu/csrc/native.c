@@ -28,7 +28,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <time.h>
-#if defined(__AVX2__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
@@ -76,7 +76,9 @@ static inline int cur_isa(void) { return g_isa < 0 ? er_isa_max() : g_isa; }
    a 1-row step measured 35.7 ms instead of 3.5 while a test suite ran beside it. */
 typedef void (*job_fn)(void *arg, int tid, int nth);
 #define MAX_THREADS 64
+#ifndef SPIN_NS
 #define SPIN_NS 30000 /* longer than a barrier's usual wait on a quiet machine (a few us), short against a time slice */
+#endif
 static struct {
     int size; /* threads incl. the caller */
     pthread_t th[MAX_THREADS];
@@ -242,11 +244,26 @@ typedef struct {
    operations in the same order on every build (no FMA: -ffp-contract=off; fp16 -> float is exact),
    so all builds give the same bits. */
 typedef float vf __attribute__((vector_size(64)));
-typedef _Float16 vh __attribute__((vector_size(32)));
 #define VL 16
 static inline vf ldf(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void stf(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline vf ldh(const kv_t *p) { vh h; memcpy(&h, p, sizeof h); return __builtin_convertvector(h, vf); }
+/* 16 fp16 -> float. NOTE: not __builtin_convertvector on a _Float16 vector: GCC 12 converts that one
+   element at a time (vpinsrw + vcvtph2ps each), which made attention 2x slower than scalar code. */
+static inline vf ldh(const kv_t *p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__F16C__) && defined(__AVX__)
+    __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)), b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+    vf v;
+    memcpy(&v, &a, sizeof a);
+    memcpy((char *)&v + sizeof a, &b, sizeof b);
+    return v;
+#else
+    float f[VL];
+    for (int i = 0; i < VL; i++) f[i] = (float)p[i];
+    return ldf(f);
+#endif
+}
 static inline vf splat(float a) { return (vf){0} + a; }
 typedef int32_t vi __attribute__((vector_size(64)));
 
