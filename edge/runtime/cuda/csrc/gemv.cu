@@ -232,6 +232,37 @@ extern "C" __global__ void gemv_int4_m1_r4(const uint4* W, const half* S, const 
 //          rotated k and v -> the paged KV cache at slots[0]                   (RoPE + KV write)
 // Roundings mirror the unfused kernels (each linear's output is rounded to half first).
 // ---------------------------------------------------------------------------------------
+// One 16-byte chunk (32 int4 weights of one row) times X's 32 halves: products summed in two
+// half2 chains, then in float (both block-K cores; the same ops, so the same bits).
+__device__ __forceinline__ float dot_int4_chunk(uint4 q, const half2* __restrict__ xh) {
+    half2 w[16];
+    deq_int4_word_lop3(q.x, w);
+    deq_int4_word_lop3(q.y, w + 4);
+    deq_int4_word_lop3(q.z, w + 8);
+    deq_int4_word_lop3(q.w, w + 12);
+    half2 a0 = __float2half2_rn(0.f), a1 = a0;
+#pragma unroll
+    for (int j = 0; j < 16; j += 2) {
+        a0 = __hfma2(w[j], xh[j], a0);
+        a1 = __hfma2(w[j + 1], xh[j + 1], a1);
+    }
+    return h2sum(a0) + h2sum(a1);
+}
+
+// yout[r] = the sum over the block's warps of red[r][warp], in warp order (then a barrier).
+template <int R, int NT>
+__device__ __forceinline__ void bk_sum_warps(const float (&red)[R][NT / 32], float* __restrict__ yout) {
+    const int t = threadIdx.x;
+    __syncthreads();
+    if (t < R) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < NT / 32; ++w) v += red[t][w];
+        yout[t] = v;
+    }
+    __syncthreads();
+}
+
 template <int R, int NT, int U>
 __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, const half* __restrict__ S,
                                                   const half* __restrict__ X, int N, int K, int gshift,
@@ -271,20 +302,7 @@ __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, c
         for (int j = 0; j < 4; ++j) xv[j] = __ldg(xp + j);
         const half2* xh = reinterpret_cast<const half2*>(xv);
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            half2 w[16];
-            deq_int4_word_lop3(q[r].x, w);
-            deq_int4_word_lop3(q[r].y, w + 4);
-            deq_int4_word_lop3(q[r].z, w + 8);
-            deq_int4_word_lop3(q[r].w, w + 12);
-            half2 a0 = __float2half2_rn(0.f), a1 = a0;
-#pragma unroll
-            for (int j = 0; j < 16; j += 2) {
-                a0 = __hfma2(w[j], xh[j], a0);
-                a1 = __hfma2(w[j + 1], xh[j + 1], a1);
-            }
-            acc[r] += (h2sum(a0) + h2sum(a1)) * s[r];
-        }
+        for (int r = 0; r < R; ++r) acc[r] += dot_int4_chunk(q[r], xh) * s[r];
     };
     if (tid < chunks) chunk(tid, q0, s0);  // the same order of sums as one loop from tid
 #pragma unroll U
@@ -304,14 +322,7 @@ __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, c
         const float v = warp_sum(acc[r]);
         if (lane == 0) red[r][warp] = v;
     }
-    __syncthreads();
-    if (tid < R) {
-        float v = 0.f;
-#pragma unroll
-        for (int w = 0; w < NT / 32; ++w) v += red[tid][w];
-        yout[tid] = v;
-    }
-    __syncthreads();
+    bk_sum_warps<R, NT>(red, yout);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -401,34 +412,13 @@ __device__ __forceinline__ void gemv_int4_bk_pipe(const uint4* __restrict__ W, c
             else if (j + 1 < iters) load(ns % D, j + 1, ns - G, false);
             if (ok) {
 #pragma unroll
-                for (int p = 0; p < P; ++p) {
-                    half2 w[16];
-                    const uint4 qq = q[st % D][p];
-                    deq_int4_word_lop3(qq.x, w);
-                    deq_int4_word_lop3(qq.y, w + 4);
-                    deq_int4_word_lop3(qq.z, w + 8);
-                    deq_int4_word_lop3(qq.w, w + 12);
-                    half2 a0 = __float2half2_rn(0.f), a1 = a0;
-#pragma unroll
-                    for (int k = 0; k < 16; k += 2) {
-                        a0 = __hfma2(w[k], xh[k], a0);
-                        a1 = __hfma2(w[k + 1], xh[k + 1], a1);
-                    }
-                    acc[st * P + p] += (h2sum(a0) + h2sum(a1)) * s[st % D][p];
-                }
+                for (int p = 0; p < P; ++p) acc[st * P + p] += dot_int4_chunk(q[st % D][p], xh) * s[st % D][p];
             }
         }
     }
     const float v = warp_sum_rows<R>(acc, lane);
     if ((lane & ((32 >> LOG_R) - 1)) == 0) red[lane >> (5 - LOG_R)][warp] = v;
-    __syncthreads();
-    if (tid < R) {
-        float t = 0.f;
-#pragma unroll
-        for (int w = 0; w < NT / 32; ++w) t += red[tid][w];
-        yout[tid] = t;
-    }
-    __syncthreads();
+    bk_sum_warps<R, NT>(red, yout);
 }
 
 // The core an epilogue runs: classic (P = 0) or pipelined with P rows a stage and a ring of U.
