@@ -173,6 +173,19 @@ def test_cpu_batches_are_cut_to_max_batch_tokens(tiny_folders, tmp_path, monkeyp
     np.testing.assert_allclose(out, one_by_one, atol=1e-4)
 
 
+def test_cpu_cores_run_calls_at_once_with_the_same_vectors(tiny_folders, tmp_path):
+    """threads=3 on CPU: three graph calls at once, one thread each (edge.runtime.embedder
+    STREAMS_NOTE); the vectors and their order are those of one call at a time."""
+    path = build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "q", quant="int8", progress=False)
+    one, three = Embedder.from_bundle(path, threads=1), Embedder.from_bundle(path, threads=3)
+    assert (one.streams, three.streams) == (1, 3)
+    rng = random.Random(9)
+    texts = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 40))) for _ in range(90)]
+    a, b = one.embed(texts, batch_size=4), three.embed(texts, batch_size=4)
+    np.testing.assert_allclose(b, a, atol=1e-6)
+    np.testing.assert_allclose(b[17], one.embed_query(texts[17]), atol=1e-6)
+
+
 def test_bucketing_preserves_order(tiny_folders, tmp_path, monkeypatch):
     emb = Embedder.from_bundle(build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "b", progress=False))
     rng = random.Random(3)

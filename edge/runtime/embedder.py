@@ -58,6 +58,12 @@ MAX_BATCH_CELLS = 1 << 20
 # The vectors do not change: the int8 graph scales each token's activations on its own
 # (edge.build.encoder.quantize_linears_per_row), so a text's vector does not depend on its batch.
 MAX_BATCH_TOKENS = 512
+# STREAMS_NOTE: on CPU, `threads` cores run `threads` graph calls at once, each on one thread, rather
+# than one call at a time on `threads` threads: a call is ~150 small ops, and every op's fork/join
+# across threads costs. Measured (int8 MiniLM, 256 real scale-corpus chunks of ~190 tokens in calls of
+# <= 512 tokens, 2 cores, alternated in one locked job, texts/s median of 3, load 2.7): one call at a
+# time on 2 threads 77.9, two calls at once on 1 thread each 92.5 (1.19x), two calls at once on a
+# 2-thread session 87.3. A single short query now runs on one thread (bench_embed's latency rows).
 ENCODE_PIECE = 32  # texts per tokenizer call
 log = logging.getLogger(__name__)
 
@@ -160,7 +166,7 @@ class Embedder:
     """Sentence embeddings from an embedder bundle. Thread-safe for concurrent `embed` calls
     (onnxruntime sessions are; the tokenizer is only read)."""
 
-    def __init__(self, bundle: Bundle, session: Any, tokenizer: Any, backend: str = "onnxruntime"):
+    def __init__(self, bundle: Bundle, session: Any, tokenizer: Any, backend: str = "onnxruntime", streams: int = 1):
         m = bundle.manifest
         model = m.model
         self.bundle = bundle
@@ -177,15 +183,17 @@ class Embedder:
         )
         self.pad_id = int(model.get("pad_token_id", 0))
         self._counter: Any = None  # an untruncated copy of the tokenizer, made on first count_tokens
+        self.streams = streams  # graph calls embed() runs at once (onnxruntime: STREAMS_NOTE)
 
     # ---- construction ----------------------------------------------------------------
     @classmethod
     def from_bundle(cls, path: str | Path, *, threads: int | None = None, verify: bool = True,
                     providers: list[str] | None = None, spin: bool = False, backend: str = "onnxruntime") -> "Embedder":
         """Open an embedder bundle (checksums verified) and start an onnxruntime session, or the
-        GPU encoder (`backend` "cuda", or "auto" where a GPU is usable). `threads`: intra-op threads
-        (default: the cores this process may use). `spin`: let idle worker threads spin-wait
-        (lower latency on a machine with cores to spare)."""
+        GPU encoder (`backend` "cuda", or "auto" where a GPU is usable). `threads`: the cores to use
+        (default: the cores this process may use): on CPU, embed() runs that many graph calls at once,
+        one thread each (STREAMS_NOTE). `spin`: let idle worker threads spin-wait (lower latency on a
+        machine with cores to spare)."""
         from tokenizers import Tokenizer
 
         asked = backend
@@ -213,13 +221,15 @@ class Embedder:
                 if asked == "cuda":
                     raise
                 log.warning("the GPU embedder cannot run this bundle (%s); using onnxruntime", e)
+        cores = threads or default_threads()
+        gpu_provider = any(p != "CPUExecutionProvider" for p in providers or [])
+        streams = 1 if gpu_provider else cores
         try:
-            sess = open_ort_session(bundle.file("model.onnx"), threads=threads or default_threads(), spin=spin,
-                                    providers=providers)
+            sess = open_ort_session(bundle.file("model.onnx"), threads=cores // streams, spin=spin, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendError(f"{bundle.path}: onnxruntime cannot load model.onnx ({e})",
                                fix="rebuild the bundle with this onnxruntime version") from None
-        return cls(bundle, sess, tok)
+        return cls(bundle, sess, tok, streams=streams)
 
     # ---- properties ------------------------------------------------------------------
     @property
@@ -279,8 +289,18 @@ class Embedder:
             return out, self._embed_cuda(texts, batch_size, progress, out)
         ids = self._encode(texts)
         batches = length_buckets([len(x) for x in ids], batch_size, max_tokens=MAX_BATCH_TOKENS)
-        for idx in _maybe_progress(batches, progress, len(texts)):
-            out[idx] = self._run([ids[i] for i in idx])
+        if self.streams > 1 and len(batches) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # `streams` calls of the graph at once, each on one thread (ORT lets go of the GIL in
+            # run): STREAMS_NOTE
+            with ThreadPoolExecutor(self.streams, thread_name_prefix="embed") as pool:
+                done = pool.map(lambda idx: self._run([ids[i] for i in idx]), batches)
+                for idx, v in zip(_maybe_progress(batches, progress, len(texts)), done):
+                    out[idx] = v
+        else:
+            for idx in _maybe_progress(batches, progress, len(texts)):
+                out[idx] = self._run([ids[i] for i in idx])
         return out, sum(map(len, ids))
 
     def embed_query(self, text: str) -> np.ndarray:
