@@ -3,6 +3,7 @@
     python bench/scale_corpus.py --out /tmp/scale-corpus          # 1,428 real documents (once)
     python bench/bench_retrieval_scale.py ingest --corpus /tmp/scale-corpus --dir /tmp/scale-col \
         [--part pydoc|man|all] [--shards N --shard I] [--tree OTHER_CHECKOUT] [--embedder BUNDLE]
+        [--chunk-tokens N] [--overlap N]
     python bench/bench_retrieval_scale.py search --dir /tmp/scale-col [--split tune|heldout|both] \
         [--indexes flat,hnsw,ivfpq] [--modes hybrid,vector,keyword]
 
@@ -40,13 +41,18 @@ from pathlib import Path
 from edge.runtime.embedder import Embedder
 from rag.ingest import ingest
 path, directory, bundle, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+chunking = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}  # ChunkParams fields; {}: the defaults
 if not bundle:  # the default embedder as this tree's code builds it (cached in its EDGE_RAG_HOME)
     from edge.engines import default_embedder_bundle
     bundle = default_embedder_bundle(progress=False)
 emb = Embedder.from_bundle(bundle, threads=threads)
 q = emb.bundle.manifest.quant
 t = time.perf_counter()
-rep = ingest(path, embedder=emb, directory=Path(directory), progress=False)
+kw = {}
+if chunking:
+    from rag.chunk import ChunkParams
+    kw["params"] = ChunkParams(**chunking)
+rep = ingest(path, embedder=emb, directory=Path(directory), progress=False, **kw)
 dt = time.perf_counter() - t
 print(json.dumps({"documents": len(rep.added) + len(rep.updated), "chunks": rep.chunks_added,
                   "seconds": round(dt, 2), "embed_seconds": round(rep.embed_seconds, 2),
@@ -87,12 +93,15 @@ def run_ingest(args) -> None:
             for f in sorted(src.iterdir())[args.shard::args.shards]:
                 shutil.copy2(f, stage / f.name)
             src = stage
-        r = subprocess.run([sys.executable, "-c", _WORKER, str(src), str(args.dir), str(bundle), str(args.threads)],
+        chunking = {k: v for k, v in (("max_tokens", args.chunk_tokens), ("overlap", args.overlap)) if v is not None}
+        r = subprocess.run([sys.executable, "-c", _WORKER, str(src), str(args.dir), str(bundle), str(args.threads),
+                            json.dumps(chunking)],
                            capture_output=True, text=True, env=env, cwd=str(tree))
         if r.returncode != 0:
             sys.exit(f"ingest of {src} failed:\n{r.stderr[-3000:]}")
         o = json.loads(r.stdout.strip().splitlines()[-1])
-        emit("ingest", tree=str(tree), part=part, shard=f"{args.shard}/{args.shards}", threads=args.threads, **o,
+        emit("ingest", tree=str(tree), part=part, shard=f"{args.shard}/{args.shards}", threads=args.threads,
+             chunking=chunking or "default", **o,
              docs_per_s=round(o["documents"] / o["seconds"], 2), chunks_per_s=round(o["chunks"] / o["seconds"], 1),
              embed_chunks_per_s=round(o["chunks"] / max(o["embed_seconds"], 1e-9), 1))
 
@@ -174,6 +183,8 @@ def main() -> None:
     a.add_argument("--threads", type=int, default=2)
     a.add_argument("--shards", type=int, default=1, help="ingest the part in this many pieces (short locked jobs)")
     a.add_argument("--shard", type=int, default=0)
+    a.add_argument("--chunk-tokens", type=int, default=None, help="chunk size in tokens (default: rag.chunk.ChunkParams)")
+    a.add_argument("--overlap", type=int, default=None, help="tokens carried between chunks (default: ChunkParams)")
     s = sub.add_parser("search")
     s.add_argument("--dir", required=True)
     s.add_argument("--questions", default=str(QUESTIONS))
