@@ -116,8 +116,8 @@ class NativeBackend:
         self.head = self._linear(w, ["lm_head"] if ("lm_head.qweight" in w or "lm_head.weight" in w) else None)
         cos, sin = rope_tables(spec, self.max_context)
         self.cos, self.sin = np.ascontiguousarray(cos), np.ascontiguousarray(sin)
-        # [layers, K/V, blocks, kv heads, block_size, head_dim] fp16, resident only where written
-        self.kv = lazy_zeros((spec.n_layers, 2, self.num_blocks, spec.n_kv_heads, bs, spec.head_dim), np.float16)
+        # [layers, K/V, kv heads, blocks, block_size x head_dim] fp16 (K of a block transposed), resident only where written
+        self.kv = lazy_zeros((spec.n_layers, 2, spec.n_kv_heads, self.num_blocks, bs, spec.head_dim), np.float16)
         f = spec.features
         scale = f.attn_scale if f.attn_scale is not None else 1.0 / math.sqrt(spec.head_dim)
         self.model = abi.Model(spec.n_layers, spec.hidden_size, spec.n_heads, spec.n_kv_heads, spec.head_dim,
@@ -192,7 +192,7 @@ class NativeBackend:
             raise BackendError(f"{r} rows in one step exceed max_seqs {self.max_batch}")
         if len(batch.block_copies):
             for src, dst in np.asarray(batch.block_copies).reshape(-1, 2).tolist():
-                self.kv[:, :, dst] = self.kv[:, :, src]
+                self.kv[:, :, :, dst] = self.kv[:, :, :, src]
         if self._x.shape[0] < t:
             self._x = np.empty((t, self.spec.hidden_size), np.float32)
             self._work = np.empty(int(self.lib.er_work_bytes(ctypes.byref(self.model), t)), np.uint8)

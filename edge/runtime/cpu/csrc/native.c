@@ -70,14 +70,20 @@ static inline int cur_isa(void) { return g_isa < 0 ? er_isa_max() : g_isa; }
    processes on the cores a spinning thread steals the time its partner needs (a SmolLM2 8-row
    step measured 195 ms at load 4 against 37 ms with spinning off). Here a step is handed to
    sleeping workers through a condition variable (one wake-up per step); a thread that waits inside
-   a step (a barrier, the caller waiting for the workers) spins for at most SPIN_NS, then sleeps on a
-   futex. NOTE: it must sleep, not sched_yield(): a core whose thread yields never goes idle, so the
-   kernel never pulls the partner thread (queued behind another process on the other core) onto it;
-   a 1-row step measured 35.7 ms instead of 3.5 while a test suite ran beside it. */
+   a step (a barrier, the caller waiting for the workers) spins up to SPIN_NS, then yields up to
+   YIELD_NS, then sleeps on a futex. Why all three:
+   - sleeping at once is slow here: waking a thread on this VM costs far more than a barrier's usual
+     wait (futex after 30 us of spinning: 8 streamed clients 554 tok/s against 621 spin-then-yield);
+   - yielding forever loses to a long-running neighbour: a yielding core never goes idle, so the
+     kernel never pulls the partner thread (queued behind another process on the other core) onto
+     it (a 1-row step measured 35.7 ms instead of 3.5 while a test suite ran beside it). */
 typedef void (*job_fn)(void *arg, int tid, int nth);
 #define MAX_THREADS 64
 #ifndef SPIN_NS
-#define SPIN_NS 30000 /* longer than a barrier's usual wait on a quiet machine (a few us), short against a time slice */
+#define SPIN_NS 20000 /* longer than a barrier's usual wait on a quiet machine (a few us) */
+#endif
+#ifndef YIELD_NS
+#define YIELD_NS 1000000 /* covers a short burst of another thread (an HTTP write), short against a time slice */
 #endif
 static struct {
     int size; /* threads incl. the caller */
@@ -118,19 +124,24 @@ static inline void futex_wait(atomic_int *a, int val) { (void)a; (void)val; sche
 static inline void futex_wake(atomic_int *a) { (void)a; }
 #endif
 
-/* Wait until *a != val: spin up to SPIN_NS, then sleep on the futex (counted in *sleepers so the
-   waker knows to call futex_wake). Sequentially consistent atomics: a waker that changes *a and
+/* Wait until *a != val: spin up to SPIN_NS, yield up to YIELD_NS, then sleep on the futex (counted
+   in *sleepers so the waker knows to call futex_wake). Sequentially consistent atomics: a waker that changes *a and
    then reads *sleepers == 0 is ordered before the sleeper's increment, so the sleeper's futex_wait
    sees the new *a and returns. */
 static void wait_change(atomic_int *a, int val, atomic_int *sleepers) {
     long long t0 = 0;
     for (int i = 0; atomic_load(a) == val; i++) {
-        cpu_relax();
-        if ((i & 63) != 63) continue;
+        if (i < 64) {
+            cpu_relax();
+            continue;
+        }
         long long t = now_ns();
-        if (!t0) {
-            t0 = t;
-        } else if (t - t0 > SPIN_NS) {
+        if (!t0) t0 = t;
+        if (t - t0 < SPIN_NS) {
+            for (int j = 0; j < 32 && atomic_load(a) == val; j++) cpu_relax();
+        } else if (t - t0 < SPIN_NS + YIELD_NS) {
+            sched_yield();
+        } else {
             atomic_fetch_add(sleepers, 1);
             while (atomic_load(a) == val) futex_wait(a, val);
             atomic_fetch_sub(sleepers, 1);
@@ -234,7 +245,7 @@ typedef struct {
     const float *norm;
     er_lin head;
     const float *cos, *sin; /* [max_ctx][head_dim / 2] */
-    kv_t *kv;               /* [layers][2][num_blocks][n_kv][block_size x head_dim]: K [head_dim][block_size], V [block_size][head_dim] */
+    kv_t *kv;               /* [layers][2][n_kv][num_blocks][block_size x head_dim]: K [head_dim][block_size], V [block_size][head_dim] */
 } er_model;
 
 /* ---- element-wise: exp, SwiGLU ------------------------------------------------------------- */
@@ -487,7 +498,7 @@ static inline __attribute__((always_inline)) void tile_vnni(const int mr, const 
            wait on each other's latency) */
         __m512i d[MR];
 #pragma GCC unroll 8
-        for (int m = 0; m < mr; m++) d[m] = _mm512_setzero_si512();
+        for (int m = 0; m < mr; m++) d[m] = _mm512_set1_epi32(-zp * xsum[(size_t)m * kb + b]); /* the zero point's share, subtracted up front (exact) */
 #pragma GCC unroll 8
         for (int g = 0; g < 8; g++) {
 #pragma GCC unroll 8
@@ -499,7 +510,7 @@ static inline __attribute__((always_inline)) void tile_vnni(const int mr, const 
         }
 #pragma GCC unroll 8
         for (int m = 0; m < mr; m++) {
-            __m512i dm = _mm512_sub_epi32(d[m], _mm512_set1_epi32(zp * xsum[(size_t)m * kb + b]));
+            __m512i dm = d[m];
             __m512 sc = _mm512_mul_ps(wsv, _mm512_set1_ps(xs[(size_t)m * kb + b]));
             acc[m] = _mm512_add_ps(acc[m], _mm512_mul_ps(_mm512_cvtepi32_ps(dm), sc));
         }
@@ -675,10 +686,12 @@ static void rope_head(float *x, const float *cs, const float *sn, int d) {
    computed beside it. */
 
 /* K (which 0: [head_dim][block_size]) or V (1: [block_size][head_dim]) of one block and kv head:
-   block_size x head_dim halves, contiguous (2 KB for SmolLM2, streamed by the prefetcher). */
+   block_size x head_dim halves, contiguous (2 KB for SmolLM2). The pool is [layers][K/V][kv heads]
+   [blocks]: a row's neighbouring blocks of one kv head are neighbours in memory (the engine keeps a
+   sequence's blocks in one region), so its K (or V) is one sequential stream for the prefetcher. */
 static inline kv_t *kv_at(const er_model *M, int layer, int which, int block, int kvh) {
-    size_t per = (size_t)M->num_blocks * M->block_size * M->n_kv * M->head_dim;
-    return M->kv + ((size_t)layer * 2 + which) * per + ((size_t)block * M->n_kv + kvh) * M->block_size * M->head_dim;
+    size_t blk = (size_t)M->block_size * M->head_dim;
+    return M->kv + ((((size_t)layer * 2 + which) * M->n_kv + kvh) * M->num_blocks + block) * blk;
 }
 
 static inline void prefetch_block(const kv_t *p, int n) { /* n halves */
