@@ -49,7 +49,8 @@ def build(extra_flags: tuple[str, ...] = (), out_dir: Path | None = None) -> Pat
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
     except (OSError, subprocess.SubprocessError) as e:
         raise BackendError(f"the C compiler {cc} does not run ({e})", fix="install gcc, or set CC to a working compiler") from None
-    flags = FLAGS + tuple(extra_flags)
+    # EDGE_RAG_NATIVE_CFLAGS: extra flags for experiments (e.g. -DYIELD_NS=0 -DPRIV_ROWS=0; see native.c)
+    flags = FLAGS + tuple(extra_flags) + tuple(os.environ.get("EDGE_RAG_NATIVE_CFLAGS", "").split())
     h = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(flags).encode(), "".join(version).encode(), _cpu_tag().encode()):
         h.update(part)
