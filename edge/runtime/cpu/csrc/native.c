@@ -328,11 +328,16 @@ static inline vf exp_v(vf x) {
     return p * (vf)e;
 }
 
-/* y[i] = exp(x[i] - sub), n values (in place allowed) */
+/* y[i] = exp(x[i] - sub), n values (in place allowed); a last partial chunk through a padded copy */
 static void exp_sub(float *y, const float *x, float sub, int n) {
     int i = 0;
     for (; i + VL <= n; i += VL) stf(y + i, exp_v(ldf(x + i) - sub));
-    for (; i < n; i++) y[i] = exp_c(x[i] - sub);
+    if (i < n) {
+        float t[VL] = {0};
+        memcpy(t, x + i, sizeof(float) * (n - i));
+        stf(t, exp_v(ldf(t) - sub));
+        memcpy(y + i, t, sizeof(float) * (n - i));
+    }
 }
 
 /* g[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u */
@@ -701,11 +706,13 @@ static inline void prefetch_block(const kv_t *p, int n) { /* n halves */
 /* K of a block is stored transposed, [head_dim][block_size] (V stays [block_size][head_dim]), so
    the scores of 16 positions are one vector: s[o] = sum_i q[i] * K[i][o] with 4 partial sums
    (i mod 4, in order of i), folded (a0 + a1) + (a2 + a3), times the scale. nh heads (a constant
-   after inlining) share each K load. A tail of < 16 positions runs the same per-lane sums in scalar. */
+   after inlining) share each K load. A last chunk of < 16 positions is computed whole when it lies
+   inside the block (block_size % 16 == 0: lanes past e read other slots of the block and are not
+   stored), else in scalar with the same per-lane sums: the same bits either way. */
 static inline __attribute__((always_inline)) void kscores(const int nh, const kv_t *kb, int bs, int e, const float *q, int d,
                                                           float scale, float *sc, int ldsc) {
     int o0 = 0;
-    for (; o0 + VL <= e; o0 += VL) {
+    for (; o0 < e && o0 + VL <= bs; o0 += VL) {
         vf a[4][4];
 #pragma GCC unroll 4
         for (int h = 0; h < nh; h++) a[h][0] = a[h][1] = a[h][2] = a[h][3] = (vf){0};
@@ -717,8 +724,18 @@ static inline __attribute__((always_inline)) void kscores(const int nh, const kv
                 for (int h = 0; h < nh; h++) a[h][r] = a[h][r] + splat(q[(size_t)h * d + i + r]) * k;
             }
         }
+        int w = e - o0 < VL ? e - o0 : VL;
 #pragma GCC unroll 4
-        for (int h = 0; h < nh; h++) stf(sc + (size_t)h * ldsc + o0, ((a[h][0] + a[h][1]) + (a[h][2] + a[h][3])) * splat(scale));
+        for (int h = 0; h < nh; h++) {
+            vf v = ((a[h][0] + a[h][1]) + (a[h][2] + a[h][3])) * splat(scale);
+            if (w == VL) {
+                stf(sc + (size_t)h * ldsc + o0, v);
+            } else {
+                float t[VL];
+                stf(t, v);
+                memcpy(sc + (size_t)h * ldsc + o0, t, sizeof(float) * w);
+            }
+        }
     }
     for (; o0 < e; o0++)
         for (int h = 0; h < nh; h++) {
