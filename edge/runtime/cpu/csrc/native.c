@@ -72,8 +72,9 @@ static inline int cur_isa(void) { return g_isa < 0 ? er_isa_max() : g_isa; }
    sleeping workers through a condition variable (one wake-up per step); a thread that waits inside
    a step (a barrier, the caller waiting for the workers) spins up to SPIN_NS, then yields up to
    YIELD_NS, then sleeps on a futex. Why all three:
-   - sleeping at once is slow here: waking a thread on this VM costs far more than a barrier's usual
-     wait (futex after 30 us of spinning: 8 streamed clients 554 tok/s against 621 spin-then-yield);
+   - sleeping at once risks a wake-up, which on a VM can cost more than a barrier's usual wait, for
+     waits that end within a neighbour's short burst (an HTTP write); not measured to matter: 8
+     streamed clients gave 554 tok/s sleeping after 30 us and 544 with the yield stage (two runs);
    - yielding forever loses to a long-running neighbour: a yielding core never goes idle, so the
      kernel never pulls the partner thread (queued behind another process on the other core) onto
      it (a 1-row step measured 35.7 ms instead of 3.5 while a test suite ran beside it). */
