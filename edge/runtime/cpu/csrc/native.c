@@ -280,34 +280,12 @@ static inline vf splat(float a) { return (vf){0} + a; }
 typedef int32_t vi __attribute__((vector_size(64)));
 
 /* exp(x) in plain float operations (Cephes expf: round to the nearest power of two, a degree-6
-   polynomial, scale by the exponent bits), written once for one float and once for 16 lanes with
-   the same operations in the same order, so both give the same bits (glibc's expf is not
-   vectorisable here). Inputs are clamped to [-87, 88]; relative error ~1e-7. Rounding to nearest
+   polynomial, scale by the exponent bits), written once for 16 lanes; a single value takes lane 0
+   of a splat, so a tail gives the bits its lane would (glibc's expf is not vectorisable here). Inputs are clamped to [-87, 88]; relative error ~1e-7. Rounding to nearest
    (even) is (v + 1.5 * 2^23) - 1.5 * 2^23, exact for |v| < 2^22. */
 #define EXP_LO (-87.f)
 #define EXP_HI 88.f
 #define RND 12582912.f
-static inline float exp_c(float x) {
-    x = x < EXP_LO ? EXP_LO : x;
-    x = x > EXP_HI ? EXP_HI : x;
-    volatile float big = RND; /* keeps the compiler from folding (v + RND) - RND */
-    float n = (x * 1.44269504088896341f + big) - big;
-    float r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    float z = r * r;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * z + r;
-    p = p + 1.f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float sc;
-    memcpy(&sc, &bits, 4);
-    return p * sc;
-}
 static inline vf vmax(vf a, vf b) { vi m = a > b; return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 static inline vf vmin(vf a, vf b) { vi m = a < b; return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 static inline vf exp_v(vf x) {
@@ -348,7 +326,7 @@ static void swiglu(float *g, const float *u, int n) {
         vf x = ldf(g + i);
         stf(g + i, (x / (1.f + exp_v(0.f - x))) * ldf(u + i));
     }
-    for (; i < n; i++) g[i] = (g[i] / (1.f + exp_c(0.f - g[i]))) * u[i];
+    for (; i < n; i++) g[i] = (g[i] / (1.f + exp_v(splat(0.f - g[i]))[0])) * u[i]; /* the vector exp's bits */
 }
 
 /* ---- activations -> int8 per 32-block ------------------------------------------------------ */
