@@ -202,10 +202,13 @@ def test_ask_times_leave_out_a_first_use_load(retriever):
         time.sleep(0.3)
         return FakeGenerator()
 
+    t0 = time.perf_counter()
     a = ask("What does E-214 mean?", retriever, slow_load, k=2, max_tokens=50)
+    wall_ms = (time.perf_counter() - t0) * 1e3
     t = a.timings
     assert a.covered and t["load_ms"] >= 300
-    assert 0 <= t["ttft_ms"] <= t["total_ms"] < 300
+    # the load is counted once, beside the total, not inside it (no bound on how fast this CPU is)
+    assert 0 <= t["ttft_ms"] <= t["total_ms"] and t["total_ms"] + t["load_ms"] <= wall_ms
 
 
 def test_ask_with_a_question_longer_than_the_context(retriever):
