@@ -81,6 +81,12 @@ def test_the_recipe_caps_passages_and_answer_budget():
     assert len(tiny.passages) == 1
     assert recipe_for(134_515_008) is RECIPES["tiny"]
     assert recipe_for(494_032_768) is RECIPES["small"] and recipe_for(None) is RECIPES["small"]
+    # 1B+ (Qwen2.5-Coder-1.5B: 1,777,088,000 in its manifest) is asked for every fact the question asks for
+    med = recipe_for(1_777_088_000)
+    assert med is RECIPES["medium"] and med.instruction != RECIPES["small"].instruction
+    assert "every fact" in med.instruction and med.retry_instruction == RECIPES["small"].retry_instruction
+    p = build_prompt("What is w and how often?", hits, tok, max_context=4000, recipe=med)
+    assert p.messages[1]["content"].rstrip().endswith(med.instruction) and len(p.passages) == 5
 
 
 def test_overlapping_chunks_of_one_document_are_one_passage():
