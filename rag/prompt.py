@@ -14,7 +14,8 @@ Passages go in rank order, the question after them (the order small models answe
 0.5B model got 16/36 manuals questions with the best passage last, next to the question, against
 23/36 in rank order; without the numbered '[n] (file, lines) heading' headers, 16-18/36). A
 passage longer than the recipe's `passage_tokens` is cut to the window of its sentences that
-holds the most question terms; the first passage that does not fit the context whole is cut
+holds the most question terms; a passage listing several API entries (`name(args)` heads) of which the
+question names one is shown without the other entries (`without_neighbour_entries`); the first passage that does not fit the context whole is cut
 the same way when at least MIN_PASSAGE_TOKENS of room is left, and the rest are dropped. A
 question that leaves no room at all is a ContextLengthError. Retrieved chunks that overlap in one
 document are one passage (`merge_overlapping`; its window is the chunks' budgets added).
@@ -195,6 +196,61 @@ def best_window(tokenizer, text: str, question: str, budget: int) -> str:
     return ("... " if i > 0 else "") + out + (" ..." if j < len(spans) else "")
 
 
+# An entry head of an API reference (pydoc's FUNCTIONS and class bodies): `name(args)` at the start of a
+# line, after indentation and pydoc's "|" margin. Its entry runs to the next line indented no deeper.
+_ENTRY_HEAD = re.compile(r"^[ \t|]*([A-Za-z_]\w*)\(", re.M)
+_NAMED = re.compile(r"[A-Za-z_]\w{2,}")
+
+
+def _entry_col(line: str) -> int | None:
+    """Column of a line's first character past indentation and a pydoc "|" margin (None: blank)."""
+    m = re.match(r"[ \t|]*", line)
+    return None if m.end() >= len(line.rstrip()) else len(line[: m.end()].expandtabs())
+
+
+def _entry_end(text: str, start: int, col: int) -> int:
+    """End of the entry whose head line starts at `start`: before the next line indented no deeper."""
+    pos = text.find("\n", start)
+    while pos != -1:
+        nxt = text.find("\n", pos + 1)
+        c = _entry_col(text[pos + 1: nxt if nxt != -1 else len(text)])
+        if c is not None and c <= col:
+            return pos + 1
+        pos = nxt
+    return len(text)
+
+
+def without_neighbour_entries(text: str, question: str) -> str | None:
+    """`text` without the neighbours of the entry the question names, where `text` lists two or more
+    entries at one indentation (an API reference: `median_high(data)`, `median_low(data)`, ...) and the
+    question names exactly one of them; else None. The rest of the passage (module descriptions, the
+    tail of an entry whose head is not in it) is kept; each run of dropped entries becomes one "...".
+    Neighbouring entries differ by a word ("the larger" / "the smaller of the two middle values";
+    mkdtemp / mkstemp) and the 1.5B int4 engine answered with the neighbour's line (sessions 5-6)."""
+    named = set(_NAMED.findall(question))
+    heads = []  # (offset of the head's line, column of its name, name)
+    for m in _ENTRY_HEAD.finditer(text):
+        eol = text.find("\n", m.start())
+        heads.append((m.start(), _entry_col(text[m.start(): eol if eol != -1 else len(text)]), m.group(1)))
+    hits = [h for h in heads if h[2] in named]
+    if len(hits) != 1:
+        return None
+    col = hits[0][1]
+    drop = [(h[0], _entry_end(text, h[0], col)) for h in heads if h[1] == col and h is not hits[0]]
+    if not drop:  # a lone entry: nothing to confuse it with
+        return None
+    out, pos = [], 0
+    for a, b in drop:
+        if a < pos:  # inside an entry already dropped
+            continue
+        out.append(text[pos:a])
+        if not "".join(out).endswith("...\n"):
+            out.append("...\n")
+        pos = b
+    out.append(text[pos:])
+    return "".join(out).rstrip()
+
+
 def merge_overlapping(hits: list[Hit]) -> list[tuple[Hit, int]]:
     """Hits whose chunks overlap in one document (the chunker carries a chunk's last sentences into
     the next) as one passage: the union of their text, at the rank of the better one; with how many
@@ -236,7 +292,8 @@ def build_prompt(question: str, hits: list[Hit], tokenizer, max_context: int, an
     used = 0
     notes: list[str] = []
     for h, parts in merge_overlapping(hits[: recipe.max_passages]):
-        text = best_window(tokenizer, h.chunk.text, question, recipe.passage_tokens * parts)
+        src = without_neighbour_entries(h.chunk.text, question) or h.chunk.text
+        text = best_window(tokenizer, src, question, recipe.passage_tokens * parts)
         p = Passage(len(passages) + 1, h, text, truncated=text != h.chunk.text, chunks=parts)
         cost = _encode_len(tokenizer, p.block()) + 2  # + the blank line joining blocks
         if used + cost <= room:
@@ -245,7 +302,7 @@ def build_prompt(question: str, hits: list[Hit], tokenizer, max_context: int, an
             continue
         left = room - used - (_encode_len(tokenizer, Passage(p.n, h, "").block()) + 4)
         if left >= MIN_PASSAGE_TOKENS:
-            p.text, p.truncated = best_window(tokenizer, h.chunk.text, question, left), True
+            p.text, p.truncated = best_window(tokenizer, src, question, left), True
             passages.append(p)
             notes.append(f"passage [{p.n}] cut to fit the context")
         break

@@ -15,7 +15,8 @@ from edge.errors import ContextLengthError  # noqa: E402
 from rag.ask import NOT_COVERED, ask, format_sources  # noqa: E402
 from rag.ingest import ingest  # noqa: E402
 from rag.ground import AnswerGuard, CitationFilter, degenerate, ground, support  # noqa: E402
-from rag.prompt import RECIPES, best_window, build_prompt, cited_numbers, count_prompt_tokens, recipe_for  # noqa: E402
+from rag.prompt import (RECIPES, best_window, build_prompt, cited_numbers, count_prompt_tokens, recipe_for,  # noqa: E402
+                        without_neighbour_entries)
 from rag.retrieve import Hit, Retriever  # noqa: E402
 from rag.store import ChunkRow  # noqa: E402
 
@@ -311,3 +312,53 @@ def test_an_ungrounded_answer_to_a_question_passed_on_keywords_alone_is_refused(
     assert retriever.search(q, k=2).passed_on == "cosine"
     shown = ask(q, retriever, FakeGenerator(answer="The capital is Canberra [1]."), k=2)
     assert shown.covered and "not backed by the passages" in shown.text
+
+
+# pydoc's FUNCTIONS section (statistics.txt): the tail of an entry whose head is in the chunk before, then
+# two sibling entries that differ by one word, then a third
+PYDOC_ENTRIES = """\
+        Inputs may be any numeric type that can be coerced to a float.
+    
+    median_high(data)
+        Return the high median of data.
+        
+        When it is even, the larger of the two middle values is returned.
+    
+    median_low(data)
+        Return the low median of numeric data.
+        
+        When it is even, the smaller of the two middle values is returned.
+    
+    mode(data)
+        Return the most common data point from discrete or nominal data.
+     |  mode(self)
+     |      a method of a class, indented deeper: not a sibling"""
+
+
+def test_a_named_entry_is_shown_without_its_neighbours():
+    q = "What does statistics.median_low return when the number of data points is even?"
+    out = without_neighbour_entries(PYDOC_ENTRIES, q)
+    assert "the smaller of the two middle values" in out and "median_low(data)" in out
+    assert "the larger" not in out and "median_high" not in out and "mode(data)" not in out
+    assert out.startswith("        Inputs may be any numeric type")  # text that is no sibling entry stays
+    assert out.count("...") == 2  # one mark per run of dropped entries (before and after median_low)
+    # nothing named, two named, or a lone entry: the passage is shown as it is
+    assert without_neighbour_entries(PYDOC_ENTRIES, "Which function returns the median?") is None
+    assert without_neighbour_entries(PYDOC_ENTRIES, "How do median_low and median_high differ?") is None
+    lone = PYDOC_ENTRIES[PYDOC_ENTRIES.index("    median_low"): PYDOC_ENTRIES.index("    mode(data)")]
+    assert without_neighbour_entries(lone, q) is None
+    # manuals text (tables, numbered checks, a command) has no entry heads
+    manual = "| E-214 | Fault | LiDAR degraded |\nCheck 1. Run kestrel-cli diag(brake) first.\n  2. Replace (part KS-BLT-310)."
+    assert without_neighbour_entries(manual, "What does E-214 mean and what is kestrel-cli?") is None
+
+
+def test_build_prompt_shows_the_named_entry_without_its_neighbours():
+    tok = WordTokenizer()
+    doc = PYDOC_ENTRIES
+    h = Hit(ChunkRow(1, 1, "statistics.txt", "line", 0, doc, "", 501, 520, 0, len(doc), 60), 1.0)
+    p = build_prompt("What does median_low return?", [h], tok, max_context=4000)
+    assert "the smaller of the two" in p.passages[0].text and "the larger" not in p.passages[0].text
+    assert p.passages[0].truncated
+    # the unnamed question sees the whole passage
+    p2 = build_prompt("What does the median return?", [h], tok, max_context=4000)
+    assert p2.passages[0].text == doc and not p2.passages[0].truncated
