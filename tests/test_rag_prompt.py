@@ -362,3 +362,12 @@ def test_build_prompt_shows_the_named_entry_without_its_neighbours():
     # the unnamed question sees the whole passage
     p2 = build_prompt("What does the median return?", [h], tok, max_context=4000)
     assert p2.passages[0].text == doc and not p2.passages[0].truncated
+
+
+def test_where_an_answer_says_it_found_the_fact_is_not_its_content():
+    # the 1.5B's second sentence names the passage's lines: not words the passage text holds
+    passage = "Fit the new wheel. Tighten the wheel bolts crosswise to 12 Nm."
+    answer = "The bolts are tightened to 12 Nm. This is specified in the passage [1] on lines 44-52."
+    assert ground(answer, [passage], [1]).grounded and support(answer, passage) == 0.75
+    # an invention stays ungrounded, whatever it says about lines
+    assert not ground("The bolts take 40 Nm of torque from a torque wrench, see lines 3-4.", [passage], [1]).grounded
