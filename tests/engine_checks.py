@@ -36,7 +36,7 @@ def check_concurrent_equals_alone(make_gen, bundle) -> list[tuple[str, int, str]
     threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    assert got == want
+    assert got == want, [(i, g, w) for i, (g, w) in enumerate(zip(got, want)) if g != w]
     assert gen.engine.kv.num_used == 0
     return got
 

@@ -67,8 +67,54 @@ class FakeBackend:
             self.released.append((first, stop))
 
 
-def run_alone(prompt, params, **kw):
-    with Engine(FakeBackend(**kw), eos_ids=()) as e:
+class AsyncFakeBackend(FakeBackend):
+    """caps.async_steps as the CUDA backend has them: launch() returns a handle at once, the
+    'device' keeps each launch's sampled ids, and a row named in StepBatch.prev_rows takes its
+    token from the previous launch's ids (token_ids holds -1 there). Temperature rows are sampled
+    here too (inverse CDF at the row's uniform), so every non-host row is device-sampled."""
+
+    def __init__(self, **kw):
+        super().__init__(device_sampling=True, **kw)
+        from dataclasses import replace
+
+        self.caps = replace(self.caps, async_steps=True)
+        self.last = None  # the previous launch's sampled ids (the device's copy)
+        self.pending = []  # launched, result() not called yet
+        self.prev_launches = 0  # launches that took an id from the previous one
+        self.most_pending = 0
+
+    def launch(self, b):
+        b.validate()
+        if b.has_prev_rows:
+            self.prev_launches += 1
+            assert self.last is not None
+            rows = np.nonzero(b.prev_rows >= 0)[0]
+            assert (b.token_ids[b.query_start[rows + 1] - 1] == -1).all()  # the host did not know them
+            ids = b.token_ids.copy()
+            ids[b.query_start[rows + 1] - 1] = self.last[b.prev_rows[rows]]
+            b.token_ids = ids
+        assert (b.token_ids >= 0).all()
+        out = self.execute(b)
+        for r in range(b.num_rows):
+            if b.logits_rows[r] and not b.host_sample[r] and b.temperature[r] > 0:
+                p = np.exp((out.logits[r] - out.logits[r].max()) / b.temperature[r])
+                cdf = np.cumsum(p) / p.sum()
+                out.sampled[r] = min(int((cdf < b.uniform[r]).sum()), V - 1)
+        self.last = out.sampled.copy()
+        self.pending.append(out)
+        self.most_pending = max(self.most_pending, len(self.pending))
+        backend = self
+
+        class Handle:
+            def result(self):
+                assert backend.pending[0] is out, "results read out of launch order"
+                return backend.pending.pop(0)
+
+        return Handle()
+
+
+def run_alone(prompt, params, backend=None, overlap=True, **kw):
+    with Engine(backend or FakeBackend(**kw), eos_ids=(), overlap=overlap) as e:
         s = e.submit(prompt, params, detokenize=False)
         list(s)
         return s.request.output_ids
@@ -416,3 +462,89 @@ def test_counts_are_current_when_a_stream_ends():
         s = e.submit([1, 2, 3], greedy(3), detokenize=False)
         list(s)
         assert e.stats()["running"] == 0 and e.stats()["kv_blocks_used"] == 0
+
+
+# ---- async steps (caps.async_steps: step N+1 planned and launched while step N runs) ------------------
+def test_async_steps_give_each_request_its_tokens_alone_and_finish_one_step_late():
+    """Different prompt lengths and max_tokens, and an EOS that some requests meet mid-way: the
+    engine plans each step before the last one's tokens are back (the rows read them on the
+    'device'), runs a finished request once more and drops that token."""
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, V, n)) for n in (3, 17, 9, 30, 5, 12)]
+    maxes = [7, 3, 12, 5, 9, 4]
+    free = [run_alone(p, greedy(m)) for p, m in zip(prompts, maxes)]
+    eos = free[2][4]  # a token some request samples mid-way
+    want = []
+    for p, m in zip(prompts, maxes):
+        with Engine(FakeBackend(), eos_ids=(eos,)) as e:
+            s = e.submit(p, greedy(m), detokenize=False)
+            list(s)
+            want.append((s.request.output_ids, s.request.finish_reason))
+    assert any(r == "stop" for _, r in want) and any(r == "length" for _, r in want)
+    be = AsyncFakeBackend()
+    be.gate.clear()
+    with Engine(be, eos_ids=(eos,), token_budget=20, prefill_chunk=8) as e:
+        streams = [e.submit(p, greedy(m), detokenize=False) for p, m in zip(prompts, maxes)]
+        be.gate.set()
+        for s in streams:
+            list(s)
+        assert [(s.request.output_ids, s.request.finish_reason) for s in streams] == want
+        assert e.kv.num_used == 0 and not be.pending
+    assert be.prev_launches >= 5 and be.most_pending == 2
+    assert e.steps == len(be.batches)  # every launch read back
+    assert len(be.batches) > max(maxes)  # more steps than one request alone: rows beyond their end ran
+
+
+def test_async_steps_seeded_sampling_and_preemption_equal_alone():
+    p = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=3)
+    want = run_alone([1, 2, 3], p, AsyncFakeBackend(), overlap=False)  # the same device draws, one step at a time
+    be = AsyncFakeBackend()
+    with Engine(be, eos_ids=()) as e:
+        others = [e.submit([5, 6, 7, i], SamplingParams(max_tokens=8, temperature=1.0, seed=i), detokenize=False) for i in range(3)]
+        s = e.submit([1, 2, 3], p, detokenize=False)
+        list(s)
+        [list(o) for o in others]
+    assert s.request.output_ids == want and be.prev_launches > 0
+    # KV too small for all three: an overlapped plan never preempts; the engine waits and preempts then
+    prompts = [list(range(i * 7, i * 7 + 10)) for i in range(3)]
+    want = [run_alone(q, greedy(14), num_blocks=64) for q in prompts]
+    be = AsyncFakeBackend(num_blocks=12, max_seqs=3)
+    be.gate.clear()
+    with Engine(be, eos_ids=(), prefix_cache=False) as e:
+        streams = [e.submit(q, greedy(14), detokenize=False) for q in prompts]
+        be.gate.set()
+        for st in streams:
+            list(st)
+        assert sum(st.request.stats.preemptions for st in streams) > 0
+        assert [st.request.output_ids for st in streams] == want
+        assert e.kv.num_used == 0 and not be.pending
+
+
+def test_async_steps_abort_and_host_sampled_rows():
+    """An abort while steps are in flight frees the blocks; a host-sampled row (top-k) makes the
+    engine read its step back before planning the next, and it samples what it samples alone."""
+    be = AsyncFakeBackend()
+    be.gate.clear()
+    with Engine(be, eos_ids=()) as e:
+        a = e.submit(list(range(10)), greedy(40), detokenize=False)
+        b = e.submit(list(range(5)), greedy(40), detokenize=False)
+        be.gate.set()
+        t = time.monotonic()
+        while a.request.stats.n_generated < 3 and time.monotonic() - t < 10:
+            time.sleep(0.0005)
+        a.close()  # steps are in flight now
+        list(b)
+        assert a.request.finish_reason == "abort" and 3 <= a.request.stats.n_generated < 40
+        list(b)
+        assert b.request.output_ids == run_alone(list(range(5)), greedy(40))
+        assert e.kv.num_used == 0 and not be.pending
+    k = SamplingParams(max_tokens=6, temperature=0.9, top_k=3, seed=1)
+    want = run_alone([4, 5], k, AsyncFakeBackend(), overlap=False)
+    be = AsyncFakeBackend()
+    with Engine(be, eos_ids=()) as e:
+        o = e.submit([9, 9, 9], greedy(6), detokenize=False)
+        s = e.submit([4, 5], k, detokenize=False)
+        list(s)
+        list(o)
+    assert s.request.output_ids == want
+    assert all(not bt.host_sample.any() for bt in be.batches if bt.has_prev_rows)  # never overlapped a host-sampled step

@@ -10,7 +10,15 @@ One thread owns the scheduler, the KV block manager and the backend:
 
     inbox (submit / abort, any thread) --> scheduler.schedule() --> StepBatch
       --> backend.execute() --> host sampling of the rows the backend did not sample
-      --> scheduler.update() --> each request's text to its stream's queue
+      --> scheduler.advance() + commit() --> each request's text to its stream's queue
+
+Async steps (a backend with caps.async_steps, the CUDA one): while step N runs on the device, the
+engine thread plans step N+1, launches it behind N (its decode rows take N's sampled ids on the
+device: StepBatch.prev_rows), and only then reads N's tokens back and delivers them; so the host's
+work per step hides behind the device's. A request that N finishes (EOS, stop string, max_tokens)
+has already been launched in N+1: that extra token is dropped, and the output is what the request
+gives alone. Steps with host-sampled rows, and one greedy request left alone (run_greedy), run
+one at a time.
 
 Any number of threads may submit, iterate and abort at once; closing a stream (or dropping it
 mid-iteration) aborts its request, which frees its KV blocks before the next step.
@@ -19,6 +27,7 @@ mid-iteration) aborts its request, which frees its KV blocks before the next ste
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 import queue
 import threading
 import time
@@ -31,11 +40,28 @@ from edge.runtime.kv import BlockManager
 from edge.runtime.request import Request
 from edge.runtime.sampler import SamplingParams, sample
 from edge.runtime.scheduler import ScheduledStep, Scheduler
+from edge.runtime.step import StepOutput
 
 TOKEN_BUDGET = 256  # tokens per step: decode rows first, prompt pieces in what is left
 STREAM_STEPS = 32  # greedy_stream fast path: tokens per hand-off before the inbox is checked
 
 _END = object()
+
+
+class _Done:
+    """The handle of a step that already ran (a backend without async steps)."""
+
+    def __init__(self, out: StepOutput):
+        self.out = out
+
+    def result(self) -> StepOutput:
+        return self.out
+
+
+@dataclass
+class _Flight:
+    step: ScheduledStep
+    handle: object  # .result() -> StepOutput
 
 
 class RequestStream:
@@ -141,10 +167,11 @@ class Engine:
 
     def __init__(self, backend, tokenizer=None, *, eos_ids=None, max_seqs: int | None = None,
                  token_budget: int = TOKEN_BUDGET, prefill_chunk: int | None = None, mixed_prefill: int | None = None,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, overlap: bool = True):
         caps = backend.caps
         self.backend = backend
         self.caps = caps
+        self.overlap = overlap and caps.async_steps  # plan and launch step N+1 while step N runs
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids if eos_ids is not None else (tokenizer.eos_token_ids if tokenizer else ()))
         self.max_context = caps.max_context
@@ -224,9 +251,10 @@ class Engine:
     # ---- the engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
         sch = self.scheduler
+        flight: _Flight | None = None  # a launched step whose tokens are not read back yet (async steps)
         while True:
             with self._wake:
-                while not self._inbox and not sch.has_work and not self._closed:
+                while not self._inbox and not sch.has_work and not self._closed and flight is None:
                     self._wake.wait()
                 inbox, self._inbox = self._inbox, []
                 closed = self._closed
@@ -238,31 +266,96 @@ class Engine:
                     if req is not None:
                         self._end(req)
             if closed:
+                if flight is not None:
+                    try:
+                        flight.handle.result()  # nothing may still write the KV pool when the engine ends
+                    except Exception:  # noqa: BLE001 - its requests end as aborted below
+                        pass
                 for req in list(sch.running) + list(sch.waiting):
                     sch.abort(req.request_id)
                     self._end(req)
                 return
-            if not sch.has_work:
+            if flight is None and not sch.has_work:
                 self._release_kv()
                 self._count()
                 continue
             t0 = time.perf_counter()
             try:
-                step = sch.schedule()
-                if step is None:  # running requests waiting on the budget: never expected; do not spin
-                    time.sleep(0.001)
-                else:
-                    if self._greedy_stream_ok(step):
+                if flight is None:
+                    step = sch.schedule()
+                    if step is None:  # running requests waiting on the budget: never expected; do not spin
+                        time.sleep(0.001)
+                    elif self._greedy_stream_ok(step):
                         self._run_greedy_stream(step)
                     else:
-                        self._run(step)
+                        flight = self._launch(step)
+                else:
+                    # async steps: plan and queue step N+1 while step N runs on the device, then read
+                    # N's tokens back. N+1 takes N's sampled ids on the device (StepBatch.prev_rows);
+                    # a request that N finishes has run once more in N+1, whose token is dropped.
+                    nxt = sch.schedule(overlapped=True) if self._overlap_ok() else None
+                    handle = self.backend.launch(nxt.batch) if nxt is not None else None
+                    done, flight = flight, None
+                    self._collect(done)
+                    if nxt is not None:
+                        sch.advance(nxt)
+                        flight = _Flight(nxt, handle)
+                if flight is not None and not self._overlappable(flight.step):
+                    done, flight = flight, None
+                    self._collect(done)
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
+                flight = None
                 self._fail_all(e)
             self.busy_s += time.perf_counter() - t0
             self._reap_errors()
             self._count()
-            if not sch.has_work:
+            if flight is None and not sch.has_work:
                 self._release_kv()
+
+    def _launch(self, step: ScheduledStep) -> "_Flight":
+        """Start the step (async backends: queue it; others: run it) and advance the scheduler."""
+        if self.caps.async_steps:
+            handle = self.backend.launch(step.batch)
+        else:
+            handle = _Done(self.backend.execute(step.batch))
+        self.scheduler.advance(step)
+        return _Flight(step, handle)
+
+    def _overlappable(self, step: ScheduledStep) -> bool:
+        """Can the next step be launched before this one's tokens are read back? Only when every
+        row that samples does so on the device (a host-sampled row's token exists only after its
+        logits come back)."""
+        return self.overlap and not step.batch.host_sample.any()
+
+    def _overlap_ok(self) -> bool:
+        """Plan the next step now? Not when one greedy request will be left alone: the backend's
+        host-free stream (run_greedy) serves it faster, once the running step is read back."""
+        sch = self.scheduler
+        if not sch.running:
+            return False
+        alone = len(sch.running) == 1 and not sch.waiting and not self._inbox
+        return not (alone and self.caps.greedy_stream and sch.running[0].params.greedy and not sch.running[0].host_sampled)
+
+    def _collect(self, flight: "_Flight") -> None:
+        """Wait for a launched step, sample the host-sampled rows, commit, deliver."""
+        step = flight.step
+        b = step.batch
+        out = flight.handle.result()
+        self.steps += 1
+        sampled: list[int | None] = []
+        dev = self.caps.device_sampling
+        for r, (req, _) in enumerate(step.rows):
+            if not b.logits_rows[r]:
+                sampled.append(None)
+            elif dev and not b.host_sample[r] and out.sampled[r] >= 0:
+                sampled.append(int(out.sampled[r]))
+            elif req.finished:  # aborted while the step ran: nothing to sample
+                sampled.append(None)
+            else:
+                seen = req.seen()
+                sampled.append(sample(out.logits[r], req.params, req.sampler.rng, np.asarray(seen) if seen else None))
+        emitted, done = self.scheduler.commit(step, sampled)
+        self._deliver(emitted, done)
 
     def _release_kv(self) -> None:
         """When idle: hand the backend the KV rows of free regions that hold nothing findable.
@@ -274,20 +367,8 @@ class Engine:
                 self.backend.release_kv(dead)
 
     def _run(self, step: ScheduledStep) -> None:
-        b = step.batch
-        out = self.backend.execute(b)
-        self.steps += 1
-        sampled: list[int | None] = []
-        for r, (req, _) in enumerate(step.rows):
-            if not b.logits_rows[r]:
-                sampled.append(None)
-            elif self.caps.device_sampling and not b.host_sample[r] and out.sampled[r] >= 0:
-                sampled.append(int(out.sampled[r]))
-            else:
-                seen = req.seen()
-                sampled.append(sample(out.logits[r], req.params, req.sampler.rng, np.asarray(seen) if seen else None))
-        emitted, done = self.scheduler.update(step, sampled)
-        self._deliver(emitted, done)
+        """One step, start to end (no step left running)."""
+        self._collect(self._launch(step))
 
     def _deliver(self, emitted, done) -> None:
         for req, text in emitted:

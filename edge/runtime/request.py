@@ -106,15 +106,21 @@ class Request:
         self.stats.arrival = self.stats.arrival or time.perf_counter()
         self._hashes: list[int] = []
         self._seen: set[int] | None = set(self.prompt_ids) if self.params.repetition_penalty != 1.0 else None
+        # NOTE: async steps (engine.py): the row of the launched step whose sampled id is this request's
+        # next token, not yet read back (-1: none). That token counts in num_tokens (the scheduler plans
+        # the next step around it) and reads as -1 in token(); commit() with the id clears it.
+        self.pending_row = -1
 
     # ---- what the scheduler reads --------------------------------------------------------
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + (self.pending_row >= 0)
 
     def token(self, i: int) -> int:
         n = len(self.prompt_ids)
-        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+        if i < n:
+            return self.prompt_ids[i]
+        return self.output_ids[i - n] if i - n < len(self.output_ids) else -1  # -1: the pending id
 
     def tokens(self, start: int, stop: int) -> list[int]:
         n = len(self.prompt_ids)
@@ -126,7 +132,7 @@ class Request:
 
     def block_hashes(self, block_size: int) -> list[int]:
         """Hashes of the full blocks of prompt + output (extended incrementally)."""
-        if len(self._hashes) < self.num_tokens // block_size:
+        if len(self._hashes) < (len(self.prompt_ids) + len(self.output_ids)) // block_size:
             self._hashes = block_hashes(self.prompt_ids + self.output_ids, block_size, self._hashes)
         return self._hashes
 

@@ -100,7 +100,10 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     # ---- one step ---------------------------------------------------------------------------
-    def schedule(self) -> ScheduledStep | None:
+    def schedule(self, *, overlapped: bool = False) -> ScheduledStep | None:
+        """The next step. overlapped: built while the previous step still runs (engine.py's async
+        steps): no preemption (a request whose next token finds no KV block makes this return None,
+        and the engine waits for the running step and schedules again)."""
         self.kv.compact()  # contiguous KV: live sequences in neighbouring regions (one call per step)
         budget = self.token_budget
         rows: list[tuple[Request, int]] = []
@@ -120,6 +123,8 @@ class Scheduler:
             if n == 0:
                 continue
             while not self.kv.grow(req.request_id, req.num_computed + n):
+                if overlapped:
+                    return None
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
@@ -171,18 +176,35 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def update(self, step: ScheduledStep, sampled: list[int | None]) -> tuple[list[tuple[Request, str]], list[Request]]:
-        """Apply the step's results: computed counts, sampled tokens. Returns (request, text
-        released) for each request that got a token, and the requests that finished."""
-        out, done = [], []
-        for (req, n), tok in zip(step.rows, sampled):
-            if req.finished:  # aborted while the step ran
+        """advance() then commit(): the step ran and these are its sampled tokens."""
+        self.advance(step)
+        return self.commit(step, sampled)
+
+    def advance(self, step: ScheduledStep) -> None:
+        """The step's K/V as written (once it is launched): computed counts; each row that samples
+        gets its token pending (Request.pending_row), so the next step can be planned before the
+        token is known."""
+        bs = self.kv.block_size
+        for r, (req, n) in enumerate(step.rows):
+            if req.finished:  # aborted, or finished by the step before (async steps: one step late)
                 continue
             req.num_computed += n
-            bs = self.kv.block_size
             if req.num_computed % bs < n:  # a block filled up: findable by the next prompts
                 self.kv.cache_full_blocks(req.request_id, req.block_hashes(bs), req.num_computed)
-            if req.num_computed < req.num_tokens or tok is None:
-                continue  # a prompt piece that is not the last
+            if req.num_computed == req.num_tokens:  # the row's last known token ran: it samples
+                req.pending_row = r
+
+    def commit(self, step: ScheduledStep, sampled: list[int | None]) -> tuple[list[tuple[Request, str]], list[Request]]:
+        """The advanced step's sampled tokens. Returns (request, text released) for each request
+        that got a token, and the requests that finished. A request that finished in an earlier
+        step (async steps ran it once more) or was aborted gets nothing."""
+        out, done = [], []
+        for r, ((req, _), tok) in enumerate(zip(step.rows, sampled)):
+            if req.pending_row != r:  # a prompt piece that is not the last, or a finished request
+                continue
+            req.pending_row = -1
+            if req.finished or tok is None:
+                continue
             out.append((req, req.append(int(tok))))
             if req.finish_reason:
                 self.running.remove(req)
@@ -208,8 +230,10 @@ class Scheduler:
         tables = [self.kv.blocks_of(req.request_id) for req, _ in rows]
         ids, pos, slots, qs, lens = [], [], [], [0], []
         logits, temp, top_p, top_k, host, u = [], [], [], [], [], []
+        prev = []
         for (req, n), table in zip(rows, tables):
             c = req.num_computed
+            prev.append(req.pending_row)  # >= 0: the row's token is the previous step's, on the device
             if n == 1:
                 ids.append(req.token(c))
                 pos.append(c)
@@ -234,5 +258,6 @@ class Scheduler:
         bt[np.arange(bt.shape[1]) < np.asarray(nb)[:, None]] = list(itertools.chain.from_iterable(tables))
         copies = np.asarray(self.kv.copies(), I32).reshape(-1, 2)
         a = np.asarray
+        prev_rows = a(prev, I32) if max(prev) >= 0 else np.zeros(0, I32)
         return StepBatch(bs, a(ids, I32), a(pos, I32), a(slots, I32), a(qs, I32), a(lens, I32), bt, a(logits, I32),
-                         a(temp, F32), a(top_p, F32), a(top_k, I32), a(u, F32), a(host, I32), copies)
+                         a(temp, F32), a(top_p, F32), a(top_k, I32), a(u, F32), a(host, I32), copies, prev_rows)

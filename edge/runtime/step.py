@@ -14,6 +14,10 @@ tokens (all rows' new tokens, row-major), MB = max blocks per sequence.
                       every decode row), 0 for a prompt chunk that is not the last
     block_copies:     [N, 2] (src block, dst block) to copy before the step (backends with a
                       contiguous KV layout copy a cached prefix into the row's own region)
+    prev_rows:        [R] or empty (= all -1); only for backends with caps.async_steps. Row r's
+                      last token id is the id the PREVIOUS step sampled for its row prev_rows[r]
+                      (still on the device when this step was built): token_ids holds -1 there
+                      and the backend takes the id on the device. -1: token_ids holds it.
 
 Per-row sampling: temperature (0 = greedy), top_p, top_k, and one uniform u in [0, 1) drawn
 from the request's own seeded RNG, so a backend that samples on the device reproduces the host
@@ -49,6 +53,12 @@ class StepBatch:
     uniform: np.ndarray  # float32
     host_sample: np.ndarray  # int32 0/1
     block_copies: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), I32))  # int32 [N, 2]
+    prev_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, I32))  # int32 [R] or [0] (none)
+
+    @property
+    def has_prev_rows(self) -> bool:
+        """Some row's input id is the previous step's sampled id, still on the device."""
+        return bool(self.prev_rows.shape[0]) and bool((self.prev_rows >= 0).any())
 
     @property
     def num_rows(self) -> int:
@@ -81,6 +91,8 @@ class StepBatch:
                 raise ValueError(f"StepBatch.{name}: want {n} x {np.dtype(dt).name} contiguous, got {a.shape} {a.dtype}")
         if self.block_tables.shape[0] != r or self.block_tables.dtype != I32:
             raise ValueError(f"StepBatch.block_tables: want [{r}, MB] int32, got {self.block_tables.shape} {self.block_tables.dtype}")
+        if self.prev_rows.shape[0] not in (0, r) or self.prev_rows.dtype != I32:
+            raise ValueError(f"StepBatch.prev_rows: want [{r}] or [0] int32, got {self.prev_rows.shape} {self.prev_rows.dtype}")
         if int(self.query_start[-1]) != t or np.any(np.diff(self.query_start) < 1):
             raise ValueError("StepBatch.query_start must rise by at least 1 per row and end at num_tokens")
 
@@ -123,6 +135,9 @@ class BackendCaps:
     releases_kv: bool = False  # has release_kv(block ranges): gives the memory of dead rows back (contiguous)
     copies_blocks: bool = True  # executes StepBatch.block_copies (contiguous: sequences are moved down into
     # freed regions, so one call covers the batch); a backend that keeps its own sequences (TensorRT) cannot
+    async_steps: bool = False  # has launch(batch) -> handle whose result() -> StepOutput: launch returns once
+    # the step is queued (the GPU runs it while the host builds the next one), and takes StepBatch.prev_rows
+    # (the previous launch's sampled ids, on the device); execute(batch) == launch(batch).result()
 
     @property
     def blocks_per_seq(self) -> int:
