@@ -345,6 +345,47 @@ def test_engine_twelve_concurrent_equal_alone_and_seeded_sampling(tmp_path):
     assert got == want
 
 
+def test_engine_async_steps_equal_one_step_at_a_time(tmp_path):
+    """Async steps (step N+1 launched before N's ids are read back; rows take N's ids on the
+    device, in graph steps and in mixed steps behind a launch): the same tokens and finish
+    reasons as one step at a time, with an EOS that ends requests mid-way (their extra step's
+    token dropped) and seeded sampling rows."""
+    eng = pytest.importorskip("edge.runtime.engine")
+    from edge.runtime.sampler import SamplingParams
+
+    path, spec, w = _bundle(tmp_path, seed=4)
+    be = _backend(path, max_batch=16, batch_invariant=True)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(2, 60, 12)]
+    params = [SamplingParams(max_tokens=6 + 3 * (i % 7), temperature=0) if i % 4 else
+              SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=i) for i in range(12)]
+
+    def run(overlap, eos=()):
+        kinds = []  # per launch: (took ids from the previous launch, a mixed step)
+        launch = be.launch
+        be.launch = lambda b: kinds.append((b.has_prev_rows, not b.is_decode_only)) or launch(b)
+        try:
+            # a small budget: prompt pieces run beside rows already decoding (mixed steps behind a launch)
+            with eng.Engine(be, eos_ids=eos, overlap=overlap, token_budget=40, prefill_chunk=16) as e:
+                streams = [e.submit(p, sp, detokenize=False) for p, sp in zip(prompts, params)]
+                got = []
+                for st in streams:
+                    list(st)
+                    got.append((list(st.request.output_ids), st.request.finish_reason))
+                assert e.kv.num_used == 0
+        finally:
+            del be.launch
+        return got, kinds
+
+    serial, _ = run(False)
+    eos = serial[1][0][3]  # a token request 1 samples mid-way
+    want, _ = run(False, (eos,))
+    got, kinds = run(True, (eos,))
+    assert got == want
+    assert any(r == "stop" for _, r in want) and any(r == "length" for _, r in want)
+    assert sum(p for p, _ in kinds) > 10 and any(p and m for p, m in kinds)
+
+
 @pytest.mark.parametrize("kw", [{"hidden": 128, "heads": 2, "kv_heads": 1}, {"hidden": 256, "heads": 4, "kv_heads": 2}, {"hidden": 256, "heads": 2, "kv_heads": 1}])
 def test_flash_prefill_matches_reference_and_cublas(tmp_path, kw):
     """The tensor-core prefill attention (head_dim 64 / 128, GQA): a 150-token prompt (three query

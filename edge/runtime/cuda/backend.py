@@ -10,6 +10,11 @@ batch.slot_mapping.
 
     decode-only step (every row one token)  -> the session's CUDA graph for the batch bucket
                                                (inputs: one int32 block copied to the device)
+    launch(batch) -> handle; handle.result()  -> execute() in two halves (caps.async_steps): launch
+                                               queues the step and the read-back of its sampled
+                                               ids and returns; a row named in batch.prev_rows
+                                               takes the previous launch's sampled id on the
+                                               device, so the engine plans step N+1 while N runs
     step with prefill chunks                -> every token of the step through the layers at
                                                once (GEMMs over all T tokens); attention per
                                                row: the paged decode kernel for one-token rows,
@@ -32,6 +37,16 @@ from edge.runtime.cuda.sampling import sample_rows
 from edge.runtime.step import I32, BackendCaps, StepBatch, StepOutput
 
 FP16_BYTES = 2
+RING = 3  # pinned input / output buffers per launch in flight (the engine keeps at most 2 unread)
+
+# Row r's input id <- the previous launch's sampled id of row prev[r] (tok[r]: the token index of
+# row r's last token; has_tok 0: a decode-only step, row r is token r).
+_TAKE_PREV_SRC = r"""
+extern "C" __global__ void take_prev_ids(int* ids, const int* tok, int has_tok, const int* prev, const int* last, int rows) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r < rows && prev[r] >= 0) ids[has_tok ? tok[r] : r] = last[prev[r]];
+}
+"""
 
 
 def kv_bytes_per_block(spec: Any, block_size: int, kv_dtype: str = "fp16") -> int:
@@ -81,8 +96,11 @@ class CudaBackend:
         self.caps = BackendCaps(
             num_blocks=s.blocks.num_blocks, block_size=s.block_size, max_seqs=s.max_batch, max_context=s.max_context,
             vocab_size=s.vocab_size, kv_layout="paged", device_sampling=True, mixed_rows=True, greedy_stream=True,
-            kv_dtype="fp32" if s.act_dtype == "float32" else "fp16", kv_bytes=int(s.kv.nbytes),
+            kv_dtype="fp32" if s.act_dtype == "float32" else "fp16", kv_bytes=int(s.kv.nbytes), async_steps=True,
         )
+        self._ring: list[dict] | None = None  # per launch slot: pinned inputs, pinned sampled ids, event
+        self._launches = 0
+        self._last_ids = None  # device int32 by row: the last launch's sampled ids (prev_rows read them)
 
     @classmethod
     def open(cls, bundle: Bundle | str | Path, *, max_batch: int | None = None, max_context: int | None = None,
@@ -97,38 +115,78 @@ class CudaBackend:
 
     # ---- the step ----------------------------------------------------------------------
     def execute(self, batch: StepBatch) -> StepOutput:
+        return self.launch(batch).result()
+
+    def launch(self, batch: StepBatch) -> "_Launched":
+        """Queue the step on the session's stream, and the copy of its sampled ids into pinned host
+        memory, and return without waiting; result() waits. A row named in batch.prev_rows takes
+        the previous launch's sampled id on the device. Read back in launch order; at most
+        RING - 1 launches unread (launching past that reads the oldest first)."""
         r = batch.num_rows
-        if r == 0:
-            return StepOutput(np.zeros(0, I32))
         if r > self.caps.max_seqs:
             raise BackendError(f"{r} rows in one step exceed max_seqs {self.caps.max_seqs}")
+        if self._ring is None:
+            self._alloc_ring()
+        slot = self._ring[self._launches % RING]
+        if slot["unread"] is not None:  # its pinned buffers are about to be reused
+            slot["unread"].result()
+        for other in self._ring:  # a host-sampled row's logits live in buffers this step overwrites
+            if other["unread"] is not None and other["unread"].host_rows.size:
+                other["unread"].result()
+        if batch.has_prev_rows and self._last_ids is None:
+            raise BackendError("StepBatch.prev_rows names a previous step's ids, but none was launched")
+        self._launches += 1
+        if r == 0:
+            return _Launched(self, slot, r, np.zeros(0, np.int64), np.zeros(0, np.int64), None)
         if len(batch.block_copies):
             self._copy_blocks(batch.block_copies)
         if batch.is_decode_only:
-            logits, greedy = self._decode(batch)
+            logits, greedy = self._decode(batch, slot)
             rows = np.arange(r)
         else:
-            logits, greedy, rows = self._mixed(batch)
-        return self._sample(batch, logits, greedy, rows)
+            logits, greedy, rows = self._mixed(batch, slot)
+        return self._sample(batch, logits, greedy, rows, slot)
 
-    def _decode(self, b: StepBatch) -> tuple[Any, Any]:
+    def _alloc_ring(self) -> None:
+        import cupyx
+
+        s, cp = self.session, self.cp
+        n = s._inp_host.size + s.max_batch  # the step's int32 inputs, then prev_rows
+        self._ring = [{"inp": cupyx.empty_pinned((n,), np.int32), "out": cupyx.empty_pinned((s.max_batch,), np.int32),
+                       "ev": cp.cuda.Event(block=False, disable_timing=True), "unread": None} for _ in range(RING)]
+        self._prev_d = cp.zeros(s.max_batch, dtype=cp.int32)
+        self._take_prev = cp.RawKernel(_TAKE_PREV_SRC, "take_prev_ids")
+
+    def _take_prev_ids(self, b: StepBatch, ids: Any, tok: Any, host: np.ndarray) -> None:
+        """On the stream: row r's last token id <- the last launch's sampled id of row prev_rows[r]
+        (host: pinned scratch of R ints that stays untouched until the copy has run)."""
+        s, r = self.session, b.num_rows
+        host[:r] = b.prev_rows
+        self._prev_d[:r].set(host[:r], stream=s.stream)
+        has_tok = tok is not None
+        self._take_prev(((r + 127) // 128,), (128,), (ids, tok if has_tok else self._prev_d, np.int32(has_tok), self._prev_d, self._last_ids, np.int32(r)))
+
+    def _decode(self, b: StepBatch, slot: dict) -> tuple[Any, Any]:
         s = self.session
         mb, r = s.max_batch, b.num_rows
-        host = s._inp_host
-        host[:] = 0
-        host[2 * mb : 3 * mb] = -1  # padding rows of the bucket write no KV
-        host[:r] = b.token_ids
-        host[mb : mb + r] = b.positions
-        host[2 * mb : 2 * mb + r] = b.slot_mapping
-        host[3 * mb : 3 * mb + r] = b.seq_lens
+        n_inp = s._inp_host.size
+        inp = slot["inp"][:n_inp]  # pinned, so the copy is asynchronous; reused RING launches later
+        inp[:] = 0
+        inp[2 * mb : 3 * mb] = -1  # padding rows of the bucket write no KV
+        inp[:r] = b.token_ids
+        inp[mb : mb + r] = b.positions
+        inp[2 * mb : 2 * mb + r] = b.slot_mapping
+        inp[3 * mb : 3 * mb + r] = b.seq_lens
         w = min(b.block_tables.shape[1], s.max_blocks)
-        host[4 * mb :].reshape(mb, s.max_blocks)[:r, :w] = b.block_tables[:, :w]
+        inp[4 * mb :].reshape(mb, s.max_blocks)[:r, :w] = b.block_tables[:, :w]
         with s.stream:
-            s._inp.set(host, stream=s.stream)
+            s._inp.set(inp, stream=s.stream)
+            if b.has_prev_rows:  # the ids input: the first mb ints of _inp
+                self._take_prev_ids(b, s._inp, None, slot["inp"][n_inp:])
             s._run_step(s._bucket(r))
         return s._logits[:r], s._next[:r]
 
-    def _mixed(self, b: StepBatch) -> tuple[Any, Any, np.ndarray]:
+    def _mixed(self, b: StepBatch, slot: dict) -> tuple[Any, Any, np.ndarray]:
         """A step with prefill chunks: all T tokens through the layers together."""
         s, cp = self.session, self.cp
         t, qs = b.num_tokens, b.query_start
@@ -140,6 +198,8 @@ class CudaBackend:
         with s.stream:
             d = cp.asarray(np.concatenate([b.token_ids, b.positions, b.slot_mapping]).astype(I32, copy=False))
             ids_d, pos_d, slots_d = d[:t], d[t : 2 * t], d[2 * t :]
+            if b.has_prev_rows:  # decode rows behind a launch whose ids are still on the device
+                self._take_prev_ids(b, ids_d, cp.asarray((qs[1:] - 1).astype(I32)), slot["inp"][s._inp_host.size :])
             bufs = s._make_bufs(t)
             pre_slots = []
             for r in pre:  # slots of the row's cached positions [0, seq_len), new ones included
@@ -172,12 +232,12 @@ class CudaBackend:
             greedy = cp.argmax(logits, axis=1).astype(cp.int32)
         return logits, greedy, rows
 
-    def _sample(self, b: StepBatch, logits: Any, greedy: Any, rows: np.ndarray) -> StepOutput:
-        """Sampled ids for `rows` (the batch rows whose logits are logits[i]); -1 elsewhere."""
+    def _sample(self, b: StepBatch, logits: Any, greedy: Any, rows: np.ndarray, slot: dict) -> "_Launched":
+        """Queue the sampled ids of `rows` (the batch rows whose logits are logits[i]) and their copy
+        to the slot's pinned buffer; host-sampled rows' logits are read by result()."""
         cp, s = self.cp, self.session
-        sampled = np.full(b.num_rows, -1, I32)
         if len(rows) == 0:
-            return StepOutput(sampled)
+            return _Launched(self, slot, b.num_rows, rows, rows, None)
         host = b.host_sample[rows] != 0
         dev = (~host) & (b.temperature[rows] > 0)
         with s.stream:
@@ -187,16 +247,15 @@ class CudaBackend:
                 r = rows[i]
                 ids = greedy.copy()
                 ids[cp.asarray(i.astype(I32))] = sample_rows(cp, logits[cp.asarray(i.astype(I32))], b.temperature[r], b.top_p[r], b.top_k[r], b.uniform[r])
-            got = ids.get(stream=s.stream)
-            out_logits = None
-            if host.any():
-                hl = logits[cp.asarray(np.nonzero(host)[0].astype(I32))].get(stream=s.stream)
-                out_logits = np.zeros((b.num_rows, s.vocab_size), np.float32)
-                out_logits[rows[host]] = hl
-        s.stream.synchronize()
-        sampled[rows] = got
-        sampled[rows[host]] = -1
-        return StepOutput(sampled, out_logits)
+            if len(rows) == b.num_rows:
+                self._last_ids = ids  # by row: what the next launch's prev_rows index
+            else:
+                last = cp.full(b.num_rows, -1, dtype=cp.int32)
+                last[cp.asarray(rows.astype(I32))] = ids
+                self._last_ids = last
+            ids.get(stream=s.stream, out=slot["out"][: len(rows)], blocking=False)
+            slot["ev"].record(s.stream)
+        return _Launched(self, slot, b.num_rows, rows, rows[host], logits if host.any() else None)
 
     def _copy_blocks(self, copies: np.ndarray) -> None:
         """KV of block src -> block dst, every layer (paged engines rarely need it: shared blocks
@@ -231,3 +290,36 @@ class CudaBackend:
         w = min(len(table), s.max_blocks)
         host[4 * mb : 4 * mb + w] = table[:w]
         yield from s.stream_steps(pos, n, depth)
+
+
+class _Launched:
+    """A launched step: result() waits for its sampled ids (and reads host-sampled rows' logits)."""
+
+    def __init__(self, backend: CudaBackend, slot: dict, num_rows: int, rows: np.ndarray, host_rows: np.ndarray, logits: Any):
+        self.backend, self.slot, self.num_rows = backend, slot, num_rows
+        self.rows, self.host_rows, self.logits = rows, host_rows, logits
+        self._out: StepOutput | None = None
+        slot["unread"] = self
+
+    def result(self) -> StepOutput:
+        if self._out is not None:
+            return self._out
+        be, s = self.backend, self.backend.session
+        sampled = np.full(self.num_rows, -1, I32)
+        out_logits = None
+        if len(self.rows):
+            self.slot["ev"].synchronize()
+            sampled[self.rows] = self.slot["out"][: len(self.rows)]
+            if self.host_rows.size:
+                i = np.searchsorted(self.rows, self.host_rows)  # their places among `rows`
+                with s.stream:
+                    hl = self.logits[be.cp.asarray(i.astype(I32))].get(stream=s.stream)
+                s.stream.synchronize()
+                out_logits = np.zeros((self.num_rows, s.vocab_size), np.float32)
+                out_logits[self.host_rows] = hl
+                sampled[self.host_rows] = -1
+        self._out = StepOutput(sampled, out_logits)
+        self.logits = None
+        if self.slot["unread"] is self:
+            self.slot["unread"] = None
+        return self._out

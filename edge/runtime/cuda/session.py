@@ -158,6 +158,9 @@ class CudaDecoderSession(LinearDispatch, LayerPass, DecodeSteps, PrefillPass):
     def execute(self, batch):
         return self.engine_backend.execute(batch)
 
+    def launch(self, batch):
+        return self.engine_backend.launch(batch)
+
     def run_greedy(self, batch, max_new: int, *, depth: int = 3) -> Iterator[int]:
         return self.engine_backend.run_greedy(batch, max_new, depth=depth)
 
