@@ -2,7 +2,7 @@
 and the tensor-core GEMM vs the GEMV per linear. Random-weight Llama-3.2-1B (int4 g128), one
 process, one GPU. One JSON line per figure.
 
-    PYTHONPATH=. python3 bench/bench_cuda_engine.py --out /tmp/bench [--concurrency 16,64]
+    PYTHONPATH=. python3 bench/bench_cuda_engine.py --out /tmp/bench [--concurrency 16,64] [--repeat 1] [--no-linears]
 
 Figures (prompt 128, 128 new tokens, greedy, no EOS):
   linear_m     us per call of each distinct linear at M = 1..64 through the GEMV (M <= 16) and
@@ -12,7 +12,10 @@ Figures (prompt 128, 128 new tokens, greedy, no EOS):
                aggregate tok/s, with the tensor-core GEMM and with the GEMV (the previous path)
   engine_N     N requests submitted at once to edge.runtime.engine.Engine: aggregate decode
                tok/s while all N decode (from the last first token to the first finish),
-               end-to-end tok/s, TTFT p50 / max, and the ratio to session_bN of the same call
+               end-to-end tok/s, TTFT p50 / max, and the ratio to session_bN of the same call;
+               overlap=true: async steps (step N+1 planned and launched while step N runs),
+               overlap=false: one step at a time (the engine before async steps), same process;
+               --repeat K alternates the two K times
 """
 
 from __future__ import annotations
@@ -130,17 +133,20 @@ def session_decode(sess, n: int, rng, vocab: int) -> float:
     return n * (NEW - 1) / dts[-1]
 
 
-def engine_run(engine_mod, backend, n: int, rng, vocab: int) -> dict:
-    """n requests at once through the engine. The backend's execute is wrapped to timestamp each
-    step (in the engine's thread: no polling thread competing for the GIL): the decode rate is
-    n tokens per step over the steps where all n rows decode, each step counted from its start
-    to the next step's start (so the engine's host work between steps is included)."""
+def engine_run(engine_mod, backend, n: int, rng, vocab: int, overlap: bool = True) -> dict:
+    """n requests at once through the engine. The backend call the engine makes per step (launch
+    with async steps, else execute) is wrapped to timestamp each step (in the engine's thread: no
+    polling thread competing for the GIL): the decode rate is n tokens per step over the steps
+    where all n rows decode, each step counted from its start to the next step's start (so the
+    engine's host work between steps is included; with async steps a launch returns before its
+    step ran, and the start-to-start time is the device's pace when the host keeps up)."""
     from edge.runtime.sampler import SamplingParams
 
     prompts = [rng.integers(0, vocab, size=PROMPT).tolist() for _ in range(n)]
     params = SamplingParams(max_tokens=NEW, temperature=0)
-    steps: list[tuple[float, float, bool]] = []  # (start, execute seconds, all n rows decoding)
-    execute = backend.execute
+    steps: list[tuple[float, float, bool]] = []  # (start, call seconds, all n rows decoding)
+    name = "launch" if backend.caps.async_steps else "execute"  # the engine calls launch() on such a backend
+    execute = getattr(backend, name)
 
     def timed(batch):
         t = time.perf_counter()
@@ -149,17 +155,17 @@ def engine_run(engine_mod, backend, n: int, rng, vocab: int) -> dict:
         finally:
             steps.append((t, time.perf_counter() - t, batch.is_decode_only and batch.num_rows == n))
 
-    with engine_mod.Engine(backend) as eng:
+    with engine_mod.Engine(backend, overlap=overlap) as eng:
         # warm-up (graphs of every bucket the run meets, cuBLAS handles)
         for s in [eng.submit(p, SamplingParams(max_tokens=8, temperature=0), detokenize=False) for p in prompts]:
             list(s)
-        backend.execute = timed
+        setattr(backend, name, timed)
         t_sub = time.perf_counter()
         streams = [eng.submit(p, params, detokenize=False) for p in prompts]
         for s in streams:
             list(s)
         t_end = time.perf_counter()
-        backend.execute = execute
+        delattr(backend, name)  # the class's method again
     reqs = [s.request for s in streams]
     gen = sum(r.stats.n_generated for r in reqs)
     ttft = sorted(r.stats.ttft_s for r in reqs)
@@ -168,7 +174,7 @@ def engine_run(engine_mod, backend, n: int, rng, vocab: int) -> dict:
     cycle = [steps[i + 1][0] - steps[i][0] for i in full]  # start to next start
     busy = [steps[i][1] for i in full]
     return {"decode_tok_s": n * len(full) / sum(cycle), "e2e_tok_s": gen / (t_end - t_sub),
-            "step_ms": 1e3 * statistics.mean(cycle), "execute_ms": 1e3 * statistics.mean(busy), "full_steps": len(full),
+            "step_ms": 1e3 * statistics.mean(cycle), f"{name}_ms": 1e3 * statistics.mean(busy), "full_steps": len(full),
             "ttft_p50_ms": 1e3 * ttft[len(ttft) // 2], "ttft_max_ms": 1e3 * ttft[-1], "steps": len(steps)}
 
 
@@ -178,6 +184,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/edge-bench"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/edge-bench-bundles"))
     ap.add_argument("--concurrency", default="16,64")
+    ap.add_argument("--repeat", type=int, default=1, help="engine runs per mode (async / one step at a time), alternated")
+    ap.add_argument("--no-linears", action="store_true", help="skip the per-linear figures (device time)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     LOG = args.out / "bench_cuda_engine.jsonl"
@@ -200,7 +208,8 @@ def main() -> None:
          sms=sess.sms, load_s=round(sess.load_s, 2))
     emit(figure="tc_autotune", device=device, picks={lin.shape_key: {"splits": lin.tc_splits, "mt_32_64": list(lin.tc_mt), "tc_from": lin.tc_from}
                                                    for lin in sess.linears() if lin.tc_splits}, us=sess.tc_us)
-    linear_figures(sess, device)
+    if not args.no_linears:
+        linear_figures(sess, device)
     rng = np.random.default_rng(0)
     try:
         import edge.runtime.engine as engine_mod
@@ -219,10 +228,12 @@ def main() -> None:
         if engine_mod is None:
             emit(figure=f"engine_{n}", skipped="edge.runtime.engine is not on this branch yet")
             continue
-        r = engine_run(engine_mod, be, n, rng, spec.vocab_size)
-        emit(figure=f"engine_{n}", device=device, model="llama-3.2-1b", concurrency=n, prompt=PROMPT, new_tokens=NEW,
-             **{k: round(v, 2) for k, v in r.items()}, session_tok_s=round(tc, 1),
-             engine_over_session=round(r["decode_tok_s"] / tc, 3))
+        for _ in range(args.repeat):
+            for overlap in (True, False):
+                r = engine_run(engine_mod, be, n, rng, spec.vocab_size, overlap)
+                emit(figure=f"engine_{n}", device=device, model="llama-3.2-1b", concurrency=n, prompt=PROMPT, new_tokens=NEW,
+                     overlap=overlap, **{k: round(v, 2) for k, v in r.items()}, session_tok_s=round(tc, 1),
+                     engine_over_session=round(r["decode_tok_s"] / tc, 3))
     emit(figure="peak", peak_gib=round(cp.get_default_memory_pool().total_bytes() / 2**30, 2))
 
 
