@@ -26,6 +26,7 @@ batch.slot_mapping.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -87,8 +88,10 @@ class CudaBackend:
     `CudaDecoderSession.caps / execute / run_greedy` delegate to a CudaBackend of itself, so the
     session that open_session() returns is an engine backend as it is."""
 
-    def __init__(self, session: Any, *, batch_invariant: bool = False):
+    def __init__(self, session: Any, *, batch_invariant: bool = False, async_steps: bool | None = None):
         s = self.session = session
+        if async_steps is None:  # EDGE_RAG_CUDA_ASYNC_STEPS=0: the engine runs one step at a time (as before)
+            async_steps = os.environ.get("EDGE_RAG_CUDA_ASYNC_STEPS", "1") != "0"
         s._backend = self
         if batch_invariant:
             s.set_batch_invariant(True)
@@ -96,7 +99,7 @@ class CudaBackend:
         self.caps = BackendCaps(
             num_blocks=s.blocks.num_blocks, block_size=s.block_size, max_seqs=s.max_batch, max_context=s.max_context,
             vocab_size=s.vocab_size, kv_layout="paged", device_sampling=True, mixed_rows=True, greedy_stream=True,
-            kv_dtype="fp32" if s.act_dtype == "float32" else "fp16", kv_bytes=int(s.kv.nbytes), async_steps=True,
+            kv_dtype="fp32" if s.act_dtype == "float32" else "fp16", kv_bytes=int(s.kv.nbytes), async_steps=async_steps,
         )
         self._ring: list[dict] | None = None  # per launch slot: pinned inputs, pinned sampled ids, event
         self._launches = 0
