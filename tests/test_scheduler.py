@@ -441,6 +441,47 @@ def test_device_sampled_rows_skip_the_host():
     assert s.request.output_ids == run_alone([1, 2, 3], greedy(6))
 
 
+class StreamingFakeBackend(FakeBackend):
+    """caps.greedy_stream: run_greedy runs the step by step here (block copies once, first)."""
+
+    def __init__(self, **kw):
+        super().__init__(device_sampling=True, **kw)
+        from dataclasses import replace
+
+        self.caps = replace(self.caps, greedy_stream=True)
+        self.streams = self.stream_copies = 0
+
+    def run_greedy(self, b, max_new):
+        self.streams += 1
+        self.stream_copies += len(b.block_copies)
+        for _ in range(max_new):
+            tok = int(self.execute(b).sampled[0])
+            b.block_copies = np.zeros((0, 2), np.int32)
+            yield tok
+            b.token_ids[0] = tok
+            b.positions[0] += 1
+            p = int(b.positions[0])
+            b.slot_mapping[0] = b.block_tables[0, p // b.block_size] * b.block_size + p % b.block_size
+            b.seq_lens[0] += 1
+
+
+def test_a_sequence_compacted_in_the_step_that_starts_a_greedy_stream_is_copied_first():
+    """Contiguous layout: the first request ends, the second is moved down into its region by the
+    same schedule() that finds it alone (a greedy stream); the stream must do those copies."""
+    a, b = [1, 2, 3], list(range(10, 19))
+    want = run_alone(b, greedy(12), layout="contiguous")
+    be = StreamingFakeBackend(layout="contiguous")
+    be.gate.clear()
+    with Engine(be, eos_ids=()) as e:
+        sa = e.submit(a, greedy(2), detokenize=False)
+        sb = e.submit(b, greedy(12), detokenize=False)
+        be.gate.set()
+        list(sa)
+        list(sb)
+        assert sb.request.output_ids == want and e.kv.num_used == 0
+    assert be.streams >= 1 and be.stream_copies > 0
+
+
 def test_scheduler_refuses_a_budget_below_the_batch():
     with pytest.raises(ValueError):
         Scheduler(BlockManager(4, 4), max_seqs=8, token_budget=8, prefill_chunk=4)

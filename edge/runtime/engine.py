@@ -419,6 +419,9 @@ class Engine:
             self._run(step)
             return
         batch = self.scheduler._batch([(req, 1)])  # slots of every stream step are reserved now
+        # the block copies this step's schedule() planned (kv.copies() hands them out once): a
+        # sequence moved down by compaction must be copied before the stream reads it
+        batch.block_copies = step.batch.block_copies
         tokens = self.backend.run_greedy(batch, room)
         done = []
         try:

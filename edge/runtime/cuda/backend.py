@@ -285,6 +285,8 @@ class CudaBackend:
         have = int(np.sum(table >= 0))
         if have * self.caps.block_size < pos + n:
             raise BackendError(f"run_greedy: the block table holds {have} blocks, {pos + n} tokens need more")
+        if len(batch.block_copies):
+            self._copy_blocks(batch.block_copies)
         mb = s.max_batch
         host = s._inp_host
         host[:] = 0
