@@ -21,6 +21,10 @@ CountTokens = Callable[[str], int]
 class ChunkParams:
     max_tokens: int = 200
     overlap: int = 40
+    # NOTE: whether the overlap is embedded too. Off: a chunk's vector is computed from its own span
+    # (what the previous chunk did not hold) while its text, its keyword index and the prompt keep the
+    # overlap. The overlap is ~13% of an ingest's embedded tokens; measured in README (#15).
+    embed_overlap: bool = False
 
     def __post_init__(self) -> None:
         from edge.errors import UsageError
@@ -30,6 +34,8 @@ class ChunkParams:
         if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or not 0 <= self.overlap <= self.max_tokens // 2:
             raise UsageError(f"overlap {self.overlap!r} tokens does not fit chunks of {self.max_tokens}",
                              fix=f"use --overlap from 0 to {self.max_tokens // 2} (half the chunk)")
+        if not isinstance(self.embed_overlap, bool):
+            raise UsageError(f"embed_overlap must be true or false, got {self.embed_overlap!r}")
 
 
 @dataclass
@@ -44,11 +50,14 @@ class Chunk:
     char_end: int
     n_tokens: int
     ordinal: int = 0  # position within its document
+    own_start: int | None = None  # where the text this chunk adds begins (after the overlap); None: char_start
 
-    def embed_text(self, title: str = "") -> str:
-        """What gets embedded: the heading path gives a short passage its context."""
+    def embed_text(self, title: str = "", overlap: bool = True) -> str:
+        """What gets embedded: the heading path gives a short passage its context; without
+        `overlap`, only the chunk's own span (the tokens carried from the previous chunk left out)."""
         head = " > ".join(x for x in (title, self.heading) if x)
-        return f"{head}\n{self.text}" if head else self.text
+        text = self.text if overlap or self.own_start is None else self.text[self.own_start - self.char_start:]
+        return f"{head}\n{text}" if head else text
 
 
 @dataclass
@@ -150,13 +159,13 @@ class Chunker:
         trailing pieces of the previous one that fit in `overlap` tokens."""
         P = self.params
         out: list[Chunk] = []
-        i = 0
+        i = own = 0  # pieces[i:own] are carried from the previous chunk
         while i < len(pieces):
             j, tot = i, 0
             while j < len(pieces) and (j == i or tot + pieces[j].tokens <= P.max_tokens):
                 tot += pieces[j].tokens
                 j += 1
-            out.append(self._make(doc, pieces[i:j], heading))
+            out.append(self._make(doc, pieces[i:j], heading, pieces[max(i, own)].start))
             if j >= len(pieces):
                 break
             # overlap: walk back from j-1 while the carried tokens fit, but always advance
@@ -169,10 +178,10 @@ class Chunker:
             while k < j and carried + pieces[j].tokens > P.max_tokens:
                 carried -= pieces[k].tokens
                 k += 1
-            i = k
+            i, own = k, j  # piece j always fits the next chunk (the loop above): its own span starts there
         return out
 
-    def _make(self, doc: LoadedDoc, pieces: list[_Piece], heading: str) -> Chunk:
+    def _make(self, doc: LoadedDoc, pieces: list[_Piece], heading: str, own_start: int) -> Chunk:
         s, e = pieces[0].start, pieces[-1].end
         # Text of the span; where pieces come from different blocks keep the source's text
         # (paragraph breaks included) so char offsets stay exact.
@@ -180,7 +189,7 @@ class Chunker:
         a, _ = doc.loc_of(pieces[0].start, pieces[0].end, pieces[0].block)
         _, b = doc.loc_of(pieces[-1].start, pieces[-1].end, pieces[-1].block)
         return Chunk(text=text, heading=heading, loc_start=a, loc_end=max(a, b), char_start=s,
-                     char_end=e, n_tokens=sum(p.tokens for p in pieces))
+                     char_end=e, n_tokens=sum(p.tokens for p in pieces), own_start=own_start)
 
 
 def chunk_doc(doc: LoadedDoc, count_tokens: CountTokens, params: ChunkParams = ChunkParams()) -> list[Chunk]:

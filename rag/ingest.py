@@ -210,7 +210,7 @@ def _ingest_locked(root, files, unsupported, store: Store, d: Path, embedder: Em
         seen.add(p.as_posix())
 
     # 1. embed (the slow part; nothing is written before it ends)
-    texts = [c.embed_text(_title(p)) for p, *_, chunks in loaded for c in chunks]
+    texts = [c.embed_text(_title(p), overlap=params.embed_overlap) for p, *_, chunks in loaded for c in chunks]
     te = time.perf_counter()
     vecs = _embed_all(embedder, texts, batch_size, progress)
     report.embed_seconds = time.perf_counter() - te

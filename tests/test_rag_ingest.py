@@ -93,6 +93,37 @@ def test_repeated_chunks_are_embedded_once_and_share_the_vector(tmp_path):
     assert not np.allclose(a, c)
 
 
+def test_a_chunk_is_embedded_without_its_overlap_unless_asked(tmp_path):
+    from rag.chunk import ChunkParams
+
+    class Recording(HashEmbedder):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[str] = []
+
+        def embed(self, texts, batch_size: int = 32, progress: bool = False):
+            self.seen += list(texts)
+            return super().embed(texts, batch_size, progress)
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    paras = [" ".join(f"s{k}w{i}" for i in range(30)) + "." for k in range(6)]
+    (docs / "long.txt").write_text("\n\n".join(paras) + "\n")
+    seen = {}
+    for carried in (False, True):
+        emb = Recording()
+        ingest(docs, embedder=emb, progress=False, directory=tmp_path / f"col-{carried}",
+               params=ChunkParams(max_tokens=100, overlap=40, embed_overlap=carried))
+        seen[carried] = emb.seen
+        with Store(tmp_path / f"col-{carried}", readonly=True) as s:  # stored text keeps the overlap either way
+            stored = [r[0] for r in s.db.execute("SELECT text FROM chunks ORDER BY id")]
+        assert sum(p in t for t in stored for p in paras) > len(paras)
+    count = lambda texts, p: sum(p in t for t in texts)
+    assert [count(seen[False], p) for p in paras] == [1] * len(paras)  # each paragraph embedded once
+    assert sum(count(seen[True], p) for p in paras) > len(paras)
+    assert len(seen[False]) == len(seen[True])  # the same chunks, shorter texts
+
+
 def test_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="no documents"):

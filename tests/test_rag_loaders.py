@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_rag_fakes import HashEmbedder  # noqa: E402
 
+from edge.errors import UsageError  # noqa: E402
 from rag.chunk import ChunkParams, Chunker  # noqa: E402
 from rag.loaders import LOADERS, LoadError, load, text_blocks  # noqa: E402
 
@@ -208,3 +209,23 @@ def test_overlap_never_becomes_a_chunk_of_its_own():
     doc = text_blocks(Path("t.txt"), f"{intro}\n\n{lead}\n\n{small}\n")
     chunks = Chunker(emb.count_tokens, ChunkParams(max_tokens=100, overlap=20)).chunk(doc)
     assert [c.text for c in chunks] == [f"{intro}\n\n{lead}", f"{lead}\n\n{small}"]
+
+
+def test_a_chunk_knows_where_its_own_span_starts_after_the_overlap():
+    emb = HashEmbedder()
+    paras = [" ".join(f"p{k}w{i}" for i in range(30)) + "." for k in range(8)]  # 32 tokens each
+    text = "\n\n".join(paras)
+    doc = text_blocks(Path("t.txt"), text)
+    chunks = Chunker(emb.count_tokens, ChunkParams(max_tokens=100, overlap=40)).chunk(doc)
+    assert len(chunks) >= 3
+    assert chunks[0].own_start == chunks[0].char_start  # nothing carried into the first
+    for a, b in zip(chunks, chunks[1:]):
+        assert b.char_start < a.char_end  # b carries a's last paragraph ...
+        assert b.own_start == a.char_end + 2  # ... and its own span starts after it ("\n\n")
+        assert b.embed_text("t", overlap=False) == "t\n" + text[b.own_start:b.char_end]
+        assert b.embed_text("t") == "t\n" + b.text
+    # the own spans tile the document: every paragraph is embedded exactly once
+    own = [c.embed_text(overlap=False) for c in chunks]
+    assert ["\n\n".join(own).split("\n\n").count(p) for p in paras] == [1] * len(paras)
+    with pytest.raises(UsageError):
+        ChunkParams(embed_overlap="no")
