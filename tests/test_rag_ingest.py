@@ -229,8 +229,10 @@ def test_sigkill_midway_keeps_store_and_index_consistent(tmp_path):
 
     # 1. killed while embedding (nothing written yet)
     p = _spawn(docs, {"EDGE_RAG_TEST_EMBED_DELAY": "0.2"})
-    for line in p.stderr:
-        if line.startswith("TEST-EMBEDDED 3/"):
+    for line in p.stderr:  # the first group of batches embedded, not the last
+        if line.startswith("TEST-EMBEDDED "):
+            done, total = map(int, line.split()[1].split("/"))
+            assert done < total
             break
     p.send_signal(signal.SIGKILL)
     p.wait(10)
