@@ -84,7 +84,8 @@ def _cached(path: Path, kind: str) -> bool:
 
 def _embedder_stale(path: Path) -> str | None:
     """Why a cached embedder bundle must be rebuilt here: built before its relevance gate was
-    calibrated or before its int8 activations were scaled per row, or its int8 weights were made
+    calibrated, before its int8 activations were scaled per row or its attention dropped the padding
+    mask, or its int8 weights were made
     for a CPU whose u8 x s8 GEMM differs from this one's."""
     from edge.runtime.embedder import isa_mismatch
 
@@ -92,6 +93,8 @@ def _embedder_stale(path: Path) -> str | None:
     why = "it has no calibrated relevance gate" if not m.relevance_gate else isa_mismatch(m)
     if not why and m.quant.recipe == "int8" and m.quant.details.get("activation_scales") != "per_row":
         why = "its int8 activations are scaled per call (a text's vector depended on its batch-mates)"
+    if not why and m.quant.recipe == "int8" and (m.graph or {}).get("padding") != "none":
+        why = "its attention reads a padding mask (ONNX Runtime's faster flash attention needs none)"
     if why:
         _say(f"rebuilding the cached embedder: {why}")
     return why

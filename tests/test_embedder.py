@@ -18,7 +18,7 @@ import pytest
 
 from edge.bundle import Bundle
 from edge.build.encoder import build_embedder_bundle
-from edge.errors import BundleError, EdgeRagError, ModelError, UsageError
+from edge.errors import BackendError, BundleError, EdgeRagError, ModelError, UsageError
 from edge.models.bert import read_bert_folder
 import edge.runtime.embedder as embedder_mod
 from edge.runtime.embedder import Embedder, length_buckets
@@ -82,7 +82,8 @@ def test_tiny_matches_sentence_transformers(case, tiny_folders, tmp_path):
         assert np.abs(norms - 1.0).max() > 1e-2  # really left unnormalised
 
 
-@pytest.mark.parametrize("form,op", [("unfused", "Softmax"), ("mha", "MultiHeadAttention")])
+@pytest.mark.parametrize("form,op", [("unfused", "Softmax"), ("mha", "MultiHeadAttention"),
+                                     ("mha-unpadded", "MultiHeadAttention")])
 def test_tiny_attention_forms_match(tiny_folders, tmp_path, monkeypatch, form, op):
     """The standard-ops attention (no ORT contrib Attention) and MatMul + MultiHeadAttention (the
     int8 graph's form) give the fused op's vectors, padding included."""
@@ -152,6 +153,9 @@ def test_length_buckets_is_a_permutation_sorted_by_length():
     assert seen == sorted(lengths, reverse=True)
     with pytest.raises(UsageError):
         length_buckets(lengths, 0)
+    exact = length_buckets(lengths + [9, 9], 3, exact=True)  # one length a batch, still longest first
+    assert [[(lengths + [9, 9])[i] for i in b] for b in exact] == [[9, 9, 9], [9], [7], [5], [3], [2], [1]]
+    assert sorted(np.concatenate(exact).tolist()) == list(range(len(lengths) + 2))
 
 
 def test_cpu_batches_are_cut_to_max_batch_tokens(tiny_folders, tmp_path, monkeypatch):
@@ -362,6 +366,9 @@ def test_int8_format_follows_the_cpu_and_every_linear_is_quantized_per_row(tiny_
         assert weight_dtype == np.uint8 or np.abs(w.astype(np.int32)).max() > 64, n.name
     # every linear is int8 (q, k, v, o, up, down per layer); nothing fp32 or quantized per call is left
     assert len(gemms) == 2 * 6 and len(by_op["MultiHeadAttention"]) == 2
+    # no padding mask (ORT's flash attention path), and the manifest tells the runtime so
+    assert all(len(n.input) == 4 for n in by_op["MultiHeadAttention"])
+    assert emb.bundle.manifest.graph["padding"] == "none" and emb.unpadded
     for op in ("MatMul", "Attention", "QAttention", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulNBits"):
         assert not by_op.get(op), op
     # each GEMM's activations come from a QuantizeLinear of constant scale (the row's own scale is
@@ -387,8 +394,15 @@ def test_int8_vector_does_not_depend_on_the_batch(tiny_folders, tmp_path):
     rng = random.Random(7)
     long = [" ".join(rng.choice(_WORDS) for _ in range(60)) for _ in range(5)]
     alone = np.stack([emb.embed_query(t) for t in short])
-    batched = emb._run([emb._encode([t])[0] for t in long + short])[len(long):]  # one call, padded to the longest
-    np.testing.assert_allclose(batched, alone, atol=2e-6)
+    # the int8 graph reads no padding mask: a call's rows have one length, so each text's batch-mates
+    # are the long texts cut to its length (other tokens, other magnitudes)
+    long_ids = emb._encode(long)
+    for t, v in zip(short, alone):
+        ids = emb._encode([t])[0]
+        mates = [x[:len(ids) - 1] + [x[-1]] for x in long_ids]
+        np.testing.assert_allclose(emb._run(mates + [ids])[-1], v, atol=2e-6)
+    with pytest.raises(BackendError, match="one length"):  # padding would be read as tokens: refused
+        emb._run([emb._encode([t])[0] for t in long + short])
 
 
 def test_per_row_int8_linear_matches_a_numpy_reference(tmp_path):

@@ -117,7 +117,7 @@ def onnx_embed_fn(model_path, tokenizer_json, max_seq_length: int, pad_id: int =
     """texts -> embeddings through a just-written model.onnx (the build has no Bundle yet)."""
     from tokenizers import Tokenizer
 
-    from edge.runtime.embedder import open_ort_session
+    from edge.runtime.embedder import length_buckets, open_ort_session
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     tok.no_padding()
@@ -126,16 +126,14 @@ def onnx_embed_fn(model_path, tokenizer_json, max_seq_length: int, pad_id: int =
 
     def embed(texts: list[str]) -> np.ndarray:
         ids = [e.ids for e in tok.encode_batch(texts)]
-        out = []
-        for i in range(0, len(ids), batch):
-            part = ids[i:i + batch]
-            S = max(len(x) for x in part)
-            a = np.full((len(part), S), pad_id, np.int32)
-            m = np.zeros((len(part), S), np.int32)
-            for r, x in enumerate(part):
-                a[r, :len(x)] = x
-                m[r, :len(x)] = 1
-            out.append(sess.run(None, {"input_ids": a, "attention_mask": m})[0])
-        return np.concatenate(out)
+        out = np.empty((len(ids), 0), np.float32)
+        # rows of one length a call: the int8 graph reads no padding mask (edge.build.encoder PADDING)
+        for idx in length_buckets([len(x) for x in ids], batch, exact=True):
+            a = np.asarray([ids[i] for i in idx], np.int32)
+            v = sess.run(None, {"input_ids": a, "attention_mask": np.ones_like(a)})[0]
+            if out.shape[1] != v.shape[1]:
+                out = np.empty((len(ids), v.shape[1]), np.float32)
+            out[idx] = v
+        return out
 
     return embed

@@ -69,20 +69,23 @@ log = logging.getLogger(__name__)
 
 
 def length_buckets(lengths: list[int], batch_size: int, max_cells: int = MAX_BATCH_CELLS,
-                   max_tokens: int | None = None) -> list[np.ndarray]:
+                   max_tokens: int | None = None, exact: bool = False) -> list[np.ndarray]:
     """Indices of the inputs, grouped into batches of similar length (longest first), at most
     `batch_size` each, at most `max_cells` in B * S^2 and `max_tokens` in B * S (S = the batch's
-    longest; a batch holds at least one text). Concatenating the batches gives a permutation of
-    range(len(lengths))."""
+    longest; a batch holds at least one text); `exact`: of one length each (no padding). Concatenating
+    the batches gives a permutation of range(len(lengths))."""
     if batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     lengths = np.asarray(lengths, dtype=np.int64)
     order = np.argsort(-lengths, kind="stable")
+    neg_sorted = -lengths[order]  # ascending
     out, i = [], 0
     while i < len(order):
         longest = max(1, int(lengths[order[i]]))  # sorted longest first: the batch's S
         b = min(batch_size, max_cells // (longest * longest), (max_tokens or 1 << 62) // longest)
         b = max(1, b)
+        if exact:  # up to the first shorter text
+            b = min(b, int(np.searchsorted(neg_sorted, neg_sorted[i], side="right")) - i)
         out.append(order[i:i + b])
         i += b
     return out
@@ -183,6 +186,8 @@ class Embedder:
         )
         self.pad_id = int(model.get("pad_token_id", 0))
         self._counter: Any = None  # an untruncated copy of the tokenizer, made on first count_tokens
+        # "none": the graph reads no padding mask (edge.build.encoder PADDING): a call's rows have one length
+        self.unpadded = backend != "cuda" and (m.graph or {}).get("padding") == "none"
         self.streams = streams  # graph calls embed() runs at once (onnxruntime: STREAMS_NOTE)
 
     # ---- construction ----------------------------------------------------------------
@@ -288,7 +293,7 @@ class Embedder:
         if self.backend == "cuda":
             return out, self._embed_cuda(texts, batch_size, progress, out)
         ids = self._encode(texts)
-        batches = length_buckets([len(x) for x in ids], batch_size, max_tokens=MAX_BATCH_TOKENS)
+        batches = length_buckets([len(x) for x in ids], batch_size, max_tokens=MAX_BATCH_TOKENS, exact=self.unpadded)
         if self.streams > 1 and len(batches) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -346,6 +351,8 @@ class Embedder:
         if self.backend == "cuda":
             return self.session.run(batch)
         n, seq = len(batch), max(len(x) for x in batch)
+        if self.unpadded and min(len(x) for x in batch) != seq:
+            raise BackendError(f"{self.bundle.path}: its graph reads no padding mask; a call's texts must have one length")
         ids = np.full((n, seq), self.pad_id, dtype=np.int32)
         mask = np.zeros((n, seq), dtype=np.int32)
         for r, x in enumerate(batch):
