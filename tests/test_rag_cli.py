@@ -100,3 +100,15 @@ def test_cli_errors_are_one_line(fake_engines, capsys, tmp_path):
     capsys.readouterr()
     assert main(["search", "x", "--mode", "fuzzy"]) == 2
     assert "hybrid" in capsys.readouterr().err
+
+
+def test_ingest_embed_overlap_is_recorded_in_the_collection(fake_engines, capsys):
+    from edge.paths import index_dir
+    from rag.store import Store
+
+    assert main(["ingest", str(fake_engines), "--quiet"]) == 0
+    assert main(["ingest", str(fake_engines), "--quiet", "--embed-overlap", "-c", "whole"]) == 0
+    capsys.readouterr()
+    for name, want in (("default", False), ("whole", True)):
+        with Store(index_dir(name), readonly=True) as s:
+            assert s.get_meta("chunk_params")["embed_overlap"] is want

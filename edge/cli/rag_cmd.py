@@ -73,6 +73,8 @@ def ingest(
     rebuild: bool = typer.Option(False, "--rebuild", help="Re-embed everything (e.g. after changing the embedder)"),
     max_tokens: int = typer.Option(200, "--chunk-tokens", help="Chunk size in embedder tokens"),
     overlap: int = typer.Option(40, "--overlap", help="Tokens carried over between chunks"),
+    embed_overlap: bool = typer.Option(False, "--embed-overlap",
+                                       help="Embed the carried tokens too (default: a chunk's vector is of its own span; slower)"),
     index_memory: Optional[str] = typer.Option(None, "--index-memory",
                                                 help="Memory budget for the vector index (e.g. 64MB): picks flat/HNSW/IVF-PQ"),
     backend: str = typer.Option("auto", "--backend", help=EMBED_BACKEND_HELP),
@@ -91,7 +93,7 @@ def ingest(
 
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     check_collection_name(collection)
-    params = ChunkParams(max_tokens, overlap)  # bad sizes fail before any engine loads
+    params = ChunkParams(max_tokens, overlap, embed_overlap)  # bad sizes fail before any engine loads
     budget = None
     if index_memory:
         from edge.profiles import parse_size
