@@ -21,10 +21,12 @@ CountTokens = Callable[[str], int]
 class ChunkParams:
     max_tokens: int = 200
     overlap: int = 40
-    # NOTE: whether the overlap is embedded too. Off: a chunk's vector is computed from its own span
-    # (what the previous chunk did not hold) while its text, its keyword index and the prompt keep the
-    # overlap. The overlap is ~13% of an ingest's embedded tokens; measured in README (#15).
-    embed_overlap: bool = False
+    # NOTE: whether the overlap is embedded too. Off (`edge-rag ingest --no-embed-overlap`): a chunk's
+    # vector is computed from its own span (what the previous chunk did not hold) while its text, its
+    # keyword index and the prompt keep the overlap: 13% fewer tokens embedded, the scale corpus
+    # ingested 1.35x faster, vector recall@5 0.90 -> 0.92, but hybrid 0.98 -> 0.96 (MRR 0.918 ->
+    # 0.905) on its 50 questions (README #15, session 6). So on by default.
+    embed_overlap: bool = True
 
     def __post_init__(self) -> None:
         from edge.errors import UsageError

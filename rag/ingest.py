@@ -160,6 +160,8 @@ def _ingest_locked(root, files, unsupported, store: Store, d: Path, embedder: Em
             f"collection '{collection}' was built with embedder {old_emb}, not {embedder.embedder_id}",
             fix=f"re-ingest with --rebuild, or use another collection (--collection NAME)")
     old_params = store.get_meta("chunk_params")
+    if old_params is not None:  # written before embed_overlap existed: the overlap was embedded
+        old_params = {"embed_overlap": True, **old_params}
     if old_params is not None and old_params != asdict(params) and not rebuild:
         log.warning("chunk parameters changed (%s -> %s): only changed files are re-chunked; use --rebuild",
                     old_params, asdict(params))

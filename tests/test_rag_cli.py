@@ -107,8 +107,8 @@ def test_ingest_embed_overlap_is_recorded_in_the_collection(fake_engines, capsys
     from rag.store import Store
 
     assert main(["ingest", str(fake_engines), "--quiet"]) == 0
-    assert main(["ingest", str(fake_engines), "--quiet", "--embed-overlap", "-c", "whole"]) == 0
+    assert main(["ingest", str(fake_engines), "--quiet", "--no-embed-overlap", "-c", "own"]) == 0
     capsys.readouterr()
-    for name, want in (("default", False), ("whole", True)):
+    for name, want in (("default", True), ("own", False)):
         with Store(index_dir(name), readonly=True) as s:
             assert s.get_meta("chunk_params")["embed_overlap"] is want

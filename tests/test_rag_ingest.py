@@ -93,8 +93,10 @@ def test_repeated_chunks_are_embedded_once_and_share_the_vector(tmp_path):
     assert not np.allclose(a, c)
 
 
-def test_a_chunk_is_embedded_without_its_overlap_unless_asked(tmp_path):
+def test_a_chunk_is_embedded_with_its_overlap_unless_told_not_to(tmp_path):
     from rag.chunk import ChunkParams
+
+    assert ChunkParams().embed_overlap is True  # hybrid recall fell without it (README #15, session 6)
 
     class Recording(HashEmbedder):
         def __init__(self):
@@ -122,6 +124,21 @@ def test_a_chunk_is_embedded_without_its_overlap_unless_asked(tmp_path):
     assert [count(seen[False], p) for p in paras] == [1] * len(paras)  # each paragraph embedded once
     assert sum(count(seen[True], p) for p in paras) > len(paras)
     assert len(seen[False]) == len(seen[True])  # the same chunks, shorter texts
+
+
+def test_a_collection_from_before_embed_overlap_is_not_warned_about(tmp_path, caplog):
+    from rag.chunk import ChunkParams
+
+    docs = corpus(tmp_path / "docs")
+    ingest(docs, embedder=HashEmbedder(), progress=False)
+    with Store(index_dir(), readonly=False) as s, s.transaction():
+        s.set_meta({"chunk_params": {"max_tokens": 200, "overlap": 40}})  # as written before
+    (docs / "new.md").write_text("# New\n\nThe lift raises 600 kg.\n")
+    ingest(docs, embedder=HashEmbedder(), progress=False)
+    assert "chunk parameters changed" not in caplog.text
+    (docs / "new.md").write_text("# New\n\nThe lift raises 700 kg.\n")
+    ingest(docs, embedder=HashEmbedder(), progress=False, params=ChunkParams(embed_overlap=False))
+    assert "chunk parameters changed" in caplog.text
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):

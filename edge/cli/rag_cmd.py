@@ -73,8 +73,9 @@ def ingest(
     rebuild: bool = typer.Option(False, "--rebuild", help="Re-embed everything (e.g. after changing the embedder)"),
     max_tokens: int = typer.Option(200, "--chunk-tokens", help="Chunk size in embedder tokens"),
     overlap: int = typer.Option(40, "--overlap", help="Tokens carried over between chunks"),
-    embed_overlap: bool = typer.Option(False, "--embed-overlap",
-                                       help="Embed the carried tokens too (default: a chunk's vector is of its own span; slower)"),
+    embed_overlap: bool = typer.Option(True, "--embed-overlap/--no-embed-overlap",
+                                       help="Embed the carried tokens too; --no-embed-overlap: a chunk's vector from its own "
+                                            "span only (faster ingest; hybrid retrieval measured slightly worse)"),
     index_memory: Optional[str] = typer.Option(None, "--index-memory",
                                                 help="Memory budget for the vector index (e.g. 64MB): picks flat/HNSW/IVF-PQ"),
     backend: str = typer.Option("auto", "--backend", help=EMBED_BACKEND_HELP),
