@@ -394,11 +394,28 @@ static void quantize_row(const float *x, int k, int8_t *q, float *s, int32_t *su
 #define PF_AHEAD 2048
 #endif
 #define PF_MIN_ROWS 2
-static inline void prefetch_weights(const er_lin *L, int tile, int kb, int b) {
-    size_t bb = L->kind == 4 ? 256 : 512; /* weight bytes a block */
-    const char *w = (const char *)(L->w + ((size_t)tile * kb + b) * bb) + PF_AHEAD;
-    for (size_t o = 0; o < bb; o += 64) __builtin_prefetch(w + o, 0, 3);
-    if (L->kind == 4) __builtin_prefetch((const char *)(L->s + ((size_t)tile * kb + b) * NT) + PF_AHEAD / 4, 0, 3); /* 64 B of scales a 256 B block */
+/* NOTE: always_inline: a function whose body is only __builtin_prefetch looks side-effect free to
+   GCC 12, which then marks it const and deletes the calls that it did not inline (this one's first
+   form: no prefetch was left in the tiles; the asm has them now). */
+static inline __attribute__((always_inline)) void prefetch_weights(const er_lin *L, int tile, int kb, int b) {
+    if (L->kind == 4) { /* 256 B of weights and 64 B of scales a block */
+        const char *w = (const char *)(L->w + ((size_t)tile * kb + b) * 256) + PF_AHEAD;
+        __builtin_prefetch(w, 0, 3);
+        __builtin_prefetch(w + 64, 0, 3);
+        __builtin_prefetch(w + 128, 0, 3);
+        __builtin_prefetch(w + 192, 0, 3);
+        __builtin_prefetch((const char *)(L->s + ((size_t)tile * kb + b) * NT) + PF_AHEAD / 4, 0, 3);
+    } else { /* 512 B of weights a block */
+        const char *w = (const char *)(L->w + ((size_t)tile * kb + b) * 512) + PF_AHEAD;
+        __builtin_prefetch(w, 0, 3);
+        __builtin_prefetch(w + 64, 0, 3);
+        __builtin_prefetch(w + 128, 0, 3);
+        __builtin_prefetch(w + 192, 0, 3);
+        __builtin_prefetch(w + 256, 0, 3);
+        __builtin_prefetch(w + 320, 0, 3);
+        __builtin_prefetch(w + 384, 0, 3);
+        __builtin_prefetch(w + 448, 0, 3);
+    }
 }
 
 static void idots_scalar(const er_lin *L, int tile, int b, int mr, const int8_t *xq, int ldq, int32_t idot[MR][NT]) {
@@ -698,7 +715,7 @@ static inline kv_t *kv_at(const er_model *M, int layer, int which, int block, in
     return M->kv + ((((size_t)layer * 2 + which) * M->n_kv + kvh) * M->num_blocks + block) * blk;
 }
 
-static inline void prefetch_block(const kv_t *p, int n) { /* n halves */
+static inline __attribute__((always_inline)) void prefetch_block(const kv_t *p, int n) { /* n halves; always_inline: see prefetch_weights */
     for (int i = 0; i < n; i += 32) __builtin_prefetch(p + i, 0, 3);
 }
 
