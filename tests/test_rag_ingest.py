@@ -63,17 +63,20 @@ def test_incremental_ingest_only_embeds_changes(tmp_path):
         assert all("16 A" not in h.chunk.text for h in r.search("charging dock circuit", k=5).hits)
 
 
+class RecordingEmbedder(HashEmbedder):
+    """The hash embedder, keeping every text it was asked to embed (in `seen`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def embed(self, texts, batch_size: int = 32, progress: bool = False):
+        self.seen += list(texts)
+        return super().embed(texts, batch_size, progress)
+
+
 def test_repeated_chunks_are_embedded_once_and_share_the_vector(tmp_path):
-    class Counting(HashEmbedder):
-        def __init__(self):
-            super().__init__()
-            self.seen: list[str] = []
-
-        def embed(self, texts, batch_size: int = 32, progress: bool = False):
-            self.seen += list(texts)
-            return super().embed(texts, batch_size, progress)
-
-    emb = Counting()
+    emb = RecordingEmbedder()
     docs = tmp_path / "docs"
     for sub in ("a", "b"):  # same file name, same text: the same embedded text (title + chunk)
         (docs / sub).mkdir(parents=True)
@@ -98,22 +101,13 @@ def test_a_chunk_is_embedded_with_its_overlap_unless_told_not_to(tmp_path):
 
     assert ChunkParams().embed_overlap is True  # hybrid recall fell without it (README #15, session 6)
 
-    class Recording(HashEmbedder):
-        def __init__(self):
-            super().__init__()
-            self.seen: list[str] = []
-
-        def embed(self, texts, batch_size: int = 32, progress: bool = False):
-            self.seen += list(texts)
-            return super().embed(texts, batch_size, progress)
-
     docs = tmp_path / "docs"
     docs.mkdir()
     paras = [" ".join(f"s{k}w{i}" for i in range(30)) + "." for k in range(6)]
     (docs / "long.txt").write_text("\n\n".join(paras) + "\n")
     seen = {}
     for carried in (False, True):
-        emb = Recording()
+        emb = RecordingEmbedder()
         ingest(docs, embedder=emb, progress=False, directory=tmp_path / f"col-{carried}",
                params=ChunkParams(max_tokens=100, overlap=40, embed_overlap=carried))
         seen[carried] = emb.seen

@@ -36,8 +36,11 @@ class FakeBackend:
         self.batches = []
         self.gate = threading.Event()  # execute waits for it: tests submit everything first
         self.gate.set()
+        self.pause_at = None  # the execute that clears the gate itself (the engine stops there, whatever the load)
 
     def execute(self, b):
+        if self.pause_at is not None and len(self.batches) + 1 == self.pause_at:
+            self.gate.clear()
         self.gate.wait(10)
         b.validate()
         assert self.caps.copies_blocks or not b.block_copies.size, "block copies sent to a backend that cannot copy"
@@ -395,11 +398,12 @@ def test_prefix_cache_hit_counts_and_same_tokens():
     assert be.batches[-4].seq_lens[0] == 23 and be.batches[-4].num_tokens == 3  # only the new tokens ran
 
 
-def test_preemption_recomputes_and_gives_identical_tokens():
+def check_preemption_gives_identical_tokens(backend_cls):
+    """3 requests of up to 24 tokens = 6 blocks each; 12 blocks cannot hold all three to the end:
+    some are preempted, recomputed, and still give the tokens each gives alone."""
     prompts = [list(range(i * 7, i * 7 + 10)) for i in range(3)]
     want = [run_alone(p, greedy(14), num_blocks=64) for p in prompts]
-    # 3 requests of up to 24 tokens = 6 blocks each; 12 blocks cannot hold all three to the end
-    be = FakeBackend(num_blocks=12, max_seqs=3)
+    be = backend_cls(num_blocks=12, max_seqs=3)
     be.gate.clear()
     with Engine(be, eos_ids=(), prefix_cache=False) as e:
         streams = [e.submit(p, greedy(14), detokenize=False) for p in prompts]
@@ -409,6 +413,11 @@ def test_preemption_recomputes_and_gives_identical_tokens():
         assert sum(s.request.stats.preemptions for s in streams) > 0
         assert [s.request.output_ids for s in streams] == want
         assert e.kv.num_used == 0
+    return be
+
+
+def test_preemption_recomputes_and_gives_identical_tokens():
+    check_preemption_gives_identical_tokens(FakeBackend)
 
 
 def test_abort_frees_blocks_and_ends_the_stream():
@@ -547,18 +556,7 @@ def test_async_steps_seeded_sampling_and_preemption_equal_alone():
         [list(o) for o in others]
     assert s.request.output_ids == want and be.prev_launches > 0
     # KV too small for all three: an overlapped plan never preempts; the engine waits and preempts then
-    prompts = [list(range(i * 7, i * 7 + 10)) for i in range(3)]
-    want = [run_alone(q, greedy(14), num_blocks=64) for q in prompts]
-    be = AsyncFakeBackend(num_blocks=12, max_seqs=3)
-    be.gate.clear()
-    with Engine(be, eos_ids=(), prefix_cache=False) as e:
-        streams = [e.submit(q, greedy(14), detokenize=False) for q in prompts]
-        be.gate.set()
-        for st in streams:
-            list(st)
-        assert sum(st.request.stats.preemptions for st in streams) > 0
-        assert [st.request.output_ids for st in streams] == want
-        assert e.kv.num_used == 0 and not be.pending
+    assert not check_preemption_gives_identical_tokens(AsyncFakeBackend).pending
 
 
 def test_async_steps_abort_and_host_sampled_rows():
@@ -566,14 +564,16 @@ def test_async_steps_abort_and_host_sampled_rows():
     engine read its step back before planning the next, and it samples what it samples alone."""
     be = AsyncFakeBackend()
     be.gate.clear()
+    be.pause_at = 8  # the 8th launch waits: 7 steps ran, step 8 is in flight
     with Engine(be, eos_ids=()) as e:
         a = e.submit(list(range(10)), greedy(40), detokenize=False)
         b = e.submit(list(range(5)), greedy(40), detokenize=False)
         be.gate.set()
         t = time.monotonic()
-        while a.request.stats.n_generated < 3 and time.monotonic() - t < 10:
+        while (be.gate.is_set() or a.request.stats.n_generated < 3) and time.monotonic() - t < 10:
             time.sleep(0.0005)
         a.close()  # steps are in flight now
+        be.gate.set()
         list(b)
         assert a.request.finish_reason == "abort" and 3 <= a.request.stats.n_generated < 40
         list(b)
