@@ -17,6 +17,18 @@ PROMPTS = ["Once upon", "A dog ran", "xy", "The quick brown fox jumps", "hi", "T
            "0123456789", "zebra", "abc abc abc", "Q: what? A:", "robot", "E-214 means"]
 
 
+def run_together(engine, prompts, params) -> list[tuple[list[int], str]]:
+    """Submits every prompt at once (token ids, not detokenized), waits for all, and returns each
+    request's output ids and finish reason in submit order; the engine's KV cache is empty after."""
+    streams = [engine.submit(p, sp, detokenize=False) for p, sp in zip(prompts, params)]
+    out = []
+    for st in streams:
+        list(st)
+        out.append((list(st.request.output_ids), st.request.finish_reason))
+    assert engine.kv.num_used == 0
+    return out
+
+
 def check_concurrent_equals_alone(make_gen, bundle) -> list[tuple[str, int, str]]:
     """Different prompt lengths, max_tokens and stop strings, greedy; returns what the 12 gave."""
     params = [SamplingParams(max_tokens=4 + 3 * (i % 5), temperature=0, stop=["e"] if i % 4 == 1 else []) for i in range(12)]

@@ -19,6 +19,7 @@ from edge.models.spec import spec_from_hf_config  # noqa: E402
 from edge.quant.format import dequantize_int4, dequantize_int8, quantize_int4_rtn, quantize_int8_rtn  # noqa: E402
 from edge.runtime.cuda.reference import reference_logits  # noqa: E402
 from edge.runtime.step import F32, I32, StepBatch  # noqa: E402
+from engine_checks import run_together  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -328,12 +329,7 @@ def test_engine_twelve_concurrent_equal_alone_and_seeded_sampling(tmp_path):
         for p, sp in zip(prompts, params):
             alone.append(_engine_tokens(e, p, sp))
     with eng.Engine(be) as e:
-        streams = [e.submit(p, sp, detokenize=False) for p, sp in zip(prompts, params)]
-        together = []
-        for s in streams:
-            list(s)
-            together.append((list(s.request.output_ids), s.request.finish_reason))
-        assert e.kv.num_used == 0
+        together = run_together(e, prompts, params)
     assert together == alone
     seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=7)
     with eng.Engine(be) as e:
@@ -367,12 +363,7 @@ def test_engine_async_steps_equal_one_step_at_a_time(tmp_path):
         try:
             # a small budget: prompt pieces run beside rows already decoding (mixed steps behind a launch)
             with eng.Engine(be, eos_ids=eos, overlap=overlap, token_budget=40, prefill_chunk=16) as e:
-                streams = [e.submit(p, sp, detokenize=False) for p, sp in zip(prompts, params)]
-                got = []
-                for st in streams:
-                    list(st)
-                    got.append((list(st.request.output_ids), st.request.finish_reason))
-                assert e.kv.num_used == 0
+                got = run_together(e, prompts, params)
         finally:
             del be.launch
         return got, kinds

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from edge.runtime.step import F32, I32, StepBatch
+from engine_checks import run_together
 
 V, MB, BS, CTX = 64, 8, 16, 64
 
@@ -199,13 +200,7 @@ def test_engine_async_steps_over_the_backend_equal_one_step_at_a_time(backend):
 
     def run(overlap, eos=()):
         with Engine(backend, eos_ids=eos, overlap=overlap, token_budget=24, prefill_chunk=8) as e:
-            streams = [e.submit(p, sp, detokenize=False) for p, sp in zip(prompts, params)]
-            out = []
-            for st in streams:
-                list(st)
-                out.append((list(st.request.output_ids), st.request.finish_reason))
-            assert e.kv.num_used == 0
-        return out
+            return run_together(e, prompts, params)
 
     eos = run(False)[1][0][4]
     want = run(False, (eos,))
