@@ -15,7 +15,9 @@ Passages go in rank order, the question after them (the order small models answe
 23/36 in rank order; without the numbered '[n] (file, lines) heading' headers, 16-18/36). A
 passage longer than the recipe's `passage_tokens` is cut to the window of its sentences that
 holds the most question terms; a passage listing several API entries (`name(args)` heads) of which the
-question names one is shown without the other entries (`without_neighbour_entries`); the first passage that does not fit the context whole is cut
+question names one is shown without the other entries, and any other passage of the prompt without
+that entry's siblings (`without_neighbour_entries`); a question asking what something returns is asked
+for the value (`asks_return_value`, medium recipe); the first passage that does not fit the context whole is cut
 the same way when at least MIN_PASSAGE_TOKENS of room is left, and the rest are dropped. A
 question that leaves no room at all is a ContextLengthError. Retrieved chunks that overlap in one
 document are one passage (`merge_overlapping`; its window is the chunks' budgets added).
@@ -23,6 +25,7 @@ document are one passage (`merge_overlapping`; its window is the chunks' budgets
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, replace
 
@@ -50,6 +53,8 @@ class AnswerRecipe:
     # degenerate one; the same prompt with only the top 1 or 2 passages 2, passages in reverse 3,
     # the question also before the passages 2 (bench/bench_answers.py answers, 0.5B int8 engine).
     retry_instruction: str = "Answer in one sentence."
+    # added after `instruction` when the question asks what something returns (`asks_return_value`)
+    return_instruction: str = ""
 
 
 SYSTEM_PROMPT = (
@@ -68,11 +73,27 @@ SYSTEM_PROMPT = (
 # steps: what to check, not what to do), 3 of its 8 manuals test misses in session 6's run.
 MULTI_FACT_INSTRUCTION = ("Answer with every fact the question asks for, in one or two sentences, and cite the "
                           "passage number like [1].")
+# Questions that ask what an API entry returns were answered with another sentence of the entry: "What does
+# heapq.heappushpop return?" got the entry's "runs more efficiently than heappush() followed by heappop()"
+# (session 6, pydoc test, 1.5B int4; llama.cpp on the same prompt gave "the smallest item"). With this line
+# after the instruction the engine gave "returns the smallest item" and kept median_low's right answer (the
+# test set's two "What does X return" questions, engine-only probe, session 7). It is asked only with
+# questions of that shape, so no other prompt changes.
+RETURN_VALUE_INSTRUCTION = "If the question asks what something returns, answer with the value it returns."
+_ASKS_RETURN = re.compile(r"\bwhat\b[^?]*\breturns?\b", re.I)
+
+
+def asks_return_value(question: str) -> bool:
+    """The question asks what something returns ("What does heapq.heappushpop return?"; not "the value
+    returned by X", which asks about the value's attributes)."""
+    return bool(_ASKS_RETURN.search(question))
+
+
 RECIPES = {
     "tiny": AnswerRecipe("tiny", SYSTEM_PROMPT, max_passages=1, passage_tokens=256, answer_tokens=96),
     "small": AnswerRecipe("small", SYSTEM_PROMPT, max_passages=5, passage_tokens=256, answer_tokens=128),
     "medium": AnswerRecipe("medium", SYSTEM_PROMPT, max_passages=5, passage_tokens=256, answer_tokens=128,
-                           instruction=MULTI_FACT_INSTRUCTION),
+                           instruction=MULTI_FACT_INSTRUCTION, return_instruction=RETURN_VALUE_INSTRUCTION),
 }
 TINY_MAX_PARAMS = 300e6
 MEDIUM_MIN_PARAMS = 1e9  # measured on Qwen2.5-Coder-1.5B only; the 0.5B keeps "small" (not re-measured)
@@ -122,9 +143,16 @@ def user_message(question: str, passages: list[Passage], instruction: str) -> st
     return f"Passages:\n\n{body}\n\nQuestion: {question.strip()}\n{instruction}"
 
 
+def instruction_for(question: str, recipe: AnswerRecipe) -> str:
+    """The recipe's instruction line, followed by its return-value line for a question that asks for one."""
+    if recipe.return_instruction and asks_return_value(question):
+        return f"{recipe.instruction}\n{recipe.return_instruction}"
+    return recipe.instruction
+
+
 def messages_for(question: str, passages: list[Passage], recipe: AnswerRecipe) -> list[dict]:
     return [{"role": "system", "content": recipe.system},
-            {"role": "user", "content": user_message(question, passages, recipe.instruction)}]
+            {"role": "user", "content": user_message(question, passages, instruction_for(question, recipe))}]
 
 
 def retry_prompt(prompt: Prompt, question: str, tokenizer) -> Prompt:
@@ -200,6 +228,9 @@ def best_window(tokenizer, text: str, question: str, budget: int) -> str:
 # line, after indentation and pydoc's "|" margin. Its entry runs to the next line indented no deeper.
 _ENTRY_HEAD = re.compile(r"^[ \t|]*([A-Za-z_]\w*)\(", re.M)
 _NAMED = re.compile(r"[A-Za-z_]\w{2,}")
+# a head line that is a whole signature (`median(data)`, `f(x) -> int`), not prose or code that starts with a
+# call ("uuid_generate_time_safe(3).", "heappush(heap, item)  # pushes ...")
+_SIGNATURE = re.compile(r"[ \t|]*[A-Za-z_]\w*\(.*\)(?:\s*->.*)?\s*$")
 
 
 def _entry_col(line: str) -> int | None:
@@ -220,24 +251,57 @@ def _entry_end(text: str, start: int, col: int) -> int:
     return len(text)
 
 
-def without_neighbour_entries(text: str, question: str) -> str | None:
+def _line_at(text: str, start: int) -> str:
+    eol = text.find("\n", start)
+    return text[start: eol if eol != -1 else len(text)]
+
+
+def _entry_heads(text: str) -> list[tuple[int, int, str]]:
+    """(offset of the head's line, column of its name, name) of every entry head in `text`."""
+    return [(m.start(), _entry_col(_line_at(text, m.start())), m.group(1)) for m in _ENTRY_HEAD.finditer(text)]
+
+
+def documented_entry(texts: list[str], question: str) -> str | None:
+    """The one API entry the question names that the passages document (an entry head `name(` in any of
+    `texts`), else None (none named, or two or more: a question comparing entries keeps them all)."""
+    named = set(_NAMED.findall(question))
+    asked = {name for t in texts for _, _, name in _entry_heads(t) if name in named}
+    return asked.pop() if len(asked) == 1 else None
+
+
+def sibling_names(a: str, b: str) -> bool:
+    """Two different names of one family of entries: they share a stem of 4+ characters, or one is the
+    start of the other (median / median_low / median_grouped, heappush / heappop / heappushpop,
+    copy / copy2 / copyfile). Case counts: the class `UUID` is no sibling of the function `uuid4`."""
+    return a != b and len(os.path.commonprefix([a, b])) >= min(4, len(a), len(b))
+
+
+def without_neighbour_entries(text: str, question: str, entry: str | None = None) -> str | None:
     """`text` without the neighbours of the entry the question names, where `text` lists two or more
     entries at one indentation (an API reference: `median_high(data)`, `median_low(data)`, ...) and the
     question names exactly one of them; else None. The rest of the passage (module descriptions, the
     tail of an entry whose head is not in it) is kept; each run of dropped entries becomes one "...".
     Neighbouring entries differ by a word ("the larger" / "the smaller of the two middle values";
-    mkdtemp / mkstemp) and the 1.5B int4 engine answered with the neighbour's line (sessions 5-6)."""
+    mkdtemp / mkstemp) and the 1.5B int4 engine answered with the neighbour's line (sessions 5-6).
+
+    `entry`: the entry the question names that another passage of the same prompt documents
+    (`documented_entry`). A passage that holds none of the entries the question names loses the entries of
+    `entry`'s family (`sibling_names`: median and median_grouped where the question asks for median_low,
+    documented in the passage before): session 6's pydoc test run answered median_low's question with
+    median's interpolation from such a passage, which the rule above left whole (it saw no named entry).
+    Entries of other families stay there (a class's own signature line, another module's functions)."""
     named = set(_NAMED.findall(question))
-    heads = []  # (offset of the head's line, column of its name, name)
-    for m in _ENTRY_HEAD.finditer(text):
-        eol = text.find("\n", m.start())
-        heads.append((m.start(), _entry_col(text[m.start(): eol if eol != -1 else len(text)]), m.group(1)))
+    heads = _entry_heads(text)
     hits = [h for h in heads if h[2] in named]
-    if len(hits) != 1:
+    if len(hits) == 1:
+        col = hits[0][1]
+        drop = [(h[0], _entry_end(text, h[0], col)) for h in heads if h[1] == col and h is not hits[0]]
+    elif not hits and entry is not None:
+        drop = [(h[0], _entry_end(text, h[0], h[1])) for h in heads
+                if sibling_names(h[2], entry) and _SIGNATURE.match(_line_at(text, h[0]))]
+    else:
         return None
-    col = hits[0][1]
-    drop = [(h[0], _entry_end(text, h[0], col)) for h in heads if h[1] == col and h is not hits[0]]
-    if not drop:  # a lone entry: nothing to confuse it with
+    if not drop:  # a lone entry, or no sibling: nothing to confuse it with
         return None
     out, pos = [], 0
     for a, b in drop:
@@ -291,8 +355,10 @@ def build_prompt(question: str, hits: list[Hit], tokenizer, max_context: int, an
     passages: list[Passage] = []
     used = 0
     notes: list[str] = []
-    for h, parts in merge_overlapping(hits[: recipe.max_passages]):
-        src = without_neighbour_entries(h.chunk.text, question) or h.chunk.text
+    merged = merge_overlapping(hits[: recipe.max_passages])
+    entry = documented_entry([h.chunk.text for h, _ in merged], question)
+    for h, parts in merged:
+        src = without_neighbour_entries(h.chunk.text, question, entry) or h.chunk.text
         text = best_window(tokenizer, src, question, recipe.passage_tokens * parts)
         p = Passage(len(passages) + 1, h, text, truncated=text != h.chunk.text, chunks=parts)
         cost = _encode_len(tokenizer, p.block()) + 2  # + the blank line joining blocks

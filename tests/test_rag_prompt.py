@@ -15,7 +15,8 @@ from edge.errors import ContextLengthError  # noqa: E402
 from rag.ask import NOT_COVERED, ask, format_sources  # noqa: E402
 from rag.ingest import ingest  # noqa: E402
 from rag.ground import AnswerGuard, CitationFilter, degenerate, ground, support  # noqa: E402
-from rag.prompt import (RECIPES, best_window, build_prompt, cited_numbers, count_prompt_tokens, recipe_for,  # noqa: E402
+from rag.prompt import (RECIPES, RETURN_VALUE_INSTRUCTION, asks_return_value, best_window, build_prompt,  # noqa: E402
+                        cited_numbers, count_prompt_tokens, documented_entry, recipe_for, sibling_names,
                         without_neighbour_entries)
 from rag.retrieve import Hit, Retriever  # noqa: E402
 from rag.store import ChunkRow  # noqa: E402
@@ -362,6 +363,75 @@ def test_build_prompt_shows_the_named_entry_without_its_neighbours():
     # the unnamed question sees the whole passage
     p2 = build_prompt("What does the median return?", [h], tok, max_context=4000)
     assert p2.passages[0].text == doc and not p2.passages[0].truncated
+
+
+# the chunk before PYDOC_ENTRIES in statistics.txt: the tail of mean's entry, then median's family
+PYDOC_SIBLINGS = """\
+        >>> mean([1, 2, 3, 4, 4])
+        2.8
+    
+    median(data)
+        Return the median (middle value) of numeric data.
+        
+        When the number of data points is even, the median is interpolated by
+        taking the average of the two middle values:
+    
+    median_grouped(data, interval=1.0)
+        Estimates the median for numeric data binned around the midpoints.
+    
+    mode(data)
+        Return the most common data point from discrete or nominal data.
+        Calls uuid_generate_time_safe(3).
+        uuid_generate_time_safe(3)."""
+
+
+def _hit(path: str, text: str, start: int) -> Hit:
+    return Hit(ChunkRow(start, start, path, "line", 0, text, "", start, start + 20, 0, len(text), 60), 1.0)  # one document each: not merged
+
+
+def test_a_passage_of_the_named_entrys_siblings_loses_them():
+    q = "What does statistics.median_low return when the number of data points is even?"
+    lone = PYDOC_ENTRIES[PYDOC_ENTRIES.index("    median_low"): PYDOC_ENTRIES.index("    mode(data)")]
+    assert documented_entry([lone, PYDOC_SIBLINGS], q) == "median_low"
+    out = without_neighbour_entries(PYDOC_SIBLINGS, q, "median_low")
+    # median's interpolation (what session 6's engine answered with) and median_grouped are gone
+    assert "interpolated" not in out and "median(data)" not in out and "median_grouped" not in out
+    # the tail of an entry before them, another family's entry and prose that starts with a call stay
+    assert out.startswith("        >>> mean(") and "mode(data)" in out and out.count("uuid_generate_time_safe(3)") == 2
+    assert out.count("...") == 1
+    # without the entry documented elsewhere in the prompt, a passage naming none of its entries stays whole
+    assert without_neighbour_entries(PYDOC_SIBLINGS, q) is None
+    p = build_prompt(q, [_hit("statistics.txt", lone, 520), _hit("statistics.txt", PYDOC_SIBLINGS, 460)],
+                     WordTokenizer(), max_context=4000)
+    assert "smaller of the two" in p.passages[0].text and "interpolated" not in p.passages[1].text
+    assert p.passages[1].truncated and not p.passages[0].truncated
+    # a question naming two documented entries compares them: nothing is dropped anywhere
+    assert documented_entry([lone, PYDOC_SIBLINGS], "Do median_low and median differ?") is None
+    p2 = build_prompt("Do median_low and median differ?", [_hit("statistics.txt", lone, 520),
+                      _hit("statistics.txt", PYDOC_SIBLINGS, 460)], WordTokenizer(), max_context=4000)
+    assert "interpolated" in p2.passages[1].text
+
+
+def test_sibling_names_share_a_stem():
+    for a, b in [("median", "median_low"), ("median_grouped", "median_low"), ("heappop", "heappushpop"),
+                 ("copy2", "copytree")]:
+        assert sibling_names(a, b) and sibling_names(b, a)
+    for a, b in [("UUID", "uuid4"), ("getuser", "getpass"), ("wrap", "TextWrapper"), ("mode", "mode")]:
+        assert not sibling_names(a, b)
+
+
+def test_a_question_for_a_return_value_is_asked_for_the_value():
+    assert asks_return_value("What does heapq.heappushpop return?")
+    assert asks_return_value("In what unit does wave's getsampwidth() return the sample width?")
+    assert not asks_return_value("What attributes does the value returned by shutil.disk_usage have?")
+    assert not asks_return_value("How do I return a robot to its dock?")
+    h = _hit("heapq.txt", "heappushpop(heap, item, /)\n    Push item on the heap, then pop and return the smallest.", 40)
+    msg = build_prompt("What does heapq.heappushpop return?", [h], WordTokenizer(), 4000,
+                       recipe=RECIPES["medium"]).messages[1]["content"]
+    assert msg.endswith(RECIPES["medium"].instruction + "\n" + RETURN_VALUE_INSTRUCTION)
+    for q, r in [("What does heapq.heappush do?", "medium"), ("What does heapq.heappushpop return?", "small")]:
+        msg = build_prompt(q, [h], WordTokenizer(), 4000, recipe=RECIPES[r]).messages[1]["content"]
+        assert RETURN_VALUE_INSTRUCTION not in msg and msg.endswith(RECIPES[r].instruction)
 
 
 def test_where_an_answer_says_it_found_the_fact_is_not_its_content():
