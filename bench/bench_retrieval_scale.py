@@ -3,7 +3,7 @@
     python bench/scale_corpus.py --out /tmp/scale-corpus          # 1,428 real documents (once)
     python bench/bench_retrieval_scale.py ingest --corpus /tmp/scale-corpus --dir /tmp/scale-col \
         [--part pydoc|man|all] [--shards N --shard I] [--tree OTHER_CHECKOUT] [--embedder BUNDLE]
-        [--chunk-tokens N] [--overlap N] [--embed-overlap yes|no]
+        [--chunk-tokens N] [--overlap N] [--embed-overlap yes|no] [--embed-tokens N]
     python bench/bench_retrieval_scale.py search --dir /tmp/scale-col [--split tune|heldout|both] \
         [--indexes flat,hnsw,ivfpq] [--modes hybrid,vector,keyword]
 
@@ -94,7 +94,8 @@ def run_ingest(args) -> None:
                 shutil.copy2(f, stage / f.name)
             src = stage
         chunking = {k: v for k, v in (("max_tokens", args.chunk_tokens), ("overlap", args.overlap),
-                                      ("embed_overlap", args.embed_overlap)) if v is not None}
+                                      ("embed_overlap", args.embed_overlap), ("embed_tokens", args.embed_tokens))
+                    if v is not None}
         r = subprocess.run([sys.executable, "-c", _WORKER, str(src), str(args.dir), str(bundle), str(args.threads),
                             json.dumps(chunking)],
                            capture_output=True, text=True, env=env, cwd=str(tree))
@@ -188,6 +189,8 @@ def main() -> None:
     a.add_argument("--overlap", type=int, default=None, help="tokens carried between chunks (default: ChunkParams)")
     a.add_argument("--embed-overlap", default=None, type=lambda v: {"yes": True, "no": False}[v], choices=[True, False],
                    help="yes|no: embed the carried tokens too (default: ChunkParams; a tree before it has no choice)")
+    a.add_argument("--embed-tokens", type=int, default=None,
+                   help="embed at most N tokens of each chunk (default: ChunkParams; a tree before it has no choice)")
     s = sub.add_parser("search")
     s.add_argument("--dir", required=True)
     s.add_argument("--questions", default=str(QUESTIONS))

@@ -27,6 +27,11 @@ class ChunkParams:
     # ingested 1.35x faster, vector recall@5 0.90 -> 0.92, but hybrid 0.98 -> 0.96 (MRR 0.918 ->
     # 0.905) on its 50 questions (README #15, session 6). So on by default.
     embed_overlap: bool = True
+    # NOTE: the most tokens of a chunk's embedded text ([CLS] and [SEP] included) the embedder reads;
+    # None: its max_seq_length. The vector then comes from the chunk's head (title, heading and the
+    # first tokens) while its stored text, keyword index and prompt keep every token. Measured on the
+    # scale corpus in README #15 (session 7).
+    embed_tokens: int | None = None
 
     def __post_init__(self) -> None:
         from edge.errors import UsageError
@@ -38,6 +43,9 @@ class ChunkParams:
                              fix=f"use --overlap from 0 to {self.max_tokens // 2} (half the chunk)")
         if not isinstance(self.embed_overlap, bool):
             raise UsageError(f"embed_overlap must be true or false, got {self.embed_overlap!r}")
+        if self.embed_tokens is not None and (isinstance(self.embed_tokens, bool) or not isinstance(self.embed_tokens, int)
+                                              or self.embed_tokens < 8):
+            raise UsageError(f"embed_tokens {self.embed_tokens!r} is too small", fix="use --embed-tokens 8 or more")
 
 
 @dataclass

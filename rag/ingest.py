@@ -46,6 +46,8 @@ class EmbedderLike(Protocol):
     dim: int
 
     def embed(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray: ...
+    # an embedder that reads at most max_tokens of a text also takes embed(..., max_tokens=N)
+    # (edge.runtime.embedder.Embedder); ingest passes it only when ChunkParams.embed_tokens is set
 
     def count_tokens(self, text: str) -> int: ...
 
@@ -161,7 +163,7 @@ def _ingest_locked(root, files, unsupported, store: Store, d: Path, embedder: Em
             fix=f"re-ingest with --rebuild, or use another collection (--collection NAME)")
     old_params = store.get_meta("chunk_params")
     if old_params is not None:  # written before embed_overlap existed: the overlap was embedded
-        old_params = {"embed_overlap": True, **old_params}
+        old_params = {"embed_overlap": True, "embed_tokens": None, **old_params}
     if old_params is not None and old_params != asdict(params) and not rebuild:
         log.warning("chunk parameters changed (%s -> %s): only changed files are re-chunked; use --rebuild",
                     old_params, asdict(params))
@@ -214,7 +216,7 @@ def _ingest_locked(root, files, unsupported, store: Store, d: Path, embedder: Em
     # 1. embed (the slow part; nothing is written before it ends)
     texts = [c.embed_text(_title(p), overlap=params.embed_overlap) for p, *_, chunks in loaded for c in chunks]
     te = time.perf_counter()
-    vecs = _embed_all(embedder, texts, batch_size, progress)
+    vecs = _embed_all(embedder, texts, batch_size, progress, params.embed_tokens)
     report.embed_seconds = time.perf_counter() - te
 
     # nothing changed: keep the generation (and the files) as they are
@@ -305,9 +307,11 @@ def _is_under(p: Path, root: Path) -> bool:
 EMBED_GROUP = 16
 
 
-def _embed_all(embedder: EmbedderLike, texts: list[str], batch_size: int, progress: bool) -> np.ndarray:
+def _embed_all(embedder: EmbedderLike, texts: list[str], batch_size: int, progress: bool,
+               max_tokens: int | None = None) -> np.ndarray:
     """float32 [n, dim], with a progress bar. Sorted by length so that batches pad little; a text
-    that occurs several times is embedded once (its copies get the same vector)."""
+    that occurs several times is embedded once (its copies get the same vector). `max_tokens`:
+    the embedder reads at most that many tokens of a text (ChunkParams.embed_tokens)."""
     dim = int(embedder.dim)
     out = np.zeros((len(texts), dim), np.float32)
     if not texts:
@@ -325,7 +329,8 @@ def _embed_all(embedder: EmbedderLike, texts: list[str], batch_size: int, progre
         task = bar.add_task("embedding", total=len(order))
         for s in range(0, len(order), batch_size * EMBED_GROUP):
             idx = order[s:s + batch_size * EMBED_GROUP]
-            v = np.asarray(embedder.embed([texts[i] for i in idx], batch_size=batch_size), dtype=np.float32)
+            cap = {"max_tokens": max_tokens} if max_tokens is not None else {}
+            v = np.asarray(embedder.embed([texts[i] for i in idx], batch_size=batch_size, **cap), dtype=np.float32)
             out[idx] = v
             done += len(idx)
             bar.update(task, advance=len(idx))

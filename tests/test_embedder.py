@@ -218,6 +218,35 @@ def test_truncation_and_count_tokens(tiny_folders, tmp_path):
     np.testing.assert_allclose(vecs, emb.embed([long, "battery"]), atol=1e-6)
 
 
+def test_max_tokens_reads_the_head_of_each_text_as_the_tokenizer_would_cut_it(tiny_folders, tmp_path):
+    """embed(..., max_tokens=N): each text's first N - 1 ids and its [SEP], exactly the tokenizer's own
+    truncation at N; shorter texts are untouched; the usage count is what was read."""
+    from tokenizers import Tokenizer
+
+    emb = Embedder.from_bundle(build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "b", progress=False))
+    rng = random.Random(5)
+    texts = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 40))) for _ in range(30)]
+    cut = Tokenizer.from_file(str(emb.bundle.file("tokenizer.json")))
+    cut.no_padding()
+    cut.enable_truncation(max_length=12)
+    want = [e.ids for e in cut.encode_batch(texts)]
+    assert emb._encode(texts, max_tokens=12) == want
+    assert any(len(x) == 12 for x in want) and any(len(x) < 12 for x in want)
+    capped, n = emb.embed_counted(texts, batch_size=4, max_tokens=12)
+    assert n == sum(map(len, want))
+    ref = Embedder.from_bundle(emb.bundle.path)
+    ref.tokenizer = cut  # the tokenizer's own cut at 12
+    np.testing.assert_allclose(capped, ref.embed(texts, batch_size=4), atol=1e-6)
+    full = emb.embed(texts, batch_size=4)
+    longer = [i for i, x in enumerate(emb._encode(texts)) if len(x) > 12]
+    shorter = [i for i, x in enumerate(emb._encode(texts)) if len(x) <= 12]
+    assert not np.allclose(capped[longer], full[longer], atol=1e-3)
+    np.testing.assert_allclose(capped[shorter], full[shorter], atol=1e-5)
+    np.testing.assert_allclose(emb.embed(texts, max_tokens=1000), full, atol=1e-6)  # above max_seq_length: no cut
+    with pytest.raises(UsageError, match="max_tokens"):
+        emb.embed(texts, max_tokens=1)
+
+
 # ---- bad folders --------------------------------------------------------------------------
 
 def test_bad_folders_raise_clear_errors(tiny_folders, tmp_path):

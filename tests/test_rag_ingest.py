@@ -70,8 +70,9 @@ class RecordingEmbedder(HashEmbedder):
         super().__init__()
         self.seen: list[str] = []
 
-    def embed(self, texts, batch_size: int = 32, progress: bool = False):
+    def embed(self, texts, batch_size: int = 32, progress: bool = False, **kw):
         self.seen += list(texts)
+        self.kw = kw
         return super().embed(texts, batch_size, progress)
 
 
@@ -118,6 +119,32 @@ def test_a_chunk_is_embedded_with_its_overlap_unless_told_not_to(tmp_path):
     assert [count(seen[False], p) for p in paras] == [1] * len(paras)  # each paragraph embedded once
     assert sum(count(seen[True], p) for p in paras) > len(paras)
     assert len(seen[False]) == len(seen[True])  # the same chunks, shorter texts
+
+
+def test_embed_tokens_is_passed_to_the_embedder_and_recorded(tmp_path, caplog):
+    """ChunkParams.embed_tokens caps what the embedder reads of each chunk (embed(..., max_tokens=N));
+    unset, embed() gets no such argument (embedders without it keep working); the collection records it."""
+    from rag.chunk import ChunkParams
+
+    assert ChunkParams().embed_tokens is None
+    docs = corpus(tmp_path / "docs")
+    for cap in (None, 64):
+        emb = RecordingEmbedder()
+        ingest(docs, embedder=emb, progress=False, directory=tmp_path / f"col-{cap}", params=ChunkParams(embed_tokens=cap))
+        assert emb.kw == ({} if cap is None else {"max_tokens": 64})
+        with Store(tmp_path / f"col-{cap}", readonly=True) as s:
+            assert s.get_meta("chunk_params")["embed_tokens"] == cap
+    with pytest.raises(UsageError, match="embed_tokens"):
+        ChunkParams(embed_tokens=4)
+    with pytest.raises(UsageError, match="embed_tokens"):
+        ChunkParams(embed_tokens=True)
+    (docs / "new.md").write_text("# New\n\nThe lift raises 600 kg.\n")
+    ingest(docs, embedder=RecordingEmbedder(), progress=False, directory=tmp_path / "col-64",
+           params=ChunkParams(embed_tokens=64))
+    assert "chunk parameters changed" not in caplog.text
+    (docs / "new.md").write_text("# New\n\nThe lift raises 700 kg.\n")
+    ingest(docs, embedder=RecordingEmbedder(), progress=False, directory=tmp_path / "col-64")
+    assert "chunk parameters changed" in caplog.text
 
 
 def test_a_collection_from_before_embed_overlap_is_not_warned_about(tmp_path, caplog):

@@ -76,6 +76,10 @@ def ingest(
     embed_overlap: bool = typer.Option(True, "--embed-overlap/--no-embed-overlap",
                                        help="Embed the carried tokens too; --no-embed-overlap: a chunk's vector from its own "
                                             "span only (faster ingest; hybrid retrieval measured slightly worse)"),
+    embed_tokens: Optional[int] = typer.Option(None, "--embed-tokens",
+                                               help="Embed at most this many tokens of each chunk (its head; the whole chunk "
+                                                    "stays searchable by keyword and goes into prompts). Default: the "
+                                                    "embedder's limit"),
     index_memory: Optional[str] = typer.Option(None, "--index-memory",
                                                 help="Memory budget for the vector index (e.g. 64MB): picks flat/HNSW/IVF-PQ"),
     backend: str = typer.Option("auto", "--backend", help=EMBED_BACKEND_HELP),
@@ -94,7 +98,7 @@ def ingest(
 
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     check_collection_name(collection)
-    params = ChunkParams(max_tokens, overlap, embed_overlap)  # bad sizes fail before any engine loads
+    params = ChunkParams(max_tokens, overlap, embed_overlap, embed_tokens)  # bad sizes fail before any engine loads
     budget = None
     if index_memory:
         from edge.profiles import parse_size

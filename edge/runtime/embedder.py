@@ -269,20 +269,29 @@ class Embedder:
             self._counter.no_truncation()
         return len(self._counter.encode(text).ids)
 
-    def _encode(self, texts: list[str]) -> list[list[int]]:
+    def _encode(self, texts: list[str], max_tokens: int | None = None) -> list[list[int]]:
+        """Token ids of each text, truncated to max_seq_length, or to `max_tokens` when smaller: the
+        first max_tokens - 1 ids and the last ([SEP]), as the tokenizer's own truncation would cut."""
         # NOTE: in pieces: an Encoding keeps the truncated-off tokens (overflowing), strings and
         # offsets; 256 inputs of 2,000 characters at once grew the tokenizer threads' heaps for good
         out: list[list[int]] = []
         for i in range(0, len(texts), ENCODE_PIECE):
             out += [e.ids for e in self.tokenizer.encode_batch(texts[i:i + ENCODE_PIECE])]
+        if max_tokens is not None and max_tokens < self.max_seq_length:
+            if max_tokens < 2:
+                raise UsageError(f"max_tokens must be >= 2 ([CLS] and [SEP]), got {max_tokens}")
+            out = [x if len(x) <= max_tokens else x[:max_tokens - 1] + x[-1:] for x in out]
         return out
 
     # ---- embedding -------------------------------------------------------------------
-    def embed(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
-        """Embeddings [len(texts), dim] float32, in input order (unit-norm when the model says so)."""
-        return self.embed_counted(texts, batch_size, progress)[0]
+    def embed(self, texts: list[str], batch_size: int = 32, progress: bool = False,
+              max_tokens: int | None = None) -> np.ndarray:
+        """Embeddings [len(texts), dim] float32, in input order (unit-norm when the model says so).
+        `max_tokens`: read at most that many tokens of each text (default max_seq_length; _encode)."""
+        return self.embed_counted(texts, batch_size, progress, max_tokens)[0]
 
-    def embed_counted(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> tuple[np.ndarray, int]:
+    def embed_counted(self, texts: list[str], batch_size: int = 32, progress: bool = False,
+                      max_tokens: int | None = None) -> tuple[np.ndarray, int]:
         """embed(), and the number of tokens the model read (after truncation: an API's usage)."""
         if isinstance(texts, str):
             raise UsageError("embed() takes a list of strings", fix="use embed_query(text) for one string")
@@ -291,8 +300,8 @@ class Embedder:
         if not texts:
             return out, 0
         if self.backend == "cuda":
-            return out, self._embed_cuda(texts, batch_size, progress, out)
-        ids = self._encode(texts)
+            return out, self._embed_cuda(texts, batch_size, progress, out, max_tokens)
+        ids = self._encode(texts, max_tokens)
         batches = length_buckets([len(x) for x in ids], batch_size, max_tokens=MAX_BATCH_TOKENS, exact=self.unpadded)
         if self.streams > 1 and len(batches) > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -312,7 +321,8 @@ class Embedder:
         """One embedding [dim] float32."""
         return self._run(self._encode([text]))[0]
 
-    def _embed_cuda(self, texts: list[str], batch_size: int, progress: bool, out: np.ndarray) -> int:
+    def _embed_cuda(self, texts: list[str], batch_size: int, progress: bool, out: np.ndarray,
+                    max_tokens: int | None = None) -> int:
         """The GPU path of embed_counted: batches in input order (packed, so unsorted batches cost no
         padding). Three stages overlap: a thread tokenizes batch i+1 (tokenizers lets go of the GIL)
         while this thread queues batch i's kernels and the GPU runs batch i-1. Returns the tokens read."""
@@ -330,11 +340,11 @@ class Embedder:
         # 5.4 (11,681 -> 11,933 texts/s, inside the rounds' spread): the ids become Python lists
         # under the GIL, which the queueing thread needs too.
         with ThreadPoolExecutor(1, thread_name_prefix="embed-tokenize") as pool:
-            nxt = pool.submit(self._encode, texts[:per])
+            nxt = pool.submit(self._encode, texts[:per], max_tokens)
             for k in _maybe_progress(range(len(starts)), progress, len(texts), step=per):
                 ids = nxt.result()
                 if k + 1 < len(starts):
-                    nxt = pool.submit(self._encode, texts[starts[k + 1]:starts[k + 1] + per])
+                    nxt = pool.submit(self._encode, texts[starts[k + 1]:starts[k + 1] + per], max_tokens)
                 tokens += sum(map(len, ids))
                 launched = (starts[k], len(ids), Pending(self.session.cp, self.session.launch(ids)))
                 if pending is not None:
