@@ -37,6 +37,7 @@ class DecodeSteps:
     """The decode side of the session: buffers, graphs per bucket, attention, greedy stream, sampling."""
 
     gqa_attention = True  # batched steps: one attention block per kv head for all its query heads
+    attn_split_kernel = "paged_attn_split_tk"  # + _d64 / _d128; "paged_attn_split_tk0": the own K row after the barrier (bench A/B)
     attn_min_split_b1: int | None = None  # tokens per attention split at one row (None: attn_min_split_rows(1))
     gqa_min_blocks = GQA_MIN_BLOCKS
     _gqa: tuple[str, int] | None = None  # (kernel, dynamic shared memory) when this model can use it
@@ -154,7 +155,7 @@ class DecodeSteps:
                 shared_mem=smem,
             )
         elif s.head_dim in (64, 128):  # split-sequence kernel, P blocks per (head, sequence)
-            self.k[f"paged_attn_split_tk_d{s.head_dim}"](
+            self.k[f"{self.attn_split_kernel}_d{s.head_dim}"](
                 (s.n_heads, rows, self.attn_grid_splits(rows)), (ATTN_THREADS,),
                 (q, kc, vc, bt, ctx, out, self._attn_part_o, self._attn_part_ml, self._attn_tickets, _i32(s.n_heads),
                  _i32(s.n_kv_heads), _i32(self.block_size), _i32(self.max_blocks), _i32(self.max_context), scale,

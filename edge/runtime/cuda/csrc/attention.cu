@@ -208,7 +208,7 @@ ATTN_INSTANCE(paged_attn_decode_d128, 128)
 // scores). Shared memory as paged_attn_decode.
 // ---------------------------------------------------------------------------------------
 #define ATTN_SPLIT_MAX 8  // most splits per (head, sequence): session.ATTN_MAX_SPLITS
-template <int D, bool KCOAL>
+template <int D, bool KCOAL, bool OWNK = true>
 __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q, const half* __restrict__ kc,
                                                       const half* __restrict__ vc, const int* __restrict__ block_tables,
                                                       const int* __restrict__ ctx_lens, half* __restrict__ out,
@@ -271,12 +271,23 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
     }
     pdl_wait();
     pdl_trigger();
-    const half* qh = q + ((long long)b * Hq + h) * D;
-    for (int d = tid; d < D; d += blockDim.x) qs[d] = __half2float(qh[d]) * scale;
     // the step's own token's rows go to registers of their own (a load into a register with a
     // load still in flight would wait for it: one more round trip before the scores)
     const bool own_v = grp < groups && own < n && own % groups == grp && own < groups * VU;
     const uint4 vown = own_v ? __ldg(kv_row(vc, own) + ch) : make_uint4(0u, 0u, 0u, 0u);
+    // OWNK (one token per thread): the thread whose first token is the step's own loads that K
+    // row now, in the same round trip as q and the own V row (its kpre slots were left empty
+    // above), not after the barrier below: one L2 round trip fewer on the split that holds the
+    // new token, which every merge waits for. Same loads, same sums: the same bits.
+    if constexpr (!KCOAL && OWNK) {
+        if (tid == own && own < n) {
+            const uint4* kp = kv_row(kc, own);
+#pragma unroll
+            for (int c = 0; c < NCH; ++c) kpre[c] = __ldg(kp + c);
+        }
+    }
+    const half* qh = q + ((long long)b * Hq + h) * D;
+    for (int d = tid; d < D; d += blockDim.x) qs[d] = __half2float(qh[d]) * scale;
     __syncthreads();  // qs
     float mx = -INFINITY;
     if constexpr (KCOAL) {
@@ -336,7 +347,7 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
             scores[t] = sc;
             mx = fmaxf(mx, sc);
         };
-        if (tid < n && tid != own) {
+        if (tid < n && (OWNK || tid != own)) {
             score(tid, kpre);  // the first token's row, loaded above
         } else if (tid < n) {
             const uint4* kp = kv_row(kc, own);
@@ -429,6 +440,14 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
         pm[j] = j < Pe ? __ldcg(part_ml + (bh * P + j) * 2) : -INFINITY;
         pl[j] = j < Pe ? __ldcg(part_ml + (bh * P + j) * 2 + 1) : 0.f;
     }
+    // OWNK: the thread's first column of every part in the same round trip as (m, l) (written
+    // after the weights, the SASS issued them after the exponentials: a second L2 round trip);
+    // further columns (D > blockDim) load in the loop below
+    float po0[ATTN_SPLIT_MAX];
+    if constexpr (OWNK) {
+#pragma unroll
+        for (int j = 0; j < ATTN_SPLIT_MAX; ++j) po0[j] = j < Pe && tid < D ? __ldcg(part_o + (bh * P + j) * D + tid) : 0.f;
+    }
     float M = -INFINITY;
 #pragma unroll
     for (int j = 0; j < ATTN_SPLIT_MAX; ++j)
@@ -444,7 +463,7 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
     for (int d = tid; d < D; d += blockDim.x) {
         float po[ATTN_SPLIT_MAX];
 #pragma unroll
-        for (int j = 0; j < ATTN_SPLIT_MAX; ++j) po[j] = j < Pe ? __ldcg(part_o + (bh * P + j) * D + d) : 0.f;
+        for (int j = 0; j < ATTN_SPLIT_MAX; ++j) po[j] = OWNK && d == tid ? po0[j] : j < Pe ? __ldcg(part_o + (bh * P + j) * D + d) : 0.f;
         float acc = 0.f;
 #pragma unroll
         for (int j = 0; j < ATTN_SPLIT_MAX; ++j)
@@ -454,17 +473,20 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
     if (tid == 0) tickets[bh] = 0u;
 }
 
-#define ATTN_SPLIT_INSTANCE(NAME, D, KCOAL)                                                                  \
+#define ATTN_SPLIT_INSTANCE(NAME, D, KCOAL, OWNK)                                                            \
     extern "C" __global__ void NAME(const half* q, const half* kc, const half* vc, const int* bt,       \
         const int* ctx, half* out, float* part_o, float* part_ml, unsigned* tickets, int Hq, int Hkv,   \
         int BS, int max_blocks, int max_ctx, float scale, int min_split, int window, float softcap) {   \
-        paged_attn_split_impl<D, KCOAL>(q, kc, vc, bt, ctx, out, part_o, part_ml, tickets, Hq, Hkv, BS,  \
-                                 max_blocks, max_ctx, scale, min_split, window, softcap); }
+        paged_attn_split_impl<D, KCOAL, OWNK>(q, kc, vc, bt, ctx, out, part_o, part_ml, tickets, Hq, Hkv, \
+                                 BS, max_blocks, max_ctx, scale, min_split, window, softcap); }
 
-ATTN_SPLIT_INSTANCE(paged_attn_split_d64, 64, true)
-ATTN_SPLIT_INSTANCE(paged_attn_split_d128, 128, true)
-ATTN_SPLIT_INSTANCE(paged_attn_split_tk_d64, 64, false)
-ATTN_SPLIT_INSTANCE(paged_attn_split_tk_d128, 128, false)
+ATTN_SPLIT_INSTANCE(paged_attn_split_d64, 64, true, false)
+ATTN_SPLIT_INSTANCE(paged_attn_split_d128, 128, true, false)
+ATTN_SPLIT_INSTANCE(paged_attn_split_tk_d64, 64, false, true)
+ATTN_SPLIT_INSTANCE(paged_attn_split_tk_d128, 128, false, true)
+// the own K row after the barrier (before session 12): bench_cuda's attn_ab times the two
+ATTN_SPLIT_INSTANCE(paged_attn_split_tk0_d64, 64, false, false)
+ATTN_SPLIT_INSTANCE(paged_attn_split_tk0_d128, 128, false, false)
 
 // ---------------------------------------------------------------------------------------
 // GQA decode attention for compile-time D: grid (Hkv, B, P), one block per (kv head, sequence,
