@@ -300,19 +300,21 @@ def test_split_attention_long_context(tmp_path):
     sess.prefill(0, ids[:1])
     got = [sess.decode([0], ids[t : t + 1])[0] for t in range(1, 1503)]
     # the split merge itself: the same step with 1 split and with several, on the same cache
-    # (and paged_attn_split_tk0, the own K row and the merge's parts loaded a round trip later:
-    # the same loads and sums, so the same bits, at 1 split, 6 of 250 tokens, 8 of 188)
+    # (and the split kernel's earlier forms, paged_attn_split_tk0 / _tk1: loads issued later and
+    # sequentially consistent fences around the merge's ticket; the same loads and sums, so the
+    # same bits, at 1 split, 6 of 250 tokens, 8 of 188)
     outs = []
     for min_split in (1 << 30, 256, 40):
         sess.attn_min_split = min_split
-        for kernel in ("paged_attn_split_tk0", "paged_attn_split_tk"):
+        got_k = {}
+        for kernel in ("paged_attn_split_tk0", "paged_attn_split_tk1", "paged_attn_split_tk"):
             sess.attn_split_kernel = kernel
             sess._graphs.clear()
-            out = sess.decode([0], ids[1502:1503])[0]
+            got_k[kernel] = sess.decode([0], ids[1502:1503])[0]
             sess.blocks.truncate(0, 1503)
-            if kernel == "paged_attn_split_tk0":
-                old = out
-        assert np.array_equal(out, old), (min_split, float(np.max(np.abs(out - old))))
+        out = got_k["paged_attn_split_tk"]
+        for kernel, o in got_k.items():
+            assert np.array_equal(out, o), (min_split, kernel, float(np.max(np.abs(out - o))))
         outs.append(out)
     assert rel(outs[1], outs[0]) < 1e-4 and rel(outs[2], outs[0]) < 1e-4, (rel(outs[1], outs[0]), rel(outs[2], outs[0]))
     # against the fp32 reference: fp16 KV cache and activations on a random model whose scores

@@ -37,7 +37,7 @@ class DecodeSteps:
     """The decode side of the session: buffers, graphs per bucket, attention, greedy stream, sampling."""
 
     gqa_attention = True  # batched steps: one attention block per kv head for all its query heads
-    attn_split_kernel = "paged_attn_split_tk"  # + _d64 / _d128; "paged_attn_split_tk0": the own K row after the barrier (bench A/B)
+    attn_split_kernel = "paged_attn_split_tk"  # + _d64 / _d128; "paged_attn_split_tk0" / "_tk1": the forms before session 12 (bench_step_ab.py)
     attn_min_split_b1: int | None = None  # tokens per attention split at one row (None: attn_min_split_rows(1))
     gqa_min_blocks = GQA_MIN_BLOCKS
     _gqa: tuple[str, int] | None = None  # (kernel, dynamic shared memory) when this model can use it

@@ -128,7 +128,7 @@ class CudaDecoderSession(LinearDispatch, LayerPass, DecodeSteps, PrefillPass):
         smem = 4 * (self.max_context + spec.head_dim + 32 + 8 * ATTN_THREADS + self.max_blocks)
         if smem > 48 * 1024:  # opt in to more than 48 KB of dynamic shared memory
             for name in ("paged_attn_decode", "paged_attn_decode_d64", "paged_attn_decode_d128", "paged_attn_split_d64", "paged_attn_split_d128", "paged_attn_split_tk_d64", "paged_attn_split_tk_d128",
-                         "paged_attn_split_tk0_d64", "paged_attn_split_tk0_d128"):
+                         "paged_attn_split_tk0_d64", "paged_attn_split_tk0_d128", "paged_attn_split_tk1_d64", "paged_attn_split_tk1_d128"):
                 self.k[name].max_dynamic_shared_size_bytes = smem
         self._attn_smem = smem
         self._setup_gqa_attention()

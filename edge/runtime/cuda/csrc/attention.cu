@@ -208,7 +208,7 @@ ATTN_INSTANCE(paged_attn_decode_d128, 128)
 // scores). Shared memory as paged_attn_decode.
 // ---------------------------------------------------------------------------------------
 #define ATTN_SPLIT_MAX 8  // most splits per (head, sequence): session.ATTN_MAX_SPLITS
-template <int D, bool KCOAL, bool OWNK = true>
+template <int D, bool KCOAL, int FORM = 2>
 __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q, const half* __restrict__ kc,
                                                       const half* __restrict__ vc, const int* __restrict__ block_tables,
                                                       const int* __restrict__ ctx_lens, half* __restrict__ out,
@@ -224,6 +224,10 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
     float* accbuf = red + 32;           // [8 * blockDim]
     int* bts = reinterpret_cast<int*>(accbuf + 8 * blockDim.x);
     __shared__ bool last;
+    // FORM (session 12; bench_step_ab.py times the three): 0 as before; 1 the own token's K row
+    // and the merge's parts loaded early (OWNK, below); 2 also the ticket taken with one
+    // acquire-release atomic instead of two sequentially consistent fences (LIGHT, below)
+    constexpr bool OWNK = FORM >= 1, LIGHT = FORM >= 2;
     const int h = blockIdx.x, b = blockIdx.y, sp = blockIdx.z, P = gridDim.z, tid = threadIdx.x;
     // The length and the whole block-table row (the step's inputs) and the K / V rows of earlier
     // positions are read before pdl_wait(): under programmatic launch they load while the qkv
@@ -426,12 +430,28 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
         part_ml[(bh * P + sp) * 2] = mx;  // -inf for an empty split: it weighs 0 below
         part_ml[(bh * P + sp) * 2 + 1] = sum;
     }
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) last = atomicAdd(tickets + bh, 1u) == (unsigned)Pe - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if constexpr (LIGHT) {
+        // LIGHT: the barrier orders every thread's part stores before thread 0's ticket, an
+        // atom.acq_rel.gpu: its release publishes them (cumulative over what the barrier made
+        // thread 0 observe), its acquire orders the last block's reads after the other
+        // splits' tickets (and the barrier after it, every thread's). __threadfence() is a
+        // fence.sc (MEMBAR.SC.GPU in the SASS), in every thread, twice on the critical path.
+        __syncthreads();
+        if (tid == 0) {
+            unsigned t;
+            asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(t) : "l"(tickets + bh) : "memory");
+            last = t == (unsigned)Pe - 1;
+        }
+        __syncthreads();
+        if (!last) return;
+    } else {
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) last = atomicAdd(tickets + bh, 1u) == (unsigned)Pe - 1;
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+    }
     // The merge's loads are issued together, not one L2 round trip per split: every split's
     // (m, l) at once, then each thread's parts of o (the sums keep the split order 0, 1, ...).
     float pm[ATTN_SPLIT_MAX], pl[ATTN_SPLIT_MAX];
@@ -473,20 +493,22 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
     if (tid == 0) tickets[bh] = 0u;
 }
 
-#define ATTN_SPLIT_INSTANCE(NAME, D, KCOAL, OWNK)                                                            \
+#define ATTN_SPLIT_INSTANCE(NAME, D, KCOAL, FORM)                                                            \
     extern "C" __global__ void NAME(const half* q, const half* kc, const half* vc, const int* bt,       \
         const int* ctx, half* out, float* part_o, float* part_ml, unsigned* tickets, int Hq, int Hkv,   \
         int BS, int max_blocks, int max_ctx, float scale, int min_split, int window, float softcap) {   \
-        paged_attn_split_impl<D, KCOAL, OWNK>(q, kc, vc, bt, ctx, out, part_o, part_ml, tickets, Hq, Hkv, \
+        paged_attn_split_impl<D, KCOAL, FORM>(q, kc, vc, bt, ctx, out, part_o, part_ml, tickets, Hq, Hkv, \
                                  BS, max_blocks, max_ctx, scale, min_split, window, softcap); }
 
-ATTN_SPLIT_INSTANCE(paged_attn_split_d64, 64, true, false)
-ATTN_SPLIT_INSTANCE(paged_attn_split_d128, 128, true, false)
-ATTN_SPLIT_INSTANCE(paged_attn_split_tk_d64, 64, false, true)
-ATTN_SPLIT_INSTANCE(paged_attn_split_tk_d128, 128, false, true)
-// the own K row after the barrier (before session 12): bench_cuda's attn_ab times the two
-ATTN_SPLIT_INSTANCE(paged_attn_split_tk0_d64, 64, false, false)
-ATTN_SPLIT_INSTANCE(paged_attn_split_tk0_d128, 128, false, false)
+ATTN_SPLIT_INSTANCE(paged_attn_split_d64, 64, true, 0)
+ATTN_SPLIT_INSTANCE(paged_attn_split_d128, 128, true, 0)
+ATTN_SPLIT_INSTANCE(paged_attn_split_tk_d64, 64, false, 2)
+ATTN_SPLIT_INSTANCE(paged_attn_split_tk_d128, 128, false, 2)
+// the kernel before session 12 (FORM 0) and its early loads alone (1): bench_step_ab.py's A/B
+ATTN_SPLIT_INSTANCE(paged_attn_split_tk0_d64, 64, false, 0)
+ATTN_SPLIT_INSTANCE(paged_attn_split_tk0_d128, 128, false, 0)
+ATTN_SPLIT_INSTANCE(paged_attn_split_tk1_d64, 64, false, 1)
+ATTN_SPLIT_INSTANCE(paged_attn_split_tk1_d128, 128, false, 1)
 
 // ---------------------------------------------------------------------------------------
 // GQA decode attention for compile-time D: grid (Hkv, B, P), one block per (kv head, sequence,
