@@ -12,6 +12,8 @@ Per model (--configs, default Llama-3-8B then Llama-3.2-1B), in --rounds alterna
 greedy-stream tok/s (bench_cuda._b1_timing: two streams of 127 tokens) and step-graph replay ms
 (ten replays a round; medians printed):
   picked     the tree's defaults
+  autotuned  the M = 1 GEMV picks of the per-shape autotuner alone, before they were re-timed in
+             the whole step (autotune.refine_int4_m1_in_step)
   attn_tk0   decode attention as before session 12 (paged_attn_split_tk0)
   attn_tk1   ... with the own token's K row and the merge's parts loaded early, the ticket still
              between two sequentially consistent fences (paged_attn_split_tk1)
@@ -28,6 +30,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +46,16 @@ from edge.runtime.cuda.session import CudaDecoderSession  # noqa: E402
 def _forms(sess) -> dict:
     """name -> (apply, undo) for the forms this tree has."""
     forms = {"picked": (lambda: None, lambda: None)}
+    if getattr(sess, "int4_m1_step_ms", None):
+        shapes = bc._int4_shapes(sess)
+        saved = {key: (ls[0].m1, ls[0].fused) for key, ls in shapes.items()}
+
+        def set_picks(p):
+            for key, ls in shapes.items():
+                for lin in ls:
+                    lin.m1, lin.fused = p.get(key, (lin.m1, lin.fused))
+
+        forms["autotuned"] = (lambda: set_picks(sess.int4_m1_tuned), lambda: set_picks(saved))
     if hasattr(sess, "attn_split_kernel"):
         for old in ("tk0", "tk1"):
             forms[f"attn_{old}"] = (lambda old=old: setattr(sess, "attn_split_kernel", f"paged_attn_split_{old}"),
@@ -58,7 +71,9 @@ def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int) -> dict:
     if not (path / "manifest.json").exists():
         make_random_bundle(name, path, max_context=4096)
     b = Bundle.open(path, kind="generator", verify=False)
+    t0 = time.perf_counter()
     sess = CudaDecoderSession(b, max_batch=1, max_context=512)
+    init_s = time.perf_counter() - t0  # load, autotune, step refinement (kernels already compiled)
     lin_err = bc.validate_linears(sess)
     spec, q = b.spec, b.manifest.quant
     bpt = bytes_read_per_token(spec, q.recipe, q.group_size or 128) + (bc.PROMPT + bc.NEW / 2) * spec.kv_bytes_per_token(2)
@@ -83,7 +98,8 @@ def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int) -> dict:
                 sess._graphs.clear()
     L0 = sess.layers[0]
     picks = {k: sess._cand_name((L0[k].m1, L0[k].fused)) for k in ("qkv", "o", "gu", "down")}
-    out = {"tag": tag, "model": name, "pdl": sess.pdl, "picks": picks, "copy_gb_s": round(copy_bw / 1e9, 1), "linear_rel_err": lin_err,
+    step_ms = {k: {c: round(t, 4) for c, t in d.items()} for k, d in getattr(sess, "int4_m1_step_ms", {}).items()}
+    out = {"tag": tag, "model": name, "pdl": sess.pdl, "picks": picks, "step_ms": step_ms, "init_s": round(init_s, 1), "copy_gb_s": round(copy_bw / 1e9, 1), "linear_rel_err": lin_err,
            **{f: {"tok_s": round(statistics.median(r["tok_s"]), 1), "replay_ms": round(statistics.median(r["replay_ms"]), 4),
                   "frac": round(bpt * statistics.median(r["tok_s"]) / copy_bw, 4),
                   "replay_frac": round(bpt / (statistics.median(r["replay_ms"]) / 1e3) / copy_bw, 4),

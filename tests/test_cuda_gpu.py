@@ -551,3 +551,37 @@ def test_pdl_graph_equals_plain_graph(tmp_path):
         sess.add_sequence(5)
         assert sess.prefill_greedy(5, prompt) == want
         sess.release(5)
+
+
+def test_step_refinement_keeps_the_fastest_of_the_autotuners_best(tmp_path):
+    """autotune.refine_int4_m1_in_step: off for a model whose layers fit in the L2; forced on a
+    tiny one (min_bytes=0) it re-times each shape's `top` best autotuner candidates in the b1
+    step, sets and returns the fastest, frees its temporary sequence, and the step still
+    matches the numpy reference."""
+    from edge.runtime.cuda.autotune import refine_int4_m1_in_step
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    path, spec, w = _bundle(tmp_path, "llama", "int4", 32, False, None, seed=6)
+    ids = np.random.default_rng(3).integers(0, 256, size=20)
+    ref = reference_logits(spec, w, ids)
+    sess = CudaDecoderSession(path, max_batch=2, max_context=64, block_size=8)
+    assert sess.int4_m1_step_ms == {}  # the tiny layers fit in the L2: not refined at load
+    free = sess.blocks.num_free
+    times = sess.int4_m1_us  # a fresh EDGE_RAG_HOME: every shape was timed at load
+    by_key = {}
+    for L in sess.layers:
+        for k in ("qkv", "o", "gu", "down"):
+            by_key.setdefault(f"{L[k].shape_key}|{L[k].role}", []).append(L[k])
+    assert set(by_key) <= set(times)
+    got = refine_int4_m1_in_step(sess, times, top=2, reps=5, min_bytes=0)
+    assert set(got) == set(by_key)
+    for key, ms in got.items():
+        assert list(ms) == sorted(times[key], key=times[key].get)[:2]  # the autotuner's two best
+        best = min(ms, key=ms.get)
+        assert all(sess._cand_name((lin.m1, lin.fused)) == best for lin in by_key[key])
+        assert all(0 < t < 1e3 for t in ms.values())
+    assert sess.blocks.num_free == free and not sess._graphs
+    sess.add_sequence(0)
+    sess.prefill(0, ids[:12])
+    out = np.stack([sess.decode([0], ids[t : t + 1])[0] for t in range(12, 20)])
+    check(out, ref[12:20], 1e-2, "after refinement")

@@ -3,6 +3,8 @@ step sees; eager launches from Python are launch-bound):
 
     autotune_int4_m1(sess)   per int4 weight shape and role: which M = 1 GEMV variant, and whether
                              its fused epilogue replaces the small kernel that follows
+    refine_int4_m1_in_step(sess, times)
+                             the best few of those per shape re-timed in the whole batch-1 step
     autotune_tc_from(sess)   per linear shape: from which M the tensor-core GEMM beats the GEMV
 """
 
@@ -15,6 +17,12 @@ from edge.runtime.cuda.layout import Linear
 from edge.runtime.cuda.pdl import PdlKernels
 
 MAX_GEMV_M = 16  # as linears.MAX_GEMV_M: the GEMV's largest M
+STEP_TOP = 3  # refine_int4_m1_in_step: candidates per shape re-timed in the step
+
+
+def _picks_prefix(sess) -> str:
+    """The picks file's key prefix: GPU, arch, kernel source, launch mode."""
+    return f"{kmod.gpu_name(sess.device.id)}|sm_{sess.k.cc}|{kmod.SOURCE_HASH}|{'pdl' if sess.pdl else 'plain'}"
 
 
 def autotune_int4_m1(sess) -> dict[str, dict[str, float]]:
@@ -40,7 +48,7 @@ def autotune_int4_m1(sess) -> dict[str, dict[str, float]]:
     if not by_key:
         return {}
     picks = kmod.load_picks()
-    gpu = f"{kmod.gpu_name(sess.device.id)}|sm_{sess.k.cc}|{kmod.SOURCE_HASH}|{'pdl' if sess.pdl else 'plain'}"
+    gpu = _picks_prefix(sess)
     s0, e0 = cp.cuda.Event(), cp.cuda.Event()
     times: dict[str, dict[str, float]] = {}
     largest, largest_bytes = None, -1
@@ -103,6 +111,80 @@ def autotune_int4_m1(sess) -> dict[str, dict[str, float]]:
         kmod.save_picks(picks)
     sess._int4_m1 = largest  # the default for int4 Linears made later (none in a loaded model)
     return times
+
+
+def refine_int4_m1_in_step(sess, times: dict[str, dict[str, float]], top: int = STEP_TOP, tokens: int = 192,
+                           reps: int = 20, min_bytes: int | None = None) -> dict[str, dict[str, float]]:
+    """Re-time the `top` best candidates of each freshly tuned shape (`times`, autotune_int4_m1's
+    return) inside the batch-1 decode step's graph replay, shape by shape (largest weights first,
+    the others at their current picks), keep the fastest and store it as the shape's pick.
+    Returns {shape key: {candidate: step replay ms}}; {} when nothing was refined.
+
+    The autotuner's graphs repeat one linear 20 times: there the weights of an 8B's qkv, o and
+    down (9-30 MB) stay in the 60 MB L2 across repeats and a kernel's neighbour under PDL is
+    itself; in the step every weight comes from DRAM and each kernel overlaps others. Only when
+    the layers' int4 weights exceed `min_bytes` (default: twice the L2), so a step cannot run
+    from the L2 (tiny models: the candidates' order would not change). The step runs on a
+    sequence of `tokens` random ids (the bench's ~190-token context), released afterwards."""
+    cp = sess.cp
+    lins = [L[k] for L in sess.layers for k in ("qkv", "o", "gu", "down") if L[k].kind == "int4"]
+    if min_bytes is None:
+        min_bytes = 2 * (int(cp.cuda.runtime.getDeviceProperties(sess.device.id).get("l2CacheSize", 0)) or 64 << 20)
+    n = min(tokens, sess.max_context - reps - 8)
+    if not times or not sess.use_graphs or n < 8 or sum(lin.nbytes for lin in lins) <= min_bytes:
+        return {}
+    shapes: dict[str, list[Linear]] = {}
+    for lin in lins:
+        shapes.setdefault(f"{lin.shape_key}|{lin.role}", []).append(lin)
+    names = {sess._cand_name(c): c for v in sess.INT4_M1_VARIANTS for c in ((v, True), (v, False))}
+    keys = sorted((k for k in times if k in shapes), key=lambda k: -shapes[k][0].nbytes)
+    ids = np.random.default_rng(0).integers(0, sess.spec.vocab_size, size=n)
+    sid = -(1 << 30)  # not a caller's id: the session has no sequences while it loads
+    s0, e0 = cp.cuda.Event(), cp.cuda.Event()
+    out: dict[str, dict[str, float]] = {}
+    picks = kmod.load_picks()
+    gpu = _picks_prefix(sess)
+    sess.add_sequence(sid)
+    try:
+        tok = sess.prefill_greedy(sid, ids)
+
+        def step_ms() -> float:
+            sess._graphs.clear()
+            sess.truncate(sid, n)
+            sess.decode_greedy([sid], np.array([tok]))  # captures the bucket-1 graph and runs it
+            g = sess._graphs[1]
+            ts = []
+            for _ in range(reps):  # each replay is the next position's step (the graph advances its inputs)
+                s0.record(sess.stream)
+                g.launch(sess.stream)
+                e0.record(sess.stream)
+                e0.synchronize()
+                ts.append(cp.cuda.get_elapsed_time(s0, e0))
+            return sorted(ts)[len(ts) // 2]
+
+        if not sess._graph_safe(1):
+            return {}
+        for key in keys:
+            ranked = [c for c in sorted(times[key], key=times[key].get) if c in names][:top]
+            if len(ranked) < 2:
+                continue
+            ms: dict[str, float] = {}
+            for c in ranked:
+                for lin in shapes[key]:
+                    lin.m1, lin.fused = names[c]
+                ms[c] = step_ms()
+            best = min(ranked, key=lambda c: ms[c])
+            for lin in shapes[key]:
+                lin.m1, lin.fused = names[best]
+            picks[f"{gpu}|{key}"] = best
+            out[key] = ms
+    finally:
+        sess.stream.synchronize()
+        sess.release(sid)
+        sess._graphs.clear()
+    if out:
+        kmod.save_picks(picks)
+    return out
 
 
 def _graph_us(sess, fn, reps: int = 10) -> float:

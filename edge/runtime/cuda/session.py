@@ -31,7 +31,7 @@ import numpy as np
 from edge.bundle import Bundle
 from edge.errors import BackendError
 from edge.runtime.cuda import kernels as kmod
-from edge.runtime.cuda.autotune import autotune_int4_m1, autotune_tc
+from edge.runtime.cuda.autotune import autotune_int4_m1, autotune_tc, refine_int4_m1_in_step
 from edge.runtime.cuda.backend import CudaBackend, plan_limits
 from edge.runtime.cuda.backend import pool_blocks as plan_pool_blocks
 from edge.runtime.cuda.blas import CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT, CUDA_R_16F, gemm_ex, gemm_f16  # noqa: F401 (re-exported)
@@ -66,6 +66,7 @@ class CudaDecoderSession(LinearDispatch, LayerPass, DecodeSteps, PrefillPass):
     act_dtype = "float16"  # activations, KV cache, weights of fp linears (edge.runtime.cuda.fp32: "float32")
     use_pdl = True  # decode graphs with programmatic dependent launch where available (pdl.py; sm_90+)
     pdl_error: str | None = None  # why PDL capture failed and was turned off, if it did
+    refine_in_step = True  # M = 1 picks re-timed in the whole b1 step at load (autotune.refine_int4_m1_in_step)
 
     def __init__(
         self,
@@ -144,6 +145,11 @@ class CudaDecoderSession(LinearDispatch, LayerPass, DecodeSteps, PrefillPass):
         self._norm_threads = max(128, min(1024, spec.hidden_size // 4 // 32 * 32))
         self.int4_m1_us = autotune_int4_m1(self)
         self.tc_us = autotune_tc(self)
+        # the few best per shape re-timed in the whole b1 step (models too big for the L2); the
+        # autotuner's own picks kept for bench_step_ab's A/B
+        self.int4_m1_tuned = {f"{lin.shape_key}|{lin.role}": (lin.m1, lin.fused) for L in self.layers for lin in L.values()
+                              if isinstance(lin, Linear) and lin.kind == "int4"}
+        self.int4_m1_step_ms = refine_int4_m1_in_step(self, self.int4_m1_us) if self.refine_in_step else {}
 
     # ---- the engine's backend (edge.runtime.step): see backend.CudaBackend ------------------
     @property
