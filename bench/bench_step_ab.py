@@ -14,6 +14,7 @@ greedy-stream tok/s (bench_cuda._b1_timing: two streams of 127 tokens) and step-
   picked     the tree's defaults
   autotuned  the M = 1 GEMV picks of the per-shape autotuner alone, before they were re-timed in
              the whole step (autotune.refine_int4_m1_in_step)
+  before_s12 both: the autotuner's own picks and paged_attn_split_tk0 (main before session 12)
   attn_tk0   decode attention as before session 12 (paged_attn_split_tk0)
   attn_tk1   ... with the own token's K row and the merge's parts loaded early, the ticket still
              between two sequentially consistent fences (paged_attn_split_tk1)
@@ -56,6 +57,16 @@ def _forms(sess) -> dict:
                     lin.m1, lin.fused = p.get(key, (lin.m1, lin.fused))
 
         forms["autotuned"] = (lambda: set_picks(sess.int4_m1_tuned), lambda: set_picks(saved))
+        if hasattr(sess, "attn_split_kernel"):  # both changes undone: main before session 12
+            def main_like():
+                set_picks(sess.int4_m1_tuned)
+                sess.attn_split_kernel = "paged_attn_split_tk0"
+
+            def undo_main_like():
+                set_picks(saved)
+                sess.attn_split_kernel = "paged_attn_split_tk"
+
+            forms["before_s12"] = (main_like, undo_main_like)
     if hasattr(sess, "attn_split_kernel"):
         for old in ("tk0", "tk1"):
             forms[f"attn_{old}"] = (lambda old=old: setattr(sess, "attn_split_kernel", f"paged_attn_split_{old}"),
