@@ -15,6 +15,7 @@ greedy-stream tok/s (bench_cuda._b1_timing: two streams of 127 tokens) and step-
   autotuned  the M = 1 GEMV picks of the per-shape autotuner alone, before they were re-timed in
              the whole step (autotune.refine_int4_m1_in_step)
   before_s12 both: the autotuner's own picks and paged_attn_split_tk0 (main before session 12)
+  attn_tk    decode attention by paged_attn_split_tk (256 threads; the default before paged_attn_lr)
   attn_tk0   decode attention as before session 12 (paged_attn_split_tk0)
   attn_tk1   ... with the own token's K row and the merge's parts loaded early, the ticket still
              between two sequentially consistent fences (paged_attn_split_tk1)
@@ -47,6 +48,7 @@ from edge.runtime.cuda.session import CudaDecoderSession  # noqa: E402
 def _forms(sess) -> dict:
     """name -> (apply, undo) for the forms this tree has."""
     forms = {"picked": (lambda: None, lambda: None)}
+    default_attn = getattr(sess, "attn_split_kernel", None)
     if getattr(sess, "int4_m1_step_ms", None):
         shapes = bc._int4_shapes(sess)
         saved = {key: (ls[0].m1, ls[0].fused) for key, ls in shapes.items()}
@@ -64,13 +66,14 @@ def _forms(sess) -> dict:
 
             def undo_main_like():
                 set_picks(saved)
-                sess.attn_split_kernel = "paged_attn_split_tk"
+                sess.attn_split_kernel = default_attn
 
             forms["before_s12"] = (main_like, undo_main_like)
-    if hasattr(sess, "attn_split_kernel"):
-        for old in ("tk0", "tk1"):
-            forms[f"attn_{old}"] = (lambda old=old: setattr(sess, "attn_split_kernel", f"paged_attn_split_{old}"),
-                                    lambda: setattr(sess, "attn_split_kernel", "paged_attn_split_tk"))
+    if default_attn is not None:
+        for old in ("tk", "tk0", "tk1"):
+            if f"paged_attn_split_{old}" != default_attn:
+                forms[f"attn_{old}"] = (lambda old=old: setattr(sess, "attn_split_kernel", f"paged_attn_split_{old}"),
+                                        lambda: setattr(sess, "attn_split_kernel", default_attn))
     # what decode attention still costs inside the step: the step with no attention launch at all
     # (its logits are meaningless; only the replay time counts)
     forms["no_attn"] = (lambda: setattr(sess, "decode_attention", lambda *a, **k: None), lambda: sess.__dict__.pop("decode_attention", None))

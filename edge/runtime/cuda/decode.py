@@ -17,11 +17,18 @@ from edge.runtime.cuda.pdl import PdlKernels
 from edge.runtime.cuda.sampling import sample_top_p
 
 ATTN_THREADS = 256
+LR_THREADS = 64  # paged_attn_lr: tokens a tile = threads a block (attention.cu LR_TT)
 ARGMAX_BLOCKS = 64  # blocks per row of the decode step's argmax
 ATTN_MAX_SPLITS = 8  # decode attention: at most this many blocks per (head, sequence)
 MAX_STREAM_DEPTH = 16  # greedy_stream: most steps queued ahead of the host
 ATTN_MIN_SPLIT = 128  # ... and at least this many tokens per block (bench/bench_attention.py)
 GQA_MIN_BLOCKS = 64  # decode attention per kv head (paged_attn_gqa*) once rows x kv heads reach this many blocks
+
+
+def lr_smem(head_dim: int) -> int:
+    """paged_attn_lr's dynamic shared memory, bytes: two stages of K and V tiles (half), q and a
+    tile's probabilities (float), 32 floats of reduction."""
+    return 2 * 2 * LR_THREADS * head_dim * 2 + 4 * (head_dim + LR_THREADS + 32)
 
 
 def _buckets(max_batch: int) -> list[int]:
@@ -37,7 +44,10 @@ class DecodeSteps:
     """The decode side of the session: buffers, graphs per bucket, attention, greedy stream, sampling."""
 
     gqa_attention = True  # batched steps: one attention block per kv head for all its query heads
-    attn_split_kernel = "paged_attn_split_tk"  # + _d64 / _d128; "paged_attn_split_tk0" / "_tk1": the forms before session 12 (bench_step_ab.py)
+    # the split decode attention (+ _d64 / _d128): "paged_attn_lr" (64 threads, K / V through shared
+    # memory: resident beside the qkv GEMV, session 12), "paged_attn_split_tk" (256 threads), and
+    # "paged_attn_split_tk0" / "_tk1", tk's forms before session 12 (bench_step_ab.py)
+    attn_split_kernel = "paged_attn_lr"
     attn_min_split_b1: int | None = None  # tokens per attention split at one row (None: attn_min_split_rows(1))
     gqa_min_blocks = GQA_MIN_BLOCKS
     _gqa: tuple[str, int] | None = None  # (kernel, dynamic shared memory) when this model can use it
@@ -155,12 +165,13 @@ class DecodeSteps:
                 shared_mem=smem,
             )
         elif s.head_dim in (64, 128):  # split-sequence kernel, P blocks per (head, sequence)
+            lr = self.attn_split_kernel == "paged_attn_lr"
             self.k[f"{self.attn_split_kernel}_d{s.head_dim}"](
-                (s.n_heads, rows, self.attn_grid_splits(rows)), (ATTN_THREADS,),
+                (s.n_heads, rows, self.attn_grid_splits(rows)), (LR_THREADS if lr else ATTN_THREADS,),
                 (q, kc, vc, bt, ctx, out, self._attn_part_o, self._attn_part_ml, self._attn_tickets, _i32(s.n_heads),
                  _i32(s.n_kv_heads), _i32(self.block_size), _i32(self.max_blocks), _i32(self.max_context), scale,
                  _i32(min_split), *feats),
-                shared_mem=self._attn_smem,
+                shared_mem=lr_smem(s.head_dim) if lr else self._attn_smem,
             )
         else:
             self.k["paged_attn_decode"](

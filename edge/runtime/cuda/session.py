@@ -36,7 +36,7 @@ from edge.runtime.cuda.backend import CudaBackend, plan_limits
 from edge.runtime.cuda.backend import pool_blocks as plan_pool_blocks
 from edge.runtime.cuda.blas import CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT, CUDA_R_16F, gemm_ex, gemm_f16  # noqa: F401 (re-exported)
 from edge.runtime.cuda.decode import (  # noqa: F401 (re-exported)
-    ARGMAX_BLOCKS, ATTN_MAX_SPLITS, ATTN_MIN_SPLIT, ATTN_THREADS, MAX_STREAM_DEPTH, DecodeSteps, _buckets)
+    ARGMAX_BLOCKS, ATTN_MAX_SPLITS, ATTN_MIN_SPLIT, ATTN_THREADS, MAX_STREAM_DEPTH, DecodeSteps, _buckets, lr_smem)
 from edge.runtime.cuda.gemm import TcWorkspace, plan_tc
 from edge.runtime.cuda.kernels import NULL  # noqa: F401 (re-exported)
 from edge.runtime.cuda.kernels import i32 as _i32  # noqa: F401 (re-exported)
@@ -132,6 +132,8 @@ class CudaDecoderSession(LinearDispatch, LayerPass, DecodeSteps, PrefillPass):
                          "paged_attn_split_tk0_d64", "paged_attn_split_tk0_d128", "paged_attn_split_tk1_d64", "paged_attn_split_tk1_d128"):
                 self.k[name].max_dynamic_shared_size_bytes = smem
         self._attn_smem = smem
+        if spec.head_dim in (64, 128) and lr_smem(spec.head_dim) > 48 * 1024:
+            self.k[f"paged_attn_lr_d{spec.head_dim}"].max_dynamic_shared_size_bytes = lr_smem(spec.head_dim)
         self._setup_gqa_attention()
         if spec.head_dim in (64, 128) and flash_prefill_smem(spec.head_dim) > 48 * 1024:
             prefixes = ["flash_prefill_cap_"] + [v[0] for v in FLASH_VARIANTS.values() if spec.head_dim in v[3]]

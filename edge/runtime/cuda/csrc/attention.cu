@@ -511,6 +511,215 @@ ATTN_SPLIT_INSTANCE(paged_attn_split_tk1_d64, 64, false, 1)
 ATTN_SPLIT_INSTANCE(paged_attn_split_tk1_d128, 128, false, 1)
 
 // ---------------------------------------------------------------------------------------
+// Split decode attention in a small block ("lr", session 12): grid (Hq, B, P) and splits as
+// paged_attn_split, but 64 threads at <= 64 registers (4,096 a block) with K / V staged in
+// shared memory by cp.async. paged_attn_split's blocks need 32,768 registers, so none fits
+// beside the qkv GEMV before it (6 blocks of 128 threads at 80 registers hold 61,440 of an SM's
+// 65,536) and its block table / K / V loads start only as qkv's blocks leave; these blocks fit
+// in the 4,096 left, so under programmatic launch their first tile of K / V (64 tokens) streams
+// from DRAM while qkv runs. Tiles of LR_TT tokens, two shared-memory stages (the next tile loads
+// while one is used), online softmax across tiles: per split the running (m, l, acc) as
+// paged_attn_split's parts, merged the same way (acquire-release ticket, last block merges).
+// Thread t scores token t of a tile (q . K_t, q in shared memory); for P . V thread t owns
+// D / 64 output columns. Rows are stored with their 16-byte chunks XOR-swizzled by the token
+// (chunk c of token t at c ^ (t % NCH)), so a warp's 16-byte K reads and 4-byte V reads hit
+// distinct banks. Sums run in another order than paged_attn_split's (same function to ~1e-6).
+// Dynamic shared memory: lr_smem (decode.py): 2 stages x (K + V) x LR_TT x D halves, q (D
+// floats), p (LR_TT floats), 32 floats of reduction.
+// ---------------------------------------------------------------------------------------
+#define LR_TT 64  // tokens a tile = threads a block
+template <int D>
+__device__ __forceinline__ void paged_attn_lr_impl(const half* __restrict__ q, const half* __restrict__ kc,
+                                                   const half* __restrict__ vc, const int* __restrict__ block_tables,
+                                                   const int* __restrict__ ctx_lens, half* __restrict__ out,
+                                                   float* part_o, float* part_ml, unsigned* tickets,
+                                                   int Hq, int Hkv, int BS, int max_blocks, float scale,
+                                                   int min_split, int window, float softcap) {
+    constexpr int NCH = D / 8;          // 16-byte chunks a row
+    constexpr int DPT = D / LR_TT;      // output columns a thread (1 or 2)
+    static_assert(DPT == 1 || DPT == 2, "D 64 or 128");
+    extern __shared__ __align__(16) unsigned char lr_sm[];
+    half* ks = reinterpret_cast<half*>(lr_sm);             // [2][LR_TT][D]
+    half* vs = ks + 2 * LR_TT * D;                           // [2][LR_TT][D]
+    float* qs = reinterpret_cast<float*>(vs + 2 * LR_TT * D);  // [D]
+    float* ps = qs + D;                                      // [LR_TT]
+    float* red = ps + LR_TT;                                 // [32]
+    __shared__ bool last;
+    const int h = blockIdx.x, b = blockIdx.y, sp = blockIdx.z, P = gridDim.z, tid = threadIdx.x;
+    const int L = ctx_lens[b];
+    const int* bt = block_tables + (long long)b * max_blocks;
+    const int kvh = h / (Hq / Hkv);
+    half* o = out + ((long long)b * Hq + h) * D;
+    if (L <= 0) {  // a padding row
+        pdl_wait();
+        pdl_trigger();
+        if (sp == 0)
+            for (int d = tid; d < D; d += blockDim.x) o[d] = __float2half(0.f);
+        return;
+    }
+    const int lo = attn_window_start(L, window), Lw = L - lo;
+    const int Pe = min(min(P, ATTN_SPLIT_MAX), max(1, (Lw + min_split - 1) / min_split));
+    if (sp >= Pe) return;
+    const int per = (Lw + Pe - 1) / Pe;
+    const int t0 = lo + min(Lw, sp * per), t1 = min(L, t0 + per), n = t1 - t0;
+    const int own = L - 1 - t0;  // the step's own token relative to t0 (in this split when < n)
+    const int tiles = (n + LR_TT - 1) / LR_TT;
+    // thread tid copies token tid of tile `tile` (K and V rows, NCH chunks each, swizzled) into stage st
+    auto issue = [&](int tile, int st, bool skip_own) {
+        const int t = tile * LR_TT + tid;
+        if (t < n && !(skip_own && t == own)) {
+            const int pos = t0 + t;
+            const long long slot = (long long)bt[pos / BS] * BS + (pos % BS);
+            const half* kr = kc + (slot * Hkv + kvh) * D;
+            const half* vr = vc + (slot * Hkv + kvh) * D;
+            half* kd = ks + (st * LR_TT + tid) * D;
+            half* vd = vs + (st * LR_TT + tid) * D;
+#pragma unroll 4
+            for (int c = 0; c < NCH; ++c) {
+                const int cs = c ^ (tid % NCH);
+                cp_async16_ordered(kd + cs * 8, kr + c * 8);
+                cp_async16_ordered(vd + cs * 8, vr + c * 8);
+            }
+        }
+    };
+    // before pdl_wait: the first tile's rows of earlier positions (the own row is the qkv
+    // kernel's to write)
+    issue(0, 0, true);
+    cp_async_commit_ordered();
+    pdl_wait();
+    pdl_trigger();
+    if (own < LR_TT && tid == own && own < n) {  // the own row of tile 0, now written
+        const int pos = t0 + own;
+        const long long slot = (long long)bt[pos / BS] * BS + (pos % BS);
+        const half* kr = kc + (slot * Hkv + kvh) * D;
+        const half* vr = vc + (slot * Hkv + kvh) * D;
+#pragma unroll
+        for (int c = 0; c < NCH; ++c) {
+            const int cs = c ^ (tid % NCH);
+            cp_async16_ordered(ks + tid * D + cs * 8, kr + c * 8);
+            cp_async16_ordered(vs + tid * D + cs * 8, vr + c * 8);
+        }
+    }
+    cp_async_commit_ordered();
+    const half* qh = q + ((long long)b * Hq + h) * D;
+    for (int d = tid; d < D; d += LR_TT) qs[d] = __half2float(qh[d]) * scale;
+    float m_run = -INFINITY, l_run = 0.f, acc[DPT];
+#pragma unroll
+    for (int j = 0; j < DPT; ++j) acc[j] = 0.f;
+    const int d0 = tid * DPT;  // this thread's output columns
+    for (int tile = 0; tile < tiles; ++tile) {
+        const int st = tile & 1;
+        if (tile + 1 < tiles) {  // the next tile into the other stage (read two tiles ago, barrier below)
+            issue(tile + 1, st ^ 1, false);
+            cp_async_commit_ordered();
+            cp_async_wait_ordered<1>();
+        } else {
+            cp_async_wait_ordered<0>();
+        }
+        __syncthreads();  // this tile's rows and q visible to every thread
+        const int cnt = min(LR_TT, n - tile * LR_TT);
+        float sc = -INFINITY;
+        if (tid < cnt) {
+            const uint4* kr = reinterpret_cast<const uint4*>(ks + (st * LR_TT + tid) * D);
+            float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+            for (int c = 0; c < NCH; ++c) {
+                const uint4 kv = kr[c ^ (tid % NCH)];
+                const half2* kh = reinterpret_cast<const half2*>(&kv);
+                const float4 qa = *reinterpret_cast<const float4*>(qs + c * 8);
+                const float4 qb = *reinterpret_cast<const float4*>(qs + c * 8 + 4);
+                const float2 f0 = __half22float2(kh[0]), f1 = __half22float2(kh[1]);
+                const float2 f2 = __half22float2(kh[2]), f3 = __half22float2(kh[3]);
+                s0 += f0.x * qa.x + f0.y * qa.y + f2.x * qb.x + f2.y * qb.y;
+                s1 += f1.x * qa.z + f1.y * qa.w + f3.x * qb.z + f3.y * qb.w;
+            }
+            sc = attn_softcap(s0 + s1, softcap);
+        }
+        const float m_new = fmaxf(m_run, block_reduce(sc, red, true));
+        const float alpha = __expf(m_run - m_new);  // 0 at the first tile (m_run = -inf)
+        const float p = tid < cnt ? __expf(sc - m_new) : 0.f;
+        ps[tid] = p;
+        l_run = l_run * alpha + block_reduce(p, red, false);  // its barriers also publish ps
+        m_run = m_new;
+#pragma unroll
+        for (int j = 0; j < DPT; ++j) acc[j] *= alpha;
+        const half* vt = vs + st * LR_TT * D;
+        for (int t = 0; t < cnt; ++t) {
+            const float pt = ps[t];
+            const half* vr = vt + t * D + ((d0 / 8) ^ (t % NCH)) * 8 + (d0 % 8);
+            if constexpr (DPT == 2) {
+                const float2 f = __half22float2(*reinterpret_cast<const half2*>(vr));
+                acc[0] += pt * f.x;
+                acc[1] += pt * f.y;
+            } else {
+                acc[0] += pt * __half2float(*vr);
+            }
+        }
+        __syncthreads();  // every thread is done with stage st before the next iteration refills it
+    }
+    const long long bh = (long long)b * Hq + h;
+    if (Pe == 1) {
+        const float inv = 1.f / l_run;
+#pragma unroll
+        for (int j = 0; j < DPT; ++j) o[d0 + j] = __float2half(acc[j] * inv);
+        return;
+    }
+#pragma unroll
+    for (int j = 0; j < DPT; ++j) part_o[(bh * P + sp) * D + d0 + j] = acc[j];
+    if (tid == 0) {
+        part_ml[(bh * P + sp) * 2] = m_run;
+        part_ml[(bh * P + sp) * 2 + 1] = l_run;
+    }
+    __syncthreads();  // every part store before thread 0's release (paged_attn_split's LIGHT ticket)
+    if (tid == 0) {
+        unsigned t;
+        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(t) : "l"(tickets + bh) : "memory");
+        last = t == (unsigned)Pe - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    float pm[ATTN_SPLIT_MAX], pl[ATTN_SPLIT_MAX], po[ATTN_SPLIT_MAX][DPT];
+    const float* mlb = part_ml + bh * P * 2;
+    const float* pob = part_o + bh * P * D + d0;
+#pragma unroll
+    for (int j = 0; j < ATTN_SPLIT_MAX; ++j) {
+        pm[j] = j < Pe ? __ldcg(mlb + 2 * j) : -INFINITY;
+        pl[j] = j < Pe ? __ldcg(mlb + 2 * j + 1) : 0.f;
+#pragma unroll
+        for (int k = 0; k < DPT; ++k) po[j][k] = j < Pe ? __ldcg(pob + j * D + k) : 0.f;
+    }
+    float M = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < ATTN_SPLIT_MAX; ++j)
+        if (j < Pe) M = fmaxf(M, pm[j]);
+    float l = 0.f, a[DPT];
+#pragma unroll
+    for (int k = 0; k < DPT; ++k) a[k] = 0.f;
+#pragma unroll
+    for (int j = 0; j < ATTN_SPLIT_MAX; ++j)
+        if (j < Pe) {
+            const float w = __expf(pm[j] - M);
+            l += pl[j] * w;
+#pragma unroll
+            for (int k = 0; k < DPT; ++k) a[k] += po[j][k] * w;
+        }
+    const float inv = 1.f / l;
+#pragma unroll
+    for (int k = 0; k < DPT; ++k) o[d0 + k] = __float2half(a[k] * inv);
+    if (tid == 0) tickets[bh] = 0u;
+}
+
+#define ATTN_LR_INSTANCE(NAME, D)                                                                           \
+    extern "C" __global__ void __launch_bounds__(LR_TT, 16) NAME(const half* q, const half* kc, const half* vc, \
+        const int* bt, const int* ctx, half* out, float* part_o, float* part_ml, unsigned* tickets, int Hq,    \
+        int Hkv, int BS, int max_blocks, int max_ctx, float scale, int min_split, int window, float softcap) { \
+        paged_attn_lr_impl<D>(q, kc, vc, bt, ctx, out, part_o, part_ml, tickets, Hq, Hkv, BS, max_blocks,   \
+                              scale, min_split, window, softcap); }
+
+ATTN_LR_INSTANCE(paged_attn_lr_d64, 64)
+ATTN_LR_INSTANCE(paged_attn_lr_d128, 128)
+
+// ---------------------------------------------------------------------------------------
 // GQA decode attention for compile-time D: grid (Hkv, B, P), one block per (kv head, sequence,
 // split) for all G = Hq / Hkv query heads that share the kv head (G <= GM). paged_attn_split
 // runs one block per query head, so every K and V row crossed L2 -> SM G times (at 16 rows of
