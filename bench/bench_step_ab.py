@@ -48,7 +48,7 @@ from edge.runtime.cuda.session import CudaDecoderSession  # noqa: E402
 def _forms(sess) -> dict:
     """name -> (apply, undo) for the forms this tree has."""
     forms = {"picked": (lambda: None, lambda: None)}
-    default_attn = getattr(sess, "attn_split_kernel", None)
+    default_attn = sess.split_kernel() if hasattr(sess, "split_kernel") else getattr(sess, "attn_split_kernel", None)
     if getattr(sess, "int4_m1_step_ms", None):
         shapes = bc._int4_shapes(sess)
         saved = {key: (ls[0].m1, ls[0].fused) for key, ls in shapes.items()}

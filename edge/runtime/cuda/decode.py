@@ -44,10 +44,10 @@ class DecodeSteps:
     """The decode side of the session: buffers, graphs per bucket, attention, greedy stream, sampling."""
 
     gqa_attention = True  # batched steps: one attention block per kv head for all its query heads
-    # the split decode attention (+ _d64 / _d128): "paged_attn_lr" (64 threads, K / V through shared
-    # memory: resident beside the qkv GEMV, session 12), "paged_attn_split_tk" (256 threads), and
-    # "paged_attn_split_tk0" / "_tk1", tk's forms before session 12 (bench_step_ab.py)
-    attn_split_kernel = "paged_attn_lr"
+    # the split decode attention (+ _d64 / _d128); None: split_kernel() decides. "paged_attn_lr" (64
+    # threads, K / V through shared memory: resident beside the qkv GEMV; head_dim 128 only),
+    # "paged_attn_split_tk" (256 threads), "paged_attn_split_tk0" / "_tk1" (tk before session 12)
+    attn_split_kernel: str | None = None
     attn_min_split_b1: int | None = None  # tokens per attention split at one row (None: attn_min_split_rows(1))
     gqa_min_blocks = GQA_MIN_BLOCKS
     _gqa: tuple[str, int] | None = None  # (kernel, dynamic shared memory) when this model can use it
@@ -147,6 +147,15 @@ class DecodeSteps:
             return self.attn_min_split
         return self.attn_min_split_b1 or max(1, self.attn_min_split * 64 // self.spec.head_dim)
 
+    def split_kernel(self) -> str:
+        """The split decode attention kernel (less its _d suffix): attn_split_kernel if set, else
+        paged_attn_lr at head_dim 128 (one H200 call, session 12, same process: Llama-3-8B step
+        1.700 -> 1.668 ms against paged_attn_split_tk) and paged_attn_split_tk otherwise (its
+        head_dim-64 form made the Llama-3.2-1B step slower, 0.478 -> 0.524 ms, and is not built)."""
+        if self.attn_split_kernel:
+            return self.attn_split_kernel
+        return "paged_attn_lr" if self.spec.head_dim == 128 else "paged_attn_split_tk"
+
     def decode_attention(self, q: Any, kc: Any, vc: Any, bt: Any, ctx: Any, out: Any, rows: int, *, layer: int) -> None:
         """One query per row over its paged cache: q, out half [rows, Hq*D]; bt int32
         [rows, max_blocks]; ctx int32 [rows] cached tokens (0: a padding row). `layer`: whose
@@ -165,8 +174,11 @@ class DecodeSteps:
                 shared_mem=smem,
             )
         elif s.head_dim in (64, 128):  # split-sequence kernel, P blocks per (head, sequence)
-            lr = self.attn_split_kernel == "paged_attn_lr"
-            self.k[f"{self.attn_split_kernel}_d{s.head_dim}"](
+            name = self.split_kernel()
+            lr = name == "paged_attn_lr"
+            if lr and s.head_dim != 128:
+                raise BackendError("paged_attn_lr is built for head_dim 128 only")
+            self.k[f"{name}_d{s.head_dim}"](
                 (s.n_heads, rows, self.attn_grid_splits(rows)), (LR_THREADS if lr else ATTN_THREADS,),
                 (q, kc, vc, bt, ctx, out, self._attn_part_o, self._attn_part_ml, self._attn_tickets, _i32(s.n_heads),
                  _i32(s.n_kv_heads), _i32(self.block_size), _i32(self.max_blocks), _i32(self.max_context), scale,

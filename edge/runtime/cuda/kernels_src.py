@@ -84,7 +84,6 @@ KERNEL_NAMES = (
     "paged_attn_split_tk0_d128",
     "paged_attn_split_tk1_d64",
     "paged_attn_split_tk1_d128",
-    "paged_attn_lr_d64",
     "paged_attn_lr_d128",
     *(f"paged_attn_gqa{gm}_d{d}" for gm in (4, 8) for d in (64, 128)),
     "causal_softmax",

@@ -537,7 +537,7 @@ __device__ __forceinline__ void paged_attn_lr_impl(const half* __restrict__ q, c
                                                    int min_split, int window, float softcap) {
     constexpr int NCH = D / 8;          // 16-byte chunks a row
     constexpr int DPT = D / LR_TT;      // output columns a thread (1 or 2)
-    static_assert(DPT == 1 || DPT == 2, "D 64 or 128");
+    static_assert(DPT == 1 || DPT == 2, "D 64 or 128");  // (only D = 128 is built: decode.split_kernel)
     extern __shared__ __align__(16) unsigned char lr_sm[];
     half* ks = reinterpret_cast<half*>(lr_sm);             // [2][LR_TT][D]
     half* vs = ks + 2 * LR_TT * D;                           // [2][LR_TT][D]
@@ -716,7 +716,6 @@ __device__ __forceinline__ void paged_attn_lr_impl(const half* __restrict__ q, c
         paged_attn_lr_impl<D>(q, kc, vc, bt, ctx, out, part_o, part_ml, tickets, Hq, Hkv, BS, max_blocks,   \
                               scale, min_split, window, softcap); }
 
-ATTN_LR_INSTANCE(paged_attn_lr_d64, 64)
 ATTN_LR_INSTANCE(paged_attn_lr_d128, 128)
 
 // ---------------------------------------------------------------------------------------
