@@ -869,6 +869,31 @@ static void attend(const er_model *M, int layer, const float *q, int p, const in
     }
 }
 
+/* The whole K and V of one decode token's row in layer l (every kv head, every block up to
+   position p) asked into L2 ahead of its attention. Attention over the paged pool waits on memory,
+   not arithmetic (8 rows at past 60-180: ~0.3 ms of vector work a step against 1.8-2.4 ms spent):
+   a block-ahead prefetch keeps only ~64 lines in flight. Asking a whole row (96 KB for SmolLM2 at
+   past 128, well inside L2) one row before it is computed lets the memory system fetch it in
+   parallel while the thread computes the row before. PF_ROW_KV=0 turns it off (A/B builds). */
+#ifndef PF_ROW_KV
+#define PF_ROW_KV 1
+#endif
+static inline __attribute__((always_inline)) void prefetch_row_kv(const er_model *M, int l, const int32_t *table, int p) {
+#if PF_ROW_KV
+    int nblk = p / M->block_size + 1, n = M->block_size * M->head_dim;
+    for (int g = 0; g < M->n_kv; g++)
+        for (int b = 0; b < nblk; b++) {
+            const char *k = (const char *)kv_at(M, l, 0, table[b], g), *v = (const char *)kv_at(M, l, 1, table[b], g);
+            for (int i = 0; i < n * (int)sizeof(kv_t); i += 64) {
+                __builtin_prefetch(k + i, 0, 2);
+                __builtin_prefetch(v + i, 0, 2);
+            }
+        }
+#else
+    (void)M, (void)l, (void)table, (void)p;
+#endif
+}
+
 /* Steps of at most PRIV_ROWS tokens: every thread computes the RMSNorm and quantization of all
    rows into buffers of its own (a few us) instead of its share followed by a barrier (2 barriers
    a layer fewer: waits that cost most when another process shares the cores). */
@@ -995,6 +1020,8 @@ static void step_body(void *arg, int tid, int nth) {
     PH_START();
     for (int l = 0; l < M->n_layers; l++) {
         const er_layer *Ly = &M->layers[l];
+        if (J->fused && tid < T) /* this thread's first attention row, fetched while the qkv linear runs */
+            prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[tid] * J->mb, positions[tid]);
         NORM_ROWS(Ly->ln1);
         PH(PH_NORM);
         gemm_q(&Ly->qkv, T, nq8, ns, nsum, qkv, qkvw, NULL, 0, tid, nth);
@@ -1004,6 +1031,7 @@ static void step_body(void *arg, int tid, int nth) {
                            all its heads and the quantization of its attention row (2 barriers fewer) */
             int rep = M->n_heads / M->n_kv;
             for (int t = tid; t < T; t += nth) {
+                if (t + nth < T) prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[t + nth] * J->mb, positions[t + nth]);
                 rope_store(M, l, qkv + (size_t)t * qkvw, positions[t], slots[t]);
                 for (int h0 = 0; h0 < M->n_heads; h0 += rep)
                     attend(M, l, qkv + (size_t)t * qkvw, positions[t], J->tables + (size_t)J->row_of[t] * J->mb, h0, rep,
