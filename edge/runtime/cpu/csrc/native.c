@@ -878,6 +878,9 @@ static void attend(const er_model *M, int layer, const float *q, int p, const in
 #ifndef PF_ROW_KV
 #define PF_ROW_KV 1
 #endif
+#ifndef PF_ROWS_AHEAD
+#define PF_ROWS_AHEAD 1 /* rows of its own a thread asks ahead */
+#endif
 static inline __attribute__((always_inline)) void prefetch_row_kv(const er_model *M, int l, const int32_t *table, int p) {
 #if PF_ROW_KV
     int nblk = p / M->block_size + 1, n = M->block_size * M->head_dim;
@@ -1020,8 +1023,9 @@ static void step_body(void *arg, int tid, int nth) {
     PH_START();
     for (int l = 0; l < M->n_layers; l++) {
         const er_layer *Ly = &M->layers[l];
-        if (J->fused && tid < T) /* this thread's first attention row, fetched while the qkv linear runs */
-            prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[tid] * J->mb, positions[tid]);
+        if (J->fused) /* this thread's first attention row(s), fetched while the qkv linear runs */
+            for (int t = tid; t < T && t < tid + PF_ROWS_AHEAD * nth; t += nth)
+                prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[t] * J->mb, positions[t]);
         NORM_ROWS(Ly->ln1);
         PH(PH_NORM);
         gemm_q(&Ly->qkv, T, nq8, ns, nsum, qkv, qkvw, NULL, 0, tid, nth);
@@ -1031,7 +1035,8 @@ static void step_body(void *arg, int tid, int nth) {
                            all its heads and the quantization of its attention row (2 barriers fewer) */
             int rep = M->n_heads / M->n_kv;
             for (int t = tid; t < T; t += nth) {
-                if (t + nth < T) prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[t + nth] * J->mb, positions[t + nth]);
+                int tn = t + PF_ROWS_AHEAD * nth;
+                if (tn < T) prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[tn] * J->mb, positions[tn]);
                 rope_store(M, l, qkv + (size_t)t * qkvw, positions[t], slots[t]);
                 for (int h0 = 0; h0 < M->n_heads; h0 += rep)
                     attend(M, l, qkv + (size_t)t * qkvw, positions[t], J->tables + (size_t)J->row_of[t] * J->mb, h0, rep,
