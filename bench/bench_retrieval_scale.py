@@ -94,8 +94,9 @@ def run_ingest(args) -> None:
                 shutil.copy2(f, stage / f.name)
             src = stage
         chunking = {k: v for k, v in (("max_tokens", args.chunk_tokens), ("overlap", args.overlap),
-                                      ("embed_overlap", args.embed_overlap), ("embed_tokens", args.embed_tokens))
-                    if v is not None}
+                                      ("embed_overlap", args.embed_overlap)) if v is not None}
+        if args.embed_tokens is not None:
+            chunking["embed_tokens"] = args.embed_tokens or None  # 0: the embedder's whole limit
         r = subprocess.run([sys.executable, "-c", _WORKER, str(src), str(args.dir), str(bundle), str(args.threads),
                             json.dumps(chunking)],
                            capture_output=True, text=True, env=env, cwd=str(tree))
@@ -190,7 +191,7 @@ def main() -> None:
     a.add_argument("--embed-overlap", default=None, type=lambda v: {"yes": True, "no": False}[v], choices=[True, False],
                    help="yes|no: embed the carried tokens too (default: ChunkParams; a tree before it has no choice)")
     a.add_argument("--embed-tokens", type=int, default=None,
-                   help="embed at most N tokens of each chunk (default: ChunkParams; a tree before it has no choice)")
+                   help="embed at most N tokens of each chunk, 0: no cap (default: ChunkParams; a tree before it has no choice)")
     s = sub.add_parser("search")
     s.add_argument("--dir", required=True)
     s.add_argument("--questions", default=str(QUESTIONS))

@@ -112,3 +112,20 @@ def test_ingest_embed_overlap_is_recorded_in_the_collection(fake_engines, capsys
     for name, want in (("default", True), ("own", False)):
         with Store(index_dir(name), readonly=True) as s:
             assert s.get_meta("chunk_params")["embed_overlap"] is want
+
+
+def test_ingest_embed_tokens_default_zero_and_bad_values(fake_engines, capsys):
+    from edge.paths import index_dir
+    from rag.chunk import DEFAULT_EMBED_TOKENS
+    from rag.store import Store
+
+    assert main(["ingest", str(fake_engines), "--quiet"]) == 0
+    assert main(["ingest", str(fake_engines), "--quiet", "--embed-tokens", "0", "-c", "whole"]) == 0
+    assert main(["ingest", str(fake_engines), "--quiet", "--embed-tokens", "64", "-c", "c64"]) == 0
+    for name, want in (("default", DEFAULT_EMBED_TOKENS), ("whole", None), ("c64", 64)):
+        with Store(index_dir(name), readonly=True) as s:
+            assert s.get_meta("chunk_params")["embed_tokens"] == want
+    capsys.readouterr()
+    assert main(["ingest", str(fake_engines), "--quiet", "--embed-tokens", "3", "-c", "bad"]) == 2
+    err = capsys.readouterr().err
+    assert "embed_tokens 3 is too small" in err and "Traceback" not in err

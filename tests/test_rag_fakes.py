@@ -41,7 +41,10 @@ class HashEmbedder:
         n = np.linalg.norm(v)
         return v / n if n else v
 
-    def embed(self, texts, batch_size: int = 32, progress: bool = False) -> np.ndarray:
+    def embed(self, texts, batch_size: int = 32, progress: bool = False, max_tokens: int | None = None) -> np.ndarray:
+        """`max_tokens`: read at most that many tokens of a text ([CLS] and [SEP] counted), as Embedder."""
+        if max_tokens is not None:
+            texts = [" ".join(self.tokens(t)[:max(0, max_tokens - 2)]) for t in texts]
         return np.stack([self._vec(t) for t in texts]).astype(np.float32) if texts else np.zeros((0, self.dim), np.float32)
 
     def embed_counted(self, texts, batch_size: int = 32, progress: bool = False) -> tuple[np.ndarray, int]:

@@ -15,6 +15,7 @@ import typer
 from rich.markup import escape
 
 from edge.cli.app import app
+from rag.chunk import DEFAULT_EMBED_TOKENS
 
 MODE_HELP = "hybrid (vector + keyword, fused), vector or keyword"
 
@@ -78,8 +79,8 @@ def ingest(
                                             "span only (faster ingest; hybrid retrieval measured slightly worse)"),
     embed_tokens: Optional[int] = typer.Option(None, "--embed-tokens",
                                                help="Embed at most this many tokens of each chunk (its head; the whole chunk "
-                                                    "stays searchable by keyword and goes into prompts). Default: the "
-                                                    "embedder's limit"),
+                                                    "stays searchable by keyword and goes into prompts). Default: "
+                                                    f"{DEFAULT_EMBED_TOKENS}; 0: the embedder's limit (slower ingest)"),
     index_memory: Optional[str] = typer.Option(None, "--index-memory",
                                                 help="Memory budget for the vector index (e.g. 64MB): picks flat/HNSW/IVF-PQ"),
     backend: str = typer.Option("auto", "--backend", help=EMBED_BACKEND_HELP),
@@ -98,7 +99,8 @@ def ingest(
 
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     check_collection_name(collection)
-    params = ChunkParams(max_tokens, overlap, embed_overlap, embed_tokens)  # bad sizes fail before any engine loads
+    cap = DEFAULT_EMBED_TOKENS if embed_tokens is None else (embed_tokens or None)  # 0: no cap
+    params = ChunkParams(max_tokens, overlap, embed_overlap, cap)  # bad sizes fail before any engine loads
     budget = None
     if index_memory:
         from edge.profiles import parse_size
