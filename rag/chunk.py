@@ -36,7 +36,8 @@ class ChunkParams:
     # all-MiniLM-L6-v2 was trained on 128-token inputs. Measured on the scale corpus (README #15,
     # session 7; 31,008 chunks of 182 tokens on average, HNSW, the shipped fusion): hybrid recall@5
     # 0.98 with any cap (160 / 144 / 128 / none), hybrid MRR 0.908 / 0.895 / 0.865 / 0.918, vector
-    # recall@5 0.90 / 0.94 / 0.92 / 0.90; ingest of shard 0/10 ~1.2x / - / ~1.5x the uncapped one.
+    # recall@5 0.90 / 0.94 / 0.92 / 0.90; ingest of shard 0/10 1.20x / 1.30-1.35x / 1.48-1.54x the
+    # uncapped one, and 128 tokens 3.15-3.46x the code before #15 (2.13-2.29x uncapped).
     embed_tokens: int | None = DEFAULT_EMBED_TOKENS
 
     def __post_init__(self) -> None:
