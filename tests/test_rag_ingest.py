@@ -126,7 +126,7 @@ def test_embed_tokens_is_passed_to_the_embedder_and_recorded(tmp_path, caplog):
     unset, embed() gets no such argument (embedders without it keep working); the collection records it."""
     from rag.chunk import ChunkParams
 
-    assert ChunkParams().embed_tokens == 128  # 3x the ingest speed of the code before #15 at the same recall@5 (README)
+    assert ChunkParams().embed_tokens is None  # whole chunks until the answer sets are re-asked with the cap (chunk.py note)
     docs = corpus(tmp_path / "docs")
     for cap in (None, 64):
         emb = RecordingEmbedder()

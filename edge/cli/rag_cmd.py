@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 
 from edge.cli.app import app
-from rag.chunk import DEFAULT_EMBED_TOKENS
+from rag.chunk import DEFAULT_EMBED_TOKENS, FAST_EMBED_TOKENS
 
 MODE_HELP = "hybrid (vector + keyword, fused), vector or keyword"
 
@@ -79,8 +79,9 @@ def ingest(
                                             "span only (faster ingest; hybrid retrieval measured slightly worse)"),
     embed_tokens: Optional[int] = typer.Option(None, "--embed-tokens",
                                                help="Embed at most this many tokens of each chunk (its head; the whole chunk "
-                                                    "stays searchable by keyword and goes into prompts). Default: "
-                                                    f"{DEFAULT_EMBED_TOKENS}; 0: the embedder's limit (slower ingest)"),
+                                                    "stays searchable by keyword and goes into prompts). Default and 0: the embedder's "
+                                                    f"limit; {FAST_EMBED_TOKENS}: ingest ~1.5x faster, same hybrid recall@5, "
+                                                    "lower MRR (README #15)"),
     index_memory: Optional[str] = typer.Option(None, "--index-memory",
                                                 help="Memory budget for the vector index (e.g. 64MB): picks flat/HNSW/IVF-PQ"),
     backend: str = typer.Option("auto", "--backend", help=EMBED_BACKEND_HELP),
