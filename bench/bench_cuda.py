@@ -186,6 +186,19 @@ def pdl_ab(sess, name: str, device: str, prompt) -> None:
          same_tokens=toks[True] == toks[False], same_logits=bool(np.array_equal(logits[True], logits[False])))
 
 
+def b1_form(sess, prompt, out: dict) -> np.ndarray:
+    """One form of the batch-1 step (the kernels the caller just set): its graphs recaptured, the
+    second decode step's logits returned (to compare forms), then its timing into `out`."""
+    sess._graphs.clear()
+    sess.add_sequence(900)
+    tok = sess.prefill_greedy(900, prompt)
+    sess.decode([900], np.array([tok]))
+    logits = sess.decode([900], np.array([tok]))
+    sess.release(900)
+    _b1_timing(sess, prompt, out)
+    return logits
+
+
 def _b1_timing(sess, prompt, r: dict) -> list[int]:
     """Append to r one round of batch-1 figures with the session as set: two greedy streams'
     tok/s and ten replays of the step graph (ms). Returns the last stream's tokens."""
@@ -254,13 +267,7 @@ def gemv_ab(sess, name: str, device: str, prompt) -> None:
             for variant in ("picked", "classic", "classic_plain_deq"):
                 set_picks(picked if variant == "picked" else classic)
                 sess.k.functions.update(plain if variant == "classic_plain_deq" else base)
-                sess._graphs.clear()
-                sess.add_sequence(900)
-                tok = sess.prefill_greedy(900, prompt)
-                sess.decode([900], np.array([tok]))
-                logits[variant] = sess.decode([900], np.array([tok]))
-                sess.release(900)
-                _b1_timing(sess, prompt, runs.setdefault(variant, {}))
+                logits[variant] = b1_form(sess, prompt, runs.setdefault(variant, {}))
     finally:
         sess.k.functions.update(base)
         set_picks(picked)

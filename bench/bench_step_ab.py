@@ -100,13 +100,7 @@ def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int) -> dict:
         for form, (apply, undo) in forms.items():
             apply()
             try:
-                sess._graphs.clear()
-                sess.add_sequence(900)
-                tok = sess.prefill_greedy(900, prompt)
-                sess.decode([900], np.array([tok]))
-                logits[form] = sess.decode([900], np.array([tok]))
-                sess.release(900)
-                bc._b1_timing(sess, prompt, runs.setdefault(form, {}))
+                logits[form] = bc.b1_form(sess, prompt, runs.setdefault(form, {}))
             finally:
                 undo()
                 sess._graphs.clear()
