@@ -208,6 +208,21 @@ ATTN_INSTANCE(paged_attn_decode_d128, 128)
 // scores). Shared memory as paged_attn_decode.
 // ---------------------------------------------------------------------------------------
 #define ATTN_SPLIT_MAX 8  // most splits per (head, sequence): session.ATTN_MAX_SPLITS
+
+// The decode kernels' split of one sequence's keys: the tokens read are [lo, L) (all of them, or
+// the last `window` on a sliding layer); at most one split per min_split tokens is used (a short
+// context is faster in one block than with the merge's two extra memory round trips), so `Pe` <=
+// P splits hold tokens and split `sp` reads [t0, t1) (sp >= Pe: nothing).
+struct AttnSplit {
+    int Pe, t0, t1;
+};
+__device__ __forceinline__ AttnSplit attn_split(int L, int window, int P, int min_split, int sp) {
+    const int lo = attn_window_start(L, window), Lw = L - lo;
+    const int Pe = min(min(P, ATTN_SPLIT_MAX), max(1, (Lw + min_split - 1) / min_split));
+    const int per = (Lw + Pe - 1) / Pe;
+    const int t0 = lo + min(Lw, sp * per);
+    return {Pe, t0, min(L, t0 + per)};
+}
 template <int D, bool KCOAL, int FORM = 2>
 __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q, const half* __restrict__ kc,
                                                       const half* __restrict__ vc, const int* __restrict__ block_tables,
@@ -245,14 +260,9 @@ __device__ __forceinline__ void paged_attn_split_impl(const half* __restrict__ q
             for (int d = tid; d < D; d += blockDim.x) o[d] = __float2half(0.f);
         return;
     }
-    // the tokens read, [lo, L): all of them, or the last `window` on a sliding layer
-    const int lo = attn_window_start(L, window), Lw = L - lo;
-    // splits actually used: at most one per min_split tokens (a short context is faster in
-    // one block than with the merge's two extra memory round trips); the others return
-    const int Pe = min(min(P, ATTN_SPLIT_MAX), max(1, (Lw + min_split - 1) / min_split));
+    const AttnSplit split = attn_split(L, window, P, min_split, sp);
+    const int Pe = split.Pe, t0 = split.t0, n = split.t1 - split.t0;
     if (sp >= Pe) return;  // (writes nothing: needs no wait)
-    const int per = (Lw + Pe - 1) / Pe;
-    const int t0 = lo + min(Lw, sp * per), t1 = min(L, t0 + per), n = t1 - t0;
     const int own = L - 1 - t0;  // the step's own token, relative to t0 (in this split when < n)
     __syncthreads();
     const int groups = blockDim.x / NCH;
@@ -557,11 +567,9 @@ __device__ __forceinline__ void paged_attn_lr_impl(const half* __restrict__ q, c
             for (int d = tid; d < D; d += blockDim.x) o[d] = __float2half(0.f);
         return;
     }
-    const int lo = attn_window_start(L, window), Lw = L - lo;
-    const int Pe = min(min(P, ATTN_SPLIT_MAX), max(1, (Lw + min_split - 1) / min_split));
+    const AttnSplit split = attn_split(L, window, P, min_split, sp);
+    const int Pe = split.Pe, t0 = split.t0, n = split.t1 - split.t0;
     if (sp >= Pe) return;
-    const int per = (Lw + Pe - 1) / Pe;
-    const int t0 = lo + min(Lw, sp * per), t1 = min(L, t0 + per), n = t1 - t0;
     const int own = L - 1 - t0;  // the step's own token relative to t0 (in this split when < n)
     const int tiles = (n + LR_TT - 1) / LR_TT;
     // thread tid copies token tid of tile `tile` (K and V rows, NCH chunks each, swizzled) into stage st
@@ -782,11 +790,9 @@ __device__ __forceinline__ void paged_attn_gqa_impl(const half* __restrict__ q, 
             for (int i = tid; i < G * D; i += blockDim.x) o[i] = __float2half(0.f);
         return;
     }
-    const int lo = attn_window_start(L, window), Lw = L - lo;
-    const int Pe = min(min(P, ATTN_SPLIT_MAX), max(1, (Lw + min_split - 1) / min_split));
+    const AttnSplit split = attn_split(L, window, P, min_split, sp);
+    const int Pe = split.Pe, t0 = split.t0, n = split.t1 - split.t0;
     if (sp >= Pe) return;
-    const int per = (Lw + Pe - 1) / Pe;
-    const int t0 = lo + min(Lw, sp * per), t1 = min(L, t0 + per), n = t1 - t0;
     __syncthreads();
     const int groups = blockDim.x / NCH;
     const int ch = tid % NCH, grp = tid / NCH;
