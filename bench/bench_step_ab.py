@@ -19,6 +19,10 @@ greedy-stream tok/s (bench_cuda._b1_timing: two streams of 127 tokens) and step-
   attn_tk0   decode attention as before session 12 (paged_attn_split_tk0)
   attn_tk1   ... with the own token's K row and the merge's parts loaded early, the ticket still
              between two sequentially consistent fences (paged_attn_split_tk1)
+  attn_lr    paged_attn_lr (the b1 default before session 13's paged_attn_lc8)
+  lc8_s64 / lc8_s16  paged_attn_lc8 with splits of 64 (lr's, session 13's first form) / 16 tokens at least
+             (32 by default with lc8 at head_dim 128)
+  attn_nop   an attention launch that only waits (pdl_nop): the kernel boundary alone, timing only
   no_attn    the step with no decode attention launch (what attention costs in the graph; its
              logits are meaningless)
 and the largest |logit| difference of each form against `picked` after two decode steps (attn_tk0
@@ -74,13 +78,24 @@ def _forms(sess) -> dict:
             if f"paged_attn_split_{old}" != default_attn:
                 forms[f"attn_{old}"] = (lambda old=old: setattr(sess, "attn_split_kernel", f"paged_attn_split_{old}"),
                                         lambda: setattr(sess, "attn_split_kernel", default_attn))
+    if default_attn is not None and default_attn != "paged_attn_lr" and sess.spec.head_dim == 128:
+        forms["attn_lr"] = (lambda: setattr(sess, "attn_split_kernel", "paged_attn_lr"),
+                            lambda: setattr(sess, "attn_split_kernel", default_attn))
+    if default_attn == "paged_attn_lc8":  # ... with splits of 64 / 16 tokens at least (32: attn_min_split_rows(1))
+        for tokens in (64, 16):
+            forms[f"lc8_s{tokens}"] = (lambda t=tokens: setattr(sess, "attn_min_split_b1", t), lambda: setattr(sess, "attn_min_split_b1", None))
+    if "pdl_nop" in sess.k.functions:  # the attention launch with no work: the kernel boundary alone (timing only)
+        def nop(q, kc, vc, bt, ctx, out, rows, *, layer):
+            sess.k["pdl_nop"]((sess.spec.n_heads, rows, 8), (64,), ())
+
+        forms["attn_nop"] = (lambda: setattr(sess, "decode_attention", nop), lambda: sess.__dict__.pop("decode_attention", None))
     # what decode attention still costs inside the step: the step with no attention launch at all
     # (its logits are meaningless; only the replay time counts)
     forms["no_attn"] = (lambda: setattr(sess, "decode_attention", lambda *a, **k: None), lambda: sess.__dict__.pop("decode_attention", None))
     return forms
 
 
-def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int) -> dict:
+def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int, skip: frozenset = frozenset()) -> dict:
     path = work / name
     if not (path / "manifest.json").exists():
         make_random_bundle(name, path, max_context=4096)
@@ -93,21 +108,34 @@ def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int) -> dict:
     bpt = bytes_read_per_token(spec, q.recipe, q.group_size or 128) + (bc.PROMPT + bc.NEW / 2) * spec.kv_bytes_per_token(2)
     prompt = np.random.default_rng(1).integers(0, b.spec.vocab_size, size=bc.PROMPT)
     sess.generate_greedy(prompt, 8)
-    forms = _forms(sess)
+    forms = {k: v for k, v in _forms(sess).items() if k not in skip}
     runs: dict[str, dict] = {}
     logits: dict[str, np.ndarray] = {}
+    pdl, dropped = sess.pdl, {}
     for _ in range(rounds):
-        for form, (apply, undo) in forms.items():
+        for form, (apply, undo) in list(forms.items()):
             apply()
             try:
                 logits[form] = bc.b1_form(sess, prompt, runs.setdefault(form, {}))
+            except Exception as e:  # noqa: BLE001 (a form that cannot run is reported, the others go on)
+                dropped[form] = f"{type(e).__name__}: {e}"
+                for sid in (900, 0, 1):  # b1_form's sequences, left behind by the failed form
+                    if sid in sess.blocks:
+                        sess.release(sid)
             finally:
                 undo()
                 sess._graphs.clear()
+            if sess.pdl != pdl:  # its capture fell back to a graph without PDL: the form is dropped, PDL restored
+                dropped[form] = f"no PDL capture: {sess.pdl_error}"
+                sess.pdl = pdl
+            if form in dropped:
+                forms.pop(form)
+                runs.pop(form, None)
+                logits.pop(form, None)
     L0 = sess.layers[0]
     picks = {k: sess._cand_name((L0[k].m1, L0[k].fused)) for k in ("qkv", "o", "gu", "down")}
     step_ms = {k: {c: round(t, 4) for c, t in d.items()} for k, d in getattr(sess, "int4_m1_step_ms", {}).items()}
-    out = {"tag": tag, "model": name, "pdl": sess.pdl, "picks": picks, "step_ms": step_ms, "init_s": round(init_s, 1), "copy_gb_s": round(copy_bw / 1e9, 1), "linear_rel_err": lin_err,
+    out = {"tag": tag, "model": name, "pdl": sess.pdl, "dropped": dropped, "picks": picks, "step_ms": step_ms, "init_s": round(init_s, 1), "copy_gb_s": round(copy_bw / 1e9, 1), "linear_rel_err": lin_err,
            **{f: {"tok_s": round(statistics.median(r["tok_s"]), 1), "replay_ms": round(statistics.median(r["replay_ms"]), 4),
                   "frac": round(bpt * statistics.median(r["tok_s"]) / copy_bw, 4),
                   "replay_frac": round(bpt / (statistics.median(r["replay_ms"]) / 1e3) / copy_bw, 4),
@@ -125,12 +153,14 @@ def main() -> None:
     ap.add_argument("--configs", default="llama-3-8b,llama-3.2-1b")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bsab"))
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip", default="", help="forms left out, comma-separated (e.g. attn_tk,no_attn)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")))
     a = ap.parse_args()
     import cupy as cp
 
     copy_bw = bc.copy_bandwidth(cp)
-    res = [run(n, a.tag, a.work, copy_bw, a.rounds) for n in a.configs.split(",")]
+    skip = frozenset(f for f in a.skip.split(",") if f)
+    res = [run(n, a.tag, a.work, copy_bw, a.rounds, skip) for n in a.configs.split(",")]
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"step_ab_{a.tag}.json").write_text(json.dumps(res, indent=1))
 

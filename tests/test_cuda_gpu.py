@@ -294,7 +294,8 @@ def test_split_attention_long_context(tmp_path):
     ids = np.random.default_rng(4).integers(0, 256, size=1503)
     ref = reference_logits(spec, w, ids)
     sess = CudaDecoderSession(path, max_batch=2, max_context=2048, block_size=16)
-    assert sess._attn_splits > 1 and sess.split_kernel() == "paged_attn_lr"
+    assert sess._attn_splits > 1 and sess.split_kernel(2) == "paged_attn_lr"
+    assert sess.split_kernel(1) == ("paged_attn_lc8" if sess.k.cc >= 90 else "paged_attn_lr")
     # the context built by decode steps alone (1500 tokens: 6 splits of 250, two V rounds each)
     sess.add_sequence(0)
     sess.prefill(0, ids[:1])
@@ -336,6 +337,55 @@ def test_split_attention_long_context(tmp_path):
     sess.add_sequence(1)
     sess.prefill(1, ids[:700])
     check(sess.prefill(1, ids[700:1500]), ref[1499], 3e-2, "prefill 1500")
+
+
+def test_cluster_attention_matches_lr_and_reference(tmp_path):
+    """paged_attn_lc8 (sm_90: paged_attn_lr's splits of one head as a thread-block cluster,
+    merged in split 0's shared memory instead of through global parts and a ticket): bit for bit
+    paged_attn_lr at the same number of splits (the same tiles, the same merge arithmetic) with
+    every split used, with 3 used (the others exit at once) and with 1; graph and eager launches;
+    one row and two rows of different lengths; and against the numpy reference."""
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    cfg = tiny_config("llama", hidden=256, heads=2, kv_heads=1)  # head_dim 128
+    cfg["max_position_embeddings"] = 4096
+    spec = spec_from_hf_config(cfg)
+    w = random_weights(spec, "int4", 32, seed=8, std=0.15)
+    path = write_bundle(tmp_path / "lc", spec, w, "int4", 32, max_context=2048, max_batch=2)
+    ids = np.random.default_rng(5).integers(0, 256, size=1200)
+    ref = reference_logits(spec, w, ids)
+    sess = CudaDecoderSession(path, max_batch=2, max_context=2048, block_size=16)
+    if sess.k.cc < 90:
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    sess.add_sequence(0)
+    sess.prefill(0, ids[:1199])
+    sess.add_sequence(1)
+    sess.prefill(1, ids[:70])
+    sess._attn_splits = 8  # lr's grid z as lc8's (8 on the H200 for this model's 2 heads anyway)
+    for b1 in (64, 400, 1 << 30):  # one row: 1,200 tokens in every split (8), in 3, in 1
+        sess.attn_min_split_b1 = b1
+        got = {}
+        # lr; lc8 named, in a graph and eagerly; the default at one row (lc8 on sm_90)
+        for kernel, graphs in (("paged_attn_lr", True), ("paged_attn_lc8", True), ("paged_attn_lc8", False), (None, True)):
+            sess.attn_split_kernel, sess.use_graphs = kernel, graphs
+            sess._graphs.clear()
+            got[kernel, graphs] = sess.decode([0], ids[1199:1200])[0]
+            sess.blocks.truncate(0, 1199)
+        want = got["paged_attn_lr", True]
+        for key, out in got.items():
+            assert np.array_equal(out, want), (b1, key, float(np.max(np.abs(out - want))))
+        check(got["paged_attn_lc8", True], ref[1199], 2e-2, f"lc8 vs reference, min split {b1}")
+    sess.attn_min_split_b1, sess.use_graphs = None, True
+    sess.attn_min_split = 40  # two rows (1,200 and 71 tokens): 8 splits and 2 of 40
+    got = {}
+    for kernel in ("paged_attn_lr", "paged_attn_lc8"):
+        sess.attn_split_kernel = kernel
+        sess._graphs.clear()
+        got[kernel] = sess.decode([0, 1], np.array([ids[1199], ids[70]]))
+        sess.blocks.truncate(0, 1199)
+        sess.blocks.truncate(1, 70)
+    assert np.array_equal(got["paged_attn_lr"], got["paged_attn_lc8"])
+    check(got["paged_attn_lc8"][1], ref[70], 2e-2, "lc8, row 2")
 
 
 @pytest.mark.parametrize("kw", [{"hidden": 256, "heads": 4, "kv_heads": 1}, {"hidden": 256, "heads": 2, "kv_heads": 1},

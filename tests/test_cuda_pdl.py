@@ -68,8 +68,8 @@ FAMILIES = [
     (re.compile(r"gemv_int4_m\d+(_r\d)?"), "gemv_int4"),
     (re.compile(r"gemv_int8_m\d+"), "gemv_int8"),
     (re.compile(r"paged_attn_split_tk[01]?_d\d+"), "paged_attn_split_impl"),
-    (re.compile(r"paged_attn_lr_d\d+"), "paged_attn_lr_impl"),
-    (re.compile(r"(embed_rmsnorm|add_rmsnorm|argmax_rows_mb|advance_inputs)"), None),
+    (re.compile(r"paged_attn_(lr|lc8)_d\d+"), "paged_attn_lr_impl"),
+    (re.compile(r"(embed_rmsnorm|add_rmsnorm|argmax_rows_mb|advance_inputs|pdl_nop)"), None),
 ]
 
 

@@ -18,6 +18,9 @@ from edge.runtime.cuda.sampling import sample_top_p
 
 ATTN_THREADS = 256
 LR_THREADS = 64  # paged_attn_lr: tokens a tile = threads a block (attention.cu LR_TT)
+# paged_attn_lc8: paged_attn_lr's blocks as one thread-block cluster per (head, sequence), merged
+# through distributed shared memory (sm_90+); grid z = the cluster's blocks = the most splits
+CLUSTER_SPLITS = {"paged_attn_lc8": 8}
 ARGMAX_BLOCKS = 64  # blocks per row of the decode step's argmax
 ATTN_MAX_SPLITS = 8  # decode attention: at most this many blocks per (head, sequence)
 MAX_STREAM_DEPTH = 16  # greedy_stream: most steps queued ahead of the host
@@ -46,6 +49,7 @@ class DecodeSteps:
     gqa_attention = True  # batched steps: one attention block per kv head for all its query heads
     # the split decode attention (+ _d64 / _d128); None: split_kernel() decides. "paged_attn_lr" (64
     # threads, K / V through shared memory: resident beside the qkv GEMV; head_dim 128 only),
+    # "paged_attn_lc8" (lr's blocks, 8 splits as one cluster merged in shared memory; sm_90+),
     # "paged_attn_split_tk" (256 threads), "paged_attn_split_tk0" / "_tk1" (tk before session 12)
     attn_split_kernel: str | None = None
     attn_min_split_b1: int | None = None  # tokens per attention split at one row (None: attn_min_split_rows(1))
@@ -142,19 +146,31 @@ class DecodeSteps:
         bytes per split: 64 tokens at head_dim 128). One row's step measured on the H200 (bench_cuda
         bk_ab, ~190 tokens, replay ms): Llama-3-8B 1.946 at 64 against 1.977 at 128 and 2.009 at 256;
         Llama-3.2-1B 0.531 at 128 against 0.536 at 64 and 0.545 at 256 (bench/CUDA_NOTES.md session 8).
+        With paged_attn_lc8 (its merge in shared memory is cheaper) half that: 32 tokens at head_dim 128
+        (session 13, Llama-3-8B, ~256 tokens, one process: 1.6232 ms at 64 -> 1.5864 at 32).
         batch_invariant: attn_min_split at every batch size (a row's splits never depend on its batch)."""
         if rows != 1 or self.batch_invariant:
             return self.attn_min_split
-        return self.attn_min_split_b1 or max(1, self.attn_min_split * 64 // self.spec.head_dim)
+        if self.attn_min_split_b1:
+            return self.attn_min_split_b1
+        tokens = 32 if self.split_kernel(1) in CLUSTER_SPLITS else 64
+        return max(1, self.attn_min_split * tokens // self.spec.head_dim)
 
-    def split_kernel(self) -> str:
-        """The split decode attention kernel (less its _d suffix): attn_split_kernel if set, else
-        paged_attn_lr at head_dim 128 (one H200 call, session 12, same process: Llama-3-8B step
-        1.700 -> 1.668 ms against paged_attn_split_tk) and paged_attn_split_tk otherwise (its
+    def split_kernel(self, rows: int = 1) -> str:
+        """The split decode attention kernel of a step of `rows` sequences (less its _d suffix):
+        attn_split_kernel if set; at head_dim 128 paged_attn_lc8 for one row on sm_90+ (session 13,
+        H200, same process: Llama-3-8B step 1.661 -> 1.627 ms against lr at lr's splits of 64 tokens
+        or more, 1.586 at 32: attn_min_split_rows; measured at one row only,
+        and batch_invariant keeps one kernel at every batch size) and paged_attn_lr otherwise (session
+        12: 1.700 -> 1.668 ms against paged_attn_split_tk); paged_attn_split_tk at head_dim 64 (lr's
         head_dim-64 form made the Llama-3.2-1B step slower, 0.478 -> 0.524 ms, and is not built)."""
         if self.attn_split_kernel:
             return self.attn_split_kernel
-        return "paged_attn_lr" if self.spec.head_dim == 128 else "paged_attn_split_tk"
+        if self.spec.head_dim != 128:
+            return "paged_attn_split_tk"
+        if rows == 1 and self.k.cc >= 90 and not self.batch_invariant:
+            return "paged_attn_lc8"
+        return "paged_attn_lr"
 
     def decode_attention(self, q: Any, kc: Any, vc: Any, bt: Any, ctx: Any, out: Any, rows: int, *, layer: int) -> None:
         """One query per row over its paged cache: q, out half [rows, Hq*D]; bt int32
@@ -174,12 +190,15 @@ class DecodeSteps:
                 shared_mem=smem,
             )
         elif s.head_dim in (64, 128):  # split-sequence kernel, P blocks per (head, sequence)
-            name = self.split_kernel()
-            lr = name == "paged_attn_lr"
+            name = self.split_kernel(rows)
+            cluster = CLUSTER_SPLITS.get(name, 0)
+            lr = name == "paged_attn_lr" or cluster > 0
             if lr and s.head_dim != 128:
-                raise BackendError("paged_attn_lr is built for head_dim 128 only")
+                raise BackendError(f"{name} is built for head_dim 128 only")
+            if cluster and self.k.cc < 90:
+                raise BackendError(f"{name} needs thread-block clusters (compute capability 9.0+), not {self.k.cc / 10:.1f}")
             self.k[f"{name}_d{s.head_dim}"](
-                (s.n_heads, rows, self.attn_grid_splits(rows)), (LR_THREADS if lr else ATTN_THREADS,),
+                (s.n_heads, rows, cluster or self.attn_grid_splits(rows)), (LR_THREADS if lr else ATTN_THREADS,),
                 (q, kc, vc, bt, ctx, out, self._attn_part_o, self._attn_part_ml, self._attn_tickets, _i32(s.n_heads),
                  _i32(s.n_kv_heads), _i32(self.block_size), _i32(self.max_blocks), _i32(self.max_context), scale,
                  _i32(min_split), *feats),

@@ -85,6 +85,8 @@ KERNEL_NAMES = (
     "paged_attn_split_tk1_d64",
     "paged_attn_split_tk1_d128",
     "paged_attn_lr_d128",
+    "paged_attn_lc8_d128",
+    "pdl_nop",
     *(f"paged_attn_gqa{gm}_d{d}" for gm in (4, 8) for d in (64, 128)),
     "causal_softmax",
     "flash_prefill_d64",

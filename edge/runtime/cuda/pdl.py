@@ -38,6 +38,7 @@ PDL_KERNELS = frozenset((
     "embed_rmsnorm", "add_rmsnorm", "argmax_rows_mb", "advance_inputs",
     "paged_attn_split_tk_d64", "paged_attn_split_tk_d128", "paged_attn_split_tk0_d64", "paged_attn_split_tk0_d128",
     "paged_attn_split_tk1_d64", "paged_attn_split_tk1_d128", "paged_attn_lr_d128",
+    "paged_attn_lc8_d128", "pdl_nop",
     *(f"gemv_{k}_m{m}" for k in ("int4", "int8") for m in (1, 2, 4, 8, 16)), "gemv_int4_m1_r2", "gemv_int4_m1_r4",
     *_bk_names(),
 ))

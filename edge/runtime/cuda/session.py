@@ -133,7 +133,8 @@ class CudaDecoderSession(LinearDispatch, LayerPass, DecodeSteps, PrefillPass):
                 self.k[name].max_dynamic_shared_size_bytes = smem
         self._attn_smem = smem
         if spec.head_dim == 128 and lr_smem(128) > 48 * 1024:
-            self.k["paged_attn_lr_d128"].max_dynamic_shared_size_bytes = lr_smem(128)
+            for name in ("paged_attn_lr_d128", "paged_attn_lc8_d128"):
+                self.k[name].max_dynamic_shared_size_bytes = lr_smem(128)
         self._setup_gqa_attention()
         if spec.head_dim in (64, 128) and flash_prefill_smem(spec.head_dim) > 48 * 1024:
             prefixes = ["flash_prefill_cap_"] + [v[0] for v in FLASH_VARIANTS.values() if spec.head_dim in v[3]]

@@ -536,9 +536,41 @@ ATTN_SPLIT_INSTANCE(paged_attn_split_tk1_d128, 128, false, 1)
 // distinct banks. Sums run in another order than paged_attn_split's (same function to ~1e-6).
 // Dynamic shared memory: lr_smem (decode.py): 2 stages x (K + V) x LR_TT x D halves, q (D
 // floats), p (LR_TT floats), 32 floats of reduction.
+//
+// CL > 0 ("lc", session 13, sm_90 only): the same blocks as a thread-block cluster of the CL
+// splits of one (head, sequence) (grid z = CL), merged through distributed shared memory instead
+// of the global parts and the ticket: splits 1.. store (m, l, acc) into split 0's shared memory
+// (st.shared::cluster) and arrive on the cluster barrier with release; split 0 waits with acquire
+// and merges in split order, the same arithmetic as the ticket's merge (the same bits as lr at
+// the same splits). What it removes from the critical path: the parts' stores to L2, the
+// acquire-release atomic and the merging block's L2 loads of the parts (three L2 round trips).
+// A block that holds no tokens (sp >= Pe) exits at once; an exited thread counts as arrived at a
+// cluster barrier (PTX ISA, exit).
 // ---------------------------------------------------------------------------------------
 #define LR_TT 64  // tokens a tile = threads a block
-template <int D>
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define LC_CLUSTER(CL) __cluster_dims__(1, 1, CL)
+__device__ __forceinline__ void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory"); }
+__device__ __forceinline__ void cluster_arrive_release() { asm volatile("barrier.cluster.arrive.release;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait_acquire() { asm volatile("barrier.cluster.wait.acquire;" ::: "memory"); }
+// the address of `p` (this block's shared memory) in cluster block `rank`'s shared memory window
+__device__ __forceinline__ u32 cluster_map_shared(const void* p, u32 rank) {
+    u32 r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"((u32)__cvta_generic_to_shared(p)), "r"(rank));
+    return r;
+}
+__device__ __forceinline__ void st_cluster_f32(u32 addr, float v) {
+    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(addr), "f"(v) : "memory");
+}
+#else  // clusters need sm_90: the lc kernels are built everywhere but never launched below it (decode.py)
+#define LC_CLUSTER(CL)
+__device__ __forceinline__ void cluster_arrive_relaxed() { __trap(); }
+__device__ __forceinline__ void cluster_arrive_release() { __trap(); }
+__device__ __forceinline__ void cluster_wait_acquire() { __trap(); }
+__device__ __forceinline__ u32 cluster_map_shared(const void*, u32) { __trap(); return 0; }
+__device__ __forceinline__ void st_cluster_f32(u32, float) { __trap(); }
+#endif
+template <int D, int CL = 0>
 __device__ __forceinline__ void paged_attn_lr_impl(const half* __restrict__ q, const half* __restrict__ kc,
                                                    const half* __restrict__ vc, const int* __restrict__ block_tables,
                                                    const int* __restrict__ ctx_lens, half* __restrict__ out,
@@ -555,6 +587,11 @@ __device__ __forceinline__ void paged_attn_lr_impl(const half* __restrict__ q, c
     float* ps = qs + D;                                      // [LR_TT]
     float* red = ps + LR_TT;                                 // [32]
     __shared__ bool last;
+    __shared__ float cl_o[CL > 0 ? CL : 1][CL > 0 ? D : 1];  // lc, split 0's: the other splits' acc
+    __shared__ float cl_ml[CL > 0 ? CL : 1][2];               // ... and their (m, l)
+    // lc: phase 0 of the cluster barrier (every block has started, so its shared memory exists,
+    // before any block stores into split 0's); waited on just before those stores
+    if constexpr (CL > 0) cluster_arrive_relaxed();
     const int h = blockIdx.x, b = blockIdx.y, sp = blockIdx.z, P = gridDim.z, tid = threadIdx.x;
     const int L = ctx_lens[b];
     const int* bt = block_tables + (long long)b * max_blocks;
@@ -672,6 +709,37 @@ __device__ __forceinline__ void paged_attn_lr_impl(const half* __restrict__ q, c
         for (int j = 0; j < DPT; ++j) o[d0 + j] = __float2half(acc[j] * inv);
         return;
     }
+    if constexpr (CL > 0) {  // the merge through split 0's shared memory (cluster rank = sp: grid z = CL)
+        cluster_wait_acquire();  // phase 0
+        if (sp != 0) {
+#pragma unroll
+            for (int j = 0; j < DPT; ++j) st_cluster_f32(cluster_map_shared(&cl_o[sp][d0 + j], 0), acc[j]);
+            if (tid == 0) {
+                st_cluster_f32(cluster_map_shared(&cl_ml[sp][0], 0), m_run);
+                st_cluster_f32(cluster_map_shared(&cl_ml[sp][1], 0), l_run);
+            }
+            cluster_arrive_release();  // phase 1: this split's stores, visible to split 0's acquire
+            return;
+        }
+        cluster_arrive_relaxed();  // phase 1 (split 0 stores nothing remote)
+        cluster_wait_acquire();    // every split's (m, l, acc) is in cl_ml / cl_o
+        float M = m_run;
+        for (int j = 1; j < Pe; ++j) M = fmaxf(M, cl_ml[j][0]);
+        const float w0 = __expf(m_run - M);
+        float l = l_run * w0, a[DPT];
+#pragma unroll
+        for (int k = 0; k < DPT; ++k) a[k] = acc[k] * w0;
+        for (int j = 1; j < Pe; ++j) {
+            const float w = __expf(cl_ml[j][0] - M);
+            l += cl_ml[j][1] * w;
+#pragma unroll
+            for (int k = 0; k < DPT; ++k) a[k] += cl_o[j][d0 + k] * w;
+        }
+        const float inv = 1.f / l;
+#pragma unroll
+        for (int k = 0; k < DPT; ++k) o[d0 + k] = __float2half(a[k] * inv);
+        return;
+    }
 #pragma unroll
     for (int j = 0; j < DPT; ++j) part_o[(bh * P + sp) * D + d0 + j] = acc[j];
     if (tid == 0) {
@@ -725,6 +793,24 @@ __device__ __forceinline__ void paged_attn_lr_impl(const half* __restrict__ q, c
                               scale, min_split, window, softcap); }
 
 ATTN_LR_INSTANCE(paged_attn_lr_d128, 128)
+
+#define ATTN_LC_INSTANCE(NAME, D, CL)                                                                              \
+    extern "C" __global__ void __launch_bounds__(LR_TT, 16) LC_CLUSTER(CL) NAME(const half* q, const half* kc,     \
+        const half* vc, const int* bt, const int* ctx, half* out, float* part_o, float* part_ml, unsigned* tickets, \
+        int Hq, int Hkv, int BS, int max_blocks, int max_ctx, float scale, int min_split, int window, float softcap) { \
+        paged_attn_lr_impl<D, CL>(q, kc, vc, bt, ctx, out, part_o, part_ml, tickets, Hq, Hkv, BS, max_blocks,       \
+                                  scale, min_split, window, softcap); }
+
+// a cluster of 8 splits (grid z = CL: decode.CLUSTER_SPLITS). Session 13, Llama-3-8B b1 step in one
+// process: lc8 1.6266 ms, lr 1.6614; a cluster of 4 (grid z 4) 1.6919 and lr at grid z 4 1.7264: not built.
+ATTN_LC_INSTANCE(paged_attn_lc8_d128, 128, 8)
+
+// A decode-attention launch that only waits (bench_step_ab's attn_nop form, timing only): what the
+// kernel boundary alone costs in the step under PDL, beside the step with no launch (no_attn).
+extern "C" __global__ void pdl_nop() {
+    pdl_wait();
+    pdl_trigger();
+}
 
 // ---------------------------------------------------------------------------------------
 // GQA decode attention for compile-time D: grid (Hkv, B, P), one block per (kv head, sequence,
