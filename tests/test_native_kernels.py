@@ -1,5 +1,5 @@
 """The native CPU backend's int4 / int8 x int8 GEMM (edge/runtime/cpu/csrc/native.c): every ISA
-path (AVX-512 VNNI, AVX2, scalar, and the scalar code compiled without any SIMD) gives the same
+path (AVX-512 VNNI, AVX-512BW, AVX2, scalar, and the scalar code compiled without any SIMD) gives the same
 bits, a row gives the same bits batched or alone, any thread count gives the same bits, and the
 result is within int8-activation tolerance of numpy over the dequantized weights."""
 
@@ -56,7 +56,7 @@ def test_every_isa_path_and_thread_count_gives_the_same_bits(lins, name):
     assert err < 0.02, f"{name}: max relative error {err}"
 
 
-def test_the_vnni_and_avx2_paths_exist_where_the_cpu_has_them():
+def test_the_vnni_avx512_and_avx2_paths_exist_where_the_cpu_has_them():
     from edge.cpu import cpu_flags
 
     flags = cpu_flags()
@@ -64,6 +64,8 @@ def test_the_vnni_and_avx2_paths_exist_where_the_cpu_has_them():
     assert isas[0] == "scalar"
     if "avx2" in flags:
         assert "avx2" in isas
+    if "avx512bw" in flags:
+        assert "avx512" in isas
     if "avx512_vnni" in flags and "avx512bw" in flags:
         assert "vnni" in isas
 

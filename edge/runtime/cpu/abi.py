@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes as C
 
-ISA_NAMES = ("scalar", "avx2", "vnni")  # er_set_isa's codes 0, 1, 2
+ISA_NAMES = ("scalar", "avx2", "avx512", "vnni")  # er_set_isa's codes 0, 1, 2, 3 (avx512: AVX-512BW without VNNI)
 
 
 class Lin(C.Structure):

@@ -36,17 +36,24 @@
 #define NT 16
 #define MR 8
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define HAVE_AVX512BW 1
+#if defined(__AVX512VNNI__)
 #define HAVE_VNNI 1
+#endif
 #endif
 
 typedef _Float16 kv_t;
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
+/* ISA_AVX512: AVX-512BW without VNNI (Skylake-SP, Cascade Lake without VNNI): the zmm tile of the VNNI
+   path with vpmaddubsw + vpmaddwd in place of vpdpbusd */
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_VNNI = 3 };
 
 int er_isa_max(void) {
 #if defined(HAVE_VNNI)
     return ISA_VNNI;
+#elif defined(HAVE_AVX512BW)
+    return ISA_AVX512;
 #elif defined(__AVX2__)
     return ISA_AVX2;
 #else
@@ -485,22 +492,28 @@ static void idots_avx2(const er_lin *L, int tile, int b, int mr, const int8_t *x
 #endif
 
 
-#if defined(HAVE_VNNI)
-/* The VNNI path whole: dots and the float accumulation of mr (a constant after inlining) rows
+#if defined(HAVE_AVX512BW)
+/* The zmm paths whole: dots and the float accumulation of mr (a constant after inlining) rows
    held in zmm registers across the K blocks; the same float operations, in the same order, as
-   tile_rows' generic epilogue. */
-static inline __attribute__((always_inline)) void tile_vnni(const int mr, const er_lin *L, int tile, const int8_t *xq, const float *xs,
-                                                           const int32_t *xsum, float *out, int ldo, const int32_t *rowmap, int accumulate) {
+   tile_rows' generic epilogue. vnni (a constant): vpdpbusd; else (AVX-512BW) vpmaddubsw + vpmaddwd
+   (int4: nibbles 0..15 x s8, no int16 saturation; int8: the sign trick of the AVX2 path, |w| x
+   (a negated where w < 0), with a mask since AVX-512 has no vpsignb). The int32 dots are exact
+   either way, so both give the bits of the other paths. */
+static inline __attribute__((always_inline)) void tile_zmm(const int mr, const int vnni, const er_lin *L, int tile, const int8_t *xq,
+                                                          const float *xs, const int32_t *xsum, float *out, int ldo, const int32_t *rowmap,
+                                                          int accumulate) {
     int kb = L->k / QB, ldq = L->k;
     __m512 acc[MR];
 #pragma GCC unroll 8
     for (int m = 0; m < mr; m++) acc[m] = _mm512_setzero_ps();
     const __m512i lo = _mm512_set1_epi8(15);
     const int four = L->kind == 4;
-    const int32_t zp = four ? 8 : 128;
+    const int32_t zp = four ? 8 : (vnni ? 128 : 0); /* the sign trick reads w itself, not w + 128 */
+    const __m512i ones = _mm512_set1_epi16(1), flip = _mm512_set1_epi8((char)0x80);
     __m512 wsv = _mm512_loadu_ps(L->s + (size_t)tile * NT); /* int8: per channel */
     for (int b = 0; b < kb; b++) {
         __m512i W[8];
+        __mmask64 neg[8];
         if (mr >= PF_MIN_ROWS) prefetch_weights(L, tile, kb, b);
         if (four) {
             const uint8_t *w = L->w + ((size_t)tile * kb + b) * 256;
@@ -512,7 +525,14 @@ static inline __attribute__((always_inline)) void tile_vnni(const int mr, const 
             wsv = _mm512_loadu_ps(L->s + ((size_t)tile * kb + b) * NT);
         } else {
             const uint8_t *w = L->w + ((size_t)tile * kb + b) * 512;
-            for (int j = 0; j < 8; j++) W[j] = _mm512_loadu_si512((const void *)(w + 64 * j));
+            for (int j = 0; j < 8; j++) {
+                W[j] = _mm512_loadu_si512((const void *)(w + 64 * j));
+                if (!vnni) { /* w itself: its sign as a mask, |w| as the unsigned operand */
+                    __m512i sw = _mm512_xor_si512(W[j], flip);
+                    neg[j] = _mm512_movepi8_mask(sw);
+                    W[j] = _mm512_abs_epi8(sw);
+                }
+            }
         }
         /* g outer, rows inner: mr independent dpbusd chains (a row's 8 dots in a chain would
            wait on each other's latency) */
@@ -525,7 +545,15 @@ static inline __attribute__((always_inline)) void tile_vnni(const int mr, const 
             for (int m = 0; m < mr; m++) {
                 int32_t a4;
                 memcpy(&a4, xq + (size_t)m * ldq + b * QB + 4 * g, 4);
-                d[m] = _mm512_dpbusd_epi32(d[m], W[g], _mm512_set1_epi32(a4));
+                __m512i av = _mm512_set1_epi32(a4);
+#if defined(HAVE_VNNI)
+                if (vnni) {
+                    d[m] = _mm512_dpbusd_epi32(d[m], W[g], av);
+                    continue;
+                }
+#endif
+                if (!four) av = _mm512_mask_sub_epi8(av, neg[g], _mm512_setzero_si512(), av);
+                d[m] = _mm512_add_epi32(d[m], _mm512_madd_epi16(_mm512_maddubs_epi16(W[g], av), ones));
             }
         }
 #pragma GCC unroll 8
@@ -551,19 +579,23 @@ static inline __attribute__((always_inline)) void tile_vnni(const int mr, const 
 /* One tile (16 columns) for rows [0, mr): out[m][n] (+)= sum_b (float)idot * (ws * xs) + bias. */
 static void tile_rows(const er_lin *L, int tile, int mr, const int8_t *xq, const float *xs, const int32_t *xsum,
                       float *out, int ldo, const int32_t *rowmap, int accumulate, int isa) {
-#if defined(HAVE_VNNI)
-    if (isa == ISA_VNNI) {
-        switch (mr) {
-        case 1: tile_vnni(1, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
-        case 2: tile_vnni(2, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
-        case 3: tile_vnni(3, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
-        case 4: tile_vnni(4, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
-        case 5: tile_vnni(5, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
-        case 6: tile_vnni(6, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
-        case 7: tile_vnni(7, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
-        default: tile_vnni(8, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;
-        }
+#if defined(HAVE_AVX512BW)
+#define TILE_MR_(V)                                                                        \
+    switch (mr) {                                                                          \
+    case 1: tile_zmm(1, V, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;   \
+    case 2: tile_zmm(2, V, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;   \
+    case 3: tile_zmm(3, V, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;   \
+    case 4: tile_zmm(4, V, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;   \
+    case 5: tile_zmm(5, V, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;   \
+    case 6: tile_zmm(6, V, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;   \
+    case 7: tile_zmm(7, V, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;   \
+    default: tile_zmm(8, V, L, tile, xq, xs, xsum, out, ldo, rowmap, accumulate); return;  \
     }
+#if defined(HAVE_VNNI)
+    if (isa == ISA_VNNI) { TILE_MR_(1) }
+#endif
+    if (isa == ISA_AVX512) { TILE_MR_(0) }
+#undef TILE_MR_
 #endif
     int kb = L->k / QB;
     int ldq = L->k;
