@@ -18,9 +18,10 @@ Decode speed is bounded by memory bandwidth: every step reads all decode weights
 the KV cache of each sequence), so tok/s <= bandwidth / bytes read per token, per power mode.
 
 The recommendation is the highest-precision option that meets the requested context and
-concurrency: fp16 > int8 > int4 g32 > g64 > g128, with fp16 KV. The int8-KV column is computed for
-information only: no backend implements an int8 KV cache yet (RUNTIME_KV_DTYPES), so the plan
-never chooses it and the manifest's KV pool is always what the backends allocate.
+concurrency: fp16 > int8 > int4 g32 > g64 > g128, with fp16 KV. The plan never chooses int8 KV
+itself (RUNTIME_KV_DTYPES: what every backend allocates); `edge-rag build --kv-dtype int8` writes the
+int8-KV column into the manifest, which the native CPU backend allocates as int8 K/V (one fp16
+scale per token and KV head) and the other backends hold as fp16 of the same bytes.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ PREFILL_CHUNK = 512  # tokens per prefill step (chunked prefill bounds activatio
 ATTN_KEY_BLOCK = 1024  # attention scores are formed over key blocks of this many tokens (flash-style)
 KV_BLOCK_TOKENS = 16  # paged KV cache block size: capacity is counted in whole blocks
 KV_DTYPES = ("fp16", "int8")
-RUNTIME_KV_DTYPES = ("fp16",)  # what the backends allocate; int8 KV is planned for information only
+RUNTIME_KV_DTYPES = ("fp16",)  # what every backend allocates; int8 KV only when the build asks for it (--kv-dtype int8)
 _QUANT_PRECISION = {"fp16": "fp16", "int8": "int8", "int4": "int4_weight_only"}
 
 

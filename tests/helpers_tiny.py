@@ -192,7 +192,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def make_tiny_bundle(out: Path, model, recipe: str = "fp32", *, group_size: int = 32, max_context: int = 128,
-                     max_batch: int = 4, forms: tuple[str, ...] = ("ort", "trt"), accuracy_level: int | None = None) -> Path:
+                     max_batch: int = 4, forms: tuple[str, ...] = ("ort", "trt"), accuracy_level: int | None = None,
+                     kv_dtype: str = "fp16") -> Path:
     """Write a generator bundle for `model` with the ONNX forms requested."""
     import tempfile
 
@@ -212,7 +213,7 @@ def make_tiny_bundle(out: Path, model, recipe: str = "fp32", *, group_size: int 
         for f in ("tokenizer.json", "tokenizer_config.json"):
             w.add_file(f, Path(td) / f)
     return w.commit(Manifest(kind="generator", model=spec.to_dict(), quant=quant,
-                             limits=Limits(max_context=max_context, max_batch=max_batch)))
+                             limits=Limits(max_context=max_context, max_batch=max_batch, kv_dtype=kv_dtype)))
 
 
 # ---- tiny sentence-transformers embedder (BERT) -------------------------------------------

@@ -93,6 +93,28 @@ def test_auto_takes_the_plan_recommendation(tiny_llama, tmp_path):
     assert m.limits.max_context == 128 and m.plan["request"]["context"] == 128
 
 
+def test_kv_dtype_int8_writes_the_plan_int8_column(tiny_llama, tmp_path, capsys):
+    """`build --kv-dtype int8`: the manifest's pool is the plan's int8-KV column (more tokens than the fp16
+    build of the same budget), which --backend native allocates as int8 (tests/test_native_backend.py);
+    a bad value is a one-line error."""
+    from edge.plan import kv_bytes_per_token
+
+    got = {}
+    for kv in ("fp16", "int8"):
+        out = tmp_path / kv
+        code, stdout, err = _cli(["build", "--model", str(tiny_llama), "--profile", "orin-nano-8gb", "--quant", "int8", "--context", "128",
+                                  "--out", str(out), "--quiet", "--json", "--kv-dtype", kv], capsys)
+        assert code == 0, err
+        got[kv] = Bundle.open(out).manifest.limits
+    spec = Bundle.open(tmp_path / "int8").spec
+    assert got["fp16"].kv_dtype == "fp16" and got["int8"].kv_dtype == "int8"
+    assert kv_bytes_per_token(spec, "int8") < kv_bytes_per_token(spec, "fp16")
+    assert got["int8"].max_batch >= got["fp16"].max_batch and got["int8"].max_context == got["fp16"].max_context == 128
+    code, _, err = _cli(["build", "--model", str(tiny_llama), "--profile", "orin-nano-8gb", "--quant", "int8", "--out",
+                         str(tmp_path / "bad"), "--quiet", "--kv-dtype", "fp8"], capsys)
+    assert code != 0 and "--kv-dtype" in err and "fp8" in err
+
+
 def _cli(args, capsys):
     from edge.cli import main
 

@@ -142,16 +142,22 @@ def _plan(spec, profile: str, context: int):
     return plan_model(spec, profile, context=context)
 
 
-def _limits(plan, recipe: str, group_size: int, context: int, explicit_context: bool, spec) -> tuple[Limits, int | None]:
+def _limits(plan, recipe: str, group_size: int, context: int, explicit_context: bool, spec,
+            kv_dtype: str | None = None) -> tuple[Limits, int | None]:
     """The runtime's limits for the chosen build from the plan's row of that option, and the
-    plan's weight bytes for it (None when unplanned or fp32)."""
+    plan's weight bytes for it (None when unplanned or fp32). kv_dtype "int8": the plan's int8-KV
+    column (the native CPU backend allocates it; the others hold the same bytes in fp16)."""
     if plan is None:
-        return Limits(max_context=context, max_batch=1), None
+        return Limits(max_context=context, max_batch=1, kv_dtype=kv_dtype or "fp16"), None
     from edge.plan import KV_BLOCK_TOKENS
 
     quant = "fp16" if recipe == "fp32" else recipe  # fp32 reference builds are sized like fp16 (lower bound)
     row = plan.row(quant, group_size if quant == "int4" else 0)
-    kv = next((d for d in ("fp16", "int8") if row.fits.get(d)), None)
+    if kv_dtype == "int8":  # the plan offers int8 KV for information only (RUNTIME_KV_DTYPES): asked for, it fits like fp16 does
+        need = -(-plan.context // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS * plan.concurrency
+        kv = "int8" if row.supported and row.kv_tokens["int8"] >= need else None
+    else:
+        kv = next((d for d in ("fp16", "int8") if row.fits.get(d)), None)
     if kv is None:
         raise PlanError(
             f"{spec.name or spec.arch} at {quant}{f'-g{group_size}' if quant == 'int4' else ''} does not fit {plan.profile} with a {context}-token context",
@@ -182,18 +188,22 @@ def build_generator_bundle(
     report: bool = True,
     forms: tuple[str, ...] = DEFAULT_FORMS,
     on_stage: Callable[[str], None] | None = None,
+    kv_dtype: str | None = None,
 ) -> Path:
     """Build a generator engine bundle at `out` from an HF folder, a .gguf file or 'default'.
 
     quant: auto (the planner's recommendation) | int4 (AWQ+GPTQ; awq=False: plain RTN; gptq=False:
     plain AWQ) | int8 | fp16 |
-    fp32 (unquantized reference). on_stage(description) is called as each stage (and each layer of
+    fp32 (unquantized reference). kv_dtype: None (the plan's: fp16) | "fp16" | "int8" (int8 K and V with
+    one fp16 scale per token and kv head: what the native CPU backend allocates). on_stage(description) is called as each stage (and each layer of
     the quantization, "layer i") begins (bench/build_memory.py). Returns the bundle path (written
     atomically)."""
     from edge.models.defaults import resolve_model
     from edge.models.spec import read_spec
 
     validate_options(quant, group_size)
+    if kv_dtype not in (None, "fp16", "int8"):
+        raise UsageError(f"--kv-dtype {kv_dtype!r} is not one of fp16, int8", fix="use --kv-dtype int8 or leave it out (fp16)")
     t0 = time.time()
     src = resolve_model(model)
     spec = read_spec(src)
@@ -230,7 +240,7 @@ def build_generator_bundle(
     use_awq = bool(awq and recipe == "int4")
     use_gptq = bool(use_awq and gptq)
     method = "awq+gptq" if use_gptq else "awq" if use_awq else ("rtn" if recipe in ("int8", "int4") else "none")
-    limits, planned_weight_bytes = _limits(plan, recipe, g, ctx, explicit_context, spec)
+    limits, planned_weight_bytes = _limits(plan, recipe, g, ctx, explicit_context, spec, kv_dtype)
 
     writer = BundleWriter(Path(out), "generator")
     try:

@@ -44,6 +44,7 @@ def build(
     rtn: bool = typer.Option(False, "--rtn", help="INT4 by plain round-to-nearest instead of AWQ+GPTQ."),
     no_gptq: bool = typer.Option(False, "--no-gptq", help="INT4 by AWQ with round-to-nearest (no GPTQ rounding): faster build, lower quality."),
     context: Optional[int] = typer.Option(None, "--context", help="Context length the engine is planned and built for (default: what the plan allows)."),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help="KV cache element type the pool is planned in: fp16 (default) | int8 (one fp16 scale per token and KV head; allocated by --backend native, other backends hold the same bytes in fp16)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory (default engines/gen, or engines/embed for an embedder)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or error table."),
     json_out: bool = typer.Option(False, "--json", help="Print the bundle's manifest summary as JSON."),
@@ -54,8 +55,9 @@ def build(
 
     path = resolve_model(model)
     if is_encoder_folder(path):
-        if group_size is not None or calib is not None or rtn or no_gptq or context is not None:
-            raise UsageError("--group-size, --calib, --rtn, --no-gptq and --context apply to generator builds only", fix="drop them for an embedding model")
+        if group_size is not None or calib is not None or rtn or no_gptq or context is not None or kv_dtype is not None:
+            raise UsageError("--group-size, --calib, --rtn, --no-gptq, --context and --kv-dtype apply to generator builds only",
+                             fix="drop them for an embedding model")
         from edge.build.encoder import build_embedder_bundle
 
         equant = "fp32" if quant == "auto" else quant
@@ -74,6 +76,7 @@ def build(
             gptq=not no_gptq,
             context=context,
             progress=not quiet,
+            kv_dtype=kv_dtype,
         )
     from edge.bundle import Bundle
 

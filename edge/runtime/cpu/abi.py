@@ -22,7 +22,8 @@ class Model(C.Structure):
                 ("head_dim", C.c_int32), ("inter", C.c_int32), ("vocab", C.c_int32), ("block_size", C.c_int32),
                 ("num_blocks", C.c_int32), ("max_ctx", C.c_int32), ("threads", C.c_int32),
                 ("eps", C.c_float), ("attn_scale", C.c_float), ("layers", C.POINTER(Layer)), ("norm", C.c_void_p),
-                ("head", Lin), ("cos", C.c_void_p), ("sin", C.c_void_p), ("kv", C.c_void_p)]
+                ("head", Lin), ("cos", C.c_void_p), ("sin", C.c_void_p), ("kv", C.c_void_p),
+                ("kv_int8", C.c_int32)]
 
 
 def declare(lib: C.CDLL) -> None:

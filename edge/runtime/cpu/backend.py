@@ -12,10 +12,10 @@ row are the same batched or alone and the engine's guarantees (same tokens batch
 seeded sampling) hold.
 
 KV: a true block pool ("paged"): a prefix-cache hit costs nothing, the engine's block table
-points at the cached blocks. K and V are stored in fp16 (the plan's KV dtype): the pool is the
-plan's kv_blocks x kv_block_size tokens, so its bytes are the planned bytes (an int8 plan gets
-an fp16 pool of the same bytes: fewer tokens). The pool is anonymous memory whose pages become
-resident only when written (ort_session.lazy_zeros).
+points at the cached blocks. K and V are stored in the plan's KV dtype: fp16, or int8 with one
+fp16 scale per token and KV head (edge.plan.kv_bytes_per_token's layout); the pool is the plan's
+kv_blocks x kv_block_size tokens, so its bytes are the planned bytes. The pool is anonymous
+memory whose pages become resident only when written (ort_session.lazy_zeros).
 
 Architectures: llama-family decoders (Llama, SmolLM2, Qwen2 with its q/k/v biases, Mistral
 without sliding layers); every other feature (qk-norm, sandwich norms, GeLU, soft-capping,
@@ -36,7 +36,7 @@ from edge.runtime.cpu import abi
 from edge.runtime.cpu.weights import NativeLinear, pack_gate_up, pack_linear
 from edge.runtime.step import I32, BackendCaps, StepBatch, StepOutput
 
-KV_ELEM_BYTES = 2  # fp16 K and V
+KV_DTYPES = ("fp16", "int8")  # what this backend allocates (edge.plan.KV_DTYPES)
 MIXED_PREFILL = 32  # prompt tokens per step while other rows decode (bounds their token gaps, as on ORT)
 PREFILL_CHUNK = 256  # largest prompt piece per row and step (activation memory ~ T x 9 KB for SmolLM2)
 
@@ -58,8 +58,11 @@ def unsupported_features(spec) -> list[str]:
     return bad
 
 
-def kv_block_bytes(spec, block_size: int) -> int:
-    return int(spec.kv_bytes_per_token(KV_ELEM_BYTES)) * block_size  # the spec's one K+V-per-token rule
+def kv_block_bytes(spec, block_size: int, kv_dtype: str = "fp16") -> int:
+    """One block of every layer's K and V: the planner's one bytes-per-token rule."""
+    from edge.plan import kv_bytes_per_token
+
+    return kv_bytes_per_token(spec, kv_dtype) * block_size
 
 
 def planned_kv_bytes(bundle) -> int:
@@ -75,8 +78,10 @@ class NativeBackend:
     """EngineBackend over csrc/native.c. See the module docstring."""
 
     def __init__(self, bundle, *, max_batch: int | None = None, max_context: int | None = None, threads: int | None = None,
-                 kv_tokens: int | None = None, prefill_chunk: int = PREFILL_CHUNK, build_flags: tuple[str, ...] = ()):
-        """kv_tokens: the engine's KV pool in tokens (None: the plan's KV bytes in fp16 blocks);
+                 kv_tokens: int | None = None, prefill_chunk: int = PREFILL_CHUNK, build_flags: tuple[str, ...] = (),
+                 kv_dtype: str | None = None):
+        """kv_tokens: the engine's KV pool in tokens (None: the plan's KV bytes in kv_dtype blocks);
+        kv_dtype: "fp16" | "int8" (None: the manifest's; an fp32 manifest gets fp16);
         build_flags: extra cc flags (tests build the portable C path with -march=x86-64)."""
         from edge.models.rope import rope_tables
         from edge.runtime.cpu.build import load
@@ -97,9 +102,12 @@ class NativeBackend:
         self.threads = int(threads or os.cpu_count() or 1)
         self.vocab_size = spec.vocab_size
         self.block_size = bs = int(lim.kv_block_size)
+        self.kv_dtype = kv_dtype or (lim.kv_dtype if lim.kv_dtype in KV_DTYPES else "fp16")
+        if self.kv_dtype not in KV_DTYPES:
+            raise UsageError(f"kv_dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
         bps = -(-self.max_context // bs)
         if kv_tokens is None:
-            nb = planned_kv_bytes(bundle) // kv_block_bytes(spec, bs)
+            nb = planned_kv_bytes(bundle) // kv_block_bytes(spec, bs, self.kv_dtype)
         else:
             nb = -(-int(kv_tokens) // bs)
         self.num_blocks = int(max(bps, nb))
@@ -116,14 +124,18 @@ class NativeBackend:
         self.head = self._linear(w, ["lm_head"] if ("lm_head.qweight" in w or "lm_head.weight" in w) else None)
         cos, sin = rope_tables(spec, self.max_context)
         self.cos, self.sin = np.ascontiguousarray(cos), np.ascontiguousarray(sin)
-        # [layers, K/V, kv heads, blocks, block_size x head_dim] fp16 (K of a block transposed), resident only where written
-        self.kv = lazy_zeros((spec.n_layers, 2, spec.n_kv_heads, self.num_blocks, bs, spec.head_dim), np.float16)
+        # [layers, K/V, kv heads, blocks, one block] (K of a block transposed), resident only where written: fp16
+        # [block_size, head_dim], or int8 [block_size x head_dim] values then block_size fp16 scales (native.c's kv_blk)
+        if self.kv_dtype == "int8":
+            self.kv = lazy_zeros((spec.n_layers, 2, spec.n_kv_heads, self.num_blocks, bs * (spec.head_dim + 2)), np.uint8)
+        else:
+            self.kv = lazy_zeros((spec.n_layers, 2, spec.n_kv_heads, self.num_blocks, bs, spec.head_dim), np.float16)
         f = spec.features
         scale = f.attn_scale if f.attn_scale is not None else 1.0 / math.sqrt(spec.head_dim)
         self.model = abi.Model(spec.n_layers, spec.hidden_size, spec.n_heads, spec.n_kv_heads, spec.head_dim,
                                spec.intermediate_size, spec.vocab_size, bs, self.num_blocks, self.max_context, self.threads,
                                float(spec.rms_eps), float(scale), self._layers, self.norm.ctypes.data, self.head.struct,
-                               self.cos.ctypes.data, self.sin.ctypes.data, self.kv.ctypes.data)
+                               self.cos.ctypes.data, self.sin.ctypes.data, self.kv.ctypes.data, int(self.kv_dtype == "int8"))
         self._logits = np.zeros((self.max_batch, self.vocab_size), np.float32)
         self._work = np.zeros(0, np.uint8)
         self._x = np.zeros((0, spec.hidden_size), np.float32)
@@ -181,7 +193,7 @@ class NativeBackend:
         return BackendCaps(num_blocks=self.num_blocks, block_size=self.block_size, max_seqs=self.max_batch,
                            max_context=self.max_context, vocab_size=self.vocab_size, kv_layout="paged",
                            device_sampling=False, mixed_rows=True, greedy_stream=False, prefix_cache=True,
-                           prefill_chunk=self.prefill_chunk, mixed_prefill=MIXED_PREFILL, kv_dtype="fp16",
+                           prefill_chunk=self.prefill_chunk, mixed_prefill=MIXED_PREFILL, kv_dtype=self.kv_dtype,
                            kv_bytes=int(self.kv.nbytes), copies_blocks=True)
 
     def execute(self, batch: StepBatch) -> StepOutput:

@@ -253,7 +253,8 @@ typedef struct {
     const float *norm;
     er_lin head;
     const float *cos, *sin; /* [max_ctx][head_dim / 2] */
-    kv_t *kv;               /* [layers][2][n_kv][num_blocks][block_size x head_dim]: K [head_dim][block_size], V [block_size][head_dim] */
+    void *kv;               /* [layers][2][n_kv][num_blocks][one block]: K [head_dim][block_size], V [block_size][head_dim] */
+    int32_t kv_int8;        /* 0: fp16 blocks; 1: int8 blocks, each followed by its block_size fp16 scales (see kv_blk) */
 } er_model;
 
 /* ---- element-wise: exp, SwiGLU ------------------------------------------------------------- */
@@ -273,6 +274,23 @@ static inline vf ldh(const kv_t *p) {
     return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 #elif defined(__F16C__) && defined(__AVX__)
     __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)), b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+    vf v;
+    memcpy(&v, &a, sizeof a);
+    memcpy((char *)&v + sizeof a, &b, sizeof b);
+    return v;
+#else
+    float f[VL];
+    for (int i = 0; i < VL; i++) f[i] = (float)p[i];
+    return ldf(f);
+#endif
+}
+/* 16 int8 -> float (exact on every path) */
+static inline vf ld8(const int8_t *p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(__AVX2__)
+    __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
     vf v;
     memcpy(&v, &a, sizeof a);
     memcpy((char *)&v + sizeof a, &b, sizeof b);
@@ -734,21 +752,31 @@ static void rope_head(float *x, const float *cs, const float *sn, int d) {
     }
 }
 
-/* ---- attention over the paged fp16 pool ----------------------------------------------------
+/* ---- attention over the paged fp16 (or int8) pool ----------------------------------------------------
    In 16-lane vectors (vf): a head's numbers never depend on which other heads or rows are
    computed beside it. */
 
 /* K (which 0: [head_dim][block_size]) or V (1: [block_size][head_dim]) of one block and kv head:
    block_size x head_dim halves, contiguous (2 KB for SmolLM2). The pool is [layers][K/V][kv heads]
    [blocks]: a row's neighbouring blocks of one kv head are neighbours in memory (the engine keeps a
-   sequence's blocks in one region), so its K (or V) is one sequential stream for the prefetcher. */
-static inline kv_t *kv_at(const er_model *M, int layer, int which, int block, int kvh) {
-    size_t blk = (size_t)M->block_size * M->head_dim;
-    return M->kv + ((((size_t)layer * 2 + which) * M->n_kv + kvh) * M->num_blocks + block) * blk;
+   sequence's blocks in one region), so its K (or V) is one sequential stream for the prefetcher.
+   int8 KV (M->kv_int8, the plan's kv_dtype "int8"): a block is block_size x head_dim int8 values in
+   the same order, then block_size fp16 scales, one per position (token and kv head): x ~ q * scale
+   with scale = fp16(absmax / 127), q = round(x / scale). block_size x (head_dim + 2) bytes: the
+   planner's int8 bytes per token (edge.plan.kv_bytes_per_token), so the pool is the planned one. */
+static inline size_t kv_blk_bytes(const er_model *M) {
+    return (size_t)M->block_size * (M->kv_int8 ? M->head_dim + 2 : M->head_dim * 2);
 }
+static inline char *kv_blk(const er_model *M, int layer, int which, int block, int kvh) {
+    return (char *)M->kv + ((((size_t)layer * 2 + which) * M->n_kv + kvh) * M->num_blocks + block) * kv_blk_bytes(M);
+}
+static inline kv_t *kv_at(const er_model *M, int layer, int which, int block, int kvh) { return (kv_t *)kv_blk(M, layer, which, block, kvh); }
+/* an int8 block's values and scales */
+static inline int8_t *kv8_at(const er_model *M, int layer, int which, int block, int kvh) { return (int8_t *)kv_blk(M, layer, which, block, kvh); }
+static inline kv_t *kv8_scales(const er_model *M, const int8_t *blk) { return (kv_t *)(blk + (size_t)M->block_size * M->head_dim); }
 
-static inline __attribute__((always_inline)) void prefetch_block(const kv_t *p, int n) { /* n halves; always_inline: see prefetch_weights */
-    for (int i = 0; i < n; i += 32) __builtin_prefetch(p + i, 0, 3);
+static inline __attribute__((always_inline)) void prefetch_bytes(const void *p, int n) { /* always_inline: see prefetch_weights */
+    for (int i = 0; i < n; i += 64) __builtin_prefetch((const char *)p + i, 0, 3);
 }
 
 /* K of a block is stored transposed, [head_dim][block_size] (V stays [block_size][head_dim]), so
@@ -756,9 +784,13 @@ static inline __attribute__((always_inline)) void prefetch_block(const kv_t *p, 
    (i mod 4, in order of i), folded (a0 + a1) + (a2 + a3), times the scale. nh heads (a constant
    after inlining) share each K load. A last chunk of < 16 positions is computed whole when it lies
    inside the block (block_size % 16 == 0: lanes past e read other slots of the block and are not
-   stored), else in scalar with the same per-lane sums: the same bits either way. */
-static inline __attribute__((always_inline)) void kscores(const int nh, const kv_t *kb, int bs, int e, const float *q, int d,
-                                                          float scale, float *sc, int ldsc) {
+   stored), else in scalar with the same per-lane sums: the same bits either way.
+   int8 K (q8, a constant after inlining; ks: the block's scales): the sum runs over the int8
+   values, then s[o] = (sum * ks[o]) * scale. */
+static inline __attribute__((always_inline)) void kscores(const int nh, const int q8, const void *kbv, const kv_t *ks, int bs, int e,
+                                                          const float *q, int d, float scale, float *sc, int ldsc) {
+    const kv_t *kb = kbv;
+    const int8_t *k8 = kbv;
     int o0 = 0;
     for (; o0 < e && o0 + VL <= bs; o0 += VL) {
         vf a[4][4];
@@ -767,7 +799,7 @@ static inline __attribute__((always_inline)) void kscores(const int nh, const kv
         for (int i = 0; i < d; i += 4) {
 #pragma GCC unroll 4
             for (int r = 0; r < 4; r++) {
-                vf k = ldh(kb + (size_t)(i + r) * bs + o0);
+                vf k = q8 ? ld8(k8 + (size_t)(i + r) * bs + o0) : ldh(kb + (size_t)(i + r) * bs + o0);
 #pragma GCC unroll 4
                 for (int h = 0; h < nh; h++) a[h][r] = a[h][r] + splat(q[(size_t)h * d + i + r]) * k;
             }
@@ -775,7 +807,8 @@ static inline __attribute__((always_inline)) void kscores(const int nh, const kv
         int w = e - o0 < VL ? e - o0 : VL;
 #pragma GCC unroll 4
         for (int h = 0; h < nh; h++) {
-            vf v = ((a[h][0] + a[h][1]) + (a[h][2] + a[h][3])) * splat(scale);
+            vf v = (a[h][0] + a[h][1]) + (a[h][2] + a[h][3]);
+            v = q8 ? (v * ldh(ks + o0)) * splat(scale) : v * splat(scale);
             if (w == VL) {
                 stf(sc + (size_t)h * ldsc + o0, v);
             } else {
@@ -789,8 +822,10 @@ static inline __attribute__((always_inline)) void kscores(const int nh, const kv
         for (int h = 0; h < nh; h++) {
             float a[4] = {0.f, 0.f, 0.f, 0.f};
             for (int i = 0; i < d; i += 4)
-                for (int r = 0; r < 4; r++) a[r] = a[r] + q[(size_t)h * d + i + r] * (float)kb[(size_t)(i + r) * bs + o0];
-            sc[(size_t)h * ldsc + o0] = ((a[0] + a[1]) + (a[2] + a[3])) * scale;
+                for (int r = 0; r < 4; r++)
+                    a[r] = a[r] + q[(size_t)h * d + i + r] * (q8 ? (float)k8[(size_t)(i + r) * bs + o0] : (float)kb[(size_t)(i + r) * bs + o0]);
+            float v = (a[0] + a[1]) + (a[2] + a[3]);
+            sc[(size_t)h * ldsc + o0] = q8 ? (v * (float)ks[o0]) * scale : v * scale;
         }
 }
 
@@ -799,25 +834,32 @@ static inline __attribute__((always_inline)) void kscores(const int nh, const kv
    positions, each V vector is loaded once for the nh heads. V blocks are prefetched one ahead here
    and each during attend's K pass: the engine's blocks of a row need not be neighbours in the
    pool, so the hardware prefetcher does not follow them (8 rows at past 60-180 over scattered
-   blocks: attention 2.88 -> 2.28 ms a step; over neighbouring blocks unchanged). */
-static inline __attribute__((always_inline)) void vsum(const int nh, const int nv, const er_model *M, int layer, const int32_t *table,
-                                                       int kvh, int n, const float *p, int ldp, int i0, float *out, int ldo) {
-    int d = M->head_dim, bs = M->block_size;
+   blocks: attention 2.88 -> 2.28 ms a step; over neighbouring blocks unchanged).
+   int8 V (q8): o = o + (p * vscale[j]) * v8, the product p * vscale a scalar float. */
+static inline __attribute__((always_inline)) void vsum(const int nh, const int nv, const int q8, const er_model *M, int layer,
+                                                       const int32_t *table, int kvh, int n, const float *p, int ldp, int i0, float *out,
+                                                       int ldo) {
+    int d = M->head_dim, bs = M->block_size, bb = (int)kv_blk_bytes(M);
     vf o[4][4];
 #pragma GCC unroll 4
     for (int h = 0; h < nh; h++)
 #pragma GCC unroll 4
         for (int v = 0; v < nv; v++) o[h][v] = (vf){0};
     for (int j0 = 0, blk = 0; j0 < n; j0 += bs, blk++) {
-        const kv_t *vb = kv_at(M, layer, 1, table[blk], kvh) + i0;
+        const char *vblk = kv_blk(M, layer, 1, table[blk], kvh);
+        const kv_t *vb = (const kv_t *)vblk + i0, *vs = kv8_scales(M, (const int8_t *)vblk);
+        const int8_t *v8 = (const int8_t *)vblk + i0;
         int e = n - j0 < bs ? n - j0 : bs;
-        if (j0 + bs < n) prefetch_block(kv_at(M, layer, 1, table[blk + 1], kvh), bs * d);
+        if (j0 + bs < n) prefetch_bytes(kv_blk(M, layer, 1, table[blk + 1], kvh), bb);
         for (int j = 0; j < e; j++) {
+            float pv[4];
+#pragma GCC unroll 4
+            for (int h = 0; h < nh; h++) pv[h] = q8 ? p[(size_t)h * ldp + j0 + j] * (float)vs[j] : p[(size_t)h * ldp + j0 + j];
 #pragma GCC unroll 4
             for (int v = 0; v < nv; v++) {
-                vf x = ldh(vb + (size_t)j * d + v * VL);
+                vf x = q8 ? ld8(v8 + (size_t)j * d + v * VL) : ldh(vb + (size_t)j * d + v * VL);
 #pragma GCC unroll 4
-                for (int h = 0; h < nh; h++) o[h][v] = o[h][v] + splat(p[(size_t)h * ldp + j0 + j]) * x;
+                for (int h = 0; h < nh; h++) o[h][v] = o[h][v] + splat(pv[h]) * x;
             }
         }
     }
@@ -840,31 +882,38 @@ static float lane_sum(const float *x, int n) {
     return l[0];
 }
 
-static void kscores_n(int nh, const kv_t *kb, int bs, int e, const float *q, int d, float scale, float *sc, int ldsc) {
+static void kscores_n(int nh, int q8, const void *kb, const kv_t *ks, int bs, int e, const float *q, int d, float scale, float *sc,
+                      int ldsc) {
+#define KS_(NH) (q8 ? kscores(NH, 1, kb, ks, bs, e, q, d, scale, sc, ldsc) : kscores(NH, 0, kb, ks, bs, e, q, d, scale, sc, ldsc))
     switch (nh) {
-    case 1: kscores(1, kb, bs, e, q, d, scale, sc, ldsc); return;
-    case 2: kscores(2, kb, bs, e, q, d, scale, sc, ldsc); return;
-    case 3: kscores(3, kb, bs, e, q, d, scale, sc, ldsc); return;
-    default: kscores(4, kb, bs, e, q, d, scale, sc, ldsc); return;
+    case 1: KS_(1); return;
+    case 2: KS_(2); return;
+    case 3: KS_(3); return;
+    default: KS_(4); return;
     }
+#undef KS_
 }
 
-static void vsum_n(int nh, int nv, const er_model *M, int layer, const int32_t *table, int kvh, int n, const float *p, int ldp, int i0,
-                   float *out, int ldo) {
+static void vsum_n(int nh, int nv, int q8, const er_model *M, int layer, const int32_t *table, int kvh, int n, const float *p, int ldp,
+                   int i0, float *out, int ldo) {
+#define VS_(NH, NV)                                                               \
+    (q8 ? vsum(NH, NV, 1, M, layer, table, kvh, n, p, ldp, i0, out, ldo) \
+        : vsum(NH, NV, 0, M, layer, table, kvh, n, p, ldp, i0, out, ldo))
     if (nv == 4) {
         switch (nh) {
-        case 1: vsum(1, 4, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
-        case 2: vsum(2, 4, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
-        case 3: vsum(3, 4, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
-        default: vsum(4, 4, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
+        case 1: VS_(1, 4); return;
+        case 2: VS_(2, 4); return;
+        case 3: VS_(3, 4); return;
+        default: VS_(4, 4); return;
         }
     }
     switch (nh) {
-    case 1: vsum(1, 1, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
-    case 2: vsum(2, 1, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
-    case 3: vsum(3, 1, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
-    default: vsum(4, 1, M, layer, table, kvh, n, p, ldp, i0, out, ldo); return;
+    case 1: VS_(1, 1); return;
+    case 2: VS_(2, 1); return;
+    case 3: VS_(3, 1); return;
+    default: VS_(4, 1); return;
     }
+#undef VS_
 }
 
 /* Causal attention of one token (position p, its row's block table) for query heads
@@ -874,15 +923,16 @@ static void vsum_n(int nh, int nv, const er_model *M, int layer, const int32_t *
 static void attend(const er_model *M, int layer, const float *q, int p, const int32_t *table, int h0, int g, float *out,
                    float *scores) {
     int d = M->head_dim, rep = M->n_heads / M->n_kv, bs = M->block_size;
-    int kvh = h0 / rep, n = p + 1;
+    int kvh = h0 / rep, n = p + 1, q8 = M->kv_int8, bb = (int)kv_blk_bytes(M);
     const int nblk = (n + bs - 1) / bs;
     for (int j0 = 0, blk = 0; j0 < n; j0 += bs, blk++) {
-        const kv_t *kb = kv_at(M, layer, 0, table[blk], kvh);
-        if (blk + 1 < nblk) prefetch_block(kv_at(M, layer, 0, table[blk + 1], kvh), bs * d);
-        prefetch_block(kv_at(M, layer, 1, table[blk], kvh), bs * d); /* this block's V, read after the softmax (see vsum) */
+        const char *kb = kv_blk(M, layer, 0, table[blk], kvh);
+        const kv_t *ks = kv8_scales(M, (const int8_t *)kb);
+        if (blk + 1 < nblk) prefetch_bytes(kv_blk(M, layer, 0, table[blk + 1], kvh), bb);
+        prefetch_bytes(kv_blk(M, layer, 1, table[blk], kvh), bb); /* this block's V, read after the softmax (see vsum) */
         int e = n - j0 < bs ? n - j0 : bs;
         for (int hh = 0; hh < g; hh += 4)
-            kscores_n(g - hh < 4 ? g - hh : 4, kb, bs, e, q + (size_t)(h0 + hh) * d, d, M->attn_scale, scores + (size_t)hh * n + j0, n);
+            kscores_n(g - hh < 4 ? g - hh : 4, q8, kb, ks, bs, e, q + (size_t)(h0 + hh) * d, d, M->attn_scale, scores + (size_t)hh * n + j0, n);
     }
     float inv[MR * 4];
     for (int hh = 0; hh < g; hh++) {
@@ -894,7 +944,7 @@ static void attend(const er_model *M, int layer, const float *q, int p, const in
     int nv = d % (4 * VL) == 0 ? 4 : 1;
     for (int hh = 0; hh < g; hh += 4)
         for (int i0 = 0; i0 < d; i0 += nv * VL)
-            vsum_n(g - hh < 4 ? g - hh : 4, nv, M, layer, table, kvh, n, scores + (size_t)hh * n, n, i0, out + (size_t)(h0 + hh) * d, d);
+            vsum_n(g - hh < 4 ? g - hh : 4, nv, q8, M, layer, table, kvh, n, scores + (size_t)hh * n, n, i0, out + (size_t)(h0 + hh) * d, d);
     for (int hh = 0; hh < g; hh++) {
         float *o = out + (size_t)(h0 + hh) * d;
         for (int i = 0; i < d; i++) o[i] *= inv[hh];
@@ -915,11 +965,11 @@ static void attend(const er_model *M, int layer, const float *q, int p, const in
 #endif
 static inline __attribute__((always_inline)) void prefetch_row_kv(const er_model *M, int l, const int32_t *table, int p) {
 #if PF_ROW_KV
-    int nblk = p / M->block_size + 1, n = M->block_size * M->head_dim;
+    int nblk = p / M->block_size + 1, n = (int)kv_blk_bytes(M);
     for (int g = 0; g < M->n_kv; g++)
         for (int b = 0; b < nblk; b++) {
-            const char *k = (const char *)kv_at(M, l, 0, table[b], g), *v = (const char *)kv_at(M, l, 1, table[b], g);
-            for (int i = 0; i < n * (int)sizeof(kv_t); i += 64) {
+            const char *k = kv_blk(M, l, 0, table[b], g), *v = kv_blk(M, l, 1, table[b], g);
+            for (int i = 0; i < n; i += 64) {
                 __builtin_prefetch(k + i, 0, 2);
                 __builtin_prefetch(v + i, 0, 2);
             }
@@ -953,20 +1003,46 @@ size_t er_work_bytes(const er_model *M, int T) {
     return f * 4 + (size_t)T * kmax + 256 + 64 + down_in + (T <= PRIV_ROWS ? nth * priv_bytes(M, T) : 0);
 }
 
-/* RoPE on one token's q and k heads (in place), then its K / V into the pool (slot < 0: not stored) */
-static void rope_store(const er_model *M, int l, float *row, int pos, int slot) {
-    int d = M->head_dim, half = d / 2, nq = M->n_heads * d, nkv = M->n_kv * d;
+/* One token's K or V head (d values) to int8 at dst[i * stride]: scale = fp16(absmax / 127), q = round(x / scale)
+   clamped to +-127 (plain scalar float: the same bits on every build). Returns the scale. */
+static kv_t quantize_kv(const float *x, int d, int8_t *dst, int stride) {
+    float amax = 0.f;
+    for (int i = 0; i < d; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    kv_t s16 = (kv_t)(amax / 127.f);
+    float s = (float)s16;
+    for (int i = 0; i < d; i++) {
+        float v = s > 0.f ? nearbyintf(x[i] / s) : 0.f;
+        v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
+        dst[(size_t)i * stride] = (int8_t)v;
+    }
+    return s16;
+}
+
+/* RoPE on one token's q and k heads (in place), then its K / V into the pool (slot < 0: not stored);
+   rope_store_group: the same for kv head g and the query heads that share it (a head's numbers
+   do not depend on which heads are done beside it: rope_store == every group's). */
+static void rope_store_group(const er_model *M, int l, float *row, int pos, int slot, int g) {
+    int d = M->head_dim, half = d / 2, nq = M->n_heads * d, nkv = M->n_kv * d, rep = M->n_heads / M->n_kv;
     const float *cs = M->cos + (size_t)pos * half, *sn = M->sin + (size_t)pos * half;
-    for (int h = 0; h < M->n_heads + M->n_kv; h++) rope_head(row + (size_t)h * d, cs, sn, d);
+    for (int h = g * rep; h < (g + 1) * rep; h++) rope_head(row + (size_t)h * d, cs, sn, d);
+    rope_head(row + nq + (size_t)g * d, cs, sn, d);
     if (slot < 0) return;
     int blk = slot / M->block_size, off = slot % M->block_size;
-    for (int g = 0; g < M->n_kv; g++) {
-        kv_t *kd = kv_at(M, l, 0, blk, g) + off, *vd = kv_at(M, l, 1, blk, g) + (size_t)off * d;
-        for (int i = 0; i < d; i++) {
-            kd[(size_t)i * M->block_size] = (kv_t)row[nq + g * d + i]; /* K transposed: [head_dim][block_size] */
-            vd[i] = (kv_t)row[nq + nkv + g * d + i];
-        }
+    if (M->kv_int8) {
+        int8_t *kd = kv8_at(M, l, 0, blk, g), *vd = kv8_at(M, l, 1, blk, g);
+        kv8_scales(M, kd)[off] = quantize_kv(row + nq + g * d, d, kd + off, M->block_size); /* K transposed */
+        kv8_scales(M, vd)[off] = quantize_kv(row + nq + nkv + g * d, d, vd + (size_t)off * d, 1);
+        return;
     }
+    kv_t *kd = kv_at(M, l, 0, blk, g) + off, *vd = kv_at(M, l, 1, blk, g) + (size_t)off * d;
+    for (int i = 0; i < d; i++) {
+        kd[(size_t)i * M->block_size] = (kv_t)row[nq + g * d + i]; /* K transposed: [head_dim][block_size] */
+        vd[i] = (kv_t)row[nq + nkv + g * d + i];
+    }
+}
+
+static void rope_store(const er_model *M, int l, float *row, int pos, int slot) {
+    for (int g = 0; g < M->n_kv; g++) rope_store_group(M, l, row, pos, slot, g);
 }
 
 /* -DER_PROFILE (development builds only): thread 0's wall time per phase of the step, summed over
