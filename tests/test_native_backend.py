@@ -106,6 +106,30 @@ def test_the_whole_step_gives_the_same_bits_without_simd(int4_bundle, tmp_path, 
         assert np.array_equal(runs[0], r), f"max diff {np.abs(runs[0] - r).max()}"
 
 
+@pytest.mark.parametrize("threads,kv", [(2, "fp16"), (3, "fp16"), (2, "int8")])
+def test_a_decode_step_with_rows_left_over_equals_each_row_alone(int4_bundle, threads, kv):
+    """5 decode rows on 2 threads (7 on 3): the rows left over after whole rows per thread are split by
+    kv head (native.c's J.full); each row's logits are bitwise those of the row alone, and those of a
+    build that keeps the left-over rows whole (-DSPLIT_TAIL=0)."""
+    b = Bundle.open(int4_bundle, verify=False)
+    n = 5 if threads == 2 else 7
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 256, 3 + 4 * r).astype(np.int32) for r in range(n)]  # different positions, some past one block
+    nxt = rng.integers(0, 256, n).astype(np.int32)
+    tables = [np.array([3 * r + 2, 3 * r, 3 * r + 1, -1], np.int32) for r in range(n)]
+    got = []
+    for flags in ((), ("-DSPLIT_TAIL=0",)):
+        be = NativeBackend(b, threads=threads, build_flags=flags, kv_dtype=kv, kv_tokens=64 * 3 * n, max_batch=n)
+        for p, t in zip(prompts, tables):
+            _rows_step(be, [(p, np.arange(len(p)), t)])
+        dec = [(nxt[r:r + 1], np.array([len(prompts[r])]), tables[r]) for r in range(n)]
+        batched = _rows_step(be, dec)
+        alone = np.concatenate([_rows_step(be, [d]) for d in dec])
+        assert np.array_equal(batched, alone), f"max diff {np.abs(batched - alone).max()}"
+        got.append(batched)
+    assert np.array_equal(got[0], got[1])
+
+
 def make_gen(bundle, max_batch=12, kv_dtype=None, **kw) -> Generator:
     b = Bundle.open(bundle, verify=False)
     be = NativeBackend(b, max_batch=max_batch, prefill_chunk=8, kv_tokens=max_batch * 64, threads=2,  # every row full: no preemption

@@ -963,10 +963,10 @@ static void attend(const er_model *M, int layer, const float *q, int p, const in
 #ifndef PF_ROWS_AHEAD
 #define PF_ROWS_AHEAD 1 /* rows of its own a thread asks ahead */
 #endif
-static inline __attribute__((always_inline)) void prefetch_row_kv(const er_model *M, int l, const int32_t *table, int p) {
+static inline __attribute__((always_inline)) void prefetch_row_kv(const er_model *M, int l, const int32_t *table, int p, int g0, int g1) {
 #if PF_ROW_KV
     int nblk = p / M->block_size + 1, n = (int)kv_blk_bytes(M);
-    for (int g = 0; g < M->n_kv; g++)
+    for (int g = g0; g < g1; g++)
         for (int b = 0; b < nblk; b++) {
             const char *k = kv_blk(M, l, 0, table[b], g), *v = kv_blk(M, l, 1, table[b], g);
             for (int i = 0; i < n; i += 64) {
@@ -975,7 +975,7 @@ static inline __attribute__((always_inline)) void prefetch_row_kv(const er_model
             }
         }
 #else
-    (void)M, (void)l, (void)table, (void)p;
+    (void)M, (void)l, (void)table, (void)p, (void)g0, (void)g1;
 #endif
 }
 
@@ -1079,6 +1079,7 @@ int er_profile(double *out, int n) { (void)out; (void)n; return 0; }
 struct step_job {
     const er_model *M;
     int T, mb, nl, grp, per_tok, fused, priv;
+    int full; /* fused: rows [0, full) whole, one thread each; rows [full, T) split by kv head */
     uint8_t *pbuf; /* priv: thread tid's buffers at pbuf + tid * pstride */
     size_t pstride;
     float *x, *xn, *qkv, *att, *gu, *xs, *scores, *logits, *ds;
@@ -1132,8 +1133,8 @@ static void step_body(void *arg, int tid, int nth) {
     for (int l = 0; l < M->n_layers; l++) {
         const er_layer *Ly = &M->layers[l];
         if (J->fused) /* this thread's first attention row(s), fetched while the qkv linear runs */
-            for (int t = tid; t < T && t < tid + PF_ROWS_AHEAD * nth; t += nth)
-                prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[t] * J->mb, positions[t]);
+            for (int t = tid; t < J->full && t < tid + PF_ROWS_AHEAD * nth; t += nth)
+                prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[t] * J->mb, positions[t], 0, M->n_kv);
         NORM_ROWS(Ly->ln1);
         PH(PH_NORM);
         gemm_q(&Ly->qkv, T, nq8, ns, nsum, qkv, qkvw, NULL, 0, tid, nth);
@@ -1141,15 +1142,33 @@ static void step_body(void *arg, int tid, int nth) {
         BARRIER(nth);
         if (J->fused) { /* decode rows only, enough of them: one item per token does RoPE, its K / V,
                            all its heads and the quantization of its attention row (2 barriers fewer) */
-            int rep = M->n_heads / M->n_kv;
-            for (int t = tid; t < T; t += nth) {
+            int rep = M->n_heads / M->n_kv, full = J->full, u0 = 0, u1 = 0;
+            span((T - full) * M->n_kv, tid, nth, &u0, &u1); /* this thread's (tail row, kv head) units */
+            for (int t = tid; t < full; t += nth) {
                 int tn = t + PF_ROWS_AHEAD * nth;
-                if (tn < T) prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[tn] * J->mb, positions[tn]);
+                if (tn < full)
+                    prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[tn] * J->mb, positions[tn], 0, M->n_kv);
+                else if (t + nth >= full && u0 < u1) /* the thread's last whole row: its tail units next */
+                    for (int u = u0; u < u1; u++) {
+                        int tt = full + u / M->n_kv, g = u % M->n_kv;
+                        prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[tt] * J->mb, positions[tt], g, g + 1);
+                    }
                 rope_store(M, l, qkv + (size_t)t * qkvw, positions[t], slots[t]);
                 for (int h0 = 0; h0 < M->n_heads; h0 += rep)
                     attend(M, l, qkv + (size_t)t * qkvw, positions[t], J->tables + (size_t)J->row_of[t] * J->mb, h0, rep,
                            att + (size_t)t * nq, sc);
                 quantize_row(att + (size_t)t * nq, nq, xq + (size_t)t * nq, xs + (size_t)t * (nq / QB), xsum + (size_t)t * (nq / QB));
+            }
+            /* the rows left over when T % nth != 0, split by kv head: a 7-row step is 3.5 rows of attention
+               per thread, not 4 and 3. A unit's heads are whole 32-blocks of the attention row (J->full < T
+               only when rep * head_dim % 32 == 0), so it quantizes its own blocks: the same bits as a row. */
+            for (int u = u0; u < u1; u++) {
+                int t = full + u / M->n_kv, g = u % M->n_kv, c0 = g * rep * d;
+                rope_store_group(M, l, qkv + (size_t)t * qkvw, positions[t], slots[t], g);
+                attend(M, l, qkv + (size_t)t * qkvw, positions[t], J->tables + (size_t)J->row_of[t] * J->mb, g * rep, rep,
+                       att + (size_t)t * nq, sc);
+                quantize_row(att + (size_t)t * nq + c0, rep * d, xq + (size_t)t * nq + c0, xs + (size_t)t * (nq / QB) + c0 / QB,
+                             xsum + (size_t)t * (nq / QB) + c0 / QB);
             }
             PH(PH_ATTN);
             BARRIER(nth);
@@ -1241,6 +1260,10 @@ int er_step(const er_model *M, int T, int R, float *x, const int32_t *positions,
     J.grp = (T * M->n_kv >= 2 * nth && rep <= MR * 4) ? rep : 1;
     J.per_tok = M->n_heads / J.grp;
     J.fused = (T == R && T >= 2 * nth && rep <= MR * 4); /* one token per row: no row reads another token's new K / V */
+#ifndef SPLIT_TAIL
+#define SPLIT_TAIL 1 /* 0: the left-over rows whole, as before (A/B builds) */
+#endif
+    J.full = (SPLIT_TAIL && M->n_kv > 1 && (rep * d) % QB == 0) ? T - T % nth : T;
     J.nl = 0;
     for (int r = 0; r < R; r++)
         if (logits_rows[r]) J.rowmap[J.nl++] = r;
