@@ -7,6 +7,10 @@ serving ratio each implies: 8 x t(1) / t(8). With --linears, also each distinct 
 the native kernels at M = 1 / 8 / 32 rows (CPU time).
 
     python bench/bench_native.py --engine BUNDLE [--threads 2] [--past 64,256] [--linears] [--no-ort]
+                                 [--isa scalar,avx2,avx512,vnni] [--kv-dtype fp16|int8]
+
+--isa: the native step once per kernel path named (same process, one after the other; default: the
+best this CPU has); --kv-dtype: the native KV pool's dtype (default: the manifest's).
 """
 from __future__ import annotations
 
@@ -35,11 +39,14 @@ def timed(fn, n: int = 10, rounds: int = 3) -> tuple[float, float]:
     return cpu, wall
 
 
-def native_steps(bundle, threads: int, pasts: list[int]):
+def native_steps(bundle, threads: int, pasts: list[int], isa: str | None = None, kv_dtype: str | None = None):
     from edge.runtime.cpu.backend import NativeBackend
     from edge.runtime.step import StepBatch
 
-    be = NativeBackend(bundle, max_batch=8, max_context=2048, threads=threads)
+    from edge.runtime.cpu import kernels
+
+    be = NativeBackend(bundle, max_batch=8, max_context=2048, threads=threads, kv_dtype=kv_dtype)
+    isa = kernels.set_isa(isa)
     bs = be.block_size
     mb = -(-2048 // bs)
     rng = np.random.default_rng(0)
@@ -68,7 +75,7 @@ def native_steps(bundle, threads: int, pasts: list[int]):
             t[b] = timed(lambda: be.execute(step))
         pre = batch([(0, rng.integers(0, 1000, 128), 0)])
         tp = timed(lambda: be.execute(pre), n=3)
-        yield {"figure": "decode_step", "backend": "native", "past": past, "threads": threads,
+        yield {"figure": "decode_step", "backend": "native", "isa": isa, "kv_dtype": be.kv_dtype, "past": past, "threads": threads,
                "cpu_ms": {str(b): round(x[0], 2) for b, x in t.items()}, "wall_ms": {str(b): round(x[1], 2) for b, x in t.items()},
                "scaling_bound_8_over_1_cpu": round(8 * t[1][0] / t[8][0], 2), "scaling_bound_8_over_1_wall": round(8 * t[1][1] / t[8][1], 2),
                "prefill_128_wall_ms": round(tp[1], 1)}
@@ -126,6 +133,8 @@ def main() -> None:
     ap.add_argument("--past", default="64,256")
     ap.add_argument("--linears", action="store_true")
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime peer")
+    ap.add_argument("--isa", default=None, help="native kernel paths to time, comma-separated (default: the best this CPU has)")
+    ap.add_argument("--kv-dtype", default=None, choices=("fp16", "int8"), help="the native KV pool (default: the manifest's)")
     a = ap.parse_args()
     from edge.bundle import Bundle
 
@@ -136,8 +145,9 @@ def main() -> None:
     b = Bundle.open(a.engine, kind="generator", verify=False)
     pasts = [int(x) for x in a.past.split(",")]
     print(json.dumps({"figure": "conditions", "engine": a.engine, "load_avg_1m": round(os.getloadavg()[0], 2), "threads": a.threads}), flush=True)
-    for line in native_steps(b, a.threads, pasts):
-        print(json.dumps(line), flush=True)
+    for isa in (a.isa.split(",") if a.isa else [None]):
+        for line in native_steps(b, a.threads, pasts, isa, a.kv_dtype):
+            print(json.dumps(line), flush=True)
     if not a.no_ort:
         for line in ort_steps(b, a.threads, pasts):
             print(json.dumps(line), flush=True)
