@@ -440,14 +440,19 @@ def test_per_row_int8_linear_matches_a_numpy_reference(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from edge.build.encoder import MS_DOMAIN, quantize_linears_per_row
+    from edge.build.encoder import MS_DOMAIN, int8_weight_type, quantize_linears_per_row
+    from edge.cpu import u8s8_exact
     from edge.runtime.embedder import open_ort_session
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((48, 20)).astype(np.float32)
     x = (rng.standard_normal((3, 5, 48)) * rng.uniform(0.01, 30, (3, 5, 1))).astype(np.float32)
     x[1, 2] = 0.0  # an all-zero row stays finite
-    for wtype in ("int8", "uint8"):
+    # ONNX Runtime's u8 x s8 GEMM saturates its int16 pair sums on x86 without VNNI (edge.cpu), so
+    # int8 weights are checked only where they are exact; there the build must pick uint8.
+    if not u8s8_exact():
+        assert int8_weight_type(u8s8_exact()) == "uint8"
+    for wtype in ("int8", "uint8") if u8s8_exact() else ("uint8",):
         graph = helper.make_graph([helper.make_node("MatMul", ["x", "/m/lin.weight"], ["y"], name="/m/lin/MatMul")], "g",
                                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 48])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
