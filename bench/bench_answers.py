@@ -1,7 +1,8 @@
 """Answer quality: `ask` over two corpora, next to llama.cpp on the same GGUF and the same prompts.
 
     python bench/bench_answers.py [--engine BUNDLE] [--corpus manuals,pydoc] [--split test|heldout|both]
-                                  [--peer] [--offset N] [--limit N] [--uncovered yes|no|only] [--reuse-index]
+                                  [--peer] [--offset N] [--limit N] [--ids 0,4,17] [--uncovered yes|no|only]
+                                  [--reuse-index]
                                   [--passages N] [--threads 2] [--details out.jsonl]
     python bench/bench_answers.py --summarize d1.jsonl d2.jsonl ...   (merge the --details of the jobs a set
                                   was split into: the same JSON lines as one run)
@@ -172,6 +173,25 @@ def refused(text: str) -> bool:
     return refuses(text)
 
 
+def select_questions(items: list, offset: int = 0, limit: int = 0, ids: str | None = None) -> list:
+    """The questions a job asks: `ids` (comma-separated 0-based positions in the set's file, e.g. the
+    questions whose prompts a change moved) or all of them, then --offset / --limit over that list."""
+    from edge.errors import UsageError
+
+    if ids:
+        try:
+            pos = [int(x) for x in ids.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"--ids {ids!r}: not a list of numbers", fix="give positions like --ids 0,4,17") from None
+        bad = [i for i in pos if not 0 <= i < len(items)]
+        if bad or len(set(pos)) != len(pos):
+            raise UsageError(f"--ids {ids!r}: {'positions ' + str(bad) + ' outside' if bad else 'a position twice in'} "
+                             f"the set's {len(items)} questions", fix=f"use distinct positions 0-{len(items) - 1}")
+        items = [items[i] for i in sorted(pos)]
+    items = items[offset:]
+    return items[:limit] if limit else items
+
+
 def summarize(rows: list[dict], uncovered: list[dict]) -> dict:
     n = len(rows)
     ret = [r for r in rows if r["retrieved"]]
@@ -225,7 +245,7 @@ def summarize_files(paths: list[str]) -> None:
         us = list(unc.get((corpus, key), {}).values())
         jobs = meta.get((corpus, split), [])
         same = {k: v for k, v in (jobs[0] if jobs else {}).items() if all(j.get(k) == v for j in jobs)
-                and k not in ("file", "offset", "questions")}
+                and k not in ("file", "offset", "ids", "questions")}
         emit("answers", corpus=corpus, split=split, engine=key, jobs=len(jobs), **same, **summarize(list(by_q.values()), us))
 
 
@@ -244,6 +264,8 @@ def main() -> None:
     ap.add_argument("--gguf", default=None, help="the peer's GGUF (default: the engine's source)")
     ap.add_argument("--limit", type=int, default=0, help="first N questions per corpus (0: all)")
     ap.add_argument("--offset", type=int, default=0, help="skip the first N questions (to split a set into jobs)")
+    ap.add_argument("--ids", default=None, help="only these questions: comma-separated 0-based positions in the set's "
+                    "file (one --corpus and --split; --offset/--limit then apply to them)")
     ap.add_argument("--uncovered", default="yes", choices=("yes", "no", "only"),
                     help="also ask the corpus's uncovered questions (no: a later job of the same set does; only: "
                     "just them)")
@@ -263,6 +285,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.summarize:
         return summarize_files(args.summarize)
+    if args.ids and ("," in args.corpus or args.split == "both" or args.uncovered == "only"):
+        sys.exit("bench_answers: --ids names questions of one set: give one --corpus and --split test|heldout")
 
     from edge.bundle import Bundle
     from edge.models.spec import ModelSpec
@@ -327,13 +351,11 @@ def main() -> None:
         reuse = args.reuse_index and not foreign_documents(coll, docs)
         rep = ingest(docs, embedder=emb, collection=coll, rebuild=not reuse, progress=False,
                      embedder_path=str(emb_path))
-        items = load_questions(qfile)[args.offset:] if args.uncovered != "only" else []
-        if args.limit:
-            items = items[: args.limit]
+        items = select_questions(load_questions(qfile), args.offset, args.limit, args.ids) if args.uncovered != "only" else []
         if details:
             details.write(json.dumps({"corpus": corpus, "split": split, "meta": {
                 **meta, "threads": args.threads, "peer_threads": args.peer_threads or args.threads,
-                "chunks": rep.total_chunks, "offset": args.offset, "questions": len(items)}}) + "\n")
+                "chunks": rep.total_chunks, "offset": args.offset, "ids": args.ids, "questions": len(items)}}) + "\n")
         rows = {"engine": [], "llama.cpp": []}
         unc = {"engine": [], "llama.cpp": []}
         with Retriever(emb, coll) as r:

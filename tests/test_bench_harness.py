@@ -136,3 +136,16 @@ def test_bench_answers_reingests_a_collection_holding_another_checkouts_corpus(t
     ingest(b, embedder=HashEmbedder(), collection="bench-answers-t", progress=False)
     assert foreign_documents("bench-answers-t", a) == 1 and foreign_documents("bench-answers-t", b) == 1
     assert "ingested afresh" in capsys.readouterr().err
+
+
+def test_bench_answers_selects_questions_by_position_then_offset_and_limit():
+    from bench.bench_answers import select_questions
+    from edge.errors import UsageError
+
+    qs = [f"q{i}" for i in range(10)]
+    assert select_questions(qs) == qs and select_questions(qs, 8) == ["q8", "q9"] and select_questions(qs, 2, 3) == ["q2", "q3", "q4"]
+    assert select_questions(qs, ids="7,0, 3") == ["q0", "q3", "q7"]  # file order, whatever order they were given in
+    assert select_questions(qs, 1, 1, ids="7,0,3") == ["q3"]  # a list of ids split into jobs
+    for bad, says in (("0,10", "outside"), ("2,2", "twice"), ("1,x", "not a list")):
+        with pytest.raises(UsageError, match=says):
+            select_questions(qs, ids=bad)
