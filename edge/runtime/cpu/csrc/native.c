@@ -269,15 +269,20 @@ static inline vf ldf(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; 
 static inline void stf(float *p, vf v) { memcpy(p, &v, sizeof v); }
 /* 16 fp16 -> float. NOTE: not __builtin_convertvector on a _Float16 vector: GCC 12 converts that one
    element at a time (vpinsrw + vcvtph2ps each), which made attention 2x slower than scalar code. */
-static inline vf ldh(const kv_t *p) {
-#if defined(__AVX512F__)
-    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-#elif defined(__F16C__) && defined(__AVX__)
-    __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)), b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+#if defined(__AVX__) && !defined(__AVX512F__)
+/* two ymm halves as one 16-lane vector (the ymm forms of ldh / ld8) */
+static inline vf join_ymm(__m256 a, __m256 b) {
     vf v;
     memcpy(&v, &a, sizeof a);
     memcpy((char *)&v + sizeof a, &b, sizeof b);
     return v;
+}
+#endif
+static inline vf ldh(const kv_t *p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__F16C__) && defined(__AVX__)
+    return join_ymm(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8))));
 #else
     float f[VL];
     for (int i = 0; i < VL; i++) f[i] = (float)p[i];
@@ -289,12 +294,8 @@ static inline vf ld8(const int8_t *p) {
 #if defined(__AVX512F__)
     return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 #elif defined(__AVX2__)
-    __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-    __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
-    vf v;
-    memcpy(&v, &a, sizeof a);
-    memcpy((char *)&v + sizeof a, &b, sizeof b);
-    return v;
+    return join_ymm(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))));
 #else
     float f[VL];
     for (int i = 0; i < VL; i++) f[i] = (float)p[i];
