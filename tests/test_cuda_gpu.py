@@ -284,16 +284,7 @@ def test_decode_sample_uses_the_callers_uniforms(tmp_path):
 def test_split_attention_long_context(tmp_path):
     """Contexts where each of the P splits holds more tokens than one V round (and a prefix
     cached by chunked prefill), against the numpy reference."""
-    from edge.runtime.cuda.session import CudaDecoderSession
-
-    cfg = tiny_config("llama", hidden=256, heads=2, kv_heads=1)
-    cfg["max_position_embeddings"] = 4096
-    spec = spec_from_hf_config(cfg)
-    w = random_weights(spec, "int4", 32, seed=8, std=0.15)
-    path = write_bundle(tmp_path / "long", spec, w, "int4", 32, max_context=2048, max_batch=2)
-    ids = np.random.default_rng(4).integers(0, 256, size=1503)
-    ref = reference_logits(spec, w, ids)
-    sess = CudaDecoderSession(path, max_batch=2, max_context=2048, block_size=16)
+    spec, w, ids, ref, sess = _long_head128_session(tmp_path / "long", seed=4, n_ids=1503)
     assert sess._attn_splits > 1 and sess.split_kernel(2) == "paged_attn_lr"
     assert sess.split_kernel(1) == ("paged_attn_lc8" if sess.k.cc >= 90 else "paged_attn_lr")
     # the context built by decode steps alone (1500 tokens: 6 splits of 250, two V rounds each)
@@ -345,16 +336,7 @@ def test_cluster_attention_matches_lr_and_reference(tmp_path):
     paged_attn_lr at the same number of splits (the same tiles, the same merge arithmetic) with
     every split used, with 3 used (the others exit at once) and with 1; graph and eager launches;
     one row and two rows of different lengths; and against the numpy reference."""
-    from edge.runtime.cuda.session import CudaDecoderSession
-
-    cfg = tiny_config("llama", hidden=256, heads=2, kv_heads=1)  # head_dim 128
-    cfg["max_position_embeddings"] = 4096
-    spec = spec_from_hf_config(cfg)
-    w = random_weights(spec, "int4", 32, seed=8, std=0.15)
-    path = write_bundle(tmp_path / "lc", spec, w, "int4", 32, max_context=2048, max_batch=2)
-    ids = np.random.default_rng(5).integers(0, 256, size=1200)
-    ref = reference_logits(spec, w, ids)
-    sess = CudaDecoderSession(path, max_batch=2, max_context=2048, block_size=16)
+    spec, w, ids, ref, sess = _long_head128_session(tmp_path / "lc", seed=5, n_ids=1200)
     if sess.k.cc < 90:
         pytest.skip("thread-block clusters need compute capability 9.0")
     sess.add_sequence(0)
@@ -644,3 +626,17 @@ def test_step_refinement_keeps_the_fastest_of_the_autotuners_best(tmp_path):
     sess.prefill(0, ids[:12])
     out = np.stack([sess.decode([0], ids[t : t + 1])[0] for t in range(12, 20)])
     check(out, ref[12:20], 1e-2, "after refinement")
+
+
+def _long_head128_session(path, seed: int, n_ids: int):
+    """A head_dim-128 int4 bundle (hidden 256, 2 heads, 1 kv head) with 2,048 tokens of context, a
+    prompt of n_ids random ids, its numpy reference logits and a CUDA session on it."""
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    cfg = tiny_config("llama", hidden=256, heads=2, kv_heads=1)
+    cfg["max_position_embeddings"] = 4096
+    spec = spec_from_hf_config(cfg)
+    w = random_weights(spec, "int4", 32, seed=8, std=0.15)
+    bundle = write_bundle(path, spec, w, "int4", 32, max_context=2048, max_batch=2)
+    ids = np.random.default_rng(seed).integers(0, 256, size=n_ids)
+    return spec, w, ids, reference_logits(spec, w, ids), CudaDecoderSession(bundle, max_batch=2, max_context=2048, block_size=16)
