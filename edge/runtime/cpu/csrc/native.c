@@ -468,6 +468,14 @@ static void idots_scalar(const er_lin *L, int tile, int b, int mr, const int8_t 
     }
 }
 
+/* int4 without VNNI: a vpmaddubsw lane (nibbles 0..15 x s8 pairs) is at most 2 * 15 * 127 = 3,810 in
+   magnitude, so a 32-block's 8 of them sum exactly in int16 (30,480 < 32,767): one vpaddw a k-group and
+   one vpmaddwd a block, not a vpmaddwd + vpaddd a k-group (the GEMMs are compute bound at 8 rows without
+   VNNI). The same int32 dot, so the same bits. I16_SUM=0: the per-group form (A/B builds). */
+#ifndef I16_SUM
+#define I16_SUM 1
+#endif
+
 #if defined(__AVX2__)
 /* u8 x s8 pairs: int4 nibbles 0..15 x s8 (|a| <= 127): 2 * 15 * 127 = 3,810, no int16 saturation.
    int8 weights: sign trick (|w| x sign(a, w)): 2 * 127 * 127 = 32,258 < 32,767. */
@@ -491,11 +499,15 @@ static void idots_avx2(const er_lin *L, int tile, int b, int mr, const int8_t *x
         }
         for (int m = 0; m < mr; m++) {
             const int8_t *a = xq + (size_t)m * ldq + b * QB;
-            __m256i acc = _mm256_setzero_si256();
+            __m256i acc = _mm256_setzero_si256(), s16 = _mm256_setzero_si256();
             for (int g = 0; g < 8; g++) {
                 int32_t a4;
                 memcpy(&a4, a + 4 * g, 4);
                 __m256i av = _mm256_set1_epi32(a4);
+                if (L->kind == 4 && I16_SUM) {
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(W[g], av));
+                    continue;
+                }
                 __m256i p;
                 if (L->kind == 4)
                     p = _mm256_maddubs_epi16(W[g], av);
@@ -503,6 +515,7 @@ static void idots_avx2(const er_lin *L, int tile, int b, int mr, const int8_t *x
                     p = _mm256_maddubs_epi16(_mm256_abs_epi8(W[g]), _mm256_sign_epi8(av, W[g]));
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
             }
+            if (L->kind == 4 && I16_SUM) acc = _mm256_madd_epi16(s16, ones);
             if (L->kind == 4) acc = _mm256_sub_epi32(acc, _mm256_set1_epi32(8 * xsum[(size_t)m * kb + b]));
             _mm256_storeu_si256((__m256i *)&idot[m][8 * h], acc);
         }
@@ -558,6 +571,23 @@ static inline __attribute__((always_inline)) void tile_zmm(const int mr, const i
         __m512i d[MR];
 #pragma GCC unroll 8
         for (int m = 0; m < mr; m++) d[m] = _mm512_set1_epi32(-zp * xsum[(size_t)m * kb + b]); /* the zero point's share, subtracted up front (exact) */
+#if I16_SUM
+        if (four && !vnni) { /* int4 without VNNI: the 8 vpmaddubsw results summed in int16, one vpmaddwd a block (see I16_SUM) */
+            __m512i s16[MR];
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++) {
+#pragma GCC unroll 8
+                for (int m = 0; m < mr; m++) {
+                    int32_t a4;
+                    memcpy(&a4, xq + (size_t)m * ldq + b * QB + 4 * g, 4);
+                    __m512i p = _mm512_maddubs_epi16(W[g], _mm512_set1_epi32(a4));
+                    s16[m] = g ? _mm512_add_epi16(s16[m], p) : p;
+                }
+            }
+#pragma GCC unroll 8
+            for (int m = 0; m < mr; m++) d[m] = _mm512_add_epi32(d[m], _mm512_madd_epi16(s16[m], ones));
+        } else
+#endif
 #pragma GCC unroll 8
         for (int g = 0; g < 8; g++) {
 #pragma GCC unroll 8
