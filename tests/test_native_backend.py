@@ -108,9 +108,9 @@ def test_the_whole_step_gives_the_same_bits_without_simd(int4_bundle, tmp_path, 
 
 @pytest.mark.parametrize("threads,kv", [(2, "fp16"), (3, "fp16"), (2, "int8")])
 def test_a_decode_step_with_rows_left_over_equals_each_row_alone(int4_bundle, threads, kv):
-    """5 decode rows on 2 threads (7 on 3): the rows left over after whole rows per thread are split by
-    kv head (native.c's J.full); each row's logits are bitwise those of the row alone, and those of a
-    build that keeps the left-over rows whole (-DSPLIT_TAIL=0)."""
+    """5 decode rows on 2 threads (7 on 3): the attention units are (row, kv head) (native.c's J.upr);
+    each row's logits are bitwise those of the row alone, and those of a build whose units are whole
+    rows (-DSPLIT_TAIL=0)."""
     b = Bundle.open(int4_bundle, verify=False)
     n = 5 if threads == 2 else 7
     rng = np.random.default_rng(7)
@@ -128,6 +128,34 @@ def test_a_decode_step_with_rows_left_over_equals_each_row_alone(int4_bundle, th
         assert np.array_equal(batched, alone), f"max diff {np.abs(batched - alone).max()}"
         got.append(batched)
     assert np.array_equal(got[0], got[1])
+
+
+def test_which_thread_takes_which_chunk_changes_no_bit(int4_bundle):
+    """The step's work is claimed from counters (native.c's phases), so which thread computes which
+    column tiles and attention units differs from run to run: an 8-row decode step and a step mixing a
+    prompt piece with decode rows, each run 12 times on 3 threads, give every time the bits of 1 thread."""
+    b = Bundle.open(int4_bundle, verify=False)
+    rng = np.random.default_rng(11)
+    n = 8
+    prompts = [rng.integers(0, 256, 2 + 3 * r).astype(np.int32) for r in range(n)]
+    nxt = rng.integers(0, 256, n).astype(np.int32)
+    tables = [np.array([3 * r + 1, 3 * r + 2, 3 * r, -1], np.int32) for r in range(n)]
+    piece = rng.integers(0, 256, 9).astype(np.int32)
+    want, runs = None, []
+    for threads in (1, 3):
+        be = NativeBackend(b, threads=threads, kv_tokens=64 * 3 * (n + 1), max_batch=n + 1)
+        for p, t in zip(prompts, tables):
+            _rows_step(be, [(p, np.arange(len(p)), t)])
+        dec = [(nxt[r:r + 1], np.array([len(prompts[r])]), tables[r]) for r in range(n)]
+        mixed = dec[:3] + [(piece, np.arange(len(piece)), np.array([3 * n, 3 * n + 1, 3 * n + 2, -1], np.int32))]
+        got = [(_rows_step(be, dec), _rows_step(be, mixed)) for _ in range(12 if threads > 1 else 1)]
+        if threads == 1:
+            want = got[0]
+        else:
+            runs = got
+    for i, (a, m) in enumerate(runs):
+        assert np.array_equal(a, want[0]), f"decode run {i}: max diff {np.abs(a - want[0]).max()}"
+        assert np.array_equal(m, want[1]), f"mixed run {i}: max diff {np.abs(m - want[1]).max()}"
 
 
 def make_gen(bundle, max_batch=12, kv_dtype=None, **kw) -> Generator:

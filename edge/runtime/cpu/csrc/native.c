@@ -77,7 +77,7 @@ static inline int cur_isa(void) { return g_isa < 0 ? er_isa_max() : g_isa; }
    processes on the cores a spinning thread steals the time its partner needs (a SmolLM2 8-row
    step measured 195 ms at load 4 against 37 ms with spinning off). Here a step is handed to
    sleeping workers through a condition variable (one wake-up per step); a thread that waits inside
-   a step (a barrier, the caller waiting for the workers) spins up to SPIN_NS, then yields up to
+   a step (for a phase's last items, the caller waiting for the workers) spins up to SPIN_NS, then yields up to
    YIELD_NS, then sleeps on a futex. Why all three:
    - sleeping at once risks a wake-up, which on a VM can cost more than a barrier's usual wait, for
      waits that end within a neighbour's short burst (an HTTP write); not measured to matter: 8
@@ -88,7 +88,7 @@ static inline int cur_isa(void) { return g_isa < 0 ? er_isa_max() : g_isa; }
 typedef void (*job_fn)(void *arg, int tid, int nth);
 #define MAX_THREADS 64
 #ifndef SPIN_NS
-#define SPIN_NS 20000 /* longer than a barrier's usual wait on a quiet machine (a few us) */
+#define SPIN_NS 20000 /* longer than a phase's usual wait on a quiet machine (a few us) */
 #endif
 #ifndef YIELD_NS
 #define YIELD_NS 1000000 /* covers a short burst of another thread (an HTTP write), short against a time slice */
@@ -103,7 +103,6 @@ static struct {
     void *arg;
     int nth;
     atomic_int done, done_sleeping;
-    atomic_int bar_count, bar_gen, bar_sleepers;
 } P = {1, {0}, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 static pthread_mutex_t pool_init_mu = PTHREAD_MUTEX_INITIALIZER;
 
@@ -186,16 +185,31 @@ static void pool_grow(int n) {
     pthread_mutex_unlock(&pool_init_mu);
 }
 
-static void barrier(int nth) {
-    if (nth <= 1) return;
-    int g = atomic_load(&P.bar_gen);
-    if (atomic_fetch_add(&P.bar_count, 1) == nth - 1) {
-        atomic_store(&P.bar_count, 0);
-        atomic_fetch_add(&P.bar_gen, 1);
-        if (atomic_load(&P.bar_sleepers)) futex_wake(&P.bar_gen);
-        return;
-    }
-    wait_change(&P.bar_gen, g, &P.bar_sleepers);
+/* ---- phases: work claimed from a counter, completion counted ------------------------------------
+   A step is a chain of phases (a layer: qkv, attention, o, gate|up, down); each phase's work is items
+   (column tiles of a GEMM, (row, kv head) units of attention, rows) that the threads claim from an
+   atomic counter in small chunks, and a thread starts on a phase's items once the phase before has
+   counted all of its items done. Nothing waits for a thread to *arrive*, as a barrier does: when one
+   thread is descheduled (steal time on a VM, a neighbour process on its core), the other claims what
+   is left of the phase and waits only for the chunk in the descheduled thread's hands. Every output
+   element is still computed whole by one thread, in the one fixed order, so which thread takes which
+   chunk changes no bit. Waits spin / yield / sleep as wait_change. */
+typedef struct __attribute__((aligned(64))) {
+    atomic_int next, done, sleepers;
+    char pad[64 - 3 * sizeof(atomic_int)]; /* one cache line a phase */
+} phase_t;
+static inline int claim(phase_t *p, int c) { return atomic_fetch_add(&p->next, c); }
+static inline void finish(phase_t *p, int n) {
+    atomic_fetch_add(&p->done, n);
+    if (atomic_load(&p->sleepers)) futex_wake(&p->done);
+}
+static void wait_phase(phase_t *p, int n) {
+    for (int d; (d = atomic_load(&p->done)) < n;) wait_change(&p->done, d, &p->sleepers);
+}
+/* items per claim: ~16 claims per thread a phase (an atomic on a shared line costs ~0.1 us) */
+static inline int chunk_of(int n, int nth) {
+    int c = n / (nth * 16);
+    return c < 1 ? 1 : c;
 }
 
 /* fn(arg, tid, nth) on nth threads (the caller is tid 0); returns when all are done. One job at
@@ -223,12 +237,6 @@ static void run_parallel(job_fn fn, void *arg, int nth) {
     fn(arg, 0, nth);
     for (int d; (d = atomic_load(&P.done)) < workers;) wait_change(&P.done, d, &P.done_sleeping);
     pthread_mutex_unlock(&run_mu);
-}
-
-/* [lo, hi) of n items for thread tid of nth (contiguous, static) */
-static inline void span(int n, int tid, int nth, int *lo, int *hi) {
-    *lo = (int)((long)n * tid / nth);
-    *hi = (int)((long)n * (tid + 1) / nth);
 }
 
 typedef struct {
@@ -681,51 +689,62 @@ static void tile_rows(const er_lin *L, int tile, int mr, const int8_t *xq, const
     }
 }
 
-/* y[M][n] for quantized activations (xq [M][k], xs / xsum [M][k/32]); thread tid's share of the
-   tiles (an output element is computed whole by one thread); the caller puts a barrier after. */
+/* y[M][n] for quantized activations (xq [M][k], xs / xsum [M][k/32]): the column tiles of phase p,
+   claimed in chunks of chunk_of(tiles) from t0, a chunk start this thread has claimed (see
+   first_tiles; >= tiles: none left). An output element is computed whole by one thread. */
 static void gemm_q(const er_lin *L, int M, const int8_t *xq, const float *xs, const int32_t *xsum, float *out, int ldo,
-                   const int32_t *rowmap, int accumulate, int tid, int nth) {
+                   const int32_t *rowmap, int accumulate, phase_t *p, int t0, int nth) {
     int isa = cur_isa();
-    int kb = L->k / QB, lo, hi;
-    span(L->tiles, tid, nth, &lo, &hi);
-    for (int t = lo; t < hi; t++)
-        for (int m0 = 0; m0 < M; m0 += MR) {
-            int mr = M - m0 < MR ? M - m0 : MR;
-            tile_rows(L, t, mr, xq + (size_t)m0 * L->k, xs + (size_t)m0 * kb, xsum + (size_t)m0 * kb,
-                      rowmap ? out : out + (size_t)m0 * ldo, ldo, rowmap ? rowmap + m0 : NULL, accumulate, isa);
-        }
-}
-
-/* The MLP's gate|up linear (rows interleaved by 16: gate 0..15, up 0..15, gate 16..31, ...; see
-   weights.py interleave16) with SwiGLU and the quantization of down's input fused: thread tid takes
-   whole units of 4 tiles, i.e. 32 intermediate features = one 32-block of down's input, so it can
-   finish them alone (no barrier between the two). gu: [M][2I] scratch; xq / xs / xsum: down's input. */
-static void gate_up_act(const er_lin *L, int M, const int8_t *aq, const float *as, const int32_t *asum, float *gu, int8_t *xq,
-                        float *xs, int32_t *xsum, int tid, int nth) {
-    int isa = cur_isa(), kb = L->k / QB, I = L->n / 2, lo, hi;
-    span(L->tiles / 4, tid, nth, &lo, &hi);
-    for (int u = lo; u < hi; u++) {
-        for (int t = 4 * u; t < 4 * u + 4; t++)
+    int kb = L->k / QB, c = chunk_of(L->tiles, nth);
+    for (; t0 < L->tiles; t0 = claim(p, c)) {
+        int t1 = t0 + c < L->tiles ? t0 + c : L->tiles;
+        for (int t = t0; t < t1; t++)
             for (int m0 = 0; m0 < M; m0 += MR) {
                 int mr = M - m0 < MR ? M - m0 : MR;
-                tile_rows(L, t, mr, aq + (size_t)m0 * L->k, as + (size_t)m0 * kb, asum + (size_t)m0 * kb, gu + (size_t)m0 * L->n, L->n, NULL,
-                          0, isa);
+                tile_rows(L, t, mr, xq + (size_t)m0 * L->k, xs + (size_t)m0 * kb, xsum + (size_t)m0 * kb,
+                          rowmap ? out : out + (size_t)m0 * ldo, ldo, rowmap ? rowmap + m0 : NULL, accumulate, isa);
             }
-        for (int m = 0; m < M; m++) {
-            float *r = gu + (size_t)m * L->n + 64 * u, h[QB];
-            swiglu(r, r + 16, 16); /* silu(gate) * up of features 32u .. 32u + 15 */
-            swiglu(r + 32, r + 48, 16);
-            memcpy(h, r, 16 * sizeof(float));
-            memcpy(h + 16, r + 32, 16 * sizeof(float));
-            quantize_row(h, QB, xq + (size_t)m * I + QB * u, xs + (size_t)m * (I / QB) + u, xsum + (size_t)m * (I / QB) + u);
+        finish(p, t1 - t0);
+    }
+}
+static inline int first_tiles(phase_t *p, const er_lin *L, int nth) { return claim(p, chunk_of(L->tiles, nth)); }
+/* gate_up_act's items: units of 4 tiles */
+static inline int first_units(phase_t *p, const er_lin *L, int nth) { return claim(p, chunk_of(L->tiles / 4, nth)); }
+
+/* The MLP's gate|up linear (rows interleaved by 16: gate 0..15, up 0..15, gate 16..31, ...; see
+   weights.py interleave16) with SwiGLU and the quantization of down's input fused: the items are
+   units of 4 tiles, i.e. 32 intermediate features = one 32-block of down's input, which the thread
+   that computes a unit finishes alone. Units of phase p from u0 (see first_units). gu: [M][2I]
+   scratch; xq / xs / xsum: down's input. */
+static void gate_up_act(const er_lin *L, int M, const int8_t *aq, const float *as, const int32_t *asum, float *gu, int8_t *xq,
+                        float *xs, int32_t *xsum, phase_t *p, int u0, int nth) {
+    int isa = cur_isa(), kb = L->k / QB, I = L->n / 2, units = L->tiles / 4, c = chunk_of(units, nth);
+    for (; u0 < units; u0 = claim(p, c)) {
+        int u1 = u0 + c < units ? u0 + c : units;
+        for (int u = u0; u < u1; u++) {
+            for (int t = 4 * u; t < 4 * u + 4; t++)
+                for (int m0 = 0; m0 < M; m0 += MR) {
+                    int mr = M - m0 < MR ? M - m0 : MR;
+                    tile_rows(L, t, mr, aq + (size_t)m0 * L->k, as + (size_t)m0 * kb, asum + (size_t)m0 * kb, gu + (size_t)m0 * L->n, L->n,
+                              NULL, 0, isa);
+                }
+            for (int m = 0; m < M; m++) {
+                float *r = gu + (size_t)m * L->n + 64 * u, h[QB];
+                swiglu(r, r + 16, 16); /* silu(gate) * up of features 32u .. 32u + 15 */
+                swiglu(r + 32, r + 48, 16);
+                memcpy(h, r, 16 * sizeof(float));
+                memcpy(h + 16, r + 32, 16 * sizeof(float));
+                quantize_row(h, QB, xq + (size_t)m * I + QB * u, xs + (size_t)m * (I / QB) + u, xsum + (size_t)m * (I / QB) + u);
+            }
         }
+        finish(p, u1 - u0);
     }
 }
 
-static void quantize_rows(const float *x, int ldx, int M, int k, int8_t *xq, float *xs, int32_t *xsum, int tid, int nth) {
-    int lo, hi;
-    span(M, tid, nth, &lo, &hi);
-    for (int m = lo; m < hi; m++) quantize_row(x + (size_t)m * ldx, k, xq + (size_t)m * k, xs + (size_t)m * (k / QB), xsum + (size_t)m * (k / QB));
+/* rows of x quantized, the items of phase p (one row a claim) */
+static void quantize_rows(const float *x, int ldx, int M, int k, int8_t *xq, float *xs, int32_t *xsum, phase_t *p) {
+    for (int m; (m = claim(p, 1)) < M; finish(p, 1))
+        quantize_row(x + (size_t)m * ldx, k, xq + (size_t)m * k, xs + (size_t)m * (k / QB), xsum + (size_t)m * (k / QB));
 }
 
 struct lin_job {
@@ -736,13 +755,15 @@ struct lin_job {
     int8_t *xq;
     float *xs;
     int32_t *xsum;
+    phase_t ph[2];
 };
 
 static void linear_body(void *a, int tid, int nth) {
     struct lin_job *j = a;
-    quantize_rows(j->x, j->L->k, j->M, j->L->k, j->xq, j->xs, j->xsum, tid, nth);
-    barrier(nth);
-    gemm_q(j->L, j->M, j->xq, j->xs, j->xsum, j->out, j->L->n, NULL, 0, tid, nth);
+    (void)tid;
+    quantize_rows(j->x, j->L->k, j->M, j->L->k, j->xq, j->xs, j->xsum, &j->ph[0]);
+    wait_phase(&j->ph[0], j->M);
+    gemm_q(j->L, j->M, j->xq, j->xs, j->xsum, j->out, j->L->n, NULL, 0, &j->ph[1], first_tiles(&j->ph[1], j->L, nth), nth);
 }
 
 /* A linear on float rows (tests and the kernel benchmark): out = x @ W.T (+ bias). */
@@ -752,7 +773,7 @@ int er_linear(const er_lin *L, int M, const float *x, float *out, int threads) {
     float *xs = malloc(sizeof(float) * (size_t)M * (L->k / QB) + 64);
     int32_t *xsum = malloc(sizeof(int32_t) * (size_t)M * (L->k / QB) + 64);
     if (!xq || !xs || !xsum) return -2;
-    struct lin_job j = {L, M, x, out, xq, xs, xsum};
+    struct lin_job j = {L, M, x, out, xq, xs, xsum, {{0}}};
     run_parallel(linear_body, &j, threads);
     free(xq);
     free(xs);
@@ -1011,8 +1032,8 @@ static inline __attribute__((always_inline)) void prefetch_row_kv(const er_model
 }
 
 /* Steps of at most PRIV_ROWS tokens: every thread computes the RMSNorm and quantization of all
-   rows into buffers of its own (a few us) instead of its share followed by a barrier (2 barriers
-   a layer fewer: waits that cost most when another process shares the cores). */
+   rows into buffers of its own (a few us) instead of a phase of rows and a wait for its last row (2
+   waits a layer fewer: waits that cost most when another process shares the cores). */
 #ifndef PRIV_ROWS
 #define PRIV_ROWS 16
 #endif
@@ -1077,7 +1098,7 @@ static void rope_store(const er_model *M, int l, float *row, int pos, int slot) 
 }
 
 /* -DER_PROFILE (development builds only): thread 0's wall time per phase of the step, summed over
-   calls, read with er_profile(out, n); phases: see PH_* below. */
+   calls, read with er_profile(out, n); phases: see PH_* below (PH_BAR: waits for a phase's last items). */
 enum { PH_NORM, PH_QKV, PH_ATTN, PH_O, PH_GU, PH_DOWN, PH_BAR, PH_HEAD, PH_N }; /* PH_GU: gate|up with SwiGLU */
 #if defined(ER_PROFILE)
 static double prof_acc[PH_N];
@@ -1091,10 +1112,10 @@ static long long prof_t;
             prof_t = t_;                          \
         }                                         \
     } while (0)
-#define BARRIER(n) \
-    do {           \
-        barrier(n); \
-        PH(PH_BAR); \
+#define WAIT(p, n)          \
+    do {                    \
+        wait_phase((p), (n)); \
+        PH(PH_BAR);         \
     } while (0)
 int er_profile(double *out, int n) {
     for (int i = 0; i < n && i < PH_N; i++) out[i] = prof_acc[i] / 1e6, prof_acc[i] = 0;
@@ -1103,14 +1124,15 @@ int er_profile(double *out, int n) {
 #else
 #define PH_START() ((void)0)
 #define PH(k) ((void)0)
-#define BARRIER(n) barrier(n)
+#define WAIT(p, n) wait_phase((p), (n))
 int er_profile(double *out, int n) { (void)out; (void)n; return 0; }
 #endif
 
 struct step_job {
     const er_model *M;
     int T, mb, nl, grp, per_tok, fused, priv;
-    int full; /* fused: rows [0, full) whole, one thread each; rows [full, T) split by kv head */
+    int upr;  /* fused: attention units per row: its kv heads (each unit quantizes its own 32-blocks), or 1 (whole rows) */
+    phase_t *ph; /* the step's phases, taken in the same order by every thread */
     uint8_t *pbuf; /* priv: thread tid's buffers at pbuf + tid * pstride */
     size_t pstride;
     float *x, *xn, *qkv, *att, *gu, *xs, *scores, *logits, *ds;
@@ -1120,20 +1142,24 @@ struct step_job {
     const int32_t *positions, *slots, *qstart, *tables;
 };
 
+/* phases a step takes at most: a layer's 9 (norm, qkv, rope, attention, quantization, o, norm, gate|up,
+   down; a fused or priv step takes fewer) and the head's 2 */
+static inline int step_phases(const er_model *M) { return 9 * M->n_layers + 2; }
+
 static void step_body(void *arg, int tid, int nth) {
     struct step_job *J = arg;
     const er_model *M = J->M;
-    int T = J->T, H = M->hidden, d = M->head_dim, nq = M->n_heads * d, nkv = M->n_kv * d;
-    int qkvw = nq + 2 * nkv, lo, hi;
+    int T = J->T, H = M->hidden, d = M->head_dim, nq = M->n_heads * d, nkv = M->n_kv * d, rep = M->n_heads / M->n_kv;
+    int qkvw = nq + 2 * nkv;
     float *x = J->x, *xn = J->xn, *qkv = J->qkv, *att = J->att, *gu = J->gu, *xs = J->xs;
     int32_t *xsum = J->xsum;
     int8_t *xq = J->xq;
     const int32_t *positions = J->positions, *slots = J->slots;
-    (void)nkv;
-    float *sc = J->scores + (size_t)tid * M->max_ctx * (M->n_heads / M->n_kv);
-    span(T, tid, nth, &lo, &hi); /* this thread's tokens in the per-token phases */
+    float *sc = J->scores + (size_t)tid * M->max_ctx * rep;
+    phase_t *ph = J->ph;
     /* the normed, quantized rows the qkv and gate/up linears read: this thread's own copy of all
-       rows (priv), or the shared buffers filled by every thread's share and a barrier */
+       rows (priv: computed once the thread has claimed work of the linear, so a thread that comes
+       late to a finished phase reads nothing), or the shared buffers filled by a phase of rows */
     int8_t *nq8 = xq;
     float *ns = xs, *nrow = NULL;
     int32_t *nsum = xsum;
@@ -1144,104 +1170,104 @@ static void step_body(void *arg, int tid, int nth) {
         nsum = (int32_t *)(ns + (size_t)T * (H / QB));
         nq8 = (int8_t *)(nsum + (size_t)T * (H / QB));
     }
-#define NORM_ROWS(w)                                                                                                          \
-    do {                                                                                                                      \
-        if (J->priv) {                                                                                                        \
-            for (int t = 0; t < T; t++) {                                                                                     \
-                rms_norm_row(x + (size_t)t * H, (w), H, M->eps, nrow);                                                        \
-                quantize_row(nrow, H, nq8 + (size_t)t * H, ns + (size_t)t * (H / QB), nsum + (size_t)t * (H / QB));            \
-            }                                                                                                                 \
-        } else {                                                                                                              \
-            for (int t = lo; t < hi; t++) {                                                                                   \
-                rms_norm_row(x + (size_t)t * H, (w), H, M->eps, xn + (size_t)t * H);                                          \
-                quantize_row(xn + (size_t)t * H, H, xq + (size_t)t * H, xs + (size_t)t * (H / QB), xsum + (size_t)t * (H / QB)); \
-            }                                                                                                                 \
-            PH(PH_NORM);                                                                                                      \
-            BARRIER(nth);                                                                                                     \
-        }                                                                                                                     \
+#define NORM_PRIV(w)                                                                                              \
+    for (int t = 0; t < T; t++) {                                                                                 \
+        rms_norm_row(x + (size_t)t * H, (w), H, M->eps, nrow);                                                    \
+        quantize_row(nrow, H, nq8 + (size_t)t * H, ns + (size_t)t * (H / QB), nsum + (size_t)t * (H / QB));        \
+    }
+#define NORM_SHARED(w)                                                                                                    \
+    do {                                                                                                                  \
+        phase_t *p_ = ph++;                                                                                               \
+        for (int t; (t = claim(p_, 1)) < T; finish(p_, 1)) {                                                              \
+            rms_norm_row(x + (size_t)t * H, (w), H, M->eps, xn + (size_t)t * H);                                          \
+            quantize_row(xn + (size_t)t * H, H, xq + (size_t)t * H, xs + (size_t)t * (H / QB), xsum + (size_t)t * (H / QB)); \
+        }                                                                                                                 \
+        PH(PH_NORM);                                                                                                      \
+        WAIT(p_, T);                                                                                                      \
     } while (0)
+    const int upr = J->upr, gpu = M->n_kv / upr, U = T * upr; /* fused: units, kv heads a unit */
     PH_START();
     for (int l = 0; l < M->n_layers; l++) {
         const er_layer *Ly = &M->layers[l];
-        if (J->fused) /* this thread's first attention row(s), fetched while the qkv linear runs */
-            for (int t = tid; t < J->full && t < tid + PF_ROWS_AHEAD * nth; t += nth)
-                prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[t] * J->mb, positions[t], 0, M->n_kv);
-        NORM_ROWS(Ly->ln1);
+        if (J->fused) /* the attention units this thread most likely takes first, fetched while the qkv linear runs */
+            for (int u = 2 * tid; u < 2 * tid + 2 && u < U; u++)
+                prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[u / upr] * J->mb, positions[u / upr], u % upr * gpu, u % upr * gpu + gpu);
+        if (!J->priv) NORM_SHARED(Ly->ln1);
+        phase_t *pq = ph++;
+        int c0 = first_tiles(pq, &Ly->qkv, nth);
+        if (J->priv && c0 < Ly->qkv.tiles) NORM_PRIV(Ly->ln1);
         PH(PH_NORM);
-        gemm_q(&Ly->qkv, T, nq8, ns, nsum, qkv, qkvw, NULL, 0, tid, nth);
+        gemm_q(&Ly->qkv, T, nq8, ns, nsum, qkv, qkvw, NULL, 0, pq, c0, nth);
         PH(PH_QKV);
-        BARRIER(nth);
-        if (J->fused) { /* decode rows only, enough of them: one item per token does RoPE, its K / V,
-                           all its heads and the quantization of its attention row (2 barriers fewer) */
-            int rep = M->n_heads / M->n_kv, full = J->full, u0 = 0, u1 = 0;
-            span((T - full) * M->n_kv, tid, nth, &u0, &u1); /* this thread's (tail row, kv head) units */
-            for (int t = tid; t < full; t += nth) {
-                int tn = t + PF_ROWS_AHEAD * nth;
-                if (tn < full)
-                    prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[tn] * J->mb, positions[tn], 0, M->n_kv);
-                else if (t + nth >= full && u0 < u1) /* the thread's last whole row: its tail units next */
-                    for (int u = u0; u < u1; u++) {
-                        int tt = full + u / M->n_kv, g = u % M->n_kv;
-                        prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[tt] * J->mb, positions[tt], g, g + 1);
-                    }
-                rope_store(M, l, qkv + (size_t)t * qkvw, positions[t], slots[t]);
-                for (int h0 = 0; h0 < M->n_heads; h0 += rep)
-                    attend(M, l, qkv + (size_t)t * qkvw, positions[t], J->tables + (size_t)J->row_of[t] * J->mb, h0, rep,
-                           att + (size_t)t * nq, sc);
-                quantize_row(att + (size_t)t * nq, nq, xq + (size_t)t * nq, xs + (size_t)t * (nq / QB), xsum + (size_t)t * (nq / QB));
-            }
-            /* the rows left over when T % nth != 0, split by kv head: a 7-row step is 3.5 rows of attention
-               per thread, not 4 and 3. A unit's heads are whole 32-blocks of the attention row (J->full < T
-               only when rep * head_dim % 32 == 0), so it quantizes its own blocks: the same bits as a row. */
-            for (int u = u0; u < u1; u++) {
-                int t = full + u / M->n_kv, g = u % M->n_kv, c0 = g * rep * d;
-                rope_store_group(M, l, qkv + (size_t)t * qkvw, positions[t], slots[t], g);
-                attend(M, l, qkv + (size_t)t * qkvw, positions[t], J->tables + (size_t)J->row_of[t] * J->mb, g * rep, rep,
-                       att + (size_t)t * nq, sc);
-                quantize_row(att + (size_t)t * nq + c0, rep * d, xq + (size_t)t * nq + c0, xs + (size_t)t * (nq / QB) + c0 / QB,
-                             xsum + (size_t)t * (nq / QB) + c0 / QB);
+        WAIT(pq, Ly->qkv.tiles);
+        if (J->fused) { /* decode rows only, enough of them: a unit (a row's kv heads [g0, g0 + gpu)) does RoPE, their
+                           K / V, their query heads and the quantization of their 32-blocks of the attention row */
+            phase_t *pa = ph++;
+            for (int u = claim(pa, 1); u < U;) {
+                int un = claim(pa, 1); /* the next unit, claimed now so that its K / V is fetched while this one runs */
+                if (un < U)
+                    prefetch_row_kv(M, l, J->tables + (size_t)J->row_of[un / upr] * J->mb, positions[un / upr], un % upr * gpu,
+                                    un % upr * gpu + gpu);
+                int t = u / upr, g0 = u % upr * gpu, c = g0 * rep * d, w = gpu * rep * d;
+                float *row = qkv + (size_t)t * qkvw;
+                const int32_t *table = J->tables + (size_t)J->row_of[t] * J->mb;
+                for (int g = g0; g < g0 + gpu; g++) {
+                    rope_store_group(M, l, row, positions[t], slots[t], g);
+                    attend(M, l, row, positions[t], table, g * rep, rep, att + (size_t)t * nq, sc);
+                }
+                quantize_row(att + (size_t)t * nq + c, w, xq + (size_t)t * nq + c, xs + (size_t)t * (nq / QB) + c / QB,
+                             xsum + (size_t)t * (nq / QB) + c / QB);
+                finish(pa, 1);
+                u = un;
             }
             PH(PH_ATTN);
-            BARRIER(nth);
+            WAIT(pa, U);
         } else {
-            for (int t = lo; t < hi; t++) rope_store(M, l, qkv + (size_t)t * qkvw, positions[t], slots[t]);
+            phase_t *pr = ph++, *pa = ph++, *pz = ph++;
+            for (int t; (t = claim(pr, 1)) < T; finish(pr, 1)) rope_store(M, l, qkv + (size_t)t * qkvw, positions[t], slots[t]);
             PH(PH_ATTN);
-            BARRIER(nth);
-            for (int i = tid; i < T * J->per_tok; i += nth) { /* work items: (token, group of heads sharing a kv head) */
+            WAIT(pr, T);
+            int n = T * J->per_tok;
+            for (int i; (i = claim(pa, 1)) < n; finish(pa, 1)) { /* items: (token, group of heads sharing a kv head) */
                 int t = i / J->per_tok;
                 attend(M, l, qkv + (size_t)t * qkvw, positions[t], J->tables + (size_t)J->row_of[t] * J->mb, (i % J->per_tok) * J->grp,
                        J->grp, att + (size_t)t * nq, sc);
             }
             PH(PH_ATTN);
-            BARRIER(nth);
-            quantize_rows(att, nq, T, nq, xq, xs, xsum, tid, nth);
+            WAIT(pa, n);
+            quantize_rows(att, nq, T, nq, xq, xs, xsum, pz);
             PH(PH_ATTN);
-            BARRIER(nth);
+            WAIT(pz, T);
         }
-        PH(PH_ATTN);
-        gemm_q(&Ly->o, T, xq, xs, xsum, x, H, NULL, 1, tid, nth); /* h += o_proj(attention) */
+        phase_t *po = ph++;
+        gemm_q(&Ly->o, T, xq, xs, xsum, x, H, NULL, 1, po, first_tiles(po, &Ly->o, nth), nth); /* h += o_proj(attention) */
         PH(PH_O);
-        BARRIER(nth);
-        NORM_ROWS(Ly->ln2);
+        WAIT(po, Ly->o.tiles);
+        if (!J->priv) NORM_SHARED(Ly->ln2);
+        phase_t *pg = ph++;
+        int u0 = first_units(pg, &Ly->gu, nth);
+        if (J->priv && u0 < Ly->gu.tiles / 4) NORM_PRIV(Ly->ln2);
         PH(PH_NORM);
-        gate_up_act(&Ly->gu, T, nq8, ns, nsum, gu, J->dq, J->ds, J->dsum, tid, nth); /* down's input, silu(gate) * up, quantized */
+        gate_up_act(&Ly->gu, T, nq8, ns, nsum, gu, J->dq, J->ds, J->dsum, pg, u0, nth); /* down's input, silu(gate) * up, quantized */
         PH(PH_GU);
-        BARRIER(nth);
-        gemm_q(&Ly->down, T, J->dq, J->ds, J->dsum, x, H, NULL, 1, tid, nth); /* h += down(...) */
+        WAIT(pg, Ly->gu.tiles / 4);
+        phase_t *pd = ph++;
+        gemm_q(&Ly->down, T, J->dq, J->ds, J->dsum, x, H, NULL, 1, pd, first_tiles(pd, &Ly->down, nth), nth); /* h += down(...) */
         PH(PH_DOWN);
-        BARRIER(nth);
+        WAIT(pd, Ly->down.tiles);
     }
+#undef NORM_PRIV
+#undef NORM_SHARED
     /* final norm and head for the rows that want logits (their last token) */
-    int l0, l1;
-    span(J->nl, tid, nth, &l0, &l1);
-    for (int i = l0; i < l1; i++) {
+    phase_t *pn = ph++, *phd = ph++;
+    for (int i; (i = claim(pn, 1)) < J->nl; finish(pn, 1)) {
         int t = J->qstart[J->rowmap[i] + 1] - 1;
         rms_norm_row(x + (size_t)t * H, M->norm, H, M->eps, xn + (size_t)i * H);
         quantize_row(xn + (size_t)i * H, H, xq + (size_t)i * H, xs + (size_t)i * (H / QB), xsum + (size_t)i * (H / QB));
     }
     PH(PH_HEAD);
-    BARRIER(nth);
-    if (J->nl) gemm_q(&M->head, J->nl, xq, xs, xsum, J->logits, M->vocab, J->rowmap, 0, tid, nth);
+    WAIT(pn, J->nl);
+    if (J->nl) gemm_q(&M->head, J->nl, xq, xs, xsum, J->logits, M->vocab, J->rowmap, 0, phd, first_tiles(phd, &M->head, nth), nth);
     PH(PH_HEAD);
 }
 
@@ -1283,7 +1309,14 @@ int er_step(const er_model *M, int T, int R, float *x, const int32_t *positions,
     J.tables = tables;
     J.logits = logits;
     J.row_of = (int32_t *)malloc(sizeof(int32_t) * (size_t)(T > 0 ? T : 1));
-    if (!J.row_of) return -2;
+    size_t phb = sizeof(phase_t) * (size_t)step_phases(M);
+    J.ph = aligned_alloc(64, phb);
+    if (!J.row_of || !J.ph) {
+        free(J.row_of);
+        free(J.ph);
+        return -2;
+    }
+    memset(J.ph, 0, phb);
     for (int r = 0; r < R; r++)
         for (int t = qstart[r]; t < qstart[r + 1]; t++) J.row_of[t] = r;
     /* attention items: whole kv-head groups, unless that leaves threads idle (one decode row) */
@@ -1292,13 +1325,14 @@ int er_step(const er_model *M, int T, int R, float *x, const int32_t *positions,
     J.per_tok = M->n_heads / J.grp;
     J.fused = (T == R && T >= 2 * nth && rep <= MR * 4); /* one token per row: no row reads another token's new K / V */
 #ifndef SPLIT_TAIL
-#define SPLIT_TAIL 1 /* 0: the left-over rows whole, as before (A/B builds) */
+#define SPLIT_TAIL 1 /* 0: attention units are whole rows (A/B builds, tests) */
 #endif
-    J.full = (SPLIT_TAIL && M->n_kv > 1 && (rep * d) % QB == 0) ? T - T % nth : T;
+    J.upr = (SPLIT_TAIL && M->n_kv > 1 && (rep * d) % QB == 0) ? M->n_kv : 1;
     J.nl = 0;
     for (int r = 0; r < R; r++)
         if (logits_rows[r]) J.rowmap[J.nl++] = r;
     run_parallel(step_body, &J, nth);
     free(J.row_of);
+    free(J.ph);
     return 0;
 }
