@@ -552,67 +552,82 @@ static inline __attribute__((always_inline)) void tile_zmm(const int mr, const i
     const __m512i ones = _mm512_set1_epi16(1), flip = _mm512_set1_epi8((char)0x80);
     __m512 wsv = _mm512_loadu_ps(L->s + (size_t)tile * NT); /* int8: per channel */
     for (int b = 0; b < kb; b++) {
-        __m512i W[8];
-        __mmask64 neg[8];
         if (mr >= PF_MIN_ROWS) prefetch_weights(L, tile, kb, b);
-        if (four) {
-            const uint8_t *w = L->w + ((size_t)tile * kb + b) * 256;
-            for (int i = 0; i < 4; i++) {
-                __m512i x = _mm512_loadu_si512((const void *)(w + 64 * i));
-                W[i] = _mm512_and_si512(x, lo);
-                W[i + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
-            }
-            wsv = _mm512_loadu_ps(L->s + ((size_t)tile * kb + b) * NT);
-        } else {
-            const uint8_t *w = L->w + ((size_t)tile * kb + b) * 512;
-            for (int j = 0; j < 8; j++) {
-                W[j] = _mm512_loadu_si512((const void *)(w + 64 * j));
-                if (!vnni) { /* w itself: its sign as a mask, |w| as the unsigned operand */
-                    __m512i sw = _mm512_xor_si512(W[j], flip);
-                    neg[j] = _mm512_movepi8_mask(sw);
-                    W[j] = _mm512_abs_epi8(sw);
-                }
-            }
-        }
-        /* g outer, rows inner: mr independent dpbusd chains (a row's 8 dots in a chain would
-           wait on each other's latency) */
+        const int8_t *ab = xq + b * QB; /* row m's k-group g: ab + m * ldq + 4 * g */
         __m512i d[MR];
+#define A4_(m, g) ({ int32_t a4_; memcpy(&a4_, ab + (size_t)(m) * ldq + 4 * (g), 4); _mm512_set1_epi32(a4_); })
+        if (four) wsv = _mm512_loadu_ps(L->s + ((size_t)tile * kb + b) * NT);
+        if (vnni) {
+#if defined(HAVE_VNNI)
+            __m512i W[8];
+            if (four) {
+                const uint8_t *w = L->w + ((size_t)tile * kb + b) * 256;
+                for (int i = 0; i < 4; i++) {
+                    __m512i x = _mm512_loadu_si512((const void *)(w + 64 * i));
+                    W[i] = _mm512_and_si512(x, lo);
+                    W[i + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), lo);
+                }
+            } else {
+                const uint8_t *w = L->w + ((size_t)tile * kb + b) * 512;
+                for (int j = 0; j < 8; j++) W[j] = _mm512_loadu_si512((const void *)(w + 64 * j));
+            }
+            /* g outer, rows inner: mr independent dpbusd chains (a row's 8 dots in a chain would
+               wait on each other's latency) */
 #pragma GCC unroll 8
-        for (int m = 0; m < mr; m++) d[m] = _mm512_set1_epi32(-zp * xsum[(size_t)m * kb + b]); /* the zero point's share, subtracted up front (exact) */
+            for (int m = 0; m < mr; m++) d[m] = _mm512_set1_epi32(-zp * xsum[(size_t)m * kb + b]); /* the zero point's share, subtracted up front (exact) */
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++)
+#pragma GCC unroll 8
+                for (int m = 0; m < mr; m++) d[m] = _mm512_dpbusd_epi32(d[m], W[g], A4_(m, g));
+#endif
+        } else if (four) {
+            /* without VNNI each k-group's weights are unpacked where they are used (one live weight
+               register, not 8: with 8 rows' sums and accumulators held, 8 more spilled) */
+            const uint8_t *w = L->w + ((size_t)tile * kb + b) * 256;
 #if I16_SUM
-        if (four && !vnni) { /* int4 without VNNI: the 8 vpmaddubsw results summed in int16, one vpmaddwd a block (see I16_SUM) */
-            __m512i s16[MR];
+            __m512i s16[MR]; /* the 8 vpmaddubsw results summed in int16 (see I16_SUM) */
 #pragma GCC unroll 8
             for (int g = 0; g < 8; g++) {
+                __m512i x = _mm512_loadu_si512((const void *)(w + 64 * (g & 3)));
+                __m512i wg = _mm512_and_si512(g < 4 ? x : _mm512_srli_epi16(x, 4), lo);
 #pragma GCC unroll 8
                 for (int m = 0; m < mr; m++) {
-                    int32_t a4;
-                    memcpy(&a4, xq + (size_t)m * ldq + b * QB + 4 * g, 4);
-                    __m512i p = _mm512_maddubs_epi16(W[g], _mm512_set1_epi32(a4));
+                    __m512i p = _mm512_maddubs_epi16(wg, A4_(m, g));
                     s16[m] = g ? _mm512_add_epi16(s16[m], p) : p;
                 }
             }
 #pragma GCC unroll 8
-            for (int m = 0; m < mr; m++) d[m] = _mm512_add_epi32(d[m], _mm512_madd_epi16(s16[m], ones));
-        } else
+            for (int m = 0; m < mr; m++) d[m] = _mm512_add_epi32(_mm512_madd_epi16(s16[m], ones), _mm512_set1_epi32(-zp * xsum[(size_t)m * kb + b]));
+#else
+#pragma GCC unroll 8
+            for (int m = 0; m < mr; m++) d[m] = _mm512_set1_epi32(-zp * xsum[(size_t)m * kb + b]);
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++) {
+                __m512i x = _mm512_loadu_si512((const void *)(w + 64 * (g & 3)));
+                __m512i wg = _mm512_and_si512(g < 4 ? x : _mm512_srli_epi16(x, 4), lo);
+#pragma GCC unroll 8
+                for (int m = 0; m < mr; m++) d[m] = _mm512_add_epi32(d[m], _mm512_madd_epi16(_mm512_maddubs_epi16(wg, A4_(m, g)), ones));
+            }
 #endif
+        } else {
+            /* int8 without VNNI: the sign trick, |w| x (a negated where w < 0), w's sign as a mask (AVX-512
+               has no vpsignb); a k-group's weights, mask and |w| made where they are used */
+            const uint8_t *w = L->w + ((size_t)tile * kb + b) * 512;
 #pragma GCC unroll 8
-        for (int g = 0; g < 8; g++) {
+            for (int g = 0; g < 8; g++) {
+                __m512i sw = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + 64 * g)), flip); /* w itself */
+                __mmask64 neg = _mm512_movepi8_mask(sw);
+                __m512i wa = _mm512_abs_epi8(sw);
 #pragma GCC unroll 8
-            for (int m = 0; m < mr; m++) {
-                int32_t a4;
-                memcpy(&a4, xq + (size_t)m * ldq + b * QB + 4 * g, 4);
-                __m512i av = _mm512_set1_epi32(a4);
-#if defined(HAVE_VNNI)
-                if (vnni) {
-                    d[m] = _mm512_dpbusd_epi32(d[m], W[g], av);
-                    continue;
+                for (int m = 0; m < mr; m++) {
+                    __m512i av = A4_(m, g);
+                    av = _mm512_mask_sub_epi8(av, neg, _mm512_setzero_si512(), av);
+                    __m512i p = _mm512_madd_epi16(_mm512_maddubs_epi16(wa, av), ones);
+                    d[m] = g ? _mm512_add_epi32(d[m], p) : p;
                 }
-#endif
-                if (!four) av = _mm512_mask_sub_epi8(av, neg[g], _mm512_setzero_si512(), av);
-                d[m] = _mm512_add_epi32(d[m], _mm512_madd_epi16(_mm512_maddubs_epi16(W[g], av), ones));
             }
         }
+#undef A4_
 #pragma GCC unroll 8
         for (int m = 0; m < mr; m++) {
             __m512i dm = d[m];
@@ -623,6 +638,7 @@ static inline __attribute__((always_inline)) void tile_zmm(const int mr, const i
     int n0 = tile * NT;
     int nc = L->n - n0 < NT ? L->n - n0 : NT;
     __mmask16 k = (__mmask16)((1u << nc) - 1u);
+#pragma GCC unroll 8 /* acc[] stays in registers (a loop over a variable m kept it in memory) */
     for (int m = 0; m < mr; m++) {
         float *o = out + (size_t)(rowmap ? rowmap[m] : m) * ldo + n0;
         __m512 v = acc[m];
