@@ -231,11 +231,10 @@ def test_misuse_under_valgrind(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_ask_example_answers_the_demo_question_on_the_manuals(tmp_path, monkeypatch):
-    """Real engines (SmolLM2 and the default embedder, built here) and the shipped manuals: examples/c/ask.c answers the
-    README's demo question with its sources, the same answer as the Python API."""
+def test_ask_example_answers_the_demo_question_on_the_manuals(tmp_path, monkeypatch, smollm2_fp32, default_embedder):
+    """Real engines (SmolLM2 and the default embedder, built once a session) and the shipped manuals: examples/c/ask.c
+    answers the README's demo question with its sources, the same answer as the Python API."""
     from edge.capi.build import build_library, build_program
-    from edge.engines import default_embedder_bundle, tiny_generator_bundle
     from edge.runtime.embedder import Embedder
     from edge.runtime.generator import Generator
     from edge.runtime.host import EdgeRuntime
@@ -243,8 +242,9 @@ def test_ask_example_answers_the_demo_question_on_the_manuals(tmp_path, monkeypa
 
     home = tmp_path / "home"
     monkeypatch.setenv("EDGE_RAG_HOME", str(home))
-    # SmolLM2, the tests' tiny model: the default answer model (Qwen2.5-Coder-0.5B) takes ~10 min to build
-    gen_path, emb_path = tiny_generator_bundle(progress=False), default_embedder_bundle(progress=False)
+    # SmolLM2 fp32 (shared with the transformers parity tests): the default answer model (Qwen2.5-Coder) takes
+    # ~10 min to build, SmolLM2's int4 AWQ+GPTQ build several (most of this test's 20 min in CI before)
+    gen_path, emb_path = smollm2_fp32, default_embedder
     emb = Embedder.from_bundle(emb_path)
     ingest(ROOT / "examples" / "manuals", embedder=emb, progress=False, embedder_path=str(emb_path.resolve()))
     lib = build_library(tmp_path / "lib")

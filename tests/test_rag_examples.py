@@ -1,4 +1,4 @@
-"""The shipped example corpus with the real default embedder (slow: builds the embedder bundle)."""
+"""The shipped example corpus with the real default embedder (slow: the embedder bundle, built once a session)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_examples_recall_at_5_with_the_default_embedder():
-    from edge.engines import default_embedder_bundle
+def test_examples_recall_at_5_with_the_default_embedder(default_embedder):
     from edge.runtime.embedder import Embedder
     from rag.eval import evaluate, load_questions
     from rag.ingest import check_collection, ingest
     from rag.retrieve import Retriever
 
-    emb = Embedder.from_bundle(default_embedder_bundle(progress=False))
+    emb = Embedder.from_bundle(default_embedder)
     rep = ingest(ROOT / "examples" / "manuals", embedder=emb, progress=False)
     assert rep.skipped == [] and rep.total_documents == len(list((ROOT / "examples" / "manuals").iterdir()))
     from edge.paths import index_dir

