@@ -479,10 +479,7 @@ static void idots_scalar(const er_lin *L, int tile, int b, int mr, const int8_t 
 /* int4 without VNNI: a vpmaddubsw lane (nibbles 0..15 x s8 pairs) is at most 2 * 15 * 127 = 3,810 in
    magnitude, so a 32-block's 8 of them sum exactly in int16 (30,480 < 32,767): one vpaddw a k-group and
    one vpmaddwd a block, not a vpmaddwd + vpaddd a k-group (the GEMMs are compute bound at 8 rows without
-   VNNI). The same int32 dot, so the same bits. I16_SUM=0: the per-group form (A/B builds). */
-#ifndef I16_SUM
-#define I16_SUM 1
-#endif
+   VNNI). The same int32 dot, so the same bits (measured against the per-group form: README, native, session 9). */
 
 #if defined(__AVX2__)
 /* u8 x s8 pairs: int4 nibbles 0..15 x s8 (|a| <= 127): 2 * 15 * 127 = 3,810, no int16 saturation.
@@ -512,19 +509,12 @@ static void idots_avx2(const er_lin *L, int tile, int b, int mr, const int8_t *x
                 int32_t a4;
                 memcpy(&a4, a + 4 * g, 4);
                 __m256i av = _mm256_set1_epi32(a4);
-                if (L->kind == 4 && I16_SUM) {
+                if (L->kind == 4) /* summed in int16, one vpmaddwd a block (above) */
                     s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(W[g], av));
-                    continue;
-                }
-                __m256i p;
-                if (L->kind == 4)
-                    p = _mm256_maddubs_epi16(W[g], av);
                 else
-                    p = _mm256_maddubs_epi16(_mm256_abs_epi8(W[g]), _mm256_sign_epi8(av, W[g]));
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(W[g]), _mm256_sign_epi8(av, W[g])), ones));
             }
-            if (L->kind == 4 && I16_SUM) acc = _mm256_madd_epi16(s16, ones);
-            if (L->kind == 4) acc = _mm256_sub_epi32(acc, _mm256_set1_epi32(8 * xsum[(size_t)m * kb + b]));
+            if (L->kind == 4) acc = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(8 * xsum[(size_t)m * kb + b]));
             _mm256_storeu_si256((__m256i *)&idot[m][8 * h], acc);
         }
     }
@@ -584,8 +574,7 @@ static inline __attribute__((always_inline)) void tile_zmm(const int mr, const i
             /* without VNNI each k-group's weights are unpacked where they are used (one live weight
                register, not 8: with 8 rows' sums and accumulators held, 8 more spilled) */
             const uint8_t *w = L->w + ((size_t)tile * kb + b) * 256;
-#if I16_SUM
-            __m512i s16[MR]; /* the 8 vpmaddubsw results summed in int16 (see I16_SUM) */
+            __m512i s16[MR]; /* the 8 vpmaddubsw results summed in int16 (see idots_avx2) */
 #pragma GCC unroll 8
             for (int g = 0; g < 8; g++) {
                 __m512i x = _mm512_loadu_si512((const void *)(w + 64 * (g & 3)));
@@ -598,17 +587,6 @@ static inline __attribute__((always_inline)) void tile_zmm(const int mr, const i
             }
 #pragma GCC unroll 8
             for (int m = 0; m < mr; m++) d[m] = _mm512_add_epi32(_mm512_madd_epi16(s16[m], ones), _mm512_set1_epi32(-zp * xsum[(size_t)m * kb + b]));
-#else
-#pragma GCC unroll 8
-            for (int m = 0; m < mr; m++) d[m] = _mm512_set1_epi32(-zp * xsum[(size_t)m * kb + b]);
-#pragma GCC unroll 8
-            for (int g = 0; g < 8; g++) {
-                __m512i x = _mm512_loadu_si512((const void *)(w + 64 * (g & 3)));
-                __m512i wg = _mm512_and_si512(g < 4 ? x : _mm512_srli_epi16(x, 4), lo);
-#pragma GCC unroll 8
-                for (int m = 0; m < mr; m++) d[m] = _mm512_add_epi32(d[m], _mm512_madd_epi16(_mm512_maddubs_epi16(wg, A4_(m, g)), ones));
-            }
-#endif
         } else {
             /* int8 without VNNI: the sign trick, |w| x (a negated where w < 0), w's sign as a mask (AVX-512
                has no vpsignb); a k-group's weights, mask and |w| made where they are used */
