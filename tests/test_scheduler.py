@@ -26,10 +26,11 @@ V = 50
 
 class FakeBackend:
     def __init__(self, num_blocks=32, block_size=4, max_seqs=4, max_context=64, layout="paged", device_sampling=False,
-                 releases_kv=False, copies_blocks=True):
+                 releases_kv=False, copies_blocks=True, partial_prefix=False):
         self.caps = BackendCaps(num_blocks=num_blocks, block_size=block_size, max_seqs=max_seqs, max_context=max_context,
                                 vocab_size=V, kv_layout=layout, device_sampling=device_sampling, releases_kv=releases_kv,
-                                copies_blocks=copies_blocks, prefix_cache=copies_blocks or layout == "paged")
+                                copies_blocks=copies_blocks, prefix_cache=copies_blocks or layout == "paged",
+                                partial_prefix=partial_prefix)
         self.released = []
         n_slots = (max_seqs * -(-max_context // block_size) if layout == "contiguous" else num_blocks) * block_size
         self.kv = np.full(n_slots, -1, np.int64)
@@ -150,6 +151,73 @@ def test_blocks_admit_grow_finish_and_prefix_hit_counts():
     assert kv.num_used == 0 and kv.num_free == 16 and kv.num_cached == 2
     # a prompt that is entirely cached still leaves its last block to compute
     assert kv.admit(3, block_hashes(p[:8], 4), 8) == 4
+
+
+def test_partial_hits_copy_the_shared_rows_of_a_cached_block():
+    kv = BlockManager(16, 4, max_context=64, partial=True)
+    p = list(range(10))
+    h = block_hashes(p, 4)
+    assert kv.admit(1, h, 10, p) == 0 and kv.grow(1, 10) and kv.table(1) == [0, 1, 2]
+    kv.cache_full_blocks(1, h, 10, p)
+    # 6 shared tokens: block 0 by reference, tokens 4-5 copied out of block 1 into a new block
+    q = p[:6] + [40, 41, 42]
+    assert kv.admit(2, block_hashes(q, 4), len(q), q) == 6
+    assert kv.table(2) == [0, 3] and kv.copies() == [(1, 3)] and kv.num_used == 3 + 1
+    assert kv.grow(2, 9) and kv.table(2) == [0, 3, 4] and kv.num_used == 5
+    kv.cache_full_blocks(2, block_hashes(q, 4), 9, q)
+    assert kv.num_cached == 3  # block 3 holds q's own second block now
+    # a prompt cached whole: all but its last token (block 1 copied: 3 of its 4 rows)
+    assert kv.admit(3, block_hashes(p[:8], 4), 8, p[:8]) == 7 and kv.table(3) == [0, 5] and kv.copies() == [(1, 5)]
+    # no token shared past the whole blocks, or tokens not given: whole blocks only, nothing copied
+    r = p[:4] + [44, 45, 46]
+    assert kv.admit(4, block_hashes(r, 4), 7, r) == 4 and kv.table(4) == [0] and kv.copies() == []
+    assert kv.admit(5, h, 10) == 8 and kv.copies() == []
+    # freeing the sequences leaves the copies findable as whole blocks only when full and computed
+    for sid in (1, 2, 3, 4, 5):
+        kv.free(sid)
+    assert kv.num_used == 0 and kv.num_free == 16
+
+
+def test_partial_hits_need_the_flag_a_paged_layout_and_a_free_block():
+    p = list(range(10))
+    h = block_hashes(p, 4)
+    for kw in ({}, {"movable": False}, {"layout": "contiguous", "max_seqs": 2}):
+        kv = BlockManager(8 if kw else 16, 4, max_context=16 if "max_seqs" in kw else 64, partial=True, **kw)
+        assert kv.partial == (not kw)
+    kv = BlockManager(4, 4, max_context=16, partial=True)  # 4 blocks
+    assert kv.admit(1, h, 10, p) == 0 and kv.grow(1, 10)
+    kv.cache_full_blocks(1, h, 10, p)
+    assert kv.admit(2, [], 4) == 0 and kv.grow(2, 4) and kv.num_free == 0
+    q = p[:6] + [40]
+    assert kv.admit(3, block_hashes(q, 4), 7, q) == 4 and kv.copies() == []  # no block to copy into
+    # a reused (overwritten) block is no longer found by partial hits
+    kv.free(1)
+    kv.free(2)
+    kv.free(3)
+    assert kv.admit(4, [], 16) == 0 and kv.grow(4, 16)  # takes every block: the cached ones are evicted
+    kv.free(4)
+    assert kv.admit(5, block_hashes(q, 4), 7, q) == 0 and kv.copies() == []
+
+
+def test_partial_prefix_hits_give_the_same_tokens_as_alone():
+    """Prompts sharing a prefix that ends inside a block: the later ones start after every shared
+    token (their first block copied), read the copied rows through the fake's KV, and give the
+    tokens each gives alone; only their own tokens run."""
+    shared = list(range(10))  # 2 whole blocks of 4 and 2 tokens of a third
+    prompts = [shared + [30, 31, 32], shared + [40, 41], shared[:9] + [45, 46, 47, 48]]
+    want = [run_alone(p, greedy(6), num_blocks=64) for p in prompts]
+    be = FakeBackend(num_blocks=64, partial_prefix=True)
+    with Engine(be, eos_ids=()) as e:
+        got = []
+        for p in prompts:
+            s = e.submit(p, greedy(6), detokenize=False)
+            list(s)
+            got.append(s.request)
+        assert e.kv.partial
+    assert [r.output_ids for r in got] == want
+    assert [r.stats.cached_tokens for r in got] == [0, 10, 9]
+    assert sum(len(b.block_copies) for b in be.batches) == 2
+    assert be.batches[6].num_tokens == 2 and be.batches[6].seq_lens[0] == 12  # request 2's prompt: its 2 own tokens
 
 
 def test_blocks_evict_least_recently_freed_and_refuse_when_full():

@@ -199,7 +199,7 @@ class Engine:
         max_seqs = min(max_seqs or caps.max_seqs, caps.max_seqs)
         self.kv = BlockManager(caps.num_blocks, caps.block_size, max_context=caps.max_context,
                                layout=caps.kv_layout, max_seqs=max_seqs, prefix_cache=prefix_cache and caps.prefix_cache,
-                               movable=caps.copies_blocks)
+                               movable=caps.copies_blocks, partial=caps.partial_prefix)
         budget = max(token_budget, max_seqs + 1)
         self.scheduler = Scheduler(self.kv, max_seqs=max_seqs, token_budget=budget,
                                    prefill_chunk=prefill_chunk or caps.prefill_chunk or budget,

@@ -15,6 +15,12 @@ Two physical layouts (BackendCaps.kv_layout):
   backend before the next step). `num_blocks` is then a budget on the blocks in use, which is
   what the plan sized (the backend's rows are virtual memory until written).
 
+Partial hits (paged layout, `partial=True`: a backend that copies blocks): past the last whole cached
+block, a cached block that starts with the same tokens (a child of the same parent hash) is copied
+into the sequence's next block, and the tokens they share count as cached too. A RAG system prompt
+rarely ends on a block boundary: without this each question recomputes its tail (up to
+block_size - 1 tokens), and a repeated question its last partial block.
+
 Freed blocks keep their hash and stay findable until reused (least recently freed first,
 the tail of a sequence before its head, which other prompts are likelier to share).
 In the contiguous layout, the rows of a free region past its findable blocks hold nothing anyone
@@ -24,7 +30,7 @@ request's output is not kept findable: its client never saw it whole, no later p
     kv = BlockManager(num_blocks=64, block_size=16, max_context=256)
     hit = kv.admit(7, block_hashes(prompt, 16))   # tokens already cached (0 on a cold cache)
     kv.grow(7, len(prompt))                        # False: no room now (the caller preempts)
-    kv.cache_full_blocks(7, hashes, computed)      # after the step: full blocks become findable
+    kv.cache_full_blocks(7, hashes, computed, tokens)  # after the step: full blocks become findable
     kv.free(7)
 """
 
@@ -70,7 +76,8 @@ class BlockManager:
     """Allocates KV blocks to sequences; `max_context` caps one sequence's tokens."""
 
     def __init__(self, num_blocks: int, block_size: int = 16, *, max_context: int | None = None,
-                 layout: str = "paged", max_seqs: int | None = None, prefix_cache: bool = True, movable: bool = True):
+                 layout: str = "paged", max_seqs: int | None = None, prefix_cache: bool = True, movable: bool = True,
+                 partial: bool = False):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         if layout not in ("paged", "contiguous"):
@@ -81,6 +88,10 @@ class BlockManager:
         self.layout = layout
         self.prefix_cache = prefix_cache
         self.movable = movable  # contiguous: the backend copies blocks, so compact() may move sequences
+        # paged: a block's leading tokens may be copied into a new block (admit's partial hits)
+        self.partial = partial and prefix_cache and layout == "paged" and movable
+        self._kids: dict[int, dict[int, tuple[int, ...]]] = {}  # parent hash -> {cached block: its tokens} (partial)
+        self._parent_of: dict[int, int] = {}  # cached block -> the key of its _kids entry
         self.blocks_per_seq = blocks_for(self.max_context, block_size)
         if layout == "contiguous":
             if max_seqs is None:
@@ -101,11 +112,11 @@ class BlockManager:
         self.queries = 0
 
     # ---- admission ------------------------------------------------------------------
-    def admit(self, seq_id: int, hashes: list[int], num_tokens: int) -> int | None:
+    def admit(self, seq_id: int, hashes: list[int], num_tokens: int, tokens=None) -> int | None:
         """Start a sequence of `num_tokens` known tokens whose full blocks hash to `hashes`;
         returns how many leading tokens are already cached (always < num_tokens, so one is left
         to compute the next token from), or None when no sequence slot is free. Blocks for the
-        rest are taken by grow()."""
+        rest are taken by grow(). tokens: the known token ids (a partial hit compares them)."""
         if seq_id in self._seqs:
             raise BackendError(f"sequence {seq_id} is already live")
         if self.max_seqs is not None and len(self._seqs) >= self.max_seqs:
@@ -116,6 +127,7 @@ class BlockManager:
             hit = self._leave_one(hit, num_tokens)
             for b in hit:
                 self._take(b)
+            s.blocks = hit
         else:
             s.region = region = self._pick_region(hashes)
             base = region * self.blocks_per_seq
@@ -139,9 +151,11 @@ class BlockManager:
             self._used += len(hit)
             self._high[region] = max(self._high[region], len(hit))
             hit = [base + j for j in range(len(hit))]
-        s.blocks = hit
+            s.blocks = hit
         s.length = len(hit) * self.block_size
         s.cached = len(hit)
+        if self.partial and tokens is not None:
+            s.length += self._partial_hit(s, hashes, tokens, num_tokens)
         self._seqs[seq_id] = s
         self.queries += num_tokens
         self.hits += s.length
@@ -152,6 +166,37 @@ class BlockManager:
         while hit and len(hit) * self.block_size >= num_tokens:
             hit = hit[:-1]
         return hit
+
+    def _partial_hit(self, s: _Seq, hashes: list[int], tokens, num_tokens: int) -> int:
+        """Tokens past s's whole cached blocks found at the start of a cached block that follows
+        the same parent: that block is copied into a new block of s (copies(), before the next
+        step), whose rows past the shared tokens the sequence then overwrites. 0: none found, or
+        no free block. Looks at the 32 blocks of that parent cached last."""
+        bs, j = self.block_size, len(s.blocks)
+        kids = self._kids.get(hashes[j - 1] if j else 0)
+        start = j * bs
+        limit = min(bs, num_tokens - 1 - start)  # leave one token to compute
+        if not kids or limit < 1 or not self._free:
+            return 0
+        want = tuple(tokens[start:start + limit])
+        best, n = -1, 0
+        for k, (b, have) in enumerate(reversed(kids.items())):
+            if k == 32:
+                break
+            m = 0
+            while m < limit and have[m] == want[m]:
+                m += 1
+            if m > n:
+                best, n = b, m
+        if n == 0:
+            return 0
+        dst = next(iter(self._free))  # least recently freed, as grow() takes it
+        self._unregister(dst)  # its rows past the shared tokens will be overwritten
+        self._take(dst)
+        if dst != best:
+            self._copies.append((best, dst))
+        s.blocks.append(dst)
+        return n
 
     def _longest_hit(self, hashes: list[int]) -> list[int]:
         out = []
@@ -224,16 +269,22 @@ class BlockManager:
         s.cached = min(s.cached, length // self.block_size)
         s.length = length
 
-    def cache_full_blocks(self, seq_id: int, hashes: list[int], computed: int) -> None:
-        """Make the sequence's full blocks whose tokens are all computed findable by hash."""
+    def cache_full_blocks(self, seq_id: int, hashes: list[int], computed: int, tokens=None) -> None:
+        """Make the sequence's full blocks whose tokens are all computed findable by hash (and,
+        with `tokens`, the sequence's token ids, findable by partial hits too)."""
         if not self.prefix_cache:
             return
         s = self._seq(seq_id)
-        n = min(computed // self.block_size, len(hashes), len(s.blocks))
+        bs = self.block_size
+        n = min(computed // bs, len(hashes), len(s.blocks))
         for j in range(s.cached, n):
             b = s.blocks[j]
             if hashes[j] not in self._by_hash and b not in self._hash_of:
                 self._register(b, hashes[j])
+                if self.partial and tokens is not None:
+                    parent = hashes[j - 1] if j else 0
+                    self._kids.setdefault(parent, {})[b] = tuple(tokens[j * bs:(j + 1) * bs])
+                    self._parent_of[b] = parent
         s.cached = max(s.cached, n)
 
     def free(self, seq_id: int, keep_tokens: int | None = None) -> None:
@@ -394,6 +445,12 @@ class BlockManager:
         h = self._hash_of.pop(b, None)
         if h is not None and self._by_hash.get(h) == b:
             del self._by_hash[h]
+        parent = self._parent_of.pop(b, None)
+        if parent is not None:
+            kids = self._kids[parent]
+            del kids[b]
+            if not kids:
+                del self._kids[parent]
 
     def _seq(self, seq_id: int) -> _Seq:
         return self._seqs[self._check(seq_id)]

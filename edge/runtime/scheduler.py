@@ -137,7 +137,8 @@ class Scheduler:
                     mixed_left -= n
         while self.waiting and not preempted and len(self.running) < self.max_seqs and budget > 0:
             req = self.waiting[0]
-            hit = self.kv.admit(req.request_id, req.block_hashes(self.kv.block_size), req.num_tokens)
+            hit = self.kv.admit(req.request_id, req.block_hashes(self.kv.block_size), req.num_tokens,
+                                req.tokens(0, req.num_tokens) if self.kv.partial else None)
             if hit is None:
                 break
             req.num_computed = hit
@@ -190,7 +191,8 @@ class Scheduler:
                 continue
             req.num_computed += n
             if req.num_computed % bs < n:  # a block filled up: findable by the next prompts
-                self.kv.cache_full_blocks(req.request_id, req.block_hashes(bs), req.num_computed)
+                self.kv.cache_full_blocks(req.request_id, req.block_hashes(bs), req.num_computed,
+                                          req.tokens(0, req.num_computed) if self.kv.partial else None)
             if req.num_computed == req.num_tokens:  # the row's last known token ran: it samples
                 req.pending_row = r
 

@@ -133,6 +133,8 @@ class BackendCaps:
     kv_dtype: str = "float32"
     kv_bytes: int = 0  # bytes the backend allocated for the KV cache (planned vs allocated)
     releases_kv: bool = False  # has release_kv(block ranges): gives the memory of dead rows back (contiguous)
+    partial_prefix: bool = False  # paged + copies_blocks: a prefix hit may end inside a block (kv.py's partial
+    # hits copy a cached block's rows into a new block; tested on this backend's block copies)
     copies_blocks: bool = True  # executes StepBatch.block_copies (contiguous: sequences are moved down into
     # freed regions, so one call covers the batch); a backend that keeps its own sequences (TensorRT) cannot
     async_steps: bool = False  # has launch(batch) -> handle whose result() -> StepOutput: launch returns once

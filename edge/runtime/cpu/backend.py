@@ -194,7 +194,7 @@ class NativeBackend:
                            max_context=self.max_context, vocab_size=self.vocab_size, kv_layout="paged",
                            device_sampling=False, mixed_rows=True, greedy_stream=False, prefix_cache=True,
                            prefill_chunk=self.prefill_chunk, mixed_prefill=MIXED_PREFILL, kv_dtype=self.kv_dtype,
-                           kv_bytes=int(self.kv.nbytes), copies_blocks=True)
+                           kv_bytes=int(self.kv.nbytes), copies_blocks=True, partial_prefix=True)
 
     def execute(self, batch: StepBatch) -> StepOutput:
         r, t = batch.num_rows, batch.num_tokens
