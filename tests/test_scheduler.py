@@ -657,3 +657,28 @@ def test_async_steps_abort_and_host_sampled_rows():
         list(o)
     assert s.request.output_ids == want
     assert all(not bt.host_sample.any() for bt in be.batches if bt.has_prev_rows)  # never overlapped a host-sampled step
+
+
+def test_async_batches_stop_at_a_deadline_that_passes_while_waiting():
+    """The HTTP server's consumer waits for the engine's wake-ups; a deadline that passes while no
+    token comes (the step is stuck behind the fake's gate) ends the stream then and aborts it."""
+    import asyncio
+
+    be = FakeBackend()
+    be.gate.clear()
+    with Engine(be, eos_ids=()) as e:
+        s = e.submit(list(range(5)), greedy(4))
+
+        async def consume():
+            t = time.monotonic()
+            got = [b async for b in s.batches(time.monotonic() + 0.3)]
+            return got, time.monotonic() - t
+
+        got, waited = asyncio.run(consume())
+        be.gate.set()
+        assert got == [] and 0.25 < waited < 5
+        for _ in range(200):
+            if s.request.finished:
+                break
+            time.sleep(0.01)
+        assert s.request.finish_reason == "abort" and e.kv.num_used == 0
