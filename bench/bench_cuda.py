@@ -389,7 +389,7 @@ class _Recorder:
         return getattr(self.k, attr)
 
 
-BK_N_ARG = {"st": 5, "glu": 5, "res": 8, "rope": 11}  # where N sits in each block-K epilogue's args
+BK_N_ARG = {"st": 5, "glu": 5, "res": 8, "rope": 11, "fold": 9, "gluf": 9, "ropef": 15}  # where N sits in each block-K epilogue's args
 
 
 def _launch_label(name: str, args) -> str:

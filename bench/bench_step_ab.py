@@ -22,6 +22,9 @@ greedy-stream tok/s (bench_cuda._b1_timing: two streams of 127 tokens) and step-
   attn_lr    paged_attn_lr (the b1 default before session 13's paged_attn_lc8)
   lc8_s64 / lc8_s16  paged_attn_lc8 with splits of 64 (lr's, session 13's first form) / 16 tokens at least
              (32 by default with lc8 at head_dim 128)
+  no_fold    the RMSNorms after o / down as add_rmsnorm launches (main before session 15's fold; picked
+             folds them into the next GEMV where layers.fold_pair allows)
+  fold_o / fold_down  only the norms after o / after down folded
   attn_nop   an attention launch that only waits (pdl_nop): the kernel boundary alone, timing only
   no_attn    the step with no decode attention launch (what attention costs in the graph; its
              logits are meaningless)
@@ -84,6 +87,10 @@ def _forms(sess) -> dict:
     if default_attn == "paged_attn_lc8":  # ... with splits of 64 / 16 tokens at least (32: attn_min_split_rows(1))
         for tokens in (64, 16):
             forms[f"lc8_s{tokens}"] = (lambda t=tokens: setattr(sess, "attn_min_split_b1", t), lambda: setattr(sess, "attn_min_split_b1", None))
+    if getattr(sess, "fold_norms", False):  # session 15: the norms after o / down not folded into the next GEMV
+        forms["no_fold"] = (lambda: setattr(sess, "fold_norms", False), lambda: setattr(sess, "fold_norms", True))
+        for side in ("o", "down"):  # ... only one side's folded
+            forms[f"fold_{side}"] = (lambda side=side: setattr(sess, "fold_sides", (side,)), lambda: sess.__dict__.pop("fold_sides", None))
     if "pdl_nop" in sess.k.functions:  # the attention launch with no work: the kernel boundary alone (timing only)
         def nop(q, kc, vc, bt, ctx, out, rows, *, layer):
             sess.k["pdl_nop"]((sess.spec.n_heads, rows, 8), (64,), ())
@@ -95,7 +102,7 @@ def _forms(sess) -> dict:
     return forms
 
 
-def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int, skip: frozenset = frozenset()) -> dict:
+def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int, skip: frozenset = frozenset(), breakdown: bool = False) -> dict:
     path = work / name
     if not (path / "manifest.json").exists():
         make_random_bundle(name, path, max_context=4096)
@@ -117,6 +124,7 @@ def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int, skip: froz
             apply()
             try:
                 logits[form] = bc.b1_form(sess, prompt, runs.setdefault(form, {}))
+                runs[form]["folds"] = getattr(sess, "fold_count", 0)  # norms folded in the form's last step pass
             except Exception as e:  # noqa: BLE001 (a form that cannot run is reported, the others go on)
                 dropped[form] = f"{type(e).__name__}: {e}"
                 for sid in (900, 0, 1):  # b1_form's sequences, left behind by the failed form
@@ -140,9 +148,27 @@ def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int, skip: froz
                   "frac": round(bpt * statistics.median(r["tok_s"]) / copy_bw, 4),
                   "replay_frac": round(bpt / (statistics.median(r["replay_ms"]) / 1e3) / copy_bw, 4),
                   "replay_min_max": [round(min(r["replay_ms"]), 4), round(max(r["replay_ms"]), 4)],
+                  "folds": r.get("folds", 0),
                   "max_abs_vs_picked": float(np.max(np.abs(logits[f].astype(np.float64) - logits["picked"])))}
               for f, r in runs.items()}}
     print(json.dumps(out), flush=True)
+    if breakdown:  # each kernel type's launches of one step alone in a graph (no PDL), picked and each other form that runs
+        from edge.runtime.cuda.kernels import gpu_name
+
+        dev = gpu_name()
+        for form, (apply, undo) in forms.items():
+            if form in ("picked", "no_fold"):
+                apply()
+                try:
+                    sess._graphs.clear()
+                    sess.add_sequence(901)  # one real step first: the step's inputs and residual (the
+                    tok = sess.prefill_greedy(901, prompt)  # breakdown replays each kind's launches alone, so
+                    sess.decode([901], np.array([tok]))  # a form's last breakdown leaves them advanced)
+                    bc.step_kernel_breakdown(sess, f"{name}:{form}", dev)
+                    sess.release(901)
+                finally:
+                    undo()
+                    sess._graphs.clear()
     del sess
     return out
 
@@ -154,13 +180,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bsab"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip", default="", help="forms left out, comma-separated (e.g. attn_tk,no_attn)")
+    ap.add_argument("--breakdown", action="store_true", help="also each kernel type's share of the picked / no_fold step (bench_cuda.step_kernel_breakdown)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")))
     a = ap.parse_args()
     import cupy as cp
 
     copy_bw = bc.copy_bandwidth(cp)
     skip = frozenset(f for f in a.skip.split(",") if f)
-    res = [run(n, a.tag, a.work, copy_bw, a.rounds, skip) for n in a.configs.split(",")]
+    res = [run(n, a.tag, a.work, copy_bw, a.rounds, skip, a.breakdown) for n in a.configs.split(",")]
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"step_ab_{a.tag}.json").write_text(json.dumps(res, indent=1))
 

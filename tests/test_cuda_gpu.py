@@ -227,7 +227,9 @@ def test_multi_block_argmax(cp):
 
 def test_fused_block_k_decode_matches_reference(tmp_path):
     """Every block-K variant through its fused epilogues (RoPE + KV write, SiLU.mul, residual +
-    RMSNorm) against the numpy reference, and against the same session's unfused path."""
+    RMSNorm) against the numpy reference, and against the same session's unfused path; and with
+    the norms folded into the next GEMV (the variant as producer and consumer: fold / gluf / ropef)
+    against the reference and the fused path (X' rounded at another scale: a looser bound)."""
     from edge.runtime.cuda.session import CudaDecoderSession
 
     # head_dim 16 (generic attention kernel), 128 and 64 (split-sequence kernels); qwen2: qkv bias
@@ -241,16 +243,68 @@ def test_fused_block_k_decode_matches_reference(tmp_path):
         for v in [v for v in sess.INT4_M1_VARIANTS if sess.is_bk(v)]:
             sess.set_int4_m1(v)
             got = {}
-            for fuse in (True, False):
-                sess.fuse = fuse
+            for fuse, fold in ((True, True), (True, False), (False, False)):
+                sess.fuse, sess.fold_norms = fuse, fold
                 sess._graphs.clear()
                 sess.add_sequence(0)
                 sess.prefill(0, ids[:16])
-                got[fuse] = np.stack([sess.decode([0], ids[t : t + 1])[0] for t in range(16, 24)])
+                got[fuse, fold] = np.stack([sess.decode([0], ids[t : t + 1])[0] for t in range(16, 24)])
                 sess.release(0)
-            check(got[True], ref[16:24], 1e-2, f"fused {v} {arch} {kw}")
-            check(got[True], got[False], 2e-3, f"fused vs unfused {v}")
+            check(got[True, False], ref[16:24], 1e-2, f"fused {v} {arch} {kw}")
+            check(got[True, False], got[False, False], 2e-3, f"fused vs unfused {v}")
+            check(got[True, True], ref[16:24], 1e-2, f"folded {v} {arch} {kw}")
+            check(got[True, True], got[True, False], 4e-3, f"folded vs fused {v}")
+        sess.fold_norms = True
         assert int(sess._counter.get()[0]) == 0
+
+
+def test_folded_norms_match_add_rmsnorm_and_reference(tmp_path):
+    """The RMSNorms after o and down folded into the next GEMV (session 15: gemv_int4_bk_fold
+    producers, gluf / ropef consumers, X' scaled by the previous norm's 1 / rms): every norm but the
+    final one folds (a chain from embed_rmsnorm), for producer / consumer pairs of different block-K
+    cores (classic and pipelined, 64-448 threads), at head_dim 16 / 64 / 128 and with qkv bias;
+    logits against the numpy reference and against the same picks with add_rmsnorm launches;
+    the greedy stream (graphs, the inv slots carried from step to step) equals eager steps."""
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    pairs = [  # (producer: o / down, consumer: qkv / gate|up), as (kernel base, rows, threads)
+        (("gemv_int4_bk_r16_t128_u1", 16, 128), ("gemv_int4_bk_r8_t128_u2_p2_b6", 8, 128)),
+        (("gemv_int4_bk_r16_t256_u2_p4_b2", 16, 256), ("gemv_int4_bk_r8_t448_u2_p1_b2", 8, 448)),
+        (("gemv_int4_bk_r2_t64_u2", 2, 64), ("gemv_int4_bk_r4_t128_u2", 4, 128)),
+        (("gemv_int4_bk_r8_t64_u2_p2_b12", 8, 64), ("gemv_int4_bk_r16_t64_u1", 16, 64)),
+    ]
+    for kw in ({}, {"hidden": 256, "heads": 2, "kv_heads": 1}, {"hidden": 128, "heads": 2, "kv_heads": 1}, {"arch": "qwen2"}):
+        arch = kw.pop("arch", "llama")
+        path, spec, w = _bundle(tmp_path, arch, "int4", 32, False, None, seed=9, **kw)
+        ids = np.random.default_rng(7).integers(0, 256, size=24)
+        ref = reference_logits(spec, w, ids)
+        sess = CudaDecoderSession(path, max_batch=2, max_context=64, block_size=8)
+        sess.attn_min_split = 4
+        for prod, cons in pairs:
+            for L in sess.layers:
+                for k, v in (("o", prod), ("down", prod), ("qkv", cons), ("gu", cons)):
+                    L[k].m1, L[k].fused = v, k in ("qkv", "gu")
+            assert all(sess.fold_pair(L["o"], L["gu"], 1) for L in sess.layers), (prod, cons)
+            got, folds = {}, {}
+            for fold in (True, False):
+                sess.fold_norms = fold
+                sess._graphs.clear()
+                sess.add_sequence(0)
+                sess.prefill(0, ids[:16])
+                got[fold] = np.stack([sess.decode([0], ids[t : t + 1])[0] for t in range(16, 24)])
+                folds[fold] = sess.fold_count
+                sess.release(0)
+            what = f"{arch} {kw} {prod[0]} -> {cons[0]}"
+            assert folds == {True: 2 * len(sess.layers) - 1, False: 0}, what
+            e_fold, e_norm = rel(got[True], ref[16:24]), rel(got[False], ref[16:24])
+            check(got[True], ref[16:24], 1e-2, f"folded {what} (unfolded {e_norm:.2e})")
+            check(got[True], got[False], 4e-3, f"folded vs add_rmsnorm {what} (vs reference: {e_fold:.2e} / {e_norm:.2e})")
+            sess.fold_norms = True
+            sess._graphs.clear()
+            stream = sess.generate_greedy(ids[:9], 12)
+            sess.use_graphs = False
+            assert stream == sess.generate_greedy(ids[:9], 12), what
+            sess.use_graphs = True
 
 
 def _top_p_oracle(logits, temperature, top_p, u):
@@ -525,10 +579,17 @@ def test_batched_decode_equals_alone(tmp_path):
     sess.prefill(8, prompts[1])
     both = sess.decode([7, 8], np.array([5, 6]))
     sess.release(7)
-    sess.add_sequence(9)
-    sess.prefill(9, prompts[0])
-    one = sess.decode([9], np.array([5]))
-    assert np.abs(both[0] - one[0]).max() <= 1e-3 * np.abs(one[0]).max()
+    one = {}
+    for fold in (False, True):  # a step alone folds its norms (M = 1 only); unfolded it rounds where batches do
+        sess.fold_norms = fold
+        sess._graphs.clear()
+        sess.add_sequence(9)
+        sess.prefill(9, prompts[0])
+        one[fold] = sess.decode([9], np.array([5]))[0]
+        sess.release(9)
+    assert np.abs(both[0] - one[False]).max() <= 1e-3 * np.abs(one[False]).max()
+    # the folded step rounds X' at another scale: a looser bound (the tokens above are the same)
+    assert np.abs(both[0] - one[True]).max() <= 4e-3 * np.abs(one[True]).max()
 
 
 def test_probe_reports_compiled():

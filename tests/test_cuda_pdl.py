@@ -63,8 +63,8 @@ def _body(src: str, name: str) -> str:
 
 # Each programmatically launched kernel -> the function whose body does its loads (a template or the kernel itself)
 FAMILIES = [
-    (re.compile(r"gemv_int4_bk_r\d+_t\d+_u\d+_(st|glu|res|rope)"), "gemv_int4_bk_core"),
-    (re.compile(r"gemv_int4_bk_r\d+_t\d+_u\d+_p\d+_b\d+_(st|glu|res|rope)"), "gemv_int4_bk_pipe"),
+    (re.compile(r"gemv_int4_bk_r\d+_t\d+_u\d+_(st|glu|res|rope|fold|gluf|ropef)"), "gemv_int4_bk_core"),
+    (re.compile(r"gemv_int4_bk_r\d+_t\d+_u\d+_p\d+_b\d+_(st|glu|res|rope|fold|gluf|ropef)"), "gemv_int4_bk_pipe"),
     (re.compile(r"gemv_int4_m\d+(_r\d)?"), "gemv_int4"),
     (re.compile(r"gemv_int8_m\d+"), "gemv_int8"),
     (re.compile(r"paged_attn_split_tk[01]?_d\d+"), "paged_attn_split_impl"),

@@ -26,10 +26,11 @@ extern "C" __global__ void embed(const int* __restrict__ ids, const float* __res
     for (int i = threadIdx.x; i < H; i += blockDim.x) res[(long long)m * H + i] = row[i] * scale;
 }
 
-// res[m] = emb[ids[m]] * scale; out[m] = RMSNorm(res[m]) * w.
+// res[m] = emb[ids[m]] * scale; out[m] = RMSNorm(res[m]) * w. inv_out: the fp16 kernel's argument
+// (the shared layer loop passes it); fp32 mode folds no norm, so nothing reads it and it is not written.
 extern "C" __global__ void embed_rmsnorm(const int* __restrict__ ids, const float* __restrict__ emb,
                                          const float* __restrict__ w, float* __restrict__ res,
-                                         float* __restrict__ out, int H, float eps, float scale) {
+                                         float* __restrict__ out, int H, float eps, float scale, float* inv_out) {
     __shared__ float red[32];
     const int m = blockIdx.x;
     const float* row = emb + (long long)ids[m] * H;
@@ -43,9 +44,10 @@ extern "C" __global__ void embed_rmsnorm(const int* __restrict__ ids, const floa
     rmsnorm_row_f32(r, w, out + (long long)m * H, H, eps, ss, red);
 }
 
-// res[m] += x[m] (x may be null); out[m] = RMSNorm(res[m]) * w.
+// res[m] += x[m] (x may be null); out[m] = RMSNorm(res[m]) * w. inv_out: as embed_rmsnorm's (unused).
 extern "C" __global__ void add_rmsnorm(float* __restrict__ res, const float* __restrict__ x,
-                                       const float* __restrict__ w, float* __restrict__ out, int H, float eps) {
+                                       const float* __restrict__ w, float* __restrict__ out, int H, float eps,
+                                       float* inv_out) {
     __shared__ float red[32];
     const int m = blockIdx.x;
     float* r = res + (long long)m * H;

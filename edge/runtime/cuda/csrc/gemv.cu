@@ -249,27 +249,113 @@ __device__ __forceinline__ float dot_int4_chunk(uint4 q, const half2* __restrict
     return h2sum(a0) + h2sum(a1);
 }
 
+// The RMSNorm folded into the next GEMV (session 15: the "fold" producer, the "gluf" / "ropef"
+// consumers below). After pdl_wait (FI) a block loads what it needs besides X and the weights, so
+// that the L2 round trips overlap the weight stream instead of adding to the block's tail: a
+// consumer the producer blocks' partial sums of squares (at most FOLD_MAXP a thread) and the scale
+// s; a producer s and, in threads t < R, its row's residual and norm weight. The parts' sum meets
+// in bk_sum_warps' barrier (no barrier of its own): in threads t < R, the same bits in every block.
+#define FOLD_MAXP 4
+#define FOLD_HEADROOM 0.00390625f  // 2^-8: X' = res * w * s / 256 (see gemv_int4_bk_fold)
+struct FoldIn {
+    const float* parts;   // [nparts] the producer's per-block sums of squares (consumer; null: none)
+    const float* sprev;   // the previous norm's 1 / rms (s = *sprev * FOLD_HEADROOM)
+    int nparts;
+    const float* res;     // the residual row (producer; null: none)
+    const half* nw;       // the norm's weight (producer)
+};
+struct FoldOut {
+    float pss;    // threads t < R: the sum of every part (after bk_sum_warps)
+    float s;      // the scale X' is written with
+    float r_old;  // producer, threads t < R: res[n0 + t] before this linear's add
+    float w;      // producer, threads t < R: the norm weight of row n0 + t
+};
+
+__device__ __forceinline__ float ld_cg_early(const float* p) {  // issued where written (see ldg_stream_early)
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+// The same through the read-only path, cached in L1: the parts and s are read by every block of the
+// consumer (3,584 blocks of Llama-3-8B's gate|up), so the SM's later blocks find them in L1 instead
+// of asking one L2 line each (the .cg form: gate|up 18.91 -> 20.33 us a launch, session 15 call 3).
+// Read-only while the kernel runs: the kernel before wrote them, and nothing reads them before pdl_wait.
+__device__ __forceinline__ float ld_nc_early(const float* p) {
+    float v;
+    asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+template <int R, int NT, bool FI>
+struct FoldLoads {
+    float p[FI ? FOLD_MAXP : 1];
+    float s, r_old, w;
+    __device__ __forceinline__ void issue(const FoldIn& fi, int tid, int n0, int N) {
+        if constexpr (FI) {
+#pragma unroll
+            for (int j = 0; j < FOLD_MAXP; ++j) {
+                const int i = tid + j * NT;
+                p[j] = i < fi.nparts ? ld_nc_early(fi.parts + i) : 0.f;
+            }
+            s = ld_nc_early(fi.sprev) * FOLD_HEADROOM;
+            r_old = w = 0.f;
+            if (fi.res && tid < R && n0 + tid < N) {
+                r_old = ld_cg_early(fi.res + n0 + tid);
+                w = __half2float(fi.nw[n0 + tid]);
+            }
+        }
+    }
+    // this thread's parts in order -> fo, and their warp's sum (for bk_sum_warps)
+    __device__ __forceinline__ float finish(FoldOut* fo) const {
+        if constexpr (FI) {
+            float v = 0.f;
+#pragma unroll
+            for (int j = 0; j < FOLD_MAXP; ++j) v += p[j];
+            fo->s = s;
+            fo->r_old = r_old;
+            fo->w = w;
+            return warp_sum(v);
+        }
+        return 0.f;
+    }
+};
+
 // yout[r] = the sum over the block's warps of red[r][warp], in warp order (then a barrier).
-template <int R, int NT>
-__device__ __forceinline__ void bk_sum_warps(const float (&red)[R][NT / 32], float* __restrict__ yout) {
+// FI: also the warps' sums of the fold's parts (wp) -> fo->pss in threads t < R, in warp order.
+template <int R, int NT, bool FI = false>
+__device__ __forceinline__ void bk_sum_warps(const float (&red)[R][NT / 32], float* __restrict__ yout,
+                                             float wp = 0.f, FoldOut* fo = nullptr) {
+    __shared__ float redp[FI ? NT / 32 : 1];
     const int t = threadIdx.x;
+    if constexpr (FI) {
+        if ((t & 31) == 0) redp[t >> 5] = wp;
+    }
     __syncthreads();
     if (t < R) {
         float v = 0.f;
 #pragma unroll
         for (int w = 0; w < NT / 32; ++w) v += red[t][w];
         yout[t] = v;
+        if constexpr (FI) {
+            float p = 0.f;
+#pragma unroll
+            for (int w = 0; w < NT / 32; ++w) p += redp[w];
+            fo->pss = p;
+        }
     }
     __syncthreads();
 }
 
-template <int R, int NT, int U>
+template <int R, int NT, int U, bool FI = false>
 __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, const half* __restrict__ S,
                                                   const half* __restrict__ X, int N, int K, int gshift,
-                                                  int n0, float* __restrict__ yout) {
+                                                  int n0, float* __restrict__ yout, FoldIn fi = FoldIn(),
+                                                  FoldOut* fo = nullptr) {
     __shared__ float red[R][NT / 32];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int chunks = K >> 5, groups = K >> gshift;
+    FoldLoads<R, NT, FI> fl;
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r] = 0.f;
@@ -281,6 +367,7 @@ __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, c
 #ifdef EDGE_BK_WAIT_FIRST
     pdl_wait();
     pdl_trigger();
+    fl.issue(fi, tid, n0, N);
 #endif
     if (tid < chunks) {
 #pragma unroll
@@ -294,6 +381,7 @@ __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, c
     pdl_wait();
     pdl_trigger();
 #endif
+    fl.issue(fi, tid, n0, N);
     // one chunk c of the R rows: products with X's 32 elements, summed in half2, scaled into acc
     auto chunk = [&](int c, const uint4* q, const float* s) {
         const uint4* xp = reinterpret_cast<const uint4*>(X + (c << 5));
@@ -317,12 +405,13 @@ __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, c
         }
         chunk(c, q, s);
     }
+    const float wp = fl.finish(fo);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const float v = warp_sum(acc[r]);
         if (lane == 0) red[r][warp] = v;
     }
-    bk_sum_warps<R, NT>(red, yout);
+    bk_sum_warps<R, NT, FI>(red, yout, wp, fo);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -361,10 +450,11 @@ __device__ __forceinline__ float warp_sum_rows(float* v, int lane) {
     return v[0];
 }
 
-template <int R, int NT, int D, int P>
+template <int R, int NT, int D, int P, bool FI = false>
 __device__ __forceinline__ void gemv_int4_bk_pipe(const uint4* __restrict__ W, const half* __restrict__ S,
                                                   const half* __restrict__ X, int N, int K, int gshift,
-                                                  int n0, float* __restrict__ yout) {
+                                                  int n0, float* __restrict__ yout, FoldIn fi = FoldIn(),
+                                                  FoldOut* fo = nullptr) {
     constexpr int G = R / P;
     static_assert(R % P == 0 && G % D == 0 && D >= 2, "R / P stages, a multiple of the ring depth D");
     static_assert(R <= 32 && (R & (R - 1)) == 0, "R a power of 2, at most 32");
@@ -395,6 +485,8 @@ __device__ __forceinline__ void gemv_int4_bk_pipe(const uint4* __restrict__ W, c
     for (int i = 0; i < D - 1; ++i) load(i, 0, i, true);
     pdl_wait();
     pdl_trigger();
+    FoldLoads<R, NT, FI> fl;
+    fl.issue(fi, tid, n0, N);
     for (int j = 0; j < iters; ++j) {
         const int c = tid + j * NT;
         const bool ok = c < chunks;
@@ -416,17 +508,27 @@ __device__ __forceinline__ void gemv_int4_bk_pipe(const uint4* __restrict__ W, c
             }
         }
     }
+    const float wp = fl.finish(fo);
     const float v = warp_sum_rows<R>(acc, lane);
     if ((lane & ((32 >> LOG_R) - 1)) == 0) red[lane >> (5 - LOG_R)][warp] = v;
-    bk_sum_warps<R, NT>(red, yout);
+    bk_sum_warps<R, NT, FI>(red, yout, wp, fo);
 }
 
 // The core an epilogue runs: classic (P = 0) or pipelined with P rows a stage and a ring of U.
-template <int R, int NT, int U, int P>
+template <int R, int NT, int U, int P, bool FI = false>
 __device__ __forceinline__ void gemv_int4_bk_any(const uint4* W, const half* S, const half* X, int N, int K,
-                                                 int gshift, int n0, float* yout) {
-    if constexpr (P == 0) gemv_int4_bk_core<R, NT, U>(W, S, X, N, K, gshift, n0, yout);
-    else gemv_int4_bk_pipe<R, NT, U, P>(W, S, X, N, K, gshift, n0, yout);
+                                                 int gshift, int n0, float* yout, FoldIn fi = FoldIn(),
+                                                 FoldOut* fo = nullptr) {
+    if constexpr (P == 0) gemv_int4_bk_core<R, NT, U, FI>(W, S, X, N, K, gshift, n0, yout, fi, fo);
+    else gemv_int4_bk_pipe<R, NT, U, P, FI>(W, S, X, N, K, gshift, n0, yout, fi, fo);
+}
+
+// A consumer's ratio inv / s in a thread t < R (fo.pss: the row's sum of squares, bk_sum_warps):
+// inv = rsqrt(mean + eps), which block 0's thread 0 stores for the next producer (inv_out).
+__device__ __forceinline__ float fold_ratio(const FoldOut& fo, float* inv_out, int H, float eps) {
+    const float inv = rsqrtf(fo.pss / H + eps);
+    if (blockIdx.x == 0 && threadIdx.x == 0) *inv_out = inv;
+    return inv / fo.s;
 }
 
 __device__ __forceinline__ float round_half(float v) { return __half2float(__float2half(v)); }
@@ -445,16 +547,24 @@ __device__ __forceinline__ void gemv_int4_bk_st(const uint4* W, const half* S, c
     }
 }
 
-template <int R, int NT, int U, int P>
+// FI: X is a folded X' (see gemv_int4_bk_fold); each output is scaled by inv / s before its rounding.
+template <int R, int NT, int U, int P, bool FI = false>
 __device__ __forceinline__ void gemv_int4_bk_glu(const uint4* W, const half* S, const half* X, const half* bias,
-                                                 half* act, int N, int K, int gshift) {
+                                                 half* act, int N, int K, int gshift, FoldIn fi = FoldIn(),
+                                                 float* inv_out = nullptr, float eps = 0.f) {
     __shared__ float yo[R];
     const int n0 = blockIdx.x * R;
-    gemv_int4_bk_any<R, NT, U, P>(W, S, X, N, K, gshift, n0, yo);
+    FoldOut fo;
+    gemv_int4_bk_any<R, NT, U, P, FI>(W, S, X, N, K, gshift, n0, yo, fi, &fo);
+    float ratio = 1.f;
     const int t = threadIdx.x, n = n0 + 2 * t;
+    if constexpr (FI) {
+        if (t < R / 2) ratio = fold_ratio(fo, inv_out, K, eps);
+    }
+    auto y = [&](int i) { if constexpr (FI) return yo[i] * ratio; else return yo[i]; };
     if (t < R / 2 && n + 1 < N) {
-        const float g = round_half(yo[2 * t] + (bias ? __half2float(bias[n]) : 0.f));
-        const float u = round_half(yo[2 * t + 1] + (bias ? __half2float(bias[n + 1]) : 0.f));
+        const float g = round_half(y(2 * t) + (bias ? __half2float(bias[n]) : 0.f));
+        const float u = round_half(y(2 * t + 1) + (bias ? __half2float(bias[n + 1]) : 0.f));
         act[n >> 1] = __float2half(g / (1.f + __expf(-g)) * u);
     }
 }
@@ -524,19 +634,56 @@ __device__ __forceinline__ void gemv_int4_bk_res(const uint4* W, const half* S, 
     if (t == 0) *counter = 0u;  // ready for the next fused launch on this stream
 }
 
+// The producer of a folded RMSNorm ("fold"): res[n] += half(v) as _res, then, instead of the norm,
+// X'[n] = half(res[n] * s * w[n]) with s = 1 / rms of the previous norm (the row before this
+// linear's add) x 2^-8, and this block's sum of its rows' res^2 into parts[block]. The next GEMV (a
+// "gluf" / "ropef" consumer) sums the parts into the row's rms and scales its dot products with X'
+// by inv / s: add_rmsnorm + GEMV's function without the norm's launch, X' rounded at another scale
+// (not the same bits). The 2^-8 keeps X' and the consumer's half sums of 8 products (int4 values up
+// to 8) in range while the row's rms grows up to ~2^8 x between two norms (the random Llama-3-8B's
+// first layer: ~800 x, bench/CUDA_NOTES.md session 11); elements below ~2^-6 of the rms become
+// subnormal in X' (absolute error ~2^-17 of the rms: below a normal element's rounding).
 template <int R, int NT, int U, int P>
+__device__ __forceinline__ void gemv_int4_bk_fold(const uint4* W, const half* S, const half* X, const half* bias,
+                                                  float* res, const half* __restrict__ nw, half* hout, float* parts,
+                                                  const float* sprev, int N, int K, int gshift) {
+    static_assert(R <= 32, "a block's rows in its first warp");
+    __shared__ float yo[R];
+    const int n0 = blockIdx.x * R;
+    FoldOut fo;
+    gemv_int4_bk_any<R, NT, U, P, true>(W, S, X, N, K, gshift, n0, yo, FoldIn{nullptr, sprev, 0, res, nw}, &fo);
+    const int t = threadIdx.x, n = n0 + t;
+    if (t >= 32) return;
+    float sq = 0.f;
+    if (t < R && n < N) {
+        const float r = fo.r_old + round_half(yo[t] + (bias ? __half2float(bias[n]) : 0.f));
+        res[n] = r;
+        hout[n] = __float2half(r * fo.s * fo.w);
+        sq = r * r;
+    }
+    sq = warp_sum(sq);
+    if (t == 0) parts[blockIdx.x] = sq;
+}
+
+template <int R, int NT, int U, int P, bool FI = false>
 __device__ __forceinline__ void gemv_int4_bk_rope(const uint4* W, const half* S, const half* X, const half* bias,
                                                   const int* __restrict__ pos, const int* __restrict__ slots,
                                                   const float* __restrict__ cosb, const float* __restrict__ sinb,
                                                   half* q_out, half* kc, half* vc, int N, int K, int gshift,
-                                                  int Hq, int Hkv, int D) {
+                                                  int Hq, int Hkv, int D, FoldIn fi = FoldIn(), float* inv_out = nullptr,
+                                                  float eps = 0.f) {
     __shared__ float yo[R];
     const int n0 = blockIdx.x * R;
-    gemv_int4_bk_any<R, NT, U, P>(W, S, X, N, K, gshift, n0, yo);
+    FoldOut fo;
+    gemv_int4_bk_any<R, NT, U, P, FI>(W, S, X, N, K, gshift, n0, yo, fi, &fo);
     const int t = threadIdx.x, n = n0 + 2 * t;
-    if (t >= R / 2 || n + 1 >= N) return;
-    const float x1 = round_half(yo[2 * t] + (bias ? __half2float(bias[n]) : 0.f));
-    const float x2 = round_half(yo[2 * t + 1] + (bias ? __half2float(bias[n + 1]) : 0.f));
+    if (t >= R / 2) return;
+    float ratio = 1.f;
+    if constexpr (FI) ratio = fold_ratio(fo, inv_out, K, eps);
+    auto y = [&](int i) { if constexpr (FI) return yo[i] * ratio; else return yo[i]; };
+    if (n + 1 >= N) return;
+    const float x1 = round_half(y(2 * t) + (bias ? __half2float(bias[n]) : 0.f));
+    const float x2 = round_half(y(2 * t + 1) + (bias ? __half2float(bias[n + 1]) : 0.f));
     const int h = n / D, half_d = D >> 1, i = (n % D) >> 1;
     const int slot = slots[0];
     if (h < Hq + Hkv) {
@@ -576,7 +723,23 @@ __device__ __forceinline__ void gemv_int4_bk_rope(const uint4* W, const half* S,
         const int* slots, const float* cosb, const float* sinb, half* q_out, half* kc, half* vc,     \
         int N, int K, int gshift, int Hq, int Hkv, int D) {                                          \
         gemv_int4_bk_rope<R, NT, U, P>(W, S, X, bias, pos, slots, cosb, sinb, q_out, kc, vc, N, K, gshift, \
-                                 Hq, Hkv, D); }
+                                 Hq, Hkv, D); }                                                 \
+    extern "C" __global__ void __launch_bounds__(NT, MINB) gemv_int4_bk_r##R##_t##NT##_u##U##SUF##_fold(               \
+        const uint4* W, const half* S, const half* X, const half* bias, float* res, const half* nw,  \
+        half* hout, float* parts, const float* sprev, int N, int K, int gshift) {                     \
+        gemv_int4_bk_fold<R, NT, U, P>(W, S, X, bias, res, nw, hout, parts, sprev, N, K, gshift); }         \
+    extern "C" __global__ void __launch_bounds__(NT, MINB) gemv_int4_bk_r##R##_t##NT##_u##U##SUF##_gluf(               \
+        const uint4* W, const half* S, const half* X, const half* bias, half* act, const float* parts, \
+        const float* sprev, float* inv_out, int nparts, int N, int K, int gshift, float eps) {        \
+        gemv_int4_bk_glu<R, NT, U, P, true>(W, S, X, bias, act, N, K, gshift, FoldIn{parts, sprev, nparts, nullptr, nullptr}, \
+                                            inv_out, eps); }                                          \
+    extern "C" __global__ void __launch_bounds__(NT, MINB) gemv_int4_bk_r##R##_t##NT##_u##U##SUF##_ropef(              \
+        const uint4* W, const half* S, const half* X, const half* bias, const int* pos,              \
+        const int* slots, const float* cosb, const float* sinb, half* q_out, half* kc, half* vc,     \
+        const float* parts, const float* sprev, float* inv_out, int nparts, int N, int K, int gshift, \
+        int Hq, int Hkv, int D, float eps) {                                                          \
+        gemv_int4_bk_rope<R, NT, U, P, true>(W, S, X, bias, pos, slots, cosb, sinb, q_out, kc, vc, N, K, \
+                                             gshift, Hq, Hkv, D, FoldIn{parts, sprev, nparts, nullptr, nullptr}, inv_out, eps); }
 
 #define BK_INSTANCES(R, NT, U) BK_INSTANCES_P(R, NT, U, 0, , 1)
 #define BK_PIPE_INSTANCES(R, NT, U, P, MINB) BK_INSTANCES_P(R, NT, U, P, _p##P##_b##MINB, MINB)

@@ -12,10 +12,11 @@ extern "C" __global__ void embed(const int* __restrict__ ids, const half* __rest
 
 // Embedding gather fused with the first layer's RMSNorm: res[m] = emb[ids[m]] * scale (float),
 // out[m] = half(res[m] * rsqrt(mean(res[m]^2) + eps) * w). One block per row; the row is held
-// in registers (H % 4 == 0 and H <= 32 blockDim), all loads issued at once.
+// in registers (H % 4 == 0 and H <= 32 blockDim), all loads issued at once. inv_out (may be
+// null): row 0's 1 / rms, the scale the first folded norm's producer writes X' with (gemv_int4_bk_fold).
 extern "C" __global__ void embed_rmsnorm(const int* __restrict__ ids, const half* __restrict__ emb,
                                          const half* __restrict__ w, float* __restrict__ res,
-                                         half* __restrict__ out, int H, float eps, float scale) {
+                                         half* __restrict__ out, int H, float eps, float scale, float* inv_out) {
     __shared__ float red[32];
     constexpr int MAXV = 8;
     pdl_wait();
@@ -39,6 +40,7 @@ extern "C" __global__ void embed_rmsnorm(const int* __restrict__ ids, const half
     }
     ss = block_reduce(ss, red, false);
     const float inv = rsqrtf(ss / H + eps);
+    if (inv_out && m == 0 && t == 0) *inv_out = inv;
 #pragma unroll
     for (int j = 0; j < MAXV; ++j) {
         const int i = t + j * blockDim.x;
@@ -56,9 +58,11 @@ extern "C" __global__ void embed_rmsnorm(const int* __restrict__ ids, const half
 }
 
 // Residual add fused with RMSNorm: res[m] += x[m] (x may be null); out[m] = half(res[m] *
-// rsqrt(mean(res[m]^2) + eps) * w). One block per row.
+// rsqrt(mean(res[m]^2) + eps) * w). One block per row. inv_out (may be null): row 0's 1 / rms, the
+// scale of the next folded norm's X' (gemv_int4_bk_fold).
 extern "C" __global__ void add_rmsnorm(float* __restrict__ res, const half* __restrict__ x,
-                                       const half* __restrict__ w, half* __restrict__ out, int H, float eps) {
+                                       const half* __restrict__ w, half* __restrict__ out, int H, float eps,
+                                       float* inv_out) {
     __shared__ float red[32];
     const int m = blockIdx.x;
     float* r = res + (long long)m * H;
@@ -95,6 +99,7 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ res, const half* __re
         }
         ss = block_reduce(ss, red, false);
         const float inv = rsqrtf(ss / H + eps);
+        if (inv_out && m == 0 && t == 0) *inv_out = inv;
 #pragma unroll
         for (int j = 0; j < MAXV; ++j) {
             const int i = t + j * blockDim.x;
@@ -118,6 +123,7 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ res, const half* __re
     }
     ss = block_reduce(ss, red, false);
     const float inv = rsqrtf(ss / H + eps);
+    if (inv_out && m == 0 && threadIdx.x == 0) *inv_out = inv;
     for (int i = threadIdx.x; i < H; i += blockDim.x)
         out[(long long)m * H + i] = __float2half(r[i] * inv * __half2float(w[i]));
 }
