@@ -20,11 +20,26 @@ pytestmark = pytest.mark.skipif(not (is_x86() and "avx2" in cpu_flags() and shut
                                 reason="needs an x86 CPU with AVX2 and a C compiler")
 
 
-def test_every_kernel_variant_matches_the_exact_integers_and_onnxruntime(tmp_path):
-    from bench.bench_u8_gemm import build, exact16, exact_reference, peer
+def _builds(tmp_path):
+    """The kernels this CPU builds, and (on an AVX-512 CPU) the AVX2-only set too."""
+    flags = set(cpu_flags())
+    yield build_for(flags, tmp_path / "native")
+    if "avx512bw" in flags:
+        yield build_for(flags - {"avx512bw", "avx512vl"}, tmp_path / "avx2")
 
-    lib, variants = build(set(cpu_flags()), tmp_path)
-    assert variants, "no kernel variant built"
+
+def build_for(flags, out):
+    from bench.bench_u8_gemm import build
+
+    out.mkdir()
+    return build(flags, out)
+
+
+def test_every_kernel_variant_matches_the_exact_integers_and_onnxruntime(tmp_path):
+    from bench.bench_u8_gemm import exact16, exact_reference, peer
+
+    builds = list(_builds(tmp_path))
+    assert all(variants for _, variants in builds), "no kernel variant built"
     rng = np.random.default_rng(1)
     k, n = 96, 192
     wq = rng.integers(0, 256, (k, n), dtype=np.uint8)
@@ -41,7 +56,7 @@ def test_every_kernel_variant_matches_the_exact_integers_and_onnxruntime(tmp_pat
         scale = float(np.abs(exact).max())
         ort_y = ref_peer(xq, r)
         assert np.abs(ort_y - exact).max() / scale < 1e-6
-        for v, w, _, _ in variants:
+        for lib, v, w in [(lib, v, w) for lib, variants in builds for v, w, _, _ in variants]:
             y = exact16(lib, v, w, xq, wq, zw, sw, r)().copy()
             assert y.shape == (m, n)
             err = np.abs(y - exact).max() / scale
@@ -52,9 +67,9 @@ def test_every_kernel_variant_matches_the_exact_integers_and_onnxruntime(tmp_pat
 def test_the_bound_catches_a_zero_point_off_by_one(tmp_path):
     """The 1e-6 bound above can fail: a kernel given zero points off by one (one unit of w - zw) is
     far outside it; and the packed int16 pairs hold exactly w - zw."""
-    from bench.bench_u8_gemm import build, exact16, exact_reference, pack_weights
+    from bench.bench_u8_gemm import exact16, exact_reference, pack_weights
 
-    lib, variants = build(set(cpu_flags()), tmp_path)
+    builds = list(_builds(tmp_path))
     rng = np.random.default_rng(2)
     k, n = 64, 192
     wq = rng.integers(0, 256, (k, n), dtype=np.uint8)
@@ -63,7 +78,7 @@ def test_the_bound_catches_a_zero_point_off_by_one(tmp_path):
     xq = rng.integers(1, 256, (7, k), dtype=np.uint8)
     r = np.ones((7, 1), np.float32)
     exact = exact_reference(xq, wq, zw, sw, r)
-    for v, w, _, _ in variants:
+    for lib, v, w in [(lib, v, w) for lib, variants in builds for v, w, _, _ in variants]:
         packed = pack_weights(wq, zw, w)
         assert sorted(packed.reshape(-1).tolist()) == sorted((wq.astype(np.int16) - zw.astype(np.int16)).reshape(-1).tolist())
         off = exact16(lib, v, w, xq, wq, zw + 1, sw, r)()
