@@ -172,10 +172,14 @@ def test_partial_hits_copy_the_shared_rows_of_a_cached_block():
     r = p[:4] + [44, 45, 46]
     assert kv.admit(4, block_hashes(r, 4), 7, r) == 4 and kv.table(4) == [0] and kv.copies() == []
     assert kv.admit(5, h, 10) == 8 and kv.copies() == []
-    # freeing the sequences leaves the copies findable as whole blocks only when full and computed
     for sid in (1, 2, 3, 4, 5):
         kv.free(sid)
     assert kv.num_used == 0 and kv.num_free == 16
+    # a block registered with too few known tokens (an id not read back yet) is no partial candidate
+    kv2 = BlockManager(16, 4, max_context=64, partial=True)
+    assert kv2.admit(1, h, 10) == 0 and kv2.grow(1, 10)
+    kv2.cache_full_blocks(1, h, 10, p[:7])
+    assert kv2.num_cached == 2 and kv2.admit(2, block_hashes(q, 4), len(q), q) == 4 and kv2.copies() == []
 
 
 def test_partial_hits_need_the_flag_a_paged_layout_and_a_free_block():

@@ -281,9 +281,10 @@ class BlockManager:
             b = s.blocks[j]
             if hashes[j] not in self._by_hash and b not in self._hash_of:
                 self._register(b, hashes[j])
-                if self.partial and tokens is not None:
+                have = tuple(tokens[j * bs:(j + 1) * bs]) if self.partial and tokens is not None else ()
+                if len(have) == bs:  # (a token not read back yet, async steps, leaves it out)
                     parent = hashes[j - 1] if j else 0
-                    self._kids.setdefault(parent, {})[b] = tuple(tokens[j * bs:(j + 1) * bs])
+                    self._kids.setdefault(parent, {})[b] = have
                     self._parent_of[b] = parent
         s.cached = max(s.cached, n)
 
