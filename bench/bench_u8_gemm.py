@@ -29,13 +29,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bench_ort_ops import cpu_us  # noqa: E402  (least process CPU time per call)
 
 # (name, vector width in int32 lanes, rows MR, column vectors NR): with AVX-512 32 vector registers
 # (accumulators MR x NR + NR weight vectors + 1 broadcast); AVX2 alone has 16, hence ymm 4x3 there
@@ -129,17 +130,6 @@ def exact16(lib: ctypes.CDLL, variant: str, w: int, xq: np.ndarray, wq: np.ndarr
     return call
 
 
-def cpu_us(fn, rounds: int, n: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.process_time()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.process_time() - t) / n * 1e6)
-    return best
-
-
 def bundle_linears(path: Path) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
     """One linear of each (K, N) shape of the embedder graph: (uint8 weights [K, N], zero points, scales, name)."""
     import onnx
@@ -224,7 +214,7 @@ def main() -> None:
         times = {name_: [] for name_ in calls}
         for _ in range(2):  # alternate, so that load from elsewhere hits all alike
             for name_, fn in calls.items():
-                times[name_].append(cpu_us(fn, args.rounds, 3))
+                times[name_].append(cpu_us(fn, n=3, rounds=args.rounds))
         for name_, fn in calls.items():
             y = fn()
             us = min(times[name_])
