@@ -583,6 +583,7 @@ static inline __attribute__((always_inline)) void tile_zmm(const int mr, const i
                 for (int m = 0; m < mr; m++) {
                     __m512i p = _mm512_maddubs_epi16(wg, A4_(m, g));
                     s16[m] = g ? _mm512_add_epi16(s16[m], p) : p;
+                    __asm__("" : "+v"(s16[m])); /* each product summed where it is made (GCC 12 otherwise makes all 64 first and spills them) */
                 }
             }
 #pragma GCC unroll 8
@@ -602,6 +603,7 @@ static inline __attribute__((always_inline)) void tile_zmm(const int mr, const i
                     av = _mm512_mask_sub_epi8(av, neg, _mm512_setzero_si512(), av);
                     __m512i p = _mm512_madd_epi16(_mm512_maddubs_epi16(wa, av), ones);
                     d[m] = g ? _mm512_add_epi32(d[m], p) : p;
+                    __asm__("" : "+v"(d[m])); /* as in the int4 loop: summed where made, not spilled */
                 }
             }
         }
