@@ -429,6 +429,27 @@ def test_mixed_pieces_shrink_with_their_past():
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > 8 and sizes[-1] == 4  # shrinking as the past grows
 
 
+def test_a_backend_may_let_mixed_pieces_shrink_below_the_default_alignment():
+    """BackendCaps.piece_align (the native CPU backend: 4): with 16-token blocks the cut points and the
+    smallest mixed piece are 4 tokens instead of PIECE_ALIGN's 8, so a piece at a long past costs less."""
+    from edge.runtime.scheduler import PIECE_ALIGN, mixed_piece
+
+    assert PIECE_ALIGN == 8 and mixed_piece(3000, 32, 512, 4) == 4 and mixed_piece(3000, 32, 512, 8) == 8
+    for piece_align, want in ((0, 8), (4, 4)):
+        be = FakeBackend(num_blocks=200, max_seqs=2, max_context=400, block_size=16)
+        be.caps = BackendCaps(**{**be.caps.__dict__, "piece_ctx": 40, "piece_align": piece_align})
+        be.gate.clear()
+        with Engine(be, eos_ids=(), token_budget=80, prefill_chunk=64, mixed_prefill=32) as e:
+            assert e.scheduler.align == want
+            first = e.submit([1] * 5, greedy(300), detokenize=False)
+            long = e.submit([(3 * j) % V for j in range(300)], greedy(2), detokenize=False)
+            be.gate.set()
+            list(long)
+            first.close()
+        pieces = [b.num_new(r) for b in be.batches[1:] for r in range(b.num_rows) if b.num_new(r) > 1]
+        assert min(pieces[:-1]) == want  # the pieces at the longest past: the smallest allowed
+
+
 def test_concurrent_requests_equal_each_alone_paged_and_contiguous():
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, V, n)) for n in (3, 17, 9, 30, 5, 12)]

@@ -212,6 +212,7 @@ class Engine:
         self.scheduler = Scheduler(self.kv, max_seqs=max_seqs, token_budget=budget,
                                    prefill_chunk=prefill_chunk or caps.prefill_chunk or budget,
                                    mixed_prefill=mixed_prefill or caps.mixed_prefill or None, piece_ctx=caps.piece_ctx,
+                                   piece_align=caps.piece_align,
                                    device_sampling=caps.device_sampling)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()

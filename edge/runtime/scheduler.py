@@ -64,7 +64,7 @@ def prompt_piece(req: Request, budget: int, chunk: int, align: int) -> int:
 
 class Scheduler:
     def __init__(self, kv: BlockManager, *, max_seqs: int, token_budget: int, prefill_chunk: int,
-                 mixed_prefill: int | None = None, piece_ctx: int = 0, device_sampling: bool = False):
+                 mixed_prefill: int | None = None, piece_ctx: int = 0, piece_align: int = 0, device_sampling: bool = False):
         if token_budget < max_seqs + 1 or prefill_chunk < 1:
             raise ValueError("token_budget must exceed max_seqs and prefill_chunk be >= 1")
         self.kv = kv
@@ -75,7 +75,7 @@ class Scheduler:
         self.mixed_prefill = min(mixed_prefill or self.prefill_chunk, self.prefill_chunk)
         self.piece_ctx = piece_ctx
         # cut points on KV block boundaries (a prefix hit starts on one), or finer when a piece is smaller
-        self.align = math.gcd(kv.block_size, self.mixed_prefill, self.prefill_chunk, PIECE_ALIGN if piece_ctx else 0)
+        self.align = math.gcd(kv.block_size, self.mixed_prefill, self.prefill_chunk, (piece_align or PIECE_ALIGN) if piece_ctx else 0)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.failed: list[Request] = []  # finished here with an error (never fit); the engine ends their streams

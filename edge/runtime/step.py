@@ -130,6 +130,7 @@ class BackendCaps:
     mixed_prefill: int = 0  # prompt tokens per step, all pieces together, while other rows decode (bounds their gaps)
     piece_ctx: int = 0  # past tokens at which a prompt token costs twice its cost at context 0 (attention
     # grows with the past): mixed pieces shrink with their past to cost about the same (0: they do not)
+    piece_align: int = 0  # smallest mixed piece when pieces shrink with their past (0: the scheduler's PIECE_ALIGN)
     kv_dtype: str = "float32"
     kv_bytes: int = 0  # bytes the backend allocated for the KV cache (planned vs allocated)
     releases_kv: bool = False  # has release_kv(block ranges): gives the memory of dead rows back (contiguous)

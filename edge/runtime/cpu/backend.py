@@ -38,6 +38,12 @@ from edge.runtime.step import I32, BackendCaps, StepBatch, StepOutput
 
 KV_DTYPES = ("fp16", "int8")  # what this backend allocates (edge.plan.KV_DTYPES)
 MIXED_PREFILL = 32  # prompt tokens per step while other rows decode (bounds their token gaps, as on ORT)
+# A prompt token's attention reads its whole past once (no reuse across a piece's tokens): at a past of ~3,000 a
+# token cost ~6.8x one at a short past in bench_serve's prefill scenario (32-token pieces: 8 streams' p99 gap
+# 36 -> 390 ms), i.e. twice its short-past cost at ~500 past tokens. Mixed pieces shrink with their past to that
+# rule, down to 4 tokens.
+PIECE_CTX = 512
+PIECE_ALIGN = 4
 PREFILL_CHUNK = 256  # largest prompt piece per row and step (activation memory ~ T x 9 KB for SmolLM2)
 
 
@@ -193,7 +199,8 @@ class NativeBackend:
         return BackendCaps(num_blocks=self.num_blocks, block_size=self.block_size, max_seqs=self.max_batch,
                            max_context=self.max_context, vocab_size=self.vocab_size, kv_layout="paged",
                            device_sampling=False, mixed_rows=True, greedy_stream=False, prefix_cache=True,
-                           prefill_chunk=self.prefill_chunk, mixed_prefill=MIXED_PREFILL, kv_dtype=self.kv_dtype,
+                           prefill_chunk=self.prefill_chunk, mixed_prefill=MIXED_PREFILL, piece_ctx=PIECE_CTX,
+                           piece_align=PIECE_ALIGN, kv_dtype=self.kv_dtype,
                            kv_bytes=int(self.kv.nbytes), copies_blocks=True, partial_prefix=True)
 
     def execute(self, batch: StepBatch) -> StepOutput:
