@@ -432,9 +432,12 @@ def test_mixed_pieces_shrink_with_their_past():
 def test_a_backend_may_let_mixed_pieces_shrink_below_the_default_alignment():
     """BackendCaps.piece_align (the native CPU backend: 4): with 16-token blocks the cut points and the
     smallest mixed piece are 4 tokens instead of PIECE_ALIGN's 8, so a piece at a long past costs less."""
-    from edge.runtime.scheduler import PIECE_ALIGN, mixed_piece
+    from edge.runtime.scheduler import PIECE_ALIGN, mixed_piece, piece_ctx_of
 
     assert PIECE_ALIGN == 8 and mixed_piece(3000, 32, 512, 4) == 4 and mixed_piece(3000, 32, 512, 8) == 8
+    # one rule for every backend, scaled by the model: SmolLM2-135M (3,538,944 linear params a layer, q width 576)
+    assert piece_ctx_of(1 / 12, 3538944, 576) == 512 and piece_ctx_of(0.28, 3538944, 576) == 1720
+    assert piece_ctx_of(1 / 12, 2 * 3538944, 576) == 1024  # twice the weights a token: twice the past
     for piece_align, want in ((0, 8), (4, 4)):
         be = FakeBackend(num_blocks=200, max_seqs=2, max_context=400, block_size=16)
         be.caps = BackendCaps(**{**be.caps.__dict__, "piece_ctx": 40, "piece_align": piece_align})

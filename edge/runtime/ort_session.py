@@ -23,6 +23,7 @@ import numpy as np
 
 from edge.errors import BackendError, ContextLengthError, UsageError
 from edge.plan import KV_BLOCK_TOKENS
+from edge.runtime.scheduler import piece_ctx_of
 from edge.runtime.step import BackendCaps, StepBatch, StepOutput
 
 # engine KV block (tokens): the prefix cache's granularity on this backend, the plan's block size.
@@ -378,7 +379,7 @@ class OrtDecoderSession:
                            max_context=self.max_context, vocab_size=self.vocab_size, kv_layout="contiguous",
                            device_sampling=False, mixed_rows=True, greedy_stream=False,
                            prefill_chunk=self.prefill_chunk, mixed_prefill=min(self.prefill_chunk, MIXED_PREFILL),
-                           piece_ctx=int(PIECE_CTX_PER_PARAM * self.spec.layer_linear_params / self.spec.q_size),
+                           piece_ctx=piece_ctx_of(PIECE_CTX_PER_PARAM, self.spec.layer_linear_params, self.spec.q_size),
                            kv_dtype=str(self.k[0].dtype), kv_bytes=kv_bytes, releases_kv=True)
 
     def release_kv(self, blocks: list[tuple[int, int]]) -> int:

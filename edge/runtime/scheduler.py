@@ -40,6 +40,13 @@ class ScheduledStep:
 PIECE_ALIGN = 8  # smallest mixed piece, and the cut points' granularity when pieces shrink with their past
 
 
+def piece_ctx_of(per_param: float, layer_linear_params: int, q_size: int) -> int:
+    """BackendCaps.piece_ctx of a model: the past at which a prompt token's attention (~ past x q_size a layer)
+    costs as much as its weights (~ the layer's linear params), scaled by a backend's measured `per_param`
+    (its attention's speed against its linears')."""
+    return int(per_param * layer_linear_params / q_size)
+
+
 def mixed_piece(past: int, mixed: int, piece_ctx: int, align: int) -> int:
     """Prompt tokens for a piece after `past` cached tokens while others decode: about the cost of
     `mixed` tokens at context 0, when a token costs (1 + past / piece_ctx) of one there."""

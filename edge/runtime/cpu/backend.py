@@ -34,16 +34,17 @@ import numpy as np
 from edge.errors import BackendError, UsageError
 from edge.runtime.cpu import abi
 from edge.runtime.cpu.weights import NativeLinear, pack_gate_up, pack_linear
+from edge.runtime.scheduler import piece_ctx_of
 from edge.runtime.step import I32, BackendCaps, StepBatch, StepOutput
 
 KV_DTYPES = ("fp16", "int8")  # what this backend allocates (edge.plan.KV_DTYPES)
 MIXED_PREFILL = 32  # prompt tokens per step while other rows decode (bounds their token gaps, as on ORT)
-# A prompt token's attention reads its whole past once (no reuse across a piece's tokens): at a past of ~3,000 a
-# token cost ~6.8x one at a short past in bench_serve's prefill scenario (32-token pieces: 8 streams' p99 gap
-# 36 -> 390 ms), i.e. twice its short-past cost at ~500 past tokens. Mixed pieces shrink with their past to that
-# rule, down to 4 tokens.
-PIECE_CTX = 512
-PIECE_ALIGN = 4
+# edge.runtime.scheduler.piece_ctx_of's factor here: a prompt token's attention reads its whole past once (no
+# reuse across a piece's tokens), so at a past of ~3,000 a SmolLM2-135M token cost ~6.8x one at a short past in
+# bench_serve's prefill scenario (32-token pieces: 8 streams' p99 gap 36 -> 390 ms), twice its short-past cost at
+# ~512 past tokens = 1/12 of its layer params / q width (ONNX Runtime's GroupQueryAttention: 0.28)
+PIECE_CTX_PER_PARAM = 1 / 12
+MIN_MIXED_PIECE = 4  # BackendCaps.piece_align: mixed pieces shrink to 4 tokens (the scheduler's default: 8)
 PREFILL_CHUNK = 256  # largest prompt piece per row and step (activation memory ~ T x 9 KB for SmolLM2)
 
 
@@ -199,8 +200,8 @@ class NativeBackend:
         return BackendCaps(num_blocks=self.num_blocks, block_size=self.block_size, max_seqs=self.max_batch,
                            max_context=self.max_context, vocab_size=self.vocab_size, kv_layout="paged",
                            device_sampling=False, mixed_rows=True, greedy_stream=False, prefix_cache=True,
-                           prefill_chunk=self.prefill_chunk, mixed_prefill=MIXED_PREFILL, piece_ctx=PIECE_CTX,
-                           piece_align=PIECE_ALIGN, kv_dtype=self.kv_dtype,
+                           prefill_chunk=self.prefill_chunk, mixed_prefill=MIXED_PREFILL, piece_ctx=piece_ctx_of(PIECE_CTX_PER_PARAM, self.spec.layer_linear_params, self.spec.q_size),
+                           piece_align=MIN_MIXED_PIECE, kv_dtype=self.kv_dtype,
                            kv_bytes=int(self.kv.nbytes), copies_blocks=True, partial_prefix=True)
 
     def execute(self, batch: StepBatch) -> StepOutput:
