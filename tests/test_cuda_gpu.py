@@ -225,21 +225,26 @@ def test_multi_block_argmax(cp):
         assert tickets.get().tolist() == [0, 0, 0, 0]
 
 
+def _block_k_models(tmp_path, seed: int, ids_seed: int):
+    """(arch, kw, 24 prompt ids, reference logits, CudaDecoderSession) for the block-K tests' four random
+    int4 models: head_dim 16 (generic attention kernel), 128 and 64 (split-sequence kernels); qwen2: qkv bias."""
+    from edge.runtime.cuda.session import CudaDecoderSession
+
+    for kw in ({}, {"hidden": 256, "heads": 2, "kv_heads": 1}, {"hidden": 128, "heads": 2, "kv_heads": 1}, {"arch": "qwen2"}):
+        arch = kw.pop("arch", "llama")
+        path, spec, w = _bundle(tmp_path, arch, "int4", 32, False, None, seed=seed, **kw)
+        ids = np.random.default_rng(ids_seed).integers(0, 256, size=24)
+        sess = CudaDecoderSession(path, max_batch=2, max_context=64, block_size=8)
+        sess.attn_min_split = 4  # several attention splits even at these short contexts
+        yield arch, kw, ids, reference_logits(spec, w, ids), sess
+
+
 def test_fused_block_k_decode_matches_reference(tmp_path):
     """Every block-K variant through its fused epilogues (RoPE + KV write, SiLU.mul, residual +
     RMSNorm) against the numpy reference, and against the same session's unfused path; and with
     the norms folded into the next GEMV (the variant as producer and consumer: fold / gluf / ropef)
     against the reference and the fused path (X' rounded at another scale: a looser bound)."""
-    from edge.runtime.cuda.session import CudaDecoderSession
-
-    # head_dim 16 (generic attention kernel), 128 and 64 (split-sequence kernels); qwen2: qkv bias
-    for kw in ({}, {"hidden": 256, "heads": 2, "kv_heads": 1}, {"hidden": 128, "heads": 2, "kv_heads": 1}, {"arch": "qwen2"}):
-        arch = kw.pop("arch", "llama")
-        path, spec, w = _bundle(tmp_path, arch, "int4", 32, False, None, seed=4, **kw)
-        ids = np.random.default_rng(2).integers(0, 256, size=24)
-        ref = reference_logits(spec, w, ids)
-        sess = CudaDecoderSession(path, max_batch=2, max_context=64, block_size=8)
-        sess.attn_min_split = 4  # several attention splits even at these short contexts
+    for arch, kw, ids, ref, sess in _block_k_models(tmp_path, seed=4, ids_seed=2):
         for v in [v for v in sess.INT4_M1_VARIANTS if sess.is_bk(v)]:
             sess.set_int4_m1(v)
             got = {}
@@ -265,21 +270,13 @@ def test_folded_norms_match_add_rmsnorm_and_reference(tmp_path):
     cores (classic and pipelined, 64-448 threads), at head_dim 16 / 64 / 128 and with qkv bias;
     logits against the numpy reference and against the same picks with add_rmsnorm launches;
     the greedy stream (graphs, the inv slots carried from step to step) equals eager steps."""
-    from edge.runtime.cuda.session import CudaDecoderSession
-
     pairs = [  # (producer: o / down, consumer: qkv / gate|up), as (kernel base, rows, threads)
         (("gemv_int4_bk_r16_t128_u1", 16, 128), ("gemv_int4_bk_r8_t128_u2_p2_b6", 8, 128)),
         (("gemv_int4_bk_r16_t256_u2_p4_b2", 16, 256), ("gemv_int4_bk_r8_t448_u2_p1_b2", 8, 448)),
         (("gemv_int4_bk_r2_t64_u2", 2, 64), ("gemv_int4_bk_r4_t128_u2", 4, 128)),
         (("gemv_int4_bk_r8_t64_u2_p2_b12", 8, 64), ("gemv_int4_bk_r16_t64_u1", 16, 64)),
     ]
-    for kw in ({}, {"hidden": 256, "heads": 2, "kv_heads": 1}, {"hidden": 128, "heads": 2, "kv_heads": 1}, {"arch": "qwen2"}):
-        arch = kw.pop("arch", "llama")
-        path, spec, w = _bundle(tmp_path, arch, "int4", 32, False, None, seed=9, **kw)
-        ids = np.random.default_rng(7).integers(0, 256, size=24)
-        ref = reference_logits(spec, w, ids)
-        sess = CudaDecoderSession(path, max_batch=2, max_context=64, block_size=8)
-        sess.attn_min_split = 4
+    for arch, kw, ids, ref, sess in _block_k_models(tmp_path, seed=9, ids_seed=7):
         for prod, cons in pairs:
             for L in sess.layers:
                 for k, v in (("o", prod), ("down", prod), ("qkv", cons), ("gu", cons)):
