@@ -103,6 +103,32 @@ def test_linear_kernels_match_numpy(cp, kind, g, m):
         check(s.dequantize(lin).get(), wd, 2e-3, f"dequant {kind}")
 
 
+def test_block_k_seven_warps_at_llama3_8b_down_k(cp):
+    """The 224-thread block-K GEMV (session 16: 448 chunks of K = 14,336, Llama-3-8B's down, in exactly two
+    iterations) against numpy at that K, with rows past N in its last block, and against the 256-thread one."""
+    from edge.runtime.cuda.session import Linear
+
+    rng = np.random.default_rng(16)
+    n, k, g = 40, 14336, 128
+    w = rng.standard_normal((n, k), dtype=np.float32) * 0.02
+    x = rng.standard_normal((1, k), dtype=np.float32).astype(np.float16)
+    s = _session_for_linear(cp)
+    qt = quantize_int4_rtn(w, g)
+    raw = cp.asarray(qt.qweight).view(cp.uint32)
+    q = cp.empty_like(raw)
+    s.k["repack_int4"](((raw.size + 255) // 256,), (256,), (raw, q, np.int64(raw.size)))
+    lin = Linear("int4", n, k, q, cp.asarray(qt.scales), int(np.log2(g)), None)
+    want = x.astype(np.float32) @ dequantize_int4(qt.qweight, qt.scales, g).T
+    outs = {}
+    for nt in (224, 256):
+        s._int4_m1 = (f"gemv_int4_bk_r16_t{nt}_u2_p4_b2", 16, nt)
+        y = cp.full((1, n), np.nan, dtype=cp.float16)  # poisoned: every element must be written
+        s.linear(lin, cp.asarray(x), 1, y)
+        outs[nt] = y.get()
+        check(outs[nt], want, 3e-3, f"r16 t{nt} K {k}")
+    check(outs[224], outs[256], 1e-3, "t224 vs t256")
+
+
 def test_int4_dequantization_same_halves_as_the_plain_form(cp):
     """deq_int4_word_lop3 (the M = 1 GEMVs': lop3 + the exact hfma2 for the bits-4-7 nibble) gives
     the halves deq_int4_word gives, bit for bit, for every nibble in every position: n - 8 exactly."""

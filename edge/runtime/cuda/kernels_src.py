@@ -39,6 +39,7 @@ BK_PIPE_VARIANTS = (  # pipelined block-K instances (rows R, threads NT, ring U,
     (16, 128, 2, 2, 4), (16, 128, 2, 2, 6), (16, 128, 2, 4, 4), (16, 256, 2, 4, 2), (16, 64, 2, 4, 8), (8, 256, 2, 2, 3),
     (8, 128, 2, 2, 6), (16, 256, 2, 2, 3), (8, 128, 4, 2, 5), (8, 128, 4, 1, 6), (8, 128, 2, 1, 8), (16, 128, 4, 2, 4),
     (16, 256, 4, 2, 2), (8, 256, 4, 1, 3), (8, 448, 2, 1, 2), (4, 128, 2, 1, 8), (8, 64, 2, 2, 12),
+    (16, 224, 2, 4, 2),  # 7 warps: K = 14,336 (448 chunks: Llama-3-8B's down) in exactly 2 iterations, none idle
 )
 BK_EPILOGUES = ("st", "glu", "res", "rope", "fold", "gluf", "ropef")  # fold / gluf / ropef: the folded RMSNorm's producer and consumers
 
