@@ -25,6 +25,9 @@ greedy-stream tok/s (bench_cuda._b1_timing: two streams of 127 tokens) and step-
   no_fold    the RMSNorms after o / down as add_rmsnorm launches (main before session 15's fold; picked
              folds them into the next GEMV where layers.fold_pair allows)
   fold_o / fold_down  only the norms after o / after down folded
+  --pin FORM=role:candidate,...  a form with these M = 1 picks in every layer (roles qkv / o / gu / down;
+             candidates as printed in "picks", e.g. gemv_int4_bk_r8_t128_u2_p1_b8+fused), the first model only:
+             a fixed set of picks timed beside the step refinement's (which differ from call to call)
   attn_nop   an attention launch that only waits (pdl_nop): the kernel boundary alone, timing only
   no_attn    the step with no decode attention launch (what attention costs in the graph; its
              logits are meaningless)
@@ -52,7 +55,7 @@ from edge.quant.policy import bytes_read_per_token  # noqa: E402
 from edge.runtime.cuda.session import CudaDecoderSession  # noqa: E402
 
 
-def _forms(sess) -> dict:
+def _forms(sess, pins: dict | None = None) -> dict:
     """name -> (apply, undo) for the forms this tree has."""
     forms = {"picked": (lambda: None, lambda: None)}
     default_attn = sess.split_kernel() if hasattr(sess, "split_kernel") else getattr(sess, "attn_split_kernel", None)
@@ -91,6 +94,24 @@ def _forms(sess) -> dict:
         forms["no_fold"] = (lambda: setattr(sess, "fold_norms", False), lambda: setattr(sess, "fold_norms", True))
         for side in ("o", "down"):  # ... only one side's folded
             forms[f"fold_{side}"] = (lambda side=side: setattr(sess, "fold_sides", (side,)), lambda: sess.__dict__.pop("fold_sides", None))
+    names = {sess._cand_name(c): c for v in sess.INT4_M1_VARIANTS for c in ((v, True), (v, False))}
+    for form, picks in (pins or {}).items():  # --pin: these candidates for these roles in every layer
+        unknown = sorted(c for c in picks.values() if c not in names)
+        if unknown:
+            raise SystemExit(f"--pin {form}: no such candidate {unknown[0]} (e.g. {next(iter(names))})")
+        saved_l = [{role: (L[role].m1, L[role].fused) for role in picks} for L in sess.layers]
+
+        def pin(picks=picks):
+            for L in sess.layers:
+                for role, cand in picks.items():
+                    L[role].m1, L[role].fused = names[cand]
+
+        def unpin(saved_l=saved_l):
+            for L, saved in zip(sess.layers, saved_l):
+                for role, (m1, fused) in saved.items():
+                    L[role].m1, L[role].fused = m1, fused
+
+        forms[form] = (pin, unpin)
     if "pdl_nop" in sess.k.functions:  # the attention launch with no work: the kernel boundary alone (timing only)
         def nop(q, kc, vc, bt, ctx, out, rows, *, layer):
             sess.k["pdl_nop"]((sess.spec.n_heads, rows, 8), (64,), ())
@@ -102,7 +123,8 @@ def _forms(sess) -> dict:
     return forms
 
 
-def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int, skip: frozenset = frozenset(), breakdown: bool = False) -> dict:
+def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int, skip: frozenset = frozenset(), breakdown: bool = False,
+        pins: dict | None = None) -> dict:
     path = work / name
     if not (path / "manifest.json").exists():
         make_random_bundle(name, path, max_context=4096)
@@ -115,7 +137,7 @@ def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int, skip: froz
     bpt = bytes_read_per_token(spec, q.recipe, q.group_size or 128) + (bc.PROMPT + bc.NEW / 2) * spec.kv_bytes_per_token(2)
     prompt = np.random.default_rng(1).integers(0, b.spec.vocab_size, size=bc.PROMPT)
     sess.generate_greedy(prompt, 8)
-    forms = {k: v for k, v in _forms(sess).items() if k not in skip}
+    forms = {k: v for k, v in _forms(sess, pins).items() if k not in skip}
     runs: dict[str, dict] = {}
     logits: dict[str, np.ndarray] = {}
     pdl, dropped = sess.pdl, {}
@@ -143,7 +165,8 @@ def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int, skip: froz
     L0 = sess.layers[0]
     picks = {k: sess._cand_name((L0[k].m1, L0[k].fused)) for k in ("qkv", "o", "gu", "down")}
     step_ms = {k: {c: round(t, 4) for c, t in d.items()} for k, d in getattr(sess, "int4_m1_step_ms", {}).items()}
-    out = {"tag": tag, "model": name, "pdl": sess.pdl, "dropped": dropped, "picks": picks, "step_ms": step_ms, "init_s": round(init_s, 1), "copy_gb_s": round(copy_bw / 1e9, 1), "linear_rel_err": lin_err,
+    tuned = {k: dict(sorted(d.items(), key=lambda kv: kv[1])[:6]) for k, d in getattr(sess, "int4_m1_us", {}).items()}  # the autotuner's best, us
+    out = {"tag": tag, "model": name, "pdl": sess.pdl, "dropped": dropped, "picks": picks, "step_ms": step_ms, "autotune_us_best6": tuned, "init_s": round(init_s, 1), "copy_gb_s": round(copy_bw / 1e9, 1), "linear_rel_err": lin_err,
            **{f: {"tok_s": round(statistics.median(r["tok_s"]), 1), "replay_ms": round(statistics.median(r["replay_ms"]), 4),
                   "frac": round(bpt * statistics.median(r["tok_s"]) / copy_bw, 4),
                   "replay_frac": round(bpt / (statistics.median(r["replay_ms"]) / 1e3) / copy_bw, 4),
@@ -157,7 +180,7 @@ def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int, skip: froz
 
         dev = gpu_name()
         for form, (apply, undo) in forms.items():
-            if form in ("picked", "no_fold"):
+            if form in ("picked", "no_fold", *(pins or {})):
                 apply()
                 try:
                     sess._graphs.clear()
@@ -181,13 +204,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip", default="", help="forms left out, comma-separated (e.g. attn_tk,no_attn)")
     ap.add_argument("--breakdown", action="store_true", help="also each kernel type's share of the picked / no_fold step (bench_cuda.step_kernel_breakdown)")
+    ap.add_argument("--pin", action="append", default=[], help="FORM=role:candidate,... (the first model; see the docstring)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")))
     a = ap.parse_args()
     import cupy as cp
 
     copy_bw = bc.copy_bandwidth(cp)
     skip = frozenset(f for f in a.skip.split(",") if f)
-    res = [run(n, a.tag, a.work, copy_bw, a.rounds, skip, a.breakdown) for n in a.configs.split(",")]
+    pins = {f: dict(rc.split(":", 1) for rc in spec.split(",")) for f, spec in (p.split("=", 1) for p in a.pin)}
+    res = [run(n, a.tag, a.work, copy_bw, a.rounds, skip, a.breakdown, pins if i == 0 else None) for i, n in enumerate(a.configs.split(","))]
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"step_ab_{a.tag}.json").write_text(json.dumps(res, indent=1))
 
