@@ -56,6 +56,22 @@ def test_every_isa_path_and_thread_count_gives_the_same_bits(lins, name):
     assert err < 0.02, f"{name}: max relative error {err}"
 
 
+def test_every_row_count_and_a_partial_last_tile_give_the_same_bits_on_every_path():
+    """Row counts 1..9 (the AVX2 tile runs them as passes of up to 4 rows x 1 or 2 halves of 8 columns;
+    the zmm tiles as 1..8 rows) and n = 203 (the last tile: 11 columns, its second half partial)."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((203, 96)).astype(np.float32)
+    q4, q8 = quantize_int4_rtn(w, 32), quantize_int8_rtn(w)
+    bias = rng.standard_normal(203).astype(np.float32)
+    for name, lin in (("int4", pack_int4(q4.qweight, q4.scales, 32, bias)), ("int8", pack_int8(q8.qweight, q8.scales))):
+        for m in range(1, 10):
+            x = (rng.standard_normal((m, 96)) * rng.uniform(0.1, 10, (m, 1))).astype(np.float32)
+            base = kernels.linear(lin, x, isa="scalar", threads=1)
+            for isa in kernels.available_isas():
+                got = kernels.linear(lin, x, isa=isa, threads=2)
+                assert np.array_equal(got, base), f"{name}, {m} rows: {isa} differs by {np.abs(got - base).max()}"
+
+
 def test_the_vnni_avx512_and_avx2_paths_exist_where_the_cpu_has_them():
     from edge.cpu import cpu_flags
 

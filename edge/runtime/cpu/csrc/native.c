@@ -482,43 +482,129 @@ static void idots_scalar(const er_lin *L, int tile, int b, int mr, const int8_t 
    VNNI). The same int32 dot, so the same bits (measured against the per-group form: README, native, session 9). */
 
 #if defined(__AVX2__)
-/* u8 x s8 pairs: int4 nibbles 0..15 x s8 (|a| <= 127): 2 * 15 * 127 = 3,810, no int16 saturation.
-   int8 weights: sign trick (|w| x sign(a, w)): 2 * 127 * 127 = 32,258 < 32,767. */
-static void idots_avx2(const er_lin *L, int tile, int b, int mr, const int8_t *xq, int ldq, const int32_t *xsum, int32_t idot[MR][NT]) {
-    int kb = L->k / QB;
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int h = 0; h < 2; h++) {
-        __m256i W[8];
-        if (L->kind == 4) {
-            const uint8_t *w = L->w + ((size_t)tile * kb + b) * 256 + 32 * h;
-            const __m256i lo = _mm256_set1_epi8(15);
-            for (int i = 0; i < 4; i++) {
-                __m256i x = _mm256_loadu_si256((const __m256i *)(w + 64 * i));
-                W[i] = _mm256_and_si256(x, lo);
-                W[i + 4] = _mm256_and_si256(_mm256_srli_epi16(x, 4), lo);
-            }
-        } else {
-            const uint8_t *w = L->w + ((size_t)tile * kb + b) * 512 + 32 * h;
-            const __m256i flip = _mm256_set1_epi8((char)0x80);
-            for (int j = 0; j < 8; j++) W[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + 64 * j)), flip);
-        }
-        for (int m = 0; m < mr; m++) {
-            const int8_t *a = xq + (size_t)m * ldq + b * QB;
-            __m256i acc = _mm256_setzero_si256(), s16 = _mm256_setzero_si256();
+/* The AVX2 tile whole (what an AVX2-only CPU runs): rows r and 8-column halves nh (constants after
+   inlining) in one pass over the K blocks, their float accumulators in ymm registers. An AVX2 CPU has
+   16 ymm registers (not 32 zmm): a pass holds r x nh <= 4 (int16 sums or int32 dots, and float
+   accumulators, 2 x 4 registers, plus the k-group's weights and the broadcast activations), so
+   tile_rows runs an 8-row tile as 4 passes of 4 rows x 1 half (the tile's weights, 4-12 KB, are in
+   L1 after the first) and 1 or 2 rows as one pass of both halves. u8 x s8 pairs: int4 nibbles 0..15
+   x s8 (|a| <= 127): 2 * 15 * 127 = 3,810, no int16 saturation, the 8 k-groups summed in int16 (see
+   above); int8 weights: sign trick (|w| x sign(a, w)): 2 * 127 * 127 = 32,258 < 32,767. The same
+   int32 dots and the same float operations in the same order as the other paths, so the same bits. */
+static inline __attribute__((always_inline)) void tile_ymm(const int r, const int nh, const er_lin *L, int tile, int h0,
+                                                          const int8_t *xq, const float *xs, const int32_t *xsum, float *out, int ldo,
+                                                          const int32_t *rowmap, int accumulate, int pf) {
+    int kb = L->k / QB, ldq = L->k;
+    const int four = L->kind == 4;
+    const __m256i lo = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    __m256 acc[4][2], ws[2];
+#pragma GCC unroll 4
+    for (int m = 0; m < r; m++)
+#pragma GCC unroll 2
+        for (int h = 0; h < nh; h++) acc[m][h] = _mm256_setzero_ps();
+#pragma GCC unroll 2
+    for (int h = 0; h < nh; h++) ws[h] = _mm256_loadu_ps(L->s + (size_t)tile * NT + 8 * (h0 + h)); /* int8: per channel */
+    for (int b = 0; b < kb; b++) {
+        if (pf) prefetch_weights(L, tile, kb, b);
+        const int8_t *ab = xq + b * QB; /* row m's k-group g: ab + m * ldq + 4 * g */
+        __m256i d[4][2];
+#define A4_(m, g) ({ int32_t a4_; memcpy(&a4_, ab + (size_t)(m) * ldq + 4 * (g), 4); _mm256_set1_epi32(a4_); })
+        if (four) {
+            const uint8_t *w = L->w + ((size_t)tile * kb + b) * 256 + 32 * h0;
+            __m256i s16[4][2];
+#pragma GCC unroll 8
             for (int g = 0; g < 8; g++) {
-                int32_t a4;
-                memcpy(&a4, a + 4 * g, 4);
-                __m256i av = _mm256_set1_epi32(a4);
-                if (L->kind == 4) /* summed in int16, one vpmaddwd a block (above) */
-                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(W[g], av));
-                else
-                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(W[g]), _mm256_sign_epi8(av, W[g])), ones));
+                __m256i wg[2];
+#pragma GCC unroll 2
+                for (int h = 0; h < nh; h++) {
+                    __m256i x = _mm256_loadu_si256((const __m256i *)(w + 64 * (g & 3) + 32 * h));
+                    wg[h] = _mm256_and_si256(g < 4 ? x : _mm256_srli_epi16(x, 4), lo);
+                }
+#pragma GCC unroll 4
+                for (int m = 0; m < r; m++) {
+                    __m256i av = A4_(m, g);
+#pragma GCC unroll 2
+                    for (int h = 0; h < nh; h++) {
+                        __m256i p = _mm256_maddubs_epi16(wg[h], av);
+                        s16[m][h] = g ? _mm256_add_epi16(s16[m][h], p) : p;
+                        __asm__("" : "+x"(s16[m][h])); /* summed where made (as tile_zmm: else GCC makes all products first and spills) */
+                    }
+                }
             }
-            if (L->kind == 4) acc = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(8 * xsum[(size_t)m * kb + b]));
-            _mm256_storeu_si256((__m256i *)&idot[m][8 * h], acc);
+#pragma GCC unroll 4
+            for (int m = 0; m < r; m++)
+#pragma GCC unroll 2
+                for (int h = 0; h < nh; h++)
+                    d[m][h] = _mm256_sub_epi32(_mm256_madd_epi16(s16[m][h], ones), _mm256_set1_epi32(8 * xsum[(size_t)m * kb + b]));
+        } else {
+            const uint8_t *w = L->w + ((size_t)tile * kb + b) * 512 + 32 * h0;
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++) {
+                __m256i sw[2], wa[2];
+#pragma GCC unroll 2
+                for (int h = 0; h < nh; h++) {
+                    sw[h] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + 64 * g + 32 * h)), flip); /* w itself */
+                    wa[h] = _mm256_abs_epi8(sw[h]);
+                }
+#pragma GCC unroll 4
+                for (int m = 0; m < r; m++) {
+                    __m256i av = A4_(m, g);
+#pragma GCC unroll 2
+                    for (int h = 0; h < nh; h++) {
+                        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa[h], _mm256_sign_epi8(av, sw[h])), ones);
+                        d[m][h] = g ? _mm256_add_epi32(d[m][h], p) : p;
+                        __asm__("" : "+x"(d[m][h]));
+                    }
+                }
+            }
+        }
+#undef A4_
+#pragma GCC unroll 4
+        for (int m = 0; m < r; m++) {
+            __m256 xsv = _mm256_set1_ps(xs[(size_t)m * kb + b]);
+#pragma GCC unroll 2
+            for (int h = 0; h < nh; h++) {
+                __m256 wsv = four ? _mm256_loadu_ps(L->s + ((size_t)tile * kb + b) * NT + 8 * (h0 + h)) : ws[h];
+                acc[m][h] = _mm256_add_ps(acc[m][h], _mm256_mul_ps(_mm256_cvtepi32_ps(d[m][h]), _mm256_mul_ps(wsv, xsv)));
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int h = 0; h < nh; h++) {
+        int n0 = tile * NT + 8 * (h0 + h);
+        int nc = L->n - n0 < 8 ? L->n - n0 : 8;
+#pragma GCC unroll 4
+        for (int m = 0; m < r; m++) {
+            float *o = out + (size_t)(rowmap ? rowmap[m] : m) * ldo + n0;
+            __m256 v = acc[m][h];
+            if (nc == 8) {
+                if (L->bias) v = _mm256_add_ps(v, _mm256_loadu_ps(L->bias + n0));
+                if (accumulate) v = _mm256_add_ps(_mm256_loadu_ps(o), v);
+                _mm256_storeu_ps(o, v);
+            } else { /* the last tile's columns past n */
+                float t[8];
+                _mm256_storeu_ps(t, v);
+                for (int c = 0; c < nc; c++) {
+                    float e = t[c];
+                    if (L->bias) e = e + L->bias[n0 + c];
+                    o[c] = accumulate ? o[c] + e : e;
+                }
+            }
         }
     }
 }
+/* one function a pass shape (the asm of each is readable on its own: no spills, checked with objdump) */
+#define YMM_PASS_(R, NH)                                                                                                       \
+    static __attribute__((noinline)) void ymm_##R##x##NH(const er_lin *L, int tile, int h0, const int8_t *xq, const float *xs, \
+                                                         const int32_t *xsum, float *out, int ldo, const int32_t *rowmap,      \
+                                                         int accumulate, int pf) {                                             \
+        tile_ymm(R, NH, L, tile, h0, xq, xs, xsum, out, ldo, rowmap, accumulate, pf);                                          \
+    }
+YMM_PASS_(1, 2)
+YMM_PASS_(2, 2)
+YMM_PASS_(3, 1)
+YMM_PASS_(4, 1)
+#undef YMM_PASS_
 #endif
 
 
@@ -574,7 +660,7 @@ static inline __attribute__((always_inline)) void tile_zmm(const int mr, const i
             /* without VNNI each k-group's weights are unpacked where they are used (one live weight
                register, not 8: with 8 rows' sums and accumulators held, 8 more spilled) */
             const uint8_t *w = L->w + ((size_t)tile * kb + b) * 256;
-            __m512i s16[MR]; /* the 8 vpmaddubsw results summed in int16 (see idots_avx2) */
+            __m512i s16[MR]; /* the 8 vpmaddubsw results summed in int16 (see above) */
 #pragma GCC unroll 8
             for (int g = 0; g < 8; g++) {
                 __m512i x = _mm512_loadu_si512((const void *)(w + 64 * (g & 3)));
@@ -650,6 +736,27 @@ static void tile_rows(const er_lin *L, int tile, int mr, const int8_t *xq, const
     if (isa == ISA_AVX512) { TILE_MR_(0) }
 #undef TILE_MR_
 #endif
+#if defined(__AVX2__)
+    if (isa == ISA_AVX2) { /* passes of r rows x nh halves, r x nh <= 4 (tile_ymm); weights prefetched in the first */
+        int pf = mr >= PF_MIN_ROWS, kb = L->k / QB;
+        for (int m0 = 0; m0 < mr; m0 += 4) {
+            int r = mr - m0 < 4 ? mr - m0 : 4;
+            const int8_t *q = xq + (size_t)m0 * L->k;
+            const float *s = xs + (size_t)m0 * kb;
+            const int32_t *z = xsum + (size_t)m0 * kb;
+            float *o = rowmap ? out : out + (size_t)m0 * ldo;
+            const int32_t *rm = rowmap ? rowmap + m0 : NULL;
+            switch (r) {
+            case 1: ymm_1x2(L, tile, 0, q, s, z, o, ldo, rm, accumulate, pf); break;
+            case 2: ymm_2x2(L, tile, 0, q, s, z, o, ldo, rm, accumulate, pf); break;
+            case 3: ymm_3x1(L, tile, 0, q, s, z, o, ldo, rm, accumulate, pf); ymm_3x1(L, tile, 1, q, s, z, o, ldo, rm, accumulate, 0); break;
+            default: ymm_4x1(L, tile, 0, q, s, z, o, ldo, rm, accumulate, pf); ymm_4x1(L, tile, 1, q, s, z, o, ldo, rm, accumulate, 0); break;
+            }
+            pf = 0;
+        }
+        return;
+    }
+#endif
     int kb = L->k / QB;
     int ldq = L->k;
     float acc[MR][NT];
@@ -657,12 +764,7 @@ static void tile_rows(const er_lin *L, int tile, int mr, const int8_t *xq, const
     memset(acc, 0, sizeof acc);
     for (int b = 0; b < kb; b++) {
         if (mr >= PF_MIN_ROWS) prefetch_weights(L, tile, kb, b);
-#if defined(__AVX2__)
-        if (isa >= ISA_AVX2)
-            idots_avx2(L, tile, b, mr, xq, ldq, xsum, idot);
-        else
-#endif
-            idots_scalar(L, tile, b, mr, xq, ldq, idot);
+        idots_scalar(L, tile, b, mr, xq, ldq, idot);
         const float *ws = L->kind == 4 ? L->s + ((size_t)tile * kb + b) * NT : L->s + (size_t)tile * NT;
         for (int m = 0; m < mr; m++) {
             float a = xs[(size_t)m * kb + b];
