@@ -211,3 +211,28 @@ def test_an_architecture_it_does_not_run_is_a_one_line_error(tmp_path):
     with pytest.raises(BackendError, match="qk_norm") as e:
         NativeBackend(Bundle.open(path, verify=False))
     assert "\n" not in str(e.value) and "onnxruntime" in e.value.fix
+
+
+def test_edge_rag_native_isa_runs_that_path_or_refuses_in_one_line(int4_bundle, monkeypatch):
+    """$EDGE_RAG_NATIVE_ISA (edge.runtime.cpu.build.forced_isa): avx2 builds the step without AVX-512
+    (what an AVX2-only CPU runs) and gives the default build's bits; a name that is no path, or a path
+    this CPU lacks, is a one-line error."""
+    from edge.errors import UsageError
+
+    b = Bundle.open(int4_bundle, verify=False)
+    ids = np.random.default_rng(5).integers(0, 256, 11).astype(np.int32)
+    pos = np.arange(len(ids), dtype=np.int32)
+    tables = np.array([[1, 0, -1, -1]], np.int32)
+    want = _one_row(NativeBackend(b, threads=2), ids, pos, tables, 0, 11)
+    monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "neon")
+    with pytest.raises(UsageError, match="EDGE_RAG_NATIVE_ISA=neon is not a native kernel path"):
+        NativeBackend(b, threads=2)
+    if X86 and {"avx2", "fma", "f16c"} <= cpu_flags():
+        monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "avx2")
+        be = NativeBackend(b, threads=2)
+        assert be.isa == "avx2" and be.lib.er_isa_max() == 1  # the AVX2 tile, and no AVX-512 path in this build
+        assert np.array_equal(_one_row(be, ids, pos, tables, 0, 11), want)
+    if "avx512_vnni" not in cpu_flags():
+        monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "vnni")
+        with pytest.raises(BackendError, match="cannot run it"):
+            NativeBackend(b, threads=2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -70,6 +71,33 @@ def build(extra_flags: tuple[str, ...] = (), out_dir: Path | None = None) -> Pat
                            fix="check that `cc` works (Debian/Ubuntu: apt-get install gcc), or use --backend onnxruntime")
     os.replace(tmp, so)  # atomic: a concurrent builder sees the whole file or none
     return so
+
+
+# EDGE_RAG_NATIVE_ISA: run another x86 CPU's kernel path on this one (a reviewer's AVX2-only EPYC on an
+# AVX-512 Xeon). avx2 and scalar compile the whole step for that CPU (attention and norms included: the
+# code such a CPU runs); avx512 and vnni pick the zmm tile of the -march=native build (er_set_isa).
+ISA_ENV = "EDGE_RAG_NATIVE_ISA"
+ISA_BUILDS = {"avx2": ("-march=haswell", "-mtune=generic"),  # AVX2 + FMA + F16C, no AVX-512 (Haswell, AMD Zen 1-3)
+              "scalar": ("-march=x86-64", "-mtune=generic")}  # the portable C everywhere (what an ARM build runs)
+ISA_NEEDS = {"avx2": ("avx2", "fma", "f16c"), "avx512": ("avx512bw",), "vnni": ("avx512bw", "avx512_vnni")}
+
+
+def forced_isa() -> tuple[str | None, tuple[str, ...]]:
+    """($EDGE_RAG_NATIVE_ISA or None, the extra cc flags it needs); a value this CPU cannot run is a one-line error."""
+    from edge.cpu import cpu_flags
+    from edge.errors import UsageError
+    from edge.runtime.cpu.abi import ISA_NAMES
+
+    isa = os.environ.get(ISA_ENV, "").strip().lower() or None
+    if isa is None:
+        return None, ()
+    if isa not in ISA_NAMES:
+        raise UsageError(f"{ISA_ENV}={isa} is not a native kernel path", fix=f"use one of {', '.join(ISA_NAMES)}, or unset it")
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    missing = [f for f in ISA_NEEDS.get(isa, ()) if f not in cpu_flags()]
+    if isa != "scalar" and (not x86 or missing):
+        raise BackendError(f"{ISA_ENV}={isa}: this CPU cannot run it (no {', '.join(missing) or 'x86'})", fix=f"unset {ISA_ENV}")
+    return isa, ISA_BUILDS.get(isa, ()) if x86 else ()
 
 
 @lru_cache(maxsize=4)
