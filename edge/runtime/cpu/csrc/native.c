@@ -267,43 +267,40 @@ typedef struct {
 
 /* ---- element-wise: exp, SwiGLU ------------------------------------------------------------- */
 
-/* 16-lane float vectors (GCC vector extensions): -march=native maps a vf to one zmm (AVX-512) or
-   two ymm (AVX2), a plain -march=x86-64 build to SSE / scalar code. Every lane does the same IEEE
-   operations in the same order on every build (no FMA: -ffp-contract=off; fp16 -> float is exact),
-   so all builds give the same bits. */
-typedef float vf __attribute__((vector_size(64)));
+/* float vectors of VL lanes (GCC vector extensions): one zmm of 16 with AVX-512, one ymm of 8 with AVX
+   (NOTE: not 16 lanes as two ymm: GCC 12 keeps a 64-byte vector that a loop carries in memory on AVX2,
+   stored and reloaded in xmm pieces every iteration, which made the AVX2 build's attention 3-4x slower
+   than the AVX-512 build's; README, session 11), 16 in a plain -march=x86-64 build (SSE / scalar code).
+   Every lane does the same IEEE operations in the same order on every build (no FMA: -ffp-contract=off;
+   fp16 -> float is exact), and no result depends on which lanes share a vector (lane_sum keeps 16
+   lanes on every build), so all builds give the same bits. */
+#if defined(__AVX__) && !defined(__AVX512F__)
+#define VL 8
+#else
 #define VL 16
+#endif
+typedef float vf __attribute__((vector_size(4 * VL)));
 static inline vf ldf(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void stf(float *p, vf v) { memcpy(p, &v, sizeof v); }
-/* 16 fp16 -> float. NOTE: not __builtin_convertvector on a _Float16 vector: GCC 12 converts that one
+/* VL fp16 -> float. NOTE: not __builtin_convertvector on a _Float16 vector: GCC 12 converts that one
    element at a time (vpinsrw + vcvtph2ps each), which made attention 2x slower than scalar code. */
-#if defined(__AVX__) && !defined(__AVX512F__)
-/* two ymm halves as one 16-lane vector (the ymm forms of ldh / ld8) */
-static inline vf join_ymm(__m256 a, __m256 b) {
-    vf v;
-    memcpy(&v, &a, sizeof a);
-    memcpy((char *)&v + sizeof a, &b, sizeof b);
-    return v;
-}
-#endif
 static inline vf ldh(const kv_t *p) {
 #if defined(__AVX512F__)
     return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 #elif defined(__F16C__) && defined(__AVX__)
-    return join_ymm(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8))));
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 #else
     float f[VL];
     for (int i = 0; i < VL; i++) f[i] = (float)p[i];
     return ldf(f);
 #endif
 }
-/* 16 int8 -> float (exact on every path) */
+/* VL int8 -> float (exact on every path) */
 static inline vf ld8(const int8_t *p) {
 #if defined(__AVX512F__)
     return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 #elif defined(__AVX2__)
-    return join_ymm(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))),
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))));
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 #else
     float f[VL];
     for (int i = 0; i < VL; i++) f[i] = (float)p[i];
@@ -311,7 +308,7 @@ static inline vf ld8(const int8_t *p) {
 #endif
 }
 static inline vf splat(float a) { return (vf){0} + a; }
-typedef int32_t vi __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(4 * VL)));
 
 /* exp(x) in plain float operations (Cephes expf: round to the nearest power of two, a degree-6
    polynomial, scale by the exponent bits), written once for 16 lanes; a single value takes lane 0
@@ -903,7 +900,7 @@ static void rope_head(float *x, const float *cs, const float *sn, int d) {
 }
 
 /* ---- attention over the paged fp16 (or int8) pool ----------------------------------------------------
-   In 16-lane vectors (vf): a head's numbers never depend on which other heads or rows are
+   In VL-lane vectors (vf): a head's numbers never depend on which other heads or rows are
    computed beside it. */
 
 /* K (which 0: [head_dim][block_size]) or V (1: [block_size][head_dim]) of one block and kv head:
@@ -1019,15 +1016,17 @@ static inline __attribute__((always_inline)) void vsum(const int nh, const int n
         for (int v = 0; v < nv; v++) stf(out + (size_t)h * ldo + i0 + v * VL, o[h][v]);
 }
 
-/* sum of x[0..n) in 16 lanes (lane l: j = l, l + 16, ... in order), folded by a fixed tree */
+/* sum of x[0..n) in 16 lanes (lane l: j = l, l + 16, ... in order; 16 / VL vectors), folded by a fixed tree */
 static float lane_sum(const float *x, int n) {
-    vf a = (vf){0};
+    vf a[16 / VL];
+    for (int u = 0; u < 16 / VL; u++) a[u] = (vf){0};
     int j = 0;
-    for (; j + VL <= n; j += VL) a = a + ldf(x + j);
-    float l[VL];
-    stf(l, a);
+    for (; j + 16 <= n; j += 16)
+        for (int u = 0; u < 16 / VL; u++) a[u] = a[u] + ldf(x + j + u * VL);
+    float l[16];
+    for (int u = 0; u < 16 / VL; u++) stf(l + u * VL, a[u]);
     for (int r = 0; j < n; j++, r++) l[r] = l[r] + x[j];
-    for (int w = VL / 2; w >= 1; w /= 2)
+    for (int w = 8; w >= 1; w /= 2)
         for (int i = 0; i < w; i++) l[i] = l[i] + l[i + w];
     return l[0];
 }
@@ -1066,6 +1065,15 @@ static void vsum_n(int nh, int nv, int q8, const er_model *M, int layer, const i
 #undef VS_
 }
 
+/* How many heads share a K load (kscores) or a V load (vsum) at most: their 4 partial sums (or 4 V
+   vectors' sums) each stay in registers, 16 of AVX-512's 32 zmm for 4 heads; AVX2 has 16 ymm, so 3
+   (SmolLM2's group: 12). A head's numbers do not depend on the heads beside it. */
+#if defined(__AVX__) && !defined(__AVX512F__)
+#define ATT_HEADS 3
+#else
+#define ATT_HEADS 4
+#endif
+
 /* Causal attention of one token (position p, its row's block table) for query heads
    [h0, h0 + g), which share kv head h0 / rep: each K / V vector is loaded once for up to 4 heads.
    A head's numbers do not depend on g (the same operations per head, in the same order).
@@ -1081,8 +1089,8 @@ static void attend(const er_model *M, int layer, const float *q, int p, const in
         if (blk + 1 < nblk) prefetch_bytes(kv_blk(M, layer, 0, table[blk + 1], kvh), bb);
         prefetch_bytes(kv_blk(M, layer, 1, table[blk], kvh), bb); /* this block's V, read after the softmax (see vsum) */
         int e = n - j0 < bs ? n - j0 : bs;
-        for (int hh = 0; hh < g; hh += 4)
-            kscores_n(g - hh < 4 ? g - hh : 4, q8, kb, ks, bs, e, q + (size_t)(h0 + hh) * d, d, M->attn_scale, scores + (size_t)hh * n + j0, n);
+        for (int hh = 0; hh < g; hh += ATT_HEADS)
+            kscores_n(g - hh < ATT_HEADS ? g - hh : ATT_HEADS, q8, kb, ks, bs, e, q + (size_t)(h0 + hh) * d, d, M->attn_scale, scores + (size_t)hh * n + j0, n);
     }
     float inv[MR * 4];
     for (int hh = 0; hh < g; hh++) {
@@ -1092,9 +1100,9 @@ static void attend(const er_model *M, int layer, const float *q, int p, const in
         inv[hh] = 1.f / lane_sum(sc, n);
     }
     int nv = d % (4 * VL) == 0 ? 4 : 1;
-    for (int hh = 0; hh < g; hh += 4)
+    for (int hh = 0; hh < g; hh += ATT_HEADS)
         for (int i0 = 0; i0 < d; i0 += nv * VL)
-            vsum_n(g - hh < 4 ? g - hh : 4, nv, q8, M, layer, table, kvh, n, scores + (size_t)hh * n, n, i0, out + (size_t)(h0 + hh) * d, d);
+            vsum_n(g - hh < ATT_HEADS ? g - hh : ATT_HEADS, nv, q8, M, layer, table, kvh, n, scores + (size_t)hh * n, n, i0, out + (size_t)(h0 + hh) * d, d);
     for (int hh = 0; hh < g; hh++) {
         float *o = out + (size_t)(h0 + hh) * d;
         for (int i = 0; i < d; i++) o[i] *= inv[hh];
