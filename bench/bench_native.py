@@ -10,7 +10,7 @@ the native kernels at M = 1 / 8 / 32 rows (CPU time).
                                  [--isa scalar,avx2,avx512,vnni] [--kv-dtype fp16|int8]
 
 --isa: the native step once per kernel path named (same process, one after the other; default: the
-best this CPU has); --kv-dtype: the native KV pool's dtype (default: the manifest's).
+best this CPU has, or $EDGE_RAG_NATIVE_ISA's); --kv-dtype: the native KV pool's dtype (default: the manifest's).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def native_steps(bundle, threads: int, pasts: list[int], isa: str | None = None,
     from edge.runtime.cpu import kernels
 
     be = NativeBackend(bundle, max_batch=8, max_context=2048, threads=threads, kv_dtype=kv_dtype)
-    isa = kernels.set_isa(isa)
+    isa = be.isa if isa is None else kernels.set_isa(isa, be.lib)  # be.lib: $EDGE_RAG_NATIVE_ISA's build where set
     bs = be.block_size
     mb = -(-2048 // bs)
     rng = np.random.default_rng(0)

@@ -23,10 +23,10 @@ def available_isas() -> list[str]:
     return list(ISA_NAMES[: load().er_isa_max() + 1])
 
 
-def set_isa(isa: str | None) -> str:
-    """Pick the kernel path for this process (None: the best this CPU has); returns it."""
+def set_isa(isa: str | None, lib: ctypes.CDLL | None = None) -> str:
+    """Pick the kernel path of lib (default: this CPU's build) for this process (None: the best it has); returns it."""
     code = -1 if isa is None else (ISA_NAMES.index(isa) if isa in ISA_NAMES else 99)
-    got = load().er_set_isa(code)
+    got = (lib or load()).er_set_isa(code)
     if got < 0:
         raise BackendError(f"the {isa} kernel path is not available on this CPU", fix=f"use one of {', '.join(available_isas())}")
     return ISA_NAMES[got]
