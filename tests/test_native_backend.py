@@ -16,6 +16,7 @@ from edge.bundle import Bundle
 from edge.cpu import cpu_flags
 from edge.errors import BackendError
 from edge.models.reference import forward
+from edge.runtime.cpu import build
 from edge.runtime.cpu.backend import NativeBackend, planned_kv_bytes
 from edge.runtime.generator import Generator
 from edge.runtime.sampler import SamplingParams
@@ -81,8 +82,14 @@ def test_logits_follow_the_numpy_reference_over_scattered_blocks(tmp_path, arch,
 
 
 X86 = __import__("platform").machine().lower() in ("x86_64", "amd64")
-# this machine's build (VNNI / AVX2 / F16C), an AVX2-only build where the CPU has AVX2, plain x86-64 (the portable C)
-ISA_BUILDS = [(), ("-march=x86-64", "-mtune=generic")] + ([("-march=haswell", "-mtune=generic")] if X86 and "avx2" in cpu_flags() else [])
+
+
+def _runs(isa: str) -> bool:  # this CPU can run that path (edge.runtime.cpu.build.ISA_NEEDS)
+    return X86 and set(build.ISA_NEEDS.get(isa, ())) <= cpu_flags()
+
+
+# the $EDGE_RAG_NATIVE_ISA builds (edge.runtime.cpu.build.ISA_BUILDS): the portable C, and AVX2 without AVX-512 where it runs
+ISA_BUILDS = [(), build.ISA_BUILDS["scalar"]] + ([build.ISA_BUILDS["avx2"]] if _runs("avx2") else [])
 
 
 @pytest.mark.skipif(not X86, reason="x86 flags")
@@ -227,12 +234,12 @@ def test_edge_rag_native_isa_runs_that_path_or_refuses_in_one_line(int4_bundle, 
     monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "neon")
     with pytest.raises(UsageError, match="EDGE_RAG_NATIVE_ISA=neon is not a native kernel path"):
         NativeBackend(b, threads=2)
-    if X86 and {"avx2", "fma", "f16c"} <= cpu_flags():
+    if _runs("avx2"):
         monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "avx2")
         be = NativeBackend(b, threads=2)
         assert be.isa == "avx2" and be.lib.er_isa_max() == 1  # the AVX2 tile, and no AVX-512 path in this build
         assert np.array_equal(_one_row(be, ids, pos, tables, 0, 11), want)
-    if "avx512_vnni" not in cpu_flags():
+    if not _runs("vnni"):
         monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "vnni")
         with pytest.raises(BackendError, match="cannot run it"):
             NativeBackend(b, threads=2)
