@@ -7,7 +7,6 @@ Skips where the cross compiler or qemu-aarch64 is missing (Debian: gcc-aarch64-l
 
 from __future__ import annotations
 
-import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge.cpu import is_x86
 from edge.quant.format import quantize_int4_rtn, quantize_int8_rtn
 from edge.runtime.cpu import kernels
 from edge.runtime.cpu.weights import NativeLinear, pack_int4, pack_int8
@@ -24,8 +24,8 @@ HERE = Path(__file__).parent
 CSRC = HERE.parent / "edge" / "runtime" / "cpu" / "csrc"
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(  # ~70 s: a static cross build, then qemu
-    platform.machine().lower() in ("aarch64", "arm64") or not (CROSS and QEMU),
-    reason="needs an aarch64 cross compiler and qemu-user on a non-ARM host (apt-get install gcc-aarch64-linux-gnu qemu-user)")]
+    not is_x86() or not (CROSS and QEMU),
+    reason="needs an x86 host with an aarch64 cross compiler and qemu-user (apt-get install gcc-aarch64-linux-gnu qemu-user)")]
 
 
 @pytest.fixture(scope="module")

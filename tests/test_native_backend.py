@@ -13,7 +13,7 @@ from engine_checks import check_concurrent_equals_alone, check_prefix_cache_same
 from helpers_tiny import make_tiny_bundle, tiny_hf_model
 
 from edge.bundle import Bundle
-from edge.cpu import cpu_flags
+from edge.cpu import cpu_flags, is_x86
 from edge.errors import BackendError
 from edge.models.reference import forward
 from edge.runtime.cpu import build
@@ -81,7 +81,7 @@ def test_logits_follow_the_numpy_reference_over_scattered_blocks(tmp_path, arch,
     assert (got.argmax(1) == want.argmax(1)).mean() >= (0.9 if hidden == 64 else 0.8)
 
 
-X86 = __import__("platform").machine().lower() in ("x86_64", "amd64")
+X86 = is_x86()
 
 
 def _runs(isa: str) -> bool:  # this CPU can run that path (edge.runtime.cpu.build.ISA_NEEDS)

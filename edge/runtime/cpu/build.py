@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -84,7 +83,7 @@ ISA_NEEDS = {"avx2": ("avx2", "fma", "f16c"), "avx512": ("avx512bw",), "vnni": (
 
 def forced_isa() -> tuple[str | None, tuple[str, ...]]:
     """($EDGE_RAG_NATIVE_ISA or None, the extra cc flags it needs); a value this CPU cannot run is a one-line error."""
-    from edge.cpu import cpu_flags
+    from edge.cpu import cpu_flags, is_x86
     from edge.errors import UsageError
     from edge.runtime.cpu.abi import ISA_NAMES
 
@@ -93,7 +92,7 @@ def forced_isa() -> tuple[str | None, tuple[str, ...]]:
         return None, ()
     if isa not in ISA_NAMES:
         raise UsageError(f"{ISA_ENV}={isa} is not a native kernel path", fix=f"use one of {', '.join(ISA_NAMES)}, or unset it")
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    x86 = is_x86()
     missing = [f for f in ISA_NEEDS.get(isa, ()) if f not in cpu_flags()]
     if isa != "scalar" and (not x86 or missing):
         raise BackendError(f"{ISA_ENV}={isa}: this CPU cannot run it (no {', '.join(missing) or 'x86'})", fix=f"unset {ISA_ENV}")
