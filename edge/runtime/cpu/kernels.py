@@ -19,16 +19,18 @@ def isa_max() -> str:
     return ISA_NAMES[load().er_isa_max()]
 
 
-def available_isas() -> list[str]:
-    return list(ISA_NAMES[: load().er_isa_max() + 1])
+def available_isas(lib: ctypes.CDLL | None = None) -> list[str]:
+    """The kernel paths of lib (default: this CPU's build)."""
+    return list(ISA_NAMES[: (lib or load()).er_isa_max() + 1])
 
 
 def set_isa(isa: str | None, lib: ctypes.CDLL | None = None) -> str:
     """Pick the kernel path of lib (default: this CPU's build) for this process (None: the best it has); returns it."""
     code = -1 if isa is None else (ISA_NAMES.index(isa) if isa in ISA_NAMES else 99)
-    got = (lib or load()).er_set_isa(code)
+    lib = lib or load()
+    got = lib.er_set_isa(code)
     if got < 0:
-        raise BackendError(f"the {isa} kernel path is not available on this CPU", fix=f"use one of {', '.join(available_isas())}")
+        raise BackendError(f"the {isa} kernel path is not available in this build", fix=f"use one of {', '.join(available_isas(lib))}")
     return ISA_NAMES[got]
 
 
