@@ -27,7 +27,11 @@ greedy-stream tok/s (bench_cuda._b1_timing: two streams of 127 tokens) and step-
   fold_o / fold_down  only the norms after o / after down folded
   --pin FORM=role:candidate,...  a form with these M = 1 picks in every layer (roles qkv / o / gu / down;
              candidates as printed in "picks", e.g. gemv_int4_bk_r8_t128_u2_p1_b8+fused), the first model only:
-             a fixed set of picks timed beside the step refinement's (which differ from call to call)
+             a fixed set of picks timed beside the step refinement's (which differ from call to call);
+             carve:PCT in the list also sets every programmatic kernel's preferred shared-memory carveout
+             (percent: one L1 / shared split for the whole step, so that no SM reconfigures between kernels;
+             session 17: 100 as fast as the driver's own choices, 72 and 0 slower), carve.PART:PCT only those
+             whose name holds PART (e.g. carve.paged_attn_lc8:100)
   attn_nop   an attention launch that only waits (pdl_nop): the kernel boundary alone, timing only
   no_attn    the step with no decode attention launch (what attention costs in the graph; its
              logits are meaningless)
@@ -95,21 +99,38 @@ def _forms(sess, pins: dict | None = None) -> dict:
         for side in ("o", "down"):  # ... only one side's folded
             forms[f"fold_{side}"] = (lambda side=side: setattr(sess, "fold_sides", (side,)), lambda: sess.__dict__.pop("fold_sides", None))
     names = {sess._cand_name(c): c for v in sess.INT4_M1_VARIANTS for c in ((v, True), (v, False))}
+    from edge.runtime.cuda.pdl import PDL_KERNELS
+
+    def carve(pct: int, part: str = "") -> None:  # programmatic kernels' preferred shared-memory carveout (-1: the driver's choice)
+        try:
+            for fname, fn in sess.k.functions.items():
+                if fname in PDL_KERNELS and part in fname:
+                    fn.preferred_shared_memory_carveout = pct
+        except Exception as e:  # noqa: BLE001 (the form then runs without it; said once per call)
+            print(f"carveout {pct}: {type(e).__name__}: {e}", flush=True)
+
     for form, picks in (pins or {}).items():  # --pin: these candidates for these roles in every layer
+        picks = dict(picks)
+        # carve:PCT, one carveout for every step kernel; carve.PART:PCT for the kernels whose name holds PART (session 17)
+        carves = {k[len("carve"):].lstrip("."): int(picks.pop(k)) for k in [k for k in picks if k.startswith("carve")]}
         unknown = sorted(c for c in picks.values() if c not in names)
         if unknown:
             raise SystemExit(f"--pin {form}: no such candidate {unknown[0]} (e.g. {next(iter(names))})")
         saved_l = [{role: (L[role].m1, L[role].fused) for role in picks} for L in sess.layers]
 
-        def pin(picks=picks):
+        def pin(picks=picks, carves=carves):
             for L in sess.layers:
                 for role, cand in picks.items():
                     L[role].m1, L[role].fused = names[cand]
+            for part, pct in carves.items():
+                carve(pct, part)
 
-        def unpin(saved_l=saved_l):
+        def unpin(saved_l=saved_l, carves=carves):
             for L, saved in zip(sess.layers, saved_l):
                 for role, (m1, fused) in saved.items():
                     L[role].m1, L[role].fused = m1, fused
+            if carves:
+                carve(-1)
 
         forms[form] = (pin, unpin)
     if "pdl_nop" in sess.k.functions:  # the attention launch with no work: the kernel boundary alone (timing only)
