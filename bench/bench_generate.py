@@ -1,11 +1,14 @@
 """Generation speed: edge-rag (onnxruntime, int4 bundle) vs llama.cpp vs transformers, one run.
 
-    python bench/bench_generate.py [--engine BUNDLE] [--threads 2] [--peers edge,llama.cpp,transformers]
+    python bench/bench_generate.py [--engine BUNDLE] [--threads 2] [--peers edge-rag,llama.cpp,transformers]
+    python bench/bench_generate.py --peers edge-rag,edge-rag:native,llama.cpp   # + the native backend
 
 All three run SmolLM2-135M-Instruct from the same GGUF (edge.models.defaults.default_generator_path):
 edge-rag from its int4 bundle built from it (default: edge.engines.default_generator_bundle()),
 llama.cpp through llama-cpp-python on the GGUF itself (Q4_1), transformers (torch CPU, fp32)
-loading the GGUF with gguf_file=. Each peer runs in its own subprocess so that peak RSS is its
+loading the GGUF with gguf_file=. `edge-rag:native` / `edge-rag:onnxruntime` run the same bundle
+through the engine core on that backend (what `generate --backend native`, `ask` and `serve` run:
+scheduler, sampler and all; EOS ignored, no prefix reuse). Each peer runs in its own subprocess so that peak RSS is its
 own. Figures, each one JSON line:
   decode_tok_s   batch 1, 128 new tokens after a 16-token prompt (greedy; EOS ignored)
   prefill_tok_s  a 512-token prompt (text from pydoc_data.topics), best of 2
@@ -95,6 +98,40 @@ def worker_edge(args) -> dict:
             "peak_rss_mib": peak_rss_mib(), "decode_cpu_ms_per_tok": 1e3 * CPU["decode"] / NEW_TOKENS, "quant": f"{q.recipe}-g{q.group_size}-{q.method}", "backend": "onnxruntime"}
 
 
+def worker_engine(args, backend: str) -> dict:
+    """edge-rag through its engine core (edge.runtime.engine.Engine) on `backend`, greedy, EOS ignored,
+    no prefix reuse: the per-token scheduling and sampling a user's `generate` pays are in the figures."""
+    from edge.bundle import Bundle
+    from edge.runtime.engine import Engine
+    from edge.runtime.generator import open_session
+    from edge.runtime.sampler import SamplingParams
+    from edge.runtime.tokenizer import Tokenizer
+
+    bundle = Bundle.open(args.engine, kind="generator")
+    tok = Tokenizer.from_bundle(bundle)
+    eng = Engine(open_session(bundle, backend, max_batch=1, max_context=CONTEXT, threads=args.threads), tok,
+                 eos_ids=(), prefix_cache=False)
+    ids = tok.encode(prompt_text())[:PROMPT_TOKENS]
+
+    def run(n_prompt: int, n_new: int):
+        rs = eng.submit(ids[:n_prompt], SamplingParams(max_tokens=n_new, temperature=0.0), detokenize=False)
+        for _ in rs:
+            pass
+        return rs.request.stats
+
+    run(DECODE_PROMPT, 5)  # warm-up
+    ttft = min(run(PROMPT_TOKENS, 1).ttft_s for _ in range(2))
+    c = time.process_time()
+    st = run(DECODE_PROMPT, NEW_TOKENS + 1)  # the first token is the prefill's; NEW_TOKENS decode steps follow
+    cpu = time.process_time() - c  # includes the 16-token prefill
+    eng.close()
+    steps = st.n_generated - 1
+    q = bundle.manifest.quant
+    return {"decode_tok_s": steps / st.decode_s, "prefill_tok_s": PROMPT_TOKENS / ttft, "ttft_s": ttft,
+            "peak_rss_mib": peak_rss_mib(), "decode_cpu_ms_per_tok": 1e3 * cpu / steps,
+            "quant": f"{q.recipe}-g{q.group_size}-{q.method}", "backend": f"{backend} (engine)"}
+
+
 def worker_llamacpp(args) -> dict:
     from llama_cpp import Llama
 
@@ -168,7 +205,9 @@ def worker_transformers(args) -> dict:
             "decode_cpu_ms_per_tok": 1e3 * CPU["decode"] / NEW_TOKENS, "quant": "fp32", "backend": "torch"}
 
 
-WORKERS = {"edge-rag": worker_edge, "llama.cpp": worker_llamacpp, "transformers": worker_transformers}
+WORKERS = {"edge-rag": worker_edge, "llama.cpp": worker_llamacpp, "transformers": worker_transformers,
+           "edge-rag:native": lambda a: worker_engine(a, "native"),
+           "edge-rag:onnxruntime": lambda a: worker_engine(a, "onnxruntime")}
 
 
 # ---- parent -------------------------------------------------------------------------------------------
@@ -200,14 +239,17 @@ def main() -> None:
     ap.add_argument("--peers", default="edge-rag,llama.cpp,transformers")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    unknown = [p for p in args.peers.split(",") if p not in WORKERS]
+    if unknown:
+        ap.error(f"unknown peer {unknown[0]!r}: choose among {', '.join(sorted(WORKERS))}")
     if args.worker:
-        if args.worker == "edge-rag" and args.engine is None:
+        if args.worker.startswith("edge-rag") and args.engine is None:
             from edge.engines import tiny_generator_bundle as default_generator_bundle  # SmolLM2: the GGUF the peer runs
 
             args.engine = default_generator_bundle(progress=False)
         print(json.dumps(WORKERS[args.worker](args)))
         return
-    if args.engine is None and "edge-rag" in args.peers:
+    if args.engine is None and any(p.startswith("edge-rag") for p in args.peers.split(",")):
         from edge.engines import tiny_generator_bundle as default_generator_bundle  # SmolLM2: the GGUF the peer runs
 
         args.engine = default_generator_bundle(progress=True)  # build once, outside the timed worker
@@ -226,7 +268,7 @@ def main() -> None:
         # CPU time per decoded token: robust to other load when threads == 1 (with 2 threads it
         # also counts spin-waiting, so compare wall figures there)
         print(json.dumps({**base, "figure": "decode_cpu_ms_per_tok", "value": round(res["decode_cpu_ms_per_tok"], 2)}))
-        if name == "edge-rag":
+        if name.startswith("edge-rag"):
             try:
                 from edge.bundle import Bundle
                 from edge.quant.policy import bytes_read_per_token
@@ -243,6 +285,10 @@ def main() -> None:
         print(json.dumps({"figure": "decode_ratio_vs_llama.cpp", "value": round(e["decode_tok_s"] / l["decode_tok_s"], 2), "target": 1.5, **cond}))
         print(json.dumps({"figure": "decode_cpu_time_ratio_llama.cpp_over_edge", "value": round(l["decode_cpu_ms_per_tok"] / e["decode_cpu_ms_per_tok"], 2), **cond}))
         print(json.dumps({"figure": "rss_ratio_vs_llama.cpp", "value": round(e["peak_rss_mib"] / l["peak_rss_mib"], 2), "target": 1.25, **cond}))
+    for name in (n for n in results if n.startswith("edge-rag:")):
+        if ok(results[name]) and ok(l):
+            print(json.dumps({"figure": "decode_ratio_vs_llama.cpp", "peer": name, "value": round(results[name]["decode_tok_s"] / l["decode_tok_s"], 2),
+                              "target": 1.5, **cond}))
     peers = [r for r in (l, t) if ok(r)]
     if ok(e) and peers:
         best = max(peers, key=lambda r: r["prefill_tok_s"])
