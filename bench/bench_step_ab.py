@@ -32,9 +32,9 @@ greedy-stream tok/s (bench_cuda._b1_timing: two streams of 127 tokens) and step-
              (percent: one L1 / shared split for the whole step, so that no SM reconfigures between kernels;
              session 17: 100 as fast as the driver's own choices, 72 and 0 slower), carve.PART:PCT only those
              whose name holds PART (e.g. carve.paged_attn_lc8:100)
-  ab_gemv    (--ab-gemv DIR) the picked block-K GEMVs compiled from DIR's common.cuh + gemv.cu (another
-             tree's csrc: main's, to time a kernel change against it in one process; the same logits when
-             the change keeps the bits)
+  ab_NAME    (--ab-gemv DIR, repeatable; NAME = DIR's folder name) the picked block-K GEMVs compiled from DIR's
+             common.cuh + gemv.cu (another tree's csrc: main's, to time a kernel change against it in one
+             process, or several candidates' against each other; the same logits when a change keeps the bits)
   attn_nop   an attention launch that only waits (pdl_nop): the kernel boundary alone, timing only
   no_attn    the step with no decode attention launch (what attention costs in the graph; its
              logits are meaningless)
@@ -62,7 +62,7 @@ from edge.quant.policy import bytes_read_per_token  # noqa: E402
 from edge.runtime.cuda.session import CudaDecoderSession  # noqa: E402
 
 
-def _forms(sess, pins: dict | None = None, ab_gemv: Path | None = None) -> dict:
+def _forms(sess, pins: dict | None = None, ab_gemv: list[Path] | None = None) -> dict:
     """name -> (apply, undo) for the forms this tree has."""
     forms = {"picked": (lambda: None, lambda: None)}
     default_attn = sess.split_kernel() if hasattr(sess, "split_kernel") else getattr(sess, "attn_split_kernel", None)
@@ -136,7 +136,7 @@ def _forms(sess, pins: dict | None = None, ab_gemv: Path | None = None) -> dict:
                 carve(-1)
 
         forms[form] = (pin, unpin)
-    if ab_gemv is not None:  # --ab-gemv DIR: the step's block-K GEMVs compiled from another tree's common.cuh + gemv.cu
+    for ab_dir in ab_gemv or []:  # --ab-gemv DIR: the step's block-K GEMVs compiled from another tree's common.cuh + gemv.cu
         import re
 
         bases = {ls[0].m1[0] for ls in bc._int4_shapes(sess).values() if sess.is_bk(ls[0].m1)}
@@ -148,11 +148,12 @@ def _forms(sess, pins: dict | None = None, ab_gemv: Path | None = None) -> dict:
             r, nt, u, p, b = m.group(2, 3, 4, 5, 6)
             return f"gemv_int4_bk_r{r}_t{nt}_u{u}" + (f"_p{p}_b{b}" if p else "") in bases
 
-        src = "".join((ab_gemv / f).read_text() for f in ("common.cuh", "gemv.cu"))
+        src = "".join((ab_dir / f).read_text() for f in ("common.cuh", "gemv.cu"))
         mod = sess.cp.RawModule(code="\n".join(ln for ln in src.splitlines() if wanted(ln)), options=sess.k.options)
-        other = {n: mod.get_function(n) for n in sess.k.functions if any(n.startswith(b + "_") for b in bases)}
+        epilogues = ("st", "glu", "res", "rope", "fold", "gluf", "ropef")  # BK_INSTANCES_P's kernels of a base
+        other = {n: mod.get_function(n) for n in sess.k.functions if any(n.startswith(b + "_") and n[len(b) + 1:] in epilogues for b in bases)}
         mine = {n: sess.k.functions[n] for n in other}
-        forms["ab_gemv"] = (lambda: sess.k.functions.update(other), lambda: sess.k.functions.update(mine))
+        forms[f"ab_{ab_dir.resolve().name}"] = (lambda other=other: sess.k.functions.update(other), lambda mine=mine: sess.k.functions.update(mine))
     if "pdl_nop" in sess.k.functions:  # the attention launch with no work: the kernel boundary alone (timing only)
         def nop(q, kc, vc, bt, ctx, out, rows, *, layer):
             sess.k["pdl_nop"]((sess.spec.n_heads, rows, 8), (64,), ())
@@ -165,7 +166,7 @@ def _forms(sess, pins: dict | None = None, ab_gemv: Path | None = None) -> dict:
 
 
 def run(name: str, tag: str, work: Path, copy_bw: float, rounds: int, skip: frozenset = frozenset(), breakdown: bool = False,
-        pins: dict | None = None, ab_gemv: Path | None = None) -> dict:
+        pins: dict | None = None, ab_gemv: list[Path] | None = None) -> dict:
     path = work / name
     if not (path / "manifest.json").exists():
         make_random_bundle(name, path, max_context=4096)
@@ -246,7 +247,7 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="forms left out, comma-separated (e.g. attn_tk,no_attn)")
     ap.add_argument("--breakdown", action="store_true", help="also each kernel type's share of the picked / no_fold step (bench_cuda.step_kernel_breakdown)")
     ap.add_argument("--pin", action="append", default=[], help="FORM=role:candidate,... (the first model; see the docstring)")
-    ap.add_argument("--ab-gemv", type=Path, default=None, help="a csrc folder (another tree's common.cuh + gemv.cu): form ab_gemv runs the picked block-K GEMVs built from it")
+    ap.add_argument("--ab-gemv", type=Path, action="append", default=[], help="a csrc folder (another tree's common.cuh + gemv.cu): form ab_NAME (the folder's name) runs the picked block-K GEMVs built from it; repeatable")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")))
     a = ap.parse_args()
     import cupy as cp

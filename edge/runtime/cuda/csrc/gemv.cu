@@ -295,6 +295,17 @@ __device__ __forceinline__ float ld_nc_early(const float* p) {
     asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(p));
     return v;
 }
+__device__ __forceinline__ int ld_nc_early_s32(const int* p) {
+    int v;
+    asm volatile("ld.global.nc.s32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
+// What an epilogue loads once its core's pdl_wait is over, before the chunks (a callable; none by default):
+// the RoPE epilogue's cos / sin (gemv_int4_bk_rope).
+struct NoAfterWait {
+    __device__ __forceinline__ void operator()() const {}
+};
 
 template <int R, int NT, bool FI>
 struct FoldLoads {
@@ -356,11 +367,11 @@ __device__ __forceinline__ void bk_sum_warps(const float (&red)[R][NT / 32], flo
     __syncthreads();
 }
 
-template <int R, int NT, int U, bool FI = false>
+template <int R, int NT, int U, bool FI = false, typename AW = NoAfterWait>
 __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, const half* __restrict__ S,
                                                   const half* __restrict__ X, int N, int K, int gshift,
                                                   int n0, float* __restrict__ yout, FoldIn fi = FoldIn(),
-                                                  FoldOut* fo = nullptr) {
+                                                  FoldOut* fo = nullptr, AW after_wait = AW()) {
     __shared__ float red[R][NT / 32];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int chunks = K >> 5, groups = K >> gshift;
@@ -394,6 +405,7 @@ __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, c
     pdl_trigger();
 #endif
     fl.issue(fi, tid, n0, N);
+    after_wait();
     // one chunk c of the R rows: products with X's 32 elements, summed in half2, scaled into acc
     auto chunk = [&](int c, const uint4* q, const float* s) {
         const uint4* xp = reinterpret_cast<const uint4*>(X + (c << 5));
@@ -464,11 +476,11 @@ __device__ __forceinline__ float warp_sum_rows(float* v, int lane) {
     return v[0];
 }
 
-template <int R, int NT, int D, int P, bool FI = false>
+template <int R, int NT, int D, int P, bool FI = false, typename AW = NoAfterWait>
 __device__ __forceinline__ void gemv_int4_bk_pipe(const uint4* __restrict__ W, const half* __restrict__ S,
                                                   const half* __restrict__ X, int N, int K, int gshift,
                                                   int n0, float* __restrict__ yout, FoldIn fi = FoldIn(),
-                                                  FoldOut* fo = nullptr) {
+                                                  FoldOut* fo = nullptr, AW after_wait = AW()) {
     constexpr int G = R / P;
     static_assert(R % P == 0 && G % D == 0 && D >= 2, "R / P stages, a multiple of the ring depth D");
     static_assert(R <= 32 && (R & (R - 1)) == 0, "R a power of 2, at most 32");
@@ -505,6 +517,7 @@ __device__ __forceinline__ void gemv_int4_bk_pipe(const uint4* __restrict__ W, c
     pdl_trigger();
     FoldLoads<R, NT, FI> fl;
     fl.issue(fi, tid, n0, N);
+    after_wait();
     for (int j = 0; j < iters; ++j) {
         const int c = tid + j * NT;
         const bool ok = c < chunks;
@@ -533,12 +546,12 @@ __device__ __forceinline__ void gemv_int4_bk_pipe(const uint4* __restrict__ W, c
 }
 
 // The core an epilogue runs: classic (P = 0) or pipelined with P rows a stage and a ring of U.
-template <int R, int NT, int U, int P, bool FI = false>
+template <int R, int NT, int U, int P, bool FI = false, typename AW = NoAfterWait>
 __device__ __forceinline__ void gemv_int4_bk_any(const uint4* W, const half* S, const half* X, int N, int K,
                                                  int gshift, int n0, float* yout, FoldIn fi = FoldIn(),
-                                                 FoldOut* fo = nullptr) {
-    if constexpr (P == 0) gemv_int4_bk_core<R, NT, U, FI>(W, S, X, N, K, gshift, n0, yout, fi, fo);
-    else gemv_int4_bk_pipe<R, NT, U, P, FI>(W, S, X, N, K, gshift, n0, yout, fi, fo);
+                                                 FoldOut* fo = nullptr, AW after_wait = AW()) {
+    if constexpr (P == 0) gemv_int4_bk_core<R, NT, U, FI>(W, S, X, N, K, gshift, n0, yout, fi, fo, after_wait);
+    else gemv_int4_bk_pipe<R, NT, U, P, FI>(W, S, X, N, K, gshift, n0, yout, fi, fo, after_wait);
 }
 
 // A consumer's ratio inv / s in a thread t < R (fo.pss: the row's sum of squares, bk_sum_warps):
@@ -692,9 +705,26 @@ __device__ __forceinline__ void gemv_int4_bk_rope(const uint4* W, const half* S,
                                                   float eps = 0.f) {
     __shared__ float yo[R];
     const int n0 = blockIdx.x * R;
-    FoldOut fo;
-    gemv_int4_bk_any<R, NT, U, P, FI>(W, S, X, N, K, gshift, n0, yo, fi, &fo);
     const int t = threadIdx.x, n = n0 + 2 * t;
+    const int h = n / D, half_d = D >> 1, i = (n % D) >> 1;
+    // The position and the slot are the step's inputs, cos / sin constant tables: nothing in the step
+    // writes them, so the rotating threads load the position and slot before the core's pdl_wait and cos / sin
+    // right after it, while the weights stream (session 18; before, the epilogue loaded them: two dependent
+    // L2 round trips at every block's end, pos then cos / sin).
+    int p = 0, slot = -1;
+    float c = 1.f, sn = 0.f;
+    if (t < R / 2) {
+        p = ld_nc_early_s32(pos);
+        slot = ld_nc_early_s32(slots);
+    }
+    auto after_wait = [&] {
+        if (t < R / 2 && n + 1 < N && h < Hq + Hkv) {
+            c = ld_nc_early(cosb + (long long)p * half_d + i);
+            sn = ld_nc_early(sinb + (long long)p * half_d + i);
+        }
+    };
+    FoldOut fo;
+    gemv_int4_bk_any<R, NT, U, P, FI>(W, S, X, N, K, gshift, n0, yo, fi, &fo, after_wait);
     if (t >= R / 2) return;
     float ratio = 1.f;
     if constexpr (FI) ratio = fold_ratio(fo, inv_out, K, eps);
@@ -702,12 +732,8 @@ __device__ __forceinline__ void gemv_int4_bk_rope(const uint4* W, const half* S,
     if (n + 1 >= N) return;
     const float x1 = round_half(y(2 * t) + (bias ? __half2float(bias[n]) : 0.f));
     const float x2 = round_half(y(2 * t + 1) + (bias ? __half2float(bias[n + 1]) : 0.f));
-    const int h = n / D, half_d = D >> 1, i = (n % D) >> 1;
-    const int slot = slots[0];
     if (h < Hq + Hkv) {
-        const int p = pos[0];
-        const float c = cosb[(long long)p * half_d + i], s = sinb[(long long)p * half_d + i];
-        const half o1 = __float2half(x1 * c - x2 * s), o2 = __float2half(x2 * c + x1 * s);
+        const half o1 = __float2half(x1 * c - x2 * sn), o2 = __float2half(x2 * c + x1 * sn);
         if (h < Hq) {
             q_out[h * D + i] = o1;
             q_out[h * D + i + half_d] = o2;
