@@ -3,7 +3,7 @@
     python bench/bench_answers.py [--engine BUNDLE] [--corpus manuals,pydoc] [--split test|heldout|both]
                                   [--peer] [--offset N] [--limit N] [--ids 0,4,17] [--uncovered yes|no|only]
                                   [--reuse-index]
-                                  [--passages N] [--threads 2] [--details out.jsonl]
+                                  [--passages N] [--threads 2] [--backend onnxruntime|native] [--details out.jsonl]
     python bench/bench_answers.py --summarize d1.jsonl d2.jsonl ...   (merge the --details of the jobs a set
                                   was split into: the same JSON lines as one run)
 
@@ -278,6 +278,8 @@ def main() -> None:
     ap.add_argument("--system", default=None, help="override the recipe's system line")
     ap.add_argument("--instruction", default=None, help="override the recipe's instruction line")
     ap.add_argument("-k", type=int, default=5)
+    ap.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "native"),
+                    help="the engine's CPU backend (default: onnxruntime, what `ask` runs on a CPU)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peer-threads", type=int, default=0, help="llama.cpp threads (default --threads; on a loaded "
                     "machine 1 is faster: its threads spin at barriers)")
@@ -306,7 +308,7 @@ def main() -> None:
     manifest = bundle.manifest
     gen = None
     if not args.peer_only:
-        gen = Generator.from_bundle(engine, backend="onnxruntime", threads=args.threads)
+        gen = Generator.from_bundle(engine, backend=args.backend, threads=args.threads)
         recipe = generator_recipe(gen)
         tokenizer, max_context = gen.tokenizer, int(gen.max_context)
     else:
@@ -377,7 +379,7 @@ def main() -> None:
                     s = time.perf_counter() - t0
                     sc = score_text(a.model_text, len(prompt.passages), it)
                     sc["citations"] += len(a.invalid_citations)  # the filter dropped them before the user saw them
-                    row = {**base, **sc, "engine": "edge-rag", "answer": a.model_text, "s": s,
+                    row = {**base, **sc, "engine": "edge-rag", "backend": args.backend, "answer": a.model_text, "s": s,
                            "first_answer": a.first_text, "retried": a.first_text is not None,
                            "keywords_ok_first": score_text(a.first_text, 1, it)["keywords_ok"] if a.first_text is not None else sc["keywords_ok"],
                            "keywords_ok_shown": score_text(a.text, len(prompt.passages), it)["keywords_ok"],
@@ -434,6 +436,7 @@ def main() -> None:
                  passage_tokens=recipe.passage_tokens, answer_tokens=recipe.answer_tokens,
                  repetition_penalty=recipe.repetition_penalty,
                  threads=args.threads if key == "engine" else args.peer_threads or args.threads,
+                 backend=args.backend if key == "engine" else "llama.cpp",
                  chunks=rep.total_chunks, **summarize(rs, unc[key]))
     if details:
         details.close()
