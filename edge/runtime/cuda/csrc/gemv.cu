@@ -707,10 +707,13 @@ __device__ __forceinline__ void gemv_int4_bk_rope(const uint4* W, const half* S,
     const int n0 = blockIdx.x * R;
     const int t = threadIdx.x, n = n0 + 2 * t;
     const int h = n / D, half_d = D >> 1, i = (n % D) >> 1;
-    // The position and the slot are the step's inputs, cos / sin constant tables: nothing in the step
-    // writes them, so the rotating threads load the position and slot before the core's pdl_wait and cos / sin
-    // right after it, while the weights stream (session 18; before, the epilogue loaded them: two dependent
-    // L2 round trips at every block's end, pos then cos / sin).
+    // The position and the slot are the step's inputs (written only by the host or by the previous step's
+    // advance_inputs, at least two kernels back), cos / sin constant tables. Every step kernel calls pdl_wait
+    // before pdl_trigger, so this kernel starts only after the kernel before has waited on its own
+    // predecessor: those writes are done. The rotating threads therefore load the position and slot before the
+    // core's pdl_wait and cos / sin right after it, while the weights stream (session 18; before, the epilogue
+    // loaded them: two dependent L2 round trips at every block's end, pos then cos / sin). The same reasoning
+    // as paged attention's early loads of ctx_lens and block tables (attention.cu).
     int p = 0, slot = -1;
     float c = 1.f, sn = 0.f;
     if (t < R / 2) {
