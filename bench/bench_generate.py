@@ -56,6 +56,11 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def quant_label(bundle) -> str:
+    q = bundle.manifest.quant
+    return f"{q.recipe}-g{q.group_size}-{q.method}"
+
+
 # ---- workers: each returns {"decode_tok_s", "prefill_tok_s", "ttft_s", "peak_rss_mib", ...} -------------
 def worker_edge(args) -> dict:
     from edge.bundle import Bundle
@@ -93,9 +98,8 @@ def worker_edge(args) -> dict:
     _, f = prefill(DECODE_PROMPT)
     dt = decode(f, NEW_TOKENS)
     sess.release(0)
-    q = bundle.manifest.quant
     return {"decode_tok_s": NEW_TOKENS / dt, "prefill_tok_s": PROMPT_TOKENS / min(ttfts), "ttft_s": min(ttfts),
-            "peak_rss_mib": peak_rss_mib(), "decode_cpu_ms_per_tok": 1e3 * CPU["decode"] / NEW_TOKENS, "quant": f"{q.recipe}-g{q.group_size}-{q.method}", "backend": "onnxruntime"}
+            "peak_rss_mib": peak_rss_mib(), "decode_cpu_ms_per_tok": 1e3 * CPU["decode"] / NEW_TOKENS, "quant": quant_label(bundle), "backend": "onnxruntime"}
 
 
 def worker_engine(args, backend: str) -> dict:
@@ -126,10 +130,9 @@ def worker_engine(args, backend: str) -> dict:
     cpu = time.process_time() - c  # includes the 16-token prefill
     eng.close()
     steps = st.n_generated - 1
-    q = bundle.manifest.quant
     return {"decode_tok_s": steps / st.decode_s, "prefill_tok_s": PROMPT_TOKENS / ttft, "ttft_s": ttft,
             "peak_rss_mib": peak_rss_mib(), "decode_cpu_ms_per_tok": 1e3 * cpu / steps,
-            "quant": f"{q.recipe}-g{q.group_size}-{q.method}", "backend": f"{backend} (engine)"}
+            "quant": quant_label(bundle), "backend": f"{backend} (engine)"}
 
 
 def worker_llamacpp(args) -> dict:
