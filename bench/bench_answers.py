@@ -3,7 +3,7 @@
     python bench/bench_answers.py [--engine BUNDLE] [--corpus manuals,pydoc] [--split test|heldout|both]
                                   [--peer] [--offset N] [--limit N] [--ids 0,4,17] [--uncovered yes|no|only]
                                   [--reuse-index]
-                                  [--passages N] [--threads 2] [--backend onnxruntime|native] [--details out.jsonl]
+                                  [--passages N] [--threads 2] [--backend auto|onnxruntime|native] [--details out.jsonl]
     python bench/bench_answers.py --summarize d1.jsonl d2.jsonl ...   (merge the --details of the jobs a set
                                   was split into: the same JSON lines as one run)
 
@@ -278,8 +278,9 @@ def main() -> None:
     ap.add_argument("--system", default=None, help="override the recipe's system line")
     ap.add_argument("--instruction", default=None, help="override the recipe's instruction line")
     ap.add_argument("-k", type=int, default=5)
-    ap.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "native"),
-                    help="the engine's CPU backend (default: onnxruntime, what `ask` runs on a CPU)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "native"),
+                    help="the engine's CPU backend (default: auto, what `ask` runs: native where it runs, see "
+                         "edge.runtime.generator.resolve_backend)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peer-threads", type=int, default=0, help="llama.cpp threads (default --threads; on a loaded "
                     "machine 1 is faster: its threads spin at barriers)")
@@ -309,6 +310,7 @@ def main() -> None:
     gen = None
     if not args.peer_only:
         gen = Generator.from_bundle(engine, backend=args.backend, threads=args.threads)
+        args.backend = gen.engine.caps.backend or args.backend  # what `auto` picked, in the rows
         recipe = generator_recipe(gen)
         tokenizer, max_context = gen.tokenizer, int(gen.max_context)
     else:

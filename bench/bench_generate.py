@@ -1,14 +1,16 @@
-"""Generation speed: edge-rag (onnxruntime, int4 bundle) vs llama.cpp vs transformers, one run.
+"""Generation speed: edge-rag (its default backend, int4 bundle) vs llama.cpp vs transformers, one run.
 
     python bench/bench_generate.py [--engine BUNDLE] [--threads 2] [--peers edge-rag,llama.cpp,transformers]
-    python bench/bench_generate.py --peers edge-rag,edge-rag:native,llama.cpp   # + the native backend
+    python bench/bench_generate.py --peers edge-rag,edge-rag:onnxruntime,edge-rag:ort-session,llama.cpp
 
 All three run SmolLM2-135M-Instruct from the same GGUF (edge.models.defaults.default_generator_path):
 edge-rag from its int4 bundle built from it (default: edge.engines.default_generator_bundle()),
 llama.cpp through llama-cpp-python on the GGUF itself (Q4_1), transformers (torch CPU, fp32)
-loading the GGUF with gguf_file=. `edge-rag:native` / `edge-rag:onnxruntime` run the same bundle
-through the engine core on that backend (what `generate --backend native`, `ask` and `serve` run:
-scheduler, sampler and all; EOS ignored, no prefix reuse). Each peer runs in its own subprocess so that peak RSS is its
+loading the GGUF with gguf_file=. `edge-rag` runs the bundle through the engine core on the backend
+`--backend auto` picks on this machine (edge.runtime.generator.resolve_backend: native on an x86 CPU with
+AVX2 and a C compiler, else onnxruntime): what `generate`, `ask` and `serve` run by default, scheduler,
+sampler and all (EOS ignored, no prefix reuse). `edge-rag:native` / `edge-rag:onnxruntime` force that
+backend through the engine; `edge-rag:ort-session` is the bare ONNX Runtime session without the engine. Each peer runs in its own subprocess so that peak RSS is its
 own. Figures, each one JSON line:
   decode_tok_s   batch 1, 128 new tokens after a 16-token prompt (greedy; EOS ignored)
   prefill_tok_s  a 512-token prompt (text from pydoc_data.topics), best of 2
@@ -107,12 +109,13 @@ def worker_engine(args, backend: str) -> dict:
     no prefix reuse: the per-token scheduling and sampling a user's `generate` pays are in the figures."""
     from edge.bundle import Bundle
     from edge.runtime.engine import Engine
-    from edge.runtime.generator import open_session
+    from edge.runtime.generator import open_session, resolve_backend
     from edge.runtime.sampler import SamplingParams
     from edge.runtime.tokenizer import Tokenizer
 
     bundle = Bundle.open(args.engine, kind="generator")
     tok = Tokenizer.from_bundle(bundle)
+    picked = resolve_backend(backend, bundle)  # what `auto` runs here
     eng = Engine(open_session(bundle, backend, max_batch=1, max_context=CONTEXT, threads=args.threads), tok,
                  eos_ids=(), prefix_cache=False)
     ids = tok.encode(prompt_text())[:PROMPT_TOKENS]
@@ -132,7 +135,7 @@ def worker_engine(args, backend: str) -> dict:
     steps = st.n_generated - 1
     return {"decode_tok_s": steps / st.decode_s, "prefill_tok_s": PROMPT_TOKENS / ttft, "ttft_s": ttft,
             "peak_rss_mib": peak_rss_mib(), "decode_cpu_ms_per_tok": 1e3 * cpu / steps,
-            "quant": quant_label(bundle), "backend": f"{backend} (engine)"}
+            "quant": quant_label(bundle), "backend": f"{picked} (engine)"}
 
 
 def worker_llamacpp(args) -> dict:
@@ -208,7 +211,7 @@ def worker_transformers(args) -> dict:
             "decode_cpu_ms_per_tok": 1e3 * CPU["decode"] / NEW_TOKENS, "quant": "fp32", "backend": "torch"}
 
 
-WORKERS = {"edge-rag": worker_edge, "llama.cpp": worker_llamacpp, "transformers": worker_transformers,
+WORKERS = {"edge-rag": lambda a: worker_engine(a, "auto"), "edge-rag:ort-session": worker_edge, "llama.cpp": worker_llamacpp, "transformers": worker_transformers,
            "edge-rag:native": lambda a: worker_engine(a, "native"),
            "edge-rag:onnxruntime": lambda a: worker_engine(a, "onnxruntime")}
 

@@ -243,3 +243,65 @@ def test_edge_rag_native_isa_runs_that_path_or_refuses_in_one_line(int4_bundle, 
         monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "vnni")
         with pytest.raises(BackendError, match="cannot run it"):
             NativeBackend(b, threads=2)
+
+
+@pytest.fixture(scope="module")
+def int4_ort_bundle(tmp_path_factory):
+    """An int4 bundle with its ONNX Runtime graph too: what `auto` may fall back to."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("nat-ort") / "int4", tiny_hf_model("llama", seed=5), "int4", forms=("ort",),
+                            max_context=64, max_batch=2)
+
+
+def _fake_cpu(monkeypatch, flags, x86=True):
+    import edge.cpu
+
+    monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(edge.cpu, "is_x86", lambda machine=None: x86)
+    monkeypatch.setattr("edge.runtime.generator._cuda_available", lambda: False)
+
+
+def test_auto_picks_native_only_where_it_runs_fast(int4_ort_bundle, tmp_path, monkeypatch):
+    """`auto` without a GPU: native for an int4 / int8 llama-family bundle on an x86 CPU with AVX2 and a C
+    compiler; onnxruntime on ARM, on an x86 without AVX2, for an fp32 bundle and without a bundle."""
+    from edge.runtime.generator import resolve_backend
+
+    b = Bundle.open(int4_ort_bundle, verify=False)
+    _fake_cpu(monkeypatch, {"avx2", "fma", "f16c"})
+    assert resolve_backend("auto", b) == "native"
+    assert resolve_backend("auto") == "onnxruntime"  # no bundle: nothing to judge
+    assert resolve_backend("onnxruntime", b) == "onnxruntime"
+    _fake_cpu(monkeypatch, {"sse4_2", "avx"})
+    assert resolve_backend("auto", b) == "onnxruntime"
+    _fake_cpu(monkeypatch, {"avx2", "fma", "f16c"}, x86=False)
+    assert resolve_backend("auto", b) == "onnxruntime"
+    _fake_cpu(monkeypatch, {"avx2", "fma", "f16c"})
+    fp32 = Bundle.open(make_tiny_bundle(tmp_path / "fp32", tiny_hf_model("llama", seed=5), "fp32", forms=(), max_context=32, max_batch=1),
+                       verify=False)
+    assert resolve_backend("auto", fp32) == "onnxruntime"
+    q3 = Bundle.open(make_tiny_bundle(tmp_path / "q3", tiny_hf_model("qwen3", seed=1), "int4", forms=(), max_context=32, max_batch=1),
+                     verify=False)
+    assert resolve_backend("auto", q3) == "onnxruntime"  # qk_norm: not in native.c
+
+
+@pytest.mark.skipif(not (is_x86() and {"avx2", "fma", "f16c"} <= cpu_flags()), reason="auto picks native only on x86 with AVX2")
+def test_auto_generator_runs_native_and_falls_back_when_cc_fails(int4_ort_bundle, monkeypatch, capsys):
+    """From a bundle, `auto` runs native (the tokens of `--backend native`); where the compiler it found fails,
+    it says so on stderr and runs onnxruntime (its tokens); `--backend native` is then a one-line error."""
+    monkeypatch.setattr("edge.runtime.generator._cuda_available", lambda: False)
+    gen = Generator.from_bundle(int4_ort_bundle)
+    assert gen.engine.caps.backend == "native" and isinstance(gen.session, NativeBackend)
+    p = SamplingParams(max_tokens=5, temperature=0)
+    assert gen.generate("Once upon", p) == Generator.from_bundle(int4_ort_bundle, backend="native").generate("Once upon", p)
+    build.load.cache_clear()
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("EDGE_RAG_NATIVE_CFLAGS", "-DFALLBACK_TEST=1")  # a new .so name: nothing cached to reuse
+    try:
+        gen = Generator.from_bundle(int4_ort_bundle)
+        assert gen.engine.caps.backend == "onnxruntime"
+        err = capsys.readouterr().err
+        assert "native CPU backend cannot run here" in err and "using onnxruntime" in err
+        assert gen.generate("Once upon", p) == Generator.from_bundle(int4_ort_bundle, backend="onnxruntime").generate("Once upon", p)
+        with pytest.raises(BackendError, match="does not run"):
+            Generator.from_bundle(int4_ort_bundle, backend="native")
+    finally:
+        build.load.cache_clear()

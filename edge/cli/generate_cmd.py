@@ -15,8 +15,9 @@ import typer
 
 from edge.cli.app import app
 
-BACKEND_HELP = ("auto (cuda when a usable GPU is present, else onnxruntime) | onnxruntime | native (edge-rag's own CPU kernels, "
-                "llama-family models; needs a C compiler) | cuda | tensorrt (untested: Jetson only)")
+BACKEND_HELP = ("auto (cuda when a usable GPU is present; else native for an int4/int8 llama-family engine on an x86 CPU "
+                "with AVX2 and a C compiler; else onnxruntime) | onnxruntime | native (edge-rag's own CPU kernels) | cuda | "
+                "tensorrt (untested: Jetson only)")
 
 
 def _params(max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop):

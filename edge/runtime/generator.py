@@ -50,19 +50,26 @@ class GenerationStats:
 
 
 def open_session(bundle, backend: str = "auto", *, max_batch: int = 1, max_context: int | None = None, threads: int | None = None):
-    """The DecoderSession for `backend` ("auto": cuda when edge.runtime.cuda says a GPU is usable)."""
-    backend = resolve_backend(backend)
-    if backend == "cuda":
+    """The DecoderSession for `backend` ("auto": resolve_backend's pick for this bundle; a native
+    backend that `auto` picked but cannot build here falls back to onnxruntime, said on stderr)."""
+    picked = resolve_backend(backend, bundle)
+    if picked == "cuda":
         try:
             from edge.runtime.cuda import open_session as open_cuda_session
         except ImportError as e:
             raise BackendError(f"the cuda backend is not available ({e})", fix="pip install 'edge-rag[cuda]' on a machine with an NVIDIA GPU, or use --backend onnxruntime") from None
         return open_cuda_session(bundle, max_batch=max_batch, max_context=max_context)  # fp32 compute for an fp32 bundle
-    if backend == "native":  # edge-rag's own CPU step (edge.runtime.cpu); compiled with cc at first use
+    if picked == "native":  # edge-rag's own CPU step (edge.runtime.cpu); compiled with cc at first use
         from edge.runtime.cpu.backend import NativeBackend
 
-        return NativeBackend(bundle, max_batch=max_batch, max_context=max_context, threads=threads)
-    if backend == "tensorrt":  # untested here: see edge/runtime/trt_session.py
+        try:
+            return NativeBackend(bundle, max_batch=max_batch, max_context=max_context, threads=threads)
+        except BackendError as e:
+            if backend != "auto":
+                raise
+            _say(f"the native CPU backend cannot run here ({e.args[0] if e.args else e}); using onnxruntime")
+            bundle.verify(BACKEND_ARTIFACTS["onnxruntime"])  # what the fallback reads (native verified less)
+    if picked == "tensorrt":  # untested here: see edge/runtime/trt_session.py
         from edge.runtime.seq_backend import SequenceBackend
         from edge.runtime.trt_session import TrtDecoderSession
 
@@ -70,6 +77,13 @@ def open_session(bundle, backend: str = "auto", *, max_batch: int = 1, max_conte
     from edge.runtime.ort_session import OrtDecoderSession
 
     return OrtDecoderSession(bundle, max_batch=max_batch, max_context=max_context, threads=threads)
+
+
+def _say(msg: str) -> None:
+    import sys
+
+    sys.stderr.write(f"edge-rag: {msg}\n")
+    sys.stderr.flush()
 
 
 # What each backend reads from a bundle (besides the tokenizer files): all it needs to verify.
@@ -82,17 +96,24 @@ BACKEND_ARTIFACTS = {
 TOKENIZER_ARTIFACTS = ("tokenizer.json", "tokenizer_config.json")
 
 
-def resolve_backend(backend: str) -> str:
-    """'auto' -> cuda when edge.runtime.cuda says a GPU is usable, else onnxruntime."""
+def resolve_backend(backend: str, bundle=None) -> str:
+    """'auto' -> cuda when edge.runtime.cuda says a GPU is usable; else, for a generator bundle, native
+    where edge.runtime.cpu.backend.auto_refusal finds nothing against it (an int4 / int8 llama-family
+    bundle, an x86 CPU with AVX2, a C compiler); else onnxruntime. Without a bundle: cuda or onnxruntime."""
     from edge.errors import UsageError
 
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", fix=f"choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "cuda" if _cuda_available() else "onnxruntime"
+        if _cuda_available():
+            return "cuda"
+        if bundle is not None:
+            from edge.runtime.cpu.backend import auto_refusal
+
+            if auto_refusal(bundle) is None:
+                return "native"
+        return "onnxruntime"
     return backend
-
-
 
 
 class Generator:
@@ -116,9 +137,8 @@ class Generator:
                     max_context: int | None = None, max_batch: int | None = None) -> "Generator":
         from edge.bundle import Bundle
 
-        backend = resolve_backend(backend)
         bundle = Bundle.open(path, kind="generator", verify=False)
-        bundle.verify(BACKEND_ARTIFACTS[backend] + TOKENIZER_ARTIFACTS)
+        bundle.verify(BACKEND_ARTIFACTS[resolve_backend(backend, bundle)] + TOKENIZER_ARTIFACTS)
         batch = int(max_batch or bundle.limits.max_batch)
         session = open_session(bundle, backend, max_batch=batch, max_context=max_context, threads=threads)
         return cls(session, Tokenizer.from_bundle(bundle), bundle)

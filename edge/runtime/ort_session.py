@@ -375,7 +375,7 @@ class OrtDecoderSession:
         bps = -(-self.max_context // KV_BLOCK)
         nb = min(self.max_batch * bps, max(bps, self.kv_budget_tokens // KV_BLOCK))
         kv_bytes = nb * KV_BLOCK * self.kv_token_bytes
-        return BackendCaps(num_blocks=nb, block_size=KV_BLOCK, max_seqs=self.max_batch,
+        return BackendCaps(backend="onnxruntime", num_blocks=nb, block_size=KV_BLOCK, max_seqs=self.max_batch,
                            max_context=self.max_context, vocab_size=self.vocab_size, kv_layout="contiguous",
                            device_sampling=False, mixed_rows=True, greedy_stream=False,
                            prefill_chunk=self.prefill_chunk, mixed_prefill=min(self.prefill_chunk, MIXED_PREFILL),

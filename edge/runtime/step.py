@@ -136,6 +136,7 @@ class BackendCaps:
     releases_kv: bool = False  # has release_kv(block ranges): gives the memory of dead rows back (contiguous)
     partial_prefix: bool = False  # paged + copies_blocks: a prefix hit may end inside a block (kv.py's partial
     # hits copy a cached block's rows into a new block; tested on this backend's block copies)
+    backend: str = ""  # the backend's name (edge.runtime.generator.BACKENDS): what `auto` picked, for reports
     copies_blocks: bool = True  # executes StepBatch.block_copies (contiguous: sequences are moved down into
     # freed regions, so one call covers the batch); a backend that keeps its own sequences (TensorRT) cannot
     async_steps: bool = False  # has launch(batch) -> handle whose result() -> StepOutput: launch returns once

@@ -65,6 +65,36 @@ def unsupported_features(spec) -> list[str]:
     return bad
 
 
+# What `auto` needs of this CPU to pick the native backend: the AVX2 (or AVX-512) tiles. Elsewhere (ARM, an
+# x86 without AVX2) the step runs the portable C, slower than ONNX Runtime's MLAS kernels, so auto keeps ORT.
+AUTO_CPU_FLAGS = ("avx2", "fma", "f16c")
+AUTO_RECIPES = ("int4", "int8")  # fp16 / fp32 bundles would be requantized to int8 here: auto keeps them on ORT
+
+
+def auto_refusal(bundle) -> str | None:
+    """Why `--backend auto` does not pick the native backend for `bundle` on this machine (None: it does).
+    Cheap (nothing is compiled or loaded); a compile that fails later falls back in open_session."""
+    from edge.cpu import cpu_flags, is_x86
+    from edge.runtime.cpu.build import compiler
+
+    if not is_x86():
+        return "the native kernels have no SIMD path for this CPU"
+    missing = [f for f in AUTO_CPU_FLAGS if f not in cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    recipe = bundle.manifest.quant.recipe
+    if recipe not in AUTO_RECIPES:
+        return f"the bundle is {recipe} (native runs int4 / int8 bundles)"
+    bad = unsupported_features(bundle.spec)
+    if bad:
+        return f"{bundle.spec.arch} uses {', '.join(bad)}"
+    try:
+        compiler()
+    except BackendError:
+        return "no C compiler (cc) to build its kernels"
+    return None
+
+
 def kv_block_bytes(spec, block_size: int, kv_dtype: str = "fp16") -> int:
     """One block of every layer's K and V: the planner's one bytes-per-token rule."""
     from edge.plan import kv_bytes_per_token
@@ -202,7 +232,7 @@ class NativeBackend:
     # ---- the engine's contract ----------------------------------------------------------
     @property
     def caps(self) -> BackendCaps:
-        return BackendCaps(num_blocks=self.num_blocks, block_size=self.block_size, max_seqs=self.max_batch,
+        return BackendCaps(backend="native", num_blocks=self.num_blocks, block_size=self.block_size, max_seqs=self.max_batch,
                            max_context=self.max_context, vocab_size=self.vocab_size, kv_layout="paged",
                            device_sampling=False, mixed_rows=True, greedy_stream=False, prefix_cache=True,
                            prefill_chunk=self.prefill_chunk, mixed_prefill=MIXED_PREFILL, piece_ctx=piece_ctx_of(PIECE_CTX_PER_PARAM, self.spec.layer_linear_params, self.spec.q_size),

@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -60,6 +61,8 @@ def build(extra_flags: tuple[str, ...] = (), out_dir: Path | None = None) -> Pat
     so = folder / f"native-{h.hexdigest()[:16]}.so"
     if so.exists():
         return so
+    sys.stderr.write(f"edge-rag: compiling the native CPU kernels for this CPU (once; cached in {folder})\n")
+    sys.stderr.flush()
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)

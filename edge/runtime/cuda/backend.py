@@ -96,7 +96,7 @@ class CudaBackend:
         if batch_invariant:
             s.set_batch_invariant(True)
         self.cp = s.cp
-        self.caps = BackendCaps(
+        self.caps = BackendCaps(backend="cuda",
             num_blocks=s.blocks.num_blocks, block_size=s.block_size, max_seqs=s.max_batch, max_context=s.max_context,
             vocab_size=s.vocab_size, kv_layout="paged", device_sampling=True, mixed_rows=True, greedy_stream=True,
             kv_dtype="fp32" if s.act_dtype == "float32" else "fp16", kv_bytes=int(s.kv.nbytes), async_steps=async_steps,
