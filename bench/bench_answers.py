@@ -118,7 +118,7 @@ def peer_answer(peer: LlamaPeer, tokenizer, prompt, question: str, recipe) -> tu
     return strip_header_copies(text2).strip(), text, ttft, s + s2
 
 
-def shown_text(text: str, g, prompt, question: str, res) -> str:
+def shown_text(text: str, g, prompt, question: str, res, min_coverage: float) -> str:
     """What ask would show for the peer's `text`: refused where the gate passed on keywords alone and
     the passages do not back it; a degenerate answer is replaced by the closest passage's quote; an
     ungrounded one is followed by it (rag.ask)."""
@@ -127,7 +127,7 @@ def shown_text(text: str, g, prompt, question: str, res) -> str:
     from rag.retrieve import keyword_coverage
 
     deg = degenerate(text, question)
-    if refuse_ungrounded(res, g.grounded and not deg):
+    if refuse_ungrounded(res, replace(g, grounded=g.grounded and not deg), [p.text for p in prompt.passages], question, min_coverage):
         return NOT_COVERED
     if (g.grounded and not deg) or not prompt.passages:
         return text
@@ -395,7 +395,7 @@ def main() -> None:
                     text, first, ttft, s = peer_answer(peer, tokenizer, prompt, it.question, recipe)
                     sc = score_text(text, len(prompt.passages), it)
                     g = ground(text, [p.text for p in prompt.passages], sc["cited"])
-                    shown = shown_text(text, g, prompt, it.question, res)
+                    shown = shown_text(text, g, prompt, it.question, res, r.min_keyword_coverage)
                     row = {**base, **sc, "engine": "llama.cpp", "answer": text, "s": s, "ttft_ms": ttft,
                            "first_answer": first, "retried": first is not None,
                            "keywords_ok_first": score_text(first, 1, it)["keywords_ok"] if first is not None else sc["keywords_ok"],
@@ -423,7 +423,7 @@ def main() -> None:
                 if peer is not None:
                     text, _, _, _ = peer_answer(peer, tokenizer, prompt, q, recipe)
                     g = ground(text, [p.text for p in prompt.passages], cited_numbers(text, len(prompt.passages)))
-                    shown = shown_text(text, g, prompt, q, res)
+                    shown = shown_text(text, g, prompt, q, res, r.min_keyword_coverage)
                     unc["llama.cpp"].append({**info, "refused": shown == NOT_COVERED or refused(text), "answer": text, "shown": shown,
                                              "by": "grounding" if shown == NOT_COVERED else "model"})
             if details:

@@ -28,10 +28,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from rag.ground import AnswerGuard, CitationFilter, fallback_note, ground, strip_header_copies
+from rag.ground import MIN_SUPPORT, AnswerGuard, CitationFilter, Grounding, fallback_note, ground, strip_header_copies
 from rag.prompt import AnswerRecipe, Prompt, build_prompt, cited_numbers, recipe_for, retry_prompt, sources
-from rag.retrieve import keyword_coverage
-from rag.retrieve import Retrieval, Retriever
+from rag.retrieve import MIN_KEYWORD_COVERAGE, Retrieval, Retriever, keyword_coverage
 
 NOT_COVERED = "The documents do not cover this question."
 
@@ -75,10 +74,19 @@ def generator_recipe(generator) -> AnswerRecipe:
     return recipe_for(ModelSpec.from_dict(bundle.manifest.model).n_params)
 
 
-def refuse_ungrounded(r: Retrieval, grounded: bool) -> bool:
+def refuse_ungrounded(r: Retrieval, g: Grounding, passages: list[str], question: str,
+                      min_coverage: float = MIN_KEYWORD_COVERAGE) -> bool:
     """Whether an answer to a question retrieved as `r` is refused for not being in the passages:
-    only where the gate passed on keywords alone (weak evidence that the documents cover it)."""
-    return r.passed_on == "keywords" and not grounded
+    only where the gate passed on keywords alone (weak evidence that the documents cover it), and then
+    unless a passage holds MIN_SUPPORT of the answer's content AND min_coverage of the question's terms.
+    NOTE: the second half came from an invention grounded only in its source's title line: "The capital
+    of Australia is Canberra. This information is found in the passage [1] of the Python Library
+    Documentation: package zoneinfo." (Qwen2.5-Coder-1.5B, native backend, pydoc): 5 of its 8 content
+    terms are zoneinfo's first line, a passage holding neither "capital" nor "australia"."""
+    if r.passed_on != "keywords":
+        return False
+    return not (g.grounded and any(s >= MIN_SUPPORT and keyword_coverage(question, p) >= min_coverage
+                                   for s, p in zip(g.support, passages)))
 
 
 def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str = "hybrid",
@@ -145,9 +153,9 @@ def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str
     if run.guard.degenerate:
         g.grounded = False
         notes.append(f"answer {run.guard.degenerate}: not shown")
-    if held is not None and refuse_ungrounded(r, bool(g.grounded)):
+    if held is not None and refuse_ungrounded(r, g, [p.text for p in prompt.passages], question, retriever.min_keyword_coverage):
         notes.append(f"passed the relevance gate on keywords alone (top cosine {r.top_cosine:.3f} < "
-                     f"{retriever.min_cosine:.3f}) and the answer is not in the passages: refused")
+                     f"{retriever.min_cosine:.3f}) and no passage matching the question backs the answer: refused")
         if on_token:
             on_token(NOT_COVERED)
         t_end = time.perf_counter()

@@ -12,13 +12,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_rag_fakes import HashEmbedder  # noqa: E402
 
 from edge.errors import ContextLengthError  # noqa: E402
-from rag.ask import NOT_COVERED, ask, format_sources  # noqa: E402
+from rag.ask import NOT_COVERED, ask, format_sources, refuse_ungrounded  # noqa: E402
 from rag.ingest import ingest  # noqa: E402
 from rag.ground import AnswerGuard, CitationFilter, degenerate, ground, support  # noqa: E402
 from rag.prompt import (RECIPES, RETURN_VALUE_INSTRUCTION, asks_return_value, best_window, build_prompt,  # noqa: E402
                         cited_numbers, count_prompt_tokens, documented_entry, recipe_for, sibling_names,
                         without_neighbour_entries)
-from rag.retrieve import Hit, Retriever  # noqa: E402
+from rag.retrieve import Hit, Retrieval, Retriever  # noqa: E402
 from rag.store import ChunkRow  # noqa: E402
 
 
@@ -313,6 +313,26 @@ def test_an_ungrounded_answer_to_a_question_passed_on_keywords_alone_is_refused(
     assert retriever.search(q, k=2).passed_on == "cosine"
     shown = ask(q, retriever, FakeGenerator(answer="The capital is Canberra [1]."), k=2)
     assert shown.covered and "not backed by the passages" in shown.text
+
+
+def test_a_keyword_pass_needs_the_answer_backed_by_a_passage_about_the_question():
+    """An answer grounded only in an unrelated passage's title line is refused on a keyword-only pass
+    (Qwen2.5-Coder-1.5B's answer on the pydoc corpus, session 14); on-topic support stands."""
+    passages = ["Python Library Documentation: package zoneinfo\n\nNAME\n    zoneinfo\n\nCLASSES\n    ZoneInfo(tzinfo)",
+                "E-300: fan stall in the battery bay. The capital cost of a spare fan is 40 EUR."]
+    q = "What is the capital of Australia?"
+    answer = ("The capital of Australia is Canberra. This information is found in the passage [1] of the Python "
+              "Library Documentation: package zoneinfo.")
+    g = ground(answer, passages, [1])
+    assert g.grounded and g.support[0] >= 0.5  # the title line alone carries it past MIN_SUPPORT
+    r = Retrieval(q, "hybrid", [], 0.17, 1, 0.5, "keywords")
+    assert refuse_ungrounded(r, g, passages, q)
+    assert not refuse_ungrounded(replace(r, passed_on="cosine"), g, passages, q)  # strong evidence: shown with notes
+    q2 = "What is the capital cost of a spare fan?"
+    ok = ground("A spare fan costs 40 EUR [2].", passages, [2])
+    assert ok.grounded and not refuse_ungrounded(replace(r, query=q2), ok, passages, q2)
+    assert refuse_ungrounded(replace(r, query=q2), ok, passages, q2, min_coverage=1.01)  # the gate's own threshold
+    assert refuse_ungrounded(replace(r, query=q2), replace(ok, grounded=False), passages, q2)
 
 
 # pydoc's FUNCTIONS section (statistics.txt): the tail of an entry whose head is in the chunk before, then
