@@ -1,7 +1,7 @@
 """Generation speed: edge-rag (its default backend, int4 bundle) vs llama.cpp vs transformers, one run.
 
     python bench/bench_generate.py [--engine BUNDLE] [--threads 2] [--peers edge-rag,llama.cpp,transformers]
-    python bench/bench_generate.py --peers edge-rag,edge-rag:onnxruntime,edge-rag:ort-session,llama.cpp
+    python bench/bench_generate.py --peers edge-rag,edge-rag:onnxruntime,edge-rag:ort-session,llama.cpp,llama-bench
 
 All three run SmolLM2-135M-Instruct from the same GGUF (edge.models.defaults.default_generator_path):
 edge-rag from its int4 bundle built from it (default: edge.engines.default_generator_bundle()),
@@ -10,7 +10,9 @@ loading the GGUF with gguf_file=. `edge-rag` runs the bundle through the engine 
 `--backend auto` picks on this machine (edge.runtime.generator.resolve_backend: native on an x86 CPU with
 AVX2 and a C compiler, else onnxruntime): what `generate`, `ask` and `serve` run by default, scheduler,
 sampler and all (EOS ignored, no prefix reuse). `edge-rag:native` / `edge-rag:onnxruntime` force that
-backend through the engine; `edge-rag:ort-session` is the bare ONNX Runtime session without the engine. Each peer runs in its own subprocess so that peak RSS is its
+backend through the engine; `edge-rag:ort-session` is the bare ONNX Runtime session without the engine.
+`llama-bench` is llama.cpp's own C++ benchmark on the same GGUF (build it first: `python bench/llama_cpp_build.py
+--targets llama-bench`); its peak RSS is not comparable (the largest child process's). Each peer runs in its own subprocess so that peak RSS is its
 own. Figures, each one JSON line:
   decode_tok_s   batch 1, 128 new tokens after a 16-token prompt (greedy; EOS ignored)
   prefill_tok_s  a 512-token prompt (text from pydoc_data.topics), best of 2
@@ -172,6 +174,30 @@ def worker_llamacpp(args) -> dict:
             "decode_cpu_ms_per_tok": 1e3 * CPU["decode"] / NEW_TOKENS, "quant": "gguf-Q4_1", "backend": "llama.cpp"}
 
 
+def worker_llamabench(args) -> dict:
+    """llama.cpp's own C++ benchmark on the same GGUF: `llama-bench -p 512 -n 128` (its tg128 decodes from an
+    empty context, ours after 16 prompt tokens; its pp512 is one 512-token batch). Built once by
+    bench/llama_cpp_build.py (GGML_NATIVE: this CPU's best kernels); not built: an error naming the command."""
+    from bench.llama_cpp_build import binaries_ready, installed_version
+    from edge.models.defaults import default_generator_path
+
+    bin_dir = binaries_ready(installed_version(), False, ("llama-bench",))
+    if bin_dir is None:
+        raise SystemExit("llama-bench is not built: python bench/llama_cpp_build.py --targets llama-bench")
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(default_generator_path()), "-p", str(PROMPT_TOKENS), "-n", str(NEW_TOKENS),
+           "-t", str(args.threads), "-r", "3", "-o", "json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LD_LIBRARY_PATH": str(bin_dir)})
+    if r.returncode != 0:
+        raise SystemExit(f"llama-bench failed: {r.stderr.strip().splitlines()[-1:]}")
+    rows = json.loads(r.stdout)
+    tg = next(x for x in rows if x["n_gen"] > 0)
+    pp = next(x for x in rows if x["n_prompt"] > 0)
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"decode_tok_s": tg["avg_ts"], "prefill_tok_s": pp["avg_ts"], "ttft_s": PROMPT_TOKENS / pp["avg_ts"],
+            "peak_rss_mib": child.ru_maxrss / 1024.0, "decode_cpu_ms_per_tok": None, "quant": "gguf-Q4_1",
+            "backend": f"llama-bench ({tg.get('build_commit', '?')})"}
+
+
 def worker_transformers(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -211,7 +237,8 @@ def worker_transformers(args) -> dict:
             "decode_cpu_ms_per_tok": 1e3 * CPU["decode"] / NEW_TOKENS, "quant": "fp32", "backend": "torch"}
 
 
-WORKERS = {"edge-rag": lambda a: worker_engine(a, "auto"), "edge-rag:ort-session": worker_edge, "llama.cpp": worker_llamacpp, "transformers": worker_transformers,
+WORKERS = {"edge-rag": lambda a: worker_engine(a, "auto"), "edge-rag:ort-session": worker_edge, "llama.cpp": worker_llamacpp,
+           "llama-bench": worker_llamabench, "transformers": worker_transformers,
            "edge-rag:native": lambda a: worker_engine(a, "native"),
            "edge-rag:onnxruntime": lambda a: worker_engine(a, "onnxruntime")}
 
@@ -273,7 +300,8 @@ def main() -> None:
         print(json.dumps({**base, "figure": "peak_rss_mib", "value": round(res["peak_rss_mib"], 1)}))
         # CPU time per decoded token: robust to other load when threads == 1 (with 2 threads it
         # also counts spin-waiting, so compare wall figures there)
-        print(json.dumps({**base, "figure": "decode_cpu_ms_per_tok", "value": round(res["decode_cpu_ms_per_tok"], 2)}))
+        if res["decode_cpu_ms_per_tok"] is not None:  # llama-bench reports none
+            print(json.dumps({**base, "figure": "decode_cpu_ms_per_tok", "value": round(res["decode_cpu_ms_per_tok"], 2)}))
         if name.startswith("edge-rag"):
             try:
                 from edge.bundle import Bundle
@@ -295,6 +323,12 @@ def main() -> None:
         if ok(results[name]) and ok(l):
             print(json.dumps({"figure": "decode_ratio_vs_llama.cpp", "peer": name, "value": round(results[name]["decode_tok_s"] / l["decode_tok_s"], 2),
                               "target": 1.5, **cond}))
+    lb = results.get("llama-bench", {})
+    for name in (n for n in results if n.startswith("edge-rag")):
+        if ok(results[name]) and ok(lb):  # llama.cpp's own C++ benchmark: the strongest CPU peer
+            print(json.dumps({"figure": "decode_ratio_vs_llama-bench", "peer": name, "value": round(results[name]["decode_tok_s"] / lb["decode_tok_s"], 2),
+                              "target": 1.5, **cond}))
+            print(json.dumps({"figure": "prefill_ratio_vs_llama-bench", "peer": name, "value": round(results[name]["prefill_tok_s"] / lb["prefill_tok_s"], 2), **cond}))
     peers = [r for r in (l, t) if ok(r)]
     if ok(e) and peers:
         best = max(peers, key=lambda r: r["prefill_tok_s"])

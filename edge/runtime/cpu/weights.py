@@ -78,19 +78,21 @@ def pack_int8(qweight: np.ndarray, scales: np.ndarray, bias: np.ndarray | None =
         raise BackendError(f"int8 linear with in_features {k}: the native kernels need a multiple of 32",
                            fix="use --backend onnxruntime for this bundle")
     tiles, kb = -(-n // NT), k // QB
-    u = (qweight.astype(np.int16) + 128).astype(np.uint8)
+    u = np.ascontiguousarray(qweight, dtype=np.int8).view(np.uint8) ^ np.uint8(0x80)  # x + 128 for an int8 x, no int16 copies
     u = _pad_rows(u, tiles * NT, np.uint8(128)).reshape(tiles, NT, kb, 8, 4)  # [tile, c, b, j, t]
     w = np.ascontiguousarray(u.transpose(0, 2, 3, 1, 4)).reshape(-1)  # [tile, b, j, c, t]
     s = np.ascontiguousarray(_pad_rows(scales.astype(np.float32), tiles * NT, np.float32(0)).reshape(tiles, NT))
     return NativeLinear(8, n, k, w, s, None if bias is None else np.ascontiguousarray(bias, dtype=np.float32))
 
 
-def quantize_float_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A float [N, K] weight (fp16 / fp32 bundles) as symmetric per-channel int8 (edge.quant.format's rule)."""
+def quantize_float_int8(w: np.ndarray, rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """A float [N, K] weight (fp16 / fp32 bundles, a tied head) as symmetric per-channel int8 (edge.quant.format's
+    rule), `rows` rows at a time: each row's scale is its own, so the values are one call's; the float32 temporaries
+    are a slice's (a tied 49,152 x 576 head: ~9 MB each, not 113)."""
     from edge.quant.format import quantize_int8_rtn
 
-    qt = quantize_int8_rtn(np.asarray(w, dtype=np.float32))
-    return qt.qweight, qt.scales
+    parts = [quantize_int8_rtn(np.asarray(w[r:r + rows], dtype=np.float32)) for r in range(0, w.shape[0], rows)]
+    return np.concatenate([p.qweight for p in parts]), np.concatenate([p.scales for p in parts])
 
 
 def pack_linear(lins: list[BundleLinear], biases: list[np.ndarray | None] | None = None) -> NativeLinear:
@@ -107,7 +109,8 @@ def pack_linear(lins: list[BundleLinear], biases: list[np.ndarray | None] | None
         return pack_int4(np.concatenate([x.qweight for x in lins]), np.concatenate([x.scales for x in lins]), lins[0].group_size, bias)
     if kind == "int8":
         return pack_int8(np.concatenate([x.qweight for x in lins]), np.concatenate([x.scales for x in lins]), bias)
-    q, s = quantize_float_int8(np.concatenate([x.dequantize() for x in lins]))
+    one = lins[0].weight if len(lins) == 1 and kind == "fp" else np.concatenate([x.dequantize() for x in lins])
+    q, s = quantize_float_int8(one)  # a single float linear is read in slices, never as one float32 copy
     return pack_int8(q, s, bias)
 
 
