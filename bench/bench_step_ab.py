@@ -149,7 +149,13 @@ def _forms(sess, pins: dict | None = None, ab_gemv: list[Path] | None = None) ->
             return f"gemv_int4_bk_r{r}_t{nt}_u{u}" + (f"_p{p}_b{b}" if p else "") in bases
 
         src = "".join((ab_dir / f).read_text() for f in ("common.cuh", "gemv.cu"))
-        mod = sess.cp.RawModule(code="\n".join(ln for ln in src.splitlines() if wanted(ln)), options=sess.k.options)
+        lines = [ln for ln in src.splitlines() if wanted(ln)]
+        built = {f"gemv_int4_bk_r{r}_t{nt}_u{u}" + (f"_p{p}_b{b}" if p else "")
+                 for r, nt, u, p, b in re.findall(r"^\s*BK_(?:PIPE_)?INSTANCES\((\d+), (\d+), (\d+)(?:, (\d+), (\d+))?\)", src, re.M)}
+        for base in sorted(bases - built):  # a picked base DIR's gemv.cu does not instance: DIR's code for it, by its macro
+            r, nt, u, p, b = re.fullmatch(r"gemv_int4_bk_r(\d+)_t(\d+)_u(\d+)(?:_p(\d+)_b(\d+))?", base).groups()
+            lines.append(f"BK_PIPE_INSTANCES({r}, {nt}, {u}, {p}, {b})" if p else f"BK_INSTANCES({r}, {nt}, {u})")
+        mod = sess.cp.RawModule(code="\n".join(lines), options=sess.k.options)
         epilogues = ("st", "glu", "res", "rope", "fold", "gluf", "ropef")  # BK_INSTANCES_P's kernels of a base
         other = {n: mod.get_function(n) for n in sess.k.functions if any(n.startswith(b + "_") and n[len(b) + 1:] in epilogues for b in bases)}
         mine = {n: sess.k.functions[n] for n in other}
