@@ -265,6 +265,10 @@ __device__ __forceinline__ const T* row_at(const T* row0, int nr, u32 row_bytes)
 // s; a producer s and, in threads t < R, its row's residual and norm weight. The parts' sum meets
 // in bk_sum_warps' barrier (no barrier of its own): in threads t < R, the same bits in every block.
 #define FOLD_MAXP 4
+// FI, the fold's side in a block-K core: 0 none, FOLD_CONSUMER (gluf / ropef: sums the parts), FOLD_PRODUCER
+// (fold: loads s, its rows' residual and norm weight; no parts to sum, so no shuffles or shared sums of them)
+#define FOLD_CONSUMER 1
+#define FOLD_PRODUCER 2
 #define FOLD_HEADROOM 0.00390625f  // 2^-8: X' = res * w * s / 256 (see gemv_int4_bk_fold)
 struct FoldIn {
     const float* parts;   // [nparts] the producer's per-block sums of squares (consumer; null: none)
@@ -307,20 +311,22 @@ struct NoAfterWait {
     __device__ __forceinline__ void operator()() const {}
 };
 
-template <int R, int NT, bool FI>
+template <int R, int NT, int FI>
 struct FoldLoads {
-    float p[FI ? FOLD_MAXP : 1];
+    float p[FI == FOLD_CONSUMER ? FOLD_MAXP : 1];
     float s, r_old, w;
     __device__ __forceinline__ void issue(const FoldIn& fi, int tid, int n0, int N) {
-        if constexpr (FI) {
+        if constexpr (FI == FOLD_CONSUMER) {
 #pragma unroll
             for (int j = 0; j < FOLD_MAXP; ++j) {
                 const int i = tid + j * NT;
                 p[j] = i < fi.nparts ? ld_nc_early(fi.parts + i) : 0.f;
             }
+        }
+        if constexpr (FI) {
             s = ld_nc_early(fi.sprev) * FOLD_HEADROOM;
             r_old = w = 0.f;
-            if (fi.res && tid < R && n0 + tid < N) {
+            if (FI == FOLD_PRODUCER && fi.res && tid < R && n0 + tid < N) {
                 r_old = ld_cg_early(fi.res + n0 + tid);
                 w = __half2float(fi.nw[n0 + tid]);
             }
@@ -329,12 +335,14 @@ struct FoldLoads {
     // this thread's parts in order -> fo, and their warp's sum (for bk_sum_warps)
     __device__ __forceinline__ float finish(FoldOut* fo) const {
         if constexpr (FI) {
-            float v = 0.f;
-#pragma unroll
-            for (int j = 0; j < FOLD_MAXP; ++j) v += p[j];
             fo->s = s;
             fo->r_old = r_old;
             fo->w = w;
+        }
+        if constexpr (FI == FOLD_CONSUMER) {
+            float v = 0.f;
+#pragma unroll
+            for (int j = 0; j < FOLD_MAXP; ++j) v += p[j];
             return warp_sum(v);
         }
         return 0.f;
@@ -342,13 +350,13 @@ struct FoldLoads {
 };
 
 // yout[r] = the sum over the block's warps of red[r][warp], in warp order (then a barrier).
-// FI: also the warps' sums of the fold's parts (wp) -> fo->pss in threads t < R, in warp order.
-template <int R, int NT, bool FI = false>
+// FI = FOLD_CONSUMER: also the warps' sums of the fold's parts (wp) -> fo->pss in threads t < R, in warp order.
+template <int R, int NT, int FI = 0>
 __device__ __forceinline__ void bk_sum_warps(const float (&red)[R][NT / 32], float* __restrict__ yout,
                                              float wp = 0.f, FoldOut* fo = nullptr) {
-    __shared__ float redp[FI ? NT / 32 : 1];
+    __shared__ float redp[FI == FOLD_CONSUMER ? NT / 32 : 1];
     const int t = threadIdx.x;
-    if constexpr (FI) {
+    if constexpr (FI == FOLD_CONSUMER) {
         if ((t & 31) == 0) redp[t >> 5] = wp;
     }
     __syncthreads();
@@ -357,7 +365,7 @@ __device__ __forceinline__ void bk_sum_warps(const float (&red)[R][NT / 32], flo
 #pragma unroll
         for (int w = 0; w < NT / 32; ++w) v += red[t][w];
         yout[t] = v;
-        if constexpr (FI) {
+        if constexpr (FI == FOLD_CONSUMER) {
             float p = 0.f;
 #pragma unroll
             for (int w = 0; w < NT / 32; ++w) p += redp[w];
@@ -367,7 +375,35 @@ __device__ __forceinline__ void bk_sum_warps(const float (&red)[R][NT / 32], flo
     __syncthreads();
 }
 
-template <int R, int NT, int U, bool FI = false, typename AW = NoAfterWait>
+// R rows' partial sums across a warp in one transposing butterfly (both block-K cores): the same xor
+// pairs as warp_sum, so each row's sum has warp_sum's bits, in R - 1 + 5 - log2 R shuffles instead of 5 R.
+template <int R>
+__device__ __forceinline__ float warp_sum_rows(float* v, int lane) {
+    // v[0..R) per lane -> the sum over the warp of v[idx], idx = lane >> (5 - log2 R), in lanes
+    // whose low 5 - log2 R bits are 0 (every lane holds some row's full sum at the end)
+    int cnt = R;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        if (cnt > 1) {
+            const int half = cnt >> 1;
+            const bool upper = lane & o;
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                if (i < half) {
+                    const float keep = upper ? v[i + half] : v[i];
+                    const float send = upper ? v[i] : v[i + half];
+                    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+                }
+            }
+            cnt = half;
+        } else {
+            v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
+        }
+    }
+    return v[0];
+}
+
+template <int R, int NT, int U, int FI = 0, typename AW = NoAfterWait>
 __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, const half* __restrict__ S,
                                                   const half* __restrict__ X, int N, int K, int gshift,
                                                   int n0, float* __restrict__ yout, FoldIn fi = FoldIn(),
@@ -432,11 +468,10 @@ __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, c
         chunk(c, q, s);
     }
     const float wp = fl.finish(fo);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const float v = warp_sum(acc[r]);
-        if (lane == 0) red[r][warp] = v;
-    }
+    // one butterfly for the R rows (session 19; was R warp_sums: 5 R shuffles, 80 a thread in o's r16)
+    constexpr int LOG_R = R >= 32 ? 5 : R >= 16 ? 4 : R >= 8 ? 3 : R >= 4 ? 2 : R >= 2 ? 1 : 0;
+    const float v = warp_sum_rows<R>(acc, lane);
+    if ((lane & ((32 >> LOG_R) - 1)) == 0) red[lane >> (5 - LOG_R)][warp] = v;
     bk_sum_warps<R, NT, FI>(red, yout, wp, fo);
 }
 
@@ -450,33 +485,7 @@ __device__ __forceinline__ void gemv_int4_bk_core(const uint4* __restrict__ W, c
 // shuffles instead of 5 R), then across warps in warp order: bit for bit the classic kernel of
 // the same R and NT, in fewer registers than R rows' loads at once would take.
 // ---------------------------------------------------------------------------------------
-template <int R>
-__device__ __forceinline__ float warp_sum_rows(float* v, int lane) {
-    // v[0..R) per lane -> the sum over the warp of v[idx], idx = lane >> (5 - log2 R), in lanes
-    // whose low 5 - log2 R bits are 0 (every lane holds some row's full sum at the end)
-    int cnt = R;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        if (cnt > 1) {
-            const int half = cnt >> 1;
-            const bool upper = lane & o;
-#pragma unroll
-            for (int i = 0; i < 16; ++i) {
-                if (i < half) {
-                    const float keep = upper ? v[i + half] : v[i];
-                    const float send = upper ? v[i] : v[i + half];
-                    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-                }
-            }
-            cnt = half;
-        } else {
-            v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
-        }
-    }
-    return v[0];
-}
-
-template <int R, int NT, int D, int P, bool FI = false, typename AW = NoAfterWait>
+template <int R, int NT, int D, int P, int FI = 0, typename AW = NoAfterWait>
 __device__ __forceinline__ void gemv_int4_bk_pipe(const uint4* __restrict__ W, const half* __restrict__ S,
                                                   const half* __restrict__ X, int N, int K, int gshift,
                                                   int n0, float* __restrict__ yout, FoldIn fi = FoldIn(),
@@ -546,7 +555,7 @@ __device__ __forceinline__ void gemv_int4_bk_pipe(const uint4* __restrict__ W, c
 }
 
 // The core an epilogue runs: classic (P = 0) or pipelined with P rows a stage and a ring of U.
-template <int R, int NT, int U, int P, bool FI = false, typename AW = NoAfterWait>
+template <int R, int NT, int U, int P, int FI = 0, typename AW = NoAfterWait>
 __device__ __forceinline__ void gemv_int4_bk_any(const uint4* W, const half* S, const half* X, int N, int K,
                                                  int gshift, int n0, float* yout, FoldIn fi = FoldIn(),
                                                  FoldOut* fo = nullptr, AW after_wait = AW()) {
@@ -586,7 +595,7 @@ __device__ __forceinline__ void gemv_int4_bk_glu(const uint4* W, const half* S, 
     __shared__ float yo[R];
     const int n0 = blockIdx.x * R;
     FoldOut fo;
-    gemv_int4_bk_any<R, NT, U, P, FI>(W, S, X, N, K, gshift, n0, yo, fi, &fo);
+    gemv_int4_bk_any<R, NT, U, P, FI ? FOLD_CONSUMER : 0>(W, S, X, N, K, gshift, n0, yo, fi, &fo);
     float ratio = 1.f;
     const int t = threadIdx.x, n = n0 + 2 * t;
     if constexpr (FI) {
@@ -682,7 +691,7 @@ __device__ __forceinline__ void gemv_int4_bk_fold(const uint4* W, const half* S,
     __shared__ float yo[R];
     const int n0 = blockIdx.x * R;
     FoldOut fo;
-    gemv_int4_bk_any<R, NT, U, P, true>(W, S, X, N, K, gshift, n0, yo, FoldIn{nullptr, sprev, 0, res, nw}, &fo);
+    gemv_int4_bk_any<R, NT, U, P, FOLD_PRODUCER>(W, S, X, N, K, gshift, n0, yo, FoldIn{nullptr, sprev, 0, res, nw}, &fo);
     const int t = threadIdx.x, n = n0 + t;
     if (t >= 32) return;
     float sq = 0.f;
@@ -727,7 +736,7 @@ __device__ __forceinline__ void gemv_int4_bk_rope(const uint4* W, const half* S,
         }
     };
     FoldOut fo;
-    gemv_int4_bk_any<R, NT, U, P, FI>(W, S, X, N, K, gshift, n0, yo, fi, &fo, after_wait);
+    gemv_int4_bk_any<R, NT, U, P, FI ? FOLD_CONSUMER : 0>(W, S, X, N, K, gshift, n0, yo, fi, &fo, after_wait);
     if (t >= R / 2) return;
     float ratio = 1.f;
     if constexpr (FI) ratio = fold_ratio(fo, inv_out, K, eps);
