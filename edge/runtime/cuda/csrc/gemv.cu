@@ -527,25 +527,47 @@ __device__ __forceinline__ void gemv_int4_bk_pipe(const uint4* __restrict__ W, c
     FoldLoads<R, NT, FI> fl;
     fl.issue(fi, tid, n0, N);
     after_wait();
-    for (int j = 0; j < iters; ++j) {
+    // X's chunk of iteration j (c = tid + j NT). The next iteration's is loaded with the next iteration's
+    // first weights (session 19): loaded at its iteration's start, it was a dependent L1 / L2 round trip in
+    // the middle of every thread of a several-iteration kernel (down, K = 14,336: 2 iterations), with one
+    // ring stage of weights in flight.
+    auto load_x = [&](int j, uint4* xv) {
         const int c = tid + j * NT;
-        const bool ok = c < chunks;
-        uint4 xv[4];
-        if (ok) {
+        if (c < chunks) {
             const uint4* xp = reinterpret_cast<const uint4*>(X + (c << 5));
 #pragma unroll
             for (int k = 0; k < 4; ++k) xv[k] = __ldg(xp + k);
         }
+    };
+    // Only in the 16-row, 4-rows-a-stage variants (128 registers or more): the next chunk's 16 registers spill
+    // in the variants capped at 64-85 (NVRTC 12.9, sm_90: 16-128 bytes of stack, gate|up's r8_t128_u2_p1_b8 and
+    // r16_t128_u2_p2_b6 among them); the others load it at their iteration's start as before.
+    constexpr bool XN = R >= 16 && P >= 4;
+    uint4 xv[4];
+    if constexpr (XN) load_x(0, xv);
+    for (int j = 0; j < iters; ++j) {
+        const int c = tid + j * NT;
+        const bool ok = c < chunks;
+        if constexpr (!XN) load_x(j, xv);
+        uint4 xn[4];
         const half2* xh = reinterpret_cast<const half2*>(xv);
 #pragma unroll
         for (int st = 0; st < G; ++st) {
             const int ns = st + D - 1;  // the stage D - 1 ahead: this iteration's or the next one's
-            if (ns < G) load(ns % D, j, ns, false);
-            else if (j + 1 < iters) load(ns % D, j + 1, ns - G, false);
+            if (ns < G) {
+                load(ns % D, j, ns, false);
+            } else if (j + 1 < iters) {
+                load(ns % D, j + 1, ns - G, false);
+                if (XN && ns == G) load_x(j + 1, xn);
+            }
             if (ok) {
 #pragma unroll
                 for (int p = 0; p < P; ++p) acc[st * P + p] += dot_int4_chunk(q[st % D][p], xh) * s[st % D][p];
             }
+        }
+        if (XN && j + 1 < iters) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) xv[k] = xn[k];
         }
     }
     const float wp = fl.finish(fo);
@@ -701,7 +723,10 @@ __device__ __forceinline__ void gemv_int4_bk_fold(const uint4* W, const half* S,
         hout[n] = __float2half(r * fo.s * fo.w);
         sq = r * r;
     }
-    sq = warp_sum(sq);
+    // warp_sum's levels below R only: lanes t >= R hold +0, and x + 0 = x, so the same bits (session 19)
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        if (o < R) sq += __shfl_xor_sync(0xffffffffu, sq, o);
     if (t == 0) parts[blockIdx.x] = sq;
 }
 
