@@ -55,6 +55,28 @@ def nll_engine(bundle: Path, windows: list[np.ndarray], threads: int) -> np.ndar
     return np.concatenate(out)
 
 
+def nll_native(bundle: Path, windows: list[np.ndarray], threads: int) -> np.ndarray:
+    """The native CPU backend (what `--backend auto` runs on an x86 CPU with AVX2): each window from its start,
+    token by token through one-row engine steps, so that every position's logits are seen."""
+    from edge.runtime.cpu.backend import NativeBackend
+    from edge.runtime.step import StepBatch
+
+    w = len(windows[0])
+    be = NativeBackend(Bundle.open(bundle), max_batch=1, max_context=w, threads=threads)
+    bs = be.block_size
+    table = np.full((1, -(-w // bs)), -1, np.int32)
+    table[0] = np.arange(table.shape[1], dtype=np.int32)  # one row owns the first blocks of the pool
+    one, f0, f1, i0 = np.ones(1, np.int32), np.zeros(1, np.float32), np.ones(1, np.float32), np.zeros(1, np.int32)
+    out = []
+    for win in windows:
+        for t in range(w - 1):
+            slot = np.array([table[0, t // bs] * bs + t % bs], np.int32)
+            sb = StepBatch(bs, np.array([win[t]], np.int32), np.array([t], np.int32), slot, np.array([0, 1], np.int32),
+                           np.array([t + 1], np.int32), table, one, f0, f1, i0, f0, one.copy())
+            out.append(_nll_from_logits(be.execute(sb).logits[:1].copy(), np.array([win[t + 1]])))
+    return np.concatenate(out)
+
+
 def nll_llama_cpp(gguf: Path, windows: list[np.ndarray], threads: int) -> np.ndarray:
     from llama_cpp import Llama
 

@@ -2,7 +2,7 @@
 the numpy reference on the same weights.
 
     python bench/perplexity_isa.py --bundle vnni-build=PATH --bundle avx2-build=PATH \
-        [--tokens 512] [--window 256] [--qemu-cpu Haswell]
+        [--tokens 512] [--window 256] [--qemu-cpu Haswell] [--native]
 
 ONNX Runtime's kernels (MLAS) are chosen from cpuid when the library loads; there is no option to
 force a narrower ISA, so the AVX2 rows run the engine under `qemu-x86_64 -cpu Haswell` (Debian's
@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--qemu-cpu", default="Haswell", help="emulated CPU for the AVX2 rows ('' = none)")
+    ap.add_argument("--native", action="store_true", help="also the native backend on this CPU (what `auto` runs on x86 "
+                    "with AVX2; EDGE_RAG_NATIVE_ISA=avx2 runs an AVX2-only CPU's code)")
     ap.add_argument("--engine-only", nargs=2, metavar=("BUNDLE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.engine_only:
@@ -70,6 +72,17 @@ def main() -> None:
         cpus = [("this CPU " + ("VNNI" if isa_summary()["vnni"] else "no VNNI"), [])]
         if args.qemu_cpu:
             cpus.append((f"qemu -cpu {args.qemu_cpu}", ["qemu-x86_64", "-cpu", args.qemu_cpu]))
+        if args.native:
+            from bench.perplexity_gguf import nll_native
+            from edge.runtime.cpu.build import forced_isa
+
+            t = time.time()
+            nll = nll_native(Path(path), heldout_windows(Path(path), args.tokens, args.window), threads=2)
+            ppl = math.exp(nll.mean())
+            print(json.dumps({"bench": "perplexity_isa", "bundle": label, "recipe": b.manifest.quant.recipe, "backend": "native",
+                              "native_isa": forced_isa()[0] or "best of this CPU", "cpu": cpus[0][0],
+                              "tokens_scored": int(nll.size), "ppl_engine": round(ppl, 4), "ppl_reference": round(ppl_ref, 4),
+                              "vs_reference": f"{100 * (ppl / ppl_ref - 1):+.2f}%", "seconds": round(time.time() - t, 1)}), flush=True)
         for cpu, prefix in cpus:
             out = f"/tmp/ppl-isa-{os.getpid()}-{label}.npy"
             t = time.time()
