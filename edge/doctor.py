@@ -132,8 +132,12 @@ def diagnose() -> dict[str, Any]:
     except Exception as e:
         profile, profile_error = None, str(e)
     ort_ok = bool(ort and "version" in ort)
+    from edge.runtime.cpu.backend import machine_refusal
+
+    native_why = machine_refusal()  # None: `auto` runs int4 / int8 llama-family engines on it (no GPU)
     backends = {
         "onnxruntime": ort_ok,
+        "native": native_why is None,
         "onnxruntime_cuda": ort_ok and "CUDAExecutionProvider" in ort.get("providers", []),
         "cuda": bool(cuda["binding"] and any("compute_capability" in d for d in cuda["devices"])),
         "tensorrt": bool(trt and "version" in trt),
@@ -152,6 +156,7 @@ def diagnose() -> dict[str, Any]:
         "onnxruntime": ort,
         "tensorrt": trt,
         "backends": backends,
+        "native": {"auto_picks": native_why is None and not backends["cuda"], "reason": native_why},
         "profile": profile,
     }
     if profile_error:

@@ -272,6 +272,12 @@ def test_auto_picks_native_only_where_it_runs_fast(int4_ort_bundle, tmp_path, mo
     assert resolve_backend("onnxruntime", b) == "onnxruntime"
     _fake_cpu(monkeypatch, {"sse4_2", "avx"})
     assert resolve_backend("auto", b) == "onnxruntime"
+    from edge.doctor import diagnose
+    from edge.runtime.cpu.backend import machine_refusal
+
+    assert machine_refusal() == "this CPU lacks avx2, fma, f16c"  # what `edge-rag doctor` says
+    d = diagnose()
+    assert d["backends"]["native"] is False and d["native"] == {"auto_picks": False, "reason": machine_refusal()}
     _fake_cpu(monkeypatch, {"avx2", "fma", "f16c"}, x86=False)
     assert resolve_backend("auto", b) == "onnxruntime"
     _fake_cpu(monkeypatch, {"avx2", "fma", "f16c"})

@@ -273,6 +273,9 @@ def doctor_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON f
     c.print(_head("TensorRT", (trt.get("version") or trt.get("error") if trt else "not installed (ships with JetPack on Jetson)")))
     ok = [k for k, v in d["backends"].items() if v]
     c.print(_head("backends", f"usable: {', '.join(ok) or 'none'}"))
+    nat = d["native"]
+    c.print(_head("native CPU", "`--backend auto` runs int4 / int8 llama-family engines on it" if nat["auto_picks"]
+                  else f"not auto's pick here ({nat['reason'] or 'a GPU backend is usable'}); `--backend native` forces it"))
     if "cuda_runtime_probe" in d:
         c.print(_head("cuda probe", f"{d['cuda_runtime_probe']}"))
     c.print(_head("profile", f"{d['profile'] or '?'}" + (f"  ({d['profile_error']})" if d.get("profile_error") else "")

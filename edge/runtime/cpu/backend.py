@@ -72,9 +72,9 @@ AUTO_CPU_FLAGS = ("avx2", "fma", "f16c")
 AUTO_RECIPES = ("int4", "int8")  # fp16 / fp32 bundles would be requantized to int8 here: auto keeps them on ORT
 
 
-def auto_refusal(bundle) -> str | None:
-    """Why `--backend auto` does not pick the native backend for `bundle` on this machine (None: it does).
-    Cheap (nothing is compiled or loaded); a compile that fails later falls back in open_session."""
+def machine_refusal() -> str | None:
+    """Why `--backend auto` does not pick the native backend on this machine, whatever the bundle (None: it may).
+    Cheap: nothing is compiled (a compile that fails later falls back in edge.runtime.generator.open_session)."""
     from edge.cpu import cpu_flags, is_x86
     from edge.runtime.cpu.build import compiler
 
@@ -83,16 +83,24 @@ def auto_refusal(bundle) -> str | None:
     missing = [f for f in AUTO_CPU_FLAGS if f not in cpu_flags()]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
+    try:
+        compiler()
+    except BackendError:
+        return "no C compiler (cc) to build its kernels"
+    return None
+
+
+def auto_refusal(bundle) -> str | None:
+    """Why `--backend auto` does not pick the native backend for `bundle` on this machine (None: it does)."""
+    why = machine_refusal()
+    if why:
+        return why
     recipe = bundle.manifest.quant.recipe
     if recipe not in AUTO_RECIPES:
         return f"the bundle is {recipe} (native runs int4 / int8 bundles)"
     bad = unsupported_features(bundle.spec)
     if bad:
         return f"{bundle.spec.arch} uses {', '.join(bad)}"
-    try:
-        compiler()
-    except BackendError:
-        return "no C compiler (cc) to build its kernels"
     return None
 
 
