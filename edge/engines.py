@@ -13,7 +13,6 @@ A first-use build says on stderr what it builds and how long it took, terminal o
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from edge.bundle import Bundle
 from edge.errors import BundleError, ModelError
 from edge.paths import engines_dir
+from edge.textsafe import say as _say
 
 DEFAULT_CONTEXT = 4096
 
@@ -98,11 +98,6 @@ def _embedder_stale(path: Path) -> str | None:
     if why:
         _say(f"rebuilding the cached embedder: {why}")
     return why
-
-
-def _say(msg: str) -> None:
-    sys.stderr.write(f"edge-rag: {msg}\n")
-    sys.stderr.flush()
 
 
 def _fits(choice: GeneratorChoice, profile: str | None) -> bool:

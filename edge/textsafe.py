@@ -39,3 +39,11 @@ def printable(text: str) -> str:
 
 def has_control(text: str) -> bool:
     return bool(re.search("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", text))
+
+
+def say(msg: str) -> None:
+    """One line of progress or notice on stderr, "edge-rag: " first, flushed (also when stderr is no terminal)."""
+    import sys
+
+    sys.stderr.write(f"edge-rag: {msg}\n")
+    sys.stderr.flush()

@@ -258,6 +258,7 @@ def _fake_cpu(monkeypatch, flags, x86=True):
     monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(edge.cpu, "is_x86", lambda machine=None: x86)
     monkeypatch.setattr("edge.runtime.generator._cuda_available", lambda: False)
+    monkeypatch.setenv("CC", "cc")  # a compiler is found (edge.runtime.cpu.build.compiler): the CPU alone decides
 
 
 def test_auto_picks_native_only_where_it_runs_fast(int4_ort_bundle, tmp_path, monkeypatch):
@@ -281,6 +282,10 @@ def test_auto_picks_native_only_where_it_runs_fast(int4_ort_bundle, tmp_path, mo
     _fake_cpu(monkeypatch, {"avx2", "fma", "f16c"}, x86=False)
     assert resolve_backend("auto", b) == "onnxruntime"
     _fake_cpu(monkeypatch, {"avx2", "fma", "f16c"})
+    with monkeypatch.context() as m:  # no compiler on PATH and no $CC
+        m.delenv("CC")
+        m.setattr(build.shutil, "which", lambda name: None)
+        assert resolve_backend("auto", b) == "onnxruntime" and machine_refusal() == "no C compiler (cc) to build its kernels"
     fp32 = Bundle.open(make_tiny_bundle(tmp_path / "fp32", tiny_hf_model("llama", seed=5), "fp32", forms=(), max_context=32, max_batch=1),
                        verify=False)
     assert resolve_backend("auto", fp32) == "onnxruntime"
@@ -289,7 +294,7 @@ def test_auto_picks_native_only_where_it_runs_fast(int4_ort_bundle, tmp_path, mo
     assert resolve_backend("auto", q3) == "onnxruntime"  # qk_norm: not in native.c
 
 
-@pytest.mark.skipif(not (is_x86() and {"avx2", "fma", "f16c"} <= cpu_flags()), reason="auto picks native only on x86 with AVX2")
+@pytest.mark.skipif(not (is_x86() and set(build.ISA_NEEDS["avx2"]) <= cpu_flags()), reason="auto picks native only on x86 with AVX2")
 def test_auto_generator_runs_native_and_falls_back_when_cc_fails(int4_ort_bundle, monkeypatch, capsys):
     """From a bundle, `auto` runs native (the tokens of `--backend native`); where the compiler it found fails,
     it says so on stderr and runs onnxruntime (its tokens); `--backend native` is then a one-line error."""

@@ -20,6 +20,7 @@ from edge.errors import BackendError, ContextLengthError
 from edge.runtime.cuda import available as _cuda_available  # imports no cupy; never raises
 from edge.runtime.sampler import SamplingParams
 from edge.runtime.tokenizer import Tokenizer
+from edge.textsafe import say
 
 BACKENDS = ("auto", "onnxruntime", "native", "cuda", "tensorrt")
 
@@ -67,7 +68,7 @@ def open_session(bundle, backend: str = "auto", *, max_batch: int = 1, max_conte
         except BackendError as e:
             if backend != "auto":
                 raise
-            _say(f"the native CPU backend cannot run here ({e.args[0] if e.args else e}); using onnxruntime")
+            say(f"the native CPU backend cannot run here ({e.args[0] if e.args else e}); using onnxruntime")
             bundle.verify(BACKEND_ARTIFACTS["onnxruntime"])  # what the fallback reads (native verified less)
     if picked == "tensorrt":  # untested here: see edge/runtime/trt_session.py
         from edge.runtime.seq_backend import SequenceBackend
@@ -77,13 +78,6 @@ def open_session(bundle, backend: str = "auto", *, max_batch: int = 1, max_conte
     from edge.runtime.ort_session import OrtDecoderSession
 
     return OrtDecoderSession(bundle, max_batch=max_batch, max_context=max_context, threads=threads)
-
-
-def _say(msg: str) -> None:
-    import sys
-
-    sys.stderr.write(f"edge-rag: {msg}\n")
-    sys.stderr.flush()
 
 
 # What each backend reads from a bundle (besides the tokenizer files): all it needs to verify.

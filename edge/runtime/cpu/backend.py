@@ -66,9 +66,9 @@ def unsupported_features(spec) -> list[str]:
     return bad
 
 
-# What `auto` needs of this CPU to pick the native backend: the AVX2 (or AVX-512) tiles. Elsewhere (ARM, an
-# x86 without AVX2) the step runs the portable C, slower than ONNX Runtime's MLAS kernels, so auto keeps ORT.
-AUTO_CPU_FLAGS = ("avx2", "fma", "f16c")
+# What `auto` needs of this CPU to pick the native backend: the AVX2 path's flags (build.ISA_NEEDS["avx2"]; every
+# AVX-512 x86 has them). Elsewhere (ARM, an x86 without AVX2) the step runs the portable C, slower than ONNX
+# Runtime's MLAS kernels, so auto keeps ORT.
 AUTO_RECIPES = ("int4", "int8")  # fp16 / fp32 bundles would be requantized to int8 here: auto keeps them on ORT
 
 
@@ -76,11 +76,11 @@ def machine_refusal() -> str | None:
     """Why `--backend auto` does not pick the native backend on this machine, whatever the bundle (None: it may).
     Cheap: nothing is compiled (a compile that fails later falls back in edge.runtime.generator.open_session)."""
     from edge.cpu import cpu_flags, is_x86
-    from edge.runtime.cpu.build import compiler
+    from edge.runtime.cpu.build import ISA_NEEDS, compiler
 
     if not is_x86():
         return "the native kernels have no SIMD path for this CPU"
-    missing = [f for f in AUTO_CPU_FLAGS if f not in cpu_flags()]
+    missing = [f for f in ISA_NEEDS["avx2"] if f not in cpu_flags()]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
     try:

@@ -16,12 +16,12 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 from edge.errors import BackendError
+from edge.textsafe import say
 
 SOURCE = Path(__file__).parent / "csrc" / "native.c"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-pthread", "-fPIC", "-shared", "-std=gnu11")
@@ -61,8 +61,7 @@ def build(extra_flags: tuple[str, ...] = (), out_dir: Path | None = None) -> Pat
     so = folder / f"native-{h.hexdigest()[:16]}.so"
     if so.exists():
         return so
-    sys.stderr.write(f"edge-rag: compiling the native CPU kernels for this CPU (once; cached in {folder})\n")
-    sys.stderr.flush()
+    say(f"compiling the native CPU kernels for this CPU (once; cached in {folder})")
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)

@@ -109,8 +109,8 @@ def pack_linear(lins: list[BundleLinear], biases: list[np.ndarray | None] | None
         return pack_int4(np.concatenate([x.qweight for x in lins]), np.concatenate([x.scales for x in lins]), lins[0].group_size, bias)
     if kind == "int8":
         return pack_int8(np.concatenate([x.qweight for x in lins]), np.concatenate([x.scales for x in lins]), bias)
-    one = lins[0].weight if len(lins) == 1 and kind == "fp" else np.concatenate([x.dequantize() for x in lins])
-    q, s = quantize_float_int8(one)  # a single float linear is read in slices, never as one float32 copy
+    # float linears: their stored arrays (fp16 / fp32), concatenated only when fused, read in slices as float32
+    q, s = quantize_float_int8(lins[0].weight if len(lins) == 1 else np.concatenate([x.weight for x in lins]))
     return pack_int8(q, s, bias)
 
 
