@@ -278,6 +278,9 @@ def main() -> None:
     ap.add_argument("--system", default=None, help="override the recipe's system line")
     ap.add_argument("--instruction", default=None, help="override the recipe's instruction line")
     ap.add_argument("-k", type=int, default=5)
+    ap.add_argument("--embed-tokens", type=int, default=None,
+                    help="ingest with this ChunkParams.embed_tokens (0: the whole chunk; default: the ingest's default); "
+                         "its own collection per value")
     ap.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "native"),
                     help="the engine's CPU backend (default: auto, what `ask` runs: native where it runs, see "
                          "edge.runtime.generator.resolve_backend)")
@@ -299,6 +302,7 @@ def main() -> None:
     from edge.runtime.tokenizer import Tokenizer
     from rag.ask import NOT_COVERED, ask, generator_recipe
     from rag.eval import load_questions, source_matches
+    from rag.chunk import ChunkParams
     from rag.ingest import ingest
     from rag.ground import degenerate, ground
     from rag.prompt import build_prompt, cited_numbers, recipe_for
@@ -346,14 +350,16 @@ def main() -> None:
                 passages=recipe.max_passages, passage_tokens=recipe.passage_tokens, answer_tokens=recipe.answer_tokens,
                 repetition_penalty=recipe.repetition_penalty, engine_path=str(engine))
 
+    params = ChunkParams() if args.embed_tokens is None else ChunkParams(embed_tokens=args.embed_tokens or None)
+    meta["embed_tokens"] = params.embed_tokens
     splits = ("test", "heldout") if args.split == "both" else (args.split,)
     for corpus, split in [(c, s) for c in args.corpus.split(",") for s in splits]:
         docs, qfile = CORPORA[corpus]
         if split == "heldout":
             qfile = HELDOUT[corpus]
-        coll = f"bench-answers-{corpus}"
+        coll = f"bench-answers-{corpus}" + ("" if args.embed_tokens is None else f"-e{args.embed_tokens}")
         reuse = args.reuse_index and not foreign_documents(coll, docs)
-        rep = ingest(docs, embedder=emb, collection=coll, rebuild=not reuse, progress=False,
+        rep = ingest(docs, embedder=emb, collection=coll, rebuild=not reuse, progress=False, params=params,
                      embedder_path=str(emb_path))
         items = select_questions(load_questions(qfile), args.offset, args.limit, args.ids) if args.uncovered != "only" else []
         if details:

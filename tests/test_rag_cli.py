@@ -129,3 +129,25 @@ def test_ingest_embed_tokens_default_zero_and_bad_values(fake_engines, capsys):
     assert main(["ingest", str(fake_engines), "--quiet", "--embed-tokens", "3", "-c", "bad"]) == 2
     err = capsys.readouterr().err
     assert "embed_tokens 3 is too small" in err and "Traceback" not in err
+
+
+def test_ingest_keeps_the_collections_embed_tokens_unless_given(fake_engines, capsys, caplog):
+    """A collection's chunks keep one kind of vector: ingesting it again without --embed-tokens uses the
+    cap it was built with (no 'chunk parameters changed' warning); --rebuild takes the default or the flag."""
+    from edge.paths import index_dir
+    from rag.chunk import DEFAULT_EMBED_TOKENS
+    from rag.store import Store
+
+    def cap(name):
+        with Store(index_dir(name), readonly=True) as s:
+            return s.get_meta("chunk_params")["embed_tokens"]
+
+    assert main(["ingest", str(fake_engines), "--quiet", "--embed-tokens", "64", "-c", "c"]) == 0
+    (fake_engines / "extra.md").write_text("# Extra\n\nA new page about the charging dock.\n")
+    caplog.clear()
+    assert main(["ingest", str(fake_engines), "--quiet", "-c", "c"]) == 0
+    assert cap("c") == 64 and "chunk parameters changed" not in caplog.text + capsys.readouterr().err
+    assert main(["ingest", str(fake_engines), "--quiet", "--rebuild", "-c", "c"]) == 0
+    assert cap("c") == DEFAULT_EMBED_TOKENS
+    assert main(["ingest", str(fake_engines), "--quiet", "--rebuild", "--embed-tokens", "32", "-c", "c"]) == 0
+    assert cap("c") == 32

@@ -41,7 +41,8 @@ def _embedder(path: Optional[Path], collection: str | None = None, backend: str 
     return Embedder.from_bundle(Path(path), backend=backend), Path(path)
 
 
-def _stored_embedder_path(collection: str) -> Path | None:
+def _stored_meta(collection: str, key: str):
+    """A collection's stored meta value (None where the collection or the key does not exist)."""
     from edge.paths import collection_exists, home
 
     if not collection_exists(collection):
@@ -49,8 +50,23 @@ def _stored_embedder_path(collection: str) -> Path | None:
     from rag.store import Store
 
     with Store(home() / "collections" / collection, readonly=True) as s:
-        p = s.get_meta("embedder_path")
+        return s.get_meta(key)
+
+
+def _stored_embedder_path(collection: str) -> Path | None:
+    p = _stored_meta(collection, "embedder_path")
     return Path(p) if p and Path(p).exists() else None
+
+
+def _embed_tokens(given: int | None, collection: str, rebuild: bool) -> int | None:
+    """--embed-tokens (0: no cap), else the cap the collection was ingested with (its vectors stay
+    alike; --rebuild takes the default), else DEFAULT_EMBED_TOKENS."""
+    if given is not None:
+        return given or None
+    stored = None if rebuild else _stored_meta(collection, "chunk_params")
+    if isinstance(stored, dict):  # written before embed_tokens existed: whole chunks
+        return stored.get("embed_tokens")
+    return DEFAULT_EMBED_TOKENS
 
 
 def _require_collection(collection: str) -> None:
@@ -79,8 +95,9 @@ def ingest(
                                             "span only (faster ingest; hybrid retrieval measured slightly worse)"),
     embed_tokens: Optional[int] = typer.Option(None, "--embed-tokens",
                                                help="Embed at most this many tokens of each chunk (its head; the whole chunk "
-                                                    "stays searchable by keyword and goes into prompts). Default and 0: the embedder's "
-                                                    f"limit; {FAST_EMBED_TOKENS}: ingest ~1.5x faster, same hybrid recall@5, "
+                                                    "stays searchable by keyword and goes into prompts). 0: the embedder's limit. "
+                                                    "Default: what the collection was ingested with, else "
+                                                    f"{DEFAULT_EMBED_TOKENS or 'the embedder limit'}; {FAST_EMBED_TOKENS}: ingest ~1.5x faster, same hybrid recall@5, "
                                                     "lower MRR (README #15)"),
     index_memory: Optional[str] = typer.Option(None, "--index-memory",
                                                 help="Memory budget for the vector index (e.g. 64MB): picks flat/HNSW/IVF-PQ"),
@@ -100,8 +117,8 @@ def ingest(
 
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     check_collection_name(collection)
-    cap = DEFAULT_EMBED_TOKENS if embed_tokens is None else (embed_tokens or None)  # 0: no cap
-    params = ChunkParams(max_tokens, overlap, embed_overlap, cap)  # bad sizes fail before any engine loads
+    ChunkParams(max_tokens, overlap, embed_overlap, embed_tokens or None)  # bad sizes fail before anything opens
+    params = ChunkParams(max_tokens, overlap, embed_overlap, _embed_tokens(embed_tokens, collection, rebuild))
     budget = None
     if index_memory:
         from edge.profiles import parse_size
