@@ -593,26 +593,42 @@ def test_batched_decode_equals_alone(tmp_path):
             toks[i].append(int(sess.decode_greedy([i], np.array([toks[i][-1]]))[0]))
     for i in range(3):
         assert toks[i] == alone[i], f"sequence {i}: batched {toks[i]} vs alone {alone[i]}"
-    # logits of a batched step equal the logits of the same step alone
+    # logits of a batched step equal the logits of the same step alone. At M = 2 this model's down
+    # ([64 x 128], the one linear the tensor-core GEMM can run) takes the GEMV or the tensor-core GEMM
+    # by its timed pick (tc_from 4 or 2), which timing noise flips between loads: the bound held for
+    # one and failed for the other (H200, session 19). Each M = 2 path is pinned in turn (tc_min_m).
     for i in range(3):
         sess.release(i)
-    sess.add_sequence(7)
-    sess.add_sequence(8)
-    sess.prefill(7, prompts[0])
-    sess.prefill(8, prompts[1])
-    both = sess.decode([7, 8], np.array([5, 6]))
-    sess.release(7)
-    one = {}
-    for fold in (False, True):  # a step alone folds its norms (M = 1 only); unfolded it rounds where batches do
-        sess.fold_norms = fold
+    # GEMV at M = 2: the roundings of the step alone (measured: the same bits, whatever the M = 1 picks).
+    # Tensor cores: down's W = (q - 8) s rounded to half, products summed exactly in float, where the
+    # GEMVs keep q - 8 exact, round sums of 8 products in half2 chains and scale in float: roundings of
+    # u = 2^-11 at other places, like the folded step's X'. Each of the two paths is 1.9e-3 of the
+    # largest logit from the fp32 numpy reference, so they may differ by their sum: the fold's 4e-3
+    # (measured on the H200: 1.35e-3 between them, the same value over 261 random M = 1 picks and TC forms).
+    for tc_min_m, bound in ((1 << 30, 1e-3), (2, 4e-3)):
+        sess.tc_min_m = tc_min_m
         sess._graphs.clear()
-        sess.add_sequence(9)
-        sess.prefill(9, prompts[0])
-        one[fold] = sess.decode([9], np.array([5]))[0]
-        sess.release(9)
-    assert np.abs(both[0] - one[False]).max() <= 1e-3 * np.abs(one[False]).max()
-    # the folded step rounds X' at another scale: a looser bound (the tokens above are the same)
-    assert np.abs(both[0] - one[True]).max() <= 4e-3 * np.abs(one[True]).max()
+        sess.add_sequence(7)
+        sess.add_sequence(8)
+        sess.prefill(7, prompts[0])
+        sess.prefill(8, prompts[1])
+        both = sess.decode([7, 8], np.array([5, 6]))
+        sess.release(7)
+        one = {}
+        for fold in (False, True):  # a step alone folds its norms (M = 1 only); unfolded it rounds where batches do
+            sess.fold_norms = fold
+            sess._graphs.clear()
+            sess.add_sequence(9)
+            sess.prefill(9, prompts[0])
+            one[fold] = sess.decode([9], np.array([5]))[0]
+            sess.release(9)
+        sess.release(8)
+        # the folded step rounds X' at another scale: 4e-3 on either path (the tokens above are the same)
+        for fold, tol in ((False, bound), (True, 4e-3)):
+            d, top = np.abs(both[0] - one[fold]), np.abs(one[fold]).max()
+            assert d.max() <= tol * top, (f"tc_min_m {tc_min_m} fold {fold}: batched vs alone max-abs {d.max():.3e} > {tol} x {top:.3f};"
+                                          f" at {int(d.argmax())}: {both[0][d.argmax()]:.5f} vs {one[fold][d.argmax()]:.5f}")
+    sess.tc_min_m = None
 
 
 def test_probe_reports_compiled():
