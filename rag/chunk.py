@@ -40,9 +40,9 @@ class ChunkParams:
     # 0.98 with any cap (160 / 144 / 128 / none), hybrid MRR 0.908 / 0.895 / 0.865 / 0.918, vector
     # recall@5 0.90 / 0.94 / 0.92 / 0.90; ingest of shard 0/10 1.20x / 1.30-1.35x / 1.48-1.54x the
     # uncapped one, and 128 tokens 3.15-3.46x the code before #15 (2.13-2.29x uncapped).
-    # Not the default (lead, session 7): the cap re-orders the passages of 78 of the 124 answer-bench
-    # prompts (manuals and pydoc), whose answer rows were measured with whole-chunk vectors; it becomes
-    # the default once those sets are re-asked with it. Until then it is the user's choice.
+    # Not the default: the cap re-orders the passages of 78 of the 124 answer-bench prompts, and asked
+    # with it edge-rag falls behind llama.cpp on the same prompts on the manuals held-out set (session 9
+    # on ONNX Runtime: one question; session 15 on native: 18 vs 20 of 22). The user's choice.
     embed_tokens: int | None = DEFAULT_EMBED_TOKENS
 
     def __post_init__(self) -> None:
