@@ -1,6 +1,6 @@
-"""Answer quality: `ask` over two corpora, next to llama.cpp on the same GGUF and the same prompts.
+"""Answer quality: `ask` over three corpora, next to llama.cpp on the same GGUF and the same prompts.
 
-    python bench/bench_answers.py [--engine BUNDLE] [--corpus manuals,pydoc] [--split test|heldout|both]
+    python bench/bench_answers.py [--engine BUNDLE] [--corpus manuals,pydoc,man] [--split test|heldout|both]
                                   [--peer] [--offset N] [--limit N] [--ids 0,4,17] [--uncovered yes|no|only]
                                   [--reuse-index]
                                   [--passages N] [--threads 2] [--backend auto|onnxruntime|native] [--details out.jsonl]
@@ -15,9 +15,12 @@ Corpora (each in its own collection, ingested afresh with the default embedder):
   manuals  examples/manuals + examples/questions.jsonl (the shipped Kestrel manuals, 36 questions)
   pydoc    examples/pydoc + examples/pydoc_questions.jsonl (pydoc text of 39 standard-library
            modules, rendered by bench/pydoc_corpus.py; 32 questions), text nobody on the team wrote
+  man      17 Debian manual pages of sections 5, 7 and 8 (bench/man_corpus.py, rendered on first use
+           into $EDGE_RAG_HOME/bench/man-corpus) + examples/man_questions_heldout.jsonl (24 questions):
+           held out only, so `--split test` refuses it and `both` asks its held-out set
 Each also gets UNCOVERED questions, which the documents do not answer, and a held-out question set
 (examples/*_heldout.jsonl, `--split heldout`) written before the recipe was tuned and never used to
-choose it.
+choose it. `--corpus` defaults to manuals,pydoc.
 
 Per question: hybrid retrieval (k=5), then the engine's answer through rag.ask.ask with its gate
 (its recipe: passages, answer budget, greedy, repetition penalty), and, with --peer, llama.cpp
@@ -57,14 +60,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.man_corpus import ensure_man_corpus, man_corpus_dir  # noqa: E402
+
+# corpus -> (documents, the questions the recipe was chosen on; None: held out only)
 CORPORA = {
     "manuals": (ROOT / "examples" / "manuals", ROOT / "examples" / "questions.jsonl"),
     "pydoc": (ROOT / "examples" / "pydoc", ROOT / "examples" / "pydoc_questions.jsonl"),
+    "man": (man_corpus_dir(), None),
 }
-# questions written after the recipe's first measurements and never used to choose it
+# corpora rendered on first use: a function that makes the folder ready and returns it
+RENDERED = {"man": ensure_man_corpus}
+# questions written after the recipe's first measurements and never used to choose it; man's were
+# written blind, before anybody measured answers on that corpus
 HELDOUT = {
     "manuals": ROOT / "examples" / "questions_heldout.jsonl",
     "pydoc": ROOT / "examples" / "pydoc_questions_heldout.jsonl",
+    "man": ROOT / "examples" / "man_questions_heldout.jsonl",
 }
 UNCOVERED = {
     "manuals": ["Who won the football world cup in 1954?", "How do I bake sourdough bread?",
@@ -73,7 +84,28 @@ UNCOVERED = {
     "pydoc": ["Who won the football world cup in 1954?", "How do I bake sourdough bread?",
               "What is the capital of Australia?", "What does error E-214 mean on the Kestrel robot?",
               "Who wrote Pride and Prejudice?", "How tall is Mount Everest?"],
+    "man": ["Who won the football world cup in 1954?", "How do I bake sourdough bread?",
+            "What is the capital of Australia?", "What does error E-214 mean on the Kestrel robot?",
+            "What does Python's difflib.get_close_matches return?", "How tall is Mount Everest?"],
 }
+
+
+def corpus_splits(corpora: str, split: str) -> list[tuple[str, str]]:
+    """The (corpus, split) sets a run asks, in order: `both` skips the test set of a corpus that has
+    none (held out only); asking for it by name is a UsageError."""
+    from edge.errors import UsageError
+
+    names = [c for c in corpora.split(",") if c]
+    unknown = [c for c in names if c not in CORPORA]
+    if unknown or not names:
+        raise UsageError(f"--corpus {corpora!r}: unknown corpus {', '.join(unknown) or '(none)'}",
+                         fix=f"choose from {', '.join(CORPORA)}")
+    heldout_only = [c for c in names if CORPORA[c][1] is None]
+    if split == "test" and heldout_only:
+        raise UsageError(f"corpus {', '.join(heldout_only)} is held out only: it has no test questions",
+                         fix="use --split heldout or both")
+    splits = ("test", "heldout") if split == "both" else (split,)
+    return [(c, s) for c in names for s in splits if s == "heldout" or CORPORA[c][1] is not None]
 
 
 def emit(fig: str, **kw) -> None:
@@ -293,6 +325,13 @@ def main() -> None:
         return summarize_files(args.summarize)
     if args.ids and ("," in args.corpus or args.split == "both" or args.uncovered == "only"):
         sys.exit("bench_answers: --ids names questions of one set: give one --corpus and --split test|heldout")
+    from edge.errors import EdgeRagError
+
+    try:
+        sets = corpus_splits(args.corpus, args.split)
+        docs_of = {c: RENDERED[c](CORPORA[c][0]) if c in RENDERED else CORPORA[c][0] for c, _ in sets}
+    except EdgeRagError as e:
+        sys.exit(f"bench_answers: {e}")
 
     from edge.bundle import Bundle
     from edge.models.spec import ModelSpec
@@ -352,9 +391,8 @@ def main() -> None:
 
     params = ChunkParams() if args.embed_tokens is None else ChunkParams(embed_tokens=args.embed_tokens or None)
     meta["embed_tokens"] = params.embed_tokens
-    splits = ("test", "heldout") if args.split == "both" else (args.split,)
-    for corpus, split in [(c, s) for c in args.corpus.split(",") for s in splits]:
-        docs, qfile = CORPORA[corpus]
+    for corpus, split in sets:
+        docs, qfile = docs_of[corpus], CORPORA[corpus][1]
         if split == "heldout":
             qfile = HELDOUT[corpus]
         coll = f"bench-answers-{corpus}" + ("" if args.embed_tokens is None else f"-e{args.embed_tokens}")

@@ -149,3 +149,17 @@ def test_bench_answers_selects_questions_by_position_then_offset_and_limit():
     for bad, says in (("0,10", "outside"), ("2,2", "twice"), ("1,x", "not a list")):
         with pytest.raises(UsageError, match=says):
             select_questions(qs, ids=bad)
+
+
+def test_bench_answers_man_corpus_is_held_out_only():
+    from bench.bench_answers import CORPORA, HELDOUT, UNCOVERED, corpus_splits
+    from edge.errors import UsageError
+
+    assert CORPORA["man"][1] is None and HELDOUT["man"].is_file() and len(UNCOVERED["man"]) == 6
+    assert corpus_splits("manuals,man", "both") == [("manuals", "test"), ("manuals", "heldout"), ("man", "heldout")]
+    assert corpus_splits("man", "heldout") == [("man", "heldout")]
+    assert corpus_splits("manuals,pydoc", "test") == [("manuals", "test"), ("pydoc", "test")]
+    with pytest.raises(UsageError, match=r"corpus man is held out only.*--split heldout"):
+        corpus_splits("pydoc,man", "test")
+    with pytest.raises(UsageError, match="unknown corpus mans"):
+        corpus_splits("mans", "heldout")

@@ -1,0 +1,163 @@
+"""Render the third answer-quality corpus: Debian manual pages nobody on the team wrote, held out.
+
+    python bench/man_corpus.py [--out DIR] [--force]   (default DIR: $EDGE_RAG_HOME/bench/man-corpus)
+
+A fixed list of common pages of sections 5, 7 and 8 (user accounts, name lookup, APT sources,
+the file system layout, swap, the dynamic linker) that every Debian or Ubuntu machine installs,
+none of them asked about by bench/scale_questions.jsonl. Each is rendered offline by
+bench/scale_corpus.py's `render_man` (80 columns, no hyphenation, fixed locale) to
+`<name>.<section>.txt`; `corpus.json` records the page list and a sha256 per file.
+examples/man_questions_heldout.jsonl asks for facts that sit in one page; it was written before
+anybody measured answers on it and is never used to choose a recipe (bench/bench_answers.py
+`--corpus man --split heldout`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.scale_corpus import MAN_ROOT, man_name, render_man  # noqa: E402
+
+PAGES = (
+    "adduser.conf.5", "deluser.conf.5", "hostname.5", "hosts.5", "nsswitch.conf.5", "os-release.5",
+    "passwd.5", "services.5", "shadow.5", "sources.list.5", "sysctl.d.5",
+    "environ.7", "glob.7", "hier.7",
+    "ldconfig.8", "swapon.8", "useradd.8",
+)
+# the digest of corpus.json's sha256 map where the questions were written (Debian 12.11: man-db 2.11.2,
+# groff 1.22.4, manpages 6.03, passwd 4.13, adduser 3.134, apt 2.6.1, systemd 252, util-linux 2.38.1);
+# another value means other page versions, against which the held-out keywords were not checked
+REFERENCE_DIGEST = "b6dda44d4c3c7dad"
+CORPUS_JSON = "corpus.json"
+
+
+def man_corpus_dir() -> Path:
+    """Where bench/bench_answers.py keeps the rendered pages: under the state root, so that one
+    rendering serves every run of the same home."""
+    from edge.paths import home
+
+    return home() / "bench" / "man-corpus"
+
+
+def page_file(page: str) -> Path | None:
+    """The installed source of `page` ("passwd.5"), or None."""
+    section = page.rsplit(".", 1)[1]
+    for p in (MAN_ROOT / f"man{section}" / f"{page}.gz", MAN_ROOT / f"man{section}" / page):
+        if p.is_file():
+            return p
+    return None
+
+
+def rendered_name(page: str) -> str:
+    """The corpus file of `page`: "passwd.5" -> "passwd.5.txt" (scale_corpus's naming)."""
+    return man_name(Path(page))
+
+
+def corpus_digest(sha256: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(sha256, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def render(out: Path) -> dict:
+    """Render every page of PAGES into `out` (which must exist) and write corpus.json; returns its
+    content. Raises EdgeRagError naming what is missing."""
+    from edge.errors import EdgeRagError
+
+    if shutil.which("man") is None:
+        raise EdgeRagError("man corpus: the `man` command is not installed", fix="apt-get install man-db")
+    missing = [p for p in PAGES if page_file(p) is None]
+    if missing:
+        raise EdgeRagError(f"man corpus: pages not installed under {MAN_ROOT}: {', '.join(missing)}",
+                           fix="install their packages (manpages, passwd, adduser, apt, systemd, util-linux) "
+                               "and keep /usr/share/man (a minimized image drops it: see `unminimize`)")
+    sha256 = {}
+    failed = []
+    for page in PAGES:
+        text = render_man(page_file(page))
+        if not text:
+            failed.append(page)
+            continue
+        name = rendered_name(page)
+        (out / name).write_text(text, encoding="utf-8")
+        sha256[name] = hashlib.sha256(text.encode()).hexdigest()
+    if failed:
+        raise EdgeRagError(f"man corpus: `man` could not render {', '.join(failed)}",
+                           fix="run `man -l` on them to see why")
+    meta = {"pages": list(PAGES), "sha256": sha256, "digest": corpus_digest(sha256)}
+    (out / CORPUS_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def intact(folder: Path) -> bool:
+    """A rendering of today's PAGES whose files are what corpus.json says they are."""
+    try:
+        meta = json.loads((folder / CORPUS_JSON).read_text())
+        return meta["pages"] == list(PAGES) and sorted(meta["sha256"]) == sorted(map(rendered_name, PAGES)) and all(
+            hashlib.sha256((folder / n).read_bytes()).hexdigest() == h for n, h in meta["sha256"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def ensure_man_corpus(out_dir: Path | None = None, force: bool = False) -> Path:
+    """The rendered corpus folder (default man_corpus_dir()), rendered once (render_into_place: a
+    killed run or a concurrent job never sees half a corpus). An existing folder is kept while it is intact for today's page list. Pages that render
+    other than the reference (other page versions) are said on stderr: their figures are not
+    comparable with the reference's."""
+    out = Path(out_dir) if out_dir is not None else man_corpus_dir()
+    if force or not intact(out):
+        render_into_place(out)
+    digest = json.loads((out / CORPUS_JSON).read_text())["digest"]
+    if digest != REFERENCE_DIGEST:
+        print(f"man_corpus: {out} renders to digest {digest}, not the reference {REFERENCE_DIGEST} the held-out "
+              "keywords were checked against (other page versions)", file=sys.stderr)
+    return out
+
+
+def render_into_place(out: Path) -> None:
+    """Render into a temporary folder beside `out`, then rename it to `out` (a stale `out` is moved
+    aside and removed first; a failed rendering leaves `out` as it was)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        render(tmp)
+        if out.exists():  # stale (another page list, an edited file): out of the way first
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # a concurrent job renamed its rendering first: same pages, keep that one
+            if not intact(out):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    from edge.errors import EdgeRagError
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None, help="folder (default: $EDGE_RAG_HOME/bench/man-corpus)")
+    ap.add_argument("--force", action="store_true", help="render again even if the folder is intact")
+    args = ap.parse_args()
+    try:
+        out = ensure_man_corpus(args.out, force=args.force)
+    except EdgeRagError as e:
+        sys.exit(f"man_corpus: {e}")
+    meta = json.loads((out / CORPUS_JSON).read_text())
+    print(json.dumps({"figure": "man_corpus", "out": str(out), "pages": len(meta["pages"]),
+                      "bytes": sum((out / n).stat().st_size for n in meta["sha256"]),
+                      "digest": meta["digest"], "reference": meta["digest"] == REFERENCE_DIGEST}))
+
+
+if __name__ == "__main__":
+    main()
