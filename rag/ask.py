@@ -106,8 +106,8 @@ def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str
         if on_token:
             on_token(NOT_COVERED)
         timings.update(ttft_ms=(time.perf_counter() - t0) * 1e3, total_ms=(time.perf_counter() - t0) * 1e3)
-        return Answer(question, NOT_COVERED, False, [], [], timings,
-                      notes=[f"nothing relevant retrieved: {gate_info}"])
+        why = (f"no passage mentions {', '.join(r.missing)}" if r.missing else "nothing relevant retrieved")
+        return Answer(question, NOT_COVERED, False, [], [], timings, notes=[f"{why}: {gate_info}"])
     load_ms = 0.0
     if callable(generator) and not hasattr(generator, "stream"):
         tl = time.perf_counter()

@@ -315,6 +315,14 @@ def test_an_ungrounded_answer_to_a_question_passed_on_keywords_alone_is_refused(
     assert shown.covered and "not backed by the passages" in shown.text
 
 
+def test_a_question_naming_a_function_no_passage_holds_is_refused_before_generating(retriever):
+    retriever.min_cosine = -1.0  # the cosine alone would let anything through
+    gen = FakeGenerator(answer="It returns a list of the closest matches [1].")
+    a = ask("What does difflib.get_close_matches return?", retriever, gen, k=2)
+    assert not a.covered and a.text == NOT_COVERED and gen.calls == []
+    assert any("no passage mentions difflib.get_close_matches" in n for n in a.notes)
+
+
 def test_a_keyword_pass_needs_the_answer_backed_by_a_passage_about_the_question():
     """An answer grounded only in an unrelated passage's title line is refused on a keyword-only pass
     (Qwen2.5-Coder-1.5B's answer on the pydoc corpus, session 14); on-topic support stands."""

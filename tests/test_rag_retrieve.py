@@ -122,6 +122,25 @@ def test_relevance_gate(retriever):
     assert not retriever.search("coolant gardening", k=3).relevant
 
 
+def test_a_question_naming_what_no_passage_holds_is_not_covered(retriever):
+    """The gate refuses a question that names a function or setting (a dotted name, a name with an
+    underscore) found in no retrieved passage, however high its cosine; a name that is there passes."""
+    from rag.retrieve import api_names, missing_names
+
+    assert api_names("What does Python's difflib.get_close_matches return?") == ["difflib.get_close_matches"]
+    assert api_names("When is ensure_ascii true, and what is 2.4 GHz?") == ["ensure_ascii"]
+    # documentation names a function under its module's page: the last part is enough
+    assert missing_names("What does queue.Queue.get_nowait raise?", ["get_nowait()\n  Remove and return"]) == []
+    assert missing_names("What does difflib.get_close_matches return?", ["Reading os-release in python"]) == [
+        "difflib.get_close_matches"]
+    retriever.min_cosine = -1.0  # every question passes on cosine
+    r = retriever.search("Which sensor does reset_coolant_sensor calibrate?", k=3)
+    assert not r.relevant and r.missing == ["reset_coolant_sensor"]
+    assert retriever.search("What does the coolant pressure sensor read?", k=3).passed_on == "cosine"
+    spaced = retriever.search("Which error means coolant pressure_sensor failure?", k=3)
+    assert not spaced.relevant and spaced.missing == ["pressure_sensor"]  # the manual writes "pressure sensor"
+
+
 def test_bad_arguments(retriever):
     with pytest.raises(UsageError, match="mode"):
         retriever.search("x", mode="fuzzy")
