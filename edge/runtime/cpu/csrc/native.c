@@ -414,17 +414,23 @@ static void quantize_row(const float *x, int k, int8_t *q, float *s, int32_t *su
 
 /* ---- integer block dots: idot[m][c] for MR rows x 16 columns of one tile and block --------- */
 
-/* The weights stream from memory once a step (91 MB for SmolLM2, more than the L3): a tile that
-   serves several rows computes long enough per block for the hardware prefetcher alone to leave
-   it waiting, so it asks PF_AHEAD bytes ahead of the block being multiplied (its thread's tiles
-   are one sequential stream) for the weights and, int4, their scales. Measured (8-row SmolLM2
-   step, 2 threads, 8 rows at past 60-180): 10.19 -> 8.95 ms; at one row it cost 0.13-0.18 ms
-   (3.26 vs 3.39), so a one-row tile leaves it to the hardware. A prefetch never faults, so
-   reading ahead past the array's end is harmless; it changes no arithmetic. */
+/* The weights stream from memory once a step (91 MB for SmolLM2, more than the L3): each thread asks
+   PF_AHEAD bytes ahead of the block being multiplied (its thread's tiles are one sequential stream)
+   for the weights and, int4, their scales. A prefetch never faults, so reading ahead past the
+   array's end is harmless; it changes no arithmetic. Measured: an 8-row SmolLM2 step, 2 threads,
+   10.19 -> 8.95 ms (session 9's machine). One-row tiles (batch-1 decode) prefetch too since session
+   15 (PF_MIN_ROWS 1): on a Zen 5 EPYC, 2 cores, SmolLM2 int4 decode through the engine went from a
+   median of 192-209 to 226-243 tok/s (AVX-512 path) and from 161 to 202-214 (the AVX2 path): the
+   int4 linears read 16 GB/s against the head's 30 without it (-DER_PROFILE phases); the head's
+   long stream the hardware prefetcher follows alone, the small per-layer matrices it did not. Session
+   9's machine measured the opposite at one row (3.26 vs 3.39 ms a step without / with); -DPF_MIN_ROWS=2
+   in $EDGE_RAG_NATIVE_CFLAGS restores that. */
 #ifndef PF_AHEAD
 #define PF_AHEAD 2048
 #endif
-#define PF_MIN_ROWS 2
+#ifndef PF_MIN_ROWS
+#define PF_MIN_ROWS 1
+#endif
 /* NOTE: always_inline: a function whose body is only __builtin_prefetch looks side-effect free to
    GCC 12, which then marks it const and deletes the calls that it did not inline (this one's first
    form: no prefetch was left in the tiles; the asm has them now). */
