@@ -15,7 +15,6 @@ from typing import Callable
 from rag.loaders import Block, LoadedDoc
 
 CountTokens = Callable[[str], int]
-CountMany = Callable[[list[str]], list[int]]
 
 
 DEFAULT_EMBED_TOKENS: int | None = None  # ChunkParams.embed_tokens' default (see its note)
@@ -112,39 +111,13 @@ class Chunker:
     """Cut a LoadedDoc into chunks. `count_tokens(text)` may include special tokens; the count of
     an empty string is subtracted so that sums of pieces approximate the whole."""
 
-    def __init__(self, count_tokens: CountTokens, params: ChunkParams = ChunkParams(),
-                 count_many: CountMany | None = None):
+    def __init__(self, count_tokens: CountTokens, params: ChunkParams = ChunkParams()):
         self.params = params
         self._count_raw = count_tokens
-        self._count_many = count_many
         self._special = count_tokens("")
-        self._known: dict[str, int] = {}  # raw counts of one document's texts, counted as batches
 
     def count(self, text: str) -> int:
-        n = self._known.get(text)
-        return max(0, (self._count_raw(text) if n is None else n) - self._special)
-
-    # NOTE: a document's texts are counted as batches before it is cut (`count_many`, e.g. Embedder.
-    # count_tokens_many): every block, then the sentences of the blocks too long for a chunk, then the
-    # words of the sentences too long: the same texts one-by-one counting asks for, so the same counts
-    # and the same chunks, in three tokenizer calls instead of one per text (~22,000 for 50 pydoc
-    # pages: 1.0 s of CPU, the ingest's largest cost after embedding with --embed-tokens 128).
-    def _count_ahead(self, doc: LoadedDoc) -> None:
-        self._known.clear()
-        if self._count_many is None:
-            return
-
-        def learn(texts: list[str]) -> None:
-            new = list(dict.fromkeys(t for t in texts if t not in self._known))
-            self._known.update(zip(new, self._count_many(new)))
-
-        limit = self.params.max_tokens + self._special
-        learn([b.text for b in doc.blocks])
-        sents = [doc.text[s:e] for b in doc.blocks if self._known[b.text] > limit
-                 for s, e in _split_spans(b.text, b.char_start, _SENT)]
-        learn(sents)
-        learn([w for t in sents if self._known[t] > limit
-               for ws, we in _split_spans(t, 0, _WORD) for w in (t[ws:we],)])
+        return max(0, self._count_raw(text) - self._special)
 
     # -- splitting a block into pieces that each fit max_tokens
     def _pieces(self, doc: LoadedDoc, block: Block) -> list[_Piece]:
@@ -175,13 +148,6 @@ class Chunker:
 
     def chunk(self, doc: LoadedDoc) -> list[Chunk]:
         """All chunks of a document, in reading order."""
-        self._count_ahead(doc)
-        try:
-            return self._chunk(doc)
-        finally:
-            self._known.clear()
-
-    def _chunk(self, doc: LoadedDoc) -> list[Chunk]:
         chunks: list[Chunk] = []
         path: list[tuple[int, str]] = []  # heading stack: (level, title)
         section: list[_Piece] = []

@@ -50,7 +50,6 @@ class EmbedderLike(Protocol):
     # (edge.runtime.embedder.Embedder); ingest passes it only when ChunkParams.embed_tokens is set
 
     def count_tokens(self, text: str) -> int: ...
-    # an embedder may also count a batch at once, count_tokens_many(texts) (Chunker._count_ahead)
 
 
 @dataclass
@@ -198,7 +197,7 @@ def _ingest_locked(root, files, unsupported, store: Store, d: Path, embedder: Em
             continue
         todo.append((p, sha, st, _display_path(p, root)))
 
-    chunker = Chunker(embedder.count_tokens, params, getattr(embedder, "count_tokens_many", None))
+    chunker = Chunker(embedder.count_tokens, params)
     loaded: list[tuple[Path, str, os.stat_result, str, str, list]] = []
     for p, sha, st, disp in todo:
         try:

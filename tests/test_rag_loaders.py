@@ -195,32 +195,6 @@ def test_chunks_respect_token_limit_and_overlap():
         assert any(p in c.text for c in chunks)
 
 
-def test_counting_a_documents_texts_as_batches_gives_the_same_chunks():
-    """Chunker(count_many=...) counts a document's blocks, long blocks' sentences and long sentences'
-    words in batches first: the same chunks as counting one text at a time, in a few batch calls."""
-    emb = HashEmbedder()
-    words = [f"w{i}" for i in range(600)]
-    text = ("# Title\n\n" + "\n\n".join(" ".join(words[i:i + 30]) + "." for i in range(0, 300, 30))
-            + "\n\nA short one. " + " ".join(words[300:]) + ". Then an end.\n\n## Sub\n\nLast words here.")
-    doc = text_blocks(Path("t.md"), text)
-    singles, batches = [], []
-
-    def one(t):
-        singles.append(t)
-        return emb.count_tokens(t)
-
-    def many(ts):
-        batches.append(len(ts))
-        return [emb.count_tokens(t) for t in ts]
-
-    params = ChunkParams(max_tokens=40, overlap=10)
-    want = Chunker(emb.count_tokens, params).chunk(doc)
-    got = Chunker(one, params, many).chunk(doc)
-    assert got == want and len(want) > 10
-    assert len(batches) == 3 and sum(batches) > 300  # blocks, sentences of long blocks, words of long sentences
-    assert singles == [""]  # only the special-token count of the empty text was asked one by one
-
-
 def test_overlap_never_becomes_a_chunk_of_its_own():
     emb = HashEmbedder()
     intro = "Intro sentence one two three four five six seven eight nine ten."

@@ -262,23 +262,12 @@ class Embedder:
     def count_tokens(self, text: str) -> int:
         """Tokens the model would see for `text`, [CLS]/[SEP] included, BEFORE truncation
         (so a chunker can tell whether a chunk fits max_seq_length)."""
-        return len(self._untruncated().encode(text).ids)
-
-    def count_tokens_many(self, texts: list[str]) -> list[int]:
-        """count_tokens of each text, encoded as a batch (the tokenizer's threads, one call)."""
-        tok, out = self._untruncated(), []
-        for i in range(0, len(texts), ENCODE_PIECE):  # in pieces: see _encode's note
-            out += [len(e.ids) for e in tok.encode_batch(texts[i:i + ENCODE_PIECE])]
-        return out
-
-    def _untruncated(self) -> Any:
         if self._counter is None:
             from tokenizers import Tokenizer
 
             self._counter = Tokenizer.from_str(self.tokenizer.to_str())
             self._counter.no_truncation()
-            self._counter.no_padding()  # a batch must not pad its texts to the longest
-        return self._counter
+        return len(self._counter.encode(text).ids)
 
     def _encode(self, texts: list[str], max_tokens: int | None = None) -> list[list[int]]:
         """Token ids of each text, truncated to max_seq_length, or to `max_tokens` when smaller: the
