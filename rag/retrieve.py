@@ -68,6 +68,13 @@ def query_terms(text: str) -> list[str]:
     return out
 
 
+def is_dotted_name(term: str) -> bool:
+    """A dotted name of code: parts joined by '.', each holding a letter (shlex.quote,
+    queue.Queue.get_nowait; not 2.4 or v1.2)."""
+    parts = term.split(".")
+    return len(parts) > 1 and all(any(c.isalpha() for c in x) for x in parts)
+
+
 def fts_terms(text: str) -> list[str]:
     """query_terms, each dotted name (every part holding a letter: shlex.quote, queue.Queue.get_nowait,
     not 2.4) followed by its parts. FTS5 reads a quoted term as a phrase, and API documentation names a
@@ -75,9 +82,7 @@ def fts_terms(text: str) -> list[str]:
     alone matched no chunk, and BM25 ranked the chunks richest in "return" first."""
     out: list[str] = []
     for t in query_terms(text):
-        parts = t.split(".")
-        more = [x for x in parts if x not in STOPWORDS and len(x) > 1] if len(parts) > 1 and all(
-            any(c.isalpha() for c in x) for x in parts) else []
+        more = [x for x in t.split(".") if x not in STOPWORDS and len(x) > 1] if is_dotted_name(t) else []
         for x in (t, *more):
             if x not in out:
                 out.append(x)
@@ -107,12 +112,7 @@ def api_names(text: str) -> list[str]:
     """Names of things in code that a question asks about: dotted names whose parts all hold a letter
     (difflib.get_close_matches, queue.Queue.get_nowait) and names with an underscore (ensure_ascii),
     lower-cased. 'What does csv.QUOTE_NONNUMERIC do?' -> ['csv.quote_nonnumeric']."""
-    out = []
-    for t in query_terms(text):
-        parts = t.split(".")
-        if "_" in t or (len(parts) > 1 and all(any(c.isalpha() for c in x) for x in parts)):
-            out.append(t)
-    return out
+    return [t for t in query_terms(text) if "_" in t or is_dotted_name(t)]
 
 
 def missing_names(question: str, passages: list[str]) -> list[str]:
@@ -120,7 +120,12 @@ def missing_names(question: str, passages: list[str]) -> list[str]:
     names a function under its module's page: "get_nowait()" in queue's). A last part under 3
     characters counts as found (too common to tell anything)."""
     hay = "\n".join(passages).lower()
-    return [n for n in api_names(question) if n not in hay and len(last := n.split(".")[-1]) >= 3 and last not in hay]
+    missing = []
+    for n in api_names(question):
+        last = n.split(".")[-1]
+        if n not in hay and len(last) >= 3 and last not in hay:
+            missing.append(n)
+    return missing
 
 
 def keyword_coverage(question: str, passage: str) -> float:

@@ -117,7 +117,7 @@ def ingest(
 
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     check_collection_name(collection)
-    ChunkParams(max_tokens, overlap, embed_overlap, embed_tokens or None)  # bad sizes fail before anything opens
+    # bad sizes fail here, before any engine loads (the cap may come from the collection's stored meta)
     params = ChunkParams(max_tokens, overlap, embed_overlap, _embed_tokens(embed_tokens, collection, rebuild))
     budget = None
     if index_memory:
