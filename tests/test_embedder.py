@@ -381,7 +381,8 @@ def test_int8_format_follows_the_cpu_and_every_linear_is_quantized_per_row(tiny_
 
     monkeypatch.setenv("EDGE_RAG_U8S8", cpu)  # "exact": VNNI / ARM; "saturates": AVX2-only x86
     folder = tiny_folders["e5_mean_norm"]
-    emb = Embedder.from_bundle(build_embedder_bundle(folder, tmp_path / cpu, quant="int8", progress=False), threads=1)
+    emb = Embedder.from_bundle(build_embedder_bundle(folder, tmp_path / cpu, quant="int8", progress=False), threads=1,
+                               backend="onnxruntime")  # the graph's own runtime (the native encoder: test_native_encoder.py)
     g = onnx.load(str(emb.bundle.path / "model.onnx")).graph
     inits = {i.name: i for i in g.initializer}
     by_op: dict[str, list] = {}
@@ -418,7 +419,7 @@ def test_int8_vector_does_not_depend_on_the_batch(tiny_folders, tmp_path):
     """A text embeds to the same vector alone as beside much longer texts (each row's activations
     have their own scale: edge.build.encoder.quantize_linears_per_row)."""
     emb = Embedder.from_bundle(build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "q", quant="int8", progress=False),
-                               threads=1)
+                               threads=1, backend="onnxruntime")
     short = ["a", "reset", "battery life"]
     rng = random.Random(7)
     long = [" ".join(rng.choice(_WORDS) for _ in range(60)) for _ in range(5)]

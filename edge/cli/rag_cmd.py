@@ -20,9 +20,10 @@ from rag.chunk import DEFAULT_EMBED_TOKENS, FAST_EMBED_TOKENS
 MODE_HELP = "hybrid (vector + keyword, fused), vector or keyword"
 
 
-EMBED_BACKEND_HELP = "Embedder backend: auto (the GPU when cupy and an NVIDIA GPU are usable, else the CPU), onnxruntime or cuda"
+EMBED_BACKEND_HELP = ("Embedder backend: auto (the GPU when cupy and an NVIDIA GPU are usable, else cpu), cpu (the native encoder "
+                      "where this CPU has AVX-512 VNNI, else onnxruntime), onnxruntime or cuda")
 BACKEND_HELP = ("auto, onnxruntime, native (own CPU kernels, llama-family), cuda or tensorrt (untested) for the generator; "
-                "the embedder follows (cuda or onnxruntime; native: onnxruntime; auto and tensorrt: the GPU where usable)")
+                "the embedder follows (cuda or cpu; native and onnxruntime: the CPU; auto and tensorrt: the GPU where usable)")
 
 
 def _embedder(path: Optional[Path], collection: str | None = None, backend: str = "auto"):

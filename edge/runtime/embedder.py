@@ -26,7 +26,9 @@ from edge.bundle import Bundle
 from edge.errors import BackendError, BundleError, EdgeRagError, UsageError
 from edge.runtime.cuda import available as _cuda_available  # imports no cupy; never raises
 
-BACKENDS = ("auto", "onnxruntime", "cuda")
+BACKENDS = ("auto", "cpu", "onnxruntime", "cuda")
+# EDGE_RAG_NATIVE_ENCODER=0: the "cpu" backend runs onnxruntime even where the native encoder could run
+NATIVE_ENV = "EDGE_RAG_NATIVE_ENCODER"
 INPUTS = ("input_ids", "attention_mask")  # must match edge.build.encoder.INPUTS
 OUTPUT = "sentence_embedding"
 
@@ -42,7 +44,7 @@ class EmbedderInfo:
     normalize: bool
     quant: str
     embedder_id: str
-    backend: str = "onnxruntime"  # "cuda": fp16 on the GPU, from the bundle's source weights
+    backend: str = "onnxruntime"  # "native": edge.runtime.cpu.encoder; "cuda": fp16 on the GPU, from the source weights
 
 
 # Attention scores are [B, heads, S, S]: a batch of 32 texts of 512 tokens holds ~400 MB per
@@ -92,17 +94,18 @@ def length_buckets(lengths: list[int], batch_size: int, max_cells: int = MAX_BAT
 
 
 def resolve_backend(backend: str) -> str:
-    """"auto" -> "cuda" when a GPU of compute capability 8.0+ and cupy are usable, else
-    "onnxruntime". The generator's names are accepted too: "tensorrt" has no embedder of its
-    own and means "auto" here; "native" (the generator's own CPU step) means the CPU, onnxruntime."""
+    """"auto" -> "cuda" when a GPU of compute capability 8.0+ and cupy are usable, else "cpu": the
+    native encoder (edge.runtime.cpu.encoder) where it runs this bundle on this CPU, else onnxruntime.
+    The generator's names are accepted too: "tensorrt" has no embedder of its own and means "auto"
+    here; "native" (the generator's own CPU step) means "cpu". "onnxruntime" is onnxruntime only."""
     if backend == "tensorrt":
         backend = "auto"
     if backend == "native":
-        backend = "onnxruntime"
+        backend = "cpu"
     if backend not in BACKENDS:
         raise UsageError(f"unknown embedder backend {backend!r}", fix=f"choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "cuda" if _cuda_available() else "onnxruntime"
+        return "cuda" if _cuda_available() else "cpu"
     return backend
 
 
@@ -187,13 +190,13 @@ class Embedder:
         self.pad_id = int(model.get("pad_token_id", 0))
         self._counter: Any = None  # an untruncated copy of the tokenizer, made on first count_tokens
         # "none": the graph reads no padding mask (edge.build.encoder PADDING): a call's rows have one length
-        self.unpadded = backend != "cuda" and (m.graph or {}).get("padding") == "none"
+        self.unpadded = backend == "onnxruntime" and (m.graph or {}).get("padding") == "none"
         self.streams = streams  # graph calls embed() runs at once (onnxruntime: STREAMS_NOTE)
 
     # ---- construction ----------------------------------------------------------------
     @classmethod
     def from_bundle(cls, path: str | Path, *, threads: int | None = None, verify: bool = True,
-                    providers: list[str] | None = None, spin: bool = False, backend: str = "onnxruntime") -> "Embedder":
+                    providers: list[str] | None = None, spin: bool = False, backend: str = "cpu") -> "Embedder":
         """Open an embedder bundle (checksums verified) and start an onnxruntime session, or the
         GPU encoder (`backend` "cuda", or "auto" where a GPU is usable). `threads`: the cores to use
         (default: the cores this process may use): on CPU, embed() runs that many graph calls at once,
@@ -228,6 +231,10 @@ class Embedder:
                 log.warning("the GPU embedder cannot run this bundle (%s); using onnxruntime", e)
         cores = threads or default_threads()
         gpu_provider = any(p != "CPUExecutionProvider" for p in providers or [])
+        if backend == "cpu" and not gpu_provider:
+            enc = _open_native_encoder(bundle)
+            if enc is not None:
+                return cls(bundle, enc, tok, backend="native", streams=cores)
         streams = 1 if gpu_provider else cores
         try:
             sess = open_ort_session(bundle.file("model.onnx"), threads=cores // streams, spin=spin, providers=providers)
@@ -358,7 +365,7 @@ class Embedder:
 
     def _run(self, batch: list[list[int]]) -> np.ndarray:
         """Right-pad a batch to its longest member and run the graph: [B, S] -> [B, dim]."""
-        if self.backend == "cuda":
+        if self.backend in ("cuda", "native"):
             return self.session.run(batch)
         n, seq = len(batch), max(len(x) for x in batch)
         if self.unpadded and min(len(x) for x in batch) != seq:
@@ -377,6 +384,23 @@ class Embedder:
             opts = ort.RunOptions()
             opts.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         return self.session.run([OUTPUT], {INPUTS[0]: ids, INPUTS[1]: mask}, opts)[0]
+
+
+def _open_native_encoder(bundle: Bundle) -> Any:
+    """The native encoder of `bundle` where it runs on this CPU with its vector kernels (AVX-512 VNNI), else
+    None (the reason logged): onnxruntime then embeds, with vectors within cosine 0.9995 of these."""
+    if os.environ.get(NATIVE_ENV, "").strip() == "0":
+        return None
+    from edge.runtime.cpu.encoder import NativeEncoder, vector_isa
+
+    try:
+        if vector_isa() is None:
+            log.info("the native encoder has no vector kernels for this CPU; using onnxruntime")
+            return None
+        return NativeEncoder.open(bundle)
+    except EdgeRagError as e:  # not an int8 per-row graph, no onnx package, no C compiler
+        log.info("the native encoder cannot run %s (%s); using onnxruntime", bundle.path, e)
+        return None
 
 
 def _open_cuda_encoder(bundle: Bundle) -> Any:

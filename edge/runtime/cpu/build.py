@@ -41,8 +41,9 @@ def _cpu_tag() -> str:
     return " ".join(sorted(cpu_flags()))
 
 
-def build(extra_flags: tuple[str, ...] = (), out_dir: Path | None = None) -> Path:
-    """Path of the shared object for this source + flags + compiler + CPU (compiled if absent)."""
+def build(extra_flags: tuple[str, ...] = (), out_dir: Path | None = None, source: Path = SOURCE) -> Path:
+    """Path of the shared object for this source + flags + compiler + CPU (compiled if absent); `source`: native.c,
+    or the native encoder's encoder.c."""
     from edge.paths import home
 
     cc = compiler()
@@ -53,18 +54,18 @@ def build(extra_flags: tuple[str, ...] = (), out_dir: Path | None = None) -> Pat
     # EDGE_RAG_NATIVE_CFLAGS: extra flags for experiments (e.g. -DYIELD_NS=0 -DPRIV_ROWS=0; see native.c)
     flags = FLAGS + tuple(extra_flags) + tuple(os.environ.get("EDGE_RAG_NATIVE_CFLAGS", "").split())
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), "".join(version).encode(), _cpu_tag().encode()):
+    for part in (source.read_bytes(), " ".join(flags).encode(), "".join(version).encode(), _cpu_tag().encode()):
         h.update(part)
         h.update(b"\0")
     folder = out_dir or home() / "native"
     folder.mkdir(parents=True, exist_ok=True)
-    so = folder / f"native-{h.hexdigest()[:16]}.so"
+    so = folder / f"{source.stem}-{h.hexdigest()[:16]}.so"
     if so.exists():
         return so
     say(f"compiling the native CPU kernels for this CPU (once; cached in {folder})")
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
-    r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+    r = subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True)
     if r.returncode != 0:
         os.unlink(tmp)
         first = (r.stderr.strip().splitlines() or ["(no output)"])[0]

@@ -1,0 +1,230 @@
+"""The native CPU sentence encoder: an int8 embedder bundle's graph computed by csrc/encoder.c.
+
+    enc = NativeEncoder.open(bundle)          # None-free: raises NativeUnavailable with the reason
+    vecs = enc.run([[101, 7592, 102], ...])   # token ids of each text -> [n, dim] float32
+
+Why it exists: ONNX Runtime runs the int8 graph as ~150 separate ops a call, and on a 2-core
+AVX-512 VNNI EPYC (Zen 4, one thread, 2 x 184-token texts) only 47% of its time was the int8 GEMMs;
+multi-head attention took 24%, the row-quantisation ops (Mul, Abs, ReduceMax, QuantizeLinear)
+~14%, BiasGelu 9%, the adds and layer norms 5% (`README.md`, "Ingest speed, session 16"). Here those
+ops are fused into the GEMMs' passes and the texts of a call are not padded.
+
+The vectors are the graph's: the weights, smoothing scales and per-row activation codes are the
+same, so every int8 product is the one ONNX Runtime computes (exact in int32), and only float
+rounding in layer norm, softmax and erf differs (tests/test_native_encoder.py holds both to cosine
+>= 0.99999). The weights are read from the bundle's model.onnx (with the `onnx` package, which builds
+the bundle on this machine), not stored twice.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.errors import BackendError
+
+SOURCE = Path(__file__).parent / "csrc" / "encoder.c"
+NB = 64  # columns per packed block (encoder.c)
+
+
+class NativeUnavailable(BackendError):
+    """This bundle or this machine cannot use the native encoder (the reason is the message)."""
+
+
+class _Lin(C.Structure):
+    _fields_ = [("n", C.c_int32), ("k", C.c_int32), ("w", C.c_void_p), ("corr", C.c_void_p),
+                ("mult", C.c_void_p), ("bias", C.c_void_p), ("smooth", C.c_void_p)]
+
+
+class _Layer(C.Structure):
+    _fields_ = [("qkv", _Lin), ("o", _Lin), ("up", _Lin), ("down", _Lin),
+                ("ln1_w", C.c_void_p), ("ln1_b", C.c_void_p), ("ln2_w", C.c_void_p), ("ln2_b", C.c_void_p)]
+
+
+class _Enc(C.Structure):
+    _fields_ = [("n_layers", C.c_int32), ("hidden", C.c_int32), ("n_heads", C.c_int32), ("head_dim", C.c_int32),
+                ("inter", C.c_int32), ("vocab", C.c_int32), ("max_pos", C.c_int32),
+                ("ln_eps", C.c_float), ("emb_ln_eps", C.c_float), ("qscale", C.c_float), ("qeps", C.c_float),
+                ("norm_eps", C.c_float),
+                ("word", C.c_void_p), ("pos", C.c_void_p), ("emb_ln_w", C.c_void_p), ("emb_ln_b", C.c_void_p),
+                ("layers", C.POINTER(_Layer))]
+
+
+@lru_cache(maxsize=2)
+def load_lib(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
+    """encoder.c compiled for this CPU (cached like the native decode step: edge.runtime.cpu.build)."""
+    from edge.runtime.cpu.build import build
+
+    lib = C.CDLL(str(build(extra_flags, source=SOURCE)))
+    P = C.c_void_p
+    lib.er_enc_isa.restype = C.c_int
+    lib.er_enc_isa.argtypes = []
+    lib.er_enc_force_scalar.restype = C.c_int
+    lib.er_enc_force_scalar.argtypes = [C.c_int]
+    lib.er_encode_work_bytes.restype = C.c_size_t
+    lib.er_encode_work_bytes.argtypes = [C.POINTER(_Enc), C.c_int, C.c_int]
+    lib.er_encode.restype = C.c_int
+    lib.er_encode.argtypes = [C.POINTER(_Enc), C.c_int, P, P, P, P]
+    return lib
+
+
+def vector_isa() -> str | None:
+    """"vnni" where encoder.c's AVX-512 VNNI kernels run on this CPU, else None (its portable C is for
+    tests: slower than onnxruntime)."""
+    from edge.cpu import cpu_flags, is_x86
+
+    if not is_x86() or not {"avx512bw", "avx512_vnni"} <= set(cpu_flags()):
+        return None
+    return "vnni" if load_lib().er_enc_isa() == 3 else None
+
+
+def pack_weight(w: np.ndarray) -> np.ndarray:
+    """[K, N] int8 -> [N / 64][K / 4][64][4]: element [nb][k4][c][t] = w[4 k4 + t][64 nb + c]."""
+    k, n = w.shape
+    return np.ascontiguousarray(w.reshape(k // 4, 4, n // NB, NB).transpose(2, 0, 3, 1))
+
+
+def read_graph(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The initializers of an embedder graph and the attributes encoder.c needs."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise NativeUnavailable("the native encoder reads model.onnx with the `onnx` package, which is not installed") from None
+    model = onnx.load(str(path))
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    attrs: dict[str, Any] = {"ops": {n.op_type for n in model.graph.node}}
+    for node in model.graph.node:
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+        if node.op_type == "EmbedLayerNormalization":
+            attrs["emb_ln_eps"] = a.get("epsilon", 1e-12)
+        elif node.op_type == "LayerNormalization":
+            attrs["ln_eps"] = a.get("epsilon", 1e-5)
+        elif node.op_type == "MultiHeadAttention":
+            attrs["n_heads"] = int(a["num_heads"])
+    return arrays, attrs
+
+
+# the ops of the int8 per-row graph (edge.build.encoder: quantize_linears_per_row, attention "mha"
+# or "mha-unpadded", _add_layer_norm, mean pooling, L2): a graph with any other op is not this one
+GRAPH_OPS = {"EmbedLayerNormalization", "Mul", "Abs", "ReduceMax", "Max", "Reciprocal", "QuantizeLinear",
+             "MatMulIntegerToFloat", "MultiHeadAttention", "Add", "LayerNormalization", "BiasGelu", "Cast",
+             "Unsqueeze", "ReduceSum", "Div", "ReduceL2", "Identity"}
+
+
+class NativeEncoder:
+    """The encoder of one int8 embedder bundle on this CPU. `run` may be called from several threads
+    at once (each call has its own scratch; the weights are only read)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], attrs: dict[str, Any], *, pooling: str = "mean",
+                 normalize: bool = True, force_scalar: bool = False):
+        if pooling != "mean" or not normalize:
+            raise NativeUnavailable(f"the native encoder computes mean pooling with L2 normalisation, not {pooling}"
+                                    f"{'' if normalize else ' unnormalised'}")
+        extra = attrs["ops"] - GRAPH_OPS
+        if extra or "MatMulIntegerToFloat" not in attrs["ops"]:
+            raise NativeUnavailable(f"the graph is not the int8 per-row graph (ops {sorted(extra) or 'without int8 GEMMs'})")
+        self.lib = load_lib()
+        self.isa = "scalar" if force_scalar else ("vnni" if self.lib.er_enc_isa() == 3 else "scalar")
+        self.force_scalar = force_scalar
+        self._keep: list[np.ndarray] = []  # every array a pointer of the structs points into
+
+        def get(name: str) -> np.ndarray:
+            if name not in arrays:
+                raise NativeUnavailable(f"the graph has no {name}")
+            return arrays[name]
+
+        def keep(a: np.ndarray, dtype: Any = np.float32) -> int:
+            a = np.ascontiguousarray(a, dtype=dtype)
+            self._keep.append(a)
+            return a.ctypes.data
+
+        qscale = np.float32(get("const/row_quant/scale"))
+        if int(get("const/row_quant/zero_point")) != 128:
+            raise NativeUnavailable("the graph's activation zero point is not 128")
+        word, pos = get("embeddings.word"), get("embeddings.position")
+        hidden = int(word.shape[1])
+        n_heads = int(attrs.get("n_heads", 0))
+        if not n_heads or hidden % n_heads:
+            raise NativeUnavailable("the graph has no MultiHeadAttention head count")
+        n_layers = 0
+        while f"/model/layers.{n_layers}/attn/qkv.bias" in arrays:
+            n_layers += 1
+        if not n_layers:
+            raise NativeUnavailable("the graph has no layers the native encoder knows")
+
+        def lin(prefix: str, parts: tuple[str, ...], bias: np.ndarray, smooth: str | None) -> _Lin:
+            ws, ss = [], []
+            for p in parts:
+                w = get(f"{prefix}{p}.weight_quantized")
+                if w.dtype != np.int8 or np.any(get(f"{prefix}{p}.weight_zero_point") != 0):
+                    raise NativeUnavailable(f"{prefix}{p}: weights are {w.dtype} with a zero point; the native encoder "
+                                            "takes the int8 (VNNI/ARM) build")
+                ws.append(w)
+                ss.append(get(f"{prefix}{p}.weight_scale").astype(np.float32))
+            w = np.concatenate(ws, axis=1) if len(ws) > 1 else ws[0]
+            k, n = w.shape
+            if k % 4 or n % NB:
+                raise NativeUnavailable(f"{prefix}: a {k} x {n} weight is not a multiple of 4 x {NB}")
+            mult = (qscale * np.concatenate(ss)).astype(np.float32)
+            corr = (128 * w.astype(np.int32).sum(axis=0)).astype(np.int32)
+            sm = keep(get(smooth)) if smooth else None
+            return _Lin(n, k, keep(pack_weight(w), np.int8), keep(corr, np.int32), keep(mult), keep(bias), sm)
+
+        layers = (_Layer * n_layers)()
+        inter = 0
+        for i in range(n_layers):
+            p = f"/model/layers.{i}/"
+            up_w = get(f"{p}mlp/up.weight_quantized")
+            inter = int(up_w.shape[1])
+            layers[i] = _Layer(
+                lin(f"{p}attn/qkv/", ("q", "k", "v"), get(f"{p}attn/qkv.bias"), f"{p}attn/qkv/q/MatMul/smooth_inv"),
+                lin(f"{p}attn/", ("o_proj",), get(f"{p}attn/o_proj.bias"), None),
+                lin(f"{p}mlp/", ("up",), get(f"{p}mlp/up.bias"), f"{p}mlp/up/MatMul/smooth_inv"),
+                lin(f"{p}mlp/", ("down",), get(f"{p}mlp/down.bias"), None),
+                keep(get(f"{p}attn_ln.weight")), keep(get(f"{p}attn_ln.bias")),
+                keep(get(f"{p}mlp_ln.weight")), keep(get(f"{p}mlp_ln.bias")),
+            )
+        self._layers = layers
+        self.dim = hidden
+        self.max_pos = int(pos.shape[0])
+        self.model = _Enc(n_layers, hidden, n_heads, hidden // n_heads, inter, int(word.shape[0]), self.max_pos,
+                          float(attrs.get("ln_eps", 1e-12)), float(attrs.get("emb_ln_eps", 1e-12)), float(qscale),
+                          float(get("const/row_quant/eps")), float(arrays.get("const/eps_norm", np.float32(1e-12))),
+                          keep(word), keep(pos), keep(get("embeddings.ln.weight")), keep(get("embeddings.ln.bias")),
+                          C.cast(layers, C.POINTER(_Layer)))
+
+    @classmethod
+    def open(cls, bundle: Any, **kw: Any) -> "NativeEncoder":
+        """The native encoder of an embedder bundle, or NativeUnavailable with why not."""
+        m = bundle.manifest
+        if m.quant.recipe != "int8":
+            raise NativeUnavailable(f"the native encoder runs int8 bundles, not {m.quant.recipe}")
+        arrays, attrs = read_graph(bundle.file("model.onnx"))
+        return cls(arrays, attrs, pooling=m.model.get("pooling", "mean"), normalize=bool(m.model.get("normalize", True)), **kw)
+
+    def run(self, batch: list[list[int]]) -> np.ndarray:
+        """[len(batch), dim] float32: one unit vector per text of token ids ([CLS] ... [SEP])."""
+        lens = np.array([len(x) for x in batch], np.int32)
+        if len(lens) == 0:
+            return np.empty((0, self.dim), np.float32)
+        if lens.min() < 1 or lens.max() > self.max_pos:
+            raise BackendError(f"a text of {lens.min() if lens.min() < 1 else lens.max()} tokens: the encoder takes 1..{self.max_pos}")
+        ids = np.fromiter((t for x in batch for t in x), np.int32, int(lens.sum()))
+        out = np.empty((len(batch), self.dim), np.float32)
+        work = np.empty(self.lib.er_encode_work_bytes(C.byref(self.model), int(lens.sum()), int(lens.max())), np.uint8)
+        if self.force_scalar:
+            self.lib.er_enc_force_scalar(1)
+        try:
+            rc = self.lib.er_encode(C.byref(self.model), len(batch), lens.ctypes.data, ids.ctypes.data,
+                                    out.ctypes.data, work.ctypes.data)
+        finally:
+            if self.force_scalar:
+                self.lib.er_enc_force_scalar(0)
+        if rc != 0:
+            raise BackendError("the native encoder was given a token id outside its vocabulary")
+        return out

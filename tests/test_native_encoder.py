@@ -1,0 +1,195 @@
+"""The native CPU encoder (edge/runtime/cpu/encoder.py, csrc/encoder.c) against the int8 graph it
+computes: a numpy transcription of that graph (exact integer GEMMs), ONNX Runtime running the graph
+itself where its u8 x s8 GEMM is exact (VNNI, ARM), and the embedder's choice between them."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge.build.encoder import build_embedder_bundle
+from edge.bundle import Bundle
+from edge.cpu import u8s8_exact
+from edge.errors import BackendError
+from edge.runtime.cpu.encoder import NativeEncoder, NativeUnavailable, pack_weight, read_graph, vector_isa
+from edge.runtime.embedder import Embedder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers_tiny import _WORDS, make_tiny_st  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.bench_embed import varied_texts  # noqa: E402
+
+NO_VNNI = "this CPU has no AVX-512 VNNI: the native encoder's vector kernels do not run here"
+ORT_SATURATES = "onnxruntime's u8 x s8 GEMM saturates on x86 without VNNI: it is no oracle for the int8 (VNNI) graph here"
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, Path]:
+    """int8 bundles as built on a VNNI/ARM CPU (int8 weights), head_dim 32 (the vector attention) and 16."""
+    root = tmp_path_factory.mktemp("native_encoder")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGE_RAG_U8S8", "exact")
+    try:
+        out = {}
+        for name, heads in (("hd32", 2), ("hd16", 4)):
+            folder = make_tiny_st(root / f"st-{name}", "mean", True, seed=3, heads=heads)
+            out[name] = build_embedder_bundle(folder, root / name, quant="int8", progress=False)
+        out["folder"] = folder
+        return out
+    finally:
+        mp.undo()
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 45))) for _ in range(n)]
+
+
+def _reference(arrays: dict, n_heads: int, ids: list[int]) -> np.ndarray:
+    """The int8 graph of edge.build.encoder in numpy: per-row uint8 activations, exact int32 products."""
+    A = arrays
+    qs = np.float32(A["const/row_quant/scale"])
+
+    def ln(x, w, b):
+        m = x.mean(-1, keepdims=True)
+        return (x - m) / np.sqrt(((x - m) ** 2).mean(-1, keepdims=True) + np.float32(1e-12)) * w + b
+
+    def linear(x, key, smooth=None):
+        if smooth is not None:
+            x = x * A[smooth]
+        r = np.maximum(np.abs(x).max(-1, keepdims=True), A["const/row_quant/eps"])
+        q = np.clip(np.rint((x * (np.float32(1) / r)) / qs) + 128, 0, 255).astype(np.int64)
+        w = A[f"{key}.weight_quantized"].astype(np.int64)
+        return ((q - 128) @ w).astype(np.float32) * (qs * A[f"{key}.weight_scale"]) * r
+
+    from math import erf
+
+    gelu = np.vectorize(lambda v: 0.5 * v * (1.0 + erf(v / np.sqrt(2.0))), otypes=[np.float32])
+    s = len(ids)
+    x = ln(A["embeddings.word"][ids] + A["embeddings.position"][:s], A["embeddings.ln.weight"], A["embeddings.ln.bias"])
+    layer = 0
+    while f"/model/layers.{layer}/attn/qkv.bias" in A:
+        p = f"/model/layers.{layer}/"
+        sm, b = f"{p}attn/qkv/q/MatMul/smooth_inv", A[f"{p}attn/qkv.bias"]
+        h = x.shape[1]
+        q, k, v = (linear(x, f"{p}attn/qkv/{t}", sm) + b[i * h:(i + 1) * h] for i, t in enumerate("qkv"))
+        d = h // n_heads
+        q, k, v = (t.reshape(s, n_heads, d).transpose(1, 0, 2) for t in (q, k, v))
+        sc = q @ k.transpose(0, 2, 1) / np.sqrt(np.float32(d))
+        sc = np.exp(sc - sc.max(-1, keepdims=True))
+        a = ((sc / sc.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(s, h).astype(np.float32)
+        x = ln(linear(a, f"{p}attn/o_proj") + A[f"{p}attn/o_proj.bias"] + x, A[f"{p}attn_ln.weight"], A[f"{p}attn_ln.bias"])
+        u = gelu(linear(x, f"{p}mlp/up", f"{p}mlp/up/MatMul/smooth_inv") + A[f"{p}mlp/up.bias"])
+        x = ln(linear(u, f"{p}mlp/down") + A[f"{p}mlp/down.bias"] + x, A[f"{p}mlp_ln.weight"], A[f"{p}mlp_ln.bias"])
+        layer += 1
+    vec = x.mean(0)
+    return vec / np.linalg.norm(vec)
+
+
+def _min_cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+def test_pack_weight_layout():
+    rng = np.random.default_rng(0)
+    w = rng.integers(-128, 128, (8, 128)).astype(np.int8)
+    p = pack_weight(w)
+    assert p.shape == (2, 2, 64, 4)
+    for nb, k4, c, t in [(0, 0, 0, 0), (1, 1, 63, 3), (0, 1, 5, 2), (1, 0, 17, 1)]:
+        assert p[nb, k4, c, t] == w[4 * k4 + t, 64 * nb + c]
+
+
+@pytest.mark.parametrize("name", ["hd32", "hd16"])
+def test_portable_c_matches_a_numpy_transcription_of_the_graph(bundles, name):
+    """The portable C path (what a CPU without AVX-512 VNNI would run) is the graph: the same int8
+    products, float ops to rounding."""
+    arrays, attrs = read_graph(Bundle.open(bundles[name]).file("model.onnx"))
+    enc = NativeEncoder.open(Bundle.open(bundles[name]), force_scalar=True)
+    emb = Embedder.from_bundle(bundles[name], backend="onnxruntime")
+    ids = emb._encode(_texts(12, seed=1))
+    ref = np.stack([_reference(arrays, attrs["n_heads"], x) for x in ids])
+    got = enc.run(ids)
+    assert _min_cos(got, ref) > 0.9999
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.skipif(vector_isa() is None, reason=NO_VNNI)
+@pytest.mark.parametrize("name", ["hd32", "hd16"])
+def test_vnni_kernels_match_the_portable_c(bundles, name):
+    b = Bundle.open(bundles[name])
+    vec, port = NativeEncoder.open(b), NativeEncoder.open(b, force_scalar=True)
+    assert vec.isa == "vnni" and port.isa == "scalar"
+    ids = Embedder.from_bundle(bundles[name], backend="onnxruntime")._encode(_texts(20, seed=2))
+    assert _min_cos(vec.run(ids), port.run(ids)) > 0.9999
+
+
+@pytest.mark.skipif(not u8s8_exact(), reason=ORT_SATURATES)
+def test_native_matches_onnxruntime_on_the_same_bundle(bundles):
+    nat = Embedder.from_bundle(bundles["hd32"], backend="cpu")
+    ort = Embedder.from_bundle(bundles["hd32"], backend="onnxruntime")
+    assert ort.backend == "onnxruntime" and nat.embedder_id == ort.embedder_id
+    texts = _texts(40, seed=3)
+    assert _min_cos(nat.embed(texts), ort.embed(texts)) > 0.9999
+
+
+def test_a_vector_does_not_depend_on_its_batch(bundles):
+    enc = NativeEncoder.open(Bundle.open(bundles["hd32"]))
+    ids = Embedder.from_bundle(bundles["hd32"], backend="onnxruntime")._encode(_texts(9, seed=4))
+    together = enc.run(ids)
+    for i in (0, 4, 8):
+        np.testing.assert_array_equal(enc.run([ids[i]])[0], together[i])  # rows never mix: bit for bit
+
+
+def test_embedder_uses_the_native_encoder_where_it_runs_and_onnxruntime_elsewhere(bundles, monkeypatch):
+    emb = Embedder.from_bundle(bundles["hd32"])  # the default backend: cpu
+    assert emb.backend == ("native" if vector_isa() else "onnxruntime")
+    assert emb.info.backend == emb.backend and emb.info.quant == "int8"
+    monkeypatch.setenv("EDGE_RAG_NATIVE_ENCODER", "0")
+    assert Embedder.from_bundle(bundles["hd32"]).backend == "onnxruntime"
+
+
+def test_what_the_native_encoder_cannot_run_is_refused_and_onnxruntime_embeds_it(bundles, tmp_path, monkeypatch):
+    fp32 = build_embedder_bundle(bundles["folder"], tmp_path / "fp32", quant="fp32", progress=False)
+    with pytest.raises(NativeUnavailable, match="int8"):
+        NativeEncoder.open(Bundle.open(fp32))
+    monkeypatch.setenv("EDGE_RAG_U8S8", "saturates")  # as built on an AVX2-only x86: uint8 weights
+    u8 = build_embedder_bundle(bundles["folder"], tmp_path / "u8", quant="int8", progress=False)
+    with pytest.raises(NativeUnavailable, match="zero point"):
+        NativeEncoder.open(Bundle.open(u8))
+    assert Embedder.from_bundle(fp32).backend == "onnxruntime"
+    assert Embedder.from_bundle(u8).backend == "onnxruntime"
+
+
+def test_bad_token_ids_and_lengths_are_errors_not_crashes(bundles):
+    enc = NativeEncoder.open(Bundle.open(bundles["hd32"]))
+    with pytest.raises(BackendError, match="vocabulary"):
+        enc.run([[101, 10 ** 6, 102]])
+    with pytest.raises(BackendError, match="tokens"):
+        enc.run([[101] * (enc.max_pos + 1)])
+    with pytest.raises(BackendError, match="tokens"):
+        enc.run([[]])
+    assert enc.run([]).shape == (0, enc.dim)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(vector_isa() is None, reason=NO_VNNI)
+def test_default_minilm_native_against_onnxruntime_and_sentence_transformers(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from edge.models.defaults import default_embedder_path
+
+    folder = default_embedder_path()
+    path = build_embedder_bundle(folder, tmp_path / "int8", quant="int8", progress=False)
+    nat, ort = Embedder.from_bundle(path), Embedder.from_bundle(path, backend="onnxruntime")
+    assert nat.backend == "native"
+    texts = varied_texts(200)
+    a, b = nat.embed(texts), ort.embed(texts)
+    # a code that rounds the other way (one float op apart) in one layer moves a vector by ~1e-4
+    assert _min_cos(a, b) > 0.9995
+    ref = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
+    assert _min_cos(a, ref) > 0.99
