@@ -31,6 +31,7 @@
 #endif
 
 #define NB 64 /* columns per packed block */
+#define MAXF(a, b) ((a) > (b) ? (a) : (b)) /* not fmaxf: without -ffinite-math-only gcc calls libm for it */
 #define QR 8  /* query rows per attention block */
 
 #ifdef ENC_PROFILE /* development: -DENC_PROFILE adds time per phase, read by er_enc_profile */
@@ -117,7 +118,7 @@ static inline float gelu1(float x) { return 0.5f * x * (1.0f + erff(x * 0.707106
 
 /* ---- row quantisation: x [m, k] float -> xq [m, k] uint8, r [m] ------------------------------ */
 static void quant_rows(const float *x, int m, int k, const float *smooth, float qscale, float qeps,
-                       uint8_t *xq, float *r, float *tmp) {
+                       uint8_t *xq, float *r, float *tmp, const float *known_max) {
     for (int i = 0; i < m; i++) {
         const float *xi = x + (size_t)i * k;
         const float *xs = xi;
@@ -129,11 +130,16 @@ static void quant_rows(const float *x, int m, int k, const float *smooth, float 
         int j = 0;
 #if defined(ENC_VNNI)
         if (!g_scalar) {
-            __m512 mx = _mm512_setzero_ps();
-            for (; j + 16 <= k; j += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xs + j)));
-            float amax = _mm512_reduce_max_ps(mx);
-            for (; j < k; j++) amax = fmaxf(amax, fabsf(xs[j]));
-            float ri = fmaxf(amax, qeps), inv = 1.0f / ri;
+            float amax;
+            if (known_max) {
+                amax = known_max[i]; /* the GEMM that wrote x took it (no smoothing between) */
+            } else {
+                __m512 mx = _mm512_setzero_ps();
+                for (; j + 16 <= k; j += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xs + j)));
+                amax = _mm512_reduce_max_ps(mx);
+                for (; j < k; j++) amax = MAXF(amax, fabsf(xs[j]));
+            }
+            float ri = MAXF(amax, qeps), inv = 1.0f / ri;
             r[i] = ri;
             __m512 vinv = _mm512_set1_ps(inv), vs = _mm512_set1_ps(qscale);
             __m512i zp = _mm512_set1_epi32(128), lo = _mm512_setzero_si512(), hi = _mm512_set1_epi32(255);
@@ -152,8 +158,9 @@ static void quant_rows(const float *x, int m, int k, const float *smooth, float 
         }
 #endif
         float amax = 0.0f;
-        for (j = 0; j < k; j++) amax = fmaxf(amax, fabsf(xs[j]));
-        float ri = fmaxf(amax, qeps), inv = 1.0f / ri;
+        for (j = 0; j < k; j++) amax = MAXF(amax, fabsf(xs[j]));
+        if (known_max) amax = known_max[i];
+        float ri = MAXF(amax, qeps), inv = 1.0f / ri;
         r[i] = ri;
         for (j = 0; j < k; j++) {
             float v = (xs[j] * inv) / qscale;
@@ -165,10 +172,28 @@ static void quant_rows(const float *x, int m, int k, const float *smooth, float 
 
 /* ---- int8 GEMM: y [m, n] = ((float)idot * mult) * r + bias ------------------------------------ */
 #if defined(ENC_VNNI)
-/* R rows x 64 columns, accumulators in named registers; the empty asm after each row's four products keeps
+/* One row's 64 outputs of a tile: y = ((float)(idot - corr) * mult) * r + bias, then GELU where the
+   linear is FFN up (act), and the row's running max |y| where the next op quantises y (rmax). */
+static inline __attribute__((always_inline)) void epi_row(__m512i a0, __m512i a1, __m512i a2, __m512i a3, const EncLin *L,
+                                                         int n0, float r, float *y, int act, float *rmax) {
+    __m512i acc[4] = {a0, a1, a2, a3};
+    __m512 ri = _mm512_set1_ps(r), mx = _mm512_setzero_ps();
+    for (int c = 0; c < 4; c++) {
+        int n = n0 + 16 * c;
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[c], _mm512_loadu_si512(L->corr + n))), _mm512_loadu_ps(L->mult + n));
+        v = _mm512_add_ps(_mm512_mul_ps(v, ri), _mm512_loadu_ps(L->bias + n));
+        if (act) v = gelu512(v);
+        if (rmax) mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+        _mm512_storeu_ps(y + 16 * c, v);
+    }
+    if (rmax) *rmax = MAXF(*rmax, _mm512_reduce_max_ps(mx));
+}
+
+/* R rows x 64 columns (noinline: inlined into er_encode they spilled), accumulators in named registers; the empty asm after each row's four products keeps
    GCC 12 from hoisting the rows' broadcasts and spilling the accumulators (an array of them was spilled too) */
 
-static void tile6(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, int n0, const float *r, float *y, int ldy) {
+__attribute__((noinline)) static void tile6(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, int n0, const float *r, float *y, int ldy,
+                  int act, float *rmax) {
     __m512i a00 = _mm512_setzero_si512(); __m512i a01 = _mm512_setzero_si512(); __m512i a02 = _mm512_setzero_si512(); __m512i a03 = _mm512_setzero_si512(); __m512i a10 = _mm512_setzero_si512(); __m512i a11 = _mm512_setzero_si512(); __m512i a12 = _mm512_setzero_si512(); __m512i a13 = _mm512_setzero_si512(); __m512i a20 = _mm512_setzero_si512(); __m512i a21 = _mm512_setzero_si512(); __m512i a22 = _mm512_setzero_si512(); __m512i a23 = _mm512_setzero_si512(); __m512i a30 = _mm512_setzero_si512(); __m512i a31 = _mm512_setzero_si512(); __m512i a32 = _mm512_setzero_si512(); __m512i a33 = _mm512_setzero_si512(); __m512i a40 = _mm512_setzero_si512(); __m512i a41 = _mm512_setzero_si512(); __m512i a42 = _mm512_setzero_si512(); __m512i a43 = _mm512_setzero_si512(); __m512i a50 = _mm512_setzero_si512(); __m512i a51 = _mm512_setzero_si512(); __m512i a52 = _mm512_setzero_si512(); __m512i a53 = _mm512_setzero_si512();
     for (int kk = 0; kk < k; kk += 4) {
         const int8_t *wk = wb + (size_t)kk * NB;
@@ -186,48 +211,16 @@ static void tile6(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, in
         { int32_t v; memcpy(&v, x + (size_t)5 * k + kk, 4); __m512i b = _mm512_set1_epi32(v);
           a50 = _mm512_dpbusd_epi32(a50, b, w0); a51 = _mm512_dpbusd_epi32(a51, b, w1); a52 = _mm512_dpbusd_epi32(a52, b, w2); a53 = _mm512_dpbusd_epi32(a53, b, w3); __asm__("" : "+v"(a50), "+v"(a51), "+v"(a52), "+v"(a53)); }
     }
-    __m512i c0 = _mm512_loadu_si512(L->corr + n0), c1 = _mm512_loadu_si512(L->corr + n0 + 16), c2 = _mm512_loadu_si512(L->corr + n0 + 32), c3 = _mm512_loadu_si512(L->corr + n0 + 48);
-    __m512 m0 = _mm512_loadu_ps(L->mult + n0), m1 = _mm512_loadu_ps(L->mult + n0 + 16), m2 = _mm512_loadu_ps(L->mult + n0 + 32), m3 = _mm512_loadu_ps(L->mult + n0 + 48);
-    __m512 b0 = _mm512_loadu_ps(L->bias + n0), b1 = _mm512_loadu_ps(L->bias + n0 + 16), b2 = _mm512_loadu_ps(L->bias + n0 + 32), b3 = _mm512_loadu_ps(L->bias + n0 + 48);
-    { __m512 ri = _mm512_set1_ps(r[0]); float *yr = y + (size_t)0 * ldy + n0;
-      _mm512_storeu_ps(yr + 0, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a00, c0)), m0), ri), b0));
-      _mm512_storeu_ps(yr + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a01, c1)), m1), ri), b1));
-      _mm512_storeu_ps(yr + 32, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a02, c2)), m2), ri), b2));
-      _mm512_storeu_ps(yr + 48, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a03, c3)), m3), ri), b3));
-    }
-    { __m512 ri = _mm512_set1_ps(r[1]); float *yr = y + (size_t)1 * ldy + n0;
-      _mm512_storeu_ps(yr + 0, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a10, c0)), m0), ri), b0));
-      _mm512_storeu_ps(yr + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a11, c1)), m1), ri), b1));
-      _mm512_storeu_ps(yr + 32, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a12, c2)), m2), ri), b2));
-      _mm512_storeu_ps(yr + 48, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a13, c3)), m3), ri), b3));
-    }
-    { __m512 ri = _mm512_set1_ps(r[2]); float *yr = y + (size_t)2 * ldy + n0;
-      _mm512_storeu_ps(yr + 0, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a20, c0)), m0), ri), b0));
-      _mm512_storeu_ps(yr + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a21, c1)), m1), ri), b1));
-      _mm512_storeu_ps(yr + 32, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a22, c2)), m2), ri), b2));
-      _mm512_storeu_ps(yr + 48, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a23, c3)), m3), ri), b3));
-    }
-    { __m512 ri = _mm512_set1_ps(r[3]); float *yr = y + (size_t)3 * ldy + n0;
-      _mm512_storeu_ps(yr + 0, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a30, c0)), m0), ri), b0));
-      _mm512_storeu_ps(yr + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a31, c1)), m1), ri), b1));
-      _mm512_storeu_ps(yr + 32, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a32, c2)), m2), ri), b2));
-      _mm512_storeu_ps(yr + 48, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a33, c3)), m3), ri), b3));
-    }
-    { __m512 ri = _mm512_set1_ps(r[4]); float *yr = y + (size_t)4 * ldy + n0;
-      _mm512_storeu_ps(yr + 0, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a40, c0)), m0), ri), b0));
-      _mm512_storeu_ps(yr + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a41, c1)), m1), ri), b1));
-      _mm512_storeu_ps(yr + 32, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a42, c2)), m2), ri), b2));
-      _mm512_storeu_ps(yr + 48, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a43, c3)), m3), ri), b3));
-    }
-    { __m512 ri = _mm512_set1_ps(r[5]); float *yr = y + (size_t)5 * ldy + n0;
-      _mm512_storeu_ps(yr + 0, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a50, c0)), m0), ri), b0));
-      _mm512_storeu_ps(yr + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a51, c1)), m1), ri), b1));
-      _mm512_storeu_ps(yr + 32, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a52, c2)), m2), ri), b2));
-      _mm512_storeu_ps(yr + 48, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a53, c3)), m3), ri), b3));
-    }
+    epi_row(a00, a01, a02, a03, L, n0, r[0], y + (size_t)0 * ldy + n0, act, rmax ? rmax + 0 : NULL);
+    epi_row(a10, a11, a12, a13, L, n0, r[1], y + (size_t)1 * ldy + n0, act, rmax ? rmax + 1 : NULL);
+    epi_row(a20, a21, a22, a23, L, n0, r[2], y + (size_t)2 * ldy + n0, act, rmax ? rmax + 2 : NULL);
+    epi_row(a30, a31, a32, a33, L, n0, r[3], y + (size_t)3 * ldy + n0, act, rmax ? rmax + 3 : NULL);
+    epi_row(a40, a41, a42, a43, L, n0, r[4], y + (size_t)4 * ldy + n0, act, rmax ? rmax + 4 : NULL);
+    epi_row(a50, a51, a52, a53, L, n0, r[5], y + (size_t)5 * ldy + n0, act, rmax ? rmax + 5 : NULL);
 }
 
-static void tile3(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, int n0, const float *r, float *y, int ldy) {
+__attribute__((noinline)) static void tile3(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, int n0, const float *r, float *y, int ldy,
+                  int act, float *rmax) {
     __m512i a00 = _mm512_setzero_si512(); __m512i a01 = _mm512_setzero_si512(); __m512i a02 = _mm512_setzero_si512(); __m512i a03 = _mm512_setzero_si512(); __m512i a10 = _mm512_setzero_si512(); __m512i a11 = _mm512_setzero_si512(); __m512i a12 = _mm512_setzero_si512(); __m512i a13 = _mm512_setzero_si512(); __m512i a20 = _mm512_setzero_si512(); __m512i a21 = _mm512_setzero_si512(); __m512i a22 = _mm512_setzero_si512(); __m512i a23 = _mm512_setzero_si512();
     for (int kk = 0; kk < k; kk += 4) {
         const int8_t *wk = wb + (size_t)kk * NB;
@@ -239,30 +232,13 @@ static void tile3(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, in
         { int32_t v; memcpy(&v, x + (size_t)2 * k + kk, 4); __m512i b = _mm512_set1_epi32(v);
           a20 = _mm512_dpbusd_epi32(a20, b, w0); a21 = _mm512_dpbusd_epi32(a21, b, w1); a22 = _mm512_dpbusd_epi32(a22, b, w2); a23 = _mm512_dpbusd_epi32(a23, b, w3); __asm__("" : "+v"(a20), "+v"(a21), "+v"(a22), "+v"(a23)); }
     }
-    __m512i c0 = _mm512_loadu_si512(L->corr + n0), c1 = _mm512_loadu_si512(L->corr + n0 + 16), c2 = _mm512_loadu_si512(L->corr + n0 + 32), c3 = _mm512_loadu_si512(L->corr + n0 + 48);
-    __m512 m0 = _mm512_loadu_ps(L->mult + n0), m1 = _mm512_loadu_ps(L->mult + n0 + 16), m2 = _mm512_loadu_ps(L->mult + n0 + 32), m3 = _mm512_loadu_ps(L->mult + n0 + 48);
-    __m512 b0 = _mm512_loadu_ps(L->bias + n0), b1 = _mm512_loadu_ps(L->bias + n0 + 16), b2 = _mm512_loadu_ps(L->bias + n0 + 32), b3 = _mm512_loadu_ps(L->bias + n0 + 48);
-    { __m512 ri = _mm512_set1_ps(r[0]); float *yr = y + (size_t)0 * ldy + n0;
-      _mm512_storeu_ps(yr + 0, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a00, c0)), m0), ri), b0));
-      _mm512_storeu_ps(yr + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a01, c1)), m1), ri), b1));
-      _mm512_storeu_ps(yr + 32, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a02, c2)), m2), ri), b2));
-      _mm512_storeu_ps(yr + 48, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a03, c3)), m3), ri), b3));
-    }
-    { __m512 ri = _mm512_set1_ps(r[1]); float *yr = y + (size_t)1 * ldy + n0;
-      _mm512_storeu_ps(yr + 0, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a10, c0)), m0), ri), b0));
-      _mm512_storeu_ps(yr + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a11, c1)), m1), ri), b1));
-      _mm512_storeu_ps(yr + 32, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a12, c2)), m2), ri), b2));
-      _mm512_storeu_ps(yr + 48, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a13, c3)), m3), ri), b3));
-    }
-    { __m512 ri = _mm512_set1_ps(r[2]); float *yr = y + (size_t)2 * ldy + n0;
-      _mm512_storeu_ps(yr + 0, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a20, c0)), m0), ri), b0));
-      _mm512_storeu_ps(yr + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a21, c1)), m1), ri), b1));
-      _mm512_storeu_ps(yr + 32, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a22, c2)), m2), ri), b2));
-      _mm512_storeu_ps(yr + 48, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a23, c3)), m3), ri), b3));
-    }
+    epi_row(a00, a01, a02, a03, L, n0, r[0], y + (size_t)0 * ldy + n0, act, rmax ? rmax + 0 : NULL);
+    epi_row(a10, a11, a12, a13, L, n0, r[1], y + (size_t)1 * ldy + n0, act, rmax ? rmax + 1 : NULL);
+    epi_row(a20, a21, a22, a23, L, n0, r[2], y + (size_t)2 * ldy + n0, act, rmax ? rmax + 2 : NULL);
 }
 
-static void tile1(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, int n0, const float *r, float *y, int ldy) {
+__attribute__((noinline)) static void tile1(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, int n0, const float *r, float *y, int ldy,
+                  int act, float *rmax) {
     __m512i a00 = _mm512_setzero_si512(); __m512i a01 = _mm512_setzero_si512(); __m512i a02 = _mm512_setzero_si512(); __m512i a03 = _mm512_setzero_si512();
     for (int kk = 0; kk < k; kk += 4) {
         const int8_t *wk = wb + (size_t)kk * NB;
@@ -270,29 +246,24 @@ static void tile1(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, in
         { int32_t v; memcpy(&v, x + (size_t)0 * k + kk, 4); __m512i b = _mm512_set1_epi32(v);
           a00 = _mm512_dpbusd_epi32(a00, b, w0); a01 = _mm512_dpbusd_epi32(a01, b, w1); a02 = _mm512_dpbusd_epi32(a02, b, w2); a03 = _mm512_dpbusd_epi32(a03, b, w3); __asm__("" : "+v"(a00), "+v"(a01), "+v"(a02), "+v"(a03)); }
     }
-    __m512i c0 = _mm512_loadu_si512(L->corr + n0), c1 = _mm512_loadu_si512(L->corr + n0 + 16), c2 = _mm512_loadu_si512(L->corr + n0 + 32), c3 = _mm512_loadu_si512(L->corr + n0 + 48);
-    __m512 m0 = _mm512_loadu_ps(L->mult + n0), m1 = _mm512_loadu_ps(L->mult + n0 + 16), m2 = _mm512_loadu_ps(L->mult + n0 + 32), m3 = _mm512_loadu_ps(L->mult + n0 + 48);
-    __m512 b0 = _mm512_loadu_ps(L->bias + n0), b1 = _mm512_loadu_ps(L->bias + n0 + 16), b2 = _mm512_loadu_ps(L->bias + n0 + 32), b3 = _mm512_loadu_ps(L->bias + n0 + 48);
-    { __m512 ri = _mm512_set1_ps(r[0]); float *yr = y + (size_t)0 * ldy + n0;
-      _mm512_storeu_ps(yr + 0, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a00, c0)), m0), ri), b0));
-      _mm512_storeu_ps(yr + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a01, c1)), m1), ri), b1));
-      _mm512_storeu_ps(yr + 32, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a02, c2)), m2), ri), b2));
-      _mm512_storeu_ps(yr + 48, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a03, c3)), m3), ri), b3));
-    }
+    epi_row(a00, a01, a02, a03, L, n0, r[0], y + (size_t)0 * ldy + n0, act, rmax ? rmax + 0 : NULL);
 }
 
 #endif
 
-static void gemm(const uint8_t *xq, const float *r, int m, const EncLin *L, float *y) {
+/* act: GELU on the outputs; rmax [m] (or NULL): set to each output row's max |y| */
+__attribute__((noinline)) static void gemm(const uint8_t *xq, const float *r, int m, const EncLin *L, float *y, int act, float *rmax) {
+    if (rmax)
+        for (int i = 0; i < m; i++) rmax[i] = 0.0f;
     const int k = L->k, n = L->n;
 #if defined(ENC_VNNI)
     if (!g_scalar) {
         for (int nb = 0; nb < n / NB; nb++) {
             const int8_t *wb = L->w + (size_t)nb * k * NB;
             int i = 0;
-            for (; i + 6 <= m; i += 6) tile6(xq + (size_t)i * k, k, wb, L, nb * NB, r + i, y + (size_t)i * n, n);
-            for (; i + 3 <= m; i += 3) tile3(xq + (size_t)i * k, k, wb, L, nb * NB, r + i, y + (size_t)i * n, n);
-            for (; i < m; i++) tile1(xq + (size_t)i * k, k, wb, L, nb * NB, r + i, y + (size_t)i * n, n);
+            for (; i + 6 <= m; i += 6) tile6(xq + (size_t)i * k, k, wb, L, nb * NB, r + i, y + (size_t)i * n, n, act, rmax ? rmax + i : NULL);
+            for (; i + 3 <= m; i += 3) tile3(xq + (size_t)i * k, k, wb, L, nb * NB, r + i, y + (size_t)i * n, n, act, rmax ? rmax + i : NULL);
+            for (; i < m; i++) tile1(xq + (size_t)i * k, k, wb, L, nb * NB, r + i, y + (size_t)i * n, n, act, rmax ? rmax + i : NULL);
         }
         return;
     }
@@ -311,7 +282,10 @@ static void gemm(const uint8_t *xq, const float *r, int m, const EncLin *L, floa
             for (int c = 0; c < NB; c++) {
                 int col = nb * NB + c;
                 float v = (float)(acc[c] - L->corr[col]) * L->mult[col];
-                y[(size_t)i * n + col] = v * r[i] + L->bias[col];
+                v = v * r[i] + L->bias[col];
+                if (act) v = gelu1(v);
+                if (rmax) rmax[i] = MAXF(rmax[i], fabsf(v));
+                y[(size_t)i * n + col] = v;
             }
         }
     }
@@ -358,15 +332,6 @@ static void add_ln(float *a, const float *b, int m, int h, const float *w, const
         float inv = 1.0f / sqrtf(q / (float)h + eps);
         for (j = 0; j < h; j++) x[j] = (x[j] - mean) * inv * w[j] + bias[j];
     }
-}
-
-static void gelu_rows(float *x, size_t count) {
-    size_t j = 0;
-#if defined(ENC_VNNI)
-    if (!g_scalar)
-        for (; j + 16 <= count; j += 16) _mm512_storeu_ps(x + j, gelu512(_mm512_loadu_ps(x + j)));
-#endif
-    for (; j < count; j++) x[j] = gelu1(x[j]);
 }
 
 #if defined(ENC_VNNI)
@@ -460,7 +425,7 @@ static void attention(const float *qkv, int len, int hd, int nh, float scale, fl
                     float s = 0.0f;
                     for (int d = 0; d < hd; d++) s += q[d] * kt[(size_t)d * lp + j];
                     pr[j] = s * scale;
-                    mx = fmaxf(mx, pr[j]);
+                    mx = MAXF(mx, pr[j]);
                 }
                 for (int j = 0; j < len; j++) {
                     pr[j] = expf(pr[j] - mx);
@@ -483,7 +448,7 @@ size_t er_encode_work_bytes(const Enc *m, int tokens, int max_len) {
                     + t * 3 * h /* qkv */
                     + t * h     /* attn / o out */
                     + t * f     /* ffn */
-                    + t         /* r */
+                    + 2 * t     /* r, the FFN rows' max */
                     + f         /* smooth tmp */
                     + (size_t)m->head_dim * lp + lp * (size_t)m->head_dim + QR * lp;
     return floats * sizeof(float) + t * f /* xq */ + 256;
@@ -505,7 +470,8 @@ int er_encode(const Enc *m, int n, const int32_t *lens, const int32_t *ids, floa
     float *att = qkv + (size_t)tokens * 3 * h;
     float *ffn = att + (size_t)tokens * h;
     float *r = ffn + (size_t)tokens * f;
-    float *tmp = r + tokens;
+    float *fmax_rows = r + tokens;
+    float *tmp = fmax_rows + tokens;
     float *kt = tmp + f;
     float *vv = kt + (size_t)m->head_dim * lp;
     float *p = vv + (size_t)lp * m->head_dim;
@@ -526,29 +492,27 @@ int er_encode(const Enc *m, int n, const int32_t *lens, const int32_t *ids, floa
     PROF_START;
     for (int l = 0; l < m->n_layers; l++) {
         const EncLayer *L = &m->layers[l];
-        quant_rows(x, tokens, h, L->qkv.smooth, m->qscale, m->qeps, xq, r, tmp);
+        quant_rows(x, tokens, h, L->qkv.smooth, m->qscale, m->qeps, xq, r, tmp, NULL);
         PROF(0);
-        gemm(xq, r, tokens, &L->qkv, qkv);
+        gemm(xq, r, tokens, &L->qkv, qkv, 0, NULL);
         PROF(1);
         for (int i = 0, row = 0; i < n; row += lens[i], i++)
             attention(qkv + (size_t)row * 3 * h, lens[i], m->head_dim, m->n_heads, scale, att + (size_t)row * h, kt, vv, p);
         PROF(2);
-        quant_rows(att, tokens, h, NULL, m->qscale, m->qeps, xq, r, tmp);
+        quant_rows(att, tokens, h, NULL, m->qscale, m->qeps, xq, r, tmp, NULL);
         PROF(0);
-        gemm(xq, r, tokens, &L->o, att);
-        PROF(1);
+        gemm(xq, r, tokens, &L->o, att, 0, NULL);
+        PROF(5);
         add_ln(x, att, tokens, h, L->ln1_w, L->ln1_b, m->ln_eps);
         PROF(3);
-        quant_rows(x, tokens, h, L->up.smooth, m->qscale, m->qeps, xq, r, tmp);
+        quant_rows(x, tokens, h, L->up.smooth, m->qscale, m->qeps, xq, r, tmp, NULL);
         PROF(0);
-        gemm(xq, r, tokens, &L->up, ffn);
-        PROF(1);
-        gelu_rows(ffn, (size_t)tokens * f);
-        PROF(4);
-        quant_rows(ffn, tokens, f, NULL, m->qscale, m->qeps, xq, r, tmp);
+        gemm(xq, r, tokens, &L->up, ffn, 1, fmax_rows); /* GELU and the down input's row max fused in */
+        PROF(6);
+        quant_rows(ffn, tokens, f, NULL, m->qscale, m->qeps, xq, r, tmp, fmax_rows);
         PROF(0);
-        gemm(xq, r, tokens, &L->down, att);
-        PROF(1);
+        gemm(xq, r, tokens, &L->down, att, 0, NULL);
+        PROF(7);
         add_ln(x, att, tokens, h, L->ln2_w, L->ln2_b, m->ln_eps);
         PROF(3);
     }
