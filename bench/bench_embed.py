@@ -1,4 +1,5 @@
-"""Embedding throughput and latency: edge-rag (ONNX Runtime, fp32 and int8) vs sentence-transformers
+"""Embedding throughput and latency: edge-rag (ONNX Runtime fp32 and int8; the native encoder on the int8 bundle where
+this CPU runs it) vs sentence-transformers
 (torch, CPU), same machine, same run, same thread count, same texts.
 
 Figures (one JSON line each):
@@ -143,7 +144,11 @@ def main() -> int:
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        engines[f"edge-rag-{label}"] = Embedder.from_bundle(bundle, threads=args.threads)
+        engines[f"edge-rag-{label}"] = Embedder.from_bundle(bundle, threads=args.threads, backend="onnxruntime")
+        if quant == "int8":  # the CPU default where it runs: the native encoder (edge.runtime.cpu.encoder)
+            native = Embedder.from_bundle(bundle, threads=args.threads, backend="cpu")
+            if native.backend == "native":
+                engines[f"edge-rag-{label}-native"] = native
     emb0 = engines["edge-rag-fp32"]
     chunks = make_chunks(emb0.tokenizer, args.chunks, args.tokens)
     n_tok = [len(e.ids) for e in emb0.tokenizer.encode_batch(chunks)]
@@ -182,8 +187,8 @@ def main() -> int:
                 lat[name].append(1000 * timed(lambda: query(name, q)))
 
     for name in names:
-        quant = "fp32" if name == "sentence-transformers" else name.split("-", 2)[2]
-        backend = "torch" if name == "sentence-transformers" else "onnxruntime"
+        quant = "fp32" if name == "sentence-transformers" else name.split("-", 2)[2].removesuffix("-native")
+        backend = "torch" if name == "sentence-transformers" else engines[name].backend
         emit(**common, figure="throughput", engine=name, backend=backend, quant=quant, batch=args.batch,
              tokens_per_text=round(statistics.mean(n_tok), 1), texts=len(chunks), rounds=args.rounds,
              texts_per_s=round(statistics.median(tput[name]), 1), all_rounds=[round(x, 1) for x in tput[name]])
