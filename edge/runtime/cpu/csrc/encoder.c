@@ -337,10 +337,12 @@ static void add_ln(float *a, const float *b, int m, int h, const float *w, const
 #if defined(ENC_VNNI)
 /* QR query rows of one head (head_dim 32) against all keys: scores, softmax, weighted values. Rows past
    `rows` compute the first row's numbers again and are not stored. Named registers as in the GEMM tiles. */
-static void attn_rows(const float *q, int ld, int rows, const float *kt, const float *vv, int len, int lp, float scale,
+__attribute__((noinline)) static void attn_rows(const float *q, int ld, int rows, const float *kt, const float *vv, int len, int lp, float scale,
                       float *p, float *out, int ldo) {
     const float *q0 = rows > 0 ? q + (size_t)0 * ld : q, *q1 = rows > 1 ? q + (size_t)1 * ld : q, *q2 = rows > 2 ? q + (size_t)2 * ld : q, *q3 = rows > 3 ? q + (size_t)3 * ld : q, *q4 = rows > 4 ? q + (size_t)4 * ld : q, *q5 = rows > 5 ? q + (size_t)5 * ld : q, *q6 = rows > 6 ? q + (size_t)6 * ld : q, *q7 = rows > 7 ? q + (size_t)7 * ld : q;
     const __m512 vs = _mm512_set1_ps(scale);
+    const __mmask16 tail = (__mmask16)((1u << (len & 15)) - 1u);
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = _mm512_set1_ps(-INFINITY), m2 = _mm512_set1_ps(-INFINITY), m3 = _mm512_set1_ps(-INFINITY), m4 = _mm512_set1_ps(-INFINITY), m5 = _mm512_set1_ps(-INFINITY), m6 = _mm512_set1_ps(-INFINITY), m7 = _mm512_set1_ps(-INFINITY); /* each row's running max score */
     for (int jb = 0; jb < lp; jb += 16) {
         __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps(), s4 = _mm512_setzero_ps(), s5 = _mm512_setzero_ps(), s6 = _mm512_setzero_ps(), s7 = _mm512_setzero_ps();
         for (int d = 0; d < 32; d++) {
@@ -348,17 +350,15 @@ static void attn_rows(const float *q, int ld, int rows, const float *kt, const f
             s0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), kv, s0); s1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d]), kv, s1); s2 = _mm512_fmadd_ps(_mm512_set1_ps(q2[d]), kv, s2); s3 = _mm512_fmadd_ps(_mm512_set1_ps(q3[d]), kv, s3); s4 = _mm512_fmadd_ps(_mm512_set1_ps(q4[d]), kv, s4); s5 = _mm512_fmadd_ps(_mm512_set1_ps(q5[d]), kv, s5); s6 = _mm512_fmadd_ps(_mm512_set1_ps(q6[d]), kv, s6); s7 = _mm512_fmadd_ps(_mm512_set1_ps(q7[d]), kv, s7);
             __asm__("" : "+v"(s0), "+v"(s1), "+v"(s2), "+v"(s3), "+v"(s4), "+v"(s5), "+v"(s6), "+v"(s7));
         }
-        _mm512_storeu_ps(p + 0 * (size_t)lp + jb, _mm512_mul_ps(s0, vs)); _mm512_storeu_ps(p + 1 * (size_t)lp + jb, _mm512_mul_ps(s1, vs)); _mm512_storeu_ps(p + 2 * (size_t)lp + jb, _mm512_mul_ps(s2, vs)); _mm512_storeu_ps(p + 3 * (size_t)lp + jb, _mm512_mul_ps(s3, vs)); _mm512_storeu_ps(p + 4 * (size_t)lp + jb, _mm512_mul_ps(s4, vs)); _mm512_storeu_ps(p + 5 * (size_t)lp + jb, _mm512_mul_ps(s5, vs)); _mm512_storeu_ps(p + 6 * (size_t)lp + jb, _mm512_mul_ps(s6, vs)); _mm512_storeu_ps(p + 7 * (size_t)lp + jb, _mm512_mul_ps(s7, vs));
+        s0 = _mm512_mul_ps(s0, vs); _mm512_storeu_ps(p + 0 * (size_t)lp + jb, s0); s1 = _mm512_mul_ps(s1, vs); _mm512_storeu_ps(p + 1 * (size_t)lp + jb, s1); s2 = _mm512_mul_ps(s2, vs); _mm512_storeu_ps(p + 2 * (size_t)lp + jb, s2); s3 = _mm512_mul_ps(s3, vs); _mm512_storeu_ps(p + 3 * (size_t)lp + jb, s3); s4 = _mm512_mul_ps(s4, vs); _mm512_storeu_ps(p + 4 * (size_t)lp + jb, s4); s5 = _mm512_mul_ps(s5, vs); _mm512_storeu_ps(p + 5 * (size_t)lp + jb, s5); s6 = _mm512_mul_ps(s6, vs); _mm512_storeu_ps(p + 6 * (size_t)lp + jb, s6); s7 = _mm512_mul_ps(s7, vs); _mm512_storeu_ps(p + 7 * (size_t)lp + jb, s7);
+        if (jb + 16 <= len) { m0 = _mm512_max_ps(m0, s0); m1 = _mm512_max_ps(m1, s1); m2 = _mm512_max_ps(m2, s2); m3 = _mm512_max_ps(m3, s3); m4 = _mm512_max_ps(m4, s4); m5 = _mm512_max_ps(m5, s5); m6 = _mm512_max_ps(m6, s6); m7 = _mm512_max_ps(m7, s7); }
+        else { m0 = _mm512_mask_max_ps(m0, tail, m0, s0); m1 = _mm512_mask_max_ps(m1, tail, m1, s1); m2 = _mm512_mask_max_ps(m2, tail, m2, s2); m3 = _mm512_mask_max_ps(m3, tail, m3, s3); m4 = _mm512_mask_max_ps(m4, tail, m4, s4); m5 = _mm512_mask_max_ps(m5, tail, m5, s5); m6 = _mm512_mask_max_ps(m6, tail, m6, s6); m7 = _mm512_mask_max_ps(m7, tail, m7, s7); }
     }
-    float inv[QR];
-    const __mmask16 tail = (__mmask16)((1u << (len & 15)) - 1u);
+    float inv[QR], rmax[QR] = {_mm512_reduce_max_ps(m0), _mm512_reduce_max_ps(m1), _mm512_reduce_max_ps(m2), _mm512_reduce_max_ps(m3), _mm512_reduce_max_ps(m4), _mm512_reduce_max_ps(m5), _mm512_reduce_max_ps(m6), _mm512_reduce_max_ps(m7)};
     for (int r = 0; r < rows; r++) {
         float *pr = p + (size_t)r * lp;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        int jb = 0;
-        for (; jb + 16 <= len; jb += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(pr + jb));
-        if (len & 15) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_loadu_ps(pr + jb));
-        __m512 vm = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
+        __m512 vm = _mm512_set1_ps(rmax[r]), sum = _mm512_setzero_ps();
+        int jb;
         for (jb = 0; jb + 16 <= len; jb += 16) {
             __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(pr + jb), vm));
             _mm512_storeu_ps(pr + jb, e);
@@ -400,7 +400,7 @@ static void attn_rows(const float *q, int ld, int rows, const float *kt, const f
 
 /* ---- attention of one text: qkv [L, 3h] (q | k | v, biases added) -> out [L, h] --------------
    kt: [head_dim][Lp] scratch, v: [L][head_dim], p: [QR][Lp] (Lp = L rounded up to 16) */
-static void attention(const float *qkv, int len, int hd, int nh, float scale, float *out, float *kt, float *vv, float *p) {
+__attribute__((noinline)) static void attention(const float *qkv, int len, int hd, int nh, float scale, float *out, float *kt, float *vv, float *p) {
     const int h = hd * nh, ld = 3 * h;
     const int lp = (len + 15) & ~15;
     for (int head = 0; head < nh; head++) {
