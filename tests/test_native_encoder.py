@@ -193,3 +193,22 @@ def test_default_minilm_native_against_onnxruntime_and_sentence_transformers(tmp
     assert _min_cos(a, b) > 0.9995
     ref = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
     assert _min_cos(a, ref) > 0.99
+
+
+def test_the_graph_is_read_once_then_from_a_cache_without_importing_onnx(bundles, edge_home):
+    import subprocess
+
+    emb = Embedder.from_bundle(bundles["hd32"], backend="onnxruntime")
+    ids = emb._encode(_texts(5, seed=6))
+    first = NativeEncoder.open(Bundle.open(bundles["hd32"])).run(ids)  # reads model.onnx, writes the cache
+    caches = list((edge_home / "native").glob("encoder-*.safetensors"))
+    assert len(caches) == 1
+    code = ("import sys, numpy as np; from edge.bundle import Bundle; from edge.runtime.cpu.encoder import NativeEncoder; "
+            f"v = NativeEncoder.open(Bundle.open({str(bundles['hd32'])!r})).run({ids!r}); "
+            "assert 'onnx' not in sys.modules; np.save(sys.argv[1], v)")
+    out = edge_home / "v.npy"
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, cwd=Path(__file__).resolve().parent.parent)
+    np.testing.assert_array_equal(np.load(out), first)
+    caches[0].write_bytes(b"not a safetensors file")  # damaged: read model.onnx again and rewrite it
+    np.testing.assert_array_equal(NativeEncoder.open(Bundle.open(bundles["hd32"])).run(ids), first)
+    assert caches[0].stat().st_size > 1000
