@@ -135,6 +135,9 @@ def diagnose() -> dict[str, Any]:
     from edge.runtime.cpu.backend import machine_refusal
 
     native_why = machine_refusal()  # None: `auto` runs int4 / int8 llama-family engines on it (no GPU)
+    from edge.runtime.cpu.encoder import machine_refusal as encoder_refusal
+
+    encoder_why = encoder_refusal()
     backends = {
         "onnxruntime": ort_ok,
         "native": native_why is None,
@@ -157,6 +160,8 @@ def diagnose() -> dict[str, Any]:
         "tensorrt": trt,
         "backends": backends,
         "native": {"auto_picks": native_why is None and not backends["cuda"], "reason": native_why},
+        # the embedder's cpu backend (edge.runtime.embedder.resolve_backend): int8 bundles on the native encoder
+        "native_encoder": {"cpu_picks": encoder_why is None, "reason": encoder_why},
         "profile": profile,
     }
     if profile_error:

@@ -212,3 +212,19 @@ def test_the_graph_is_read_once_then_from_a_cache_without_importing_onnx(bundles
     caches[0].write_bytes(b"not a safetensors file")  # damaged: read model.onnx again and rewrite it
     np.testing.assert_array_equal(NativeEncoder.open(Bundle.open(bundles["hd32"])).run(ids), first)
     assert caches[0].stat().st_size > 1000
+
+
+def test_the_cpu_backend_needs_avx512_vnni_and_says_why_not(monkeypatch):
+    import edge.cpu
+    from edge.doctor import diagnose
+    from edge.runtime.cpu import encoder as enc_mod
+
+    monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512bw"}))
+    monkeypatch.setattr(edge.cpu, "is_x86", lambda machine=None: True)
+    why = enc_mod.machine_refusal()
+    assert "VNNI" in why and enc_mod.vector_isa() is None
+    d = diagnose()["native_encoder"]
+    assert d == {"cpu_picks": False, "reason": why}
+    monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512bw", "avx512_vnni"}))
+    monkeypatch.setenv("CC", "cc")
+    assert enc_mod.machine_refusal() is None

@@ -77,12 +77,24 @@ def load_lib(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
     return lib
 
 
-def vector_isa() -> str | None:
-    """"vnni" where encoder.c's AVX-512 VNNI kernels run on this CPU, else None (its portable C is for
-    tests: slower than onnxruntime)."""
+def machine_refusal() -> str | None:
+    """Why the embedder's cpu backend runs onnxruntime rather than the native encoder on this machine,
+    or None (checked without compiling anything: `edge-rag doctor`)."""
+    import shutil
+
     from edge.cpu import cpu_flags, is_x86
 
     if not is_x86() or not {"avx512bw", "avx512_vnni"} <= set(cpu_flags()):
+        return "no AVX-512 VNNI on this CPU (the native encoder's vector kernels need it; its portable C is slower than onnxruntime)"
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        return "no C compiler (cc) to build the native encoder's kernels"
+    return None
+
+
+def vector_isa() -> str | None:
+    """"vnni" where encoder.c's AVX-512 VNNI kernels run on this CPU, else None (its portable C is for
+    tests: slower than onnxruntime)."""
+    if machine_refusal() is not None:
         return None
     return "vnni" if load_lib().er_enc_isa() == 3 else None
 
