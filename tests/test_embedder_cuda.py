@@ -102,7 +102,10 @@ def test_resolve_backend(monkeypatch):
     with pytest.raises(UsageError, match="unknown embedder backend 'gpu'"):
         resolve_backend("gpu")
     monkeypatch.setattr(embedder_mod, "_cuda_available", lambda: False)
-    assert [resolve_backend(b) for b in ("auto", "tensorrt", "onnxruntime", "cuda")] == ["onnxruntime"] * 3 + ["cuda"]
+    # no GPU: auto (and tensorrt, which has no embedder) mean the CPU, as native does: the native encoder where it
+    # runs, else onnxruntime (edge.runtime.embedder.resolve_backend); onnxruntime is onnxruntime only
+    assert [resolve_backend(b) for b in ("auto", "tensorrt", "native", "cpu", "onnxruntime", "cuda")] == \
+        ["cpu"] * 4 + ["onnxruntime", "cuda"]
     monkeypatch.setattr(embedder_mod, "_cuda_available", lambda: True)
     assert [resolve_backend(b) for b in ("auto", "tensorrt", "onnxruntime")] == ["cuda", "cuda", "onnxruntime"]
 
