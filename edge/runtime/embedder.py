@@ -388,7 +388,8 @@ class Embedder:
 
 def _open_native_encoder(bundle: Bundle) -> Any:
     """The native encoder of `bundle` where it runs on this CPU with its vector kernels (AVX-512 VNNI), else
-    None (the reason logged): onnxruntime then embeds, with vectors within cosine 0.9995 of these."""
+    None (the reason logged): onnxruntime then embeds, with vectors within cosine 0.999 of these (0.99949 the lowest
+    measured, all-MiniLM-L6-v2 on 200 varied texts)."""
     if os.environ.get(NATIVE_ENV, "").strip() == "0":
         return None
     from edge.runtime.cpu.encoder import NativeEncoder, vector_isa
