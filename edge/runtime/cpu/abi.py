@@ -1,5 +1,5 @@
-"""The C structs and signatures of csrc/native.c, in ctypes (one place; native.c's typedefs are
-the other side of this contract)."""
+"""The C structs and signatures of csrc/native.c (the decode step) and csrc/encoder.c (the sentence
+encoder), in ctypes (one place; the C files' typedefs are the other side of this contract)."""
 
 from __future__ import annotations
 
@@ -40,3 +40,34 @@ def declare(lib: C.CDLL) -> None:
     lib.er_profile.argtypes = [P, C.c_int]
     lib.er_step.restype = C.c_int
     lib.er_step.argtypes = [C.POINTER(Model), C.c_int, C.c_int, P, P, P, P, P, C.c_int, P, P, P]
+
+
+# ---- csrc/encoder.c ----------------------------------------------------------------------------
+
+class EncLin(C.Structure):
+    _fields_ = [("n", C.c_int32), ("k", C.c_int32), ("w", C.c_void_p), ("corr", C.c_void_p),
+                ("mult", C.c_void_p), ("bias", C.c_void_p), ("smooth", C.c_void_p)]
+
+
+class EncLayer(C.Structure):
+    _fields_ = [("qkv", EncLin), ("o", EncLin), ("up", EncLin), ("down", EncLin),
+                ("ln1_w", C.c_void_p), ("ln1_b", C.c_void_p), ("ln2_w", C.c_void_p), ("ln2_b", C.c_void_p)]
+
+
+class Enc(C.Structure):
+    _fields_ = [("n_layers", C.c_int32), ("hidden", C.c_int32), ("n_heads", C.c_int32), ("head_dim", C.c_int32),
+                ("inter", C.c_int32), ("vocab", C.c_int32), ("max_pos", C.c_int32), ("portable", C.c_int32),
+                ("ln_eps", C.c_float), ("emb_ln_eps", C.c_float), ("qscale", C.c_float), ("qeps", C.c_float),
+                ("norm_eps", C.c_float),
+                ("word", C.c_void_p), ("pos", C.c_void_p), ("emb_ln_w", C.c_void_p), ("emb_ln_b", C.c_void_p),
+                ("layers", C.POINTER(EncLayer))]
+
+
+def declare_encoder(lib: C.CDLL) -> None:
+    P = C.c_void_p
+    lib.er_enc_isa.restype = C.c_int
+    lib.er_enc_isa.argtypes = []
+    lib.er_encode_work_bytes.restype = C.c_size_t
+    lib.er_encode_work_bytes.argtypes = [C.POINTER(Enc), C.c_int, C.c_int]
+    lib.er_encode.restype = C.c_int
+    lib.er_encode.argtypes = [C.POINTER(Enc), C.c_int, P, P, P, P]

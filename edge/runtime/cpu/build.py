@@ -62,7 +62,7 @@ def build(extra_flags: tuple[str, ...] = (), out_dir: Path | None = None, source
     so = folder / f"{source.stem}-{h.hexdigest()[:16]}.so"
     if so.exists():
         return so
-    say(f"compiling the native CPU kernels for this CPU (once; cached in {folder})")
+    say(f"compiling the native CPU kernels ({source.name}) for this CPU (once; cached in {folder})")
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     r = subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from edge.errors import BackendError
+from edge.runtime.cpu.abi import Enc, EncLayer, EncLin
 
 SOURCE = Path(__file__).parent / "csrc" / "encoder.c"
 log = logging.getLogger(__name__)
@@ -42,40 +43,14 @@ class NativeUnavailable(BackendError):
     """This bundle or this machine cannot use the native encoder (the reason is the message)."""
 
 
-class _Lin(C.Structure):
-    _fields_ = [("n", C.c_int32), ("k", C.c_int32), ("w", C.c_void_p), ("corr", C.c_void_p),
-                ("mult", C.c_void_p), ("bias", C.c_void_p), ("smooth", C.c_void_p)]
-
-
-class _Layer(C.Structure):
-    _fields_ = [("qkv", _Lin), ("o", _Lin), ("up", _Lin), ("down", _Lin),
-                ("ln1_w", C.c_void_p), ("ln1_b", C.c_void_p), ("ln2_w", C.c_void_p), ("ln2_b", C.c_void_p)]
-
-
-class _Enc(C.Structure):
-    _fields_ = [("n_layers", C.c_int32), ("hidden", C.c_int32), ("n_heads", C.c_int32), ("head_dim", C.c_int32),
-                ("inter", C.c_int32), ("vocab", C.c_int32), ("max_pos", C.c_int32),
-                ("ln_eps", C.c_float), ("emb_ln_eps", C.c_float), ("qscale", C.c_float), ("qeps", C.c_float),
-                ("norm_eps", C.c_float),
-                ("word", C.c_void_p), ("pos", C.c_void_p), ("emb_ln_w", C.c_void_p), ("emb_ln_b", C.c_void_p),
-                ("layers", C.POINTER(_Layer))]
-
-
 @lru_cache(maxsize=2)
 def load_lib(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
     """encoder.c compiled for this CPU (cached like the native decode step: edge.runtime.cpu.build)."""
+    from edge.runtime.cpu import abi
     from edge.runtime.cpu.build import build
 
     lib = C.CDLL(str(build(extra_flags, source=SOURCE)))
-    P = C.c_void_p
-    lib.er_enc_isa.restype = C.c_int
-    lib.er_enc_isa.argtypes = []
-    lib.er_enc_force_scalar.restype = C.c_int
-    lib.er_enc_force_scalar.argtypes = [C.c_int]
-    lib.er_encode_work_bytes.restype = C.c_size_t
-    lib.er_encode_work_bytes.argtypes = [C.POINTER(_Enc), C.c_int, C.c_int]
-    lib.er_encode.restype = C.c_int
-    lib.er_encode.argtypes = [C.POINTER(_Enc), C.c_int, P, P, P, P]
+    abi.declare_encoder(lib)
     return lib
 
 
@@ -186,7 +161,6 @@ class NativeEncoder:
             raise NativeUnavailable(f"the graph is not the int8 per-row graph (ops {sorted(extra) or 'without int8 GEMMs'})")
         self.lib = load_lib()
         self.isa = "scalar" if force_scalar else ("vnni" if self.lib.er_enc_isa() == 3 else "scalar")
-        self.force_scalar = force_scalar
         self._keep: list[np.ndarray] = []  # every array a pointer of the structs points into
 
         def get(name: str) -> np.ndarray:
@@ -217,7 +191,7 @@ class NativeEncoder:
         if not n_layers:
             raise NativeUnavailable("the graph has no layers the native encoder knows")
 
-        def lin(prefix: str, parts: tuple[str, ...], bias: np.ndarray, smooth: str | None) -> _Lin:
+        def lin(prefix: str, parts: tuple[str, ...], bias: np.ndarray, smooth: str | None) -> EncLin:
             ws, ss = [], []
             for p in parts:
                 w = get(f"{prefix}{p}.weight_quantized")
@@ -233,15 +207,15 @@ class NativeEncoder:
             mult = (qscale * np.concatenate(ss)).astype(np.float32)
             corr = (128 * w.astype(np.int32).sum(axis=0)).astype(np.int32)
             sm = keep(get(smooth)) if smooth else None
-            return _Lin(n, k, keep(pack_weight(w), np.int8), keep(corr, np.int32), keep(mult), keep(bias), sm)
+            return EncLin(n, k, keep(pack_weight(w), np.int8), keep(corr, np.int32), keep(mult), keep(bias), sm)
 
-        layers = (_Layer * n_layers)()
+        layers = (EncLayer * n_layers)()
         inter = 0
         for i in range(n_layers):
             p = f"/model/layers.{i}/"
             up_w = get(f"{p}mlp/up.weight_quantized")
             inter = int(up_w.shape[1])
-            layers[i] = _Layer(
+            layers[i] = EncLayer(
                 lin(f"{p}attn/qkv/", ("q", "k", "v"), get(f"{p}attn/qkv.bias"), f"{p}attn/qkv/q/MatMul/smooth_inv"),
                 lin(f"{p}attn/", ("o_proj",), get(f"{p}attn/o_proj.bias"), None),
                 lin(f"{p}mlp/", ("up",), get(f"{p}mlp/up.bias"), f"{p}mlp/up/MatMul/smooth_inv"),
@@ -252,11 +226,11 @@ class NativeEncoder:
         self._layers = layers
         self.dim = hidden
         self.max_pos = int(pos.shape[0])
-        self.model = _Enc(n_layers, hidden, n_heads, hidden // n_heads, inter, int(word.shape[0]), self.max_pos,
-                          float(attrs.get("ln_eps", 1e-12)), float(attrs.get("emb_ln_eps", 1e-12)), float(qscale),
-                          scalar("const/row_quant/eps"), scalar("const/eps_norm", 1e-12),
-                          keep(word), keep(pos), keep(get("embeddings.ln.weight")), keep(get("embeddings.ln.bias")),
-                          C.cast(layers, C.POINTER(_Layer)))
+        self.model = Enc(n_layers, hidden, n_heads, hidden // n_heads, inter, int(word.shape[0]), self.max_pos,
+                         int(force_scalar), float(attrs.get("ln_eps", 1e-12)), float(attrs.get("emb_ln_eps", 1e-12)), float(qscale),
+                         scalar("const/row_quant/eps"), scalar("const/eps_norm", 1e-12),
+                         keep(word), keep(pos), keep(get("embeddings.ln.weight")), keep(get("embeddings.ln.bias")),
+                         C.cast(layers, C.POINTER(EncLayer)))
 
     @classmethod
     def open(cls, bundle: Any, **kw: Any) -> "NativeEncoder":
@@ -277,14 +251,8 @@ class NativeEncoder:
         ids = np.fromiter((t for x in batch for t in x), np.int32, int(lens.sum()))
         out = np.empty((len(batch), self.dim), np.float32)
         work = np.empty(self.lib.er_encode_work_bytes(C.byref(self.model), int(lens.sum()), int(lens.max())), np.uint8)
-        if self.force_scalar:
-            self.lib.er_enc_force_scalar(1)
-        try:
-            rc = self.lib.er_encode(C.byref(self.model), len(batch), lens.ctypes.data, ids.ctypes.data,
-                                    out.ctypes.data, work.ctypes.data)
-        finally:
-            if self.force_scalar:
-                self.lib.er_enc_force_scalar(0)
+        rc = self.lib.er_encode(C.byref(self.model), len(batch), lens.ctypes.data, ids.ctypes.data,
+                                out.ctypes.data, work.ctypes.data)
         if rc != 0:
             raise BackendError("the native encoder was given a token id outside its vocabulary")
         return out

@@ -62,7 +62,7 @@ typedef struct {
 } EncLayer;
 
 typedef struct {
-    int32_t n_layers, hidden, n_heads, head_dim, inter, vocab, max_pos;
+    int32_t n_layers, hidden, n_heads, head_dim, inter, vocab, max_pos, portable;
     float ln_eps, emb_ln_eps, qscale, qeps, norm_eps;
     const float *word, *pos, *emb_ln_w, *emb_ln_b;
     const EncLayer *layers;
@@ -76,8 +76,9 @@ int er_enc_isa(void) {
 #endif
 }
 
-static int g_scalar = 0; /* tests: run the portable C on a VNNI build too */
-int er_enc_force_scalar(int on) { g_scalar = on; return er_enc_isa(); }
+/* Enc.portable (tests): this call runs the portable C on a VNNI build too; set per call, so concurrent calls
+   of other models are unaffected */
+static _Thread_local int g_scalar;
 
 /* ---- vector math ------------------------------------------------------------------------- */
 #if defined(ENC_VNNI)
@@ -157,9 +158,9 @@ static void quant_rows(const float *x, int m, int k, const float *smooth, float 
             continue;
         }
 #endif
-        float amax = 0.0f;
-        for (j = 0; j < k; j++) amax = MAXF(amax, fabsf(xs[j]));
-        if (known_max) amax = known_max[i];
+        float amax = known_max ? known_max[i] : 0.0f;
+        if (!known_max)
+            for (j = 0; j < k; j++) amax = MAXF(amax, fabsf(xs[j]));
         float ri = MAXF(amax, qeps), inv = 1.0f / ri;
         r[i] = ri;
         for (j = 0; j < k; j++) {
@@ -189,66 +190,41 @@ static inline __attribute__((always_inline)) void epi_row(__m512i a0, __m512i a1
     if (rmax) *rmax = MAXF(*rmax, _mm512_reduce_max_ps(mx));
 }
 
-/* R rows x 64 columns (noinline: inlined into er_encode they spilled), accumulators in named registers; the empty asm after each row's four products keeps
-   GCC 12 from hoisting the rows' broadcasts and spilling the accumulators (an array of them was spilled too) */
-
-__attribute__((noinline)) static void tile6(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, int n0, const float *r, float *y, int ldy,
-                  int act, float *rmax) {
-    __m512i a00 = _mm512_setzero_si512(); __m512i a01 = _mm512_setzero_si512(); __m512i a02 = _mm512_setzero_si512(); __m512i a03 = _mm512_setzero_si512(); __m512i a10 = _mm512_setzero_si512(); __m512i a11 = _mm512_setzero_si512(); __m512i a12 = _mm512_setzero_si512(); __m512i a13 = _mm512_setzero_si512(); __m512i a20 = _mm512_setzero_si512(); __m512i a21 = _mm512_setzero_si512(); __m512i a22 = _mm512_setzero_si512(); __m512i a23 = _mm512_setzero_si512(); __m512i a30 = _mm512_setzero_si512(); __m512i a31 = _mm512_setzero_si512(); __m512i a32 = _mm512_setzero_si512(); __m512i a33 = _mm512_setzero_si512(); __m512i a40 = _mm512_setzero_si512(); __m512i a41 = _mm512_setzero_si512(); __m512i a42 = _mm512_setzero_si512(); __m512i a43 = _mm512_setzero_si512(); __m512i a50 = _mm512_setzero_si512(); __m512i a51 = _mm512_setzero_si512(); __m512i a52 = _mm512_setzero_si512(); __m512i a53 = _mm512_setzero_si512();
-    for (int kk = 0; kk < k; kk += 4) {
-        const int8_t *wk = wb + (size_t)kk * NB;
-        __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 64), w2 = _mm512_loadu_si512(wk + 128), w3 = _mm512_loadu_si512(wk + 192);
-        { int32_t v; memcpy(&v, x + (size_t)0 * k + kk, 4); __m512i b = _mm512_set1_epi32(v);
-          a00 = _mm512_dpbusd_epi32(a00, b, w0); a01 = _mm512_dpbusd_epi32(a01, b, w1); a02 = _mm512_dpbusd_epi32(a02, b, w2); a03 = _mm512_dpbusd_epi32(a03, b, w3); __asm__("" : "+v"(a00), "+v"(a01), "+v"(a02), "+v"(a03)); }
-        { int32_t v; memcpy(&v, x + (size_t)1 * k + kk, 4); __m512i b = _mm512_set1_epi32(v);
-          a10 = _mm512_dpbusd_epi32(a10, b, w0); a11 = _mm512_dpbusd_epi32(a11, b, w1); a12 = _mm512_dpbusd_epi32(a12, b, w2); a13 = _mm512_dpbusd_epi32(a13, b, w3); __asm__("" : "+v"(a10), "+v"(a11), "+v"(a12), "+v"(a13)); }
-        { int32_t v; memcpy(&v, x + (size_t)2 * k + kk, 4); __m512i b = _mm512_set1_epi32(v);
-          a20 = _mm512_dpbusd_epi32(a20, b, w0); a21 = _mm512_dpbusd_epi32(a21, b, w1); a22 = _mm512_dpbusd_epi32(a22, b, w2); a23 = _mm512_dpbusd_epi32(a23, b, w3); __asm__("" : "+v"(a20), "+v"(a21), "+v"(a22), "+v"(a23)); }
-        { int32_t v; memcpy(&v, x + (size_t)3 * k + kk, 4); __m512i b = _mm512_set1_epi32(v);
-          a30 = _mm512_dpbusd_epi32(a30, b, w0); a31 = _mm512_dpbusd_epi32(a31, b, w1); a32 = _mm512_dpbusd_epi32(a32, b, w2); a33 = _mm512_dpbusd_epi32(a33, b, w3); __asm__("" : "+v"(a30), "+v"(a31), "+v"(a32), "+v"(a33)); }
-        { int32_t v; memcpy(&v, x + (size_t)4 * k + kk, 4); __m512i b = _mm512_set1_epi32(v);
-          a40 = _mm512_dpbusd_epi32(a40, b, w0); a41 = _mm512_dpbusd_epi32(a41, b, w1); a42 = _mm512_dpbusd_epi32(a42, b, w2); a43 = _mm512_dpbusd_epi32(a43, b, w3); __asm__("" : "+v"(a40), "+v"(a41), "+v"(a42), "+v"(a43)); }
-        { int32_t v; memcpy(&v, x + (size_t)5 * k + kk, 4); __m512i b = _mm512_set1_epi32(v);
-          a50 = _mm512_dpbusd_epi32(a50, b, w0); a51 = _mm512_dpbusd_epi32(a51, b, w1); a52 = _mm512_dpbusd_epi32(a52, b, w2); a53 = _mm512_dpbusd_epi32(a53, b, w3); __asm__("" : "+v"(a50), "+v"(a51), "+v"(a52), "+v"(a53)); }
+/* R rows x 64 columns (noinline: inlined into er_encode they spilled), accumulators in named registers
+   a<row><col>; the empty asm after each row's four products keeps GCC 12 from hoisting the rows' broadcasts and
+   spilling the accumulators (an array of them was spilled too). TILE(R, ROWS) writes tile<R>; ROWS<R>(X) applies
+   X to each row index. */
+#define ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define ROWS3(X) X(0) X(1) X(2)
+#define ROWS1(X) X(0)
+#define ACC_ZERO(i) __m512i a##i##0 = _mm512_setzero_si512(), a##i##1 = a##i##0, a##i##2 = a##i##0, a##i##3 = a##i##0;
+#define ACC_DOT(i)                                                                                           \
+    {                                                                                                        \
+        int32_t v;                                                                                           \
+        memcpy(&v, x + (size_t)(i) * k + kk, 4);                                                             \
+        __m512i b = _mm512_set1_epi32(v);                                                                    \
+        a##i##0 = _mm512_dpbusd_epi32(a##i##0, b, w0);                                                       \
+        a##i##1 = _mm512_dpbusd_epi32(a##i##1, b, w1);                                                       \
+        a##i##2 = _mm512_dpbusd_epi32(a##i##2, b, w2);                                                       \
+        a##i##3 = _mm512_dpbusd_epi32(a##i##3, b, w3);                                                       \
+        __asm__("" : "+v"(a##i##0), "+v"(a##i##1), "+v"(a##i##2), "+v"(a##i##3));                            \
     }
-    epi_row(a00, a01, a02, a03, L, n0, r[0], y + (size_t)0 * ldy + n0, act, rmax ? rmax + 0 : NULL);
-    epi_row(a10, a11, a12, a13, L, n0, r[1], y + (size_t)1 * ldy + n0, act, rmax ? rmax + 1 : NULL);
-    epi_row(a20, a21, a22, a23, L, n0, r[2], y + (size_t)2 * ldy + n0, act, rmax ? rmax + 2 : NULL);
-    epi_row(a30, a31, a32, a33, L, n0, r[3], y + (size_t)3 * ldy + n0, act, rmax ? rmax + 3 : NULL);
-    epi_row(a40, a41, a42, a43, L, n0, r[4], y + (size_t)4 * ldy + n0, act, rmax ? rmax + 4 : NULL);
-    epi_row(a50, a51, a52, a53, L, n0, r[5], y + (size_t)5 * ldy + n0, act, rmax ? rmax + 5 : NULL);
-}
-
-__attribute__((noinline)) static void tile3(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, int n0, const float *r, float *y, int ldy,
-                  int act, float *rmax) {
-    __m512i a00 = _mm512_setzero_si512(); __m512i a01 = _mm512_setzero_si512(); __m512i a02 = _mm512_setzero_si512(); __m512i a03 = _mm512_setzero_si512(); __m512i a10 = _mm512_setzero_si512(); __m512i a11 = _mm512_setzero_si512(); __m512i a12 = _mm512_setzero_si512(); __m512i a13 = _mm512_setzero_si512(); __m512i a20 = _mm512_setzero_si512(); __m512i a21 = _mm512_setzero_si512(); __m512i a22 = _mm512_setzero_si512(); __m512i a23 = _mm512_setzero_si512();
-    for (int kk = 0; kk < k; kk += 4) {
-        const int8_t *wk = wb + (size_t)kk * NB;
-        __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 64), w2 = _mm512_loadu_si512(wk + 128), w3 = _mm512_loadu_si512(wk + 192);
-        { int32_t v; memcpy(&v, x + (size_t)0 * k + kk, 4); __m512i b = _mm512_set1_epi32(v);
-          a00 = _mm512_dpbusd_epi32(a00, b, w0); a01 = _mm512_dpbusd_epi32(a01, b, w1); a02 = _mm512_dpbusd_epi32(a02, b, w2); a03 = _mm512_dpbusd_epi32(a03, b, w3); __asm__("" : "+v"(a00), "+v"(a01), "+v"(a02), "+v"(a03)); }
-        { int32_t v; memcpy(&v, x + (size_t)1 * k + kk, 4); __m512i b = _mm512_set1_epi32(v);
-          a10 = _mm512_dpbusd_epi32(a10, b, w0); a11 = _mm512_dpbusd_epi32(a11, b, w1); a12 = _mm512_dpbusd_epi32(a12, b, w2); a13 = _mm512_dpbusd_epi32(a13, b, w3); __asm__("" : "+v"(a10), "+v"(a11), "+v"(a12), "+v"(a13)); }
-        { int32_t v; memcpy(&v, x + (size_t)2 * k + kk, 4); __m512i b = _mm512_set1_epi32(v);
-          a20 = _mm512_dpbusd_epi32(a20, b, w0); a21 = _mm512_dpbusd_epi32(a21, b, w1); a22 = _mm512_dpbusd_epi32(a22, b, w2); a23 = _mm512_dpbusd_epi32(a23, b, w3); __asm__("" : "+v"(a20), "+v"(a21), "+v"(a22), "+v"(a23)); }
+#define ACC_EPI(i) epi_row(a##i##0, a##i##1, a##i##2, a##i##3, L, n0, r[i], y + (size_t)(i) * ldy + n0, act, rmax ? rmax + (i) : NULL);
+#define TILE(R)                                                                                                       \
+    __attribute__((noinline)) static void tile##R(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, int n0, \
+                                                  const float *r, float *y, int ldy, int act, float *rmax) {          \
+        ROWS##R(ACC_ZERO)                                                                                             \
+        for (int kk = 0; kk < k; kk += 4) {                                                                           \
+            const int8_t *wk = wb + (size_t)kk * NB;                                                                  \
+            __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 64);                                    \
+            __m512i w2 = _mm512_loadu_si512(wk + 128), w3 = _mm512_loadu_si512(wk + 192);                             \
+            ROWS##R(ACC_DOT)                                                                                          \
+        }                                                                                                             \
+        ROWS##R(ACC_EPI)                                                                                              \
     }
-    epi_row(a00, a01, a02, a03, L, n0, r[0], y + (size_t)0 * ldy + n0, act, rmax ? rmax + 0 : NULL);
-    epi_row(a10, a11, a12, a13, L, n0, r[1], y + (size_t)1 * ldy + n0, act, rmax ? rmax + 1 : NULL);
-    epi_row(a20, a21, a22, a23, L, n0, r[2], y + (size_t)2 * ldy + n0, act, rmax ? rmax + 2 : NULL);
-}
-
-__attribute__((noinline)) static void tile1(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, int n0, const float *r, float *y, int ldy,
-                  int act, float *rmax) {
-    __m512i a00 = _mm512_setzero_si512(); __m512i a01 = _mm512_setzero_si512(); __m512i a02 = _mm512_setzero_si512(); __m512i a03 = _mm512_setzero_si512();
-    for (int kk = 0; kk < k; kk += 4) {
-        const int8_t *wk = wb + (size_t)kk * NB;
-        __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 64), w2 = _mm512_loadu_si512(wk + 128), w3 = _mm512_loadu_si512(wk + 192);
-        { int32_t v; memcpy(&v, x + (size_t)0 * k + kk, 4); __m512i b = _mm512_set1_epi32(v);
-          a00 = _mm512_dpbusd_epi32(a00, b, w0); a01 = _mm512_dpbusd_epi32(a01, b, w1); a02 = _mm512_dpbusd_epi32(a02, b, w2); a03 = _mm512_dpbusd_epi32(a03, b, w3); __asm__("" : "+v"(a00), "+v"(a01), "+v"(a02), "+v"(a03)); }
-    }
-    epi_row(a00, a01, a02, a03, L, n0, r[0], y + (size_t)0 * ldy + n0, act, rmax ? rmax + 0 : NULL);
-}
-
+TILE(6)
+TILE(3)
+TILE(1)
 #endif
 
 /* act: GELU on the outputs; rmax [m] (or NULL): set to each output row's max |y| */
@@ -459,6 +435,7 @@ size_t er_encode_work_bytes(const Enc *m, int tokens, int max_len) {
 int er_encode(const Enc *m, int n, const int32_t *lens, const int32_t *ids, float *out, void *work) {
     const int h = m->hidden, f = m->inter;
     int tokens = 0, max_len = 0;
+    g_scalar = m->portable;
     for (int i = 0; i < n; i++) {
         if (lens[i] < 1 || lens[i] > m->max_pos) return -1;
         tokens += lens[i];
