@@ -56,14 +56,16 @@ def load_lib(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
 
 def machine_refusal() -> str | None:
     """Why the embedder's cpu backend runs onnxruntime rather than the native encoder on this machine,
-    or None (checked without compiling anything: `edge-rag doctor`)."""
-    import shutil
-
+    or None (checked without compiling anything: `edge-rag doctor`). The same checks as the decode step's
+    (edge.runtime.cpu.backend.machine_refusal), for the vnni kernel path."""
     from edge.cpu import cpu_flags, is_x86
+    from edge.runtime.cpu.build import ISA_NEEDS, compiler
 
-    if not is_x86() or not {"avx512bw", "avx512_vnni"} <= set(cpu_flags()):
+    if not is_x86() or any(f not in cpu_flags() for f in ISA_NEEDS["vnni"]):
         return "no AVX-512 VNNI on this CPU (the native encoder's vector kernels need it; its portable C is slower than onnxruntime)"
-    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+    try:
+        compiler()
+    except BackendError:
         return "no C compiler (cc) to build the native encoder's kernels"
     return None
 
