@@ -24,6 +24,18 @@ from helpers_tiny import _WORDS, make_tiny_st  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_embed import varied_texts  # noqa: E402
 
+def _has_cc() -> bool:
+    from edge.runtime.cpu.build import compiler
+
+    try:
+        compiler()
+        return True
+    except BackendError:
+        return False
+
+
+# the native encoder compiles encoder.c at first use: where no C compiler exists, every test that opens one skips
+needs_cc = pytest.mark.skipif(not _has_cc(), reason="no C compiler (cc): the native encoder cannot be built here")
 NO_VNNI = "this CPU has no AVX-512 VNNI: the native encoder's vector kernels do not run here"
 ORT_SATURATES = "onnxruntime's u8 x s8 GEMM saturates on x86 without VNNI: it is no oracle for the int8 (VNNI) graph here"
 
@@ -104,6 +116,7 @@ def test_pack_weight_layout():
         assert p[nb, k4, c, t] == w[4 * k4 + t, 64 * nb + c]
 
 
+@needs_cc
 @pytest.mark.parametrize("name", ["hd32", "hd16"])
 def test_portable_c_matches_a_numpy_transcription_of_the_graph(bundles, name):
     """The portable C path (what a CPU without AVX-512 VNNI would run) is the graph: the same int8
@@ -118,6 +131,7 @@ def test_portable_c_matches_a_numpy_transcription_of_the_graph(bundles, name):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
+@needs_cc
 @pytest.mark.skipif(vector_isa() is None, reason=NO_VNNI)
 @pytest.mark.parametrize("name", ["hd32", "hd16"])
 def test_vnni_kernels_match_the_portable_c(bundles, name):
@@ -128,6 +142,7 @@ def test_vnni_kernels_match_the_portable_c(bundles, name):
     assert _min_cos(vec.run(ids), port.run(ids)) > 0.9999
 
 
+@needs_cc
 @pytest.mark.skipif(not u8s8_exact(), reason=ORT_SATURATES)
 def test_native_matches_onnxruntime_on_the_same_bundle(bundles):
     nat = Embedder.from_bundle(bundles["hd32"], backend="cpu")
@@ -137,6 +152,7 @@ def test_native_matches_onnxruntime_on_the_same_bundle(bundles):
     assert _min_cos(nat.embed(texts), ort.embed(texts)) > 0.9999
 
 
+@needs_cc
 def test_a_vector_does_not_depend_on_its_batch(bundles):
     enc = NativeEncoder.open(Bundle.open(bundles["hd32"]))
     ids = Embedder.from_bundle(bundles["hd32"], backend="onnxruntime")._encode(_texts(9, seed=4))
@@ -153,6 +169,7 @@ def test_embedder_uses_the_native_encoder_where_it_runs_and_onnxruntime_elsewher
     assert Embedder.from_bundle(bundles["hd32"]).backend == "onnxruntime"
 
 
+@needs_cc
 def test_what_the_native_encoder_cannot_run_is_refused_and_onnxruntime_embeds_it(bundles, tmp_path, monkeypatch):
     fp32 = build_embedder_bundle(bundles["folder"], tmp_path / "fp32", quant="fp32", progress=False)
     with pytest.raises(NativeUnavailable, match="int8"):
@@ -165,6 +182,7 @@ def test_what_the_native_encoder_cannot_run_is_refused_and_onnxruntime_embeds_it
     assert Embedder.from_bundle(u8).backend == "onnxruntime"
 
 
+@needs_cc
 def test_bad_token_ids_and_lengths_are_errors_not_crashes(bundles):
     enc = NativeEncoder.open(Bundle.open(bundles["hd32"]))
     with pytest.raises(BackendError, match="vocabulary"):
@@ -195,6 +213,7 @@ def test_default_minilm_native_against_onnxruntime_and_sentence_transformers(tmp
     assert _min_cos(a, ref) > 0.99
 
 
+@needs_cc
 def test_the_graph_is_read_once_then_from_a_cache_without_importing_onnx(bundles, edge_home):
     import subprocess
 
