@@ -15,6 +15,7 @@ from edge.build.encoder import build_embedder_bundle
 from edge.bundle import Bundle
 from edge.cpu import u8s8_exact
 from edge.errors import BackendError
+from edge.models import bert_graph_names as names
 from edge.runtime.cpu.encoder import NativeEncoder, NativeUnavailable, pack_weight, read_graph, vector_isa
 from edge.runtime.embedder import Embedder
 
@@ -114,6 +115,44 @@ def test_pack_weight_layout():
     assert p.shape == (2, 2, 64, 4)
     for nb, k4, c, t in [(0, 0, 0, 0), (1, 1, 63, 3), (0, 1, 5, 2), (1, 0, 17, 1)]:
         assert p[nb, k4, c, t] == w[4 * k4 + t, 64 * nb + c]
+
+
+def test_the_loader_finds_its_arrays_by_the_names_the_builder_writes(bundles, monkeypatch):
+    """Every array the native loader asks for is in the int8 graph edge.build.encoder wrote, and the only
+    arrays of that graph it leaves are mean pooling's (encoder.c pools by itself): a name that the builder
+    and the loader spell apart fails here, even one the loader has a default for (const/eps_norm)."""
+    import edge.runtime.cpu.encoder as enc_mod
+
+    class Asked(dict):
+        def __init__(self, d):
+            super().__init__(d)
+            self.asked: set[str] = set()
+
+        def __getitem__(self, k):
+            self.asked.add(k)
+            return super().__getitem__(k)
+
+        def __contains__(self, k):
+            self.asked.add(k)
+            return super().__contains__(k)
+
+        def get(self, k, default=None):
+            self.asked.add(k)
+            return super().get(k, default)
+
+    class NoLib:  # the loader's reading only: nothing is compiled or run
+        def er_enc_isa(self) -> int:
+            return 0
+
+    monkeypatch.setattr(enc_mod, "load_lib", lambda *a: NoLib())
+    b = Bundle.open(bundles["hd32"])
+    arrays, attrs = read_graph(b.file("model.onnx"))
+    asked = Asked(arrays)
+    NativeEncoder(asked, attrs)
+    n_layers = b.manifest.model["n_layers"]
+    # the layer count stops at the first layer without a qkv bias: the one probe the graph cannot answer
+    assert asked.asked - set(arrays) == {names.bias(names.layer_key(n_layers, names.QKV))}
+    assert set(arrays) - asked.asked == {names.AXES_1, names.AXES_M1, names.EPS_COUNT}
 
 
 @needs_cc

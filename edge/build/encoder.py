@@ -18,6 +18,9 @@ calibrated on pydoc text (smooth_linears), then every linear in INT8_LINEARS bec
 int8_weight_type), uint8 activations scaled row by row (token by token), so a text's vector does not
 depend on what it is batched with. The embedding tables stay fp32 (gathers, not matmuls). See
 INT8_LINEARS for the measurements.
+
+Initializer names come from edge.models.bert_graph_names, by which the native CPU encoder
+(edge.runtime.cpu.encoder) finds its arrays in the int8 graph.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 
 from edge.bundle import BundleWriter, Manifest, Quant
 from edge.errors import UsageError
+from edge.models import bert_graph_names as names
 from edge.models.bert import BertFolder, EncoderSpec, load_bert_weights, read_bert_folder
 
 QUANTS = ("fp32", "int8")
@@ -72,10 +76,10 @@ def _embeddings(g: _Graph, w: dict[str, np.ndarray], s: EncoderSpec) -> tuple[st
         pos = pos + w["embeddings.token_type_embeddings.weight"][0][None, :]
     x, mask_index = g.node(
         "EmbedLayerNormalization",
-        [INPUTS[0], "", g.const("embeddings.word", w["embeddings.word_embeddings.weight"]),
-         g.const("embeddings.position", pos.astype(np.float32)), "",
-         g.const("embeddings.ln.weight", w["embeddings.LayerNorm.weight"]),
-         g.const("embeddings.ln.bias", w["embeddings.LayerNorm.bias"]), INPUTS[1]],
+        [INPUTS[0], "", g.const(names.WORD_EMBEDDINGS, w["embeddings.word_embeddings.weight"]),
+         g.const(names.POSITION_EMBEDDINGS, pos.astype(np.float32)), "",
+         g.const(names.EMBED_LN_WEIGHT, w["embeddings.LayerNorm.weight"]),
+         g.const(names.EMBED_LN_BIAS, w["embeddings.LayerNorm.bias"]), INPUTS[1]],
         "/model/embeddings/EmbedLayerNorm", n_out=2, domain=MS_DOMAIN, epsilon=s.layer_norm_eps,
     )
     return x, mask_index
@@ -83,7 +87,7 @@ def _embeddings(g: _Graph, w: dict[str, np.ndarray], s: EncoderSpec) -> tuple[st
 
 def _linear_in(g: _Graph, x: str, w_in_out: np.ndarray, key: str) -> list[str]:
     """The [input, weight] pair of linear layer `key`; weights are [in, out]."""
-    return [x, g.const(f"{key}.weight", w_in_out.astype(np.float32))]
+    return [x, g.const(names.weight(key), w_in_out.astype(np.float32))]
 
 
 # "fused": ORT's com.microsoft.Attention (qkv GEMM + masked softmax per head in one op).
@@ -106,15 +110,15 @@ ATTENTION_IMPLS = ("fused", "mha", "mha-unpadded", "unfused")
 PADDING = {"mha-unpadded": "none"}  # attention form -> what the graph allows in a call's rows (else "right")
 
 
-def _attention_mha(g: _Graph, n: str, s: EncoderSpec, x: str, wqkv: np.ndarray, bqkv: np.ndarray, mask_index: str | None) -> str:
+def _attention_mha(g: _Graph, i: int, s: EncoderSpec, x: str, wqkv: np.ndarray, bqkv: np.ndarray, mask_index: str | None) -> str:
     """x [B,S,H] --MatMul Wq / Wk / Wv--> q, k, v [B,S,H]
     --MultiHeadAttention(+bqkv, key_padding_mask = valid lengths [B], or none: unpadded rows)--> [B,S,H]
     Three MatMuls, not one and a Split: the Split's copy was 1.5% of the int8 graph's time."""
-    H = s.hidden_size
-    q, k, v = (g.node("MatMul", _linear_in(g, x, wqkv[:, j * H:(j + 1) * H], f"{n}/attn/qkv/{t}"), f"{n}/attn/qkv/{t}/MatMul")[0]
-               for j, t in enumerate("qkv"))
+    H, n, bias = s.hidden_size, names.layer_prefix(i), names.bias(names.layer_key(i, names.QKV))
+    q, k, v = (g.node("MatMul", _linear_in(g, x, wqkv[:, j * H:(j + 1) * H], key), names.matmul_node(key))[0]
+               for j, key in enumerate(names.qkv_key(i, t) for t in names.QKV_PARTS))
     mask = [mask_index] if mask_index else []
-    return g.node("MultiHeadAttention", [q, k, v, g.const(f"{n}/attn/qkv.bias", bqkv.astype(np.float32)), *mask],
+    return g.node("MultiHeadAttention", [q, k, v, g.const(bias, bqkv.astype(np.float32)), *mask],
                   f"{n}/attn/MultiHeadAttention", domain=MS_DOMAIN, num_heads=s.n_heads)[0]
 
 
@@ -123,14 +127,14 @@ def _mask_bias(g: _Graph) -> str:
     n = "/model/attn_mask"
     if g.mask_bias is None:
         (m,) = g.node("Cast", [INPUTS[1]], f"{n}/Cast", to=1)
-        (m,) = g.node("Sub", [m, g.const("const/one", np.array(1.0, np.float32))], f"{n}/Sub")  # 0 valid, -1 pad
-        (m,) = g.node("Mul", [m, g.const("const/mask_big", np.array(10000.0, np.float32))], f"{n}/Mul")
-        (m,) = g.node("Unsqueeze", [m, g.const("const/axes_1_2", np.array([1, 2], np.int64))], f"{n}/Unsqueeze")
+        (m,) = g.node("Sub", [m, g.const(names.ONE, np.array(1.0, np.float32))], f"{n}/Sub")  # 0 valid, -1 pad
+        (m,) = g.node("Mul", [m, g.const(names.MASK_BIG, np.array(10000.0, np.float32))], f"{n}/Mul")
+        (m,) = g.node("Unsqueeze", [m, g.const(names.AXES_1_2, np.array([1, 2], np.int64))], f"{n}/Unsqueeze")
         g.mask_bias = m
     return g.mask_bias
 
 
-def _attention_unfused(g: _Graph, n: str, s: EncoderSpec, x: str, wqkv: np.ndarray, bqkv: np.ndarray) -> str:
+def _attention_unfused(g: _Graph, i: int, s: EncoderSpec, x: str, wqkv: np.ndarray, bqkv: np.ndarray) -> str:
     """Self-attention in standard ops; 1/sqrt(D) is folded into Wq, bq.
 
         x [B,S,H] --MatMul Wqkv, +b--> [B,S,3H] --Split--> q, k, v [B,S,H]
@@ -138,12 +142,13 @@ def _attention_unfused(g: _Graph, n: str, s: EncoderSpec, x: str, wqkv: np.ndarr
         softmax(q @ k + mask_bias) @ v --> [B,N,S,D] --Transpose, Reshape--> [B,S,H]
     """
     H, N, D = s.hidden_size, s.n_heads, s.head_dim
+    n, key = names.layer_prefix(i), names.layer_key(i, names.QKV)
     scale = np.ones(3 * H, np.float32)
     scale[:H] = 1.0 / np.sqrt(D)
-    (qkv,) = g.node("MatMul", _linear_in(g, x, wqkv * scale[None, :], f"{n}/attn/qkv"), f"{n}/attn/qkv/MatMul")
-    (qkv,) = g.node("Add", [qkv, g.const(f"{n}/attn/qkv.bias", (bqkv * scale).astype(np.float32))], f"{n}/attn/qkv/Add")
-    q, k, v = g.node("Split", [qkv, g.const("const/split_qkv", np.array([H, H, H], np.int64))], f"{n}/attn/Split", n_out=3, axis=-1)
-    shape = g.const("const/shape_bsnd", np.array([0, 0, N, D], np.int64))
+    (qkv,) = g.node("MatMul", _linear_in(g, x, wqkv * scale[None, :], key), names.matmul_node(key))
+    (qkv,) = g.node("Add", [qkv, g.const(names.bias(key), (bqkv * scale).astype(np.float32))], f"{key}/Add")
+    q, k, v = g.node("Split", [qkv, g.const(names.SPLIT_QKV, np.array([H, H, H], np.int64))], f"{n}/attn/Split", n_out=3, axis=-1)
+    shape = g.const(names.SHAPE_BSND, np.array([0, 0, N, D], np.int64))
     heads = {}
     for name, t, perm in (("q", q, [0, 2, 1, 3]), ("k", k, [0, 2, 3, 1]), ("v", v, [0, 2, 1, 3])):
         (t,) = g.node("Reshape", [t, shape], f"{n}/attn/{name}/Reshape")
@@ -153,7 +158,7 @@ def _attention_unfused(g: _Graph, n: str, s: EncoderSpec, x: str, wqkv: np.ndarr
     (p,) = g.node("Softmax", [sc], f"{n}/attn/Softmax", axis=-1)
     (c,) = g.node("MatMul", [p, heads["v"]], f"{n}/attn/context/MatMul")  # [B,N,S,D]
     (c,) = g.node("Transpose", [c], f"{n}/attn/context/Transpose", perm=[0, 2, 1, 3])
-    return g.node("Reshape", [c, g.const("const/shape_bsh", np.array([0, 0, H], np.int64))], f"{n}/attn/context/Reshape")[0]
+    return g.node("Reshape", [c, g.const(names.SHAPE_BSH, np.array([0, 0, H], np.int64))], f"{n}/attn/context/Reshape")[0]
 
 
 def _add_layer_norm(g: _Graph, n: str, x: str, bias: str, residual: str, gamma: str, beta: str, eps: float) -> str:
@@ -176,48 +181,49 @@ def _layer(g: _Graph, i: int, w: dict[str, np.ndarray], s: EncoderSpec, x: str, 
         x --Attention(qkv packed)--> a --MatMul Wo--> LayerNorm(+bo, +x) = x1
         x1 --MatMul W1--> BiasGelu(+b1) --MatMul W2--> LayerNorm(+b2, +x1) = out
     """
-    p, n = f"encoder.layer.{i}.", f"/model/layers.{i}"
+    p, n = f"encoder.layer.{i}.", names.layer_prefix(i)
+    qkv, o, up, down, attn_ln, mlp_ln = (names.layer_key(i, part) for part in
+                                         (names.QKV, names.O_PROJ, names.MLP_UP, names.MLP_DOWN, names.ATTN_LN, names.MLP_LN))
     att = p + "attention.self."
     # torch Linear weights are [out, in]; ONNX MatMul wants [in, out]. q|k|v packed along out.
     wqkv = np.concatenate([w[att + k + ".weight"].T for k in ("query", "key", "value")], axis=1)  # [H, 3H]
     bqkv = np.concatenate([w[att + k + ".bias"] for k in ("query", "key", "value")])  # [3H]
     if attention == "fused":
-        (a,) = g.node("Attention", [*_linear_in(g, x, wqkv, f"{n}/attn/qkv"), g.const(f"{n}/attn/qkv.bias", bqkv), mask_index],
-                      f"{n}/attn/qkv/Attention", domain=MS_DOMAIN, num_heads=s.n_heads)
+        (a,) = g.node("Attention", [*_linear_in(g, x, wqkv, qkv), g.const(names.bias(qkv), bqkv), mask_index],
+                      f"{qkv}/Attention", domain=MS_DOMAIN, num_heads=s.n_heads)
     elif attention in ("mha", "mha-unpadded"):
-        a = _attention_mha(g, n, s, x, wqkv, bqkv, mask_index if attention == "mha" else None)
+        a = _attention_mha(g, i, s, x, wqkv, bqkv, mask_index if attention == "mha" else None)
     else:
-        a = _attention_unfused(g, n, s, x, wqkv, bqkv)
-    (o,) = g.node("MatMul", _linear_in(g, a, w[p + "attention.output.dense.weight"].T, f"{n}/attn/o_proj"),
-                  f"{n}/attn/o_proj/MatMul")
-    x1 = _add_layer_norm(g, f"{n}/attn_ln", o, g.const(f"{n}/attn/o_proj.bias", w[p + "attention.output.dense.bias"]), x,
-                         g.const(f"{n}/attn_ln.weight", w[p + "attention.output.LayerNorm.weight"]),
-                         g.const(f"{n}/attn_ln.bias", w[p + "attention.output.LayerNorm.bias"]), s.layer_norm_eps)
-    (h,) = g.node("MatMul", _linear_in(g, x1, w[p + "intermediate.dense.weight"].T, f"{n}/mlp/up"), f"{n}/mlp/up/MatMul")
-    (h,) = g.node("BiasGelu", [h, g.const(f"{n}/mlp/up.bias", w[p + "intermediate.dense.bias"])], f"{n}/mlp/BiasGelu", domain=MS_DOMAIN)
-    (d,) = g.node("MatMul", _linear_in(g, h, w[p + "output.dense.weight"].T, f"{n}/mlp/down"), f"{n}/mlp/down/MatMul")
-    return _add_layer_norm(g, f"{n}/mlp_ln", d, g.const(f"{n}/mlp/down.bias", w[p + "output.dense.bias"]), x1,
-                           g.const(f"{n}/mlp_ln.weight", w[p + "output.LayerNorm.weight"]),
-                           g.const(f"{n}/mlp_ln.bias", w[p + "output.LayerNorm.bias"]), s.layer_norm_eps)
+        a = _attention_unfused(g, i, s, x, wqkv, bqkv)
+    (ao,) = g.node("MatMul", _linear_in(g, a, w[p + "attention.output.dense.weight"].T, o), names.matmul_node(o))
+    x1 = _add_layer_norm(g, attn_ln, ao, g.const(names.bias(o), w[p + "attention.output.dense.bias"]), x,
+                         g.const(names.weight(attn_ln), w[p + "attention.output.LayerNorm.weight"]),
+                         g.const(names.bias(attn_ln), w[p + "attention.output.LayerNorm.bias"]), s.layer_norm_eps)
+    (h,) = g.node("MatMul", _linear_in(g, x1, w[p + "intermediate.dense.weight"].T, up), names.matmul_node(up))
+    (h,) = g.node("BiasGelu", [h, g.const(names.bias(up), w[p + "intermediate.dense.bias"])], f"{n}/mlp/BiasGelu", domain=MS_DOMAIN)
+    (d,) = g.node("MatMul", _linear_in(g, h, w[p + "output.dense.weight"].T, down), names.matmul_node(down))
+    return _add_layer_norm(g, mlp_ln, d, g.const(names.bias(down), w[p + "output.dense.bias"]), x1,
+                           g.const(names.weight(mlp_ln), w[p + "output.LayerNorm.weight"]),
+                           g.const(names.bias(mlp_ln), w[p + "output.LayerNorm.bias"]), s.layer_norm_eps)
 
 
 def _pool(g: _Graph, s: EncoderSpec, x: str) -> str:
     """[B,S,H] -> [B,H] by the folder's pooling mode; padded positions never count."""
     n = "/model/pool"
     if s.pooling == "cls":
-        return g.node("Gather", [x, g.const("const/zero_i64", np.array(0, np.int64))], f"{n}/cls/Gather", axis=1)[0]
+        return g.node("Gather", [x, g.const(names.ZERO_I64, np.array(0, np.int64))], f"{n}/cls/Gather", axis=1)[0]
     (m,) = g.node("Cast", [INPUTS[1]], f"{n}/mask/Cast", to=1)  # float mask [B,S]
-    (m3,) = g.node("Unsqueeze", [m, g.const("const/axes_m1", np.array([-1], np.int64))], f"{n}/mask/Unsqueeze")  # [B,S,1]
+    (m3,) = g.node("Unsqueeze", [m, g.const(names.AXES_M1, np.array([-1], np.int64))], f"{n}/mask/Unsqueeze")  # [B,S,1]
     if s.pooling == "mean":
         # sentence-transformers: sum(x * m) / clamp(sum(m), 1e-9)
         (xm,) = g.node("Mul", [x, m3], f"{n}/mean/Mul")
-        (num,) = g.node("ReduceSum", [xm, g.const("const/axes_1", np.array([1], np.int64))], f"{n}/mean/ReduceSum", keepdims=0)
-        (den,) = g.node("ReduceSum", [m3, g.const("const/axes_1", np.array([1], np.int64))], f"{n}/mean/Count", keepdims=0)
-        (den,) = g.node("Max", [den, g.const("const/eps_count", np.array(1e-9, np.float32))], f"{n}/mean/Clamp")
+        (num,) = g.node("ReduceSum", [xm, g.const(names.AXES_1, np.array([1], np.int64))], f"{n}/mean/ReduceSum", keepdims=0)
+        (den,) = g.node("ReduceSum", [m3, g.const(names.AXES_1, np.array([1], np.int64))], f"{n}/mean/Count", keepdims=0)
+        (den,) = g.node("Max", [den, g.const(names.EPS_COUNT, np.array(1e-9, np.float32))], f"{n}/mean/Clamp")
         return g.node("Div", [num, den], f"{n}/mean/Div")[0]
     # max: padded positions are set to -1e9 before the max (sentence-transformers does the same)
-    (neg,) = g.node("Sub", [m3, g.const("const/one", np.array(1.0, np.float32))], f"{n}/max/Sub")  # 0 valid, -1 pad
-    (neg,) = g.node("Mul", [neg, g.const("const/big", np.array(1e9, np.float32))], f"{n}/max/Scale")
+    (neg,) = g.node("Sub", [m3, g.const(names.ONE, np.array(1.0, np.float32))], f"{n}/max/Sub")  # 0 valid, -1 pad
+    (neg,) = g.node("Mul", [neg, g.const(names.BIG, np.array(1e9, np.float32))], f"{n}/max/Scale")
     (xm,) = g.node("Add", [x, neg], f"{n}/max/Add")
     return g.node("ReduceMax", [xm], f"{n}/max/ReduceMax", axes=[1], keepdims=0)[0]
 
@@ -226,7 +232,7 @@ def _l2_normalize(g: _Graph, v: str) -> str:
     """v / max(||v||_2, 1e-12), as torch.nn.functional.normalize."""
     n = "/model/normalize"
     (norm,) = g.node("ReduceL2", [v], f"{n}/ReduceL2", axes=[-1], keepdims=1)
-    (norm,) = g.node("Max", [norm, g.const("const/eps_norm", np.array(1e-12, np.float32))], f"{n}/Clamp")
+    (norm,) = g.node("Max", [norm, g.const(names.EPS_NORM, np.array(1e-12, np.float32))], f"{n}/Clamp")
     return g.node("Div", [v, norm], f"{n}/Div")[0]
 
 
@@ -268,8 +274,8 @@ def build_encoder_graph(spec: EncoderSpec, weights: dict[str, np.ndarray], atten
 # Post-LayerNorm activations have a few outlier channels that eat the per-tensor range; smoothing
 # (x / s, W * s, exact in fp32) moves it into the weights. FFN-down inputs (GELU outputs) resist it:
 # their outliers sit in a few tokens, not channels: row-by-row scales (below) take them.
-INT8_LINEARS = ("attn/qkv", "attn/o_proj", "mlp/up", "mlp/down")
-INT8_SMOOTHED = ("attn/qkv", "mlp/up")
+INT8_LINEARS = (names.QKV, names.O_PROJ, names.MLP_UP, names.MLP_DOWN)
+INT8_SMOOTHED = (names.QKV, names.MLP_UP)
 INT8_SMOOTH_ALPHA = 0.8  # 0.5 left min cosine 0.985 on short texts, 0.8 gave 0.998 (one text at a time)
 # Until now (the measurements above): ONNX Runtime's dynamic quantizer, one uint8 scale per call, the
 # FFN down's rows pre-scaled by their max (min cosine 0.99205, VNNI). With one scale per call a text's
@@ -349,8 +355,8 @@ def smooth_linears(model: Any, tokenizer_json: Path, max_seq_length: int, texts:
                 s = np.clip(s, 1e-2, 1e2).astype(np.float32)
                 for r in readers[x]:  # [in, out]
                     inits[r.input[1]].CopyFrom(numpy_helper.from_array((numpy_helper.to_array(inits[r.input[1]]) * s[:, None]).astype(np.float32), r.input[1]))
-                model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), f"{name}/smooth_inv"))
-                nodes.append(helper.make_node("Mul", [x, f"{name}/smooth_inv"], [f"{name}/smoothed"], name=f"{name}/Smooth"))
+                model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), names.smooth_inv(name)))
+                nodes.append(helper.make_node("Mul", [x, names.smooth_inv(name)], [f"{name}/smoothed"], name=f"{name}/Smooth"))
                 smoothed[x] = f"{name}/smoothed"
             n.input[0] = smoothed[x]
         nodes.append(n)
@@ -406,30 +412,30 @@ def quantize_linears_per_row(model: Any, keys: tuple[str, ...], wtype: str = "in
 
     inits = {i.name: i for i in model.graph.initializer}
     add = model.graph.initializer.append
-    add(numpy_helper.from_array(np.array(1e-12, np.float32), "const/row_quant/eps"))
-    add(numpy_helper.from_array(np.array(1.0 / 127.0, np.float32), "const/row_quant/scale"))
-    add(numpy_helper.from_array(np.array(128, np.uint8), "const/row_quant/zero_point"))
+    add(numpy_helper.from_array(np.array(1e-12, np.float32), names.ROW_QUANT_EPS))
+    add(numpy_helper.from_array(np.array(1.0 / 127.0, np.float32), names.ROW_QUANT_SCALE))
+    add(numpy_helper.from_array(np.array(128, np.uint8), names.ROW_QUANT_ZERO_POINT))
     nodes, done, quantized = [], [], {}  # quantized: input name -> (xq, r)
     for n in model.graph.node:
         if n.op_type != "MatMul" or not any(k in n.name for k in keys) or n.input[1] not in inits:
             nodes.append(n)
             continue
-        base = n.name.rsplit("/", 1)[0]
+        base = names.linear_of_node(n.name)
         x = n.input[0]
         if x not in quantized:
             t = f"{base}/row_quant"
             nodes += [helper.make_node("Abs", [x], [f"{t}/abs"], name=f"{t}/Abs"),
                       helper.make_node("ReduceMax", [f"{t}/abs"], [f"{t}/amax"], name=f"{t}/ReduceMax", axes=[-1], keepdims=1),
-                      helper.make_node("Max", [f"{t}/amax", "const/row_quant/eps"], [f"{t}/r"], name=f"{t}/Max"),
+                      helper.make_node("Max", [f"{t}/amax", names.ROW_QUANT_EPS], [f"{t}/r"], name=f"{t}/Max"),
                       # Reciprocal of [B,S,1] + Mul: the [B,S,K] Div took 1.6x the time of a Mul
                       helper.make_node("Reciprocal", [f"{t}/r"], [f"{t}/inv"], name=f"{t}/Reciprocal"),
                       helper.make_node("Mul", [x, f"{t}/inv"], [f"{t}/x"], name=f"{t}/Mul"),
-                      helper.make_node("QuantizeLinear", [f"{t}/x", "const/row_quant/scale", "const/row_quant/zero_point"],
+                      helper.make_node("QuantizeLinear", [f"{t}/x", names.ROW_QUANT_SCALE, names.ROW_QUANT_ZERO_POINT],
                                        [f"{t}/xq"], name=f"{t}/QuantizeLinear")]
             quantized[x] = (f"{t}/xq", f"{t}/r")
         xq, r = quantized[x]
         q, scale, zp = _quantize_weight(numpy_helper.to_array(inits[n.input[1]]).astype(np.float32), wtype)
-        wq, wzp, ws = (f"{base}.weight_{k}" for k in ("quantized", "zero_point", "scale"))
+        wq, wzp, ws = names.weight_quantized(base), names.weight_zero_point(base), names.weight_scale(base)
         add(numpy_helper.from_array(q, wq))
         add(numpy_helper.from_array(zp, wzp))
         add(numpy_helper.from_array(scale, ws))
@@ -438,7 +444,7 @@ def quantize_linears_per_row(model: Any, keys: tuple[str, ...], wtype: str = "in
         # NOTE: MatMulIntegerToFloat is what ORT's own fusion makes of MatMulInteger -> Cast -> Mul, but
         # that fusion needs the scale from a Mul node, which constant folding removes when both scales
         # are constants (as here): written fused, the column scales are applied inside the GEMM's output loop
-        nodes += [helper.make_node("MatMulIntegerToFloat", [xq, wq, "const/row_quant/scale", ws, "const/row_quant/zero_point", wzp],
+        nodes += [helper.make_node("MatMulIntegerToFloat", [xq, wq, names.ROW_QUANT_SCALE, ws, names.ROW_QUANT_ZERO_POINT, wzp],
                                    [f"{base}/y_rows"], name=f"{base}/MatMulIntegerToFloat", domain=MS_DOMAIN),
                   helper.make_node("Mul", [f"{base}/y_rows", r], [out], name=f"{base}/ScaleRows")]
         done.append(base)

@@ -15,7 +15,8 @@ layer norm, softmax and erf differs, and where it moves an activation across a c
 vectors part by ~1e-4 (all-MiniLM-L6-v2: cosine >= 0.9994 to ONNX Runtime's on 200 varied texts; ONNX
 Runtime against an exact numpy transcription of its own graph parts by as much). The weights are read
 from the bundle's model.onnx (with the `onnx` package, which builds the bundle on this machine; cached:
-graph_arrays), not stored in the bundle twice.
+graph_arrays), not stored in the bundle twice, by the names edge.build.encoder writes them under
+(edge.models.bert_graph_names).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from edge.errors import BackendError
+from edge.models import bert_graph_names as names
 from edge.runtime.cpu.abi import Enc, EncLayer, EncLin
 
 SOURCE = Path(__file__).parent / "csrc" / "encoder.c"
@@ -179,33 +181,34 @@ class NativeEncoder:
             v = get(name) if default is None else arrays.get(name, np.float32(default))
             return np.asarray(v).reshape(-1)[0].item()  # 0-d in the graph, [1] or 0-d from the cache
 
-        qscale = np.float32(scalar("const/row_quant/scale"))
-        if int(scalar("const/row_quant/zero_point")) != 128:
+        qscale = np.float32(scalar(names.ROW_QUANT_SCALE))
+        if int(scalar(names.ROW_QUANT_ZERO_POINT)) != 128:
             raise NativeUnavailable("the graph's activation zero point is not 128")
-        word, pos = get("embeddings.word"), get("embeddings.position")
+        word, pos = get(names.WORD_EMBEDDINGS), get(names.POSITION_EMBEDDINGS)
         hidden = int(word.shape[1])
         n_heads = int(attrs.get("n_heads", 0))
         if not n_heads or hidden % n_heads:
             raise NativeUnavailable("the graph has no MultiHeadAttention head count")
         n_layers = 0
-        while f"/model/layers.{n_layers}/attn/qkv.bias" in arrays:
+        while names.bias(names.layer_key(n_layers, names.QKV)) in arrays:
             n_layers += 1
         if not n_layers:
             raise NativeUnavailable("the graph has no layers the native encoder knows")
 
-        def lin(prefix: str, parts: tuple[str, ...], bias: np.ndarray, smooth: str | None) -> EncLin:
+        def lin(keys: list[str], bias: np.ndarray, smooth: str | None) -> EncLin:
+            """One GEMM of the int8 linears `keys` (q, k, v: their weights side by side)."""
             ws, ss = [], []
-            for p in parts:
-                w = get(f"{prefix}{p}.weight_quantized")
-                if w.dtype != np.int8 or np.any(get(f"{prefix}{p}.weight_zero_point") != 0):
-                    raise NativeUnavailable(f"{prefix}{p}: weights are {w.dtype} with a zero point; the native encoder "
+            for key in keys:
+                w = get(names.weight_quantized(key))
+                if w.dtype != np.int8 or np.any(get(names.weight_zero_point(key)) != 0):
+                    raise NativeUnavailable(f"{key}: weights are {w.dtype} with a zero point; the native encoder "
                                             "takes the int8 (VNNI/ARM) build")
                 ws.append(w)
-                ss.append(get(f"{prefix}{p}.weight_scale").astype(np.float32))
+                ss.append(get(names.weight_scale(key)).astype(np.float32))
             w = np.concatenate(ws, axis=1) if len(ws) > 1 else ws[0]
             k, n = w.shape
             if k % 4 or n % NB:
-                raise NativeUnavailable(f"{prefix}: a {k} x {n} weight is not a multiple of 4 x {NB}")
+                raise NativeUnavailable(f"{', '.join(keys)}: a {k} x {n} weight is not a multiple of 4 x {NB}")
             mult = (qscale * np.concatenate(ss)).astype(np.float32)
             corr = (128 * w.astype(np.int32).sum(axis=0)).astype(np.int32)
             sm = keep(get(smooth)) if smooth else None
@@ -214,24 +217,26 @@ class NativeEncoder:
         layers = (EncLayer * n_layers)()
         inter = 0
         for i in range(n_layers):
-            p = f"/model/layers.{i}/"
-            up_w = get(f"{p}mlp/up.weight_quantized")
-            inter = int(up_w.shape[1])
+            qkv, o, up, down, attn_ln, mlp_ln = (names.layer_key(i, part) for part in
+                                                 (names.QKV, names.O_PROJ, names.MLP_UP, names.MLP_DOWN, names.ATTN_LN, names.MLP_LN))
+            q_k_v = [names.qkv_key(i, t) for t in names.QKV_PARTS]
+            inter = int(get(names.weight_quantized(up)).shape[1])
+            # smoothing vectors are named after the first node reading the smoothed input: the q MatMul for q, k, v
             layers[i] = EncLayer(
-                lin(f"{p}attn/qkv/", ("q", "k", "v"), get(f"{p}attn/qkv.bias"), f"{p}attn/qkv/q/MatMul/smooth_inv"),
-                lin(f"{p}attn/", ("o_proj",), get(f"{p}attn/o_proj.bias"), None),
-                lin(f"{p}mlp/", ("up",), get(f"{p}mlp/up.bias"), f"{p}mlp/up/MatMul/smooth_inv"),
-                lin(f"{p}mlp/", ("down",), get(f"{p}mlp/down.bias"), None),
-                keep(get(f"{p}attn_ln.weight")), keep(get(f"{p}attn_ln.bias")),
-                keep(get(f"{p}mlp_ln.weight")), keep(get(f"{p}mlp_ln.bias")),
+                lin(q_k_v, get(names.bias(qkv)), names.smooth_inv(names.matmul_node(q_k_v[0]))),
+                lin([o], get(names.bias(o)), None),
+                lin([up], get(names.bias(up)), names.smooth_inv(names.matmul_node(up))),
+                lin([down], get(names.bias(down)), None),
+                keep(get(names.weight(attn_ln))), keep(get(names.bias(attn_ln))),
+                keep(get(names.weight(mlp_ln))), keep(get(names.bias(mlp_ln))),
             )
         self._layers = layers
         self.dim = hidden
         self.max_pos = int(pos.shape[0])
         self.model = Enc(n_layers, hidden, n_heads, hidden // n_heads, inter, int(word.shape[0]), self.max_pos,
                          int(force_scalar), float(attrs.get("ln_eps", 1e-12)), float(attrs.get("emb_ln_eps", 1e-12)), float(qscale),
-                         scalar("const/row_quant/eps"), scalar("const/eps_norm", 1e-12),
-                         keep(word), keep(pos), keep(get("embeddings.ln.weight")), keep(get("embeddings.ln.bias")),
+                         scalar(names.ROW_QUANT_EPS), scalar(names.EPS_NORM, 1e-12),
+                         keep(word), keep(pos), keep(get(names.EMBED_LN_WEIGHT)), keep(get(names.EMBED_LN_BIAS)),
                          C.cast(layers, C.POINTER(EncLayer)))
 
     @classmethod
