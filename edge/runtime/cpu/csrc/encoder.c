@@ -33,6 +33,7 @@
 #define NB 64 /* columns per packed block */
 #define MAXF(a, b) ((a) > (b) ? (a) : (b)) /* not fmaxf: without -ffinite-math-only gcc calls libm for it */
 #define QR 8  /* query rows per attention block */
+#define LPAD(n) (((n) + 31) & ~31) /* keys a score row holds: attention takes 32 a step */
 
 #ifdef ENC_PROFILE /* development: -DENC_PROFILE adds time per phase, read by er_enc_profile */
 #include <time.h>
@@ -117,29 +118,34 @@ static inline __m512 gelu512(__m512 x) { /* 0.5 x (1 + erf(x / sqrt 2)); erf by 
 
 static inline float gelu1(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
 
-/* ---- row quantisation: x [m, k] float -> xq [m, k] uint8, r [m] ------------------------------ */
-static void quant_rows(const float *x, int m, int k, const float *smooth, float qscale, float qeps,
-                       uint8_t *xq, float *r, float *tmp, const float *known_max) {
+/* ---- row quantisation: x [m, k] float -> xq [m, k] uint8, r [m] ------------------------------
+   gelu: quantise GELU(x) (FFN up's output), a row at a time through tmp, read again from L1. In the GEMM's
+   epilogue GELU cost the same (~0.75 us a token and layer on a Zen 4, ~27 cycles a zmm: it is bound by its
+   own ~30 vector ops), so the GEMM tiles stay plain. */
+static void quant_rows(const float *x, int m, int k, const float *smooth, int gelu, float qscale, float qeps,
+                       uint8_t *xq, float *r, float *tmp) {
     for (int i = 0; i < m; i++) {
         const float *xi = x + (size_t)i * k;
         const float *xs = xi;
-        if (smooth) {
-            for (int j = 0; j < k; j++) tmp[j] = xi[j] * smooth[j];
-            xs = tmp;
-        }
         uint8_t *q = xq + (size_t)i * k;
         int j = 0;
 #if defined(ENC_VNNI)
         if (!g_scalar) {
-            float amax;
-            if (known_max) {
-                amax = known_max[i]; /* the GEMM that wrote x took it (no smoothing between) */
+            __m512 mx = _mm512_setzero_ps();
+            if (smooth || gelu) {
+                for (; j + 16 <= k; j += 16) {
+                    __m512 v = _mm512_loadu_ps(xi + j);
+                    v = gelu ? gelu512(v) : _mm512_mul_ps(v, _mm512_loadu_ps(smooth + j));
+                    _mm512_storeu_ps(tmp + j, v);
+                    mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+                }
+                for (; j < k; j++) tmp[j] = gelu ? gelu1(xi[j]) : xi[j] * smooth[j];
+                xs = tmp;
             } else {
-                __m512 mx = _mm512_setzero_ps();
                 for (; j + 16 <= k; j += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xs + j)));
-                amax = _mm512_reduce_max_ps(mx);
-                for (; j < k; j++) amax = MAXF(amax, fabsf(xs[j]));
             }
+            float amax = _mm512_reduce_max_ps(mx);
+            for (; j < k; j++) amax = MAXF(amax, fabsf(xs[j]));
             float ri = MAXF(amax, qeps), inv = 1.0f / ri;
             r[i] = ri;
             __m512 vinv = _mm512_set1_ps(inv), vs = _mm512_set1_ps(qscale);
@@ -158,9 +164,12 @@ static void quant_rows(const float *x, int m, int k, const float *smooth, float 
             continue;
         }
 #endif
-        float amax = known_max ? known_max[i] : 0.0f;
-        if (!known_max)
-            for (j = 0; j < k; j++) amax = MAXF(amax, fabsf(xs[j]));
+        if (smooth || gelu) {
+            for (j = 0; j < k; j++) tmp[j] = gelu ? gelu1(xi[j]) : xi[j] * smooth[j];
+            xs = tmp;
+        }
+        float amax = 0.0f;
+        for (j = 0; j < k; j++) amax = MAXF(amax, fabsf(xs[j]));
         float ri = MAXF(amax, qeps), inv = 1.0f / ri;
         r[i] = ri;
         for (j = 0; j < k; j++) {
@@ -173,21 +182,16 @@ static void quant_rows(const float *x, int m, int k, const float *smooth, float 
 
 /* ---- int8 GEMM: y [m, n] = ((float)idot * mult) * r + bias ------------------------------------ */
 #if defined(ENC_VNNI)
-/* One row's 64 outputs of a tile: y = ((float)(idot - corr) * mult) * r + bias, then GELU where the
-   linear is FFN up (act), and the row's running max |y| where the next op quantises y (rmax). */
+/* One row's 64 outputs of a tile: y = ((float)(idot - corr) * mult) * r + bias. */
 static inline __attribute__((always_inline)) void epi_row(__m512i a0, __m512i a1, __m512i a2, __m512i a3, const EncLin *L,
-                                                         int n0, float r, float *y, int act, float *rmax) {
+                                                         int n0, float r, float *y) {
     __m512i acc[4] = {a0, a1, a2, a3};
-    __m512 ri = _mm512_set1_ps(r), mx = _mm512_setzero_ps();
+    __m512 ri = _mm512_set1_ps(r);
     for (int c = 0; c < 4; c++) {
         int n = n0 + 16 * c;
         __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[c], _mm512_loadu_si512(L->corr + n))), _mm512_loadu_ps(L->mult + n));
-        v = _mm512_add_ps(_mm512_mul_ps(v, ri), _mm512_loadu_ps(L->bias + n));
-        if (act) v = gelu512(v);
-        if (rmax) mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
-        _mm512_storeu_ps(y + 16 * c, v);
+        _mm512_storeu_ps(y + 16 * c, _mm512_add_ps(_mm512_mul_ps(v, ri), _mm512_loadu_ps(L->bias + n)));
     }
-    if (rmax) *rmax = MAXF(*rmax, _mm512_reduce_max_ps(mx));
 }
 
 /* R rows x 64 columns (noinline: inlined into er_encode they spilled), accumulators in named registers
@@ -209,10 +213,10 @@ static inline __attribute__((always_inline)) void epi_row(__m512i a0, __m512i a1
         a##i##3 = _mm512_dpbusd_epi32(a##i##3, b, w3);                                                       \
         __asm__("" : "+v"(a##i##0), "+v"(a##i##1), "+v"(a##i##2), "+v"(a##i##3));                            \
     }
-#define ACC_EPI(i) epi_row(a##i##0, a##i##1, a##i##2, a##i##3, L, n0, r[i], y + (size_t)(i) * ldy + n0, act, rmax ? rmax + (i) : NULL);
+#define ACC_EPI(i) epi_row(a##i##0, a##i##1, a##i##2, a##i##3, L, n0, r[i], y + (size_t)(i) * ldy + n0);
 #define TILE(R)                                                                                                       \
     __attribute__((noinline)) static void tile##R(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, int n0, \
-                                                  const float *r, float *y, int ldy, int act, float *rmax) {          \
+                                                  const float *r, float *y, int ldy) {                                \
         ROWS##R(ACC_ZERO)                                                                                             \
         for (int kk = 0; kk < k; kk += 4) {                                                                           \
             const int8_t *wk = wb + (size_t)kk * NB;                                                                  \
@@ -227,19 +231,16 @@ TILE(3)
 TILE(1)
 #endif
 
-/* act: GELU on the outputs; rmax [m] (or NULL): set to each output row's max |y| */
-__attribute__((noinline)) static void gemm(const uint8_t *xq, const float *r, int m, const EncLin *L, float *y, int act, float *rmax) {
-    if (rmax)
-        for (int i = 0; i < m; i++) rmax[i] = 0.0f;
+__attribute__((noinline)) static void gemm(const uint8_t *xq, const float *r, int m, const EncLin *L, float *y) {
     const int k = L->k, n = L->n;
 #if defined(ENC_VNNI)
     if (!g_scalar) {
         for (int nb = 0; nb < n / NB; nb++) {
             const int8_t *wb = L->w + (size_t)nb * k * NB;
             int i = 0;
-            for (; i + 6 <= m; i += 6) tile6(xq + (size_t)i * k, k, wb, L, nb * NB, r + i, y + (size_t)i * n, n, act, rmax ? rmax + i : NULL);
-            for (; i + 3 <= m; i += 3) tile3(xq + (size_t)i * k, k, wb, L, nb * NB, r + i, y + (size_t)i * n, n, act, rmax ? rmax + i : NULL);
-            for (; i < m; i++) tile1(xq + (size_t)i * k, k, wb, L, nb * NB, r + i, y + (size_t)i * n, n, act, rmax ? rmax + i : NULL);
+            for (; i + 6 <= m; i += 6) tile6(xq + (size_t)i * k, k, wb, L, nb * NB, r + i, y + (size_t)i * n, n);
+            for (; i + 3 <= m; i += 3) tile3(xq + (size_t)i * k, k, wb, L, nb * NB, r + i, y + (size_t)i * n, n);
+            for (; i < m; i++) tile1(xq + (size_t)i * k, k, wb, L, nb * NB, r + i, y + (size_t)i * n, n);
         }
         return;
     }
@@ -259,8 +260,6 @@ __attribute__((noinline)) static void gemm(const uint8_t *xq, const float *r, in
                 int col = nb * NB + c;
                 float v = (float)(acc[c] - L->corr[col]) * L->mult[col];
                 v = v * r[i] + L->bias[col];
-                if (act) v = gelu1(v);
-                if (rmax) rmax[i] = MAXF(rmax[i], fabsf(v));
                 y[(size_t)i * n + col] = v;
             }
         }
@@ -312,29 +311,58 @@ static void add_ln(float *a, const float *b, int m, int h, const float *w, const
 
 #if defined(ENC_VNNI)
 /* QR query rows of one head (head_dim 32) against all keys: scores, softmax, weighted values. Rows past
-   `rows` compute the first row's numbers again and are not stored. Named registers as in the GEMM tiles. */
-__attribute__((noinline)) static void attn_rows(const float *q, int ld, int rows, const float *kt, const float *vv, int len, int lp, float scale,
-                      float *p, float *out, int ldo) {
-    const float *q0 = rows > 0 ? q + (size_t)0 * ld : q, *q1 = rows > 1 ? q + (size_t)1 * ld : q, *q2 = rows > 2 ? q + (size_t)2 * ld : q, *q3 = rows > 3 ? q + (size_t)3 * ld : q, *q4 = rows > 4 ? q + (size_t)4 * ld : q, *q5 = rows > 5 ? q + (size_t)5 * ld : q, *q6 = rows > 6 ? q + (size_t)6 * ld : q, *q7 = rows > 7 ? q + (size_t)7 * ld : q;
-    const __m512 vs = _mm512_set1_ps(scale);
-    const __mmask16 tail = (__mmask16)((1u << (len & 15)) - 1u);
-    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = _mm512_set1_ps(-INFINITY), m2 = _mm512_set1_ps(-INFINITY), m3 = _mm512_set1_ps(-INFINITY), m4 = _mm512_set1_ps(-INFINITY), m5 = _mm512_set1_ps(-INFINITY), m6 = _mm512_set1_ps(-INFINITY), m7 = _mm512_set1_ps(-INFINITY); /* each row's running max score */
-    for (int jb = 0; jb < lp; jb += 16) {
-        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps(), s4 = _mm512_setzero_ps(), s5 = _mm512_setzero_ps(), s6 = _mm512_setzero_ps(), s7 = _mm512_setzero_ps();
-        for (int d = 0; d < 32; d++) {
-            __m512 kv = _mm512_loadu_ps(kt + (size_t)d * lp + jb);
-            s0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), kv, s0); s1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d]), kv, s1); s2 = _mm512_fmadd_ps(_mm512_set1_ps(q2[d]), kv, s2); s3 = _mm512_fmadd_ps(_mm512_set1_ps(q3[d]), kv, s3); s4 = _mm512_fmadd_ps(_mm512_set1_ps(q4[d]), kv, s4); s5 = _mm512_fmadd_ps(_mm512_set1_ps(q5[d]), kv, s5); s6 = _mm512_fmadd_ps(_mm512_set1_ps(q6[d]), kv, s6); s7 = _mm512_fmadd_ps(_mm512_set1_ps(q7[d]), kv, s7);
-            __asm__("" : "+v"(s0), "+v"(s1), "+v"(s2), "+v"(s3), "+v"(s4), "+v"(s5), "+v"(s6), "+v"(s7));
-        }
-        s0 = _mm512_mul_ps(s0, vs); _mm512_storeu_ps(p + 0 * (size_t)lp + jb, s0); s1 = _mm512_mul_ps(s1, vs); _mm512_storeu_ps(p + 1 * (size_t)lp + jb, s1); s2 = _mm512_mul_ps(s2, vs); _mm512_storeu_ps(p + 2 * (size_t)lp + jb, s2); s3 = _mm512_mul_ps(s3, vs); _mm512_storeu_ps(p + 3 * (size_t)lp + jb, s3); s4 = _mm512_mul_ps(s4, vs); _mm512_storeu_ps(p + 4 * (size_t)lp + jb, s4); s5 = _mm512_mul_ps(s5, vs); _mm512_storeu_ps(p + 5 * (size_t)lp + jb, s5); s6 = _mm512_mul_ps(s6, vs); _mm512_storeu_ps(p + 6 * (size_t)lp + jb, s6); s7 = _mm512_mul_ps(s7, vs); _mm512_storeu_ps(p + 7 * (size_t)lp + jb, s7);
-        if (jb + 16 <= len) { m0 = _mm512_max_ps(m0, s0); m1 = _mm512_max_ps(m1, s1); m2 = _mm512_max_ps(m2, s2); m3 = _mm512_max_ps(m3, s3); m4 = _mm512_max_ps(m4, s4); m5 = _mm512_max_ps(m5, s5); m6 = _mm512_max_ps(m6, s6); m7 = _mm512_max_ps(m7, s7); }
-        else { m0 = _mm512_mask_max_ps(m0, tail, m0, s0); m1 = _mm512_mask_max_ps(m1, tail, m1, s1); m2 = _mm512_mask_max_ps(m2, tail, m2, s2); m3 = _mm512_mask_max_ps(m3, tail, m3, s3); m4 = _mm512_mask_max_ps(m4, tail, m4, s4); m5 = _mm512_mask_max_ps(m5, tail, m5, s5); m6 = _mm512_mask_max_ps(m6, tail, m6, s6); m7 = _mm512_mask_max_ps(m7, tail, m7, s7); }
+   `rows` compute the first row's numbers again and are not stored. Scores go 8 rows x 32 keys a step
+   (16 accumulators: 10 loads feed 16 FMAs), named registers as in the GEMM tiles. */
+#define AROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define QK_ZERO(i) __m512 s##i##0 = _mm512_setzero_ps(), s##i##1 = s##i##0;
+#define QK_FMA(i)                                                                    \
+    {                                                                                \
+        __m512 qb = _mm512_set1_ps(qr[i][d]);                                        \
+        s##i##0 = _mm512_fmadd_ps(qb, k0, s##i##0);                                  \
+        s##i##1 = _mm512_fmadd_ps(qb, k1, s##i##1);                                  \
     }
-    float inv[QR], rmax[QR] = {_mm512_reduce_max_ps(m0), _mm512_reduce_max_ps(m1), _mm512_reduce_max_ps(m2), _mm512_reduce_max_ps(m3), _mm512_reduce_max_ps(m4), _mm512_reduce_max_ps(m5), _mm512_reduce_max_ps(m6), _mm512_reduce_max_ps(m7)};
+#define QK_STORE(i)                                                                  \
+    _mm512_storeu_ps(p + (size_t)(i) * lp + jb, _mm512_mul_ps(s##i##0, vs));         \
+    _mm512_storeu_ps(p + (size_t)(i) * lp + jb + 16, _mm512_mul_ps(s##i##1, vs));
+#define PV_ZERO(i) __m512 a##i##0 = _mm512_setzero_ps(), a##i##1 = a##i##0;
+#define PV_FMA(i)                                                                    \
+    {                                                                                \
+        __m512 pj = _mm512_set1_ps(p[(size_t)(i) * lp + j]);                         \
+        a##i##0 = _mm512_fmadd_ps(pj, v0, a##i##0);                                  \
+        a##i##1 = _mm512_fmadd_ps(pj, v1, a##i##1);                                  \
+    }
+#define PV_STORE(i)                                                                  \
+    if (rows > (i)) {                                                                \
+        __m512 vi = _mm512_set1_ps(inv[i]);                                          \
+        float *o = out + (size_t)(i) * ldo;                                          \
+        _mm512_storeu_ps(o, _mm512_mul_ps(a##i##0, vi));                             \
+        _mm512_storeu_ps(o + 16, _mm512_mul_ps(a##i##1, vi));                        \
+    }
+static inline __mmask16 keys_mask(int n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u); }
+
+/* kt: [32][lp] keys transposed, zero past len; lp a multiple of 32 */
+__attribute__((noinline)) static void attn_rows(const float *q, int ld, int rows, const float *kt, const float *vh, int len, int lp, float scale,
+                                                float *p, float *out, int ldo) {
+    const float *qr[QR];
+    for (int i = 0; i < QR; i++) qr[i] = q + (size_t)(i < rows ? i : 0) * ld;
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int jb = 0; jb < lp; jb += 32) {
+        AROWS(QK_ZERO)
+        for (int d = 0; d < 32; d++) {
+            __m512 k0 = _mm512_loadu_ps(kt + (size_t)d * lp + jb), k1 = _mm512_loadu_ps(kt + (size_t)d * lp + jb + 16);
+            AROWS(QK_FMA)
+        }
+        AROWS(QK_STORE)
+    }
+    float inv[QR];
+    const __mmask16 tail = keys_mask(len & 15);
     for (int r = 0; r < rows; r++) {
         float *pr = p + (size_t)r * lp;
-        __m512 vm = _mm512_set1_ps(rmax[r]), sum = _mm512_setzero_ps();
+        __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
         int jb;
+        for (jb = 0; jb + 16 <= len; jb += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(pr + jb));
+        if (len & 15) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_loadu_ps(pr + jb));
+        __m512 vm = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
         for (jb = 0; jb + 16 <= len; jb += 16) {
             __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(pr + jb), vm));
             _mm512_storeu_ps(pr + jb, e);
@@ -347,50 +375,31 @@ __attribute__((noinline)) static void attn_rows(const float *q, int ld, int rows
         }
         inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
     }
-    __m512 a00 = _mm512_setzero_ps(), a01 = _mm512_setzero_ps(), a10 = _mm512_setzero_ps(), a11 = _mm512_setzero_ps(), a20 = _mm512_setzero_ps(), a21 = _mm512_setzero_ps(), a30 = _mm512_setzero_ps(), a31 = _mm512_setzero_ps(), a40 = _mm512_setzero_ps(), a41 = _mm512_setzero_ps(), a50 = _mm512_setzero_ps(), a51 = _mm512_setzero_ps(), a60 = _mm512_setzero_ps(), a61 = _mm512_setzero_ps(), a70 = _mm512_setzero_ps(), a71 = _mm512_setzero_ps();
+    AROWS(PV_ZERO)
     for (int j = 0; j < len; j++) {
-        __m512 v0 = _mm512_loadu_ps(vv + (size_t)j * 32), v1 = _mm512_loadu_ps(vv + (size_t)j * 32 + 16), pj;
-        pj = _mm512_set1_ps(p[0 * (size_t)lp + j]); a00 = _mm512_fmadd_ps(pj, v0, a00); a01 = _mm512_fmadd_ps(pj, v1, a01);
-        pj = _mm512_set1_ps(p[1 * (size_t)lp + j]); a10 = _mm512_fmadd_ps(pj, v0, a10); a11 = _mm512_fmadd_ps(pj, v1, a11);
-        pj = _mm512_set1_ps(p[2 * (size_t)lp + j]); a20 = _mm512_fmadd_ps(pj, v0, a20); a21 = _mm512_fmadd_ps(pj, v1, a21);
-        pj = _mm512_set1_ps(p[3 * (size_t)lp + j]); a30 = _mm512_fmadd_ps(pj, v0, a30); a31 = _mm512_fmadd_ps(pj, v1, a31);
-        pj = _mm512_set1_ps(p[4 * (size_t)lp + j]); a40 = _mm512_fmadd_ps(pj, v0, a40); a41 = _mm512_fmadd_ps(pj, v1, a41);
-        pj = _mm512_set1_ps(p[5 * (size_t)lp + j]); a50 = _mm512_fmadd_ps(pj, v0, a50); a51 = _mm512_fmadd_ps(pj, v1, a51);
-        pj = _mm512_set1_ps(p[6 * (size_t)lp + j]); a60 = _mm512_fmadd_ps(pj, v0, a60); a61 = _mm512_fmadd_ps(pj, v1, a61);
-        pj = _mm512_set1_ps(p[7 * (size_t)lp + j]); a70 = _mm512_fmadd_ps(pj, v0, a70); a71 = _mm512_fmadd_ps(pj, v1, a71);
-        __asm__("" : "+v"(a00), "+v"(a10), "+v"(a20), "+v"(a30));
-        __asm__("" : "+v"(a40), "+v"(a50), "+v"(a60), "+v"(a70));
-        __asm__("" : "+v"(a01), "+v"(a11), "+v"(a21), "+v"(a31));
-        __asm__("" : "+v"(a41), "+v"(a51), "+v"(a61), "+v"(a71));
+        __m512 v0 = _mm512_loadu_ps(vh + (size_t)j * ld), v1 = _mm512_loadu_ps(vh + (size_t)j * ld + 16);
+        AROWS(PV_FMA)
     }
-    if (rows > 0) { __m512 vi = _mm512_set1_ps(inv[0]); float *o = out + (size_t)0 * ldo; _mm512_storeu_ps(o, _mm512_mul_ps(a00, vi)); _mm512_storeu_ps(o + 16, _mm512_mul_ps(a01, vi)); }
-    if (rows > 1) { __m512 vi = _mm512_set1_ps(inv[1]); float *o = out + (size_t)1 * ldo; _mm512_storeu_ps(o, _mm512_mul_ps(a10, vi)); _mm512_storeu_ps(o + 16, _mm512_mul_ps(a11, vi)); }
-    if (rows > 2) { __m512 vi = _mm512_set1_ps(inv[2]); float *o = out + (size_t)2 * ldo; _mm512_storeu_ps(o, _mm512_mul_ps(a20, vi)); _mm512_storeu_ps(o + 16, _mm512_mul_ps(a21, vi)); }
-    if (rows > 3) { __m512 vi = _mm512_set1_ps(inv[3]); float *o = out + (size_t)3 * ldo; _mm512_storeu_ps(o, _mm512_mul_ps(a30, vi)); _mm512_storeu_ps(o + 16, _mm512_mul_ps(a31, vi)); }
-    if (rows > 4) { __m512 vi = _mm512_set1_ps(inv[4]); float *o = out + (size_t)4 * ldo; _mm512_storeu_ps(o, _mm512_mul_ps(a40, vi)); _mm512_storeu_ps(o + 16, _mm512_mul_ps(a41, vi)); }
-    if (rows > 5) { __m512 vi = _mm512_set1_ps(inv[5]); float *o = out + (size_t)5 * ldo; _mm512_storeu_ps(o, _mm512_mul_ps(a50, vi)); _mm512_storeu_ps(o + 16, _mm512_mul_ps(a51, vi)); }
-    if (rows > 6) { __m512 vi = _mm512_set1_ps(inv[6]); float *o = out + (size_t)6 * ldo; _mm512_storeu_ps(o, _mm512_mul_ps(a60, vi)); _mm512_storeu_ps(o + 16, _mm512_mul_ps(a61, vi)); }
-    if (rows > 7) { __m512 vi = _mm512_set1_ps(inv[7]); float *o = out + (size_t)7 * ldo; _mm512_storeu_ps(o, _mm512_mul_ps(a70, vi)); _mm512_storeu_ps(o + 16, _mm512_mul_ps(a71, vi)); }
+    AROWS(PV_STORE)
 }
 #endif
 
 /* ---- attention of one text: qkv [L, 3h] (q | k | v, biases added) -> out [L, h] --------------
-   kt: [head_dim][Lp] scratch, v: [L][head_dim], p: [QR][Lp] (Lp = L rounded up to 16) */
-__attribute__((noinline)) static void attention(const float *qkv, int len, int hd, int nh, float scale, float *out, float *kt, float *vv, float *p) {
+   kt: [head_dim][Lp] scratch (a head's keys transposed; its values are read in place), p: [QR][Lp] (Lp = LPAD(L)) */
+__attribute__((noinline)) static void attention(const float *qkv, int len, int hd, int nh, float scale, float *out, float *kt, float *p) {
     const int h = hd * nh, ld = 3 * h;
-    const int lp = (len + 15) & ~15;
+    const int lp = LPAD(len);
     for (int head = 0; head < nh; head++) {
         const float *qh = qkv + head * hd, *kh = qkv + h + head * hd, *vh = qkv + 2 * h + head * hd;
-        for (int d = 0; d < hd; d++) {
-            for (int j = 0; j < len; j++) kt[(size_t)d * lp + j] = kh[(size_t)j * ld + d];
+        for (int j = 0; j < len; j++) /* rows in, columns out: each key row read once */
+            for (int d = 0; d < hd; d++) kt[(size_t)d * lp + j] = kh[(size_t)j * ld + d];
+        for (int d = 0; d < hd; d++)
             for (int j = len; j < lp; j++) kt[(size_t)d * lp + j] = 0.0f;
-        }
-        for (int j = 0; j < len; j++) memcpy(vv + (size_t)j * hd, vh + (size_t)j * ld, sizeof(float) * hd);
         for (int i0 = 0; i0 < len; i0 += QR) {
             int rows = len - i0 < QR ? len - i0 : QR;
 #if defined(ENC_VNNI)
             if (!g_scalar && hd == 32) {
-                attn_rows(qh + (size_t)i0 * ld, ld, rows, kt, vv, len, lp, scale, p, out + (size_t)i0 * h + head * hd, h);
+                attn_rows(qh + (size_t)i0 * ld, ld, rows, kt, vh, len, lp, scale, p, out + (size_t)i0 * h + head * hd, h);
                 continue;
             }
 #endif
@@ -410,7 +419,7 @@ __attribute__((noinline)) static void attention(const float *qkv, int len, int h
                 float *o = out + (size_t)(i0 + rr) * h + head * hd;
                 for (int d = 0; d < hd; d++) o[d] = 0.0f;
                 for (int j = 0; j < len; j++)
-                    for (int d = 0; d < hd; d++) o[d] += pr[j] * vv[(size_t)j * hd + d];
+                    for (int d = 0; d < hd; d++) o[d] += pr[j] * vh[(size_t)j * ld + d];
                 for (int d = 0; d < hd; d++) o[d] /= sum;
             }
         }
@@ -419,14 +428,14 @@ __attribute__((noinline)) static void attention(const float *qkv, int len, int h
 
 /* Bytes of scratch er_encode needs for `tokens` rows in all, the longest text `max_len`. */
 size_t er_encode_work_bytes(const Enc *m, int tokens, int max_len) {
-    size_t h = (size_t)m->hidden, f = (size_t)m->inter, t = (size_t)tokens, lp = (size_t)((max_len + 15) & ~15);
+    size_t h = (size_t)m->hidden, f = (size_t)m->inter, t = (size_t)tokens, lp = (size_t)LPAD(max_len);
     size_t floats = t * h       /* x */
                     + t * 3 * h /* qkv */
                     + t * h     /* attn / o out */
                     + t * f     /* ffn */
-                    + 2 * t     /* r, the FFN rows' max */
-                    + f         /* smooth tmp */
-                    + (size_t)m->head_dim * lp + lp * (size_t)m->head_dim + QR * lp;
+                    + t         /* r */
+                    + f         /* a row of quant_rows' input, smoothed or through GELU */
+                    + (size_t)m->head_dim * lp + QR * lp;
     return floats * sizeof(float) + t * f /* xq */ + 256;
 }
 
@@ -441,17 +450,15 @@ int er_encode(const Enc *m, int n, const int32_t *lens, const int32_t *ids, floa
         tokens += lens[i];
         if (lens[i] > max_len) max_len = lens[i];
     }
-    const int lp = (max_len + 15) & ~15;
+    const int lp = LPAD(max_len);
     float *x = (float *)work;
     float *qkv = x + (size_t)tokens * h;
     float *att = qkv + (size_t)tokens * 3 * h;
     float *ffn = att + (size_t)tokens * h;
     float *r = ffn + (size_t)tokens * f;
-    float *fmax_rows = r + tokens;
-    float *tmp = fmax_rows + tokens;
+    float *tmp = r + tokens;
     float *kt = tmp + f;
-    float *vv = kt + (size_t)m->head_dim * lp;
-    float *p = vv + (size_t)lp * m->head_dim;
+    float *p = kt + (size_t)m->head_dim * lp;
     uint8_t *xq = (uint8_t *)(p + QR * (size_t)lp);
 
     /* embeddings + layer norm */
@@ -469,26 +476,26 @@ int er_encode(const Enc *m, int n, const int32_t *lens, const int32_t *ids, floa
     PROF_START;
     for (int l = 0; l < m->n_layers; l++) {
         const EncLayer *L = &m->layers[l];
-        quant_rows(x, tokens, h, L->qkv.smooth, m->qscale, m->qeps, xq, r, tmp, NULL);
+        quant_rows(x, tokens, h, L->qkv.smooth, 0, m->qscale, m->qeps, xq, r, tmp);
         PROF(0);
-        gemm(xq, r, tokens, &L->qkv, qkv, 0, NULL);
+        gemm(xq, r, tokens, &L->qkv, qkv);
         PROF(1);
         for (int i = 0, row = 0; i < n; row += lens[i], i++)
-            attention(qkv + (size_t)row * 3 * h, lens[i], m->head_dim, m->n_heads, scale, att + (size_t)row * h, kt, vv, p);
+            attention(qkv + (size_t)row * 3 * h, lens[i], m->head_dim, m->n_heads, scale, att + (size_t)row * h, kt, p);
         PROF(2);
-        quant_rows(att, tokens, h, NULL, m->qscale, m->qeps, xq, r, tmp, NULL);
+        quant_rows(att, tokens, h, NULL, 0, m->qscale, m->qeps, xq, r, tmp);
         PROF(0);
-        gemm(xq, r, tokens, &L->o, att, 0, NULL);
+        gemm(xq, r, tokens, &L->o, att);
         PROF(5);
         add_ln(x, att, tokens, h, L->ln1_w, L->ln1_b, m->ln_eps);
         PROF(3);
-        quant_rows(x, tokens, h, L->up.smooth, m->qscale, m->qeps, xq, r, tmp, NULL);
+        quant_rows(x, tokens, h, L->up.smooth, 0, m->qscale, m->qeps, xq, r, tmp);
         PROF(0);
-        gemm(xq, r, tokens, &L->up, ffn, 1, fmax_rows); /* GELU and the down input's row max fused in */
+        gemm(xq, r, tokens, &L->up, ffn);
         PROF(6);
-        quant_rows(ffn, tokens, f, NULL, m->qscale, m->qeps, xq, r, tmp, fmax_rows);
-        PROF(0);
-        gemm(xq, r, tokens, &L->down, att, 0, NULL);
+        quant_rows(ffn, tokens, f, NULL, 1, m->qscale, m->qeps, xq, r, tmp); /* GELU, then the down input's quantisation */
+        PROF(4);
+        gemm(xq, r, tokens, &L->down, att);
         PROF(7);
         add_ln(x, att, tokens, h, L->ln2_w, L->ln2_b, m->ln_eps);
         PROF(3);
