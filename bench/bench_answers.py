@@ -313,6 +313,9 @@ def main() -> None:
     ap.add_argument("--embed-tokens", type=int, default=None,
                     help="ingest with this ChunkParams.embed_tokens (0: the whole chunk; default: the ingest's default); "
                          "its own collection per value")
+    ap.add_argument("--embed-overlap", choices=("yes", "no"), default=None,
+                    help="ingest with ChunkParams.embed_overlap on or off (default: the ingest's default); its own "
+                         "collection per value")
     ap.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "native"),
                     help="the engine's CPU backend (default: auto, what `ask` runs: native where it runs, see "
                          "edge.runtime.generator.resolve_backend)")
@@ -389,13 +392,17 @@ def main() -> None:
                 passages=recipe.max_passages, passage_tokens=recipe.passage_tokens, answer_tokens=recipe.answer_tokens,
                 repetition_penalty=recipe.repetition_penalty, engine_path=str(engine))
 
-    params = ChunkParams() if args.embed_tokens is None else ChunkParams(embed_tokens=args.embed_tokens or None)
-    meta["embed_tokens"] = params.embed_tokens
+    chunking = {} if args.embed_tokens is None else {"embed_tokens": args.embed_tokens or None}
+    if args.embed_overlap is not None:
+        chunking["embed_overlap"] = args.embed_overlap == "yes"
+    params = ChunkParams(**chunking)
+    meta["embed_tokens"], meta["embed_overlap"] = params.embed_tokens, params.embed_overlap
     for corpus, split in sets:
         docs, qfile = docs_of[corpus], CORPORA[corpus][1]
         if split == "heldout":
             qfile = HELDOUT[corpus]
-        coll = f"bench-answers-{corpus}" + ("" if args.embed_tokens is None else f"-e{args.embed_tokens}")
+        coll = (f"bench-answers-{corpus}" + ("" if args.embed_tokens is None else f"-e{args.embed_tokens}")
+                + ("" if args.embed_overlap is None else f"-overlap-{args.embed_overlap}"))
         reuse = args.reuse_index and not foreign_documents(coll, docs)
         rep = ingest(docs, embedder=emb, collection=coll, rebuild=not reuse, progress=False, params=params,
                      embedder_path=str(emb_path))

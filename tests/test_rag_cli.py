@@ -114,6 +114,27 @@ def test_ingest_embed_overlap_is_recorded_in_the_collection(fake_engines, capsys
             assert s.get_meta("chunk_params")["embed_overlap"] is want
 
 
+
+def test_ingest_keeps_the_collections_embed_overlap_unless_told(fake_engines, tmp_path, capsys):
+    from edge.paths import index_dir
+    from rag.chunk import ChunkParams
+    from rag.store import Store
+
+    def stored(name):
+        with Store(index_dir(name), readonly=True) as s:
+            return s.get_meta("chunk_params")["embed_overlap"]
+
+    flipped = not ChunkParams.embed_overlap
+    flag = "--embed-overlap" if flipped else "--no-embed-overlap"
+    assert main(["ingest", str(fake_engines), "--quiet", flag, "-c", "kept"]) == 0
+    (fake_engines / "extra.md").write_text("# Extra\n\nA new page about the E-999 fault and its reset.\n")
+    assert main(["ingest", str(fake_engines), "--quiet", "-c", "kept"]) == 0  # no flag: the collection's setting
+    assert stored("kept") is flipped
+    assert "chunk parameters changed" not in capsys.readouterr().err
+    assert main(["ingest", str(fake_engines), "--quiet", "--rebuild", "-c", "kept"]) == 0  # --rebuild: the default
+    assert stored("kept") is ChunkParams.embed_overlap
+
+
 def test_ingest_embed_tokens_default_zero_and_bad_values(fake_engines, capsys):
     from edge.paths import index_dir
     from rag.chunk import DEFAULT_EMBED_TOKENS

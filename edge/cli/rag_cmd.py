@@ -70,6 +70,19 @@ def _embed_tokens(given: int | None, collection: str, rebuild: bool) -> int | No
     return DEFAULT_EMBED_TOKENS
 
 
+def _embed_overlap(given: bool | None, collection: str, rebuild: bool) -> bool:
+    """--embed-overlap / --no-embed-overlap, else what the collection was ingested with (its vectors stay
+    alike; --rebuild takes the default), else ChunkParams' default."""
+    from rag.chunk import ChunkParams
+
+    if given is not None:
+        return given
+    stored = None if rebuild else _stored_meta(collection, "chunk_params")
+    if isinstance(stored, dict):  # written before embed_overlap existed: the overlap was embedded
+        return bool(stored.get("embed_overlap", True))
+    return ChunkParams.embed_overlap
+
+
 def _require_collection(collection: str) -> None:
     """Fail fast (before loading any engine) when the collection was never ingested."""
     from edge.errors import missing_collection
@@ -91,9 +104,10 @@ def ingest(
     rebuild: bool = typer.Option(False, "--rebuild", help="Re-embed everything (e.g. after changing the embedder)"),
     max_tokens: int = typer.Option(200, "--chunk-tokens", help="Chunk size in embedder tokens"),
     overlap: int = typer.Option(40, "--overlap", help="Tokens carried over between chunks"),
-    embed_overlap: bool = typer.Option(True, "--embed-overlap/--no-embed-overlap",
-                                       help="Embed the carried tokens too; --no-embed-overlap: a chunk's vector from its own "
-                                            "span only (faster ingest; hybrid retrieval measured slightly worse)"),
+    embed_overlap: Optional[bool] = typer.Option(None, "--embed-overlap/--no-embed-overlap",
+                                                 help="Embed the carried tokens too; --no-embed-overlap: a chunk's vector from "
+                                                      "its own span only (faster ingest; README #15). Default: what the "
+                                                      "collection was ingested with, else the default chunking's"),
     embed_tokens: Optional[int] = typer.Option(None, "--embed-tokens",
                                                help="Embed at most this many tokens of each chunk (its head; the whole chunk "
                                                     "stays searchable by keyword and goes into prompts). 0: the embedder's limit. "
@@ -119,7 +133,8 @@ def ingest(
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     check_collection_name(collection)
     # bad sizes fail here, before any engine loads (the cap may come from the collection's stored meta)
-    params = ChunkParams(max_tokens, overlap, embed_overlap, _embed_tokens(embed_tokens, collection, rebuild))
+    params = ChunkParams(max_tokens, overlap, _embed_overlap(embed_overlap, collection, rebuild),
+                         _embed_tokens(embed_tokens, collection, rebuild))
     budget = None
     if index_memory:
         from edge.profiles import parse_size
