@@ -25,12 +25,16 @@ FAST_EMBED_TOKENS = 128  # `edge-rag ingest --embed-tokens 128`: the measured fa
 class ChunkParams:
     max_tokens: int = 200
     overlap: int = 40
-    # NOTE: whether the overlap is embedded too. Off (`edge-rag ingest --no-embed-overlap`): a chunk's
-    # vector is computed from its own span (what the previous chunk did not hold) while its text, its
-    # keyword index and the prompt keep the overlap: 13% fewer tokens embedded, the scale corpus
-    # ingested 1.35x faster, vector recall@5 0.90 -> 0.92, but hybrid 0.98 -> 0.96 (MRR 0.918 ->
-    # 0.905) on its 50 questions (README #15, session 6). So on by default.
-    embed_overlap: bool = True
+    # NOTE: whether the overlap is embedded too. Off (the default since session 17; `edge-rag ingest
+    # --embed-overlap` turns it on): a chunk's vector is computed from its own span (what the previous
+    # chunk did not hold) while its text, its keyword index and the prompt keep the overlap: 13% fewer
+    # tokens embedded. Session 6 (ONNX Runtime vectors) measured hybrid 0.98 -> 0.96 and kept it on.
+    # Session 17 (native encoder, README #15): the scale corpus ingested 1.21x faster, hybrid recall@5
+    # 0.96 either way with flat and HNSW (IVF-PQ 0.96 -> 0.94), hybrid MRR 0.908 -> 0.895, vector
+    # recall@5 0.88 -> 0.90; the three answer corpora: the same recall@5, MRR and gate decisions on every
+    # question set, and held-out answers 20/24, 20/22, 21/22 (20, 20, 20 with the overlap), each >= llama.cpp
+    # on the same prompts. A collection keeps the setting it was ingested with (edge.cli.rag_cmd).
+    embed_overlap: bool = False
     # NOTE: the most tokens of a chunk's embedded text ([CLS] and [SEP] included) the embedder reads
     # (None: its max_seq_length, `edge-rag ingest --embed-tokens 0`). The vector comes from the chunk's
     # head (title, heading, first tokens); its stored text, keyword index and prompt keep every token.

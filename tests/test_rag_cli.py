@@ -106,10 +106,13 @@ def test_ingest_embed_overlap_is_recorded_in_the_collection(fake_engines, capsys
     from edge.paths import index_dir
     from rag.store import Store
 
+    from rag.chunk import ChunkParams
+
     assert main(["ingest", str(fake_engines), "--quiet"]) == 0
     assert main(["ingest", str(fake_engines), "--quiet", "--no-embed-overlap", "-c", "own"]) == 0
+    assert main(["ingest", str(fake_engines), "--quiet", "--embed-overlap", "-c", "carried"]) == 0
     capsys.readouterr()
-    for name, want in (("default", True), ("own", False)):
+    for name, want in (("default", ChunkParams.embed_overlap), ("own", False), ("carried", True)):
         with Store(index_dir(name), readonly=True) as s:
             assert s.get_meta("chunk_params")["embed_overlap"] is want
 

@@ -100,7 +100,7 @@ def test_repeated_chunks_are_embedded_once_and_share_the_vector(tmp_path):
 def test_a_chunk_is_embedded_with_its_overlap_unless_told_not_to(tmp_path):
     from rag.chunk import ChunkParams
 
-    assert ChunkParams().embed_overlap is True  # hybrid recall fell without it (README #15, session 6)
+    assert ChunkParams().embed_overlap is False  # own-span vectors: 13% fewer tokens embedded (README #15, session 17)
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -149,10 +149,10 @@ def test_embed_tokens_is_passed_to_the_embedder_and_recorded(tmp_path, caplog):
 
 def test_a_collection_from_before_embed_overlap_and_embed_tokens_is_warned_only_when_its_vectors_differ(tmp_path, caplog):
     """Written before those fields: the overlap was embedded and nothing was capped. Ingesting into it
-    with those settings is quiet; with today's default cap (other vectors) it says to --rebuild."""
+    with those settings is quiet; with other vectors (own spans, a cap) it says to --rebuild."""
     from rag.chunk import ChunkParams
 
-    as_before = ChunkParams(embed_tokens=None)
+    as_before = ChunkParams(embed_overlap=True, embed_tokens=None)
     docs = corpus(tmp_path / "docs")
     ingest(docs, embedder=HashEmbedder(), progress=False, params=as_before)
     with Store(index_dir(), readonly=False) as s, s.transaction():
@@ -165,7 +165,7 @@ def test_a_collection_from_before_embed_overlap_and_embed_tokens_is_warned_only_
     assert "chunk parameters changed" in caplog.text
     caplog.clear()
     (docs / "new.md").write_text("# New\n\nThe lift raises 800 kg.\n")
-    ingest(docs, embedder=HashEmbedder(), progress=False)  # the default cap
+    ingest(docs, embedder=HashEmbedder(), progress=False, params=ChunkParams(embed_overlap=True, embed_tokens=128))
     assert "chunk parameters changed" in caplog.text and "use --rebuild" in caplog.text
 
 
