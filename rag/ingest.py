@@ -197,7 +197,7 @@ def _ingest_locked(root, files, unsupported, store: Store, d: Path, embedder: Em
             continue
         todo.append((p, sha, st, _display_path(p, root)))
 
-    chunker = Chunker(embedder.count_tokens, params)
+    chunker = Chunker(embedder.count_tokens, params, getattr(embedder, "count_tokens_many", None))
     loaded: list[tuple[Path, str, os.stat_result, str, str, list]] = []
     for p, sha, st, disp in todo:
         try:

@@ -216,6 +216,8 @@ def test_truncation_and_count_tokens(tiny_folders, tmp_path):
     vecs, n = emb.embed_counted([long, "battery"])
     assert n == 48 + 3  # usage: what the model read
     np.testing.assert_allclose(vecs, emb.embed([long, "battery"]), atol=1e-6)
+    texts = [long, "battery", "", "the battery, the battery"] + [" ".join(["battery"] * k) for k in range(40)]
+    assert emb.count_tokens_many(texts) == [emb.count_tokens(t) for t in texts]  # no padding, no truncation
 
 
 def test_max_tokens_reads_the_head_of_each_text_as_the_tokenizer_would_cut_it(tiny_folders, tmp_path):

@@ -229,3 +229,31 @@ def test_a_chunk_knows_where_its_own_span_starts_after_the_overlap():
     assert ["\n\n".join(own).split("\n\n").count(p) for p in paras] == [1] * len(paras)
     with pytest.raises(UsageError):
         ChunkParams(embed_overlap="no")
+
+
+def test_chunker_counting_ahead_in_batches_cuts_the_same_chunks(tmp_path):
+    """count_many (the embedder's batch count) is a speed-up only: the same chunks, far fewer calls."""
+    calls = {"one": 0, "many": 0}
+
+    def one(text):
+        calls["one"] += 1
+        return HashEmbedder().count_tokens(text)
+
+    def many(texts):
+        calls["many"] += 1
+        return [HashEmbedder().count_tokens(t) for t in texts]
+
+    long_par = " ".join(f"Sentence {i} says the pump P-{i} runs at {i * 10} rpm." for i in range(60))
+    src = tmp_path / "m.md"
+    src.write_text("# Pumps\n\n" + "\n\n".join(f"Paragraph {k}: the valve V-{k} opens at {k} bar." for k in range(40))
+                   + "\n\n## Long\n\n" + long_par + "\n")
+    doc = load(src)
+    params = ChunkParams(60, 12)
+    plain = Chunker(one, params).chunk(doc)
+    n_plain, calls["one"] = calls["one"], 0
+    ahead = Chunker(one, params, many).chunk(doc)
+    assert [(c.text, c.char_start, c.char_end, c.n_tokens, c.own_start) for c in ahead] == \
+           [(c.text, c.char_start, c.char_end, c.n_tokens, c.own_start) for c in plain]
+    assert len(plain) > 3
+    assert calls["many"] >= 1 and calls["one"] < n_plain // 4
+

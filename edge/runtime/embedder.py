@@ -269,12 +269,23 @@ class Embedder:
     def count_tokens(self, text: str) -> int:
         """Tokens the model would see for `text`, [CLS]/[SEP] included, BEFORE truncation
         (so a chunker can tell whether a chunk fits max_seq_length)."""
+        return len(self._token_counter().encode(text).ids)
+
+    def count_tokens_many(self, texts: list[str]) -> list[int]:
+        """count_tokens of each text, the tokenizer's batch call (its threads) doing the work."""
+        counter, out = self._token_counter(), []
+        for i in range(0, len(texts), ENCODE_PIECE):
+            out += [len(e.ids) for e in counter.encode_batch(texts[i:i + ENCODE_PIECE])]
+        return out
+
+    def _token_counter(self):
         if self._counter is None:
             from tokenizers import Tokenizer
 
             self._counter = Tokenizer.from_str(self.tokenizer.to_str())
             self._counter.no_truncation()
-        return len(self._counter.encode(text).ids)
+            self._counter.no_padding()  # a batch's counts are each text's own
+        return self._counter
 
     def _encode(self, texts: list[str], max_tokens: int | None = None) -> list[list[int]]:
         """Token ids of each text, truncated to max_seq_length, or to `max_tokens` when smaller: the
