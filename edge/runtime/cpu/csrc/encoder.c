@@ -314,6 +314,7 @@ static void add_ln(float *a, const float *b, int m, int h, const float *w, const
    `rows` compute the first row's numbers again and are not stored. Scores go 8 rows x 32 keys a step
    (16 accumulators: 10 loads feed 16 FMAs), named registers as in the GEMM tiles. */
 #define AROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+_Static_assert(QR == 8, "AROWS names the QR rows of an attention block");
 #define QK_ZERO(i) __m512 s##i##0 = _mm512_setzero_ps(), s##i##1 = s##i##0;
 #define QK_FMA(i)                                                                    \
     {                                                                                \
