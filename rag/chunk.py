@@ -22,6 +22,16 @@ DEFAULT_EMBED_TOKENS: int | None = None  # ChunkParams.embed_tokens' default (se
 FAST_EMBED_TOKENS = 128  # `edge-rag ingest --embed-tokens 128`: the measured fast setting (see the note)
 
 
+# ChunkParams fields added after collections were first written, as those collections were embedded
+_FIELDS_BEFORE_THEY_EXISTED = {"embed_overlap": True, "embed_tokens": None}
+
+
+def stored_chunk_params(stored: dict | None) -> dict | None:
+    """A collection's stored `chunk_params` meta, completed with the fields it predates as its vectors were
+    then made (the overlap embedded, no cap); None where there is none."""
+    return None if stored is None else {**_FIELDS_BEFORE_THEY_EXISTED, **stored}
+
+
 @dataclass(frozen=True)
 class ChunkParams:
     max_tokens: int = 200

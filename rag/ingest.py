@@ -29,7 +29,7 @@ from typing import Protocol
 import numpy as np
 
 from edge.errors import IndexError_, StorageError, UsageError
-from rag.chunk import ChunkParams, Chunker
+from rag.chunk import ChunkParams, Chunker, stored_chunk_params
 from rag.index import INDEX_NAME, VectorIndex, choose_index, open_index, rebuild_from, storage_error
 from rag.loaders import LOADERS, LoadError, file_sha256, load, scan
 from rag.store import NewChunk, Store
@@ -161,9 +161,7 @@ def _ingest_locked(root, files, unsupported, store: Store, d: Path, embedder: Em
         raise IndexError_(
             f"collection '{collection}' was built with embedder {old_emb}, not {embedder.embedder_id}",
             fix=f"re-ingest with --rebuild, or use another collection (--collection NAME)")
-    old_params = store.get_meta("chunk_params")
-    if old_params is not None:  # written before embed_overlap existed: the overlap was embedded
-        old_params = {"embed_overlap": True, "embed_tokens": None, **old_params}
+    old_params = stored_chunk_params(store.get_meta("chunk_params"))
     if old_params is not None and old_params != asdict(params) and not rebuild:
         log.warning("chunk parameters changed (%s -> %s): only changed files are re-chunked; use --rebuild",
                     old_params, asdict(params))

@@ -136,6 +136,12 @@ def test_ingest_keeps_the_collections_embed_overlap_unless_told(fake_engines, tm
     assert "chunk parameters changed" not in capsys.readouterr().err
     assert main(["ingest", str(fake_engines), "--quiet", "--rebuild", "-c", "kept"]) == 0  # --rebuild: the default
     assert stored("kept") is ChunkParams.embed_overlap
+    # written before embed_overlap existed: its overlap was embedded, and a plain re-ingest keeps doing so
+    with Store(index_dir("kept"), readonly=False) as s, s.transaction():
+        s.set_meta({"chunk_params": {"max_tokens": 200, "overlap": 40}})
+    (fake_engines / "extra.md").write_text("# Extra\n\nThe E-999 fault clears after a reset.\n")
+    assert main(["ingest", str(fake_engines), "--quiet", "-c", "kept"]) == 0
+    assert stored("kept") is True
 
 
 def test_ingest_embed_tokens_default_zero_and_bad_values(fake_engines, capsys):

@@ -59,28 +59,16 @@ def _stored_embedder_path(collection: str) -> Path | None:
     return Path(p) if p and Path(p).exists() else None
 
 
-def _embed_tokens(given: int | None, collection: str, rebuild: bool) -> int | None:
-    """--embed-tokens (0: no cap), else the cap the collection was ingested with (its vectors stay
-    alike; --rebuild takes the default), else DEFAULT_EMBED_TOKENS."""
-    if given is not None:
-        return given or None
+def _collection_vectors_setting(field: str, collection: str, rebuild: bool):
+    """A ChunkParams field that shapes the vectors (embed_overlap, embed_tokens) when the command line does
+    not give it: what the collection was ingested with, so its vectors stay alike (--rebuild, or a new
+    collection: ChunkParams' default)."""
+    from rag.chunk import ChunkParams, stored_chunk_params
+
     stored = None if rebuild else _stored_meta(collection, "chunk_params")
-    if isinstance(stored, dict):  # written before embed_tokens existed: whole chunks
-        return stored.get("embed_tokens")
-    return DEFAULT_EMBED_TOKENS
-
-
-def _embed_overlap(given: bool | None, collection: str, rebuild: bool) -> bool:
-    """--embed-overlap / --no-embed-overlap, else what the collection was ingested with (its vectors stay
-    alike; --rebuild takes the default), else ChunkParams' default."""
-    from rag.chunk import ChunkParams
-
-    if given is not None:
-        return given
-    stored = None if rebuild else _stored_meta(collection, "chunk_params")
-    if isinstance(stored, dict):  # written before embed_overlap existed: the overlap was embedded
-        return bool(stored.get("embed_overlap", True))
-    return ChunkParams.embed_overlap
+    if isinstance(stored, dict):
+        return stored_chunk_params(stored)[field]
+    return getattr(ChunkParams, field)
 
 
 def _require_collection(collection: str) -> None:
@@ -134,8 +122,11 @@ def ingest(
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     check_collection_name(collection)
     # bad sizes fail here, before any engine loads (the cap may come from the collection's stored meta)
-    params = ChunkParams(max_tokens, overlap, _embed_overlap(embed_overlap, collection, rebuild),
-                         _embed_tokens(embed_tokens, collection, rebuild))
+    if embed_overlap is None:
+        embed_overlap = _collection_vectors_setting("embed_overlap", collection, rebuild)
+    embed_tokens = (_collection_vectors_setting("embed_tokens", collection, rebuild) if embed_tokens is None
+                    else embed_tokens or None)  # 0: the embedder's limit
+    params = ChunkParams(max_tokens, overlap, embed_overlap, embed_tokens)
     budget = None
     if index_memory:
         from edge.profiles import parse_size
