@@ -44,10 +44,13 @@ def is_x86(machine: str | None = None) -> bool:
     return (machine or platform.machine()).lower() in ("x86_64", "amd64", "i686", "i386")
 
 
+U8S8_ENV = "EDGE_RAG_U8S8"
+
+
 def u8s8_exact(flags: set[str] | frozenset[str] | None = None, machine: str | None = None) -> bool:
     """True when ONNX Runtime's u8s8 int8 GEMM cannot saturate here: any non-x86 CPU, or x86
     with VNNI. Override with EDGE_RAG_U8S8=exact|saturates (e.g. to build for another CPU)."""
-    forced = os.environ.get("EDGE_RAG_U8S8", "").strip().lower()
+    forced = os.environ.get(U8S8_ENV, "").strip().lower()
     if forced in ("exact", "saturates"):
         return forced == "exact"
     if not is_x86(machine):

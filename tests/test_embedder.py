@@ -375,6 +375,21 @@ def test_int8_bundle_built_for_a_vnni_cpu_is_flagged_on_one_without(tiny_folders
     assert isa_mismatch(full) is None and isa_mismatch(seven) is None
 
 
+def test_a_cached_uint8_embedder_is_rebuilt_where_the_native_encoder_takes_int8(tiny_folders, tmp_path, monkeypatch):
+    """A bundle built for onnxruntime on an AVX2-only x86 (uint8 weights) is rebuilt once encoder.c's AVX2 kernels
+    can run there (int8 weights, which they compute exactly); kept where they cannot."""
+    from edge.engines import _embedder_stale
+    from edge.runtime.cpu import encoder as enc_mod
+
+    monkeypatch.setenv("EDGE_RAG_U8S8", "saturates")
+    u8 = build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "u8", quant="int8", progress=False)
+    monkeypatch.delenv("EDGE_RAG_U8S8")
+    monkeypatch.setattr(enc_mod, "int8_exact", lambda: True)
+    assert "uint8" in _embedder_stale(u8)
+    monkeypatch.setattr(enc_mod, "int8_exact", lambda: False)
+    assert _embedder_stale(u8) is None
+
+
 @pytest.mark.parametrize("cpu,weight_dtype", [("exact", np.int8), ("saturates", np.uint8)])
 def test_int8_format_follows_the_cpu_and_every_linear_is_quantized_per_row(tiny_folders, tmp_path, monkeypatch, cpu, weight_dtype):
     import onnx

@@ -16,7 +16,7 @@ from edge.bundle import Bundle
 from edge.cpu import u8s8_exact
 from edge.errors import BackendError
 from edge.models import bert_graph_names as names
-from edge.runtime.cpu.encoder import NativeEncoder, NativeUnavailable, pack_weight, read_graph, vector_isa
+from edge.runtime.cpu.encoder import NativeEncoder, NativeUnavailable, pack_weight, pack_weight16, read_graph, vector_isa
 from edge.runtime.embedder import Embedder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,7 +37,7 @@ def _has_cc() -> bool:
 
 # the native encoder compiles encoder.c at first use: where no C compiler exists, every test that opens one skips
 needs_cc = pytest.mark.skipif(not _has_cc(), reason="no C compiler (cc): the native encoder cannot be built here")
-NO_VNNI = "this CPU has no AVX-512 VNNI: the native encoder's vector kernels do not run here"
+NO_VECTOR = "this CPU has neither AVX2 nor AVX-512 VNNI: the native encoder's vector kernels do not run here"
 ORT_SATURATES = "onnxruntime's u8 x s8 GEMM saturates on x86 without VNNI: it is no oracle for the int8 (VNNI) graph here"
 
 
@@ -117,6 +117,15 @@ def test_pack_weight_layout():
         assert p[nb, k4, c, t] == w[4 * k4 + t, 64 * nb + c]
 
 
+def test_pack_weight16_layout():
+    rng = np.random.default_rng(1)
+    w = rng.integers(-127, 128, (6, 32)).astype(np.int8)
+    p = pack_weight16(w)
+    assert p.shape == (2, 3, 16, 2) and p.dtype == np.int16
+    for nb, k2, c, t in [(0, 0, 0, 0), (1, 2, 15, 1), (0, 1, 7, 1), (1, 0, 3, 0)]:
+        assert p[nb, k2, c, t] == w[2 * k2 + t, 16 * nb + c]
+
+
 def test_the_loader_finds_its_arrays_by_the_names_the_builder_writes(bundles, monkeypatch):
     """Every array the native loader asks for is in the int8 graph edge.build.encoder wrote, and the only
     arrays of that graph it leaves are mean pooling's (encoder.c pools by itself): a name that the builder
@@ -170,15 +179,46 @@ def test_portable_c_matches_a_numpy_transcription_of_the_graph(bundles, name):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
+def _runs(isa: str) -> bool:
+    """Whether this CPU can run encoder.c's `isa` kernels (an AVX2 build runs on every AVX2 + FMA x86)."""
+    from edge.cpu import cpu_flags, is_x86
+    from edge.runtime.cpu.build import ISA_NEEDS
+
+    return is_x86() and all(f in cpu_flags() for f in ISA_NEEDS[isa])
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """forced(isa): NativeEncoder.open then compiles encoder.c for that kernel path (EDGE_RAG_NATIVE_ISA), as a
+    CPU whose best path it is would (avx2: an AVX2-only x86, here on whatever x86 runs the tests)."""
+    from edge.runtime.cpu import encoder as enc_mod
+
+    def forced(isa: str) -> None:
+        if not _runs(isa):
+            pytest.skip(f"this CPU cannot run encoder.c's {isa} kernels")
+        monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", isa)
+        enc_mod.load_lib.cache_clear()
+
+    yield forced
+    enc_mod.load_lib.cache_clear()  # the next test compiles for its own setting
+
+
 @needs_cc
-@pytest.mark.skipif(vector_isa() is None, reason=NO_VNNI)
+@pytest.mark.parametrize("isa", ["vnni", "avx2"])
 @pytest.mark.parametrize("name", ["hd32", "hd16"])
-def test_vnni_kernels_match_the_portable_c(bundles, name):
+def test_vector_kernels_match_the_graph_and_the_portable_c(bundles, kernels, isa, name):
+    """Each x86 kernel path computes the graph: avx2's int16 GEMM (vpmaddwd) the same integer dots as vnni's
+    vpdpbusd, its 8-lane attention, norms and GELU the same float ops."""
+    kernels(isa)
     b = Bundle.open(bundles[name])
     vec, port = NativeEncoder.open(b), NativeEncoder.open(b, force_scalar=True)
-    assert vec.isa == "vnni" and port.isa == "scalar"
+    assert vec.isa == isa and port.isa == "scalar"
+    arrays, attrs = read_graph(b.file("model.onnx"))
     ids = Embedder.from_bundle(bundles[name], backend="onnxruntime")._encode(_texts(20, seed=2))
-    assert _min_cos(vec.run(ids), port.run(ids)) > 0.9999
+    got = vec.run(ids)
+    assert _min_cos(got, port.run(ids)) > 0.9999
+    assert _min_cos(got[:8], np.stack([_reference(arrays, attrs["n_heads"], x) for x in ids[:8]])) > 0.9999
+    np.testing.assert_array_equal(vec.run([ids[3]])[0], got[3])  # rows never mix on this path either
 
 
 @needs_cc
@@ -234,7 +274,7 @@ def test_bad_token_ids_and_lengths_are_errors_not_crashes(bundles):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(vector_isa() is None, reason=NO_VNNI)
+@pytest.mark.skipif(vector_isa() is None, reason=NO_VECTOR)
 def test_default_minilm_native_against_onnxruntime_and_sentence_transformers(tmp_path):
     from sentence_transformers import SentenceTransformer
 
@@ -272,17 +312,43 @@ def test_the_graph_is_read_once_then_from_a_cache_without_importing_onnx(bundles
     assert caches[0].stat().st_size > 1000
 
 
-def test_the_cpu_backend_needs_avx512_vnni_and_says_why_not(monkeypatch):
+def test_the_cpu_backend_needs_avx2_or_vnni_and_says_why_not(monkeypatch):
     import edge.cpu
     from edge.doctor import diagnose
     from edge.runtime.cpu import encoder as enc_mod
 
-    monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512bw"}))
     monkeypatch.setattr(edge.cpu, "is_x86", lambda machine=None: True)
+    monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset({"sse4_2", "avx", "avx512f", "avx512bw"}))
     why = enc_mod.machine_refusal()
-    assert "VNNI" in why and enc_mod.vector_isa() is None
+    assert "AVX2" in why and enc_mod.vector_isa() is None
     d = diagnose()["native_encoder"]
     assert d == {"cpu_picks": False, "reason": why}
-    monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512bw", "avx512_vnni"}))
     monkeypatch.setenv("CC", "cc")
-    assert enc_mod.machine_refusal() is None
+    for flags in ({"avx2", "fma", "f16c"}, {"avx2", "avx512bw", "avx512_vnni"}):  # an AVX2-only EPYC; a VNNI Xeon
+        monkeypatch.setattr(edge.cpu, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert enc_mod.machine_refusal() is None
+
+
+def test_int8_weights_are_built_where_the_native_encoder_computes_them_exactly(monkeypatch):
+    """On an AVX2-only x86 onnxruntime's u8 x s8 GEMM saturates, encoder.c's does not: with the native encoder
+    there, embedder bundles get int8 weights (as on VNNI and ARM); without it, onnxruntime's uint8 ones."""
+    import edge.cpu
+    from edge.build.encoder import int8_weight_type
+    from edge.runtime.cpu import encoder as enc_mod
+
+    monkeypatch.delenv("EDGE_RAG_U8S8", raising=False)
+    monkeypatch.delenv("EDGE_RAG_NATIVE_ENCODER", raising=False)
+    monkeypatch.setenv("CC", "cc")
+    monkeypatch.setattr(edge.cpu, "is_x86", lambda machine=None: True)
+    monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    assert enc_mod.int8_exact() and int8_weight_type(enc_mod.int8_exact()) == "int8"
+    monkeypatch.setenv("EDGE_RAG_NATIVE_ENCODER", "0")  # onnxruntime will embed
+    assert not enc_mod.int8_exact()
+    monkeypatch.delenv("EDGE_RAG_NATIVE_ENCODER")
+    monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset({"sse4_2"}))  # neither runs it exactly
+    assert not enc_mod.int8_exact()
+    monkeypatch.setenv("EDGE_RAG_U8S8", "exact")  # building for a VNNI or ARM CPU
+    assert enc_mod.int8_exact()
+    monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    monkeypatch.setenv("EDGE_RAG_U8S8", "saturates")  # building for onnxruntime on an AVX2-only x86
+    assert not enc_mod.int8_exact()

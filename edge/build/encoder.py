@@ -367,10 +367,11 @@ def smooth_linears(model: Any, tokenizer_json: Path, max_seq_length: int, texts:
 
 def _quantize_int8(model: Any) -> Quant:
     """INT8 on INT8_LINEARS (in place), activations per row (quantize_linears_per_row). The weight
-    type follows this CPU (int8_weight_type); EDGE_RAG_U8S8 builds for another one (edge.cpu)."""
-    from edge.cpu import u8s8_exact
+    type follows this CPU's embedder (int8_weight_type, edge.runtime.cpu.encoder.int8_exact); EDGE_RAG_U8S8
+    builds for another one (edge.cpu)."""
+    from edge.runtime.cpu.encoder import int8_exact
 
-    exact = u8s8_exact()
+    exact = int8_exact()
     wtype = int8_weight_type(exact)
     done = quantize_linears_per_row(model, INT8_LINEARS, wtype)
     return Quant(recipe="int8", method="SmoothQuant + int8 linears with per-row activation scales",

@@ -117,17 +117,23 @@ def _cuda_unavailable_reason() -> str:
     return str(cuda.probe(compile=False).get("reason") or "no usable NVIDIA GPU")
 
 
+def built_for_exact_int8(manifest) -> bool:
+    """Whether an int8 embedder bundle holds int8 weights (built where u8 x s8 products are exact) rather than
+    onnxruntime's uint8 ones for x86 without VNNI (or, older, 7-bit int8)."""
+    return bool(manifest.quant.details.get("u8s8_exact", "reduce_range" not in str(manifest.quant.details.get("weights", ""))))
+
+
 def isa_mismatch(manifest) -> str | None:
     """Why an int8 embedder bundle loses accuracy on this CPU, or None. Built on a CPU with exact
     u8 x s8 GEMMs (VNNI, ARM), its MatMulInteger weights are int8; on x86 without VNNI the int16
-    pair sums of u8 x s8 saturate (edge.cpu). Built on such a CPU, they are uint8 (u8 x u8, exact
+    pair sums of u8 x s8 saturate in onnxruntime (edge.cpu), not in the native encoder's AVX2 kernels
+    (edge.runtime.cpu.encoder.int8_exact). Built where neither runs, they are uint8 (u8 x u8, exact
     everywhere; older builds: 7-bit int8). Measured under qemu -cpu Haswell: README."""
-    from edge.cpu import u8s8_exact
+    from edge.runtime.cpu.encoder import int8_exact
 
     if manifest.quant.recipe != "int8":
         return None
-    built_exact = manifest.quant.details.get("u8s8_exact", "reduce_range" not in str(manifest.quant.details.get("weights", "")))
-    if built_exact and not u8s8_exact():
+    if built_for_exact_int8(manifest) and not int8_exact():
         return "its full-range int8 weights saturate on this CPU (x86 without VNNI)"
     return None
 
@@ -398,7 +404,7 @@ class Embedder:
 
 
 def _open_native_encoder(bundle: Bundle) -> Any:
-    """The native encoder of `bundle` where it runs on this CPU with its vector kernels (AVX-512 VNNI), else
+    """The native encoder of `bundle` where it runs on this CPU with its vector kernels (AVX-512 VNNI or AVX2), else
     None (the reason logged): onnxruntime then embeds, with vectors within cosine 0.999 of these (0.99949 the lowest
     measured, all-MiniLM-L6-v2 on 200 varied texts)."""
     if os.environ.get(NATIVE_ENV, "").strip() == "0":

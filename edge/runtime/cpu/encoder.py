@@ -17,6 +17,11 @@ Runtime against an exact numpy transcription of its own graph parts by as much).
 from the bundle's model.onnx (with the `onnx` package, which builds the bundle on this machine; cached:
 graph_arrays), not stored in the bundle twice, by the names edge.build.encoder writes them under
 (edge.models.bert_graph_names).
+
+On x86 without AVX-512 VNNI (AVX2 + FMA: Haswell .. Zen 3) encoder.c's AVX2 kernels compute the same
+integer products exactly (int16 vpmaddwd), where onnxruntime's u8 x s8 GEMM saturates: there the
+vectors are within cosine 0.9994 of the VNNI path's (all-MiniLM-L6-v2, 200 varied texts), not the
+0.969 onnxruntime gave on int8 weights, and bundles are built with int8 weights (int8_exact).
 """
 
 from __future__ import annotations
@@ -45,13 +50,20 @@ class NativeUnavailable(BackendError):
     """This bundle or this machine cannot use the native encoder (the reason is the message)."""
 
 
+ISAS = {3: "vnni", 1: "avx2"}  # er_enc_isa's codes of the vector builds (edge.runtime.cpu.abi.ISA_NAMES)
+
+
 @lru_cache(maxsize=2)
 def load_lib(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
-    """encoder.c compiled for this CPU (cached like the native decode step: edge.runtime.cpu.build)."""
+    """encoder.c compiled for this CPU (cached like the native decode step: edge.runtime.cpu.build), or for the
+    kernel path $EDGE_RAG_NATIVE_ISA names (avx2: what an AVX2-only x86 runs, on this one)."""
     from edge.runtime.cpu import abi
-    from edge.runtime.cpu.build import build
+    from edge.runtime.cpu.build import build, forced_isa
 
-    lib = C.CDLL(str(build(extra_flags, source=SOURCE)))
+    isa, isa_flags = forced_isa()
+    if isa == "avx512":  # AVX-512 without VNNI (Skylake-X): encoder.c's AVX2 kernels, as -march=native gives there
+        isa_flags = ("-march=skylake-avx512", "-mtune=generic")
+    lib = C.CDLL(str(build(extra_flags + isa_flags, source=SOURCE)))
     abi.declare_encoder(lib)
     return lib
 
@@ -59,12 +71,14 @@ def load_lib(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
 def machine_refusal() -> str | None:
     """Why the embedder's cpu backend runs onnxruntime rather than the native encoder on this machine,
     or None (checked without compiling anything: `edge-rag doctor`). The same checks as the decode step's
-    (edge.runtime.cpu.backend.machine_refusal), for the vnni kernel path."""
+    (edge.runtime.cpu.backend.machine_refusal): encoder.c has AVX-512 VNNI and AVX2 kernels."""
     from edge.cpu import cpu_flags, is_x86
     from edge.runtime.cpu.build import ISA_NEEDS, compiler
 
-    if not is_x86() or any(f not in cpu_flags() for f in ISA_NEEDS["vnni"]):
-        return "no AVX-512 VNNI on this CPU (the native encoder's vector kernels need it; its portable C is slower than onnxruntime)"
+    flags = cpu_flags() if is_x86() else frozenset()
+    if not any(all(f in flags for f in ISA_NEEDS[isa]) for isa in ("vnni", "avx2")):
+        return ("no AVX2 or AVX-512 VNNI on this CPU (the native encoder's vector kernels need one; its portable C "
+                "is slower than onnxruntime)")
     try:
         compiler()
     except BackendError:
@@ -73,17 +87,37 @@ def machine_refusal() -> str | None:
 
 
 def vector_isa() -> str | None:
-    """"vnni" where encoder.c's AVX-512 VNNI kernels run on this CPU, else None (its portable C is for
-    tests: slower than onnxruntime)."""
+    """"vnni" or "avx2": the kernels encoder.c runs on this CPU, else None (its portable C is for tests:
+    slower than onnxruntime)."""
     if machine_refusal() is not None:
         return None
-    return "vnni" if load_lib().er_enc_isa() == 3 else None
+    return ISAS.get(load_lib().er_enc_isa())
+
+
+def int8_exact() -> bool:
+    """Whether this machine's embedder computes an int8 bundle's u8 x s8 products exactly: onnxruntime where its
+    GEMM cannot saturate (edge.cpu.u8s8_exact: VNNI, ARM), or the native encoder (exact on its AVX2 kernels too:
+    encoder.c). Decides the weight type of the embedder bundles built here (edge.build.encoder.int8_weight_type);
+    EDGE_RAG_U8S8=exact|saturates builds for another CPU."""
+    from edge.cpu import U8S8_ENV, u8s8_exact
+    from edge.runtime.embedder import NATIVE_ENV
+
+    if u8s8_exact() or os.environ.get(U8S8_ENV, "").strip().lower() in ("exact", "saturates"):
+        return u8s8_exact()
+    return os.environ.get(NATIVE_ENV, "").strip() != "0" and machine_refusal() is None
 
 
 def pack_weight(w: np.ndarray) -> np.ndarray:
     """[K, N] int8 -> [N / 64][K / 4][64][4]: element [nb][k4][c][t] = w[4 k4 + t][64 nb + c]."""
     k, n = w.shape
     return np.ascontiguousarray(w.reshape(k // 4, 4, n // NB, NB).transpose(2, 0, 3, 1))
+
+
+def pack_weight16(w: np.ndarray) -> np.ndarray:
+    """[K, N] int8 -> int16 [N / 16][K / 2][16][2] (encoder.c's AVX2 GEMM, vpmaddwd): element [nb][k2][c][t] =
+    w[2 k2 + t][16 nb + c]."""
+    k, n = w.shape
+    return np.ascontiguousarray(w.astype(np.int16).reshape(k // 2, 2, n // 16, 16).transpose(2, 0, 3, 1))
 
 
 def read_graph(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -164,7 +198,7 @@ class NativeEncoder:
         if extra or "MatMulIntegerToFloat" not in attrs["ops"]:
             raise NativeUnavailable(f"the graph is not the int8 per-row graph (ops {sorted(extra) or 'without int8 GEMMs'})")
         self.lib = load_lib()
-        self.isa = "scalar" if force_scalar else ("vnni" if self.lib.er_enc_isa() == 3 else "scalar")
+        self.isa = "scalar" if force_scalar else ISAS.get(self.lib.er_enc_isa(), "scalar")
         self._keep: list[np.ndarray] = []  # every array a pointer of the structs points into
 
         def get(name: str) -> np.ndarray:
@@ -202,7 +236,7 @@ class NativeEncoder:
                 w = get(names.weight_quantized(key))
                 if w.dtype != np.int8 or np.any(get(names.weight_zero_point(key)) != 0):
                     raise NativeUnavailable(f"{key}: weights are {w.dtype} with a zero point; the native encoder "
-                                            "takes the int8 (VNNI/ARM) build")
+                                            "takes int8 weights (edge.build.encoder.int8_weight_type)")
                 ws.append(w)
                 ss.append(get(names.weight_scale(key)).astype(np.float32))
             w = np.concatenate(ws, axis=1) if len(ws) > 1 else ws[0]
@@ -212,7 +246,8 @@ class NativeEncoder:
             mult = (qscale * np.concatenate(ss)).astype(np.float32)
             corr = (128 * w.astype(np.int32).sum(axis=0)).astype(np.int32)
             sm = keep(get(smooth)) if smooth else None
-            return EncLin(n, k, keep(pack_weight(w), np.int8), keep(corr, np.int32), keep(mult), keep(bias), sm)
+            packed = keep(pack_weight16(w), np.int16) if self.isa == "avx2" else keep(pack_weight(w), np.int8)
+            return EncLin(n, k, packed, keep(corr, np.int32), keep(mult), keep(bias), sm)
 
         layers = (EncLayer * n_layers)()
         inter = 0

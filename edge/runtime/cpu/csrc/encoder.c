@@ -15,8 +15,14 @@
    is float rounding in the other ops (layer norm, softmax, erf), which moves a vector by ~1e-7.
    The same weights are read from the bundle's model.onnx, not copied.
 
-   Weight layout (packed at load by encoder.py): [N / 64][K / 4][64 columns][4 inputs] int8, so a
-   column block's 4 consecutive inputs are one int32 lane of vpdpbusd, 64 columns four zmm. */
+   Kernel paths, chosen when the file is compiled (-march=native, or EDGE_RAG_NATIVE_ISA):
+     vnni    AVX-512 VNNI: zmm, vpdpbusd. Weights packed at load (encoder.py: pack_weight)
+             [N / 64][K / 4][64 columns][4 inputs] int8: 4 consecutive inputs are one int32 lane, 64 columns four zmm.
+     avx2    AVX2 + FMA (x86 without VNNI: Haswell .. Zen 3): ymm, vpmaddwd on int16 (exact: see its GEMM).
+             Weights [N / 16][K / 2][16 columns][2 inputs] int16 (pack_weight16).
+     portable C (tests, and what any other CPU would run: slower than onnxruntime, so not picked there).
+   The float ops other than the GEMMs (row quantisation, layer norm, attention, GELU) are written once over VL
+   lanes (vector math below) for vnni and avx2. */
 
 #include <math.h>
 #include <stdint.h>
@@ -27,12 +33,23 @@
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define ENC_VNNI 1
+#define ENC_VNNI 1 /* zmm: 16 float lanes, vpdpbusd */
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ENC_AVX2 1 /* ymm: 8 float lanes, vpmaddubsw + vpmaddwd (an AVX2-only x86: Haswell .. Zen 3) */
+#endif
+#if defined(ENC_VNNI) || defined(ENC_AVX2)
+#define ENC_VEC 1
 #endif
 
 #define NB 64 /* columns per packed block */
 #define MAXF(a, b) ((a) > (b) ? (a) : (b)) /* not fmaxf: without -ffinite-math-only gcc calls libm for it */
-#define QR 8  /* query rows per attention block */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define QR 4 /* query rows per attention block: 2 QR score accumulators of 16 ymm registers */
+#define AROWS(X) X(0) X(1) X(2) X(3)
+#else
+#define QR 8 /* of 32 zmm registers */
+#define AROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#endif
 #define LPAD(n) (((n) + 31) & ~31) /* keys a score row holds: attention takes 32 a step */
 
 #ifdef ENC_PROFILE /* development: -DENC_PROFILE adds time per phase, read by er_enc_profile */
@@ -69,50 +86,128 @@ typedef struct {
     const EncLayer *layers;
 } Enc;
 
-int er_enc_isa(void) {
+int er_enc_isa(void) { /* edge.runtime.cpu.abi.ISA_NAMES' codes */
 #if defined(ENC_VNNI)
     return 3;
+#elif defined(ENC_AVX2)
+    return 1;
 #else
     return 0;
 #endif
 }
 
-/* Enc.portable (tests): this call runs the portable C on a VNNI build too; set per call, so concurrent calls
+/* Enc.portable (tests): this call runs the portable C on a vector build too; set per call, so concurrent calls
    of other models are unaffected */
 static _Thread_local int g_scalar;
 
-/* ---- vector math ------------------------------------------------------------------------- */
+/* ---- vector math: VL float lanes, written once for zmm and ymm ---------------------------------
+   Each op is one instruction of either ISA, so a lane's numbers are the same on both (v_pow2: scalef on
+   zmm, an exponent-field multiply on ymm, both exact to the same rounding); what differs between the
+   builds is only how a row's partial sums are added up (16 or 8 lanes), ~1 ulp in a norm or a softmax. */
 #if defined(ENC_VNNI)
-static inline __m512 exp512(__m512 x) { /* e^x, x <= ~88; |rel err| ~1e-7 */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-6f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r);
-    p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+#define VL 16
+typedef __m512 vf;
+#define v_ld _mm512_loadu_ps
+#define v_st _mm512_storeu_ps
+#define v_set _mm512_set1_ps
+#define v_zero _mm512_setzero_ps
+#define v_add _mm512_add_ps
+#define v_sub _mm512_sub_ps
+#define v_mul _mm512_mul_ps
+#define v_div _mm512_div_ps
+#define v_max _mm512_max_ps
+#define v_fma _mm512_fmadd_ps   /* a * b + c */
+#define v_fnma _mm512_fnmadd_ps /* c - a * b */
+#define v_abs _mm512_abs_ps
+#define v_hmax _mm512_reduce_max_ps
+#define v_hsum _mm512_reduce_add_ps
+static inline vf v_rne(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT); }
+static inline vf v_pow2(vf p, vf n) { return _mm512_scalef_ps(p, n); } /* p 2^n, n integral in [-126, 127] */
+static inline vf v_copysign(vf e, vf z) {                                /* |e| >= 0 with z's sign bit */
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(e), _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32((int)0x80000000u))));
+}
+static inline __mmask16 lanes(int n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u); }
+static inline vf v_ld_fill(const float *p, int n, float fill) { return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), lanes(n), p); } /* lanes >= n: fill */
+static inline vf v_head(vf x, int n) { return _mm512_maskz_mov_ps(lanes(n), x); } /* lanes >= n: 0 */
+static inline void v_st_codes(uint8_t *q, vf v) { /* clamp(rne(v) + 128, 0, 255), VL bytes */
+    __m512i c = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), _mm512_set1_epi32(128));
+    c = _mm512_min_epi32(_mm512_max_epi32(c, _mm512_setzero_si512()), _mm512_set1_epi32(255));
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(c));
+}
+#elif defined(ENC_AVX2)
+#define VL 8
+typedef __m256 vf;
+#define v_ld _mm256_loadu_ps
+#define v_st _mm256_storeu_ps
+#define v_set _mm256_set1_ps
+#define v_zero _mm256_setzero_ps
+#define v_add _mm256_add_ps
+#define v_sub _mm256_sub_ps
+#define v_mul _mm256_mul_ps
+#define v_div _mm256_div_ps
+#define v_max _mm256_max_ps
+#define v_fma _mm256_fmadd_ps
+#define v_fnma _mm256_fnmadd_ps
+static inline vf v_abs(vf x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
+static inline float v_hmax(vf x) {
+    __m128 a = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_max_ss(a, _mm_movehdup_ps(a)));
+}
+static inline float v_hsum(vf x) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
+}
+static inline vf v_rne(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf v_pow2(vf p, vf n) { /* 2^n put together in the exponent field (normal for n >= -126): exact */
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+static inline vf v_copysign(vf e, vf z) { return _mm256_or_ps(e, _mm256_and_ps(z, _mm256_set1_ps(-0.0f))); }
+static inline __m256i lanes(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+static inline vf v_ld_fill(const float *p, int n, float fill) {
+    __m256i m = lanes(n);
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+}
+static inline vf v_head(vf x, int n) { return _mm256_and_ps(x, _mm256_castsi256_ps(lanes(n))); }
+static inline void v_st_codes(uint8_t *q, vf v) {
+    __m256i c = _mm256_add_epi32(_mm256_cvtps_epi32(v), _mm256_set1_epi32(128)); /* MXCSR: to nearest even */
+    c = _mm256_min_epi32(_mm256_max_epi32(c, _mm256_setzero_si256()), _mm256_set1_epi32(255));
+    __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)); /* 8 x u16, in order */
+    _mm_storel_epi64((__m128i *)q, _mm_packus_epi16(w, w));
+}
+#endif
+
+#if defined(ENC_VEC)
+static inline vf v_exp(vf x) { /* e^x, x <= ~88; |rel err| ~1e-7 */
+    x = v_max(x, v_set(-87.3f));
+    vf n = v_rne(v_mul(x, v_set(1.44269504088896341f)));
+    vf r = v_fnma(n, v_set(0.693145751953125f), x);
+    r = v_fnma(n, v_set(1.428606765330187045e-6f), r);
+    vf p = v_set(1.9875691500e-4f);
+    p = v_fma(p, r, v_set(1.3981999507e-3f));
+    p = v_fma(p, r, v_set(8.3334519073e-3f));
+    p = v_fma(p, r, v_set(4.1665795894e-2f));
+    p = v_fma(p, r, v_set(1.6666665459e-1f));
+    p = v_fma(p, r, v_set(5.0000001201e-1f));
+    p = v_fma(v_mul(p, r), r, r);
+    p = v_add(p, v_set(1.0f));
+    return v_pow2(p, n);
 }
 
-static inline __m512 gelu512(__m512 x) { /* 0.5 x (1 + erf(x / sqrt 2)); erf by A&S 7.1.26 (|err| < 1.5e-7) */
-    __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
-    __m512 a = _mm512_abs_ps(z);
-    __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
-    __m512 p = _mm512_set1_ps(1.061405429f);
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-    p = _mm512_mul_ps(p, t);
-    __m512 e = _mm512_sub_ps(_mm512_set1_ps(1.0f), _mm512_mul_ps(p, exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a))));
-    e = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(e),
-                            _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32((int)0x80000000u))));
-    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+static inline vf v_gelu(vf x) { /* 0.5 x (1 + erf(x / sqrt 2)); erf by A&S 7.1.26 (|err| < 1.5e-7) */
+    vf z = v_mul(x, v_set(0.70710678118654752f));
+    vf a = v_abs(z);
+    vf t = v_div(v_set(1.0f), v_fma(a, v_set(0.3275911f), v_set(1.0f)));
+    vf p = v_set(1.061405429f);
+    p = v_fma(p, t, v_set(-1.453152027f));
+    p = v_fma(p, t, v_set(1.421413741f));
+    p = v_fma(p, t, v_set(-0.284496736f));
+    p = v_fma(p, t, v_set(0.254829592f));
+    p = v_mul(p, t);
+    vf e = v_sub(v_set(1.0f), v_mul(p, v_exp(v_mul(v_sub(v_zero(), a), a))));
+    return v_mul(v_mul(v_set(0.5f), x), v_add(v_set(1.0f), v_copysign(e, z)));
 }
 #endif
 
@@ -121,7 +216,8 @@ static inline float gelu1(float x) { return 0.5f * x * (1.0f + erff(x * 0.707106
 /* ---- row quantisation: x [m, k] float -> xq [m, k] uint8, r [m] ------------------------------
    gelu: quantise GELU(x) (FFN up's output), a row at a time through tmp, read again from L1. In the GEMM's
    epilogue GELU cost the same (~0.75 us a token and layer on a Zen 4, ~27 cycles a zmm: it is bound by its
-   own ~30 vector ops), so the GEMM tiles stay plain. */
+   own ~30 vector ops), so the GEMM tiles stay plain. The codes are 1..255 (|x| / r <= 1, scale 1/127): the
+   AVX2 GEMM's sign trick relies on it. */
 static void quant_rows(const float *x, int m, int k, const float *smooth, int gelu, float qscale, float qeps,
                        uint8_t *xq, float *r, float *tmp) {
     for (int i = 0; i < m; i++) {
@@ -129,33 +225,27 @@ static void quant_rows(const float *x, int m, int k, const float *smooth, int ge
         const float *xs = xi;
         uint8_t *q = xq + (size_t)i * k;
         int j = 0;
-#if defined(ENC_VNNI)
+#if defined(ENC_VEC)
         if (!g_scalar) {
-            __m512 mx = _mm512_setzero_ps();
+            vf mx = v_zero();
             if (smooth || gelu) {
-                for (; j + 16 <= k; j += 16) {
-                    __m512 v = _mm512_loadu_ps(xi + j);
-                    v = gelu ? gelu512(v) : _mm512_mul_ps(v, _mm512_loadu_ps(smooth + j));
-                    _mm512_storeu_ps(tmp + j, v);
-                    mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+                for (; j + VL <= k; j += VL) {
+                    vf v = v_ld(xi + j);
+                    v = gelu ? v_gelu(v) : v_mul(v, v_ld(smooth + j));
+                    v_st(tmp + j, v);
+                    mx = v_max(mx, v_abs(v));
                 }
                 for (; j < k; j++) tmp[j] = gelu ? gelu1(xi[j]) : xi[j] * smooth[j];
                 xs = tmp;
             } else {
-                for (; j + 16 <= k; j += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xs + j)));
+                for (; j + VL <= k; j += VL) mx = v_max(mx, v_abs(v_ld(xs + j)));
             }
-            float amax = _mm512_reduce_max_ps(mx);
+            float amax = v_hmax(mx);
             for (; j < k; j++) amax = MAXF(amax, fabsf(xs[j]));
             float ri = MAXF(amax, qeps), inv = 1.0f / ri;
             r[i] = ri;
-            __m512 vinv = _mm512_set1_ps(inv), vs = _mm512_set1_ps(qscale);
-            __m512i zp = _mm512_set1_epi32(128), lo = _mm512_setzero_si512(), hi = _mm512_set1_epi32(255);
-            for (j = 0; j + 16 <= k; j += 16) {
-                __m512 v = _mm512_div_ps(_mm512_mul_ps(_mm512_loadu_ps(xs + j), vinv), vs);
-                __m512i c = _mm512_add_epi32(_mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zp);
-                c = _mm512_min_epi32(_mm512_max_epi32(c, lo), hi);
-                _mm_storeu_si128((__m128i *)(q + j), _mm512_cvtepi32_epi8(c));
-            }
+            vf vinv = v_set(inv), vs = v_set(qscale);
+            for (j = 0; j + VL <= k; j += VL) v_st_codes(q + j, v_div(v_mul(v_ld(xs + j), vinv), vs));
             for (; j < k; j++) {
                 float v = (xs[j] * inv) / qscale;
                 int c = (int)nearbyintf(v) + 128;
@@ -180,7 +270,14 @@ static void quant_rows(const float *x, int m, int k, const float *smooth, int ge
     }
 }
 
-/* ---- int8 GEMM: y [m, n] = ((float)idot * mult) * r + bias ------------------------------------ */
+/* ---- int8 GEMM: y [m, n] = ((float)idot * mult) * r + bias ------------------------------------
+   The tiles (noinline: inlined into er_encode they spilled) keep their accumulators in named registers
+   a<row><col>; the empty asm after each row's products keeps GCC 12 from hoisting the rows' broadcasts and
+   spilling the accumulators (an array of them was spilled too). TILE(R) writes tile<R>; ROWS<R>(X) applies
+   X to each row index. */
+#define ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define ROWS3(X) X(0) X(1) X(2)
+#define ROWS1(X) X(0)
 #if defined(ENC_VNNI)
 /* One row's 64 outputs of a tile: y = ((float)(idot - corr) * mult) * r + bias. */
 static inline __attribute__((always_inline)) void epi_row(__m512i a0, __m512i a1, __m512i a2, __m512i a3, const EncLin *L,
@@ -194,13 +291,7 @@ static inline __attribute__((always_inline)) void epi_row(__m512i a0, __m512i a1
     }
 }
 
-/* R rows x 64 columns (noinline: inlined into er_encode they spilled), accumulators in named registers
-   a<row><col>; the empty asm after each row's four products keeps GCC 12 from hoisting the rows' broadcasts and
-   spilling the accumulators (an array of them was spilled too). TILE(R, ROWS) writes tile<R>; ROWS<R>(X) applies
-   X to each row index. */
-#define ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
-#define ROWS3(X) X(0) X(1) X(2)
-#define ROWS1(X) X(0)
+/* R rows x 64 columns: a row's four zmm of 16 int32 sums take a k-step's 4 inputs a lane (vpdpbusd) */
 #define ACC_ZERO(i) __m512i a##i##0 = _mm512_setzero_si512(), a##i##1 = a##i##0, a##i##2 = a##i##0, a##i##3 = a##i##0;
 #define ACC_DOT(i)                                                                                           \
     {                                                                                                        \
@@ -229,11 +320,54 @@ static inline __attribute__((always_inline)) void epi_row(__m512i a0, __m512i a1
 TILE(6)
 TILE(3)
 TILE(1)
+#elif defined(ENC_AVX2)
+/* One row's 16 outputs: y = ((float)dot * mult) * r + bias, dot = sum (xq - 128) w (idot - corr, computed as such) */
+static inline __attribute__((always_inline)) void epi_row(__m256i a0, __m256i a1, const EncLin *L, int n0, float r, float *y) {
+    __m256 ri = _mm256_set1_ps(r);
+    __m256 v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(a0), _mm256_loadu_ps(L->mult + n0));
+    __m256 v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(a1), _mm256_loadu_ps(L->mult + n0 + 8));
+    _mm256_storeu_ps(y, _mm256_add_ps(_mm256_mul_ps(v0, ri), _mm256_loadu_ps(L->bias + n0)));
+    _mm256_storeu_ps(y + 8, _mm256_add_ps(_mm256_mul_ps(v1, ri), _mm256_loadu_ps(L->bias + n0 + 8)));
+}
+
+/* R rows x 16 columns, int16 x int16 (vpmaddwd: two products a lane, summed into int32, exact). Without VNNI,
+   u8 x s8 products go through vpmaddubsw, whose int16 pair sums saturate; the sign trick that avoids it costs
+   three more ops a product (measured 3.5x VNNI's time on a Zen 4, against 2x here). So on AVX2 the weights are
+   packed as int16 (edge.runtime.cpu.encoder.pack_weight16: [N / 16][K / 2][16 columns][2 inputs]) and a row's
+   codes widened to xq - 128 (int16, gemm below): the same integer dot as vpdpbusd's less its zero point's share,
+   so the same floats come out. 16 ymm registers: 2 R accumulators, 2 weights, a broadcast. */
+#define YACC_ZERO(i) __m256i a##i##0 = _mm256_setzero_si256(), a##i##1 = a##i##0;
+#define YACC_DOT(i)                                                                                          \
+    {                                                                                                        \
+        int32_t v;                                                                                           \
+        memcpy(&v, x + (size_t)(i) * k + kk, 4);                                                             \
+        __m256i b = _mm256_set1_epi32(v);                                                                    \
+        a##i##0 = _mm256_add_epi32(a##i##0, _mm256_madd_epi16(b, w0));                                      \
+        a##i##1 = _mm256_add_epi32(a##i##1, _mm256_madd_epi16(b, w1));                                      \
+        __asm__("" : "+x"(a##i##0), "+x"(a##i##1));                                                          \
+    }
+#define YACC_EPI(i) epi_row(a##i##0, a##i##1, L, n0, r[i], y + (size_t)(i) * ldy + n0);
+#define TILE(R)                                                                                                       \
+    __attribute__((noinline)) static void tile##R(const int16_t *x, int k, const int16_t *wb, const EncLin *L, int n0, \
+                                                  const float *r, float *y, int ldy) {                                \
+        ROWS##R(YACC_ZERO)                                                                                            \
+        for (int kk = 0; kk < k; kk += 2) {                                                                           \
+            const int16_t *wk = wb + (size_t)kk * 16;                                                                 \
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)wk), w1 = _mm256_loadu_si256((const __m256i *)(wk + 16)); \
+            ROWS##R(YACC_DOT)                                                                                         \
+        }                                                                                                             \
+        ROWS##R(YACC_EPI)                                                                                             \
+    }
+TILE(6)
+TILE(3)
+TILE(1)
 #endif
 
-__attribute__((noinline)) static void gemm(const uint8_t *xq, const float *r, int m, const EncLin *L, float *y) {
+/* x16: [m, k] int16 scratch (the AVX2 path's widened codes) */
+__attribute__((noinline)) static void gemm(const uint8_t *xq, const float *r, int m, const EncLin *L, float *y, int16_t *x16) {
     const int k = L->k, n = L->n;
 #if defined(ENC_VNNI)
+    (void)x16;
     if (!g_scalar) {
         for (int nb = 0; nb < n / NB; nb++) {
             const int8_t *wb = L->w + (size_t)nb * k * NB;
@@ -244,6 +378,30 @@ __attribute__((noinline)) static void gemm(const uint8_t *xq, const float *r, in
         }
         return;
     }
+#elif defined(ENC_AVX2)
+    if (!g_scalar) {
+        const __m256i zp = _mm256_set1_epi16(128);
+        size_t j = 0, all = (size_t)m * k;
+        for (; j + 16 <= all; j += 16)
+            _mm256_storeu_si256((__m256i *)(x16 + j), _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(xq + j))), zp));
+        for (; j < all; j++) x16[j] = (int16_t)(xq[j] - 128);
+        /* NB columns at a time (their int16 weights, 48-192 KB, stay in L2), a row tile's four 16-column tiles in
+           turn (its rows, 6 x 2 k bytes, stay in L1): x16, twice xq's bytes, is read n / NB times, not n / 16 */
+        const int16_t *w16 = (const int16_t *)L->w; /* pack_weight16's layout on this path */
+        for (int nb = 0; nb < n / NB; nb++) {
+            int i = 0;
+#define SUBTILES(R)                                                                                                   \
+    for (int c = 0; c < NB; c += 16)                                                                                  \
+        tile##R(x16 + (size_t)i * k, k, w16 + (size_t)(nb * NB + c) * k, L, nb * NB + c, r + i, y + (size_t)i * n, n);
+            for (; i + 6 <= m; i += 6) SUBTILES(6)
+            for (; i + 3 <= m; i += 3) SUBTILES(3)
+            for (; i < m; i++) SUBTILES(1)
+#undef SUBTILES
+        }
+        return;
+    }
+#else
+    (void)x16;
 #endif
     int32_t *acc = malloc(sizeof(int32_t) * NB);
     for (int nb = 0; nb < n / NB; nb++) {
@@ -274,26 +432,26 @@ static void add_ln(float *a, const float *b, int m, int h, const float *w, const
         const float *y = b ? b + (size_t)i * h : NULL;
         float sum = 0.0f;
         int j = 0;
-#if defined(ENC_VNNI)
-        if (!g_scalar && h % 16 == 0) {
-            __m512 s = _mm512_setzero_ps();
-            for (j = 0; j < h; j += 16) {
-                __m512 v = _mm512_loadu_ps(x + j);
-                if (y) v = _mm512_add_ps(v, _mm512_loadu_ps(y + j));
-                _mm512_storeu_ps(x + j, v);
-                s = _mm512_add_ps(s, v);
+#if defined(ENC_VEC)
+        if (!g_scalar && h % VL == 0) {
+            vf s = v_zero();
+            for (j = 0; j < h; j += VL) {
+                vf v = v_ld(x + j);
+                if (y) v = v_add(v, v_ld(y + j));
+                v_st(x + j, v);
+                s = v_add(s, v);
             }
-            float mean = _mm512_reduce_add_ps(s) / (float)h;
-            __m512 vm = _mm512_set1_ps(mean), q = _mm512_setzero_ps();
-            for (j = 0; j < h; j += 16) {
-                __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + j), vm);
-                q = _mm512_fmadd_ps(d, d, q);
+            float mean = v_hsum(s) / (float)h;
+            vf vm = v_set(mean), q = v_zero();
+            for (j = 0; j < h; j += VL) {
+                vf d = v_sub(v_ld(x + j), vm);
+                q = v_fma(d, d, q);
             }
-            float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(q) / (float)h + eps);
-            __m512 vi = _mm512_set1_ps(inv);
-            for (j = 0; j < h; j += 16) {
-                __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm), vi);
-                _mm512_storeu_ps(x + j, _mm512_fmadd_ps(d, _mm512_loadu_ps(w + j), _mm512_loadu_ps(bias + j)));
+            float inv = 1.0f / sqrtf(v_hsum(q) / (float)h + eps);
+            vf vi = v_set(inv);
+            for (j = 0; j < h; j += VL) {
+                vf d = v_mul(v_sub(v_ld(x + j), vm), vi);
+                v_st(x + j, v_fma(d, v_ld(w + j), v_ld(bias + j)));
             }
             continue;
         }
@@ -309,79 +467,80 @@ static void add_ln(float *a, const float *b, int m, int h, const float *w, const
     }
 }
 
-#if defined(ENC_VNNI)
+#if defined(ENC_VEC)
 /* QR query rows of one head (head_dim 32) against all keys: scores, softmax, weighted values. Rows past
-   `rows` compute the first row's numbers again and are not stored. Scores go 8 rows x 32 keys a step
-   (16 accumulators: 10 loads feed 16 FMAs), named registers as in the GEMM tiles. */
-#define AROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
-_Static_assert(QR == 8, "AROWS names the QR rows of an attention block");
-#define QK_ZERO(i) __m512 s##i##0 = _mm512_setzero_ps(), s##i##1 = s##i##0;
+   `rows` compute the first row's numbers again and are not stored. Scores go QR rows x 2 VL keys a step
+   (2 QR accumulators: 16 of 32 zmm, 8 of 16 ymm), the weighted values QR rows x 2 VL dimensions (one pass
+   on zmm, two on ymm), named registers as in the GEMM tiles. A score and a weighted value are the same
+   chain of FMAs on either ISA. */
+#define QK_ZERO(i) vf s##i##0 = v_zero(), s##i##1 = s##i##0;
 #define QK_FMA(i)                                                                    \
     {                                                                                \
-        __m512 qb = _mm512_set1_ps(qr[i][d]);                                        \
-        s##i##0 = _mm512_fmadd_ps(qb, k0, s##i##0);                                  \
-        s##i##1 = _mm512_fmadd_ps(qb, k1, s##i##1);                                  \
+        vf qb = v_set(qr[i][d]);                                                     \
+        s##i##0 = v_fma(qb, k0, s##i##0);                                            \
+        s##i##1 = v_fma(qb, k1, s##i##1);                                            \
     }
 #define QK_STORE(i)                                                                  \
-    _mm512_storeu_ps(p + (size_t)(i) * lp + jb, _mm512_mul_ps(s##i##0, vs));         \
-    _mm512_storeu_ps(p + (size_t)(i) * lp + jb + 16, _mm512_mul_ps(s##i##1, vs));
-#define PV_ZERO(i) __m512 a##i##0 = _mm512_setzero_ps(), a##i##1 = a##i##0;
+    v_st(p + (size_t)(i) * lp + jb, v_mul(s##i##0, vs));                             \
+    v_st(p + (size_t)(i) * lp + jb + VL, v_mul(s##i##1, vs));
+#define PV_ZERO(i) vf a##i##0 = v_zero(), a##i##1 = a##i##0;
 #define PV_FMA(i)                                                                    \
     {                                                                                \
-        __m512 pj = _mm512_set1_ps(p[(size_t)(i) * lp + j]);                         \
-        a##i##0 = _mm512_fmadd_ps(pj, v0, a##i##0);                                  \
-        a##i##1 = _mm512_fmadd_ps(pj, v1, a##i##1);                                  \
+        vf pj = v_set(p[(size_t)(i) * lp + j]);                                      \
+        a##i##0 = v_fma(pj, v0, a##i##0);                                            \
+        a##i##1 = v_fma(pj, v1, a##i##1);                                            \
     }
 #define PV_STORE(i)                                                                  \
     if (rows > (i)) {                                                                \
-        __m512 vi = _mm512_set1_ps(inv[i]);                                          \
-        float *o = out + (size_t)(i) * ldo;                                          \
-        _mm512_storeu_ps(o, _mm512_mul_ps(a##i##0, vi));                             \
-        _mm512_storeu_ps(o + 16, _mm512_mul_ps(a##i##1, vi));                        \
+        vf vi = v_set(inv[i]);                                                       \
+        float *o = out + (size_t)(i) * ldo + dc;                                     \
+        v_st(o, v_mul(a##i##0, vi));                                                 \
+        v_st(o + VL, v_mul(a##i##1, vi));                                            \
     }
-static inline __mmask16 keys_mask(int n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u); }
 
-/* kt: [32][lp] keys transposed, zero past len; lp a multiple of 32 */
+/* kt: [32][lp] keys transposed, zero past len; lp a multiple of 32 (LPAD) */
 __attribute__((noinline)) static void attn_rows(const float *q, int ld, int rows, const float *kt, const float *vh, int len, int lp, float scale,
                                                 float *p, float *out, int ldo) {
     const float *qr[QR];
     for (int i = 0; i < QR; i++) qr[i] = q + (size_t)(i < rows ? i : 0) * ld;
-    const __m512 vs = _mm512_set1_ps(scale);
-    for (int jb = 0; jb < lp; jb += 32) {
+    const vf vs = v_set(scale);
+    for (int jb = 0; jb < lp; jb += 2 * VL) {
         AROWS(QK_ZERO)
         for (int d = 0; d < 32; d++) {
-            __m512 k0 = _mm512_loadu_ps(kt + (size_t)d * lp + jb), k1 = _mm512_loadu_ps(kt + (size_t)d * lp + jb + 16);
+            vf k0 = v_ld(kt + (size_t)d * lp + jb), k1 = v_ld(kt + (size_t)d * lp + jb + VL);
             AROWS(QK_FMA)
         }
         AROWS(QK_STORE)
     }
     float inv[QR];
-    const __mmask16 tail = keys_mask(len & 15);
+    const int tail = len % VL;
     for (int r = 0; r < rows; r++) {
         float *pr = p + (size_t)r * lp;
-        __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        vf mx = v_set(-INFINITY), sum = v_zero();
         int jb;
-        for (jb = 0; jb + 16 <= len; jb += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(pr + jb));
-        if (len & 15) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_loadu_ps(pr + jb));
-        __m512 vm = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        for (jb = 0; jb + 16 <= len; jb += 16) {
-            __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(pr + jb), vm));
-            _mm512_storeu_ps(pr + jb, e);
-            sum = _mm512_add_ps(sum, e);
+        for (jb = 0; jb + VL <= len; jb += VL) mx = v_max(mx, v_ld(pr + jb));
+        if (tail) mx = v_max(mx, v_ld_fill(pr + jb, tail, -INFINITY));
+        vf vm = v_set(v_hmax(mx));
+        for (jb = 0; jb + VL <= len; jb += VL) {
+            vf e = v_exp(v_sub(v_ld(pr + jb), vm));
+            v_st(pr + jb, e);
+            sum = v_add(sum, e);
         }
-        if (len & 15) {
-            __m512 e = _mm512_maskz_mov_ps(tail, exp512(_mm512_sub_ps(_mm512_loadu_ps(pr + jb), vm)));
-            _mm512_storeu_ps(pr + jb, e);
-            sum = _mm512_add_ps(sum, e);
+        if (tail) {
+            vf e = v_head(v_exp(v_sub(v_ld(pr + jb), vm)), tail);
+            v_st(pr + jb, e);
+            sum = v_add(sum, e);
         }
-        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+        inv[r] = 1.0f / v_hsum(sum);
     }
-    AROWS(PV_ZERO)
-    for (int j = 0; j < len; j++) {
-        __m512 v0 = _mm512_loadu_ps(vh + (size_t)j * ld), v1 = _mm512_loadu_ps(vh + (size_t)j * ld + 16);
-        AROWS(PV_FMA)
+    for (int dc = 0; dc < 32; dc += 2 * VL) {
+        AROWS(PV_ZERO)
+        for (int j = 0; j < len; j++) {
+            vf v0 = v_ld(vh + (size_t)j * ld + dc), v1 = v_ld(vh + (size_t)j * ld + dc + VL);
+            AROWS(PV_FMA)
+        }
+        AROWS(PV_STORE)
     }
-    AROWS(PV_STORE)
 }
 #endif
 
@@ -398,7 +557,7 @@ __attribute__((noinline)) static void attention(const float *qkv, int len, int h
             for (int j = len; j < lp; j++) kt[(size_t)d * lp + j] = 0.0f;
         for (int i0 = 0; i0 < len; i0 += QR) {
             int rows = len - i0 < QR ? len - i0 : QR;
-#if defined(ENC_VNNI)
+#if defined(ENC_VEC)
             if (!g_scalar && hd == 32) {
                 attn_rows(qh + (size_t)i0 * ld, ld, rows, kt, vh, len, lp, scale, p, out + (size_t)i0 * h + head * hd, h);
                 continue;
@@ -427,6 +586,12 @@ __attribute__((noinline)) static void attention(const float *qkv, int len, int h
     }
 }
 
+#if defined(ENC_AVX2)
+#define X16_ROWS(n) (n) /* the AVX2 GEMM's widened codes */
+#else
+#define X16_ROWS(n) 0
+#endif
+
 /* Bytes of scratch er_encode needs for `tokens` rows in all, the longest text `max_len`. */
 size_t er_encode_work_bytes(const Enc *m, int tokens, int max_len) {
     size_t h = (size_t)m->hidden, f = (size_t)m->inter, t = (size_t)tokens, lp = (size_t)LPAD(max_len);
@@ -437,7 +602,7 @@ size_t er_encode_work_bytes(const Enc *m, int tokens, int max_len) {
                     + t         /* r */
                     + f         /* a row of quant_rows' input, smoothed or through GELU */
                     + (size_t)m->head_dim * lp + QR * lp;
-    return floats * sizeof(float) + t * f /* xq */ + 256;
+    return floats * sizeof(float) + t * f /* xq */ + X16_ROWS(t * f) * sizeof(int16_t) + 256;
 }
 
 /* texts: n; lens [n]; ids: sum(lens) token ids; out [n, hidden]; work: er_encode_work_bytes bytes.
@@ -460,7 +625,8 @@ int er_encode(const Enc *m, int n, const int32_t *lens, const int32_t *ids, floa
     float *tmp = r + tokens;
     float *kt = tmp + f;
     float *p = kt + (size_t)m->head_dim * lp;
-    uint8_t *xq = (uint8_t *)(p + QR * (size_t)lp);
+    int16_t *x16 = (int16_t *)(p + QR * (size_t)lp);
+    uint8_t *xq = (uint8_t *)(x16 + X16_ROWS((size_t)tokens * f));
 
     /* embeddings + layer norm */
     for (int i = 0, row = 0; i < n; i++)
@@ -479,24 +645,24 @@ int er_encode(const Enc *m, int n, const int32_t *lens, const int32_t *ids, floa
         const EncLayer *L = &m->layers[l];
         quant_rows(x, tokens, h, L->qkv.smooth, 0, m->qscale, m->qeps, xq, r, tmp);
         PROF(0);
-        gemm(xq, r, tokens, &L->qkv, qkv);
+        gemm(xq, r, tokens, &L->qkv, qkv, x16);
         PROF(1);
         for (int i = 0, row = 0; i < n; row += lens[i], i++)
             attention(qkv + (size_t)row * 3 * h, lens[i], m->head_dim, m->n_heads, scale, att + (size_t)row * h, kt, p);
         PROF(2);
         quant_rows(att, tokens, h, NULL, 0, m->qscale, m->qeps, xq, r, tmp);
         PROF(0);
-        gemm(xq, r, tokens, &L->o, att);
+        gemm(xq, r, tokens, &L->o, att, x16);
         PROF(5);
         add_ln(x, att, tokens, h, L->ln1_w, L->ln1_b, m->ln_eps);
         PROF(3);
         quant_rows(x, tokens, h, L->up.smooth, 0, m->qscale, m->qeps, xq, r, tmp);
         PROF(0);
-        gemm(xq, r, tokens, &L->up, ffn);
+        gemm(xq, r, tokens, &L->up, ffn, x16);
         PROF(6);
         quant_rows(ffn, tokens, f, NULL, 1, m->qscale, m->qeps, xq, r, tmp); /* GELU, then the down input's quantisation */
         PROF(4);
-        gemm(xq, r, tokens, &L->down, att);
+        gemm(xq, r, tokens, &L->down, att, x16);
         PROF(7);
         add_ln(x, att, tokens, h, L->ln2_w, L->ln2_b, m->ln_eps);
         PROF(3);
