@@ -121,3 +121,65 @@ def test_an_arm_build_gives_this_machines_logits_for_whole_steps(arm_driver, tmp
         arm = _run_arm(arm_driver, "step", parts, tmp_path).reshape(here.shape)
         assert np.isfinite(here).all() and here.std() > 0
         assert np.array_equal(arm, here), f"kv {kv}: aarch64 logits differ by {np.abs(arm - here).max()}"
+
+
+def _encoder_blob(enc, ids: list[list[int]]) -> list:
+    """encoder_driver.c's input: a NativeEncoder's model (its own arrays, found through the struct's pointers;
+    force_scalar, so the weights are in pack_weight's int8 layout) and the texts."""
+    import ctypes
+
+    M = enc.model
+    h = M.hidden
+
+    def arr(ptr, n, ctype=ctypes.c_float):
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctype)), (n,))
+
+    def lin(L) -> list:
+        parts = [np.array([L.n, L.k, bool(L.smooth)], np.int32), arr(L.w, L.n * L.k, ctypes.c_int8), arr(L.corr, L.n, ctypes.c_int32),
+                 arr(L.mult, L.n), arr(L.bias, L.n)]
+        return parts + ([arr(L.smooth, L.k)] if L.smooth else [])
+
+    parts = [np.array([M.n_layers, h, M.n_heads, M.head_dim, M.inter, M.vocab, M.max_pos], np.int32),
+             np.array([M.ln_eps, M.emb_ln_eps, M.qscale, M.qeps, M.norm_eps], np.float32),
+             arr(M.word, M.vocab * h), arr(M.pos, M.max_pos * h), arr(M.emb_ln_w, h), arr(M.emb_ln_b, h)]
+    for i in range(M.n_layers):
+        L = M.layers[i]
+        parts += [p for x in (L.qkv, L.o, L.up, L.down) for p in lin(x)]
+        parts += [arr(L.ln1_w, h), arr(L.ln1_b, h), arr(L.ln2_w, h), arr(L.ln2_b, h)]
+    flat = np.array([t for x in ids for t in x], np.int32)
+    return parts + [np.array([len(ids)], np.int32), np.array([len(x) for x in ids], np.int32), flat]
+
+
+@pytest.mark.parametrize("heads", [2, 4])  # head_dim 32: the vector attention; 16: the portable one
+def test_the_arm_encoder_sdot_kernels_compute_the_graph(tmp_path, heads, monkeypatch):
+    """encoder.c for Orin's cores (armv8.2-a + dotprod: its NEON path, sdot GEMMs) under qemu gives this machine's
+    vectors: within cosine 0.99999 of its portable C (the same integer products; float sums in another order)."""
+    import random
+
+    from helpers_tiny import _WORDS, make_tiny_st
+
+    from edge.build.encoder import build_embedder_bundle
+    from edge.bundle import Bundle
+    from edge.runtime.cpu.build import FLAGS
+    from edge.runtime.cpu.encoder import NativeEncoder
+    from edge.runtime.embedder import Embedder
+
+    exe = tmp_path / "encoder_driver"
+    flags = [f for f in FLAGS if f not in ("-march=native", "-shared", "-fPIC", "-pthread")]
+    subprocess.run([CROSS, *flags, "-march=armv8.2-a+fp16+dotprod", "-static", f"-I{CSRC}", "-o", str(exe),
+                    str(HERE / "data" / "encoder_driver.c"), "-lm"], check=True, capture_output=True)
+    monkeypatch.setenv("EDGE_RAG_U8S8", "exact")  # int8 weights, as built on ARM
+    folder = make_tiny_st(tmp_path / "st", "mean", True, seed=3, heads=heads)
+    path = build_embedder_bundle(folder, tmp_path / "int8", quant="int8", progress=False)
+    rng = random.Random(7)
+    texts = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 60))) for _ in range(9)]
+    ids = Embedder.from_bundle(path, backend="onnxruntime")._encode(texts)
+    here = NativeEncoder.open(Bundle.open(path), force_scalar=True)
+    (tmp_path / "in.bin").write_bytes(b"".join(np.ascontiguousarray(p).tobytes() for p in _encoder_blob(here, ids)))
+    subprocess.run([QEMU, str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True, timeout=300)
+    out = np.fromfile(tmp_path / "out.bin", np.int32)
+    assert out[0] == 4, "the aarch64 build did not take its NEON (sdot) path"
+    arm = out[1:].view(np.float32).reshape(len(ids), -1)
+    ref = here.run(ids)
+    cos = (arm * ref).sum(1) / np.linalg.norm(arm, axis=1) / np.linalg.norm(ref, axis=1)
+    assert np.isfinite(arm).all() and cos.min() > 0.99999, f"aarch64 vs this machine: min cosine {cos.min()}"

@@ -352,3 +352,24 @@ def test_int8_weights_are_built_where_the_native_encoder_computes_them_exactly(m
     monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
     monkeypatch.setenv("EDGE_RAG_U8S8", "saturates")  # building for onnxruntime on an AVX2-only x86
     assert not enc_mod.int8_exact()
+
+
+def test_an_arm_cpu_runs_the_native_encoder_only_when_asked(monkeypatch):
+    """Orin's cores have sdot (asimddp): encoder.c's NEON kernels compute the graph there (tests/test_native_arm.py,
+    under qemu) but were never timed on an ARM chip, so onnxruntime stays the default until EDGE_RAG_NATIVE_ENCODER=1."""
+    import platform
+
+    import edge.cpu
+    from edge.runtime.cpu import encoder as enc_mod
+
+    monkeypatch.setattr(edge.cpu, "is_x86", lambda machine=None: False)
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    monkeypatch.setenv("CC", "cc")
+    monkeypatch.delenv("EDGE_RAG_NATIVE_ENCODER", raising=False)
+    monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset({"fp", "asimd", "asimddp"}))
+    why = enc_mod.machine_refusal()
+    assert "EDGE_RAG_NATIVE_ENCODER=1" in why
+    monkeypatch.setenv("EDGE_RAG_NATIVE_ENCODER", "1")
+    assert enc_mod.machine_refusal() is None
+    monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset({"fp", "asimd"}))  # ARMv8.0: no sdot
+    assert "asimddp" in enc_mod.machine_refusal()

@@ -27,7 +27,8 @@ from edge.errors import BackendError, BundleError, EdgeRagError, UsageError
 from edge.runtime.cuda import available as _cuda_available  # imports no cupy; never raises
 
 BACKENDS = ("auto", "cpu", "onnxruntime", "cuda")
-# EDGE_RAG_NATIVE_ENCODER=0: the "cpu" backend runs onnxruntime even where the native encoder could run
+# EDGE_RAG_NATIVE_ENCODER=0: the "cpu" backend runs onnxruntime even where the native encoder could run;
+# =1: the native encoder on an ARM CPU with dot products too (its NEON kernels, checked under qemu, not yet timed on a chip)
 NATIVE_ENV = "EDGE_RAG_NATIVE_ENCODER"
 INPUTS = ("input_ids", "attention_mask")  # must match edge.build.encoder.INPUTS
 OUTPUT = "sentence_embedding"

@@ -30,6 +30,7 @@ import ctypes as C
 import json
 import logging
 import os
+import platform
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -50,7 +51,8 @@ class NativeUnavailable(BackendError):
     """This bundle or this machine cannot use the native encoder (the reason is the message)."""
 
 
-ISAS = {3: "vnni", 1: "avx2"}  # er_enc_isa's codes of the vector builds (edge.runtime.cpu.abi.ISA_NAMES)
+ISAS = {3: "vnni", 1: "avx2", 4: "neon"}  # er_enc_isa's codes of the vector builds (x86: edge.runtime.cpu.abi.ISA_NAMES)
+ARM_NEEDS = ("asimddp",)  # ARMv8.2 dot product (sdot): /proc/cpuinfo's Features on a Jetson Orin
 
 
 @lru_cache(maxsize=2)
@@ -71,14 +73,22 @@ def load_lib(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
 def machine_refusal() -> str | None:
     """Why the embedder's cpu backend runs onnxruntime rather than the native encoder on this machine,
     or None (checked without compiling anything: `edge-rag doctor`). The same checks as the decode step's
-    (edge.runtime.cpu.backend.machine_refusal): encoder.c has AVX-512 VNNI and AVX2 kernels."""
+    (edge.runtime.cpu.backend.machine_refusal): encoder.c has AVX-512 VNNI, AVX2 and ARM dot-product kernels."""
     from edge.cpu import cpu_flags, is_x86
     from edge.runtime.cpu.build import ISA_NEEDS, compiler
 
-    flags = cpu_flags() if is_x86() else frozenset()
-    if not any(all(f in flags for f in ISA_NEEDS[isa]) for isa in ("vnni", "avx2")):
-        return ("no AVX2 or AVX-512 VNNI on this CPU (the native encoder's vector kernels need one; its portable C "
-                "is slower than onnxruntime)")
+    flags = cpu_flags()
+    if is_x86():
+        if not any(all(f in flags for f in ISA_NEEDS[isa]) for isa in ("vnni", "avx2")):
+            return ("no AVX2 or AVX-512 VNNI on this CPU (the native encoder's vector kernels need one; its portable C "
+                    "is slower than onnxruntime)")
+    elif platform.machine().lower() not in ("aarch64", "arm64") or any(f not in flags for f in ARM_NEEDS):
+        return ("not an x86 CPU with AVX2 or an ARM one with dot products (asimddp): the native encoder has no vector "
+                "kernels for it")
+    elif os.environ.get(native_env(), "").strip() != "1":
+        # NOTE: its NEON kernels are checked under qemu (tests/test_native_arm.py), never timed on an ARM chip
+        return (f"its ARM kernels are not yet measured against onnxruntime on a real ARM CPU: {native_env()}=1 "
+                "uses them")
     try:
         compiler()
     except BackendError:
@@ -86,8 +96,14 @@ def machine_refusal() -> str | None:
     return None
 
 
+def native_env() -> str:
+    from edge.runtime.embedder import NATIVE_ENV
+
+    return NATIVE_ENV
+
+
 def vector_isa() -> str | None:
-    """"vnni" or "avx2": the kernels encoder.c runs on this CPU, else None (its portable C is for tests:
+    """"vnni", "avx2" or "neon": the kernels encoder.c runs on this CPU, else None (its portable C is for tests:
     slower than onnxruntime)."""
     if machine_refusal() is not None:
         return None
@@ -100,11 +116,10 @@ def int8_exact() -> bool:
     encoder.c). Decides the weight type of the embedder bundles built here (edge.build.encoder.int8_weight_type);
     EDGE_RAG_U8S8=exact|saturates builds for another CPU."""
     from edge.cpu import U8S8_ENV, u8s8_exact
-    from edge.runtime.embedder import NATIVE_ENV
 
     if u8s8_exact() or os.environ.get(U8S8_ENV, "").strip().lower() in ("exact", "saturates"):
         return u8s8_exact()
-    return os.environ.get(NATIVE_ENV, "").strip() != "0" and machine_refusal() is None
+    return os.environ.get(native_env(), "").strip() != "0" and machine_refusal() is None
 
 
 def pack_weight(w: np.ndarray) -> np.ndarray:

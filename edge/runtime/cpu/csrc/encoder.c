@@ -31,13 +31,18 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define ENC_VNNI 1 /* zmm: 16 float lanes, vpdpbusd */
 #elif defined(__AVX2__) && defined(__FMA__)
-#define ENC_AVX2 1 /* ymm: 8 float lanes, vpmaddubsw + vpmaddwd (an AVX2-only x86: Haswell .. Zen 3) */
+#define ENC_AVX2 1 /* ymm: 8 float lanes, vpmaddwd (an AVX2-only x86: Haswell .. Zen 3) */
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#define ENC_NEON 1 /* 4 float lanes, sdot (ARMv8.2 dot product: Jetson Orin's Cortex-A78AE) */
 #endif
-#if defined(ENC_VNNI) || defined(ENC_AVX2)
+#if defined(ENC_VNNI) || defined(ENC_AVX2) || defined(ENC_NEON)
 #define ENC_VEC 1
 #endif
 
@@ -91,6 +96,8 @@ int er_enc_isa(void) { /* edge.runtime.cpu.abi.ISA_NAMES' codes */
     return 3;
 #elif defined(ENC_AVX2)
     return 1;
+#elif defined(ENC_NEON)
+    return 4;
 #else
     return 0;
 #endif
@@ -176,6 +183,45 @@ static inline void v_st_codes(uint8_t *q, vf v) {
     c = _mm256_min_epi32(_mm256_max_epi32(c, _mm256_setzero_si256()), _mm256_set1_epi32(255));
     __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)); /* 8 x u16, in order */
     _mm_storel_epi64((__m128i *)q, _mm_packus_epi16(w, w));
+}
+#elif defined(ENC_NEON)
+#define VL 4
+typedef float32x4_t vf;
+static inline vf v_ld(const float *p) { return vld1q_f32(p); }
+static inline void v_st(float *p, vf v) { vst1q_f32(p, v); }
+static inline vf v_set(float a) { return vdupq_n_f32(a); }
+static inline vf v_zero(void) { return vdupq_n_f32(0.0f); }
+static inline vf v_add(vf a, vf b) { return vaddq_f32(a, b); }
+static inline vf v_sub(vf a, vf b) { return vsubq_f32(a, b); }
+static inline vf v_mul(vf a, vf b) { return vmulq_f32(a, b); }
+static inline vf v_div(vf a, vf b) { return vdivq_f32(a, b); }
+static inline vf v_max(vf a, vf b) { return vmaxq_f32(a, b); }
+static inline vf v_fma(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
+static inline vf v_fnma(vf a, vf b, vf c) { return vfmsq_f32(c, a, b); }
+static inline vf v_abs(vf x) { return vabsq_f32(x); }
+static inline float v_hmax(vf x) { return vmaxvq_f32(x); }
+static inline float v_hsum(vf x) { return vaddvq_f32(x); }
+static inline vf v_rne(vf x) { return vrndnq_f32(x); }
+static inline vf v_pow2(vf p, vf n) {
+    int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+}
+static inline vf v_copysign(vf e, vf z) {
+    return vreinterpretq_f32_u32(vorrq_u32(vreinterpretq_u32_f32(e), vandq_u32(vreinterpretq_u32_f32(z), vdupq_n_u32(0x80000000u))));
+}
+static inline uint32x4_t lanes(int n) {
+    static const uint32_t iota[4] = {0, 1, 2, 3};
+    return vcltq_u32(vld1q_u32(iota), vdupq_n_u32((uint32_t)(n < 0 ? 0 : n)));
+}
+/* reads all VL floats: only used on score rows, padded to LPAD */
+static inline vf v_ld_fill(const float *p, int n, float fill) { return vbslq_f32(lanes(n), vld1q_f32(p), vdupq_n_f32(fill)); }
+static inline vf v_head(vf x, int n) { return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(x), lanes(n))); }
+static inline void v_st_codes(uint8_t *q, vf v) {
+    int32x4_t c = vaddq_s32(vcvtnq_s32_f32(v), vdupq_n_s32(128)); /* to nearest even */
+    c = vminq_s32(vmaxq_s32(c, vdupq_n_s32(0)), vdupq_n_s32(255));
+    uint16x4_t h = vmovn_u32(vreinterpretq_u32_s32(c));
+    uint8x8_t b = vmovn_u16(vcombine_u16(h, h));
+    vst1_lane_u32((uint32_t *)(void *)q, vreinterpret_u32_u8(b), 0);
 }
 #endif
 
@@ -361,13 +407,58 @@ static inline __attribute__((always_inline)) void epi_row(__m256i a0, __m256i a1
 TILE(6)
 TILE(3)
 TILE(1)
+#elif defined(ENC_NEON)
+static inline __attribute__((always_inline)) void epi_row(int32x4_t a0, int32x4_t a1, int32x4_t a2, int32x4_t a3, const EncLin *L,
+                                                         int n0, float r, float *y) {
+    int32x4_t acc[4] = {a0, a1, a2, a3};
+    float32x4_t ri = vdupq_n_f32(r);
+    for (int c = 0; c < 4; c++) {
+        float32x4_t v = vmulq_f32(vcvtq_f32_s32(acc[c]), vld1q_f32(L->mult + n0 + 4 * c));
+        vst1q_f32(y + 4 * c, vaddq_f32(vmulq_f32(v, ri), vld1q_f32(L->bias + n0 + 4 * c)));
+    }
+}
+
+/* R rows x 16 columns of a packed block (the vnni layout: a k-step's 16 bytes are 4 columns x 4 inputs, one sdot
+   lane a column), the codes taken as xq - 128 (int8, gemm below): sdot's int8 x int8 products sum exactly in int32,
+   the dot less the zero point's share as on avx2. 32 registers: 4 R accumulators, 4 weights, a broadcast. */
+#define NACC_ZERO(i) int32x4_t a##i##0 = vdupq_n_s32(0), a##i##1 = a##i##0, a##i##2 = a##i##0, a##i##3 = a##i##0;
+#define NACC_DOT(i)                                                                                          \
+    {                                                                                                        \
+        int32_t v;                                                                                           \
+        memcpy(&v, x + (size_t)(i) * k + kk, 4);                                                             \
+        int8x16_t b = vreinterpretq_s8_s32(vdupq_n_s32(v));                                                  \
+        a##i##0 = vdotq_s32(a##i##0, w0, b);                                                                 \
+        a##i##1 = vdotq_s32(a##i##1, w1, b);                                                                 \
+        a##i##2 = vdotq_s32(a##i##2, w2, b);                                                                 \
+        a##i##3 = vdotq_s32(a##i##3, w3, b);                                                                 \
+        __asm__("" : "+w"(a##i##0), "+w"(a##i##1), "+w"(a##i##2), "+w"(a##i##3));                            \
+    }
+#define NACC_EPI(i) epi_row(a##i##0, a##i##1, a##i##2, a##i##3, L, n0, r[i], y + (size_t)(i) * ldy + n0);
+#define TILE(R)                                                                                                       \
+    __attribute__((noinline)) static void tile##R(const int8_t *x, int k, const int8_t *wb, const EncLin *L, int n0,  \
+                                                  const float *r, float *y, int ldy) {                                \
+        ROWS##R(NACC_ZERO)                                                                                            \
+        for (int kk = 0; kk < k; kk += 4) {                                                                           \
+            const int8_t *wk = wb + (size_t)kk * NB;                                                                  \
+            int8x16_t w0 = vld1q_s8(wk), w1 = vld1q_s8(wk + 16), w2 = vld1q_s8(wk + 32), w3 = vld1q_s8(wk + 48);      \
+            ROWS##R(NACC_DOT)                                                                                         \
+        }                                                                                                             \
+        ROWS##R(NACC_EPI)                                                                                             \
+    }
+TILE(6)
+TILE(3)
+TILE(1)
 #endif
 
-/* x16: [m, k] int16 scratch (the AVX2 path's widened codes) */
-__attribute__((noinline)) static void gemm(const uint8_t *xq, const float *r, int m, const EncLin *L, float *y, int16_t *x16) {
+/* rows i.. of a tile, its NB columns from nb * NB as 16-column tiles c (the avx2 and neon paths) */
+#define SUBTILES(R, X, WB) \
+    for (int c = 0; c < NB; c += 16) tile##R((X) + (size_t)i * k, k, (WB), L, nb * NB + c, r + i, y + (size_t)i * n, n);
+
+/* xw: [m, k] scratch of the codes as the GEMM takes them (XW_BYTES each: avx2 int16, neon int8, xq - 128) */
+__attribute__((noinline)) static void gemm(const uint8_t *xq, const float *r, int m, const EncLin *L, float *y, void *xw) {
     const int k = L->k, n = L->n;
 #if defined(ENC_VNNI)
-    (void)x16;
+    (void)xw;
     if (!g_scalar) {
         for (int nb = 0; nb < n / NB; nb++) {
             const int8_t *wb = L->w + (size_t)nb * k * NB;
@@ -380,6 +471,7 @@ __attribute__((noinline)) static void gemm(const uint8_t *xq, const float *r, in
     }
 #elif defined(ENC_AVX2)
     if (!g_scalar) {
+        int16_t *x16 = (int16_t *)xw;
         const __m256i zp = _mm256_set1_epi16(128);
         size_t j = 0, all = (size_t)m * k;
         for (; j + 16 <= all; j += 16)
@@ -390,18 +482,28 @@ __attribute__((noinline)) static void gemm(const uint8_t *xq, const float *r, in
         const int16_t *w16 = (const int16_t *)L->w; /* pack_weight16's layout on this path */
         for (int nb = 0; nb < n / NB; nb++) {
             int i = 0;
-#define SUBTILES(R)                                                                                                   \
-    for (int c = 0; c < NB; c += 16)                                                                                  \
-        tile##R(x16 + (size_t)i * k, k, w16 + (size_t)(nb * NB + c) * k, L, nb * NB + c, r + i, y + (size_t)i * n, n);
-            for (; i + 6 <= m; i += 6) SUBTILES(6)
-            for (; i + 3 <= m; i += 3) SUBTILES(3)
-            for (; i < m; i++) SUBTILES(1)
-#undef SUBTILES
+            for (; i + 6 <= m; i += 6) SUBTILES(6, x16, w16 + (size_t)(nb * NB + c) * k)
+            for (; i + 3 <= m; i += 3) SUBTILES(3, x16, w16 + (size_t)(nb * NB + c) * k)
+            for (; i < m; i++) SUBTILES(1, x16, w16 + (size_t)(nb * NB + c) * k)
+        }
+        return;
+    }
+#elif defined(ENC_NEON)
+    if (!g_scalar) {
+        int8_t *xs = (int8_t *)xw;
+        size_t j = 0, all = (size_t)m * k;
+        for (; j + 16 <= all; j += 16) vst1q_s8(xs + j, vreinterpretq_s8_u8(veorq_u8(vld1q_u8(xq + j), vdupq_n_u8(0x80))));
+        for (; j < all; j++) xs[j] = (int8_t)(xq[j] - 128);
+        for (int nb = 0; nb < n / NB; nb++) { /* as avx2's; the packed block's 16 columns c are 4 c bytes in */
+            int i = 0;
+            for (; i + 6 <= m; i += 6) SUBTILES(6, xs, L->w + (size_t)nb * NB * k + 4 * c)
+            for (; i + 3 <= m; i += 3) SUBTILES(3, xs, L->w + (size_t)nb * NB * k + 4 * c)
+            for (; i < m; i++) SUBTILES(1, xs, L->w + (size_t)nb * NB * k + 4 * c)
         }
         return;
     }
 #else
-    (void)x16;
+    (void)xw;
 #endif
     int32_t *acc = malloc(sizeof(int32_t) * NB);
     for (int nb = 0; nb < n / NB; nb++) {
@@ -587,9 +689,11 @@ __attribute__((noinline)) static void attention(const float *qkv, int len, int h
 }
 
 #if defined(ENC_AVX2)
-#define X16_ROWS(n) (n) /* the AVX2 GEMM's widened codes */
+#define XW_BYTES 2 /* the GEMM's codes: int16 */
+#elif defined(ENC_NEON)
+#define XW_BYTES 1 /* int8 */
 #else
-#define X16_ROWS(n) 0
+#define XW_BYTES 0
 #endif
 
 /* Bytes of scratch er_encode needs for `tokens` rows in all, the longest text `max_len`. */
@@ -602,7 +706,7 @@ size_t er_encode_work_bytes(const Enc *m, int tokens, int max_len) {
                     + t         /* r */
                     + f         /* a row of quant_rows' input, smoothed or through GELU */
                     + (size_t)m->head_dim * lp + QR * lp;
-    return floats * sizeof(float) + t * f /* xq */ + X16_ROWS(t * f) * sizeof(int16_t) + 256;
+    return floats * sizeof(float) + t * f /* xq */ + t * f * XW_BYTES + 256;
 }
 
 /* texts: n; lens [n]; ids: sum(lens) token ids; out [n, hidden]; work: er_encode_work_bytes bytes.
@@ -625,8 +729,8 @@ int er_encode(const Enc *m, int n, const int32_t *lens, const int32_t *ids, floa
     float *tmp = r + tokens;
     float *kt = tmp + f;
     float *p = kt + (size_t)m->head_dim * lp;
-    int16_t *x16 = (int16_t *)(p + QR * (size_t)lp);
-    uint8_t *xq = (uint8_t *)(x16 + X16_ROWS((size_t)tokens * f));
+    char *xw = (char *)(p + QR * (size_t)lp);
+    uint8_t *xq = (uint8_t *)(xw + (size_t)tokens * f * XW_BYTES);
 
     /* embeddings + layer norm */
     for (int i = 0, row = 0; i < n; i++)
@@ -645,24 +749,24 @@ int er_encode(const Enc *m, int n, const int32_t *lens, const int32_t *ids, floa
         const EncLayer *L = &m->layers[l];
         quant_rows(x, tokens, h, L->qkv.smooth, 0, m->qscale, m->qeps, xq, r, tmp);
         PROF(0);
-        gemm(xq, r, tokens, &L->qkv, qkv, x16);
+        gemm(xq, r, tokens, &L->qkv, qkv, xw);
         PROF(1);
         for (int i = 0, row = 0; i < n; row += lens[i], i++)
             attention(qkv + (size_t)row * 3 * h, lens[i], m->head_dim, m->n_heads, scale, att + (size_t)row * h, kt, p);
         PROF(2);
         quant_rows(att, tokens, h, NULL, 0, m->qscale, m->qeps, xq, r, tmp);
         PROF(0);
-        gemm(xq, r, tokens, &L->o, att, x16);
+        gemm(xq, r, tokens, &L->o, att, xw);
         PROF(5);
         add_ln(x, att, tokens, h, L->ln1_w, L->ln1_b, m->ln_eps);
         PROF(3);
         quant_rows(x, tokens, h, L->up.smooth, 0, m->qscale, m->qeps, xq, r, tmp);
         PROF(0);
-        gemm(xq, r, tokens, &L->up, ffn, x16);
+        gemm(xq, r, tokens, &L->up, ffn, xw);
         PROF(6);
         quant_rows(ffn, tokens, f, NULL, 1, m->qscale, m->qeps, xq, r, tmp); /* GELU, then the down input's quantisation */
         PROF(4);
-        gemm(xq, r, tokens, &L->down, att, x16);
+        gemm(xq, r, tokens, &L->down, att, xw);
         PROF(7);
         add_ln(x, att, tokens, h, L->ln2_w, L->ln2_b, m->ln_eps);
         PROF(3);
