@@ -4,16 +4,7 @@
    int32 er_enc_isa() and the [n, hidden] vectors. */
 #include "encoder.c"
 
-#include <stdio.h>
-
-static FILE *in;
-static void *rd(size_t bytes) {
-    void *p = calloc(1, bytes ? bytes : 1);
-    if (!p || (bytes && fread(p, 1, bytes, in) != bytes)) exit(3);
-    return p;
-}
-static int32_t rd_i(void) { int32_t v; if (fread(&v, 4, 1, in) != 1) exit(3); return v; }
-static float rd_f(void) { float v; if (fread(&v, 4, 1, in) != 1) exit(3); return v; }
+#include "driver_io.h"
 static const float *rd_fs(size_t n) { return rd(sizeof(float) * n); }
 
 /* int32 n, k, has_smooth; then w (n k int8), corr (n int32), mult, bias (n floats), smooth (k floats) */

@@ -4,16 +4,7 @@
    (the linear's rows; each step's logits rows). */
 #include "native.c"
 
-#include <stdio.h>
-
-static FILE *in;
-static void *rd(size_t bytes) {
-    void *p = calloc(1, bytes ? bytes : 1);
-    if (!p || (bytes && fread(p, 1, bytes, in) != bytes)) exit(3);
-    return p;
-}
-static int32_t rd_i(void) { int32_t v; if (fread(&v, 4, 1, in) != 1) exit(3); return v; }
-static float rd_f(void) { float v; if (fread(&v, 4, 1, in) != 1) exit(3); return v; }
+#include "driver_io.h"
 static void wr(FILE *out, const float *p, size_t n) { if (fwrite(p, sizeof(float), n, out) != n) exit(5); }
 
 /* int32 kind, n, k, tiles, w bytes, s floats, has_bias; then w, s, bias (n floats) */
