@@ -204,11 +204,11 @@ def kernels(monkeypatch):
 
 
 @needs_cc
-@pytest.mark.parametrize("isa", ["vnni", "avx2"])
+@pytest.mark.parametrize("isa", ["vnni", "avx512", "avx2"])
 @pytest.mark.parametrize("name", ["hd32", "hd16"])
 def test_vector_kernels_match_the_graph_and_the_portable_c(bundles, kernels, isa, name):
-    """Each x86 kernel path computes the graph: avx2's int16 GEMM (vpmaddwd) the same integer dots as vnni's
-    vpdpbusd, its 8-lane attention, norms and GELU the same float ops."""
+    """Each x86 kernel path computes the graph: avx512's and avx2's int16 GEMMs (vpmaddwd) the same integer dots as
+    vnni's vpdpbusd, avx2's 8-lane attention, norms and GELU the same float ops."""
     kernels(isa)
     b = Bundle.open(bundles[name])
     vec, port = NativeEncoder.open(b), NativeEncoder.open(b, force_scalar=True)

@@ -51,7 +51,8 @@ class NativeUnavailable(BackendError):
     """This bundle or this machine cannot use the native encoder (the reason is the message)."""
 
 
-ISAS = {3: "vnni", 1: "avx2", 4: "neon"}  # er_enc_isa's codes of the vector builds (x86: edge.runtime.cpu.abi.ISA_NAMES)
+ISAS = {3: "vnni", 2: "avx512", 1: "avx2", 4: "neon"}  # er_enc_isa's codes of the vector builds (x86: edge.runtime.cpu.abi.ISA_NAMES)
+INT16_ISAS = ("avx512", "avx2")  # x86 without VNNI: int16 weights (pack_weight16)
 ARM_NEEDS = ("asimddp",)  # ARMv8.2 dot product (sdot): /proc/cpuinfo's Features on a Jetson Orin
 
 
@@ -63,7 +64,7 @@ def load_lib(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
     from edge.runtime.cpu.build import build, forced_isa
 
     isa, isa_flags = forced_isa()
-    if isa == "avx512":  # AVX-512 without VNNI (Skylake-X): encoder.c's AVX2 kernels, as -march=native gives there
+    if isa == "avx512":  # AVX-512 without VNNI, as -march=native compiles it on a Skylake-SP
         isa_flags = ("-march=skylake-avx512", "-mtune=generic")
     lib = C.CDLL(str(build(extra_flags + isa_flags, source=SOURCE)))
     abi.declare_encoder(lib)
@@ -103,7 +104,7 @@ def native_env() -> str:
 
 
 def vector_isa() -> str | None:
-    """"vnni", "avx2" or "neon": the kernels encoder.c runs on this CPU, else None (its portable C is for tests:
+    """"vnni", "avx512", "avx2" or "neon": the kernels encoder.c runs on this CPU, else None (its portable C is for tests:
     slower than onnxruntime)."""
     if machine_refusal() is not None:
         return None
@@ -261,7 +262,7 @@ class NativeEncoder:
             mult = (qscale * np.concatenate(ss)).astype(np.float32)
             corr = (128 * w.astype(np.int32).sum(axis=0)).astype(np.int32)
             sm = keep(get(smooth)) if smooth else None
-            packed = keep(pack_weight16(w), np.int16) if self.isa == "avx2" else keep(pack_weight(w), np.int8)
+            packed = keep(pack_weight16(w), np.int16) if self.isa in INT16_ISAS else keep(pack_weight(w), np.int8)
             return EncLin(n, k, packed, keep(corr, np.int32), keep(mult), keep(bias), sm)
 
         layers = (EncLayer * n_layers)()

@@ -18,11 +18,13 @@
    Kernel paths, chosen when the file is compiled (-march=native, or EDGE_RAG_NATIVE_ISA):
      vnni    AVX-512 VNNI: zmm, vpdpbusd. Weights packed at load (encoder.py: pack_weight)
              [N / 64][K / 4][64 columns][4 inputs] int8: 4 consecutive inputs are one int32 lane, 64 columns four zmm.
+     avx512  AVX-512BW without VNNI (Skylake-SP): zmm, vpmaddwd on int16, the avx2 path's weights.
      avx2    AVX2 + FMA (x86 without VNNI: Haswell .. Zen 3): ymm, vpmaddwd on int16 (exact: see its GEMM).
              Weights [N / 16][K / 2][16 columns][2 inputs] int16 (pack_weight16).
+     neon    ARMv8.2 with dot products (Jetson Orin): sdot on the vnni path's int8 layout.
      portable C (tests, and what any other CPU would run: slower than onnxruntime, so not picked there).
    The float ops other than the GEMMs (row quantisation, layer norm, attention, GELU) are written once over VL
-   lanes (vector math below) for vnni and avx2. */
+   lanes (vector math below) for zmm, ymm and NEON. */
 
 #include <math.h>
 #include <stdint.h>
@@ -35,14 +37,19 @@
 #include <arm_neon.h>
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define ENC_VNNI 1 /* zmm: 16 float lanes, vpdpbusd */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define ENC_ZMM 1 /* 16 float lanes */
+#if defined(__AVX512VNNI__)
+#define ENC_VNNI 1 /* vpdpbusd */
+#else
+#define ENC_AVX512 1 /* vpmaddwd on zmm (AVX-512 without VNNI: Skylake-SP) */
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
 #define ENC_AVX2 1 /* ymm: 8 float lanes, vpmaddwd (an AVX2-only x86: Haswell .. Zen 3) */
 #elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
 #define ENC_NEON 1 /* 4 float lanes, sdot (ARMv8.2 dot product: Jetson Orin's Cortex-A78AE) */
 #endif
-#if defined(ENC_VNNI) || defined(ENC_AVX2) || defined(ENC_NEON)
+#if defined(ENC_ZMM) || defined(ENC_AVX2) || defined(ENC_NEON)
 #define ENC_VEC 1
 #endif
 
@@ -94,6 +101,8 @@ typedef struct {
 int er_enc_isa(void) { /* edge.runtime.cpu.abi.ISA_NAMES' codes */
 #if defined(ENC_VNNI)
     return 3;
+#elif defined(ENC_AVX512)
+    return 2;
 #elif defined(ENC_AVX2)
     return 1;
 #elif defined(ENC_NEON)
@@ -111,7 +120,7 @@ static _Thread_local int g_scalar;
    Each op is one instruction of either ISA, so a lane's numbers are the same on both (v_pow2: scalef on
    zmm, an exponent-field multiply on ymm, both exact to the same rounding); what differs between the
    builds is only how a row's partial sums are added up (16 or 8 lanes), ~1 ulp in a norm or a softmax. */
-#if defined(ENC_VNNI)
+#if defined(ENC_ZMM)
 #define VL 16
 typedef __m512 vf;
 #define v_ld _mm512_loadu_ps
@@ -324,21 +333,23 @@ static void quant_rows(const float *x, int m, int k, const float *smooth, int ge
 #define ROWS6(X) X(0) X(1) X(2) X(3) X(4) X(5)
 #define ROWS3(X) X(0) X(1) X(2)
 #define ROWS1(X) X(0)
-#if defined(ENC_VNNI)
-/* One row's 64 outputs of a tile: y = ((float)(idot - corr) * mult) * r + bias. */
+#if defined(ENC_ZMM)
+/* One row's 64 outputs of a tile: y = ((float)(idot - corr) * mult) * r + bias (corr: 0 where the tile's codes are
+   xq - 128 already, the int16 path). */
 static inline __attribute__((always_inline)) void epi_row(__m512i a0, __m512i a1, __m512i a2, __m512i a3, const EncLin *L,
-                                                         int n0, float r, float *y) {
+                                                         int n0, float r, float *y, const int corr) {
     __m512i acc[4] = {a0, a1, a2, a3};
     __m512 ri = _mm512_set1_ps(r);
     for (int c = 0; c < 4; c++) {
         int n = n0 + 16 * c;
-        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[c], _mm512_loadu_si512(L->corr + n))), _mm512_loadu_ps(L->mult + n));
+        __m512i d = corr ? _mm512_sub_epi32(acc[c], _mm512_loadu_si512(L->corr + n)) : acc[c];
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(L->mult + n));
         _mm512_storeu_ps(y + 16 * c, _mm512_add_ps(_mm512_mul_ps(v, ri), _mm512_loadu_ps(L->bias + n)));
     }
 }
-
-/* R rows x 64 columns: a row's four zmm of 16 int32 sums take a k-step's 4 inputs a lane (vpdpbusd) */
 #define ACC_ZERO(i) __m512i a##i##0 = _mm512_setzero_si512(), a##i##1 = a##i##0, a##i##2 = a##i##0, a##i##3 = a##i##0;
+#if defined(ENC_VNNI)
+/* R rows x 64 columns: a row's four zmm of 16 int32 sums take a k-step's 4 inputs a lane (vpdpbusd) */
 #define ACC_DOT(i)                                                                                           \
     {                                                                                                        \
         int32_t v;                                                                                           \
@@ -350,7 +361,7 @@ static inline __attribute__((always_inline)) void epi_row(__m512i a0, __m512i a1
         a##i##3 = _mm512_dpbusd_epi32(a##i##3, b, w3);                                                       \
         __asm__("" : "+v"(a##i##0), "+v"(a##i##1), "+v"(a##i##2), "+v"(a##i##3));                            \
     }
-#define ACC_EPI(i) epi_row(a##i##0, a##i##1, a##i##2, a##i##3, L, n0, r[i], y + (size_t)(i) * ldy + n0);
+#define ACC_EPI(i) epi_row(a##i##0, a##i##1, a##i##2, a##i##3, L, n0, r[i], y + (size_t)(i) * ldy + n0, 1);
 #define TILE(R)                                                                                                       \
     __attribute__((noinline)) static void tile##R(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, int n0, \
                                                   const float *r, float *y, int ldy) {                                \
@@ -363,6 +374,36 @@ static inline __attribute__((always_inline)) void epi_row(__m512i a0, __m512i a1
         }                                                                                                             \
         ROWS##R(ACC_EPI)                                                                                              \
     }
+#else
+/* R rows x 64 columns, int16 x int16 as on avx2 (below), on zmm: a k-pair of 16 columns is one zmm of the
+   int16 layout, so a tile reads its block's four 16-column slices (k * 16 int16 apart). zmm vpmaddwd does 112 G MAC/s
+   on a Zen 4 against ymm's 84; on Skylake-SP (two 512-bit ports) twice ymm's. */
+#define ACC_DOT(i)                                                                                           \
+    {                                                                                                        \
+        int32_t v;                                                                                           \
+        memcpy(&v, x + (size_t)(i) * k + kk, 4);                                                             \
+        __m512i b = _mm512_set1_epi32(v);                                                                    \
+        a##i##0 = _mm512_add_epi32(a##i##0, _mm512_madd_epi16(b, w0));                                      \
+        a##i##1 = _mm512_add_epi32(a##i##1, _mm512_madd_epi16(b, w1));                                      \
+        a##i##2 = _mm512_add_epi32(a##i##2, _mm512_madd_epi16(b, w2));                                      \
+        a##i##3 = _mm512_add_epi32(a##i##3, _mm512_madd_epi16(b, w3));                                      \
+        __asm__("" : "+v"(a##i##0), "+v"(a##i##1), "+v"(a##i##2), "+v"(a##i##3));                            \
+    }
+#define ACC_EPI(i) epi_row(a##i##0, a##i##1, a##i##2, a##i##3, L, n0, r[i], y + (size_t)(i) * ldy + n0, 0);
+#define TILE(R)                                                                                                       \
+    __attribute__((noinline)) static void tile##R(const int16_t *x, int k, const int16_t *wb, const EncLin *L, int n0, \
+                                                  const float *r, float *y, int ldy) {                                \
+        const size_t s = (size_t)16 * k; /* one 16-column slice */                                                    \
+        ROWS##R(ACC_ZERO)                                                                                             \
+        for (int kk = 0; kk < k; kk += 2) {                                                                           \
+            const int16_t *wk = wb + (size_t)kk * 16;                                                                 \
+            __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + s);                                     \
+            __m512i w2 = _mm512_loadu_si512(wk + 2 * s), w3 = _mm512_loadu_si512(wk + 3 * s);                         \
+            ROWS##R(ACC_DOT)                                                                                          \
+        }                                                                                                             \
+        ROWS##R(ACC_EPI)                                                                                              \
+    }
+#endif
 TILE(6)
 TILE(3)
 TILE(1)
@@ -454,7 +495,7 @@ TILE(1)
 #define SUBTILES(R, X, WB) \
     for (int c = 0; c < NB; c += 16) tile##R((X) + (size_t)i * k, k, (WB), L, nb * NB + c, r + i, y + (size_t)i * n, n);
 
-/* xw: [m, k] scratch of the codes as the GEMM takes them (XW_BYTES each: avx2 int16, neon int8, xq - 128) */
+/* xw: [m, k] scratch of the codes as the GEMM takes them (XW_BYTES each: avx512 and avx2 int16, neon int8, xq - 128) */
 __attribute__((noinline)) static void gemm(const uint8_t *xq, const float *r, int m, const EncLin *L, float *y, void *xw) {
     const int k = L->k, n = L->n;
 #if defined(ENC_VNNI)
@@ -469,7 +510,7 @@ __attribute__((noinline)) static void gemm(const uint8_t *xq, const float *r, in
         }
         return;
     }
-#elif defined(ENC_AVX2)
+#elif defined(ENC_AVX512) || defined(ENC_AVX2)
     if (!g_scalar) {
         int16_t *x16 = (int16_t *)xw;
         const __m256i zp = _mm256_set1_epi16(128);
@@ -482,9 +523,16 @@ __attribute__((noinline)) static void gemm(const uint8_t *xq, const float *r, in
         const int16_t *w16 = (const int16_t *)L->w; /* pack_weight16's layout on this path */
         for (int nb = 0; nb < n / NB; nb++) {
             int i = 0;
+#if defined(ENC_AVX512) /* a tile is the block's 64 columns */
+            const int16_t *wb = w16 + (size_t)nb * NB * k;
+            for (; i + 6 <= m; i += 6) tile6(x16 + (size_t)i * k, k, wb, L, nb * NB, r + i, y + (size_t)i * n, n);
+            for (; i + 3 <= m; i += 3) tile3(x16 + (size_t)i * k, k, wb, L, nb * NB, r + i, y + (size_t)i * n, n);
+            for (; i < m; i++) tile1(x16 + (size_t)i * k, k, wb, L, nb * NB, r + i, y + (size_t)i * n, n);
+#else
             for (; i + 6 <= m; i += 6) SUBTILES(6, x16, w16 + (size_t)(nb * NB + c) * k)
             for (; i + 3 <= m; i += 3) SUBTILES(3, x16, w16 + (size_t)(nb * NB + c) * k)
             for (; i < m; i++) SUBTILES(1, x16, w16 + (size_t)(nb * NB + c) * k)
+#endif
         }
         return;
     }
@@ -688,7 +736,7 @@ __attribute__((noinline)) static void attention(const float *qkv, int len, int h
     }
 }
 
-#if defined(ENC_AVX2)
+#if defined(ENC_AVX2) || defined(ENC_AVX512)
 #define XW_BYTES 2 /* the GEMM's codes: int16 */
 #elif defined(ENC_NEON)
 #define XW_BYTES 1 /* int8 */
