@@ -375,6 +375,24 @@ def test_int8_bundle_built_for_a_vnni_cpu_is_flagged_on_one_without(tiny_folders
     assert isa_mismatch(full) is None and isa_mismatch(seven) is None
 
 
+def test_an_int8_bundle_on_onnxruntime_warns_where_only_the_native_encoder_is_exact(tiny_folders, tmp_path, monkeypatch, capsys):
+    """On an AVX2-only x86 the native encoder computes int8 weights exactly and onnxruntime does not: asking for the
+    onnxruntime backend there says so; the default backend does not warn."""
+    import edge.cpu
+    from edge.runtime.cpu import encoder as enc_mod
+    from edge.runtime.embedder import isa_mismatch
+
+    monkeypatch.setenv("EDGE_RAG_U8S8", "exact")
+    path = build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "v", quant="int8", progress=False)
+    monkeypatch.delenv("EDGE_RAG_U8S8")
+    monkeypatch.setattr(edge.cpu, "u8s8_exact", lambda *a, **k: False)  # onnxruntime saturates here
+    monkeypatch.setattr(enc_mod, "int8_exact", lambda: True)  # the native encoder does not
+    m = Bundle.open(path).manifest
+    assert isa_mismatch(m) is None and "native encoder" in isa_mismatch(m, onnxruntime=True)
+    Embedder.from_bundle(path, backend="onnxruntime")
+    assert "saturate in onnxruntime" in capsys.readouterr().err
+
+
 def test_a_cached_uint8_embedder_is_rebuilt_where_the_native_encoder_takes_int8(tiny_folders, tmp_path, monkeypatch):
     """A bundle built for onnxruntime on an AVX2-only x86 (uint8 weights) is rebuilt once encoder.c's AVX2 kernels
     can run there (int8 weights, which they compute exactly); kept where they cannot."""

@@ -124,18 +124,23 @@ def built_for_exact_int8(manifest) -> bool:
     return bool(manifest.quant.details.get("u8s8_exact", "reduce_range" not in str(manifest.quant.details.get("weights", ""))))
 
 
-def isa_mismatch(manifest) -> str | None:
+def isa_mismatch(manifest, onnxruntime: bool = False) -> str | None:
     """Why an int8 embedder bundle loses accuracy on this CPU, or None. Built on a CPU with exact
     u8 x s8 GEMMs (VNNI, ARM), its MatMulInteger weights are int8; on x86 without VNNI the int16
     pair sums of u8 x s8 saturate in onnxruntime (edge.cpu), not in the native encoder's AVX2 kernels
     (edge.runtime.cpu.encoder.int8_exact). Built where neither runs, they are uint8 (u8 x u8, exact
     everywhere; older builds: 7-bit int8). Measured under qemu -cpu Haswell: README."""
+    from edge.cpu import u8s8_exact
     from edge.runtime.cpu.encoder import int8_exact
 
     if manifest.quant.recipe != "int8":
         return None
-    if built_for_exact_int8(manifest) and not int8_exact():
-        return "its full-range int8 weights saturate on this CPU (x86 without VNNI)"
+    # onnxruntime: the bundle runs on onnxruntime's CPU kernels here, not on the native encoder
+    if built_for_exact_int8(manifest) and not (u8s8_exact() if onnxruntime else int8_exact()):
+        if onnxruntime and int8_exact():
+            return ("its full-range int8 weights saturate in onnxruntime on this CPU (x86 without VNNI); the default cpu "
+                    "backend (the native encoder) computes them exactly")
+        return "its full-range int8 weights saturate on this CPU (x86 without VNNI); rebuild it on this machine for full accuracy"
     return None
 
 
@@ -220,11 +225,6 @@ class Embedder:
         bundle = Bundle.open(path, kind="embedder", verify=verify)
         if not bundle.manifest.embedder_id:
             raise BundleError(f"{bundle.path}: manifest lacks 'embedder_id'", fix="rebuild the embedder bundle")
-        why = isa_mismatch(bundle.manifest)
-        if why:
-            import sys
-
-            print(f"warning: {bundle.path}: {why}; rebuild it on this machine for full accuracy", file=sys.stderr)
         model = bundle.manifest.model
         tok = Tokenizer.from_file(str(bundle.file("tokenizer.json")))
         tok.no_padding()  # padding is per batch, below
@@ -242,6 +242,11 @@ class Embedder:
             enc = _open_native_encoder(bundle)
             if enc is not None:
                 return cls(bundle, enc, tok, backend="native", streams=cores)
+        why = isa_mismatch(bundle.manifest, onnxruntime=not gpu_provider)  # the native encoder is exact on every CPU it runs on
+        if why:
+            import sys
+
+            print(f"warning: {bundle.path}: {why}", file=sys.stderr)
         streams = 1 if gpu_provider else cores
         try:
             sess = open_ort_session(bundle.file("model.onnx"), threads=cores // streams, spin=spin, providers=providers)
