@@ -282,12 +282,14 @@ def test_default_minilm_native_against_onnxruntime_and_sentence_transformers(tmp
 
     folder = default_embedder_path()
     path = build_embedder_bundle(folder, tmp_path / "int8", quant="int8", progress=False)
-    nat, ort = Embedder.from_bundle(path), Embedder.from_bundle(path, backend="onnxruntime")
+    nat = Embedder.from_bundle(path)
     assert nat.backend == "native"
     texts = varied_texts(200)
-    a, b = nat.embed(texts), ort.embed(texts)
-    # a code that rounds the other way (one float op apart) in one layer moves a vector by ~1e-4
-    assert _min_cos(a, b) > 0.999  # measured: 0.99949 on these 200 texts (Zen 4)
+    a = nat.embed(texts)
+    if u8s8_exact():  # onnxruntime is an oracle for int8 weights only where its u8 x s8 GEMM cannot saturate
+        b = Embedder.from_bundle(path, backend="onnxruntime").embed(texts)
+        # a code that rounds the other way (one float op apart) in one layer moves a vector by ~1e-4
+        assert _min_cos(a, b) > 0.999  # measured: 0.99949 on these 200 texts (Zen 4)
     ref = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
     assert _min_cos(a, ref) > 0.99
 

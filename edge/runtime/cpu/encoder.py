@@ -40,7 +40,7 @@ import numpy as np
 
 from edge.errors import BackendError
 from edge.models import bert_graph_names as names
-from edge.runtime.cpu.abi import Enc, EncLayer, EncLin
+from edge.runtime.cpu.abi import ISA_NAMES, Enc, EncLayer, EncLin
 
 SOURCE = Path(__file__).parent / "csrc" / "encoder.c"
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class NativeUnavailable(BackendError):
     """This bundle or this machine cannot use the native encoder (the reason is the message)."""
 
 
-ISAS = {3: "vnni", 2: "avx512", 1: "avx2", 4: "neon"}  # er_enc_isa's codes of the vector builds (x86: edge.runtime.cpu.abi.ISA_NAMES)
+ISAS = {**{i: name for i, name in enumerate(ISA_NAMES) if i}, 4: "neon"}  # er_enc_isa's codes of the vector builds
 INT16_ISAS = ("avx512", "avx2")  # x86 without VNNI: int16 weights (pack_weight16)
 ARM_NEEDS = ("asimddp",)  # ARMv8.2 dot product (sdot): /proc/cpuinfo's Features on a Jetson Orin
 
