@@ -245,6 +245,26 @@ def test_edge_rag_native_isa_runs_that_path_or_refuses_in_one_line(int4_bundle, 
             NativeBackend(b, threads=2)
 
 
+def test_an_encoder_only_isa_gives_the_decode_step_what_that_cpu_compiles(monkeypatch):
+    """avxvnni is encoder.c's path alone: the decode step runs the avx2 build an Alder Lake compiles for it; the
+    encoder gets its own flags, or the one-line refusal where this CPU has neither AVX-VNNI nor AVX-512 VNNI."""
+    import edge.cpu
+
+    monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "avxvnni")
+    for flags, encoder_flag in (({"avx2", "fma", "f16c", "avx_vnni"}, "-march=alderlake"),
+                                ({"avx2", "fma", "f16c", "avx512bw", "avx512vl", "avx512_vnni"}, "-DENC_AVXVNNI_EVEX")):
+        monkeypatch.setattr(edge.cpu, "cpu_flags", lambda f=flags: frozenset(f))
+        monkeypatch.setattr(edge.cpu, "is_x86", lambda machine=None: True)
+        assert build.forced_isa() == ("avx2", build.ISA_BUILDS["avx2"])
+        isa, got = build.forced_isa(encoder=True)
+        from edge.runtime.cpu.encoder import isa_build
+
+        assert isa == "avxvnni" and encoder_flag in isa_build(isa, got)
+    monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    with pytest.raises(BackendError, match="avxvnni: this CPU cannot run it .no avx512_vnni, avx512vl"):
+        build.forced_isa(encoder=True)
+
+
 @pytest.fixture(scope="module")
 def int4_ort_bundle(tmp_path_factory):
     """An int4 bundle with its ONNX Runtime graph too: what `auto` may fall back to."""

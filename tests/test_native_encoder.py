@@ -182,9 +182,10 @@ def test_portable_c_matches_a_numpy_transcription_of_the_graph(bundles, name):
 def _runs(isa: str) -> bool:
     """Whether this CPU can run encoder.c's `isa` kernels (an AVX2 build runs on every AVX2 + FMA x86)."""
     from edge.cpu import cpu_flags, is_x86
-    from edge.runtime.cpu.build import ISA_NEEDS
+    from edge.runtime.cpu.build import ISA_NEEDS, avxvnni_needs
 
-    return is_x86() and all(f in cpu_flags() for f in ISA_NEEDS[isa])
+    needs = avxvnni_needs(cpu_flags()) if isa == "avxvnni" else ISA_NEEDS[isa]
+    return is_x86() and all(f in cpu_flags() for f in needs)
 
 
 @pytest.fixture
@@ -204,11 +205,11 @@ def kernels(monkeypatch):
 
 
 @needs_cc
-@pytest.mark.parametrize("isa", ["vnni", "avx512", "avx2"])
+@pytest.mark.parametrize("isa", ["vnni", "avx512", "avxvnni", "avx2"])
 @pytest.mark.parametrize("name", ["hd32", "hd16"])
 def test_vector_kernels_match_the_graph_and_the_portable_c(bundles, kernels, isa, name):
     """Each x86 kernel path computes the graph: avx512's and avx2's int16 GEMMs (vpmaddwd) the same integer dots as
-    vnni's vpdpbusd, avx2's 8-lane attention, norms and GELU the same float ops."""
+    vnni's vpdpbusd, avxvnni's ymm vpdpbusd too, the ymm paths' 8-lane attention, norms and GELU the same float ops."""
     kernels(isa)
     b = Bundle.open(bundles[name])
     vec, port = NativeEncoder.open(b), NativeEncoder.open(b, force_scalar=True)
@@ -219,6 +220,21 @@ def test_vector_kernels_match_the_graph_and_the_portable_c(bundles, kernels, isa
     assert _min_cos(got, port.run(ids)) > 0.9999
     assert _min_cos(got[:8], np.stack([_reference(arrays, attrs["n_heads"], x) for x in ids[:8]])) > 0.9999
     np.testing.assert_array_equal(vec.run([ids[3]])[0], got[3])  # rows never mix on this path either
+
+
+@needs_cc
+@pytest.mark.parametrize("pair", [("avxvnni", "avx2"), ("avx512", "vnni")])
+def test_paths_with_the_same_float_lanes_give_the_same_vectors_bit_for_bit(bundles, kernels, pair):
+    """The GEMMs of every x86 path compute the same integer dots, so two paths with the same float code (ymm: avx2 and
+    avxvnni; zmm: vnni and avx512) give bitwise the same vectors."""
+    ids = Embedder.from_bundle(bundles["hd32"], backend="onnxruntime")._encode(_texts(20, seed=5))
+    out = []
+    for isa in pair:
+        kernels(isa)
+        enc = NativeEncoder.open(Bundle.open(bundles["hd32"]))
+        assert enc.isa == isa
+        out.append(enc.run(ids))
+    np.testing.assert_array_equal(out[0], out[1])
 
 
 @needs_cc

@@ -78,14 +78,25 @@ def build(extra_flags: tuple[str, ...] = (), out_dir: Path | None = None, source
 # EDGE_RAG_NATIVE_ISA: run another x86 CPU's kernel path on this one (a reviewer's AVX2-only EPYC on an
 # AVX-512 Xeon). avx2 and scalar compile the whole step for that CPU (attention and norms included: the
 # code such a CPU runs); avx512 and vnni pick the zmm tile of the -march=native build (er_set_isa).
+# avxvnni is the sentence encoder's alone (edge.runtime.cpu.encoder.isa_build): the decode step has no AVX-VNNI
+# tile, so it runs what such a CPU compiles for it, the avx2 build (ENCODER_ONLY).
 ISA_ENV = "EDGE_RAG_NATIVE_ISA"
 ISA_BUILDS = {"avx2": ("-march=haswell", "-mtune=generic"),  # AVX2 + FMA + F16C, no AVX-512 (Haswell, AMD Zen 1-3)
               "scalar": ("-march=x86-64", "-mtune=generic")}  # the portable C everywhere (what an ARM build runs)
 ISA_NEEDS = {"avx2": ("avx2", "fma", "f16c"), "avx512": ("avx512bw",), "vnni": ("avx512bw", "avx512_vnni")}
+ENCODER_ONLY = {"avxvnni": "avx2"}  # a path of encoder.c alone -> the decode step's path on the same CPU
 
 
-def forced_isa() -> tuple[str | None, tuple[str, ...]]:
-    """($EDGE_RAG_NATIVE_ISA or None, the extra cc flags it needs); a value this CPU cannot run is a one-line error."""
+def avxvnni_needs(flags) -> tuple[str, ...]:
+    """What the avxvnni path needs of a CPU: AVX-VNNI (Alder Lake and later client cores), or for its stand-in AVX-512
+    VNNI with 256-bit vectors (the same ymm instruction, EVEX-encoded: a CPU without AVX-VNNI can time it)."""
+    vnni = ("avx_vnni",) if "avx_vnni" in flags else ("avx512_vnni", "avx512vl")
+    return ISA_NEEDS["avx2"] + vnni
+
+
+def forced_isa(encoder: bool = False) -> tuple[str | None, tuple[str, ...]]:
+    """($EDGE_RAG_NATIVE_ISA or None, the extra cc flags it needs); a value this CPU cannot run is a one-line error.
+    `encoder`: asked by encoder.c's build, which also has ENCODER_ONLY's paths (the decode step gets their avx2)."""
     from edge.cpu import cpu_flags, is_x86
     from edge.errors import UsageError
     from edge.runtime.cpu.abi import ISA_NAMES
@@ -93,12 +104,17 @@ def forced_isa() -> tuple[str | None, tuple[str, ...]]:
     isa = os.environ.get(ISA_ENV, "").strip().lower() or None
     if isa is None:
         return None, ()
-    if isa not in ISA_NAMES:
-        raise UsageError(f"{ISA_ENV}={isa} is not a native kernel path", fix=f"use one of {', '.join(ISA_NAMES)}, or unset it")
+    names = ISA_NAMES + tuple(ENCODER_ONLY)
+    if isa not in names:
+        raise UsageError(f"{ISA_ENV}={isa} is not a native kernel path", fix=f"use one of {', '.join(names)}, or unset it")
     x86 = is_x86()
-    missing = [f for f in ISA_NEEDS.get(isa, ()) if f not in cpu_flags()]
+    flags = cpu_flags()
+    needs = avxvnni_needs(flags) if isa == "avxvnni" else ISA_NEEDS.get(isa, ())
+    missing = [f for f in needs if f not in flags]
     if isa != "scalar" and (not x86 or missing):
         raise BackendError(f"{ISA_ENV}={isa}: this CPU cannot run it (no {', '.join(missing) or 'x86'})", fix=f"unset {ISA_ENV}")
+    if not encoder and isa in ENCODER_ONLY:
+        isa = ENCODER_ONLY[isa]
     return isa, ISA_BUILDS.get(isa, ()) if x86 else ()
 
 

@@ -51,7 +51,7 @@ class NativeUnavailable(BackendError):
     """This bundle or this machine cannot use the native encoder (the reason is the message)."""
 
 
-ISAS = {**{i: name for i, name in enumerate(ISA_NAMES) if i}, 4: "neon"}  # er_enc_isa's codes of the vector builds
+ISAS = {**{i: name for i, name in enumerate(ISA_NAMES) if i}, 4: "neon", 5: "avxvnni"}  # er_enc_isa's codes of the vector builds
 INT16_ISAS = ("avx512", "avx2")  # x86 without VNNI: int16 weights (pack_weight16)
 ARM_NEEDS = ("asimddp",)  # ARMv8.2 dot product (sdot): /proc/cpuinfo's Features on a Jetson Orin
 
@@ -63,18 +63,30 @@ def load_lib(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
     from edge.runtime.cpu import abi
     from edge.runtime.cpu.build import build, forced_isa
 
-    isa, isa_flags = forced_isa()
-    if isa == "avx512":  # AVX-512 without VNNI, as -march=native compiles it on a Skylake-SP
-        isa_flags = ("-march=skylake-avx512", "-mtune=generic")
-    lib = C.CDLL(str(build(extra_flags + isa_flags, source=SOURCE)))
+    isa, isa_flags = forced_isa(encoder=True)
+    lib = C.CDLL(str(build(extra_flags + isa_build(isa, isa_flags), source=SOURCE)))
     abi.declare_encoder(lib)
     return lib
+
+
+def isa_build(isa: str | None, flags: tuple[str, ...]) -> tuple[str, ...]:
+    """The cc flags that compile encoder.c's `isa` path (forced_isa's `flags` where they are the decode step's)."""
+    from edge.cpu import cpu_flags
+
+    if isa == "avx512":  # AVX-512 without VNNI, as -march=native compiles it on a Skylake-SP
+        return ("-march=skylake-avx512", "-mtune=generic")
+    if isa == "avxvnni":  # an Alder Lake's build; on a CPU with AVX-512 VNNI instead, its EVEX stand-in (encoder.c)
+        if "avx_vnni" in cpu_flags():
+            return ("-march=alderlake", "-mtune=generic")
+        return ("-march=haswell", "-mtune=generic", "-mavx512vl", "-mavx512vnni", "-mprefer-vector-width=256",
+                "-DENC_AVXVNNI_EVEX")
+    return flags
 
 
 def machine_refusal() -> str | None:
     """Why the embedder's cpu backend runs onnxruntime rather than the native encoder on this machine,
     or None (checked without compiling anything: `edge-rag doctor`). The same checks as the decode step's
-    (edge.runtime.cpu.backend.machine_refusal): encoder.c has AVX-512 VNNI, AVX2 and ARM dot-product kernels."""
+    (edge.runtime.cpu.backend.machine_refusal): encoder.c has AVX-512 VNNI, AVX-VNNI, AVX2 and ARM dot-product kernels."""
     from edge.cpu import cpu_flags, is_x86
     from edge.runtime.cpu.build import ISA_NEEDS, compiler
 
@@ -104,7 +116,7 @@ def native_env() -> str:
 
 
 def vector_isa() -> str | None:
-    """"vnni", "avx512", "avx2" or "neon": the kernels encoder.c runs on this CPU, else None (its portable C is for tests:
+    """"vnni", "avx512", "avxvnni", "avx2" or "neon": the kernels encoder.c runs on this CPU, else None (its portable C is for tests:
     slower than onnxruntime)."""
     if machine_refusal() is not None:
         return None

@@ -21,6 +21,7 @@
      avx512  AVX-512BW without VNNI (Skylake-SP): zmm, vpmaddwd on int16, the avx2 path's weights.
      avx2    AVX2 + FMA (x86 without VNNI: Haswell .. Zen 3): ymm, vpmaddwd on int16 (exact: see its GEMM).
              Weights [N / 16][K / 2][16 columns][2 inputs] int16 (pack_weight16).
+     avxvnni AVX-VNNI without AVX-512 (Intel Alder Lake and later client cores): ymm vpdpbusd on the vnni layout.
      neon    ARMv8.2 with dot products (Jetson Orin): sdot on the vnni path's int8 layout.
      portable C (tests, and what any other CPU would run: slower than onnxruntime, so not picked there).
    The float ops other than the GEMMs (row quantisation, layer norm, attention, GELU) are written once over VL
@@ -37,7 +38,18 @@
 #include <arm_neon.h>
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(ENC_AVXVNNI_EVEX) || (defined(__AVXVNNI__) && defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__))
+/* ymm vpdpbusd, 8 float lanes (AVX-VNNI without AVX-512: Intel Alder Lake and later client cores, Sierra Forest).
+   ENC_AVXVNNI_EVEX (EDGE_RAG_NATIVE_ISA=avxvnni on a CPU with AVX-512 VNNI, which has no VEX form): the same code
+   with the EVEX-encoded ymm instruction, for tests and timing on such a CPU. */
+#define ENC_YMM 1
+#define ENC_AVXVNNI 1
+#if defined(__AVXVNNI__)
+#define ydpbusd _mm256_dpbusd_avx_epi32
+#else
+#define ydpbusd _mm256_dpbusd_epi32
+#endif
+#elif defined(__AVX512F__) && defined(__AVX512BW__)
 #define ENC_ZMM 1 /* 16 float lanes */
 #if defined(__AVX512VNNI__)
 #define ENC_VNNI 1 /* vpdpbusd */
@@ -45,17 +57,18 @@
 #define ENC_AVX512 1 /* vpmaddwd on zmm (AVX-512 without VNNI: Skylake-SP) */
 #endif
 #elif defined(__AVX2__) && defined(__FMA__)
+#define ENC_YMM 1
 #define ENC_AVX2 1 /* ymm: 8 float lanes, vpmaddwd (an AVX2-only x86: Haswell .. Zen 3) */
 #elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
 #define ENC_NEON 1 /* 4 float lanes, sdot (ARMv8.2 dot product: Jetson Orin's Cortex-A78AE) */
 #endif
-#if defined(ENC_ZMM) || defined(ENC_AVX2) || defined(ENC_NEON)
+#if defined(ENC_ZMM) || defined(ENC_YMM) || defined(ENC_NEON)
 #define ENC_VEC 1
 #endif
 
 #define NB 64 /* columns per packed block */
 #define MAXF(a, b) ((a) > (b) ? (a) : (b)) /* not fmaxf: without -ffinite-math-only gcc calls libm for it */
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(ENC_YMM)
 #define QR 4 /* query rows per attention block: 2 QR score accumulators of 16 ymm registers */
 #define AROWS(X) X(0) X(1) X(2) X(3)
 #else
@@ -105,6 +118,8 @@ int er_enc_isa(void) { /* edge.runtime.cpu.abi.ISA_NAMES' codes */
     return 2;
 #elif defined(ENC_AVX2)
     return 1;
+#elif defined(ENC_AVXVNNI)
+    return 5;
 #elif defined(ENC_NEON)
     return 4;
 #else
@@ -150,7 +165,7 @@ static inline void v_st_codes(uint8_t *q, vf v) { /* clamp(rne(v) + 128, 0, 255)
     c = _mm512_min_epi32(_mm512_max_epi32(c, _mm512_setzero_si512()), _mm512_set1_epi32(255));
     _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(c));
 }
-#elif defined(ENC_AVX2)
+#elif defined(ENC_YMM)
 #define VL 8
 typedef __m256 vf;
 #define v_ld _mm256_loadu_ps
@@ -272,7 +287,7 @@ static inline float gelu1(float x) { return 0.5f * x * (1.0f + erff(x * 0.707106
    gelu: quantise GELU(x) (FFN up's output), a row at a time through tmp, read again from L1. In the GEMM's
    epilogue GELU cost the same (~0.75 us a token and layer on a Zen 4, ~27 cycles a zmm: it is bound by its
    own ~30 vector ops), so the GEMM tiles stay plain. The codes are 1..255 (|x| / r <= 1, scale 1/127): the
-   AVX2 GEMM's sign trick relies on it. */
+   codes minus 128 fit int8 (the neon path). */
 static void quant_rows(const float *x, int m, int k, const float *smooth, int gelu, float qscale, float qeps,
                        uint8_t *xq, float *r, float *tmp) {
     for (int i = 0; i < m; i++) {
@@ -407,10 +422,16 @@ static inline __attribute__((always_inline)) void epi_row(__m512i a0, __m512i a1
 TILE(6)
 TILE(3)
 TILE(1)
-#elif defined(ENC_AVX2)
-/* One row's 16 outputs: y = ((float)dot * mult) * r + bias, dot = sum (xq - 128) w (idot - corr, computed as such) */
-static inline __attribute__((always_inline)) void epi_row(__m256i a0, __m256i a1, const EncLin *L, int n0, float r, float *y) {
+#elif defined(ENC_YMM)
+/* One row's 16 outputs: y = ((float)dot * mult) * r + bias, dot = idot - corr (corr 0: the avx2 tiles compute
+   sum (xq - 128) w as such) */
+static inline __attribute__((always_inline)) void epi_row(__m256i a0, __m256i a1, const EncLin *L, int n0, float r, float *y,
+                                                         const int corr) {
     __m256 ri = _mm256_set1_ps(r);
+    if (corr) {
+        a0 = _mm256_sub_epi32(a0, _mm256_loadu_si256((const __m256i *)(L->corr + n0)));
+        a1 = _mm256_sub_epi32(a1, _mm256_loadu_si256((const __m256i *)(L->corr + n0 + 8)));
+    }
     __m256 v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(a0), _mm256_loadu_ps(L->mult + n0));
     __m256 v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(a1), _mm256_loadu_ps(L->mult + n0 + 8));
     _mm256_storeu_ps(y, _mm256_add_ps(_mm256_mul_ps(v0, ri), _mm256_loadu_ps(L->bias + n0)));
@@ -424,6 +445,32 @@ static inline __attribute__((always_inline)) void epi_row(__m256i a0, __m256i a1
    codes widened to xq - 128 (int16, gemm below): the same integer dot as vpdpbusd's less its zero point's share,
    so the same floats come out. 16 ymm registers: 2 R accumulators, 2 weights, a broadcast. */
 #define YACC_ZERO(i) __m256i a##i##0 = _mm256_setzero_si256(), a##i##1 = a##i##0;
+#if defined(ENC_AVXVNNI)
+/* R rows x 16 columns of a packed block (the vnni layout, as neon reads it: a k-step's 64 bytes are 16 columns x 4
+   inputs, two ymm), vpdpbusd on the uint8 codes as on zmm: u8 x s8 products summed exactly in int32, the zero point's
+   share taken off in epi_row. 16 ymm registers: 2 R accumulators, 2 weights, a broadcast. */
+#define YACC_DOT(i)                                                                                          \
+    {                                                                                                        \
+        int32_t v;                                                                                           \
+        memcpy(&v, x + (size_t)(i) * k + kk, 4);                                                             \
+        __m256i b = _mm256_set1_epi32(v);                                                                    \
+        a##i##0 = ydpbusd(a##i##0, b, w0);                                                                   \
+        a##i##1 = ydpbusd(a##i##1, b, w1);                                                                   \
+        __asm__("" : "+x"(a##i##0), "+x"(a##i##1));                                                          \
+    }
+#define YACC_EPI(i) epi_row(a##i##0, a##i##1, L, n0, r[i], y + (size_t)(i) * ldy + n0, 1);
+#define TILE(R)                                                                                                       \
+    __attribute__((noinline)) static void tile##R(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, int n0, \
+                                                  const float *r, float *y, int ldy) {                                \
+        ROWS##R(YACC_ZERO)                                                                                            \
+        for (int kk = 0; kk < k; kk += 4) {                                                                           \
+            const int8_t *wk = wb + (size_t)kk * NB;                                                                  \
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)wk), w1 = _mm256_loadu_si256((const __m256i *)(wk + 32)); \
+            ROWS##R(YACC_DOT)                                                                                         \
+        }                                                                                                             \
+        ROWS##R(YACC_EPI)                                                                                             \
+    }
+#else
 #define YACC_DOT(i)                                                                                          \
     {                                                                                                        \
         int32_t v;                                                                                           \
@@ -433,7 +480,7 @@ static inline __attribute__((always_inline)) void epi_row(__m256i a0, __m256i a1
         a##i##1 = _mm256_add_epi32(a##i##1, _mm256_madd_epi16(b, w1));                                      \
         __asm__("" : "+x"(a##i##0), "+x"(a##i##1));                                                          \
     }
-#define YACC_EPI(i) epi_row(a##i##0, a##i##1, L, n0, r[i], y + (size_t)(i) * ldy + n0);
+#define YACC_EPI(i) epi_row(a##i##0, a##i##1, L, n0, r[i], y + (size_t)(i) * ldy + n0, 0);
 #define TILE(R)                                                                                                       \
     __attribute__((noinline)) static void tile##R(const int16_t *x, int k, const int16_t *wb, const EncLin *L, int n0, \
                                                   const float *r, float *y, int ldy) {                                \
@@ -445,6 +492,7 @@ static inline __attribute__((always_inline)) void epi_row(__m256i a0, __m256i a1
         }                                                                                                             \
         ROWS##R(YACC_EPI)                                                                                             \
     }
+#endif
 TILE(6)
 TILE(3)
 TILE(1)
@@ -491,7 +539,7 @@ TILE(3)
 TILE(1)
 #endif
 
-/* rows i.. of a tile, its NB columns from nb * NB as 16-column tiles c (the avx2 and neon paths) */
+/* rows i.. of a tile, its NB columns from nb * NB as 16-column tiles c (the avx2, avxvnni and neon paths) */
 #define SUBTILES(R, X, WB) \
     for (int c = 0; c < NB; c += 16) tile##R((X) + (size_t)i * k, k, (WB), L, nb * NB + c, r + i, y + (size_t)i * n, n);
 
@@ -533,6 +581,17 @@ __attribute__((noinline)) static void gemm(const uint8_t *xq, const float *r, in
             for (; i + 3 <= m; i += 3) SUBTILES(3, x16, w16 + (size_t)(nb * NB + c) * k)
             for (; i < m; i++) SUBTILES(1, x16, w16 + (size_t)(nb * NB + c) * k)
 #endif
+        }
+        return;
+    }
+#elif defined(ENC_AVXVNNI)
+    (void)xw;
+    if (!g_scalar) { /* as avx2's loop order, on the uint8 codes and the vnni layout (neon's offsets) */
+        for (int nb = 0; nb < n / NB; nb++) {
+            int i = 0;
+            for (; i + 6 <= m; i += 6) SUBTILES(6, xq, L->w + (size_t)nb * NB * k + 4 * c)
+            for (; i + 3 <= m; i += 3) SUBTILES(3, xq, L->w + (size_t)nb * NB * k + 4 * c)
+            for (; i < m; i++) SUBTILES(1, xq, L->w + (size_t)nb * NB * k + 4 * c)
         }
         return;
     }
