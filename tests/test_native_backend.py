@@ -88,8 +88,11 @@ def _runs(isa: str) -> bool:  # this CPU can run that path (edge.runtime.cpu.bui
     return X86 and set(build.ISA_NEEDS.get(isa, ())) <= cpu_flags()
 
 
-# the $EDGE_RAG_NATIVE_ISA builds (edge.runtime.cpu.build.ISA_BUILDS): the portable C, and AVX2 without AVX-512 where it runs
-ISA_BUILDS = [(), build.ISA_BUILDS["scalar"]] + ([build.ISA_BUILDS["avx2"]] if _runs("avx2") else [])
+# the $EDGE_RAG_NATIVE_ISA builds (edge.runtime.cpu.build.ISA_BUILDS): the portable C, and AVX2 without AVX-512 where it runs,
+# and AVX-VNNI's ymm vpdpbusd tile (or its EVEX stand-in) where it runs
+ISA_BUILDS = ([(), build.ISA_BUILDS["scalar"]] + ([build.ISA_BUILDS["avx2"]] if _runs("avx2") else [])
+              + ([build.avxvnni_build(cpu_flags(), "ER_YMM_VNNI_EVEX")]
+                 if X86 and set(build.avxvnni_needs(cpu_flags())) <= cpu_flags() else []))
 
 
 @pytest.mark.skipif(not X86, reason="x86 flags")
@@ -245,24 +248,37 @@ def test_edge_rag_native_isa_runs_that_path_or_refuses_in_one_line(int4_bundle, 
             NativeBackend(b, threads=2)
 
 
-def test_an_encoder_only_isa_gives_the_decode_step_what_that_cpu_compiles(monkeypatch):
-    """avxvnni is encoder.c's path alone: the decode step runs the avx2 build an Alder Lake compiles for it; the
-    encoder gets its own flags, or the one-line refusal where this CPU has neither AVX-VNNI nor AVX-512 VNNI."""
+def test_avxvnni_compiles_an_avx_vnni_cpus_build_or_its_stand_in(monkeypatch):
+    """avxvnni: the ymm tile with vpdpbusd, as -march=native compiles it on an Alder Lake (-march=alderlake there);
+    on a CPU with AVX-512 VNNI and no AVX-VNNI the same code with the EVEX instruction; elsewhere a one-line refusal."""
     import edge.cpu
+    from edge.runtime.cpu.encoder import isa_build
 
     monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "avxvnni")
-    for flags, encoder_flag in (({"avx2", "fma", "f16c", "avx_vnni"}, "-march=alderlake"),
-                                ({"avx2", "fma", "f16c", "avx512bw", "avx512vl", "avx512_vnni"}, "-DENC_AVXVNNI_EVEX")):
+    monkeypatch.setattr(edge.cpu, "is_x86", lambda machine=None: True)
+    for flags, native_c, encoder_c in (({"avx2", "fma", "f16c", "avx_vnni"}, "-march=alderlake", "-march=alderlake"),
+                                       ({"avx2", "fma", "f16c", "avx512bw", "avx512vl", "avx512_vnni"},
+                                        "-DER_YMM_VNNI_EVEX", "-DENC_AVXVNNI_EVEX")):
         monkeypatch.setattr(edge.cpu, "cpu_flags", lambda f=flags: frozenset(f))
-        monkeypatch.setattr(edge.cpu, "is_x86", lambda machine=None: True)
-        assert build.forced_isa() == ("avx2", build.ISA_BUILDS["avx2"])
-        isa, got = build.forced_isa(encoder=True)
-        from edge.runtime.cpu.encoder import isa_build
-
-        assert isa == "avxvnni" and encoder_flag in isa_build(isa, got)
+        isa, got = build.forced_isa()
+        assert isa == "avxvnni" and native_c in got and encoder_c in isa_build(isa, got)
     monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
     with pytest.raises(BackendError, match="avxvnni: this CPU cannot run it .no avx512_vnni, avx512vl"):
-        build.forced_isa(encoder=True)
+        build.forced_isa()
+
+
+@pytest.mark.skipif(not (X86 and set(build.avxvnni_needs(cpu_flags())) <= cpu_flags()), reason="needs AVX-VNNI or AVX-512 VNNI")
+def test_the_avxvnni_tile_gives_the_default_builds_bits(int4_bundle, monkeypatch):
+    """The ymm vpdpbusd tile computes the int32 dots of every other path, so a step gives the same bits."""
+    b = Bundle.open(int4_bundle, verify=False)
+    ids = np.random.default_rng(6).integers(0, 256, 11).astype(np.int32)
+    pos = np.arange(len(ids), dtype=np.int32)
+    tables = np.array([[1, 0, -1, -1]], np.int32)
+    want = _one_row(NativeBackend(b, threads=2), ids, pos, tables, 0, 11)
+    monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "avxvnni")
+    be = NativeBackend(b, threads=2)
+    assert be.isa == "avxvnni" and be.lib.er_isa_max() == 1 and be.lib.er_ymm_vnni() == 1
+    assert np.array_equal(_one_row(be, ids, pos, tables, 0, 11), want)
 
 
 @pytest.fixture(scope="module")

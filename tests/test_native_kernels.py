@@ -72,6 +72,28 @@ def test_every_row_count_and_a_partial_last_tile_give_the_same_bits_on_every_pat
                 assert np.array_equal(got, base), f"{name}, {m} rows: {isa} differs by {np.abs(got - base).max()}"
 
 
+def test_the_avxvnni_tile_gives_the_same_bits_for_every_row_count():
+    """The AVX2 tile with its dots by ymm vpdpbusd (an AVX-VNNI CPU's build, or its EVEX stand-in on AVX-512 VNNI):
+    the int4 nibbles and the int8 bytes as tile_zmm reads them, rows 1..9 and a partial last tile."""
+    from edge.cpu import cpu_flags, is_x86
+    from edge.runtime.cpu.build import avxvnni_build, avxvnni_needs, load
+
+    flags = cpu_flags()
+    if not (is_x86() and set(avxvnni_needs(flags)) <= flags):
+        pytest.skip("needs AVX-VNNI, or AVX-512 VNNI for its stand-in")
+    bf = avxvnni_build(flags, "ER_YMM_VNNI_EVEX")
+    assert load(bf).er_ymm_vnni() == 1 and load(bf).er_isa_max() == 1
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((203, 96)).astype(np.float32)
+    q4, q8 = quantize_int4_rtn(w, 32), quantize_int8_rtn(w)
+    for name, lin in (("int4", pack_int4(q4.qweight, q4.scales, 32)), ("int8", pack_int8(q8.qweight, q8.scales))):
+        for m in range(1, 10):
+            x = (rng.standard_normal((m, 96)) * rng.uniform(0.1, 10, (m, 1))).astype(np.float32)
+            base = kernels.linear(lin, x, isa="scalar", threads=1)
+            got = kernels.linear(lin, x, isa="avx2", threads=2, build_flags=bf)
+            assert np.array_equal(got, base), f"{name}, {m} rows: avxvnni differs by {np.abs(got - base).max()}"
+
+
 def test_the_vnni_avx512_and_avx2_paths_exist_where_the_cpu_has_them():
     from edge.cpu import cpu_flags
 

@@ -30,6 +30,8 @@ def declare(lib: C.CDLL) -> None:
     P = C.c_void_p
     lib.er_isa_max.restype = C.c_int
     lib.er_isa_max.argtypes = []
+    lib.er_ymm_vnni.restype = C.c_int
+    lib.er_ymm_vnni.argtypes = []
     lib.er_set_isa.restype = C.c_int
     lib.er_set_isa.argtypes = [C.c_int]
     lib.er_linear.restype = C.c_int

@@ -78,13 +78,23 @@ def build(extra_flags: tuple[str, ...] = (), out_dir: Path | None = None, source
 # EDGE_RAG_NATIVE_ISA: run another x86 CPU's kernel path on this one (a reviewer's AVX2-only EPYC on an
 # AVX-512 Xeon). avx2 and scalar compile the whole step for that CPU (attention and norms included: the
 # code such a CPU runs); avx512 and vnni pick the zmm tile of the -march=native build (er_set_isa).
-# avxvnni is the sentence encoder's alone (edge.runtime.cpu.encoder.isa_build): the decode step has no AVX-VNNI
-# tile, so it runs what such a CPU compiles for it, the avx2 build (ENCODER_ONLY).
+# avxvnni compiles an AVX-VNNI CPU's build (Alder Lake: the avx2 tile and 8-lane code, its dots by ymm vpdpbusd;
+# avxvnni_build), on a CPU with AVX-512 VNNI instead the same code with the EVEX instruction (a stand-in); its
+# er_set_isa code is avx2's (TILE_CODE): the same ymm tile.
 ISA_ENV = "EDGE_RAG_NATIVE_ISA"
 ISA_BUILDS = {"avx2": ("-march=haswell", "-mtune=generic"),  # AVX2 + FMA + F16C, no AVX-512 (Haswell, AMD Zen 1-3)
               "scalar": ("-march=x86-64", "-mtune=generic")}  # the portable C everywhere (what an ARM build runs)
 ISA_NEEDS = {"avx2": ("avx2", "fma", "f16c"), "avx512": ("avx512bw",), "vnni": ("avx512bw", "avx512_vnni")}
-ENCODER_ONLY = {"avxvnni": "avx2"}  # a path of encoder.c alone -> the decode step's path on the same CPU
+TILE_CODE = {"avxvnni": "avx2"}  # a path beyond abi.ISA_NAMES -> the er_set_isa path whose tile it is
+
+
+def avxvnni_build(flags, stand_in_define: str) -> tuple[str, ...]:
+    """cc flags of the avxvnni path: an Alder Lake's own build where the CPU has AVX-VNNI, else the EVEX stand-in
+    (`stand_in_define`: the C file's macro for it; -mprefer-vector-width=256 keeps the compiler's own loops on ymm)."""
+    if "avx_vnni" in flags:
+        return ("-march=alderlake", "-mtune=generic")
+    return ("-march=haswell", "-mtune=generic", "-mavx512vl", "-mavx512vnni", "-mprefer-vector-width=256",
+            f"-D{stand_in_define}")
 
 
 def avxvnni_needs(flags) -> tuple[str, ...]:
@@ -94,9 +104,9 @@ def avxvnni_needs(flags) -> tuple[str, ...]:
     return ISA_NEEDS["avx2"] + vnni
 
 
-def forced_isa(encoder: bool = False) -> tuple[str | None, tuple[str, ...]]:
-    """($EDGE_RAG_NATIVE_ISA or None, the extra cc flags it needs); a value this CPU cannot run is a one-line error.
-    `encoder`: asked by encoder.c's build, which also has ENCODER_ONLY's paths (the decode step gets their avx2)."""
+def forced_isa() -> tuple[str | None, tuple[str, ...]]:
+    """($EDGE_RAG_NATIVE_ISA or None, native.c's extra cc flags for it); a value this CPU cannot run is a one-line
+    error (encoder.c's flags: edge.runtime.cpu.encoder.isa_build)."""
     from edge.cpu import cpu_flags, is_x86
     from edge.errors import UsageError
     from edge.runtime.cpu.abi import ISA_NAMES
@@ -104,7 +114,7 @@ def forced_isa(encoder: bool = False) -> tuple[str | None, tuple[str, ...]]:
     isa = os.environ.get(ISA_ENV, "").strip().lower() or None
     if isa is None:
         return None, ()
-    names = ISA_NAMES + tuple(ENCODER_ONLY)
+    names = ISA_NAMES + tuple(TILE_CODE)
     if isa not in names:
         raise UsageError(f"{ISA_ENV}={isa} is not a native kernel path", fix=f"use one of {', '.join(names)}, or unset it")
     x86 = is_x86()
@@ -113,8 +123,8 @@ def forced_isa(encoder: bool = False) -> tuple[str | None, tuple[str, ...]]:
     missing = [f for f in needs if f not in flags]
     if isa != "scalar" and (not x86 or missing):
         raise BackendError(f"{ISA_ENV}={isa}: this CPU cannot run it (no {', '.join(missing) or 'x86'})", fix=f"unset {ISA_ENV}")
-    if not encoder and isa in ENCODER_ONLY:
-        isa = ENCODER_ONLY[isa]
+    if isa == "avxvnni":
+        return isa, avxvnni_build(flags, "ER_YMM_VNNI_EVEX")
     return isa, ISA_BUILDS.get(isa, ()) if x86 else ()
 
 

@@ -34,14 +34,16 @@ def set_isa(isa: str | None, lib: ctypes.CDLL | None = None) -> str:
     return ISA_NAMES[got]
 
 
-def linear(lin: NativeLinear, x: np.ndarray, *, threads: int = 1, isa: str | None = None) -> np.ndarray:
-    lib = load()
+def linear(lin: NativeLinear, x: np.ndarray, *, threads: int = 1, isa: str | None = None,
+           build_flags: tuple[str, ...] = ()) -> np.ndarray:
+    """build_flags: another build of native.c (tests: the avxvnni stand-in, edge.runtime.cpu.build.avxvnni_build)."""
+    lib = load(tuple(build_flags))
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != lin.k:
         raise BackendError(f"linear input {x.shape} does not match in_features {lin.k}")
     out = np.empty((x.shape[0], lin.n), np.float32)
     if isa is not None:
-        set_isa(isa)
+        set_isa(isa, lib)
     try:
         st = lin.struct
         rc = lib.er_linear(ctypes.byref(st), x.shape[0], x.ctypes.data, out.ctypes.data, int(threads))

@@ -36,7 +36,23 @@
 #define NT 16
 #define MR 8
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* ER_YMM: 256-bit float code (an AVX2 CPU's), ER_ZMM: 512-bit. YMM_VNNI: the AVX2 tile's dots by ymm vpdpbusd (AVX-VNNI
+   without AVX-512: Intel Alder Lake and later client cores). ER_YMM_VNNI_EVEX (EDGE_RAG_NATIVE_ISA=avxvnni on a CPU
+   with AVX-512 VNNI but no AVX-VNNI): that build's code with the instruction's EVEX form, to test and time it there. */
+#if defined(ER_YMM_VNNI_EVEX) || (defined(__AVX__) && !defined(__AVX512F__))
+#define ER_YMM 1
+#elif defined(__AVX512F__)
+#define ER_ZMM 1
+#endif
+#if defined(__AVX2__) && (defined(ER_YMM_VNNI_EVEX) || defined(__AVXVNNI__))
+#define YMM_VNNI 1
+#if defined(__AVXVNNI__)
+#define ydpbusd _mm256_dpbusd_avx_epi32
+#else
+#define ydpbusd _mm256_dpbusd_epi32
+#endif
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(ER_YMM_VNNI_EVEX)
 #define HAVE_AVX512BW 1
 #if defined(__AVX512VNNI__)
 #define HAVE_VNNI 1
@@ -48,6 +64,14 @@ typedef _Float16 kv_t;
 /* ISA_AVX512: AVX-512BW without VNNI (Skylake-SP, Cascade Lake without VNNI): the zmm tile of the VNNI
    path with vpmaddubsw + vpmaddwd in place of vpdpbusd */
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_VNNI = 3 };
+
+int er_ymm_vnni(void) { /* 1 where the avx2 tile takes its dots by vpdpbusd (the "avxvnni" path) */
+#if defined(YMM_VNNI)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 int er_isa_max(void) {
 #if defined(HAVE_VNNI)
@@ -274,7 +298,7 @@ typedef struct {
    Every lane does the same IEEE operations in the same order on every build (no FMA: -ffp-contract=off;
    fp16 -> float is exact), and no result depends on which lanes share a vector (lane_sum keeps 16
    lanes on every build), so all builds give the same bits. */
-#if defined(__AVX__) && !defined(__AVX512F__)
+#if defined(ER_YMM)
 #define VL 8
 #else
 #define VL 16
@@ -285,7 +309,7 @@ static inline void stf(float *p, vf v) { memcpy(p, &v, sizeof v); }
 /* VL fp16 -> float. NOTE: not __builtin_convertvector on a _Float16 vector: GCC 12 converts that one
    element at a time (vpinsrw + vcvtph2ps each), which made attention 2x slower than scalar code. */
 static inline vf ldh(const kv_t *p) {
-#if defined(__AVX512F__)
+#if defined(ER_ZMM)
     return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 #elif defined(__F16C__) && defined(__AVX__)
     return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
@@ -297,7 +321,7 @@ static inline vf ldh(const kv_t *p) {
 }
 /* VL int8 -> float (exact on every path) */
 static inline vf ld8(const int8_t *p) {
-#if defined(__AVX512F__)
+#if defined(ER_ZMM)
     return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 #elif defined(__AVX2__)
     return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
@@ -512,6 +536,57 @@ static inline __attribute__((always_inline)) void tile_ymm(const int r, const in
         const int8_t *ab = xq + b * QB; /* row m's k-group g: ab + m * ldq + 4 * g */
         __m256i d[4][2];
 #define A4_(m, g) ({ int32_t a4_; memcpy(&a4_, ab + (size_t)(m) * ldq + 4 * (g), 4); _mm256_set1_epi32(a4_); })
+#if defined(YMM_VNNI)
+        /* vpdpbusd on the stored bytes (int4: nibbles w + 8; int8: w + 128) as tile_zmm's, the zero point's share
+           subtracted up front: a k-group's 32 products one instruction, not vpmaddubsw + vpaddw (int4) or the sign
+           trick's four (int8). The same int32 dots. */
+        /* A dot is split over S chains (k-groups g % S), added at the end (exact): vpdpbusd's latency is 4-5 cycles at
+           two an issue cycle, and a pass holds only r x nh <= 4 dots (as one chain each, a 1-row pass ran 15% slower
+           than the vpmaddubsw form on a Zen 4). S x r x nh = 8 chains. */
+        {
+            const int32_t zp = four ? 8 : 128;
+            const int S = r * nh <= 2 ? 4 : 2;
+            __m256i c[4][2][4];
+#pragma GCC unroll 4
+            for (int m = 0; m < r; m++)
+#pragma GCC unroll 2
+                for (int h = 0; h < nh; h++)
+#pragma GCC unroll 4
+                    for (int t = 0; t < S; t++) c[m][h][t] = t ? _mm256_setzero_si256() : _mm256_set1_epi32(-zp * xsum[(size_t)m * kb + b]);
+            const uint8_t *w = L->w + ((size_t)tile * kb + b) * (four ? 256 : 512) + 32 * h0;
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++) {
+                __m256i wg[2];
+#pragma GCC unroll 2
+                for (int h = 0; h < nh; h++) {
+                    if (four) {
+                        __m256i x = _mm256_loadu_si256((const __m256i *)(w + 64 * (g & 3) + 32 * h));
+                        wg[h] = _mm256_and_si256(g < 4 ? x : _mm256_srli_epi16(x, 4), lo);
+                    } else {
+                        wg[h] = _mm256_loadu_si256((const __m256i *)(w + 64 * g + 32 * h));
+                    }
+                }
+#pragma GCC unroll 4
+                for (int m = 0; m < r; m++) {
+                    __m256i av = A4_(m, g);
+#pragma GCC unroll 2
+                    for (int h = 0; h < nh; h++) {
+                        c[m][h][g % S] = ydpbusd(c[m][h][g % S], wg[h], av);
+                        __asm__("" : "+x"(c[m][h][g % S]));
+                    }
+                }
+            }
+#pragma GCC unroll 4
+            for (int m = 0; m < r; m++)
+#pragma GCC unroll 2
+                for (int h = 0; h < nh; h++) {
+                    __m256i t01 = _mm256_add_epi32(c[m][h][0], c[m][h][1]);
+                    d[m][h] = S == 4 ? _mm256_add_epi32(t01, _mm256_add_epi32(c[m][h][2], c[m][h][3])) : t01;
+                }
+        }
+        (void)ones;
+        (void)flip;
+#else
         if (four) {
             const uint8_t *w = L->w + ((size_t)tile * kb + b) * 256 + 32 * h0;
             __m256i s16[4][2];
@@ -561,6 +636,7 @@ static inline __attribute__((always_inline)) void tile_ymm(const int r, const in
                 }
             }
         }
+#endif
 #undef A4_
 #pragma GCC unroll 4
         for (int m = 0; m < r; m++) {
@@ -1074,7 +1150,7 @@ static void vsum_n(int nh, int nv, int q8, const er_model *M, int layer, const i
 /* How many heads share a K load (kscores) or a V load (vsum) at most: their 4 partial sums (or 4 V
    vectors' sums) each stay in registers, 16 of AVX-512's 32 zmm for 4 heads; AVX2 has 16 ymm, so 3
    (SmolLM2's group: 12). A head's numbers do not depend on the heads beside it. */
-#if defined(__AVX__) && !defined(__AVX512F__)
+#if defined(ER_YMM)
 #define ATT_HEADS 3
 #else
 #define ATT_HEADS 4
