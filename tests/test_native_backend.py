@@ -225,7 +225,7 @@ def test_an_architecture_it_does_not_run_is_a_one_line_error(tmp_path):
 
 def test_edge_rag_native_isa_runs_that_path_or_refuses_in_one_line(int4_bundle, monkeypatch):
     """$EDGE_RAG_NATIVE_ISA (edge.runtime.cpu.build.forced_isa): avx2 builds the step without AVX-512
-    (what an AVX2-only CPU runs) and gives the default build's bits; a name that is no path, or a path
+    (what an AVX2-only CPU runs) and gives the default build's bits, as avxvnni's tile does; a name that is no path, or a path
     this CPU lacks, is a one-line error."""
     from edge.errors import UsageError
 
@@ -241,6 +241,11 @@ def test_edge_rag_native_isa_runs_that_path_or_refuses_in_one_line(int4_bundle, 
         monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "avx2")
         be = NativeBackend(b, threads=2)
         assert be.isa == "avx2" and be.lib.er_isa_max() == 1  # the AVX2 tile, and no AVX-512 path in this build
+        assert np.array_equal(_one_row(be, ids, pos, tables, 0, 11), want)
+    if X86 and set(build.avxvnni_needs(cpu_flags())) <= cpu_flags():  # the AVX2 tile with ymm vpdpbusd: the same dots
+        monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "avxvnni")
+        be = NativeBackend(b, threads=2)
+        assert be.isa == "avxvnni" and be.lib.er_isa_max() == 1 and be.lib.er_ymm_vnni() == 1
         assert np.array_equal(_one_row(be, ids, pos, tables, 0, 11), want)
     if not _runs("vnni"):
         monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "vnni")
@@ -263,22 +268,8 @@ def test_avxvnni_compiles_an_avx_vnni_cpus_build_or_its_stand_in(monkeypatch):
         isa, got = build.forced_isa()
         assert isa == "avxvnni" and native_c in got and encoder_c in isa_build(isa, got)
     monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
-    with pytest.raises(BackendError, match="avxvnni: this CPU cannot run it .no avx512_vnni, avx512vl"):
+    with pytest.raises(BackendError, match=r"avxvnni: this CPU cannot run it \(no avx_vnni \(or avx512_vnni \+ avx512vl"):
         build.forced_isa()
-
-
-@pytest.mark.skipif(not (X86 and set(build.avxvnni_needs(cpu_flags())) <= cpu_flags()), reason="needs AVX-VNNI or AVX-512 VNNI")
-def test_the_avxvnni_tile_gives_the_default_builds_bits(int4_bundle, monkeypatch):
-    """The ymm vpdpbusd tile computes the int32 dots of every other path, so a step gives the same bits."""
-    b = Bundle.open(int4_bundle, verify=False)
-    ids = np.random.default_rng(6).integers(0, 256, 11).astype(np.int32)
-    pos = np.arange(len(ids), dtype=np.int32)
-    tables = np.array([[1, 0, -1, -1]], np.int32)
-    want = _one_row(NativeBackend(b, threads=2), ids, pos, tables, 0, 11)
-    monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "avxvnni")
-    be = NativeBackend(b, threads=2)
-    assert be.isa == "avxvnni" and be.lib.er_isa_max() == 1 and be.lib.er_ymm_vnni() == 1
-    assert np.array_equal(_one_row(be, ids, pos, tables, 0, 11), want)
 
 
 @pytest.fixture(scope="module")

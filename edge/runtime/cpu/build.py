@@ -121,6 +121,8 @@ def forced_isa() -> tuple[str | None, tuple[str, ...]]:
     flags = cpu_flags()
     needs = avxvnni_needs(flags) if isa == "avxvnni" else ISA_NEEDS.get(isa, ())
     missing = [f for f in needs if f not in flags]
+    if isa == "avxvnni" and any(f.startswith("avx512") for f in missing):  # neither AVX-VNNI nor the stand-in's flags
+        missing = [f for f in ISA_NEEDS["avx2"] if f not in flags] + ["avx_vnni (or avx512_vnni + avx512vl: its stand-in)"]
     if isa != "scalar" and (not x86 or missing):
         raise BackendError(f"{ISA_ENV}={isa}: this CPU cannot run it (no {', '.join(missing) or 'x86'})", fix=f"unset {ISA_ENV}")
     if isa == "avxvnni":
