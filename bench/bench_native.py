@@ -107,7 +107,14 @@ def ort_steps(bundle, threads: int, pasts: list[int]):
 def linears(bundle, threads: int):
     from edge.quant.format import read_linear
     from edge.runtime.cpu import kernels
+    from edge.runtime.cpu.build import forced_isa, load
     from edge.runtime.cpu.weights import pack_linear
+
+    isa, flags = forced_isa()  # $EDGE_RAG_NATIVE_ISA's build (avx2, avxvnni: another CPU's), else this CPU's
+    lib = load(flags)
+    isa = isa or kernels.isa_max()
+    if isa == "avx2" and lib.er_ymm_vnni():
+        isa = "avxvnni"
 
     w = bundle.load_weights()
     p = "model.layers.0."
@@ -121,8 +128,8 @@ def linears(bundle, threads: int):
         t = {}
         for m in (1, 8, 32):
             x = rng.standard_normal((m, lin.k)).astype(np.float32)
-            t[m] = timed(lambda: kernels.linear(lin, x, threads=threads), n=20)[0] * 1e3
-        yield {"figure": "native_linear", "name": name, "kind": f"int{lin.kind}", "n": lin.n, "k": lin.k, "isa": kernels.isa_max(),
+            t[m] = timed(lambda: kernels.linear(lin, x, threads=threads, build_flags=flags), n=20)[0] * 1e3
+        yield {"figure": "native_linear", "name": name, "kind": f"int{lin.kind}", "n": lin.n, "k": lin.k, "isa": isa,
                "cpu_us": {str(m): round(v, 1) for m, v in t.items()}, "m8_over_m1": round(t[8] / t[1], 2)}
 
 
