@@ -366,6 +366,20 @@ def _venv_with_shared_deps(venv: Path) -> Path:
     return site
 
 
+def test_a_wheel_build_with_too_old_setuptools_is_one_line(tmp_path, monkeypatch):
+    """pyproject.toml's SPDX license needs setuptools >= 77, and pack builds without isolation: an older one
+    (a venv's bundled 65) is named with its fix, not a pip traceback."""
+    import importlib.metadata
+
+    from edge.deploy.pack import build_edge_wheel
+    from edge.errors import UsageError
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "65.5.0")
+    with pytest.raises(UsageError, match="setuptools >= 77 .* has 65.5.0") as e:
+        build_edge_wheel(tmp_path / "wh")
+    assert "pip install 'setuptools>=77'" in e.value.fix and not (tmp_path / "wh").exists()
+
+
 @pytest.mark.slow
 def test_wheel_install_finds_the_profiles(tmp_path):
     from edge.deploy.pack import build_edge_wheel

@@ -114,6 +114,15 @@ def build_edge_wheel(dest: Path) -> Path:
     if not (REPO_ROOT / "pyproject.toml").is_file():
         raise UsageError("edge-rag is not running from its source tree, so it cannot build its own wheel",
                          fix="pass --wheelhouse DIR holding edge_rag-*.whl and its dependencies")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        st = version("setuptools")
+    except PackageNotFoundError:
+        st = "none"
+    if st == "none" or int(st.split(".")[0]) < 77:  # pyproject.toml's SPDX license (PEP 639)
+        raise UsageError(f"building the edge-rag wheel needs setuptools >= 77 in this environment (it has {st})",
+                         fix="pip install 'setuptools>=77' (or install edge-rag with its [build] extra)")
     dest = Path(dest).resolve()
     dest.mkdir(parents=True, exist_ok=True)
     # NOTE: built from a clean copy: setuptools' in-tree build/ keeps modules deleted from the
