@@ -138,6 +138,7 @@ def diagnose() -> dict[str, Any]:
     from edge.runtime.cpu.encoder import machine_refusal as encoder_refusal
 
     encoder_why = encoder_refusal()
+    from edge.runtime.cpu.build import kernel_path
     backends = {
         "onnxruntime": ort_ok,
         "native": native_why is None,
@@ -159,9 +160,10 @@ def diagnose() -> dict[str, Any]:
         "onnxruntime": ort,
         "tensorrt": trt,
         "backends": backends,
-        "native": {"auto_picks": native_why is None and not backends["cuda"], "reason": native_why},
+        "native": {"auto_picks": native_why is None and not backends["cuda"], "reason": native_why,
+                   "kernels": kernel_path() if native_why is None else None},
         # the embedder's cpu backend (edge.runtime.embedder.resolve_backend): int8 bundles on the native encoder
-        "native_encoder": {"cpu_picks": encoder_why is None, "reason": encoder_why},
+        "native_encoder": {"cpu_picks": encoder_why is None, "reason": encoder_why, "kernels": kernel_path(encoder=True) if encoder_why is None else None},
         "profile": profile,
     }
     if profile_error:

@@ -305,7 +305,13 @@ def test_auto_picks_native_only_where_it_runs_fast(int4_ort_bundle, tmp_path, mo
 
     assert machine_refusal() == "this CPU lacks avx2, fma, f16c"  # what `edge-rag doctor` says
     d = diagnose()
-    assert d["backends"]["native"] is False and d["native"] == {"auto_picks": False, "reason": machine_refusal()}
+    assert d["backends"]["native"] is False and d["native"] == {"auto_picks": False, "reason": machine_refusal(), "kernels": None}
+    for flags, want in (({"avx2", "fma", "f16c"}, "avx2"), ({"avx2", "fma", "f16c", "avx_vnni"}, "avxvnni"),
+                        ({"avx2", "fma", "f16c", "avx512bw"}, "avx512"), ({"avx2", "fma", "f16c", "avx512bw", "avx512_vnni"}, "vnni")):
+        _fake_cpu(monkeypatch, flags)
+        assert diagnose()["native"]["kernels"] == diagnose()["native_encoder"]["kernels"] == want  # what each build compiles
+    _fake_cpu(monkeypatch, {"asimddp"}, x86=False)
+    assert (build.kernel_path(), build.kernel_path(encoder=True)) == ("scalar", "neon")
     _fake_cpu(monkeypatch, {"avx2", "fma", "f16c"}, x86=False)
     assert resolve_backend("auto", b) == "onnxruntime"
     _fake_cpu(monkeypatch, {"avx2", "fma", "f16c"})

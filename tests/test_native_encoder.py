@@ -340,7 +340,7 @@ def test_the_cpu_backend_needs_avx2_or_vnni_and_says_why_not(monkeypatch):
     why = enc_mod.machine_refusal()
     assert "AVX2" in why and enc_mod.vector_isa() is None
     d = diagnose()["native_encoder"]
-    assert d == {"cpu_picks": False, "reason": why}
+    assert d == {"cpu_picks": False, "reason": why, "kernels": None}
     monkeypatch.setenv("CC", "cc")
     for flags in ({"avx2", "fma", "f16c"}, {"avx2", "avx512bw", "avx512_vnni"}):  # an AVX2-only EPYC; a VNNI Xeon
         monkeypatch.setattr(edge.cpu, "cpu_flags", lambda flags=flags: frozenset(flags))

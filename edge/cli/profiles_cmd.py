@@ -274,10 +274,12 @@ def doctor_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON f
     ok = [k for k, v in d["backends"].items() if v]
     c.print(_head("backends", f"usable: {', '.join(ok) or 'none'}"))
     nat = d["native"]
-    c.print(_head("native CPU", "`--backend auto` runs int4 / int8 llama-family engines on it" if nat["auto_picks"]
-                  else f"not auto's pick here ({nat['reason'] or 'a GPU backend is usable'}); `--backend native` forces it"))
+    c.print(_head("native CPU", (f"`--backend auto` runs int4 / int8 llama-family engines on it ({nat['kernels']} kernels)"
+                                 if nat["auto_picks"] else
+                                 f"not auto's pick here ({nat['reason'] or 'a GPU backend is usable'}); `--backend native` forces it")))
     enc = d["native_encoder"]
-    c.print(_head("embedder", "int8 bundles embed on the native encoder on this CPU (`--backend onnxruntime`: the graph on onnxruntime)"
+    c.print(_head("embedder", f"int8 bundles embed on the native encoder on this CPU ({enc['kernels']} kernels; "
+                              "`--backend onnxruntime`: the graph on onnxruntime)"
                   if enc["cpu_picks"] else f"int8 bundles embed on onnxruntime on this CPU ({enc['reason']})"))
     if "cuda_runtime_probe" in d:
         c.print(_head("cuda probe", f"{d['cuda_runtime_probe']}"))

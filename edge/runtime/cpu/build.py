@@ -104,6 +104,24 @@ def avxvnni_needs(flags) -> tuple[str, ...]:
     return ISA_NEEDS["avx2"] + vnni
 
 
+def kernel_path(encoder: bool = False) -> str:
+    """The kernel path a -march=native build takes on this CPU, from its flags (nothing compiled: `edge-rag doctor`):
+    vnni, avx512, avxvnni, avx2, neon (the sentence encoder's alone) or scalar; $EDGE_RAG_NATIVE_ISA where set."""
+    from edge.cpu import cpu_flags, is_x86
+
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if forced:
+        return forced
+    f = cpu_flags()
+    if not is_x86():
+        return "neon" if encoder and "asimddp" in f else "scalar"
+    if "avx512bw" in f:
+        return "vnni" if "avx512_vnni" in f else "avx512"
+    if all(x in f for x in ISA_NEEDS["avx2"]):
+        return "avxvnni" if "avx_vnni" in f else "avx2"
+    return "scalar"
+
+
 def forced_isa() -> tuple[str | None, tuple[str, ...]]:
     """($EDGE_RAG_NATIVE_ISA or None, native.c's extra cc flags for it); a value this CPU cannot run is a one-line
     error (encoder.c's flags: edge.runtime.cpu.encoder.isa_build)."""
