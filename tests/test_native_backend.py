@@ -247,6 +247,8 @@ def test_edge_rag_native_isa_runs_that_path_or_refuses_in_one_line(int4_bundle, 
         be = NativeBackend(b, threads=2)
         assert be.isa == "avxvnni" and be.lib.er_isa_max() == 1 and be.lib.er_ymm_vnni() == 1
         assert np.array_equal(_one_row(be, ids, pos, tables, 0, 11), want)
+    monkeypatch.delenv("EDGE_RAG_NATIVE_ISA", raising=False)
+    assert NativeBackend(b, threads=2).isa == build.kernel_path()  # doctor's reading of the flags is what compiles
     if not _runs("vnni"):
         monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "vnni")
         with pytest.raises(BackendError, match="cannot run it"):

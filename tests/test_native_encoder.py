@@ -330,6 +330,21 @@ def test_the_graph_is_read_once_then_from_a_cache_without_importing_onnx(bundles
     assert caches[0].stat().st_size > 1000
 
 
+@needs_cc
+@pytest.mark.parametrize("isa", [None, "avxvnni", "avx2"])
+def test_the_doctors_kernel_path_is_the_one_the_build_compiles(kernels, isa):
+    """edge.runtime.cpu.build.kernel_path reads the CPU's flags (nothing compiled); encoder.c's preprocessor decides."""
+    from edge.runtime.cpu.build import kernel_path
+
+    if isa:
+        kernels(isa)
+    from edge.runtime.cpu.encoder import machine_refusal
+
+    if machine_refusal() is not None:
+        pytest.skip(machine_refusal())
+    assert kernel_path(encoder=True) == vector_isa()
+
+
 def test_the_cpu_backend_needs_avx2_or_vnni_and_says_why_not(monkeypatch):
     import edge.cpu
     from edge.doctor import diagnose
