@@ -444,55 +444,48 @@ static inline __attribute__((always_inline)) void epi_row(__m256i a0, __m256i a1
    packed as int16 (edge.runtime.cpu.encoder.pack_weight16: [N / 16][K / 2][16 columns][2 inputs]) and a row's
    codes widened to xq - 128 (int16, gemm below): the same integer dot as vpdpbusd's less its zero point's share,
    so the same floats come out. 16 ymm registers: 2 R accumulators, 2 weights, a broadcast. */
-#define YACC_ZERO(i) __m256i a##i##0 = _mm256_setzero_si256(), a##i##1 = a##i##0;
 #if defined(ENC_AVXVNNI)
-/* R rows x 16 columns of a packed block (the vnni layout, as neon reads it: a k-step's 64 bytes are 16 columns x 4
-   inputs, two ymm), vpdpbusd on the uint8 codes as on zmm: u8 x s8 products summed exactly in int32, the zero point's
-   share taken off in epi_row. 16 ymm registers: 2 R accumulators, 2 weights, a broadcast. */
-#define YACC_DOT(i)                                                                                          \
-    {                                                                                                        \
-        int32_t v;                                                                                           \
-        memcpy(&v, x + (size_t)(i) * k + kk, 4);                                                             \
-        __m256i b = _mm256_set1_epi32(v);                                                                    \
-        a##i##0 = ydpbusd(a##i##0, b, w0);                                                                   \
-        a##i##1 = ydpbusd(a##i##1, b, w1);                                                                   \
-        __asm__("" : "+x"(a##i##0), "+x"(a##i##1));                                                          \
-    }
-#define YACC_EPI(i) epi_row(a##i##0, a##i##1, L, n0, r[i], y + (size_t)(i) * ldy + n0, 1);
-#define TILE(R)                                                                                                       \
-    __attribute__((noinline)) static void tile##R(const uint8_t *x, int k, const int8_t *wb, const EncLin *L, int n0, \
-                                                  const float *r, float *y, int ldy) {                                \
-        ROWS##R(YACC_ZERO)                                                                                            \
-        for (int kk = 0; kk < k; kk += 4) {                                                                           \
-            const int8_t *wk = wb + (size_t)kk * NB;                                                                  \
-            __m256i w0 = _mm256_loadu_si256((const __m256i *)wk), w1 = _mm256_loadu_si256((const __m256i *)(wk + 32)); \
-            ROWS##R(YACC_DOT)                                                                                         \
-        }                                                                                                             \
-        ROWS##R(YACC_EPI)                                                                                             \
-    }
+/* avxvnni: R rows x 16 columns of a packed block (the vnni layout, as neon reads it: a k-step's 4 inputs of the
+   block's 64 columns, this tile's 16 of them two ymm), vpdpbusd on the uint8 codes as on zmm: u8 x s8 products summed
+   exactly in int32, the zero point's share taken off in epi_row. */
+typedef uint8_t ycode_t; /* the codes a tile reads */
+typedef int8_t yw_t;     /* its packed weights */
+#define YK 4             /* inputs a k-step */
+#define YW_PER_K NB      /* weight elements an input of a block */
+#define YCORR 1
+#define YDOT(a, b, w) ydpbusd(a, b, w)
 #else
+typedef int16_t ycode_t;
+typedef int16_t yw_t;
+#define YK 2
+#define YW_PER_K 16
+#define YCORR 0
+#define YDOT(a, b, w) _mm256_add_epi32(a, _mm256_madd_epi16(b, w))
+#endif
+/* Both: a k-step's weights for the tile's 16 columns are two consecutive ymm; 16 ymm registers hold 2 R accumulators,
+   2 weights and a broadcast. */
+#define YACC_ZERO(i) __m256i a##i##0 = _mm256_setzero_si256(), a##i##1 = a##i##0;
 #define YACC_DOT(i)                                                                                          \
     {                                                                                                        \
         int32_t v;                                                                                           \
         memcpy(&v, x + (size_t)(i) * k + kk, 4);                                                             \
         __m256i b = _mm256_set1_epi32(v);                                                                    \
-        a##i##0 = _mm256_add_epi32(a##i##0, _mm256_madd_epi16(b, w0));                                      \
-        a##i##1 = _mm256_add_epi32(a##i##1, _mm256_madd_epi16(b, w1));                                      \
+        a##i##0 = YDOT(a##i##0, b, w0);                                                                      \
+        a##i##1 = YDOT(a##i##1, b, w1);                                                                      \
         __asm__("" : "+x"(a##i##0), "+x"(a##i##1));                                                          \
     }
-#define YACC_EPI(i) epi_row(a##i##0, a##i##1, L, n0, r[i], y + (size_t)(i) * ldy + n0, 0);
+#define YACC_EPI(i) epi_row(a##i##0, a##i##1, L, n0, r[i], y + (size_t)(i) * ldy + n0, YCORR);
 #define TILE(R)                                                                                                       \
-    __attribute__((noinline)) static void tile##R(const int16_t *x, int k, const int16_t *wb, const EncLin *L, int n0, \
+    __attribute__((noinline)) static void tile##R(const ycode_t *x, int k, const yw_t *wb, const EncLin *L, int n0,   \
                                                   const float *r, float *y, int ldy) {                                \
         ROWS##R(YACC_ZERO)                                                                                            \
-        for (int kk = 0; kk < k; kk += 2) {                                                                           \
-            const int16_t *wk = wb + (size_t)kk * 16;                                                                 \
-            __m256i w0 = _mm256_loadu_si256((const __m256i *)wk), w1 = _mm256_loadu_si256((const __m256i *)(wk + 16)); \
+        for (int kk = 0; kk < k; kk += YK) {                                                                          \
+            const __m256i *wk = (const __m256i *)(wb + (size_t)kk * YW_PER_K);                                        \
+            __m256i w0 = _mm256_loadu_si256(wk), w1 = _mm256_loadu_si256(wk + 1);                                     \
             ROWS##R(YACC_DOT)                                                                                         \
         }                                                                                                             \
         ROWS##R(YACC_EPI)                                                                                             \
     }
-#endif
 TILE(6)
 TILE(3)
 TILE(1)
