@@ -107,14 +107,12 @@ def ort_steps(bundle, threads: int, pasts: list[int]):
 def linears(bundle, threads: int):
     from edge.quant.format import read_linear
     from edge.runtime.cpu import kernels
-    from edge.runtime.cpu.build import forced_isa, load
+    from edge.runtime.cpu.build import forced_isa, load, tile_name
     from edge.runtime.cpu.weights import pack_linear
 
     isa, flags = forced_isa()  # $EDGE_RAG_NATIVE_ISA's build (avx2, avxvnni: another CPU's), else this CPU's
     lib = load(flags)
-    isa = isa or kernels.isa_max()
-    if isa == "avx2" and lib.er_ymm_vnni():
-        isa = "avxvnni"
+    isa = isa or tile_name(lib, lib.er_isa_max())
 
     w = bundle.load_weights()
     p = "model.layers.0."

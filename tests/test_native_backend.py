@@ -91,7 +91,7 @@ def _runs(isa: str) -> bool:  # this CPU can run that path (edge.runtime.cpu.bui
 # the $EDGE_RAG_NATIVE_ISA builds (edge.runtime.cpu.build.ISA_BUILDS): the portable C, and AVX2 without AVX-512 where it runs,
 # and AVX-VNNI's ymm vpdpbusd tile (or its EVEX stand-in) where it runs
 ISA_BUILDS = ([(), build.ISA_BUILDS["scalar"]] + ([build.ISA_BUILDS["avx2"]] if _runs("avx2") else [])
-              + ([build.avxvnni_build(cpu_flags(), "ER_YMM_VNNI_EVEX")]
+              + ([build.avxvnni_build(cpu_flags())]
                  if X86 and set(build.avxvnni_needs(cpu_flags())) <= cpu_flags() else []))
 
 
@@ -257,18 +257,17 @@ def test_edge_rag_native_isa_runs_that_path_or_refuses_in_one_line(int4_bundle, 
 
 def test_avxvnni_compiles_an_avx_vnni_cpus_build_or_its_stand_in(monkeypatch):
     """avxvnni: the ymm tile with vpdpbusd, as -march=native compiles it on an Alder Lake (-march=alderlake there);
-    on a CPU with AVX-512 VNNI and no AVX-VNNI the same code with the EVEX instruction; elsewhere a one-line refusal."""
+    on a CPU with AVX-512 VNNI and no AVX-VNNI the same code with the EVEX instruction (native.c's and encoder.c's
+    builds alike); elsewhere a one-line refusal."""
     import edge.cpu
-    from edge.runtime.cpu.encoder import isa_build
 
     monkeypatch.setenv("EDGE_RAG_NATIVE_ISA", "avxvnni")
     monkeypatch.setattr(edge.cpu, "is_x86", lambda machine=None: True)
-    for flags, native_c, encoder_c in (({"avx2", "fma", "f16c", "avx_vnni"}, "-march=alderlake", "-march=alderlake"),
-                                       ({"avx2", "fma", "f16c", "avx512bw", "avx512vl", "avx512_vnni"},
-                                        "-DER_YMM_VNNI_EVEX", "-DENC_AVXVNNI_EVEX")):
+    for flags, want in (({"avx2", "fma", "f16c", "avx_vnni"}, "-march=alderlake"),
+                        ({"avx2", "fma", "f16c", "avx512bw", "avx512vl", "avx512_vnni"}, "-DAVXVNNI_EVEX")):
         monkeypatch.setattr(edge.cpu, "cpu_flags", lambda f=flags: frozenset(f))
         isa, got = build.forced_isa()
-        assert isa == "avxvnni" and native_c in got and encoder_c in isa_build(isa, got)
+        assert isa == "avxvnni" and want in got
     monkeypatch.setattr(edge.cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
     with pytest.raises(BackendError, match=r"avxvnni: this CPU cannot run it \(no avx_vnni \(or avx512_vnni \+ avx512vl"):
         build.forced_isa()

@@ -81,7 +81,7 @@ def test_the_avxvnni_tile_gives_the_same_bits_for_every_row_count():
     flags = cpu_flags()
     if not (is_x86() and set(avxvnni_needs(flags)) <= flags):
         pytest.skip("needs AVX-VNNI, or AVX-512 VNNI for its stand-in")
-    bf = avxvnni_build(flags, "ER_YMM_VNNI_EVEX")
+    bf = avxvnni_build(flags)
     assert load(bf).er_ymm_vnni() == 1 and load(bf).er_isa_max() == 1
     rng = np.random.default_rng(8)
     w = rng.standard_normal((203, 96)).astype(np.float32)

@@ -131,7 +131,7 @@ class NativeBackend:
         build_flags: extra cc flags (tests build the portable C path with -march=x86-64);
         $EDGE_RAG_NATIVE_ISA (scalar, avx2, avxvnni, avx512, vnni) runs that kernel path (edge.runtime.cpu.build.forced_isa)."""
         from edge.models.rope import rope_tables
-        from edge.runtime.cpu.build import TILE_CODE, forced_isa, load
+        from edge.runtime.cpu.build import TILE_CODE, forced_isa, load, tile_name
         from edge.runtime.ort_session import lazy_zeros, limit_malloc_caching
 
         limit_malloc_caching()  # the repacking's large temporaries go back to the OS, not glibc's cache
@@ -144,9 +144,7 @@ class NativeBackend:
         self.lib = load(tuple(build_flags) + isa_flags)
         if isa is not None and self.lib.er_set_isa(abi.ISA_NAMES.index(TILE_CODE.get(isa, isa))) < 0:
             raise BackendError(f"the {isa} kernel path is not available in this build", fix="unset EDGE_RAG_NATIVE_ISA")
-        self.isa = isa or abi.ISA_NAMES[self.lib.er_isa_max()]  # the GEMM tile's path
-        if self.isa == "avx2" and self.lib.er_ymm_vnni():
-            self.isa = "avxvnni"  # the ymm tile with vpdpbusd (an AVX-VNNI CPU's -march=native build)
+        self.isa = isa or tile_name(self.lib, self.lib.er_isa_max())  # the GEMM tile's path
         lim = bundle.limits
         self.max_context = int(min(max_context or lim.max_context, spec.max_position))
         if self.max_context < 2:

@@ -78,9 +78,9 @@ def build(extra_flags: tuple[str, ...] = (), out_dir: Path | None = None, source
 # EDGE_RAG_NATIVE_ISA: run another x86 CPU's kernel path on this one (a reviewer's AVX2-only EPYC on an
 # AVX-512 Xeon). avx2 and scalar compile the whole step for that CPU (attention and norms included: the
 # code such a CPU runs); avx512 and vnni pick the zmm tile of the -march=native build (er_set_isa).
-# avxvnni compiles an AVX-VNNI CPU's build (Alder Lake: the avx2 tile and 8-lane code, its dots by ymm vpdpbusd;
-# avxvnni_build), on a CPU with AVX-512 VNNI instead the same code with the EVEX instruction (a stand-in); its
-# er_set_isa code is avx2's (TILE_CODE): the same ymm tile.
+# avxvnni compiles an AVX-VNNI CPU's build of native.c and encoder.c (Alder Lake: their ymm code, its dots by
+# vpdpbusd; avxvnni_build), on a CPU with AVX-512 VNNI instead the same code with the EVEX instruction (a stand-in);
+# its er_set_isa code is avx2's (TILE_CODE): the same ymm tile.
 ISA_ENV = "EDGE_RAG_NATIVE_ISA"
 ISA_BUILDS = {"avx2": ("-march=haswell", "-mtune=generic"),  # AVX2 + FMA + F16C, no AVX-512 (Haswell, AMD Zen 1-3)
               "scalar": ("-march=x86-64", "-mtune=generic")}  # the portable C everywhere (what an ARM build runs)
@@ -88,13 +88,23 @@ ISA_NEEDS = {"avx2": ("avx2", "fma", "f16c"), "avx512": ("avx512bw",), "vnni": (
 TILE_CODE = {"avxvnni": "avx2"}  # a path beyond abi.ISA_NAMES -> the er_set_isa path whose tile it is
 
 
-def avxvnni_build(flags, stand_in_define: str) -> tuple[str, ...]:
-    """cc flags of the avxvnni path: an Alder Lake's own build where the CPU has AVX-VNNI, else the EVEX stand-in
-    (`stand_in_define`: the C file's macro for it; -mprefer-vector-width=256 keeps the compiler's own loops on ymm)."""
+def avxvnni_build(flags) -> tuple[str, ...]:
+    """cc flags of the avxvnni path (native.c and encoder.c alike): an Alder Lake's own build where the CPU has
+    AVX-VNNI, else the EVEX stand-in (AVXVNNI_EVEX in both files; -mprefer-vector-width=256 keeps the compiler's own
+    loops on ymm)."""
     if "avx_vnni" in flags:
         return ("-march=alderlake", "-mtune=generic")
     return ("-march=haswell", "-mtune=generic", "-mavx512vl", "-mavx512vnni", "-mprefer-vector-width=256",
-            f"-D{stand_in_define}")
+            "-DAVXVNNI_EVEX")
+
+
+def tile_name(lib, code: int) -> str:
+    """The name of native.c's er_set_isa path `code` in `lib`: its avx2 tile is "avxvnni" where it takes its dots by
+    vpdpbusd (an AVX-VNNI build)."""
+    from edge.runtime.cpu.abi import ISA_NAMES
+
+    name = ISA_NAMES[code]
+    return "avxvnni" if name == "avx2" and lib.er_ymm_vnni() else name
 
 
 def avxvnni_needs(flags) -> tuple[str, ...]:
@@ -123,8 +133,8 @@ def kernel_path(encoder: bool = False) -> str:
 
 
 def forced_isa() -> tuple[str | None, tuple[str, ...]]:
-    """($EDGE_RAG_NATIVE_ISA or None, native.c's extra cc flags for it); a value this CPU cannot run is a one-line
-    error (encoder.c's flags: edge.runtime.cpu.encoder.isa_build)."""
+    """($EDGE_RAG_NATIVE_ISA or None, the extra cc flags it needs: native.c's, and encoder.c's but for avx512's, see
+    edge.runtime.cpu.encoder.load_lib); a value this CPU cannot run is a one-line error."""
     from edge.cpu import cpu_flags, is_x86
     from edge.errors import UsageError
     from edge.runtime.cpu.abi import ISA_NAMES
@@ -144,7 +154,7 @@ def forced_isa() -> tuple[str | None, tuple[str, ...]]:
     if isa != "scalar" and (not x86 or missing):
         raise BackendError(f"{ISA_ENV}={isa}: this CPU cannot run it (no {', '.join(missing) or 'x86'})", fix=f"unset {ISA_ENV}")
     if isa == "avxvnni":
-        return isa, avxvnni_build(flags, "ER_YMM_VNNI_EVEX")
+        return isa, avxvnni_build(flags)
     return isa, ISA_BUILDS.get(isa, ()) if x86 else ()
 
 

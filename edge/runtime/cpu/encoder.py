@@ -64,21 +64,11 @@ def load_lib(extra_flags: tuple[str, ...] = ()) -> C.CDLL:
     from edge.runtime.cpu.build import build, forced_isa
 
     isa, isa_flags = forced_isa()
-    lib = C.CDLL(str(build(extra_flags + isa_build(isa, isa_flags), source=SOURCE)))
+    if isa == "avx512":  # AVX-512 without VNNI, as -march=native compiles it on a Skylake-SP
+        isa_flags = ("-march=skylake-avx512", "-mtune=generic")
+    lib = C.CDLL(str(build(extra_flags + isa_flags, source=SOURCE)))
     abi.declare_encoder(lib)
     return lib
-
-
-def isa_build(isa: str | None, flags: tuple[str, ...]) -> tuple[str, ...]:
-    """The cc flags that compile encoder.c's `isa` path (forced_isa's `flags` where they are the decode step's)."""
-    from edge.cpu import cpu_flags
-    from edge.runtime.cpu.build import avxvnni_build
-
-    if isa == "avx512":  # AVX-512 without VNNI, as -march=native compiles it on a Skylake-SP
-        return ("-march=skylake-avx512", "-mtune=generic")
-    if isa == "avxvnni":  # an Alder Lake's build; on a CPU with AVX-512 VNNI instead, its EVEX stand-in (encoder.c)
-        return avxvnni_build(cpu_flags(), "ENC_AVXVNNI_EVEX")
-    return flags
 
 
 def machine_refusal() -> str | None:

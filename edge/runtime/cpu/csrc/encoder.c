@@ -38,9 +38,9 @@
 #include <arm_neon.h>
 #endif
 
-#if defined(ENC_AVXVNNI_EVEX) || (defined(__AVXVNNI__) && defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__))
+#if defined(AVXVNNI_EVEX) || (defined(__AVXVNNI__) && defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__))
 /* ymm vpdpbusd, 8 float lanes (AVX-VNNI without AVX-512: Intel Alder Lake and later client cores, Sierra Forest).
-   ENC_AVXVNNI_EVEX (EDGE_RAG_NATIVE_ISA=avxvnni on a CPU with AVX-512 VNNI, which has no VEX form): the same code
+   AVXVNNI_EVEX (EDGE_RAG_NATIVE_ISA=avxvnni on a CPU with AVX-512 VNNI, which has no VEX form): the same code
    with the EVEX-encoded ymm instruction, for tests and timing on such a CPU. */
 #define ENC_YMM 1
 #define ENC_AVXVNNI 1

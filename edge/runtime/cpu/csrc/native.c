@@ -37,14 +37,14 @@
 #define MR 8
 
 /* ER_YMM: 256-bit float code (an AVX2 CPU's), ER_ZMM: 512-bit. YMM_VNNI: the AVX2 tile's dots by ymm vpdpbusd (AVX-VNNI
-   without AVX-512: Intel Alder Lake and later client cores). ER_YMM_VNNI_EVEX (EDGE_RAG_NATIVE_ISA=avxvnni on a CPU
+   without AVX-512: Intel Alder Lake and later client cores). AVXVNNI_EVEX (EDGE_RAG_NATIVE_ISA=avxvnni on a CPU
    with AVX-512 VNNI but no AVX-VNNI): that build's code with the instruction's EVEX form, to test and time it there. */
-#if defined(ER_YMM_VNNI_EVEX) || (defined(__AVX__) && !defined(__AVX512F__))
+#if defined(AVXVNNI_EVEX) || (defined(__AVX__) && !defined(__AVX512F__))
 #define ER_YMM 1
 #elif defined(__AVX512F__)
 #define ER_ZMM 1
 #endif
-#if defined(__AVX2__) && (defined(ER_YMM_VNNI_EVEX) || defined(__AVXVNNI__))
+#if defined(__AVX2__) && (defined(AVXVNNI_EVEX) || defined(__AVXVNNI__))
 #define YMM_VNNI 1
 #if defined(__AVXVNNI__)
 #define ydpbusd _mm256_dpbusd_avx_epi32
@@ -52,7 +52,7 @@
 #define ydpbusd _mm256_dpbusd_epi32
 #endif
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(ER_YMM_VNNI_EVEX)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(AVXVNNI_EVEX)
 #define HAVE_AVX512BW 1
 #if defined(__AVX512VNNI__)
 #define HAVE_VNNI 1
