@@ -131,7 +131,7 @@ def linears(bundle, threads: int):
                "cpu_us": {str(m): round(v, 1) for m, v in t.items()}, "m8_over_m1": round(t[8] / t[1], 2)}
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engine", help="generator bundle (default: the SmolLM2 int4 g32 benchmark bundle)")
     ap.add_argument("--threads", type=int, default=2)
@@ -160,7 +160,14 @@ def main() -> None:
         for line in linears(b, a.threads):
             print(json.dumps(line), flush=True)
     print(json.dumps({"figure": "conditions_end", "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from edge.errors import EdgeRagError
+
+    try:
+        sys.exit(main())
+    except EdgeRagError as e:  # a path this CPU or build lacks, a bundle that is not there: one line
+        print(f"bench_native: {e}", file=sys.stderr)
+        sys.exit(2)

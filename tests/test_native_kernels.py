@@ -132,6 +132,32 @@ def test_an_unknown_isa_is_a_one_line_error():
         kernels.set_isa("neon")
 
 
+def test_the_avxvnni_path_is_named_in_its_own_build_and_refused_with_the_variable_elsewhere():
+    """avxvnni is a build of its own (EDGE_RAG_NATIVE_ISA=avxvnni), not a path of the -march=native one (except on an
+    AVX-VNNI CPU without AVX-512, whose own build it is)."""
+    from edge.cpu import cpu_flags, is_x86
+    from edge.errors import BackendError
+    from edge.runtime.cpu.build import avxvnni_build, avxvnni_needs, load
+
+    if not is_x86():
+        pytest.skip("x86 paths")
+    try:
+        if load().er_ymm_vnni():  # this CPU's own build is an avxvnni build
+            assert kernels.set_isa("avxvnni") == "avxvnni"
+        else:
+            with pytest.raises(BackendError, match="build of its own") as e:
+                kernels.set_isa("avxvnni")
+            assert "EDGE_RAG_NATIVE_ISA=avxvnni" in e.value.fix
+        flags = cpu_flags()
+        if set(avxvnni_needs(flags)) <= flags:
+            lib = load(avxvnni_build(flags))
+            assert kernels.set_isa("avxvnni", lib) == "avxvnni" and kernels.set_isa("avx2", lib) == "avxvnni"
+            assert kernels.set_isa("scalar", lib) == "scalar"
+            lib.er_set_isa(-1)
+    finally:
+        load().er_set_isa(-1)
+
+
 def test_gate_up_rows_alternate_in_runs_of_16():
     """pack_gate_up's order (native.c's gate_up_act finishes 32 intermediate features per 4 tiles):
     gate 0..15, up 0..15, gate 16..31, ... of the same dequantized weights."""

@@ -11,7 +11,7 @@ import numpy as np
 
 from edge.errors import BackendError
 from edge.runtime.cpu.abi import ISA_NAMES
-from edge.runtime.cpu.build import load
+from edge.runtime.cpu.build import ISA_ENV, TILE_CODE, load, tile_name
 from edge.runtime.cpu.weights import NativeLinear
 
 
@@ -25,13 +25,19 @@ def available_isas(lib: ctypes.CDLL | None = None) -> list[str]:
 
 
 def set_isa(isa: str | None, lib: ctypes.CDLL | None = None) -> str:
-    """Pick the kernel path of lib (default: this CPU's build) for this process (None: the best it has); returns it."""
-    code = -1 if isa is None else (ISA_NAMES.index(isa) if isa in ISA_NAMES else 99)
+    """Pick the kernel path of lib (default: this CPU's build) for this process (None: the best it has); returns its
+    name (edge.runtime.cpu.build.tile_name: "avxvnni" where the avx2 tile takes its dots by vpdpbusd)."""
     lib = lib or load()
+    name = TILE_CODE.get(isa, isa) if isa in TILE_CODE and lib.er_ymm_vnni() else isa
+    code = -1 if name is None else (ISA_NAMES.index(name) if name in ISA_NAMES else 99)
     got = lib.er_set_isa(code)
     if got < 0:
-        raise BackendError(f"the {isa} kernel path is not available in this build", fix=f"use one of {', '.join(available_isas(lib))}")
-    return ISA_NAMES[got]
+        paths = ", ".join(tile_name(lib, ISA_NAMES.index(i)) for i in available_isas(lib))
+        if isa in TILE_CODE:  # a build of its own, not a path of this one
+            raise BackendError(f"the {isa} kernel path is a build of its own, not a path of this one ({paths})",
+                               fix=f"set {ISA_ENV}={isa}")
+        raise BackendError(f"the {isa} kernel path is not available in this build", fix=f"use one of {paths}")
+    return tile_name(lib, got)
 
 
 def linear(lin: NativeLinear, x: np.ndarray, *, threads: int = 1, isa: str | None = None,
