@@ -42,6 +42,7 @@ def one_node_session(node, inputs, initializers, threads: int):
     outs = [h.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in node.output if o]
     g = h.make_graph([node], "op", inputs, outs, initializer=initializers)
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 9  # what onnxruntime >= 1.20 loads (onnx writes its newest IR: 1.23 writes one that onnxruntime 1.30 refuses)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1

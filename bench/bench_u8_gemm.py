@@ -165,6 +165,7 @@ def peer(wq: np.ndarray, zw: np.ndarray, sw: np.ndarray, threads: int = 1) -> Ca
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     model = h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9  # what onnxruntime >= 1.20 loads (onnx writes its newest IR: 1.23 writes one that onnxruntime 1.30 refuses)
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return lambda x, r: sess.run(["y"], {"x": x, "r": r})[0]
 
