@@ -63,6 +63,80 @@ def test_available_and_probe_without_gpu(monkeypatch):
     assert set(p) >= {"binding", "gpu", "compute_capability", "kernels"}
 
 
+def _fake_cupy(monkeypatch, compiled: list):
+    """A cupy with one H200-like device whose RawModule records that it compiled (and takes 0.3 s to)."""
+    import importlib.machinery
+    import time
+    import types
+
+    cupy = types.ModuleType("cupy")
+    cupy.__spec__ = importlib.machinery.ModuleSpec("cupy", None)
+    cupy.__version__ = "0-fake"
+
+    class Device:
+        compute_capability = "90"
+
+        def __init__(self, i=0):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    class RawModule:
+        def __init__(self, code, options):
+            time.sleep(0.3)
+            compiled.append(options)
+
+        def get_function(self, name):
+            return types.SimpleNamespace(max_dynamic_shared_size_bytes=0)
+
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, deviceGetAttribute=lambda a, d: 232448,
+                                    getDeviceProperties=lambda i: {"name": b"NVIDIA H200", "totalGlobalMem": 150 << 30})
+    cupy.cuda = types.SimpleNamespace(runtime=runtime, Device=Device)
+    cupy.RawModule = RawModule
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+
+
+def test_probe_compiles_nothing_under_edge_rag_no_gpu(monkeypatch, tmp_path):
+    """`edge-rag doctor` with EDGE_RAG_NO_GPU on a GPU machine: the device is named, nothing compiled (a cold
+    compile took 96 s on an H200 host)."""
+    from edge.runtime import cuda
+    from edge.runtime.cuda import kernels
+
+    compiled: list = []
+    _fake_cupy(monkeypatch, compiled)
+    monkeypatch.setattr(kernels, "_CACHE", {})
+    monkeypatch.setenv("EDGE_RAG_HOME", str(tmp_path))
+    monkeypatch.setenv("EDGE_RAG_NO_GPU", "1")
+    p = cuda.probe()
+    assert p["gpu"] == "NVIDIA H200" and p["kernels"] == "not compiled" and "EDGE_RAG_NO_GPU" in p["reason"]
+    assert compiled == []
+    monkeypatch.delenv("EDGE_RAG_NO_GPU")
+    p = cuda.probe()
+    assert p["kernels"] == "compiled" and len(compiled) == 1
+
+
+def test_a_long_kernel_compile_says_so_on_stderr(monkeypatch, tmp_path, capsys):
+    from edge.runtime.cuda import kernels
+
+    compiled: list = []
+    _fake_cupy(monkeypatch, compiled)
+    monkeypatch.setattr(kernels, "_CACHE", {})
+    monkeypatch.setenv("EDGE_RAG_HOME", str(tmp_path))
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "k"))
+    monkeypatch.setattr(kernels, "COMPILE_NOTE_S", 0.05)
+    kernels.load(0)
+    err = capsys.readouterr().err
+    assert "compiling the cuda backend's kernels for NVIDIA H200" in err and str(tmp_path / "k") in err
+    monkeypatch.setattr(kernels, "_CACHE", {})
+    monkeypatch.setattr(kernels, "COMPILE_NOTE_S", 5.0)  # a compile (cache hit) shorter than the wait: silent
+    kernels.load(0)
+    assert "compiling" not in capsys.readouterr().err
+
+
 def test_gpu_row_orders_pair_rope_halves_and_gate_up():
     """The session's row orders: what the fused epilogues (and rope_cache / silu_mul) rely on."""
     from edge.runtime.cuda.layout import gu_row_order, qkv_row_order

@@ -57,6 +57,9 @@ def probe(compile: bool = True) -> dict[str, Any]:
         if cc < 80:
             out["reason"] = "compute capability < 8.0: the cuda backend needs Ampere or newer"
             return out
+        if os.environ.get("EDGE_RAG_NO_GPU"):
+            out["reason"] = "EDGE_RAG_NO_GPU is set: nothing runs on the GPU"
+            return out
         if compile:
             from edge.runtime.cuda.kernels import load
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,9 +19,11 @@ from typing import Any
 import numpy as np
 
 from edge.errors import BackendError
+from edge.textsafe import say
 from edge.runtime.cuda.kernels_src import BK_VARIANTS, KERNEL_NAMES, SOURCE  # noqa: F401 (BK_VARIANTS: re-exported)
 
 MIN_COMPUTE_CAPABILITY = 80
+COMPILE_NOTE_S = 2.0  # a compile still running after this says so on stderr (load)
 GEMV_TILES = (1, 2, 4, 8, 16)  # rows of X per GEMV launch-y (compile-time MT)
 GEMV_ROWS_PER_WARP = {1: 1, 2: 1, 4: 2, 8: 4, 16: 4}  # int4/int8 kernels: weight rows per warp (R)
 SOURCE_HASH = hashlib.sha256(SOURCE.encode()).hexdigest()[:12]
@@ -117,6 +120,12 @@ def load(device_id: int = 0) -> Kernels:
             )
         opts = compile_options(cc)
         t0 = time.perf_counter()
+        # a first use compiles for minutes (96 s on an H200 host, README); CuPy's cache hit takes well under a
+        # second, and which it will be is not known up front: say so once the wait outlasts a cache hit
+        note = threading.Timer(COMPILE_NOTE_S, say, (f"compiling the cuda backend's kernels for {gpu_name(device_id)} "
+                                                     f"(once, a minute or more; cached in {os.environ['CUPY_CACHE_DIR']})",))
+        note.daemon = True
+        note.start()
         try:
             mod = cupy.RawModule(code=SOURCE, options=opts)
             funcs = {name: mod.get_function(name) for name in KERNEL_NAMES}
@@ -127,6 +136,8 @@ def load(device_id: int = 0) -> Kernels:
                     funcs[name].max_dynamic_shared_size_bytes = optin
         except Exception as e:  # CompileException, CUDADriverError
             raise BackendError(f"the cuda backend's kernels failed to compile: {e}", fix="report this with `edge-rag doctor` output") from e
+        finally:
+            note.cancel()
         dt = time.perf_counter() - t0
     k = Kernels(mod, funcs, dt, cc, os.environ["CUPY_CACHE_DIR"], opts, optin)
     _CACHE[device_id] = k
