@@ -233,8 +233,7 @@ def _walk_strings(value: Any, where: str):
         if depth >= MAX_NESTING and isinstance(value, (dict, list)) and value:
             raise BadRequest(f"the request body nests more than {MAX_NESTING} levels deep", fix="send a flatter body")
         if isinstance(value, dict):
-            items = list(value.items())
-            for k, v in reversed(items):
+            for k, v in reversed(value.items()):
                 path = f"{where}.{k}" if where else str(k)
                 stack.append((path, v, depth + 1))
                 stack.append((path, k, depth + 1))

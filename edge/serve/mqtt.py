@@ -63,6 +63,8 @@ def parse_request(payload: bytes) -> Request:
     """Validate a request payload; BadPayload names the field and the fix."""
     try:
         body = json.loads(payload.decode("utf-8"))
+    except RecursionError:  # json nesting past the parser's limit (1,000s of levels): a payload, not a crash of the loop
+        raise BadPayload("the payload nests too deeply", fix='send {"question": "..."}') from None
     except (UnicodeDecodeError, ValueError):
         raise BadPayload("the payload is not JSON",
                          fix='send {"question": "...", "k": 5, "max_tokens": 256}') from None
