@@ -63,10 +63,9 @@ def test_available_and_probe_without_gpu(monkeypatch):
     assert set(p) >= {"binding", "gpu", "compute_capability", "kernels"}
 
 
-def _fake_cupy(monkeypatch, compiled: list):
-    """A cupy with one H200-like device whose RawModule records that it compiled (and takes 0.3 s to)."""
+def _fake_cupy(monkeypatch, compiled: list, compiling=lambda: None):
+    """A cupy with one H200-like device whose RawModule records that it compiled, after `compiling()` returns."""
     import importlib.machinery
-    import time
     import types
 
     cupy = types.ModuleType("cupy")
@@ -87,7 +86,7 @@ def _fake_cupy(monkeypatch, compiled: list):
 
     class RawModule:
         def __init__(self, code, options):
-            time.sleep(0.3)
+            compiling()
             compiled.append(options)
 
         def get_function(self, name):
@@ -110,6 +109,7 @@ def test_probe_compiles_nothing_under_edge_rag_no_gpu(monkeypatch, tmp_path):
     _fake_cupy(monkeypatch, compiled)
     monkeypatch.setattr(kernels, "_CACHE", {})
     monkeypatch.setenv("EDGE_RAG_HOME", str(tmp_path))
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "k"))  # load sets it where unset: restored after the test
     monkeypatch.setenv("EDGE_RAG_NO_GPU", "1")
     p = cuda.probe()
     assert p["gpu"] == "NVIDIA H200" and p["kernels"] == "not compiled" and "EDGE_RAG_NO_GPU" in p["reason"]
@@ -120,21 +120,30 @@ def test_probe_compiles_nothing_under_edge_rag_no_gpu(monkeypatch, tmp_path):
 
 
 def test_a_long_kernel_compile_says_so_on_stderr(monkeypatch, tmp_path, capsys):
+    """A compile that outlasts COMPILE_NOTE_S says so (the fake compile waits for the note, up to 10 s: no race with the
+    timer); one that ends first is silent."""
+    import threading
+
     from edge.runtime.cuda import kernels
 
+    noted = threading.Event()
+    say = kernels.say
+    monkeypatch.setattr(kernels, "say", lambda msg: (say(msg), noted.set()))
     compiled: list = []
-    _fake_cupy(monkeypatch, compiled)
+    _fake_cupy(monkeypatch, compiled, compiling=lambda: noted.wait(10))
     monkeypatch.setattr(kernels, "_CACHE", {})
     monkeypatch.setenv("EDGE_RAG_HOME", str(tmp_path))
     monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "k"))
     monkeypatch.setattr(kernels, "COMPILE_NOTE_S", 0.05)
     kernels.load(0)
     err = capsys.readouterr().err
-    assert "compiling the cuda backend's kernels for NVIDIA H200" in err and str(tmp_path / "k") in err
+    assert noted.is_set() and "compiling the cuda backend's kernels for NVIDIA H200" in err and str(tmp_path / "k") in err
+    noted.clear()
+    _fake_cupy(monkeypatch, compiled)  # a cache hit: no wait
     monkeypatch.setattr(kernels, "_CACHE", {})
-    monkeypatch.setattr(kernels, "COMPILE_NOTE_S", 5.0)  # a compile (cache hit) shorter than the wait: silent
+    monkeypatch.setattr(kernels, "COMPILE_NOTE_S", 5.0)
     kernels.load(0)
-    assert "compiling" not in capsys.readouterr().err
+    assert "compiling" not in capsys.readouterr().err and not noted.is_set()
 
 
 def test_gpu_row_orders_pair_rope_halves_and_gate_up():

@@ -46,12 +46,10 @@ def _tensorrt_reason() -> str | None:
 
 
 def _cuda_reason() -> str | None:
-    import os
-
     from edge.runtime import cuda
 
-    if os.environ.get("EDGE_RAG_NO_GPU"):
-        return "EDGE_RAG_NO_GPU is set"
+    if cuda.gpu_disabled():
+        return cuda.gpu_disabled()
     try:
         if cuda.available():
             return None

@@ -113,9 +113,7 @@ def resolve_backend(backend: str) -> str:
 def _cuda_unavailable_reason() -> str:
     from edge.runtime import cuda
 
-    if os.environ.get("EDGE_RAG_NO_GPU"):
-        return "EDGE_RAG_NO_GPU is set"
-    return str(cuda.probe(compile=False).get("reason") or "no usable NVIDIA GPU")
+    return cuda.gpu_disabled() or str(cuda.probe(compile=False).get("reason") or "no usable NVIDIA GPU")
 
 
 def built_for_exact_int8(manifest) -> bool:

@@ -131,7 +131,8 @@ class NativeBackend:
         build_flags: extra cc flags (tests build the portable C path with -march=x86-64);
         $EDGE_RAG_NATIVE_ISA (scalar, avx2, avxvnni, avx512, vnni) runs that kernel path (edge.runtime.cpu.build.forced_isa)."""
         from edge.models.rope import rope_tables
-        from edge.runtime.cpu.build import TILE_CODE, forced_isa, load, tile_name
+        from edge.runtime.cpu.build import forced_isa, load, tile_name
+        from edge.runtime.cpu.kernels import set_isa
         from edge.runtime.ort_session import lazy_zeros, limit_malloc_caching
 
         limit_malloc_caching()  # the repacking's large temporaries go back to the OS, not glibc's cache
@@ -142,9 +143,8 @@ class NativeBackend:
             raise BackendError(f"the native CPU backend does not run {spec.arch} ({', '.join(bad)})", fix="use --backend onnxruntime")
         isa, isa_flags = forced_isa()  # $EDGE_RAG_NATIVE_ISA (None: the best this CPU has)
         self.lib = load(tuple(build_flags) + isa_flags)
-        if isa is not None and self.lib.er_set_isa(abi.ISA_NAMES.index(TILE_CODE.get(isa, isa))) < 0:
-            raise BackendError(f"the {isa} kernel path is not available in this build", fix="unset EDGE_RAG_NATIVE_ISA")
-        self.isa = isa or tile_name(self.lib, self.lib.er_isa_max())  # the GEMM tile's path
+        # the GEMM tile's path (forced_isa checked the name and this CPU: kernels.set_isa maps it to the build's code)
+        self.isa = set_isa(isa, self.lib) if isa is not None else tile_name(self.lib, self.lib.er_isa_max())
         lim = bundle.limits
         self.max_context = int(min(max_context or lim.max_context, spec.max_position))
         if self.max_context < 2:

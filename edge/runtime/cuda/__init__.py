@@ -21,9 +21,17 @@ def _cupy_present() -> bool:
     return importlib.util.find_spec("cupy") is not None
 
 
+NO_GPU_ENV = "EDGE_RAG_NO_GPU"
+
+
+def gpu_disabled() -> str | None:
+    """Why nothing may run on a GPU here ($EDGE_RAG_NO_GPU set), or None."""
+    return f"{NO_GPU_ENV} is set" if os.environ.get(NO_GPU_ENV) else None
+
+
 def available() -> bool:
     """True when cupy imports and device 0 is an NVIDIA GPU of compute capability >= 8.0."""
-    if os.environ.get("EDGE_RAG_NO_GPU") or not _cupy_present():
+    if gpu_disabled() or not _cupy_present():
         return False
     try:
         import cupy
@@ -57,8 +65,8 @@ def probe(compile: bool = True) -> dict[str, Any]:
         if cc < 80:
             out["reason"] = "compute capability < 8.0: the cuda backend needs Ampere or newer"
             return out
-        if os.environ.get("EDGE_RAG_NO_GPU"):
-            out["reason"] = "EDGE_RAG_NO_GPU is set: nothing runs on the GPU"
+        if gpu_disabled():
+            out["reason"] = f"{gpu_disabled()}: nothing runs on the GPU"
             return out
         if compile:
             from edge.runtime.cuda.kernels import load
