@@ -1,6 +1,6 @@
 """Answer quality: `ask` over three corpora, next to llama.cpp on the same GGUF and the same prompts.
 
-    python bench/bench_answers.py [--engine BUNDLE] [--corpus manuals,pydoc,man] [--split test|heldout|both]
+    python bench/bench_answers.py [--engine BUNDLE] [--corpus manuals,pydoc,man,info] [--split test|heldout|both]
                                   [--peer] [--offset N] [--limit N] [--ids 0,4,17] [--uncovered yes|no|only]
                                   [--reuse-index]
                                   [--passages N] [--threads 2] [--backend auto|onnxruntime|native] [--details out.jsonl]
@@ -18,6 +18,10 @@ Corpora (each in its own collection, ingested afresh with the default embedder):
   man      17 Debian manual pages of sections 5, 7 and 8 (bench/man_corpus.py, rendered on first use
            into $EDGE_RAG_HOME/bench/man-corpus) + examples/man_questions_heldout.jsonl (24 questions):
            held out only, so `--split test` refuses it and `both` asks its held-out set
+  info     561 nodes of the GNU manuals of coreutils, findutils, grep, sed, gzip and diffutils
+           (bench/info_corpus.py, rendered from /usr/share/info on first use into
+           $EDGE_RAG_HOME/bench/info-corpus) + examples/info_questions_heldout.jsonl (24 questions
+           written blind): held out only, like man
 Each also gets UNCOVERED questions, which the documents do not answer, and a held-out question set
 (examples/*_heldout.jsonl, `--split heldout`) written before the recipe was tuned and never used to
 choose it. `--corpus` defaults to manuals,pydoc.
@@ -60,6 +64,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.info_corpus import ensure_info_corpus, info_corpus_dir  # noqa: E402
 from bench.man_corpus import ensure_man_corpus, man_corpus_dir  # noqa: E402
 
 # corpus -> (documents, the questions the recipe was chosen on; None: held out only); documents None:
@@ -68,14 +73,16 @@ CORPORA = {
     "manuals": (ROOT / "examples" / "manuals", ROOT / "examples" / "questions.jsonl"),
     "pydoc": (ROOT / "examples" / "pydoc", ROOT / "examples" / "pydoc_questions.jsonl"),
     "man": (None, None),
+    "info": (None, None),
 }
-RENDERED = {"man": lambda: ensure_man_corpus(man_corpus_dir())}
+RENDERED = {"man": lambda: ensure_man_corpus(man_corpus_dir()), "info": lambda: ensure_info_corpus(info_corpus_dir())}
 # questions written after the recipe's first measurements and never used to choose it; man's were
 # written blind, before anybody measured answers on that corpus
 HELDOUT = {
     "manuals": ROOT / "examples" / "questions_heldout.jsonl",
     "pydoc": ROOT / "examples" / "pydoc_questions_heldout.jsonl",
     "man": ROOT / "examples" / "man_questions_heldout.jsonl",
+    "info": ROOT / "examples" / "info_questions_heldout.jsonl",
 }
 UNCOVERED = {
     "manuals": ["Who won the football world cup in 1954?", "How do I bake sourdough bread?",
@@ -87,6 +94,10 @@ UNCOVERED = {
     "man": ["Who won the football world cup in 1954?", "How do I bake sourdough bread?",
             "What is the capital of Australia?", "What does error E-214 mean on the Kestrel robot?",
             "What does Python's difflib.get_close_matches return?", "How tall is Mount Everest?"],
+    "info": ["Who won the football world cup in 1954?", "How do I bake sourdough bread?",
+             "What is the capital of Australia?", "What does error E-214 mean on the Kestrel robot?",
+             "Which file lists the name servers a Debian machine resolves names with?",
+             "How tall is Mount Everest?"],
 }
 
 

@@ -15,17 +15,15 @@ anybody measured answers on it and is never used to choose a recipe (bench/bench
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.rendered_corpus import CORPUS_JSON, ensure, files_intact, write_meta  # noqa: E402
 from bench.scale_corpus import MAN_ROOT, man_name, render_man  # noqa: E402
 
 PAGES = (
@@ -38,7 +36,6 @@ PAGES = (
 # groff 1.22.4, manpages 6.03, passwd 4.13, adduser 3.134, apt 2.6.1, systemd 252, util-linux 2.38.1);
 # another value means other page versions, against which the held-out keywords were not checked
 REFERENCE_DIGEST = "b6dda44d4c3c7dad"
-CORPUS_JSON = "corpus.json"
 
 
 def man_corpus_dir() -> Path:
@@ -63,10 +60,6 @@ def rendered_name(page: str) -> str:
     return man_name(Path(page))
 
 
-def corpus_digest(sha256: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(sha256, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def render(out: Path) -> dict:
     """Render every page of PAGES into `out` (which must exist) and write corpus.json; returns its
     content. Raises EdgeRagError naming what is missing."""
@@ -79,67 +72,32 @@ def render(out: Path) -> dict:
         raise EdgeRagError(f"man corpus: pages not installed under {MAN_ROOT}: {', '.join(missing)}",
                            fix="install their packages (manpages, passwd, adduser, apt, systemd, util-linux) "
                                "and keep /usr/share/man (a minimized image drops it: see `unminimize`)")
-    sha256 = {}
+    texts = {}
     failed = []
     for page in PAGES:
         text = render_man(page_file(page))
         if not text:
             failed.append(page)
             continue
-        name = rendered_name(page)
-        (out / name).write_text(text, encoding="utf-8")
-        sha256[name] = hashlib.sha256(text.encode()).hexdigest()
+        texts[rendered_name(page)] = text
     if failed:
         raise EdgeRagError(f"man corpus: `man` could not render {', '.join(failed)}",
                            fix="run `man -l` on them to see why")
-    meta = {"pages": list(PAGES), "sha256": sha256, "digest": corpus_digest(sha256)}
-    (out / CORPUS_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+    meta = write_meta(out, texts, pages=list(PAGES))
     return meta
 
 
 def intact(folder: Path) -> bool:
     """A rendering of today's PAGES whose files are what corpus.json says they are."""
-    try:
-        meta = json.loads((folder / CORPUS_JSON).read_text())
-        return meta["pages"] == list(PAGES) and sorted(meta["sha256"]) == sorted(map(rendered_name, PAGES)) and all(
-            hashlib.sha256((folder / n).read_bytes()).hexdigest() == h for n, h in meta["sha256"].items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return files_intact(folder, "pages", list(PAGES), [rendered_name(p) for p in PAGES])
 
 
 def ensure_man_corpus(out_dir: Path | None = None, force: bool = False) -> Path:
-    """The rendered corpus folder (default man_corpus_dir()), rendered once (render_into_place: a
-    killed run or a concurrent job never sees half a corpus). An existing folder is kept while it is intact for today's page list. Pages that render
-    other than the reference (other page versions) are said on stderr: their figures are not
-    comparable with the reference's."""
+    """The rendered corpus folder (default man_corpus_dir()), rendered once and kept while it is
+    intact for today's page list (bench/rendered_corpus.ensure). Pages that render other than the
+    reference (other page versions) are said on stderr."""
     out = Path(out_dir) if out_dir is not None else man_corpus_dir()
-    if force or not intact(out):
-        render_into_place(out)
-    digest = json.loads((out / CORPUS_JSON).read_text())["digest"]
-    if digest != REFERENCE_DIGEST:
-        print(f"man_corpus: {out} renders to digest {digest}, not the reference {REFERENCE_DIGEST} the held-out "
-              "keywords were checked against (other page versions)", file=sys.stderr)
-    return out
-
-
-def render_into_place(out: Path) -> None:
-    """Render into a temporary folder beside `out`, then rename it to `out` (a stale `out` is moved
-    aside and removed first; a failed rendering leaves `out` as it was)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        render(tmp)
-        if out.exists():  # stale (another page list, an edited file): out of the way first
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # a concurrent job renamed its rendering first: same pages, keep that one
-            if not intact(out):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return ensure(out, force, lambda d: render(d), intact, REFERENCE_DIGEST, "man_corpus")
 
 
 def main() -> None:
