@@ -188,10 +188,14 @@ def test_robot_node_answers_a_queue_while_streaming(world, python_answers):
     events = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
     answers = {e["id"]: e for e in events if e["event"] == "answer"}
     assert sorted(answers) == [1, 2, 3]
+    # Q1 names E-214: covered on every machine; whether the gate passes Q2 depends on the random embedder's
+    # vectors (another CPU or the GPU gives other last bits), so its sources are checked against Python's
+    assert python_answers[(Q1, 24)]["covered"] and python_answers[(Q1, 24)]["sources"]
     for rid, q in ((1, Q1), (2, Q2), (3, Q1)):
         a = answers[rid]
-        assert a["question"] == q and a["text"] == python_answers[(q, 24)]["text"]
-        assert a["sources"] and all("controller.md" in s for s in a["sources"])
+        want = python_answers[(q, 24)]
+        assert a["question"] == q and a["text"] == want["text"]
+        assert len(a["sources"]) == len(want["sources"]) and all("controller.md" in s for s in a["sources"])
         streamed = "".join(e["text"] for e in events if e["event"] == "token" and e["id"] == rid)
         assert streamed.strip() == a["text"]
 
