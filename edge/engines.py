@@ -3,7 +3,7 @@
 The default generator answers questions (`ask`, `serve`, `generate`); it is chosen per device
 profile from GENERATORS, best answers first, as the first one whose model is installed, that the
 memory planner fits on the profile with DEFAULT_CONTEXT tokens, and that decodes fast enough there
-(MIN_DECODE_TOK_S). Measured with bench/bench_answers.py (README, "Answers"): Qwen2.5-Coder-1.5B-
+(MIN_DECODE_TOK_S). Measured with bench/bench_answers.py (docs/measurements.md, "Answers"): Qwen2.5-Coder-1.5B-
 Instruct answers the most fact questions from the passages, the 0.5B fewer at 3.5x its speed on a
 CPU; SmolLM2-135M mostly does not, so it is the fallback and the tiny model of the tests and of
 the speed benchmarks (`tiny_generator_bundle`).
@@ -54,7 +54,7 @@ QWEN15 = GeneratorChoice("Qwen2.5-Coder-1.5B-Instruct int8", "qwen2.5-coder-1.5b
 # Where the int8 1.5B decodes too slowly (the `cpu` profile: bounded at 16 tok/s) or does not fit (a
 # 4 GB Orin Nano), the same model in int4 g32 by plain rounding (AWQ moves the GGUF's 4-6 bit values
 # off their grid: +2.6% perplexity over RTN on the 0.5B) still answers more questions than the 0.5B
-# (README, "Answers"; bench/bench_answers.py), bounded at 25.7 tok/s on `cpu`.
+# (docs/measurements.md, "Answers"; bench/bench_answers.py), bounded at 25.7 tok/s on `cpu`.
 QWEN15_INT4 = GeneratorChoice("Qwen2.5-Coder-1.5B-Instruct int4 g32", "qwen2.5-coder-1.5b-instruct-q4_k_m", "int4", 32,
                               "qwen2.5-coder-1.5b-int4-g32", "4 to 7", DEFAULT_CONTEXT, rtn=True)
 QWEN05 = GeneratorChoice("Qwen2.5-Coder-0.5B-Instruct int8", "qwen2.5-coder-0.5b-instruct-q4_k_m", "int8", None,
@@ -62,7 +62,7 @@ QWEN05 = GeneratorChoice("Qwen2.5-Coder-0.5B-Instruct int8", "qwen2.5-coder-0.5b
 # g32, not the planner's g64: AWQ+GPTQ perplexity +8.0% vs fp16 at g32 against +10.2% at g64 on the
 # ONNX Runtime engine (bench/perplexity.py), for ~1/16 more weight bytes.
 SMOLLM2 = GeneratorChoice("SmolLM2-135M-Instruct int4 g32", "default", "int4", 32, "smollm2-135m-int4-g32", "1.5 to 3.5")
-GENERATORS = (QWEN15, QWEN15_INT4, QWEN05, SMOLLM2)  # best answers first (README, "Answers")
+GENERATORS = (QWEN15, QWEN15_INT4, QWEN05, SMOLLM2)  # best answers first (docs/measurements.md, "Answers")
 # A candidate must also decode at least this fast on the profile (the planner's bandwidth bound at
 # its default power mode, batch 1): ~40-token answers then stream in under 2 s. The 1.5B int8 is
 # bounded at 16 tok/s on the `cpu` profile (measured on the 2-core dev machine: 9.9 s per answer

@@ -40,7 +40,7 @@ class ChunkParams:
     # --embed-overlap` turns it on): a chunk's vector is computed from its own span (what the previous
     # chunk did not hold) while its text, its keyword index and the prompt keep the overlap: 13% fewer
     # tokens embedded. Session 6 (ONNX Runtime vectors) measured hybrid 0.98 -> 0.96 and kept it on.
-    # Session 17 (native encoder, README #15): the scale corpus ingested 1.21x faster, hybrid recall@5
+    # Session 17 (native encoder, docs/measurements.md #15): the scale corpus ingested 1.21x faster, hybrid recall@5
     # 0.96 either way with flat and HNSW (IVF-PQ 0.96 -> 0.94), hybrid MRR 0.908 -> 0.895, vector
     # recall@5 0.88 -> 0.90; the three answer corpora: the same recall@5, MRR and gate decisions on every
     # question set, and held-out answers 20/24, 20/22, 21/22 (20, 20, 20 with the overlap), each >= llama.cpp
@@ -49,7 +49,7 @@ class ChunkParams:
     # NOTE: the most tokens of a chunk's embedded text ([CLS] and [SEP] included) the embedder reads
     # (None: its max_seq_length, `edge-rag ingest --embed-tokens 0`). The vector comes from the chunk's
     # head (title, heading, first tokens); its stored text, keyword index and prompt keep every token.
-    # all-MiniLM-L6-v2 was trained on 128-token inputs. Measured on the scale corpus (README #15,
+    # all-MiniLM-L6-v2 was trained on 128-token inputs. Measured on the scale corpus (docs/measurements.md #15,
     # session 7; 31,008 chunks of 182 tokens on average, HNSW, the shipped fusion): hybrid recall@5
     # 0.98 with any cap (160 / 144 / 128 / none), hybrid MRR 0.908 / 0.895 / 0.865 / 0.918, vector
     # recall@5 0.90 / 0.94 / 0.92 / 0.90; ingest of shard 0/10 1.20x / 1.30-1.35x / 1.48-1.54x the
@@ -126,7 +126,7 @@ class Chunker:
     """Cut a LoadedDoc into chunks. `count_tokens(text)` may include special tokens; the count of
     an empty string is subtracted so that sums of pieces approximate the whole. `count_many`, where
     the embedder has it, counts a document's blocks (and a long block's sentences) in one call: one
-    tokenizer call per text cost 0.9 s of a 12 s ingest of 50 pydoc pages (README #15, session 17)."""
+    tokenizer call per text cost 0.9 s of a 12 s ingest of 50 pydoc pages (docs/measurements.md #15, session 17)."""
 
     def __init__(self, count_tokens: CountTokens, params: ChunkParams = ChunkParams(),
                  count_many: CountMany | None = None):

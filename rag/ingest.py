@@ -301,7 +301,7 @@ def _is_under(p: Path, root: Path) -> bool:
 # `threads` streams at once (edge.runtime.embedder STREAMS_NOTE) and returns when the last one ends,
 # so a stream idles at the end of every embed() while the other finishes its last call (~2 texts):
 # up to one call in 16 with one batch of 32 per embed() (an estimate, not measured on its own; the
-# README's session-6 A/B measures it together with the flash-attention graph).
+# docs/measurements.md's session-6 A/B measures it together with the flash-attention graph).
 EMBED_GROUP = 16
 
 

@@ -3,7 +3,7 @@ the answer's [n] citations back to their sources.
 
 How `ask` prompts a model is an `AnswerRecipe` (system line, how many passages and how long,
 answer budget, repetition penalty), chosen per model by `recipe_for`. Every value in the
-recipes was measured with bench/bench_answers.py on two corpora (see the README's answer table);
+recipes was measured with bench/bench_answers.py on two corpora (see docs/measurements.md, "Answers");
 the chat template is always the model's own.
 
 Budget (tokens of the generator's own tokenizer, chat template included):
@@ -63,7 +63,7 @@ SYSTEM_PROMPT = (
     "not cover it."
 )
 
-# Measured per model size on the shipped manuals and the pydoc corpus (README, "Answers"):
+# Measured per model size on the shipped manuals and the pydoc corpus (docs/measurements.md, "Answers"):
 # the 135M model loses the fact when given more than one passage. 0.5B+ models get five: the
 # expected keywords were in the top 3 passages for 32/36 manuals and 30/32 pydoc questions, in
 # the top 5 for 35/36 and 32/32 (the chunks are ~100-180 tokens, so five cost ~300 more tokens).

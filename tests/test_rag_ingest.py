@@ -100,7 +100,7 @@ def test_repeated_chunks_are_embedded_once_and_share_the_vector(tmp_path):
 def test_a_chunk_is_embedded_with_its_overlap_unless_told_not_to(tmp_path):
     from rag.chunk import ChunkParams
 
-    assert ChunkParams().embed_overlap is False  # own-span vectors: 13% fewer tokens embedded (README #15, session 17)
+    assert ChunkParams().embed_overlap is False  # own-span vectors: 13% fewer tokens embedded (docs/measurements.md #15, session 17)
 
     docs = tmp_path / "docs"
     docs.mkdir()

@@ -281,7 +281,7 @@ INT8_SMOOTH_ALPHA = 0.8  # 0.5 left min cosine 0.985 on short texts, 0.8 gave 0.
 # FFN down's rows pre-scaled by their max (min cosine 0.99205, VNNI). With one scale per call a text's
 # vector depended on the texts batched with it (0.98914 in batches of 512 tokens). Now every int8
 # linear scales each row (token) by its own max |x| (quantize_linears_per_row); measured in the
-# README (#15) and bench/bench_embed.py.
+# docs/measurements.md (#15) and bench/bench_embed.py.
 ACTIVATION_SCALES = "per_row"
 
 
@@ -291,7 +291,7 @@ def int8_weight_type(u8s8_exact: bool) -> str:
     (edge.cpu); its u8 x u8 GEMM widens both sides to int16 first (vpmaddwd) and is exact there.
     Measured against sentence-transformers (min cosine over bench_embed.varied_texts(200)), with
     the FFN down row-scaled (with the FFN down as 8-bit MatMulNBits before it, in brackets):
-      int8 weights:               0.99205 [0.99302] (VNNI); saturates on AVX2 (README, qemu -cpu Haswell)
+      int8 weights:               0.99205 [0.99302] (VNNI); saturates on AVX2 (docs/measurements.md, qemu -cpu Haswell)
       7-bit int8 (reduce_range):  [0.98835] (FFN down fp32; the same on either CPU: cannot saturate)
       uint8 weights (u8 x u8):    0.99320 [0.99308] on VNNI, the same arithmetic on AVX2; 0.61x the
                                   speed of int8 on the VNNI CPU, whose u8 x u8 kernel has no vpdpbusd

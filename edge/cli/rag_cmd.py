@@ -95,14 +95,14 @@ def ingest(
     embed_overlap: Optional[bool] = typer.Option(None, "--embed-overlap/--no-embed-overlap",
                                                  help="--embed-overlap: embed the tokens a chunk carries from the previous "
                                                       "one too; --no-embed-overlap: a chunk's vector from its own span (13% "
-                                                      "fewer tokens, README #15). Default: what the collection was ingested "
+                                                      "fewer tokens, docs/measurements.md, #15). Default: what the collection was ingested "
                                                       "with, else own spans"),
     embed_tokens: Optional[int] = typer.Option(None, "--embed-tokens",
                                                help="Embed at most this many tokens of each chunk (its head; the whole chunk "
                                                     "stays searchable by keyword and goes into prompts). 0: the embedder's limit. "
                                                     "Default: what the collection was ingested with, else "
                                                     f"{DEFAULT_EMBED_TOKENS or 'the embedder limit'}; {FAST_EMBED_TOKENS}: ingest ~1.5x faster, same hybrid recall@5, "
-                                                    "lower MRR (README #15)"),
+                                                    "lower MRR (docs/measurements.md, #15)"),
     index_memory: Optional[str] = typer.Option(None, "--index-memory",
                                                 help="Memory budget for the vector index (e.g. 64MB): picks flat/HNSW/IVF-PQ"),
     backend: str = typer.Option("auto", "--backend", help=EMBED_BACKEND_HELP),

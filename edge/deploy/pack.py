@@ -46,7 +46,7 @@ JETSON_PLATFORMS = ("manylinux2014_aarch64", "manylinux_2_28_aarch64", "manylinu
 JETSON_PYTHON = "3.10"
 # What the runtime process costs besides its engines and index (Python, onnxruntime, numpy, faiss,
 # the HTTP server): the default engines' serve process measured 355 MiB RSS, of which ~123 MB
-# generator and ~47 MB embedder (README, "Local HTTP API").
+# generator and ~47 MB embedder (docs/measurements.md, "Local HTTP API").
 RUNTIME_BASE_BYTES = 384 << 20
 MEMORY_HEADROOM = 1.5
 

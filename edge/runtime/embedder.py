@@ -127,7 +127,7 @@ def isa_mismatch(manifest, onnxruntime: bool = False) -> str | None:
     u8 x s8 GEMMs (VNNI, ARM), its MatMulInteger weights are int8; on x86 without VNNI the int16
     pair sums of u8 x s8 saturate in onnxruntime (edge.cpu), not in the native encoder's AVX2 kernels
     (edge.runtime.cpu.encoder.int8_exact). Built where neither runs, they are uint8 (u8 x u8, exact
-    everywhere; older builds: 7-bit int8). Measured under qemu -cpu Haswell: README."""
+    everywhere; older builds: 7-bit int8). Measured under qemu -cpu Haswell: docs/measurements.md."""
     from edge.cpu import u8s8_exact
     from edge.runtime.cpu.encoder import int8_exact
 

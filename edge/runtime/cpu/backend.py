@@ -166,7 +166,7 @@ class NativeBackend:
 
         # NOTE: tensors memory-mapped one at a time (MappedWeights), not the whole file read at once: each
         # linear's file pages leave with it once repacked, so the load's peak is ~the packed weights, not
-        # file + copies (SmolLM2-135M int4: peak RSS 383 -> see README "Per CPU", session 14)
+        # file + copies (SmolLM2-135M int4: peak RSS 383 -> see docs/measurements.md "Per CPU", session 14)
         w = MappedWeights(bundle.file("weights.safetensors"))
         self._keep: list[object] = []
         # fp16 (or fp32) [V, H], gathered per step: read-only pages of the file, shared with the page cache

@@ -6,7 +6,7 @@
 Why it exists: ONNX Runtime runs the int8 graph as ~150 separate ops a call, and on a 2-core
 AVX-512 VNNI EPYC (Zen 4, one thread, 2 x 184-token texts) only 47% of its time was the int8 GEMMs;
 multi-head attention took 24%, the row-quantisation ops (Mul, Abs, ReduceMax, QuantizeLinear)
-~14%, BiasGelu 9%, the adds and layer norms 5% (`README.md`, "Ingest speed, session 16"). Here those
+~14%, BiasGelu 9%, the adds and layer norms 5% (`docs/measurements.md`, "Ingest speed, session 16"). Here those
 ops are fused into the GEMMs' passes and the texts of a call are not padded.
 
 The vectors are the graph's: the weights, smoothing scales and per-row activation codes are the

@@ -120,7 +120,7 @@ def load(device_id: int = 0) -> Kernels:
             )
         opts = compile_options(cc)
         t0 = time.perf_counter()
-        # a first use compiles for minutes (96 s on an H200 host, README); CuPy's cache hit takes well under a
+        # a first use compiles for minutes (96 s on an H200 host, docs/measurements.md); CuPy's cache hit takes well under a
         # second, and which it will be is not known up front: say so once the wait outlasts a cache hit
         note = threading.Timer(COMPILE_NOTE_S, say, (f"compiling the cuda backend's kernels for {gpu_name(device_id)} "
                                                      f"(once, a minute or more; cached in {os.environ['CUPY_CACHE_DIR']})",))

@@ -294,7 +294,7 @@ typedef struct {
 /* float vectors of VL lanes (GCC vector extensions): one zmm of 16 with AVX-512, one ymm of 8 with AVX
    (NOTE: not 16 lanes as two ymm: GCC 12 keeps a 64-byte vector that a loop carries in memory on AVX2,
    stored and reloaded in xmm pieces every iteration, which made the AVX2 build's attention 3-4x slower
-   than the AVX-512 build's; README, session 11), 16 in a plain -march=x86-64 build (SSE / scalar code).
+   than the AVX-512 build's; docs/measurements.md, session 11), 16 in a plain -march=x86-64 build (SSE / scalar code).
    Every lane does the same IEEE operations in the same order on every build (no FMA: -ffp-contract=off;
    fp16 -> float is exact), and no result depends on which lanes share a vector (lane_sum keeps 16
    lanes on every build), so all builds give the same bits. */
@@ -506,7 +506,7 @@ static void idots_scalar(const er_lin *L, int tile, int b, int mr, const int8_t 
 /* int4 without VNNI: a vpmaddubsw lane (nibbles 0..15 x s8 pairs) is at most 2 * 15 * 127 = 3,810 in
    magnitude, so a 32-block's 8 of them sum exactly in int16 (30,480 < 32,767): one vpaddw a k-group and
    one vpmaddwd a block, not a vpmaddwd + vpaddd a k-group (the GEMMs are compute bound at 8 rows without
-   VNNI). The same int32 dot, so the same bits (measured against the per-group form: README, native, session 9). */
+   VNNI). The same int32 dot, so the same bits (measured against the per-group form: docs/measurements.md, native, session 9). */
 
 #if defined(__AVX2__)
 /* The AVX2 tile whole (what an AVX2-only CPU runs): rows r and 8-column halves nh (constants after
