@@ -22,6 +22,9 @@ Corpora (each in its own collection, ingested afresh with the default embedder):
            (bench/info_corpus.py, rendered from /usr/share/info on first use into
            $EDGE_RAG_HOME/bench/info-corpus) + examples/info_questions_heldout.jsonl (24 questions
            written blind): held out only, like man
+  info2    the info corpus again with a second blind set (examples/info_questions_heldout2.jsonl, 24
+           questions on other nodes, written before any change that the first set's answers prompted)
+           and other uncovered questions: the check on whatever the first set led to
 Each also gets UNCOVERED questions, which the documents do not answer, and a held-out question set
 (examples/*_heldout.jsonl, `--split heldout`) written before the recipe was tuned and never used to
 choose it. `--corpus` defaults to manuals,pydoc.
@@ -74,8 +77,10 @@ CORPORA = {
     "pydoc": (ROOT / "examples" / "pydoc", ROOT / "examples" / "pydoc_questions.jsonl"),
     "man": (None, None),
     "info": (None, None),
+    "info2": (None, None),
 }
-RENDERED = {"man": lambda: ensure_man_corpus(man_corpus_dir()), "info": lambda: ensure_info_corpus(info_corpus_dir())}
+RENDERED = {"man": lambda: ensure_man_corpus(man_corpus_dir()), "info": lambda: ensure_info_corpus(info_corpus_dir()),
+            "info2": lambda: ensure_info_corpus(info_corpus_dir())}
 # questions written after the recipe's first measurements and never used to choose it; man's were
 # written blind, before anybody measured answers on that corpus
 HELDOUT = {
@@ -83,6 +88,7 @@ HELDOUT = {
     "pydoc": ROOT / "examples" / "pydoc_questions_heldout.jsonl",
     "man": ROOT / "examples" / "man_questions_heldout.jsonl",
     "info": ROOT / "examples" / "info_questions_heldout.jsonl",
+    "info2": ROOT / "examples" / "info_questions_heldout2.jsonl",
 }
 UNCOVERED = {
     "manuals": ["Who won the football world cup in 1954?", "How do I bake sourdough bread?",
@@ -98,6 +104,10 @@ UNCOVERED = {
              "What is the capital of Australia?", "What does error E-214 mean on the Kestrel robot?",
              "Which file lists the name servers a Debian machine resolves names with?",
              "How tall is Mount Everest?"],
+    "info2": ["Which git command shows the commit history of a repository?", "How do I change my login shell?",
+              "Which file holds the jobs that cron runs for a user?", "Who painted the Mona Lisa?",
+              "How do I make systemd-networkd give an interface a static IP address?",
+              "What is the speed of light in a vacuum?"],
 }
 
 

@@ -22,6 +22,7 @@ from edge.errors import EdgeRagError  # noqa: E402
 from rag.eval import keyword_hits, load_questions  # noqa: E402
 
 QUESTIONS = ROOT / "examples" / "info_questions_heldout.jsonl"
+QUESTIONS2 = ROOT / "examples" / "info_questions_heldout2.jsonl"  # the second blind set: other nodes
 BODY = "Some text about the tool that is long enough to be a document of its own. " * 4
 
 
@@ -113,8 +114,9 @@ def test_rendering_is_kept_while_intact_and_redone_when_edited(rendered, tmp_pat
     assert json.loads((again / "corpus.json").read_text())["sha256"] == meta["sha256"]
 
 
-def test_questions_parse_spread_over_the_manuals_and_do_not_give_their_keywords():
-    items = load_questions(QUESTIONS)
+@pytest.mark.parametrize("qfile", [QUESTIONS, QUESTIONS2], ids=["set1", "set2"])
+def test_questions_parse_spread_over_the_manuals_and_do_not_give_their_keywords(qfile):
+    items = load_questions(qfile)
     assert len(items) == 24 and len({it.question for it in items}) == 24
     assert len({it.expected_sources[0] for it in items}) == 24
     per = collections.Counter(it.expected_sources[0].split("--", 1)[0] for it in items)
@@ -124,12 +126,18 @@ def test_questions_parse_spread_over_the_manuals_and_do_not_give_their_keywords(
         assert not keyword_hits(it.question, it.keywords)[1], it.question
 
 
-def test_every_keyword_is_in_its_node(rendered):
+def test_the_second_set_asks_about_other_nodes():
+    first = {it.expected_sources[0] for it in load_questions(QUESTIONS)}
+    assert not first & {it.expected_sources[0] for it in load_questions(QUESTIONS2)}
+
+
+@pytest.mark.parametrize("qfile", [QUESTIONS, QUESTIONS2], ids=["set1", "set2"])
+def test_every_keyword_is_in_its_node(rendered, qfile):
     meta = json.loads((rendered / "corpus.json").read_text())
     if meta["digest"] != REFERENCE_DIGEST:
         pytest.skip(f"these manuals render to digest {meta['digest']}, not the Debian 12 reference "
                     f"{REFERENCE_DIGEST} the keywords were checked against (other manual versions)")
-    for it in load_questions(QUESTIONS):
+    for it in load_questions(qfile):
         text = (rendered / it.expected_sources[0]).read_text(encoding="utf-8")
         ok, share = keyword_hits(text, it.keywords)
         assert ok, (it.question, it.keywords, share)
