@@ -115,17 +115,34 @@ def api_names(text: str) -> list[str]:
     return [t for t in query_terms(text) if "_" in t or is_dotted_name(t)]
 
 
+def letter_codes(text: str) -> list[str]:
+    """code_terms holding a letter as well as a digit: error codes, part and model numbers, names of
+    encodings and formats (e-214, ks-bat-48105, utf-8, sha256), not bare numbers (2.4, 40-118-2) and not
+    api_names (base64.b16decode: the name rule of missing_names looks for its last part)."""
+    return [t for t in code_terms(text) if any(c.isalpha() for c in t) and "_" not in t and not is_dotted_name(t)]
+
+
 def missing_names(question: str, passages: list[str]) -> list[str]:
-    """api_names of `question` that none of `passages` holds, whole or as their last part (documentation
-    names a function under its module's page: "get_nowait()" in queue's). A last part under 3
-    characters counts as found (too common to tell anything)."""
+    """api_names and letter_codes of `question` that none of `passages` holds. A name counts as held
+    whole or as its last part (documentation names a function under its module's page: "get_nowait()"
+    in queue's; a last part under 3 characters counts as found: too common to tell anything); a code
+    as a whole term, or with its separators dropped on both sides (sha-256 / sha256)."""
     hay = "\n".join(passages).lower()
+    bare = re.sub(r"[-_./:]", "", hay)
     missing = []
     for n in api_names(question):
         last = n.split(".")[-1]
         if n not in hay and len(last) >= 3 and last not in hay:
             missing.append(n)
+    for c in letter_codes(question):
+        if c not in missing and not _holds(hay, c) and not _holds(bare, re.sub(r"[-_./:]", "", c)):
+            missing.append(c)
     return missing
+
+
+def _holds(hay: str, code: str) -> bool:
+    """`code` in `hay` as a whole term: E-214 is not held by E-2140."""
+    return re.search(r"(?<![a-z0-9])" + re.escape(code) + r"(?![a-z0-9])", hay) is not None
 
 
 def keyword_coverage(question: str, passage: str) -> float:

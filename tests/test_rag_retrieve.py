@@ -141,6 +141,24 @@ def test_a_question_naming_what_no_passage_holds_is_not_covered(retriever):
     assert not spaced.relevant and spaced.missing == ["pressure_sensor"]  # the manual writes "pressure sensor"
 
 
+def test_a_question_naming_a_code_no_passage_holds_is_not_covered(retriever):
+    """An error code or part number (a term with a letter and a digit) that no retrieved passage holds
+    makes the question uncovered, whatever its cosine: "What does error E-214 mean on the Kestrel
+    robot?" passed on cosine over GNU manuals (find's "Error Messages" node) and got an invented
+    meaning. A code that is there, or is there without its separators, passes; bare numbers are no codes."""
+    from rag.retrieve import letter_codes, missing_names
+
+    assert letter_codes("Is E-214 or KS-BAT-48105 rated 57.6 V, or PN 40-118-2?") == ["e-214", "ks-bat-48105"]
+    assert letter_codes("What does base64.b16decode or sha3_256 allow?") == []  # names: the name rule
+    assert missing_names("Which digest does SHA-256 give?", ["sha256sum prints SHA256 digests"]) == []
+    assert missing_names("What does error E-215 mean?", ["E-214 means the coolant pressure"]) == ["e-215"]
+    assert missing_names("What does E-214 mean?", ["E-2140 is a different code"]) == ["e-214"]
+    retriever.min_cosine = -1.0  # every question passes on cosine
+    r = retriever.search("What does error E-999 mean?", k=3)
+    assert not r.relevant and r.missing == ["e-999"]
+    assert retriever.search("What does error E-214 mean?", k=3).relevant
+
+
 def test_bad_arguments(retriever):
     with pytest.raises(UsageError, match="mode"):
         retriever.search("x", mode="fuzzy")
