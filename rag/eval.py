@@ -78,7 +78,8 @@ _DASHES = str.maketrans({c: "-" for c in "\u2010\u2011\u2012\u2013\u2014\u2212"}
 
 def normalize_answer_text(text: str) -> str:
     """Case, whitespace and number formatting folded, so that a keyword is found however the answer
-    writes the same fact: '60%' = '60 %', '1,000,000' = '1000000', en dash and minus = '-'."""
+    writes the same fact: '60%' = '60 %', '1,000,000' = '1000000', en dash and minus = '-' (and, in
+    _keyword_re, 'three' = '3')."""
     t = " ".join(text.lower().translate(_DASHES).split())
     t = re.sub(r"(?<=\d),(?=\d{3}\b)", "", t)  # thousands separators
     return re.sub(r"(?<=\d) (?=%)", "", t)  # '60 %' -> '60%'
@@ -93,11 +94,19 @@ def keyword_hits(answer: str, keywords: list[str]) -> tuple[bool, float]:
     return found == len(keywords), found / len(keywords)
 
 
+# a whole-number keyword from 2 to 20 is also found written as a word ("makes three passes" holds "3");
+# not 0 and 1: "one" and "none" say other things as often
+NUMBER_WORDS = dict(enumerate("two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                              "sixteen seventeen eighteen nineteen twenty".split(), start=2))
+
+
 def _keyword_re(kw: str) -> re.Pattern:
-    """A keyword's pattern: a number is found whole ('9' is not in '1999', '0.6' not in '0.65')."""
+    """A keyword's pattern: a number is found whole ('9' is not in '1999', '0.6' not in '0.65'), and
+    one from 2 to 20 also as its word."""
     head = r"(?<![\d.])" if kw[:1].isdigit() else ""
     tail = r"(?!\d|\.\d)" if kw[-1:].isdigit() else ""
-    return re.compile(head + re.escape(kw) + tail)
+    word = NUMBER_WORDS.get(int(kw)) if kw.isdigit() else None
+    return re.compile(head + re.escape(kw) + tail + (rf"|\b{word}\b" if word else ""))
 
 
 def evaluate(items: list[EvalItem], retriever, *, k: int = 5, mode: str = "hybrid", generator=None,

@@ -14,6 +14,8 @@ from rag.eval import keyword_hits
     ("error E-214", "e-214"),
     ("signal above \u221267 dBm", "-67 dBm"),
     ("compression level 9.", "9"),
+    ("shred makes three overwrite passes by default", "3"),
+    ("Twelve bytes", "12"),
 ])
 def test_the_same_fact_written_differently_is_found(answer, keyword):
     assert keyword_hits(answer, [keyword]) == (True, 1.0)
@@ -24,6 +26,8 @@ def test_the_same_fact_written_differently_is_found(answer, keyword):
     ("a cutoff of 0.65", "0.6"),
     ("up to 128 entries", "12"),
     ("60 percent", "60 %"),
+    ("none of them, only one", "1"),  # 0 and 1 are not read from words
+    ("threefold", "3"),
 ])
 def test_a_number_inside_another_number_is_not_found(answer, keyword):
     assert keyword_hits(answer, [keyword]) == (False, 0.0)
