@@ -125,8 +125,10 @@ def letter_codes(text: str) -> list[str]:
 def missing_names(question: str, passages: list[str]) -> list[str]:
     """api_names and letter_codes of `question` that none of `passages` holds. A name counts as held
     whole or as its last part (documentation names a function under its module's page: "get_nowait()"
-    in queue's; a last part under 3 characters counts as found: too common to tell anything); a code
-    as a whole term, or with its separators dropped on both sides (sha-256 / sha256)."""
+    in queue's; a last part under 3 characters counts as found: too common to tell anything). Codes
+    count only when none of the question's is held (a question may name a version or serial of the
+    user's own beside the code it asks about), each as a whole term or with its separators dropped on
+    both sides (sha-256 / sha256)."""
     hay = "\n".join(passages).lower()
     bare = re.sub(r"[-_./:]", "", hay)
     missing = []
@@ -134,9 +136,10 @@ def missing_names(question: str, passages: list[str]) -> list[str]:
         last = n.split(".")[-1]
         if n not in hay and len(last) >= 3 and last not in hay:
             missing.append(n)
-    for c in letter_codes(question):
-        if c not in missing and not _holds(hay, c) and not _holds(bare, re.sub(r"[-_./:]", "", c)):
-            missing.append(c)
+    codes = letter_codes(question)
+    absent = [c for c in codes if not _holds(hay, c) and not _holds(bare, re.sub(r"[-_./:]", "", c))]
+    if codes and len(absent) == len(codes):  # one code held is enough: "E-214 after firmware v2.3.1"
+        missing += [c for c in absent if c not in missing]
     return missing
 
 
