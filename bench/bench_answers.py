@@ -159,12 +159,13 @@ def peer_answer(peer: LlamaPeer, tokenizer, prompt, question: str, recipe) -> tu
     """llama.cpp through ask's own steps: the prompt's ids; a degenerate answer asked again with
     rag.prompt.retry_prompt; copied passage headers cut to their citation. (text, first degenerate
     text or None, ttft ms of the first call, seconds in all)."""
+    from rag.ask import prompt_headings
     from rag.ground import degenerate, strip_header_copies
     from rag.prompt import retry_prompt
 
     text, ttft, s = peer.answer(tokenizer.encode_chat(prompt.messages), prompt.answer_tokens, recipe.repetition_penalty)
     text = strip_header_copies(text).strip()
-    if not degenerate(text, question) or not prompt.passages:
+    if not degenerate(text, question, headings=prompt_headings(prompt)) or not prompt.passages:
         return text, None, ttft, s
     again = retry_prompt(prompt, question, tokenizer)
     text2, _, s2 = peer.answer(tokenizer.encode_chat(again.messages), prompt.answer_tokens, recipe.repetition_penalty)
@@ -175,11 +176,11 @@ def shown_text(text: str, g, prompt, question: str, res, min_coverage: float) ->
     """What ask would show for the peer's `text`: refused where the gate passed on keywords alone and
     the passages do not back it; a degenerate answer is replaced by the closest passage's quote; an
     ungrounded one is followed by it (rag.ask)."""
-    from rag.ask import NOT_COVERED, refuse_ungrounded
+    from rag.ask import NOT_COVERED, prompt_headings, refuse_ungrounded
     from rag.ground import degenerate, fallback_note
     from rag.retrieve import keyword_coverage
 
-    deg = degenerate(text, question)
+    deg = degenerate(text, question, headings=prompt_headings(prompt))
     if refuse_ungrounded(res, replace(g, grounded=g.grounded and not deg), [p.text for p in prompt.passages], question, min_coverage):
         return NOT_COVERED
     if (g.grounded and not deg) or not prompt.passages:
@@ -363,7 +364,7 @@ def main() -> None:
     from edge.runtime.embedder import Embedder
     from edge.runtime.generator import Generator
     from edge.runtime.tokenizer import Tokenizer
-    from rag.ask import NOT_COVERED, ask, generator_recipe
+    from rag.ask import NOT_COVERED, ask, generator_recipe, prompt_headings
     from rag.eval import load_questions, source_matches
     from rag.chunk import ChunkParams
     from rag.ingest import ingest
@@ -473,7 +474,8 @@ def main() -> None:
                            "keywords_ok_first": score_text(first, 1, it)["keywords_ok"] if first is not None else sc["keywords_ok"],
                            "keywords_ok_shown": score_text(shown, 1, it)["keywords_ok"], "refused": shown == NOT_COVERED,
                            "passed_on": res.passed_on, "top_cosine": res.top_cosine,
-                           "grounded": g.grounded and not degenerate(text, it.question),
+                           "grounded": g.grounded and not degenerate(text, it.question,
+                                                                     headings=prompt_headings(prompt)),
                            "cited_expected": cited_expected(sc["cited"] or ([g.attributed] if g.attributed else []))}
                     rows["llama.cpp"].append(row)
                     if details:

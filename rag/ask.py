@@ -28,7 +28,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from rag.ground import MIN_SUPPORT, AnswerGuard, CitationFilter, Grounding, fallback_note, ground, strip_header_copies
+from rag.ground import (MIN_SUPPORT, AnswerGuard, CitationFilter, Grounding, fallback_note, ground, passage_headings,
+                        strip_header_copies)
 from rag.prompt import AnswerRecipe, Prompt, build_prompt, cited_numbers, recipe_for, retry_prompt, sources
 from rag.retrieve import MIN_KEYWORD_COVERAGE, Retrieval, Retriever, keyword_coverage
 
@@ -197,9 +198,15 @@ class _Run:
     request: object = None  # the engine request (its stats), when the generator has an engine
 
 
+def prompt_headings(prompt: Prompt) -> list[str]:
+    """The headings of the prompt's passages (rag.ground.passage_headings): an answer that is only one
+    of them says nothing."""
+    return passage_headings([p.text for p in prompt.passages], [p.hit.chunk.heading for p in prompt.passages])
+
+
 def _generate(generator, prompt: Prompt, question: str, params, emit: Callable[[str], None]) -> _Run:
     """One streamed answer to `prompt`: generator -> CitationFilter -> AnswerGuard -> emit."""
-    cites, guard = CitationFilter(len(prompt.passages)), AnswerGuard(question)
+    cites, guard = CitationFilter(len(prompt.passages)), AnswerGuard(question, prompt_headings(prompt))
     said: list[str] = []
 
     def take(piece: str) -> None:

@@ -149,18 +149,51 @@ def strip_header_copies(text: str) -> str:
     return _HEADER_COPY.sub(lambda m: m.group(0)[: m.group(0).index("]") + 1], text)
 
 
-def degenerate(answer: str, question: str, partial: bool = False) -> str | None:
+_UNDERLINE = re.compile(r"[=\-*~^.]{3,}")
+_CITES = re.compile(r"\[\d+\]")
+
+
+def _heading_key(text: str) -> str:
+    """A heading or an answer as compared with one: citations, '#' marks, quotes and end punctuation
+    dropped, case and spacing folded."""
+    t = _CITES.sub(" ", text).lower().replace("#", " ")
+    return " ".join(t.split()).strip(" .:;,'\"`\u2018\u2019\u201c\u201d")
+
+
+def passage_headings(texts: list[str], headings: list[str] = ()) -> list[str]:
+    """The heading lines of passages, as _heading_key: a line over an underline ('====', '----': Info
+    and reStructuredText titles such as "30.4.3 Related source code"), a markdown '#' line, and each
+    part of a chunk's heading path ("Install > Network")."""
+    out = []
+    for text in texts:
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            under = i + 1 < len(lines) and _UNDERLINE.fullmatch(lines[i + 1].strip()) is not None
+            if line.strip() and (under or line.lstrip().startswith("#")):
+                out.append(_heading_key(line))
+    for h in headings:
+        out += [_heading_key(x) for x in h.split(" > ")]
+    return [h for h in dict.fromkeys(out) if h]
+
+
+def degenerate(answer: str, question: str, partial: bool = False, headings: list[str] = ()) -> str | None:
     """Why `answer` says nothing of its own (None when it does): only citations or copied passage
-    headers ("[1] [2] [3]", "[1] (pydoc/x.txt, lines 1-32)"), or only the question's own words
+    headers ("[1] [2] [3]", "[1] (pydoc/x.txt, lines 1-32)"), only the question's own words
     (the question repeated back; with `partial`, its last word may be a prefix of the question's
-    next one: text still streaming). Measured on bench/bench_answers.py answers of the 0.5B model: these
-    were 9 of its 22 failed manuals answers and 6 of its 9 failed pydoc test answers."""
+    next one: text still streaming), or only one of `headings` (passage_headings: "[1] 4.5 Zero
+    Address"; with `partial`, the start of one). Measured on bench/bench_answers.py answers of the 0.5B
+    model: the first two were 9 of its 22 failed manuals answers and 6 of its 9 failed pydoc test
+    answers; a copied section title was 3 of its 4 answers to uncovered questions that passed the gate
+    on the GNU info manuals (session 21)."""
     if refuses(answer):
         return None
     rest = strip_header_copies(answer)
     terms = content_terms(rest)
     if not terms:
         return "only citations or passage headers"
+    key = _heading_key(rest)
+    if key and any(h == key or partial and h.startswith(key) for h in headings):
+        return "only a passage's heading"
     said, asked = _term_run(rest), _term_run(question)
     n = len(said)
 
@@ -176,15 +209,17 @@ def degenerate(answer: str, question: str, partial: bool = False) -> str | None:
 
 class AnswerGuard:
     """Streaming: holds the answer back while it has said nothing of its own (`degenerate`: only
-    citations, a copied passage header, or so far only the question's words in its order), or
+    citations, a copied passage header, so far only the question's words in its order or the start of a
+    passage's heading), or
     while a bracket is open (a header being copied); once it says something, passes on the held
     text with copied headers cut to their citation, then everything as it comes. Text still held
     at the end is a degenerate answer: `ask` asks again instead of showing it."""
 
     HOLD_MAX = 400  # characters; past this the text is shown whatever it is
 
-    def __init__(self, question: str):
+    def __init__(self, question: str, headings: list[str] = ()):
         self.question = question
+        self.headings = list(headings)  # passage_headings of the prompt's passages
         self.held = ""
         self.open = False
 
@@ -193,7 +228,8 @@ class AnswerGuard:
             return piece
         self.held += piece
         unclosed = self.held.count("(") > self.held.count(")") or self.held.count("[") > self.held.count("]")
-        if len(self.held) < self.HOLD_MAX and (unclosed or degenerate(self.held, self.question, partial=True)):
+        if len(self.held) < self.HOLD_MAX and (unclosed or degenerate(self.held, self.question, partial=True,
+                                                                        headings=self.headings)):
             return ""
         self.open = True
         out, self.held = strip_header_copies(self.held), ""
@@ -208,7 +244,7 @@ class AnswerGuard:
     @property
     def degenerate(self) -> str | None:
         """Why the whole answer was held back (None once any of it was shown)."""
-        return None if self.open else degenerate(self.held, self.question)
+        return None if self.open else degenerate(self.held, self.question, headings=self.headings)
 
 
 def _term_run(text: str) -> list[str]:

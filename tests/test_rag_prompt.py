@@ -269,6 +269,33 @@ def test_answer_guard_holds_what_says_nothing_and_cuts_copied_headers():
     assert shown == "Error E-214 means LiDAR contamination" and why is None
 
 
+def test_a_copied_section_title_is_degenerate():
+    """An answer that is only a passage's heading says nothing: "[1] 4.5 Zero Address" answered "How do I
+    make systemd-networkd give an interface a static IP address?" over GNU sed's manual (session 21)."""
+    from rag.ground import passage_headings
+
+    info = "sed manual: Zero Address\n\n4.5 Zero Address\n================\n\nAn address of 0 ..."
+    md = "## Error E-214\n\nE-214 means the coolant pressure is low."
+    hs = passage_headings([info, md], ["Errors > Error E-214"])
+    assert "4.5 zero address" in hs and "error e-214" in hs and "errors" in hs
+    q = "How do I make systemd-networkd give an interface a static IP address?"
+    assert degenerate("[1] 4.5 Zero Address", q, headings=hs) == "only a passage's heading"
+    assert degenerate("4.5 Zero Address.", q, headings=hs) == "only a passage's heading"
+    assert degenerate("[1] 4.5 Zero", q, partial=True, headings=hs) == "only a passage's heading"  # still streaming
+    assert degenerate("[1] 4.5 Zero", q, headings=hs) is None  # ended: not a heading
+    assert degenerate("Error E-214 means the coolant pressure is low [1].", q, headings=hs) is None
+    g = AnswerGuard(q, hs)
+    assert "".join(g.feed(p) for p in ["[1]", " 4", ".5", " Zero", " Address"]) == ""
+    assert g.degenerate == "only a passage's heading"
+
+
+def test_a_copied_heading_is_asked_again(retriever):
+    gen = FakeGenerator(answer=["[1] Codes.", "E-214 means the coolant pressure is low."])
+    a = ask("What does E-214 mean?", retriever, gen, k=2)
+    assert len(gen.calls) == 2 and a.first_text == "[1] Codes."
+    assert a.text == "E-214 means the coolant pressure is low."
+
+
 def test_a_degenerate_first_answer_is_asked_again_without_being_shown(retriever):
     gen = FakeGenerator(answer=["[1] [2]", "E-214 means the coolant pressure is low."])
     streamed: list[str] = []
