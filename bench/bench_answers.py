@@ -107,7 +107,30 @@ UNCOVERED = {
     "info2": ["Which git command shows the commit history of a repository?", "How do I change my login shell?",
               "Which file holds the jobs that cron runs for a user?", "Who painted the Mona Lisa?",
               "How do I make systemd-networkd give an interface a static IP address?",
-              "What is the speed of light in a vacuum?"],
+              "What is the speed of light in a vacuum?",
+              # 12 more, near the corpus's domain, written blind after the heading rule and the code rule
+              # that the first six led to (session 21): the check on those changes
+              "How do I enable a service so it starts at boot with systemctl, and then follow its logs live with "
+              "journalctl?",
+              "What nftables rule do I need to allow incoming HTTPS traffic on port 443 and drop all other inbound "
+              "connections?",
+              "How can I pin a Debian package at its installed version with apt-mark so that apt upgrade leaves it alone?",
+              "How do I squash my last three commits into one using an interactive git rebase before pushing?",
+              "In tmux, how do I split the current window into two panes side by side and move between them with the "
+              "keyboard?",
+              "How do I create an ed25519 key with ssh-keygen and copy the public key to a remote server so I can log in "
+              "without a password?",
+              "What crontab line runs a backup script at 2:30 AM every weekday, and where does cron send the script's "
+              "output?",
+              "How do I set up logrotate so that /var/log/myapp/*.log is rotated weekly, compressed, and only four old "
+              "copies are kept?",
+              "What single docker command removes all stopped containers, unused networks and dangling images to free "
+              "disk space?",
+              "Who originally wrote gzip, and in what year was gzip 1.0 first released?",
+              "How do I use grep's --json option to print each match as a JSON object that includes the file name and "
+              "line number?",
+              "How can I check whether the bash shell on my server is still vulnerable to CVE-2014-6271 (Shellshock), "
+              "and how do I patch it?"],
 }
 
 
