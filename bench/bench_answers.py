@@ -47,6 +47,9 @@ One JSON line per corpus and engine:
   refused_uncovered       share of uncovered questions refused (the gate; an answer to a question the gate
                           passed on keywords alone that the passages do not back, rag.ask.refuse_ungrounded;
                           or an answer saying so)
+  uncovered_unwarned      share of uncovered questions answered as if covered: neither refused nor followed by
+                          the "not backed by the passages" warning (rag.ground: too little of the answer in one
+                          passage, or a command no passage holds)
   refused_covered         covered questions the user was told were not covered (same rules; the model's
                           text is still scored in keyword_complete)
   s_per_answer, ttft_ms   means over the answered questions
@@ -283,6 +286,9 @@ def summarize(rows: list[dict], uncovered: list[dict]) -> dict:
         "answers_citing": round(sum(1 for r in rows if r["citations"]) / max(n, 1), 4),
         "cited_expected_source": round(sum(r["cited_expected"] for r in rows) / max(n, 1), 4),
         "refused_uncovered": round(sum(u["refused"] for u in uncovered) / max(len(uncovered), 1), 4),
+        # answered as if covered: neither refused nor followed by the "not backed by the passages" warning
+        "uncovered_unwarned": round(sum(not u["refused"] and u.get("grounded", True) for u in uncovered)
+                                    / max(len(uncovered), 1), 4),
         "n_uncovered": len(uncovered),
         "refused_covered": sum(bool(r.get("refused")) for r in rows),
         "s_per_answer": round(statistics.mean(r["s"] for r in rows), 2) if rows else None,
@@ -516,13 +522,14 @@ def main() -> None:
                 if gen is not None:
                     a = ask(q, r, gen, k=args.k, recipe=recipe)
                     unc["engine"].append({**info, "refused": not a.covered or refused(a.model_text), "answer": a.model_text, "shown": a.text,
-                                          "by": "grounding" if not a.covered else "model"})
+                                          "by": "grounding" if not a.covered else "model", "grounded": a.grounded})
                 if peer is not None:
                     text, _, _, _ = peer_answer(peer, tokenizer, prompt, q, recipe)
                     g = ground(text, [p.text for p in prompt.passages], cited_numbers(text, len(prompt.passages)))
                     shown = shown_text(text, g, prompt, q, res, r.min_keyword_coverage)
                     unc["llama.cpp"].append({**info, "refused": shown == NOT_COVERED or refused(text), "answer": text, "shown": shown,
-                                             "by": "grounding" if shown == NOT_COVERED else "model"})
+                                             "by": "grounding" if shown == NOT_COVERED else "model",
+                                             "grounded": g.grounded and not degenerate(text, q, headings=prompt_headings(prompt))})
             if details:
                 for key, us in unc.items():
                     for u in us:

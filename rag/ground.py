@@ -112,14 +112,39 @@ class Grounding:
         return 1 + max(range(len(self.support)), key=self.support.__getitem__) if self.support else None
 
 
+_CODE_SPAN = re.compile(r"`{1,3}([^`]{1,80})`{1,3}")
+_SPAN_TERM = re.compile(r"[a-z0-9][a-z0-9_+.-]*")
+
+
+def unheld_commands(answer: str, passages: list[str]) -> list[str]:
+    """The code spans of `answer` (`chsh`, `apt-mark hold <pkg>`, ```docker system prune```) whose first
+    word (3+ characters, not a number; placeholders in <> skipped) no passage holds as a whole term: a
+    command or option named from the model's memory, not from the documents.
+    NOTE: measured on the GNU info manuals (session 21): it named `chsh`, `apt-mark hold`,
+    `docker system prune`, `eth0`, `/etc/resolv.conf` in answers to uncovered questions, and none of the
+    192 answers (both models, both sides of the bench, right or wrong) to the covered ones."""
+    hay = "\n".join(passages).lower()
+    out = []
+    for span in _CODE_SPAN.findall(answer):
+        words = [w.strip(".-") for w in _SPAN_TERM.findall(re.sub(r"<[^>]*>", " ", span.lower()))]
+        words = [w for w in words if len(w) >= 3 and not w.replace(".", "").isdigit()]
+        if words and not re.search(r"(?<![a-z0-9])" + re.escape(words[0]) + r"(?![a-z0-9])", hay):
+            out.append(span.strip())
+    return list(dict.fromkeys(out))
+
+
 def ground(answer: str, passages: list[str], cited: list[int]) -> Grounding:
     """Decide whether `answer` is backed by the passages (texts in passage order, 1-based numbers).
-    A citation alone does not ground an answer: a confident invention ending in [1] is flagged too."""
+    A citation alone does not ground an answer: a confident invention ending in [1] is flagged too, and
+    so is one naming a command no passage holds (unheld_commands)."""
     sup = [support(answer, p) for p in passages]
     g = Grounding(list(cited), sup, None, False)
     best = g.best
+    foreign = unheld_commands(answer, passages)
     if not content_terms(answer):
         g.notes.append("the answer has no content of its own")
+    elif foreign:
+        g.notes.append(f"the answer names {', '.join(f'`{c}`' for c in foreign[:3])}, which no passage holds")
     elif best is not None and sup[best - 1] >= MIN_SUPPORT:
         g.grounded = True
         if not cited:

@@ -496,3 +496,17 @@ def test_where_an_answer_says_it_found_the_fact_is_not_its_content():
     assert ground(answer, [passage], [1]).grounded and support(answer, passage) == 0.75
     # an invention stays ungrounded, whatever it says about lines
     assert not ground("The bolts take 40 Nm of torque from a torque wrench, see lines 3-4.", [passage], [1]).grounded
+
+
+def test_an_answer_naming_a_command_no_passage_holds_is_not_grounded():
+    """A command or option in a code span whose first word no passage holds came from the model's memory
+    ("How do I change my login shell?" over GNU coreutils' manual: "use the `chsh` command", session 21)."""
+    from rag.ground import unheld_commands
+
+    passages = ["'who' prints information about users who are logged on.", "Use '--null' (-0) to end lines with NUL."]
+    assert unheld_commands("To change your login shell, use the `chsh` command [1].", passages) == ["chsh"]
+    assert unheld_commands("Run ```\napt-mark hold <package-name>\n``` to pin it.", passages) == ["apt-mark hold <package-name>"]
+    assert unheld_commands("Give `--null` (or `-0`) and `who`; `1024` bytes.", passages) == []  # held, or no word
+    g = ground("To change your login shell, use the `chsh` command [1].", passages, [1])
+    assert not g.grounded and "`chsh`, which no passage holds" in g.notes[-1]
+    assert ground("Use `--null` to end lines with NUL [2].", passages, [2]).grounded
