@@ -15,7 +15,6 @@ used to choose a recipe (bench/bench_answers.py `--corpus info --split heldout`)
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import re
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.rendered_corpus import CORPUS_JSON, ensure, files_intact, write_meta  # noqa: E402
+from bench.rendered_corpus import main as corpus_main  # noqa: E402
 
 INFO_ROOT = Path("/usr/share/info")
 # manual -> its Debian package (all Essential: yes)
@@ -120,20 +120,7 @@ def ensure_info_corpus(out_dir: Path | None = None, force: bool = False) -> Path
 
 
 def main() -> None:
-    from edge.errors import EdgeRagError
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=None, help="folder (default: $EDGE_RAG_HOME/bench/info-corpus)")
-    ap.add_argument("--force", action="store_true", help="render again even if the folder is intact")
-    args = ap.parse_args()
-    try:
-        out = ensure_info_corpus(args.out, force=args.force)
-    except EdgeRagError as e:
-        sys.exit(f"info_corpus: {e}")
-    meta = json.loads((out / CORPUS_JSON).read_text())
-    print(json.dumps({"figure": "info_corpus", "out": str(out), "documents": len(meta["sha256"]),
-                      "bytes": sum((out / n).stat().st_size for n in meta["sha256"]),
-                      "digest": meta["digest"], "reference": meta["digest"] == REFERENCE_DIGEST}))
+    corpus_main(__doc__, "info_corpus", "$EDGE_RAG_HOME/bench/info-corpus", ensure_info_corpus, REFERENCE_DIGEST)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ anybody measured answers on it and is never used to choose a recipe (bench/bench
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -23,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.rendered_corpus import CORPUS_JSON, ensure, files_intact, write_meta  # noqa: E402
+from bench.rendered_corpus import ensure, files_intact, write_meta  # noqa: E402
+from bench.rendered_corpus import main as corpus_main  # noqa: E402
 from bench.scale_corpus import MAN_ROOT, man_name, render_man  # noqa: E402
 
 PAGES = (
@@ -101,20 +100,7 @@ def ensure_man_corpus(out_dir: Path | None = None, force: bool = False) -> Path:
 
 
 def main() -> None:
-    from edge.errors import EdgeRagError
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=None, help="folder (default: $EDGE_RAG_HOME/bench/man-corpus)")
-    ap.add_argument("--force", action="store_true", help="render again even if the folder is intact")
-    args = ap.parse_args()
-    try:
-        out = ensure_man_corpus(args.out, force=args.force)
-    except EdgeRagError as e:
-        sys.exit(f"man_corpus: {e}")
-    meta = json.loads((out / CORPUS_JSON).read_text())
-    print(json.dumps({"figure": "man_corpus", "out": str(out), "pages": len(meta["pages"]),
-                      "bytes": sum((out / n).stat().st_size for n in meta["sha256"]),
-                      "digest": meta["digest"], "reference": meta["digest"] == REFERENCE_DIGEST}))
+    corpus_main(__doc__, "man_corpus", "$EDGE_RAG_HOME/bench/man-corpus", ensure_man_corpus, REFERENCE_DIGEST)
 
 
 if __name__ == "__main__":

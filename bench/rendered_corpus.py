@@ -79,3 +79,24 @@ def ensure(out: Path, force: bool, render: Callable[[Path], dict], intact: Calla
         print(f"{label}: {out} renders to digest {digest}, not the reference {reference} the held-out "
               "keywords were checked against (other source versions)", file=sys.stderr)
     return out
+
+
+def main(doc: str, label: str, default_dir: str, ensure_fn: Callable[..., Path], reference: str) -> None:
+    """The command line of a corpus module: `--out DIR`, `--force`; one JSON line saying what is there,
+    or the error in one line."""
+    import argparse
+
+    from edge.errors import EdgeRagError
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--out", default=None, help=f"folder (default: {default_dir})")
+    ap.add_argument("--force", action="store_true", help="render again even if the folder is intact")
+    args = ap.parse_args()
+    try:
+        out = ensure_fn(args.out, force=args.force)
+    except EdgeRagError as e:
+        sys.exit(f"{label}: {e}")
+    meta = json.loads((out / CORPUS_JSON).read_text())
+    print(json.dumps({"figure": label, "out": str(out), "documents": len(meta["sha256"]),
+                      "bytes": sum((out / n).stat().st_size for n in meta["sha256"]),
+                      "digest": meta["digest"], "reference": meta["digest"] == reference}))
