@@ -16,6 +16,7 @@ from rag.loaders import Block, LoadedDoc
 
 CountTokens = Callable[[str], int]
 CountMany = Callable[[list[str]], list[int]]  # the same counts for many texts in one call
+HEADING_SEP = " > "  # joins a chunk's heading path: "Install > Network > Proxy"
 
 
 DEFAULT_EMBED_TOKENS: int | None = None  # ChunkParams.embed_tokens' default (see its note)
@@ -79,7 +80,7 @@ class Chunk:
     """One retrievable passage."""
 
     text: str
-    heading: str  # heading path, " > "-joined; "" before the first heading
+    heading: str  # heading path, HEADING_SEP-joined; "" before the first heading
     loc_start: int  # 1-based line (or page), inclusive
     loc_end: int
     char_start: int  # offsets into LoadedDoc.text
@@ -91,7 +92,7 @@ class Chunk:
     def embed_text(self, title: str = "", overlap: bool = True) -> str:
         """What gets embedded: the heading path gives a short passage its context; without
         `overlap`, only the chunk's own span (the tokens carried from the previous chunk left out)."""
-        head = " > ".join(x for x in (title, self.heading) if x)
+        head = HEADING_SEP.join(x for x in (title, self.heading) if x)
         text = self.text if overlap or self.own_start is None else self.text[self.own_start - self.char_start:]
         return f"{head}\n{text}" if head else text
 
@@ -185,7 +186,7 @@ class Chunker:
 
         def flush_section() -> None:
             if section:
-                chunks.extend(self._pack(doc, section, " > ".join(t for _, t in path)))
+                chunks.extend(self._pack(doc, section, HEADING_SEP.join(t for _, t in path)))
                 section.clear()
 
         for block in doc.blocks:

@@ -17,10 +17,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from rag.retrieve import _TERM, STOPWORDS, query_terms
+from rag.chunk import HEADING_SEP
+from rag.prompt import _CITE, CITE_BODY
+from rag.retrieve import _TERM, STOPWORDS, holds_term, query_terms
 
 _OPEN_MAX = 16  # a "[" not closed within this many characters is plain text
-_CITE_BODY = re.compile(r"\d+(?:\s*[,;]\s*\d+)*")
+_CITE_BODY = re.compile(CITE_BODY)
 # measured on bench/bench_answers.py answers: keyword-complete answers hold >= 0.6 of their content
 # terms in the passage they came from; inventions mostly < 0.4
 MIN_SUPPORT = 0.5
@@ -128,7 +130,7 @@ def unheld_commands(answer: str, passages: list[str]) -> list[str]:
     for span in _CODE_SPAN.findall(answer):
         words = [w.strip(".-") for w in _SPAN_TERM.findall(re.sub(r"<[^>]*>", " ", span.lower()))]
         words = [w for w in words if len(w) >= 3 and not w.replace(".", "").isdigit()]
-        if words and not re.search(r"(?<![a-z0-9])" + re.escape(words[0]) + r"(?![a-z0-9])", hay):
+        if words and not holds_term(hay, words[0]):
             out.append(span.strip())
     return list(dict.fromkeys(out))
 
@@ -175,13 +177,10 @@ def strip_header_copies(text: str) -> str:
 
 
 _UNDERLINE = re.compile(r"[=\-*~^.]{3,}")
-_CITES = re.compile(r"\[\d+\]")
-
-
 def _heading_key(text: str) -> str:
     """A heading or an answer as compared with one: citations, '#' marks, quotes and end punctuation
     dropped, case and spacing folded."""
-    t = _CITES.sub(" ", text).lower().replace("#", " ")
+    t = _CITE.sub(" ", text).lower().replace("#", " ")
     return " ".join(t.split()).strip(" .:;,'\"`\u2018\u2019\u201c\u201d")
 
 
@@ -197,7 +196,7 @@ def passage_headings(texts: list[str], headings: list[str] = ()) -> list[str]:
             if line.strip() and (under or line.lstrip().startswith("#")):
                 out.append(_heading_key(line))
     for h in headings:
-        out += [_heading_key(x) for x in h.split(" > ")]
+        out += [_heading_key(x) for x in h.split(HEADING_SEP)]
     return [h for h in dict.fromkeys(out) if h]
 
 

@@ -33,7 +33,8 @@ from edge.errors import ContextLengthError
 from rag.retrieve import Hit, query_terms
 
 MIN_PASSAGE_TOKENS = 32
-_CITE = re.compile(r"\[(\d+(?:\s*[,;]\s*\d+)*)\]")
+CITE_BODY = r"\d+(?:\s*[,;]\s*\d+)*"  # what a citation holds: "1", "2, 3"
+_CITE = re.compile(r"\[(" + CITE_BODY + r")\]")
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,9 @@ each few further here just more most other out over own same some such only once
 tell explain mean means meaning please s t
 """.split())
 
-_TERM = re.compile(r"[^\W_]+(?:[-_./:][^\W_]+)*", re.UNICODE)
+_SEPARATORS = "-_./:"  # what joins the parts of one term (E-214, queue.Queue, ensure_ascii, 12:30)
+_TERM = re.compile(r"[^\W_]+(?:[" + re.escape(_SEPARATORS) + r"][^\W_]+)*", re.UNICODE)
+_SEPARATOR = re.compile("[" + re.escape(_SEPARATORS) + "]")
 
 
 def query_terms(text: str) -> list[str]:
@@ -130,22 +132,25 @@ def missing_names(question: str, passages: list[str]) -> list[str]:
     user's own beside the code it asks about), each as a whole term or with its separators dropped on
     both sides (sha-256 / sha256)."""
     hay = "\n".join(passages).lower()
-    bare = re.sub(r"[-_./:]", "", hay)
     missing = []
     for n in api_names(question):
         last = n.split(".")[-1]
         if n not in hay and len(last) >= 3 and last not in hay:
             missing.append(n)
     codes = letter_codes(question)
-    absent = [c for c in codes if not _holds(hay, c) and not _holds(bare, re.sub(r"[-_./:]", "", c))]
+    absent = [c for c in codes if not holds_term(hay, c)]
+    if absent:  # the separator-free form only when needed: this runs on every search
+        bare = _SEPARATOR.sub("", hay)
+        absent = [c for c in absent if not holds_term(bare, _SEPARATOR.sub("", c))]
     if codes and len(absent) == len(codes):  # one code held is enough: "E-214 after firmware v2.3.1"
         missing += [c for c in absent if c not in missing]
     return missing
 
 
-def _holds(hay: str, code: str) -> bool:
-    """`code` in `hay` as a whole term: E-214 is not held by E-2140."""
-    return re.search(r"(?<![a-z0-9])" + re.escape(code) + r"(?![a-z0-9])", hay) is not None
+def holds_term(hay: str, term: str) -> bool:
+    """`term` in `hay` (both lower-case) as a whole term, not inside a longer word or number: E-214 is not
+    held by E-2140, `log` not by "login"."""
+    return re.search(r"(?<![a-z0-9])" + re.escape(term) + r"(?![a-z0-9])", hay) is not None
 
 
 def keyword_coverage(question: str, passage: str) -> float:
