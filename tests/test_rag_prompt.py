@@ -281,6 +281,7 @@ def test_a_copied_section_title_is_degenerate():
     q = "How do I make systemd-networkd give an interface a static IP address?"
     assert degenerate("[1] 4.5 Zero Address", q, headings=hs) == "only a passage's heading"
     assert degenerate("4.5 Zero Address.", q, headings=hs) == "only a passage's heading"
+    assert degenerate("[1, 2] 4.5 Zero Address", q, headings=hs) == "only a passage's heading"  # any citation form
     assert degenerate("[1] 4.5 Zero", q, partial=True, headings=hs) == "only a passage's heading"  # still streaming
     assert degenerate("[1] 4.5 Zero", q, headings=hs) is None  # ended: not a heading
     assert degenerate("Error E-214 means the coolant pressure is low [1].", q, headings=hs) is None
