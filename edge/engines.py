@@ -16,11 +16,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge.bundle import Bundle
 from edge.errors import BundleError, ModelError
 from edge.paths import engines_dir
 from edge.textsafe import say as _say
+
+if TYPE_CHECKING:
+    from edge.profiles import DeviceProfile
 
 DEFAULT_CONTEXT = 4096
 
@@ -51,10 +55,10 @@ class GeneratorChoice:
 # re-quantization would round the already 4-bit weights a second time.
 QWEN15 = GeneratorChoice("Qwen2.5-Coder-1.5B-Instruct int8", "qwen2.5-coder-1.5b-instruct-q4_k_m", "int8", None,
                          "qwen2.5-coder-1.5b-int8", "2 to 4", DEFAULT_CONTEXT)
-# Where the int8 1.5B decodes too slowly (the `cpu` profile: bounded at 16 tok/s) or does not fit (a
-# 4 GB Orin Nano), the same model in int4 g32 by plain rounding (AWQ moves the GGUF's 4-6 bit values
-# off their grid: +2.6% perplexity over RTN on the 0.5B) still answers more questions than the 0.5B
-# (docs/measurements.md, "Answers"; bench/bench_answers.py), bounded at 25.7 tok/s on `cpu`.
+# Where the int8 1.5B does not fit (a 4 GB Orin Nano) or decodes too slowly, the same model in int4 g32 by
+# plain rounding (AWQ moves the GGUF's 4-6 bit values off their grid: +2.6% perplexity over RTN on the
+# 0.5B) still answers more questions than the 0.5B (docs/measurements.md, "Answers"; bench/bench_answers.py),
+# though fewer than the int8: 39 of 48 against 41 on the GNU info manuals, where llama.cpp on the GGUF has 41.
 QWEN15_INT4 = GeneratorChoice("Qwen2.5-Coder-1.5B-Instruct int4 g32", "qwen2.5-coder-1.5b-instruct-q4_k_m", "int4", 32,
                               "qwen2.5-coder-1.5b-int4-g32", "4 to 7", DEFAULT_CONTEXT, rtn=True)
 QWEN05 = GeneratorChoice("Qwen2.5-Coder-0.5B-Instruct int8", "qwen2.5-coder-0.5b-instruct-q4_k_m", "int8", None,
@@ -64,10 +68,13 @@ QWEN05 = GeneratorChoice("Qwen2.5-Coder-0.5B-Instruct int8", "qwen2.5-coder-0.5b
 SMOLLM2 = GeneratorChoice("SmolLM2-135M-Instruct int4 g32", "default", "int4", 32, "smollm2-135m-int4-g32", "1.5 to 3.5")
 GENERATORS = (QWEN15, QWEN15_INT4, QWEN05, SMOLLM2)  # best answers first (docs/measurements.md, "Answers")
 # A candidate must also decode at least this fast on the profile (the planner's bandwidth bound at
-# its default power mode, batch 1): ~40-token answers then stream in under 2 s. The 1.5B int8 is
-# bounded at 16 tok/s on the `cpu` profile (measured on the 2-core dev machine: 9.9 s per answer
-# against 2.8 s for the 0.5B), at 44-66 on an Orin Nano 8 GB / Orin NX; the 0.5B at 50 on `cpu`.
-MIN_DECODE_TOK_S = 25.0
+# its default power mode, batch 1): twice a fast reader's pace (~5 words, ~7 tokens a second), so the
+# answer streams faster than it is read. What the user waits for is the prompt: 5 passages of ~1,000
+# tokens prefilled before the first word. The 1.5B int8 is bounded at 16 tok/s on the `cpu` profile and
+# answers as fast there as its int4 form (bounded at 25.7): 9.8 / 9.1 s an answer against 9.2 / 9.6 s on
+# the 2-core Zen 4, prefill-bound (docs/measurements.md, "Answers", session 21); at 44-66 tok/s on an
+# Orin Nano 8 GB / Orin NX. (Until session 22 this was 25 tok/s, which gave `cpu` the int4 form.)
+MIN_DECODE_TOK_S = 15.0
 # int8 (SmoothQuant, activations scaled per row; edge.build.encoder): cosine >= 0.99 vs
 # sentence-transformers, same recall@5 on the example corpus as fp32 (0.972), 2.7x
 # sentence-transformers texts/s vs 1.9x for fp32 (bench/bench_embed.py).
@@ -104,7 +111,7 @@ def _embedder_stale(path: Path) -> str | None:
     return why
 
 
-def _fits(choice: GeneratorChoice, profile: str | None) -> bool:
+def _fits(choice: GeneratorChoice, profile: str | DeviceProfile | None) -> bool:
     """Whether the planner fits `choice` on `profile` at DEFAULT_CONTEXT and bounds its decode at
     MIN_DECODE_TOK_S or more (the last of GENERATORS only needs to fit); False when not installed."""
     from edge.models.defaults import resolve_model
@@ -137,8 +144,9 @@ def _fits(choice: GeneratorChoice, profile: str | None) -> bool:
     return any(row.fits.values()) and fast
 
 
-def choose_generator(profile: str | None = None) -> GeneratorChoice:
-    """The first of GENERATORS that is installed and fits `profile` (default: this machine's)."""
+def choose_generator(profile: str | DeviceProfile | None = None) -> GeneratorChoice:
+    """The first of GENERATORS that is installed and fits `profile` (a name or a DeviceProfile; default:
+    this machine's)."""
     for c in GENERATORS:
         if _cached(engines_dir() / c.bundle, "generator") or _fits(c, profile):
             return c

@@ -249,7 +249,8 @@ def make_tiny_st(root: Path, pooling: str, normalize: bool, max_seq_length: int 
     hf = root / "hf"
     hf.mkdir(parents=True)
     (hf / "vocab.txt").write_text("\n".join(_tiny_vocab()) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(hf / "vocab.txt"), do_lower_case=True)
+    # positional: transformers 4 names it vocab_file, 5 vocab (and ignores vocab_file=: every word was [UNK])
+    tok = BertTokenizerFast(str(hf / "vocab.txt"), do_lower_case=True)
     cfg = BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=heads,
                      intermediate_size=128, max_position_embeddings=max_position, type_vocab_size=2)
     model = BertModel(cfg)

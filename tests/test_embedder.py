@@ -130,6 +130,8 @@ def test_manifest_and_embedder_id(tiny_folders, tmp_path):
         assert name in ma.artifacts
     emb = Embedder.from_bundle(a)
     assert (emb.dim, emb.max_seq_length, emb.embedder_id) == (64, 48, ma.embedder_id)
+    # its vocabulary tells the gate nothing: every word is known (unknown_words refuses nothing)
+    assert emb.knows_word("logrotate")  # 256 entries: too few to tell a common word (MIN_WORD_VOCAB)
 
 
 def test_corrupted_bundle_refused(tiny_folders, tmp_path):
@@ -345,6 +347,9 @@ def test_default_embedder_bundle_built_once_and_cached(edge_home):
     v = emb.embed(["What does error E-214 mean?", "LiDAR point cloud degraded", "battery charging time"])
     assert v.shape == (3, 384)
     assert v[0] @ v[1] > v[0] @ v[2]  # the real model ranks the related passage higher
+    # its WordPiece vocabulary holds common words whole, not the names of tools (the gate's unknown_words)
+    assert all(emb.knows_word(w) for w in ("wireless", "hotter", "electronics", "steep", "python"))
+    assert not any(emb.knows_word(w) for w in ("logrotate", "crontab", "docker", "tmux", "steepest"))
 
 
 def test_relevance_gate_is_calibrated_into_the_manifest_and_read_by_the_retriever(tiny_folders, tmp_path):
@@ -354,10 +359,13 @@ def test_relevance_gate_is_calibrated_into_the_manifest_and_read_by_the_retrieve
     emb = Embedder.from_bundle(build_embedder_bundle(tiny_folders["e5_mean_norm"], tmp_path / "g", progress=False), threads=1)
     gate = emb.bundle.manifest.relevance_gate
     assert {"min_cosine", "min_cosine_with_keywords", "min_keyword_coverage", "on_topic_p10"} <= set(gate)
-    # measured on this embedder: a random tiny model gives every pair ~1.0, so it cannot separate
+    # measured on this embedder (whether a random tiny model separates is its own affair: the rule is
+    # tested in test_relevance_gate_of_an_embedder_that_cannot_separate_refuses_nothing)
+    from edge.build.relevance import MARGIN
+
     top = (emb.embed(list(OFF_TOPIC)) @ emb.embed(_passages()).T).max(axis=1)
-    assert gate["off_topic_max"] == pytest.approx(float(top.max()), abs=2e-3) and top.max() > 0.99
-    assert gate["separates"] is False and gate["min_cosine"] == -1.0
+    assert gate["off_topic_max"] == pytest.approx(float(top.max()), abs=2e-3)
+    assert gate["min_cosine"] == (pytest.approx(float(top.max()) + MARGIN, abs=2e-3) if gate["separates"] else -1.0)
     assert gate_of(emb) == {k: gate[k] for k in ("min_cosine", "min_cosine_with_keywords", "min_keyword_coverage")}
 
 

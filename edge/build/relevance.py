@@ -95,10 +95,11 @@ def calibrate_gate(embed: Callable[[list[str]], np.ndarray]) -> dict:
     on_src = passages[:: max(1, len(passages) // N_ON_TOPIC)][:N_ON_TOPIC]
     on = np.asarray(embed([_first_sentence(p) for p in on_src]), np.float32) @ P.T
     off_top, on_top = off.max(axis=1), on.max(axis=1)
-    # NOTE: an embedder whose on-topic questions reach no higher than its off-topic ones (a random
-    # test model gives every pair ~1.0) cannot tell covered from uncovered: its cosine never refuses
-    # (-1), and the keyword evidence alone cannot refuse either, so nothing is refused.
-    separates = bool(np.percentile(on_top, 10) > off_top.max())
+    # NOTE: an embedder whose on-topic questions reach no higher than its off-topic ones plus the margin
+    # (a random test model gives every pair ~1.0) cannot tell covered from uncovered: its cosine never
+    # refuses (-1), and the keyword evidence alone cannot refuse either, so nothing is refused. Without
+    # the margin here, on-topic 1.0 over off-topic 0.99999 "separated" and min_cosine 1.05 refused all.
+    separates = bool(np.percentile(on_top, 10) > off_top.max() + MARGIN)
     return {
         "min_cosine": round(float(off_top.max()) + MARGIN, 3) if separates else -1.0,
         "min_cosine_with_keywords": round(float(np.median(off_top)), 3) if separates else -1.0,
