@@ -108,7 +108,7 @@ def ask(question: str, retriever: Retriever, generator, *, k: int = 5, mode: str
             on_token(NOT_COVERED)
         timings.update(ttft_ms=(time.perf_counter() - t0) * 1e3, total_ms=(time.perf_counter() - t0) * 1e3)
         why = (f"no passage mentions {', '.join(r.missing)}" if r.missing else "nothing relevant retrieved")
-        return Answer(question, NOT_COVERED, False, [], [], timings, notes=[f"{why}: {gate_info}"])
+        return Answer(question, NOT_COVERED, False, [], [], timings, notes=[why, f"gate: {gate_info}"])
     load_ms = 0.0
     if callable(generator) and not hasattr(generator, "stream"):
         tl = time.perf_counter()

@@ -81,6 +81,10 @@ def test_ingest_search_ask_eval(fake_engines, capsys, tmp_path):
     assert main(["ask", "What does E-214 mean?", "-k", "1"]) == 0
     res = capsys.readouterr()
     assert res.out.startswith("The hose leaks [1].") and "Sources:" in res.out and "first token" in res.err
+    # refused: the answer line, then why on stderr
+    assert main(["ask", "Who painted the Mona Lisa?", "-k", "1"]) == 0
+    res = capsys.readouterr()
+    assert res.out.startswith("The documents do not cover this question.") and "(nothing relevant retrieved)" in res.err
     q = tmp_path / "q.jsonl"
     q.write_text(json.dumps({"question": "E-300 fan stall", "expected_source": "codes.md",
                              "expected_keywords": ["hose"]}) + "\n")

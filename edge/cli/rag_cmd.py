@@ -244,6 +244,8 @@ def ask(
         from rag.ask import format_sources
 
         sys.stdout.write("\n")
+        if not ans.covered and ans.notes:  # why: "no passage mentions logrotate" / "nothing relevant retrieved"
+            sys.stderr.write(f"({for_terminal(ans.notes[0])})\n")
         src = for_terminal(format_sources(ans))
         if src:
             sys.stdout.write("\n" + src + "\n")
