@@ -134,6 +134,22 @@ def test_manifest_and_embedder_id(tiny_folders, tmp_path):
     assert emb.knows_word("logrotate")  # 256 entries: too few to tell a common word (MIN_WORD_VOCAB)
 
 
+def test_knows_word_reads_a_byte_level_vocabulary_with_its_leading_space():
+    """A byte-level BPE vocabulary (RoBERTa's kind) holds " wireless" whole and "wireless" in pieces: both
+    forms are asked. A word of characters only is unknown."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["the wireless robot and the wireless dock"] * 50, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.add_tokens([f"pad{i}" for i in range(8000)])  # past MIN_WORD_VOCAB
+    assert len(tok.encode("wireless").tokens) > 1 and tok.encode(" wireless").tokens == ["Ġwireless"]
+    emb = Embedder.__new__(Embedder)
+    emb.tokenizer, emb._counter = tok, None
+    assert emb.knows_word("wireless") and emb.knows_word("robot") and not emb.knows_word("logrotate")
+
+
 def test_corrupted_bundle_refused(tiny_folders, tmp_path):
     p = build_embedder_bundle(tiny_folders["bge_cls_norm"], tmp_path / "a", progress=False)
     with open(p / "model.onnx", "r+b") as f:

@@ -295,8 +295,12 @@ class Embedder:
         programs and tools it never saw split into pieces ("docker", "crontab", "logrotate", "tmux")."""
         if self.tokenizer.get_vocab_size() < MIN_WORD_VOCAB:
             return True  # characters and a few words (the tests' tiny models): it tells nothing
-        tokens = self._token_counter().encode(word, add_special_tokens=False).tokens
-        return len(tokens) == 1 and tokens[0] != getattr(self.tokenizer.model, "unk_token", None)
+        unk = getattr(self.tokenizer.model, "unk_token", None)
+        for text in (word, " " + word):  # a byte-level BPE vocabulary holds " wireless" whole, not "wireless"
+            tokens = self._token_counter().encode(text, add_special_tokens=False).tokens
+            if len(tokens) == 1 and tokens[0] != unk:
+                return True
+        return False
 
     def _token_counter(self):
         if self._counter is None:
