@@ -511,3 +511,7 @@ def test_an_answer_naming_a_command_no_passage_holds_is_not_grounded():
     g = ground("To change your login shell, use the `chsh` command [1].", passages, [1])
     assert not g.grounded and "`chsh`, which no passage holds" in g.notes[-1]
     assert ground("Use `--null` to end lines with NUL [2].", passages, [2]).grounded
+    # a module's page names its function without the module: `shlex.quote` is held by "quote(s)"
+    page = ["shlex - A lexical analyzer class\n\nquote(s)\n    Return a shell-escaped version of the string *s*."]
+    assert unheld_commands("`shlex.quote` returns a shell-escaped version of *s* [1].", page) == []
+    assert unheld_commands("Use `shlex.split` on it [1].", page) == ["shlex.split"]
