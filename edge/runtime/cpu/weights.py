@@ -46,6 +46,14 @@ class NativeLinear:
                    self.bias.ctypes.data if self.bias is not None else None)
 
 
+def _tile_major(u: np.ndarray, tiles: int, groups: int) -> np.ndarray:
+    """Bytes [tiles * NT rows, groups * 4] -> [tile, group, row, 4 bytes], flat: each row's 4-byte groups of a
+    tile side by side. Moved as uint32, not byte by byte: 3-4x faster (a 1.5B int8 engine's ~1.5 GB of
+    linears took ~4 s to repack at load)."""
+    g = np.ascontiguousarray(u).reshape(tiles * NT, groups * 4).view(np.uint32).reshape(tiles, NT, groups)
+    return np.ascontiguousarray(g.transpose(0, 2, 1)).view(np.uint8).reshape(-1)
+
+
 def _pad_rows(a: np.ndarray, n: int, value) -> np.ndarray:
     if a.shape[0] == n:
         return a
@@ -64,7 +72,7 @@ def pack_int4(qweight: np.ndarray, scales: np.ndarray, group: int, bias: np.ndar
     u = _pad_rows(u, tiles * NT, np.uint8(8))
     u = u.reshape(tiles, NT, kb, 2, 4, 4)  # [tile, c, b, half, i, t]
     packed = (u[:, :, :, 0] | (u[:, :, :, 1] << 4)).astype(np.uint8)  # [tile, c, b, i, t]
-    w = np.ascontiguousarray(packed.transpose(0, 2, 3, 1, 4)).reshape(-1)  # [tile, b, i, c, t]
+    w = _tile_major(packed, tiles, kb * 4)  # [tile, b, i, c, t]
     s = np.repeat(scales.astype(np.float32), group // QB, axis=1)  # [N, K/32]
     s = _pad_rows(s, tiles * NT, np.float32(0)).reshape(tiles, NT, kb)
     s = np.ascontiguousarray(s.transpose(0, 2, 1))  # [tile, b, c]
@@ -79,8 +87,8 @@ def pack_int8(qweight: np.ndarray, scales: np.ndarray, bias: np.ndarray | None =
                            fix="use --backend onnxruntime for this bundle")
     tiles, kb = -(-n // NT), k // QB
     u = np.ascontiguousarray(qweight, dtype=np.int8).view(np.uint8) ^ np.uint8(0x80)  # x + 128 for an int8 x, no int16 copies
-    u = _pad_rows(u, tiles * NT, np.uint8(128)).reshape(tiles, NT, kb, 8, 4)  # [tile, c, b, j, t]
-    w = np.ascontiguousarray(u.transpose(0, 2, 3, 1, 4)).reshape(-1)  # [tile, b, j, c, t]
+    u = _pad_rows(u, tiles * NT, np.uint8(128))  # [tile * c, (b, j, t)]
+    w = _tile_major(u, tiles, kb * 8)  # [tile, b, j, c, t]
     s = np.ascontiguousarray(_pad_rows(scales.astype(np.float32), tiles * NT, np.float32(0)).reshape(tiles, NT))
     return NativeLinear(8, n, k, w, s, None if bias is None else np.ascontiguousarray(bias, dtype=np.float32))
 
