@@ -105,3 +105,33 @@ def test_streamed_weights_file_is_safetensors(tmp_path):
     idx = weights_index(tmp_path / "w.safetensors")
     raw = (tmp_path / "w.safetensors").read_bytes()
     assert raw[idx["b.w"].offset: idx["b.w"].offset + idx["b.w"].nbytes] == t["b.w"].tobytes() and idx["b.w"].dtype == "F16"
+
+
+def test_an_artifact_hashed_before_and_not_written_since_is_not_hashed_again(tmp_path, monkeypatch):
+    """Bundle.verify remembers a good hash per file (size, mtime, ctime, inode): a cold `ask` of a 2 GB engine
+    hashed it every time. An edit, even one that puts the size and mtime back, is hashed and caught;
+    `remembered=False` (`edge-rag verify`) hashes every byte."""
+    import os
+    import time
+
+    import edge.bundle as bundle_mod
+
+    w = BundleWriter(tmp_path / "b", "generator")
+    w.path("weights.safetensors").write_bytes(b"abcdef")
+    out = w.commit(Manifest(kind="generator", model=SPEC, quant=Quant("int4", 32, "rtn"), limits=Limits(max_context=100, max_batch=3)))
+    hashed = []
+    real = bundle_mod.sha256_file
+    monkeypatch.setattr(bundle_mod, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    Bundle.open(out)
+    Bundle.open(out)
+    assert hashed == ["weights.safetensors"]  # the second open remembered it
+    Bundle.open(out, verify=False).verify(remembered=False)
+    assert hashed == ["weights.safetensors"] * 2
+    p = out / "weights.safetensors"
+    st = p.stat()
+    time.sleep(0.05)  # past the file system's coarse timestamp tick
+    p.write_bytes(b"abcdeX")  # same size
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime: the ctime still moved
+    with pytest.raises(BundleError, match="checksum mismatch for weights.safetensors"):
+        Bundle.open(out)
+    assert hashed == ["weights.safetensors"] * 3
