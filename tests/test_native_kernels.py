@@ -171,3 +171,23 @@ def test_gate_up_rows_alternate_in_runs_of_16():
     gd, ud = g.dequantize(), u.dequantize()
     want = np.concatenate([gd[0:16], ud[0:16], gd[16:32], ud[16:32], gd[32:48], ud[32:48], gd[48:64], ud[48:64]])
     assert np.array_equal(got, want)
+    # int8: each block is packed straight into its tiles (no joined copy first), the same order
+    g8, u8 = (quantize_int8_rtn(rng.standard_normal((64, 96)).astype(np.float32)) for _ in range(2))
+    lins8 = [BundleLinear(name, "int8", 64, 96, qweight=q.qweight, scales=q.scales) for name, q in (("gate", g8), ("up", u8))]
+    gd, ud = g8.dequantize(), u8.dequantize()
+    want = np.concatenate([x for i in range(0, 64, 16) for x in (gd[i:i + 16], ud[i:i + 16])])
+    assert np.array_equal(dequantized(pack_gate_up(*lins8)), want)
+
+
+@pytest.mark.parametrize("rows", [(48, 16, 16), (40, 24), (48, 48, 21)], ids=["qkv", "mid-tile", "padded"])
+def test_joined_int8_linears_hold_their_rows_in_order(rows):
+    """q|k|v packed block by block: the rows of each in order, a block ending inside a tile and a last
+    partial tile included (the same weights as the joined rows)."""
+    from edge.quant.format import BundleLinear
+    from edge.runtime.cpu.weights import pack_linear
+
+    rng = np.random.default_rng(4)
+    qs = [quantize_int8_rtn(rng.standard_normal((n, 64)).astype(np.float32)) for n in rows]
+    lins = [BundleLinear(f"p{i}", "int8", n, 64, qweight=q.qweight, scales=q.scales) for i, (n, q) in enumerate(zip(rows, qs))]
+    lin = pack_linear(lins)
+    assert lin.n == sum(rows) and np.array_equal(dequantized(lin), np.concatenate([q.dequantize() for q in qs]))
