@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,29 +145,6 @@ def missing_names(question: str, passages: list[str]) -> list[str]:
     if codes and len(absent) == len(codes):  # one code held is enough: "E-214 after firmware v2.3.1"
         missing += [c for c in absent if c not in missing]
     return missing
-
-
-# suffixes stripped, one at a time, before a word counts as unknown ("steepest": "steep" is known; not
-# "er": "docker" would be "dock")
-_INFLECTIONS = ("s", "es", "ed", "ing", "est", "ly")
-
-
-def unknown_words(question: str, knows_word: Callable[[str], bool]) -> list[str]:
-    """Words of `question` that `knows_word` (the embedder's vocabulary: Embedder.knows_word) knows under no
-    inflection: the names of programs and tools a question is about ("crontab", "logrotate", "docker"),
-    lower-cased. Only letters, 3 or more, each part of a hyphenated term on its own; api_names and codes
-    are left to their own rules."""
-    out: list[str] = []
-    for t in query_terms(question):
-        if "_" in t or is_dotted_name(t):
-            continue
-        for w in _SEPARATOR.split(t):
-            if len(w) < 3 or not w.isalpha() or w in out:
-                continue
-            forms = [w] + [w[: -len(s)] for s in _INFLECTIONS if w.endswith(s) and len(w) - len(s) >= 3]
-            if not any(knows_word(f) for f in forms):
-                out.append(w)
-    return out
 
 
 def holds_term(hay: str, term: str) -> bool:
@@ -428,13 +404,6 @@ class Retriever(Closing):
         # answered from the model's memory. Keyword search would have found the name in any chunk that
         # holds it. On the answer benches' 136 covered questions (33 name one) no name was missing.
         missing = missing_names(query, [f"{h.chunk.path}\n{h.chunk.heading}\n{h.chunk.text}" for h in hits]) if passed_on else []
-        # NOTE: and a question about a program or tool that the whole collection never mentions: "How do
-        # I set up logrotate ...?" over the GNU manuals passed on cosine (0.435) and the model answered
-        # from memory. Only words the embedder's vocabulary does not hold count (unknown_words): the
-        # covered questions of the answer benches use common words no chunk holds ("hotter", "onward").
-        knows = getattr(self.embedder, "knows_word", None)
-        if passed_on and knows is not None:
-            missing += [w for w in unknown_words(query, knows) if not self.store.keyword_search(fts_query(w), 1)]
         if missing:
             passed_on = ""
         ms["total"] = (time.perf_counter() - t0) * 1e3

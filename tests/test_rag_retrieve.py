@@ -161,30 +161,6 @@ def test_a_question_naming_a_code_no_passage_holds_is_not_covered(retriever):
     assert retriever.search("What does error E-214 mean?", k=3).relevant
 
 
-def test_a_question_about_a_tool_the_collection_never_mentions_is_not_covered(retriever):
-    """A word the embedder's vocabulary does not hold (a program's or tool's name: "logrotate") that no
-    chunk of the whole collection holds makes the question uncovered, whatever its cosine: "How do I set
-    up logrotate ...?" over GNU manuals passed on cosine and got an answer from the model's memory.
-    Common words no chunk holds ("hotter", "steepest") and unknown words the manual has pass."""
-    from rag.retrieve import unknown_words
-
-    vocab = {"set", "up", "coolant", "steep", "slope", "get", "hot", "hotter", "harm", "housing", "controller", "use"}
-    knows = vocab.__contains__
-    assert unknown_words("How do I set up logrotate for the coolant logs?", knows) == ["logrotate", "logs"]
-    assert unknown_words("What is the steepest slope, and does it get hotter?", knows) == []  # steep+est; known
-    assert unknown_words("What does queue.Queue do with ensure_ascii and E-214?", knows) == []  # other rules
-    assert unknown_words("Is systemd-networkd up?", knows) == ["systemd", "networkd"]
-    retriever.min_cosine = -1.0  # every question passes on cosine
-    retriever.embedder.knows_word = knows
-    r = retriever.search("How do I set up logrotate for the coolant?", k=3)
-    assert not r.relevant and r.missing == ["logrotate"]
-    # unknown to the vocabulary but in the manual ("solvents", "dhcp"): covered
-    assert retriever.search("Which solvents harm the housing?", k=3).passed_on == "cosine"
-    assert retriever.search("Does the controller use dhcp?", k=3).passed_on == "cosine"
-    del retriever.embedder.knows_word  # an embedder without a vocabulary: the rule does not apply
-    assert retriever.search("How do I set up logrotate for the coolant?", k=3).relevant
-
-
 def test_bad_arguments(retriever):
     with pytest.raises(UsageError, match="mode"):
         retriever.search("x", mode="fuzzy")

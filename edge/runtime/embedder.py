@@ -68,7 +68,6 @@ MAX_BATCH_TOKENS = 512
 # time on 2 threads 77.9, two calls at once on 1 thread each 92.5 (1.19x), two calls at once on a
 # 2-thread session 87.3. A single short query now runs on one thread (bench_embed's latency rows).
 ENCODE_PIECE = 32  # texts per tokenizer call
-MIN_WORD_VOCAB = 8000  # a smaller vocabulary cannot hold a language's common words whole (knows_word)
 log = logging.getLogger(__name__)
 
 
@@ -288,19 +287,6 @@ class Embedder:
         for i in range(0, len(texts), ENCODE_PIECE):
             out += [len(e.ids) for e in counter.encode_batch(texts[i:i + ENCODE_PIECE])]
         return out
-
-    def knows_word(self, word: str) -> bool:
-        """Whether the tokenizer keeps `word` whole, as one token. A WordPiece vocabulary's ~30k entries
-        are the common words of the text it was made from ("steep", "wireless", "electronics"); names of
-        programs and tools it never saw split into pieces ("docker", "crontab", "logrotate", "tmux")."""
-        if self.tokenizer.get_vocab_size() < MIN_WORD_VOCAB:
-            return True  # characters and a few words (the tests' tiny models): it tells nothing
-        unk = getattr(self.tokenizer.model, "unk_token", None)
-        for text in (word, " " + word):  # a byte-level BPE vocabulary holds " wireless" whole, not "wireless"
-            tokens = self._token_counter().encode(text, add_special_tokens=False).tokens
-            if len(tokens) == 1 and tokens[0] != unk:
-                return True
-        return False
 
     def _token_counter(self):
         if self._counter is None:
