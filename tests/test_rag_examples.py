@@ -34,3 +34,23 @@ def test_examples_recall_at_5_with_the_default_embedder(default_embedder):
         assert all(r.search(it.question).relevant for it in items)
         for q in ("Who won the football world cup in 1954?", "How do I bake sourdough bread?"):
             assert not r.search(q).relevant
+
+
+@pytest.mark.slow
+def test_questions_in_a_technicians_own_words_are_found_and_not_refused_by_a_name_rule(default_embedder):
+    """examples/questions_paraphrased.jsonl: 30 questions written blind in a technician's own words ("juice",
+    "tautness", "thaw"). Session 22's unknown-word rule refused 10 of them (withdrawn); no name or code
+    rule may refuse one, and hybrid retrieval finds their passage."""
+    from edge.runtime.embedder import Embedder
+    from rag.eval import evaluate, load_questions
+    from rag.ingest import ingest
+    from rag.retrieve import Retriever
+
+    emb = Embedder.from_bundle(default_embedder)
+    ingest(ROOT / "examples" / "manuals", embedder=emb, progress=False)
+    items = load_questions(ROOT / "examples" / "questions_paraphrased.jsonl")
+    assert len(items) == 30
+    with Retriever(emb) as r:
+        assert evaluate(items, r, k=5, mode="hybrid").recall_at_k >= 0.95
+        named = {it.question: r.search(it.question).missing for it in items}
+        assert not any(named.values()), {q: m for q, m in named.items() if m}
