@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from rag.chunk import HEADING_SEP
 from rag.prompt import _CITE, CITE_BODY
-from rag.retrieve import _TERM, STOPWORDS, holds_term, is_dotted_name, query_terms
+from rag.retrieve import _TERM, STOPWORDS, holds_name, query_terms
 
 _OPEN_MAX = 16  # a "[" not closed within this many characters is plain text
 _CITE_BODY = re.compile(CITE_BODY)
@@ -118,13 +118,6 @@ _CODE_SPAN = re.compile(r"`{1,3}([^`]{1,80})`{1,3}")
 _SPAN_TERM = re.compile(r"[a-z0-9][a-z0-9_+.-]*")
 
 
-def _held(hay: str, word: str) -> bool:
-    """`word` held as a whole term; a dotted name (shlex.quote) also by its last part, as documentation
-    names a function under its module's page ("quote(s)" in shlex's; rag.retrieve.missing_names)."""
-    last = word.split(".")[-1]
-    return holds_term(hay, word) or (is_dotted_name(word) and len(last) >= 3 and holds_term(hay, last))
-
-
 def unheld_commands(answer: str, passages: list[str]) -> list[str]:
     """The code spans of `answer` (`chsh`, `apt-mark hold <pkg>`, ```docker system prune```) whose first
     word (3+ characters, not a number; placeholders in <> skipped) no passage holds as a whole term: a
@@ -133,13 +126,13 @@ def unheld_commands(answer: str, passages: list[str]) -> list[str]:
     `docker system prune`, `eth0`, `/etc/resolv.conf` in answers to uncovered questions, and none of the
     192 answers (both models, both sides of the bench, right or wrong) to the covered ones. On the pydoc
     set (session 22) it flagged 3 right answers naming `shlex.quote`, `calendar.isleap`,
-    `json.JSONDecodeError`, which their pages name as "quote(s)", "isleap(year)": hence _held."""
+    `json.JSONDecodeError`, which their pages name as "quote(s)", "isleap(year)": hence holds_name."""
     hay = "\n".join(passages).lower()
     out = []
     for span in _CODE_SPAN.findall(answer):
         words = [w.strip(".-") for w in _SPAN_TERM.findall(re.sub(r"<[^>]*>", " ", span.lower()))]
         words = [w for w in words if len(w) >= 3 and not w.replace(".", "").isdigit()]
-        if words and not _held(hay, words[0]):
+        if words and not holds_name(hay, words[0]):
             out.append(span.strip())
     return list(dict.fromkeys(out))
 

@@ -125,18 +125,13 @@ def letter_codes(text: str) -> list[str]:
 
 
 def missing_names(question: str, passages: list[str]) -> list[str]:
-    """api_names and letter_codes of `question` that none of `passages` holds. A name counts as held
-    whole or as its last part (documentation names a function under its module's page: "get_nowait()"
-    in queue's; a last part under 3 characters counts as found: too common to tell anything). Codes
+    """api_names and letter_codes of `question` that none of `passages` holds. A name counts as held as
+    holds_name reads it (whole or by its last part). Codes
     count only when none of the question's is held (a question may name a version or serial of the
     user's own beside the code it asks about), each as a whole term or with its separators dropped on
     both sides (sha-256 / sha256)."""
     hay = "\n".join(passages).lower()
-    missing = []
-    for n in api_names(question):
-        last = n.split(".")[-1]
-        if n not in hay and len(last) >= 3 and last not in hay:
-            missing.append(n)
+    missing = [n for n in api_names(question) if not holds_name(hay, n)]
     codes = letter_codes(question)
     absent = [c for c in codes if not holds_term(hay, c)]
     if absent:  # the separator-free form only when needed: this runs on every search
@@ -145,6 +140,15 @@ def missing_names(question: str, passages: list[str]) -> list[str]:
     if codes and len(absent) == len(codes):  # one code held is enough: "E-214 after firmware v2.3.1"
         missing += [c for c in absent if c not in missing]
     return missing
+
+
+def holds_name(hay: str, name: str) -> bool:
+    """A name of code (lower-case) held by `hay` as a whole term, or by its last part: documentation names a
+    function under its module's page ("quote(s)" in shlex's, "get_nowait()" in queue's); a last part under 3
+    characters counts as held (too common to tell anything). The gate's name rule (missing_names) and the
+    answer's command check (rag.ground.unheld_commands) both read names this way."""
+    last = name.split(".")[-1]
+    return holds_term(hay, name) or len(last) < 3 or holds_term(hay, last)
 
 
 def holds_term(hay: str, term: str) -> bool:
