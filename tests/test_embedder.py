@@ -553,6 +553,9 @@ def test_relevance_gate_of_an_embedder_that_cannot_separate_refuses_nothing():
     def topical(texts):  # everyday questions orthogonal to the passages, passages and their sentences along one axis
         return np.array([[1.0, 0.0] if t in OFF_TOPIC else [0.6, 0.8] for t in texts], np.float32)
 
+    # on-topic 1.0 above off-topic 0.99999 is no separation: without the margin, min_cosine 1.05 refused everything
+    near = calibrate_gate(lambda texts: np.array([[1.0, 0.0] if t in OFF_TOPIC else [0.99999, 0.0044721] for t in texts], np.float32))
+    assert near["separates"] is False and near["min_cosine"] == -1.0
     g = calibrate_gate(topical)  # off-topic top cosine 0.6, on-topic 1.0
     assert g["separates"] is True and g["off_topic_max"] == pytest.approx(0.6, abs=1e-3)
     assert g["min_cosine"] == pytest.approx(0.6 + MARGIN, abs=1e-3) and g["min_cosine_with_keywords"] == pytest.approx(0.6, abs=1e-3)
