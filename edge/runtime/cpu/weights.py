@@ -46,12 +46,11 @@ class NativeLinear:
                    self.bias.ctypes.data if self.bias is not None else None)
 
 
-def _tile_major(u: np.ndarray, tiles: int, groups: int) -> np.ndarray:
-    """Bytes [tiles * NT rows, groups * 4] -> [tile, group, row, 4 bytes], flat: each row's 4-byte groups of a
-    tile side by side. Moved as uint32, not byte by byte: 3-4x faster (a 1.5B int8 engine's ~1.5 GB of
+def _tiles(rows: np.ndarray) -> np.ndarray:
+    """uint32 [tiles * NT rows, groups] (each a row's 4-byte group) -> a [tile, group, row] view: the tile
+    layout of native.c, moved as uint32, not byte by byte (3-4x faster: a 1.5B int8 engine's ~1.5 GB of
     linears took ~4 s to repack at load)."""
-    g = np.ascontiguousarray(u).reshape(tiles * NT, groups * 4).view(np.uint32).reshape(tiles, NT, groups)
-    return np.ascontiguousarray(g.transpose(0, 2, 1)).view(np.uint8).reshape(-1)
+    return rows.reshape(-1, NT, rows.shape[1]).transpose(0, 2, 1)
 
 
 def _pad_rows(a: np.ndarray, n: int, value) -> np.ndarray:
@@ -72,7 +71,7 @@ def pack_int4(qweight: np.ndarray, scales: np.ndarray, group: int, bias: np.ndar
     u = _pad_rows(u, tiles * NT, np.uint8(8))
     u = u.reshape(tiles, NT, kb, 2, 4, 4)  # [tile, c, b, half, i, t]
     packed = (u[:, :, :, 0] | (u[:, :, :, 1] << 4)).astype(np.uint8)  # [tile, c, b, i, t]
-    w = _tile_major(packed, tiles, kb * 4)  # [tile, b, i, c, t]
+    w = np.ascontiguousarray(_tiles(packed.reshape(tiles * NT, kb * 16).view(np.uint32))).view(np.uint8).reshape(-1)  # [tile, b, i, c, t]
     s = np.repeat(scales.astype(np.float32), group // QB, axis=1)  # [N, K/32]
     s = _pad_rows(s, tiles * NT, np.float32(0)).reshape(tiles, NT, kb)
     s = np.ascontiguousarray(s.transpose(0, 2, 1))  # [tile, b, c]
@@ -103,12 +102,12 @@ def pack_int8(qweight: np.ndarray | list[np.ndarray], scales: np.ndarray | list[
     if interleave:
         pairs = out.reshape(tiles // 2, 2, groups, NT)  # tiles alternate: gate's, up's
         for j, q in enumerate(qs):
-            pairs[:, j] = _rows_u32(q).reshape(tiles // 2, NT, groups).transpose(0, 2, 1)
+            pairs[:, j] = _tiles(_rows_u32(q))
     else:
         t = 0
         for q in qs:
             tq = -(-q.shape[0] // NT)
-            out[t:t + tq] = _pad_rows(_rows_u32(q), tq * NT, np.uint32(0)).reshape(tq, NT, groups).transpose(0, 2, 1)
+            out[t:t + tq] = _tiles(_pad_rows(_rows_u32(q), tq * NT, np.uint32(0)))
             t += tq
     w = out.view(np.uint8).reshape(-1)  # [tile, b, j, c, t]
     np.bitwise_xor(w, np.uint8(0x80), out=w)  # x + 128 for an int8 x, in place
