@@ -25,6 +25,10 @@ Corpora (each in its own collection, ingested afresh with the default embedder):
   info2    the info corpus again with a second blind set (examples/info_questions_heldout2.jsonl, 24
            questions on other nodes, written before any change that the first set's answers prompted)
            and other uncovered questions: the check on whatever the first set led to
+  own      the shipped manuals again, asked in a technician's own words (30 questions written blind in
+           session 23, examples/questions_own_words_heldout.jsonl, no fact another set asks), and 20
+           uncovered questions near the manuals' domain (examples/questions_uncovered_near.jsonl: half
+           about the robot's parts, facts the manuals never give; half general robotics and IT)
 Each also gets UNCOVERED questions, which the documents do not answer, and a held-out question set
 (examples/*_heldout.jsonl, `--split heldout`) written before the recipe was tuned and never used to
 choose it. `--corpus` defaults to manuals,pydoc.
@@ -81,6 +85,7 @@ CORPORA = {
     "man": (None, None),
     "info": (None, None),
     "info2": (None, None),
+    "own": (ROOT / "examples" / "manuals", None),
 }
 RENDERED = {"man": lambda: ensure_man_corpus(man_corpus_dir()), "info": lambda: ensure_info_corpus(info_corpus_dir()),
             "info2": lambda: ensure_info_corpus(info_corpus_dir())}
@@ -92,6 +97,7 @@ HELDOUT = {
     "man": ROOT / "examples" / "man_questions_heldout.jsonl",
     "info": ROOT / "examples" / "info_questions_heldout.jsonl",
     "info2": ROOT / "examples" / "info_questions_heldout2.jsonl",
+    "own": ROOT / "examples" / "questions_own_words_heldout.jsonl",
 }
 UNCOVERED = {
     "manuals": ["Who won the football world cup in 1954?", "How do I bake sourdough bread?",
@@ -134,6 +140,8 @@ UNCOVERED = {
               "line number?",
               "How can I check whether the bash shell on my server is still vulnerable to CVE-2014-6271 (Shellshock), "
               "and how do I patch it?"],
+    "own": [json.loads(line)["question"] for line in (ROOT / "examples" / "questions_uncovered_near.jsonl")
+            .read_text().splitlines() if line.strip()],
 }
 
 

@@ -165,3 +165,28 @@ def test_bench_answers_man_corpus_is_held_out_only():
         corpus_splits("mans", "heldout")
     assert corpus_splits("man,info", "both") == [("man", "heldout"), ("info", "heldout")]
     assert CORPORA["info"][1] is None and len(UNCOVERED["info"]) == 6 and len(UNCOVERED["info2"]) == 18
+
+
+def test_bench_answers_own_words_set_asks_facts_its_sources_hold():
+    """The blind own-words set (session 23): every expected keyword is in its expected source as the
+    loader reads it (a keyword no document holds would score a right answer wrong), no fact another
+    manuals set asks, and its uncovered questions are the near-domain file's."""
+    import json
+
+    from bench.bench_answers import CORPORA, HELDOUT, ROOT, UNCOVERED, corpus_splits
+    from rag.eval import load_questions
+    from rag.loaders import load
+
+    manuals = ROOT / "examples" / "manuals"
+    assert CORPORA["own"] == (manuals, None) and corpus_splits("own", "both") == [("own", "heldout")]
+    items = load_questions(HELDOUT["own"])
+    assert len(items) == 30
+    texts = {p.name: load(p).text for p in manuals.iterdir()}
+    for it in items:
+        for kw in it.keywords:
+            assert any(kw in texts[s] for s in it.expected_sources), (it.question, kw)
+    taken = {kw for f in ("questions.jsonl", "questions_heldout.jsonl", "questions_paraphrased.jsonl")
+             for it in load_questions(ROOT / "examples" / f) for kw in it.keywords}
+    assert not [it.question for it in items if set(it.keywords) <= taken]
+    near = [json.loads(x)["question"] for x in (ROOT / "examples" / "questions_uncovered_near.jsonl").read_text().splitlines()]
+    assert UNCOVERED["own"] == near and len(near) == 20
