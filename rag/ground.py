@@ -139,8 +139,8 @@ def unheld_commands(answer: str, passages: list[str]) -> list[str]:
 
 # NOTE: a check for figures no passage holds was tried (session 23). Over the 1.5B int8's answers to the seven
 # answer-bench sets and 80 own-words questions it warned one right answer (an example PID) and no invention
-# that was not already warned; "$42.00" for a
-# price the manuals never give passed it, since a pack "weighs 42 kg". Not landed.
+# that was not already warned; "$42.00" for a price the manuals never give passed it, since a pack "weighs 42 kg".
+# Not landed.
 def ground(answer: str, passages: list[str], cited: list[int]) -> Grounding:
     """Decide whether `answer` is backed by the passages (texts in passage order, 1-based numbers).
     A citation alone does not ground an answer: a confident invention ending in [1] is flagged too, and
